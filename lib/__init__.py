@@ -1,0 +1,16 @@
+"""MeshSDF library: DeepSDF decoders, differentiable iso-surface extraction and rendering.
+
+Modules (one concern each; see README "Code map"):
+    errors      the one user-facing exception type and the script entry-point wrapper
+    io          atomic file writes, mesh/image readers and writers
+    log         progress bars and messages (the only place lib/ prints)
+    workspace   specs.json, experiment folders, checkpoints, devices, seeds
+    models/     decoder (DeepSDF MLP), encoder (ResNet image encoder)
+    data        SDF-sample and image datasets, split files
+    sampling    mesh normalisation and SDF sample generation, built-in shapes
+    isosurface  marching cubes on neural SDFs: dense, fast and sparse extraction
+    meshsdf     the differentiable mesh layer (gradients from vertices to latent codes)
+    camera      the one camera model
+    render      differentiable silhouettes, z-buffer depth and normals
+    metrics     Chamfer distance, normal consistency, IoU, genus
+"""

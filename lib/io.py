@@ -1,0 +1,157 @@
+"""File formats and safe writes: every file the project writes goes through ``atomic_write``.
+
+Meshes: vertices (V, 3) float32 and faces (F, 3) int64 numpy arrays (torch tensors are
+accepted and moved to the CPU).  Images: (H, W) grey or (H, W, 3|4) colour, float in
+[0, 1] or uint8.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from lib.errors import MeshSDFError
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``.
+
+    A crash, an exception or a kill while writing leaves the old file (or nothing), never a
+    truncated one.  The temporary name keeps ``path``'s suffix so that writers which pick a
+    format from the extension still work.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix if suffix is not None else ".tmp" + path.suffix, dir=path.parent)
+    except OSError as err:
+        raise MeshSDFError(f"cannot write {path}: {err.strerror or err}; check that the folder is writable") from None
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def _np(a, dtype=None) -> np.ndarray:
+    if hasattr(a, "detach"):
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    return a.astype(dtype, copy=False) if dtype is not None else a
+
+
+def write_ply(path: str | os.PathLike, verts, faces, vertex_colors=None, face_colors=None) -> None:
+    """Write a binary PLY mesh (plyfile), atomically.
+
+    verts (V, 3) float; faces (F, 3) int; optional vertex_colors / face_colors (V|F, 3) uint8
+    or float in [0, 1].
+    """
+    from plyfile import PlyData, PlyElement
+
+    v = _np(verts, np.float32).reshape(-1, 3)
+    f = _np(faces, np.int64).reshape(-1, 3)
+    vfields = [("x", "f4"), ("y", "f4"), ("z", "f4")]
+    vcols = None
+    if vertex_colors is not None:
+        vcols = _to_uint8(_np(vertex_colors)).reshape(-1, 3)
+        vfields += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    vert_el = np.empty(len(v), dtype=vfields)
+    vert_el["x"], vert_el["y"], vert_el["z"] = v[:, 0], v[:, 1], v[:, 2]
+    if vcols is not None:
+        vert_el["red"], vert_el["green"], vert_el["blue"] = vcols[:, 0], vcols[:, 1], vcols[:, 2]
+    ffields = [("vertex_indices", "i4", (3,))]
+    fcols = None
+    if face_colors is not None:
+        fcols = _to_uint8(_np(face_colors)).reshape(-1, 3)
+        ffields += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    face_el = np.empty(len(f), dtype=ffields)
+    face_el["vertex_indices"] = f.astype(np.int32)
+    if fcols is not None:
+        face_el["red"], face_el["green"], face_el["blue"] = fcols[:, 0], fcols[:, 1], fcols[:, 2]
+    ply = PlyData([PlyElement.describe(vert_el, "vertex"), PlyElement.describe(face_el, "face")])
+    with atomic_write(path) as tmp:
+        ply.write(str(tmp))
+
+
+def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a triangle mesh (OBJ/PLY/OFF/STL/...) with trimesh, without merging or repair.
+
+    Returns verts (V, 3) float32 and faces (F, 3) int64.  Raises MeshSDFError naming the file
+    if it is missing, unreadable, not a mesh, has no faces or has non-finite vertices.
+    """
+    import trimesh
+
+    path = Path(path)
+    if not path.is_file():
+        raise MeshSDFError(f"mesh file not found: {path}")
+    try:
+        mesh = trimesh.load(str(path), force="mesh", process=False)
+    except Exception as err:  # trimesh raises many types for bad files
+        raise MeshSDFError(f"cannot read mesh {path}: {type(err).__name__}: {err}") from None
+    if not isinstance(mesh, trimesh.Trimesh):
+        raise MeshSDFError(f"{path} is not a triangle mesh")
+    verts = np.asarray(mesh.vertices, dtype=np.float32)
+    faces = np.asarray(mesh.faces, dtype=np.int64)
+    if len(faces) == 0 or len(verts) == 0:
+        raise MeshSDFError(f"mesh {path} has no faces; give a triangle mesh")
+    if not np.isfinite(verts).all():
+        raise MeshSDFError(f"mesh {path} has NaN or infinite vertex coordinates")
+    return verts, faces
+
+
+def write_obj(path: str | os.PathLike, verts, faces) -> None:
+    """Write a plain-text OBJ mesh (1-based face indices), atomically."""
+    v = _np(verts, np.float64).reshape(-1, 3)
+    f = _np(faces, np.int64).reshape(-1, 3) + 1
+    with atomic_write(path) as tmp:
+        with open(tmp, "w") as fh:
+            np.savetxt(fh, v, fmt="v %.7g %.7g %.7g")
+            np.savetxt(fh, f, fmt="f %d %d %d")
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    if img.dtype == np.uint8:
+        return img
+    return (np.clip(img.astype(np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_png(path: str | os.PathLike, image) -> None:
+    """Save an (H, W) or (H, W, 3|4) image, float in [0, 1] or uint8, as PNG, atomically."""
+    import imageio.v3 as iio
+
+    img = _to_uint8(_np(image))
+    with atomic_write(path) as tmp:
+        iio.imwrite(tmp, img, extension=".png")
+
+
+def read_png(path: str | os.PathLike) -> np.ndarray:
+    """Read a PNG as uint8 (H, W[, C]); MeshSDFError naming the file if missing or corrupt."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    if not path.is_file():
+        raise MeshSDFError(f"image not found: {path}")
+    try:
+        return np.asarray(iio.imread(path))
+    except Exception as err:
+        raise MeshSDFError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+
+
+def save_gif(path: str | os.PathLike, frames: Sequence, fps: float = 10.0) -> None:
+    """Save frames (each (H, W[, 3]) float in [0, 1] or uint8) as a looping GIF, atomically."""
+    import imageio.v3 as iio
+
+    if len(frames) == 0:
+        raise ValueError("save_gif needs at least one frame")
+    stack = np.stack([_to_uint8(_np(f)) for f in frames])
+    with atomic_write(path) as tmp:
+        iio.imwrite(tmp, stack, extension=".gif", duration=1000.0 / fps, loop=0)

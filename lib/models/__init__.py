@@ -1,0 +1,1 @@
+"""Neural networks: the DeepSDF decoder and the single-view image encoder."""

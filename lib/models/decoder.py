@@ -1,0 +1,158 @@
+"""The DeepSDF auto-decoder network and a chunked SDF evaluator.
+
+Calling convention (shared by every decoder in the project, analytic test decoders too):
+``decoder(inputs)`` with inputs (N, L + 3) = [latent (L) | xyz (3)] returns (N, 1) signed
+distances, > 0 outside, in the units of the unit-sphere normalisation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def positional_encoding(xyz: torch.Tensor, degree: int) -> torch.Tensor:
+    """Fourier features of points.
+
+    xyz (..., 3) -> (..., 3 + 6 * degree) = [xyz, sin(2^0 pi xyz), cos(2^0 pi xyz), ...,
+    sin(2^(d-1) pi xyz), cos(2^(d-1) pi xyz)], each block in x, y, z order.
+    """
+    if degree <= 0:
+        return xyz
+    freqs = math.pi * (2.0 ** torch.arange(degree, dtype=xyz.dtype, device=xyz.device))
+    ang = xyz.unsqueeze(-2) * freqs.unsqueeze(-1)  # (..., d, 3)
+    feats = torch.stack((torch.sin(ang), torch.cos(ang)), dim=-2)  # (..., d, 2, 3)
+    return torch.cat((xyz, feats.flatten(-3)), dim=-1)
+
+
+class WeightNormLinear(nn.Module):
+    """Linear layer with weight normalisation, w = g * v / |v| per output row.
+
+    Parameters are named ``weight_g`` (out, 1), ``weight_v`` (out, in) and ``bias`` like
+    torch's classic ``weight_norm``, so DeepSDF-style state dicts load unchanged.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        lin = nn.Linear(in_features, out_features)
+        self.weight_v = nn.Parameter(lin.weight.detach().clone())
+        self.weight_g = nn.Parameter(lin.weight.detach().norm(dim=1, keepdim=True))
+        self.bias = nn.Parameter(lin.bias.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class Decoder(nn.Module):
+    """DeepSDF MLP: [latent | encoded xyz] -> hidden layers -> 1, tanh on the output.
+
+    Args mirror the ``NetworkSpecs`` keys of specs.json (plus ``latent_size`` =
+    ``CodeLength``): ``dims`` hidden widths; ``latent_in`` indices of hidden layers whose
+    input gets the network input re-concatenated (the previous layer shrinks so widths stay
+    ``dims``); ``norm_layers`` layers with weight norm (``weight_norm``) or LayerNorm;
+    ``dropout`` layers with dropout ``dropout_prob`` in training; ``xyz_in_all`` appends xyz
+    to every hidden layer input; ``latent_dropout`` drops the latent (p = 0.2) in training;
+    ``use_tanh`` adds a tanh before the output tanh (DeepSDF's option);
+    ``positional_encoding``/``fourier_degree`` encode xyz with Fourier features.
+    """
+
+    def __init__(
+        self,
+        latent_size: int,
+        dims: Sequence[int],
+        dropout: Sequence[int] | None = None,
+        dropout_prob: float = 0.0,
+        norm_layers: Sequence[int] = (),
+        latent_in: Sequence[int] = (),
+        weight_norm: bool = False,
+        xyz_in_all: bool = False,
+        use_tanh: bool = False,
+        latent_dropout: bool = False,
+        positional_encoding: bool = False,
+        fourier_degree: int = 1,
+    ):
+        super().__init__()
+        self.latent_size = int(latent_size)
+        self.fourier_degree = int(fourier_degree) if positional_encoding else 0
+        self.xyz_size = 3 + 6 * self.fourier_degree
+        self.input_size = self.latent_size + self.xyz_size
+        self.latent_in = tuple(int(i) for i in latent_in)
+        self.norm_layers = tuple(int(i) for i in norm_layers)
+        self.dropout = tuple(int(i) for i in (dropout or ()))
+        self.dropout_prob = float(dropout_prob)
+        self.weight_norm = bool(weight_norm)
+        self.xyz_in_all = bool(xyz_in_all)
+        self.use_tanh = bool(use_tanh)
+        self.latent_dropout = nn.Dropout(0.2) if latent_dropout else None
+
+        widths = [self.input_size] + [int(d) for d in dims] + [1]
+        self.num_layers = len(widths) - 1
+        for i in range(self.num_layers):
+            nxt = i + 1
+            out = widths[nxt]
+            if nxt in self.latent_in:
+                out -= self.input_size
+            elif self.xyz_in_all and nxt < self.num_layers:
+                out -= self.xyz_size
+            if out <= 0:
+                raise ValueError(f"layer {i} would have width {out}: dims too small for latent_in/xyz_in_all")
+            inp = widths[i]
+            if i == 0:
+                inp = self.input_size
+            lin = WeightNormLinear(inp, out) if (self.weight_norm and i in self.norm_layers) else nn.Linear(inp, out)
+            setattr(self, f"lin{i}", lin)
+            if not self.weight_norm and i in self.norm_layers and nxt < self.num_layers:
+                setattr(self, f"bn{i}", nn.LayerNorm(out))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs (N, L + 3) = [latent | xyz] -> (N, 1) SDF."""
+        latent = inputs[:, : self.latent_size]
+        xyz = inputs[:, self.latent_size :]
+        if self.fourier_degree:
+            xyz = positional_encoding(xyz, self.fourier_degree)
+        if self.latent_dropout is not None and self.training:
+            latent = self.latent_dropout(latent)
+        x0 = torch.cat((latent, xyz), dim=1)
+        x = x0
+        last = self.num_layers - 1
+        for i in range(self.num_layers):
+            if i in self.latent_in:
+                x = torch.cat((x, x0), dim=1)
+            elif i != 0 and self.xyz_in_all:
+                x = torch.cat((x, xyz), dim=1)
+            x = getattr(self, f"lin{i}")(x)
+            if i == last:
+                if self.use_tanh:
+                    x = torch.tanh(x)
+                break
+            bn = getattr(self, f"bn{i}", None)
+            if bn is not None:
+                x = bn(x)
+            x = torch.relu(x)
+            if self.dropout_prob > 0 and i in self.dropout and self.training:
+                x = torch.nn.functional.dropout(x, p=self.dropout_prob, training=True)
+        return torch.tanh(x)
+
+
+def sdf(decoder: nn.Module, latent: torch.Tensor, xyz: torch.Tensor, chunk: int = 2 ** 18) -> torch.Tensor:
+    """Evaluate the SDF of one shape at many points, in chunks to bound memory.
+
+    decoder: DeepSDF calling convention; latent (L,); xyz (P, 3) on the decoder's device.
+    Returns (P,) SDF values.  Keeps the autograd graph if grad is enabled (the caller
+    chooses ``torch.no_grad()`` for plain evaluation).
+    """
+    out = []
+    lat = latent.reshape(1, -1)
+    for start in range(0, xyz.shape[0], chunk):
+        pts = xyz[start : start + chunk]
+        inp = torch.cat((lat.expand(pts.shape[0], -1), pts), dim=1)
+        out.append(decoder(inp).reshape(-1))
+    if not out:
+        return xyz.new_zeros(0)
+    return torch.cat(out)

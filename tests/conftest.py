@@ -1,0 +1,23 @@
+"""Shared test fixtures."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("MESHSDF_QUIET", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MESHES = REPO.parent / "shared" / "meshes"
+
+
+@pytest.fixture
+def shared_mesh():
+    """Path of a real CC0 mesh in ../shared/meshes (bob or spot); skips when absent."""
+    def get(name: str) -> Path:
+        p = SHARED_MESHES / f"{name}.obj"
+        if not p.is_file():
+            pytest.skip(f"{p} not available")
+        return p
+    return get

@@ -1,0 +1,46 @@
+import torch
+
+from lib.isosurface import extract_dense
+from lib.metrics import euler_characteristic, genus
+from lib.io import read_mesh
+
+
+def _torus(p, R=0.5, r=0.2):
+    q = torch.stack([p[:, :2].norm(dim=1) - R, p[:, 2]], 1)
+    return q.norm(dim=1) - r
+
+
+def _double_torus(p):
+    a = _torus(p - torch.tensor([0.45, 0, 0]), 0.35, 0.12)
+    b = _torus(p + torch.tensor([0.45, 0, 0]), 0.35, 0.12)
+    return torch.minimum(a, b)
+
+
+def test_genus_of_analytic_shapes():
+    v, f = extract_dense(lambda p: p.norm(dim=1) - 0.5, 40)
+    assert euler_characteristic(v, f) == 2 and genus(v, f) == 0
+    v, f = extract_dense(_torus, 48)
+    assert genus(v, f) == 1
+    v, f = extract_dense(_double_torus, 64)
+    assert genus(v, f) == 2
+    # two separate spheres: chi = 4, genus 0
+    v, f = extract_dense(lambda p: torch.minimum((p - 0.5).norm(dim=1), (p + 0.5).norm(dim=1)) - 0.3, 40)
+    assert euler_characteristic(v, f) == 4 and genus(v, f) == 0
+
+
+def test_dense_mesh_is_outward_and_on_surface():
+    v, f = extract_dense(lambda p: p.norm(dim=1) - 0.6, 64)
+    assert (v.norm(dim=1) - 0.6).abs().max() < 0.01
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    n = torch.cross(b - a, c - a, dim=1)
+    assert ((n * (a + b + c)).sum(1) > 0).all()
+
+
+def test_empty_level_set():
+    v, f = extract_dense(lambda p: p.norm(dim=1) + 1.0, 16)
+    assert v.shape == (0, 3) and f.shape == (0, 3)
+
+
+def test_real_meshes_genus(shared_mesh):
+    assert genus(*read_mesh(shared_mesh("bob"))) == 1
+    assert genus(*read_mesh(shared_mesh("spot"))) == 0

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import torch
+
+from lib.errors import MeshSDFError
+from lib.io import atomic_write, read_mesh, read_png, save_gif, save_png, write_obj, write_ply
+
+
+def _tetra():
+    v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+    f = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], np.int64)
+    return v, f
+
+
+@pytest.mark.parametrize("ext", ["ply", "obj"])
+def test_mesh_round_trip(tmp_path, ext):
+    v, f = _tetra()
+    p = tmp_path / f"m.{ext}"
+    (write_ply if ext == "ply" else write_obj)(p, torch.from_numpy(v), torch.from_numpy(f))
+    v2, f2 = read_mesh(p)
+    np.testing.assert_allclose(v2, v, atol=1e-6)
+    np.testing.assert_array_equal(f2, f)
+    assert [x.name for x in tmp_path.iterdir()] == [p.name]  # no temp file left
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(p) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash while writing")
+    assert p.read_text() == "old"
+    assert [x.name for x in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_png_and_gif_round_trip(tmp_path):
+    img = np.zeros((8, 10), np.float32)
+    img[2:5, 3:7] = 1.0
+    save_png(tmp_path / "a.png", img)
+    back = read_png(tmp_path / "a.png")
+    assert back.shape[:2] == (8, 10)
+    assert (back.reshape(8, 10, -1)[..., 0] > 127).sum() == 12
+    save_gif(tmp_path / "m.gif", [img, 1 - img])
+    import imageio.v3 as iio
+    frames = iio.imread(tmp_path / "m.gif", index=None)
+    assert frames.shape[0] == 2
+
+
+def test_bad_mesh_files(tmp_path):
+    with pytest.raises(MeshSDFError, match="not found"):
+        read_mesh(tmp_path / "missing.obj")
+    junk = tmp_path / "junk.obj"
+    junk.write_text("this is not a mesh\n")
+    with pytest.raises(MeshSDFError, match="junk.obj"):
+        read_mesh(junk)
+    nan = tmp_path / "nan.obj"
+    nan.write_text("v nan 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    with pytest.raises(MeshSDFError, match="NaN"):
+        read_mesh(nan)
+    with pytest.raises(MeshSDFError, match="bad.png"):
+        (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+        read_png(tmp_path / "bad.png")
