@@ -17,6 +17,15 @@ import numpy as np
 from lib.errors import MeshSDFError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
@@ -33,6 +42,7 @@ def atomic_write(path: str | os.PathLike, suffix: str | None = None) -> Iterator
         raise MeshSDFError(f"cannot write {path}: {err.strerror or err}; check that the folder is writable") from None
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
     try:
         yield tmp_path
         os.replace(tmp_path, path)

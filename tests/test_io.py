@@ -61,3 +61,13 @@ def test_bad_mesh_files(tmp_path):
     with pytest.raises(MeshSDFError, match="bad.png"):
         (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
         read_png(tmp_path / "bad.png")
+
+
+def test_atomic_write_gives_usual_permissions(tmp_path):
+    import os
+    p = tmp_path / "x.txt"
+    with atomic_write(p) as tmp:
+        tmp.write_text("x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (p.stat().st_mode & 0o777) == (0o666 & ~mask)
