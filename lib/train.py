@@ -1,0 +1,347 @@
+"""The DeepSDF auto-decoder training loop and the pieces other trainers reuse.
+
+Pieces (each usable alone, e.g. by train_svr.py whose codes come from an encoder):
+``TrainSettings`` (specs values), learning-rate schedules, ``clamped_l1``,
+``code_regularization``, ``auto_decoder_loss``, ``optimizer_step`` (one update with the
+non-finite guard), ``new_logs``/``append_epoch_logs``/``truncate_logs`` (Logs.pth), and
+``train_auto_decoder`` which puts them together with checkpoints and resuming.
+
+Epochs are numbered from 1.  The schedule, the code-regularisation ramp and the snapshot
+choice are functions of the epoch number only, and the checkpoint stores the optimizer
+state and the RNG states, so a run resumed from ``latest`` continues exactly as the
+uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from lib import workspace
+from lib.data import SdfSamples, scene_batches
+from lib.errors import MeshSDFError
+from lib.log import info, progress
+from lib.models.decoder import decoder_from_specs, sdf as decoder_sdf
+
+
+class NonFiniteLossError(MeshSDFError):
+    """The loss became NaN or infinite; nothing was saved after the last good checkpoint."""
+
+
+# --------------------------------------------------------------------------- settings, schedules
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The specs values the loop needs (see lib.workspace.DEEPSDF_KEYS for their meaning)."""
+
+    num_epochs: int
+    snapshot_frequency: int
+    additional_snapshots: tuple[int, ...]
+    log_frequency: int
+    samples_per_scene: int
+    scenes_per_batch: int
+    clamp_distance: float
+    code_regularization: bool
+    code_reg_lambda: float
+    code_bound: float | None
+    code_init_std: float
+    grad_clip_norm: float | None
+
+    @classmethod
+    def from_specs(cls, specs: Mapping, num_epochs: int | None = None) -> "TrainSettings":
+        """``num_epochs`` overrides NumEpochs (short runs); everything else follows the specs."""
+        return cls(
+            num_epochs=int(num_epochs if num_epochs is not None else specs["NumEpochs"]),
+            snapshot_frequency=int(specs["SnapshotFrequency"]),
+            additional_snapshots=tuple(int(e) for e in specs["AdditionalSnapshots"]),
+            log_frequency=int(specs["LogFrequency"]),
+            samples_per_scene=int(specs["SamplesPerScene"]),
+            scenes_per_batch=int(specs["ScenesPerBatch"]),
+            clamp_distance=float(specs["ClampingDistance"]),
+            code_regularization=bool(specs["CodeRegularization"]),
+            code_reg_lambda=float(specs["CodeRegularizationLambda"]),
+            code_bound=None if specs["CodeBound"] is None else float(specs["CodeBound"]),
+            code_init_std=float(specs["CodeInitStdDev"]),
+            grad_clip_norm=None if specs["GradientClipNorm"] is None else float(specs["GradientClipNorm"]),
+        )
+
+    def is_snapshot(self, epoch: int) -> bool:
+        """Whether ``ModelParameters/<epoch>.pth`` (and friends) is kept after ``epoch``."""
+        return epoch % self.snapshot_frequency == 0 or epoch in self.additional_snapshots
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """initial * factor ** (epoch // interval)."""
+
+    initial: float
+    interval: int
+    factor: float
+
+    def __call__(self, epoch: int) -> float:
+        return self.initial * self.factor ** (epoch // self.interval)
+
+
+@dataclass(frozen=True)
+class WarmupSchedule:
+    """Linear from initial to final over ``length`` epochs, then final."""
+
+    initial: float
+    final: float
+    length: int
+
+    def __call__(self, epoch: int) -> float:
+        if epoch > self.length:
+            return self.final
+        return self.initial + (self.final - self.initial) * epoch / self.length
+
+
+@dataclass(frozen=True)
+class ConstantSchedule:
+    value: float
+
+    def __call__(self, epoch: int) -> float:
+        return self.value
+
+
+def make_schedule(entry: Mapping) -> Callable[[int], float]:
+    """One validated ``LearningRateSchedule`` entry -> epoch -> learning rate."""
+    kind = entry["Type"]
+    if kind == "Step":
+        return StepSchedule(float(entry["Initial"]), int(entry["Interval"]), float(entry["Factor"]))
+    if kind == "Warmup":
+        return WarmupSchedule(float(entry["Initial"]), float(entry["Final"]), max(1, int(entry["Length"])))
+    if kind == "Constant":
+        return ConstantSchedule(float(entry["Value"]))
+    raise MeshSDFError(f"unknown learning-rate schedule type {kind!r}; use Step, Warmup or Constant")
+
+
+def schedules_from_specs(specs: Mapping) -> list[Callable[[int], float]]:
+    """All LearningRateSchedule entries; for the auto-decoder [0] = decoder, [1] = latent codes."""
+    return [make_schedule(e) for e in specs["LearningRateSchedule"]]
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, schedules: Sequence[Callable[[int], float]], epoch: int) -> list[float]:
+    """Set param group i's lr to schedules[i](epoch); returns the rates."""
+    rates = []
+    for group, schedule in zip(optimizer.param_groups, schedules):
+        group["lr"] = schedule(epoch)
+        rates.append(group["lr"])
+    return rates
+
+
+# --------------------------------------------------------------------------- losses, one step
+
+def clamped_l1(pred: torch.Tensor, gt: torch.Tensor, clamp: float) -> torch.Tensor:
+    """mean |clamp(pred) - clamp(gt)| with clamp to [-clamp, clamp]; pred, gt of equal numel."""
+    return (pred.reshape(-1).clamp(-clamp, clamp) - gt.reshape(-1).clamp(-clamp, clamp)).abs().mean()
+
+
+def code_reg_weight(epoch: int, lam: float) -> float:
+    """lambda * min(1, epoch / 100): the regulariser ramps in over the first 100 epochs."""
+    return lam * min(1.0, epoch / 100.0)
+
+
+def code_regularization(codes: torch.Tensor) -> torch.Tensor:
+    """Mean L2 norm of the codes (B, L).
+
+    Equals DeepSDF's sum of per-sample code norms divided by the number of samples, since
+    every scene of a batch has the same number of samples.
+    """
+    return codes.norm(dim=1).mean()
+
+
+def auto_decoder_loss(decoder: nn.Module, codes: torch.Tensor, xyz: torch.Tensor, sdf: torch.Tensor,
+                      epoch: int, settings: TrainSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss of one batch: clamped L1 SDF loss + ramped code regularisation.
+
+    codes (B, L), xyz (B, S, 3), sdf (B, S), all on the decoder's device.
+    Returns (total, sdf term, regularisation term) as scalar tensors.
+    """
+    b, s = sdf.shape
+    inputs = torch.cat((codes[:, None, :].expand(b, s, codes.shape[1]), xyz), dim=2).reshape(b * s, -1)
+    pred = decoder(inputs)
+    sdf_loss = clamped_l1(pred, sdf, settings.clamp_distance)
+    if settings.code_regularization and settings.code_reg_lambda > 0:
+        reg = code_reg_weight(epoch, settings.code_reg_lambda) * code_regularization(codes)
+    else:
+        reg = sdf_loss.new_zeros(())
+    return sdf_loss + reg, sdf_loss, reg
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, epoch: int,
+                   clip_params: Sequence[torch.Tensor] | None = None, clip_norm: float | None = None) -> float:
+    """Backward, optional gradient clipping, finite check, update; returns the loss value.
+
+    Raises NonFiniteLossError before updating when the loss is NaN/inf, so the parameters
+    keep their last finite values.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_norm is not None and clip_params is not None:
+        nn.utils.clip_grad_norm_(clip_params, clip_norm)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"loss became {value} at epoch {epoch}")
+    optimizer.step()
+    return value
+
+
+# --------------------------------------------------------------------------- logs
+
+def new_logs() -> dict:
+    """Logs.pth content (DeepSDF keys + ``loss_epoch``/``log_epochs`` to truncate on resume).
+
+    loss, loss_epoch: per step; log_epochs, learning_rate ([decoder, latent]), timing
+    (seconds), latent_magnitude (mean code norm), param_magnitude {name: [norm]}: per epoch.
+    """
+    return {"epoch": 0, "loss": [], "loss_epoch": [], "log_epochs": [], "learning_rate": [], "timing": [],
+            "latent_magnitude": [], "param_magnitude": {}}
+
+
+def append_epoch_logs(logs: dict, epoch: int, losses: Sequence[float], rates: Sequence[float], seconds: float,
+                      codes: torch.Tensor, model: nn.Module) -> None:
+    logs["epoch"] = epoch
+    logs["loss"].extend(float(v) for v in losses)
+    logs["loss_epoch"].extend([epoch] * len(losses))
+    logs["log_epochs"].append(epoch)
+    logs["learning_rate"].append([float(r) for r in rates])
+    logs["timing"].append(float(seconds))
+    with torch.no_grad():
+        logs["latent_magnitude"].append(float(codes.detach().norm(dim=1).mean()))
+        for name, p in model.named_parameters():
+            logs["param_magnitude"].setdefault(name, []).append(float(p.detach().norm()))
+
+
+def truncate_logs(logs: Mapping, epoch: int) -> dict:
+    """Logs as they were after ``epoch`` (resume from an earlier snapshot drops later entries)."""
+    if not logs or "log_epochs" not in logs:
+        return new_logs()
+    out = new_logs()
+    keep_step = [i for i, e in enumerate(logs["loss_epoch"]) if e <= epoch]
+    keep_epoch = [i for i, e in enumerate(logs["log_epochs"]) if e <= epoch]
+    out["epoch"] = min(int(logs["epoch"]), epoch)
+    out["loss"] = [logs["loss"][i] for i in keep_step]
+    out["loss_epoch"] = [logs["loss_epoch"][i] for i in keep_step]
+    for key in ("log_epochs", "learning_rate", "timing", "latent_magnitude"):
+        out[key] = [logs[key][i] for i in keep_epoch]
+    out["param_magnitude"] = {k: [v[i] for i in keep_epoch] for k, v in logs["param_magnitude"].items()}
+    return out
+
+
+# --------------------------------------------------------------------------- the loop
+
+def make_latent_codes(num_scenes: int, code_length: int, settings: TrainSettings, device=None) -> nn.Embedding:
+    """The (num_scenes, L) embedding, init N(0, CodeInitStdDev / sqrt(L)); max_norm = CodeBound."""
+    codes = nn.Embedding(num_scenes, code_length, max_norm=settings.code_bound)
+    nn.init.normal_(codes.weight, 0.0, settings.code_init_std / math.sqrt(code_length))
+    return codes.to(device)
+
+
+@dataclass
+class TrainResult:
+    decoder: nn.Module
+    latent_codes: nn.Embedding
+    epoch: int  # last completed epoch
+    stopped: bool  # True when should_stop ended the run early
+
+
+def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfSamples, device=None, *,
+                       resume: str | int | None = None, seed: int = 0, num_epochs: int | None = None,
+                       should_stop: Callable[[int], bool] | None = None) -> TrainResult:
+    """Train decoder + one latent code per scene of ``dataset`` (DeepSDF auto-decoder).
+
+    Writes checkpoints (``latest`` every LogFrequency epochs, at snapshots and at the end),
+    Logs.pth, in ``exp_dir``.  ``resume``: "latest" or an epoch to continue from (RNG states
+    included); ``num_epochs`` overrides NumEpochs; ``should_stop(epoch)`` is asked after
+    every epoch and, when true, ``latest`` is saved and the run returns (a SIGTERM handler
+    only has to make it return True).
+    """
+    device = torch.device(device) if device is not None else workspace.choose_device(None)
+    exp_dir = Path(exp_dir)
+    settings = TrainSettings.from_specs(specs, num_epochs)
+    schedules = schedules_from_specs(specs)
+    workspace.seed_everything(seed)
+    decoder = decoder_from_specs(specs).to(device)
+    codes = make_latent_codes(len(dataset), int(specs["CodeLength"]), settings, device)
+    optimizer = torch.optim.Adam([{"params": decoder.parameters(), "lr": schedules[0](1)},
+                                  {"params": codes.parameters(), "lr": schedules[1](1)}])
+    sampler = torch.Generator(device=dataset.device)
+    sampler.manual_seed(seed)
+    logs = new_logs()
+    last_saved = 0
+    if resume is not None:
+        last_saved, extra = workspace.load_checkpoint(exp_dir, resume, decoder, optimizer, codes, map_location=device)
+        if "rng_state" in extra:
+            workspace.set_rng_state(extra["rng_state"], sampler)
+        else:
+            info(f"checkpoint {resume} has no RNG state: resumed run will differ from an uninterrupted one")
+        logs = truncate_logs(workspace.load_logs(exp_dir), last_saved)
+    start = last_saved + 1
+
+    def save(label):
+        workspace.save_checkpoint(exp_dir, label, epoch, decoder, optimizer, codes,
+                                  extra={"rng_state": workspace.rng_state(sampler)})
+
+    epoch = last_saved
+    bar = progress(total=settings.num_epochs, initial=min(last_saved, settings.num_epochs), desc="train", unit="epoch")
+    try:
+        for epoch in range(start, settings.num_epochs + 1):
+            t0 = time.perf_counter()
+            rates = set_learning_rates(optimizer, schedules, epoch)
+            decoder.train()
+            losses = []
+            for scenes in scene_batches(len(dataset), settings.scenes_per_batch, sampler):
+                xyz, sdf = dataset.sample(scenes, settings.samples_per_scene, sampler)
+                xyz, sdf = xyz.to(device, non_blocking=True), sdf.to(device, non_blocking=True)
+                loss, _, _ = auto_decoder_loss(decoder, codes(scenes.to(device)), xyz, sdf, epoch, settings)
+                try:
+                    losses.append(optimizer_step(optimizer, loss, epoch, decoder.parameters(), settings.grad_clip_norm))
+                except NonFiniteLossError as err:
+                    kept = (f"the last good checkpoint is {workspace.checkpoint_path(exp_dir, 'ModelParameters', 'latest')}"
+                            f" (epoch {last_saved})" if last_saved else "no checkpoint was written")
+                    raise NonFiniteLossError(f"{err}; stopped, {kept}; lower LearningRateSchedule or check the "
+                                             "SDF samples, then resume with --continue latest") from None
+            seconds = time.perf_counter() - t0
+            append_epoch_logs(logs, epoch, losses, rates, seconds, codes.weight, decoder)
+            stop = bool(should_stop and should_stop(epoch))
+            snapshot = settings.is_snapshot(epoch)
+            if snapshot:
+                save(epoch)
+            if snapshot or stop or epoch % settings.log_frequency == 0 or epoch == settings.num_epochs:
+                save("latest")
+                workspace.save_logs(exp_dir, logs)
+                last_saved = epoch
+            bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.5f}", s_per_epoch=f"{seconds:.2f}")
+            bar.update(1)
+            if stop:
+                return TrainResult(decoder, codes, epoch, True)
+    finally:
+        bar.close()
+    return TrainResult(decoder, codes, max(epoch, last_saved), False)
+
+
+def reconstruct_training_shapes(exp_dir: str | os.PathLike, decoder: nn.Module, codes: torch.Tensor,
+                                names: Sequence[str], resolution: int = 128, device=None) -> list[Path]:
+    """``Reconstructions/<name>.ply`` for each code (K, L): dense marching cubes over [-1, 1]^3."""
+    from lib.io import write_ply
+    from lib.isosurface import extract_dense
+
+    decoder.eval()
+    out_dir = workspace.reconstructions_dir(exp_dir)
+    paths = []
+    for k, name in enumerate(progress(names, desc="reconstruct", unit="mesh")):
+        z = codes[k].detach().to(device)
+        verts, faces = extract_dense(lambda p: decoder_sdf(decoder, z, p), resolution, device=device)
+        if faces.shape[0] == 0:
+            info(f"{name}: the SDF has no zero crossing in [-1, 1]^3; writing an empty mesh")
+        path = out_dir / f"{name}.ply"
+        write_ply(path, verts, faces)
+        paths.append(path)
+    return paths
