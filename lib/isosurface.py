@@ -372,7 +372,10 @@ class ExtractionState:
     the last mesh (see :func:`marching_cubes_cells`); evaluations: SDF points evaluated by
     the last call; empty / message: no surface in the box and why; stale_vertices: in
     ``fast`` mode, vertices interpolated from at least one value not refreshed by this call
-    (> 0 means the surface may have moved out of the refreshed band: the mesh may be wrong);
+    (their position is approximate: normal for small steps); missed_vertices: of those, the
+    ones whose edge does not cross the surface any more once the stale end is re-evaluated
+    (a diagnostic only, the grid keeps the heuristic's values): > 0 means the surface moved
+    out of the refreshed band and the mesh is wrong there;
     verified: result of ``verify=True`` (None when not run); dl_ds: per-vertex dL/ds (V,)
     written by the backward pass of :mod:`lib.meshsdf` (None before a backward).
     """
@@ -390,6 +393,7 @@ class ExtractionState:
     empty: bool = False
     message: str = ""
     stale_vertices: int = 0
+    missed_vertices: int = 0
     verified: bool | None = None
     dl_ds: torch.Tensor | None = field(default=None, repr=False)
 
@@ -467,9 +471,10 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
       ``dense``  every grid point (N^3 SDF evaluations).
       ``fast``   the original's heuristic: keep ``state``'s full grid, re-evaluate only the
                  voxel of each previous vertex and its 6 neighbours, stale values elsewhere;
-                 ``state.stale_vertices > 0`` reports a surface that left the refreshed
-                 band (the mesh is then unreliable).  Without a full grid in ``state`` it
-                 runs ``dense``.
+                 ``state.missed_vertices > 0`` (with a message) reports a surface that
+                 left the refreshed band (the mesh is then wrong), found by re-evaluating
+                 the stale ends of crossing edges (counted in ``evaluations``).  Without a
+                 full grid and a non-empty mesh in ``state`` it runs ``dense``.
       ``sparse`` exact narrow band: a coarse grid (stride ``coarse_stride``), a bisection on
                  every coarse edge with a sign change to find fine sign-changing cells,
                  recursive refinement of coarse cells that show no sign change but have a
@@ -501,10 +506,10 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
         grid = _evaluate_dense(sdf_fn, n, device, chunk, reuse)
         cells = crossing_cells(grid.values.reshape(n, n, n))
     verts, faces, keys = marching_cubes_cells(cells, _cell_corner_values(grid.values, cells), n, grid.ax)
-    stale = _stale_vertices(keys, fresh, n) if fresh is not None else 0
+    stale, missed = _check_fast(grid, keys, fresh) if fresh is not None else (0, 0)
     st = ExtractionState(resolution=n, mode=mode, grid_size=grid.g, values=grid.values, full=(mode != "sparse"),
                          verts=verts, faces=faces, keys=keys, cells=cells, evaluations=grid.evaluations,
-                         stale_vertices=stale)
+                         stale_vertices=stale, missed_vertices=missed)
     if verify and mode != "dense":
         dv, df, dst = extract(sdf_fn, n, "dense", None, device, chunk)
         ok, why = same_mesh(verts, faces, dv, df)
@@ -518,9 +523,9 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
         st.empty = True
         st.message = (f"no surface in the box at resolution {n}: the SDF has one sign on every "
                       f"{'evaluated ' if mode == 'sparse' else ''}grid point")
-    elif stale:
-        st.message = (f"fast extraction used stale SDF values for {stale} vertices: the surface moved "
-                      "more than the refreshed band; use mode 'sparse' or 'dense'")
+    elif missed:
+        st.message = (f"fast extraction lost the surface: {missed} of {verts.shape[0]} vertices lie on edges "
+                      "that no longer cross it (it moved more than the refreshed band); use mode 'sparse'")
     if st.message:
         info(f"extract: {st.message}")
     return verts, faces, st
@@ -546,12 +551,24 @@ def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int):
     return grid, fresh
 
 
-def _stale_vertices(keys: torch.Tensor, fresh: torch.Tensor, n: int) -> int:
-    """Edge vertices with an end point not refreshed by this call."""
+def _check_fast(grid: _Grid, keys: torch.Tensor, fresh: torch.Tensor) -> tuple[int, int]:
+    """(vertices using a stale value, vertices whose edge turns out not to cross any more)."""
+    n = grid.n
     k = keys[keys < 3 * n ** 3]
     lo = k // 3
-    step = torch.tensor([n * n, n, 1], device=k.device)[k % 3]
-    return int((~fresh[lo] | ~fresh[lo + step]).sum())
+    hi = lo + torch.tensor([n * n, n, 1], device=k.device)[k % 3]
+    stale = ~fresh[lo] | ~fresh[hi]
+    if not bool(stale.any()):
+        return 0, 0
+    lo, hi = lo[stale], hi[stale]
+    ends = torch.unique(torch.cat((lo, hi))[~fresh[torch.cat((lo, hi))]])
+    pts = torch.stack((grid.ax[ends // (n * n)], grid.ax[(ends // n) % n], grid.ax[ends % n]), 1)
+    now = grid.values.clone()
+    now[ends] = torch.cat([grid.sdf_fn(pts[s : s + grid.chunk]).reshape(-1).float()
+                           for s in range(0, ends.numel(), grid.chunk)])
+    grid.evaluations += ends.numel()
+    missed = (now[lo] > 0) == (now[hi] > 0)
+    return int(stale.sum()), int(missed.sum())
 
 
 _NEIGH26 = [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) != (0, 0, 0)]

@@ -1,0 +1,193 @@
+"""Marching cubes (torch vs scikit-image), extraction modes dense / fast / sparse."""
+import numpy as np
+import pytest
+import torch
+from scipy.spatial import cKDTree
+
+from lib.errors import MeshSDFError
+from lib.isosurface import (extract, grid_points, marching_cubes, marching_cubes_cells, marching_cubes_torch,
+                            same_mesh)
+from lib.metrics import genus
+
+
+def sphere(r=0.55, c=(0.0, 0.0, 0.0)):
+    c = torch.tensor(c)
+    return lambda p: (p - c.to(p)).norm(dim=1) - r
+
+
+def torus(R=0.5, r=0.2):
+    def f(p):
+        q = torch.stack([p[:, :2].norm(dim=1) - R, p[:, 2]], 1)
+        return q.norm(dim=1) - r
+    return f
+
+
+def union(*fs):
+    def f(p):
+        out = fs[0](p)
+        for g in fs[1:]:
+            out = torch.minimum(out, g(p))
+        return out
+    return f
+
+
+def scene(p):
+    """A torus, a ball through it, and a separate small ball: 3 pieces, genus 1 overall."""
+    return union(torus(0.5, 0.15), sphere(0.25, (0.0, 0.0, 0.35)), sphere(0.1, (-0.6, 0.6, -0.5)))(p)
+
+
+def grid_of(fn, n):
+    return fn(grid_points(n)).reshape(n, n, n)
+
+
+def closed_manifold(faces) -> bool:
+    """Every directed edge once, and its reverse once: closed, oriented 2-manifold edges."""
+    f = faces.numpy()
+    e = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    key = e[:, 0] * (f.max() + 1) + e[:, 1]
+    rev = e[:, 1] * (f.max() + 1) + e[:, 0]
+    return len(np.unique(key)) == len(key) and np.array_equal(np.sort(key), np.sort(rev))
+
+
+@pytest.mark.parametrize("fn,n", [(sphere(0.61), 41), (torus(), 50), (scene, 64)])
+def test_torch_marching_cubes_matches_skimage_vertices(fn, n):
+    vals = grid_of(fn, n)
+    v, f = marching_cubes_torch(vals)
+    vs, fs = marching_cubes(vals)
+    assert v.dtype == torch.float32 and f.dtype == torch.int64
+    assert v.shape == vs.shape and f.shape == fs.shape
+    d, j = cKDTree(vs.numpy()).query(v.numpy())
+    assert d.max() < 1e-6 and len(np.unique(j)) == len(j)
+    assert closed_manifold(f)
+    assert genus(v, f) == genus(vs, fs)
+
+
+def test_topology_and_orientation():
+    left = lambda p: torus(0.35, 0.12)(p + torch.tensor([0.45, 0, 0]))  # noqa: E731
+    right = lambda p: torus(0.35, 0.12)(p - torch.tensor([0.45, 0, 0]))  # noqa: E731
+    for fn, g in [(sphere(0.6), 0), (torus(), 1), (union(left, right), 2)]:
+        v, f = marching_cubes_torch(grid_of(fn, 48))
+        assert closed_manifold(f) and genus(v, f) == g
+    v, f = marching_cubes_torch(grid_of(sphere(0.6), 40))
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    assert ((torch.cross(b - a, c - a, dim=1) * (a + b + c)).sum(1) > 0).all()  # outward
+    assert (v.norm(dim=1) - 0.6).abs().max() < 0.01
+
+
+def test_ambiguous_noise_gives_closed_manifold():
+    """Random values hit every ambiguous face and interior configuration (centre vertices)."""
+    g = torch.Generator().manual_seed(0)
+    vals = torch.rand(14, 14, 14, generator=g) - 0.5
+    vals[[0, -1]] = 1.0
+    vals[:, [0, -1]] = 1.0
+    vals[:, :, [0, -1]] = 1.0
+    v, f = marching_cubes_torch(vals)
+    assert closed_manifold(f)
+    assert (f[:, 0] != f[:, 1]).all() and (f[:, 1] != f[:, 2]).all() and (f[:, 0] != f[:, 2]).all()
+    assert v.shape[0] > f.max()  # every index valid
+    # the centre vertices (loops through both segments of an ambiguous face) were exercised
+    _, _, keys = marching_cubes_cells(*_all_cells(vals), 14)
+    assert (keys >= 3 * 14 ** 3).any()
+    # a copy with different cells order gives the same mesh (canonical order)
+    cells, cv = _all_cells(vals)
+    perm = torch.randperm(cells.shape[0], generator=g)
+    v2, f2, _ = marching_cubes_cells(cells[perm], cv[perm], 14)
+    assert torch.equal(v2, v) and same_mesh(v, f, v2, f2)[0]
+
+
+def _all_cells(vals):
+    n = vals.shape[0]
+    ax = torch.arange(n - 1)
+    cells = torch.cartesian_prod(ax, ax, ax)
+    off = torch.tensor([(c & 1, (c >> 1) & 1, (c >> 2) & 1) for c in range(8)])
+    ijk = cells.unsqueeze(1) + off
+    return cells, vals[ijk[..., 0], ijk[..., 1], ijk[..., 2]]
+
+
+@pytest.mark.parametrize("n", [64, 128, 256])
+def test_sparse_equals_dense(n):
+    calls = []
+
+    def fn(p):
+        calls.append(p.shape[0])
+        return scene(p)
+
+    vd, fd, sd = extract(fn, n, "dense")
+    vs, fs, ss = extract(fn, n, "sparse")
+    assert torch.equal(vd, vs) and torch.equal(fd, fs)  # canonical output: bitwise identical
+    assert same_mesh(vd, fd, vs, fs) == (True, "")
+    assert sd.evaluations == n ** 3 and ss.evaluations < n ** 3 / 4
+    assert sum(calls) == sd.evaluations + ss.evaluations
+    if n >= 128:
+        assert ss.evaluations < n ** 3 / 20
+    assert genus(vs, fs) == 1 and not ss.empty
+
+
+def test_sparse_verify_detects_a_missed_piece():
+    # a tiny ball next to a big one: hidden from a very coarse lattice, next to a crossing cell
+    fn = union(sphere(0.5), sphere(0.04, (0.1, 0.07, -0.62)))
+    vd, fd, _ = extract(fn, 64, "dense")
+    vs, fs, ss = extract(fn, 64, "sparse", coarse_stride=16)
+    assert not same_mesh(vd, fd, vs, fs)[0]
+    vv, fv, sv = extract(fn, 64, "sparse", coarse_stride=16, verify=True)
+    assert sv.verified is False and same_mesh(vd, fd, vv, fv)[0]
+    _, _, ok = extract(fn, 64, "sparse", verify=True)  # default stride: found
+    assert ok.verified is True
+
+
+def test_sparse_finds_thin_and_hidden_parts():
+    # a thin rod (thinner than a coarse cell) crossing the box, away from the main surface
+    rod = lambda p: (p[:, :2] - torch.tensor([0.7, -0.6])).norm(dim=1) - 0.02  # noqa: E731
+    fn = union(sphere(0.4), rod)
+    vd, fd, _ = extract(fn, 96, "dense")
+    vs, fs, _ = extract(fn, 96, "sparse")
+    assert same_mesh(vd, fd, vs, fs)[0]
+
+
+def test_fast_small_step_matches_dense_and_big_step_is_reported():
+    _, _, st = extract(sphere(0.5), 64, "fast")  # no previous grid: dense
+    assert st.evaluations == 64 ** 3 and st.full
+    v, f, st = extract(sphere(0.505), 64, "fast", state=st)
+    assert st.evaluations < 64 ** 3 / 10 and st.missed_vertices == 0 and st.message == ""
+    vd, fd, _ = extract(sphere(0.505), 64, "dense")
+    # same triangles; positions from stale values are off by a small part of a voxel
+    assert same_mesh(v, f, vd, fd, atol=0.05 * 2 / 63)[0]
+    v, f, st = extract(sphere(0.62), 64, "fast", state=st)  # ~4 voxels: out of the band
+    assert st.missed_vertices > 0 and "lost the surface" in st.message
+    vd, fd, _ = extract(sphere(0.62), 64, "dense")
+    assert not same_mesh(v, f, vd, fd)[0]
+
+
+def test_no_surface_is_an_empty_mesh_not_a_crash():
+    for mode in ("dense", "fast", "sparse"):
+        v, f, st = extract(lambda p: p.norm(dim=1) + 1.0, 32, mode)
+        assert v.shape == (0, 3) and f.shape == (0, 3) and f.dtype == torch.int64
+        assert st.empty and "no surface" in st.message
+    v, f, st = extract(sphere(0.5), 32, "fast", state=st)  # empty previous mesh -> dense
+    assert not st.empty and f.shape[0] > 0
+
+
+def test_same_mesh_detects_differences():
+    v, f = marching_cubes_torch(grid_of(sphere(0.6), 24))
+    perm = torch.randperm(v.shape[0])
+    inv = torch.argsort(perm)
+    assert same_mesh(v, f, v[perm], inv[f].roll(1, dims=1))[0]  # reordered, rotated faces
+    assert not same_mesh(v, f, v, f[:, [0, 2, 1]])[0]  # flipped orientation
+    w = v.clone()
+    w[0, 0] += 1e-3
+    assert not same_mesh(v, f, w, f)[0]
+
+
+def test_bad_arguments():
+    with pytest.raises(MeshSDFError):
+        extract(sphere(), 16, "octree")
+    with pytest.raises(MeshSDFError):
+        extract(sphere(), 16, "sparse", coarse_stride=3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    v, f, st = extract(scene, 64, "sparse", device="cuda")
+    assert v.is_cuda and f.is_cuda
+    vc, fc, _ = extract(scene, 64, "sparse")
+    assert same_mesh(v, f, vc, fc)[0]
