@@ -1,0 +1,214 @@
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib import workspace
+from lib.errors import MeshSDFError
+from lib.models.decoder import Decoder, decoder_from_specs
+
+REPO = Path(__file__).resolve().parents[1]
+BOB_AND_SPOT = REPO / "experiments" / "bob_and_spot"
+
+
+def _specs():
+    return json.loads((BOB_AND_SPOT / "specs.json").read_text())
+
+
+def _write(tmp_path, specs) -> Path:
+    (tmp_path / "specs.json").write_text(json.dumps(specs))
+    return tmp_path
+
+
+def test_bob_and_spot_specs_have_the_original_values():
+    s = workspace.load_specs(BOB_AND_SPOT)
+    net = s["NetworkSpecs"]
+    assert net["dims"] == [128] * 8 and net["dropout"] == list(range(8)) and net["dropout_prob"] == 0.2
+    assert net["latent_in"] == [4] and net["weight_norm"] and net["positional_encoding"] and net["fourier_degree"] == 5
+    assert (s["CodeLength"], s["NumEpochs"], s["SnapshotFrequency"], s["SamplesPerScene"], s["ScenesPerBatch"]) == \
+        (2, 4000, 1000, 32192, 2)
+    assert s["LearningRateSchedule"][0] == {"Type": "Step", "Initial": 0.0005, "Interval": 500, "Factor": 0.5}
+    assert s["LearningRateSchedule"][1] == {"Type": "Step", "Initial": 0.001, "Interval": 500, "Factor": 0.5}
+    assert s["ClampingDistance"] == 0.1 and s["CodeRegularizationLambda"] == 1e-4 and s["CodeBound"] is None
+    # defaults filled in
+    assert s["LogFrequency"] == 10 and s["CodeInitStdDev"] == 1.0 and s["GradientClipNorm"] is None
+    split = json.loads((REPO / s["TrainSplit"]).read_text())
+    assert split == {"bob_and_spot": {"samples": ["bob", "spot"]}}
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda s: s.update(Bogus=1), ["unknown key", "Bogus"]),
+    (lambda s: s.pop("CodeLength"), ["missing key", "CodeLength"]),
+    (lambda s: s.update(CodeLength="2"), ["CodeLength", "integer"]),
+    (lambda s: s.update(NumEpochs=True), ["NumEpochs", "integer"]),
+    (lambda s: s.update(ClampingDistance=-0.1), ["ClampingDistance"]),
+    (lambda s: s.update(CodeRegularization="yes"), ["CodeRegularization", "true or false"]),
+    (lambda s: s.update(NetworkArch="resnet"), ["NetworkArch", "deep_sdf_decoder"]),
+    (lambda s: s["NetworkSpecs"].update(dims=[128, "x"]), ["NetworkSpecs.dims"]),
+    (lambda s: s["NetworkSpecs"].update(dropout_probability=0.2), ["unknown key", "NetworkSpecs.dropout_probability"]),
+    (lambda s: s["NetworkSpecs"].update(dropout_prob=1.0), ["NetworkSpecs.dropout_prob"]),
+    (lambda s: s["NetworkSpecs"].update(latent_in=[12]), ["NetworkSpecs.latent_in", "12"]),
+    (lambda s: s["LearningRateSchedule"][0].pop("Interval"), ["LearningRateSchedule", "Interval"]),
+    (lambda s: s["LearningRateSchedule"].pop(), ["LearningRateSchedule", "2"]),
+    (lambda s: s["LearningRateSchedule"][1].update(Type="Cosine"), ["LearningRateSchedule", "Type"]),
+])
+def test_bad_specs_name_key_and_file(tmp_path, edit, words):
+    specs = _specs()
+    edit(specs)
+    exp = _write(tmp_path, specs)
+    with pytest.raises(MeshSDFError) as err:
+        workspace.load_specs(exp)
+    msg = str(err.value)
+    assert "\n" not in msg and str(exp / "specs.json") in msg
+    for w in words:
+        assert w in msg
+
+
+def test_known_deepsdf_keys_are_accepted(tmp_path):
+    specs = _specs()
+    specs.update(TestSplit="x.json", DataLoaderThreads=4, BatchSplit=1, Description=["a", "b"], CodeBound=1.0,
+                 GradientClipNorm=2.0, LogFrequency=5, CodeInitStdDev=0.5)
+    specs["LearningRateSchedule"] = [{"Type": "Warmup", "Initial": 0.0, "Final": 1e-3, "Length": 10},
+                                     {"Type": "Constant", "Value": 1e-3}]
+    s = workspace.load_specs(_write(tmp_path, specs))
+    assert s["CodeBound"] == 1.0 and s["LogFrequency"] == 5
+    extra = {"NumberOfViews": workspace.Key(workspace.int_key(1), required=True)}
+    specs["NumberOfViews"] = 16
+    assert workspace.load_specs(_write(tmp_path, specs), extra_keys=extra)["NumberOfViews"] == 16
+
+
+def test_missing_folder_file_and_bad_json(tmp_path):
+    with pytest.raises(MeshSDFError, match="experiment folder not found"):
+        workspace.load_specs(tmp_path / "nope")
+    with pytest.raises(MeshSDFError, match="no specs.json"):
+        workspace.load_specs(tmp_path)
+    (tmp_path / "specs.json").write_text('{"CodeLength": 2,}')
+    with pytest.raises(MeshSDFError, match="invalid JSON at line 1"):
+        workspace.load_specs(tmp_path)
+
+
+def test_resolve_path_prefers_cwd_then_repo_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert workspace.resolve_path("experiments/bob_and_spot/split.json") == REPO / "experiments/bob_and_spot/split.json"
+    (tmp_path / "experiments" / "bob_and_spot").mkdir(parents=True)
+    (tmp_path / "experiments" / "bob_and_spot" / "split.json").write_text("{}")
+    assert workspace.resolve_path("experiments/bob_and_spot/split.json") == Path("experiments/bob_and_spot/split.json")
+    assert workspace.resolve_path(tmp_path) == tmp_path
+
+
+def test_choose_device():
+    assert workspace.choose_device("cpu") == torch.device("cpu")
+    assert workspace.choose_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert workspace.choose_device("auto") == workspace.choose_device(None)
+    with pytest.raises(MeshSDFError, match="unknown device"):
+        workspace.choose_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(MeshSDFError, match="CUDA is not available"):
+            workspace.choose_device("cuda")
+
+
+def test_parse_epoch():
+    assert workspace.parse_epoch("latest") == "latest" and workspace.parse_epoch("1000") == 1000
+    for bad in ("last", "0", "-3"):
+        with pytest.raises(MeshSDFError, match="--continue"):
+            workspace.parse_epoch(bad)
+
+
+def _small():
+    torch.manual_seed(0)
+    dec = Decoder(2, dims=[8, 8], weight_norm=True, norm_layers=[0, 1])
+    codes = torch.nn.Embedding(3, 2)
+    opt = torch.optim.Adam([{"params": dec.parameters()}, {"params": codes.parameters()}])
+    dec(torch.randn(4, 5)).sum().backward()
+    opt.step()
+    return dec, codes, opt
+
+
+def test_checkpoint_round_trip_and_loaders(tmp_path):
+    dec, codes, opt = _small()
+    workspace.save_checkpoint(tmp_path, "latest", 7, dec, opt, codes, extra={"rng_state": workspace.rng_state()})
+    workspace.save_checkpoint(tmp_path, 5, 5, dec, opt, codes)
+    assert workspace.snapshot_epochs(tmp_path) == [5]
+    dec2, codes2, opt2 = Decoder(2, dims=[8, 8], weight_norm=True, norm_layers=[0, 1]), torch.nn.Embedding(3, 2), None
+    opt2 = torch.optim.Adam([{"params": dec2.parameters()}, {"params": codes2.parameters()}])
+    epoch, extra = workspace.load_checkpoint(tmp_path, "latest", dec2, opt2, codes2)
+    assert epoch == 7 and "rng_state" in extra
+    for a, b in zip(dec.state_dict().values(), dec2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(codes.weight, codes2.weight)
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    assert torch.equal(workspace.load_latent_codes(tmp_path, 5), codes.weight.detach())
+    specs = {"CodeLength": 2, "NetworkSpecs": {"dims": [8, 8], "weight_norm": True, "norm_layers": [0, 1]}}
+    loaded = workspace.load_decoder(tmp_path, specs, 5)
+    assert not loaded.training and loaded.checkpoint_epoch == 5
+    with pytest.raises(MeshSDFError, match="available: latest, 5"):
+        workspace.load_decoder(tmp_path, specs, 9)
+    with pytest.raises(MeshSDFError, match="does not match the network"):
+        workspace.load_decoder(tmp_path, {"CodeLength": 2, "NetworkSpecs": {"dims": [16, 8]}}, "latest")
+
+
+def test_loads_original_deepsdf_layouts(tmp_path):
+    """DataParallel 'module.' prefixes and a bare (K, 1, L) latent tensor, as old DeepSDF wrote them."""
+    dec, codes, _ = _small()
+    (tmp_path / "ModelParameters").mkdir()
+    (tmp_path / "LatentCodes").mkdir()
+    torch.save({"epoch": 3, "model_state_dict": {f"module.{k}": v for k, v in dec.state_dict().items()}},
+               tmp_path / "ModelParameters" / "latest.pth")
+    torch.save({"epoch": 3, "latent_codes": codes.weight.detach()[:, None, :]}, tmp_path / "LatentCodes" / "latest.pth")
+    dec2 = Decoder(2, dims=[8, 8], weight_norm=True, norm_layers=[0, 1])
+    assert workspace.load_model_state(tmp_path, dec2) == 3
+    assert torch.equal(dec2.lin0.weight_v, dec.lin0.weight_v)
+    assert workspace.load_latent_codes(tmp_path).shape == (3, 2)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    dec, codes, opt = _small()
+    workspace.save_checkpoint(tmp_path, "latest", 1, dec, opt, codes)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.pth")}
+    real_save = torch.save
+    calls = []
+
+    def dying_save(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == 3:  # the third file: write half of it, then die
+            real_save(obj, f, *a, **kw)
+            data = Path(f).read_bytes()
+            Path(f).write_bytes(data[: len(data) // 2])
+            raise KeyboardInterrupt("killed")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with torch.no_grad():
+        dec.lin0.bias.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        workspace.save_checkpoint(tmp_path, "latest", 2, dec, opt, codes)
+    monkeypatch.setattr(torch, "save", real_save)
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*.pth")}
+    assert after == before  # nothing renamed over the old checkpoint
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".pth"] == []  # no temp left
+    assert workspace.load_checkpoint(tmp_path, "latest", dec, opt, codes)[0] == 1
+
+
+def test_inconsistent_checkpoint_is_reported(tmp_path):
+    dec, codes, opt = _small()
+    workspace.save_checkpoint(tmp_path, "latest", 4, dec, opt, codes)
+    workspace.save_checkpoint(tmp_path, 2, 2, dec, opt, codes)
+    os.replace(tmp_path / "LatentCodes" / "2.pth", tmp_path / "LatentCodes" / "latest.pth")
+    with pytest.raises(MeshSDFError, match="inconsistent.*--continue N"):
+        workspace.load_checkpoint(tmp_path, "latest", dec, opt, codes)
+
+
+def test_logs_round_trip(tmp_path):
+    assert workspace.load_logs(tmp_path) == {}
+    logs = {"epoch": 2, "loss": [0.5, 0.25], "param_magnitude": {"a": [1.0, 2.0]}}
+    workspace.save_logs(tmp_path, logs)
+    assert workspace.load_logs(tmp_path) == logs
+
+
+def test_decoder_from_bob_and_spot_specs_runs():
+    dec = decoder_from_specs(workspace.load_specs(BOB_AND_SPOT)).eval()
+    assert dec(torch.zeros(3, 5)).shape == (3, 1)
+    assert copy.deepcopy(dec).input_size == 35
