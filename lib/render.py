@@ -356,3 +356,197 @@ def silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_s
         need_grad = torch.is_grad_enabled() and sc.uv.requires_grad
         img = _SoftSilhouette.apply(sc.uv, st, sc.tri, faces_per_pixel, need_grad)
     return img if sc.batched else img[0]
+
+
+# -------------------------------------------------------------- hard raster
+@dataclass
+class Fragments:
+    """Result of ``rasterize`` (leading B axis only for batched inputs).
+
+    face_idx: (..., H, W) int64, index into ``faces`` of the nearest face whose projection
+        covers the pixel centre, -1 for background.
+    bary: (..., H, W, 3) perspective-correct barycentric coordinates of the visible point
+        w.r.t. the face's vertices (in the order of ``faces``); 0 for background.
+    depth: (..., H, W) camera-space z of the visible point; 0 for background.
+    bary and depth are differentiable w.r.t. the vertices (the face assignment is not).
+    """
+    face_idx: torch.Tensor
+    bary: torch.Tensor
+    depth: torch.Tensor
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.face_idx >= 0
+
+
+def rasterize(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_size=None,
+              znear: float = 1e-3) -> Fragments:
+    """Hard z-buffer rasterisation at pixel centres (see ``Fragments``).
+
+    A pixel centre on an edge shared by two faces belongs to both; the nearer wins, ties go
+    to the higher face index.  Both windings are rasterised (no back-face culling).
+    """
+    sc = _screen(verts, faces, camera, image_size)
+    B, H, W = sc.B, sc.H, sc.W
+    F = faces.shape[0]
+    dev, dt = sc.uv.device, sc.uv.dtype
+    npad = B * (H + TILE) * (W + TILE)
+    face_idx = torch.full((npad,), -1, dtype=torch.int64, device=dev)
+    if F:
+        with torch.no_grad():
+            uvt, zt = sc.uv[sc.tri], sc.z[sc.tri]
+            fid, x0, y0 = _tiles(uvt, zt, H, W, 0.0, znear)
+            fbatch = torch.div(torch.arange(len(sc.tri), device=dev), F, rounding_mode="floor")
+            st = _Setup(_face_table(uvt, zt), fid, x0, y0, fbatch, B, H, W, 0.0, 0.0, True)
+            zbuf = torch.full((npad,), math.inf, dtype=dt, device=dev)
+            slots = []
+            for a in range(0, len(fid), CHUNK_TILES):
+                b = min(a + CHUNK_TILES, len(fid))
+                pix, z = _chunk_depth(st, a, b)
+                zbuf.scatter_reduce_(0, pix.reshape(-1).long(), z.reshape(-1), "amin")
+                slots.append((pix, z, fid[a:b]))
+            for pix, z, f in slots:
+                pix = pix.reshape(-1).long()
+                win = torch.isfinite(z.reshape(-1)) & (z.reshape(-1) == zbuf[pix])
+                cand = torch.where(win, f[:, None].expand_as(z).reshape(-1), -1)
+                face_idx.scatter_reduce_(0, pix, cand, "amax")
+    face_idx = face_idx.view(B, H + TILE, W + TILE)[:, :H, :W]   # global face instances
+    bary = torch.zeros(B, H, W, 3, dtype=dt, device=dev)
+    depth = torch.zeros(B, H, W, dtype=dt, device=dev)
+    hit = face_idx >= 0
+    if bool(hit.any()):
+        g = face_idx[hit]
+        bary_h, depth_h = _bary_depth(sc, g, hit)
+        bary = bary.index_put((hit,), bary_h)
+        depth = depth.index_put((hit,), depth_h)
+    face_idx = torch.where(hit, face_idx % max(F, 1), face_idx)
+    if not sc.batched:
+        face_idx, bary, depth = face_idx[0], bary[0], depth[0]
+    return Fragments(face_idx, bary, depth)
+
+
+def _chunk_depth(st: _Setup, a: int, b: int):
+    """Padded pixel index (int32) and depth (inf where the pixel centre is outside) per slot."""
+    f = st.fid[a:b]
+    P = TILE * TILE
+    c = st.table.index_select(1, f)
+    dt = c.dtype
+    d = torch.arange(P, device=f.device, dtype=torch.int32)
+    dx = (d % TILE).to(dt)
+    dy = torch.div(d, TILE, rounding_mode="floor").to(dt)
+    ox, oy = st.x0[a:b], st.y0[a:b]
+    wp = st.W + TILE
+    base = ((st.fbatch.index_select(0, f) * (st.H + TILE) + oy) * wp + ox).to(torch.int32)
+    pix = base[:, None] + (torch.div(d, TILE, rounding_mode="floor") * wp + d % TILE)
+    x = (ox.to(dt) + 0.5)[:, None] + dx
+    y = (oy.to(dt) + 0.5)[:, None] + dy
+    o = c[15][:, None]
+    ef = []
+    for i in range(3):
+        vx, vy = c[2 * i][:, None], c[2 * i + 1][:, None]
+        ex, ey = c[6 + 2 * i][:, None], c[7 + 2 * i][:, None]
+        ef.append((ex * (y - vy) - ey * (x - vx)) * o)
+    inside = (ef[0] >= 0) & (ef[1] >= 0) & (ef[2] >= 0) & (o != 0)
+    area = (ef[0] + ef[1] + ef[2]).clamp(min=1e-30)
+    inv = (ef[1] * c[16][:, None] + ef[2] * c[17][:, None] + ef[0] * c[18][:, None]) / area
+    z = torch.where(inside & (inv > 0), 1.0 / inv, torch.full_like(inv, math.inf))
+    return pix, z
+
+
+def _bary_depth(sc: _Screen, g: torch.Tensor, hit: torch.Tensor):
+    """Differentiable perspective-correct barycentrics (N, 3) and depth (N,) of face
+    instances g at the hit pixel centres."""
+    H, W = sc.H, sc.W
+    rows, cols = hit.nonzero(as_tuple=True)[1:]
+    p = torch.stack([cols.to(sc.uv.dtype) + 0.5, rows.to(sc.uv.dtype) + 0.5], 1)
+    tri = sc.tri[g]
+    v = sc.uv[tri]                                              # (N, 3, 2)
+    iz = 1.0 / sc.z[tri]                                        # (N, 3)
+    # screen-space barycentrics: weight of vertex i = area of the opposite sub-triangle
+    lam = []
+    for i in range(3):
+        a, b = v[:, (i + 1) % 3], v[:, (i + 2) % 3]
+        lam.append((b[:, 0] - a[:, 0]) * (p[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (p[:, 0] - a[:, 0]))
+    lam = torch.stack(lam, 1)
+    lam = lam / lam.sum(1, keepdim=True)
+    w = lam * iz
+    inv = w.sum(1)
+    return w / inv[:, None], 1.0 / inv
+
+
+# ------------------------------------------------------------ normals, shading
+def face_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Unit face normals (..., F, 3) of verts (..., V, 3), right-hand rule on the winding
+    (outwards for marching-cubes meshes); 0 for degenerate faces."""
+    tri = verts[..., faces, :]
+    n = torch.cross(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :], dim=-1)
+    return torch.nn.functional.normalize(n, dim=-1, eps=1e-20)
+
+
+def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Area-weighted unit vertex normals (..., V, 3)."""
+    tri = verts[..., faces, :]
+    n = torch.cross(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :], dim=-1)
+    acc = torch.zeros_like(verts)
+    for k in range(3):
+        acc = acc.index_add(-2, faces[:, k], n)
+    return torch.nn.functional.normalize(acc, dim=-1, eps=1e-20)
+
+
+def normal_image(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, fragments: Fragments | None = None,
+                 smooth: bool = True, frame: str = "world", image_size=None) -> torch.Tensor:
+    """Unit normals of the visible surface per pixel, (..., H, W, 3), 0 on background.
+
+    smooth: interpolate area-weighted vertex normals with the perspective-correct
+    barycentrics, else face normals.  frame: "world" or "camera" (x right, y down, z
+    forward; a surface facing the camera has n_z < 0).  Differentiable w.r.t. verts.
+    """
+    if frame not in ("world", "camera"):
+        raise ValueError(f"frame must be 'world' or 'camera', got {frame!r}")
+    faces = torch.as_tensor(faces, device=verts.device).long()
+    fr = fragments if fragments is not None else rasterize(verts, faces, camera, image_size)
+    batched = fr.face_idx.dim() == 3
+    fidx = fr.face_idx if batched else fr.face_idx[None]
+    bary = fr.bary if batched else fr.bary[None]
+    B = fidx.shape[0]
+    vb = verts if verts.dim() == 3 else verts[None].expand(B, -1, -1)
+    hit = fidx >= 0
+    bidx = torch.arange(B, device=verts.device)[:, None, None].expand_as(fidx)[hit]
+    f = fidx[hit]
+    if smooth:
+        vn = vertex_normals(vb, faces)                                   # (B, V, 3)
+        n = (vn[bidx[:, None], faces[f]] * bary[hit][..., None]).sum(1)
+    else:
+        n = face_normals(vb, faces)[bidx, f]
+    n = torch.nn.functional.normalize(n, dim=-1, eps=1e-20)
+    if frame == "camera":
+        cam = camera.to(device=verts.device, dtype=verts.dtype)
+        R = cam.R if len(cam) == B else cam.R.expand(B, 3, 3)
+        n = (R[bidx] @ n[:, :, None])[..., 0]
+    out = torch.zeros(fidx.shape + (3,), dtype=verts.dtype, device=verts.device).index_put((hit,), n)
+    return out if batched else out[0]
+
+
+def shade(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, light_dir=None,
+          color=(0.8, 0.8, 0.8), ambient: float = 0.35, diffuse: float = 0.65, smooth: bool = True,
+          fragments: Fragments | None = None, image_size=None) -> torch.Tensor:
+    """Lambertian RGBA render (..., H, W, 4), float in [0, 1]; alpha = coverage, rgb 0 outside.
+
+    light_dir: world direction towards the light (3,), default a head light (towards the
+    camera).  Two-sided: |n . l|, so open meshes shade the same from both sides.
+    """
+    faces = torch.as_tensor(faces, device=verts.device).long()
+    fr = fragments if fragments is not None else rasterize(verts, faces, camera, image_size)
+    n = normal_image(verts, faces, camera, fr, smooth=smooth, frame="world")
+    cam = camera.to(device=verts.device, dtype=verts.dtype)
+    if light_dir is None:
+        l = -cam.R[:, 2]                                            # (Bc, 3) towards the camera
+        l = l.reshape((-1,) + (1,) * (n.dim() - 2) + (3,)) if n.dim() == 4 else l[0]
+    else:
+        l = torch.nn.functional.normalize(torch.as_tensor(light_dir, dtype=verts.dtype,
+                                                          device=verts.device), dim=-1)
+    lam = (n * l).sum(-1).abs()
+    mask = fr.mask.to(verts.dtype)
+    rgb = torch.as_tensor(color, dtype=verts.dtype, device=verts.device) * (ambient + diffuse * lam)[..., None]
+    rgb = rgb.clamp(0.0, 1.0) * mask[..., None]
+    return torch.cat([rgb, mask[..., None]], -1)

@@ -1,0 +1,239 @@
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+import lib.render as render
+from lib.camera import look_at
+from lib.io import read_mesh
+from lib.render import (face_normals, normal_image, rasterize, shade, silhouette, vertex_normals)
+
+D64 = torch.float64
+
+
+def _ray_cast(cam, verts, faces):
+    """Independent reference: Moller-Trumbore in world space for the ray through every pixel
+    centre (both windings).  Returns hit mask (H, W) and camera depth (H, W) (numpy)."""
+    H, W = cam.image_size
+    K, R, eye = cam.K.double().numpy(), cam.R[0].double().numpy(), cam.eye.double().numpy()
+    jj, ii = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
+    d_cam = np.stack([(jj - K[0, 2]) / K[0, 0], (ii - K[1, 2]) / K[1, 1], np.ones_like(jj)], -1).reshape(-1, 3)
+    dirs = d_cam @ R                                              # R^T d, with d_cam.z = 1
+    v = np.asarray(verts, np.float64)
+    v0 = v[faces[:, 0]]
+    e1, e2 = v[faces[:, 1]] - v0, v[faces[:, 2]] - v0
+    s = eye - v0
+    q = np.cross(s, e1)
+    tq = (e2 * q).sum(-1)
+    best = np.full(len(dirs), np.inf)
+    for a in range(0, len(dirs), 256):
+        d = dirs[a:a + 256, None, :]
+        p = np.cross(d, e2[None])
+        det = (p * e1[None]).sum(-1)
+        ok = np.abs(det) > 1e-14
+        inv = np.where(ok, 1.0 / np.where(ok, det, 1.0), 0.0)
+        u = (p * s[None]).sum(-1) * inv
+        w = (d * q[None]).sum(-1) * inv
+        t = tq[None] * inv
+        hit = ok & (u >= 0) & (w >= 0) & (u + w <= 1) & (t > 0)
+        best[a:a + 256] = np.where(hit, t, np.inf).min(1)
+    hit = np.isfinite(best)
+    # the ray parameter t multiplies d_cam whose z is 1, so t is the camera depth
+    return hit.reshape(H, W), np.where(hit, best, 0.0).reshape(H, W)
+
+
+def _sphere():
+    m = trimesh.creation.icosphere(3, radius=0.7)
+    return np.asarray(m.vertices, np.float32), np.asarray(m.faces, np.int64)
+
+
+def _cube():
+    m = trimesh.creation.box(extents=(1.0, 0.8, 1.2))
+    m.apply_translation([0.1, -0.05, 0.0])
+    return np.asarray(m.vertices, np.float32), np.asarray(m.faces, np.int64)
+
+
+def _meshes(shared_mesh):
+    return {"sphere": _sphere, "cube": _cube, "bob": lambda: read_mesh(shared_mesh("bob"))}
+
+
+@pytest.mark.parametrize("name,size", [("sphere", (56, 56)), ("cube", (48, 64)), ("bob", (48, 48))])
+def test_coverage_and_depth_match_ray_casting(shared_mesh, name, size):
+    v, f = _meshes(shared_mesh)[name]()
+    cam = look_at(45, 30, 2.5, image_size=size)
+    hit, depth = _ray_cast(cam, v, f)
+    assert 0.1 < hit.mean() < 0.9
+    vt, ft = torch.from_numpy(v), torch.from_numpy(f)
+    fr = rasterize(vt, ft, cam)
+    hard = silhouette(vt, ft, cam, sigma=0.0)
+    sharp = silhouette(vt, ft, cam, sigma=1e-9)
+    assert (fr.mask.numpy() == hit).mean() > 0.995
+    assert (hard.numpy() == hit).mean() > 0.995
+    assert ((sharp.numpy() > 0.5) == hit).mean() > 0.995
+    assert set(np.unique(hard.numpy())) <= {0.0, 1.0}
+    both = hit & fr.mask.numpy()
+    assert np.abs(fr.depth.numpy()[both] - depth[both]).max() < 1e-4
+    # the visible face's barycentrics reproduce the pixel's depth and are a partition of 1
+    b = fr.bary.numpy()[both]
+    np.testing.assert_allclose(b.sum(-1), 1.0, atol=1e-5)
+    assert (b > -1e-5).all()
+
+
+def test_bob_silhouette_has_its_hole(shared_mesh):
+    v, f = read_mesh(shared_mesh("bob"))
+    img = silhouette(torch.from_numpy(v), torch.from_numpy(f), look_at(45, 30, 2.5, image_size=128), sigma=0)
+    # the hole of the ring is background enclosed by the silhouette: flood fill the
+    # background from the border and find pixels it cannot reach
+    from scipy import ndimage
+    bg, n = ndimage.label(img.numpy() < 0.5)
+    border = set(np.unique(np.r_[bg[0], bg[-1], bg[:, 0], bg[:, -1]])) - {0}
+    assert len(set(range(1, n + 1)) - border) >= 1
+
+
+def _loss_and_grad(v, f, cam, w, **kw):
+    vv = v.clone().requires_grad_(True)
+    loss = (silhouette(vv, f, cam, **kw) * w).sum()
+    loss.backward()
+    return vv.grad
+
+
+def _fd(v, f, cam, w, idx, h=1e-6, **kw):
+    out = torch.zeros(len(idx), 3, dtype=D64)
+    for n, i in enumerate(idx):
+        for k in range(3):
+            vp, vm = v.clone(), v.clone()
+            vp[i, k] += h
+            vm[i, k] -= h
+            out[n, k] = ((silhouette(vp, f, cam, **kw) - silhouette(vm, f, cam, **kw)) * w).sum() / (2 * h)
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(sigma=2e-3, eps=1e-12), dict(sigma=5e-4, eps=1e-12, faces_per_pixel=3)])
+def test_silhouette_gradient_matches_finite_differences(kw):
+    m = trimesh.creation.icosphere(1, radius=0.8)
+    v = torch.tensor(m.vertices, dtype=D64)
+    v = v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=D64)
+    f = torch.tensor(m.faces)
+    cam = look_at(30, 20, 2.5, image_size=(28, 36), dtype=D64)
+    w = torch.rand(28, 36, dtype=D64, generator=torch.Generator().manual_seed(0))
+    g = _loss_and_grad(v, f, cam, w, **kw)
+    idx = list(range(0, len(v), 3))
+    num = _fd(v, f, cam, w, idx, **kw)
+    assert num.norm() > 1.0
+    assert float((g[idx] - num).norm() / num.norm()) < 1e-2
+    assert float((g[idx] - num).abs().max() / num.abs().max()) < 1e-2
+
+
+def test_batched_cameras_meshes_and_recomputed_backward(monkeypatch):
+    v, f = _sphere()
+    v = torch.from_numpy(v).double()
+    f = torch.from_numpy(f)
+    cams = look_at([0, 120], [10, 40], 2.5, image_size=40, dtype=D64)
+    w = torch.rand(2, 40, 40, dtype=D64, generator=torch.Generator().manual_seed(0))
+    kw = dict(sigma=1e-3)
+    vv = v.clone().requires_grad_(True)
+    imgs = silhouette(vv, f, cams, **kw)
+    assert imgs.shape == (2, 40, 40)
+    (imgs * w).sum().backward()
+    g_batch = vv.grad.clone()
+    g_single = torch.zeros_like(v)
+    for i in range(2):
+        vi = v.clone().requires_grad_(True)
+        img = silhouette(vi, f, cams[i], **kw)
+        torch.testing.assert_close(img, imgs[i].detach())
+        (img * w[i]).sum().backward()
+        g_single += vi.grad
+    torch.testing.assert_close(g_batch, g_single)
+    # B meshes (same faces) with one camera each
+    vb = torch.stack([v, v * 0.8]).requires_grad_(True)
+    out = silhouette(vb, f, cams, **kw)
+    torch.testing.assert_close(out[1], silhouette(v * 0.8, f, cams[1], **kw))
+    # tiny chunks and the recompute-in-backward path give the same values and gradient
+    monkeypatch.setattr(render, "CHUNK_TILES", 50)
+    monkeypatch.setattr(render, "SAVE_SLOTS", 0)
+    vv = v.clone().requires_grad_(True)
+    imgs2 = silhouette(vv, f, cams, **kw)
+    (imgs2 * w).sum().backward()
+    torch.testing.assert_close(imgs2.detach(), imgs.detach())
+    torch.testing.assert_close(vv.grad, g_batch)
+
+
+def _centroid(img):
+    H, W = img.shape
+    rows, cols = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    m = img.sum()
+    return float((img * cols).sum() / m), float((img * rows).sum() / m)
+
+
+def test_translating_right_and_up_moves_the_silhouette_right_and_up():
+    v, f = _cube()
+    v, f = torch.from_numpy(v), torch.from_numpy(f)
+    cam = look_at(45, 30, 3.0, image_size=64)
+    u0, r0 = _centroid(silhouette(v, f, cam, sigma=1e-4))
+    right = cam.R[0, 0]
+    u1, r1 = _centroid(silhouette(v + 0.3 * right, f, cam, sigma=1e-4))
+    assert u1 > u0 + 3 and abs(r1 - r0) < 0.5
+    u2, r2 = _centroid(silhouette(v + torch.tensor([0.0, 0.3, 0.0]), f, cam, sigma=1e-4))
+    assert r2 < r0 - 2                                      # world +y is up in the image
+
+
+def test_soft_silhouette_properties():
+    v, f = _sphere()
+    v, f = torch.from_numpy(v), torch.from_numpy(f)
+    cam = look_at(0, 0, 2.5, image_size=64)
+    soft = silhouette(v, f, cam, sigma=1e-4)
+    hard = silhouette(v, f, cam, sigma=0)
+    assert float(soft.min()) >= 0 and float(soft.max()) <= 1
+    edge = (hard > 0.5) != (soft > 0.5)
+    assert edge.float().mean() < 0.03                      # only pixels at the boundary differ
+    blur = (soft > 1e-3) & (soft < 1 - 1e-3)
+    assert blur.sum() > hard.sum() ** 0.5                  # a soft band around the contour
+    # faces behind the camera are skipped, an empty mesh renders empty
+    behind = silhouette(v + torch.tensor([0.0, 0.0, -10.0]), f, cam, sigma=1e-4)
+    assert float(behind.sum()) == 0
+    assert float(silhouette(v, f[:0], cam).sum()) == 0
+
+
+def test_normals_of_a_sphere_point_outwards():
+    v, f = _sphere()
+    v, f = torch.from_numpy(v).double(), torch.from_numpy(f)
+    cam = look_at(20, 15, 2.5, image_size=48, dtype=D64)
+    fr = rasterize(v, f, cam)
+    n = normal_image(v, f, cam, fr, smooth=True)
+    # rebuild the visible 3D points from depth: p = eye + depth * R^T K^-1 (u, v, 1)
+    H, W = cam.image_size
+    jj, ii = torch.meshgrid(torch.arange(W) + 0.5, torch.arange(H) + 0.5, indexing="xy")
+    K = cam.K
+    dcam = torch.stack([(jj - K[0, 2]) / K[0, 0], (ii - K[1, 2]) / K[1, 1], torch.ones_like(jj)], -1).double()
+    p = cam.eye + fr.depth[..., None] * (dcam @ cam.R[0])
+    m = fr.mask
+    assert m.float().mean() > 0.2
+    radial = torch.nn.functional.normalize(p[m], dim=-1)
+    assert float((n[m] * radial).sum(-1).min()) > 0.995
+    nf = normal_image(v, f, cam, fr, smooth=False)
+    assert float((nf[m] * radial).sum(-1).min()) > 0.98
+    # camera frame: visible surfaces face the camera (n_z < 0)
+    nc = normal_image(v, f, cam, fr, frame="camera")
+    assert float(nc[m][:, 2].max()) < 0.2
+    assert float(n[~m].abs().max()) == 0
+    torch.testing.assert_close(face_normals(v, f).norm(dim=-1), torch.ones(len(f), dtype=D64))
+    torch.testing.assert_close(vertex_normals(v, f), torch.nn.functional.normalize(v, dim=-1), atol=2e-2, rtol=0)
+
+
+def test_depth_is_differentiable_and_shade_is_rgba():
+    v, f = _sphere()
+    v, f = torch.from_numpy(v).double(), torch.from_numpy(f)
+    cam = look_at(0, 0, 2.5, image_size=32, dtype=D64)
+    vv = v.clone().requires_grad_(True)
+    fr = rasterize(vv, f, cam)
+    # scaling the scene about the camera centre by (1 + e) keeps every pixel's face and
+    # scales its depth: d(sum depth)/de = sum depth = sum_v grad_v . (v - eye)
+    (fr.depth.sum()).backward()
+    assert float((vv.grad * (v - cam.eye)).sum()) == pytest.approx(float(fr.depth.detach().sum()), rel=1e-9)
+    img = shade(v, f, cam)
+    assert img.shape == (32, 32, 4)
+    torch.testing.assert_close(img[..., 3], fr.mask.double())
+    rgb = img[..., :3].mean(-1)
+    assert float(rgb[16, 16]) == pytest.approx(0.8, abs=1e-2)   # head light, normal facing it
+    assert float(rgb[16, 16]) >= float(rgb[fr.mask].max()) - 1e-2
+    assert float(img[0, 0].abs().sum()) == 0
