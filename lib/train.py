@@ -315,8 +315,10 @@ def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfS
             if snapshot:
                 save(epoch)
             if snapshot or stop or epoch % settings.log_frequency == 0 or epoch == settings.num_epochs:
-                save("latest")
+                # logs first: a kill between the two leaves logs ahead of the checkpoint,
+                # which resuming truncates, never a checkpoint whose epoch the logs lack
                 workspace.save_logs(exp_dir, logs)
+                save("latest")
                 last_saved = epoch
             bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.5f}", s_per_epoch=f"{seconds:.2f}")
             bar.update(1)
