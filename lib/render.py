@@ -25,9 +25,12 @@ being that of its point closest to the pixel.  The gradient (custom autograd Fun
 the exact gradient of the function above w.r.t. the projected vertices, chained by
 autograd to the 3D vertices (and the camera tensors).
 
-Work is bounded by the number of face-pixel pairs within the blur radius: faces are cut
-into 4 x 4 pixel tiles of their (blur-expanded) bounding boxes and processed in chunks, so
-memory stays small (about 50 bytes per pair kept for the backward pass).
+Work is bounded by the face-pixel pairs near each face: faces' blur-expanded bounding
+boxes are cut into 4 x 4 pixel tiles, and the tiles are evaluated in chunks of 256k
+face-pixel slots with broadcast arithmetic (no per-pair gathers).  The forward pass keeps
+24 bytes per slot (float32) for the backward pass, up to ``SAVE_SLOTS`` slots (400 MB);
+beyond that the backward pass recomputes the chunks, so memory stays bounded.
+``faces_per_pixel`` keeps all slots (it sorts them by pixel and depth).
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import torch
 from lib.camera import Camera
 
 TILE = 4                       # face bounding boxes are cut into TILE x TILE pixel tiles
-CHUNK_TILES = 16384
+CHUNK_TILES = 1 << 14          # tiles per chunk (x 16 slots = 256k face-pixel pairs)
 SAVE_SLOTS = 1 << 24           # above this many tile slots the backward pass recomputes
 SVR_SIGMA = 1e-5               # SPEC section 8 (pytorch3d soft silhouette settings)
 SVR_EPS = 1e-4
@@ -271,12 +274,13 @@ class _SoftSilhouette(torch.autograd.Function):
         for a, b in chunks:
             tm = _chunk_terms(st, a, b, with_grad=save)
             if K is None:
-                L.index_add_(0, tm["pix"].reshape(-1), tm["lsig"].reshape(-1))
+                L.index_add_(0, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
             saved.append(tm if save else None)
         if K is not None and st.sigma > 0:
             _keep_nearest(saved, K)
             for tm in saved:
-                L.index_add_(0, tm["pix"].reshape(-1), tm["lsig"].reshape(-1))
+                L.index_add_(0, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
+                del tm["depth"], tm["cand"]
         img = -torch.expm1(st.crop(L))
         ctx.st, ctx.tri, ctx.chunks, ctx.saved, ctx.nv = st, tri, chunks, saved, uv.shape[0]
         ctx.save_for_backward(img)
@@ -330,7 +334,7 @@ def _keep_nearest(terms: list[dict], K: int) -> None:
 
 def silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_size=None,
                sigma: float = SVR_SIGMA, eps: float = SVR_EPS, faces_per_pixel: int | None = None,
-               znear: float = 1e-3) -> torch.Tensor:
+               znear: float = 1e-3, backend: str = "torch") -> torch.Tensor:
     """Soft silhouette in [0, 1], differentiable w.r.t. ``verts`` (see the module docstring).
 
     verts (V, 3) or (B, V, 3) float32/float64; faces (F, 3) int64; camera unbatched or a
@@ -338,7 +342,14 @@ def silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_s
     sigma: softness in squared NDC units (0 = hard coverage, no gradient); eps: probability
     cut-off defining the blur radius; faces_per_pixel: None = all faces within the blur
     radius, K = only the K nearest (pytorch3d semantics).  Returns (H, W) or (B, H, W).
+    backend: "torch" (this module) or "neural_renderer" (optional, CUDA only, if it
+    imports: its own hard silhouette with its approximate gradient; sigma, eps and
+    faces_per_pixel are then ignored).
     """
+    if backend == "neural_renderer":
+        return _nr_silhouette(verts, faces, camera, image_size, znear)
+    if backend != "torch":
+        raise ValueError(f"backend must be 'torch' or 'neural_renderer', got {backend!r}")
     sc = _screen(verts, faces, camera, image_size)
     scale = 2.0 / min(sc.H, sc.W)                 # NDC units per pixel
     sigma_px = float(sigma) / scale ** 2 if sigma > 0 else 0.0
@@ -356,6 +367,82 @@ def silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_s
         need_grad = torch.is_grad_enabled() and sc.uv.requires_grad
         img = _SoftSilhouette.apply(sc.uv, st, sc.tri, faces_per_pixel, need_grad)
     return img if sc.batched else img[0]
+
+
+_NR_FLIP: dict = {}
+
+
+def _nr_silhouette(verts, faces, camera, image_size, znear):
+    """Silhouettes from neural_renderer's projection mode (K, R, t of our camera).
+
+    The image orientation of neural_renderer is calibrated once per process against this
+    module's hard silhouette of an asymmetric triangle, so that both backends return the
+    same conventions whatever the neural_renderer version does with its image rows.
+    """
+    from lib.errors import MeshSDFError
+
+    try:
+        import neural_renderer as nr
+    except Exception as err:  # an ImportError, or a build without its CUDA kernels
+        raise MeshSDFError(f"backend 'neural_renderer' is not available ({type(err).__name__}: {err}); "
+                           f"install it (CUDA only) or use backend='torch'") from None
+    cam = camera.resized(image_size) if image_size is not None else camera
+    H, W = cam.image_size
+    if H != W:
+        raise MeshSDFError(f"backend 'neural_renderer' renders square images only, got {H}x{W}")
+    if abs(float(cam.focal[0, 0] - cam.focal[0, 1])) > 1e-6 * float(cam.focal[0, 0]):
+        raise MeshSDFError("backend 'neural_renderer' needs square pixels (fx == fy)")
+    dev, dt = verts.device, torch.float32
+    cam = cam.to(device=dev, dtype=dt)
+
+    def render(v, f, c):
+        B = max(v.shape[0] if v.dim() == 3 else 1, len(c))
+        vb = (v if v.dim() == 3 else v[None]).to(dt).expand(B, -1, -1).contiguous()
+        fb = f.to(device=dev, dtype=torch.int32)[None].expand(B, -1, -1).contiguous()
+        idx = torch.arange(B, device=dev) % len(c)
+        rnd = nr.Renderer(image_size=H, camera_mode="projection", K=c.K.reshape(-1, 3, 3)[idx],
+                          R=c.R[idx], t=c.t[idx][:, None, :], orig_size=W, anti_aliasing=False,
+                          near=znear, far=1e4)
+        return rnd(vb, fb, mode="silhouettes")
+
+    if "flip" not in _NR_FLIP:
+        probe_c = Camera(torch.eye(3), torch.tensor([0.0, 0.0, 2.0]), torch.tensor([float(W)] * 2),
+                         torch.tensor([W / 2.0, H / 2.0]), (H, W)).to(device=dev, dtype=dt)
+        probe_v = torch.tensor([[-0.9, -0.9, 0.0], [0.2, -0.9, 0.0], [-0.9, 0.5, 0.0]], device=dev)
+        probe_f = torch.tensor([[0, 1, 2]], device=dev)
+        ref = silhouette(probe_v.double(), probe_f, probe_c.to(dtype=torch.float64), sigma=0).float()
+        got = render(probe_v, probe_f, probe_c)[0].detach()
+        errs = {fl: float((torch.flip(got, fl) if fl else got).sub(ref).abs().mean()) for fl in
+                [(), (0,), (1,), (0, 1)]}
+        _NR_FLIP["flip"] = min(errs, key=errs.get)
+    img = render(verts, torch.as_tensor(faces, device=dev), cam)
+    fl = _NR_FLIP["flip"]
+    img = torch.flip(img, tuple(d + 1 for d in fl)) if fl else img
+    return img.to(verts.dtype) if (verts.dim() == 3 or camera.batched) else img[0].to(verts.dtype)
+
+
+@torch.no_grad()
+def silhouette_pairs(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_size=None,
+                     sigma: float = SVR_SIGMA, eps: float = SVR_EPS, znear: float = 1e-3) -> dict:
+    """Work counts of ``silhouette`` (diagnostics, benchmarks): ``evaluated`` face-pixel
+    slots (4 x 4 tiles of the blur-expanded face boxes), ``within_radius`` pairs with
+    |s| <= blur radius (the soft terms) and ``deep`` pairs (pixel deeper inside than it)."""
+    sc = _screen(verts, faces, camera, image_size)
+    scale = 2.0 / min(sc.H, sc.W)
+    sigma_px = float(sigma) / scale ** 2 if sigma > 0 else 0.0
+    r_px = blur_radius(sigma_px, eps) if sigma > 0 else 0.0
+    uvt, zt = sc.uv[sc.tri], sc.z[sc.tri]
+    fid, x0, y0 = _tiles(uvt, zt, sc.H, sc.W, math.sqrt(r_px), znear)
+    fbatch = torch.div(torch.arange(len(sc.tri), device=fid.device), len(faces), rounding_mode="floor")
+    st = _Setup(_face_table(uvt, zt), fid, x0, y0, fbatch, sc.B, sc.H, sc.W, max(sigma_px, 1e-30),
+                r_px, False)
+    within = deep = 0
+    for a in range(0, len(fid), CHUNK_TILES):
+        tm = _chunk_terms(st, a, min(a + CHUNK_TILES, len(fid)), with_grad=False)
+        lsig = tm["lsig"]
+        deep += int((lsig <= -_BIG / 2).sum())
+        within += int(((lsig < 0) & (lsig > -_BIG / 2)).sum())
+    return {"evaluated": len(fid) * TILE * TILE, "within_radius": within, "deep": deep}
 
 
 # -------------------------------------------------------------- hard raster

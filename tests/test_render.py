@@ -237,3 +237,37 @@ def test_depth_is_differentiable_and_shade_is_rgba():
     assert float(rgb[16, 16]) == pytest.approx(0.8, abs=1e-2)   # head light, normal facing it
     assert float(rgb[16, 16]) >= float(rgb[fr.mask].max()) - 1e-2
     assert float(img[0, 0].abs().sum()) == 0
+
+
+def test_neural_renderer_backend_adapter(monkeypatch):
+    """The optional backend's plumbing, with a stand-in module that renders upside down
+    (the orientation is calibrated, so the result must match the torch backend)."""
+    import sys
+    import types
+
+    from lib.camera import Camera
+
+    class FakeRenderer:
+        def __init__(self, image_size, camera_mode, K, R, t, orig_size, **kw):
+            assert camera_mode == "projection" and orig_size == image_size
+            self.cam = Camera(R, t[:, 0], torch.stack([K[:, 0, 0], K[:, 1, 1]], 1),
+                              K[:, :2, 2], image_size, batched=True)
+
+        def __call__(self, v, f, mode):
+            assert mode == "silhouettes" and f.dtype == torch.int32
+            return silhouette(v, f[0].long(), self.cam, sigma=0).flip(1)
+
+    monkeypatch.setitem(sys.modules, "neural_renderer", types.SimpleNamespace(Renderer=FakeRenderer))
+    monkeypatch.setattr(render, "_NR_FLIP", {})
+    v, f = _cube()
+    v, f = torch.from_numpy(v), torch.from_numpy(f)
+    cam = look_at(45, 30, 3.0, image_size=40)
+    out = silhouette(v, f, cam, backend="neural_renderer")
+    assert out.shape == (40, 40) and render._NR_FLIP["flip"] == (0,)
+    torch.testing.assert_close(out, silhouette(v, f, cam, sigma=0))
+    with pytest.raises(ValueError, match="backend"):
+        silhouette(v, f, cam, backend="opengl")
+    monkeypatch.setitem(sys.modules, "neural_renderer", None)     # import fails
+    from lib.errors import MeshSDFError
+    with pytest.raises(MeshSDFError, match="not available"):
+        silhouette(v, f, cam, backend="neural_renderer")
