@@ -1,6 +1,7 @@
 """Make DeepSDF training data (SDF samples, normalised meshes, split file) from meshes.
 
     python prepare_data.py --builtin bob_and_spot              # the toy dataset, no download
+    python prepare_data.py --builtin toy_cars --count 40       # toy cars with RGBA renders (SVR)
     python prepare_data.py --mesh a.obj b.ply --dataset mine   # any triangle meshes
 
 Writes, under <out>/<dataset>/ (SPEC section 2):
@@ -8,6 +9,12 @@ Writes, under <out>/<dataset>/ (SPEC section 2):
     samples/<inst>_normalization.npz   offset (3,), scale: normalised = (original - offset) * scale
     meshes/<inst>.obj                  the normalised mesh
     split.json                         {"<dataset>": {"samples": [<inst>, ...]}}
+and with renders (--views N > 0; the default for toy_cars), DISN's layout:
+    renders/<inst>/NN.png              RGBA, anti-aliased, straight alpha = coverage
+    renders/<inst>/rendering_metadata.txt   one line per view: az el 0 distance-ratio fov
+    split_train.json, split_test.json  the last --test-count instances are the test split
+Renders are made in the frame of the input mesh (for toy cars, ShapeNet-like units) from
+random DISN cameras; samples/<inst>_normalization.npz maps them to the normalised frame.
 Every file is written atomically; all inputs are checked before anything is written.
 """
 from __future__ import annotations
@@ -27,7 +34,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from lib.shapes import BUILTIN_DATASETS
+    from lib.shapes import BUILTIN_DATASETS, TOY_CARS_DEFAULT_COUNT
 
     ap = argparse.ArgumentParser(
         prog="prepare_data.py",
@@ -46,6 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     ap.add_argument("--resolution", type=int, default=192,
                     help="marching-cubes grid used to mesh built-in shapes (default 192)")
+    ap.add_argument("--count", type=int, default=None,
+                    help="number of instances of a procedural family (toy_cars; default "
+                         f"{TOY_CARS_DEFAULT_COUNT})")
+    ap.add_argument("--views", type=int, default=None,
+                    help="RGBA renders per instance in DISN's layout (default 24 for toy_cars, else 0)")
+    ap.add_argument("--image-size", type=int, default=224, help="render size in pixels (default 224, DISN's)")
+    ap.add_argument("--test-count", type=int, default=None,
+                    help="with renders: instances in split_test.json (default: a fifth, at least 1)")
     return ap.parse_args(argv)
 
 
@@ -63,21 +78,37 @@ def _check_writable(folder: Path) -> None:
         raise MeshSDFError(f"cannot write to {folder}: {err.strerror or err}; choose another --out") from None
 
 
+def _countable() -> list[str]:
+    from lib.shapes import COUNTABLE_DATASETS
+
+    return sorted(COUNTABLE_DATASETS)
+
+
 def _job(task: tuple) -> dict:
     """Worker: one instance from a mesh file or a built-in shape (picklable for spawn)."""
     from lib.sampling import prepare_mesh
 
-    kind, source, out, dataset, instance, n, seed, resolution = task
+    kind, source, out, dataset, instance, n, seed, resolution = task[:8]
+    render = task[8] if len(task) > 8 else None
+    color = (0.8, 0.8, 0.8)
     if kind == "mesh":
         from lib.io import read_mesh
 
         verts, faces = read_mesh(source)
     else:
-        from lib.shapes import BUILTIN, mesh_shape
+        from lib.shapes import builtin_color, mesh_builtin
 
-        v, f = mesh_shape(BUILTIN[source](), resolution)
+        v, f = mesh_builtin(source, resolution)
         verts, faces = v.numpy(), f.numpy()
-    return prepare_mesh(verts, faces, out, dataset, instance, n, seed=seed, name=str(source))
+        color = builtin_color(source)
+    result = prepare_mesh(verts, faces, out, dataset, instance, n, seed=seed, name=str(source))
+    if render:
+        from lib.svr import render_views
+
+        render_views(verts, faces, Path(out) / dataset / "renders" / instance, render["views"],
+                     render["image_size"], seed=render["seed"], color=color)
+        result["views"] = render["views"]
+    return result
 
 
 def main(argv=None) -> int:
@@ -93,11 +124,22 @@ def main(argv=None) -> int:
         raise MeshSDFError(f"--resolution must be at least 32 (got {args.resolution})")
     out = Path(args.out)
 
+    if args.count is not None and args.builtin not in _countable():
+        raise MeshSDFError(f"--count applies to procedural families ({', '.join(_countable())}) only")
+    if args.count is not None and args.count < 2:
+        raise MeshSDFError(f"--count must be at least 2 (got {args.count})")
+    views = args.views if args.views is not None else (24 if args.builtin in _countable() else 0)
+    if views < 0 or views > 100:
+        raise MeshSDFError(f"--views must be between 0 and 100 (got {views})")
+    if args.image_size < 16:
+        raise MeshSDFError(f"--image-size must be at least 16 (got {args.image_size})")
     if args.builtin:
-        from lib.shapes import BUILTIN_DATASETS
+        from lib.shapes import BUILTIN_DATASETS, COUNTABLE_DATASETS
 
         dataset = args.dataset or args.builtin
-        sources = [("builtin", name, name) for name in BUILTIN_DATASETS[args.builtin]]
+        names = (COUNTABLE_DATASETS[args.builtin](args.count) if args.count is not None
+                 else BUILTIN_DATASETS[args.builtin])
+        sources = [("builtin", name, name) for name in names]
     else:
         from lib.io import read_mesh
         from lib.sampling import normalization, validate_mesh
@@ -121,7 +163,15 @@ def main(argv=None) -> int:
     for sub in ("samples", "meshes"):
         _check_writable(root / sub)
 
-    tasks = [(kind, src, str(out), dataset, inst, args.samples, args.seed + i, args.resolution)
+    n_test = 0
+    if views:
+        _check_writable(root / "renders")
+        if len(sources) > 1:
+            n_test = args.test_count if args.test_count is not None else max(1, len(sources) // 5)
+            if not 1 <= n_test < len(sources):
+                raise MeshSDFError(f"--test-count must be between 1 and {len(sources) - 1} for {len(sources)} instances")
+    tasks = [(kind, src, str(out), dataset, inst, args.samples, args.seed + i, args.resolution,
+              {"views": views, "image_size": args.image_size, "seed": 1_000_003 * (args.seed + 1) + i} if views else None)
              for i, (kind, src, inst) in enumerate(sources)]
     bar = progress(total=len(tasks), desc=f"prepare {dataset}", unit="mesh")
     results = []
@@ -137,11 +187,19 @@ def main(argv=None) -> int:
                 bar.update()
     bar.close()
 
-    split = {dataset: {"samples": [r["instance"] for r in results]}}
-    with atomic_write(root / "split.json") as tmp:
-        tmp.write_text(json.dumps(split, indent=2) + "\n")
+    names = [r["instance"] for r in results]
+    splits = {"split.json": names}
+    if n_test:
+        splits.update({"split_train.json": names[:len(names) - n_test], "split_test.json": names[len(names) - n_test:]})
+    for fname, part in splits.items():
+        with atomic_write(root / fname) as tmp:
+            tmp.write_text(json.dumps({dataset: {"samples": part}}, indent=2) + "\n")
     for r in results:
         info(f"{dataset}/{r['instance']}: {r['pos']} pos + {r['neg']} neg samples, {r['faces']} faces")
+    if views:
+        info(f"wrote {views} RGBA views of {args.image_size} px per instance to {root}/renders"
+             + (f"; {len(names) - n_test} train / {n_test} test instances in split_train.json / split_test.json"
+                if n_test else ""))
     info(f"wrote {root}/samples, {root}/meshes and {root / 'split.json'}")
     return 0
 

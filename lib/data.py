@@ -21,7 +21,7 @@ import torch
 from lib.errors import MeshSDFError
 
 # Datasets that prepare_data.py can build by itself: named in the missing-file message.
-BUILTIN_DATASETS = ("bob_and_spot",)
+BUILTIN_DATASETS = ("bob_and_spot", "toy_cars")
 
 
 @dataclass(frozen=True)
@@ -158,3 +158,235 @@ def scene_batches(num_scenes: int, scenes_per_batch: int, generator: torch.Gener
     """One epoch: a random permutation of scene indices split into batches (last may be short)."""
     perm = torch.randperm(num_scenes, generator=generator)
     return list(perm.split(scenes_per_batch))
+
+
+# --------------------------------------------------------------------------- RGBA renders
+
+# Where an instance's files live, relative to DataSource unless absolute; placeholders
+# {dataset}, {cls} and {instance} come from the split file.  The defaults are the layout
+# of SPEC section 2 written by prepare_data.py.
+DEFAULT_RENDERS_PATH = "{dataset}/renders/{instance}"
+DEFAULT_MESHES_PATH = "{dataset}/meshes/{instance}.obj"
+METADATA_FILE = "rendering_metadata.txt"
+
+
+def instance_path(template: str, data_source: str | os.PathLike, inst: Instance) -> Path:
+    """``template`` with {dataset}, {cls}, {instance} filled in; relative to ``data_source``."""
+    try:
+        rel = template.format(dataset=inst.dataset, cls=inst.cls, instance=inst.name)
+    except (KeyError, IndexError, ValueError) as err:
+        raise MeshSDFError(f"path template {template!r}: bad placeholder ({err}); use {{dataset}}, {{cls}} "
+                           "and {instance}") from None
+    p = Path(rel).expanduser()
+    return p if p.is_absolute() else Path(data_source) / p
+
+
+def view_image_name(view: int) -> str:
+    """DISN / 3D-R2N2 file name of view ``view``: 00.png, 01.png, ..."""
+    return f"{int(view):02d}.png"
+
+
+def rgba_to_tensor(image: np.ndarray, path: Path, image_size: int) -> torch.Tensor:
+    """A decoded PNG (H, W, 4) uint8 as a (4, S, S) uint8 tensor at ``image_size`` S.
+
+    Raises MeshSDFError naming ``path`` unless the image is square RGBA.  Resizing uses
+    area averaging when shrinking (like a camera's pixels) and bilinear when enlarging.
+    """
+    if image.ndim != 3 or image.shape[2] != 4:
+        got = f"{image.shape[2]} channels" if image.ndim == 3 else "a grey image"
+        raise MeshSDFError(f"{path}: expected an RGBA image (4 channels, alpha = object mask), got {got}; "
+                           "render it with transparent background")
+    h, w = image.shape[:2]
+    if h != w:
+        raise MeshSDFError(f"{path}: expected a square image, got {w}x{h}")
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if h == image_size:
+        return t.contiguous()
+    x = t[None].float()
+    mode = "area" if h > image_size else "bilinear"
+    x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode=mode,
+                                        **({} if mode == "area" else {"align_corners": False}))
+    return x[0].round().clamp(0, 255).to(torch.uint8)
+
+
+class RenderSet:
+    """RGBA renders and cameras of the instances of a split (DISN layout), at one image size.
+
+    For instance k: ``<renders>/NN.png`` (RGBA, any square size, resized to ``image_size``)
+    and ``<renders>/rendering_metadata.txt`` (one DISN line per view, see lib.camera).  Views
+    0 .. num_views - 1 are used.  Cameras are built at ``image_size`` and, when
+    ``normalization_path`` is given, moved from the frame the renders were made in into the
+    frame of the SDF samples: that file (``offset`` (3,), ``scale``) maps
+    ``normalised = (original - offset) * scale`` as written by prepare_data.py.
+
+    Everything is checked when the set is built (files present, metadata parsable with
+    enough views, normalisation readable), so a bad dataset fails before training starts;
+    images are decoded and checked when first used, or all at once with ``cache=True``
+    (kept as uint8 in memory; "auto" caches when they take less than ``cache_limit`` bytes).
+    Every problem raises MeshSDFError naming the file.
+    """
+
+    def __init__(self, data_source: str | os.PathLike, instances: Sequence[Instance], image_size: int,
+                 num_views: int, renders_path: str = DEFAULT_RENDERS_PATH, normalization_path: str | None = None,
+                 cache: bool | str = "auto", cache_limit: int = 2 ** 30):
+        from lib.camera import from_disn_metadata, read_disn_metadata
+
+        if not instances:
+            raise MeshSDFError("no instances to load; the split is empty")
+        if num_views < 1:
+            raise MeshSDFError(f"NumberOfViews must be >= 1, got {num_views}")
+        self.instances = list(instances)
+        self.image_size = int(image_size)
+        self.num_views = int(num_views)
+        self.dirs = [instance_path(renders_path, data_source, i) for i in self.instances]
+        for inst, d in zip(self.instances, self.dirs):
+            if not d.is_dir():
+                how = (f"create it with `python prepare_data.py --builtin {inst.dataset}`"
+                       if inst.dataset in BUILTIN_DATASETS else "render the instance or fix RendersPath in specs.json")
+                raise MeshSDFError(f"renders not found: {d}; {how}")
+            meta = d / METADATA_FILE
+            if not meta.is_file():
+                raise MeshSDFError(f"rendering metadata not found: {meta}; every render folder needs one "
+                                   "(one line 'azimuth elevation in-plane distance-ratio fov' per view)")
+            for v in range(self.num_views):
+                png = d / view_image_name(v)
+                if not png.is_file():
+                    raise MeshSDFError(f"render not found: {png}; the experiment uses NumberOfViews = "
+                                       f"{self.num_views} views (00 .. {self.num_views - 1:02d}) per instance")
+        cams = []
+        for inst, d in zip(self.instances, self.dirs):
+            meta = d / METADATA_FILE
+            nviews = len(read_disn_metadata(meta))
+            if nviews < self.num_views:
+                raise MeshSDFError(f"{meta} describes {nviews} views but NumberOfViews is {self.num_views}; "
+                                   "lower NumberOfViews or render more views")
+            cam = _first_views(from_disn_metadata(meta, image_size=self.image_size), self.num_views)
+            if normalization_path is not None:
+                cam = to_normalized_frame(cam, read_normalization_file(
+                    instance_path(normalization_path, data_source, inst)))
+            cams.append(cam)
+        self.cameras = cams
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        nbytes = len(self.instances) * self.num_views * 4 * self.image_size ** 2
+        self.cache = (nbytes <= cache_limit) if cache == "auto" else bool(cache)
+        if self.cache:
+            for k in range(len(self.instances)):
+                for v in range(self.num_views):
+                    self._load(k, v)
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    @property
+    def names(self) -> list[str]:
+        return [i.name for i in self.instances]
+
+    def image_path(self, scene: int, view: int) -> Path:
+        return self.dirs[scene] / view_image_name(view)
+
+    def _load(self, scene: int, view: int) -> torch.Tensor:
+        key = (int(scene), int(view))
+        img = self._cache.get(key)
+        if img is None:
+            from lib.io import read_png
+
+            path = self.image_path(*key)
+            img = rgba_to_tensor(read_png(path), path, self.image_size)
+            if self.cache:
+                self._cache[key] = img
+        return img
+
+    def images(self, scenes: torch.Tensor, views: torch.Tensor, device=None) -> torch.Tensor:
+        """RGBA images (B, 4, S, S) float32 in [0, 1] on ``device`` for scene/view pairs (B,) each."""
+        imgs = [self._load(int(s), int(v)) for s, v in zip(scenes.tolist(), views.tolist())]
+        return torch.stack(imgs).to(device).float().div_(255.0)
+
+    def camera(self, scene: int, view: int):
+        """The unbatched ``lib.camera.Camera`` of one view, in the SDF frame, at ``image_size``."""
+        if not 0 <= view < self.num_views:
+            raise MeshSDFError(f"view {view} of {self.instances[scene].name} does not exist: views are "
+                               f"0 .. {self.num_views - 1}")
+        return self.cameras[scene][view]
+
+    def random_views(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``count`` view indices drawn uniformly from 0 .. num_views - 1, (count,) int64 (CPU).
+
+        ``generator`` may live on any device (e.g. the SDF sampler's).
+        """
+        dev = generator.device if generator is not None else None
+        return torch.randint(self.num_views, (count,), generator=generator, device=dev).cpu()
+
+
+def _first_views(cam, n: int):
+    """The first ``n`` cameras of a batched camera, still batched."""
+    from lib.camera import Camera
+
+    return Camera(cam.R[:n], cam.t[:n], cam.focal[:n], cam.principal[:n], cam.image_size, batched=True)
+
+
+def read_normalization_file(path: Path) -> tuple[torch.Tensor, float]:
+    """``offset`` (3,) float64 and ``scale`` of a normalisation npz; MeshSDFError naming the file."""
+    if not path.is_file():
+        raise MeshSDFError(f"normalisation file not found: {path}; fix NormalizationPath in specs.json "
+                           "(null when the renders were made in the frame of the SDF samples)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            offset = np.asarray(z["offset"], dtype=np.float64).reshape(3)
+            scale = float(z["scale"])
+    except Exception as err:
+        raise MeshSDFError(f"cannot read normalisation {path}: {type(err).__name__}: {err}; expected arrays "
+                           "'offset' (3,) and 'scale' ()") from None
+    if not (np.isfinite(offset).all() and np.isfinite(scale) and scale > 0):
+        raise MeshSDFError(f"{path}: offset must be finite and scale > 0")
+    return torch.from_numpy(offset), scale
+
+
+def to_normalized_frame(camera, normalization: tuple[torch.Tensor, float]):
+    """The camera that sees normalised points as ``camera`` sees the original ones.
+
+    With normalised = (original - offset) * scale and p_cam = R original + t, the camera
+    (R, scale (R offset + t)) gives p_cam' = scale p_cam: the same pixels, depth times scale.
+    """
+    from lib.camera import Camera
+
+    offset, scale = normalization
+    off = offset.to(camera.R)
+    t = scale * ((camera.R @ off) + camera.t)
+    return Camera(camera.R, t, camera.focal, camera.principal, camera.image_size, batched=camera.batched)
+
+
+class RgbaSdfSamples:
+    """SVR training data: the SDF samples of each instance plus its renders and cameras.
+
+    ``sdf`` is an :class:`SdfSamples`, ``renders`` a :class:`RenderSet` over the same
+    instances (scene k is instance k of the split in both).
+    """
+
+    def __init__(self, sdf: SdfSamples, renders: RenderSet):
+        if sdf.names != renders.names:
+            raise ValueError("SDF samples and renders must cover the same instances in the same order")
+        self.sdf, self.renders = sdf, renders
+
+    def __len__(self) -> int:
+        return len(self.sdf)
+
+    @property
+    def names(self) -> list[str]:
+        return self.sdf.names
+
+    @property
+    def device(self) -> torch.device:
+        return self.sdf.device
+
+    def batch(self, scenes: torch.Tensor, samples_per_scene: int, generator: torch.Generator | None = None,
+              device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One training batch for ``scenes`` (B,): a random view of each.
+
+        Returns images (B, 4, S, S) float32 in [0, 1], xyz (B, N, 3) and sdf (B, N) on
+        ``device``.  ``generator`` (on the SDF samples' device) makes the views and samples
+        reproducible.
+        """
+        views = self.renders.random_views(len(scenes), generator)
+        xyz, sdf = self.sdf.sample(scenes, samples_per_scene, generator)
+        images = self.renders.images(scenes, views, device)
+        return images, xyz.to(device, non_blocking=True), sdf.to(device, non_blocking=True)

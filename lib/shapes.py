@@ -288,3 +288,102 @@ def mesh_shape(shape: Shape, resolution: int = 192, device=None) -> tuple[torch.
     from lib.isosurface import extract_dense
 
     return extract_dense(shape, resolution, device=device)
+
+
+# --- toy cars: a procedural family for single-view reconstruction ----------------------
+
+TOY_CARS_DEFAULT_COUNT = 40
+TOY_CAR_PREFIX = "car_"
+
+
+def toy_car_params(index: int, family_seed: int = 0) -> dict:
+    """The proportions of toy car ``index`` (deterministic in ``index`` and ``family_seed``).
+
+    Units are those of a ShapeNet car (bounding-box diagonal about 1, y up, length along
+    z, ground below): half-length, half-width, body half-height, ground clearance, cabin
+    half-length / half-height / width fraction / offset along z, wheel radius and half
+    width, corner rounding, and an RGB paint colour (for renders only).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng([int(family_seed), int(index), 0x5CA5])
+    u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
+    length = u(0.36, 0.47)
+    body_h = u(0.06, 0.10)
+    return {
+        "length": length,
+        "width": u(0.16, 0.22),
+        "body_height": body_h,
+        "clearance": u(0.035, 0.07),
+        "cabin_length": length * u(0.35, 0.6),
+        "cabin_height": u(0.05, 0.10),
+        "cabin_width": u(0.72, 0.92),
+        "cabin_offset": length * u(-0.25, 0.15),
+        "wheel_radius": u(0.065, 0.095),
+        "wheel_width": u(0.025, 0.04),
+        "rounding": body_h * u(0.3, 0.6),
+        "color": [u(0.2, 0.95), u(0.2, 0.95), u(0.2, 0.95)],
+    }
+
+
+def toy_car(index: int = 0, family_seed: int = 0, params: dict | None = None) -> Shape:
+    """A toy car: a rounded body, a rounded cabin blended on top, four wheels.
+
+    ``params`` (see ``toy_car_params``) overrides the proportions drawn for ``index``.
+    The car stands on the plane y = -(body_height + clearance), is centred in x and z,
+    and fits in the ball of radius 0.6 (wheels are cylinders along x, mirrored to the four
+    corners).  Genus 0 and one connected piece: the wheels cut into the body.
+    """
+    p = dict(params) if params is not None else toy_car_params(index, family_seed)
+    L, W, hb, c = p["length"], p["width"], p["body_height"], p["clearance"]
+    r, ww = p["wheel_radius"], p["wheel_width"]
+    body = rounded_box((W, hb, L), min(p["rounding"], hb * 0.9, W * 0.9))
+    hc, lc = p["cabin_height"], p["cabin_length"]
+    wc = W * p["cabin_width"]
+    cabin = rounded_box((wc, hc, lc), min(0.6 * hc, 0.5 * wc, 0.5 * lc))
+    cabin = cabin.translate((0.0, hb + hc * 0.8, p["cabin_offset"]))
+    ground = -(hb + c)
+    # wheel centres: touching the ground, inset at the corners so they overlap the body
+    wheel = cylinder(r, ww, axis=0).translate((W - 0.6 * ww, ground + r, L - r - 0.04))
+    car = union(smooth_union(body, cabin, 0.03), wheel.mirror(0).mirror(2))
+    return Shape(car.fn, f"toy_car_{index}")
+
+
+def toy_car_names(count: int = TOY_CARS_DEFAULT_COUNT) -> list[str]:
+    """Instance names of the first ``count`` toy cars: car_000, car_001, ..."""
+    return [f"{TOY_CAR_PREFIX}{i:03d}" for i in range(int(count))]
+
+
+BUILTIN_DATASETS["toy_cars"] = toy_car_names()
+# Built-in datasets whose instance count is a choice (prepare_data.py --count).
+COUNTABLE_DATASETS: dict[str, Callable[[int], list[str]]] = {"toy_cars": toy_car_names}
+
+
+def builtin_shape(name: str) -> Shape:
+    """The built-in shape called ``name``: an entry of ``BUILTIN`` or a toy car ``car_NNN``."""
+    if name in BUILTIN:
+        return BUILTIN[name]()
+    if name.startswith(TOY_CAR_PREFIX) and name[len(TOY_CAR_PREFIX):].isdigit():
+        return toy_car(int(name[len(TOY_CAR_PREFIX):]))
+    raise KeyError(f"unknown built-in shape {name!r}")
+
+
+def builtin_color(name: str) -> tuple[float, float, float]:
+    """Paint colour (RGB in [0, 1]) used to render built-in shape ``name``."""
+    if name.startswith(TOY_CAR_PREFIX) and name[len(TOY_CAR_PREFIX):].isdigit():
+        return tuple(toy_car_params(int(name[len(TOY_CAR_PREFIX):]))["color"])
+    return (0.8, 0.8, 0.8)
+
+
+# toy cars are modelled at ShapeNet scale (radius about 0.5); they are meshed enlarged by
+# this factor so that the [-1, 1]^3 grid is used fully, then scaled back
+_TOY_CAR_MESH_ZOOM = 1.8
+
+
+def mesh_builtin(name: str, resolution: int = 192, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mesh of built-in shape ``name`` in its own frame: verts (V, 3) float32, faces (F, 3) int64."""
+    shape = builtin_shape(name)
+    if name in BUILTIN:
+        return mesh_shape(shape, resolution, device)
+    v, f = mesh_shape(shape.scale(_TOY_CAR_MESH_ZOOM), resolution, device)
+    return v / _TOY_CAR_MESH_ZOOM, f
