@@ -4,7 +4,8 @@ An experiment is a folder holding ``specs.json``; everything a run writes goes b
 
     <exp>/specs.json
     <exp>/ModelParameters/<epoch|latest>.pth      {"epoch": e, "model_state_dict": ...}
-    <exp>/OptimizerParameters/<epoch|latest>.pth  {"epoch": e, "optimizer_state_dict": ..., "rng_state": ...}
+    <exp>/OptimizerParameters/<epoch|latest>.pth  {"epoch": e, "optimizer_state_dict": ..., "rng_state": ...,
+                                                   + model and codes: the resume record}
     <exp>/LatentCodes/<epoch|latest>.pth          {"epoch": e, "latent_codes": {"weight": (K, L)}}
     <exp>/Logs.pth                                training histories (see lib.train)
     <exp>/Reconstructions/<instance>.ply          meshes of the training codes
@@ -378,17 +379,24 @@ def save_checkpoint(exp_dir: str | os.PathLike, label: str | int, epoch: int, mo
     """Write ModelParameters/, OptimizerParameters/ and LatentCodes/ ``<label>.pth``.
 
     ``latent_codes``: an ``nn.Embedding`` or a (K, L) tensor; ``extra`` (e.g. RNG states)
-    goes into the optimizer file.  All files are written to temporaries first and renamed
-    at the end (model last), so a kill leaves complete files; the epochs they hold agree
-    except if the kill lands between two renames, which ``load_checkpoint`` detects.
+    goes into the optimizer file.  Each file is written to a temporary and renamed, so no
+    file is ever truncated.  Three renames cannot be one atomic step, so the optimizer file
+    is the resume record: it also holds the model and latent states and is renamed last;
+    a kill between renames leaves a complete, self-consistent record of the previous save.
     """
-    files = [(MODEL_PARAMS_DIR, {"epoch": epoch, "model_state_dict": model.state_dict()})]
+    model_state = model.state_dict()
+    codes_state = _state_dict(latent_codes) if latent_codes is not None else None
+    files = []
     if optimizer is not None:
-        files.append((OPTIMIZER_PARAMS_DIR, {"epoch": epoch, "optimizer_state_dict": optimizer.state_dict(),
-                                             **dict(extra or {})}))
-    if latent_codes is not None:
-        files.append((LATENT_CODES_DIR, {"epoch": epoch, "latent_codes": _state_dict(latent_codes)}))
-    with contextlib.ExitStack() as stack:  # exits in reverse order: the model file is renamed last
+        record = {"epoch": epoch, "optimizer_state_dict": optimizer.state_dict(), "model_state_dict": model_state}
+        if codes_state is not None:
+            record["latent_codes"] = codes_state
+        record.update(extra or {})
+        files.append((OPTIMIZER_PARAMS_DIR, record))
+    if codes_state is not None:
+        files.append((LATENT_CODES_DIR, {"epoch": epoch, "latent_codes": codes_state}))
+    files.append((MODEL_PARAMS_DIR, {"epoch": epoch, "model_state_dict": model_state}))
+    with contextlib.ExitStack() as stack:  # exits in reverse order: the optimizer record is renamed last
         for kind, obj in files:
             tmp = stack.enter_context(atomic_write(checkpoint_path(exp_dir, kind, label)))
             torch.save(obj, tmp)
@@ -414,14 +422,25 @@ def load_model_state(exp_dir: str | os.PathLike, model: torch.nn.Module, epoch: 
         raise MeshSDFError(_missing_checkpoint_message(exp_dir, path))
     obj = load_torch(path, map_location)
     stored = _checkpoint_epoch(obj, path)
-    state = _strip_module_prefix(obj.get("model_state_dict", {}))
+    _load_model(model, obj.get("model_state_dict", {}), path)
+    return stored
+
+
+def _load_model(model: torch.nn.Module, state: Mapping, path) -> None:
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(_strip_module_prefix(state))
     except RuntimeError as err:
         first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)
         raise MeshSDFError(f"{path} does not match the network of specs.json ({first}); "
                            "check NetworkSpecs and CodeLength") from None
-    return stored
+
+
+def _latent_tensor(codes, path) -> torch.Tensor:
+    if isinstance(codes, Mapping):
+        codes = _strip_module_prefix(codes).get("weight")
+    if not isinstance(codes, torch.Tensor) or codes.dim() not in (2, 3):
+        raise MeshSDFError(f"{path} holds no (K, L) latent-code tensor")
+    return codes.reshape(codes.shape[0], -1).float()  # DeepSDF's oldest layout: (K, 1, L)
 
 
 def _read_latent_codes(exp_dir, epoch) -> tuple[int, torch.Tensor]:
@@ -430,12 +449,7 @@ def _read_latent_codes(exp_dir, epoch) -> tuple[int, torch.Tensor]:
         raise MeshSDFError(_missing_checkpoint_message(exp_dir, path))
     obj = load_torch(path, map_location="cpu")
     stored = _checkpoint_epoch(obj, path)
-    codes = obj.get("latent_codes")
-    if isinstance(codes, Mapping):
-        codes = _strip_module_prefix(codes).get("weight")
-    if not isinstance(codes, torch.Tensor) or codes.dim() not in (2, 3):
-        raise MeshSDFError(f"{path} holds no (K, L) latent-code tensor")
-    return stored, codes.reshape(codes.shape[0], -1).float()  # DeepSDF's oldest layout: (K, 1, L)
+    return stored, _latent_tensor(obj.get("latent_codes"), path)
 
 
 def load_latent_codes(exp_dir: str | os.PathLike, epoch: str | int = "latest", device=None) -> torch.Tensor:
@@ -466,34 +480,43 @@ def load_checkpoint(exp_dir: str | os.PathLike, label: str | int, model: torch.n
                     map_location=None) -> tuple[int, dict]:
     """Load what ``save_checkpoint`` wrote into the given objects, for resuming training.
 
-    Returns (epoch, extra entries of the optimizer file, e.g. "rng_state").  Raises
-    MeshSDFError if a file is missing or the files hold different epochs.
+    With an optimizer, its file is the record (model and codes included, see
+    ``save_checkpoint``); records of the original DeepSDF lack them, and then the three
+    files are read and must hold the same epoch.  Returns (epoch, the record's other
+    entries, e.g. "rng_state").  Raises MeshSDFError for missing or mismatching files.
     """
-    epoch = load_model_state(exp_dir, model, label, map_location)
-    extra: dict = {}
-    epochs = {MODEL_PARAMS_DIR: epoch}
+    if optimizer is None:
+        return load_model_state(exp_dir, model, label, map_location), {}
+    path = checkpoint_path(exp_dir, OPTIMIZER_PARAMS_DIR, label)
+    if not path.is_file():
+        raise MeshSDFError(_missing_checkpoint_message(exp_dir, path))
+    record = load_torch(path, map_location)
+    epoch = _checkpoint_epoch(record, path)
+    epochs = {OPTIMIZER_PARAMS_DIR: epoch}
+    if "model_state_dict" in record:
+        _load_model(model, record["model_state_dict"], path)
+    else:
+        epochs[MODEL_PARAMS_DIR] = load_model_state(exp_dir, model, label, map_location)
     if latent_codes is not None:
-        epochs[LATENT_CODES_DIR], codes = _read_latent_codes(exp_dir, label)
+        if "latent_codes" in record:
+            codes = _latent_tensor(record["latent_codes"], path)
+        else:
+            epochs[LATENT_CODES_DIR], codes = _read_latent_codes(exp_dir, label)
         if tuple(codes.shape) != tuple(latent_codes.weight.shape):
-            raise MeshSDFError(f"{checkpoint_path(exp_dir, LATENT_CODES_DIR, label)} holds {tuple(codes.shape)} "
-                               f"latent codes but the split and CodeLength give {tuple(latent_codes.weight.shape)}")
+            raise MeshSDFError(f"{path} holds {tuple(codes.shape)} latent codes but the split and CodeLength give "
+                               f"{tuple(latent_codes.weight.shape)}; check TrainSplit")
         with torch.no_grad():
             latent_codes.weight.copy_(codes)
-    if optimizer is not None:
-        path = checkpoint_path(exp_dir, OPTIMIZER_PARAMS_DIR, label)
-        if not path.is_file():
-            raise MeshSDFError(_missing_checkpoint_message(exp_dir, path))
-        obj = load_torch(path, map_location)
-        epochs[OPTIMIZER_PARAMS_DIR] = _checkpoint_epoch(obj, path)
-        try:
-            optimizer.load_state_dict(obj["optimizer_state_dict"])
-        except (KeyError, ValueError) as err:
-            raise MeshSDFError(f"{path} does not match this optimizer ({err})") from None
-        extra = {k: v for k, v in obj.items() if k not in ("epoch", "optimizer_state_dict")}
     if len(set(epochs.values())) > 1:
         found = ", ".join(f"{k} {v}" for k, v in epochs.items())
         raise MeshSDFError(f"checkpoint '{label}' in {exp_dir} is inconsistent ({found}); "
                            f"resume from a numbered snapshot instead (--continue N, have {snapshot_epochs(exp_dir)})")
+    try:
+        optimizer.load_state_dict(record["optimizer_state_dict"])
+    except (KeyError, ValueError) as err:
+        raise MeshSDFError(f"{path} does not match this optimizer ({err})") from None
+    extra = {k: v for k, v in record.items()
+             if k not in ("epoch", "optimizer_state_dict", "model_state_dict", "latent_codes")}
     return epoch, extra
 
 

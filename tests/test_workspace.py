@@ -192,11 +192,29 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert workspace.load_checkpoint(tmp_path, "latest", dec, opt, codes)[0] == 1
 
 
-def test_inconsistent_checkpoint_is_reported(tmp_path):
+def test_resume_record_survives_a_kill_between_renames(tmp_path):
+    """Model file renamed, optimizer record not yet: resuming uses the older, complete record."""
     dec, codes, opt = _small()
     workspace.save_checkpoint(tmp_path, "latest", 4, dec, opt, codes)
-    workspace.save_checkpoint(tmp_path, 2, 2, dec, opt, codes)
-    os.replace(tmp_path / "LatentCodes" / "2.pth", tmp_path / "LatentCodes" / "latest.pth")
+    old = {k: v.clone() for k, v in dec.state_dict().items()}
+    with torch.no_grad():
+        dec.lin0.bias.add_(1.0)
+    workspace.save_checkpoint(tmp_path, 6, 6, dec, opt, codes)
+    os.replace(tmp_path / "ModelParameters" / "6.pth", tmp_path / "ModelParameters" / "latest.pth")
+    os.replace(tmp_path / "LatentCodes" / "6.pth", tmp_path / "LatentCodes" / "latest.pth")
+    epoch, _ = workspace.load_checkpoint(tmp_path, "latest", dec, opt, codes)
+    assert epoch == 4 and torch.equal(dec.lin0.bias, old["lin0.bias"])
+
+
+def test_inconsistent_deepsdf_checkpoint_is_reported(tmp_path):
+    dec, codes, opt = _small()
+    for kind, epoch in (("ModelParameters", 4), ("LatentCodes", 4), ("OptimizerParameters", 3)):
+        (tmp_path / kind).mkdir()
+        obj = {"epoch": epoch, "model_state_dict": dec.state_dict(), "latent_codes": codes.state_dict(),
+               "optimizer_state_dict": opt.state_dict()}
+        if kind == "OptimizerParameters":
+            obj = {"epoch": epoch, "optimizer_state_dict": opt.state_dict()}
+        torch.save(obj, tmp_path / kind / "latest.pth")
     with pytest.raises(MeshSDFError, match="inconsistent.*--continue N"):
         workspace.load_checkpoint(tmp_path, "latest", dec, opt, codes)
 
