@@ -6,6 +6,13 @@ coordinates as verts (V, 3) float32 and faces (F, 3) int64 torch tensors.
 
 ``sdf_fn`` everywhere is a callable mapping points (P, 3) to SDF values (P,) (e.g.
 ``lambda p: decoder.sdf(dec, latent, p)``); it is called under ``torch.no_grad()``.
+
+Contents:
+- :func:`marching_cubes` / :func:`extract_dense`: scikit-image (Lewiner) on a full grid.
+- :func:`marching_cubes_cells` / :func:`marching_cubes_torch`: a vectorised torch marching
+  cubes over only the sign-changing cells, on any device (description below).
+- :func:`extract`: the dense / fast / sparse extraction modes with a reusable
+  :class:`ExtractionState`; :func:`same_mesh`: canonical mesh comparison.
 """
 from __future__ import annotations
 
@@ -35,10 +42,12 @@ def grid_points(resolution: int, device=None, dtype=torch.float32) -> torch.Tens
 
 @torch.no_grad()
 def dense_grid(sdf_fn: SdfFn, resolution: int, device=None, chunk: int = 2 ** 18) -> torch.Tensor:
-    """SDF on the full N^3 grid: (N, N, N) float32 tensor on ``device``."""
-    pts = grid_points(resolution, device=device)
-    vals = torch.cat([sdf_fn(pts[s : s + chunk]).reshape(-1).float() for s in range(0, pts.shape[0], chunk)])
-    return vals.reshape(resolution, resolution, resolution)
+    """SDF on the full N^3 grid: (N, N, N) float32 tensor on ``device``.
+
+    Points are generated chunk by chunk (no N^3 x 3 coordinate array), with the same
+    coordinates as :func:`grid_points`.
+    """
+    return _evaluate_dense(sdf_fn, resolution, device, chunk).values.reshape(resolution, resolution, resolution)
 
 
 def marching_cubes(values, level: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +106,7 @@ _CORNER_OFFSETS = [(c & 1, (c >> 1) & 1, (c >> 2) & 1) for c in range(8)]
 # 12 edges as (lower corner, upper corner, axis)
 _EDGES = [(c, c | (1 << a), a) for a in range(3) for c in range(8) if not (c >> a) & 1]
 _EDGE_OF = {(lo, hi): e for e, (lo, hi, _) in enumerate(_EDGES)}
+_EDGE_MID = [tuple((_CORNER_OFFSETS[lo][k] + _CORNER_OFFSETS[hi][k]) / 2 for k in range(3)) for lo, hi, _ in _EDGES]
 
 
 def _faces_table():
@@ -122,8 +132,7 @@ def _triangulate_cell(outside: list[int], neg_connected: list[bool]):
     corners of an ambiguous face are connected.  Returns (triangles as slot triples, where
     slot < 12 is an edge and 12 + j is centre j, centres as lists of edge ids).
     """
-    pts = np.array(_CORNER_OFFSETS, dtype=np.float64)
-    mid = lambda e: (pts[_EDGES[e][0]] + pts[_EDGES[e][1]]) / 2  # noqa: E731
+    pts = _CORNER_OFFSETS
     edge = lambda p, q: _EDGE_OF[(min(p, q), max(p, q))]  # noqa: E731
     segs = []  # (start edge, end edge, face)
     for f, (axis, side, cyc) in enumerate(_FACES):
@@ -131,25 +140,25 @@ def _triangulate_cell(outside: list[int], neg_connected: list[bool]):
         cross = [i for i in range(4) if s[i] != s[(i + 1) % 4]]
         if not cross:
             continue
-        normal = np.zeros(3)
-        normal[axis] = 1.0 if side else -1.0
         pairs = []
         if len(cross) == 2:
             inside = [pts[q] for q in cyc if not outside[q]]
-            pairs.append((cross[0], cross[1], np.mean(inside, axis=0)))
+            pairs.append((cross[0], cross[1], tuple(sum(c) / len(inside) for c in zip(*inside))))
         else:
             cut_outside = neg_connected[f]  # cut off the corners that are not connected
-            centre = pts[cyc].mean(axis=0)
+            centre = tuple(sum(pts[q][k] for q in cyc) / 4 for k in range(3))
             for i in range(4):
                 if bool(s[i]) == cut_outside:
-                    ref = centre if cut_outside else pts[cyc[i]]
-                    pairs.append(((i - 1) % 4, i, ref))
+                    pairs.append(((i - 1) % 4, i, centre if cut_outside else pts[cyc[i]]))
+        b, c = (axis + 1) % 3, (axis + 2) % 3
         for i1, i2, ref in pairs:
             e1 = edge(cyc[i1], cyc[(i1 + 1) % 4])
             e2 = edge(cyc[i2], cyc[(i2 + 1) % 4])
-            p, q = mid(e1), mid(e2)
-            # inside region on a fixed side of the segment, seen from outside the cube
-            if np.dot(np.cross(q - p, ref - p), normal) > 0:
+            p, q = _EDGE_MID[e1], _EDGE_MID[e2]
+            # inside region on a fixed side of the segment, seen from outside the cube:
+            # the sign of ((q - p) x (ref - p)) . outward normal
+            turn = (q[b] - p[b]) * (ref[c] - p[c]) - (q[c] - p[c]) * (ref[b] - p[b])
+            if (turn if side else -turn) > 0:
                 e1, e2 = e2, e1
             segs.append((e1, e2, f))
     nxt = {s[0]: (s[1], s[2]) for s in segs}
@@ -219,6 +228,12 @@ def _mc_tables(device):
             edge_hi=edges[:, 1].to(device),
             edge_axis=edges[:, 2].to(device),
             face_cyc=torch.tensor([f[2] for f in _FACES], dtype=torch.int64, device=device),  # (6, 4)
+            ntri=torch.from_numpy((tris[:, :, 0] >= 0).sum(1)).to(device),  # (256 * 64,)
+            ncentre=torch.from_numpy(members.any(2).sum(1)).to(device),
+            bits8=1 << torch.arange(8, device=device),
+            bits6=1 << torch.arange(6, device=device),
+            edge_by=torch.tensor([[_EDGE_OF.get((c, c | (1 << a)), -1) for a in range(3)] for c in range(8)],
+                                 device=device),  # (lower corner, axis) -> edge
         )
     return _TABLE_CACHE[key]
 
@@ -251,13 +266,13 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values: torch.Tensor, resol
                          axis: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectorised marching cubes on a set of cells of the N^3 grid (any device).
 
-    cells (C, 3) int64 lower-corner indices (each in [0, N-2]), sorted in C order for a
-    canonical face order; corner_values (C, 8) float32 in the corner order of this module.
-    Returns verts (V, 3) float32 world coordinates, faces (F, 3) int64 (normals towards
-    SDF > 0), and keys (V,) int64, ascending: edge vertices have key
-    (lower grid point linear index) * 3 + axis < 3 N^3, loop-centre vertices 3 N^3 + cell * 4 + j.
-    The mesh only depends on the cells and their values, so any superset of the
-    sign-changing cells of a grid gives the full-grid mesh.
+    cells (C, 3) int64 lower-corner indices (each in [0, N-2]); corner_values (C, 8) float32
+    in the corner order of this module.  Returns verts (V, 3) float32 world coordinates,
+    faces (F, 3) int64 (normals towards SDF > 0, faces in C order of their cells), and keys
+    (V,) int64 naming each vertex: an edge vertex has key (linear index of its lower grid
+    point) * 3 + axis < 3 N^3, a loop-centre vertex 3 N^3 + (linear index of its cell) * 4 + j.
+    Vertices are in a canonical order (by owning cell in C order, then edge; centres last),
+    so any superset of the sign-changing cells of a grid gives the full-grid mesh, bitwise.
     """
     n = int(resolution)
     dev = cells.device
@@ -267,9 +282,13 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values: torch.Tensor, resol
     if cells.shape[0] == 0:
         return empty
     tab = _mc_tables(dev)
+    lin = (cells[:, 0] * n + cells[:, 1]) * n + cells[:, 2]
+    if cells.shape[0] > 1 and not bool((lin[1:] > lin[:-1]).all()):
+        order = torch.argsort(lin)
+        cells, corner_values, lin = cells[order], corner_values[order], lin[order]
     vals = corner_values.float()
     out = vals > 0  # (C, 8)
-    case = (out.long() << torch.arange(8, device=dev)).sum(1)
+    case = (out.long() * tab["bits8"]).sum(1)
     # asymptotic decider per face; products are commutative so neighbours agree
     fv = vals[:, tab["face_cyc"]]  # (C, 6, 4)
     fo = out[:, tab["face_cyc"]]
@@ -278,42 +297,59 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values: torch.Tensor, resol
     d13 = fv[..., 1] * fv[..., 3]
     # saddle <= 0 (inside) <=> (product of outside diagonal) <= (product of inside diagonal)
     neg_conn = torch.where(fo[..., 0], d02 <= d13, d13 <= d02) & amb
-    index = case * 64 + (neg_conn.long() << torch.arange(6, device=dev)).sum(1)
-    tri = tab["tris"][index]  # (C, 12, 3)
-    valid = tri[..., 0] >= 0
-    if not bool(valid.any()):
+    index = case * 64 + (neg_conn.long() * tab["bits6"]).sum(1)
+    ntri = tab["ntri"][index]
+    total = int(ntri.sum())
+    if total == 0:
         return empty
-    cell_of, slot_t = valid.nonzero(as_tuple=True)
-    slots = tri[cell_of, slot_t]  # (T, 3)
-    cell_of3 = cell_of.unsqueeze(1).expand_as(slots)
-    # vertex keys for every (cell, slot) used by a triangle
-    cijk = cells[cell_of3]  # (T, 3, 3)
-    is_edge = slots < 12
-    es = slots.clamp(max=11)
-    lo_pt = cijk + tab["corner"][tab["edge_lo"][es]]
-    lin_lo = (lo_pt[..., 0] * n + lo_pt[..., 1]) * n + lo_pt[..., 2]
-    lin_cell = (cijk[..., 0] * n + cijk[..., 1]) * n + cijk[..., 2]
-    keys = torch.where(is_edge, lin_lo * 3 + tab["edge_axis"][es], 3 * n ** 3 + lin_cell * 4 + (slots - 12).clamp(min=0))
-    vkeys, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
-    faces = inverse.reshape(-1, 3)
-    # one representative (cell, slot) per vertex: every occurrence gives the same position
-    rep = torch.empty(vkeys.shape[0], dtype=torch.int64, device=dev).scatter_(0, inverse, torch.arange(inverse.numel(), device=dev))
-    r_cell = cell_of3.reshape(-1)[rep]
-    r_slot = slots.reshape(-1)[rep]
-    verts = torch.empty(vkeys.shape[0], 3, device=dev)
-    e_mask = r_slot < 12
-    if bool(e_mask.any()):
-        verts[e_mask] = _edge_points(cells[r_cell[e_mask]], vals[r_cell[e_mask]], r_slot[e_mask], ax, tab)
-    if not bool(e_mask.all()):
-        c_cell = r_cell[~e_mask]
-        member = tab["members"][index[c_cell], r_slot[~e_mask] - 12]  # (K, 12)
-        k = c_cell.shape[0]
-        all_e = torch.arange(12, device=dev).expand(k, 12)
-        pts = _edge_points(cells[c_cell].repeat_interleave(12, 0), vals[c_cell].repeat_interleave(12, 0),
-                           all_e.reshape(-1), ax, tab).reshape(k, 12, 3)
-        pts = torch.where(member.unsqueeze(-1), pts, torch.zeros((), device=dev))
-        verts[~e_mask] = pts.sum(1) / member.sum(1, keepdim=True)
-    return verts, faces, vkeys
+    ncell = cells.shape[0]
+    rows = torch.arange(ncell, device=dev)
+    # Each crossing grid edge gets one vertex, owned by one cell: the cell whose lower corner
+    # is the edge's lower end point, moved down on the other axes where that point lies on
+    # the grid's upper faces.  Vertex ids follow (owner cell, edge) order, then loop centres.
+    cross = out[:, tab["edge_lo"]] != out[:, tab["edge_hi"]]  # (C, 12)
+    lo_off = tab["corner"][tab["edge_lo"]]  # (12, 3)
+    up = cells == n - 2  # (C, 3): cell on the upper boundary along each axis
+    owns = cross & ((lo_off.unsqueeze(0) == 0) | up.unsqueeze(1)).all(2)
+    n_own = int(owns.sum())
+    own_id = torch.cumsum(owns.reshape(-1), 0).reshape(ncell, 12) - 1
+    nc = tab["ncentre"][index]
+    cen_c = torch.repeat_interleave(rows, nc)
+    cen_j = torch.arange(cen_c.shape[0], device=dev) - (torch.cumsum(nc, 0) - nc)[cen_c]
+    vid = torch.full((ncell, 16), -1, dtype=torch.int64, device=dev)
+    vid[cen_c, 12 + cen_j] = n_own + torch.arange(cen_c.shape[0], device=dev)
+    pc, pe = cross.nonzero(as_tuple=True)
+    point = cells[pc] + lo_off[pe]  # lower end point of each crossing (cell, edge)
+    owner = point.clamp(max=n - 2)
+    m = n - 1
+    lut = torch.full((m ** 3,), -1, dtype=torch.int64, device=dev)
+    lut[(cells[:, 0] * m + cells[:, 1]) * m + cells[:, 2]] = rows
+    orow = lut[(owner[:, 0] * m + owner[:, 1]) * m + owner[:, 2]]
+    if bool((orow < 0).any()):
+        raise ValueError("marching_cubes_cells: the cells must include every sign-changing neighbour "
+                         "of the cells given (the owner of a crossing edge is missing)")
+    d = point - owner
+    oedge = tab["edge_by"][(d[:, 0] + 2 * d[:, 1] + 4 * d[:, 2]), tab["edge_axis"][pe]]
+    vid[pc, pe] = own_id[orow, oedge]
+    cell_of = torch.repeat_interleave(rows, ntri)
+    first = torch.cumsum(ntri, 0) - ntri
+    slots = tab["tris"][index[cell_of], torch.arange(total, device=dev) - first[cell_of]]  # (T, 3)
+    faces = vid[cell_of.unsqueeze(1), slots]
+    # positions: edge vertices from their owner's values, centres from their loop
+    oc, oe = owns.nonzero(as_tuple=True)
+    pts = _edge_points(cells[oc], vals[oc], oe, ax, tab)
+    lin_lo = cells[oc] + lo_off[oe]
+    keys = 3 * ((lin_lo[:, 0] * n + lin_lo[:, 1]) * n + lin_lo[:, 2]) + tab["edge_axis"][oe]
+    if cen_c.numel() == 0:
+        return pts, faces, keys
+    member = tab["members"][index[cen_c], cen_j]  # (K, 12)
+    k = cen_c.shape[0]
+    loop = _edge_points(cells[cen_c].repeat_interleave(12, 0), vals[cen_c].repeat_interleave(12, 0),
+                        torch.arange(12, device=dev).repeat(k), ax, tab).reshape(k, 12, 3)
+    loop = torch.where(member.unsqueeze(-1), loop, torch.zeros((), device=dev))
+    centres = loop.sum(1) / member.sum(1, keepdim=True)
+    lin_c = (cells[cen_c, 0] * n + cells[cen_c, 1]) * n + cells[cen_c, 2]
+    return torch.cat((pts, centres)), faces, torch.cat((keys, 3 * n ** 3 + 4 * lin_c + cen_j))
 
 
 def _edge_points(cells, vals, edges, ax, tab):
@@ -323,9 +359,11 @@ def _edge_points(cells, vals, edges, ax, tab):
     v_hi = vals.gather(1, hi_c.unsqueeze(1)).squeeze(1)
     t = v_lo / (v_lo - v_hi)
     base = cells + tab["corner"][lo_c]  # (K, 3)
-    p0 = ax[base]
-    p1 = ax[(base + tab["corner"][hi_c] - tab["corner"][lo_c])]
-    return p0 + t.unsqueeze(1) * (p1 - p0)
+    p = ax[base]
+    a = axis.unsqueeze(1)
+    p0 = p.gather(1, a).squeeze(1)
+    p1 = ax[base.gather(1, a).squeeze(1) + 1]
+    return p.scatter(1, a, (p0 + t * (p1 - p0)).unsqueeze(1))
 
 
 def crossing_cells(values: torch.Tensor, resolution: int | None = None) -> torch.Tensor:
