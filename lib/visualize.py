@@ -1,0 +1,152 @@
+"""Pictures of an optimisation: dL/ds face colours, shaded movie frames, metric plots.
+
+dL/ds colour convention (SPEC section 7: faces coloured by dL/ds, blue/red, scaled by 0.3
+times the first iteration's maximum).  The SDF s is > 0 outside, so lowering s at a surface
+point pushes the surface outwards there.  A face's value is the mean dL/ds of its three
+vertices, divided by ``scale = 0.3 * max_i |dL/ds_i|`` of the first iteration and clipped
+to [-1, 1]; then
+
+    dL/ds > 0  ->  red:   gradient descent lowers s, the surface GROWS outwards there
+    dL/ds < 0  ->  blue:  gradient descent raises s, the surface SHRINKS inwards there
+    dL/ds = 0  ->  light grey (no pull), with a linear blend in between.
+
+Images are float arrays in [0, 1] (torch tensors on the mesh's device until ``to_uint8``);
+row 0 is the top row (lib.camera conventions).  Plots use matplotlib's Agg backend.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import torch
+
+from lib.camera import Camera
+from lib.io import atomic_write
+from lib.render import face_normals, rasterize
+
+NEUTRAL = (0.85, 0.85, 0.85)
+GROW = (0.85, 0.08, 0.08)      # red: dL/ds > 0
+SHRINK = (0.08, 0.22, 0.90)    # blue: dL/ds < 0
+BACKGROUND = (1.0, 1.0, 1.0)
+OUTLINE = (0.0, 0.0, 0.0)
+SCALE_FRACTION = 0.3           # SPEC section 7: colours saturate at 0.3 x the first max
+
+
+def dl_ds_scale(dl_ds: torch.Tensor, fraction: float = SCALE_FRACTION) -> float:
+    """Colour scale from the first iteration's per-vertex dL/ds (V,): fraction * max |dL/ds|.
+
+    Returns 1.0 when every value is 0 (no gradient), so colours stay neutral.
+    """
+    peak = float(dl_ds.detach().abs().max()) if dl_ds.numel() else 0.0
+    return fraction * peak if peak > 0 else 1.0
+
+
+def face_values(per_vertex: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Per-face mean (F,) of a per-vertex quantity (V,)."""
+    return per_vertex[faces].mean(dim=1)
+
+
+def signed_colors(values: torch.Tensor, scale: float) -> torch.Tensor:
+    """RGB (N, 3) in [0, 1] for signed values (N,): red > 0, blue < 0, grey 0 (module doc).
+
+    |values| >= scale gives the full colour.
+    """
+    t = (values.detach() / scale).clamp(-1.0, 1.0)[:, None]
+    kw = {"dtype": t.dtype, "device": t.device}
+    neutral, grow, shrink = (torch.tensor(c, **kw) for c in (NEUTRAL, GROW, SHRINK))
+    return torch.where(t >= 0, neutral + t * (grow - neutral), neutral - t * (shrink - neutral))
+
+
+def dl_ds_face_colors(dl_ds: torch.Tensor, faces: torch.Tensor, scale: float) -> torch.Tensor:
+    """Face colours (F, 3) of per-vertex dL/ds (V,) with the convention of the module doc."""
+    return signed_colors(face_values(dl_ds, faces), scale)
+
+
+def render_faces(verts: torch.Tensor, faces: torch.Tensor, face_colors: torch.Tensor, camera: Camera,
+                 ambient: float = 0.4, diffuse: float = 0.6, background=BACKGROUND) -> torch.Tensor:
+    """Flat-shaded RGB image (H, W, 3) of a mesh with per-face colours (F, 3).
+
+    Head light (from the camera), two-sided Lambert: colour * (ambient + diffuse |n . l|);
+    background pixels get ``background``.
+    """
+    verts = verts.detach()
+    faces = faces.to(verts.device)
+    frags = rasterize(verts, faces, camera)
+    H, W = frags.face_idx.shape
+    img = torch.tensor(background, dtype=verts.dtype, device=verts.device).expand(H, W, 3).clone()
+    hit = frags.mask
+    if faces.shape[0] == 0 or not bool(hit.any()):
+        return img
+    f = frags.face_idx[hit]
+    towards_camera = -camera.to(device=verts.device, dtype=verts.dtype).R.reshape(-1, 3, 3)[0, 2]
+    lam = (face_normals(verts, faces)[f] @ towards_camera).abs()
+    img[hit] = face_colors.to(verts)[f] * (ambient + diffuse * lam)[:, None]
+    return img.clamp(0.0, 1.0)
+
+
+def outline(mask: torch.Tensor, width: int = 1) -> torch.Tensor:
+    """Pixels (H, W) bool within ``width`` pixels of the border of a boolean mask (H, W)."""
+    m = mask.float()[None, None]
+    k = 2 * width + 1
+    dilated = torch.nn.functional.max_pool2d(m, k, stride=1, padding=width)
+    eroded = -torch.nn.functional.max_pool2d(-m, k, stride=1, padding=width)
+    return (dilated > 0.5)[0, 0] & ~(eroded > 0.5)[0, 0]
+
+
+def outline_width(image_size: int) -> int:
+    """Outline half-width in pixels: 1 up to 384 pixels, 2 at 512."""
+    return max(1, round(image_size / 384))
+
+
+def movie_frame(verts: torch.Tensor, faces: torch.Tensor, face_colors: torch.Tensor, camera: Camera,
+                target_silhouette: torch.Tensor | None = None, color=OUTLINE) -> torch.Tensor:
+    """Movie frame (H, W, 3): the shaded mesh with coloured faces and the outline of the
+    target silhouette (H, W) (binarised at 0.5) drawn over it in ``color``."""
+    img = render_faces(verts, faces, face_colors, camera)
+    if target_silhouette is not None:
+        edge = outline(target_silhouette.to(img.device) > 0.5, outline_width(min(img.shape[:2])))
+        img[edge] = torch.tensor(color, dtype=img.dtype, device=img.device)
+    return img
+
+
+def to_uint8(image: torch.Tensor):
+    """A float image in [0, 1] as a uint8 numpy array (for GIF frames kept in memory)."""
+    return (image.detach().clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+def plot_history(path: str | os.PathLike, history: Sequence[Mapping], title: str = "",
+                 target_genus: int | None = None) -> None:
+    """PNG with three panels over the iterations: loss (log scale), genus, seconds per iteration.
+
+    history: records with keys ``loss``, ``genus`` and ``seconds`` (lib.optimize records);
+    target_genus: drawn as a dashed line on the genus panel.  Written atomically.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = [r.get("iteration", i) for i, r in enumerate(history)]
+    fig, axes = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
+    try:
+        loss = [r["loss"] for r in history]
+        axes[0].plot(it, loss, color="tab:red")
+        if loss and min(loss) > 0:
+            axes[0].set_yscale("log")
+        axes[0].set_ylabel("loss")
+        axes[1].step(it, [r["genus"] for r in history], where="post", color="tab:blue", label="mesh")
+        if target_genus is not None:
+            axes[1].axhline(target_genus, color="k", linestyle="--", linewidth=1, label="target")
+            axes[1].legend(loc="best", fontsize=8)
+        axes[1].set_ylabel("genus")
+        axes[2].plot(it, [r["seconds"] for r in history], color="tab:green")
+        axes[2].set_ylabel("seconds / iteration")
+        axes[2].set_xlabel("iteration")
+        axes[2].set_ylim(bottom=0)
+        if title:
+            axes[0].set_title(title)
+        fig.tight_layout()
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,114 @@
+"""demo_optimizer.py end to end on the shipped experiments/bob_and_spot checkpoint (small
+sizes), and its answers to bad input."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import pytest
+
+import demo_optimizer
+from lib import optimize as optimize_mod
+from lib.errors import MeshSDFError
+from lib.io import read_mesh, read_png
+from lib.metrics import genus
+
+REPO = Path(__file__).resolve().parents[1]
+EXP = REPO / "experiments" / "bob_and_spot"
+SMALL = ["--resolution", "32", "--image-size", "128", "--iterations", "20"]
+
+
+def run_demo(tmp_path, *extra):
+    out = tmp_path / "out"
+    demo_optimizer.main(["-e", str(EXP), "--out", str(out), *SMALL, *extra])
+    return out, json.loads((out / "log.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--fast"]], ids=["sparse", "fast"])
+def test_spot_becomes_bob(tmp_path, extra):
+    out, log = run_demo(tmp_path, *extra)
+    assert log["settings"]["mode"] == ("fast" if extra else "sparse") and log["stopped"] == ""
+    hist = log["iterations"]
+    assert len(hist) == 20 and log["target_genus"] == 1
+    assert hist[0]["genus"] == 0                                     # spot
+    assert log["final"]["loss"] < hist[0]["loss"] / 10              # a large drop
+    assert log["final"]["iou"] > 0.9 and log["final"]["iou"] > hist[0]["iou"]
+    # outputs: valid images, a GIF with one frame per iteration, a PLY mesh of bob's genus
+    for name in ("target.png", "initialization.png"):
+        img = read_png(out / name)
+        assert img.shape[:2] == (128, 128) and img.max() > 200 and img.min() < 50
+    frames = iio.imread(out / "movie.gif", index=None)
+    assert frames.shape[0] == 20 and frames.shape[1:3] == (128, 128)
+    assert read_png(out / "loss.png").ndim == 3
+    verts, faces = read_mesh(out / "final.ply")
+    assert genus(verts, faces) == 1 == log["final"]["genus"]
+    assert len(faces) == log["final"]["faces"]
+
+
+def test_target_has_the_hole_and_init_has_none(tmp_path):
+    """One iteration: bob's silhouette shows its hole (background inside the shape), spot's does not."""
+    out = tmp_path / "out"
+    demo_optimizer.main(["-e", str(EXP), "--out", str(out), "--resolution", "32", "--image-size", "96",
+                         "--iterations", "1"])
+    from scipy import ndimage
+
+    def holes(name):
+        mask = read_png(out / name) > 127
+        return int((ndimage.binary_fill_holes(mask) & ~mask).sum())
+
+    assert holes("target.png") > 10 and holes("initialization.png") == 0
+
+
+def test_surface_vanishing_keeps_outputs(tmp_path, monkeypatch):
+    real_step = optimize_mod.LatentOptimizer.step
+
+    def step(self):
+        if self.iteration == 2:
+            raise optimize_mod.SurfaceLostError("the mesh vanished at iteration 2: no surface in the box")
+        return real_step(self)
+
+    monkeypatch.setattr(optimize_mod.LatentOptimizer, "step", step)
+    out = tmp_path / "out"
+    with pytest.raises(MeshSDFError, match="vanished.*2 completed iterations"):
+        demo_optimizer.main(["-e", str(EXP), "--out", str(out), "--resolution", "16", "--image-size", "64",
+                             "--iterations", "5"])
+    log = json.loads((out / "log.json").read_text())
+    assert len(log["iterations"]) == 2 and "vanished" in log["stopped"] and log["final"] is None
+    assert iio.imread(out / "movie.gif", index=None).shape[0] == 2
+    assert (out / "target.png").is_file() and (out / "initialization.png").is_file()
+    assert not (out / "final.ply").exists()
+
+
+def test_unknown_shape_lists_valid_names(tmp_path):
+    with pytest.raises(MeshSDFError, match=r"--target 'alice'.*valid names: bob, spot"):
+        demo_optimizer.main(["-e", str(EXP), "--target", "alice", "--out", str(tmp_path)])
+    with pytest.raises(MeshSDFError, match=r"--init 'cow'.*valid names: bob, spot"):
+        demo_optimizer.main(["-e", str(EXP), "--init", "cow", "--out", str(tmp_path)])
+
+
+def test_bad_flags():
+    for argv, msg in ((["--fast", "--mode", "dense"], "conflicts"), (["--iterations", "0"], "--iterations"),
+                      (["--lr", "-1"], "--lr"), (["--image-size", "4"], "--image-size")):
+        with pytest.raises(MeshSDFError, match=msg):
+            demo_optimizer.main(["-e", str(EXP), *argv])
+
+
+def test_missing_checkpoint_says_to_train(tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    shutil.copy(EXP / "specs.json", exp / "specs.json")
+    proc = subprocess.run([sys.executable, str(REPO / "demo_optimizer.py"), "-e", str(exp)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("demo_optimizer.py: error:") and "ModelParameters" in err and "train" in err
+    assert not (exp / "Optimizations").exists()
+
+
+def test_shipped_checkpoint_is_small():
+    files = [EXP / "ModelParameters" / "latest.pth", EXP / "LatentCodes" / "latest.pth"]
+    assert all(f.is_file() for f in files)
+    assert sum(f.stat().st_size for f in files) < 3 * 2 ** 20

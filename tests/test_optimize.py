@@ -1,0 +1,165 @@
+"""lib.optimize on analytic SDFs: convergence, gradients vs finite differences, modes,
+callbacks, the final evaluation, a vanishing surface, losses and topology."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lib.camera import look_at
+from lib.errors import MeshSDFError
+from lib.isosurface import extract
+from lib.optimize import (LatentOptimizer, SilhouetteLoss, SurfaceLostError, demo_sigma, optimize, topology)
+from lib.render import silhouette
+
+SIZE = 64
+
+
+class Sphere(nn.Module):
+    """latent (r,): the sphere of radius r (an exact distance field)."""
+
+    def forward(self, inp):
+        return inp[:, 1:].norm(dim=1, keepdim=True) - inp[:, :1]
+
+
+class Torus(nn.Module):
+    """latent (R, r) around the z axis."""
+
+    def forward(self, inp):
+        big, small, x = inp[:, :1], inp[:, 1:2], inp[:, 2:]
+        q = torch.cat([x[:, :2].norm(dim=1, keepdim=True) - big, x[:, 2:]], 1)
+        return q.norm(dim=1, keepdim=True) - small
+
+
+class WithWeight(Sphere):
+    """A decoder with a parameter, to check that it is frozen."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, inp):
+        return self.w * super().forward(inp)
+
+
+def camera():
+    return look_at(45.0, 30.0, 2.5, image_size=SIZE)
+
+
+def sphere_target(radius, resolution=24):
+    v, f, _ = extract(lambda p: p.norm(dim=1) - radius, resolution, "dense")
+    return silhouette(v, f, camera(), sigma=demo_sigma(SIZE))
+
+
+def test_converges_to_target_radius():
+    loss_fn = SilhouetteLoss(camera(), sphere_target(0.5))
+    opt = LatentOptimizer(Sphere(), torch.tensor([0.3]), loss_fn, lr=0.02, resolution=24)
+    run = optimize(opt, 30)
+    assert run.stopped == "" and len(run.history) == 30
+    losses = [r["loss"] for r in run.history]
+    assert run.final.loss < 0.05 * losses[0]
+    assert abs(float(run.latent[0]) - 0.5) < 0.02
+    # the step counter and the record layout
+    assert opt.iteration == 30 and [r["iteration"] for r in run.history] == list(range(30))
+    assert {"loss", "genus", "euler", "components", "seconds", "vertices", "faces"} <= set(run.history[0])
+
+
+def _loss_at(radius, loss_fn, resolution):
+    opt = LatentOptimizer(Sphere(), torch.tensor([radius]), loss_fn, resolution=resolution, mode="dense")
+    return opt.evaluate().loss
+
+
+@pytest.mark.parametrize("gradient", ["paper", "exact"])
+def test_code_gradient_matches_finite_difference(gradient):
+    """For an exact distance field both rules equal d loss / d r of the re-extracted mesh."""
+    loss_fn = SilhouetteLoss(camera(), sphere_target(0.55))
+    opt = LatentOptimizer(Sphere(), torch.tensor([0.4]), loss_fn, lr=1e-9, resolution=32, gradient=gradient)
+    opt.step()
+    g = float(opt.latent.grad[0])
+    h = 2e-3
+    fd = (_loss_at(0.4 + h, loss_fn, 32) - _loss_at(0.4 - h, loss_fn, 32)) / (2 * h)
+    assert g < 0 and fd < 0  # growing the sphere towards the target lowers the loss
+    assert g == pytest.approx(fd, rel=0.1)
+
+
+def test_modes_agree_on_the_first_step():
+    loss_fn = SilhouetteLoss(camera(), sphere_target(0.5), loss="l1")
+    out = {}
+    for mode in ("dense", "sparse", "fast"):
+        opt = LatentOptimizer(Sphere(), torch.tensor([0.35]), loss_fn, resolution=24, mode=mode)
+        it = opt.step()
+        out[mode] = (it.loss, float(opt.latent.grad[0]), it.verts.shape[0])
+    assert out["dense"] == pytest.approx(out["sparse"]) and out["dense"] == pytest.approx(out["fast"])
+
+
+def test_callbacks_final_and_latent_bookkeeping():
+    loss_fn = SilhouetteLoss(camera(), sphere_target(0.5))
+    opt = LatentOptimizer(Sphere(), torch.tensor([0.3]), loss_fn, lr=0.05, resolution=20)
+    seen, finals = [], []
+
+    def cb(it):
+        seen.append((it.iteration, float(it.latent[0]), it.dl_ds.shape[0] == it.verts.shape[0]))
+        return {"radius": float(it.latent[0])}
+
+    run = optimize(opt, 3, callbacks=[cb], final_callbacks=[finals.append], show_progress=False)
+    assert [s[0] for s in seen] == [0, 1, 2] and all(s[2] for s in seen)
+    assert seen[0][1] == pytest.approx(0.3)            # iteration i sees the code before its update
+    assert seen[1][1] == pytest.approx(0.35, abs=1e-4)  # Adam's first step is lr in size
+    assert [r["radius"] for r in run.history] == [s[1] for s in seen]
+    assert finals == [run.final] and run.final.iteration == -1 and run.final.dl_ds is None
+    assert float(run.final.latent[0]) == pytest.approx(float(run.latent[0]))
+    assert run.final.loss == pytest.approx(_loss_at(float(run.latent[0]), loss_fn, 20), rel=1e-5)
+
+
+def test_decoder_is_frozen_and_input_code_untouched():
+    dec = WithWeight()
+    code = torch.tensor([0.3])
+    opt = LatentOptimizer(dec, code, SilhouetteLoss(camera(), sphere_target(0.5)), resolution=16)
+    opt.step()
+    assert not dec.w.requires_grad and dec.w.grad is None and not dec.training
+    assert float(code[0]) == pytest.approx(0.3) and float(opt.latent[0]) != pytest.approx(0.3)
+
+
+def test_vanishing_surface_stops_with_history():
+    empty = torch.zeros(SIZE, SIZE)
+    opt = LatentOptimizer(Sphere(), torch.tensor([0.3]), SilhouetteLoss(camera(), empty), lr=0.2, resolution=16)
+    run = optimize(opt, 20)
+    assert run.stopped and "vanished" in run.stopped and run.final is None
+    assert 1 <= len(run.history) < 20
+    assert all(r["loss"] > 0 for r in run.history)
+    with pytest.raises(SurfaceLostError, match="no surface"):
+        opt.step()
+    assert isinstance(SurfaceLostError("x"), MeshSDFError)
+
+
+def test_silhouette_loss_values():
+    cam = camera()
+    target = torch.rand(SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    v, f, _ = extract(lambda p: p.norm(dim=1) - 0.5, 16, "dense")
+    mse, img = SilhouetteLoss(cam, target)(v, f)
+    l1, _ = SilhouetteLoss(cam, target, loss="l1")(v, f)
+    assert float(mse) == pytest.approx(float((img - target).square().mean()), rel=1e-6)
+    assert float(l1) == pytest.approx(float((img - target).abs().mean()), rel=1e-6)
+    assert SilhouetteLoss(cam, target).sigma == pytest.approx(1e-5 * (512 / SIZE) ** 2)
+    with pytest.raises(MeshSDFError, match="mse, l1"):
+        SilhouetteLoss(cam, target, loss="l2")
+    with pytest.raises(ValueError, match="camera renders"):
+        SilhouetteLoss(cam, torch.zeros(10, 10))
+
+
+def test_bad_settings():
+    loss_fn = SilhouetteLoss(camera(), torch.zeros(SIZE, SIZE))
+    for kw, msg in (({"mode": "quick"}, "dense, fast, sparse"), ({"gradient": "x"}, "paper, exact"),
+                    ({"lr": 0.0}, "learning rate")):
+        with pytest.raises(MeshSDFError, match=msg):
+            LatentOptimizer(Sphere(), torch.tensor([0.3]), loss_fn, **kw)
+
+
+def test_topology_counts():
+    v, f, _ = extract(lambda p: Torus()(torch.cat([torch.tensor([[0.5, 0.2]]).expand(len(p), 2), p], 1))[:, 0],
+                      32, "dense")
+    assert topology(f) == (0, 1, 1)
+    v, f, _ = extract(lambda p: torch.minimum((p - 0.5).norm(dim=1) - 0.2, (p + 0.5).norm(dim=1) - 0.2), 32, "dense")
+    assert topology(f) == (4, 2, 0)
+    assert topology(torch.zeros(0, 3, dtype=torch.int64)) == (0, 0, 0)
+    assert math.isfinite(topology(f)[0])

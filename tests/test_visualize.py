@@ -1,0 +1,111 @@
+"""lib.visualize: the dL/ds colour convention (red = grow, blue = shrink) checked against the
+optimiser's own update, shading with face colours, target outlines, plots."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lib.camera import look_at, look_at_eye
+from lib.io import read_png
+from lib.isosurface import extract
+from lib.optimize import LatentOptimizer, SilhouetteLoss, demo_sigma
+from lib.render import silhouette
+from lib.visualize import (GROW, NEUTRAL, SHRINK, dl_ds_face_colors, dl_ds_scale, face_values, movie_frame,
+                           outline, plot_history, render_faces, signed_colors)
+
+SIZE = 64
+
+
+class Sphere(nn.Module):
+    def forward(self, inp):
+        return inp[:, 1:].norm(dim=1, keepdim=True) - inp[:, :1]
+
+
+def test_signed_colors_and_scale():
+    c = signed_colors(torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]), scale=1.0)
+    grow, shrink, neutral = torch.tensor(GROW), torch.tensor(SHRINK), torch.tensor(NEUTRAL)
+    assert torch.allclose(c[0], grow) and torch.allclose(c[1], grow)          # saturates at the scale
+    assert torch.allclose(c[2], (neutral + grow) / 2)
+    assert torch.allclose(c[3], neutral)
+    assert torch.allclose(c[4], (neutral + shrink) / 2)
+    assert torch.allclose(c[5], shrink) and torch.allclose(c[6], shrink)
+    assert ((c >= 0) & (c <= 1)).all()
+    assert dl_ds_scale(torch.tensor([0.1, -2.0, 1.0])) == pytest.approx(0.6)    # 0.3 x max |dL/ds|
+    assert dl_ds_scale(torch.zeros(3)) == 1.0
+    faces = torch.tensor([[0, 1, 2], [1, 2, 3]])
+    assert torch.allclose(face_values(torch.tensor([3.0, 0.0, 0.0, 3.0]), faces), torch.tensor([1.0, 1.0]))
+
+
+@pytest.mark.parametrize("start, goal, colour", [(0.3, 0.5, "red"), (0.5, 0.3, "blue")])
+def test_dl_ds_colour_sign_follows_the_update(start, goal, colour):
+    """A sphere smaller than the target silhouette must be pushed outwards (red faces, radius
+    grows after the Adam step); a larger one inwards (blue, radius shrinks)."""
+    cam = look_at(45.0, 30.0, 2.5, image_size=SIZE)
+    v, f, _ = extract(lambda p: p.norm(dim=1) - goal, 24, "dense")
+    target = silhouette(v, f, cam, sigma=demo_sigma(SIZE))
+    opt = LatentOptimizer(Sphere(), torch.tensor([start]), SilhouetteLoss(cam, target), lr=0.01, resolution=24)
+    it = opt.step()
+    scale = dl_ds_scale(it.dl_ds)
+    colors = dl_ds_face_colors(it.dl_ds, it.faces, scale)
+    active = face_values(it.dl_ds, it.faces).abs() > 0.1 * scale
+    assert int(active.sum()) > 20
+    red, blue = colors[active, 0], colors[active, 2]
+    strong = it.dl_ds[it.dl_ds.abs() > 0.01 * it.dl_ds.abs().max()]   # ignore round-off-sized values
+    grew = float(opt.latent.detach()[0]) > start
+    if colour == "red":
+        assert (strong > 0).all() and (red > blue).all() and grew
+    else:
+        assert (strong < 0).all() and (blue > red).all() and not grew
+    # the rim faces saturate: 0.3 x the max is the colour scale
+    assert float(face_values(it.dl_ds, it.faces).abs().max()) > scale
+
+
+def _square():
+    verts = torch.tensor([[-0.5, -0.5, 0.0], [0.5, -0.5, 0.0], [0.5, 0.5, 0.0], [-0.5, 0.5, 0.0]])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    cam = look_at_eye((0.0, 0.0, 3.0), image_size=SIZE)
+    return verts, faces, cam
+
+
+def test_render_faces_colours_and_background():
+    verts, faces, cam = _square()
+    colors = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    img = render_faces(verts, faces, colors, cam, ambient=0.4, diffuse=0.6)
+    assert img.shape == (SIZE, SIZE, 3)
+    assert torch.allclose(img[0, 0], torch.ones(3))                          # white background
+    mask = silhouette(verts, faces, cam, sigma=0) > 0.5
+    covered = img[mask]
+    # facing the head light: colour x (ambient + diffuse) = the colour itself
+    is_red = torch.isclose(covered, torch.tensor([1.0, 0.0, 0.0]), atol=1e-4).all(1)
+    is_blue = torch.isclose(covered, torch.tensor([0.0, 0.0, 1.0]), atol=1e-4).all(1)
+    assert bool((is_red | is_blue).all()) and int(is_red.sum()) > 50 and int(is_blue.sum()) > 50
+
+
+def test_outline_ring():
+    mask = torch.zeros(12, 12, dtype=torch.bool)
+    mask[3:9, 3:9] = True
+    ring = outline(mask, width=1)
+    expect = torch.zeros(12, 12, dtype=torch.bool)
+    expect[2:10, 2:10] = True
+    expect[4:8, 4:8] = False
+    assert torch.equal(ring, expect)
+    assert not outline(torch.zeros(5, 5, dtype=torch.bool)).any()
+
+
+def test_movie_frame_draws_target_outline():
+    verts, faces, cam = _square()
+    target = torch.zeros(SIZE, SIZE)
+    target[10:20, 40:50] = 1.0
+    frame = movie_frame(verts, faces, signed_colors(torch.zeros(2), 1.0), cam, target)
+    edge = outline(target > 0.5, 1)
+    assert torch.allclose(frame[edge], torch.zeros(3))
+    assert torch.allclose(frame[15, 45], torch.ones(3))                     # inside the outline: background
+
+
+def test_plot_history(tmp_path):
+    hist = [{"iteration": i, "loss": 1.0 / (i + 1), "genus": int(i > 3), "seconds": 0.1} for i in range(8)]
+    plot_history(tmp_path / "loss.png", hist, title="t", target_genus=1)
+    img = read_png(tmp_path / "loss.png")
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
+    assert np.ptp(img[..., :3]) > 100
+    assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]                # no temp file left
