@@ -104,7 +104,7 @@ def _all_cells(vals):
     return cells, vals[ijk[..., 0], ijk[..., 1], ijk[..., 2]]
 
 
-@pytest.mark.parametrize("n", [64, 128, 256])
+@pytest.mark.parametrize("n", [64, 128, pytest.param(256, marks=pytest.mark.slow)])
 def test_sparse_equals_dense(n):
     calls = []
 
@@ -112,8 +112,8 @@ def test_sparse_equals_dense(n):
         calls.append(p.shape[0])
         return scene(p)
 
-    vd, fd, sd = extract(fn, n, "dense")
-    vs, fs, ss = extract(fn, n, "sparse")
+    vd, fd, sd = extract(fn, n, "dense", chunk=2 ** 20)
+    vs, fs, ss = extract(fn, n, "sparse", chunk=2 ** 20)
     assert torch.equal(vd, vs) and torch.equal(fd, fs)  # canonical output: bitwise identical
     assert same_mesh(vd, fd, vs, fs) == (True, "")
     assert sd.evaluations == n ** 3 and ss.evaluations < n ** 3 / 4
