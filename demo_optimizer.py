@@ -24,7 +24,7 @@ from lib.meshsdf import GRADIENTS, mesh_from_sdf
 from lib.metrics import silhouette_iou
 from lib.optimize import LatentOptimizer, SilhouetteLoss, demo_sigma, optimize, topology
 from lib.render import silhouette
-from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, plot_history, to_uint8
+from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, plot_history, target_outline, to_uint8
 
 # SPEC section 7: the demo camera
 AZIMUTH, ELEVATION, DISTANCE = 45.0, 30.0, 2.5
@@ -116,14 +116,14 @@ def main(argv=None) -> int:
 
     opt = LatentOptimizer(decoder, codes[init_k], loss_fn, lr=args.lr, resolution=args.resolution, mode=mode,
                           gradient=args.gradient)
-    frames, scale = [], []
+    frames, scale, edge = [], [], target_outline(target)
 
     def record_frame(it):
         if it.iteration == 0:
             save_png(out / "initialization.png", it.image)
             scale.append(dl_ds_scale(it.dl_ds))
         colors = dl_ds_face_colors(it.dl_ds, it.faces, scale[0])
-        frames.append(to_uint8(movie_frame(it.verts, it.faces, colors, camera, target)))
+        frames.append(to_uint8(movie_frame(it.verts, it.faces, colors, camera, edge)))
         return {"iou": silhouette_iou(it.image, target)}
 
     run = optimize(opt, args.iterations, callbacks=[record_frame], desc="demo")

@@ -98,14 +98,19 @@ def outline_width(image_size: int) -> int:
     return max(1, round(image_size / 384))
 
 
+def target_outline(target_silhouette: torch.Tensor) -> torch.Tensor:
+    """Outline pixels (H, W) bool of a target silhouette (H, W) binarised at 0.5 (computed
+    once per run; ``movie_frame`` draws it)."""
+    return outline(target_silhouette > 0.5, outline_width(min(target_silhouette.shape[-2:])))
+
+
 def movie_frame(verts: torch.Tensor, faces: torch.Tensor, face_colors: torch.Tensor, camera: Camera,
-                target_silhouette: torch.Tensor | None = None, color=OUTLINE) -> torch.Tensor:
-    """Movie frame (H, W, 3): the shaded mesh with coloured faces and the outline of the
-    target silhouette (H, W) (binarised at 0.5) drawn over it in ``color``."""
+                outline_mask: torch.Tensor | None = None, color=OUTLINE) -> torch.Tensor:
+    """Movie frame (H, W, 3): the shaded mesh with coloured faces (F, 3) and, if given, the
+    ``outline_mask`` (H, W) bool (e.g. ``target_outline(target)``) drawn over it in ``color``."""
     img = render_faces(verts, faces, face_colors, camera)
-    if target_silhouette is not None:
-        edge = outline(target_silhouette.to(img.device) > 0.5, outline_width(min(img.shape[:2])))
-        img[edge] = torch.tensor(color, dtype=img.dtype, device=img.device)
+    if outline_mask is not None:
+        img[outline_mask.to(img.device)] = torch.tensor(color, dtype=img.dtype, device=img.device)
     return img
 
 

@@ -11,7 +11,7 @@ from lib.isosurface import extract
 from lib.optimize import LatentOptimizer, SilhouetteLoss, demo_sigma
 from lib.render import silhouette
 from lib.visualize import (GROW, NEUTRAL, SHRINK, dl_ds_face_colors, dl_ds_scale, face_values, movie_frame,
-                           outline, plot_history, render_faces, signed_colors)
+                           outline, plot_history, render_faces, signed_colors, target_outline)
 
 SIZE = 64
 
@@ -96,8 +96,9 @@ def test_movie_frame_draws_target_outline():
     verts, faces, cam = _square()
     target = torch.zeros(SIZE, SIZE)
     target[10:20, 40:50] = 1.0
-    frame = movie_frame(verts, faces, signed_colors(torch.zeros(2), 1.0), cam, target)
-    edge = outline(target > 0.5, 1)
+    edge = target_outline(target)
+    assert torch.equal(edge, outline(target > 0.5, 1))
+    frame = movie_frame(verts, faces, signed_colors(torch.zeros(2), 1.0), cam, edge)
     assert torch.allclose(frame[edge], torch.zeros(3))
     assert torch.allclose(frame[15, 45], torch.ones(3))                     # inside the outline: background
 
