@@ -1,10 +1,15 @@
 #!/usr/bin/env python
-"""Train a DeepSDF auto-decoder (decoder + one latent code per training shape) from specs.json."""
+"""Train a DeepSDF auto-decoder (decoder + one latent code per training shape) from specs.json.
+
+Runs as is under ``torchrun --nproc_per_node=K`` (DDP, see lib.distributed / lib.train).
+Exit status: 0 done, 2 user error, 143 stopped by SIGTERM/SIGUSR1 after saving ``latest``.
+"""
 from __future__ import annotations
 
 import argparse
+import signal
 
-from lib import workspace
+from lib import distributed, workspace
 from lib.data import SdfSamples, read_split
 from lib.errors import MeshSDFError, cli_main
 from lib.log import info
@@ -18,14 +23,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "Reconstructions/<instance>.ply into the experiment folder.")
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
     ap.add_argument("-c", "--continue", dest="resume", type=workspace.parse_epoch, default=None,
-                    metavar="latest|N", help="resume from the 'latest' checkpoint or snapshot epoch N")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+                    metavar="latest|N", help="resume from the 'latest' checkpoint (starts from scratch when there "
+                                             "is none yet, so it is safe in restart loops) or snapshot epoch N")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available; under "
+                                                   "torchrun, process k uses cuda:LOCAL_RANK)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0; a resumed run restores "
                                                          "the checkpoint's RNG state instead)")
     ap.add_argument("--epochs", type=int, default=None, help="train up to this epoch instead of NumEpochs")
     ap.add_argument("--no-reconstruct", action="store_true", help="skip writing Reconstructions/*.ply")
     ap.add_argument("--resolution", type=int, default=128,
                     help="marching-cubes grid resolution of the reconstructions (default 128)")
+    ap.epilog = ("Several GPUs or machines: torchrun --nproc_per_node=K train_deep_sdf.py -e EXP [--continue latest] "
+                 "(ScenesPerBatch is the global batch). SIGTERM/SIGUSR1: finishes the epoch, saves 'latest', exits "
+                 f"with status {distributed.EXIT_PREEMPTED}.")
     return ap.parse_args(argv)
 
 
@@ -36,13 +46,27 @@ def main(argv=None) -> int:
     if args.resolution < 2:
         raise MeshSDFError(f"--resolution must be >= 2, got {args.resolution}")
     specs = workspace.load_specs(args.experiment)
-    device = workspace.choose_device(args.device)
-    split = read_split(workspace.resolve_path(specs["TrainSplit"]))
-    dataset = SdfSamples(workspace.resolve_path(specs["DataSource"]), split)
-    info(f"training on {len(dataset)} shapes ({', '.join(dataset.names[:5])}{', ...' if len(dataset) > 5 else ''})"
-         f" on {device}")
-    result = train_auto_decoder(args.experiment, specs, dataset, device, resume=args.resume, seed=args.seed,
-                                num_epochs=args.epochs)
+    workspace.check_writable(args.experiment)
+    ctx = distributed.init_distributed(args.device)  # also checks --device
+    device = ctx.device
+    try:
+        split = read_split(workspace.resolve_path(specs["TrainSplit"]))
+        dataset = SdfSamples(workspace.resolve_path(specs["DataSource"]), split)
+        if ctx.is_main:
+            where = f"{ctx.world_size} processes ({ctx.backend})" if ctx.distributed else str(device)
+            info(f"training on {len(dataset)} shapes ({', '.join(dataset.names[:5])}"
+                 f"{', ...' if len(dataset) > 5 else ''}) on {where}")
+        with distributed.PreemptionGuard() as guard:
+            result = train_auto_decoder(args.experiment, specs, dataset, device, resume=args.resume, seed=args.seed,
+                                        num_epochs=args.epochs, should_stop=guard)
+    finally:
+        distributed.cleanup()
+    if not ctx.is_main:
+        return distributed.EXIT_PREEMPTED if result.stopped else 0
+    if result.stopped:
+        info(f"stopped by {signal.Signals(guard.received).name} after epoch {result.epoch}; saved 'latest' in {args.experiment}; "
+             "resume with --continue latest")
+        return distributed.EXIT_PREEMPTED
     info(f"trained to epoch {result.epoch}; checkpoints in {args.experiment}")
     if not args.no_reconstruct:
         paths = reconstruct_training_shapes(args.experiment, result.decoder, result.latent_codes.weight,

@@ -10,6 +10,19 @@ Epochs are numbered from 1.  The schedule, the code-regularisation ramp and the 
 choice are functions of the epoch number only, and the checkpoint stores the optimizer
 state and the RNG states, so a run resumed from ``latest`` continues exactly as the
 uninterrupted run would have.
+
+Several processes (torchrun, see lib.distributed): the decoder is wrapped in DDP and each
+global batch of ScenesPerBatch scenes is split between the ranks, so a specs file means
+the same optimisation on any number of processes.  The latent codes are *all-reduced*,
+not owned: every rank holds the whole (K, L) table, their (mostly zero) gradients are
+averaged with the loss after backward (``lib.distributed.GradientSync``) and every rank
+applies the same Adam update.  Ownership would leave each rank's table and Adam state
+partly stale, so rank 0 could not save a complete checkpoint without a gather, and a
+resume with another world size would need re-sharding; the all-reduce costs K x L floats
+per step, small next to the decoder's gradients.  Only rank 0 writes files; its checkpoint
+is the state of every rank (the data generator is shared), so ``--continue`` works with any
+number of processes.  Dropout masks come from each rank's own generator, reseeded per
+epoch from the run's seed and the rank, so a multi-process run resumes exactly too.
 """
 from __future__ import annotations
 
@@ -23,7 +36,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from lib import workspace
+from lib import distributed, workspace
 from lib.data import SdfSamples, scene_batches
 from lib.errors import MeshSDFError
 from lib.log import info, progress
@@ -158,32 +171,45 @@ def code_regularization(codes: torch.Tensor) -> torch.Tensor:
 
 
 def auto_decoder_loss(decoder: nn.Module, codes: torch.Tensor, xyz: torch.Tensor, sdf: torch.Tensor,
-                      epoch: int, settings: TrainSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      epoch: int, settings: TrainSettings, weight: float = 1.0,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss of one batch: clamped L1 SDF loss + ramped code regularisation.
 
-    codes (B, L), xyz (B, S, 3), sdf (B, S), all on the decoder's device.
-    Returns (total, sdf term, regularisation term) as scalar tensors.
+    codes (B, L), xyz (B, S, 3), sdf (B, S), all on the decoder's device.  ``weight``
+    multiplies both terms: ``lib.distributed.loss_weight`` for a rank's shard of a global
+    batch (B may then be 0: the loss is a zero that still reaches every parameter, as DDP
+    needs).  Returns (total, sdf term, regularisation term) as scalar tensors.
     """
     b, s = sdf.shape
-    inputs = torch.cat((codes[:, None, :].expand(b, s, codes.shape[1]), xyz), dim=2).reshape(b * s, -1)
+    inputs = torch.cat((codes[:, None, :].expand(b, s, codes.shape[1]), xyz), dim=2).reshape(b * s, codes.shape[1] + 3)
     pred = decoder(inputs)
+    if b * s == 0:
+        zero = pred.sum() * 0.0 + codes.sum() * 0.0
+        return zero, zero, zero
     sdf_loss = clamped_l1(pred, sdf, settings.clamp_distance)
     if settings.code_regularization and settings.code_reg_lambda > 0:
         reg = code_reg_weight(epoch, settings.code_reg_lambda) * code_regularization(codes)
     else:
         reg = sdf_loss.new_zeros(())
+    if weight != 1.0:
+        sdf_loss, reg = sdf_loss * weight, reg * weight
     return sdf_loss + reg, sdf_loss, reg
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, epoch: int,
-                   clip_params: Sequence[torch.Tensor] | None = None, clip_norm: float | None = None) -> float:
+                   clip_params: Sequence[torch.Tensor] | None = None, clip_norm: float | None = None, *,
+                   sync: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """Backward, optional gradient clipping, finite check, update; returns the loss value.
 
-    Raises NonFiniteLossError before updating when the loss is NaN/inf, so the parameters
-    keep their last finite values.
+    ``sync(loss) -> loss`` runs right after backward (``lib.distributed.GradientSync``:
+    averages gradients DDP does not cover and returns the global loss, so every rank logs
+    and checks the same value).  Raises NonFiniteLossError before updating when the loss is
+    NaN/inf, so the parameters keep their last finite values.
     """
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if sync is not None:
+        loss = sync(loss)
     if clip_norm is not None and clip_params is not None:
         nn.utils.clip_grad_norm_(clip_params, clip_norm)
     value = float(loss.detach())
@@ -252,57 +278,103 @@ class TrainResult:
     stopped: bool  # True when should_stop ended the run early
 
 
+def resume_point(exp_dir: str | os.PathLike, resume: str | int | None) -> str | int | None:
+    """``resume`` unless it is "latest" and no checkpoint exists yet: then None (a fresh start).
+
+    This makes ``--continue latest`` always safe to pass (``torchrun --max-restarts``
+    re-runs the same command after a failure).  The optimizer file is the resume record and
+    is renamed last when saving, so without it there is no complete checkpoint.  A numbered
+    epoch that does not exist stays an error (raised when loading).
+    """
+    if resume != "latest":
+        return resume
+    if workspace.checkpoint_path(exp_dir, workspace.OPTIMIZER_PARAMS_DIR, "latest").is_file():
+        return resume
+    if distributed.is_main_process():
+        info(f"--continue latest: no checkpoint in {exp_dir} yet; starting from epoch 1")
+    return None
+
+
 def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfSamples, device=None, *,
                        resume: str | int | None = None, seed: int = 0, num_epochs: int | None = None,
                        should_stop: Callable[[int], bool] | None = None) -> TrainResult:
     """Train decoder + one latent code per scene of ``dataset`` (DeepSDF auto-decoder).
 
     Writes checkpoints (``latest`` every LogFrequency epochs, at snapshots and at the end),
-    Logs.pth, in ``exp_dir``.  ``resume``: "latest" or an epoch to continue from (RNG states
+    Logs.pth, in ``exp_dir``.  ``resume``: "latest" (a fresh start when there is no
+    checkpoint yet, see ``resume_point``) or an epoch to continue from (RNG states
     included); ``num_epochs`` overrides NumEpochs; ``should_stop(epoch)`` is asked after
-    every epoch and, when true, ``latest`` is saved and the run returns (a SIGTERM handler
-    only has to make it return True).
+    every epoch and, when true on any rank, ``latest`` is saved and the run returns (a
+    SIGTERM handler only has to make it return True: lib.distributed.PreemptionGuard).
+
+    Under torchrun (lib.distributed.init_distributed called first, ``device`` = its
+    device) the decoder runs in DDP and each rank trains on its share of every global
+    batch; see the module docstring for the latent codes.  Only rank 0 writes.
     """
     device = torch.device(device) if device is not None else workspace.choose_device(None)
     exp_dir = Path(exp_dir)
     settings = TrainSettings.from_specs(specs, num_epochs)
     schedules = schedules_from_specs(specs)
+    world, main = distributed.world_size(), distributed.is_main_process()
     workspace.seed_everything(seed)
     decoder = decoder_from_specs(specs).to(device)
     codes = make_latent_codes(len(dataset), int(specs["CodeLength"]), settings, device)
     optimizer = torch.optim.Adam([{"params": decoder.parameters(), "lr": schedules[0](1)},
                                   {"params": codes.parameters(), "lr": schedules[1](1)}])
+    # one generator for scene order and samples, in step on every rank (same seed, same draws)
     sampler = torch.Generator(device=dataset.device)
     sampler.manual_seed(seed)
     logs = new_logs()
     last_saved = 0
+    resume = resume_point(exp_dir, resume)
     if resume is not None:
         last_saved, extra = workspace.load_checkpoint(exp_dir, resume, decoder, optimizer, codes, map_location=device)
         if "rng_state" in extra:
             workspace.set_rng_state(extra["rng_state"], sampler)
-        else:
+        elif main:
             info(f"checkpoint {resume} has no RNG state: resumed run will differ from an uninterrupted one")
+        seed = int(extra.get("seed", seed))
         logs = truncate_logs(workspace.load_logs(exp_dir), last_saved)
     start = last_saved + 1
+    net = distributed.wrap_ddp(decoder, device)
+    sync = None
+    if world > 1:
+        distributed.broadcast_parameters_(codes.parameters())
+        sync = distributed.GradientSync(list(codes.parameters()))
+        if settings.scenes_per_batch < world and main:
+            info(f"ScenesPerBatch {settings.scenes_per_batch} < {world} processes: some ranks get no scenes; "
+                 "raise ScenesPerBatch (the global batch) or use fewer processes")
 
     def save(label):
         workspace.save_checkpoint(exp_dir, label, epoch, decoder, optimizer, codes,
-                                  extra={"rng_state": workspace.rng_state(sampler)})
+                                  extra={"rng_state": workspace.rng_state(sampler), "seed": seed})
 
     epoch = last_saved
-    bar = progress(total=settings.num_epochs, initial=min(last_saved, settings.num_epochs), desc="train", unit="epoch")
+    bar = progress(total=settings.num_epochs, initial=min(last_saved, settings.num_epochs), desc="train", unit="epoch",
+                   **({} if main else {"disable": True}))
     try:
         for epoch in range(start, settings.num_epochs + 1):
             t0 = time.perf_counter()
             rates = set_learning_rates(optimizer, schedules, epoch)
+            if world > 1 and not main:
+                # rank-local dropout masks; rank 0 keeps the stream its checkpoint saves
+                torch.manual_seed(distributed.rank_seed(seed, epoch))
             decoder.train()
             losses = []
             for scenes in scene_batches(len(dataset), settings.scenes_per_batch, sampler):
+                # the whole global batch is drawn on every rank to keep the generators in step
                 xyz, sdf = dataset.sample(scenes, settings.samples_per_scene, sampler)
+                batch_codes = codes(scenes.to(device))  # every rank applies CodeBound's renorm alike
+                weight = 1.0
+                if world > 1:
+                    part = distributed.local_slice(len(scenes))
+                    xyz, sdf, batch_codes = xyz[part], sdf[part], batch_codes[part]
+                    weight = distributed.loss_weight(sdf.shape[0], len(scenes))
                 xyz, sdf = xyz.to(device, non_blocking=True), sdf.to(device, non_blocking=True)
-                loss, _, _ = auto_decoder_loss(decoder, codes(scenes.to(device)), xyz, sdf, epoch, settings)
+                loss, _, _ = auto_decoder_loss(net, batch_codes, xyz, sdf, epoch, settings, weight)
                 try:
-                    losses.append(optimizer_step(optimizer, loss, epoch, decoder.parameters(), settings.grad_clip_norm))
+                    losses.append(optimizer_step(optimizer, loss, epoch, decoder.parameters(), settings.grad_clip_norm,
+                                                 sync=sync))
                 except NonFiniteLossError as err:
                     kept = (f"the last good checkpoint is {workspace.checkpoint_path(exp_dir, 'ModelParameters', 'latest')}"
                             f" (epoch {last_saved})" if last_saved else "no checkpoint was written")
@@ -310,15 +382,16 @@ def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfS
                                              "SDF samples, then resume with --continue latest") from None
             seconds = time.perf_counter() - t0
             append_epoch_logs(logs, epoch, losses, rates, seconds, codes.weight, decoder)
-            stop = bool(should_stop and should_stop(epoch))
+            stop = distributed.any_rank(bool(should_stop and should_stop(epoch)))
             snapshot = settings.is_snapshot(epoch)
-            if snapshot:
+            if main and snapshot:
                 save(epoch)
             if snapshot or stop or epoch % settings.log_frequency == 0 or epoch == settings.num_epochs:
-                # logs first: a kill between the two leaves logs ahead of the checkpoint,
-                # which resuming truncates, never a checkpoint whose epoch the logs lack
-                workspace.save_logs(exp_dir, logs)
-                save("latest")
+                if main:
+                    # logs first: a kill between the two leaves logs ahead of the checkpoint,
+                    # which resuming truncates, never a checkpoint whose epoch the logs lack
+                    workspace.save_logs(exp_dir, logs)
+                    save("latest")
                 last_saved = epoch
             bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.5f}", s_per_epoch=f"{seconds:.2f}")
             bar.update(1)

@@ -1,0 +1,310 @@
+"""Running as one of several processes (torchrun + DistributedDataParallel) and being pre-empted.
+
+Everything here is a no-op in a single process started without torchrun, so trainers call
+these helpers unconditionally.
+
+Launch: ``torchrun --nproc_per_node=K script.py ...`` sets RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT; ``init_distributed`` reads them, picks the device
+(``cuda:LOCAL_RANK`` when CUDA is used, else the CPU) and the backend (nccl on CUDA, gloo
+on the CPU) and joins the process group.
+
+Batches: every process draws the same *global* batch from generators seeded alike (so the
+generators stay in step and rank 0's saved RNG state is everyone's), then keeps its
+contiguous share, ``local_slice``.  ``loss_weight`` scales a shard's mean loss so that
+DDP's gradient average is the gradient of the global batch's mean, whatever the shard
+sizes (including empty shards when a batch has fewer items than processes).
+
+Pre-emption: ``PreemptionGuard`` turns SIGTERM into a flag that the training loop polls
+after each epoch (all ranks agree on it), so the run saves ``latest`` and exits with
+``EXIT_PREEMPTED``.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lib.errors import MeshSDFError
+
+# 128 + SIGTERM: what a shell reports for a process killed by SIGTERM, so schedulers and
+# torchrun see an interrupted run (torchrun --max-restarts restarts it), never a finished one.
+EXIT_PREEMPTED = 128 + int(signal.SIGTERM)
+
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the job; ``backend`` is None in a single process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def env_ranks() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) from torchrun's environment; (0, 1, 0) without it."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    values = []
+    for key, default in zip(_ENV_KEYS, ("0", "1", "0")):
+        raw = os.environ.get(key, default)
+        try:
+            values.append(int(raw))
+        except ValueError:
+            raise MeshSDFError(f"environment variable {key}={raw!r} is not an integer; launch with torchrun "
+                               "or unset RANK/WORLD_SIZE/LOCAL_RANK") from None
+    rank, world, local = values
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise MeshSDFError(f"inconsistent torchrun environment RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}")
+    return rank, world, local
+
+
+def _device_for_rank(name: str | None, local_rank: int) -> torch.device:
+    """The device of one process of a multi-process job: cuda:LOCAL_RANK or the CPU."""
+    from lib.workspace import choose_device
+
+    if name is not None and name not in ("auto", "cpu", "cuda"):
+        try:
+            explicit_cuda = torch.device(name).type == "cuda"
+        except (RuntimeError, ValueError):
+            explicit_cuda = False
+        if explicit_cuda:
+            raise MeshSDFError(f"--device {name} under torchrun: give --device cuda (process k uses "
+                               "cuda:LOCAL_RANK), cpu or auto")
+        choose_device(name)  # a MeshSDFError naming what is wrong with it
+    dev = choose_device(name)
+    if dev.type != "cuda":
+        return dev
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise MeshSDFError(f"LOCAL_RANK {local_rank} has no GPU: this machine has {count}; run torchrun with "
+                           f"--nproc_per_node={count} or fewer")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: str | None = None) -> DistContext:
+    """Join torchrun's process group (when WORLD_SIZE > 1) and choose this process's device.
+
+    ``device``: the script's --device (None/"auto", "cpu", "cuda"; "cuda:N" only in a
+    single process).  nccl is used on CUDA, gloo on the CPU.  Idempotent.
+    """
+    rank, world, local = env_ranks()
+    if world == 1:
+        from lib.workspace import choose_device
+
+        return DistContext(0, 1, 0, choose_device(device), None)
+    dev = _device_for_rank(device, local)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        for key in ("MASTER_ADDR", "MASTER_PORT"):
+            if key not in os.environ:
+                raise MeshSDFError(f"WORLD_SIZE={world} but {key} is not set; launch with torchrun")
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+                                **({"device_id": dev} if dev.type == "cuda" else {}))
+    return DistContext(rank, world, local, dev, dist.get_backend())
+
+
+def cleanup() -> None:
+    """Leave the process group (no-op when none was joined)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 and in a single process: the one that writes files and prints."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_(tensor: torch.Tensor, mean: bool = False) -> torch.Tensor:
+    """Sum (or mean) of ``tensor`` over all ranks, in place; returned for chaining."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+        if mean:
+            tensor.div_(dist.get_world_size())
+    return tensor
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``tensor`` of rank ``src`` copied to every rank, in place."""
+    if is_distributed():
+        dist.broadcast(tensor, src)
+    return tensor
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (e.g. a stop request)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+# --------------------------------------------------------------------------- batches
+
+def local_slice(global_size: int, rank_: int | None = None, world: int | None = None) -> slice:
+    """This rank's contiguous share of a global batch of ``global_size`` items.
+
+    Shares differ by at most one item and may be empty (fewer items than processes).
+    """
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    base, extra = divmod(int(global_size), w)
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (1 if r < extra else 0))
+
+
+def loss_weight(local_size: int, global_size: int, world: int | None = None) -> float:
+    """Factor for a shard's *mean* loss so that DDP's averaged gradient is the global mean's.
+
+    DDP averages gradients over W ranks: (1/W) sum_r grad(w_r mean_r).  With
+    w_r = W n_r / N this is grad(sum over all items / N), the 1-process gradient.  1.0 in a
+    single process.
+    """
+    w = world_size() if world is None else world
+    return w * local_size / global_size if w > 1 else 1.0
+
+
+def wrap_ddp(module: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """``module`` in DistributedDataParallel when running distributed, else ``module`` itself.
+
+    DDP broadcasts rank 0's parameters at construction and averages gradients in
+    backward; the optimizer and checkpoints keep using the unwrapped ``module``.
+    """
+    if not is_distributed():
+        return module
+    device = torch.device(device) if device is not None else next(module.parameters()).device
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def broadcast_parameters_(params: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Copy rank ``src``'s values of ``params`` (not held by DDP, e.g. latent codes) to all ranks."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src)
+
+
+class GradientSync:
+    """After backward: average the gradients of parameters DDP does not hold, and the loss.
+
+    ``GradientSync(params)(loss)`` all-reduces, in one collective, the (possibly missing =
+    zero) ``.grad`` of each of ``params`` and the loss value; returns the global mean loss
+    (a 0-dim tensor) and leaves every rank with the same averaged gradients.  Pass it as
+    ``sync`` to ``lib.train.optimizer_step``.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor] = ()):
+        self.params = list(params)
+
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
+        if not is_distributed():
+            return loss.detach()
+        parts = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device, dtype=p.dtype)
+                 for p in self.params]
+        flat = torch.cat(parts + [loss.detach().reshape(1).to(parts[0].dtype if parts else loss.dtype)])
+        dist.all_reduce(flat)
+        flat.div_(dist.get_world_size())
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            mean = flat[offset:offset + n].view_as(p)
+            if p.grad is None:
+                p.grad = mean.clone()
+            else:
+                p.grad.copy_(mean)
+            offset += n
+        return flat[-1]
+
+
+def rank_seed(base: int, epoch: int, rank_: int | None = None) -> int:
+    """A seed for rank-local randomness (dropout masks) of ``epoch``: distinct per rank and epoch."""
+    r = rank() if rank_ is None else rank_
+    return ((int(base) * 1_000_003 + int(epoch)) * 7_919 + r) % (2 ** 63)
+
+
+# --------------------------------------------------------------------------- pre-emption
+
+class PreemptionGuard:
+    """Context manager: SIGTERM (and SIGUSR1, which SLURM's --signal sends) set a stop flag.
+
+    Call the guard as ``should_stop(epoch)``: true on every rank once any rank received a
+    signal, so all ranks leave the loop after the same epoch (rank 0 then writes
+    ``latest``).  A second signal kills the process at once (the default action).  Handlers
+    are installed only in the main thread; the previous ones are restored on exit.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, signals: Sequence[signal.Signals] = SIGNALS):
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # second signal: stop waiting for the epoch to end
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+
+    def __enter__(self) -> "PreemptionGuard":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+
+    def __call__(self, epoch: int) -> bool:
+        return any_rank(self.received is not None)

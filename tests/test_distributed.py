@@ -1,0 +1,235 @@
+"""lib.distributed and multi-process training: sharding maths, pre-emption flag, and a real
+2-process torchrun (gloo, CPU) run compared step by step with a 1-process run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lib.train as train_mod
+from lib import distributed, workspace
+from lib.data import SdfSamples, read_split
+from lib.errors import MeshSDFError
+from lib.models.decoder import decoder_from_specs
+from lib.train import TrainSettings, auto_decoder_loss, resume_point, train_auto_decoder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_experiment(root: Path, *, scenes=4, epochs=3, batch=3, code_bound=1.0, dropout_prob=0.0, log_frequency=1,
+                    samples=64, dims=(16, 16, 16)) -> Path:
+    """Spheres of radii 0.3 .. (one per scene), a small decoder; returns the experiment folder."""
+    rng = np.random.default_rng(0)
+    names = []
+    for k in range(scenes):
+        p = rng.uniform(-1, 1, (1500, 3))
+        sdf = np.linalg.norm(p, axis=1) - (0.3 + 0.1 * k)
+        rows = np.column_stack([p, sdf]).astype(np.float32)
+        d = root / "data" / "toy" / "s"
+        d.mkdir(parents=True, exist_ok=True)
+        np.savez(d / f"ball{k}.npz", pos=rows[sdf > 0], neg=rows[sdf <= 0])
+        names.append(f"ball{k}")
+    (root / "split.json").write_text(json.dumps({"toy": {"s": names}}))
+    exp = root / "exp"
+    exp.mkdir(parents=True)
+    specs = {
+        "DataSource": str(root / "data"), "TrainSplit": str(root / "split.json"), "NetworkArch": "deep_sdf_decoder",
+        "NetworkSpecs": {"dims": list(dims), "dropout": list(range(len(dims))), "dropout_prob": dropout_prob,
+                         "norm_layers": list(range(len(dims))), "latent_in": [1], "weight_norm": True},
+        "CodeLength": 3, "NumEpochs": epochs, "SnapshotFrequency": 1000,
+        "LearningRateSchedule": [{"Type": "Constant", "Value": 1e-3}, {"Type": "Constant", "Value": 2e-3}],
+        "SamplesPerScene": samples, "ScenesPerBatch": batch, "ClampingDistance": 0.1, "LogFrequency": log_frequency,
+        "CodeBound": code_bound, "CodeRegularizationLambda": 1e-2,
+    }
+    (exp / "specs.json").write_text(json.dumps(specs))
+    return exp
+
+
+# --------------------------------------------------------------------------- single-process maths
+
+@pytest.mark.parametrize("n,w", [(7, 2), (3, 3), (1, 2), (0, 2), (10, 4)])
+def test_local_slices_partition_the_batch(n, w):
+    parts = [distributed.local_slice(n, r, w) for r in range(w)]
+    covered = [i for p in parts for i in range(n)[p]]
+    assert covered == list(range(n))  # contiguous, in order, no overlap
+    sizes = [len(range(n)[p]) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_single_process_is_a_no_op(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    ctx = distributed.init_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.backend, ctx.device.type) == (0, 1, None, "cpu") and ctx.is_main
+    assert distributed.world_size() == 1 and distributed.is_main_process()
+    assert distributed.local_slice(5) == slice(0, 5) and distributed.loss_weight(2, 5) == 1.0
+    t = torch.tensor([1.0, 2.0])
+    assert torch.equal(distributed.all_reduce_(t, mean=True), torch.tensor([1.0, 2.0]))
+    assert distributed.any_rank(True) and not distributed.any_rank(False)
+    distributed.barrier()
+    distributed.cleanup()
+    net = torch.nn.Linear(2, 2)
+    assert distributed.wrap_ddp(net) is net and distributed.unwrap(net) is net
+
+
+def test_torchrun_environment_errors(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(MeshSDFError, match="WORLD_SIZE"):
+        distributed.env_ranks()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(MeshSDFError, match="inconsistent"):
+        distributed.env_ranks()
+    # every process would take the same GPU: refused with the fix
+    with pytest.raises(MeshSDFError, match="cuda:LOCAL_RANK"):
+        distributed._device_for_rank("cuda:1", 0)
+    with pytest.raises(MeshSDFError, match="unknown device"):
+        distributed._device_for_rank("gpu", 0)
+
+
+def _grads(decoder, codes):
+    return [p.grad.clone() for p in decoder.parameters()] + [codes.grad.clone()]
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_weighted_shard_gradients_average_to_the_global_batch_gradient(tmp_path, world):
+    """What DDP computes (mean over ranks of each shard's weighted gradient) equals the 1-process gradient.
+
+    A batch of 4 scenes over 3 or 5 ranks gives unequal and empty shards; unweighted shard
+    means would not average to the global mean.
+    """
+    exp = tiny_experiment(tmp_path, scenes=4)
+    specs = workspace.load_specs(exp)
+    settings = TrainSettings.from_specs(specs)
+    torch.manual_seed(0)
+    decoder = decoder_from_specs(specs)
+    b, s = 4, 32
+    codes = torch.randn(b, 3, requires_grad=True)
+    xyz, sdf = torch.rand(b, s, 3) * 2 - 1, torch.rand(b, s) * 0.2 - 0.1
+    full, _, _ = auto_decoder_loss(decoder, codes, xyz, sdf, 50, settings)
+    full.backward()
+    want = _grads(decoder, codes)
+    avg, naive, total = None, None, 0.0
+    for r in range(world):
+        part = distributed.local_slice(b, r, world)
+        for weighted in (True, False):
+            decoder.zero_grad()
+            codes.grad = None
+            w = distributed.loss_weight(len(range(b)[part]), b, world) if weighted else 1.0
+            loss, _, _ = auto_decoder_loss(decoder, codes[part], xyz[part], sdf[part], 50, settings, w)
+            loss.backward()
+            g = [x / world for x in _grads(decoder, codes)]
+            if weighted:
+                avg = g if avg is None else [a + x for a, x in zip(avg, g)]
+                total += float(loss.detach()) / world
+            elif len(range(b)[part]):
+                naive = g if naive is None else [a + x for a, x in zip(naive, g)]
+    for a, x in zip(avg, want):
+        assert torch.allclose(a, x, atol=1e-7, rtol=1e-5)
+    assert total == pytest.approx(float(full), rel=1e-6)
+    if b % world:
+        assert not all(torch.allclose(a, x, atol=1e-7, rtol=1e-5) for a, x in zip(naive, want))
+
+
+def test_preemption_guard_sets_the_flag_and_restores_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with distributed.PreemptionGuard() as guard:
+        assert not guard(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread before the next bytecode
+        assert guard(2) and guard.received == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_continue_latest_without_checkpoint_starts_fresh(tmp_path):
+    exp = tiny_experiment(tmp_path, epochs=2)
+    assert resume_point(exp, "latest") is None and resume_point(exp, 3) == 3 and resume_point(exp, None) is None
+    specs = workspace.load_specs(exp)
+    data = SdfSamples(specs["DataSource"], read_split(specs["TrainSplit"]))
+    fresh = train_auto_decoder(exp, specs, data, "cpu", seed=1, resume="latest")
+    assert fresh.epoch == 2 and resume_point(exp, "latest") == "latest"
+    with pytest.raises(MeshSDFError, match="checkpoint not found"):
+        train_auto_decoder(exp, specs, data, "cpu", resume=7)
+
+
+# --------------------------------------------------------------------------- 2 processes
+
+WRAPPER = """
+import os, sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {repo!r})
+import lib.train as T
+import train_deep_sdf
+snaps, real = [], T.optimizer_step
+def recording(optimizer, *a, **k):
+    value = real(optimizer, *a, **k)
+    snaps.append([p.detach().clone() for g in optimizer.param_groups for p in g["params"]])
+    return value
+T.optimizer_step = recording
+rc = train_deep_sdf.main(sys.argv[2:])
+torch.save(snaps, os.path.join(sys.argv[1], "rank%s.pt" % os.environ.get("RANK", "0")))
+sys.exit(rc)
+"""
+
+
+def torchrun(nproc: int, script: Path, *args, timeout=240, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MESHSDF_QUIET="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--monitor_interval=0.1", str(script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout, **kw)
+
+
+@pytest.mark.slow
+def test_two_process_run_matches_one_process_and_resumes_with_one(tmp_path, monkeypatch):
+    """torchrun, 2 gloo processes, global batch 3 over 4 scenes (shards 2+1, then 1+0):
+    both ranks hold identical weights and codes after every step, equal (to float
+    rounding) to a 1-process run; the 2-process checkpoint then resumes in 1 process."""
+    exp = tiny_experiment(tmp_path / "ddp", epochs=3)
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
+    r = torchrun(2, wrapper, tmp_path, "-e", exp, "--device", "cpu", "--seed", 5, "--no-reconstruct",
+                 "--continue", "latest")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert len(rank0) == len(rank1) == 3 * 2  # 3 epochs x 2 steps (batches of 3 and 1 scenes)
+    for step, (a, b) in enumerate(zip(rank0, rank1)):
+        for pa, pb in zip(a, b):
+            assert torch.equal(pa, pb), f"ranks differ after step {step + 1}"
+
+    # the same experiment in one process, continued from the 2-process checkpoint to epoch 5
+    import train_deep_sdf
+
+    snaps = []
+    real = train_mod.optimizer_step
+
+    def recording(optimizer, *a, **k):
+        value = real(optimizer, *a, **k)
+        snaps.append([p.detach().clone() for g in optimizer.param_groups for p in g["params"]])
+        return value
+
+    monkeypatch.setattr(train_mod, "optimizer_step", recording)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train_deep_sdf.main(["-e", str(exp), "--device", "cpu", "--continue", "latest", "--epochs", "5",
+                                    "--no-reconstruct"]) == 0
+        resumed = list(snaps)
+        snaps.clear()
+        ref_exp = tiny_experiment(tmp_path / "ref", epochs=5)
+        specs = workspace.load_specs(ref_exp)
+        data = SdfSamples(specs["DataSource"], read_split(specs["TrainSplit"]))
+        train_auto_decoder(ref_exp, specs, data, "cpu", seed=5)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(snaps) == 10 and len(resumed) == 4
+    for step, (got, want) in enumerate(zip(rank0 + resumed, snaps)):
+        for g, w in zip(got, want):
+            assert torch.allclose(g, w, rtol=1e-4, atol=2e-6), f"step {step + 1} differs from the 1-process run"
+    logs, ref_logs = workspace.load_logs(exp), workspace.load_logs(ref_exp)
+    assert logs["log_epochs"] == ref_logs["log_epochs"] == [1, 2, 3, 4, 5]
+    assert np.allclose(logs["loss"], ref_logs["loss"], rtol=1e-5, atol=1e-7)
