@@ -344,6 +344,24 @@ def reconstructions_dir(exp_dir: str | os.PathLike) -> Path:
     return Path(exp_dir) / RECONSTRUCTIONS_DIR
 
 
+def check_writable(exp_dir: str | os.PathLike) -> None:
+    """MeshSDFError unless checkpoints can be written in ``exp_dir`` (checked before training,
+    not after the first epochs); creates nothing that stays."""
+    import tempfile
+
+    exp_dir = Path(exp_dir)
+    for d in (exp_dir, *(exp_dir / k for k in (MODEL_PARAMS_DIR, OPTIMIZER_PARAMS_DIR, LATENT_CODES_DIR))):
+        if d.exists() and not d.is_dir():
+            raise MeshSDFError(f"{d} is a file but must be a folder for checkpoints; move it away")
+        if d.is_dir():
+            try:
+                with tempfile.TemporaryFile(dir=d):
+                    pass
+            except OSError as err:
+                raise MeshSDFError(f"cannot write to {d}: {err.strerror or err}; make the experiment folder "
+                                   "writable or copy it somewhere writable") from None
+
+
 def snapshot_epochs(exp_dir: str | os.PathLike) -> list[int]:
     """Numbered model snapshots present in ``<exp>/ModelParameters``, ascending."""
     d = Path(exp_dir) / MODEL_PARAMS_DIR
