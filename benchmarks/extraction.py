@@ -82,7 +82,8 @@ def main() -> int:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared CPU, multi-threaded small ops wait for busy cores)")
-    ap.add_argument("--fallback", action="store_true", help="use the torus + untrained network even if a checkpoint exists")
+    ap.add_argument("--fallback", action="store_true",
+                    help="use the torus + untrained network even if a checkpoint exists")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = workspace.choose_device(args.device)
@@ -138,6 +139,8 @@ def main() -> int:
           f"iterations ({bitwise} bitwise)")
 
     print(f"\n3. MeshSDF layer, N = {n}, loss = sum of squared vertex coordinates")
+    warm = spot.clone().requires_grad_(True)  # first autograd call pays one-off set-up costs
+    (mesh_from_sdf(dec, warm, n).verts ** 2).sum().backward()
     for mode in ("sparse", "dense"):
         for gradient in ("paper", "exact"):
             z = spot.clone().requires_grad_(True)

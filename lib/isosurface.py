@@ -248,7 +248,8 @@ def grid_axis(resolution: int, size: int | None = None, device=None) -> torch.Te
     size = resolution if size is None else size
     ax = torch.linspace(-1.0, 1.0, resolution, device=device)
     if size > resolution:
-        extra = 1.0 + voxel_size(resolution) * torch.arange(1, size - resolution + 1, device=device, dtype=torch.float32)
+        steps = torch.arange(1, size - resolution + 1, device=device, dtype=torch.float32)
+        extra = 1.0 + voxel_size(resolution) * steps
         ax = torch.cat((ax, extra))
     return ax
 
@@ -490,7 +491,7 @@ class _Grid:
 
 def _evaluate_dense(sdf_fn, n, device, chunk, buffer=None) -> _Grid:
     grid = _Grid(sdf_fn, n, n, device, chunk, buffer)
-    grid.ensure(torch.arange(n ** 3, device=grid.ax.device))
+    grid.evaluate(torch.arange(n ** 3, device=grid.ax.device))
     return grid
 
 
@@ -525,13 +526,16 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
                  with :func:`same_mesh`, records ``state.verified`` and returns the dense
                  mesh if they differ.
     No surface in the box gives an empty mesh, ``state.empty`` and ``state.message``.
+    The ``state`` passed in is consumed: its grid buffer is reused (overwritten) by this call.
     """
     if mode not in MODES:
         raise MeshSDFError(f"extraction mode {mode!r} is unknown: use one of {', '.join(MODES)}")
     n = int(resolution)
     if n < 2:
         raise MeshSDFError(f"resolution {n} is too small: use at least 2 grid points per axis")
-    device = torch.device(device) if device is not None else (state.values.device if state is not None else torch.device("cpu"))
+    if device is None:
+        device = state.values.device if state is not None else torch.device("cpu")
+    device = torch.device(device)
     reuse = state.values if (state is not None and state.values.device == device) else None
     fresh = None
     if (mode == "fast" and state is not None and state.full and state.resolution == n and reuse is not None
