@@ -384,7 +384,9 @@ def load_torch(path: str | os.PathLike, map_location=None) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # corrupt zip, pickle refused by weights_only, ...
-        raise MeshSDFError(f"cannot load {path}: {type(err).__name__}: {err}".split("\n")[0]) from None
+        reason = str(err).split("\n")[0].split(". ")[0]
+        raise MeshSDFError(f"cannot load {path}: {type(err).__name__}: {reason}; the file is truncated, corrupt or "
+                           "not a PyTorch checkpoint") from None
 
 
 def _state_dict(obj) -> dict:
@@ -444,13 +446,29 @@ def load_model_state(exp_dir: str | os.PathLike, model: torch.nn.Module, epoch: 
     return stored
 
 
+def _network_difference(own: Mapping[str, torch.Tensor], stored: Mapping) -> str | None:
+    """The first difference between a model's state dict and a stored one, in words (None: same layout)."""
+    for name, value in own.items():
+        if name not in stored:
+            return f"it lacks {name}"
+        got = tuple(getattr(stored[name], "shape", ()))
+        if got != tuple(value.shape):
+            return f"{name} is {got} there but {tuple(value.shape)} for specs.json"
+    extra = sorted(set(stored) - set(own))
+    return f"it has an extra {extra[0]}" if extra else None
+
+
 def _load_model(model: torch.nn.Module, state: Mapping, path) -> None:
-    try:
-        model.load_state_dict(_strip_module_prefix(state))
-    except RuntimeError as err:
-        first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)
-        raise MeshSDFError(f"{path} does not match the network of specs.json ({first}); "
-                           "check NetworkSpecs and CodeLength") from None
+    state = _strip_module_prefix(state)
+    difference = _network_difference(model.state_dict(), state)
+    if difference is None:
+        try:
+            model.load_state_dict(state)
+            return
+        except RuntimeError as err:
+            difference = str(err).strip().splitlines()[-1].strip()
+    raise MeshSDFError(f"{path} does not match the network of specs.json ({difference}); it was trained with "
+                       "other NetworkSpecs or CodeLength; restore those in specs.json or retrain")
 
 
 def _latent_tensor(codes, path) -> torch.Tensor:

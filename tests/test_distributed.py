@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_experiment(root: Path, *, scenes=4, epochs=3, batch=3, code_bound=1.0, dropout_prob=0.0, log_frequency=1,
-                    samples=64, dims=(16, 16, 16)) -> Path:
+                    samples=64, dims=(16, 16, 16), snapshots=()) -> Path:
     """Spheres of radii 0.3 .. (one per scene), a small decoder; returns the experiment folder."""
     rng = np.random.default_rng(0)
     names = []
@@ -41,7 +41,7 @@ def tiny_experiment(root: Path, *, scenes=4, epochs=3, batch=3, code_bound=1.0, 
         "DataSource": str(root / "data"), "TrainSplit": str(root / "split.json"), "NetworkArch": "deep_sdf_decoder",
         "NetworkSpecs": {"dims": list(dims), "dropout": list(range(len(dims))), "dropout_prob": dropout_prob,
                          "norm_layers": list(range(len(dims))), "latent_in": [1], "weight_norm": True},
-        "CodeLength": 3, "NumEpochs": epochs, "SnapshotFrequency": 1000,
+        "CodeLength": 3, "NumEpochs": epochs, "SnapshotFrequency": 1000, "AdditionalSnapshots": list(snapshots),
         "LearningRateSchedule": [{"Type": "Constant", "Value": 1e-3}, {"Type": "Constant", "Value": 2e-3}],
         "SamplesPerScene": samples, "ScenesPerBatch": batch, "ClampingDistance": 0.1, "LogFrequency": log_frequency,
         "CodeBound": code_bound, "CodeRegularizationLambda": 1e-2,

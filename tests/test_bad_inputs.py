@@ -1,0 +1,389 @@
+"""User mistakes across every script: each must end with one ``script: error: ...`` line naming
+the file / key / flag, a non-zero exit, no traceback and no new or changed file.
+
+Most cases call the script's ``main(argv)`` through ``lib.errors.cli_main`` in this process
+(the path ``python script.py`` takes, without paying for a new interpreter per case); a few
+run as real subprocesses to prove the exit status and the absence of a traceback end to end.
+"""
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lib.errors import EXIT_USER_ERROR, cli_main
+from lib.io import save_png, write_obj
+from tests.test_distributed import tiny_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = {}
+
+
+def case(script: str, *expect: str):
+    """Register a mistake: ``build(tmp) -> argv`` for ``script``; ``expect``: substrings of the error
+    line ("{tmp}" is replaced by the case's folder)."""
+    def deco(build):
+        CASES[build.__name__] = (script, build, expect)
+        return build
+    return deco
+
+
+# --------------------------------------------------------------------------- fixtures
+
+def edit_specs(exp: Path, **changes) -> Path:
+    specs = json.loads((exp / "specs.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            specs.pop(k, None)
+        else:
+            specs[k] = v
+    (exp / "specs.json").write_text(json.dumps(specs))
+    return exp
+
+
+def npz_path(tmp: Path, k: int = 0) -> Path:
+    return tmp / "data" / "toy" / "s" / f"ball{k}.npz"
+
+
+def trained(tmp: Path) -> Path:
+    """The tiny experiment after one epoch (checkpoint ``latest`` of CodeLength 3, dims 16 x 3)."""
+    import train_deep_sdf
+
+    exp = tiny_experiment(tmp, epochs=1, scenes=2, batch=2)
+    assert train_deep_sdf.main(["-e", str(exp), "--device", "cpu", "--no-reconstruct"]) == 0
+    return exp
+
+
+def svr_experiment(tmp: Path, views: int = 2, checkpoint: bool = False) -> Path:
+    """Two instances with samples, 16 px RGBA renders, DISN metadata and meshes; an SVR specs.json."""
+    exp = tiny_experiment(tmp, epochs=1, scenes=2, batch=2)
+    verts = np.array([[0, 0, 0], [0.5, 0, 0], [0, 0.5, 0], [0, 0, 0.5]], np.float32)
+    faces = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])
+    for k in range(2):
+        d = tmp / "data" / "toy" / "renders" / f"ball{k}"
+        for v in range(views):
+            img = np.zeros((16, 16, 4), np.uint8)
+            img[4:12, 4:12] = 200
+            save_png(d / f"{v:02d}.png", img)
+        (d / "rendering_metadata.txt").write_text("".join(f"{30 * v} 25 0 0.7 25\n" for v in range(views)))
+        write_obj(tmp / "data" / "toy" / "meshes" / f"ball{k}.obj", verts, faces)
+    edit_specs(exp, TestSplit=str(tmp / "split.json"), ImageSize=16, NumberOfViews=views,
+               Encoder={"Depth": 4, "Widths": [4], "Normalization": "in"}, ReconstructionResolution=8,
+               ReconstructionViews=[0], RefinementIterations=1, ChamferSamples=100,
+               LearningRateSchedule=[{"Type": "Constant", "Value": 1e-3}])
+    if checkpoint:
+        import train_svr
+
+        assert train_svr.main(["-e", str(exp), "--device", "cpu", "--epochs", "1"]) == 0
+    return exp
+
+
+# --------------------------------------------------------------------------- train_deep_sdf.py
+
+@case("train_deep_sdf", "specs.json", '"CodeLength"', "missing")
+def specs_missing_required_key(tmp):
+    return ["-e", str(edit_specs(tiny_experiment(tmp), CodeLength=None))]
+
+
+@case("train_deep_sdf", "specs.json", '"NumEpochs"', "integer")
+def specs_key_of_wrong_type(tmp):
+    return ["-e", str(edit_specs(tiny_experiment(tmp), NumEpochs="100"))]
+
+
+@case("train_deep_sdf", '"SamplesPerScen"', "unknown key")
+def specs_misspelt_key(tmp):
+    exp = tiny_experiment(tmp)
+    return ["-e", str(edit_specs(exp, SamplesPerScen=100))]
+
+
+@case("train_deep_sdf", "specs.json", "invalid JSON", "line 1")
+def specs_not_json(tmp):
+    exp = tiny_experiment(tmp)
+    (exp / "specs.json").write_text('{"CodeLength": 3,,}')
+    return ["-e", str(exp)]
+
+
+@case("train_deep_sdf", "NetworkSpecs.latent_in", "layer 7")
+def network_specs_layer_out_of_range(tmp):
+    exp = tiny_experiment(tmp)
+    specs = json.loads((exp / "specs.json").read_text())
+    return ["-e", str(edit_specs(exp, NetworkSpecs=dict(specs["NetworkSpecs"], latent_in=[7])))]
+
+
+@case("train_deep_sdf", "LearningRateSchedule", "Type")
+def unknown_schedule_type(tmp):
+    return ["-e", str(edit_specs(tiny_experiment(tmp), LearningRateSchedule=[{"Type": "Cosine"}] * 2))]
+
+
+@case("train_deep_sdf", "{tmp}/split.json", "dataset -> class -> list")
+def split_file_of_wrong_shape(tmp):
+    exp = tiny_experiment(tmp)
+    (tmp / "split.json").write_text(json.dumps(["ball0", "ball1"]))
+    return ["-e", str(exp)]
+
+
+@case("train_deep_sdf", "SDF samples not found", "{tmp}/data/toy/s/ghost.npz")
+def split_names_missing_instance(tmp):
+    exp = tiny_experiment(tmp)
+    (tmp / "split.json").write_text(json.dumps({"toy": {"s": ["ball0", "ghost"]}}))
+    return ["-e", str(exp)]
+
+
+@case("train_deep_sdf", "cannot read SDF samples", "{tmp}/data/toy/s/ball1.npz")
+def corrupt_npz(tmp):
+    exp = tiny_experiment(tmp)
+    npz_path(tmp, 1).write_bytes(b"PK\x03\x04 this is not a zip archive")
+    return ["-e", str(exp)]
+
+
+@case("train_deep_sdf", "ball0.npz", "no 'neg' array")
+def npz_without_neg(tmp):
+    exp = tiny_experiment(tmp)
+    np.savez(npz_path(tmp), pos=np.zeros((10, 4), np.float32), negative=np.zeros((10, 4), np.float32))
+    return ["-e", str(exp)]
+
+
+@case("train_deep_sdf", "ball2.npz", "'pos' has no finite rows")
+def nan_only_samples(tmp):
+    exp = tiny_experiment(tmp)
+    nan = np.full((50, 4), np.nan, np.float32)
+    np.savez(npz_path(tmp, 2), pos=nan, neg=nan)
+    return ["-e", str(exp)]
+
+
+@case("train_deep_sdf", "ball0.npz", "'pos' has shape (10, 3)")
+def npz_rows_without_sdf(tmp):
+    exp = tiny_experiment(tmp)
+    np.savez(npz_path(tmp), pos=np.zeros((10, 3), np.float32), neg=np.zeros((10, 3), np.float32))
+    return ["-e", str(exp)]
+
+
+@case("train_deep_sdf", "unknown device 'gpu0'")
+def unknown_device(tmp):
+    return ["-e", str(tiny_experiment(tmp)), "--device", "gpu0"]
+
+
+@case("train_deep_sdf", "experiment folder not found", "{tmp}/no_such_exp")
+def missing_experiment_folder(tmp):
+    return ["-e", str(tmp / "no_such_exp")]
+
+
+@case("train_deep_sdf", "{tmp}/exp/ModelParameters", "must be a folder")
+def checkpoint_folder_is_a_file(tmp):
+    exp = tiny_experiment(tmp)
+    (exp / "ModelParameters").write_text("not a folder")
+    return ["-e", str(exp)]
+
+
+@case("train_deep_sdf", "cannot write to {tmp}/exp")
+def read_only_experiment_folder(tmp):
+    if os.geteuid() == 0:
+        pytest.skip("root can write to read-only folders")
+    exp = tiny_experiment(tmp)
+    exp.chmod(0o555)
+    return ["-e", str(exp)]
+
+
+@case("train_deep_sdf", "checkpoint not found", "OptimizerParameters/5.pth", "available: latest")
+def continue_from_missing_snapshot(tmp):
+    return ["-e", str(trained(tmp)), "--continue", "5"]
+
+
+@case("train_deep_sdf", "--continue takes 'latest' or an epoch number", "'last'")
+def continue_with_bad_value(tmp):
+    return ["-e", str(tiny_experiment(tmp)), "--continue", "last"]
+
+
+@case("train_deep_sdf", "OptimizerParameters/latest.pth", "does not match the network of specs.json", "CodeLength")
+def checkpoint_of_another_code_length(tmp):
+    return ["-e", str(edit_specs(trained(tmp), CodeLength=4)), "--continue", "latest"]
+
+
+@case("train_deep_sdf", "OptimizerParameters/latest.pth", "does not match the network of specs.json")
+def checkpoint_of_other_dims(tmp):
+    exp = trained(tmp)
+    specs = json.loads((exp / "specs.json").read_text())
+    net = dict(specs["NetworkSpecs"], dims=[24, 24, 24])
+    return ["-e", str(edit_specs(exp, NetworkSpecs=net)), "--continue", "latest"]
+
+
+@case("train_deep_sdf", "cannot load", "OptimizerParameters/latest.pth")
+def truncated_checkpoint(tmp):
+    exp = trained(tmp)
+    p = exp / "OptimizerParameters" / "latest.pth"
+    p.write_bytes(p.read_bytes()[:200])
+    return ["-e", str(exp), "--continue", "latest"]
+
+
+@case("train_deep_sdf", "--epochs must be >= 1")
+def zero_epochs(tmp):
+    return ["-e", str(tiny_experiment(tmp)), "--epochs", "0"]
+
+
+# --------------------------------------------------------------------------- prepare_data.py
+
+@case("prepare_data", "{tmp}/notes.obj")
+def mesh_file_that_is_not_a_mesh(tmp):
+    (tmp / "notes.obj").write_text("these are my notes, not vertices\n")
+    return ["--mesh", str(tmp / "notes.obj"), "--dataset", "mine", "--out", str(tmp / "out"), "--samples", "100"]
+
+
+@case("prepare_data", "--dataset NAME is required")
+def mesh_without_dataset_name(tmp):
+    write_obj(tmp / "tet.obj", np.eye(4, 3, dtype=np.float32), np.array([[0, 1, 2], [0, 2, 3]]))
+    return ["--mesh", str(tmp / "tet.obj"), "--out", str(tmp / "out")]
+
+
+@case("prepare_data", "{tmp}/absent.ply")
+def missing_mesh_file(tmp):
+    return ["--mesh", str(tmp / "absent.ply"), "--dataset", "mine", "--out", str(tmp / "out")]
+
+
+@case("prepare_data", "dataset name 'my data'")
+def dataset_name_with_space(tmp):
+    return ["--builtin", "bob_and_spot", "--dataset", "my data", "--out", str(tmp / "out")]
+
+
+@case("prepare_data", "--samples must be at least 10")
+def too_few_samples(tmp):
+    return ["--builtin", "bob_and_spot", "--samples", "3", "--out", str(tmp / "out")]
+
+
+# --------------------------------------------------------------------------- demo_optimizer.py
+
+@case("demo_optimizer", "checkpoint not found", "{tmp}/exp/ModelParameters/latest.pth", "train it first")
+def demo_without_checkpoint(tmp):
+    return ["-e", str(tiny_experiment(tmp)), "--target", "ball0", "--init", "ball1", "--device", "cpu"]
+
+
+@case("demo_optimizer", "--target 'bob'", "valid names: ball0, ball1")
+def demo_target_not_in_split(tmp):
+    return ["-e", str(tiny_experiment(tmp, scenes=2)), "--device", "cpu"]
+
+
+@case("demo_optimizer", "--iterations must be >= 1")
+def demo_zero_iterations(tmp):
+    return ["-e", str(tiny_experiment(tmp)), "--iterations", "0"]
+
+
+@case("demo_optimizer", "ModelParameters/latest.pth", "does not match the network of specs.json")
+def demo_with_checkpoint_of_other_dims(tmp):
+    exp = trained(tmp)
+    specs = json.loads((exp / "specs.json").read_text())
+    net = dict(specs["NetworkSpecs"], dims=[24, 24, 24])
+    return ["-e", str(edit_specs(exp, NetworkSpecs=net)), "--target", "ball0", "--init", "ball1", "--device", "cpu"]
+
+
+# --------------------------------------------------------------------------- SVR scripts
+
+@case("train_svr", "cannot read image", "{tmp}/data/toy/renders/ball1/01.png")
+def corrupt_png(tmp):
+    exp = svr_experiment(tmp)
+    (tmp / "data" / "toy" / "renders" / "ball1" / "01.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return ["-e", str(exp), "--device", "cpu", "--epochs", "1"]
+
+
+@case("train_svr", "{tmp}/data/toy/renders/ball0/rendering_metadata.txt, line 2", "expected 5 numbers")
+def malformed_metadata_line(tmp):
+    exp = svr_experiment(tmp)
+    (tmp / "data" / "toy" / "renders" / "ball0" / "rendering_metadata.txt").write_text("0 25 0 0.7 25\n30 25\n")
+    return ["-e", str(exp), "--device", "cpu", "--epochs", "1"]
+
+
+@case("train_svr", "render not found", "{tmp}/data/toy/renders/ball0/02.png", "NumberOfViews")
+def fewer_renders_than_views(tmp):
+    exp = edit_specs(svr_experiment(tmp), NumberOfViews=3)
+    return ["-e", str(exp), "--device", "cpu", "--epochs", "1"]
+
+
+@case("train_svr", '"Encoder"', "Normalization")
+def svr_encoder_of_unknown_norm(tmp):
+    exp = edit_specs(svr_experiment(tmp), Encoder={"Normalization": "group"})
+    return ["-e", str(exp), "--device", "cpu"]
+
+
+@case("reconstruct_svr", "view 5 does not exist", "NumberOfViews")
+def reconstruct_view_out_of_range(tmp):
+    return ["-e", str(svr_experiment(tmp)), "--views", "5", "--device", "cpu"]
+
+
+@case("reconstruct_svr", "instance 'ghost' is not in the TestSplit")
+def reconstruct_unknown_instance(tmp):
+    return ["-e", str(svr_experiment(tmp)), "--instances", "ghost", "--device", "cpu"]
+
+
+@case("reconstruct_svr", "checkpoint not found", "ModelParameters/latest.pth")
+def reconstruct_without_network(tmp):
+    return ["-e", str(svr_experiment(tmp)), "--device", "cpu"]
+
+
+@case("metrics_svr", "no reconstructions in {tmp}/exp/Reconstructions", "reconstruct_svr.py")
+def metrics_before_reconstructing(tmp):
+    return ["-e", str(svr_experiment(tmp))]
+
+
+# --------------------------------------------------------------------------- the checks
+
+def snapshot(root: Path) -> dict:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def check_error(line_or_err: str, rc: int, expect, tmp: Path, script: str):
+    assert rc != 0 and rc == EXIT_USER_ERROR, f"exit status {rc}"
+    assert "Traceback" not in line_or_err
+    lines = [ln for ln in line_or_err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{script}.py: error: "), lines[0]
+    for e in expect:
+        assert e.replace("{tmp}", str(tmp)) in lines[0], (e, lines[0])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_user_mistake_gives_one_line_and_no_output(name, tmp_path, capsys, monkeypatch):
+    script, build, expect = CASES[name]
+    monkeypatch.setenv("MESHSDF_QUIET", "1")
+    argv = build(tmp_path)
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as stop:
+        cli_main(lambda: module.main(argv), prog=f"{script}.py")
+    err = capsys.readouterr().err
+    check_error(err, stop.value.code, expect, tmp_path, script)
+    assert snapshot(tmp_path) == before, "files were written or changed"
+
+
+SUBPROCESS_CASES = ("checkpoint_of_another_code_length", "mesh_file_that_is_not_a_mesh", "corrupt_png",
+                    "metrics_before_reconstructing")
+
+
+@pytest.mark.slow
+def test_scripts_exit_2_without_traceback(tmp_path):
+    """The same mistakes through ``python script.py``: run side by side (interpreter start-up dominates)."""
+    runs = []
+    for name in SUBPROCESS_CASES:
+        script, build, expect = CASES[name]
+        tmp = tmp_path / name
+        tmp.mkdir()
+        argv = build(tmp)
+        before = snapshot(tmp)
+        proc = subprocess.Popen([sys.executable, str(REPO / f"{script}.py"), *argv], cwd=REPO, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=dict(os.environ, MESHSDF_QUIET="1", OMP_NUM_THREADS="1"))
+        runs.append((proc, script, expect, tmp, before))
+    for proc, script, expect, tmp, before in runs:
+        out, err = proc.communicate(timeout=180)
+        check_error(err, proc.returncode, expect, tmp, script)
+        assert out == ""
+        assert snapshot(tmp) == before
+
+
+def test_there_are_at_least_twenty_distinct_mistakes_across_all_scripts():
+    scripts = {script for script, _, _ in CASES.values()}
+    assert len(CASES) >= 20
+    assert scripts == {"train_deep_sdf", "prepare_data", "demo_optimizer", "train_svr", "reconstruct_svr",
+                       "metrics_svr"}
