@@ -160,16 +160,13 @@ def main(argv=None) -> int:
             sources.append(("mesh", str(f), inst))
     _check_name("dataset", dataset)
     root = out / dataset
-    for sub in ("samples", "meshes"):
-        _check_writable(root / sub)
-
     n_test = 0
-    if views:
-        _check_writable(root / "renders")
-        if len(sources) > 1:
-            n_test = args.test_count if args.test_count is not None else max(1, len(sources) // 5)
-            if not 1 <= n_test < len(sources):
-                raise MeshSDFError(f"--test-count must be between 1 and {len(sources) - 1} for {len(sources)} instances")
+    if views and len(sources) > 1:
+        n_test = args.test_count if args.test_count is not None else max(1, len(sources) // 5)
+        if not 1 <= n_test < len(sources):
+            raise MeshSDFError(f"--test-count must be between 1 and {len(sources) - 1} for {len(sources)} instances")
+    for sub in ("samples", "meshes") + (("renders",) if views else ()):
+        _check_writable(root / sub)
     tasks = [(kind, src, str(out), dataset, inst, args.samples, args.seed + i, args.resolution,
               {"views": views, "image_size": args.image_size, "seed": 1_000_003 * (args.seed + 1) + i} if views else None)
              for i, (kind, src, inst) in enumerate(sources)]

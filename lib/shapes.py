@@ -381,7 +381,11 @@ _TOY_CAR_MESH_ZOOM = 1.8
 
 
 def mesh_builtin(name: str, resolution: int = 192, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mesh of built-in shape ``name`` in its own frame: verts (V, 3) float32, faces (F, 3) int64."""
+    """Mesh of built-in shape ``name`` in its own frame: verts (V, 3) float32, faces (F, 3) int64 (CPU).
+
+    bob and spot: ``mesh_shape``; toy cars: enlarged to fill the grid, meshed, scaled back
+    (ShapeNet-like units).
+    """
     shape = builtin_shape(name)
     if name in BUILTIN:
         return mesh_shape(shape, resolution, device)

@@ -133,7 +133,7 @@ def random_disn_cameras(count: int, rng: np.random.Generator, image_size: int = 
 
 
 def render_rgba(verts: torch.Tensor, faces: torch.Tensor, camera, color=(0.8, 0.8, 0.8),
-                supersample: int = 3) -> torch.Tensor:
+                supersample: int = 2) -> torch.Tensor:
     """Anti-aliased Lambertian RGBA renders (B, S, S, 4) float in [0, 1], straight alpha.
 
     Rendered with ``lib.render.shade`` at ``supersample`` times the camera's size and
@@ -152,7 +152,7 @@ def render_rgba(verts: torch.Tensor, faces: torch.Tensor, camera, color=(0.8, 0.
 
 
 def render_views(verts, faces, out_dir: str | os.PathLike, views: int, image_size: int = 224,
-                 seed: int = 0, color=(0.8, 0.8, 0.8), chunk: int = 8) -> None:
+                 seed: int = 0, color=(0.8, 0.8, 0.8), chunk: int = 8, supersample: int = 2) -> None:
     """Write ``out_dir/NN.png`` (RGBA) and ``out_dir/rendering_metadata.txt`` for ``views`` views.
 
     verts (V, 3), faces (F, 3) in the frame the metadata describes (cameras look at the
@@ -163,17 +163,18 @@ def render_views(verts, faces, out_dir: str | os.PathLike, views: int, image_siz
     from lib.io import save_png
 
     out_dir = Path(out_dir)
-    v = torch.as_tensor(np.asarray(verts), dtype=torch.float64)
+    v = torch.as_tensor(np.asarray(verts), dtype=torch.float32)
     f = torch.as_tensor(np.asarray(faces), dtype=torch.int64)
-    cams = random_disn_cameras(views, np.random.default_rng(seed), image_size)
+    cams64 = random_disn_cameras(views, np.random.default_rng(seed), image_size)
+    cams = cams64.to(dtype=torch.float32)  # float32 rasterises several times faster
     for a in range(0, views, chunk):
         idx = range(a, min(a + chunk, views))
         sub = Camera(cams.R[a:idx.stop], cams.t[a:idx.stop], cams.focal[a:idx.stop], cams.principal[a:idx.stop],
                      cams.image_size, batched=True)
-        rgba = render_rgba(v, f, sub, color=color)
+        rgba = render_rgba(v, f, sub, color=color, supersample=supersample)
         for k, img in zip(idx, rgba):
             save_png(out_dir / view_image_name(k), img.float().numpy())
-    write_disn_metadata(out_dir / METADATA_FILE, cams)
+    write_disn_metadata(out_dir / METADATA_FILE, cams64)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -463,81 +464,57 @@ class GroundTruth:
         return normal_consistency(n.cpu(), self.normals)
 
 
-def silhouette_loss(sil: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference between a rendered silhouette and the input alpha, (S, S) each."""
-    return (sil - alpha).abs().mean()
-
-
 def reconstruct_view(decoder: nn.Module, code: torch.Tensor, alpha: torch.Tensor, camera, gt: GroundTruth | None,
                      settings: RefineSettings, on_iteration: Callable[[int, dict], None] | None = None) -> ViewResult:
-    """Raw mesh of ``code`` then ``settings.iterations`` Adam steps on the code (decoder frozen).
+    """Raw mesh of ``code``, then ``settings.iterations`` Adam steps on the code (decoder frozen).
 
-    decoder: DeepSDF decoder (eval mode); code (L,) from the encoder; alpha (S, S) float in
-    [0, 1], the input image's alpha; camera: the view's unbatched Camera at size S in the
-    SDF frame; gt: metrics reference (None: Chamfer and normal consistency are NaN).
-    Loss = mean |soft silhouette - alpha| (``lib.render.silhouette`` with sigma and faces
-    per pixel of ``settings``); the mesh is extracted through ``lib.meshsdf.mesh_from_sdf``
-    at ``settings.resolution`` with ``settings.mode``, reusing the extraction state.
+    decoder: DeepSDF decoder (put in eval mode and frozen by lib.optimize); code (L,) from
+    the encoder; alpha (S, S) float in [0, 1], the input image's alpha; camera: the view's
+    unbatched Camera at size S in the SDF frame; gt: metrics reference (None: Chamfer and
+    normal consistency are NaN).  The loop is ``lib.optimize`` with an L1
+    ``SilhouetteLoss`` (sigma and faces per pixel of ``settings``) and the mesh extracted at
+    ``settings.resolution`` with ``settings.mode``.  ``on_iteration(i, entry)`` sees each
+    log entry.  A surface that vanishes ends the refinement (the message is kept).
     """
-    from lib.meshsdf import mesh_from_sdf
     from lib.metrics import silhouette_iou
-    from lib.render import silhouette
+    from lib.optimize import LatentOptimizer, SilhouetteLoss, optimize
 
-    device = code.device
-    alpha = alpha.to(device=device, dtype=torch.float32)
-    cam = camera.to(device=device, dtype=torch.float32)
-    frozen = [p for p in decoder.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    latent = code.detach().clone().reshape(-1).requires_grad_(True)
-    opt = torch.optim.Adam([latent], lr=settings.lr)
-    log = {k: [] for k in LOG_KEYS}
-    state = None
-    raw = refined = None
-    sils = {"input": alpha.detach().cpu()}
-    messages = []
-    t0 = time.perf_counter()
-    try:
-        for it in range(settings.iterations + 1):
-            mesh = mesh_from_sdf(decoder, latent, settings.resolution, mode=settings.mode, state=state)
-            state = mesh.state
-            verts, faces = mesh.verts, mesh.faces
-            if faces.shape[0] == 0:
-                sil = alpha.new_zeros(alpha.shape)
-                messages.append(f"iteration {it}: {state.message}")
-            else:
-                sil = silhouette(verts, faces, cam, sigma=settings.sigma, faces_per_pixel=settings.faces_per_pixel)
-            loss = silhouette_loss(sil, alpha)
-            with torch.no_grad():
-                entry = {"silhouette_loss": float(loss), "latent_norm": float(latent.norm()),
-                         "iou": silhouette_iou(sil.detach().cpu(), alpha.cpu()),
-                         "chamfer": gt.chamfer(verts, faces) if gt is not None else math.nan,
-                         "normal_consistency": (gt.normal_consistency(verts, faces, cam) if gt is not None
-                                                else math.nan)}
-            for k in LOG_KEYS:
-                log[k].append(entry[k])
-            if on_iteration is not None:
-                on_iteration(it, entry)
-            if it == 0:
-                raw = (verts.detach().cpu(), faces.cpu())
-                sils["raw"] = sil.detach().cpu()
-            if it == settings.iterations:
-                refined = (verts.detach().cpu(), faces.cpu())
-                sils["refined"] = sil.detach().cpu()
-                break
-            if not loss.requires_grad:  # empty mesh: nothing to differentiate, keep the code
-                messages.append(f"iteration {it}: no surface to refine; stopped")
-                refined = (verts.detach().cpu(), faces.cpu())
-                sils["refined"] = sil.detach().cpu()
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    return ViewResult(raw, refined, sils, {k: np.asarray(v, dtype=np.float64) for k, v in log.items()},
-                      code.detach().reshape(-1).cpu(), latent.detach().cpu(), time.perf_counter() - t0, messages)
+    alpha = alpha.detach().float().cpu()
+    loss_fn = SilhouetteLoss(camera.to(device=code.device, dtype=torch.float32), alpha, loss="l1",
+                             sigma=settings.sigma, faces_per_pixel=settings.faces_per_pixel)
+    opt = LatentOptimizer(decoder, code, loss_fn, lr=settings.lr, resolution=settings.resolution, mode=settings.mode)
+    kept = {}          # the first ("raw") and the latest evaluated iterations
+
+    def metrics(it) -> dict:
+        entry = {"silhouette_loss": it.loss, "latent_norm": float(it.latent.norm()),
+                 "iou": silhouette_iou(it.image.cpu(), alpha),
+                 "chamfer": gt.chamfer(it.verts, it.faces) if gt is not None else math.nan,
+                 "normal_consistency": (gt.normal_consistency(it.verts, it.faces, loss_fn.camera) if gt is not None
+                                        else math.nan)}
+        kept.setdefault("first", it)
+        kept["last"] = it
+        if on_iteration is not None:
+            on_iteration(len(records), entry)
+        records.append(entry)
+        return entry
+
+    records: list[dict] = []
+    run = optimize(opt, settings.iterations, callbacks=[metrics], final_callbacks=[metrics], show_progress=False)
+    messages = [run.stopped] if run.stopped else []
+    empty = (torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int64))
+    if not kept:  # no surface for the encoder's code at all
+        messages = [f"the encoder's code has no surface at resolution {settings.resolution} (the SDF has one sign "
+                    "on the grid): nothing to refine; is the network trained?"]
+        records.append({k: math.nan for k in LOG_KEYS})
+        blank = torch.zeros_like(alpha)
+        return ViewResult(empty, empty, {"input": alpha, "raw": blank, "refined": blank},
+                          {k: np.asarray([r[k] for r in records], dtype=np.float64) for k in LOG_KEYS},
+                          code.detach().reshape(-1).cpu(), code.detach().reshape(-1).cpu(), run.seconds, messages)
+    first, last = kept["first"], kept["last"]
+    return ViewResult((first.verts.cpu(), first.faces.cpu()), (last.verts.cpu(), last.faces.cpu()),
+                      {"input": alpha, "raw": first.image.cpu(), "refined": last.image.cpu()},
+                      {k: np.asarray([r[k] for r in records], dtype=np.float64) for k in LOG_KEYS},
+                      code.detach().reshape(-1).cpu(), last.latent.detach().reshape(-1).cpu(), run.seconds, messages)
 
 
 def view_dir(exp_dir: str | os.PathLike, instance: str, view: int) -> Path:
