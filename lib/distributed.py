@@ -114,12 +114,33 @@ def init_distributed(device: str | None = None) -> DistContext:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        for key in ("MASTER_ADDR", "MASTER_PORT"):
-            if key not in os.environ:
-                raise MeshSDFError(f"WORLD_SIZE={world} but {key} is not set; launch with torchrun")
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+        dist.init_process_group(backend, store=_attempt_store(rank, world), rank=rank, world_size=world,
                                 **({"device_id": dev} if dev.type == "cuda" else {}))
     return DistContext(rank, world, local, dev, dist.get_backend())
+
+
+def _attempt_store(rank: int, world: int) -> dist.Store:
+    """The rendezvous store at MASTER_ADDR:MASTER_PORT, with keys private to this restart attempt.
+
+    torchrun keeps one store for all restarts of a job (TORCHELASTIC_USE_AGENT_STORE); with
+    ``init_method="env://"`` the group restarted by ``--max-restarts`` finds the previous
+    attempt's keys there and hangs in init_process_group (seen with torch 2.13).  Prefixing
+    the keys with TORCHELASTIC_RESTART_COUNT gives every attempt a clean namespace.
+    """
+    from datetime import timedelta
+
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise MeshSDFError(f"WORLD_SIZE={world} but {missing[0]} is not set; launch with torchrun")
+    try:
+        port = int(os.environ["MASTER_PORT"])
+    except ValueError:
+        raise MeshSDFError(f"MASTER_PORT={os.environ['MASTER_PORT']!r} is not a port number") from None
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], port, world, is_master=not agent_hosts_store and rank == 0,
+                          timeout=timedelta(minutes=30))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"meshsdf/attempt_{attempt}", store)
 
 
 def cleanup() -> None:

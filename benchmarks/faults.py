@@ -1,0 +1,208 @@
+#!/usr/bin/env python
+"""Kill/resume soak: train_deep_sdf.py killed many times at random moments still ends exactly
+where an uninterrupted run ends.
+
+Two ways of dying and coming back (``--mode``):
+
+  * single:   SIGKILL the script (``--kills`` times), then start the same command again,
+              ``--continue latest`` (a fresh start the first time);
+  * torchrun: one ``torchrun --nproc_per_node=2 --max-restarts=K`` job; SIGKILL one of its
+              workers at random (``--kills`` times) and let torchrun restart the group with
+              the same command;
+  * both (default).
+
+After every kill the ``latest`` resume record must load (model, codes, Adam state, RNG) and
+the logs must never be behind it.  At the end: epochs 1..N each logged once, and the loss
+curve and weights equal those of an uninterrupted run of the same configuration (same
+world size, same threads).  Prints kills survived, epochs redone per kill and the result.
+Usage: python benchmarks/faults.py [--kills 20] [--mode both] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lib import workspace  # noqa: E402
+from lib.data import read_split  # noqa: E402
+from lib.models.decoder import decoder_from_specs  # noqa: E402
+from lib.train import TrainSettings, make_latent_codes  # noqa: E402
+
+ENV = dict(os.environ, MESHSDF_QUIET="1", OMP_NUM_THREADS="1")
+
+
+def make_experiment(root: Path, epochs: int) -> Path:
+    rng = np.random.default_rng(0)
+    names = []
+    for k in range(4):
+        p = rng.uniform(-1, 1, (4000, 3)).astype(np.float32)
+        sdf = np.linalg.norm(p, axis=1) - (0.3 + 0.1 * k)
+        rows = np.column_stack([p, sdf]).astype(np.float32)
+        d = root / "data" / "soak" / "s"
+        d.mkdir(parents=True, exist_ok=True)
+        np.savez(d / f"ball{k}.npz", pos=rows[sdf > 0], neg=rows[sdf <= 0])
+        names.append(f"ball{k}")
+    (root / "split.json").write_text(json.dumps({"soak": {"s": names}}))
+    exp = root / "exp"
+    exp.mkdir(parents=True)
+    specs = {
+        "DataSource": str(root / "data"), "TrainSplit": str(root / "split.json"), "NetworkArch": "deep_sdf_decoder",
+        "NetworkSpecs": {"dims": [32, 32, 32], "dropout": [0, 1, 2], "dropout_prob": 0.2, "norm_layers": [0, 1, 2],
+                         "latent_in": [1], "weight_norm": True},
+        "CodeLength": 4, "NumEpochs": epochs, "SnapshotFrequency": 25, "LogFrequency": 1,
+        "LearningRateSchedule": [{"Type": "Step", "Initial": 1e-3, "Interval": 50, "Factor": 0.5}] * 2,
+        "SamplesPerScene": 512, "ScenesPerBatch": 2, "ClampingDistance": 0.1, "CodeBound": 1.0,
+    }
+    (exp / "specs.json").write_text(json.dumps(specs))
+    return exp
+
+
+def command(exp: Path, nproc: int, restarts: int = 0) -> list[str]:
+    script = [str(REPO / "train_deep_sdf.py"), "-e", str(exp), "--continue", "latest", "--device", "cpu",
+              "--seed", "7", "--no-reconstruct"]
+    if nproc == 1:
+        return [sys.executable, *script]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--max-restarts={restarts}", "--monitor_interval=0.1", *script]
+
+
+def logged_epoch(exp: Path) -> int:
+    try:
+        return int(workspace.load_logs(exp).get("epoch", 0))
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def check_resume_record(exp: Path) -> int:
+    """Load ``latest`` as a resume does; returns its epoch (0 when there is none yet)."""
+    if not workspace.checkpoint_path(exp, "OptimizerParameters", "latest").is_file():
+        return 0
+    specs = workspace.load_specs(exp)
+    dec = decoder_from_specs(specs)
+    codes = make_latent_codes(len(read_split(specs["TrainSplit"])), specs["CodeLength"], TrainSettings.from_specs(specs))
+    opt = torch.optim.Adam([{"params": dec.parameters()}, {"params": codes.parameters()}])
+    epoch, extra = workspace.load_checkpoint(exp, "latest", dec, opt, codes)
+    assert "rng_state" in extra
+    return epoch
+
+
+def workers(pid: int) -> list[int]:
+    """Child processes of ``pid`` (torchrun's workers)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def wait_progress(exp: Path, before: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while proc.poll() is None and logged_epoch(exp) <= before and time.time() < deadline:
+        time.sleep(0.01)
+
+
+def soak_single(exp: Path, kills: int, rng: random.Random) -> list[tuple[int, int]]:
+    history = []
+    for _ in range(kills):
+        before = logged_epoch(exp)
+        proc = subprocess.Popen(command(exp, 1), env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        wait_progress(exp, before, proc)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is not None:
+            raise SystemExit("training finished before the planned kills; raise --epochs")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        history.append((logged_epoch(exp), check_resume_record(exp)))
+    r = subprocess.run(command(exp, 1), env=ENV, cwd=REPO, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"final run failed: {r.stderr[-2000:]}")
+    return history
+
+
+def soak_torchrun(exp: Path, kills: int, rng: random.Random) -> list[tuple[int, int]]:
+    history = []
+    proc = subprocess.Popen(command(exp, 2, restarts=kills), env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    for _ in range(kills):
+        before = logged_epoch(exp)
+        wait_progress(exp, before, proc)
+        time.sleep(rng.uniform(0.0, 0.3))
+        pids = workers(proc.pid)
+        if proc.poll() is not None or not pids:
+            raise SystemExit("training finished before the planned kills; raise --epochs")
+        os.kill(rng.choice(pids), signal.SIGKILL)
+        # torchrun notices, stops the other worker and restarts both; wait for the old ones to go
+        deadline = time.time() + 60
+        while any(p in workers(proc.pid) for p in pids) and time.time() < deadline:
+            time.sleep(0.02)
+        history.append((logged_epoch(exp), check_resume_record(exp)))
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"torchrun failed: {err[-2000:]}")
+    return history
+
+
+def reference(root: Path, epochs: int, nproc: int) -> Path:
+    exp = make_experiment(root, epochs)
+    r = subprocess.run(command(exp, nproc), env=ENV, cwd=REPO, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"reference run failed: {r.stderr[-2000:]}")
+    return exp
+
+
+def compare(exp: Path, ref: Path, epochs: int) -> str:
+    logs, ref_logs = workspace.load_logs(exp), workspace.load_logs(ref)
+    assert logs["log_epochs"] == list(range(1, epochs + 1)), "epochs missing or repeated"
+    loss_diff = float(np.max(np.abs(np.array(logs["loss"]) - np.array(ref_logs["loss"]))))
+    specs = workspace.load_specs(exp)
+    a, b = workspace.load_decoder(exp, specs), workspace.load_decoder(ref, specs)
+    w_diff = max(float((x - y).abs().max()) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    ok = loss_diff <= 1e-5 and w_diff <= 1e-5
+    return f"max |loss - uninterrupted| {loss_diff:.2e}, max |weight diff| {w_diff:.2e}: {'EQUAL' if ok else 'DIFFERENT'}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=None, help="default: 12 per kill + 20")
+    ap.add_argument("--mode", choices=("single", "torchrun", "both"), default="both")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    epochs = args.epochs or 12 * args.kills + 20
+    modes = ("single", "torchrun") if args.mode == "both" else (args.mode,)
+    for mode in modes:
+        rng = random.Random(args.seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            exp = make_experiment(Path(tmp) / "soak", epochs)
+            t0 = time.perf_counter()
+            history = (soak_single if mode == "single" else soak_torchrun)(exp, args.kills, rng)
+            seconds = time.perf_counter() - t0
+            for logged, ckpt in history:
+                assert ckpt <= logged, "a checkpoint ahead of the logs"
+            redone = [logged - ckpt for logged, ckpt in history]
+            result = compare(exp, reference(Path(tmp) / "ref", epochs, 1 if mode == "single" else 2), epochs)
+        print(f"{mode:8s}: {len(history)} SIGKILLs survived over {epochs} epochs in {seconds:.0f} s; killed at epochs "
+              f"{[h[0] for h in history]}; latest loadable after every kill; epochs redone per kill: mean "
+              f"{np.mean(redone):.1f}, max {max(redone)}; {result}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
