@@ -10,9 +10,10 @@ on the CPU) and joins the process group.
 
 Batches: every process draws the same *global* batch from generators seeded alike (so the
 generators stay in step and rank 0's saved RNG state is everyone's), then keeps its
-contiguous share, ``local_slice``.  ``loss_weight`` scales a shard's mean loss so that
-DDP's gradient average is the gradient of the global batch's mean, whatever the shard
-sizes (including empty shards when a batch has fewer items than processes).
+contiguous share, ``local_share``, whose ``loss_weight`` scales the share's mean loss so
+that DDP's gradient average is the gradient of the global batch's mean, whatever the share
+sizes (an empty share, when a batch has fewer items than processes, borrows one item with
+weight 0).
 
 Pre-emption: ``PreemptionGuard`` turns SIGTERM into a flag that the training loop polls
 after each epoch (all ranks agree on it), so the run saves ``latest`` and exits with
@@ -223,6 +224,24 @@ def loss_weight(local_size: int, global_size: int, world: int | None = None) -> 
     """
     w = world_size() if world is None else world
     return w * local_size / global_size if w > 1 else 1.0
+
+
+def local_share(global_size: int) -> tuple[slice, float]:
+    """(rows of a global batch this rank trains on, ``loss_weight`` for their mean loss).
+
+    A rank whose share is empty borrows item 0 with weight 0: it still runs forward and
+    backward (DDP needs every rank in each gradient all-reduce, and layers such as
+    InstanceNorm cannot take an empty batch) but adds nothing.  (everything, 1.0) in a
+    single process.
+    """
+    w = world_size()
+    if w == 1:
+        return slice(0, global_size), 1.0
+    part = local_slice(global_size)
+    n = part.stop - part.start
+    if n == 0:
+        return slice(0, 1), 0.0
+    return part, loss_weight(n, global_size, w)
 
 
 def wrap_ddp(module: nn.Module, device: torch.device | str | None = None) -> nn.Module:

@@ -367,9 +367,8 @@ def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfS
                 batch_codes = codes(scenes.to(device))  # every rank applies CodeBound's renorm alike
                 weight = 1.0
                 if world > 1:
-                    part = distributed.local_slice(len(scenes))
+                    part, weight = distributed.local_share(len(scenes))
                     xyz, sdf, batch_codes = xyz[part], sdf[part], batch_codes[part]
-                    weight = distributed.loss_weight(sdf.shape[0], len(scenes))
                 xyz, sdf = xyz.to(device, non_blocking=True), sdf.to(device, non_blocking=True)
                 loss, _, _ = auto_decoder_loss(net, batch_codes, xyz, sdf, epoch, settings, weight)
                 try:

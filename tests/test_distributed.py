@@ -61,6 +61,16 @@ def test_local_slices_partition_the_batch(n, w):
     assert max(sizes) - min(sizes) <= 1
 
 
+def test_local_share_borrows_an_item_with_weight_zero_when_empty(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    shares = []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shares.append(distributed.local_share(2))
+    assert shares == [(slice(0, 1), 1.5), (slice(1, 2), 1.5), (slice(0, 1), 0.0)]
+    assert sum(w for _, w in shares) / 3 == 1.0  # the weights average to a full batch
+
+
 def test_single_process_is_a_no_op(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
