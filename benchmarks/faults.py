@@ -139,9 +139,11 @@ def soak_single(exp: Path, kills: int, rng: random.Random) -> list[tuple[int, in
 
 def soak_torchrun(exp: Path, kills: int, rng: random.Random) -> list[tuple[int, int]]:
     history = []
-    proc = subprocess.Popen(command(exp, 2, restarts=kills), env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    for _ in range(kills):
+    err_file = exp.parent / "torchrun.err"
+    with open(err_file, "w") as err_out:
+        proc = subprocess.Popen(command(exp, 2, restarts=kills), env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=err_out)
+    for k in range(kills):
         before = logged_epoch(exp)
         wait_progress(exp, before, proc)
         time.sleep(rng.uniform(0.0, 0.3))
@@ -154,9 +156,11 @@ def soak_torchrun(exp: Path, kills: int, rng: random.Random) -> list[tuple[int, 
         while any(p in workers(proc.pid) for p in pids) and time.time() < deadline:
             time.sleep(0.02)
         history.append((logged_epoch(exp), check_resume_record(exp)))
-    _, err = proc.communicate()
+        print(f"  kill {k + 1}: pid {pids} at epoch {history[-1][0]} (checkpoint {history[-1][1]})", file=sys.stderr)
+    proc.wait()
     if proc.returncode != 0:
-        raise SystemExit(f"torchrun failed: {err[-2000:]}")
+        failures = [ln for ln in err_file.read_text().splitlines() if "exitcode" in ln or "Error:" in ln]
+        raise SystemExit(f"torchrun failed after {len(history)} kills:\n" + "\n".join(failures[-20:]))
     return history
 
 
