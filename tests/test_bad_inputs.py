@@ -357,8 +357,7 @@ def test_user_mistake_gives_one_line_and_no_output(name, tmp_path, capsys, monke
     assert snapshot(tmp_path) == before, "files were written or changed"
 
 
-SUBPROCESS_CASES = ("checkpoint_of_another_code_length", "mesh_file_that_is_not_a_mesh", "corrupt_png",
-                    "metrics_before_reconstructing")
+SUBPROCESS_CASES = ("checkpoint_of_another_code_length", "mesh_file_that_is_not_a_mesh", "corrupt_png")
 
 
 @pytest.mark.slow
