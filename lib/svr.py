@@ -36,7 +36,7 @@ from torch import nn
 from lib import workspace
 from lib.errors import MeshSDFError
 from lib.log import info, progress
-from lib.workspace import Key, bool_key, int_key, int_list_key, num_key, str_key
+from lib.workspace import Key, int_key, int_list_key, num_key, str_key
 
 # --------------------------------------------------------------------------- specs
 

@@ -2,7 +2,6 @@
 import csv
 import io
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -317,7 +316,7 @@ def test_refinement_with_no_surface_keeps_the_code():
     code = torch.full((2,), -5.0)    # radius 0.002: no grid crossing
     res = svr.reconstruct_view(dec, code, torch.zeros(16, 16), cam, None, settings)
     assert res.raw[1].shape == (0, 3) and torch.equal(res.refined_code, code)
-    assert res.messages and "vanished" in res.messages[0]
+    assert res.messages and "has no surface" in res.messages[0]
     assert np.isnan(res.log["chamfer"]).all()
 
 
