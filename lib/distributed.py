@@ -257,6 +257,19 @@ def wrap_ddp(module: nn.Module, device: torch.device | str | None = None) -> nn.
     return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """BatchNorm layers of ``module`` made SyncBatchNorm when running distributed on CUDA.
+
+    Then the statistics are those of the global batch, as in one process; parameters and
+    state-dict keys are unchanged, so checkpoints are the same.  SyncBatchNorm has no CPU
+    implementation: on the CPU each rank normalises with its own share's statistics.
+    Call it before building the optimizer.
+    """
+    if not is_distributed() or next(module.parameters()).device.type != "cuda":
+        return module
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
