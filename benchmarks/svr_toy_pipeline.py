@@ -3,9 +3,10 @@
 
 Stages (each a subprocess, timed with the wall clock):
   1. prepare_data.py --builtin toy_cars --count 48 --test-count 8 --image-size 64 ...
-  2. train_svr.py -e experiments/toy_cars_svr
-  3. reconstruct_svr.py -e experiments/toy_cars_svr
-  4. metrics_svr.py -e experiments/toy_cars_svr
+  2. train_deep_sdf.py -e experiments/toy_cars_deepsdf --no-reconstruct   (the decoder's init)
+  3. train_svr.py -e experiments/toy_cars_svr
+  4. reconstruct_svr.py -e experiments/toy_cars_svr
+  5. metrics_svr.py -e experiments/toy_cars_svr
 then prints the seconds per stage, mean raw / refined Chamfer (x1000) and normal
 consistency (%) over the test views and the fraction of views whose Chamfer refinement
 lowered (goal >= 80 %).  The load average is printed too: on a shared machine the stage
@@ -38,7 +39,7 @@ def run(args: list[str]) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--skip-prepare", action="store_true", help="reuse data/toy_cars")
-    ap.add_argument("--skip-train", action="store_true", help="reuse the trained network")
+    ap.add_argument("--skip-train", action="store_true", help="reuse the trained networks")
     ap.add_argument("--workers", type=int, default=2, help="prepare_data.py --workers (default 2)")
     args = ap.parse_args()
     times = {}
@@ -46,7 +47,8 @@ def main() -> int:
     if not args.skip_prepare:
         times["prepare"] = run(PREPARE + ["--workers", str(args.workers)])
     if not args.skip_train:
-        times["train"] = run(["train_svr.py", "-e", EXP])
+        times["train_deep_sdf"] = run(["train_deep_sdf.py", "-e", "experiments/toy_cars_deepsdf", "--no-reconstruct"])
+        times["train_svr"] = run(["train_svr.py", "-e", EXP])
     times["reconstruct"] = run(["reconstruct_svr.py", "-e", EXP])
     times["metrics"] = run(["metrics_svr.py", "-e", EXP])
     rows = list(csv.DictReader((REPO / EXP / "Results" / "svr_metrics.csv").open()))

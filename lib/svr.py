@@ -67,6 +67,10 @@ def _schedules_key(v):
     return workspace.schedule_list_key(1)(v)
 
 
+def _nullable_str_key(v):
+    return None if v is None or (isinstance(v, str) and v) else "must be a non-empty string or null"
+
+
 def _choice_key(choices):
     def check(v):
         return None if v in choices else f"must be one of {', '.join(choices)}"
@@ -89,6 +93,9 @@ SVR_KEYS: dict[str, Key] = {
     # (a second entry, as in some original specs, is accepted and ignored)
     "LearningRateSchedule": Key(_schedules_key, required=True),
     "DecoderLearningRateFactor": Key(num_key(0.0), default=0.1),
+    # an experiment folder (e.g. a DeepSDF auto-decoder trained with train_deep_sdf.py on the
+    # same shapes) whose ModelParameters/latest.pth starts the decoder; null: from scratch
+    "DecoderInit": Key(_nullable_str_key, default=None),
     "TestSplit": Key(str_key, default=None),
     "ImageSize": Key(int_key(16), default=224),
     "NumberOfViews": Key(int_key(1), default=16),
@@ -311,8 +318,9 @@ def train_svr(exp_dir: str | os.PathLike, specs: Mapping, dataset, device=None, 
     with one random view per instance.  Writes checkpoints (``ModelParameters`` holds the
     EncoderDecoder state, keys ``encoder.*`` / ``decoder.*``; ``OptimizerParameters`` the
     Adam state and RNG states; no LatentCodes: codes come from the encoder) and Logs.pth,
-    with the cadence and resume semantics of ``lib.train.train_auto_decoder``.  Returns a
-    ``lib.train.TrainResult`` (latent_codes = None).
+    with the cadence and resume semantics of ``lib.train.train_auto_decoder``.  A fresh run
+    starts the decoder from ``DecoderInit``'s latest decoder when the specs name one.
+    Returns a ``lib.train.TrainResult`` (latent_codes = None).
     """
     from lib.data import scene_batches
     from lib.train import (NonFiniteLossError, TrainResult, TrainSettings, append_epoch_logs, new_logs,
@@ -323,7 +331,12 @@ def train_svr(exp_dir: str | os.PathLike, specs: Mapping, dataset, device=None, 
     settings = TrainSettings.from_specs(specs, num_epochs)
     schedules = svr_schedules(specs)
     workspace.seed_everything(seed)
-    net = network_from_specs(specs).to(device)
+    net = network_from_specs(specs)
+    if specs.get("DecoderInit") and resume is None:
+        init = workspace.resolve_path(specs["DecoderInit"])
+        epoch0 = workspace.load_model_state(init, net.decoder, "latest", map_location="cpu")
+        info(f"decoder initialised from {init} (epoch {epoch0})")
+    net = net.to(device)
     optimizer = make_optimizer(net, schedules)
     sampler = torch.Generator(device=dataset.device)
     sampler.manual_seed(seed)

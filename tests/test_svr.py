@@ -199,6 +199,10 @@ def test_committed_experiments_load():
     assert toy["ImageSize"] <= 64 and toy["DecoderLearningRateFactor"] == 0.1
     net = svr.network_from_specs(toy)
     assert net(torch.rand(2, 4, toy["ImageSize"], toy["ImageSize"])).shape == (2, toy["CodeLength"])
+    # the DeepSDF experiment that initialises the toy decoder has the same network and shapes
+    init = workspace.load_specs(REPO / toy["DecoderInit"])
+    assert init["NetworkSpecs"] == toy["NetworkSpecs"] and init["CodeLength"] == toy["CodeLength"]
+    assert init["TrainSplit"] == toy["TrainSplit"]
 
 
 # ------------------------------------------------------------------ training
@@ -262,6 +266,26 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     assert np.allclose(np.array(logs["learning_rate"]), [[0.005, 0.0005]] * 4)
     net = svr.load_network(exp, specs, 2)
     assert net.checkpoint_epoch == 2 and not net.training
+
+
+def test_decoder_init_from_another_experiment(tmp_path):
+    from lib.models.decoder import decoder_from_specs
+
+    _make_data(tmp_path)
+    init = tmp_path / "deepsdf"
+    specs = svr.load_svr_specs(_specs(tmp_path))
+    torch.manual_seed(5)
+    dec = decoder_from_specs(specs)
+    workspace.save_checkpoint(init, "latest", 7, dec)
+    exp = _specs(tmp_path, DecoderInit=str(init), LearningRateSchedule=[{"Type": "Constant", "Value": 0.0}])
+    specs = svr.load_svr_specs(exp)
+    net = svr.train_svr(exp, specs, svr.training_set_from_specs(specs), "cpu", num_epochs=1).decoder
+    for k, v in dec.state_dict().items():
+        assert torch.equal(net.decoder.state_dict()[k], v), k
+    exp = _specs(tmp_path, DecoderInit=str(tmp_path / "nowhere"))
+    with pytest.raises(MeshSDFError, match="nowhere"):
+        specs = svr.load_svr_specs(exp)
+        svr.train_svr(exp, specs, svr.training_set_from_specs(specs), "cpu", num_epochs=1)
 
 
 # ------------------------------------------------------------------ refinement
