@@ -393,7 +393,7 @@ def test_tiny_pipeline_writes_every_output(tmp_path):
                   "NumEpochs": 40, "SnapshotFrequency": 20, "LogFrequency": 5, "SamplesPerScene": 512,
                   "ScenesPerBatch": 2, "CodeLength": 4, "Encoder": {"Depth": 10, "Widths": [4, 8, 8, 8]},
                   "LearningRateSchedule": [{"Type": "Constant", "Value": 0.01}], "DecoderLearningRateFactor": 1.0,
-                  "ClampingDistance": 1.0,
+                  "ClampingDistance": 1.0, "DecoderInit": None,
                   "ReconstructionResolution": 20, "ReconstructionViews": [0, 1], "RefinementIterations": 2,
                   "ChamferSamples": 300})
     specs["NetworkSpecs"]["dims"] = [32, 32, 32, 32]
