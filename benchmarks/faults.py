@@ -40,6 +40,7 @@ from lib import workspace  # noqa: E402
 from lib.data import read_split  # noqa: E402
 from lib.models.decoder import decoder_from_specs  # noqa: E402
 from lib.train import TrainSettings, make_latent_codes  # noqa: E402
+from lib.sampling import split_by_sign, write_sdf_samples  # noqa: E402
 
 ENV = dict(os.environ, MESHSDF_QUIET="1", OMP_NUM_THREADS="1")
 
@@ -50,10 +51,7 @@ def make_experiment(root: Path, epochs: int) -> Path:
     for k in range(4):
         p = rng.uniform(-1, 1, (4000, 3)).astype(np.float32)
         sdf = np.linalg.norm(p, axis=1) - (0.3 + 0.1 * k)
-        rows = np.column_stack([p, sdf]).astype(np.float32)
-        d = root / "data" / "soak" / "s"
-        d.mkdir(parents=True, exist_ok=True)
-        np.savez(d / f"ball{k}.npz", pos=rows[sdf > 0], neg=rows[sdf <= 0])
+        write_sdf_samples(root / "data" / "soak" / "s" / f"ball{k}.npz", *split_by_sign(np.column_stack([p, sdf])))
         names.append(f"ball{k}")
     (root / "split.json").write_text(json.dumps({"soak": {"s": names}}))
     exp = root / "exp"

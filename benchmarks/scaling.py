@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lib import workspace  # noqa: E402
+from lib.sampling import split_by_sign, write_sdf_samples  # noqa: E402
 
 
 def make_experiment(root: Path, scenes: int, batch: int, samples: int, dims: list[int], epochs: int) -> Path:
@@ -42,10 +43,7 @@ def make_experiment(root: Path, scenes: int, batch: int, samples: int, dims: lis
     for k in range(scenes):
         p = rng.uniform(-1, 1, (50_000, 3)).astype(np.float32)
         sdf = np.linalg.norm(p, axis=1) - (0.2 + 0.6 * k / max(1, scenes - 1))
-        rows = np.column_stack([p, sdf]).astype(np.float32)
-        d = root / "data" / "bench" / "s"
-        d.mkdir(parents=True, exist_ok=True)
-        np.savez(d / f"ball{k}.npz", pos=rows[sdf > 0], neg=rows[sdf <= 0])
+        write_sdf_samples(root / "data" / "bench" / "s" / f"ball{k}.npz", *split_by_sign(np.column_stack([p, sdf])))
         names.append(f"ball{k}")
     (root / "split.json").write_text(json.dumps({"bench": {"s": names}}))
     exp = root / "exp"

@@ -136,9 +136,22 @@ def sample_sdf(verts: np.ndarray, faces: np.ndarray, n: int, seed: int = 0) -> t
     rng = np.random.default_rng(seed)
     pts = sample_points(verts, faces, n, rng)
     sdf = signed_distance(verts, faces, pts)
-    rows = np.concatenate([pts, sdf[:, None]], axis=1).astype(np.float32)
-    inside = sdf < 0
+    return split_by_sign(np.concatenate([pts, sdf[:, None]], axis=1))
+
+
+def split_by_sign(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split (N, 4) rows ``x y z sdf`` into float32 ``pos`` (sdf >= 0) and ``neg`` (sdf < 0)."""
+    rows = np.asarray(rows, dtype=np.float32)
+    inside = rows[:, 3] < 0
     return rows[~inside], rows[inside]
+
+
+def write_sdf_samples(path: str | os.PathLike, pos: np.ndarray, neg: np.ndarray) -> None:
+    """Write a DeepSDF samples file (``pos``, ``neg`` arrays) atomically, creating its folder."""
+    from lib.io import atomic_write
+
+    with atomic_write(path, suffix=".tmp.npz") as tmp:
+        np.savez(tmp, pos=pos, neg=neg)
 
 
 def prepare_mesh(verts: np.ndarray, faces: np.ndarray, out_root: str | os.PathLike, dataset: str,
@@ -161,8 +174,7 @@ def prepare_mesh(verts: np.ndarray, faces: np.ndarray, out_root: str | os.PathLi
     pos, neg = sample_sdf(nverts, faces, n_samples, seed)
 
     root = Path(out_root) / dataset
-    with atomic_write(root / "samples" / f"{instance}.npz", suffix=".tmp.npz") as tmp:
-        np.savez(tmp, pos=pos, neg=neg)
+    write_sdf_samples(root / "samples" / f"{instance}.npz", pos, neg)
     with atomic_write(root / "samples" / f"{instance}_normalization.npz", suffix=".tmp.npz") as tmp:
         np.savez(tmp, offset=norm.offset, scale=np.float64(norm.scale))
     write_obj(root / "meshes" / f"{instance}.obj", nverts, faces)

@@ -16,6 +16,7 @@ from lib import distributed, workspace
 from lib.data import SdfSamples, read_split
 from lib.errors import MeshSDFError
 from lib.models.decoder import decoder_from_specs
+from lib.sampling import split_by_sign, write_sdf_samples
 from lib.train import TrainSettings, auto_decoder_loss, resume_point, train_auto_decoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,10 +30,7 @@ def tiny_experiment(root: Path, *, scenes=4, epochs=3, batch=3, code_bound=1.0, 
     for k in range(scenes):
         p = rng.uniform(-1, 1, (1500, 3))
         sdf = np.linalg.norm(p, axis=1) - (0.3 + 0.1 * k)
-        rows = np.column_stack([p, sdf]).astype(np.float32)
-        d = root / "data" / "toy" / "s"
-        d.mkdir(parents=True, exist_ok=True)
-        np.savez(d / f"ball{k}.npz", pos=rows[sdf > 0], neg=rows[sdf <= 0])
+        write_sdf_samples(root / "data" / "toy" / "s" / f"ball{k}.npz", *split_by_sign(np.column_stack([p, sdf])))
         names.append(f"ball{k}")
     (root / "split.json").write_text(json.dumps({"toy": {"s": names}}))
     exp = root / "exp"

@@ -17,6 +17,7 @@ from lib.data import (Instance, RenderSet, RgbaSdfSamples, SdfSamples, read_norm
                       to_normalized_frame)
 from lib.errors import MeshSDFError
 from lib.io import read_png, save_png
+from lib.sampling import split_by_sign, write_sdf_samples
 from lib.isosurface import extract_dense
 from lib.train import TrainSettings
 
@@ -39,8 +40,7 @@ def _make_data(root: Path, names=("a", "b"), views=2, size=16, radii=(0.3, 0.6))
     rng = np.random.default_rng(0)
     for k, (name, r) in enumerate(zip(names, radii)):
         rows = _sphere_rows(r, 1500, rng)
-        (root / "ds" / "samples").mkdir(parents=True, exist_ok=True)
-        np.savez(root / "ds" / "samples" / f"{name}.npz", pos=rows[rows[:, 3] > 0], neg=rows[rows[:, 3] <= 0])
+        write_sdf_samples(root / "ds" / "samples" / f"{name}.npz", *split_by_sign(rows))
         d = root / "ds" / "renders" / name
         yy, xx = np.mgrid[:size, :size] + 0.5
         for v in range(views):

@@ -17,6 +17,7 @@ from lib.data import SdfSamples, read_split
 from lib.errors import MeshSDFError
 from lib.io import read_mesh
 from lib.metrics import genus, merge_vertices
+from lib.sampling import split_by_sign, write_sdf_samples
 from lib.train import (StepSchedule, TrainSettings, ConstantSchedule, WarmupSchedule, clamped_l1, code_reg_weight,
                        reconstruct_training_shapes, train_auto_decoder, truncate_logs)
 
@@ -42,9 +43,7 @@ def _write_npz(path, fn, n, seed):
     near = near[np.abs(fn(near)) < 0.15][:n] + rng.normal(scale=0.02, size=(min(n, int((np.abs(fn(near)) < 0.15).sum())), 3))
     pts = np.concatenate([uni, near])
     sdf = fn(pts)
-    rows = np.column_stack([pts, sdf]).astype(np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, pos=rows[sdf > 0], neg=rows[sdf <= 0])
+    write_sdf_samples(path, *split_by_sign(np.column_stack([pts, sdf])))
 
 
 def _experiment(tmp, *, epochs=10, dims=(32, 32, 32, 32), dropout=(), samples=1024, log_frequency=5,
