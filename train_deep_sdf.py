@@ -7,7 +7,6 @@ Exit status: 0 done, 2 user error, 143 stopped by SIGTERM/SIGUSR1 after saving `
 from __future__ import annotations
 
 import argparse
-import signal
 
 from lib import distributed, workspace
 from lib.data import SdfSamples, read_split
@@ -64,7 +63,7 @@ def main(argv=None) -> int:
     if not ctx.is_main:
         return distributed.EXIT_PREEMPTED if result.stopped else 0
     if result.stopped:
-        info(f"stopped by {signal.Signals(guard.received).name} after epoch {result.epoch}; saved 'latest' in {args.experiment}; "
+        info(f"stopped by {guard.reason} after epoch {result.epoch}; saved 'latest' in {args.experiment}; "
              "resume with --continue latest")
         return distributed.EXIT_PREEMPTED
     info(f"trained to epoch {result.epoch}; checkpoints in {args.experiment}")

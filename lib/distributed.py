@@ -244,6 +244,16 @@ def local_share(global_size: int) -> tuple[slice, float]:
     return part, loss_weight(n, global_size, w)
 
 
+def check_global_batch(global_size: int, key: str = "ScenesPerBatch") -> None:
+    """On rank 0, say so when a global batch of ``global_size`` (specs ``key``) leaves some ranks idle."""
+    w = world_size()
+    if global_size < w and is_main_process():
+        from lib.log import info
+
+        info(f"{key} {global_size} < {w} processes: some ranks get no scenes; raise {key} (the global batch) "
+             "or use fewer processes")
+
+
 def wrap_ddp(module: nn.Module, device: torch.device | str | None = None) -> nn.Module:
     """``module`` in DistributedDataParallel when running distributed, else ``module`` itself.
 
@@ -361,3 +371,8 @@ class PreemptionGuard:
 
     def __call__(self, epoch: int) -> bool:
         return any_rank(self.received is not None)
+
+    @property
+    def reason(self) -> str:
+        """What stopped the run, for messages: the signal's name, or another process's signal."""
+        return signal.Signals(self.received).name if self.received is not None else "a signal to another process"

@@ -3,8 +3,10 @@
 Pieces (each usable alone, e.g. by train_svr.py whose codes come from an encoder):
 ``TrainSettings`` (specs values), learning-rate schedules, ``clamped_l1``,
 ``code_regularization``, ``auto_decoder_loss``, ``optimizer_step`` (one update with the
-non-finite guard), ``new_logs``/``append_epoch_logs``/``truncate_logs`` (Logs.pth), and
-``train_auto_decoder`` which puts them together with checkpoints and resuming.
+non-finite guard), ``new_logs``/``append_epoch_logs``/``truncate_logs`` (Logs.pth),
+``EpochBook`` (resuming, learning rates and rank-local seeds per epoch, Logs.pth, stop
+agreement, snapshots and ``latest``, progress), and ``train_auto_decoder`` which puts them
+together.
 
 Epochs are numbered from 1.  The schedule, the code-regularisation ramp and the snapshot
 choice are functions of the epoch number only, and the checkpoint stores the optimizer
@@ -232,7 +234,12 @@ def new_logs() -> dict:
 
 
 def append_epoch_logs(logs: dict, epoch: int, losses: Sequence[float], rates: Sequence[float], seconds: float,
-                      codes: torch.Tensor, model: nn.Module) -> None:
+                      codes: torch.Tensor | float, model: nn.Module) -> None:
+    """Add one epoch: step losses, rates, seconds, mean code norm and parameter norms.
+
+    ``codes``: the (K, L) codes whose mean L2 norm is logged, or that mean already computed
+    (a trainer whose codes are spread over ranks reduces it first).
+    """
     logs["epoch"] = epoch
     logs["loss"].extend(float(v) for v in losses)
     logs["loss_epoch"].extend([epoch] * len(losses))
@@ -240,7 +247,8 @@ def append_epoch_logs(logs: dict, epoch: int, losses: Sequence[float], rates: Se
     logs["learning_rate"].append([float(r) for r in rates])
     logs["timing"].append(float(seconds))
     with torch.no_grad():
-        logs["latent_magnitude"].append(float(codes.detach().norm(dim=1).mean()))
+        magnitude = codes.detach().norm(dim=1).mean() if isinstance(codes, torch.Tensor) else codes
+        logs["latent_magnitude"].append(float(magnitude))
         for name, p in model.named_parameters():
             logs["param_magnitude"].setdefault(name, []).append(float(p.detach().norm()))
 
@@ -259,6 +267,114 @@ def truncate_logs(logs: Mapping, epoch: int) -> dict:
         out[key] = [logs[key][i] for i in keep_epoch]
     out["param_magnitude"] = {k: [v[i] for i in keep_epoch] for k, v in logs["param_magnitude"].items()}
     return out
+
+
+# --------------------------------------------------------------------------- epochs
+
+class EpochBook:
+    """The bookkeeping around a trainer's epochs: resuming, rates, Logs.pth, checkpoints, stopping, progress.
+
+    One per run, shared by ``train_auto_decoder`` and ``lib.svr.train_svr``::
+
+        book = EpochBook(exp_dir, settings, save)
+        seed = book.resume(resume, model, optimizer, codes, sampler, seed)
+        try:
+            for epoch in book.epochs(optimizer, schedules, seed):
+                ...  # the steps
+                if book.end_epoch(losses, codes, model, stop_requested):
+                    break
+        finally:
+            book.close()
+
+    ``save(label, epoch)`` writes the checkpoint ``label`` (an epoch number or "latest");
+    the book calls it on the main process only, which alone writes files and shows the
+    progress bar.  ``last_saved`` is the epoch ``latest`` holds (0: none), ``epoch`` the
+    last completed one, ``logs`` the Logs.pth content.
+    """
+
+    def __init__(self, exp_dir: str | os.PathLike, settings: TrainSettings, save: Callable[[str | int, int], None],
+                 desc: str = "train"):
+        self.exp_dir = Path(exp_dir)
+        self.settings = settings
+        self.save = save
+        self.desc = desc
+        self.main = distributed.is_main_process()
+        self.logs = new_logs()
+        self.last_saved = self.epoch = 0
+        self.bar = None
+        self._current: tuple[int, list[float], float] | None = None  # epoch, rates, start time
+
+    def resume(self, resume: str | int | None, model: nn.Module, optimizer: torch.optim.Optimizer,
+               latent_codes: nn.Module | None, sampler: torch.Generator, seed: int, device=None) -> int:
+        """Load checkpoint ``resume`` (None: nothing) into the objects and the logs up to it; returns the
+        run's seed (the checkpoint's, when it saved one)."""
+        if resume is None:
+            return seed
+        self.last_saved, extra = workspace.load_checkpoint(self.exp_dir, resume, model, optimizer, latent_codes,
+                                                           map_location=device)
+        self.epoch = self.last_saved
+        if "rng_state" in extra:
+            workspace.set_rng_state(extra["rng_state"], sampler)
+        elif self.main:
+            info(f"checkpoint {resume} has no RNG state: resumed run will differ from an uninterrupted one")
+        self.logs = truncate_logs(workspace.load_logs(self.exp_dir), self.last_saved)
+        return int(extra.get("seed", seed))
+
+    def epochs(self, optimizer: torch.optim.Optimizer, schedules: Sequence[Callable[[int], float]], seed: int):
+        """The epochs still to train, each after setting its learning rates (param group i:
+        ``schedules[i](epoch)``) and, on ranks other than 0, reseeding torch's generator so
+        dropout masks are rank-local: rank 0 keeps the stream its checkpoint saves, the
+        others draw from ``lib.distributed.rank_seed(seed, epoch)``, so a resumed run repeats
+        them too.  Opens the progress bar (``close`` closes it)."""
+        total = self.settings.num_epochs
+        self.bar = progress(total=total, initial=min(self.last_saved, total), desc=self.desc, unit="epoch",
+                            **({} if self.main else {"disable": True}))
+        for epoch in range(self.last_saved + 1, total + 1):
+            rates = set_learning_rates(optimizer, schedules, epoch)
+            if not self.main:
+                torch.manual_seed(distributed.rank_seed(seed, epoch))
+            self._current = (epoch, rates, time.perf_counter())
+            yield epoch
+
+    def non_finite(self, err: Exception, advice: str) -> "NonFiniteLossError":
+        """The error to raise for a NaN/inf loss: where the last good checkpoint is, and ``advice``."""
+        kept = (f"the last good checkpoint is {workspace.checkpoint_path(self.exp_dir, 'ModelParameters', 'latest')}"
+                f" (epoch {self.last_saved})" if self.last_saved else "no checkpoint was written")
+        return NonFiniteLossError(f"{err}; stopped, {kept}; {advice}, then resume with --continue latest")
+
+    def end_epoch(self, losses: Sequence[float], codes: torch.Tensor | float, model: nn.Module,
+                  stop_requested: bool) -> bool:
+        """After the epoch, on every rank: log it, agree on stopping, write what is due; returns whether to stop.
+
+        ``losses``: the epoch's step losses; ``codes``, as ``append_epoch_logs``.  Stop:
+        ``stop_requested`` on any rank (``lib.distributed.any_rank``).  A snapshot epoch
+        keeps ``<epoch>.pth``; snapshots, every LogFrequency-th epoch, the last epoch and a
+        stop also write Logs.pth, then ``latest``.
+        """
+        epoch, rates, t0 = self._current
+        seconds = time.perf_counter() - t0
+        self.epoch = epoch
+        append_epoch_logs(self.logs, epoch, losses, rates, seconds, codes, model)
+        stop = distributed.any_rank(stop_requested)
+        settings = self.settings
+        snapshot = settings.is_snapshot(epoch)
+        if self.main and snapshot:
+            self.save(epoch, epoch)
+        if snapshot or stop or epoch % settings.log_frequency == 0 or epoch == settings.num_epochs:
+            if self.main:
+                # logs first: a kill between the two leaves logs ahead of the checkpoint,
+                # which resuming truncates, never a checkpoint whose epoch the logs lack
+                workspace.save_logs(self.exp_dir, self.logs)
+                self.save("latest", epoch)
+            self.last_saved = epoch
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.5f}", s_per_epoch=f"{seconds:.2f}")
+            self.bar.update(1)
+        return stop
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # --------------------------------------------------------------------------- the loop
@@ -315,7 +431,7 @@ def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfS
     exp_dir = Path(exp_dir)
     settings = TrainSettings.from_specs(specs, num_epochs)
     schedules = schedules_from_specs(specs)
-    world, main = distributed.world_size(), distributed.is_main_process()
+    world = distributed.world_size()
     workspace.seed_everything(seed)
     decoder = decoder_from_specs(specs).to(device)
     codes = make_latent_codes(len(dataset), int(specs["CodeLength"]), settings, device)
@@ -324,41 +440,21 @@ def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfS
     # one generator for scene order and samples, in step on every rank (same seed, same draws)
     sampler = torch.Generator(device=dataset.device)
     sampler.manual_seed(seed)
-    logs = new_logs()
-    last_saved = 0
-    resume = resume_point(exp_dir, resume)
-    if resume is not None:
-        last_saved, extra = workspace.load_checkpoint(exp_dir, resume, decoder, optimizer, codes, map_location=device)
-        if "rng_state" in extra:
-            workspace.set_rng_state(extra["rng_state"], sampler)
-        elif main:
-            info(f"checkpoint {resume} has no RNG state: resumed run will differ from an uninterrupted one")
-        seed = int(extra.get("seed", seed))
-        logs = truncate_logs(workspace.load_logs(exp_dir), last_saved)
-    start = last_saved + 1
-    net = distributed.wrap_ddp(decoder, device)
-    sync = None
-    if world > 1:
-        distributed.broadcast_parameters_(codes.parameters())
-        sync = distributed.GradientSync(list(codes.parameters()))
-        if settings.scenes_per_batch < world and main:
-            info(f"ScenesPerBatch {settings.scenes_per_batch} < {world} processes: some ranks get no scenes; "
-                 "raise ScenesPerBatch (the global batch) or use fewer processes")
 
-    def save(label):
+    def save(label, epoch):
         workspace.save_checkpoint(exp_dir, label, epoch, decoder, optimizer, codes,
                                   extra={"rng_state": workspace.rng_state(sampler), "seed": seed})
 
-    epoch = last_saved
-    bar = progress(total=settings.num_epochs, initial=min(last_saved, settings.num_epochs), desc="train", unit="epoch",
-                   **({} if main else {"disable": True}))
+    book = EpochBook(exp_dir, settings, save, "train")
+    seed = book.resume(resume_point(exp_dir, resume), decoder, optimizer, codes, sampler, seed, device)
+    net = distributed.wrap_ddp(decoder, device)
+    sync = None
+    distributed.check_global_batch(settings.scenes_per_batch)
+    if world > 1:
+        distributed.broadcast_parameters_(codes.parameters())
+        sync = distributed.GradientSync(list(codes.parameters()))
     try:
-        for epoch in range(start, settings.num_epochs + 1):
-            t0 = time.perf_counter()
-            rates = set_learning_rates(optimizer, schedules, epoch)
-            if world > 1 and not main:
-                # rank-local dropout masks; rank 0 keeps the stream its checkpoint saves
-                torch.manual_seed(distributed.rank_seed(seed, epoch))
+        for epoch in book.epochs(optimizer, schedules, seed):
             decoder.train()
             losses = []
             for scenes in scene_batches(len(dataset), settings.scenes_per_batch, sampler):
@@ -375,30 +471,12 @@ def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfS
                     losses.append(optimizer_step(optimizer, loss, epoch, decoder.parameters(), settings.grad_clip_norm,
                                                  sync=sync))
                 except NonFiniteLossError as err:
-                    kept = (f"the last good checkpoint is {workspace.checkpoint_path(exp_dir, 'ModelParameters', 'latest')}"
-                            f" (epoch {last_saved})" if last_saved else "no checkpoint was written")
-                    raise NonFiniteLossError(f"{err}; stopped, {kept}; lower LearningRateSchedule or check the "
-                                             "SDF samples, then resume with --continue latest") from None
-            seconds = time.perf_counter() - t0
-            append_epoch_logs(logs, epoch, losses, rates, seconds, codes.weight, decoder)
-            stop = distributed.any_rank(bool(should_stop and should_stop(epoch)))
-            snapshot = settings.is_snapshot(epoch)
-            if main and snapshot:
-                save(epoch)
-            if snapshot or stop or epoch % settings.log_frequency == 0 or epoch == settings.num_epochs:
-                if main:
-                    # logs first: a kill between the two leaves logs ahead of the checkpoint,
-                    # which resuming truncates, never a checkpoint whose epoch the logs lack
-                    workspace.save_logs(exp_dir, logs)
-                    save("latest")
-                last_saved = epoch
-            bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.5f}", s_per_epoch=f"{seconds:.2f}")
-            bar.update(1)
-            if stop:
+                    raise book.non_finite(err, "lower LearningRateSchedule or check the SDF samples") from None
+            if book.end_epoch(losses, codes.weight, decoder, bool(should_stop and should_stop(epoch))):
                 return TrainResult(decoder, codes, epoch, True)
     finally:
-        bar.close()
-    return TrainResult(decoder, codes, max(epoch, last_saved), False)
+        book.close()
+    return TrainResult(decoder, codes, book.epoch, False)
 
 
 def reconstruct_training_shapes(exp_dir: str | os.PathLike, decoder: nn.Module, codes: torch.Tensor,
