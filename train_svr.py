@@ -1,10 +1,15 @@
 #!/usr/bin/env python
-"""Train the single-view reconstruction network (image encoder + DeepSDF decoder) from specs.json."""
+"""Train the single-view reconstruction network (image encoder + DeepSDF decoder) from specs.json.
+
+Runs as is under ``torchrun --nproc_per_node=K`` (DDP over encoder + decoder, see
+lib.distributed / lib.svr.train_svr).  Exit status: 0 done, 2 user error, 143 stopped by
+SIGTERM/SIGUSR1 after saving ``latest``.
+"""
 from __future__ import annotations
 
 import argparse
 
-from lib import workspace
+from lib import distributed, workspace
 from lib.errors import MeshSDFError, cli_main
 from lib.log import info
 
@@ -19,11 +24,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "experiment folder.")
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
     ap.add_argument("-c", "--continue", dest="resume", type=workspace.parse_epoch, default=None,
-                    metavar="latest|N", help="resume from the 'latest' checkpoint or snapshot epoch N")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+                    metavar="latest|N", help="resume from the 'latest' checkpoint (starts from scratch when there "
+                                             "is none yet, so it is safe in restart loops) or snapshot epoch N")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available; under "
+                                                   "torchrun, process k uses cuda:LOCAL_RANK)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0; a resumed run restores "
                                                          "the checkpoint's RNG state instead)")
     ap.add_argument("--epochs", type=int, default=None, help="train up to this epoch instead of NumEpochs")
+    ap.epilog = ("Several GPUs or machines: torchrun --nproc_per_node=K train_svr.py -e EXP [--continue latest] "
+                 "(ScenesPerBatch is the global batch). SIGTERM/SIGUSR1: finishes the epoch, saves 'latest', exits "
+                 f"with status {distributed.EXIT_PREEMPTED}.")
     return ap.parse_args(argv)
 
 
@@ -34,12 +44,25 @@ def main(argv=None) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise MeshSDFError(f"--epochs must be >= 1, got {args.epochs}")
     specs = load_svr_specs(args.experiment)
-    device = workspace.choose_device(args.device)
-    dataset = training_set_from_specs(specs)
-    info(f"training on {len(dataset)} instances x {specs['NumberOfViews']} views of {specs['ImageSize']} px "
-         f"on {device}")
-    result = train_svr(args.experiment, specs, dataset, device, resume=args.resume, seed=args.seed,
-                       num_epochs=args.epochs)
+    workspace.check_writable(args.experiment)
+    ctx = distributed.init_distributed(args.device)  # also checks --device
+    try:
+        dataset = training_set_from_specs(specs)
+        if ctx.is_main:
+            where = f"{ctx.world_size} processes ({ctx.backend})" if ctx.distributed else str(ctx.device)
+            info(f"training on {len(dataset)} instances x {specs['NumberOfViews']} views of {specs['ImageSize']} px "
+                 f"on {where}")
+        with distributed.PreemptionGuard() as guard:
+            result = train_svr(args.experiment, specs, dataset, ctx.device, resume=args.resume, seed=args.seed,
+                               num_epochs=args.epochs, should_stop=guard)
+    finally:
+        distributed.cleanup()
+    if not ctx.is_main:
+        return distributed.EXIT_PREEMPTED if result.stopped else 0
+    if result.stopped:
+        info(f"stopped by {guard.reason} after epoch {result.epoch}; saved 'latest' in "
+             f"{args.experiment}; resume with --continue latest")
+        return distributed.EXIT_PREEMPTED
     info(f"trained to epoch {result.epoch}; checkpoints in {args.experiment}")
     return 0
 

@@ -24,7 +24,6 @@ import io
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -279,20 +278,24 @@ def svr_loss(net: EncoderDecoder, images: torch.Tensor, xyz: torch.Tensor, sdf: 
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, batch: Sequence[torch.Tensor], epoch: int,
-               settings, model: EncoderDecoder | None = None) -> tuple[float, torch.Tensor]:
+               settings, model: EncoderDecoder | None = None, weight: float = 1.0,
+               sync: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, torch.Tensor]:
     """One optimisation step on ``batch`` = (images, xyz, sdf); returns (loss, codes (B, L) detached).
 
     ``net`` is what runs forward (the EncoderDecoder, or a DDP wrapper of it, in which case
-    ``model`` is the wrapped EncoderDecoder whose decoder computes the SDF).  Raises
-    lib.train.NonFiniteLossError before updating on a NaN/inf loss.
+    ``model`` is the wrapped EncoderDecoder whose decoder computes the SDF).  ``weight``
+    scales the batch's mean loss and ``sync`` runs after backward (a rank's
+    ``lib.distributed.local_share`` weight and ``GradientSync`` under torchrun; the
+    returned loss is then the global batch's).  Raises lib.train.NonFiniteLossError before
+    updating on a NaN/inf loss.
     """
     from lib.train import auto_decoder_loss, optimizer_step
 
     images, xyz, sdf = batch
     inner = model if model is not None else net
     codes = net(images)
-    loss, _, _ = auto_decoder_loss(inner.decoder, codes, xyz, sdf, epoch, settings)
-    value = optimizer_step(optimizer, loss, epoch, list(inner.parameters()), settings.grad_clip_norm)
+    loss, _, _ = auto_decoder_loss(inner.decoder, codes, xyz, sdf, epoch, settings, weight)
+    value = optimizer_step(optimizer, loss, epoch, list(inner.parameters()), settings.grad_clip_norm, sync=sync)
     return value, codes.detach()
 
 
@@ -317,80 +320,83 @@ def train_svr(exp_dir: str | os.PathLike, specs: Mapping, dataset, device=None, 
     Each epoch visits every training instance once in random batches of ScenesPerBatch,
     with one random view per instance.  Writes checkpoints (``ModelParameters`` holds the
     EncoderDecoder state, keys ``encoder.*`` / ``decoder.*``; ``OptimizerParameters`` the
-    Adam state and RNG states; no LatentCodes: codes come from the encoder) and Logs.pth,
-    with the cadence and resume semantics of ``lib.train.train_auto_decoder``.  A fresh run
-    starts the decoder from ``DecoderInit``'s latest decoder when the specs name one.
-    Returns a ``lib.train.TrainResult`` (latent_codes = None).
+    Adam state, RNG states and seed) and Logs.pth, with the cadence, resume and stop
+    semantics of ``lib.train.train_auto_decoder`` (``resume="latest"`` with no checkpoint
+    yet is a fresh start; ``should_stop(epoch)`` true on any rank saves ``latest`` and
+    returns).  A fresh run starts the decoder from ``DecoderInit``'s latest decoder when the
+    specs name one.  Returns a ``lib.train.TrainResult`` (decoder = the EncoderDecoder,
+    latent_codes = None).
+
+    Several processes (torchrun, lib.distributed.init_distributed called first, ``device``
+    its device): encoder and decoder are one DDP module, so their gradients are averaged and
+    every rank applies the same Adam update; each global batch of ScenesPerBatch instances
+    is drawn alike on every rank and split between them (``local_share``), so the specs mean
+    the same optimisation on any number of processes.  There is no latent table to
+    synchronise: SVR trains no per-scene codes, each code is the encoder's output for the
+    batch's image and lives for one step (nothing like DeepSDF's all-reduced embedding is
+    needed; LatentCodes/ is not written).  BatchNorm in the encoder ("bn"/"bin") uses the
+    global batch's statistics on CUDA (SyncBatchNorm) but each rank's own share's on the CPU,
+    where only "in" gives the 1-process result exactly; running statistics are rank 0's
+    (DDP broadcasts buffers).  Only rank 0 writes; its checkpoint is every rank's state, so
+    ``resume`` works with any number of processes.
     """
+    from lib import distributed
     from lib.data import scene_batches
-    from lib.train import (NonFiniteLossError, TrainResult, TrainSettings, append_epoch_logs, new_logs,
-                           set_learning_rates, truncate_logs)
+    from lib.train import EpochBook, NonFiniteLossError, TrainResult, TrainSettings, resume_point
 
     device = torch.device(device) if device is not None else workspace.choose_device(None)
     exp_dir = Path(exp_dir)
     settings = TrainSettings.from_specs(specs, num_epochs)
     schedules = svr_schedules(specs)
+    world, main = distributed.world_size(), distributed.is_main_process()
     workspace.seed_everything(seed)
+    resume = resume_point(exp_dir, resume)  # before DecoderInit: "latest" with nothing saved is a fresh start
     net = network_from_specs(specs)
     if specs.get("DecoderInit") and resume is None:
         init = workspace.resolve_path(specs["DecoderInit"])
         epoch0 = workspace.load_model_state(init, net.decoder, "latest", map_location="cpu")
-        info(f"decoder initialised from {init} (epoch {epoch0})")
-    net = net.to(device)
+        if main:
+            info(f"decoder initialised from {init} (epoch {epoch0})")
+    net = distributed.sync_batchnorm(net.to(device))
     optimizer = make_optimizer(net, schedules)
+    # one generator for batches, views and samples, in step on every rank (same seed, same draws)
     sampler = torch.Generator(device=dataset.device)
     sampler.manual_seed(seed)
-    logs = new_logs()
-    last_saved = 0
-    if resume is not None:
-        last_saved, extra = workspace.load_checkpoint(exp_dir, resume, net, optimizer, map_location=device)
-        if "rng_state" in extra:
-            workspace.set_rng_state(extra["rng_state"], sampler)
-        else:
-            info(f"checkpoint {resume} has no RNG state: resumed run will differ from an uninterrupted one")
-        logs = truncate_logs(workspace.load_logs(exp_dir), last_saved)
 
     def save(label, epoch):
         workspace.save_checkpoint(exp_dir, label, epoch, net, optimizer,
-                                  extra={"rng_state": workspace.rng_state(sampler)})
+                                  extra={"rng_state": workspace.rng_state(sampler), "seed": seed})
 
-    epoch = last_saved
-    bar = progress(total=settings.num_epochs, initial=min(last_saved, settings.num_epochs), desc="train_svr",
-                   unit="epoch")
+    book = EpochBook(exp_dir, settings, save, "train_svr")
+    seed = book.resume(resume, net, optimizer, None, sampler, seed, device)
+    ddp = distributed.wrap_ddp(net, device)
+    distributed.check_global_batch(settings.scenes_per_batch)
+    # no parameters outside DDP: the sync only makes the logged loss the global batch's
+    sync = distributed.GradientSync() if world > 1 else None
     try:
-        for epoch in range(last_saved + 1, settings.num_epochs + 1):
-            t0 = time.perf_counter()
-            rates = set_learning_rates(optimizer, schedules, epoch)
+        for epoch in book.epochs(optimizer, schedules, seed):
             net.train()
-            losses, codes = [], []
+            losses = []
+            norms = torch.zeros(2, dtype=torch.float64, device=device)  # this rank's sum of code norms, count
             for scenes in scene_batches(len(dataset), settings.scenes_per_batch, sampler):
+                # the whole global batch is drawn on every rank to keep the generators in step
                 batch = dataset.batch(scenes, settings.samples_per_scene, sampler, device)
+                part, weight = distributed.local_share(len(scenes))
                 try:
-                    value, c = train_step(net, optimizer, batch, epoch, settings)
+                    value, c = train_step(ddp, optimizer, [t[part] for t in batch], epoch, settings, net, weight, sync)
                 except NonFiniteLossError as err:
-                    kept = (f"the last good checkpoint is {workspace.checkpoint_path(exp_dir, 'ModelParameters', 'latest')}"
-                            f" (epoch {last_saved})" if last_saved else "no checkpoint was written")
-                    raise NonFiniteLossError(f"{err}; stopped, {kept}; lower LearningRateSchedule, then resume with "
-                                             "--continue latest") from None
+                    raise book.non_finite(err, "lower LearningRateSchedule") from None
                 losses.append(value)
-                codes.append(c)
-            seconds = time.perf_counter() - t0
-            append_epoch_logs(logs, epoch, losses, rates, seconds, torch.cat(codes), net)
-            stop = bool(should_stop and should_stop(epoch))
-            snapshot = settings.is_snapshot(epoch)
-            if snapshot:
-                save(epoch, epoch)
-            if snapshot or stop or epoch % settings.log_frequency == 0 or epoch == settings.num_epochs:
-                workspace.save_logs(exp_dir, logs)      # logs first, as in lib.train
-                save("latest", epoch)
-                last_saved = epoch
-            bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.5f}", s_per_epoch=f"{seconds:.2f}")
-            bar.update(1)
-            if stop:
+                if weight > 0:  # a borrowed item (empty share) is not this rank's
+                    norms[0] += c.norm(dim=1).sum().double()
+                    norms[1] += len(c)
+            distributed.all_reduce_(norms)  # the epoch's mean code norm over every rank, as in one process
+            if book.end_epoch(losses, float(norms[0] / norms[1].clamp_min(1)), net,
+                              bool(should_stop and should_stop(epoch))):
                 return TrainResult(net, None, epoch, True)
     finally:
-        bar.close()
-    return TrainResult(net, None, max(epoch, last_saved), False)
+        book.close()
+    return TrainResult(net, None, book.epoch, False)
 
 
 # --------------------------------------------------------------------------- reconstruction

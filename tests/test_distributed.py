@@ -48,6 +48,31 @@ def tiny_experiment(root: Path, *, scenes=4, epochs=3, batch=3, code_bound=1.0, 
     return exp
 
 
+def tiny_svr_experiment(root: Path, *, scenes=4, epochs=3, batch=3, views=2, size=16, norm="in", **kw) -> Path:
+    """``tiny_experiment``'s balls with ``views`` RGBA renders each (a disk whose size and colour
+    encode the radius) and SVR specs: a 4-layer encoder of normalisation ``norm``; returns the
+    experiment folder.  ``kw`` goes to ``tiny_experiment``."""
+    from lib.camera import DisnView, format_disn_line
+    from lib.io import save_png
+
+    exp = tiny_experiment(root, scenes=scenes, epochs=epochs, batch=batch, **kw)
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    for k in range(scenes):
+        radius = 0.3 + 0.1 * k
+        d = root / "data" / "toy" / "renders" / f"ball{k}"
+        for v in range(views):
+            img = np.zeros((size, size, 4), np.float32)
+            img[np.hypot(xx - size / 2 - v, yy - size / 2) < radius * size * 0.6] = [radius, 0.5, 1 - radius, 1.0]
+            save_png(d / f"{v:02d}.png", img)
+        (d / "rendering_metadata.txt").write_text(
+            "".join(format_disn_line(DisnView(30.0 * v, 25.0, 0.0, 0.7, 25.0)) + "\n" for v in range(views)))
+    specs = json.loads((exp / "specs.json").read_text())
+    specs.update(ImageSize=size, NumberOfViews=views, Encoder={"Depth": 4, "Widths": [4], "Normalization": norm},
+                 LearningRateSchedule=[{"Type": "Constant", "Value": 2e-3}], DecoderLearningRateFactor=0.5)
+    (exp / "specs.json").write_text(json.dumps(specs))
+    return exp
+
+
 # --------------------------------------------------------------------------- single-process maths
 
 @pytest.mark.parametrize("n,w", [(7, 2), (3, 3), (1, 2), (0, 2), (10, 4)])
@@ -247,3 +272,83 @@ def test_two_process_run_matches_one_process_and_resumes_with_one(tmp_path, monk
     logs, ref_logs = workspace.load_logs(exp), workspace.load_logs(ref_exp)
     assert logs["log_epochs"] == ref_logs["log_epochs"] == [1, 2, 3, 4, 5]
     assert np.allclose(logs["loss"], ref_logs["loss"], rtol=1e-5, atol=1e-7)
+
+
+SVR_WRAPPER = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {repo!r})
+import lib.train as T
+import train_svr
+snaps, real = [], T.optimizer_step
+attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+def recording(optimizer, *a, **k):
+    if attempt == "0" and os.environ["RANK"] == "1" and len(snaps) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)  # in epoch 2, to rank 1 only: both ranks stop after it
+    value = real(optimizer, *a, **k)
+    snaps.append([p.detach().clone() for g in optimizer.param_groups for p in g["params"]])
+    return value
+T.optimizer_step = recording
+rc = train_svr.main(sys.argv[2:])
+torch.save({{"rc": rc, "snaps": snaps}}, os.path.join(sys.argv[1], "rank%s_attempt%s.pt" % (os.environ["RANK"], attempt)))
+sys.exit(rc)
+"""
+
+
+@pytest.mark.slow
+def test_two_process_svr_matches_one_process_stops_on_sigterm_and_resumes_with_one(tmp_path, monkeypatch):
+    """train_svr.py under torchrun, 2 gloo processes, 4 instances in global batches of 3 (shards
+    2+1, then 1+0: rank 1 borrows an item with weight 0), encoder with instance norm.
+
+    Rank 1 alone gets SIGTERM in epoch 2: both ranks finish the epoch, rank 0 saves ``latest``,
+    both exit 143 and torchrun (--max-restarts=1) reruns ``--continue latest``.  Encoder and
+    decoder are identical on both ranks after every step and equal (to float rounding) to a
+    1-process run of the same global batches; the 2-process checkpoint then resumes in one
+    process to epoch 4, with Logs.pth (loss, mean code norm) as the 1-process run's."""
+    import train_svr
+    from lib import svr
+
+    exp = tiny_svr_experiment(tmp_path / "ddp", epochs=3)
+    wrapper = tmp_path / "svr_wrapper.py"
+    wrapper.write_text(SVR_WRAPPER.format(repo=str(REPO)))
+    r = torchrun(2, wrapper, tmp_path, "-e", exp, "--device", "cpu", "--seed", 5, "--continue", "latest", restarts=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = {(rank, a): torch.load(tmp_path / f"rank{rank}_attempt{a}.pt") for rank in (0, 1) for a in (0, 1)}
+    assert [runs[k]["rc"] for k in sorted(runs)] == [distributed.EXIT_PREEMPTED, 0] * 2
+    rank0, rank1 = (runs[(rank, 0)]["snaps"] + runs[(rank, 1)]["snaps"] for rank in (0, 1))
+    assert len(rank0) == len(rank1) == 3 * 2  # epochs 1-2, stop, then epoch 3; 2 steps each (3 + 1 instances)
+    for step, (a, b) in enumerate(zip(rank0, rank1)):
+        for pa, pb in zip(a, b):
+            assert torch.equal(pa, pb), f"ranks differ after step {step + 1}"
+
+    snaps = []
+    real = train_mod.optimizer_step
+
+    def recording(optimizer, *a, **k):
+        value = real(optimizer, *a, **k)
+        snaps.append([p.detach().clone() for g in optimizer.param_groups for p in g["params"]])
+        return value
+
+    monkeypatch.setattr(train_mod, "optimizer_step", recording)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train_svr.main(["-e", str(exp), "--device", "cpu", "--continue", "latest", "--epochs", "4"]) == 0
+        resumed = list(snaps)
+        snaps.clear()
+        ref_exp = tiny_svr_experiment(tmp_path / "ref", epochs=4)
+        specs = svr.load_svr_specs(ref_exp)
+        svr.train_svr(ref_exp, specs, svr.training_set_from_specs(specs), "cpu", seed=5)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(snaps) == 8 and len(resumed) == 2
+    names = [n for n, _ in svr.network_from_specs(specs).named_parameters()]
+    assert any(n.startswith("encoder.") for n in names) and len(names) == len(snaps[0])
+    for step, (got, want) in enumerate(zip(rank0 + resumed, snaps)):
+        for name, g, w in zip(names, got, want):
+            assert torch.allclose(g, w, rtol=1e-4, atol=2e-6), f"{name} after step {step + 1} differs from 1 process"
+    logs, ref_logs = workspace.load_logs(exp), workspace.load_logs(ref_exp)
+    assert logs["log_epochs"] == ref_logs["log_epochs"] == [1, 2, 3, 4]
+    for key in ("loss", "latent_magnitude"):
+        assert np.allclose(logs[key], ref_logs[key], rtol=1e-5, atol=1e-7), key
