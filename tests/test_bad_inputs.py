@@ -306,6 +306,23 @@ def svr_encoder_of_unknown_norm(tmp):
     return ["-e", str(exp), "--device", "cpu"]
 
 
+@case("train_svr", "{tmp}/exp/ModelParameters", "must be a folder")
+def svr_checkpoint_folder_is_a_file(tmp):
+    exp = svr_experiment(tmp)
+    (exp / "ModelParameters").write_text("not a folder")
+    return ["-e", str(exp), "--device", "cpu"]
+
+
+@case("train_svr", "unknown device 'gpu0'")
+def svr_unknown_device(tmp):
+    return ["-e", str(svr_experiment(tmp)), "--device", "gpu0"]
+
+
+@case("train_svr", "checkpoint not found", "OptimizerParameters/5.pth", "available: latest")
+def svr_continue_from_missing_snapshot(tmp):
+    return ["-e", str(svr_experiment(tmp, checkpoint=True)), "--device", "cpu", "--continue", "5"]
+
+
 @case("reconstruct_svr", "view 5 does not exist", "NumberOfViews")
 def reconstruct_view_out_of_range(tmp):
     return ["-e", str(svr_experiment(tmp)), "--views", "5", "--device", "cpu"]

@@ -1,5 +1,6 @@
-"""Fault injection on train_deep_sdf.py: repeated SIGKILLs at random moments (resumed each time
-with the same command), and SIGTERM writing a checkpoint before exiting."""
+"""Fault injection on the trainers: repeated SIGKILLs of train_deep_sdf.py at random moments
+(resumed each time with the same command), and SIGTERM making train_deep_sdf.py and
+train_svr.py write a checkpoint before exiting."""
 import os
 import random
 import signal
@@ -16,16 +17,16 @@ from lib import distributed, workspace
 from lib.data import SdfSamples, read_split
 from lib.models.decoder import decoder_from_specs
 from lib.train import TrainSettings, make_latent_codes, train_auto_decoder
-from tests.test_distributed import tiny_experiment
+from tests.test_distributed import tiny_experiment, tiny_svr_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, MESHSDF_QUIET="1", OMP_NUM_THREADS="1")
 
 
-def start(exp: Path, *extra) -> subprocess.Popen:
+def start(exp: Path, *extra, script: str = "train_deep_sdf.py") -> subprocess.Popen:
     """The restart-loop command: always ``--continue latest`` (a fresh start the first time)."""
-    cmd = [sys.executable, str(REPO / "train_deep_sdf.py"), "-e", str(exp), "--continue", "latest", "--device", "cpu",
-           "--seed", "4", "--no-reconstruct", *map(str, extra)]
+    cmd = [sys.executable, str(REPO / script), "-e", str(exp), "--continue", "latest", "--device", "cpu",
+           "--seed", "4", *(["--no-reconstruct"] if script == "train_deep_sdf.py" else []), *map(str, extra)]
     return subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -101,12 +102,10 @@ def test_sigkill_five_times_then_finish_like_an_uninterrupted_run(tmp_path):
         assert torch.allclose(v, dec.state_dict()[k], atol=1e-5), k
 
 
-@pytest.mark.slow
-def test_sigterm_saves_latest_and_exits_143(tmp_path):
-    """LogFrequency is huge: after the epoch-1 snapshot, the only checkpoint is the one SIGTERM asks for."""
-    exp = tiny_experiment(tmp_path, epochs=100000, log_frequency=100000, samples=256, snapshots=(1,))
-    specs = workspace.load_specs(exp)
-    proc = start(exp)
+def sigterm_after_first_snapshot(exp: Path, script: str = "train_deep_sdf.py") -> None:
+    """Start the restart-loop command, SIGTERM it at a random moment after ``1.pth`` is written
+    and check that it exits 143 without a traceback."""
+    proc = start(exp, script=script)
     deadline = time.time() + 120
     while proc.poll() is None and not (exp / "ModelParameters" / "1.pth").exists() and time.time() < deadline:
         time.sleep(0.01)
@@ -115,6 +114,53 @@ def test_sigterm_saves_latest_and_exits_143(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == distributed.EXIT_PREEMPTED == 143, err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_sigterm_saves_latest_and_exits_143(tmp_path):
+    """LogFrequency is huge: after the epoch-1 snapshot, the only checkpoint is the one SIGTERM asks for."""
+    exp = tiny_experiment(tmp_path, epochs=100000, log_frequency=100000, samples=256, snapshots=(1,))
+    specs = workspace.load_specs(exp)
+    sigterm_after_first_snapshot(exp)
     epoch = load_resume_record(exp, specs)
     assert epoch >= 2 and workspace.load_logs(exp)["epoch"] == epoch
     assert not (exp / "Reconstructions").exists()
+
+
+@pytest.mark.slow
+def test_train_svr_sigterm_saves_latest_exits_143_and_resumes_like_an_uninterrupted_run(tmp_path):
+    """train_svr.py as above, then the same command with ``--epochs`` a little further: it resumes
+    from the SIGTERM checkpoint and ends where an uninterrupted run ends, weights and loss curve."""
+    from lib import svr
+
+    def experiment(root):
+        return tiny_svr_experiment(root, scenes=3, batch=2, epochs=100000, log_frequency=100000, snapshots=(1,))
+
+    exp = experiment(tmp_path / "t")
+    specs = svr.load_svr_specs(exp)
+    sigterm_after_first_snapshot(exp, "train_svr.py")
+    net = svr.network_from_specs(specs)
+    opt = svr.make_optimizer(net, svr.svr_schedules(specs))
+    epoch, extra = workspace.load_checkpoint(exp, "latest", net, opt)
+    assert epoch >= 2 and "rng_state" in extra and workspace.load_logs(exp)["epoch"] == epoch
+    final = epoch + 2
+    proc = start(exp, "--epochs", final, script="train_svr.py")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    logs = workspace.load_logs(exp)
+    assert logs["log_epochs"] == list(range(1, final + 1))
+
+    ref_exp = experiment(tmp_path / "u")
+    ref_specs = svr.load_svr_specs(ref_exp)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = svr.train_svr(ref_exp, ref_specs, svr.training_set_from_specs(ref_specs), "cpu", seed=4,
+                            num_epochs=final)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.allclose(logs["loss"], workspace.load_logs(ref_exp)["loss"], rtol=1e-5, atol=1e-7)
+    got = svr.load_network(exp, specs)
+    assert got.checkpoint_epoch == final
+    for k, v in ref.decoder.state_dict().items():
+        assert torch.allclose(v, got.state_dict()[k], atol=1e-6), k

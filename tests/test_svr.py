@@ -279,7 +279,8 @@ def test_decoder_init_from_another_experiment(tmp_path):
     workspace.save_checkpoint(init, "latest", 7, dec)
     exp = _specs(tmp_path, DecoderInit=str(init), LearningRateSchedule=[{"Type": "Constant", "Value": 0.0}])
     specs = svr.load_svr_specs(exp)
-    net = svr.train_svr(exp, specs, svr.training_set_from_specs(specs), "cpu", num_epochs=1).decoder
+    # "latest" with nothing saved yet is a fresh start (torchrun --max-restarts): DecoderInit applies
+    net = svr.train_svr(exp, specs, svr.training_set_from_specs(specs), "cpu", num_epochs=1, resume="latest").decoder
     for k, v in dec.state_dict().items():
         assert torch.equal(net.decoder.state_dict()[k], v), k
     exp = _specs(tmp_path, DecoderInit=str(tmp_path / "nowhere"))
