@@ -57,12 +57,9 @@ def main(argv=None) -> int:
                                num_epochs=args.epochs, should_stop=guard)
     finally:
         distributed.cleanup()
-    if not ctx.is_main:
-        return distributed.EXIT_PREEMPTED if result.stopped else 0
-    if result.stopped:
-        info(f"stopped by {guard.reason} after epoch {result.epoch}; saved 'latest' in "
-             f"{args.experiment}; resume with --continue latest")
-        return distributed.EXIT_PREEMPTED
+    status = distributed.stop_status(ctx, result.stopped, result.epoch, guard, args.experiment)
+    if status is not None:
+        return status
     info(f"trained to epoch {result.epoch}; checkpoints in {args.experiment}")
     return 0
 

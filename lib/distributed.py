@@ -325,6 +325,24 @@ class GradientSync:
         return flat[-1]
 
 
+def stop_status(ctx: DistContext, stopped: bool, epoch: int, guard: "PreemptionGuard",
+                exp_dir: str | os.PathLike) -> int | None:
+    """What a training script returns once training ended, or None where it goes on (rank 0 of
+    a finished run: reports, reconstructions).
+
+    A run stopped by a signal returns ``EXIT_PREEMPTED`` on every rank, and rank 0 says which
+    signal and where ``latest`` (epoch ``epoch``) is; the other ranks of a finished run return 0.
+    """
+    if stopped:
+        if ctx.is_main:
+            from lib.log import info
+
+            info(f"stopped by {guard.reason} after epoch {epoch}; saved 'latest' in {exp_dir}; "
+                 "resume with --continue latest")
+        return EXIT_PREEMPTED
+    return None if ctx.is_main else 0
+
+
 def rank_seed(base: int, epoch: int, rank_: int | None = None) -> int:
     """A seed for rank-local randomness (dropout masks) of ``epoch``: distinct per rank and epoch."""
     r = rank() if rank_ is None else rank_

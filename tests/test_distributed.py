@@ -1,10 +1,12 @@
-"""lib.distributed and multi-process training: sharding maths, pre-emption flag, and a real
-2-process torchrun (gloo, CPU) run compared step by step with a 1-process run."""
+"""lib.distributed and multi-process training: sharding maths, pre-emption flag, and real
+2-process torchrun (gloo, CPU) runs of train_deep_sdf.py and train_svr.py compared step by step
+with 1-process runs."""
 import json
 import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +222,32 @@ def torchrun(nproc: int, script: Path, *args, restarts=0, timeout=240, **kw) -> 
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout, **kw)
 
 
+def record_steps(monkeypatch) -> list:
+    """Make lib.train.optimizer_step (used by both trainers) append every parameter after each step
+    to the returned list."""
+    snaps = []
+    real = train_mod.optimizer_step
+
+    def recording(optimizer, *a, **k):
+        value = real(optimizer, *a, **k)
+        snaps.append([p.detach().clone() for g in optimizer.param_groups for p in g["params"]])
+        return value
+
+    monkeypatch.setattr(train_mod, "optimizer_step", recording)
+    return snaps
+
+
+@contextmanager
+def one_thread():
+    """torch on 1 thread, as the torchrun workers (same reduction order, same rounding)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 def test_two_process_run_matches_one_process_and_resumes_with_one(tmp_path, monkeypatch):
     """torchrun, 2 gloo processes, global batch 3 over 4 scenes (shards 2+1, then 1+0).
@@ -243,18 +271,8 @@ def test_two_process_run_matches_one_process_and_resumes_with_one(tmp_path, monk
     # the same experiment in one process, continued from the 2-process checkpoint to epoch 5
     import train_deep_sdf
 
-    snaps = []
-    real = train_mod.optimizer_step
-
-    def recording(optimizer, *a, **k):
-        value = real(optimizer, *a, **k)
-        snaps.append([p.detach().clone() for g in optimizer.param_groups for p in g["params"]])
-        return value
-
-    monkeypatch.setattr(train_mod, "optimizer_step", recording)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    snaps = record_steps(monkeypatch)
+    with one_thread():
         assert train_deep_sdf.main(["-e", str(exp), "--device", "cpu", "--continue", "latest", "--epochs", "5",
                                     "--no-reconstruct"]) == 0
         resumed = list(snaps)
@@ -263,8 +281,6 @@ def test_two_process_run_matches_one_process_and_resumes_with_one(tmp_path, monk
         specs = workspace.load_specs(ref_exp)
         data = SdfSamples(specs["DataSource"], read_split(specs["TrainSplit"]))
         train_auto_decoder(ref_exp, specs, data, "cpu", seed=5)
-    finally:
-        torch.set_num_threads(threads)
     assert len(snaps) == 10 and len(resumed) == 4
     for step, (got, want) in enumerate(zip(rank0 + resumed, snaps[2:]), start=2):
         for g, w in zip(got, want):
@@ -322,26 +338,14 @@ def test_two_process_svr_matches_one_process_stops_on_sigterm_and_resumes_with_o
         for pa, pb in zip(a, b):
             assert torch.equal(pa, pb), f"ranks differ after step {step + 1}"
 
-    snaps = []
-    real = train_mod.optimizer_step
-
-    def recording(optimizer, *a, **k):
-        value = real(optimizer, *a, **k)
-        snaps.append([p.detach().clone() for g in optimizer.param_groups for p in g["params"]])
-        return value
-
-    monkeypatch.setattr(train_mod, "optimizer_step", recording)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    snaps = record_steps(monkeypatch)
+    with one_thread():
         assert train_svr.main(["-e", str(exp), "--device", "cpu", "--continue", "latest", "--epochs", "4"]) == 0
         resumed = list(snaps)
         snaps.clear()
         ref_exp = tiny_svr_experiment(tmp_path / "ref", epochs=4)
         specs = svr.load_svr_specs(ref_exp)
         svr.train_svr(ref_exp, specs, svr.training_set_from_specs(specs), "cpu", seed=5)
-    finally:
-        torch.set_num_threads(threads)
     assert len(snaps) == 8 and len(resumed) == 2
     names = [n for n, _ in svr.network_from_specs(specs).named_parameters()]
     assert any(n.startswith("encoder.") for n in names) and len(names) == len(snaps[0])

@@ -17,7 +17,7 @@ from lib import distributed, workspace
 from lib.data import SdfSamples, read_split
 from lib.models.decoder import decoder_from_specs
 from lib.train import TrainSettings, make_latent_codes, train_auto_decoder
-from tests.test_distributed import tiny_experiment, tiny_svr_experiment
+from tests.test_distributed import one_thread, tiny_experiment, tiny_svr_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, MESHSDF_QUIET="1", OMP_NUM_THREADS="1")
@@ -152,13 +152,9 @@ def test_train_svr_sigterm_saves_latest_exits_143_and_resumes_like_an_uninterrup
 
     ref_exp = experiment(tmp_path / "u")
     ref_specs = svr.load_svr_specs(ref_exp)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         ref = svr.train_svr(ref_exp, ref_specs, svr.training_set_from_specs(ref_specs), "cpu", seed=4,
                             num_epochs=final)
-    finally:
-        torch.set_num_threads(threads)
     assert np.allclose(logs["loss"], workspace.load_logs(ref_exp)["loss"], rtol=1e-5, atol=1e-7)
     got = svr.load_network(exp, specs)
     assert got.checkpoint_epoch == final
