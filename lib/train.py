@@ -42,7 +42,7 @@ from lib import distributed, workspace
 from lib.data import SdfSamples, scene_batches
 from lib.errors import MeshSDFError
 from lib.log import info, progress
-from lib.models.decoder import decoder_from_specs, sdf as decoder_sdf
+from lib.models.decoder import Decoder, decoder_from_specs, sdf as decoder_sdf
 
 
 class NonFiniteLossError(MeshSDFError):
@@ -181,14 +181,24 @@ def auto_decoder_loss(decoder: nn.Module, codes: torch.Tensor, xyz: torch.Tensor
     multiplies both terms: ``lib.distributed.loss_weight`` for a rank's shard of a global
     batch (B may then be 0: the loss is a zero that still reaches every parameter, as DDP
     needs).  Returns (total, sdf term, regularisation term) as scalar tensors.
+
+    With gradients enabled and a ``Decoder`` the fused path supports (all the project's
+    specs), the SDF term comes from ``lib.models.fused``: same value and gradients, about
+    half the time on a CPU and a few MB instead of ~0.6 GB for a bob_and_spot batch.
     """
     b, s = sdf.shape
-    inputs = torch.cat((codes[:, None, :].expand(b, s, codes.shape[1]), xyz), dim=2).reshape(b * s, codes.shape[1] + 3)
-    pred = decoder(inputs)
-    if b * s == 0:
-        zero = pred.sum() * 0.0 + codes.sum() * 0.0
-        return zero, zero, zero
-    sdf_loss = clamped_l1(pred, sdf, settings.clamp_distance)
+    model = distributed.unwrap(decoder)
+    if b * s and torch.is_grad_enabled() and isinstance(model, Decoder) and model.fused_plan(xyz.device):
+        # fused forward + backward on cache-sized row chunks (lib.models.fused); called
+        # through ``decoder`` so that DistributedDataParallel sees the forward
+        sdf_loss = decoder(codes, xyz, sdf, settings.clamp_distance)
+    else:
+        inputs = torch.cat((codes[:, None, :].expand(b, s, codes.shape[1]), xyz), dim=2).reshape(b * s, codes.shape[1] + 3)
+        pred = decoder(inputs)
+        if b * s == 0:
+            zero = pred.sum() * 0.0 + codes.sum() * 0.0
+            return zero, zero, zero
+        sdf_loss = clamped_l1(pred, sdf, settings.clamp_distance)
     if settings.code_regularization and settings.code_reg_lambda > 0:
         reg = code_reg_weight(epoch, settings.code_reg_lambda) * code_regularization(codes)
     else:

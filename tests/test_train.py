@@ -138,15 +138,15 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     exp, specs, data = _experiment(tmp_path, epochs=10, samples=256, log_frequency=2)
-    real = train_mod.clamped_l1
+    real = train_mod.auto_decoder_loss
     calls = []
 
-    def poisoned(pred, gt, clamp):
+    def poisoned(*args, **kw):
         calls.append(1)
-        out = real(pred, gt, clamp)
-        return out * float("nan") if len(calls) == 5 else out
+        total, sdf_loss, reg = real(*args, **kw)
+        return (total * float("nan") if len(calls) == 5 else total), sdf_loss, reg
 
-    monkeypatch.setattr(train_mod, "clamped_l1", poisoned)
+    monkeypatch.setattr(train_mod, "auto_decoder_loss", poisoned)
     with pytest.raises(MeshSDFError) as err:
         train_auto_decoder(exp, specs, data, "cpu")
     msg = str(err.value)

@@ -6,27 +6,15 @@ distances, > 0 outside, in the units of the unit-sphere normalisation.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from lib.errors import MeshSDFError
-
-
-def positional_encoding(xyz: torch.Tensor, degree: int) -> torch.Tensor:
-    """Fourier features of points.
-
-    xyz (..., 3) -> (..., 3 + 6 * degree) = [xyz, sin(2^0 pi xyz), cos(2^0 pi xyz), ...,
-    sin(2^(d-1) pi xyz), cos(2^(d-1) pi xyz)], each block in x, y, z order.
-    """
-    if degree <= 0:
-        return xyz
-    freqs = math.pi * (2.0 ** torch.arange(degree, dtype=xyz.dtype, device=xyz.device))
-    ang = xyz.unsqueeze(-2) * freqs.unsqueeze(-1)  # (..., d, 3)
-    feats = torch.stack((torch.sin(ang), torch.cos(ang)), dim=-2)  # (..., d, 2, 3)
-    return torch.cat((xyz, feats.flatten(-3)), dim=-1)
+from lib.models.fused import FusedPlan, LayerPlan, default_chunk, fused_clamped_l1
+from lib.models.ops import (dropout_bits, dropout_mask, dropout_threshold, effective_dropout_prob,  # noqa: F401
+                            new_seed, positional_encoding)
 
 
 class WeightNormLinear(nn.Module):
@@ -51,34 +39,6 @@ class WeightNormLinear(nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-def effective_dropout_prob(p: float) -> float:
-    """The drop probability actually used for a requested ``p``: ``p`` rounded to k / 65536.
-
-    Masks come from 16 random bits per unit (see ``dropout_mask``), so the probability is
-    quantised; for p = 0.2 it is 0.19999695.  Kept units are scaled by 1 / (1 - that), so
-    dropout stays unbiased in expectation.
-    """
-    return round(float(p) * 65536.0) / 65536.0
-
-
-def dropout_mask(shape: Sequence[int], p: float, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Keep mask of ``shape`` in ``dtype``: 1 = keep, 0 = drop, each unit dropped
-    independently with probability ``effective_dropout_prob(p)``.
-
-    Why not ``bernoulli_``: on CPU it costs about as much as a 128-wide layer's GEMM; here
-    one full-range 64-bit draw feeds four units (16 bits each) and a single compare writes
-    the mask straight in ``dtype`` (a bool mask would cost a conversion pass when applied).
-    Uses the default generator of ``device``, so ``torch.manual_seed`` and saved RNG states
-    make it reproducible.
-    """
-    n = math.prod(shape)
-    words = (n + 3) // 4
-    bits = torch.empty(words, dtype=torch.int64, device=device).random_(-(2 ** 63), None)
-    threshold = -32768 + round(float(p) * 65536.0)
-    keep = torch.empty(tuple(shape), dtype=dtype, device=device)
-    return torch.ge(bits.view(torch.int16)[:n].view(tuple(shape)), threshold, out=keep)
-
-
 class _ReluDrop(torch.autograd.Function):
     """relu(x) times the 0/1 ``keep`` mask, in place and without the 1/(1-p) scale.
 
@@ -99,13 +59,14 @@ class _ReluDrop(torch.autograd.Function):
         return torch.ops.aten.threshold_backward(grad, y, 0.0), None
 
 
-def relu_dropout_unscaled(x: torch.Tensor, p: float) -> torch.Tensor:
+def relu_dropout_unscaled(x: torch.Tensor, p: float, seed: int, layer: int) -> torch.Tensor:
     """relu then dropout of a fresh pre-activation ``x`` (N, C), overwritten in place.
 
-    The survivors are NOT multiplied by 1 / (1 - p_eff): the caller folds that factor
-    into the next layer's weight (a 128x128 multiply instead of an N x C pass).
+    The mask is ``dropout_mask(..., seed=seed, layer=layer)``.  The survivors are NOT
+    multiplied by 1 / (1 - p_eff): the caller folds that factor into the next layer's
+    weight (a 128x128 multiply instead of an N x C pass).
     """
-    return _ReluDrop.apply(x, dropout_mask(x.shape, p, x.device, x.dtype))
+    return _ReluDrop.apply(x, dropout_mask(x.shape, p, x.device, x.dtype, seed=seed, layer=layer))
 
 
 class Decoder(nn.Module):
@@ -176,8 +137,75 @@ class Decoder(nn.Module):
             if not self.weight_norm and i in self.norm_layers and nxt < self.num_layers:
                 setattr(self, f"bn{i}", nn.LayerNorm(out))
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """inputs (N, L + 3) = [latent | xyz] -> (N, 1) SDF."""
+        self.fused_chunk: int | None = None  # rows per chunk of the fused loss; None = fused.default_chunk
+
+    def layer_plans(self) -> tuple[LayerPlan, ...]:
+        """Column layout of every layer's weight: which columns read the previous layer, the
+        latent code and the encoded xyz (see ``lib.models.fused.LayerPlan``)."""
+        plans, lat, pe = [], self.latent_size, self.xyz_size
+        for i in range(self.num_layers):
+            width = getattr(self, f"lin{i}").weight_v.shape[1] if self.weight_norm and i in self.norm_layers \
+                else getattr(self, f"lin{i}").weight.shape[1]
+            drop = i in self.dropout and i < self.num_layers - 1
+            if i == 0:
+                plans.append(LayerPlan(0, (0, lat), (lat, lat + pe), drop))
+            elif i in self.latent_in:
+                x = width - lat - pe
+                plans.append(LayerPlan(x, (x, x + lat), (x + lat, width), drop))
+            elif self.xyz_in_all:
+                plans.append(LayerPlan(width - pe, None, (width - pe, width), drop))
+            else:
+                plans.append(LayerPlan(width, None, None, drop))
+        return tuple(plans)
+
+    def effective_weights(self, dropping: bool) -> list[torch.Tensor]:
+        """[W0, b0, W1, b1, ...]: each layer's weight (out, in) and bias as applied.
+
+        With ``dropping`` the inverted-dropout scale 1 / (1 - p_eff) of a dropped-out layer
+        is folded into the columns of the next weight that read its activations (not the
+        re-concatenated inputs): a 128x128 multiply instead of an N x C pass.
+        """
+        keep_scale = 1.0 / (1.0 - effective_dropout_prob(self.dropout_prob))
+        out = []
+        for i, plan in enumerate(self.layer_plans()):
+            lin = getattr(self, f"lin{i}")
+            weight = lin.weight
+            if dropping and i > 0 and (i - 1) in self.dropout:
+                weight = torch.cat((weight[:, : plan.x] * keep_scale, weight[:, plan.x:]), dim=1) \
+                    if plan.x < weight.shape[1] else weight * keep_scale
+            out += [weight, lin.bias]
+        return out
+
+    def fused_plan(self, device) -> FusedPlan | None:
+        """The plan of ``lib.models.fused`` for this decoder, or None where it has parts the
+        fused loss does not implement (LayerNorm layers, latent dropout)."""
+        if self.latent_dropout is not None or any(hasattr(self, f"bn{i}") for i in range(self.num_layers)):
+            return None
+        dropping = self.training and self.dropout_prob > 0
+        plans = tuple(LayerPlan(p.x, p.lat, p.pe, p.dropout and dropping) for p in self.layer_plans())
+        return FusedPlan(plans, self.fourier_degree, self.use_tanh, dropout_threshold(self.dropout_prob),
+                         self.fused_chunk or default_chunk(device))
+
+    def forward(self, inputs: torch.Tensor, xyz: torch.Tensor | None = None, sdf: torch.Tensor | None = None,
+                clamp: float | None = None) -> torch.Tensor:
+        """Two calls (both through ``forward``, so DistributedDataParallel sees either):
+
+        ``decoder(inputs)``: inputs (N, L + 3) = [latent | xyz] -> (N, 1) SDF.
+
+        ``decoder(codes, xyz, sdf, clamp)``: the training loss, mean over rows of
+        |clamp(f(code_b, xyz_bs)) - clamp(sdf_bs)| with values clamped to [-clamp, clamp];
+        codes (B, L), xyz (B, S, 3), sdf (B, S) -> scalar.  Computed by the fused
+        forward + backward of ``lib.models.fused`` (same value and gradients as the first
+        call followed by that mean, same dropout masks for the same RNG state); needs
+        ``fused_plan`` to be supported and xyz/sdf without gradients.
+        """
+        if xyz is not None:
+            plan = self.fused_plan(xyz.device)
+            if plan is None or sdf is None or clamp is None:
+                raise ValueError("Decoder: the fused training loss needs sdf and clamp, and no LayerNorm or latent dropout")
+            seed = new_seed() if any(p.dropout for p in plan.layers) else 0
+            return fused_clamped_l1(plan, clamp, seed, inputs, xyz, sdf,
+                                    self.effective_weights(any(p.dropout for p in plan.layers)))
         latent = inputs[:, : self.latent_size]
         xyz = inputs[:, self.latent_size :]
         if self.fourier_degree:
@@ -188,22 +216,14 @@ class Decoder(nn.Module):
         x = x0
         last = self.num_layers - 1
         dropping = self.training and self.dropout_prob > 0
-        keep_scale = 1.0 / (1.0 - effective_dropout_prob(self.dropout_prob))
-        scaled = False  # whether x holds dropped-but-unscaled activations
+        seed = new_seed() if dropping else 0
+        params = self.effective_weights(dropping)
         for i in range(self.num_layers):
-            lin = getattr(self, f"lin{i}")
-            weight = lin.weight
-            if scaled:
-                # inverted-dropout scale of the previous layer, applied to the weight
-                # columns that read its activations (not to re-concatenated inputs)
-                cols = x.shape[1]
-                weight = torch.cat((weight[:, :cols] * keep_scale, weight[:, cols:]), dim=1) \
-                    if cols < weight.shape[1] else weight * keep_scale
             if i in self.latent_in:
                 x = torch.cat((x, x0), dim=1)
             elif i != 0 and self.xyz_in_all:
                 x = torch.cat((x, xyz), dim=1)
-            x = torch.nn.functional.linear(x, weight, lin.bias)
+            x = torch.nn.functional.linear(x, params[2 * i], params[2 * i + 1])
             if i == last:
                 if self.use_tanh:
                     x = torch.tanh(x)
@@ -211,8 +231,10 @@ class Decoder(nn.Module):
             bn = getattr(self, f"bn{i}", None)
             if bn is not None:
                 x = bn(x)
-            scaled = dropping and i in self.dropout
-            x = relu_dropout_unscaled(x, self.dropout_prob) if scaled else torch.relu(x)
+            if dropping and i in self.dropout:
+                x = relu_dropout_unscaled(x, self.dropout_prob, seed, i)
+            else:
+                x = torch.relu(x)
         return torch.tanh(x)
 
 

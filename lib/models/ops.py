@@ -1,0 +1,120 @@
+"""Elementwise building blocks of the DeepSDF decoder: positional encoding and dropout masks.
+
+Shared by the autograd forward (``lib.models.decoder``) and the fused training loss
+(``lib.models.fused``), which must draw identical dropout masks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def positional_encoding(xyz: torch.Tensor, degree: int) -> torch.Tensor:
+    """Fourier features of points.
+
+    xyz (..., 3) -> (..., 3 + 6 * degree) = [xyz, sin(2^0 pi xyz), cos(2^0 pi xyz), ...,
+    sin(2^(d-1) pi xyz), cos(2^(d-1) pi xyz)], each block in x, y, z order.
+    """
+    if degree <= 0:
+        return xyz
+    freqs = math.pi * (2.0 ** torch.arange(degree, dtype=xyz.dtype, device=xyz.device))
+    ang = xyz.unsqueeze(-2) * freqs.unsqueeze(-1)  # (..., d, 3)
+    feats = torch.stack((torch.sin(ang), torch.cos(ang)), dim=-2)  # (..., d, 2, 3)
+    return torch.cat((xyz, feats.flatten(-3)), dim=-1)
+
+
+def effective_dropout_prob(p: float) -> float:
+    """The drop probability actually used for a requested ``p``: ``p`` rounded to k / 65536.
+
+    Masks come from 16 random bits per unit (see ``dropout_mask``), so the probability is
+    quantised; for p = 0.2 it is 0.19999695.  Kept units are scaled by 1 / (1 - that), so
+    dropout stays unbiased in expectation.
+    """
+    return round(float(p) * 65536.0) / 65536.0
+
+
+# SplitMix64 (Steele, Lea & Flood 2014) constants, as signed int64 (torch has no uint64 shift)
+_GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+_ROW_BITS = 12    # counter stride of a row: up to 4 * 2^12 units per row
+_LAYER_BITS = 44  # counter stride of a layer: up to 2^32 rows
+_STEPS: dict = {}
+
+
+def _signed64(v: int) -> int:
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >> 63 else v
+
+
+def new_seed() -> int:
+    """A 64-bit seed for one batch's dropout masks, from torch's default CPU generator.
+
+    So ``torch.manual_seed`` and the RNG state saved in checkpoints make dropout
+    reproducible, and a seed gives the same masks on every device.
+    """
+    return int(torch.randint(-(2 ** 63), 2 ** 63 - 1, (), dtype=torch.int64))
+
+
+def _splitmix64_(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function applied in place to int64 states ``z``."""
+    t = torch.empty_like(z)
+    for shift, mult in ((30, _MIX1), (27, _MIX2), (31, None)):
+        # z ^= z >>> shift (logical shift = arithmetic shift, then clear the sign fill)
+        torch.bitwise_right_shift(z, shift, out=t)
+        t.bitwise_and_((1 << (64 - shift)) - 1)
+        z.bitwise_xor_(t)
+        if mult is not None:
+            z.mul_(mult)
+    return z
+
+
+def dropout_bits(seed: int, layers: Sequence[int], row0: int, rows: int, cols: int, device=None) -> torch.Tensor:
+    """Random 16-bit lanes of units (layer, row, col): (len(layers), rows, 4 * ceil(cols / 4)) int16.
+
+    Unit (l, r, c) gets lane c % 4 of the SplitMix64 output for counter
+    k = l * 2^44 + r * 2^12 + c // 4 (state seed + (k + 1) * gamma).  Counter-based, so a
+    chunk of rows or a subset of layers gives exactly the bits of the full draw, whatever
+    the width other layers have.  Why not torch's generator: its CPU Mersenne twister is
+    serial (~3.3 ns per 64-bit word, a tenth of a training step); this is ~10 vectorised
+    integer passes over the words, and one call serves all layers of a chunk.
+    """
+    words = (int(cols) + 3) // 4
+    if words > 1 << _ROW_BITS or row0 + rows > 1 << (_LAYER_BITS - _ROW_BITS):
+        raise ValueError(f"dropout_bits: layer width {cols} or row {row0 + rows} out of range")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    key = (rows, words, device)
+    steps = _STEPS.get(key)
+    if steps is None:
+        r = torch.arange(rows, dtype=torch.int64, device=device)[:, None] << _ROW_BITS
+        steps = (r + torch.arange(words, dtype=torch.int64, device=device)).mul_(_GAMMA)
+        if len(_STEPS) > 64:
+            _STEPS.clear()
+        _STEPS[key] = steps
+    offsets = torch.tensor([_signed64(seed + ((l << _LAYER_BITS) + (row0 << _ROW_BITS) + 1) * _GAMMA)
+                            for l in layers], dtype=torch.int64).to(device, non_blocking=True)
+    z = _splitmix64_(torch.add(steps, offsets[:, None, None]))
+    return z.view(torch.int16)
+
+
+def dropout_threshold(p: float) -> int:
+    """int16 threshold: a unit is kept when its 16 random bits, read as int16, are >= it."""
+    return -32768 + round(float(p) * 65536.0)
+
+
+def dropout_mask(shape: Sequence[int], p: float, device=None, dtype=torch.float32, *,
+                 seed: int | None = None, layer: int = 0) -> torch.Tensor:
+    """Keep mask of ``shape`` (rows, cols) in ``dtype``: 1 = keep, 0 = drop, each unit dropped
+    independently with probability ``effective_dropout_prob(p)``.
+
+    The bits are ``dropout_bits(seed, [layer], 0, rows, cols)``; ``seed`` defaults to a
+    fresh ``new_seed()``.  A single compare writes the mask straight in ``dtype`` (a bool
+    mask would cost a conversion pass when applied).
+    """
+    rows, cols = (int(shape[0]), math.prod(shape[1:])) if len(shape) else (1, 1)
+    seed = new_seed() if seed is None else seed
+    bits = dropout_bits(seed, [layer], 0, rows, cols, device)[0, :, :cols]
+    keep = torch.empty((rows, cols), dtype=dtype, device=device)
+    return torch.ge(bits, dropout_threshold(p), out=keep).view(tuple(shape))

@@ -1,0 +1,135 @@
+"""The fused training loss (lib.models.fused) and the counter-based dropout bits (lib.models.ops)."""
+import math
+
+import pytest
+import torch
+
+from lib.models.decoder import Decoder
+from lib.models.ops import dropout_bits, dropout_mask, new_seed
+from lib.train import TrainSettings, auto_decoder_loss, clamped_l1
+
+M64 = (1 << 64) - 1
+
+
+def _splitmix64(state: int) -> int:
+    """Reference SplitMix64 output for an already-advanced state (plain Python integers)."""
+    z = state & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def test_dropout_bits_are_splitmix64_of_the_documented_counter():
+    seed = -1234567890123456789
+    bits = dropout_bits(seed, [0, 5], row0=3, rows=2, cols=10)  # (2, 2, 12) int16
+    assert bits.shape == (2, 2, 12) and bits.dtype == torch.int16
+    words = bits.view(torch.int64)  # (2, 2, 3): lanes c % 4 of word c // 4
+    for li, layer in enumerate((0, 5)):
+        for r in range(2):
+            for q in range(3):
+                k = (layer << 44) + ((3 + r) << 12) + q
+                want = _splitmix64(seed + (k + 1) * 0x9E3779B97F4A7C15)
+                assert words[li, r, q].item() & M64 == want
+
+
+def test_dropout_bits_of_a_chunk_are_a_slice_of_the_full_draw():
+    seed = new_seed()
+    full = dropout_bits(seed, [1, 2, 7], 0, 40, 93)
+    part = dropout_bits(seed, [2, 7], 11, 17, 128)[:, :, :93]
+    assert torch.equal(part, full[1:, 11:28, :93])
+    other = dropout_bits(seed + 1, [1], 0, 40, 93)
+    assert not torch.equal(other[0], full[0])
+
+
+def test_dropout_masks_of_different_layers_are_independent():
+    seed, p = new_seed(), 0.2
+    a = dropout_mask((500, 128), p, seed=seed, layer=0)
+    b = dropout_mask((500, 128), p, seed=seed, layer=1)
+    both = ((1 - a) * (1 - b)).mean().item()
+    assert abs(both - p * p) < 5 * math.sqrt(p * p / a.numel())
+    assert torch.equal(a, dropout_mask((500, 128), p, seed=seed, layer=0))
+
+
+CONFIGS = {
+    "deepsdf": dict(dims=[32] * 6, dropout=list(range(6)), dropout_prob=0.2, norm_layers=list(range(6)),
+                    latent_in=[3], weight_norm=True, positional_encoding=True, fourier_degree=3),
+    "xyz_in_all_tanh": dict(dims=[24] * 4, dropout=[0, 2], dropout_prob=0.3, latent_in=[2], xyz_in_all=True,
+                            use_tanh=True),
+    "two_latent_in": dict(dims=[40] * 3, dropout=[0, 1, 2], dropout_prob=0.2, latent_in=[1, 2], norm_layers=[0, 2],
+                          weight_norm=True),
+    "plain": dict(dims=[16, 16]),
+}
+
+
+def _both_losses(dec, codes, xyz, sdf, clamp):
+    """(fused loss, grads) and (autograd loss, grads) for the same RNG state."""
+    params = [codes] + list(dec.parameters())
+    torch.manual_seed(5)
+    fused = dec(codes, xyz, sdf, clamp)
+    g_fused = torch.autograd.grad(fused * 2.5, params)
+    torch.manual_seed(5)
+    b, s = sdf.shape
+    inputs = torch.cat((codes[:, None].expand(b, s, codes.shape[1]), xyz), 2).reshape(b * s, -1)
+    plain = clamped_l1(dec(inputs), sdf, clamp)
+    g_plain = torch.autograd.grad(plain * 2.5, params)
+    return (fused, g_fused), (plain, g_plain)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_loss_equals_autograd_loss_with_the_same_dropout(name, train):
+    torch.manual_seed(0)
+    dec = Decoder(3, **CONFIGS[name]).train(train)
+    dec.fused_chunk = 37  # several chunks per scene, the last one short
+    b, s = 3, 101
+    codes = torch.randn(b, 3, requires_grad=True)
+    xyz = torch.rand(b, s, 3) * 2 - 1
+    sdf = torch.rand(b, s) * 0.3 - 0.15
+    (fused, g_fused), (plain, g_plain) = _both_losses(dec, codes, xyz, sdf, 0.1)
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
+    for got, want in zip(g_fused, g_plain):
+        assert want.abs().max() > 0
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+def test_fused_loss_clamp_boundary_and_chunk_size_do_not_matter():
+    torch.manual_seed(1)
+    dec = Decoder(2, **CONFIGS["deepsdf"]).train()
+    codes = torch.randn(2, 2, requires_grad=True)
+    xyz = torch.rand(2, 64, 3) * 2 - 1
+    sdf = torch.rand(2, 64) * 0.4 - 0.2  # many targets beyond the clamp
+    grads = []
+    for chunk in (7, 64, 1000):
+        dec.fused_chunk = chunk
+        torch.manual_seed(9)
+        loss = dec(codes, xyz, sdf, 0.05)
+        grads.append(torch.autograd.grad(loss, [codes] + list(dec.parameters())))
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_auto_decoder_loss_fuses_supported_decoders_and_falls_back_for_layer_norm(monkeypatch):
+    settings = TrainSettings(num_epochs=10, snapshot_frequency=10, additional_snapshots=(), log_frequency=1,
+                             samples_per_scene=50, scenes_per_batch=2, clamp_distance=0.1, code_regularization=True,
+                             code_reg_lambda=1e-4, code_bound=None, code_init_std=0.01, grad_clip_norm=None)
+    torch.manual_seed(0)
+    codes = torch.randn(2, 3, requires_grad=True)
+    xyz, sdf = torch.rand(2, 50, 3) * 2 - 1, torch.rand(2, 50) * 0.2 - 0.1
+    calls = []
+    import lib.models.decoder as decoder_mod
+    real = decoder_mod.fused_clamped_l1
+    monkeypatch.setattr(decoder_mod, "fused_clamped_l1", lambda *a: calls.append(1) or real(*a))
+    fused_dec = Decoder(3, **CONFIGS["deepsdf"])
+    auto_decoder_loss(fused_dec, codes, xyz, sdf, 10, settings)[0].backward()
+    assert calls == [1]
+    ln_dec = Decoder(3, dims=[16, 16, 16], norm_layers=[0, 1], dropout=[0], dropout_prob=0.2)  # LayerNorm
+    assert ln_dec.fused_plan("cpu") is None
+    total, sdf_loss, _ = auto_decoder_loss(ln_dec, codes, xyz, sdf, 10, settings)
+    total.backward()
+    assert calls == [1] and torch.isfinite(sdf_loss) and ln_dec.lin0.weight.grad is not None
+    with torch.no_grad():  # evaluation: plain forward, no gradients computed
+        auto_decoder_loss(fused_dec, codes, xyz, sdf, 10, settings)
+    assert calls == [1]
+    with pytest.raises(ValueError, match="must not require gradients"):
+        fused_dec(codes, xyz.requires_grad_(True), sdf, 0.1)
