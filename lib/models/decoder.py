@@ -13,7 +13,7 @@ from torch import nn
 
 from lib.errors import MeshSDFError
 from lib.models.fused import FusedPlan, LayerPlan, default_chunk, fused_clamped_l1
-from lib.models.ops import (dropout_bits, dropout_mask, dropout_threshold, effective_dropout_prob,  # noqa: F401
+from lib.models.ops import (dropout_bits, dropout_mask, effective_dropout_prob,  # noqa: F401
                             new_seed, positional_encoding)
 
 
@@ -183,7 +183,7 @@ class Decoder(nn.Module):
             return None
         dropping = self.training and self.dropout_prob > 0
         plans = tuple(LayerPlan(p.x, p.lat, p.pe, p.dropout and dropping) for p in self.layer_plans())
-        return FusedPlan(plans, self.fourier_degree, self.use_tanh, dropout_threshold(self.dropout_prob),
+        return FusedPlan(plans, self.fourier_degree, self.use_tanh, self.dropout_prob,
                          self.fused_chunk or default_chunk(device))
 
     def forward(self, inputs: torch.Tensor, xyz: torch.Tensor | None = None, sdf: torch.Tensor | None = None,

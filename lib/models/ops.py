@@ -58,9 +58,9 @@ def new_seed() -> int:
     return int(torch.randint(-(2 ** 63), 2 ** 63 - 1, (), dtype=torch.int64))
 
 
-def _splitmix64_(z: torch.Tensor) -> torch.Tensor:
-    """SplitMix64's output function applied in place to int64 states ``z``."""
-    t = torch.empty_like(z)
+def _splitmix64_(z: torch.Tensor, tmp: torch.Tensor | None = None) -> torch.Tensor:
+    """SplitMix64's output function applied in place to int64 states ``z`` (``tmp``: scratch like z)."""
+    t = torch.empty_like(z) if tmp is None else tmp
     for shift, mult in ((30, _MIX1), (27, _MIX2), (31, None)):
         # z ^= z >>> shift (logical shift = arithmetic shift, then clear the sign fill)
         torch.bitwise_right_shift(z, shift, out=t)
@@ -71,20 +71,8 @@ def _splitmix64_(z: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def dropout_bits(seed: int, layers: Sequence[int], row0: int, rows: int, cols: int, device=None) -> torch.Tensor:
-    """Random 16-bit lanes of units (layer, row, col): (len(layers), rows, 4 * ceil(cols / 4)) int16.
-
-    Unit (l, r, c) gets lane c % 4 of the SplitMix64 output for counter
-    k = l * 2^44 + r * 2^12 + c // 4 (state seed + (k + 1) * gamma).  Counter-based, so a
-    chunk of rows or a subset of layers gives exactly the bits of the full draw, whatever
-    the width other layers have.  Why not torch's generator: its CPU Mersenne twister is
-    serial (~3.3 ns per 64-bit word, a tenth of a training step); this is ~10 vectorised
-    integer passes over the words, and one call serves all layers of a chunk.
-    """
-    words = (int(cols) + 3) // 4
-    if words > 1 << _ROW_BITS or row0 + rows > 1 << (_LAYER_BITS - _ROW_BITS):
-        raise ValueError(f"dropout_bits: layer width {cols} or row {row0 + rows} out of range")
-    device = torch.device(device) if device is not None else torch.device("cpu")
+def _steps(rows: int, words: int, device: torch.device) -> torch.Tensor:
+    """(rows, words) int64: (r * 2^12 + q) * gamma, the per-unit part of the SplitMix64 state (cached)."""
     key = (rows, words, device)
     steps = _STEPS.get(key)
     if steps is None:
@@ -93,10 +81,70 @@ def dropout_bits(seed: int, layers: Sequence[int], row0: int, rows: int, cols: i
         if len(_STEPS) > 64:
             _STEPS.clear()
         _STEPS[key] = steps
-    offsets = torch.tensor([_signed64(seed + ((l << _LAYER_BITS) + (row0 << _ROW_BITS) + 1) * _GAMMA)
-                            for l in layers], dtype=torch.int64).to(device, non_blocking=True)
-    z = _splitmix64_(torch.add(steps, offsets[:, None, None]))
-    return z.view(torch.int16)
+    return steps
+
+
+def _offset(seed: int, layer: int, row0: int) -> int:
+    """The scalar part of the SplitMix64 state of (layer, row0, word 0), as a signed int64."""
+    return _signed64(seed + ((layer << _LAYER_BITS) + (row0 << _ROW_BITS) + 1) * _GAMMA)
+
+
+def _check_range(rows_end: int, cols: int) -> int:
+    words = (int(cols) + 3) // 4
+    if words > 1 << _ROW_BITS or rows_end > 1 << (_LAYER_BITS - _ROW_BITS):
+        raise ValueError(f"dropout bits: layer width {cols} or row {rows_end} out of range")
+    return words
+
+
+def dropout_bits(seed: int, layers: Sequence[int], row0: int, rows: int, cols: int, device=None) -> torch.Tensor:
+    """Random 16-bit lanes of units (layer, row, col): (len(layers), rows, 4 * ceil(cols / 4)) int16.
+
+    Unit (l, r, c) gets lane c % 4 of the SplitMix64 output for counter
+    k = l * 2^44 + r * 2^12 + c // 4 (state seed + (k + 1) * gamma).  Counter-based, so a
+    chunk of rows or a subset of layers gives exactly the bits of the full draw, whatever
+    the width other layers have.  Why not torch's generator: its CPU Mersenne twister is
+    serial (~3.3 ns per 64-bit word, a tenth of a training step); this is ~10 vectorised
+    integer passes over the words.
+    """
+    words = _check_range(row0 + rows, cols)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    steps = _steps(rows, words, device)
+    offsets = torch.tensor([_offset(seed, l, row0) for l in layers], dtype=torch.int64).to(device)
+    return _splitmix64_(torch.add(steps, offsets[:, None, None])).view(torch.int16)
+
+
+class ChunkDropout:
+    """Dropout of row chunks in place, into scratch allocated once: the hot-loop form of
+    ``dropout_bits`` + ``dropout_mask`` (same bits, so the same masks).
+
+    ``apply_(h, layer, row0)`` multiplies h (n, cols), rows row0 .. row0 + n of ``layer``,
+    by its keep mask for ``seed``; n <= max_rows, cols <= max_cols.  All views of the
+    scratch are built once per (n, cols), so a call is 12 tensor operations.
+    """
+
+    def __init__(self, seed: int, p: float, max_rows: int, max_cols: int, device, dtype=torch.float32):
+        self.seed, self.threshold = int(seed), dropout_threshold(p)
+        self.device = torch.device(device)
+        words = (int(max_cols) + 3) // 4
+        self._z = torch.empty(max_rows * words, dtype=torch.int64, device=self.device)
+        self._t = torch.empty_like(self._z)
+        self._keep = torch.empty(max_rows * max_cols, dtype=dtype, device=self.device)
+        self._views: dict = {}
+
+    def apply_(self, h: torch.Tensor, layer: int, row0: int) -> torch.Tensor:
+        n, cols = h.shape
+        views = self._views.get((n, cols))
+        if views is None:
+            words = _check_range(0, cols)
+            z = self._z[: n * words].view(n, words)
+            views = (_steps(n, words, self.device), z, self._t[: n * words].view(n, words),
+                     z.view(torch.int16)[:, :cols], self._keep[: n * cols].view(n, cols))
+            self._views[(n, cols)] = views
+        steps, z, t, bits, keep = views
+        _check_range(row0 + n, cols)
+        torch.add(steps, _offset(self.seed, layer, row0), out=z)
+        _splitmix64_(z, t)
+        return h.mul_(torch.ge(bits, self.threshold, out=keep))
 
 
 def dropout_threshold(p: float) -> int:
