@@ -9,7 +9,8 @@ interleaved, best of each kept, so other load on the machine affects all alike) 
     by the throughput of a dense 2048^3 float32 GEMM on the same threads;
   * baseline: a plain PyTorch version (nn.Dropout, relu, concatenations, per-scene
     np.random.choice sampling without replacement);
-  * ours: lib.data.SdfSamples.sample + lib.train.auto_decoder_loss + optimizer_step.
+  * ours: lib.data.SdfSamples.sample + lib.train.auto_decoder_loss (the fused
+    forward + backward of lib.models.fused) + optimizer_step.
 
 Prints the times and the ratios step / roofline.  Usage: python benchmarks/train_step.py [--rounds R]
 """
