@@ -12,8 +12,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="metrics_svr.py",
         description="Average the per-view logs of <experiment>/Reconstructions/: Chamfer distance (x1000, squared "
-                    "L2 means, normalised frame) and normal consistency (%%) of the raw and the refined meshes, "
-                    "improvement (%%), and the fraction of views where refinement lowered the Chamfer distance. "
+                    "L2 means, normalised frame) and normal consistency (percent) of the raw and the refined meshes, "
+                    "improvement (percent), and the fraction of views where refinement lowered the Chamfer distance. "
                     "Prints the table and writes <experiment>/Results/svr_metrics.txt, svr_metrics.csv and "
                     "svr_curves.png (per-iteration silhouette loss, Chamfer, normal consistency, latent norm).")
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")

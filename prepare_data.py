@@ -33,6 +33,12 @@ from lib.errors import MeshSDFError, cli_main
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
+def _names(names) -> str:
+    """Instance names for --help: all of a short list, the ends of a long one."""
+    names = list(names)
+    return ", ".join(names) if len(names) <= 4 else f"{names[0]}, {names[1]}, ..., {names[-1]}: {len(names)} shapes"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from lib.shapes import BUILTIN_DATASETS, TOY_CARS_DEFAULT_COUNT
 
@@ -40,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="prepare_data.py",
         description="Sample signed distances around meshes (DeepSDF format) for training.",
         epilog="Built-in datasets are procedural stand-ins made from analytic SDFs: "
-               + ", ".join(f"{k} ({', '.join(v)})" for k, v in BUILTIN_DATASETS.items()) + ".")
+               + ", ".join(f"{k} ({_names(v)})" for k, v in BUILTIN_DATASETS.items()) + ".")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--mesh", nargs="+", metavar="FILE",
                      help="triangle meshes (OBJ/PLY/OFF/STL...); instance name = file stem")
