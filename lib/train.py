@@ -188,7 +188,7 @@ def auto_decoder_loss(decoder: nn.Module, codes: torch.Tensor, xyz: torch.Tensor
     """
     b, s = sdf.shape
     model = distributed.unwrap(decoder)
-    if b * s and torch.is_grad_enabled() and isinstance(model, Decoder) and model.fused_plan(xyz.device):
+    if b * s and torch.is_grad_enabled() and isinstance(model, Decoder) and model.fused_loss_supported:
         # fused forward + backward on cache-sized row chunks (lib.models.fused); called
         # through ``decoder`` so that DistributedDataParallel sees the forward
         sdf_loss = decoder(codes, xyz, sdf, settings.clamp_distance)

@@ -21,7 +21,7 @@ def _splitmix64(state: int) -> int:
 
 def test_dropout_bits_are_splitmix64_of_the_documented_counter():
     seed = -1234567890123456789
-    bits = dropout_bits(seed, [0, 5], row0=3, rows=2, cols=10)  # (2, 2, 12) int16
+    bits = torch.stack([dropout_bits(seed, layer, row0=3, rows=2, cols=10) for layer in (0, 5)])  # (2, 2, 12) int16
     assert bits.shape == (2, 2, 12) and bits.dtype == torch.int16
     words = bits.view(torch.int64)  # (2, 2, 3): lanes c % 4 of word c // 4
     for li, layer in enumerate((0, 5)):
@@ -34,10 +34,10 @@ def test_dropout_bits_are_splitmix64_of_the_documented_counter():
 
 def test_dropout_bits_of_a_chunk_are_a_slice_of_the_full_draw():
     seed = new_seed()
-    full = dropout_bits(seed, [1, 2, 7], 0, 40, 93)
-    part = dropout_bits(seed, [2, 7], 11, 17, 128)[:, :, :93]
+    full = torch.stack([dropout_bits(seed, layer, 0, 40, 93) for layer in (1, 2, 7)])
+    part = torch.stack([dropout_bits(seed, layer, 11, 17, 128) for layer in (2, 7)])[:, :, :93]
     assert torch.equal(part, full[1:, 11:28, :93])
-    other = dropout_bits(seed + 1, [1], 0, 40, 93)
+    other = dropout_bits(seed + 1, 1, 0, 40, 93)[None]
     assert not torch.equal(other[0], full[0])
 
 
@@ -124,7 +124,7 @@ def test_auto_decoder_loss_fuses_supported_decoders_and_falls_back_for_layer_nor
     auto_decoder_loss(fused_dec, codes, xyz, sdf, 10, settings)[0].backward()
     assert calls == [1]
     ln_dec = Decoder(3, dims=[16, 16, 16], norm_layers=[0, 1], dropout=[0], dropout_prob=0.2)  # LayerNorm
-    assert ln_dec.fused_plan("cpu") is None
+    assert not ln_dec.fused_loss_supported
     total, sdf_loss, _ = auto_decoder_loss(ln_dec, codes, xyz, sdf, 10, settings)
     total.backward()
     assert calls == [1] and torch.isfinite(sdf_loss) and ln_dec.lin0.weight.grad is not None

@@ -13,8 +13,7 @@ from torch import nn
 
 from lib.errors import MeshSDFError
 from lib.models.fused import FusedPlan, LayerPlan, default_chunk, fused_clamped_l1
-from lib.models.ops import (dropout_bits, dropout_mask, effective_dropout_prob,  # noqa: F401
-                            new_seed, positional_encoding)
+from lib.models.ops import dropout_mask, effective_dropout_prob, new_seed, positional_encoding  # noqa: F401
 
 
 class WeightNormLinear(nn.Module):
@@ -138,14 +137,15 @@ class Decoder(nn.Module):
                 setattr(self, f"bn{i}", nn.LayerNorm(out))
 
         self.fused_chunk: int | None = None  # rows per chunk of the fused loss; None = fused.default_chunk
+        self.layer_plans = self._layer_plans()
 
-    def layer_plans(self) -> tuple[LayerPlan, ...]:
+    def _layer_plans(self) -> tuple[LayerPlan, ...]:
         """Column layout of every layer's weight: which columns read the previous layer, the
         latent code and the encoded xyz (see ``lib.models.fused.LayerPlan``)."""
         plans, lat, pe = [], self.latent_size, self.xyz_size
         for i in range(self.num_layers):
-            width = getattr(self, f"lin{i}").weight_v.shape[1] if self.weight_norm and i in self.norm_layers \
-                else getattr(self, f"lin{i}").weight.shape[1]
+            lin = getattr(self, f"lin{i}")
+            width = (lin.weight_v if isinstance(lin, WeightNormLinear) else lin.weight).shape[1]
             drop = i in self.dropout and i < self.num_layers - 1
             if i == 0:
                 plans.append(LayerPlan(0, (0, lat), (lat, lat + pe), drop))
@@ -167,7 +167,7 @@ class Decoder(nn.Module):
         """
         keep_scale = 1.0 / (1.0 - effective_dropout_prob(self.dropout_prob))
         out = []
-        for i, plan in enumerate(self.layer_plans()):
+        for i, plan in enumerate(self.layer_plans):
             lin = getattr(self, f"lin{i}")
             weight = lin.weight
             if dropping and i > 0 and (i - 1) in self.dropout:
@@ -176,13 +176,15 @@ class Decoder(nn.Module):
             out += [weight, lin.bias]
         return out
 
-    def fused_plan(self, device) -> FusedPlan | None:
-        """The plan of ``lib.models.fused`` for this decoder, or None where it has parts the
-        fused loss does not implement (LayerNorm layers, latent dropout)."""
-        if self.latent_dropout is not None or any(hasattr(self, f"bn{i}") for i in range(self.num_layers)):
-            return None
+    @property
+    def fused_loss_supported(self) -> bool:
+        """Whether ``lib.models.fused`` implements this decoder (not: LayerNorm layers, latent dropout)."""
+        return self.latent_dropout is None and not any(hasattr(self, f"bn{i}") for i in range(self.num_layers))
+
+    def fused_plan(self, device) -> FusedPlan:
+        """The plan of ``lib.models.fused`` for this decoder in its current mode (``fused_loss_supported``)."""
         dropping = self.training and self.dropout_prob > 0
-        plans = tuple(LayerPlan(p.x, p.lat, p.pe, p.dropout and dropping) for p in self.layer_plans())
+        plans = tuple(LayerPlan(p.x, p.lat, p.pe, p.dropout and dropping) for p in self.layer_plans)
         return FusedPlan(plans, self.fourier_degree, self.use_tanh, self.dropout_prob,
                          self.fused_chunk or default_chunk(device))
 
@@ -197,15 +199,15 @@ class Decoder(nn.Module):
         codes (B, L), xyz (B, S, 3), sdf (B, S) -> scalar.  Computed by the fused
         forward + backward of ``lib.models.fused`` (same value and gradients as the first
         call followed by that mean, same dropout masks for the same RNG state); needs
-        ``fused_plan`` to be supported and xyz/sdf without gradients.
+        ``fused_loss_supported`` and xyz/sdf without gradients.
         """
         if xyz is not None:
-            plan = self.fused_plan(xyz.device)
-            if plan is None or sdf is None or clamp is None:
+            if not self.fused_loss_supported or sdf is None or clamp is None:
                 raise ValueError("Decoder: the fused training loss needs sdf and clamp, and no LayerNorm or latent dropout")
-            seed = new_seed() if any(p.dropout for p in plan.layers) else 0
-            return fused_clamped_l1(plan, clamp, seed, inputs, xyz, sdf,
-                                    self.effective_weights(any(p.dropout for p in plan.layers)))
+            plan = self.fused_plan(xyz.device)
+            dropping = any(p.dropout for p in plan.layers)
+            return fused_clamped_l1(plan, clamp, new_seed() if dropping else 0, inputs, xyz, sdf,
+                                    self.effective_weights(dropping))
         latent = inputs[:, : self.latent_size]
         xyz = inputs[:, self.latent_size :]
         if self.fourier_degree:

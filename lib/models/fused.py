@@ -169,11 +169,13 @@ def _run_chunks(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, in
            for i, lp in enumerate(layers)]
     bwd = [(i, lp.x, lp.pe is not None, part.gwx[i], part.gwpe[i], sh.wx[i])
            for i, lp in reversed(list(enumerate(layers)))]
+    # per scene: its bias rows and its bias-gradient sums, (layer,) lists of views
+    scene = [([sb[k] for sb in sh.scene_bias], [part.colsums[i, k, :w] for i, w in enumerate(sh.widths)])
+             for k in range(sh.sdf.shape[0])]
     for k, r0, r1 in chunks:
         n = r1 - r0
         acts, gins = part.views(sh, n)
-        biases = [sb[k] for sb in sh.scene_bias]
-        sums = [part.colsums[i, k, :w] for i, w in enumerate(sh.widths)]
+        biases, sums = scene[k]
         pts = sh.xyz[k, r0:r1]
         pe = positional_encoding(pts, plan.fourier_degree) if plan.fourier_degree else pts.contiguous()
         x = pe

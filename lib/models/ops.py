@@ -96,21 +96,25 @@ def _check_range(rows_end: int, cols: int) -> int:
     return words
 
 
-def dropout_bits(seed: int, layers: Sequence[int], row0: int, rows: int, cols: int, device=None) -> torch.Tensor:
-    """Random 16-bit lanes of units (layer, row, col): (len(layers), rows, 4 * ceil(cols / 4)) int16.
+def _draw_(steps: torch.Tensor, offset: int, z: torch.Tensor, tmp: torch.Tensor | None = None) -> torch.Tensor:
+    """SplitMix64 outputs of the states ``steps + offset``, written into ``z`` (same shape)."""
+    torch.add(steps, offset, out=z)
+    return _splitmix64_(z, tmp)
+
+
+def dropout_bits(seed: int, layer: int, row0: int, rows: int, cols: int, device=None) -> torch.Tensor:
+    """Random 16-bit lanes of units (row, col) of ``layer``: (rows, 4 * ceil(cols / 4)) int16.
 
     Unit (l, r, c) gets lane c % 4 of the SplitMix64 output for counter
     k = l * 2^44 + r * 2^12 + c // 4 (state seed + (k + 1) * gamma).  Counter-based, so a
-    chunk of rows or a subset of layers gives exactly the bits of the full draw, whatever
-    the width other layers have.  Why not torch's generator: its CPU Mersenne twister is
-    serial (~3.3 ns per 64-bit word, a tenth of a training step); this is ~10 vectorised
-    integer passes over the words.
+    chunk of rows gives exactly the bits of the full draw, whatever the width other layers
+    have.  Why not torch's generator: its CPU Mersenne twister is serial (~3.3 ns per 64-bit
+    word, a tenth of a training step); this is ~10 vectorised integer passes over the words.
     """
     words = _check_range(row0 + rows, cols)
     device = torch.device(device) if device is not None else torch.device("cpu")
     steps = _steps(rows, words, device)
-    offsets = torch.tensor([_offset(seed, l, row0) for l in layers], dtype=torch.int64).to(device)
-    return _splitmix64_(torch.add(steps, offsets[:, None, None])).view(torch.int16)
+    return _draw_(steps, _offset(seed, layer, row0), torch.empty_like(steps)).view(torch.int16)
 
 
 class ChunkDropout:
@@ -142,8 +146,7 @@ class ChunkDropout:
             self._views[(n, cols)] = views
         steps, z, t, bits, keep = views
         _check_range(row0 + n, cols)
-        torch.add(steps, _offset(self.seed, layer, row0), out=z)
-        _splitmix64_(z, t)
+        _draw_(steps, _offset(self.seed, layer, row0), z, t)
         return h.mul_(torch.ge(bits, self.threshold, out=keep))
 
 
@@ -157,12 +160,12 @@ def dropout_mask(shape: Sequence[int], p: float, device=None, dtype=torch.float3
     """Keep mask of ``shape`` (rows, cols) in ``dtype``: 1 = keep, 0 = drop, each unit dropped
     independently with probability ``effective_dropout_prob(p)``.
 
-    The bits are ``dropout_bits(seed, [layer], 0, rows, cols)``; ``seed`` defaults to a
+    The bits are ``dropout_bits(seed, layer, 0, rows, cols)``; ``seed`` defaults to a
     fresh ``new_seed()``.  A single compare writes the mask straight in ``dtype`` (a bool
     mask would cost a conversion pass when applied).
     """
     rows, cols = (int(shape[0]), math.prod(shape[1:])) if len(shape) else (1, 1)
     seed = new_seed() if seed is None else seed
-    bits = dropout_bits(seed, [layer], 0, rows, cols, device)[0, :, :cols]
+    bits = dropout_bits(seed, layer, 0, rows, cols, device)[:, :cols]
     keep = torch.empty((rows, cols), dtype=dtype, device=device)
     return torch.ge(bits, dropout_threshold(p), out=keep).view(tuple(shape))
