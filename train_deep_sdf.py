@@ -52,9 +52,8 @@ def main(argv=None) -> int:
         split = read_split(workspace.resolve_path(specs["TrainSplit"]))
         dataset = SdfSamples(workspace.resolve_path(specs["DataSource"]), split)
         if ctx.is_main:
-            where = f"{ctx.world_size} processes ({ctx.backend})" if ctx.distributed else str(device)
             info(f"training on {len(dataset)} shapes ({', '.join(dataset.names[:5])}"
-                 f"{', ...' if len(dataset) > 5 else ''}) on {where}")
+                 f"{', ...' if len(dataset) > 5 else ''}) on {ctx.where}")
         with distributed.PreemptionGuard() as guard:
             result = train_auto_decoder(args.experiment, specs, dataset, device, resume=args.resume, seed=args.seed,
                                         num_epochs=args.epochs, should_stop=guard)

@@ -49,9 +49,8 @@ def main(argv=None) -> int:
     try:
         dataset = training_set_from_specs(specs)
         if ctx.is_main:
-            where = f"{ctx.world_size} processes ({ctx.backend})" if ctx.distributed else str(ctx.device)
             info(f"training on {len(dataset)} instances x {specs['NumberOfViews']} views of {specs['ImageSize']} px "
-                 f"on {where}")
+                 f"on {ctx.where}")
         with distributed.PreemptionGuard() as guard:
             result = train_svr(args.experiment, specs, dataset, ctx.device, resume=args.resume, seed=args.seed,
                                num_epochs=args.epochs, should_stop=guard)

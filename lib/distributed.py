@@ -57,6 +57,11 @@ class DistContext:
     def distributed(self) -> bool:
         return self.backend is not None
 
+    @property
+    def where(self) -> str:
+        """Where training runs, for messages: "2 processes (gloo)" or the device."""
+        return f"{self.world_size} processes ({self.backend})" if self.distributed else str(self.device)
+
 
 def env_ranks() -> tuple[int, int, int]:
     """(RANK, WORLD_SIZE, LOCAL_RANK) from torchrun's environment; (0, 1, 0) without it."""
@@ -354,9 +359,9 @@ def rank_seed(base: int, epoch: int, rank_: int | None = None) -> int:
 class PreemptionGuard:
     """Context manager: SIGTERM (and SIGUSR1, which SLURM's --signal sends) set a stop flag.
 
-    Call the guard as ``should_stop(epoch)``: true on every rank once any rank received a
-    signal, so all ranks leave the loop after the same epoch (rank 0 then writes
-    ``latest``).  A second signal kills the process at once (the default action).  Handlers
+    Call the guard as ``should_stop(epoch)``: true once this process received a signal.
+    The trainers agree across ranks (``lib.train.EpochBook.end_epoch`` asks ``any_rank``),
+    so all ranks leave the loop after the same epoch (rank 0 then writes ``latest``).  A second signal kills the process at once (the default action).  Handlers
     are installed only in the main thread; the previous ones are restored on exit.
     """
 
@@ -388,7 +393,7 @@ class PreemptionGuard:
         self._old.clear()
 
     def __call__(self, epoch: int) -> bool:
-        return any_rank(self.received is not None)
+        return self.received is not None
 
     @property
     def reason(self) -> str:
