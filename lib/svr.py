@@ -34,7 +34,7 @@ from torch import nn
 
 from lib import workspace
 from lib.errors import MeshSDFError
-from lib.log import info, progress
+from lib.log import info
 from lib.workspace import Key, int_key, int_list_key, num_key, str_key
 
 # --------------------------------------------------------------------------- specs
