@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from lib import workspace
+from lib import checkpoint, runtime
+from lib.specs import load_specs, resolve_path
 from lib.camera import look_at
 from lib.data import read_split
 from lib.errors import MeshSDFError, cli_main
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="dL/ds rule: paper (unit normal, default) or exact (implicit function theorem)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     ap.add_argument("--out", default=None, help="output folder (default <experiment>/Optimizations)")
-    ap.add_argument("--checkpoint", default="latest", type=workspace.parse_epoch, metavar="latest|N",
+    ap.add_argument("--checkpoint", default="latest", type=checkpoint.parse_epoch, metavar="latest|N",
                     help="checkpoint to load (default latest)")
     ap.add_argument("--fps", type=float, default=10.0, help="frames per second of movie.gif (default 10)")
     return ap.parse_args(argv)
@@ -86,14 +87,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     mode = check_args(args)
     exp = Path(args.experiment)
-    specs = workspace.load_specs(exp)
-    split_file = workspace.resolve_path(specs["TrainSplit"])
+    specs = load_specs(exp)
+    split_file = resolve_path(specs["TrainSplit"])
     names = [inst.name for inst in read_split(split_file)]
     target_k = shape_index(names, args.target, "--target", split_file)
     init_k = shape_index(names, args.init, "--init", split_file)
-    device = workspace.choose_device(args.device)
-    decoder = workspace.load_decoder(exp, specs, args.checkpoint, device=device)
-    codes = workspace.load_latent_codes(exp, args.checkpoint, device=device)
+    device = runtime.choose_device(args.device)
+    decoder = checkpoint.load_decoder(exp, specs, args.checkpoint, device=device)
+    codes = checkpoint.load_latent_codes(exp, args.checkpoint, device=device)
     if codes.shape[0] != len(names):
         raise MeshSDFError(f"the checkpoint holds {codes.shape[0]} latent codes but {split_file} lists "
                            f"{len(names)} shapes; retrain with train_deep_sdf.py -e {exp}")

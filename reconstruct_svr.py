@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from lib import workspace
+from lib import checkpoint, runtime
+from lib.specs import load_svr_specs, resolve_path
 from lib.errors import MeshSDFError, cli_main
 from lib.log import info, progress
 
@@ -23,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="only these instances of the TestSplit (default: all)")
     ap.add_argument("--views", nargs="+", type=int, default=None, metavar="N",
                     help="view indices to reconstruct (default: ReconstructionViews of specs.json)")
-    ap.add_argument("--checkpoint", type=workspace.parse_epoch, default="latest", metavar="latest|N",
+    ap.add_argument("--checkpoint", type=checkpoint.parse_epoch, default="latest", metavar="latest|N",
                     help="network snapshot to use (default latest)")
     ap.add_argument("--iterations", type=int, default=None, help="refinement steps (default: RefinementIterations)")
     ap.add_argument("--lr", type=float, default=None, help="refinement learning rate (default: RefinementLearningRate)")
@@ -45,8 +46,8 @@ def main(argv=None) -> int:
         raise MeshSDFError(f"--lr must be > 0, got {args.lr}")
     if args.resolution is not None and args.resolution < 8:
         raise MeshSDFError(f"--resolution must be >= 8, got {args.resolution}")
-    specs = svr.load_svr_specs(args.experiment)
-    device = workspace.choose_device(args.device)
+    specs = load_svr_specs(args.experiment)
+    device = runtime.choose_device(args.device)
     settings = svr.RefineSettings.from_specs(specs, iterations=args.iterations, lr=args.lr, resolution=args.resolution)
     views = args.views if args.views is not None else specs["ReconstructionViews"]
     bad = [v for v in views if not 0 <= v < specs["NumberOfViews"]]
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
 
     if not specs["TestSplit"]:
         raise MeshSDFError(f"{args.experiment}/specs.json has no TestSplit; add the split file of the test instances")
-    instances = read_split(workspace.resolve_path(specs["TestSplit"]))
+    instances = read_split(resolve_path(specs["TestSplit"]))
     if args.instances:
         known = {i.name for i in instances}
         missing = [n for n in args.instances if n not in known]
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         info(f"{instances[k].name}/{v:02d}: Chamfer x1000 {c0:.3f} -> {c1:.3f}, silhouette loss "
              f"{result.log['silhouette_loss'][0]:.4f} -> {result.log['silhouette_loss'][-1]:.4f} "
              f"({result.seconds:.1f} s)")
-    info(f"wrote {len(jobs)} reconstructions to {workspace.reconstructions_dir(args.experiment)}")
+    info(f"wrote {len(jobs)} reconstructions to {checkpoint.reconstructions_dir(args.experiment)}")
     return 0
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from lib import distributed, workspace
+from lib import checkpoint, distributed
+from lib.specs import load_specs, resolve_path
 from lib.data import SdfSamples, read_split
 from lib.errors import MeshSDFError, cli_main
 from lib.log import info
@@ -21,7 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "ModelParameters/, OptimizerParameters/, LatentCodes/, Logs.pth and "
                     "Reconstructions/<instance>.ply into the experiment folder.")
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
-    ap.add_argument("-c", "--continue", dest="resume", type=workspace.parse_epoch, default=None,
+    ap.add_argument("-c", "--continue", dest="resume", type=checkpoint.parse_epoch, default=None,
                     metavar="latest|N", help="resume from the 'latest' checkpoint (starts from scratch when there "
                                              "is none yet, so it is safe in restart loops) or snapshot epoch N")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available; under "
@@ -44,13 +45,13 @@ def main(argv=None) -> int:
         raise MeshSDFError(f"--epochs must be >= 1, got {args.epochs}")
     if args.resolution < 2:
         raise MeshSDFError(f"--resolution must be >= 2, got {args.resolution}")
-    specs = workspace.load_specs(args.experiment)
-    workspace.check_writable(args.experiment)
+    specs = load_specs(args.experiment)
+    checkpoint.check_writable(args.experiment)
     ctx = distributed.init_distributed(args.device)  # also checks --device
     device = ctx.device
     try:
-        split = read_split(workspace.resolve_path(specs["TrainSplit"]))
-        dataset = SdfSamples(workspace.resolve_path(specs["DataSource"]), split)
+        split = read_split(resolve_path(specs["TrainSplit"]))
+        dataset = SdfSamples(resolve_path(specs["DataSource"]), split)
         if ctx.is_main:
             info(f"training on {len(dataset)} shapes ({', '.join(dataset.names[:5])}"
                  f"{', ...' if len(dataset) > 5 else ''}) on {ctx.where}")
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     if not args.no_reconstruct:
         paths = reconstruct_training_shapes(args.experiment, result.decoder, result.latent_codes.weight,
                                             dataset.names, args.resolution, device)
-        info(f"wrote {len(paths)} meshes to {workspace.reconstructions_dir(args.experiment)}")
+        info(f"wrote {len(paths)} meshes to {checkpoint.reconstructions_dir(args.experiment)}")
     return 0
 
 

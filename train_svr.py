@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from lib import distributed, workspace
+from lib import checkpoint, distributed
 from lib.errors import MeshSDFError, cli_main
 from lib.log import info
 
@@ -23,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "ModelParameters/ (encoder and decoder), OptimizerParameters/ and Logs.pth into the "
                     "experiment folder.")
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
-    ap.add_argument("-c", "--continue", dest="resume", type=workspace.parse_epoch, default=None,
+    ap.add_argument("-c", "--continue", dest="resume", type=checkpoint.parse_epoch, default=None,
                     metavar="latest|N", help="resume from the 'latest' checkpoint (starts from scratch when there "
                                              "is none yet, so it is safe in restart loops) or snapshot epoch N")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available; under "
@@ -38,13 +38,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from lib.svr import load_svr_specs, train_svr, training_set_from_specs
+    from lib.specs import load_svr_specs
+    from lib.svr import train_svr, training_set_from_specs
 
     args = parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         raise MeshSDFError(f"--epochs must be >= 1, got {args.epochs}")
     specs = load_svr_specs(args.experiment)
-    workspace.check_writable(args.experiment)
+    checkpoint.check_writable(args.experiment)
     ctx = distributed.init_distributed(args.device)  # also checks --device
     try:
         dataset = training_set_from_specs(specs)

@@ -28,20 +28,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import demo_optimizer  # noqa: E402
-from lib import workspace  # noqa: E402
+from lib import checkpoint, runtime  # noqa: E402
 from lib.camera import look_at  # noqa: E402
 from lib.errors import cli_main  # noqa: E402
 from lib.meshsdf import mesh_from_sdf  # noqa: E402
 from lib.metrics import silhouette_iou  # noqa: E402
 from lib.optimize import LatentOptimizer, SilhouetteLoss, SurfaceLostError, demo_sigma  # noqa: E402
 from lib.render import silhouette  # noqa: E402
+from lib.specs import REPO_ROOT, load_specs  # noqa: E402
 
 MODES = ("dense", "sparse", "fast")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("-e", "--experiment", default=str(workspace.REPO_ROOT / "experiments" / "bob_and_spot"))
+    ap.add_argument("-e", "--experiment", default=str(REPO_ROOT / "experiments" / "bob_and_spot"))
     ap.add_argument("--iterations", type=int, default=100)
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--image-size", type=int, default=512)
@@ -51,11 +52,11 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = workspace.choose_device(args.device)
+    device = runtime.choose_device(args.device)
     exp = Path(args.experiment)
-    specs = workspace.load_specs(exp)
-    decoder = workspace.load_decoder(exp, specs, device=device)
-    codes = workspace.load_latent_codes(exp, device=device)
+    specs = load_specs(exp)
+    decoder = checkpoint.load_decoder(exp, specs, device=device)
+    codes = checkpoint.load_latent_codes(exp, device=device)
     camera = look_at(demo_optimizer.AZIMUTH, demo_optimizer.ELEVATION, demo_optimizer.DISTANCE,
                      image_size=args.image_size, device=device)
     with torch.no_grad():

@@ -27,13 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib import workspace  # noqa: E402
+from lib import checkpoint, runtime  # noqa: E402
 from lib.errors import cli_main  # noqa: E402
 from lib.isosurface import (_cell_corner_values, crossing_cells, extract, marching_cubes,  # noqa: E402
                             marching_cubes_cells, same_mesh)
 from lib.meshsdf import mesh_from_sdf  # noqa: E402
 from lib.models.decoder import decoder_from_specs  # noqa: E402
 from lib.models.decoder import sdf as decoder_sdf  # noqa: E402
+from lib.specs import REPO_ROOT, load_specs  # noqa: E402
 
 
 class TorusPlusNet(torch.nn.Module):
@@ -50,12 +51,12 @@ class TorusPlusNet(torch.nn.Module):
 
 
 def load(exp: Path, device, fallback: bool):
-    specs = workspace.load_specs(exp)
+    specs = load_specs(exp)
     try:
         if fallback:
             raise FileNotFoundError("--fallback")
-        dec = workspace.load_decoder(exp, specs, device=device)
-        codes = workspace.load_latent_codes(exp, device=device)
+        dec = checkpoint.load_decoder(exp, specs, device=device)
+        codes = checkpoint.load_latent_codes(exp, device=device)
         return dec, codes, f"trained checkpoint (epoch {dec.checkpoint_epoch}) of {exp}"
     except Exception as err:  # noqa: BLE001 - any missing/bad checkpoint: fall back
         torch.manual_seed(0)
@@ -75,7 +76,7 @@ def timed(fn, repeat=1):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("-e", "--experiment", default=str(workspace.REPO_ROOT / "experiments" / "bob_and_spot"))
+    ap.add_argument("-e", "--experiment", default=str(REPO_ROOT / "experiments" / "bob_and_spot"))
     ap.add_argument("--resolutions", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--path-resolution", type=int, default=64, help="resolution of parts 2 and 3 (demo: 64)")
     ap.add_argument("--iterations", type=int, default=8, help="latent steps in part 2")
@@ -86,7 +87,7 @@ def main() -> int:
                     help="use the torus + untrained network even if a checkpoint exists")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    device = workspace.choose_device(args.device)
+    device = runtime.choose_device(args.device)
     dec, codes, what = load(Path(args.experiment), device, args.fallback)
     for p in dec.parameters():
         p.requires_grad_(False)

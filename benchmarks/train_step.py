@@ -28,10 +28,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib import workspace  # noqa: E402
 from lib.data import Instance, SdfSamples  # noqa: E402
 from lib.models.decoder import decoder_from_specs, positional_encoding  # noqa: E402
 from lib.train import TrainSettings, auto_decoder_loss, clamped_l1, optimizer_step  # noqa: E402
+from lib.specs import REPO_ROOT, load_specs  # noqa: E402
 
 ROWS = 250_000  # per pos / neg array, like the prepared bob and spot files
 
@@ -67,7 +67,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    specs = workspace.load_specs(workspace.REPO_ROOT / "experiments" / "bob_and_spot")
+    specs = load_specs(REPO_ROOT / "experiments" / "bob_and_spot")
     settings = TrainSettings.from_specs(specs)
     s, b = settings.samples_per_scene, settings.scenes_per_batch
     torch.manual_seed(0)

@@ -4,7 +4,9 @@ Modules (one concern each; see README "Code map"):
     errors      the one user-facing exception type and the script entry-point wrapper
     io          atomic file writes, mesh/image readers and writers
     log         progress bars and messages (the only place lib/ prints)
-    workspace   specs.json, experiment folders, checkpoints, devices, seeds
+    specs       specs.json: every key, the original's defaults, validation
+    checkpoint  the experiment folder's files: every checkpoint form, read and written
+    runtime     device, seeds and RNG states of a process
     models/     decoder (DeepSDF MLP), encoder (ResNet image encoder)
     data        SDF-sample and image datasets, split files
     sampling    mesh normalisation and SDF sample generation, built-in shapes

@@ -83,7 +83,7 @@ def env_ranks() -> tuple[int, int, int]:
 
 def _device_for_rank(name: str | None, local_rank: int) -> torch.device:
     """The device of one process of a multi-process job: cuda:LOCAL_RANK or the CPU."""
-    from lib.workspace import choose_device
+    from lib.runtime import choose_device
 
     if name is not None and name not in ("auto", "cpu", "cuda"):
         try:
@@ -112,7 +112,7 @@ def init_distributed(device: str | None = None) -> DistContext:
     """
     rank, world, local = env_ranks()
     if world == 1:
-        from lib.workspace import choose_device
+        from lib.runtime import choose_device
 
         return DistContext(0, 1, 0, choose_device(device), None)
     dev = _device_for_rank(device, local)

@@ -4,7 +4,7 @@ per-view reconstruction with silhouette refinement, and the metrics table.
 Pieces, each usable alone (the scripts train_svr.py, reconstruct_svr.py, metrics_svr.py
 and prepare_data.py only parse arguments and call them):
 
-- ``SVR_KEYS``: the specs keys of an SVR experiment, on top of lib.workspace.DEEPSDF_KEYS.
+- ``SVR_KEYS``: the specs keys of an SVR experiment, on top of lib.specs.DEEPSDF_KEYS.
 - ``render_views``: DISN-layout RGBA renders of a mesh (prepare_data.py).
 - ``EncoderDecoder``: image encoder + DeepSDF decoder in one module (one checkpoint file).
 - ``svr_loss`` / ``train_step`` / ``train_svr``: joint training on the SDF loss.
@@ -32,93 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lib import workspace
+from lib import checkpoint, runtime
+from lib.specs import ENCODER_DEFAULTS, resolve_path
 from lib.errors import MeshSDFError
 from lib.log import info
-from lib.workspace import Key, int_key, int_list_key, num_key, str_key
-
-# --------------------------------------------------------------------------- specs
-
-EXTRACTION_MODES = ("dense", "fast", "sparse")
-ENCODER_DEFAULTS = {"Depth": 20, "Normalization": "in", "Widths": [64, 128, 256, 256]}
-
-
-def _encoder_key(v):
-    from lib.models.encoder import NORMALIZATIONS
-
-    if not isinstance(v, dict):
-        return "must be an object {\"Depth\": 20, \"Normalization\": \"in\", \"Widths\": [64, 128, 256, 256]}"
-    extra = sorted(set(v) - set(ENCODER_DEFAULTS))
-    if extra:
-        return f"has unknown field {extra[0]!r} (fields: {', '.join(ENCODER_DEFAULTS)})"
-    depth = v.get("Depth", ENCODER_DEFAULTS["Depth"])
-    widths = v.get("Widths", ENCODER_DEFAULTS["Widths"])
-    if v.get("Normalization", "in") not in NORMALIZATIONS:
-        return f"field 'Normalization' must be one of {', '.join(NORMALIZATIONS)}"
-    if not (isinstance(widths, list) and widths and all(isinstance(w, int) and w >= 1 for w in widths)):
-        return "field 'Widths' must be a non-empty list of positive integers (channels per stage)"
-    if not (isinstance(depth, int) and depth >= 2 + 2 * len(widths) and depth % 2 == 0):
-        return f"field 'Depth' must be an even integer >= {2 + 2 * len(widths)} (2 + 2 per stage at least)"
-    return None
-
-
-def _schedules_key(v):
-    return workspace.schedule_list_key(1)(v)
-
-
-def _nullable_str_key(v):
-    return None if v is None or (isinstance(v, str) and v) else "must be a non-empty string or null"
-
-
-def _choice_key(choices):
-    def check(v):
-        return None if v in choices else f"must be one of {', '.join(choices)}"
-    return check
-
-
-def _template_key(nullable: bool):
-    def check(v):
-        if v is None and nullable:
-            return None
-        if isinstance(v, str) and "{instance}" in v:
-            return None
-        return "must be a path template containing {instance}" + (" or null" if nullable else "")
-    return check
-
-
-# Keys of an SVR experiment added to (or overriding) lib.workspace.DEEPSDF_KEYS.
-SVR_KEYS: dict[str, Key] = {
-    # LearningRateSchedule[0] is the encoder's; the decoder's is that times the factor
-    # (a second entry, as in some original specs, is accepted and ignored)
-    "LearningRateSchedule": Key(_schedules_key, required=True),
-    "DecoderLearningRateFactor": Key(num_key(0.0), default=0.1),
-    # an experiment folder (e.g. a DeepSDF auto-decoder trained with train_deep_sdf.py on the
-    # same shapes) whose ModelParameters/latest.pth starts the decoder; null: from scratch
-    "DecoderInit": Key(_nullable_str_key, default=None),
-    "TestSplit": Key(str_key, default=None),
-    "ImageSize": Key(int_key(16), default=224),
-    "NumberOfViews": Key(int_key(1), default=16),
-    "Encoder": Key(_encoder_key, default=dict(ENCODER_DEFAULTS)),
-    "RendersPath": Key(_template_key(False), default="{dataset}/renders/{instance}"),
-    "MeshesPath": Key(_template_key(False), default="{dataset}/meshes/{instance}.obj"),
-    "NormalizationPath": Key(_template_key(True), default=None),
-    "ReconstructionResolution": Key(int_key(8), default=256),
-    "ReconstructionViews": Key(int_list_key(0, nonempty=True), default=[0]),
-    "ExtractionMode": Key(_choice_key(EXTRACTION_MODES), default="sparse"),
-    "RefinementIterations": Key(int_key(0), default=100),
-    "RefinementLearningRate": Key(num_key(0.0, strict=True), default=5e-5),
-    "SilhouetteSigma": Key(num_key(0.0), default=1e-5),
-    "SilhouetteFacesPerPixel": Key(int_key(1), default=25),
-    "ChamferSamples": Key(int_key(100), default=30000),
-}
-
-
-def load_svr_specs(exp_dir: str | os.PathLike) -> dict:
-    """``<exp_dir>/specs.json`` validated with the SVR keys; the Encoder object gets its defaults."""
-    specs = workspace.load_specs(exp_dir, extra_keys=SVR_KEYS)
-    specs["Encoder"] = {**ENCODER_DEFAULTS, **specs["Encoder"]}
-    return specs
-
 
 # --------------------------------------------------------------------------- renders
 
@@ -190,7 +107,7 @@ def _split_instances(specs: Mapping, key: str):
 
     if not specs.get(key):
         raise MeshSDFError(f"specs.json has no {key}; add the split file of the instances to use")
-    return read_split(workspace.resolve_path(specs[key]))
+    return read_split(resolve_path(specs[key]))
 
 
 def render_set_from_specs(specs: Mapping, split_key: str = "TestSplit", instances=None, cache="auto"):
@@ -198,7 +115,7 @@ def render_set_from_specs(specs: Mapping, split_key: str = "TestSplit", instance
     from lib.data import RenderSet
 
     insts = instances if instances is not None else _split_instances(specs, split_key)
-    return RenderSet(workspace.resolve_path(specs["DataSource"]), insts, specs["ImageSize"], specs["NumberOfViews"],
+    return RenderSet(resolve_path(specs["DataSource"]), insts, specs["ImageSize"], specs["NumberOfViews"],
                      specs["RendersPath"], specs["NormalizationPath"], cache=cache)
 
 
@@ -207,7 +124,7 @@ def training_set_from_specs(specs: Mapping, device=None):
     from lib.data import RgbaSdfSamples, SdfSamples
 
     insts = _split_instances(specs, "TrainSplit")
-    sdf = SdfSamples(workspace.resolve_path(specs["DataSource"]), insts, device=device)
+    sdf = SdfSamples(resolve_path(specs["DataSource"]), insts, device=device)
     return RgbaSdfSamples(sdf, render_set_from_specs(specs, instances=insts))
 
 
@@ -216,7 +133,7 @@ def ground_truth_mesh(specs: Mapping, inst) -> tuple[torch.Tensor, torch.Tensor]
     from lib.data import instance_path
     from lib.io import read_mesh
 
-    path = instance_path(specs["MeshesPath"], workspace.resolve_path(specs["DataSource"]), inst)
+    path = instance_path(specs["MeshesPath"], resolve_path(specs["DataSource"]), inst)
     if not path.is_file():
         raise MeshSDFError(f"ground-truth mesh not found: {path}; fix MeshesPath in specs.json or run prepare_data.py")
     v, f = read_mesh(path)
@@ -257,7 +174,7 @@ def network_from_specs(specs: Mapping) -> EncoderDecoder:
 def load_network(exp_dir: str | os.PathLike, specs: Mapping, epoch: str | int = "latest", device=None) -> EncoderDecoder:
     """The trained encoder + decoder of an SVR experiment, in eval mode on ``device``."""
     net = network_from_specs(specs)
-    net.checkpoint_epoch = workspace.load_model_state(exp_dir, net, epoch, map_location="cpu")
+    net.checkpoint_epoch = checkpoint.load_model_state(exp_dir, net, epoch, map_location="cpu")
     return net.to(device).eval()
 
 
@@ -344,17 +261,17 @@ def train_svr(exp_dir: str | os.PathLike, specs: Mapping, dataset, device=None, 
     from lib.data import scene_batches
     from lib.train import EpochBook, NonFiniteLossError, TrainResult, TrainSettings, resume_point
 
-    device = torch.device(device) if device is not None else workspace.choose_device(None)
+    device = torch.device(device) if device is not None else runtime.choose_device(None)
     exp_dir = Path(exp_dir)
     settings = TrainSettings.from_specs(specs, num_epochs)
     schedules = svr_schedules(specs)
     world, main = distributed.world_size(), distributed.is_main_process()
-    workspace.seed_everything(seed)
+    runtime.seed_everything(seed)
     resume = resume_point(exp_dir, resume)  # before DecoderInit: "latest" with nothing saved is a fresh start
     net = network_from_specs(specs)
     if specs.get("DecoderInit") and resume is None:
-        init = workspace.resolve_path(specs["DecoderInit"])
-        epoch0 = workspace.load_model_state(init, net.decoder, "latest", map_location="cpu")
+        init = resolve_path(specs["DecoderInit"])
+        epoch0 = checkpoint.load_model_state(init, net.decoder, "latest", map_location="cpu")
         if main:
             info(f"decoder initialised from {init} (epoch {epoch0})")
     net = distributed.sync_batchnorm(net.to(device))
@@ -364,8 +281,8 @@ def train_svr(exp_dir: str | os.PathLike, specs: Mapping, dataset, device=None, 
     sampler.manual_seed(seed)
 
     def save(label, epoch):
-        workspace.save_checkpoint(exp_dir, label, epoch, net, optimizer,
-                                  extra={"rng_state": workspace.rng_state(sampler), "seed": seed})
+        checkpoint.save_checkpoint(exp_dir, label, epoch, net, optimizer,
+                                  extra={"rng_state": runtime.rng_state(sampler), "seed": seed})
 
     book = EpochBook(exp_dir, settings, save, "train_svr")
     seed = book.resume(resume, net, optimizer, None, sampler, seed, device)
@@ -538,7 +455,7 @@ def reconstruct_view(decoder: nn.Module, code: torch.Tensor, alpha: torch.Tensor
 
 def view_dir(exp_dir: str | os.PathLike, instance: str, view: int) -> Path:
     """``<exp>/Reconstructions/<instance>/<NN>/``: where reconstruct_svr.py writes one view."""
-    return workspace.reconstructions_dir(exp_dir) / instance / f"{int(view):02d}"
+    return checkpoint.reconstructions_dir(exp_dir) / instance / f"{int(view):02d}"
 
 
 LOG_FILE = "log.npz"
@@ -575,7 +492,7 @@ def collect_results(exp_dir: str | os.PathLike) -> list[dict]:
     Each entry: instance, view, and the LOG_KEYS arrays (T + 1,).  Raises MeshSDFError if
     there are none or one cannot be read.
     """
-    root = workspace.reconstructions_dir(exp_dir)
+    root = checkpoint.reconstructions_dir(exp_dir)
     paths = sorted(root.glob(f"*/*/{LOG_FILE}")) if root.is_dir() else []
     if not paths:
         raise MeshSDFError(f"no reconstructions in {root}; run reconstruct_svr.py -e {exp_dir} first")

@@ -38,7 +38,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from lib import distributed, workspace
+from lib import checkpoint, distributed, runtime
 from lib.data import SdfSamples, scene_batches
 from lib.errors import MeshSDFError
 from lib.log import info, progress
@@ -53,7 +53,7 @@ class NonFiniteLossError(MeshSDFError):
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """The specs values the loop needs (see lib.workspace.DEEPSDF_KEYS for their meaning)."""
+    """The specs values the loop needs (see lib.specs.DEEPSDF_KEYS for their meaning)."""
 
     num_epochs: int
     snapshot_frequency: int
@@ -320,14 +320,14 @@ class EpochBook:
         run's seed (the checkpoint's, when it saved one)."""
         if resume is None:
             return seed
-        self.last_saved, extra = workspace.load_checkpoint(self.exp_dir, resume, model, optimizer, latent_codes,
+        self.last_saved, extra = checkpoint.load_checkpoint(self.exp_dir, resume, model, optimizer, latent_codes,
                                                            map_location=device)
         self.epoch = self.last_saved
         if "rng_state" in extra:
-            workspace.set_rng_state(extra["rng_state"], sampler)
+            runtime.set_rng_state(extra["rng_state"], sampler)
         elif self.main:
             info(f"checkpoint {resume} has no RNG state: resumed run will differ from an uninterrupted one")
-        self.logs = truncate_logs(workspace.load_logs(self.exp_dir), self.last_saved)
+        self.logs = truncate_logs(checkpoint.load_logs(self.exp_dir), self.last_saved)
         return int(extra.get("seed", seed))
 
     def epochs(self, optimizer: torch.optim.Optimizer, schedules: Sequence[Callable[[int], float]], seed: int):
@@ -348,7 +348,7 @@ class EpochBook:
 
     def non_finite(self, err: Exception, advice: str) -> "NonFiniteLossError":
         """The error to raise for a NaN/inf loss: where the last good checkpoint is, and ``advice``."""
-        kept = (f"the last good checkpoint is {workspace.checkpoint_path(self.exp_dir, 'ModelParameters', 'latest')}"
+        kept = (f"the last good checkpoint is {checkpoint.checkpoint_path(self.exp_dir, 'ModelParameters', 'latest')}"
                 f" (epoch {self.last_saved})" if self.last_saved else "no checkpoint was written")
         return NonFiniteLossError(f"{err}; stopped, {kept}; {advice}, then resume with --continue latest")
 
@@ -374,7 +374,7 @@ class EpochBook:
             if self.main:
                 # logs first: a kill between the two leaves logs ahead of the checkpoint,
                 # which resuming truncates, never a checkpoint whose epoch the logs lack
-                workspace.save_logs(self.exp_dir, self.logs)
+                checkpoint.save_logs(self.exp_dir, self.logs)
                 self.save("latest", epoch)
             self.last_saved = epoch
         if self.bar is not None:
@@ -414,7 +414,7 @@ def resume_point(exp_dir: str | os.PathLike, resume: str | int | None) -> str | 
     """
     if resume != "latest":
         return resume
-    if workspace.checkpoint_path(exp_dir, workspace.OPTIMIZER_PARAMS_DIR, "latest").is_file():
+    if checkpoint.checkpoint_path(exp_dir, checkpoint.OPTIMIZER_PARAMS_DIR, "latest").is_file():
         return resume
     if distributed.is_main_process():
         info(f"--continue latest: no checkpoint in {exp_dir} yet; starting from epoch 1")
@@ -437,12 +437,12 @@ def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfS
     device) the decoder runs in DDP and each rank trains on its share of every global
     batch; see the module docstring for the latent codes.  Only rank 0 writes.
     """
-    device = torch.device(device) if device is not None else workspace.choose_device(None)
+    device = torch.device(device) if device is not None else runtime.choose_device(None)
     exp_dir = Path(exp_dir)
     settings = TrainSettings.from_specs(specs, num_epochs)
     schedules = schedules_from_specs(specs)
     world = distributed.world_size()
-    workspace.seed_everything(seed)
+    runtime.seed_everything(seed)
     decoder = decoder_from_specs(specs).to(device)
     codes = make_latent_codes(len(dataset), int(specs["CodeLength"]), settings, device)
     optimizer = torch.optim.Adam([{"params": decoder.parameters(), "lr": schedules[0](1)},
@@ -452,8 +452,8 @@ def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfS
     sampler.manual_seed(seed)
 
     def save(label, epoch):
-        workspace.save_checkpoint(exp_dir, label, epoch, decoder, optimizer, codes,
-                                  extra={"rng_state": workspace.rng_state(sampler), "seed": seed})
+        checkpoint.save_checkpoint(exp_dir, label, epoch, decoder, optimizer, codes,
+                                  extra={"rng_state": runtime.rng_state(sampler), "seed": seed})
 
     book = EpochBook(exp_dir, settings, save, "train")
     seed = book.resume(resume_point(exp_dir, resume), decoder, optimizer, codes, sampler, seed, device)
@@ -496,7 +496,7 @@ def reconstruct_training_shapes(exp_dir: str | os.PathLike, decoder: nn.Module, 
     from lib.isosurface import extract_dense
 
     decoder.eval()
-    out_dir = workspace.reconstructions_dir(exp_dir)
+    out_dir = checkpoint.reconstructions_dir(exp_dir)
     paths = []
     for k, name in enumerate(progress(names, desc="reconstruct", unit="mesh")):
         z = codes[k].detach().to(device)

@@ -125,16 +125,17 @@ def test_shipped_checkpoint_reproduces_the_stand_ins():
     distance of a mesh to itself), which would hide the fit."""
     import torch
 
-    from lib import workspace
+    from lib import checkpoint
+    from lib.specs import load_specs
     from lib.meshsdf import mesh_from_sdf
     from lib.metrics import mesh_chamfer
     from lib.optimize import topology
     from lib.sampling import normalization
     from lib.shapes import mesh_builtin
 
-    specs = workspace.load_specs(EXP)
-    decoder = workspace.load_decoder(EXP, specs)
-    codes = workspace.load_latent_codes(EXP)
+    specs = load_specs(EXP)
+    decoder = checkpoint.load_decoder(EXP, specs)
+    codes = checkpoint.load_latent_codes(EXP)
     for k, (name, g) in enumerate((("bob", 1), ("spot", 0))):
         v, f = mesh_builtin(name, 96)
         gt = normalization(v.numpy(), f.numpy()).apply(v.numpy())

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import lib.train as train_mod
-from lib import distributed, workspace
+from lib import checkpoint, distributed
+from lib.specs import load_specs, load_svr_specs
 from lib.data import SdfSamples, read_split
 from lib.errors import MeshSDFError
 from lib.models.decoder import decoder_from_specs
@@ -139,7 +140,7 @@ def test_weighted_shard_gradients_average_to_the_global_batch_gradient(tmp_path,
     means would not average to the global mean.
     """
     exp = tiny_experiment(tmp_path, scenes=4)
-    specs = workspace.load_specs(exp)
+    specs = load_specs(exp)
     settings = TrainSettings.from_specs(specs)
     torch.manual_seed(0)
     decoder = decoder_from_specs(specs)
@@ -183,7 +184,7 @@ def test_preemption_guard_sets_the_flag_and_restores_handlers():
 def test_continue_latest_without_checkpoint_starts_fresh(tmp_path):
     exp = tiny_experiment(tmp_path, epochs=2)
     assert resume_point(exp, "latest") is None and resume_point(exp, 3) == 3 and resume_point(exp, None) is None
-    specs = workspace.load_specs(exp)
+    specs = load_specs(exp)
     data = SdfSamples(specs["DataSource"], read_split(specs["TrainSplit"]))
     fresh = train_auto_decoder(exp, specs, data, "cpu", seed=1, resume="latest")
     assert fresh.epoch == 2 and resume_point(exp, "latest") == "latest"
@@ -278,14 +279,14 @@ def test_two_process_run_matches_one_process_and_resumes_with_one(tmp_path, monk
         resumed = list(snaps)
         snaps.clear()
         ref_exp = tiny_experiment(tmp_path / "ref", epochs=5)
-        specs = workspace.load_specs(ref_exp)
+        specs = load_specs(ref_exp)
         data = SdfSamples(specs["DataSource"], read_split(specs["TrainSplit"]))
         train_auto_decoder(ref_exp, specs, data, "cpu", seed=5)
     assert len(snaps) == 10 and len(resumed) == 4
     for step, (got, want) in enumerate(zip(rank0 + resumed, snaps[2:]), start=2):
         for g, w in zip(got, want):
             assert torch.allclose(g, w, rtol=1e-4, atol=2e-6), f"step {step + 1} differs from the 1-process run"
-    logs, ref_logs = workspace.load_logs(exp), workspace.load_logs(ref_exp)
+    logs, ref_logs = checkpoint.load_logs(exp), checkpoint.load_logs(ref_exp)
     assert logs["log_epochs"] == ref_logs["log_epochs"] == [1, 2, 3, 4, 5]
     assert np.allclose(logs["loss"], ref_logs["loss"], rtol=1e-5, atol=1e-7)
 
@@ -344,7 +345,7 @@ def test_two_process_svr_matches_one_process_stops_on_sigterm_and_resumes_with_o
         resumed = list(snaps)
         snaps.clear()
         ref_exp = tiny_svr_experiment(tmp_path / "ref", epochs=4)
-        specs = svr.load_svr_specs(ref_exp)
+        specs = load_svr_specs(ref_exp)
         svr.train_svr(ref_exp, specs, svr.training_set_from_specs(specs), "cpu", seed=5)
     assert len(snaps) == 8 and len(resumed) == 2
     names = [n for n, _ in svr.network_from_specs(specs).named_parameters()]
@@ -352,7 +353,7 @@ def test_two_process_svr_matches_one_process_stops_on_sigterm_and_resumes_with_o
     for step, (got, want) in enumerate(zip(rank0 + resumed, snaps)):
         for name, g, w in zip(names, got, want):
             assert torch.allclose(g, w, rtol=1e-4, atol=2e-6), f"{name} after step {step + 1} differs from 1 process"
-    logs, ref_logs = workspace.load_logs(exp), workspace.load_logs(ref_exp)
+    logs, ref_logs = checkpoint.load_logs(exp), checkpoint.load_logs(ref_exp)
     assert logs["log_epochs"] == ref_logs["log_epochs"] == [1, 2, 3, 4]
     for key in ("loss", "latent_magnitude"):
         assert np.allclose(logs[key], ref_logs[key], rtol=1e-5, atol=1e-7), key

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib import distributed, workspace
+from lib import checkpoint, distributed
+from lib.specs import load_specs, load_svr_specs
 from lib.data import SdfSamples, read_split
 from lib.models.decoder import decoder_from_specs
 from lib.train import TrainSettings, make_latent_codes, train_auto_decoder
@@ -32,7 +33,7 @@ def start(exp: Path, *extra, script: str = "train_deep_sdf.py") -> subprocess.Po
 
 def logged_epoch(exp: Path) -> int:
     try:
-        return int(workspace.load_logs(exp).get("epoch", 0))
+        return int(checkpoint.load_logs(exp).get("epoch", 0))
     except Exception:  # noqa: BLE001 - read while being replaced: atomic, so only a missing file
         return 0
 
@@ -43,7 +44,7 @@ def load_resume_record(exp: Path, specs) -> int:
     dec = decoder_from_specs(specs)
     codes = make_latent_codes(len(read_split(specs["TrainSplit"])), specs["CodeLength"], settings)
     opt = torch.optim.Adam([{"params": dec.parameters()}, {"params": codes.parameters()}])
-    epoch, extra = workspace.load_checkpoint(exp, "latest", dec, opt, codes)
+    epoch, extra = checkpoint.load_checkpoint(exp, "latest", dec, opt, codes)
     assert "rng_state" in extra and all(torch.isfinite(p).all() for p in dec.parameters())
     return epoch
 
@@ -78,10 +79,10 @@ def test_sigkill_five_times_then_finish_like_an_uninterrupted_run(tmp_path):
     epochs = 60
     exp = tiny_experiment(tmp_path / "k", epochs=epochs, scenes=3, batch=2, dropout_prob=0.2, samples=256,
                           dims=(32, 32, 32))
-    specs = workspace.load_specs(exp)
+    specs = load_specs(exp)
     history = kill_and_resume(exp, specs, kills=5, rng=random.Random(0))
     assert len(history) == 5 and history[-1][0] < epochs
-    logs = workspace.load_logs(exp)
+    logs = checkpoint.load_logs(exp)
     assert logs["log_epochs"] == list(range(1, epochs + 1)) and load_resume_record(exp, specs) == epochs
 
     ref_exp = tiny_experiment(tmp_path / "u", epochs=epochs, scenes=3, batch=2, dropout_prob=0.2, samples=256,
@@ -90,14 +91,14 @@ def test_sigkill_five_times_then_finish_like_an_uninterrupted_run(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ref = train_auto_decoder(ref_exp, workspace.load_specs(ref_exp), data, "cpu", seed=4)
+        ref = train_auto_decoder(ref_exp, load_specs(ref_exp), data, "cpu", seed=4)
     finally:
         torch.set_num_threads(threads)
-    ref_logs = workspace.load_logs(ref_exp)
+    ref_logs = checkpoint.load_logs(ref_exp)
     # the loss curve continues the original one through every kill (same RNG, same batches)
     assert len(logs["loss"]) == len(ref_logs["loss"]) == epochs * 2
     assert np.allclose(logs["loss"], ref_logs["loss"], rtol=1e-5, atol=1e-7)
-    dec = workspace.load_decoder(exp, specs)
+    dec = checkpoint.load_decoder(exp, specs)
     for k, v in ref.decoder.state_dict().items():
         assert torch.allclose(v, dec.state_dict()[k], atol=1e-5), k
 
@@ -120,10 +121,10 @@ def sigterm_after_first_snapshot(exp: Path, script: str = "train_deep_sdf.py") -
 def test_sigterm_saves_latest_and_exits_143(tmp_path):
     """LogFrequency is huge: after the epoch-1 snapshot, the only checkpoint is the one SIGTERM asks for."""
     exp = tiny_experiment(tmp_path, epochs=100000, log_frequency=100000, samples=256, snapshots=(1,))
-    specs = workspace.load_specs(exp)
+    specs = load_specs(exp)
     sigterm_after_first_snapshot(exp)
     epoch = load_resume_record(exp, specs)
-    assert epoch >= 2 and workspace.load_logs(exp)["epoch"] == epoch
+    assert epoch >= 2 and checkpoint.load_logs(exp)["epoch"] == epoch
     assert not (exp / "Reconstructions").exists()
 
 
@@ -137,25 +138,25 @@ def test_train_svr_sigterm_saves_latest_exits_143_and_resumes_like_an_uninterrup
         return tiny_svr_experiment(root, scenes=3, batch=2, epochs=100000, log_frequency=100000, snapshots=(1,))
 
     exp = experiment(tmp_path / "t")
-    specs = svr.load_svr_specs(exp)
+    specs = load_svr_specs(exp)
     sigterm_after_first_snapshot(exp, "train_svr.py")
     net = svr.network_from_specs(specs)
     opt = svr.make_optimizer(net, svr.svr_schedules(specs))
-    epoch, extra = workspace.load_checkpoint(exp, "latest", net, opt)
-    assert epoch >= 2 and "rng_state" in extra and workspace.load_logs(exp)["epoch"] == epoch
+    epoch, extra = checkpoint.load_checkpoint(exp, "latest", net, opt)
+    assert epoch >= 2 and "rng_state" in extra and checkpoint.load_logs(exp)["epoch"] == epoch
     final = epoch + 2
     proc = start(exp, "--epochs", final, script="train_svr.py")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    logs = workspace.load_logs(exp)
+    logs = checkpoint.load_logs(exp)
     assert logs["log_epochs"] == list(range(1, final + 1))
 
     ref_exp = experiment(tmp_path / "u")
-    ref_specs = svr.load_svr_specs(ref_exp)
+    ref_specs = load_svr_specs(ref_exp)
     with one_thread():
         ref = svr.train_svr(ref_exp, ref_specs, svr.training_set_from_specs(ref_specs), "cpu", seed=4,
                             num_epochs=final)
-    assert np.allclose(logs["loss"], workspace.load_logs(ref_exp)["loss"], rtol=1e-5, atol=1e-7)
+    assert np.allclose(logs["loss"], checkpoint.load_logs(ref_exp)["loss"], rtol=1e-5, atol=1e-7)
     got = svr.load_network(exp, specs)
     assert got.checkpoint_epoch == final
     for k, v in ref.decoder.state_dict().items():

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from lib import svr, workspace
+from lib import checkpoint, svr
+from lib.specs import load_specs, load_svr_specs
 from lib.camera import disn_camera, format_disn_line, DisnView
 from lib.data import (Instance, RenderSet, RgbaSdfSamples, SdfSamples, read_normalization_file, rgba_to_tensor,
                       to_normalized_frame)
@@ -172,7 +173,7 @@ def test_normalized_frame_camera_sees_the_same_pixels(tmp_path):
 def test_svr_specs_keys_and_defaults(tmp_path):
     _make_data(tmp_path)
     exp = _specs(tmp_path)
-    specs = svr.load_svr_specs(exp)
+    specs = load_svr_specs(exp)
     assert specs["ReconstructionResolution"] == 256 and specs["RefinementLearningRate"] == 5e-5
     assert specs["RefinementIterations"] == 100 and specs["DecoderLearningRateFactor"] == 0.1
     assert specs["ExtractionMode"] == "sparse" and specs["SilhouetteFacesPerPixel"] == 25
@@ -184,23 +185,23 @@ def test_svr_specs_keys_and_defaults(tmp_path):
                         ({"ImageSize": 4}, "ImageSize")]:
         _specs(tmp_path, **bad)
         with pytest.raises(MeshSDFError, match=needle):
-            svr.load_svr_specs(exp)
+            load_svr_specs(exp)
 
 
 def test_committed_experiments_load():
-    cars = svr.load_svr_specs(REPO / "experiments" / "cars_svr")
+    cars = load_svr_specs(REPO / "experiments" / "cars_svr")
     assert cars["Encoder"] == {"Depth": 20, "Normalization": "in", "Widths": [64, 128, 256, 256]}
     assert cars["NetworkSpecs"]["dims"] == [512] * 5 and cars["CodeLength"] == 256
     assert (cars["NumEpochs"], cars["SnapshotFrequency"], cars["SamplesPerScene"], cars["ScenesPerBatch"],
             cars["NumberOfViews"]) == (1001, 1000, 8192, 16, 16)
     assert cars["RefinementIterations"] == 100 and cars["RefinementLearningRate"] == 5e-5
     assert cars["ReconstructionResolution"] == 256 and cars["SilhouetteSigma"] == 1e-5
-    toy = svr.load_svr_specs(REPO / "experiments" / "toy_cars_svr")
+    toy = load_svr_specs(REPO / "experiments" / "toy_cars_svr")
     assert toy["ImageSize"] <= 64 and toy["DecoderLearningRateFactor"] == 0.1
     net = svr.network_from_specs(toy)
     assert net(torch.rand(2, 4, toy["ImageSize"], toy["ImageSize"])).shape == (2, toy["CodeLength"])
     # the DeepSDF experiment that initialises the toy decoder has the same network and shapes
-    init = workspace.load_specs(REPO / toy["DecoderInit"])
+    init = load_specs(REPO / toy["DecoderInit"])
     assert init["NetworkSpecs"] == toy["NetworkSpecs"] and init["CodeLength"] == toy["CodeLength"]
     assert init["TrainSplit"] == toy["TrainSplit"]
 
@@ -209,7 +210,7 @@ def test_committed_experiments_load():
 
 def test_train_step_fits_a_fixed_batch_and_decoder_lr_is_a_tenth(tmp_path):
     _make_data(tmp_path)
-    specs = svr.load_svr_specs(_specs(tmp_path))
+    specs = load_svr_specs(_specs(tmp_path))
     torch.manual_seed(0)
     net = svr.network_from_specs(specs)
     schedules = svr.svr_schedules(specs)
@@ -219,7 +220,7 @@ def test_train_step_fits_a_fixed_batch_and_decoder_lr_is_a_tenth(tmp_path):
     assert set_learning_rates(opt, schedules, 1) == pytest.approx([0.005, 0.0005])
     assert [len(g["params"]) for g in opt.param_groups] == [len(list(m.parameters())) for m in (net.encoder, net.decoder)]
     # fitting a decoder from scratch at a tenth of the rate takes long: a fast test uses equal rates
-    specs = svr.load_svr_specs(_specs(tmp_path, DecoderLearningRateFactor=1.0))
+    specs = load_svr_specs(_specs(tmp_path, DecoderLearningRateFactor=1.0))
     opt = svr.make_optimizer(net, svr.svr_schedules(specs))
     settings = TrainSettings.from_specs(specs)
     rng = np.random.default_rng(1)
@@ -250,18 +251,18 @@ def test_train_step_fits_a_fixed_batch_and_decoder_lr_is_a_tenth(tmp_path):
 def test_resumed_training_equals_uninterrupted(tmp_path):
     _make_data(tmp_path)
     exp = _specs(tmp_path)
-    specs = svr.load_svr_specs(exp)
+    specs = load_svr_specs(exp)
     data = svr.training_set_from_specs(specs)
     full = svr.train_svr(exp, specs, data, "cpu", seed=3).decoder
     full_state = {k: v.clone() for k, v in full.state_dict().items()}
-    logs_full = workspace.load_logs(exp)
+    logs_full = checkpoint.load_logs(exp)
     assert sorted(p.name for p in (exp / "ModelParameters").iterdir()) == ["2.pth", "4.pth", "latest.pth"]
     assert not (exp / "LatentCodes").exists()
     svr.train_svr(exp, specs, data, "cpu", seed=3, num_epochs=2)
     resumed = svr.train_svr(exp, specs, data, "cpu", seed=99, resume="latest").decoder
     for k, v in resumed.state_dict().items():
         assert torch.equal(v, full_state[k]), k
-    logs = workspace.load_logs(exp)
+    logs = checkpoint.load_logs(exp)
     assert logs["loss"] == logs_full["loss"] and logs["log_epochs"] == [1, 2, 3, 4]
     assert np.allclose(np.array(logs["learning_rate"]), [[0.005, 0.0005]] * 4)
     net = svr.load_network(exp, specs, 2)
@@ -273,19 +274,19 @@ def test_decoder_init_from_another_experiment(tmp_path):
 
     _make_data(tmp_path)
     init = tmp_path / "deepsdf"
-    specs = svr.load_svr_specs(_specs(tmp_path))
+    specs = load_svr_specs(_specs(tmp_path))
     torch.manual_seed(5)
     dec = decoder_from_specs(specs)
-    workspace.save_checkpoint(init, "latest", 7, dec)
+    checkpoint.save_checkpoint(init, "latest", 7, dec)
     exp = _specs(tmp_path, DecoderInit=str(init), LearningRateSchedule=[{"Type": "Constant", "Value": 0.0}])
-    specs = svr.load_svr_specs(exp)
+    specs = load_svr_specs(exp)
     # "latest" with nothing saved yet is a fresh start (torchrun --max-restarts): DecoderInit applies
     net = svr.train_svr(exp, specs, svr.training_set_from_specs(specs), "cpu", num_epochs=1, resume="latest").decoder
     for k, v in dec.state_dict().items():
         assert torch.equal(net.decoder.state_dict()[k], v), k
     exp = _specs(tmp_path, DecoderInit=str(tmp_path / "nowhere"))
     with pytest.raises(MeshSDFError, match="nowhere"):
-        specs = svr.load_svr_specs(exp)
+        specs = load_svr_specs(exp)
         svr.train_svr(exp, specs, svr.training_set_from_specs(specs), "cpu", num_epochs=1)
 
 
@@ -401,7 +402,7 @@ def test_tiny_pipeline_writes_every_output(tmp_path):
     (exp / "specs.json").write_text(json.dumps(specs))
     assert train_svr.main(["-e", str(exp), "--epochs", "20", "--device", "cpu"]) == 0
     assert train_svr.main(["-e", str(exp), "--continue", "latest", "--device", "cpu"]) == 0
-    assert workspace.load_logs(exp)["log_epochs"] == list(range(1, 41))
+    assert checkpoint.load_logs(exp)["log_epochs"] == list(range(1, 41))
     for kind in ("ModelParameters", "OptimizerParameters"):
         assert sorted(p.name for p in (exp / kind).iterdir()) == ["20.pth", "40.pth", "latest.pth"]
     assert reconstruct_svr.main(["-e", str(exp), "--device", "cpu"]) == 0

@@ -241,7 +241,7 @@ class Decoder(nn.Module):
 
 
 def decoder_from_specs(specs) -> Decoder:
-    """The ``deep_sdf_decoder`` of validated specs (lib.workspace.load_specs): CodeLength + NetworkSpecs."""
+    """The ``deep_sdf_decoder`` of validated specs (lib.load_specs): CodeLength + NetworkSpecs."""
     try:
         return Decoder(specs["CodeLength"], **specs["NetworkSpecs"])
     except ValueError as err:

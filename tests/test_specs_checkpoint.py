@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib import workspace
+from lib import checkpoint, runtime
+from lib.specs import Key, int_key, load_specs, resolve_path
 from lib.errors import MeshSDFError
 from lib.models.decoder import Decoder, decoder_from_specs
 
@@ -24,7 +25,7 @@ def _write(tmp_path, specs) -> Path:
 
 
 def test_bob_and_spot_specs_have_the_original_values():
-    s = workspace.load_specs(BOB_AND_SPOT)
+    s = load_specs(BOB_AND_SPOT)
     net = s["NetworkSpecs"]
     assert net["dims"] == [128] * 8 and net["dropout"] == list(range(8)) and net["dropout_prob"] == 0.2
     assert net["latent_in"] == [4] and net["weight_norm"] and net["positional_encoding"] and net["fourier_degree"] == 5
@@ -60,7 +61,7 @@ def test_bad_specs_name_key_and_file(tmp_path, edit, words):
     edit(specs)
     exp = _write(tmp_path, specs)
     with pytest.raises(MeshSDFError) as err:
-        workspace.load_specs(exp)
+        load_specs(exp)
     msg = str(err.value)
     assert "\n" not in msg and str(exp / "specs.json") in msg
     for w in words:
@@ -73,48 +74,48 @@ def test_known_deepsdf_keys_are_accepted(tmp_path):
                  GradientClipNorm=2.0, LogFrequency=5, CodeInitStdDev=0.5)
     specs["LearningRateSchedule"] = [{"Type": "Warmup", "Initial": 0.0, "Final": 1e-3, "Length": 10},
                                      {"Type": "Constant", "Value": 1e-3}]
-    s = workspace.load_specs(_write(tmp_path, specs))
+    s = load_specs(_write(tmp_path, specs))
     assert s["CodeBound"] == 1.0 and s["LogFrequency"] == 5
-    extra = {"NumberOfViews": workspace.Key(workspace.int_key(1), required=True)}
+    extra = {"NumberOfViews": Key(int_key(1), required=True)}
     specs["NumberOfViews"] = 16
-    assert workspace.load_specs(_write(tmp_path, specs), extra_keys=extra)["NumberOfViews"] == 16
+    assert load_specs(_write(tmp_path, specs), extra_keys=extra)["NumberOfViews"] == 16
 
 
 def test_missing_folder_file_and_bad_json(tmp_path):
     with pytest.raises(MeshSDFError, match="experiment folder not found"):
-        workspace.load_specs(tmp_path / "nope")
+        load_specs(tmp_path / "nope")
     with pytest.raises(MeshSDFError, match="no specs.json"):
-        workspace.load_specs(tmp_path)
+        load_specs(tmp_path)
     (tmp_path / "specs.json").write_text('{"CodeLength": 2,}')
     with pytest.raises(MeshSDFError, match="invalid JSON at line 1"):
-        workspace.load_specs(tmp_path)
+        load_specs(tmp_path)
 
 
 def test_resolve_path_prefers_cwd_then_repo_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert workspace.resolve_path("experiments/bob_and_spot/split.json") == REPO / "experiments/bob_and_spot/split.json"
+    assert resolve_path("experiments/bob_and_spot/split.json") == REPO / "experiments/bob_and_spot/split.json"
     (tmp_path / "experiments" / "bob_and_spot").mkdir(parents=True)
     (tmp_path / "experiments" / "bob_and_spot" / "split.json").write_text("{}")
-    assert workspace.resolve_path("experiments/bob_and_spot/split.json") == Path("experiments/bob_and_spot/split.json")
-    assert workspace.resolve_path(tmp_path) == tmp_path
+    assert resolve_path("experiments/bob_and_spot/split.json") == Path("experiments/bob_and_spot/split.json")
+    assert resolve_path(tmp_path) == tmp_path
 
 
 def test_choose_device():
-    assert workspace.choose_device("cpu") == torch.device("cpu")
-    assert workspace.choose_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert workspace.choose_device("auto") == workspace.choose_device(None)
+    assert runtime.choose_device("cpu") == torch.device("cpu")
+    assert runtime.choose_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert runtime.choose_device("auto") == runtime.choose_device(None)
     with pytest.raises(MeshSDFError, match="unknown device"):
-        workspace.choose_device("gpu0")
+        runtime.choose_device("gpu0")
     if not torch.cuda.is_available():
         with pytest.raises(MeshSDFError, match="CUDA is not available"):
-            workspace.choose_device("cuda")
+            runtime.choose_device("cuda")
 
 
 def test_parse_epoch():
-    assert workspace.parse_epoch("latest") == "latest" and workspace.parse_epoch("1000") == 1000
+    assert checkpoint.parse_epoch("latest") == "latest" and checkpoint.parse_epoch("1000") == 1000
     for bad in ("last", "0", "-3"):
         with pytest.raises(MeshSDFError, match="--continue"):
-            workspace.parse_epoch(bad)
+            checkpoint.parse_epoch(bad)
 
 
 def _small():
@@ -129,25 +130,25 @@ def _small():
 
 def test_checkpoint_round_trip_and_loaders(tmp_path):
     dec, codes, opt = _small()
-    workspace.save_checkpoint(tmp_path, "latest", 7, dec, opt, codes, extra={"rng_state": workspace.rng_state()})
-    workspace.save_checkpoint(tmp_path, 5, 5, dec, opt, codes)
-    assert workspace.snapshot_epochs(tmp_path) == [5]
+    checkpoint.save_checkpoint(tmp_path, "latest", 7, dec, opt, codes, extra={"rng_state": runtime.rng_state()})
+    checkpoint.save_checkpoint(tmp_path, 5, 5, dec, opt, codes)
+    assert checkpoint.snapshot_epochs(tmp_path) == [5]
     dec2, codes2, opt2 = Decoder(2, dims=[8, 8], weight_norm=True, norm_layers=[0, 1]), torch.nn.Embedding(3, 2), None
     opt2 = torch.optim.Adam([{"params": dec2.parameters()}, {"params": codes2.parameters()}])
-    epoch, extra = workspace.load_checkpoint(tmp_path, "latest", dec2, opt2, codes2)
+    epoch, extra = checkpoint.load_checkpoint(tmp_path, "latest", dec2, opt2, codes2)
     assert epoch == 7 and "rng_state" in extra
     for a, b in zip(dec.state_dict().values(), dec2.state_dict().values()):
         assert torch.equal(a, b)
     assert torch.equal(codes.weight, codes2.weight)
     assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
-    assert torch.equal(workspace.load_latent_codes(tmp_path, 5), codes.weight.detach())
+    assert torch.equal(checkpoint.load_latent_codes(tmp_path, 5), codes.weight.detach())
     specs = {"CodeLength": 2, "NetworkSpecs": {"dims": [8, 8], "weight_norm": True, "norm_layers": [0, 1]}}
-    loaded = workspace.load_decoder(tmp_path, specs, 5)
+    loaded = checkpoint.load_decoder(tmp_path, specs, 5)
     assert not loaded.training and loaded.checkpoint_epoch == 5
     with pytest.raises(MeshSDFError, match="available: latest, 5"):
-        workspace.load_decoder(tmp_path, specs, 9)
+        checkpoint.load_decoder(tmp_path, specs, 9)
     with pytest.raises(MeshSDFError, match="does not match the network"):
-        workspace.load_decoder(tmp_path, {"CodeLength": 2, "NetworkSpecs": {"dims": [16, 8]}}, "latest")
+        checkpoint.load_decoder(tmp_path, {"CodeLength": 2, "NetworkSpecs": {"dims": [16, 8]}}, "latest")
 
 
 def test_loads_original_deepsdf_layouts(tmp_path):
@@ -159,14 +160,14 @@ def test_loads_original_deepsdf_layouts(tmp_path):
                tmp_path / "ModelParameters" / "latest.pth")
     torch.save({"epoch": 3, "latent_codes": codes.weight.detach()[:, None, :]}, tmp_path / "LatentCodes" / "latest.pth")
     dec2 = Decoder(2, dims=[8, 8], weight_norm=True, norm_layers=[0, 1])
-    assert workspace.load_model_state(tmp_path, dec2) == 3
+    assert checkpoint.load_model_state(tmp_path, dec2) == 3
     assert torch.equal(dec2.lin0.weight_v, dec.lin0.weight_v)
-    assert workspace.load_latent_codes(tmp_path).shape == (3, 2)
+    assert checkpoint.load_latent_codes(tmp_path).shape == (3, 2)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     dec, codes, opt = _small()
-    workspace.save_checkpoint(tmp_path, "latest", 1, dec, opt, codes)
+    checkpoint.save_checkpoint(tmp_path, "latest", 1, dec, opt, codes)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*.pth")}
     real_save = torch.save
     calls = []
@@ -184,25 +185,25 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with torch.no_grad():
         dec.lin0.bias.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        workspace.save_checkpoint(tmp_path, "latest", 2, dec, opt, codes)
+        checkpoint.save_checkpoint(tmp_path, "latest", 2, dec, opt, codes)
     monkeypatch.setattr(torch, "save", real_save)
     after = {p: p.read_bytes() for p in tmp_path.rglob("*.pth")}
     assert after == before  # nothing renamed over the old checkpoint
     assert [p.name for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".pth"] == []  # no temp left
-    assert workspace.load_checkpoint(tmp_path, "latest", dec, opt, codes)[0] == 1
+    assert checkpoint.load_checkpoint(tmp_path, "latest", dec, opt, codes)[0] == 1
 
 
 def test_resume_record_survives_a_kill_between_renames(tmp_path):
     """Model file renamed, optimizer record not yet: resuming uses the older, complete record."""
     dec, codes, opt = _small()
-    workspace.save_checkpoint(tmp_path, "latest", 4, dec, opt, codes)
+    checkpoint.save_checkpoint(tmp_path, "latest", 4, dec, opt, codes)
     old = {k: v.clone() for k, v in dec.state_dict().items()}
     with torch.no_grad():
         dec.lin0.bias.add_(1.0)
-    workspace.save_checkpoint(tmp_path, 6, 6, dec, opt, codes)
+    checkpoint.save_checkpoint(tmp_path, 6, 6, dec, opt, codes)
     os.replace(tmp_path / "ModelParameters" / "6.pth", tmp_path / "ModelParameters" / "latest.pth")
     os.replace(tmp_path / "LatentCodes" / "6.pth", tmp_path / "LatentCodes" / "latest.pth")
-    epoch, _ = workspace.load_checkpoint(tmp_path, "latest", dec, opt, codes)
+    epoch, _ = checkpoint.load_checkpoint(tmp_path, "latest", dec, opt, codes)
     assert epoch == 4 and torch.equal(dec.lin0.bias, old["lin0.bias"])
 
 
@@ -216,17 +217,17 @@ def test_inconsistent_deepsdf_checkpoint_is_reported(tmp_path):
             obj = {"epoch": epoch, "optimizer_state_dict": opt.state_dict()}
         torch.save(obj, tmp_path / kind / "latest.pth")
     with pytest.raises(MeshSDFError, match="inconsistent.*--continue N"):
-        workspace.load_checkpoint(tmp_path, "latest", dec, opt, codes)
+        checkpoint.load_checkpoint(tmp_path, "latest", dec, opt, codes)
 
 
 def test_logs_round_trip(tmp_path):
-    assert workspace.load_logs(tmp_path) == {}
+    assert checkpoint.load_logs(tmp_path) == {}
     logs = {"epoch": 2, "loss": [0.5, 0.25], "param_magnitude": {"a": [1.0, 2.0]}}
-    workspace.save_logs(tmp_path, logs)
-    assert workspace.load_logs(tmp_path) == logs
+    checkpoint.save_logs(tmp_path, logs)
+    assert checkpoint.load_logs(tmp_path) == logs
 
 
 def test_decoder_from_bob_and_spot_specs_runs():
-    dec = decoder_from_specs(workspace.load_specs(BOB_AND_SPOT)).eval()
+    dec = decoder_from_specs(load_specs(BOB_AND_SPOT)).eval()
     assert dec(torch.zeros(3, 5)).shape == (3, 1)
     assert copy.deepcopy(dec).input_size == 35

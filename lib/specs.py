@@ -1,0 +1,328 @@
+"""specs.json: the schema of every key an experiment may hold, the original's defaults, validation.
+
+One place answers "which keys exist and what do they default to": the DeepSDF / MeshSDF
+auto-decoder keys (``DEEPSDF_KEYS``), the decoder's ``NetworkSpecs`` (``NETWORK_SPECS_KEYS``)
+and the single-view-reconstruction additions (``SVR_KEYS``).  ``load_specs`` reads
+``<exp>/specs.json`` and returns a copy with defaults filled in; a wrong type or range stops
+with one line naming the file and key (MeshSDFError).
+
+Relative paths inside specs (``DataSource``, ``TrainSplit``, ``TestSplit``) are resolved by
+``resolve_path``: against the current working directory when they exist there, else against
+the repository root (the folder that holds ``lib/``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from lib.errors import MeshSDFError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+SPECS_FILE = "specs.json"
+
+NETWORK_ARCHS = ("deep_sdf_decoder",)
+
+
+@dataclass(frozen=True)
+class Key:
+    """One specs key: ``check(value) -> str | None`` returns what is wrong (None = fine)."""
+
+    check: Callable[[Any], str | None]
+    required: bool = False
+    default: Any = None
+    used: bool = True  # False: a known DeepSDF key this project accepts and ignores
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def str_key(v):
+    return None if isinstance(v, str) and v else "must be a non-empty string"
+
+
+def int_key(minimum: int = 0):
+    def check(v):
+        return None if _is_int(v) and v >= minimum else f"must be an integer >= {minimum}"
+    return check
+
+
+def num_key(minimum: float = 0.0, strict: bool = False, maximum: float | None = None, nullable: bool = False):
+    def check(v):
+        if v is None and nullable:
+            return None
+        ok = _is_num(v) and (v > minimum if strict else v >= minimum) and (maximum is None or v < maximum)
+        if ok:
+            return None
+        rng = f"{'>' if strict else '>='} {minimum}" + (f" and < {maximum}" if maximum is not None else "")
+        return f"must be a number {rng}" + (" or null" if nullable else "")
+    return check
+
+
+def bool_key(v):
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def int_list_key(minimum: int = 0, nonempty: bool = False, nullable: bool = False):
+    def check(v):
+        if v is None and nullable:
+            return None
+        if isinstance(v, list) and all(_is_int(i) and i >= minimum for i in v) and (v or not nonempty):
+            return None
+        return f"must be a {'non-empty ' if nonempty else ''}list of integers >= {minimum}" + (" or null" if nullable else "")
+    return check
+
+
+def any_key(v):
+    return None
+
+
+def _description_key(v):
+    ok = isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
+    return None if ok else "must be a string or a list of strings"
+
+
+def _arch_key(v):
+    return None if v in NETWORK_ARCHS else f"must be one of {', '.join(NETWORK_ARCHS)}"
+
+
+NETWORK_SPECS_KEYS: dict[str, Key] = {
+    "dims": Key(int_list_key(1, nonempty=True), required=True),
+    "dropout": Key(int_list_key(0, nullable=True), default=None),
+    "dropout_prob": Key(num_key(0.0, maximum=1.0), default=0.0),
+    "norm_layers": Key(int_list_key(0), default=[]),
+    "latent_in": Key(int_list_key(0), default=[]),
+    "xyz_in_all": Key(bool_key, default=False),
+    "use_tanh": Key(bool_key, default=False),
+    "latent_dropout": Key(bool_key, default=False),
+    "weight_norm": Key(bool_key, default=False),
+    "positional_encoding": Key(bool_key, default=False),
+    "fourier_degree": Key(int_key(0), default=1),
+}
+
+SCHEDULE_TYPES = {
+    "Step": ("Initial", "Interval", "Factor"),
+    "Warmup": ("Initial", "Final", "Length"),
+    "Constant": ("Value",),
+}
+
+
+def _schedule_problem(item) -> str | None:
+    if not isinstance(item, dict) or item.get("Type") not in SCHEDULE_TYPES:
+        return f"entries must be objects with \"Type\" one of {', '.join(SCHEDULE_TYPES)}"
+    need = SCHEDULE_TYPES[item["Type"]]
+    extra = sorted(set(item) - set(need) - {"Type"})
+    if extra:
+        return f"{item['Type']} schedule has unknown field {extra[0]!r} (fields: {', '.join(need)})"
+    for f in need:
+        if f not in item:
+            return f"{item['Type']} schedule needs field {f!r}"
+        if not _is_num(item[f]) or item[f] < 0:
+            return f"{item['Type']} schedule field {f!r} must be a number >= 0"
+    if item["Type"] == "Step" and item["Interval"] < 1:
+        return "Step schedule field 'Interval' must be >= 1"
+    return None
+
+
+def schedule_list_key(count: int):
+    def check(v):
+        if not isinstance(v, list) or len(v) < count:
+            return f"must be a list of {count} learning-rate schedules"
+        for item in v:
+            problem = _schedule_problem(item)
+            if problem:
+                return problem
+        return None
+    return check
+
+
+def _network_specs_key(v):
+    return None if isinstance(v, dict) else "must be an object of decoder options"
+
+
+# Keys of DeepSDF / MeshSDF auto-decoder specs.  Scripts with more keys (train_svr.py)
+# pass their own additions to load_specs(extra_keys=...).
+DEEPSDF_KEYS: dict[str, Key] = {
+    "Description": Key(_description_key, used=False),
+    "DataSource": Key(str_key, required=True),
+    "TrainSplit": Key(str_key, required=True),
+    "TestSplit": Key(str_key, used=False),
+    "NetworkArch": Key(_arch_key, required=True),
+    "NetworkSpecs": Key(_network_specs_key, required=True),
+    "CodeLength": Key(int_key(1), required=True),
+    "NumEpochs": Key(int_key(1), required=True),
+    "SnapshotFrequency": Key(int_key(1), required=True),
+    "AdditionalSnapshots": Key(int_list_key(1), default=[]),
+    "LearningRateSchedule": Key(schedule_list_key(2), required=True),
+    "SamplesPerScene": Key(int_key(2), required=True),
+    "ScenesPerBatch": Key(int_key(1), required=True),
+    "DataLoaderThreads": Key(int_key(0), default=1, used=False),
+    "ClampingDistance": Key(num_key(0.0, strict=True), required=True),
+    "CodeRegularization": Key(bool_key, default=True),
+    "CodeRegularizationLambda": Key(num_key(0.0), default=1e-4),
+    "CodeBound": Key(num_key(0.0, strict=True, nullable=True), default=None),
+    "CodeInitStdDev": Key(num_key(0.0, strict=True), default=1.0),
+    "GradientClipNorm": Key(num_key(0.0, strict=True, nullable=True), default=None),
+    "LogFrequency": Key(int_key(1), default=10),
+    "BatchSplit": Key(int_key(1), default=1, used=False),
+}
+
+
+def _validate(obj: Mapping, keys: Mapping[str, Key], where: str, prefix: str = "") -> dict:
+    out = {}
+    for name in obj:
+        if name not in keys:
+            raise MeshSDFError(f"{where}: unknown key \"{prefix}{name}\"; remove it or fix its spelling "
+                               f"(known: {', '.join(sorted(keys))})")
+    for name, key in keys.items():
+        if name not in obj:
+            if key.required:
+                raise MeshSDFError(f"{where}: missing key \"{prefix}{name}\"; add it")
+            out[name] = key.default
+            continue
+        problem = key.check(obj[name])
+        if problem:
+            raise MeshSDFError(f"{where}: key \"{prefix}{name}\" {problem}, got {json.dumps(obj[name])}")
+        out[name] = obj[name]
+    return out
+
+
+def validate_specs(specs: Mapping, where: str = SPECS_FILE, extra_keys: Mapping[str, Key] | None = None) -> dict:
+    """Check ``specs`` against the schema; return a copy with defaults filled in.
+
+    Raises MeshSDFError naming ``where`` and the key for an unknown, missing or ill-typed key.
+    """
+    keys = dict(DEEPSDF_KEYS)
+    keys.update(extra_keys or {})
+    if not isinstance(specs, Mapping):
+        raise MeshSDFError(f"{where}: must hold a JSON object of specs keys")
+    out = _validate(specs, keys, where)
+    if "NetworkSpecs" in out and out["NetworkSpecs"] is not None:
+        net = _validate(out["NetworkSpecs"], NETWORK_SPECS_KEYS, where, prefix="NetworkSpecs.")
+        n_hidden = len(net["dims"])
+        for k in ("dropout", "norm_layers", "latent_in"):
+            bad = [i for i in (net[k] or []) if i > n_hidden]
+            if bad:
+                raise MeshSDFError(f"{where}: key \"NetworkSpecs.{k}\" lists layer {bad[0]} but dims has "
+                                   f"only {n_hidden} hidden layers")
+        out["NetworkSpecs"] = net
+    return out
+
+
+def load_specs(exp_dir: str | os.PathLike, extra_keys: Mapping[str, Key] | None = None) -> dict:
+    """Read and validate ``<exp_dir>/specs.json``; returns the specs with defaults filled in."""
+    exp_dir = Path(exp_dir)
+    path = exp_dir / SPECS_FILE
+    if not exp_dir.is_dir():
+        raise MeshSDFError(f"experiment folder not found: {exp_dir}; give -e a folder that holds {SPECS_FILE}")
+    if not path.is_file():
+        raise MeshSDFError(f"no {SPECS_FILE} in {exp_dir}; give -e the experiment folder that holds it")
+    try:
+        specs = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise MeshSDFError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise MeshSDFError(f"cannot read {path}: {err}") from None
+    return validate_specs(specs, where=str(path), extra_keys=extra_keys)
+
+
+# --------------------------------------------------------------------------- single-view reconstruction
+
+EXTRACTION_MODES = ("dense", "fast", "sparse")
+ENCODER_DEFAULTS = {"Depth": 20, "Normalization": "in", "Widths": [64, 128, 256, 256]}
+
+
+def _encoder_key(v):
+    from lib.models.encoder import NORMALIZATIONS
+
+    if not isinstance(v, dict):
+        return "must be an object {\"Depth\": 20, \"Normalization\": \"in\", \"Widths\": [64, 128, 256, 256]}"
+    extra = sorted(set(v) - set(ENCODER_DEFAULTS))
+    if extra:
+        return f"has unknown field {extra[0]!r} (fields: {', '.join(ENCODER_DEFAULTS)})"
+    depth = v.get("Depth", ENCODER_DEFAULTS["Depth"])
+    widths = v.get("Widths", ENCODER_DEFAULTS["Widths"])
+    if v.get("Normalization", "in") not in NORMALIZATIONS:
+        return f"field 'Normalization' must be one of {', '.join(NORMALIZATIONS)}"
+    if not (isinstance(widths, list) and widths and all(isinstance(w, int) and w >= 1 for w in widths)):
+        return "field 'Widths' must be a non-empty list of positive integers (channels per stage)"
+    if not (isinstance(depth, int) and depth >= 2 + 2 * len(widths) and depth % 2 == 0):
+        return f"field 'Depth' must be an even integer >= {2 + 2 * len(widths)} (2 + 2 per stage at least)"
+    return None
+
+
+def _schedules_key(v):
+    return schedule_list_key(1)(v)
+
+
+def _nullable_str_key(v):
+    return None if v is None or (isinstance(v, str) and v) else "must be a non-empty string or null"
+
+
+def _choice_key(choices):
+    def check(v):
+        return None if v in choices else f"must be one of {', '.join(choices)}"
+    return check
+
+
+def _template_key(nullable: bool):
+    def check(v):
+        if v is None and nullable:
+            return None
+        if isinstance(v, str) and "{instance}" in v:
+            return None
+        return "must be a path template containing {instance}" + (" or null" if nullable else "")
+    return check
+
+
+# Keys of an SVR experiment added to (or overriding) DEEPSDF_KEYS.
+SVR_KEYS: dict[str, Key] = {
+    # LearningRateSchedule[0] is the encoder's; the decoder's is that times the factor
+    # (a second entry, as in some original specs, is accepted and ignored)
+    "LearningRateSchedule": Key(_schedules_key, required=True),
+    "DecoderLearningRateFactor": Key(num_key(0.0), default=0.1),
+    # an experiment folder (e.g. a DeepSDF auto-decoder trained with train_deep_sdf.py on the
+    # same shapes) whose ModelParameters/latest.pth starts the decoder; null: from scratch
+    "DecoderInit": Key(_nullable_str_key, default=None),
+    "TestSplit": Key(str_key, default=None),
+    "ImageSize": Key(int_key(16), default=224),
+    "NumberOfViews": Key(int_key(1), default=16),
+    "Encoder": Key(_encoder_key, default=dict(ENCODER_DEFAULTS)),
+    "RendersPath": Key(_template_key(False), default="{dataset}/renders/{instance}"),
+    "MeshesPath": Key(_template_key(False), default="{dataset}/meshes/{instance}.obj"),
+    "NormalizationPath": Key(_template_key(True), default=None),
+    "ReconstructionResolution": Key(int_key(8), default=256),
+    "ReconstructionViews": Key(int_list_key(0, nonempty=True), default=[0]),
+    "ExtractionMode": Key(_choice_key(EXTRACTION_MODES), default="sparse"),
+    "RefinementIterations": Key(int_key(0), default=100),
+    "RefinementLearningRate": Key(num_key(0.0, strict=True), default=5e-5),
+    "SilhouetteSigma": Key(num_key(0.0), default=1e-5),
+    "SilhouetteFacesPerPixel": Key(int_key(1), default=25),
+    "ChamferSamples": Key(int_key(100), default=30000),
+}
+
+
+def load_svr_specs(exp_dir: str | os.PathLike) -> dict:
+    """``<exp_dir>/specs.json`` validated with the SVR keys; the Encoder object gets its defaults."""
+    specs = load_specs(exp_dir, extra_keys=SVR_KEYS)
+    specs["Encoder"] = {**ENCODER_DEFAULTS, **specs["Encoder"]}
+    return specs
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A specs path: absolute as is; relative against the cwd if it exists there, else the repo root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
