@@ -2,7 +2,8 @@
 """Train a DeepSDF auto-decoder (decoder + one latent code per training shape) from specs.json.
 
 Runs as is under ``torchrun --nproc_per_node=K`` (DDP, see lib.distributed / lib.train).
-Exit status: 0 done, 2 user error, 143 stopped by SIGTERM/SIGUSR1 after saving ``latest``.
+Exit status: 0 done, 2 user error, 143 stopped by SIGTERM/SIGUSR1 and 130 by Ctrl-C after saving
+``latest``.
 """
 from __future__ import annotations
 
@@ -24,7 +25,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
     ap.add_argument("-c", "--continue", dest="resume", type=checkpoint.parse_epoch, default=None,
                     metavar="latest|N", help="resume from the 'latest' checkpoint (starts from scratch when there "
-                                             "is none yet, so it is safe in restart loops) or snapshot epoch N")
+                                             "is none yet, so it is safe in restart loops; a model without "
+                                             "optimizer state resumes with a fresh optimizer) or snapshot epoch N")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start afresh in an experiment that already holds a trained model; its files are moved "
+                         "into <experiment>/Backups/<time>/, not deleted (without this flag or --continue, such "
+                         "an experiment is left untouched)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available; under "
                                                    "torchrun, process k uses cuda:LOCAL_RANK)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0; a resumed run restores "
@@ -34,8 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--resolution", type=int, default=128,
                     help="marching-cubes grid resolution of the reconstructions (default 128)")
     ap.epilog = ("Several GPUs or machines: torchrun --nproc_per_node=K train_deep_sdf.py -e EXP [--continue latest] "
-                 "(ScenesPerBatch is the global batch). SIGTERM/SIGUSR1: finishes the epoch, saves 'latest', exits "
-                 f"with status {distributed.EXIT_PREEMPTED}.")
+                 "(ScenesPerBatch is the global batch). SIGTERM/SIGUSR1/Ctrl-C: finishes the epoch, saves 'latest', "
+                 f"exits with status {distributed.EXIT_PREEMPTED} (130 after Ctrl-C).")
     return ap.parse_args(argv)
 
 
@@ -49,25 +55,27 @@ def main(argv=None) -> int:
     checkpoint.check_writable(args.experiment)
     ctx = distributed.init_distributed(args.device)  # also checks --device
     device = ctx.device
-    try:
-        split = read_split(resolve_path(specs["TrainSplit"]))
-        dataset = SdfSamples(resolve_path(specs["DataSource"]), split)
-        if ctx.is_main:
-            info(f"training on {len(dataset)} shapes ({', '.join(dataset.names[:5])}"
-                 f"{', ...' if len(dataset) > 5 else ''}) on {ctx.where}")
-        with distributed.PreemptionGuard() as guard:
-            result = train_auto_decoder(args.experiment, specs, dataset, device, resume=args.resume, seed=args.seed,
-                                        num_epochs=args.epochs, should_stop=guard)
-    finally:
-        distributed.cleanup()
-    status = distributed.stop_status(ctx, result.stopped, result.epoch, guard, args.experiment)
-    if status is not None:
-        return status
-    info(f"trained to epoch {result.epoch}; checkpoints in {args.experiment}")
-    if not args.no_reconstruct:
-        paths = reconstruct_training_shapes(args.experiment, result.decoder, result.latent_codes.weight,
-                                            dataset.names, args.resolution, device)
-        info(f"wrote {len(paths)} meshes to {checkpoint.reconstructions_dir(args.experiment)}")
+    with checkpoint.claim_experiment(args.experiment, args.resume, args.overwrite, "train_deep_sdf.py", ctx.is_main):
+        try:
+            split = read_split(resolve_path(specs["TrainSplit"]))
+            dataset = SdfSamples(resolve_path(specs["DataSource"]), split)
+            if ctx.is_main:
+                info(f"training on {len(dataset)} shapes ({', '.join(dataset.names[:5])}"
+                     f"{', ...' if len(dataset) > 5 else ''}) on {ctx.where}")
+            with distributed.PreemptionGuard() as guard:
+                result = train_auto_decoder(args.experiment, specs, dataset, device, resume=args.resume,
+                                            seed=args.seed, num_epochs=args.epochs, should_stop=guard)
+        finally:
+            distributed.cleanup()
+        status = distributed.stop_status(ctx, result.stopped, result.epoch, guard, args.experiment)
+        if status is not None:
+            return status
+        loss = f", final loss {result.loss:.5g}" if result.loss is not None else ""
+        info(f"trained to epoch {result.epoch}{loss}; checkpoints in {args.experiment}")
+        if not args.no_reconstruct:
+            paths = reconstruct_training_shapes(args.experiment, result.decoder, result.latent_codes.weight,
+                                                dataset.names, args.resolution, device)
+            info(f"wrote {len(paths)} meshes to {checkpoint.reconstructions_dir(args.experiment)}")
     return 0
 
 

@@ -115,8 +115,11 @@ def save_checkpoint(exp_dir: str | os.PathLike, label: str | int, epoch: int, mo
     ``latent_codes``: an ``nn.Embedding`` or a (K, L) tensor; ``extra`` (e.g. RNG states)
     goes into the optimizer file.  Each file is written to a temporary and renamed, so no
     file is ever truncated.  Three renames cannot be one atomic step, so the optimizer file
-    is the resume record: it also holds the model and latent states and is renamed last;
-    a kill between renames leaves a complete, self-consistent record of the previous save.
+    is the resume record: it also holds the model and latent states and is renamed FIRST.
+    A kill between renames then leaves the new, complete record (resuming uses it alone)
+    beside model / code files of the previous save, which inference refuses to mix (see
+    ``load_decoder_and_codes``) until the next save; renamed last, the very first save of
+    a run could leave a model without a record, and resuming would lose the Adam state.
     """
     model_state = model.state_dict()
     codes_state = _state_dict(latent_codes) if latent_codes is not None else None
@@ -130,8 +133,8 @@ def save_checkpoint(exp_dir: str | os.PathLike, label: str | int, epoch: int, mo
     if codes_state is not None:
         files.append((LATENT_CODES_DIR, {"epoch": epoch, "latent_codes": codes_state}))
     files.append((MODEL_PARAMS_DIR, {"epoch": epoch, "model_state_dict": model_state}))
-    with contextlib.ExitStack() as stack:  # exits in reverse order: the optimizer record is renamed last
-        for kind, obj in files:
+    with contextlib.ExitStack() as stack:  # exits in reverse order: files[0], the resume record, is renamed first
+        for kind, obj in reversed(files):
             tmp = stack.enter_context(atomic_write(checkpoint_path(exp_dir, kind, label)))
             torch.save(obj, tmp)
 
@@ -239,6 +242,9 @@ def load_checkpoint(exp_dir: str | os.PathLike, label: str | int, model: torch.n
         return load_model_state(exp_dir, model, label, map_location), {}
     path = checkpoint_path(exp_dir, OPTIMIZER_PARAMS_DIR, label)
     if not path.is_file():
+        if checkpoint_path(exp_dir, MODEL_PARAMS_DIR, label).is_file():
+            # a released model (DeepSDF / MeshSDF ship no optimizer state): model + codes, fresh Adam
+            return _load_without_record(exp_dir, label, model, latent_codes, map_location), {"fresh_optimizer": True}
         raise MeshSDFError(_missing_checkpoint_message(exp_dir, path))
     record = load_torch(path, map_location)
     epoch = _checkpoint_epoch(record, path)
@@ -270,11 +276,73 @@ def load_checkpoint(exp_dir: str | os.PathLike, label: str | int, model: torch.n
     return epoch, extra
 
 
+def _load_without_record(exp_dir, label, model, latent_codes, map_location) -> int:
+    epochs = {MODEL_PARAMS_DIR: load_model_state(exp_dir, model, label, map_location)}
+    if latent_codes is not None:
+        epochs[LATENT_CODES_DIR], codes = _read_latent_codes(exp_dir, label)
+        if tuple(codes.shape) != tuple(latent_codes.weight.shape):
+            raise MeshSDFError(f"{checkpoint_path(exp_dir, LATENT_CODES_DIR, label)} holds {tuple(codes.shape)} latent "
+                               f"codes but the split and CodeLength give {tuple(latent_codes.weight.shape)}; check "
+                               "TrainSplit")
+        with torch.no_grad():
+            latent_codes.weight.copy_(codes)
+    return check_same_epoch(exp_dir, label, epochs)
+
+
+def check_same_epoch(exp_dir: str | os.PathLike, label: str | int, epochs: Mapping[str, int]) -> int:
+    """The one epoch of ``{kind: stored epoch}`` (files ``<kind>/<label>.pth``); MeshSDFError when they differ.
+
+    A model and the codes (or encoder) it is used with must come from the same save: mixing
+    epochs gives shapes that belong to neither.
+    """
+    if len(set(epochs.values())) <= 1:
+        return next(iter(epochs.values()))
+    found = ", ".join(f"{kind}/{label}.pth is epoch {e}" for kind, e in epochs.items())
+    snaps = [e for e in snapshot_epochs(exp_dir) if all(checkpoint_path(exp_dir, k, e).is_file() for k in epochs)]
+    fix = f"use a snapshot whose files agree ({', '.join(map(str, snaps))})" if snaps else "restore matching files"
+    raise MeshSDFError(f"{exp_dir}: {found}: they come from different saves; {fix}, or rewrite them with the "
+                       f"training script and --continue {label}")
+
+
+def load_decoder_and_codes(exp_dir: str | os.PathLike, specs: Mapping, epoch: str | int = "latest",
+                           device=None) -> tuple[torch.nn.Module, torch.Tensor]:
+    """``load_decoder`` and ``load_latent_codes`` of one checkpoint, checked to be of the same epoch.
+
+    Returns (decoder in eval mode, codes (K, L) float32), both on ``device``.
+    """
+    decoder = load_decoder(exp_dir, specs, epoch, device)
+    code_epoch, codes = _read_latent_codes(exp_dir, epoch)
+    check_same_epoch(exp_dir, epoch, {MODEL_PARAMS_DIR: decoder.checkpoint_epoch, LATENT_CODES_DIR: code_epoch})
+    return decoder, codes.to(device)
+
+
+def _trainer_of(exp_dir) -> str:
+    """The script that trains this experiment: SVR specs name an encoder."""
+    import json
+
+    try:
+        text = (Path(exp_dir) / "specs.json").read_text(encoding="utf-8-sig")
+        specs = json.loads(text)
+    except (OSError, ValueError):
+        specs = {}
+    svr = isinstance(specs, dict) and any(k in specs for k in ("NetworkEncoder", "Encoder", "NumberOfViews"))
+    return "train_svr.py" if svr else "train_deep_sdf.py"
+
+
 def _missing_checkpoint_message(exp_dir, path) -> str:
+    path = Path(path)
+    kind, label = path.parent.name, path.stem
+    model = checkpoint_path(exp_dir, MODEL_PARAMS_DIR, label)
+    if kind == LATENT_CODES_DIR and model.is_file():
+        return (f"{path} is missing but {model} exists: the latent codes of that model were not copied; copy "
+                f"{LATENT_CODES_DIR}/{label}.pth from where the model came from, or retrain")
     have = snapshot_epochs(exp_dir)
     latest = checkpoint_path(exp_dir, MODEL_PARAMS_DIR, "latest").is_file()
     options = (["latest"] if latest else []) + [str(e) for e in have]
-    hint = f"available: {', '.join(options)}" if options else "train it first with train_deep_sdf.py"
+    if options:
+        hint = f"available: {', '.join(options)}"
+    else:
+        hint = f"train it first with {_trainer_of(exp_dir)} -e {exp_dir}"
     return f"checkpoint not found: {path}; {hint}"
 
 
@@ -288,3 +356,236 @@ def load_logs(exp_dir: str | os.PathLike) -> dict:
     path = logs_path(exp_dir)
     return dict(load_torch(path)) if path.is_file() else {}
 
+
+
+# --------------------------------------------------------------------------- one writer, nothing lost
+
+LOCK_FILE = ".meshsdf.lock"
+BACKUPS_DIR = "Backups"
+# what a training run writes and a fresh start would replace: moved aside by --overwrite
+TRAINING_OUTPUTS = (MODEL_PARAMS_DIR, OPTIMIZER_PARAMS_DIR, LATENT_CODES_DIR, LOGS_FILE, RECONSTRUCTIONS_DIR, "Results")
+# atomic_write's temporaries: ".<name>.<8 random chars>.tmp<suffix>"
+_TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?")
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (tells a live holder from a new process that reuses its PID)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return start is None or _process_start(pid) in (None, start)
+
+
+class ExperimentLock:
+    """``<exp>/.meshsdf.lock`` naming the PID and host of the one process that writes the experiment.
+
+    Context manager.  Taking it when another live process holds it raises MeshSDFError
+    naming the holder; a lock left by a dead process of this host (a SIGKILL, a crash) is
+    taken over with a message.  A lock of another host cannot be checked: the message says
+    which file to delete once that run is known to be gone.  The file is created complete
+    (written aside, then hard-linked into place, which fails if it exists), so a reader
+    never sees a half-written lock.
+    """
+
+    def __init__(self, exp_dir: str | os.PathLike, what: str = "a training run"):
+        self.path = Path(exp_dir) / LOCK_FILE
+        self.what = what
+        self.held = False
+
+    def _record(self) -> dict:
+        import json
+        import socket
+        import time
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
+                "what": self.what, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def _holder(self) -> dict | None:
+        import json
+
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) and isinstance(data.get("pid"), int) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "ExperimentLock":
+        import json
+        import socket
+
+        import tempfile
+
+        from lib.log import info
+
+        record = json.dumps(self._record())
+        for _ in range(3):
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f"{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            except OSError as err:
+                raise MeshSDFError(f"cannot create the lock {self.path}: {err.strerror or err}; check that the "
+                                   "experiment folder is writable") from None
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(record)
+                os.link(tmp, self.path)  # atomic and exclusive: fails when a lock exists
+                self.held = True
+                return self
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+            holder = self._holder()
+            if holder is None:  # released meanwhile
+                continue
+            if not holder:
+                raise MeshSDFError(f"{self.path} exists but cannot be read; if no other run uses {self.path.parent}, "
+                                   "delete it")
+            here = holder.get("host") == socket.gethostname()
+            if here and not _alive(holder["pid"], holder.get("start")):
+                if self._remove_if_unchanged(holder):
+                    info(f"taking over the lock of {holder.get('what', 'a run')} (PID {holder['pid']}, "
+                         f"since {holder.get('since', '?')}), which is no longer running")
+                continue
+            where = f"PID {holder['pid']} on {holder.get('host', '?')}"
+            fix = ("wait for it to finish or stop it" if here else
+                   f"wait for it to finish; if it is gone, delete {self.path}")
+            raise MeshSDFError(f"{self.path.parent} is in use by {holder.get('what', 'another run')} ({where}, "
+                               f"since {holder.get('since', '?')}); {fix}")
+        raise MeshSDFError(f"cannot take the lock {self.path}: other runs keep taking it")
+
+    def _remove_if_unchanged(self, stale: dict) -> bool:
+        """Delete the lock if it still holds ``stale``; two runs taking over one stale lock
+        check and delete in turn (flock on the folder), so only one of them removes it."""
+        import fcntl
+
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if self._holder() != stale:
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            return True
+        finally:
+            os.close(fd)  # releases the flock
+
+    def release(self) -> None:
+        if self.held:
+            holder = self._holder()
+            if holder and holder.get("pid") == os.getpid():
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+            self.held = False
+
+    def __enter__(self) -> "ExperimentLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def remove_stale_temporaries(exp_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries of interrupted atomic writes (``.latest.pth.<random>.tmp.pth``, left by a
+    SIGKILL mid-save) in the experiment folder and its checkpoint folders; returns them.
+
+    Only call it holding the ``ExperimentLock``: then no other process is writing there.
+    """
+    exp_dir = Path(exp_dir)
+    removed = []
+    for d in (exp_dir, *(exp_dir / k for k in (MODEL_PARAMS_DIR, OPTIMIZER_PARAMS_DIR, LATENT_CODES_DIR))):
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if _TEMP_NAME.fullmatch(p.name) and p.is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
+
+
+def trained_files(exp_dir: str | os.PathLike) -> list[Path]:
+    """What a training run left in ``exp_dir`` (checkpoints, Logs.pth), temporaries excluded."""
+    exp_dir = Path(exp_dir)
+    found = []
+    for kind in (MODEL_PARAMS_DIR, OPTIMIZER_PARAMS_DIR, LATENT_CODES_DIR):
+        d = exp_dir / kind
+        if d.is_dir():
+            found += sorted(p for p in d.iterdir() if p.suffix == ".pth" and not p.name.startswith("."))
+    if logs_path(exp_dir).is_file():
+        found.append(logs_path(exp_dir))
+    return found
+
+
+def move_aside(exp_dir: str | os.PathLike, names: tuple[str, ...] = TRAINING_OUTPUTS) -> Path | None:
+    """Move ``names`` (files or folders of ``exp_dir``) into a new ``<exp>/Backups/<UTC time>/``.
+
+    Renames only (nothing is copied or deleted); returns the backup folder, None when there
+    was nothing to move.
+    """
+    import time
+
+    exp_dir = Path(exp_dir)
+    present = [n for n in names if (exp_dir / n).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    backup = exp_dir / BACKUPS_DIR / stamp
+    k = 1
+    while backup.exists():
+        k += 1
+        backup = exp_dir / BACKUPS_DIR / f"{stamp}-{k}"
+    try:
+        backup.mkdir(parents=True)
+        for n in present:
+            os.rename(exp_dir / n, backup / n)
+    except OSError as err:
+        raise MeshSDFError(f"cannot move the old files of {exp_dir} into {backup}: {err.strerror or err}; "
+                           "nothing was deleted") from None
+    return backup
+
+
+@contextlib.contextmanager
+def claim_experiment(exp_dir: str | os.PathLike, resume: str | int | None, overwrite: bool = False,
+                     what: str = "a training run", main: bool = True):
+    """Everything a training script does before writing into ``exp_dir``; a context manager.
+
+    On the main process: take the ``ExperimentLock`` (held until the block ends), delete the
+    stale temporaries of killed saves, and guard the trained files: without ``resume``
+    they stop the run (MeshSDFError: resume with ``--continue latest`` or start afresh with
+    ``--overwrite``); with ``overwrite`` they are moved into ``<exp>/Backups/<time>/`` first.
+    Other processes of a torchrun job only pass through (rank 0 alone writes).
+    """
+    if resume is not None and overwrite:
+        raise MeshSDFError("--overwrite starts afresh and --continue resumes: give one of them")
+    if not main:
+        yield
+        return
+    from lib.log import info
+
+    with ExperimentLock(exp_dir, what):
+        stale = remove_stale_temporaries(exp_dir)
+        if stale:
+            info(f"removed {len(stale)} temporary file(s) left by an interrupted save ({stale[0].name}, ...)")
+        existing = trained_files(exp_dir)
+        if existing and resume is None:
+            if not overwrite:
+                shown = ", ".join(str(p.relative_to(exp_dir)) for p in existing[:2])
+                more = f" and {len(existing) - 2} more" if len(existing) > 2 else ""
+                raise MeshSDFError(f"{exp_dir} already holds a trained model ({shown}{more}); resume it with "
+                                   "--continue latest, or pass --overwrite to start afresh (the old files are "
+                                   f"moved into {Path(exp_dir) / BACKUPS_DIR}/, not deleted)")
+            backup = move_aside(exp_dir)
+            info(f"--overwrite: moved the previous training files into {backup}")
+        yield

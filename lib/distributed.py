@@ -15,9 +15,9 @@ that DDP's gradient average is the gradient of the global batch's mean, whatever
 sizes (an empty share, when a batch has fewer items than processes, borrows one item with
 weight 0).
 
-Pre-emption: ``PreemptionGuard`` turns SIGTERM into a flag that the training loop polls
-after each epoch (all ranks agree on it), so the run saves ``latest`` and exits with
-``EXIT_PREEMPTED``.
+Pre-emption: ``PreemptionGuard`` turns SIGTERM, SIGUSR1 and Ctrl-C (SIGINT) into a flag
+that the training loop polls after each epoch (all ranks agree on it), so the run saves
+``latest`` and exits with ``EXIT_PREEMPTED`` (130 after Ctrl-C).
 """
 from __future__ import annotations
 
@@ -335,16 +335,17 @@ def stop_status(ctx: DistContext, stopped: bool, epoch: int, guard: "PreemptionG
     """What a training script returns once training ended, or None where it goes on (rank 0 of
     a finished run: reports, reconstructions).
 
-    A run stopped by a signal returns ``EXIT_PREEMPTED`` on every rank, and rank 0 says which
-    signal and where ``latest`` (epoch ``epoch``) is; the other ranks of a finished run return 0.
+    A run stopped by a signal returns ``guard.exit_status`` (130 for Ctrl-C, else
+    ``EXIT_PREEMPTED``) on every rank, and rank 0 says which signal, where ``latest`` (epoch
+    ``epoch``) is and which epoch resuming starts at; the other ranks of a finished run return 0.
     """
     if stopped:
         if ctx.is_main:
             from lib.log import info
 
-            info(f"stopped by {guard.reason} after epoch {epoch}; saved 'latest' in {exp_dir}; "
-                 "resume with --continue latest")
-        return EXIT_PREEMPTED
+            info(f"stopped by {guard.reason} after epoch {epoch}; saved 'latest' (epoch {epoch}) in {exp_dir}; "
+                 f"--continue latest resumes at epoch {epoch + 1}")
+        return guard.exit_status
     return None if ctx.is_main else 0
 
 
@@ -357,15 +358,17 @@ def rank_seed(base: int, epoch: int, rank_: int | None = None) -> int:
 # --------------------------------------------------------------------------- pre-emption
 
 class PreemptionGuard:
-    """Context manager: SIGTERM (and SIGUSR1, which SLURM's --signal sends) set a stop flag.
+    """Context manager: SIGTERM, SIGUSR1 (which SLURM's --signal sends) and SIGINT (Ctrl-C) set a stop flag.
 
     Call the guard as ``should_stop(epoch)``: true once this process received a signal.
     The trainers agree across ranks (``lib.train.EpochBook.end_epoch`` asks ``any_rank``),
-    so all ranks leave the loop after the same epoch (rank 0 then writes ``latest``).  A second signal kills the process at once (the default action).  Handlers
-    are installed only in the main thread; the previous ones are restored on exit.
+    so all ranks leave the loop after the same epoch (rank 0 then writes ``latest``).  A
+    second signal kills the process at once (the default action; the epochs since the last
+    save are lost, never the saved files).  Handlers are installed only in the main thread;
+    the previous ones are restored on exit.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, signals: Sequence[signal.Signals] = SIGNALS):
         self.signals = tuple(signals)
@@ -378,6 +381,12 @@ class PreemptionGuard:
             os.kill(os.getpid(), signum)
             return
         self.received = signum
+        if is_main_process():
+            from lib.log import info
+
+            again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            info(f"{signal.Signals(signum).name}: finishing this epoch, then saving 'latest' "
+                 f"({again} again stops at once, losing the epochs since the last save)")
 
     def __enter__(self) -> "PreemptionGuard":
         import threading
@@ -399,3 +408,8 @@ class PreemptionGuard:
     def reason(self) -> str:
         """What stopped the run, for messages: the signal's name, or another process's signal."""
         return signal.Signals(self.received).name if self.received is not None else "a signal to another process"
+
+    @property
+    def exit_status(self) -> int:
+        """130 (128 + SIGINT, what a shell reports for Ctrl-C) after SIGINT, else ``EXIT_PREEMPTED``."""
+        return 128 + int(signal.SIGINT) if self.received == signal.SIGINT else EXIT_PREEMPTED

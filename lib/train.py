@@ -311,6 +311,7 @@ class EpochBook:
         self.main = distributed.is_main_process()
         self.logs = new_logs()
         self.last_saved = self.epoch = 0
+        self.last_loss: float | None = None  # mean step loss of the last epoch trained by this run
         self.bar = None
         self._current: tuple[int, list[float], float] | None = None  # epoch, rates, start time
 
@@ -326,8 +327,18 @@ class EpochBook:
         if "rng_state" in extra:
             runtime.set_rng_state(extra["rng_state"], sampler)
         elif self.main:
-            info(f"checkpoint {resume} has no RNG state: resumed run will differ from an uninterrupted one")
-        self.logs = truncate_logs(checkpoint.load_logs(self.exp_dir), self.last_saved)
+            what = (f"{checkpoint.MODEL_PARAMS_DIR}/{resume}.pth"
+                    + (f" and {checkpoint.LATENT_CODES_DIR}/{resume}.pth" if latent_codes is not None else ""))
+            info(f"resuming from epoch {self.last_saved} of {what} with a fresh optimizer (no "
+                 f"{checkpoint.OPTIMIZER_PARAMS_DIR}/{resume}.pth, as in released models): the run will differ "
+                 "from an uninterrupted one" if extra.get("fresh_optimizer") else
+                 f"checkpoint {resume} has no RNG state: resumed run will differ from an uninterrupted one")
+        logs = checkpoint.load_logs(self.exp_dir)
+        if logs and "log_epochs" not in logs and self.main:
+            # another trainer's Logs.pth (e.g. DeepSDF's): keep it, this run starts its own history
+            kept = checkpoint.move_aside(self.exp_dir, (checkpoint.LOGS_FILE,))
+            info(f"{checkpoint.logs_path(self.exp_dir)} is not in this project's form; moved it into {kept}")
+        self.logs = truncate_logs(logs, self.last_saved)
         return int(extra.get("seed", seed))
 
     def epochs(self, optimizer: torch.optim.Optimizer, schedules: Sequence[Callable[[int], float]], seed: int):
@@ -377,8 +388,10 @@ class EpochBook:
                 checkpoint.save_logs(self.exp_dir, self.logs)
                 self.save("latest", epoch)
             self.last_saved = epoch
+        self.last_loss = sum(losses) / max(1, len(losses))
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.5f}", s_per_epoch=f"{seconds:.2f}")
+            self.bar.set_postfix(loss=f"{self.last_loss:.5f}", lr="/".join(f"{r:.3g}" for r in rates),
+                                 s_per_epoch=f"{seconds:.2f}")
             self.bar.update(1)
         return stop
 
@@ -402,6 +415,7 @@ class TrainResult:
     latent_codes: nn.Embedding
     epoch: int  # last completed epoch
     stopped: bool  # True when should_stop ended the run early
+    loss: float | None = None  # mean step loss of the last completed epoch (None: no epoch trained)
 
 
 def resume_point(exp_dir: str | os.PathLike, resume: str | int | None) -> str | int | None:
@@ -409,12 +423,14 @@ def resume_point(exp_dir: str | os.PathLike, resume: str | int | None) -> str | 
 
     This makes ``--continue latest`` always safe to pass (``torchrun --max-restarts``
     re-runs the same command after a failure).  The optimizer file is the resume record and
-    is renamed last when saving, so without it there is no complete checkpoint.  A numbered
-    epoch that does not exist stays an error (raised when loading).
+    is renamed first when saving; a model without it is a released model (resumed with a
+    fresh optimizer, see ``lib.checkpoint.load_checkpoint``).  A numbered epoch that does
+    not exist stays an error (raised when loading).
     """
     if resume != "latest":
         return resume
-    if checkpoint.checkpoint_path(exp_dir, checkpoint.OPTIMIZER_PARAMS_DIR, "latest").is_file():
+    if any(checkpoint.checkpoint_path(exp_dir, kind, "latest").is_file()
+           for kind in (checkpoint.OPTIMIZER_PARAMS_DIR, checkpoint.MODEL_PARAMS_DIR)):
         return resume
     if distributed.is_main_process():
         info(f"--continue latest: no checkpoint in {exp_dir} yet; starting from epoch 1")
@@ -483,10 +499,10 @@ def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfS
                 except NonFiniteLossError as err:
                     raise book.non_finite(err, "lower LearningRateSchedule or check the SDF samples") from None
             if book.end_epoch(losses, codes.weight, decoder, bool(should_stop and should_stop(epoch))):
-                return TrainResult(decoder, codes, epoch, True)
+                return TrainResult(decoder, codes, epoch, True, book.last_loss)
     finally:
         book.close()
-    return TrainResult(decoder, codes, book.epoch, False)
+    return TrainResult(decoder, codes, book.epoch, False, book.last_loss)
 
 
 def reconstruct_training_shapes(exp_dir: str | os.PathLike, decoder: nn.Module, codes: torch.Tensor,

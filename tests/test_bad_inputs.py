@@ -346,7 +346,11 @@ def metrics_before_reconstructing(tmp):
 # --------------------------------------------------------------------------- the checks
 
 def snapshot(root: Path) -> dict:
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+    """Every path under ``root``: the sha256 of each file's bytes (folders: None).  A folder's own
+    mtime may change (a lock file comes and goes); its entries may not."""
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None for p in root.rglob("*")}
 
 
 def check_error(line_or_err: str, rc: int, expect, tmp: Path, script: str):
