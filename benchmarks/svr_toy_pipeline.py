@@ -47,7 +47,8 @@ def main() -> int:
     if not args.skip_prepare:
         times["prepare"] = run(PREPARE + ["--workers", str(args.workers)])
     if not args.skip_train:
-        times["train_deep_sdf"] = run(["train_deep_sdf.py", "-e", "experiments/toy_cars_deepsdf", "--no-reconstruct"])
+        times["train_deep_sdf"] = run(["train_deep_sdf.py", "-e", "experiments/toy_cars_deepsdf", "--no-reconstruct",
+                                        "--overwrite"])  # a rerun moves the previous networks into Backups/
         times["train_svr"] = run(["train_svr.py", "-e", EXP])
     times["reconstruct"] = run(["reconstruct_svr.py", "-e", EXP])
     times["metrics"] = run(["metrics_svr.py", "-e", EXP])

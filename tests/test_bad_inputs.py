@@ -8,6 +8,7 @@ run as real subprocesses to prove the exit status and the absence of a traceback
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -224,6 +225,54 @@ def zero_epochs(tmp):
     return ["-e", str(tiny_experiment(tmp)), "--epochs", "0"]
 
 
+@case("train_deep_sdf", "{tmp}/exp already holds a trained model", "ModelParameters/latest.pth",
+      "--continue latest", "--overwrite", "not deleted")
+def train_again_without_continue(tmp):
+    return ["-e", str(trained(tmp)), "--device", "cpu", "--no-reconstruct"]
+
+
+@case("train_deep_sdf", "{tmp}/bob_and_spot already holds a trained model", "--continue latest", "--overwrite")
+def train_the_shipped_experiment_without_continue(tmp):
+    """The README's command on (a copy of) the shipped epoch-1000 model: refused, every byte kept."""
+    shutil.copytree(REPO / "experiments" / "bob_and_spot", tmp / "bob_and_spot")
+    return ["-e", str(tmp / "bob_and_spot"), "--device", "cpu"]
+
+
+@case("train_deep_sdf", "--overwrite starts afresh and --continue resumes")
+def overwrite_and_continue_together(tmp):
+    return ["-e", str(trained(tmp)), "--device", "cpu", "--overwrite", "--continue", "latest"]
+
+
+def locked(tmp: Path, host: str | None = None) -> Path:
+    """``trained(tmp)`` whose lock names a live process (PID 1, never ours) of this host or of ``host``."""
+    import socket
+
+    exp = trained(tmp)
+    (exp / ".meshsdf.lock").write_text(json.dumps({"pid": 1, "host": host or socket.gethostname(),
+                                                  "what": "train_deep_sdf.py", "since": "2026-01-01 00:00:00"}))
+    return exp
+
+
+@case("train_deep_sdf", "{tmp}/exp is in use by train_deep_sdf.py (PID 1 on", "wait for it to finish or stop it")
+def second_training_of_one_experiment(tmp):
+    return ["-e", str(locked(tmp)), "--device", "cpu", "--continue", "latest", "--no-reconstruct"]
+
+
+@case("train_deep_sdf", "in use by train_deep_sdf.py (PID 1 on elsewhere.example", "if it is gone, delete",
+      "{tmp}/exp/.meshsdf.lock")
+def training_locked_from_another_host(tmp):
+    return ["-e", str(locked(tmp, "elsewhere.example")), "--device", "cpu", "--continue", "latest"]
+
+
+@case("train_deep_sdf", "{tmp}/exp/LatentCodes/latest.pth is missing", "ModelParameters/latest.pth exists",
+      "copy LatentCodes/latest.pth from where the model came from")
+def resume_model_without_codes(tmp):
+    exp = trained(tmp)
+    for kind in ("OptimizerParameters", "LatentCodes"):
+        (exp / kind / "latest.pth").unlink()
+    return ["-e", str(exp), "--device", "cpu", "--continue", "latest"]
+
+
 # --------------------------------------------------------------------------- prepare_data.py
 
 @case("prepare_data", "{tmp}/notes.obj")
@@ -333,7 +382,7 @@ def reconstruct_unknown_instance(tmp):
     return ["-e", str(svr_experiment(tmp)), "--instances", "ghost", "--device", "cpu"]
 
 
-@case("reconstruct_svr", "checkpoint not found", "ModelParameters/latest.pth")
+@case("reconstruct_svr", "checkpoint not found", "ModelParameters/latest.pth", "train it first with train_svr.py")
 def reconstruct_without_network(tmp):
     return ["-e", str(svr_experiment(tmp)), "--device", "cpu"]
 

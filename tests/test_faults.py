@@ -1,6 +1,7 @@
 """Fault injection on the trainers: repeated SIGKILLs of train_deep_sdf.py at random moments
-(resumed each time with the same command), and SIGTERM making train_deep_sdf.py and
-train_svr.py write a checkpoint before exiting."""
+(resumed each time with the same command), SIGTERM and Ctrl-C making train_deep_sdf.py and
+train_svr.py write a checkpoint before exiting, a SIGKILL between the renames of one
+checkpoint save, and two trainings started on one experiment."""
 import os
 import random
 import signal
@@ -22,13 +23,15 @@ from tests.test_distributed import one_thread, tiny_experiment, tiny_svr_experim
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, MESHSDF_QUIET="1", OMP_NUM_THREADS="1")
+TALKING = dict(ENV, MESHSDF_QUIET="0")  # messages on (stderr is a pipe: plain lines, no bars)
 
 
-def start(exp: Path, *extra, script: str = "train_deep_sdf.py") -> subprocess.Popen:
+def start(exp: Path, *extra, script: str = "train_deep_sdf.py", env=None) -> subprocess.Popen:
     """The restart-loop command: always ``--continue latest`` (a fresh start the first time)."""
     cmd = [sys.executable, str(REPO / script), "-e", str(exp), "--continue", "latest", "--device", "cpu",
            "--seed", "4", *(["--no-reconstruct"] if script == "train_deep_sdf.py" else []), *map(str, extra)]
-    return subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=env or ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def logged_epoch(exp: Path) -> int:
@@ -103,18 +106,26 @@ def test_sigkill_five_times_then_finish_like_an_uninterrupted_run(tmp_path):
         assert torch.allclose(v, dec.state_dict()[k], atol=1e-5), k
 
 
-def sigterm_after_first_snapshot(exp: Path, script: str = "train_deep_sdf.py") -> None:
-    """Start the restart-loop command, SIGTERM it at a random moment after ``1.pth`` is written
-    and check that it exits 143 without a traceback."""
-    proc = start(exp, script=script)
+def signal_after_first_snapshot(exp: Path, script: str = "train_deep_sdf.py", sig=signal.SIGTERM,
+                                env=None) -> str:
+    """Start the restart-loop command, send ``sig`` at a random moment after ``1.pth`` is written
+    and check that it exits 128 + sig (143 for SIGTERM, 130 for Ctrl-C) without a traceback;
+    returns its stderr."""
+    proc = start(exp, script=script, env=env)
     deadline = time.time() + 120
     while proc.poll() is None and not (exp / "ModelParameters" / "1.pth").exists() and time.time() < deadline:
         time.sleep(0.01)
     time.sleep(random.uniform(0.0, 0.2))
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == distributed.EXIT_PREEMPTED == 143, err
+    assert proc.returncode == 128 + int(sig), err
+    assert sig != signal.SIGTERM or proc.returncode == distributed.EXIT_PREEMPTED == 143
     assert "Traceback" not in err
+    return err
+
+
+def sigterm_after_first_snapshot(exp: Path, script: str = "train_deep_sdf.py") -> None:
+    signal_after_first_snapshot(exp, script)
 
 
 @pytest.mark.slow
@@ -161,3 +172,115 @@ def test_train_svr_sigterm_saves_latest_exits_143_and_resumes_like_an_uninterrup
     assert got.checkpoint_epoch == final
     for k, v in ref.decoder.state_dict().items():
         assert torch.allclose(v, got.state_dict()[k], atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_latest_says_where_it_resumes_and_exits_130(tmp_path):
+    """SIGINT as SIGTERM: finish the epoch, save ``latest`` (the only checkpoint after the epoch-1
+    snapshot, LogFrequency being huge), name the epoch --continue latest starts at, exit 130."""
+    exp = tiny_experiment(tmp_path, epochs=100000, log_frequency=100000, samples=256, snapshots=(1,))
+    err = signal_after_first_snapshot(exp, sig=signal.SIGINT, env=TALKING)
+    epoch = load_resume_record(exp, load_specs(exp))
+    assert epoch >= 2 and checkpoint.load_logs(exp)["epoch"] == epoch
+    assert f"stopped by SIGINT after epoch {epoch}" in err and f"resumes at epoch {epoch + 1}" in err, err
+    assert not (exp / ".meshsdf.lock").exists()
+
+
+KILL_BETWEEN_RENAMES = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+save, real_replace = int(sys.argv[2]), os.replace
+seen = 0
+
+def replace(src, dst):
+    global seen
+    real_replace(src, dst)
+    if str(dst).endswith(os.path.join("LatentCodes", "latest.pth")):
+        seen += 1
+        if seen == save:  # the record and the codes are renamed, the model is not: die here
+            os.kill(os.getpid(), signal.SIGKILL)
+
+os.replace = replace
+import train_deep_sdf
+from lib.errors import cli_main
+cli_main(lambda: train_deep_sdf.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_between_the_renames_of_one_save(tmp_path):
+    """SIGKILL after the resume record and the codes of save 3 are renamed, before the model is.
+    Inference refuses the mixed pair (model of epoch 2, codes of epoch 3) with one line; the
+    restart command resumes from the complete record and ends where an uninterrupted run ends."""
+    from lib.errors import MeshSDFError
+
+    exp = tiny_experiment(tmp_path / "k", epochs=5, scenes=3, batch=2, dropout_prob=0.2, samples=256)
+    specs = load_specs(exp)
+    args = ["-e", str(exp), "--continue", "latest", "--device", "cpu", "--seed", "4", "--no-reconstruct"]
+    r = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(REPO), "3", *args], env=ENV, cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert load_resume_record(exp, specs) == 3
+    with pytest.raises(MeshSDFError, match=r"ModelParameters/latest.pth is epoch 2, LatentCodes/latest.pth is "
+                                           r"epoch 3: they come from different saves"):
+        checkpoint.load_decoder_and_codes(exp, specs)
+    assert (exp / ".meshsdf.lock").exists()  # the killed run's lock: stale, taken over below
+
+    r = subprocess.run([sys.executable, str(REPO / "train_deep_sdf.py"), *args], env=TALKING, cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "taking over the lock" in r.stderr and "which is no longer running" in r.stderr
+    decoder, codes = checkpoint.load_decoder_and_codes(exp, specs)
+    assert decoder.checkpoint_epoch == 5 and not (exp / ".meshsdf.lock").exists()
+
+    ref_exp = tiny_experiment(tmp_path / "u", epochs=5, scenes=3, batch=2, dropout_prob=0.2, samples=256)
+    with one_thread():
+        ref = train_auto_decoder(ref_exp, load_specs(ref_exp), SdfSamples(specs["DataSource"],
+                                 read_split(specs["TrainSplit"])), "cpu", seed=4)
+    assert np.allclose(checkpoint.load_logs(exp)["loss"], checkpoint.load_logs(ref_exp)["loss"], rtol=1e-5, atol=1e-7)
+    for k, v in ref.decoder.state_dict().items():
+        assert torch.allclose(v, decoder.state_dict()[k], atol=1e-6), k
+    assert torch.allclose(codes, ref.latent_codes.weight, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_trainings_of_one_experiment(tmp_path):
+    """A second training started while one runs exits 2 naming the first (PID and host) and leaves
+    every file alone; once the first is SIGKILLed, the next start takes its stale lock over and
+    deletes the temporaries of interrupted saves."""
+    import hashlib
+    import socket
+
+    exp = tiny_experiment(tmp_path, epochs=100000, log_frequency=100000, samples=256, snapshots=(1,))
+    first = start(exp)
+    deadline = time.time() + 120
+    while first.poll() is None and not (exp / "ModelParameters" / "1.pth").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    assert first.poll() is None
+
+    def files():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(exp.rglob("*.pth"))
+                if p.is_file() and p.name == "1.pth"}
+
+    before = files()
+    second = subprocess.run([sys.executable, str(REPO / "train_deep_sdf.py"), "-e", str(exp), "--continue", "latest",
+                             "--device", "cpu", "--no-reconstruct"], env=ENV, cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(lines) == 1, second.stderr
+    assert f"is in use by train_deep_sdf.py (PID {first.pid} on {socket.gethostname()}" in lines[0]
+    assert files() == before
+    assert first.poll() is None  # the first run goes on
+
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    stale = exp / "ModelParameters" / ".latest.pth.a1b2c3d4.tmp.pth"
+    stale.write_bytes(b"half a checkpoint")
+    third = subprocess.run([sys.executable, str(REPO / "train_deep_sdf.py"), "-e", str(exp), "--continue", "1",
+                            "--epochs", "2", "--device", "cpu", "--no-reconstruct"], env=TALKING, cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stderr
+    assert f"taking over the lock of train_deep_sdf.py (PID {first.pid}" in third.stderr
+    assert "removed 1 temporary file(s) left by an interrupted save" in third.stderr
+    assert not stale.exists() and not (exp / ".meshsdf.lock").exists()
+    assert load_resume_record(exp, load_specs(exp)) == 2

@@ -1,0 +1,178 @@
+"""No command destroys a trained model: released models resume, --overwrite moves aside, one
+writer per experiment, and logs that suit a batch job.  In-process (fast); the subprocess races
+and kills are in test_faults.py."""
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_deep_sdf
+from lib import checkpoint
+from lib.errors import MeshSDFError, cli_main
+from lib.log import PlainProgress, progress
+from lib.sampling import split_by_sign, write_sdf_samples
+from tests.test_distributed import tiny_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "experiments" / "bob_and_spot"
+
+
+def tree_sha256(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def shipped_copy(tmp: Path, samples: int = 256) -> Path:
+    """experiments/bob_and_spot copied (model and codes of epoch 1000, no optimizer state, as every
+    DeepSDF / MeshSDF release), with stand-in samples for bob and spot and few samples per scene."""
+    exp = tmp / "bob_and_spot"
+    shutil.copytree(SHIPPED, exp)
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(("bob", "spot")):
+        p = rng.uniform(-1, 1, (2000, 3))
+        sdf = np.linalg.norm(p, axis=1) - (0.4 + 0.1 * k)
+        write_sdf_samples(tmp / "data" / "bob_and_spot" / "samples" / f"{name}.npz",
+                          *split_by_sign(np.column_stack([p, sdf])))
+    specs = json.loads((exp / "specs.json").read_text())
+    specs.update(DataSource=str(tmp / "data"), TrainSplit=str(exp / "split.json"), SamplesPerScene=samples)
+    (exp / "specs.json").write_text(json.dumps(specs))
+    return exp
+
+
+def test_continue_latest_resumes_a_released_model_with_a_fresh_optimizer(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MESHSDF_QUIET", "0")
+    before = tree_sha256(SHIPPED)
+    exp = shipped_copy(tmp_path)
+    shipped_logs = checkpoint.load_logs(exp)
+    shipped_model = torch.load(exp / "ModelParameters" / "latest.pth", weights_only=True)["model_state_dict"]
+    assert not (exp / "OptimizerParameters").exists()
+
+    assert train_deep_sdf.main(["-e", str(exp), "-c", "latest", "--epochs", "1001", "--device", "cpu",
+                                "--no-reconstruct"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming from epoch 1000 of ModelParameters/latest.pth and LatentCodes/latest.pth with a fresh " \
+           "optimizer" in err, err
+    logs = checkpoint.load_logs(exp)
+    assert logs["log_epochs"] == list(range(1, 1002))
+    assert logs["loss"][:1000] == shipped_logs["loss"]  # the history continues, nothing replaced
+    record = torch.load(exp / "OptimizerParameters" / "latest.pth", weights_only=True)
+    assert record["epoch"] == 1001 and record["optimizer_state_dict"]["state"]  # one Adam step taken
+    model = torch.load(exp / "ModelParameters" / "latest.pth", weights_only=True)
+    assert model["epoch"] == 1001
+    moved = max(float((model["model_state_dict"][k] - v).abs().max()) for k, v in shipped_model.items())
+    assert 0 < moved < 1e-2  # continued from the shipped weights (one small step), not from scratch
+    assert tree_sha256(SHIPPED) == before
+
+
+def test_overwrite_moves_the_old_files_aside_byte_for_byte(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MESHSDF_QUIET", "0")
+    exp = shipped_copy(tmp_path)
+    old = {k: v for k, v in tree_sha256(exp).items() if k != "specs.json" and k != "split.json"}
+    assert train_deep_sdf.main(["-e", str(exp), "--overwrite", "--epochs", "1", "--device", "cpu",
+                                "--no-reconstruct"]) == 0
+    backups = list((exp / "Backups").iterdir())
+    assert len(backups) == 1 and f"moved the previous training files into {backups[0]}" in capsys.readouterr().err
+    assert tree_sha256(backups[0]) == old
+    assert torch.load(exp / "ModelParameters" / "latest.pth", weights_only=True)["epoch"] == 1
+
+
+def test_a_run_stopped_before_its_first_save_leaves_nothing_to_guard(tmp_path):
+    exp = tiny_experiment(tmp_path)
+    with checkpoint.claim_experiment(exp, None):
+        assert (exp / checkpoint.LOCK_FILE).is_file()
+        with pytest.raises(MeshSDFError, match="in use by a training run"):
+            with checkpoint.claim_experiment(exp, "latest"):
+                pass
+    assert not (exp / checkpoint.LOCK_FILE).exists()
+    with checkpoint.claim_experiment(exp, None):  # no trained files yet: a fresh start goes ahead
+        pass
+
+
+def write_lock(exp: Path, **record) -> None:
+    (exp / checkpoint.LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "what": "train_svr.py",
+                                                        "since": "then", **record}))
+
+
+def test_lock_of_a_dead_process_or_of_a_reused_pid_is_taken_over(tmp_path):
+    exp = tiny_experiment(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_lock(exp, pid=dead.pid)
+    with checkpoint.ExperimentLock(exp) as lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    # a live PID whose start time differs from the recorded one is another process: the holder is gone
+    write_lock(exp, pid=os.getpid(), start="1")
+    with checkpoint.ExperimentLock(exp):
+        pass
+    write_lock(exp, pid=os.getpid(), start=checkpoint._process_start(os.getpid()))
+    with pytest.raises(MeshSDFError, match=f"in use by train_svr.py \\(PID {os.getpid()} on "):
+        checkpoint.ExperimentLock(exp).acquire()
+    assert (exp / checkpoint.LOCK_FILE).is_file()  # a refused run never removes the holder's lock
+
+
+def test_stale_temporaries_are_recognised_by_name_only(tmp_path):
+    exp = tiny_experiment(tmp_path)
+    (exp / "ModelParameters").mkdir()
+    stale = [exp / "ModelParameters" / ".latest.pth.k2j_x9a1.tmp.pth", exp / ".Logs.pth.abcdefgh.tmp.pth"]
+    kept = [exp / "ModelParameters" / "latest.pth", exp / "ModelParameters" / ".hidden_notes",
+            exp / "notes.tmp.txt"]
+    for p in stale + kept:
+        p.write_text("x")
+    assert sorted(checkpoint.remove_stale_temporaries(exp)) == sorted(stale)
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)
+
+
+def test_training_log_off_a_terminal_is_plain_lines_with_loss_lr_and_final_loss(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MESHSDF_QUIET", "0")
+    exp = tiny_experiment(tmp_path, epochs=3, scenes=2, batch=2)
+    assert train_deep_sdf.main(["-e", str(exp), "--device", "cpu", "--no-reconstruct"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.strip().splitlines()
+    epochs = [ln for ln in lines if ln.startswith("train: epoch ")]
+    assert epochs[0].startswith("train: epoch 1/3  loss ") and epochs[-1].startswith("train: epoch 3/3  loss ")
+    assert "lr 0.001/0.002" in epochs[-1]
+    logs = checkpoint.load_logs(exp)
+    final = float(np.mean([v for v, e in zip(logs["loss"], logs["loss_epoch"]) if e == 3]))
+    assert lines[-1].startswith("trained to epoch 3, final loss ")
+    assert float(lines[-1].split("final loss ")[1].split(";")[0]) == pytest.approx(final, rel=1e-4)
+
+
+def test_plain_progress_writes_first_last_and_rate_limited_lines():
+    out = io.StringIO()
+    bar = PlainProgress(range(100), desc="demo", unit="it", file=out, min_seconds=3600)
+    for i in bar:
+        bar.set_postfix(loss=f"{i:.1f}")
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("demo: it 1/100  loss 0.0") and \
+        lines[1].startswith("demo: it 100/100  loss 99.0")
+    out = io.StringIO()
+    bar = PlainProgress(total=5, desc="x", file=out, min_seconds=0)
+    for _ in range(5):
+        bar.update()
+    bar.close()
+    assert len(out.getvalue().splitlines()) == 5
+
+
+def test_quiet_silences_progress_but_not_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MESHSDF_QUIET", "1")
+    bar = progress(total=3, desc="q")
+    for _ in range(3):
+        bar.update()
+    bar.close()
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as stop:
+        cli_main(lambda: train_deep_sdf.main(["-e", str(tiny_experiment(tmp_path)), "--epochs", "0"]),
+                 prog="train_deep_sdf.py")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "train_deep_sdf.py: error: --epochs must be >= 1, got 0\n"
