@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from lib import checkpoint, distributed
+from lib import checkpoint, distributed, limits
 from lib.specs import load_specs, resolve_path
 from lib.data import SdfSamples, read_split
 from lib.errors import MeshSDFError, cli_main
@@ -55,10 +55,13 @@ def main(argv=None) -> int:
     checkpoint.check_writable(args.experiment)
     ctx = distributed.init_distributed(args.device)  # also checks --device
     device = ctx.device
+    if not args.no_reconstruct:
+        limits.check_grid(args.resolution, device)  # now, not after the training
     with checkpoint.claim_experiment(args.experiment, args.resume, args.overwrite, "train_deep_sdf.py", ctx.is_main):
         try:
             split = read_split(resolve_path(specs["TrainSplit"]))
             dataset = SdfSamples(resolve_path(specs["DataSource"]), split)
+            limits.check_sample_batch(specs["SamplesPerScene"], min(specs["ScenesPerBatch"], len(dataset)), device)
             if ctx.is_main:
                 info(f"training on {len(dataset)} shapes ({', '.join(dataset.names[:5])}"
                      f"{', ...' if len(dataset) > 5 else ''}) on {ctx.where}")

@@ -165,3 +165,102 @@ def save_gif(path: str | os.PathLike, frames: Sequence, fps: float = 10.0) -> No
     stack = np.stack([_to_uint8(_np(f)) for f in frames])
     with atomic_write(path) as tmp:
         iio.imwrite(tmp, stack, extension=".gif", duration=1000.0 / fps, loop=0)
+
+
+class StagedDir:
+    """Where ``staged_dir`` writes: ``path`` (the temporary folder), ``final`` (the output folder),
+    ``partial`` (where the files go if the run fails) and, after success, ``previous`` (where
+    an earlier output of ``final`` was moved, or None)."""
+
+    def __init__(self, final: Path, path: Path, partial: Path):
+        self.final, self.path, self.partial = final, path, partial
+        self.previous: Path | None = None
+
+
+def _utc_stamp() -> str:
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def _free_name(path: Path) -> Path:
+    k, candidate = 1, path
+    while candidate.exists():
+        k += 1
+        candidate = path.with_name(f"{path.name}-{k}")
+    return candidate
+
+
+def _check_output_folder(out: Path) -> None:
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            if p == out:
+                raise MeshSDFError(f"output folder {out} is a file; give --out a folder (new or existing)")
+            raise MeshSDFError(f"output folder {out} is below {p}, which is a file; give --out a folder")
+        if p.exists():
+            return
+
+
+def _adopt_orphans(out: Path) -> list[Path]:
+    """Staging folders of ``out`` left by killed runs (their PID is gone): renamed to incomplete ones."""
+    found = []
+    for p in out.parent.glob(f".{out.name}.staging-*"):
+        try:
+            pid = int(p.name.rsplit("staging-", 1)[1].split("-")[0])
+        except (IndexError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # its run is still going
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        target = _free_name(out.with_name(f"{out.name}.incomplete-{_utc_stamp()}"))
+        with contextlib.suppress(OSError):
+            os.rename(p, target)
+            found.append(target)
+    return found
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike) -> Iterator[StagedDir]:
+    """Write an output folder whole or not at all.
+
+    Yields a ``StagedDir`` whose ``path`` is a fresh hidden sibling of ``out``
+    (``.<name>.staging-<pid>-<random>``); everything is written there.  On success the
+    folder is renamed to ``out``; an earlier ``out`` is first renamed to
+    ``<out>.previous-<UTC time>`` (kept, never deleted).  On an exception (a user error,
+    Ctrl-C) the files written so far are renamed to ``<out>.incomplete-<UTC time>``
+    (``partial``; an empty staging folder is just removed) and ``out`` is left as it was,
+    so old and new files never mix.  Staging folders of killed runs are renamed to
+    incomplete ones on the next call.  MeshSDFError, before anything is written, when
+    ``out`` or a folder above it is a file.
+    """
+    from lib.log import info
+
+    out = Path(out)
+    _check_output_folder(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for orphan in _adopt_orphans(out):
+            info(f"a killed run left its files of {out} in {orphan}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=out.parent))
+    except OSError as err:
+        raise MeshSDFError(f"cannot create the output folder {out}: {err.strerror or err}; check that "
+                           f"{out.parent} is writable") from None
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    stage = StagedDir(out, tmp, out.with_name(f"{out.name}.incomplete-{_utc_stamp()}"))
+    try:
+        yield stage
+    except BaseException:
+        if any(tmp.iterdir()):
+            stage.partial = _free_name(stage.partial)
+            os.rename(tmp, stage.partial)
+        else:
+            tmp.rmdir()
+        raise
+    if out.exists():
+        stage.previous = _free_name(out.with_name(f"{out.name}.previous-{_utc_stamp()}"))
+        os.rename(out, stage.previous)
+    os.rename(tmp, out)

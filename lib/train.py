@@ -429,9 +429,10 @@ def resume_point(exp_dir: str | os.PathLike, resume: str | int | None) -> str | 
     """
     if resume != "latest":
         return resume
-    if any(checkpoint.checkpoint_path(exp_dir, kind, "latest").is_file()
-           for kind in (checkpoint.OPTIMIZER_PARAMS_DIR, checkpoint.MODEL_PARAMS_DIR)):
-        return resume
+    models = Path(exp_dir) / checkpoint.MODEL_PARAMS_DIR
+    if (checkpoint.checkpoint_path(exp_dir, checkpoint.OPTIMIZER_PARAMS_DIR, "latest").is_file()
+            or (models.is_dir() and any(p.name.endswith("latest.pth") for p in models.iterdir()))):
+        return resume  # (SVR models are encoder_latest.pth / decoder_latest.pth)
     if distributed.is_main_process():
         info(f"--continue latest: no checkpoint in {exp_dir} yet; starting from epoch 1")
     return None

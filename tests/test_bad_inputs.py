@@ -273,6 +273,17 @@ def resume_model_without_codes(tmp):
     return ["-e", str(exp), "--device", "cpu", "--continue", "latest"]
 
 
+@case("train_deep_sdf", "--resolution 100000 needs at least", "GiB of memory", "the largest --resolution that fits is")
+def train_reconstruction_resolution_too_large(tmp):
+    return ["-e", str(tiny_experiment(tmp)), "--device", "cpu", "--resolution", "100000"]
+
+
+@case("train_deep_sdf", "SamplesPerScene 1000000000 (x 2 scenes per batch) needs at least",
+      "the largest SamplesPerScene that fits is")
+def samples_per_scene_too_large(tmp):
+    return ["-e", str(edit_specs(tiny_experiment(tmp, scenes=2, batch=2), SamplesPerScene=10 ** 9)), "--device", "cpu"]
+
+
 # --------------------------------------------------------------------------- prepare_data.py
 
 @case("prepare_data", "{tmp}/notes.obj")

@@ -176,3 +176,67 @@ def test_quiet_silences_progress_but_not_errors(tmp_path, monkeypatch, capsys):
                  prog="train_deep_sdf.py")
     assert stop.value.code == 2
     assert capsys.readouterr().err == "train_deep_sdf.py: error: --epochs must be >= 1, got 0\n"
+
+
+def test_memory_check_names_the_largest_value_that_fits():
+    from lib import limits
+
+    avail = limits.grid_bytes(100)
+    limits.check_grid(100, available=avail)
+    with pytest.raises(MeshSDFError, match=r"--resolution 101 needs at least .* the largest --resolution that fits "
+                                           r"is 100$"):
+        limits.check_grid(101, available=avail)
+    with pytest.raises(MeshSDFError, match="no --image-size fits"):
+        limits.check_image(64, available=10)
+
+
+# --------------------------------------------------------------------------- outputs whole or absent
+
+def test_staged_output_is_whole_or_absent_and_never_deletes_a_finished_one(tmp_path):
+    from lib.io import staged_dir
+
+    out = tmp_path / "Optimizations"
+    with staged_dir(out) as stage:
+        (stage.path / "final.ply").write_text("first")
+        assert not out.exists()  # nothing in place until the run ends
+    assert tree_sha256(out) == {"final.ply": hashlib.sha256(b"first").hexdigest()}
+    first = tree_sha256(out)
+
+    with pytest.raises(MeshSDFError, match="surface vanished"):  # a failed rerun: old output intact
+        with staged_dir(out) as stage:
+            (stage.path / "log.json").write_text("{}")
+            raise MeshSDFError("surface vanished")
+    assert tree_sha256(out) == first
+    assert tree_sha256(stage.partial) == {"log.json": hashlib.sha256(b"{}").hexdigest()}
+    assert stage.partial.name.startswith("Optimizations.incomplete-")
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C before anything was written: nothing left
+        with staged_dir(out):
+            raise KeyboardInterrupt
+    with staged_dir(out) as stage:  # a successful rerun: the old output is moved aside, not deleted
+        (stage.path / "final.ply").write_text("second")
+    assert (out / "final.ply").read_text() == "second" and tree_sha256(stage.previous) == first
+    assert stage.previous.name.startswith("Optimizations.previous-")
+    assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
+
+
+def test_staged_output_refuses_files_in_the_way_and_adopts_killed_runs(tmp_path):
+    from lib.io import staged_dir
+
+    (tmp_path / "a_file").write_text("mine")
+    for out, words in ((tmp_path / "a_file", "is a file; give --out a folder"),
+                       (tmp_path / "a_file" / "below", "is below " + str(tmp_path / "a_file") + ", which is a file")):
+        with pytest.raises(MeshSDFError, match=words.replace("(", r"\(")):
+            with staged_dir(out):
+                pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f".out.staging-{dead.pid}-x1y2"  # as a SIGKILLed run leaves it
+    orphan.mkdir()
+    (orphan / "frame.png").write_text("half")
+    with staged_dir(tmp_path / "out") as stage:
+        (stage.path / "done").write_text("")
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.incomplete-")]
+    assert len(kept) == 1 and (kept[0] / "frame.png").read_text() == "half" and not orphan.exists()
