@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+import lib  # noqa: F401  (first, before torch loads: sets OpenMP's wait policy, lib/cpus.py)
 import torch
 
 from lib import checkpoint, runtime
@@ -85,6 +86,7 @@ def shape_index(names: list[str], name: str, flag: str, split_file: Path) -> int
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    runtime.apply_thread_policy()  # threads for the cores other processes leave free (MESHSDF_THREADS)
     mode = check_args(args)
     exp = Path(args.experiment)
     specs = load_specs(exp)

@@ -118,6 +118,9 @@ def _job(task: tuple) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from lib import runtime
+
+    runtime.apply_thread_policy()  # threads for the cores other processes leave free (MESHSDF_THREADS)
     from lib.log import info, progress
     from lib.io import atomic_write
 

@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     from lib import svr
 
     args = parse_args(argv)
+    runtime.apply_thread_policy()  # threads for the cores other processes leave free (MESHSDF_THREADS)
     if args.iterations is not None and args.iterations < 0:
         raise MeshSDFError(f"--iterations must be >= 0, got {args.iterations}")
     if args.lr is not None and not args.lr > 0:

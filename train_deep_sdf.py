@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from lib import checkpoint, distributed, limits
+from lib import checkpoint, distributed, limits, runtime
 from lib.specs import load_specs, resolve_path
 from lib.data import SdfSamples, read_split
 from lib.errors import MeshSDFError, cli_main
@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    runtime.apply_thread_policy()  # threads for the cores other processes leave free (MESHSDF_THREADS)
     if args.epochs is not None and args.epochs < 1:
         raise MeshSDFError(f"--epochs must be >= 1, got {args.epochs}")
     if args.resolution < 2:

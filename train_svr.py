@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from lib import checkpoint, distributed
+from lib import checkpoint, distributed, runtime
 from lib.errors import MeshSDFError, cli_main
 from lib.log import info
 
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     from lib.svr import train_svr, training_set_from_specs
 
     args = parse_args(argv)
+    runtime.apply_thread_policy()  # threads for the cores other processes leave free (MESHSDF_THREADS)
     if args.epochs is not None and args.epochs < 1:
         raise MeshSDFError(f"--epochs must be >= 1, got {args.epochs}")
     specs = load_svr_specs(args.experiment)

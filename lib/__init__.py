@@ -6,7 +6,8 @@ Modules (one concern each; see README "Code map"):
     log         progress bars and messages (the only place lib/ prints)
     specs       specs.json: every key, the original's defaults, validation
     checkpoint  the experiment folder's files: every checkpoint form, read and written
-    runtime     device, seeds and RNG states of a process
+    cpus        usable cores and OpenMP's wait policy (set here, before torch loads)
+    runtime     device, CPU threads, seeds and RNG states of a process
     models/     decoder (DeepSDF MLP), encoder (ResNet image encoder)
     data        SDF-sample and image datasets, split files
     sampling    mesh normalisation and SDF sample generation, built-in shapes
@@ -16,3 +17,8 @@ Modules (one concern each; see README "Code map"):
     render      differentiable silhouettes, z-buffer depth and normals
     metrics     Chamfer distance, normal consistency, IoU, genus
 """
+
+from lib import cpus as _cpus
+
+# first thing, before anything imports torch: OpenMP reads its wait policy once, when it loads
+_cpus.prepare_openmp_env()

@@ -113,13 +113,19 @@ class SdfSamples:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise MeshSDFError(missing_samples_message(p, inst.dataset) + more)
         pos, neg = zip(*(read_sdf_samples(p, i.dataset) for p, i in zip(self.paths, self.instances)))
-        self.pos, self.pos_start, self.pos_count = self._pack(pos)
-        self.neg, self.neg_start, self.neg_count = self._pack(neg)
+        # one (P + Q, 4) table, pos rows first: a batch is then one gather (into pinned
+        # memory when it goes to a GPU, see ``sample``); ``pos`` and ``neg`` are views of it
+        self.rows = torch.cat(pos + neg).to(self.device)
+        self.pos_start, self.pos_count = self._index(pos, 0)
+        self.neg_start, self.neg_count = self._index(neg, sum(p.shape[0] for p in pos))
+        npos = int(self.pos_count.sum())
+        self.pos, self.neg = self.rows[:npos], self.rows[npos:]
+        self._staging = PinnedStaging()
 
-    def _pack(self, parts):
+    def _index(self, parts, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         counts = torch.tensor([p.shape[0] for p in parts], dtype=torch.int64)
-        starts = torch.cumsum(counts, 0) - counts
-        return torch.cat(parts).to(self.device), starts.to(self.device), counts.to(self.device)
+        starts = torch.cumsum(counts, 0) - counts + offset
+        return starts.to(self.device), counts.to(self.device)
 
     @classmethod
     def from_split(cls, data_source: str | os.PathLike, split_file: str | os.PathLike, device=None) -> "SdfSamples":
@@ -132,31 +138,75 @@ class SdfSamples:
     def names(self) -> list[str]:
         return [i.name for i in self.instances]
 
-    def sample(self, scenes: torch.Tensor, samples_per_scene: int,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random samples of ``scenes`` (B,) int64: xyz (B, S, 3) and sdf (B, S), on ``self.device``.
+    def sample(self, scenes: torch.Tensor, samples_per_scene: int, generator: torch.Generator | None = None,
+               device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random samples of ``scenes`` (B,) int64: xyz (B, S, 3) and sdf (B, S).
 
         The first S // 2 samples of each scene come from ``pos``, the other S - S // 2 from
         ``neg``, uniformly with replacement.  ``generator`` (on ``self.device``) makes it
-        reproducible.
+        reproducible.  The result is on ``device`` (default ``self.device``): from CPU
+        samples to a GPU the rows are gathered into pinned memory and copied asynchronously.
         """
         scenes = scenes.to(self.device, torch.int64)
         b, n = scenes.shape[0], int(samples_per_scene)
         half = n // 2
         # float64 so that floor(u * count) < count for any realistic count
         u = torch.rand(b, n, generator=generator, device=self.device, dtype=torch.float64)
-        ip = (u[:, :half] * self.pos_count[scenes, None]).long()
-        ip = torch.minimum(ip, self.pos_count[scenes, None] - 1) + self.pos_start[scenes, None]
-        ineg = (u[:, half:] * self.neg_count[scenes, None]).long()
-        ineg = torch.minimum(ineg, self.neg_count[scenes, None] - 1) + self.neg_start[scenes, None]
-        rows = torch.cat((self.pos.index_select(0, ip.reshape(-1)).reshape(b, half, 4),
-                          self.neg.index_select(0, ineg.reshape(-1)).reshape(b, n - half, 4)), dim=1)
+        cp, cn = self.pos_count[scenes, None], self.neg_count[scenes, None]
+        ip = torch.minimum((u[:, :half] * cp).long(), cp - 1) + self.pos_start[scenes, None]
+        ineg = torch.minimum((u[:, half:] * cn).long(), cn - 1) + self.neg_start[scenes, None]
+        idx = torch.cat((ip, ineg), dim=1)
+        device = self.device if device is None else torch.device(device)
+        if device.type == "cuda" and self.rows.device.type == "cpu":
+            rows = self._staging.upload(lambda buf: torch.index_select(self.rows, 0, idx.view(-1), out=buf),
+                                        (b * n, 4), self.rows.dtype, device).view(b, n, 4)
+        else:
+            rows = self.rows.index_select(0, idx.view(-1)).view(b, n, 4).to(device)
         return rows[..., :3], rows[..., 3]
 
 
+class PinnedStaging:
+    """CPU -> CUDA copies through reused pinned host buffers, so that they are asynchronous.
+
+    ``.to(cuda, non_blocking=True)`` from ordinary (pageable) memory is a synchronous
+    staged copy; from pinned memory it overlaps with the GPU's work.  Two buffers are used
+    in turn; before one is refilled, the copy that last read it is waited for (CUDA event),
+    so a refill never races an unfinished copy.
+    """
+
+    def __init__(self, slots: int = 2):
+        self._bufs: list[torch.Tensor | None] = [None] * slots
+        self._events: list = [None] * slots
+        self._turn = 0
+
+    def upload(self, fill, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``fill(buf)`` writes the data into a pinned ``shape`` buffer; returns its copy on ``device``."""
+        slot = self._turn
+        self._turn = (slot + 1) % len(self._bufs)
+        if self._events[slot] is not None:
+            self._events[slot].synchronize()
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        buf = self._bufs[slot]
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._bufs[slot] = torch.empty(numel, dtype=dtype, pin_memory=True)
+        host = buf[:numel].view(shape)
+        fill(host)
+        out = host.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        self._events[slot] = event
+        return out
+
+
 def scene_batches(num_scenes: int, scenes_per_batch: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """One epoch: a random permutation of scene indices split into batches (last may be short)."""
-    perm = torch.randperm(num_scenes, generator=generator)
+    """One epoch: a random permutation of scene indices split into batches (last may be short).
+
+    The permutation is drawn on ``generator``'s device (torch refuses a CUDA generator for a
+    CPU randperm), so the batches live there too.
+    """
+    perm = torch.randperm(num_scenes, generator=generator, device=generator.device if generator is not None else None)
     return list(perm.split(scenes_per_batch))
 
 
@@ -266,6 +316,7 @@ class RenderSet:
                     instance_path(normalization_path, data_source, inst)))
             cams.append(cam)
         self.cameras = cams
+        self._staging = PinnedStaging()
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
         nbytes = len(self.instances) * self.num_views * 4 * self.image_size ** 2
         self.cache = (nbytes <= cache_limit) if cache == "auto" else bool(cache)
@@ -299,7 +350,13 @@ class RenderSet:
     def images(self, scenes: torch.Tensor, views: torch.Tensor, device=None) -> torch.Tensor:
         """RGBA images (B, 4, S, S) float32 in [0, 1] on ``device`` for scene/view pairs (B,) each."""
         imgs = [self._load(int(s), int(v)) for s, v in zip(scenes.tolist(), views.tolist())]
-        return torch.stack(imgs).to(device).float().div_(255.0)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if device.type == "cuda":  # as uint8 (4x fewer bytes than float) through pinned memory
+            batch = self._staging.upload(lambda buf: torch.stack(imgs, out=buf), (len(imgs),) + tuple(imgs[0].shape),
+                                         torch.uint8, device)
+        else:
+            batch = torch.stack(imgs)
+        return batch.float().div_(255.0)
 
     def camera(self, scene: int, view: int):
         """The unbatched ``lib.camera.Camera`` of one view, in the SDF frame, at ``image_size``."""
@@ -387,6 +444,6 @@ class RgbaSdfSamples:
         reproducible.
         """
         views = self.renders.random_views(len(scenes), generator)
-        xyz, sdf = self.sdf.sample(scenes, samples_per_scene, generator)
+        xyz, sdf = self.sdf.sample(scenes, samples_per_scene, generator, device=device)
         images = self.renders.images(scenes, views, device)
-        return images, xyz.to(device, non_blocking=True), sdf.to(device, non_blocking=True)
+        return images, xyz, sdf

@@ -1,12 +1,14 @@
-"""Run-time choices of a process: the device, random seeds and RNG states."""
+"""Run-time choices of a process: the device, CPU threads, random seeds and RNG states."""
 from __future__ import annotations
 
+import os
 import random
 from typing import Mapping
 
 import numpy as np
 import torch
 
+from lib import cpus
 from lib.errors import MeshSDFError
 
 
@@ -59,3 +61,41 @@ def set_rng_state(state: Mapping, *generators: torch.Generator) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+
+
+_APPLIED: dict = {}
+
+
+def apply_thread_policy(max_threads: int | None = None, environ=None) -> int:
+    """Set torch's intra-op thread count by the policy of ``lib.cpus``; returns the count in use.
+
+    Call once at the top of a script's main, before heavy work.  ``MESHSDF_THREADS``: auto
+    (default: one thread per usable core that other processes leave idle, measured over
+    0.1 s; at least 1), a number N, or off (torch's defaults).  An explicit
+    ``OMP_NUM_THREADS`` wins over auto (torch has applied it already).  ``max_threads`` caps
+    auto for small work.  Raises MeshSDFError for a malformed ``MESHSDF_THREADS``.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        setting = cpus.thread_setting(env)
+    except ValueError as err:
+        raise MeshSDFError(str(err)) from None
+    if setting.mode == "off" or (setting.mode == "auto" and env.get("OMP_NUM_THREADS")):
+        n = torch.get_num_threads()
+    elif setting.mode == "fixed":
+        n = setting.count
+    else:
+        cores = cpus.usable_cores()
+        n = cpus.choose_threads(cores, cpus.free_cores(cores) if cores > 1 else 1.0, max_threads)
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    _APPLIED.update(mode=setting.mode, threads=n, wait=env.get("OMP_WAIT_POLICY", "default"))
+    return n
+
+
+def thread_policy_summary() -> str:
+    """One line for logs: threads in use and why (after ``apply_thread_policy``)."""
+    if not _APPLIED:
+        return f"{torch.get_num_threads()} CPU threads (torch default)"
+    return (f"{_APPLIED['threads']} CPU threads ({cpus.ENV}={_APPLIED['mode']}, "
+            f"OpenMP wait {_APPLIED['wait'].lower()})")

@@ -486,13 +486,12 @@ def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfS
             losses = []
             for scenes in scene_batches(len(dataset), settings.scenes_per_batch, sampler):
                 # the whole global batch is drawn on every rank to keep the generators in step
-                xyz, sdf = dataset.sample(scenes, settings.samples_per_scene, sampler)
+                xyz, sdf = dataset.sample(scenes, settings.samples_per_scene, sampler, device=device)
                 batch_codes = codes(scenes.to(device))  # every rank applies CodeBound's renorm alike
                 weight = 1.0
                 if world > 1:
                     part, weight = distributed.local_share(len(scenes))
                     xyz, sdf, batch_codes = xyz[part], sdf[part], batch_codes[part]
-                xyz, sdf = xyz.to(device, non_blocking=True), sdf.to(device, non_blocking=True)
                 loss, _, _ = auto_decoder_loss(net, batch_codes, xyz, sdf, epoch, settings, weight)
                 try:
                     losses.append(optimizer_step(optimizer, loss, epoch, decoder.parameters(), settings.grad_clip_norm,

@@ -3,6 +3,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+import lib  # noqa: F401  (before torch: sets OpenMP's wait policy, lib/cpus.py)
 import torch
 
 os.environ.setdefault("MESHSDF_QUIET", "1")
@@ -10,6 +12,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MESHES = REPO.parent / "shared" / "meshes"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip, with the reason, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -133,3 +133,25 @@ def test_auto_decoder_loss_fuses_supported_decoders_and_falls_back_for_layer_nor
     assert calls == [1]
     with pytest.raises(ValueError, match="must not require gradients"):
         fused_dec(codes, xyz.requires_grad_(True), sdf, 0.1)
+
+
+@pytest.mark.parametrize("chunk", [101, 202, 1 << 30])
+def test_fused_loss_on_whole_scene_chunks_equals_autograd(chunk):
+    # chunk >= samples per scene groups whole scenes (a GPU's default: the batch in one chunk)
+    from lib.models.fused import default_chunk, plan_chunks
+
+    assert plan_chunks(3, 101, chunk) == {101: [(0, 1, 0, 101), (1, 2, 0, 101), (2, 3, 0, 101)],
+                                          202: [(0, 2, 0, 101), (2, 3, 0, 101)],
+                                          1 << 30: [(0, 3, 0, 101)]}[chunk]
+    assert plan_chunks(3, 101, default_chunk(torch.device("cuda"))) == [(0, 3, 0, 101)]
+    torch.manual_seed(0)
+    dec = Decoder(3, **CONFIGS["deepsdf"]).train()
+    dec.fused_chunk = chunk
+    codes = torch.randn(3, 3, requires_grad=True)
+    xyz = torch.rand(3, 101, 3) * 2 - 1
+    sdf = torch.rand(3, 101) * 0.3 - 0.15
+    (fused, g_fused), (plain, g_plain) = _both_losses(dec, codes, xyz, sdf, 0.1)
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
+    for got, want in zip(g_fused, g_plain):
+        assert want.abs().max() > 0
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))

@@ -19,7 +19,8 @@ Other savings over the plain autograd graph, none of which change the function:
   * ReLU and dropout share one mask in the backward pass (the kept, positive units);
   * scratch buffers are allocated once per step, not once per operation.
 
-On a GPU the whole batch is one chunk (``default_chunk``): there is no cache to fit.
+On a GPU the whole batch is one chunk (``default_chunk``, ``plan_chunks``): there is no
+cache to fit, and one kernel per layer and pass over all B x S rows beats one per scene.
 
 The function is ``fused_clamped_l1`` below; ``lib.models.decoder.Decoder`` calls it when
 asked for its training loss (``Decoder.forward(codes, xyz=..., sdf=..., clamp=...)``), so
@@ -130,14 +131,13 @@ class _Shared:
 
 
 class _Partial:
-    """Scratch for one chunk (allocated once and reused by every chunk, so the hot loop
-    allocates nothing) and the running sums of the loss and the gradients."""
+    """Scratch for a chunk of up to ``c`` rows (allocated once and reused by every chunk, so
+    the hot loop allocates nothing) and the running sums of the loss and the gradients."""
 
-    def __init__(self, sh: _Shared):
-        b, s = sh.sdf.shape
+    def __init__(self, sh: _Shared, c: int):
+        b = sh.sdf.shape[0]
         dev, dtype = sh.xyz.device, sh.xyz.dtype
         width = max(sh.widths)
-        c = min(s, sh.plan.chunk)
         self.gwx = [torch.zeros_like(m) if m is not None else None for m in sh.wx]
         self.gwpe = [torch.zeros_like(m).t() if m is not None else None for m in sh.wpe_t]
         self.colsums = torch.zeros(len(sh.widths), b, width, dtype=dtype, device=dev)  # bias gradients per scene
@@ -159,8 +159,20 @@ class _Partial:
         return v
 
 
-def _run_chunks(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, int]]) -> None:
-    """Forward and backward of the chunks (scene k, rows r0:r1), summed into ``part``."""
+def plan_chunks(b: int, s: int, chunk: int) -> list[tuple[int, int, int, int]]:
+    """Chunks (k0, k1, r0, r1) = rows r0:r1 of scenes k0:k1 covering a (b, s) batch once.
+
+    ``chunk`` >= s: whole scenes, as many per chunk as fit (a GPU: the whole batch in one
+    chunk, one kernel per layer and pass instead of one per scene); else rows of one scene.
+    """
+    if chunk >= s:
+        per = max(1, chunk // max(1, s))
+        return [(k, min(b, k + per), 0, s) for k in range(0, b, per)]
+    return [(k, k + 1, r0, min(s, r0 + chunk)) for k in range(b) for r0 in range(0, s, chunk)]
+
+
+def _run_chunks(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, int, int]]) -> None:
+    """Forward and backward of the chunks (scenes k0:k1, rows r0:r1), summed into ``part``."""
     plan, layers = sh.plan, sh.plan.layers
     s = sh.sdf.shape[1]
     scale = 1.0 / sh.sdf.numel()
@@ -172,23 +184,33 @@ def _run_chunks(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, in
     # per scene: its bias rows and its bias-gradient sums, (layer,) lists of views
     scene = [([sb[k] for sb in sh.scene_bias], [part.colsums[i, k, :w] for i, w in enumerate(sh.widths)])
              for k in range(sh.sdf.shape[0])]
-    for k, r0, r1 in chunks:
-        n = r1 - r0
+    for k0, k1, r0, r1 in chunks:
+        nb = k1 - k0
+        n = nb * (r1 - r0)
         acts, gins = part.views(sh, n)
-        biases, sums = scene[k]
-        pts = sh.xyz[k, r0:r1]
+        if nb == 1:
+            biases, sums = scene[k0]
+        else:
+            # several whole scenes: per-scene biases broadcast over each scene's rows
+            biases = [sb[k0:k1, None, :] for sb in sh.scene_bias]
+            sums = [part.colsums[i, k0:k1, :w] for i, w in enumerate(sh.widths)]
+        pts = sh.xyz[k0:k1, r0:r1].reshape(n, 3)
         pe = positional_encoding(pts, plan.fourier_degree) if plan.fourier_degree else pts.contiguous()
         x = pe
         for i, has_x, has_pe, drop, w_in, w_pe in fwd:
             h = acts[i]
-            torch.addmm(biases[i], x, w_in, out=h)
+            if nb == 1:
+                torch.addmm(biases[i], x, w_in, out=h)
+            else:
+                torch.mm(x, w_in, out=h)
+                h.view(nb, -1, h.shape[1]).add_(biases[i])
             if has_x and has_pe:
                 h.addmm_(pe, w_pe)
             if i == last:
                 break
             h.clamp_min_(0.0)
             if drop:
-                part.dropout.apply_(h, i, k * s + r0)
+                part.dropout.apply_(h, i, k0 * s + r0)
             x = h
         out = h.view(-1)
         if plan.use_tanh:
@@ -196,14 +218,17 @@ def _run_chunks(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, in
             pred = torch.tanh(inner)
         else:
             pred = torch.tanh(out)
-        loss, g = _clamped_l1_grad(pred, sh.sdf[k, r0:r1], sh.clamp)
+        loss, g = _clamped_l1_grad(pred, sh.sdf[k0:k1, r0:r1].reshape(n), sh.clamp)
         part.total += loss
         g.mul_(1.0 - pred * pred)
         if plan.use_tanh:
             g.mul_(1.0 - inner * inner)
         g = g.mul_(scale).unsqueeze(1)
         for i, has_x, has_pe, g_wx, g_wpe, w_x in bwd:
-            sums[i].add_(g.sum(0))
+            if nb == 1:
+                sums[i].add_(g.sum(0))
+            else:
+                sums[i].add_(g.view(nb, -1, g.shape[1]).sum(1))
             gt = g.t()
             if has_x:
                 g_wx.addmm_(gt, acts[i - 1])
@@ -223,8 +248,8 @@ class _FusedClampedL1(torch.autograd.Function):
         weights, biases = params[0::2], params[1::2]
         sh = _Shared(plan, clamp, seed, codes, xyz, sdf, weights, biases)
         b, s = sdf.shape
-        chunks = [(k, r0, min(s, r0 + plan.chunk)) for k in range(b) for r0 in range(0, s, plan.chunk)]
-        part = _Partial(sh)
+        chunks = plan_chunks(b, s, plan.chunk)
+        part = _Partial(sh, max((k1 - k0) * (r1 - r0) for k0, k1, r0, r1 in chunks))
         _run_chunks(sh, part, chunks)
         total = part.total / sdf.numel()
         colsums = part.colsums

@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""The demo and a training epoch, each on a quiet machine and next to one CPU-bound competitor.
+
+Why: on a 2-core laptop that is doing something else, torch's default of one intra-op
+thread per core with busy-waiting OpenMP threads made the demo ~3x slower next to ONE
+competing process.  This benchmark measures what the thread policy of ``lib.runtime``
+(``MESHSDF_THREADS``, see the README "Threads and busy machines") buys.
+
+Workloads (each in a fresh process, so the OpenMP settings of the policy apply from the
+start, and timed after start-up):
+
+  * demo:  30 iterations of the default demo loop (spot -> bob, experiments/bob_and_spot,
+           N = 64, 512 x 512, default extraction mode); total seconds of the 30 iterations;
+  * train: a bob_and_spot training run (real network and specs, synthetic 250k-row
+           scenes) of ``--epochs`` epochs; median seconds per epoch (lib.train's timing,
+           the first epoch dropped as warm-up).
+
+Each workload runs quiet and next to one competitor (a Python busy loop, one process:
+"a laptop doing one other thing"), under each policy: ``off`` = torch's defaults
+(today's behaviour without the policy) and ``auto`` = the policy.  Rounds interleave
+every combination so that load from other processes hits all alike; the report gives
+median and range over rounds and the ratios contended / quiet (target <= 2x) and
+auto-quiet / off-quiet (target <= 1, "quiet no slower").  ``uptime`` before and after
+says what else ran.
+
+Usage: python benchmarks/contention.py [--rounds 3] [--epochs 8] [--iterations 30]
+       [--policies off,auto] [--workloads demo,train] [--competitors 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import lib  # noqa: E402,F401  (before torch: OpenMP reads its wait policy when it loads)
+
+COMPETITOR = "while True: pass"
+
+
+# --------------------------------------------------------------------------- workers
+
+def worker_demo(iterations: int) -> dict:
+    import torch
+
+    from lib import checkpoint, runtime
+    from lib.camera import look_at
+    from lib.meshsdf import mesh_from_sdf
+    from lib.optimize import LatentOptimizer, SilhouetteLoss, demo_sigma
+    from lib.render import silhouette
+    from lib.specs import load_specs
+
+    import demo_optimizer
+
+    runtime.apply_thread_policy()
+    exp = REPO / "experiments" / "bob_and_spot"
+    specs = load_specs(exp)
+    decoder = checkpoint.load_decoder(exp, specs, device="cpu")
+    codes = checkpoint.load_latent_codes(exp, device="cpu")
+    camera = look_at(demo_optimizer.AZIMUTH, demo_optimizer.ELEVATION, demo_optimizer.DISTANCE, image_size=512)
+    with torch.no_grad():
+        bob = mesh_from_sdf(decoder, codes[0], 64, "dense")
+        target = silhouette(bob.verts, bob.faces, camera, sigma=demo_sigma(512))
+    opt = LatentOptimizer(decoder, codes[1], SilhouetteLoss(camera, target), lr=5e-2, resolution=64)
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        opt.step()
+    return {"seconds": time.perf_counter() - t0, "threads": torch.get_num_threads()}
+
+
+def worker_train(epochs: int) -> dict:
+    import numpy as np
+    import torch
+
+    from lib import runtime
+    from lib.data import Instance, SdfSamples
+    from lib.specs import load_specs
+    from lib.train import train_auto_decoder
+
+    runtime.apply_thread_policy()
+    specs = dict(load_specs(REPO / "experiments" / "bob_and_spot"))
+    rows = 250_000  # per pos / neg array, like prepared bob and spot files
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        insts = [Instance("bench", "samples", f"s{k}") for k in range(2)]
+        for inst in insts:
+            p = inst.samples_path(tmp)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            pts = rng.uniform(-1, 1, (2 * rows, 4)).astype(np.float32)
+            np.savez(p, pos=np.abs(pts[:rows]), neg=-np.abs(pts[rows:]))
+        data = SdfSamples(tmp, insts)
+        exp = Path(tmp) / "exp"
+        exp.mkdir()
+        result = train_auto_decoder(exp, specs, data, "cpu", num_epochs=epochs)
+        timing = torch.load(exp / "Logs.pth", weights_only=False)["timing"] if (exp / "Logs.pth").is_file() else []
+    del result
+    steady = timing[1:] or timing
+    return {"seconds": statistics.median(steady), "threads": torch.get_num_threads()}
+
+
+# --------------------------------------------------------------------------- driver
+
+def run_worker(workload: str, policy: str, args) -> dict:
+    env = dict(os.environ, MESHSDF_QUIET="1")
+    env.pop("OMP_NUM_THREADS", None)
+    env["MESHSDF_THREADS"] = policy
+    cmd = [sys.executable, __file__, "--worker", workload, "--iterations", str(args.iterations),
+           "--epochs", str(args.epochs)]
+    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise SystemExit(f"worker {workload}/{policy} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def start_competitors(n: int) -> list[subprocess.Popen]:
+    procs = [subprocess.Popen([sys.executable, "-c", COMPETITOR]) for _ in range(n)]
+    time.sleep(0.5)  # let them reach the loop
+    return procs
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.wait()
+
+
+def uptime() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--iterations", type=int, default=30, help="demo iterations per run (default 30)")
+    ap.add_argument("--epochs", type=int, default=8, help="training epochs per run (default 8)")
+    ap.add_argument("--policies", default="off,auto", help="MESHSDF_THREADS values to compare (default off,auto)")
+    ap.add_argument("--workloads", default="demo,train")
+    ap.add_argument("--competitors", type=int, default=1, help="CPU-bound competitor processes (default 1)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        res = worker_demo(args.iterations) if args.worker == "demo" else worker_train(args.epochs)
+        print(json.dumps(res))
+        return 0
+
+    policies = args.policies.split(",")
+    workloads = args.workloads.split(",")
+    print(f"cores {os.cpu_count()}, affinity {len(os.sched_getaffinity(0))}; /proc/loadavg before: {uptime()}")
+    print(f"demo: {args.iterations} iterations (s total); train: median s/epoch of {args.epochs} epochs; "
+          f"{args.competitors} competitor(s); {args.rounds} rounds interleaved")
+    times: dict = {}
+    threads: dict = {}
+    for r in range(args.rounds):
+        for w in workloads:
+            for pol in policies:
+                for contended in (False, True):
+                    procs = start_competitors(args.competitors) if contended else []
+                    try:
+                        res = run_worker(w, pol, args)
+                    finally:
+                        stop(procs)
+                    times.setdefault((w, pol, contended), []).append(res["seconds"])
+                    threads[(w, pol, contended)] = res["threads"]
+                    print(f"  round {r + 1} {w:5s} {pol:>5s} {'contended' if contended else 'quiet':9s} "
+                          f"{res['seconds']:7.3f} s  ({res['threads']} threads; load {uptime().split()[0]})",
+                          flush=True)
+    print(f"/proc/loadavg after: {uptime()}")
+    print(f"\n{'workload':8s} {'policy':>6s} {'quiet s (range)':>24s} {'contended s (range)':>24s} "
+          f"{'contended/quiet':>16s} {'quiet/off-quiet':>16s}")
+    for w in workloads:
+        base = statistics.median(times[(w, policies[0], False)])
+        for pol in policies:
+            q, c = times[(w, pol, False)], times[(w, pol, True)]
+            mq, mc = statistics.median(q), statistics.median(c)
+            ratios = sorted(ci / qi for qi, ci in zip(q, c))
+            print(f"{w:8s} {pol:>6s} {mq:8.3f} ({min(q):6.3f}-{max(q):6.3f}) {mc:8.3f} ({min(c):6.3f}-{max(c):6.3f}) "
+                  f"{mc / mq:7.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}) {mq / base:10.2f}x   "
+                  f"threads {threads[(w, pol, False)]}/{threads[(w, pol, True)]}")
+    print("targets: contended/quiet <= 2x for both workloads; the policy's quiet no slower than off's")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
