@@ -165,32 +165,44 @@ def _own_cpu_seconds() -> float:
     return t.user + t.system
 
 
-def busy_cores(cpus: list[int], window: float = 0.1) -> float | None:
-    """How many of ``cpus`` other processes keep busy, measured over ``window`` seconds.
+class Snapshot:
+    """Per-CPU busy/total jiffies (/proc/stat) and this process's CPU seconds at one moment."""
 
-    Sums the busy share of each CPU of ``cpus`` from /proc/stat, minus this process's own
-    CPU time in the window.  None where /proc/stat is unavailable (then the 1-minute load
-    average is used by ``free_cores``).
+    def __init__(self):
+        self.cpus = _cpu_times()
+        self.own = _own_cpu_seconds()
+
+
+def busy_between(a: Snapshot, b: Snapshot, cpus: list[int]) -> float | None:
+    """How many of ``cpus`` other processes kept busy between snapshots ``a`` and ``b``.
+
+    The busy shares of the CPUs of ``cpus`` summed, minus this process's own CPU time over
+    the interval; None where /proc/stat is unavailable or no time passed.
     """
-    a, own0 = _cpu_times(), _own_cpu_seconds()
-    if not a:
-        return None
-    time.sleep(window)
-    b, own1 = _cpu_times(), _own_cpu_seconds()
     busy, ticks, seen = 0.0, 0, 0
     for cpu in cpus:
-        if cpu in a and cpu in b:
-            db, dt = b[cpu][0] - a[cpu][0], b[cpu][1] - a[cpu][1]
+        if cpu in a.cpus and cpu in b.cpus:
+            db, dt = b.cpus[cpu][0] - a.cpus[cpu][0], b.cpus[cpu][1] - a.cpus[cpu][1]
             if dt > 0:
                 busy += db / dt
                 ticks += dt
                 seen += 1
     if not seen:
         return None
-    # the window in the counters' own clock (each CPU's total advances CLK_TCK per second)
+    # the interval in the counters' own clock (each CPU's total advances CLK_TCK per second)
     hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     elapsed = ticks / seen / hz
-    return max(0.0, busy - (own1 - own0) / elapsed)
+    return max(0.0, busy - (b.own - a.own) / elapsed)
+
+
+def busy_cores(cpus: list[int], window: float = 0.1) -> float | None:
+    """How many of ``cpus`` other processes keep busy, measured over ``window`` seconds
+    (``busy_between`` two snapshots); None where /proc/stat is unavailable."""
+    a = Snapshot()
+    if not a.cpus:
+        return None
+    time.sleep(window)
+    return busy_between(a, Snapshot(), cpus)
 
 
 def free_cores(cores: int, cpus: list[int] | None = None, window: float = 0.1) -> float:

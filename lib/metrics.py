@@ -70,8 +70,9 @@ def sample_surface(verts: torch.Tensor, faces: torch.Tensor, n: int, generator: 
                    return_normals: bool = False):
     """Area-weighted uniform samples on a triangle mesh.
 
-    verts (V, 3) float, faces (F, 3) int64 tensors (any device).  Returns points (n, 3)
-    and, with ``return_normals``, unit face normals (n, 3) of the sampled faces.
+    verts (V, 3) float, faces (F, 3) int64 tensors (any device); ``generator`` on any
+    device.  Returns points (n, 3) on the mesh's device and, with ``return_normals``, unit
+    face normals (n, 3) of the sampled faces.
     """
     verts = torch.as_tensor(verts)
     faces = torch.as_tensor(faces, dtype=torch.int64, device=verts.device)
@@ -80,8 +81,11 @@ def sample_surface(verts: torch.Tensor, faces: torch.Tensor, n: int, generator: 
     a, b, c = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
     cross = torch.cross(b - a, c - a, dim=1)
     area = cross.norm(dim=1)
-    idx = torch.multinomial(area.double() + 1e-30, n, replacement=True, generator=generator)
-    uv = torch.rand(n, 2, generator=generator, dtype=verts.dtype).to(verts.device)
+    # draws happen on the generator's device (torch refuses a CPU generator for CUDA
+    # tensors), so one seed gives the same samples whatever device the mesh is on
+    gdev = generator.device if generator is not None else verts.device
+    idx = torch.multinomial(area.double().to(gdev) + 1e-30, n, replacement=True, generator=generator).to(verts.device)
+    uv = torch.rand(n, 2, generator=generator, dtype=verts.dtype, device=gdev).to(verts.device)
     flip = uv.sum(1) > 1  # reflect into the triangle: uniform over its area
     uv[flip] = 1 - uv[flip]
     pts = a[idx] + uv[:, :1] * (b[idx] - a[idx]) + uv[:, 1:] * (c[idx] - a[idx])
