@@ -77,26 +77,20 @@ def worker_demo(iterations: int) -> dict:
 
 
 def worker_train(epochs: int) -> dict:
-    import numpy as np
     import torch
 
     from lib import runtime
-    from lib.data import Instance, SdfSamples
+    from lib.data import SdfSamples
     from lib.specs import load_specs
     from lib.train import train_auto_decoder
 
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from train_step import write_synthetic_scenes  # 250k-row scenes, like prepared bob and spot files
+
     runtime.apply_thread_policy()
     specs = dict(load_specs(REPO / "experiments" / "bob_and_spot"))
-    rows = 250_000  # per pos / neg array, like prepared bob and spot files
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        insts = [Instance("bench", "samples", f"s{k}") for k in range(2)]
-        for inst in insts:
-            p = inst.samples_path(tmp)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            pts = rng.uniform(-1, 1, (2 * rows, 4)).astype(np.float32)
-            np.savez(p, pos=np.abs(pts[:rows]), neg=-np.abs(pts[rows:]))
-        data = SdfSamples(tmp, insts)
+        data = SdfSamples(tmp, write_synthetic_scenes(tmp, 2))
         exp = Path(tmp) / "exp"
         exp.mkdir()
         result = train_auto_decoder(exp, specs, data, "cpu", num_epochs=epochs)

@@ -63,6 +63,18 @@ def naive_forward(dec, inputs):
     return torch.tanh(x)
 
 
+def write_synthetic_scenes(root, count: int, rows: int = ROWS, seed: int = 0) -> list[Instance]:
+    """``count`` sample files of uniform random rows (``rows`` pos, ``rows`` neg) under ``root``."""
+    rng = np.random.default_rng(seed)
+    insts = [Instance("bench", "samples", f"s{k}") for k in range(count)]
+    for inst in insts:
+        p = inst.samples_path(root)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        pts = rng.uniform(-1, 1, (2 * rows, 4)).astype(np.float32)
+        np.savez(p, pos=np.abs(pts[:rows]), neg=-np.abs(pts[rows:]))
+    return insts
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -71,15 +83,8 @@ def main() -> int:
     settings = TrainSettings.from_specs(specs)
     s, b = settings.samples_per_scene, settings.scenes_per_batch
     torch.manual_seed(0)
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        insts = [Instance("bench", "samples", f"s{k}") for k in range(b)]
-        for inst in insts:
-            p = inst.samples_path(tmp)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            pts = rng.uniform(-1, 1, (2 * ROWS, 4)).astype(np.float32)
-            np.savez(p, pos=np.abs(pts[:ROWS]), neg=-np.abs(pts[ROWS:]))
-        data = SdfSamples(tmp, insts)
+        data = SdfSamples(tmp, write_synthetic_scenes(tmp, b))
     raw = [(data.pos[data.pos_start[k]:data.pos_start[k] + data.pos_count[k]].numpy(),
             data.neg[data.neg_start[k]:data.neg_start[k] + data.neg_count[k]].numpy()) for k in range(b)]
 

@@ -16,7 +16,6 @@ import torch
 
 import demo_optimizer
 import metrics_svr
-import prepare_data
 import reconstruct_svr
 import train_deep_sdf
 import train_svr
@@ -33,6 +32,7 @@ from lib.specs import load_specs
 from test_demo import EXP as DEMO_EXP, SMALL as DEMO_SMALL
 from test_distributed import tiny_experiment, torchrun
 from test_fused import CONFIGS, _both_losses
+from test_svr import toy_cars_experiment
 
 pytestmark = pytest.mark.cuda
 REPO = Path(__file__).resolve().parents[1]
@@ -205,22 +205,7 @@ def test_demo_on_gpu_in_every_mode(tmp_path, mode):
 
 
 def test_svr_pipeline_on_gpu(tmp_path):
-    data = tmp_path / "data"
-    assert prepare_data.main(["--builtin", "toy_cars", "--count", "3", "--views", "2", "--image-size", "32",
-                              "--samples", "3000", "--resolution", "40", "--out", str(data)]) == 0
-    exp = tmp_path / "exp"
-    exp.mkdir()
-    specs = json.loads((REPO / "experiments" / "toy_cars_svr" / "specs.json").read_text())
-    specs.update({"DataSource": str(data), "TrainSplit": str(data / "toy_cars" / "split_train.json"),
-                  "TestSplit": str(data / "toy_cars" / "split_test.json"), "ImageSize": 32, "NumberOfViews": 2,
-                  "NumEpochs": 4, "SnapshotFrequency": 2, "LogFrequency": 1, "SamplesPerScene": 512,
-                  "ScenesPerBatch": 2, "CodeLength": 4, "Encoder": {"Depth": 10, "Widths": [4, 8, 8, 8]},
-                  "LearningRateSchedule": [{"Type": "Constant", "Value": 0.01}], "DecoderLearningRateFactor": 1.0,
-                  "ClampingDistance": 1.0, "DecoderInit": None,
-                  "ReconstructionResolution": 20, "ReconstructionViews": [0, 1], "RefinementIterations": 2,
-                  "ChamferSamples": 300})
-    specs["NetworkSpecs"]["dims"] = [32, 32, 32, 32]
-    (exp / "specs.json").write_text(json.dumps(specs))
+    exp = toy_cars_experiment(tmp_path, epochs=4, snapshot=2, log_frequency=1)
     assert train_svr.main(["-e", str(exp), "--epochs", "2", "--device", "cuda"]) == 0
     assert train_svr.main(["-e", str(exp), "--continue", "latest", "--device", "cuda"]) == 0
     assert checkpoint.load_logs(exp)["log_epochs"] == [1, 2, 3, 4]

@@ -377,12 +377,9 @@ def test_metrics_rows_table_and_csv(tmp_path):
 
 # ------------------------------------------------------------------ the scripts, end to end
 
-@pytest.mark.slow
-def test_tiny_pipeline_writes_every_output(tmp_path):
-    import metrics_svr
+def toy_cars_experiment(tmp_path: Path, epochs: int = 40, snapshot: int = 20, log_frequency: int = 5) -> Path:
+    """prepare_data.py's toy_cars (3 instances, 2 views of 32 px) and a tiny SVR experiment on it."""
     import prepare_data
-    import reconstruct_svr
-    import train_svr
 
     data = tmp_path / "data"
     assert prepare_data.main(["--builtin", "toy_cars", "--count", "3", "--views", "2", "--image-size", "32",
@@ -392,7 +389,8 @@ def test_tiny_pipeline_writes_every_output(tmp_path):
     specs = json.loads((REPO / "experiments" / "toy_cars_svr" / "specs.json").read_text())
     specs.update({"DataSource": str(data), "TrainSplit": str(data / "toy_cars" / "split_train.json"),
                   "TestSplit": str(data / "toy_cars" / "split_test.json"), "ImageSize": 32, "NumberOfViews": 2,
-                  "NumEpochs": 40, "SnapshotFrequency": 20, "LogFrequency": 5, "SamplesPerScene": 512,
+                  "NumEpochs": epochs, "SnapshotFrequency": snapshot, "LogFrequency": log_frequency,
+                  "SamplesPerScene": 512,
                   "ScenesPerBatch": 2, "CodeLength": 4, "Encoder": {"Depth": 10, "Widths": [4, 8, 8, 8]},
                   "LearningRateSchedule": [{"Type": "Constant", "Value": 0.01}], "DecoderLearningRateFactor": 1.0,
                   "ClampingDistance": 1.0, "DecoderInit": None,
@@ -400,6 +398,16 @@ def test_tiny_pipeline_writes_every_output(tmp_path):
                   "ChamferSamples": 300})
     specs["NetworkSpecs"]["dims"] = [32, 32, 32, 32]
     (exp / "specs.json").write_text(json.dumps(specs))
+    return exp
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_writes_every_output(tmp_path):
+    import metrics_svr
+    import reconstruct_svr
+    import train_svr
+
+    exp = toy_cars_experiment(tmp_path)
     assert train_svr.main(["-e", str(exp), "--epochs", "20", "--device", "cpu"]) == 0
     assert train_svr.main(["-e", str(exp), "--continue", "latest", "--device", "cpu"]) == 0
     assert checkpoint.load_logs(exp)["log_epochs"] == list(range(1, 41))
