@@ -184,8 +184,12 @@ def _load_model(model: torch.nn.Module, state: Mapping, path) -> None:
             return
         except RuntimeError as err:
             difference = str(err).strip().splitlines()[-1].strip()
+    if "encoder" in Path(path).name or "encoder." in difference:
+        keys = "encoder settings (Encoder, or the original's NetworkEncoder / Depth / NormType)"
+    else:
+        keys = "NetworkSpecs or CodeLength"
     raise MeshSDFError(f"{path} does not match the network of specs.json ({difference}); it was trained with "
-                       "other NetworkSpecs or CodeLength; restore those in specs.json or retrain")
+                       f"other {keys}; restore those in specs.json or retrain")
 
 
 def _latent_tensor(codes, path) -> torch.Tensor:

@@ -43,7 +43,7 @@ def read_split(path: str | os.PathLike) -> list[Instance]:
     if not path.is_file():
         raise MeshSDFError(f"split file not found: {path}; fix TrainSplit/TestSplit in specs.json")
     try:
-        split = json.loads(path.read_text())
+        split = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise MeshSDFError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     if not isinstance(split, dict):
@@ -61,12 +61,53 @@ def read_split(path: str | os.PathLike) -> list[Instance]:
     return out
 
 
+def _others(folder: Path, name: str, pattern: str) -> str:
+    """", did you mean 'x'?" / ", e.g. a, b" for the entries of ``folder`` beside the missing ``name``."""
+    import difflib
+
+    names = sorted(p.stem if pattern != "*" else p.name for p in folder.glob(pattern))
+    close = difflib.get_close_matches(name, names, 1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"it holds {len(names)} others ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+
 def missing_samples_message(path: Path, dataset: str) -> str:
-    if dataset in BUILTIN_DATASETS:
-        how = f"create it with `python prepare_data.py --builtin {dataset}`"
+    """Why ``DataSource/<dataset>/<class>/<instance>.npz`` is missing, and the fix: a misspelt
+    instance in the split, a DataSource that points elsewhere, or data not created yet."""
+    path = Path(path)
+    cls_dir, ds_dir = path.parent, path.parent.parent
+    source = ds_dir.parent
+    if cls_dir.is_dir() and any(cls_dir.glob("*.npz")):
+        how = (f"{_others(cls_dir, path.stem, '*.npz')} {cls_dir} lacks this instance of the split; fix its name "
+               "in the split file (TrainSplit / TestSplit in specs.json)")
+    elif not source.is_dir():
+        how = f"DataSource {source} does not exist; fix DataSource in specs.json"
+    elif ds_dir.is_dir() and not cls_dir.is_dir():
+        how = f"{ds_dir} has no class folder {cls_dir.name!r}; fix the split file or DataSource"
+    elif dataset in BUILTIN_DATASETS:
+        how = (f"create it with `python prepare_data.py --builtin {dataset}` (or fix DataSource in specs.json if "
+               "the data is elsewhere)")
+    elif not ds_dir.is_dir():
+        how = (f"{source} has no dataset folder {dataset!r}; fix DataSource in specs.json (the folder holding "
+               f"{dataset}/) or create the samples with prepare_data.py")
     else:
         how = "create SDF samples with prepare_data.py (see its --help) or fix DataSource in specs.json"
     return f"SDF samples not found: {path}; {how}"
+
+
+def _unreadable_npz(path: Path) -> str:
+    try:
+        head = path.read_bytes()[:6]
+    except OSError:
+        head = b""
+    if head.startswith(b"\x93NUMPY"):
+        what = "a single .npy array renamed .npz, not an .npz archive of 'pos' and 'neg' arrays"
+    elif not head.startswith(b"PK"):
+        what = "not an .npz archive (it does not start like one)"
+    else:
+        what = "a damaged .npz archive (truncated or corrupt)"
+    return f"cannot read SDF samples {path}: the file is {what}; regenerate it with prepare_data.py"
 
 
 def read_sdf_samples(path: str | os.PathLike, dataset: str = "") -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +118,8 @@ def read_sdf_samples(path: str | os.PathLike, dataset: str = "") -> tuple[torch.
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in ("pos", "neg") if k in npz.files}
-    except Exception as err:  # zipfile / numpy raise several types for corrupt files
-        raise MeshSDFError(f"cannot read SDF samples {path}: {type(err).__name__}: {err}") from None
+    except Exception:  # zipfile / numpy raise several types for corrupt files
+        raise MeshSDFError(_unreadable_npz(path)) from None
     out = []
     for key in ("pos", "neg"):
         if key not in arrays:
@@ -214,7 +255,7 @@ def scene_batches(num_scenes: int, scenes_per_batch: int, generator: torch.Gener
 
 # Where an instance's files live, relative to DataSource unless absolute; placeholders
 # {dataset}, {cls} and {instance} come from the split file.  The defaults are the layout
-# of SPEC section 2 written by prepare_data.py.
+# of the original's data folder, written by prepare_data.py.
 DEFAULT_RENDERS_PATH = "{dataset}/renders/{instance}"
 DEFAULT_MESHES_PATH = "{dataset}/meshes/{instance}.obj"
 METADATA_FILE = "rendering_metadata.txt"
@@ -259,6 +300,19 @@ def rgba_to_tensor(image: np.ndarray, path: Path, image_size: int) -> torch.Tens
     return x[0].round().clamp(0, 255).to(torch.uint8)
 
 
+def _missing_renders_hint(d: Path, inst: Instance) -> str:
+    root = d.parent
+    if root.is_dir() and any(p.is_dir() for p in root.iterdir()):
+        return (f"{_others(root, d.name, '*')} {root} lacks this instance of the split; fix its name in the split "
+                "file or RendersPath in specs.json")
+    views = "--views 24" if inst.dataset == "toy_cars" else "--views N"
+    if inst.dataset in BUILTIN_DATASETS:
+        return (f"this dataset has no renders yet: create them with `python prepare_data.py --builtin {inst.dataset} "
+                f"{views}`, or fix RendersPath / DataSource in specs.json")
+    return ("render the instances (prepare_data.py --mesh ... --views N writes DISN renders) or fix RendersPath / "
+            "DataSource in specs.json")
+
+
 class RenderSet:
     """RGBA renders and cameras of the instances of a split (DISN layout), at one image size.
 
@@ -291,9 +345,7 @@ class RenderSet:
         self.dirs = [instance_path(renders_path, data_source, i) for i in self.instances]
         for inst, d in zip(self.instances, self.dirs):
             if not d.is_dir():
-                how = (f"create it with `python prepare_data.py --builtin {inst.dataset}`"
-                       if inst.dataset in BUILTIN_DATASETS else "render the instance or fix RendersPath in specs.json")
-                raise MeshSDFError(f"renders not found: {d}; {how}")
+                raise MeshSDFError(f"renders not found: {d}; {_missing_renders_hint(d, inst)}")
             meta = d / METADATA_FILE
             if not meta.is_file():
                 raise MeshSDFError(f"rendering metadata not found: {meta}; every render folder needs one "

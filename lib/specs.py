@@ -205,6 +205,12 @@ def validate_specs(specs: Mapping, where: str = SPECS_FILE, extra_keys: Mapping[
     keys.update(extra_keys or {})
     if not isinstance(specs, Mapping):
         raise MeshSDFError(f"{where}: must hold a JSON object of specs keys")
+    if extra_keys is None:
+        svr = [k for k in specs if k not in keys and k in {*SVR_KEYS, *ORIGINAL_SVR_KEYS}]
+        if svr:
+            raise MeshSDFError(f"{where}: key \"{svr[0]}\" belongs to a single-view reconstruction experiment; "
+                               "run train_svr.py, reconstruct_svr.py or metrics_svr.py on it (train_deep_sdf.py "
+                               "and demo_optimizer.py take DeepSDF experiments)")
     out = _validate(specs, keys, where)
     if "NetworkSpecs" in out and out["NetworkSpecs"] is not None:
         net = _validate(out["NetworkSpecs"], NETWORK_SPECS_KEYS, where, prefix="NetworkSpecs.")
@@ -227,7 +233,7 @@ def load_specs(exp_dir: str | os.PathLike, extra_keys: Mapping[str, Key] | None 
     if not path.is_file():
         raise MeshSDFError(f"no {SPECS_FILE} in {exp_dir}; give -e the experiment folder that holds it")
     try:
-        specs = json.loads(path.read_text())
+        specs = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (some Windows editors) is fine
     except json.JSONDecodeError as err:
         raise MeshSDFError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -283,6 +289,11 @@ def _template_key(nullable: bool):
         return "must be a path template containing {instance}" + (" or null" if nullable else "")
     return check
 
+
+# Keys that only the original's SVR specs hold (cars_svr / chairs_svr): they tell an SVR
+# experiment given to a DeepSDF script.
+ORIGINAL_SVR_KEYS = ("NetworkEncoder", "NetworkDecoder", "NormType", "Depth", "AugmentData", "NumberOfViews",
+                     "TestSplit")
 
 # Keys of an SVR experiment added to (or overriding) DEEPSDF_KEYS.
 SVR_KEYS: dict[str, Key] = {

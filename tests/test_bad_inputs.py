@@ -284,6 +284,44 @@ def samples_per_scene_too_large(tmp):
     return ["-e", str(edit_specs(tiny_experiment(tmp, scenes=2, batch=2), SamplesPerScene=10 ** 9)), "--device", "cpu"]
 
 
+@case("train_deep_sdf", "SDF samples not found", "{tmp}/data/toy/s/bal1.npz", "did you mean 'ball1'?",
+      "fix its name in the split file")
+def split_with_a_misspelt_instance(tmp):
+    exp = tiny_experiment(tmp, scenes=2)
+    (tmp / "split.json").write_text(json.dumps({"toy": {"s": ["ball0", "bal1"]}}))
+    return ["-e", str(exp)]
+
+
+@case("train_deep_sdf", "DataSource {tmp}/dta does not exist", "fix DataSource in specs.json")
+def data_source_that_does_not_exist(tmp):
+    return ["-e", str(edit_specs(tiny_experiment(tmp), DataSource=str(tmp / "dta")))]
+
+
+@case("train_deep_sdf", "{tmp} has no dataset folder 'toy'", "fix DataSource in specs.json")
+def data_source_one_folder_too_high(tmp):
+    return ["-e", str(edit_specs(tiny_experiment(tmp), DataSource=str(tmp)))]
+
+
+@case("train_deep_sdf", "{tmp}/data/toy/s/ball0.npz", "a single .npy array renamed .npz", "prepare_data.py")
+def npy_file_renamed_npz(tmp):
+    exp = tiny_experiment(tmp)
+    np.save(tmp / "a.npy", np.zeros((10, 4), np.float32))
+    (tmp / "a.npy").replace(npz_path(tmp))
+    return ["-e", str(exp)]
+
+
+@case("train_deep_sdf", "{tmp}/data/toy/s/ball0.npz", "not an .npz archive")
+def npz_of_random_bytes(tmp):
+    exp = tiny_experiment(tmp)
+    npz_path(tmp).write_bytes(np.random.default_rng(0).bytes(300))
+    return ["-e", str(exp)]
+
+
+@case("train_deep_sdf", "belongs to a single-view reconstruction experiment", "run train_svr.py")
+def deep_sdf_training_of_an_svr_experiment(tmp):
+    return ["-e", str(svr_experiment(tmp)), "--device", "cpu"]
+
+
 # --------------------------------------------------------------------------- prepare_data.py
 
 @case("prepare_data", "{tmp}/notes.obj")
@@ -338,6 +376,13 @@ def demo_with_checkpoint_of_other_dims(tmp):
     return ["-e", str(edit_specs(exp, NetworkSpecs=net)), "--target", "ball0", "--init", "ball1", "--device", "cpu"]
 
 
+@case("demo_optimizer", "{tmp}/exp/LatentCodes/latest.pth is missing", "ModelParameters/latest.pth exists")
+def demo_model_without_codes(tmp):
+    exp = trained(tmp)
+    (exp / "LatentCodes" / "latest.pth").unlink()
+    return ["-e", str(exp), "--target", "ball0", "--init", "ball1", "--device", "cpu"]
+
+
 # --------------------------------------------------------------------------- SVR scripts
 
 @case("train_svr", "cannot read image", "{tmp}/data/toy/renders/ball1/01.png")
@@ -381,6 +426,27 @@ def svr_unknown_device(tmp):
 @case("train_svr", "checkpoint not found", "OptimizerParameters/5.pth", "available: latest")
 def svr_continue_from_missing_snapshot(tmp):
     return ["-e", str(svr_experiment(tmp, checkpoint=True)), "--device", "cpu", "--continue", "5"]
+
+
+@case("train_svr", "renders not found", "{tmp}/data/toy/renders/ball0", "render the instances", "RendersPath")
+def svr_dataset_without_renders(tmp):
+    exp = svr_experiment(tmp)
+    shutil.rmtree(tmp / "data" / "toy" / "renders")
+    return ["-e", str(exp), "--device", "cpu", "--epochs", "1"]
+
+
+@case("train_svr", "renders not found", "{tmp}/data/toy/renders/ball1", "lacks this instance of the split")
+def svr_render_folder_renamed(tmp):
+    exp = svr_experiment(tmp)
+    (tmp / "data" / "toy" / "renders" / "ball1").rename(tmp / "data" / "toy" / "renders" / "ball1_old")
+    return ["-e", str(exp), "--device", "cpu", "--epochs", "1"]
+
+
+@case("train_svr", "does not match the network of specs.json", "other encoder settings")
+def svr_checkpoint_of_another_encoder(tmp):
+    exp = svr_experiment(tmp, checkpoint=True)
+    return ["-e", str(edit_specs(exp, Encoder={"Depth": 4, "Widths": [8], "Normalization": "in"})), "--device",
+            "cpu", "--continue", "latest"]
 
 
 @case("reconstruct_svr", "view 5 does not exist", "NumberOfViews")

@@ -240,3 +240,14 @@ def test_staged_output_refuses_files_in_the_way_and_adopts_killed_runs(tmp_path)
         (stage.path / "done").write_text("")
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.incomplete-")]
     assert len(kept) == 1 and (kept[0] / "frame.png").read_text() == "half" and not orphan.exists()
+
+
+def test_specs_and_split_saved_with_a_byte_order_mark_load_as_without(tmp_path):
+    from lib.data import read_split
+    from lib.specs import load_specs
+
+    exp = tiny_experiment(tmp_path)
+    plain, split = load_specs(exp), read_split(tmp_path / "split.json")
+    for p in (exp / "specs.json", tmp_path / "split.json"):
+        p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())  # what Notepad's "UTF-8 with BOM" writes
+    assert load_specs(exp) == plain and read_split(tmp_path / "split.json") == split
