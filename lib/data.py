@@ -81,13 +81,14 @@ def missing_samples_message(path: Path, dataset: str) -> str:
     if cls_dir.is_dir() and any(cls_dir.glob("*.npz")):
         how = (f"{_others(cls_dir, path.stem, '*.npz')} {cls_dir} lacks this instance of the split; fix its name "
                "in the split file (TrainSplit / TestSplit in specs.json)")
+    elif dataset in BUILTIN_DATASETS and not ds_dir.is_dir():
+        out = "" if source.resolve() == (Path.cwd() / "data").resolve() else f" --out {source}"
+        how = (f"create it with `python prepare_data.py --builtin {dataset}{out}` (or fix DataSource in specs.json "
+               "if the data is elsewhere)")
     elif not source.is_dir():
         how = f"DataSource {source} does not exist; fix DataSource in specs.json"
     elif ds_dir.is_dir() and not cls_dir.is_dir():
         how = f"{ds_dir} has no class folder {cls_dir.name!r}; fix the split file or DataSource"
-    elif dataset in BUILTIN_DATASETS:
-        how = (f"create it with `python prepare_data.py --builtin {dataset}` (or fix DataSource in specs.json if "
-               "the data is elsewhere)")
     elif not ds_dir.is_dir():
         how = (f"{source} has no dataset folder {dataset!r}; fix DataSource in specs.json (the folder holding "
                f"{dataset}/) or create the samples with prepare_data.py")
