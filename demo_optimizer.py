@@ -2,8 +2,9 @@
 """MeshSDF toy experiment: optimise spot's latent code until its silhouette is bob's.
 
 The silhouette loss against bob (genus 1) drives spot (genus 0) through a topology change.
-Writes target.png, initialization.png, movie.gif, final.ply, log.json and loss.png under
-<experiment>/Optimizations/ (or --out).
+Writes target.png, initialization.png (shaded renders with alpha, as the original's),
+target_silhouette.png, initialization_silhouette.png, movie.gif, final.ply, log.json and
+loss.png under <experiment>/Optimizations/ (or --out).
 """
 from __future__ import annotations
 
@@ -16,38 +17,40 @@ import torch
 
 from lib import checkpoint, runtime
 from lib.specs import load_specs, resolve_path
-from lib.camera import look_at
+from lib.camera import DEMO_AZIMUTH, DEMO_DISTANCE, DEMO_ELEVATION, demo_camera
 from lib.data import read_split
 from lib.errors import MeshSDFError, cli_main
 from lib.io import atomic_write, save_gif, save_png, write_ply
 from lib.isosurface import MODES
 from lib.log import info
 from lib.meshsdf import GRADIENTS, mesh_from_sdf
-from lib.metrics import silhouette_iou
-from lib.optimize import LatentOptimizer, SilhouetteLoss, demo_sigma, optimize, topology
+from lib.metrics import silhouette_iou, topology
+from lib.nmr import nr_shade
+from lib.optimize import RENDERERS, LatentOptimizer, SilhouetteLoss, optimize
 from lib.render import silhouette
 from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, plot_history, target_outline, to_uint8
 
-# SPEC section 7: the demo camera
-AZIMUTH, ELEVATION, DISTANCE = 45.0, 30.0, 2.5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description="Optimise the latent code of --init (default spot) with Adam so that its soft silhouette "
                     "matches the silhouette of --target (default bob), through the differentiable MeshSDF "
-                    "layer. Outputs go to <experiment>/Optimizations/: target.png, initialization.png, "
-                    "movie.gif (faces coloured by dL/ds: red = the surface is pushed outwards, blue = "
-                    "inwards; black = target outline), final.ply, log.json, loss.png.")
+                    "layer. Outputs go to <experiment>/Optimizations/: target.png, initialization.png "
+                    "(shaded), target_silhouette.png, initialization_silhouette.png, movie.gif (faces "
+                    "coloured by dL/ds: red = the surface is pushed outwards, green = inwards; white = target "
+                    "outline), final.ply, log.json, loss.png.")
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder with specs.json and a trained "
                                                               "checkpoint (e.g. experiments/bob_and_spot)")
     ap.add_argument("--target", default="bob", help="training shape whose silhouette is the target (default bob)")
     ap.add_argument("--init", default="spot", help="training shape whose code is the start (default spot)")
-    ap.add_argument("--iterations", type=int, default=100, help="Adam iterations (default 100)")
+    ap.add_argument("--iterations", "--iters", dest="iterations", type=int, default=100,
+                    help="Adam iterations (default 100; --iters is the original's spelling)")
     ap.add_argument("--lr", type=float, default=5e-2, help="Adam learning rate on the code (default 5e-2)")
     ap.add_argument("--resolution", type=int, default=64, help="marching-cubes grid N, N^3 over [-1,1]^3 "
                                                               "(default 64)")
-    ap.add_argument("--image-size", type=int, default=512, help="silhouette size in pixels (default 512)")
+    ap.add_argument("--image-size", "--image_resolution", dest="image_size", type=int, default=512,
+                    help="image size in pixels (default 512; --image_resolution is the original's spelling)")
     ap.add_argument("--mode", choices=MODES, default="sparse",
                     help="iso-surface extraction: sparse (default; exact, evaluates the SDF near the surface "
                          "only), dense (every grid point), fast (the paper's heuristic: refresh only the "
@@ -55,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--fast", action="store_true", help="same as --mode fast (the paper's --fast flag)")
     ap.add_argument("--gradient", choices=GRADIENTS, default="paper",
                     help="dL/ds rule: paper (unit normal, default) or exact (implicit function theorem)")
+    ap.add_argument("--renderer", choices=RENDERERS, default="soft",
+                    help="silhouette renderer of the loss: soft (default; soft rasteriser, exact gradient) or nr "
+                         "(the original's: neural_renderer-style hard silhouette with Kato et al.'s approximate "
+                         "gradient, in pure torch)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     ap.add_argument("--out", default=None, help="output folder (default <experiment>/Optimizations)")
     ap.add_argument("--checkpoint", default="latest", type=checkpoint.parse_epoch, metavar="latest|N",
@@ -102,7 +109,7 @@ def main(argv=None) -> int:
                            f"{len(names)} shapes; retrain with train_deep_sdf.py -e {exp}")
     out = Path(args.out) if args.out else exp / "Optimizations"
     out.mkdir(parents=True, exist_ok=True)
-    camera = look_at(AZIMUTH, ELEVATION, DISTANCE, image_size=args.image_size, device=device)
+    camera = demo_camera(image_size=args.image_size, device=device)
 
     with torch.no_grad():
         tmesh = mesh_from_sdf(decoder, codes[target_k], args.resolution, "dense")
@@ -110,12 +117,14 @@ def main(argv=None) -> int:
         raise MeshSDFError(f"the code of {args.target!r} gives no surface at resolution {args.resolution} "
                            f"({tmesh.state.message}); check the checkpoint in {exp}")
     target_genus = topology(tmesh.faces)[2]
-    with torch.no_grad():
-        target = silhouette(tmesh.verts, tmesh.faces, camera, sigma=demo_sigma(args.image_size))
-    loss_fn = SilhouetteLoss(camera, target, loss="mse")
-    save_png(out / "target.png", target)
+    # the target is the hard silhouette (as the original's): clean 0/1 coverage, while a soft
+    # render of a mesh dims the pixels along its own interior edges
+    target = silhouette(tmesh.verts, tmesh.faces, camera, sigma=0)
+    loss_fn = SilhouetteLoss(camera, target, loss="mse", renderer=args.renderer)
+    save_png(out / "target.png", nr_shade(tmesh.verts, tmesh.faces, camera))
+    save_png(out / "target_silhouette.png", target)
     info(f"target {args.target!r} (genus {target_genus}), start {args.init!r}; {args.iterations} iterations, "
-         f"mode {mode}, N={args.resolution}, {args.image_size}px, on {device}")
+         f"mode {mode}, renderer {args.renderer}, N={args.resolution}, {args.image_size}px, on {device}")
 
     opt = LatentOptimizer(decoder, codes[init_k], loss_fn, lr=args.lr, resolution=args.resolution, mode=mode,
                           gradient=args.gradient)
@@ -123,7 +132,8 @@ def main(argv=None) -> int:
 
     def record_frame(it):
         if it.iteration == 0:
-            save_png(out / "initialization.png", it.image)
+            save_png(out / "initialization.png", nr_shade(it.verts, it.faces, camera))
+            save_png(out / "initialization_silhouette.png", it.image)
             scale.append(dl_ds_scale(it.dl_ds))
         colors = dl_ds_face_colors(it.dl_ds, it.faces, scale[0])
         frames.append(to_uint8(movie_frame(it.verts, it.faces, colors, camera, edge)))
@@ -144,14 +154,16 @@ def main(argv=None) -> int:
            "target": args.target, "init": args.init, "target_genus": target_genus,
            "settings": {"iterations": args.iterations, "lr": args.lr, "resolution": args.resolution,
                         "image_size": args.image_size, "mode": mode, "gradient": args.gradient,
-                        "device": str(device), "loss": "mse", "sigma": loss_fn.sigma,
-                        "camera": {"azimuth": AZIMUTH, "elevation": ELEVATION, "distance": DISTANCE},
+                        "device": str(device), "loss": "mse", "renderer": args.renderer,
+                        "sigma": loss_fn.sigma if args.renderer == "soft" else None,
+                        "camera": {"azimuth": DEMO_AZIMUTH, "elevation": DEMO_ELEVATION, "distance": DEMO_DISTANCE,
+                                   "eye": camera.eye.tolist()},
                         "dl_ds_color_scale": scale[0] if scale else None},
            "iterations": run.history, "final": final, "stopped": run.stopped, "seconds_total": run.seconds}
     with atomic_write(out / "log.json") as tmp:
         tmp.write_text(json.dumps(log, indent=1))
     if run.history:
-        plot_history(out / "loss.png", run.history, title=f"{args.init} -> {args.target} ({mode})",
+        plot_history(out / "loss.png", run.history, title=f"{args.init} -> {args.target} ({mode}, {args.renderer})",
                      target_genus=target_genus)
     if run.stopped:
         raise MeshSDFError(f"{run.stopped}; outputs of the {len(run.history)} completed iterations are in {out}")

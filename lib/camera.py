@@ -13,6 +13,12 @@ Conventions (all cameras of the project, whichever constructor made them)
   right in the image.  (neural_renderer's own look-at is left-handed, so its images are the
   left-right mirror of ours; the angles of its convention are kept, see ``look_at``.)
 - Depth: camera-space z (distance along the optical axis, > 0 in front of the camera).
+- neural_renderer in projection mode (the original demo's renderer) uses these very
+  conventions: it maps p_cam = R p + t through K, flips v (``v = W - v``) into its NDC
+  (y up) and flips the rasterised rows back at the end, so its output row i / column j
+  is centred at our (u, v) = (j + 0.5, i + 0.5).  A camera built from the original's K,
+  R, t (``demo_camera``) therefore gives the original's images pixel for pixel, with no
+  flip.
 - Angles are in degrees; distances in world units.
 
 Shapes: a camera holds R (B, 3, 3), t (B, 3), focal (B, 2) = (fx, fy) and principal
@@ -45,9 +51,10 @@ CAM_MAX_DIST = 1.75          # DISN / 3D-R2N2: distance = ratio * CAM_MAX_DIST
 DISN_FOCAL_MM = 35.0
 DISN_SENSOR_MM = 32.0
 DISN_IMAGE_SIZE = 224
-DEMO_FOCAL_MM = 35.0         # demo_optimizer camera (SPEC section 7)
+DEMO_FOCAL_MM = 35.0         # demo_optimizer camera: 35 mm lens, 32 mm sensor
 DEMO_SENSOR_MM = 32.0
 DEMO_IMAGE_SIZE = 512
+DEMO_AZIMUTH, DEMO_ELEVATION, DEMO_DISTANCE = 45.0, 30.0, 2.5   # the original demo's view
 
 
 def _hw(image_size) -> tuple[int, int]:
@@ -241,7 +248,7 @@ def look_at(azimuth_deg, elevation_deg, distance, image_size=DEMO_IMAGE_SIZE,
     eye = distance * (cos(el) sin(az), sin(el), -cos(el) cos(az)), looking at the origin,
     up = +y: azimuth 0 looks from -z, azimuth 90 from +x, elevation 90 from above.
     Scalars give an unbatched camera; 1-D sequences/tensors (broadcast together) a batch.
-    Defaults are the demo camera of SPEC section 7 (35 mm / 32 mm, 512 x 512).
+    Defaults: 35 mm / 32 mm, 512 x 512.  (The demo itself uses ``demo_camera``.)
     """
     az, b1 = _as_batch(azimuth_deg, dtype, device)
     el, b2 = _as_batch(elevation_deg, dtype, device)
@@ -255,6 +262,32 @@ def look_at(azimuth_deg, elevation_deg, distance, image_size=DEMO_IMAGE_SIZE,
                       device=device, dtype=dtype)
     cam.batched = b1 or b2 or b3
     return cam
+
+
+def demo_camera(azimuth_deg: float = DEMO_AZIMUTH, elevation_deg: float = DEMO_ELEVATION,
+                distance: float = DEMO_DISTANCE, image_size=DEMO_IMAGE_SIZE, device=None,
+                dtype=torch.float32) -> Camera:
+    """The original demo's projection camera (not a look-at construction).
+
+    Intrinsics: f = 35 * W / 32 pixels (35 mm lens on a 32 mm sensor), principal point
+    (W/2, H/2).  Extrinsics: R = R_roll(180 deg) @ R_el @ R_az, t = (0, 0, distance), with
+    R_az = [[cos a, 0, sin a], [0, 1, 0], [-sin a, 0, cos a]]^T,
+    R_el = [[1, 0, 0], [0, cos e, -sin e], [0, sin e, cos e]]^T and R_roll(180 deg) the
+    transposed z-rotation by 180 deg.  For the defaults (45, 30, 2.5) the camera centre
+    is (-1.531, 1.25, -1.531): the view of ``look_at(-azimuth, elevation, distance)``,
+    world +y up in the image, not mirrored.  Returns an unbatched Camera.
+    """
+    a, e = math.radians(float(azimuth_deg)), math.radians(float(elevation_deg))
+    ca, sa, ce, se = math.cos(a), math.sin(a), math.cos(e), math.sin(e)
+    r_az = torch.tensor([[ca, 0.0, sa], [0.0, 1.0, 0.0], [-sa, 0.0, ca]], dtype=torch.float64).T
+    r_el = torch.tensor([[1.0, 0.0, 0.0], [0.0, ce, -se], [0.0, se, ce]], dtype=torch.float64).T
+    r_roll = torch.tensor([[-1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64).T
+    R = (r_roll @ r_el @ r_az).to(dtype=dtype, device=device)
+    t = torch.tensor([0.0, 0.0, float(distance)], dtype=dtype, device=device)
+    h, w = _hw(image_size)
+    f = DEMO_FOCAL_MM * w / DEMO_SENSOR_MM
+    return Camera(R, t, torch.tensor([f, f], dtype=dtype, device=device),
+                  torch.tensor([w / 2.0, h / 2.0], dtype=dtype, device=device), (h, w), batched=False)
 
 
 def _image_up(horiz: torch.Tensor, el_rad: torch.Tensor) -> torch.Tensor:

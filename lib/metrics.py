@@ -1,4 +1,5 @@
-"""Mesh and image metrics: genus, Chamfer distance, normal consistency, IoU.
+"""Mesh and image metrics: topology (Euler characteristic, components, genus), Chamfer
+distance, normal consistency, IoU.
 
 Meshes are verts (V, 3) float and faces (F, 3) int tensors or arrays.
 """
@@ -25,31 +26,65 @@ def merge_vertices(verts, faces, decimals: int = 6) -> tuple[np.ndarray, np.ndar
     return v[first], f[keep]
 
 
+def _face_tensor(faces) -> torch.Tensor:
+    f = faces if isinstance(faces, torch.Tensor) else torch.as_tensor(np.asarray(faces))
+    return f.reshape(-1, 3).long()
+
+
+def topology(faces) -> tuple[int, int, int]:
+    """(Euler characteristic, connected components, genus) of a triangle mesh's faces (F, 3).
+
+    Works on the faces' device (no host copy of the mesh; a few scalar syncs).  Only
+    vertices that faces use count, and vertices are taken as shared by index: meshes from
+    marching cubes share them already, downloaded meshes may need ``merge_vertices``
+    first (``genus`` does it).  chi = V - E + F; components: faces sharing a vertex are
+    connected; genus = (2 * components - chi) / 2, i.e. the sum over closed components of
+    (2 - chi_c) / 2 (sphere 0, torus 1).  An empty mesh gives (0, 0, 0).
+    """
+    f = _face_tensor(faces)
+    if f.shape[0] == 0:
+        return 0, 0, 0
+    used, g = torch.unique(f, return_inverse=True)
+    n = used.shape[0]
+    g = g.reshape(-1, 3)
+    a, b = g.reshape(-1), g.roll(-1, dims=1).reshape(-1)          # edges (0,1), (1,2), (2,0)
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    n_edges = torch.unique(lo * n + hi).shape[0]
+    chi = int(n) - int(n_edges) + int(f.shape[0])
+    comps = _count_components(a, b, n)
+    return chi, comps, int(round((2 * comps - chi) / 2))
+
+
+def _count_components(a: torch.Tensor, b: torch.Tensor, n: int) -> int:
+    """Connected components of the graph with edges (a_i, b_i) over vertices 0..n-1.
+
+    Minimum-label propagation with hooking onto the current labels and pointer jumping:
+    labels only decrease and stay inside their component, so the fixed point labels every
+    vertex with the smallest index of its component; a few rounds, each one sync.
+    """
+    lab = torch.arange(n, device=a.device)
+    while True:
+        la, lb = lab[a], lab[b]
+        m = torch.minimum(la, lb)
+        new = lab.clone()
+        for idx in (a, b, la, lb):                               # hook the ends and their roots
+            new.scatter_reduce_(0, idx, m, "amin")
+        for _ in range(4):                                       # pointer jumping
+            new = new[new]
+        if torch.equal(new, lab):
+            break
+        lab = new
+    return int((lab == torch.arange(n, device=a.device)).sum())
+
+
 def euler_characteristic(verts, faces) -> int:
-    """V - E + F of the mesh, counting only vertices used by faces."""
-    f = _np(faces).astype(np.int64).reshape(-1, 3)
-    if len(f) == 0:
-        return 0
-    nv = len(np.unique(f))
-    edges = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
-    ne = len(np.unique(edges, axis=0))
-    return int(nv - ne + len(f))
+    """V - E + F of the mesh, counting only vertices used by faces (see ``topology``)."""
+    return topology(faces)[0]
 
 
 def connected_components(faces) -> int:
     """Number of face-connected components (faces sharing a vertex are connected)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components as cc
-
-    f = _np(faces).astype(np.int64).reshape(-1, 3)
-    if len(f) == 0:
-        return 0
-    used, g = np.unique(f, return_inverse=True)
-    g = g.reshape(-1, 3)
-    rows = np.concatenate([g[:, 0], g[:, 1]])
-    cols = np.concatenate([g[:, 1], g[:, 2]])
-    adj = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(used), len(used)))
-    return int(cc(adj, directed=False)[0])
+    return topology(faces)[1]
 
 
 def genus(verts, faces, merge: bool = True) -> int:
@@ -57,13 +92,11 @@ def genus(verts, faces, merge: bool = True) -> int:
 
     With ``merge`` the vertices are welded first (seams of downloaded meshes).  For one
     closed component: sphere 0, torus 1.  A mesh with several components returns
-    (2 * components - chi) / 2.
+    (2 * components - chi) / 2 (see ``topology``).
     """
-    v, f = merge_vertices(verts, faces) if merge else (_np(verts), _np(faces))
-    if len(f) == 0:
-        return 0
-    chi = euler_characteristic(v, f)
-    return int(round((2 * connected_components(f) - chi) / 2))
+    if merge:
+        faces = merge_vertices(verts, faces)[1]
+    return topology(faces)[2]
 
 
 def sample_surface(verts: torch.Tensor, faces: torch.Tensor, n: int, generator: torch.Generator | None = None,

@@ -38,10 +38,12 @@ from lib.errors import MeshSDFError
 from lib.isosurface import MODES, ExtractionState
 from lib.log import info, progress
 from lib.meshsdf import GRADIENTS, mesh_from_sdf
-from lib.metrics import connected_components, euler_characteristic
+from lib.metrics import topology  # noqa: F401  (also imported from here by callers)
+from lib.nmr import nr_silhouette
 from lib.render import SVR_EPS, SVR_SIGMA, silhouette
 
 LOSSES = ("mse", "l1")
+RENDERERS = ("soft", "nr")   # soft silhouette (lib.render) | neural_renderer-style hard + Kato (lib.nmr)
 # silhouette softness of the demo at 512 x 512 (squared NDC units); see demo_sigma()
 DEMO_SIGMA_512 = SVR_SIGMA
 
@@ -77,14 +79,20 @@ class SilhouetteLoss:
     target: (H, W) float in [0, 1] (moved to the vertices' device and dtype on use);
     loss: ``"mse"`` (mean squared difference, the demo) or ``"l1"`` (mean absolute
     difference, the SVR refinement); sigma / eps / faces_per_pixel: see
-    :func:`lib.render.silhouette` (default sigma: ``demo_sigma(min(H, W))``).
+    :func:`lib.render.silhouette` (default sigma: ``demo_sigma(min(H, W))``);
+    renderer: ``"soft"`` (that soft silhouette, exact gradient) or ``"nr"`` (the original
+    demo's neural_renderer hard silhouette with Kato et al.'s approximate gradient,
+    :func:`lib.nmr.nr_silhouette`; sigma, eps and faces_per_pixel are then unused).
     Calling it returns (loss scalar, rendered silhouette (H, W)).
     """
 
     def __init__(self, camera: Camera, target: torch.Tensor, loss: str = "mse", sigma: float | None = None,
-                 eps: float = SVR_EPS, faces_per_pixel: int | None = None):
+                 eps: float = SVR_EPS, faces_per_pixel: int | None = None, renderer: str = "soft"):
         if loss not in LOSSES:
             raise MeshSDFError(f"silhouette loss {loss!r} is unknown: use one of {', '.join(LOSSES)}")
+        if renderer not in RENDERERS:
+            raise MeshSDFError(f"renderer {renderer!r} is unknown: use one of {', '.join(RENDERERS)}")
+        self.renderer = renderer
         target = torch.as_tensor(target)
         if tuple(target.shape) != tuple(camera.image_size):
             raise ValueError(f"target silhouette is {tuple(target.shape)} but the camera renders "
@@ -94,7 +102,9 @@ class SilhouetteLoss:
         self.eps, self.faces_per_pixel = eps, faces_per_pixel
 
     def render(self, verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-        """The soft silhouette (H, W) of a mesh, with the loss's camera and softness."""
+        """The silhouette (H, W) of a mesh, with the loss's renderer, camera and softness."""
+        if self.renderer == "nr":
+            return nr_silhouette(verts, faces, self.camera)
         return silhouette(verts, faces, self.camera, sigma=self.sigma, eps=self.eps,
                           faces_per_pixel=self.faces_per_pixel)
 
@@ -140,17 +150,38 @@ class Iteration:
                 "latent_norm": float(self.latent.norm())}
 
 
-def topology(faces: torch.Tensor) -> tuple[int, int, int]:
-    """(euler characteristic, connected components, genus) of a marching-cubes mesh (F, 3).
+class CodeAdam:
+    """Adam (Kingma and Ba, torch's default form) on one tensor, without torch.optim.
 
-    Marching-cubes vertices are shared between faces (one per crossed edge), so no welding
-    is needed; an empty mesh gives (0, 0, 0).
+    The same update as ``torch.optim.Adam([param], lr, betas=(0.9, 0.999), eps=1e-8)``,
+    operation for operation (tests compare them bit for bit).  Why not torch.optim: its
+    first ``Optimizer`` built in a process imports torch's compiler stack (torch._dynamo,
+    about 1.3 s), a fifth of the demo's start-up, for a 2-float code.
+    param: the leaf tensor updated in place from ``param.grad``.
     """
-    if faces.shape[0] == 0:
-        return 0, 0, 0
-    chi = euler_characteristic(None, faces)  # counts the vertices faces use
-    comps = connected_components(faces)
-    return chi, comps, int(round((2 * comps - chi) / 2))
+
+    def __init__(self, param: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.param, self.lr, self.betas, self.eps = param, float(lr), betas, float(eps)
+        self.exp_avg = torch.zeros_like(param)
+        self.exp_avg_sq = torch.zeros_like(param)
+        self.steps = 0
+
+    def zero_grad(self) -> None:
+        self.param.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grad = self.param.grad
+        if grad is None:
+            return
+        b1, b2 = self.betas
+        self.steps += 1
+        self.exp_avg.lerp_(grad, 1 - b1)
+        self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        bias1 = 1 - b1 ** self.steps
+        bias2_sqrt = (1 - b2 ** self.steps) ** 0.5
+        denom = (self.exp_avg_sq.sqrt() / bias2_sqrt).add_(self.eps)
+        self.param.addcdiv_(self.exp_avg, denom, value=-self.lr / bias1)
 
 
 class LatentOptimizer:
@@ -163,7 +194,7 @@ class LatentOptimizer:
     mode: ``dense`` | ``sparse`` (exact, default) | ``fast`` (the paper's heuristic, keeps
     the previous grid); gradient: ``paper`` | ``exact`` (lib.meshsdf); chunk: SDF points
     per decoder call; extract_kwargs: passed to lib.isosurface.extract.
-    Attributes: ``latent`` (the optimised leaf tensor, (L,)), ``optimizer`` (torch Adam),
+    Attributes: ``latent`` (the optimised leaf tensor, (L,)), ``optimizer`` (``CodeAdam``),
     ``state`` (last extraction state), ``iteration`` (steps done).
     """
 
@@ -181,7 +212,7 @@ class LatentOptimizer:
             p.requires_grad_(False)
         self.latent = latent.detach().reshape(-1).clone().requires_grad_(True)
         self.loss_fn = loss_fn
-        self.optimizer = torch.optim.Adam([self.latent], lr=lr)
+        self.optimizer = CodeAdam(self.latent, lr=lr)
         self.resolution, self.mode, self.gradient, self.chunk = int(resolution), mode, gradient, chunk
         self.extract_kwargs = extract_kwargs
         self.state: ExtractionState | None = None
@@ -208,7 +239,7 @@ class LatentOptimizer:
         code = self.latent.detach().clone()
         mesh = self._mesh(grad=True)
         loss, image = self.loss_fn(mesh.verts, mesh.faces)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         loss.backward()
         value = float(loss.detach())
         if not torch.isfinite(loss.detach()):

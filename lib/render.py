@@ -44,7 +44,7 @@ from lib.camera import Camera
 TILE = 4                       # face bounding boxes are cut into TILE x TILE pixel tiles
 CHUNK_TILES = 1 << 14          # tiles per chunk (x 16 slots = 256k face-pixel pairs)
 SAVE_SLOTS = 1 << 24           # above this many tile slots the backward pass recomputes
-SVR_SIGMA = 1e-5               # SPEC section 8 (pytorch3d soft silhouette settings)
+SVR_SIGMA = 1e-5               # the paper's SVR refinement (pytorch3d soft silhouette settings)
 SVR_EPS = 1e-4
 SVR_FACES_PER_PIXEL = 25
 
@@ -260,13 +260,62 @@ def _chunk_terms(st: _Setup, a: int, b: int, with_grad: bool) -> dict:
     return out
 
 
+# ------------------------------------------------- reproducible accumulation
+# Sums of many terms into few slots (pixels, faces, vertices).  On the CPU index_add_ adds
+# in index order, so it is reproducible; on CUDA it uses float atomics whose order (and so
+# the rounding) changes from run to run.  There we add pixel terms in fixed point (exact
+# integer atomics: the order cannot matter) and gradients by a sorted segment sum.
+FIXED_SCALE = 2.0 ** 40          # resolution ~1e-12 for the log-terms of a pixel
+FIXED_FLOOR = -64.0              # a deep-inside pair: exp(-64) ~ 1.6e-28, so I == 1 in float
+
+
+def _add_log_terms(L: torch.Tensor, pix: torch.Tensor, lsig: torch.Tensor, fixed: bool | None = None) -> None:
+    """L[pix] += lsig (L: (npad,) float, or int64 fixed-point when ``fixed``).
+
+    fixed: None = chosen by device (fixed point on CUDA).  Deep-inside terms (-1e4) are
+    clamped to FIXED_FLOOR in fixed point, which leaves every covered pixel at exactly 1.
+    """
+    if L.dtype == torch.int64:
+        q = torch.round(lsig.clamp(min=FIXED_FLOOR).to(torch.float64) * FIXED_SCALE).to(torch.int64)
+        L.index_add_(0, pix, q)
+    else:
+        L.index_add_(0, pix, lsig)
+
+
+def _use_fixed(device: torch.device, fixed: bool | None) -> bool:
+    return device.type != "cpu" if fixed is None else bool(fixed)
+
+
+def _segment_sum(index: torch.Tensor, values: torch.Tensor, n: int, out: torch.Tensor | None = None,
+                 sorted_index: bool = False, reproducible: bool | None = None) -> torch.Tensor:
+    """out[index[i]] += values[i] for values (N, C), index (N,) in [0, n); returns out (n, C).
+
+    reproducible (default: on CUDA): a stable sort by index, then one sequential sum per
+    segment (no atomics).  sorted_index: index is already non-decreasing (skips the sort).
+    """
+    if out is None:
+        out = values.new_zeros(n, values.shape[1])
+    if not _use_fixed(values.device, reproducible):
+        return out.index_add_(0, index, values)
+    if not sorted_index:
+        order = torch.argsort(index, stable=True)
+        index, values = index[order], values[order]
+    if sorted_index:
+        uniq, counts = torch.unique_consecutive(index, return_counts=True)
+        out.index_add_(0, uniq, torch.segment_reduce(values, "sum", lengths=counts, axis=0))
+        return out
+    counts = torch.bincount(index, minlength=n)
+    return out.add_(torch.segment_reduce(values, "sum", lengths=counts, axis=0))
+
+
 class _SoftSilhouette(torch.autograd.Function):
     """uv (N, 2) -> images (B, H, W), see ``silhouette``.  The backward pass reuses the
     per-slot terms saved by the forward pass or, above ``SAVE_SLOTS`` slots, recomputes them."""
 
     @staticmethod
-    def forward(ctx, uv, st: _Setup, tri: torch.Tensor, K: int | None, need_grad: bool):
-        L = uv.new_zeros(st.npad)
+    def forward(ctx, uv, st: _Setup, tri: torch.Tensor, K: int | None, need_grad: bool, fixed: bool | None = None):
+        fixed = _use_fixed(uv.device, fixed)
+        L = torch.zeros(st.npad, dtype=torch.int64 if fixed else uv.dtype, device=uv.device)
         n = len(st.fid)
         chunks = [(a, min(a + CHUNK_TILES, n)) for a in range(0, n, CHUNK_TILES)]
         save = st.sigma > 0 and (K is not None or (need_grad and n * TILE * TILE <= SAVE_SLOTS))
@@ -274,15 +323,18 @@ class _SoftSilhouette(torch.autograd.Function):
         for a, b in chunks:
             tm = _chunk_terms(st, a, b, with_grad=save)
             if K is None:
-                L.index_add_(0, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
+                _add_log_terms(L, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
             saved.append(tm if save else None)
         if K is not None and st.sigma > 0:
             _keep_nearest(saved, K)
             for tm in saved:
-                L.index_add_(0, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
+                _add_log_terms(L, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
                 del tm["depth"], tm["cand"]
+        if fixed:
+            L = (L.to(torch.float64) / FIXED_SCALE).to(uv.dtype)
         img = -torch.expm1(st.crop(L))
         ctx.st, ctx.tri, ctx.chunks, ctx.saved, ctx.nv = st, tri, chunks, saved, uv.shape[0]
+        ctx.fixed = fixed
         ctx.save_for_backward(img)
         return img
 
@@ -300,11 +352,10 @@ class _SoftSilhouette(torch.autograd.Function):
                 g = G.index_select(0, tm["pix"].reshape(-1)).view_as(tm["rx"])
                 gx, gy = g * tm["rx"], g * tm["ry"]
                 per_tile = torch.stack([(tm[f"w{k}"] * gg).sum(1) for k in range(3) for gg in (gx, gy)], 1)
-                gface.index_add_(0, st.fid[a:b], per_tile)
-        grad_uv = img.new_zeros(ctx.nv, 2)
-        grad_uv.index_add_(0, tri.reshape(-1), gface.view(-1, 2))
+                _segment_sum(st.fid[a:b], per_tile, 0, out=gface, sorted_index=True, reproducible=ctx.fixed)
+        grad_uv = _segment_sum(tri.reshape(-1), gface.view(-1, 2), ctx.nv, reproducible=ctx.fixed)
         ctx.saved = None
-        return grad_uv, None, None, None, None
+        return grad_uv, None, None, None, None, None
 
 
 def _keep_nearest(terms: list[dict], K: int) -> None:
@@ -334,7 +385,7 @@ def _keep_nearest(terms: list[dict], K: int) -> None:
 
 def silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_size=None,
                sigma: float = SVR_SIGMA, eps: float = SVR_EPS, faces_per_pixel: int | None = None,
-               znear: float = 1e-3, backend: str = "torch") -> torch.Tensor:
+               znear: float = 1e-3, reproducible: bool | None = None) -> torch.Tensor:
     """Soft silhouette in [0, 1], differentiable w.r.t. ``verts`` (see the module docstring).
 
     verts (V, 3) or (B, V, 3) float32/float64; faces (F, 3) int64; camera unbatched or a
@@ -342,14 +393,10 @@ def silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_s
     sigma: softness in squared NDC units (0 = hard coverage, no gradient); eps: probability
     cut-off defining the blur radius; faces_per_pixel: None = all faces within the blur
     radius, K = only the K nearest (pytorch3d semantics).  Returns (H, W) or (B, H, W).
-    backend: "torch" (this module) or "neural_renderer" (optional, CUDA only, if it
-    imports: its own hard silhouette with its approximate gradient; sigma, eps and
-    faces_per_pixel are then ignored).
+    reproducible: sum in an order-independent way (fixed-point pixel sums, sorted
+    gradient sums); None = on CUDA, where plain atomics would change the last bits of
+    the image and gradients from run to run.  On the CPU both ways are reproducible.
     """
-    if backend == "neural_renderer":
-        return _nr_silhouette(verts, faces, camera, image_size, znear)
-    if backend != "torch":
-        raise ValueError(f"backend must be 'torch' or 'neural_renderer', got {backend!r}")
     sc = _screen(verts, faces, camera, image_size)
     scale = 2.0 / min(sc.H, sc.W)                 # NDC units per pixel
     sigma_px = float(sigma) / scale ** 2 if sigma > 0 else 0.0
@@ -365,60 +412,8 @@ def silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_s
             st = _Setup(_face_table(uvt.detach(), zt.detach()), fid, x0, y0, fbatch, sc.B, sc.H,
                         sc.W, sigma_px, r_px, faces_per_pixel is not None and sigma > 0)
         need_grad = torch.is_grad_enabled() and sc.uv.requires_grad
-        img = _SoftSilhouette.apply(sc.uv, st, sc.tri, faces_per_pixel, need_grad)
+        img = _SoftSilhouette.apply(sc.uv, st, sc.tri, faces_per_pixel, need_grad, reproducible)
     return img if sc.batched else img[0]
-
-
-_NR_FLIP: dict = {}
-
-
-def _nr_silhouette(verts, faces, camera, image_size, znear):
-    """Silhouettes from neural_renderer's projection mode (K, R, t of our camera).
-
-    The image orientation of neural_renderer is calibrated once per process against this
-    module's hard silhouette of an asymmetric triangle, so that both backends return the
-    same conventions whatever the neural_renderer version does with its image rows.
-    """
-    from lib.errors import MeshSDFError
-
-    try:
-        import neural_renderer as nr
-    except Exception as err:  # an ImportError, or a build without its CUDA kernels
-        raise MeshSDFError(f"backend 'neural_renderer' is not available ({type(err).__name__}: {err}); "
-                           f"install it (CUDA only) or use backend='torch'") from None
-    cam = camera.resized(image_size) if image_size is not None else camera
-    H, W = cam.image_size
-    if H != W:
-        raise MeshSDFError(f"backend 'neural_renderer' renders square images only, got {H}x{W}")
-    if abs(float(cam.focal[0, 0] - cam.focal[0, 1])) > 1e-6 * float(cam.focal[0, 0]):
-        raise MeshSDFError("backend 'neural_renderer' needs square pixels (fx == fy)")
-    dev, dt = verts.device, torch.float32
-    cam = cam.to(device=dev, dtype=dt)
-
-    def render(v, f, c):
-        B = max(v.shape[0] if v.dim() == 3 else 1, len(c))
-        vb = (v if v.dim() == 3 else v[None]).to(dt).expand(B, -1, -1).contiguous()
-        fb = f.to(device=dev, dtype=torch.int32)[None].expand(B, -1, -1).contiguous()
-        idx = torch.arange(B, device=dev) % len(c)
-        rnd = nr.Renderer(image_size=H, camera_mode="projection", K=c.K.reshape(-1, 3, 3)[idx],
-                          R=c.R[idx], t=c.t[idx][:, None, :], orig_size=W, anti_aliasing=False,
-                          near=znear, far=1e4)
-        return rnd(vb, fb, mode="silhouettes")
-
-    if "flip" not in _NR_FLIP:
-        probe_c = Camera(torch.eye(3), torch.tensor([0.0, 0.0, 2.0]), torch.tensor([float(W)] * 2),
-                         torch.tensor([W / 2.0, H / 2.0]), (H, W)).to(device=dev, dtype=dt)
-        probe_v = torch.tensor([[-0.9, -0.9, 0.0], [0.2, -0.9, 0.0], [-0.9, 0.5, 0.0]], device=dev)
-        probe_f = torch.tensor([[0, 1, 2]], device=dev)
-        ref = silhouette(probe_v.double(), probe_f, probe_c.to(dtype=torch.float64), sigma=0).float()
-        got = render(probe_v, probe_f, probe_c)[0].detach()
-        errs = {fl: float((torch.flip(got, fl) if fl else got).sub(ref).abs().mean()) for fl in
-                [(), (0,), (1,), (0, 1)]}
-        _NR_FLIP["flip"] = min(errs, key=errs.get)
-    img = render(verts, torch.as_tensor(faces, device=dev), cam)
-    fl = _NR_FLIP["flip"]
-    img = torch.flip(img, tuple(d + 1 for d in fl)) if fl else img
-    return img.to(verts.dtype) if (verts.dim() == 3 or camera.batched) else img[0].to(verts.dtype)
 
 
 @torch.no_grad()
@@ -637,3 +632,4 @@ def shade(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, light_dir=No
     rgb = torch.as_tensor(color, dtype=verts.dtype, device=verts.device) * (ambient + diffuse * lam)[..., None]
     rgb = rgb.clamp(0.0, 1.0) * mask[..., None]
     return torch.cat([rgb, mask[..., None]], -1)
+

@@ -1,14 +1,15 @@
 """Pictures of an optimisation: dL/ds face colours, shaded movie frames, metric plots.
 
-dL/ds colour convention (SPEC section 7: faces coloured by dL/ds, blue/red, scaled by 0.3
-times the first iteration's maximum).  The SDF s is > 0 outside, so lowering s at a surface
-point pushes the surface outwards there.  A face's value is the mean dL/ds of its three
-vertices, divided by ``scale = 0.3 * max_i |dL/ds_i|`` of the first iteration and clipped
-to [-1, 1]; then
+dL/ds colours, as the original demo's movie.gif: with sigma = 0.3 x the first iteration's
+max |dL/ds| (``dl_ds_scale``) and, per face, d = the mean dL/ds of its three vertices,
 
-    dL/ds > 0  ->  red:   gradient descent lowers s, the surface GROWS outwards there
-    dL/ds < 0  ->  blue:  gradient descent raises s, the surface SHRINKS inwards there
-    dL/ds = 0  ->  light grey (no pull), with a linear blend in between.
+    f = clamp((d + sigma) / (2 sigma), 0, 1),   colour (R, G, B) = (f, 1 - f, 0.7)
+
+so dL/ds = +sigma or more is magenta-ish red (1, 0, 0.7), -sigma or less cyan-ish green
+(0, 1, 0.7), 0 in between (0.5, 0.5, 0.7).  The SDF s is > 0 outside, so dL/ds > 0 (red)
+means gradient descent lowers s there: the surface GROWS outwards; dL/ds < 0 (green) it
+shrinks inwards.  Frames are lit like neural_renderer's (``lib.nmr.nr_shade``) on its
+black background; this project adds the target silhouette's outline in white.
 
 Images are float arrays in [0, 1] (torch tensors on the mesh's device until ``to_uint8``);
 row 0 is the top row (lib.camera conventions).  Plots use matplotlib's Agg backend.
@@ -22,18 +23,15 @@ import torch
 
 from lib.camera import Camera
 from lib.io import atomic_write
-from lib.render import face_normals, rasterize
+from lib.nmr import nr_shade
 
-NEUTRAL = (0.85, 0.85, 0.85)
-GROW = (0.85, 0.08, 0.08)      # red: dL/ds > 0
-SHRINK = (0.08, 0.22, 0.90)    # blue: dL/ds < 0
-BACKGROUND = (1.0, 1.0, 1.0)
-OUTLINE = (0.0, 0.0, 0.0)
-SCALE_FRACTION = 0.3           # SPEC section 7: colours saturate at 0.3 x the first max
+BLUE_CHANNEL = 0.7             # the constant B of the original's frames
+OUTLINE = (1.0, 1.0, 1.0)
+SCALE_FRACTION = 0.3           # sigma = 0.3 x the first iteration's max |dL/ds|
 
 
 def dl_ds_scale(dl_ds: torch.Tensor, fraction: float = SCALE_FRACTION) -> float:
-    """Colour scale from the first iteration's per-vertex dL/ds (V,): fraction * max |dL/ds|.
+    """sigma from the first iteration's per-vertex dL/ds (V,): fraction * max |dL/ds|.
 
     Returns 1.0 when every value is 0 (no gradient), so colours stay neutral.
     """
@@ -46,42 +44,15 @@ def face_values(per_vertex: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     return per_vertex[faces].mean(dim=1)
 
 
-def signed_colors(values: torch.Tensor, scale: float) -> torch.Tensor:
-    """RGB (N, 3) in [0, 1] for signed values (N,): red > 0, blue < 0, grey 0 (module doc).
-
-    |values| >= scale gives the full colour.
-    """
-    t = (values.detach() / scale).clamp(-1.0, 1.0)[:, None]
-    kw = {"dtype": t.dtype, "device": t.device}
-    neutral, grow, shrink = (torch.tensor(c, **kw) for c in (NEUTRAL, GROW, SHRINK))
-    return torch.where(t >= 0, neutral + t * (grow - neutral), neutral - t * (shrink - neutral))
+def signed_colors(values: torch.Tensor, sigma: float) -> torch.Tensor:
+    """RGB (N, 3) = (f, 1 - f, 0.7) with f = clamp((values + sigma) / (2 sigma), 0, 1)."""
+    f = ((values.detach() + sigma) / (2.0 * sigma)).clamp(0.0, 1.0)
+    return torch.stack([f, 1.0 - f, torch.full_like(f, BLUE_CHANNEL)], dim=1)
 
 
-def dl_ds_face_colors(dl_ds: torch.Tensor, faces: torch.Tensor, scale: float) -> torch.Tensor:
+def dl_ds_face_colors(dl_ds: torch.Tensor, faces: torch.Tensor, sigma: float) -> torch.Tensor:
     """Face colours (F, 3) of per-vertex dL/ds (V,) with the convention of the module doc."""
-    return signed_colors(face_values(dl_ds, faces), scale)
-
-
-def render_faces(verts: torch.Tensor, faces: torch.Tensor, face_colors: torch.Tensor, camera: Camera,
-                 ambient: float = 0.4, diffuse: float = 0.6, background=BACKGROUND) -> torch.Tensor:
-    """Flat-shaded RGB image (H, W, 3) of a mesh with per-face colours (F, 3).
-
-    Head light (from the camera), two-sided Lambert: colour * (ambient + diffuse |n . l|);
-    background pixels get ``background``.
-    """
-    verts = verts.detach()
-    faces = faces.to(verts.device)
-    frags = rasterize(verts, faces, camera)
-    H, W = frags.face_idx.shape
-    img = torch.tensor(background, dtype=verts.dtype, device=verts.device).expand(H, W, 3).clone()
-    hit = frags.mask
-    if faces.shape[0] == 0 or not bool(hit.any()):
-        return img
-    f = frags.face_idx[hit]
-    towards_camera = -camera.to(device=verts.device, dtype=verts.dtype).R.reshape(-1, 3, 3)[0, 2]
-    lam = (face_normals(verts, faces)[f] @ towards_camera).abs()
-    img[hit] = face_colors.to(verts)[f] * (ambient + diffuse * lam)[:, None]
-    return img.clamp(0.0, 1.0)
+    return signed_colors(face_values(dl_ds, faces), sigma)
 
 
 def outline(mask: torch.Tensor, width: int = 1) -> torch.Tensor:
@@ -106,9 +77,10 @@ def target_outline(target_silhouette: torch.Tensor) -> torch.Tensor:
 
 def movie_frame(verts: torch.Tensor, faces: torch.Tensor, face_colors: torch.Tensor, camera: Camera,
                 outline_mask: torch.Tensor | None = None, color=OUTLINE) -> torch.Tensor:
-    """Movie frame (H, W, 3): the shaded mesh with coloured faces (F, 3) and, if given, the
-    ``outline_mask`` (H, W) bool (e.g. ``target_outline(target)``) drawn over it in ``color``."""
-    img = render_faces(verts, faces, face_colors, camera)
+    """Movie frame (H, W, 3): the mesh with face colours (F, 3) lit as neural_renderer lights
+    it (black background) and, if given, ``outline_mask`` (H, W) bool (e.g.
+    ``target_outline(target)``) drawn over it in ``color``."""
+    img = nr_shade(verts, faces.to(verts.device), camera, face_colors=face_colors)[..., :3].contiguous()
     if outline_mask is not None:
         img[outline_mask.to(img.device)] = torch.tensor(color, dtype=img.dtype, device=img.device)
     return img

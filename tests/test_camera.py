@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.camera import (CAM_MAX_DIST, Camera, DisnView, disn_camera, disn_view, format_disn_line,
+from lib.camera import (CAM_MAX_DIST, Camera, DisnView, demo_camera, disn_camera, disn_view, format_disn_line,
                         from_disn_metadata, look_at, look_at_eye, parse_disn_line, read_disn_metadata,
                         write_disn_metadata)
 from lib.errors import MeshSDFError
@@ -55,6 +55,36 @@ def test_image_axes_world_up_is_up_and_view_is_not_mirrored():
     np.testing.assert_allclose((R @ R.T).numpy(), np.eye(3), atol=1e-12)
     assert float(torch.det(R)) == pytest.approx(1.0)
     np.testing.assert_allclose(R[0].numpy(), torch.cross(R[2], -R[1], dim=0).numpy(), atol=1e-12)
+
+
+def test_demo_camera_is_the_originals_projection():
+    """R = R_roll(180) R_el R_az and t = (0, 0, d), written out here from the original's
+    matrices (numpy, float64), f = 35 W / 32, principal point (W/2, H/2); its centre is
+    (-1.531, 1.25, -1.531)."""
+    a, e, d = np.radians(45.0), np.radians(30.0), 2.5
+    r_az = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]]).T
+    r_el = np.array([[1, 0, 0], [0, np.cos(e), -np.sin(e)], [0, np.sin(e), np.cos(e)]]).T
+    rz180 = np.array([[np.cos(np.pi), -np.sin(np.pi), 0], [np.sin(np.pi), np.cos(np.pi), 0], [0, 0, 1]])
+    R = rz180.T @ r_el @ r_az
+    cam = demo_camera(dtype=D64)
+    np.testing.assert_allclose(cam.R[0].numpy(), R, atol=1e-12)
+    np.testing.assert_allclose(cam.t[0].numpy(), [0.0, 0.0, 2.5], atol=0)
+    np.testing.assert_allclose(cam.eye.numpy(), [-1.531, 1.25, -1.531], atol=1e-3)
+    np.testing.assert_allclose(cam.eye.numpy(), -R.T @ np.array([0, 0, d]), atol=1e-12)
+    assert cam.focal[0].tolist() == [560.0, 560.0] and cam.principal[0].tolist() == [256.0, 256.0]
+    assert demo_camera(image_size=96).focal[0].tolist() == [105.0, 105.0]
+    # p_cam = R p + t through K: a point's pixel from the formula
+    p = np.array([0.3, -0.2, 0.45])
+    q = R @ p + np.array([0, 0, d])
+    uv, z = cam.project(torch.tensor(p, dtype=D64))
+    np.testing.assert_allclose(uv.numpy(), [560 * q[0] / q[2] + 256, 560 * q[1] / q[2] + 256], atol=1e-9)
+    # what the picture looks like: world +y up, not mirrored, the same view as a look-at
+    # from the same centre (our look-at angles: azimuth -45)
+    (u0, v0), _ = cam.project(torch.zeros(3, dtype=D64))
+    (_, v_up), _ = cam.project(torch.tensor([0.0, 0.5, 0.0], dtype=D64))
+    assert abs(float(u0) - 256) < 1e-9 and float(v_up) < float(v0)
+    np.testing.assert_allclose(cam.R.numpy(), look_at(-45.0, 30.0, 2.5, dtype=D64).R.numpy(), atol=1e-12)
+    assert float(torch.det(cam.R[0])) == pytest.approx(1.0)
 
 
 def test_straight_above_is_defined():

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import imageio.v3 as iio
+import numpy as np
 import pytest
 
 import demo_optimizer
@@ -30,19 +31,24 @@ def run_demo(tmp_path, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--fast"]], ids=["sparse", "fast"])
+@pytest.mark.parametrize("extra", [[], ["--fast"], ["--renderer", "nr"]], ids=["sparse", "fast", "nr"])
 def test_spot_becomes_bob(tmp_path, extra):
     out, log = run_demo(tmp_path, *extra)
-    assert log["settings"]["mode"] == ("fast" if extra else "sparse") and log["stopped"] == ""
+    assert log["settings"]["mode"] == ("fast" if "--fast" in extra else "sparse") and log["stopped"] == ""
+    assert log["settings"]["renderer"] == ("nr" if "nr" in extra else "soft")
     hist = log["iterations"]
     assert len(hist) == ITERS and log["target_genus"] == 1
     assert hist[0]["genus"] == 0                                     # spot
     assert log["final"]["loss"] < hist[0]["loss"] / 10              # a large drop
     assert log["final"]["iou"] > 0.9 and log["final"]["iou"] > hist[0]["iou"]
     # outputs: valid images, a GIF with one frame per iteration, a PLY mesh of bob's genus
-    for name in ("target.png", "initialization.png"):
+    for name in ("target.png", "initialization.png"):               # shaded grey with alpha
         img = read_png(out / name)
-        assert img.shape[:2] == (96, 96) and img.max() > 200 and img.min() < 50
+        assert img.shape == (96, 96, 4) and set(np.unique(img[..., 3])) == {0, 255}
+        grey = img[img[..., 3] == 255][:, :3]
+        assert (grey[:, 0] == grey[:, 1]).all() and grey.max() <= round(0.7 * 255) + 1
+    for name in ("target_silhouette.png", "initialization_silhouette.png"):
+        assert read_png(out / name).shape == (96, 96)
     frames = iio.imread(out / "movie.gif", index=None)
     assert frames.shape[0] == ITERS and frames.shape[1:3] == (96, 96)
     assert read_png(out / "loss.png").ndim == 3
@@ -51,18 +57,43 @@ def test_spot_becomes_bob(tmp_path, extra):
     assert len(faces) == log["final"]["faces"]
 
 
-def test_target_has_the_hole_and_init_has_none(tmp_path):
-    """One iteration: bob's silhouette shows its hole (background inside the shape), spot's does not."""
+def test_original_flags_clean_target_and_the_hole(tmp_path):
+    """One iteration with the original's spellings (--iters, --image_resolution): the loss
+    target is clean 0/1 coverage (no dimmed pixels along interior edges), bob's silhouette
+    shows its hole (background inside the shape), spot's does not; the images are RGBA
+    renders whose alpha is the silhouette."""
     out = tmp_path / "out"
-    demo_optimizer.main(["-e", str(EXP), "--out", str(out), "--resolution", "32", "--image-size", "96",
-                         "--iterations", "1"])
+    demo_optimizer.main(["-e", str(EXP), "--out", str(out), "--resolution", "32", "--image_resolution", "96",
+                         "--iters", "1"])
+    log = json.loads((out / "log.json").read_text())
+    assert log["settings"]["iterations"] == 1 and log["settings"]["image_size"] == 96
+    assert len(log["iterations"]) == 1
+    np.testing.assert_allclose(log["settings"]["camera"]["eye"], [-1.531, 1.25, -1.531], atol=1e-3)
     from scipy import ndimage
 
-    def holes(name):
-        mask = read_png(out / name) > 127
+    target = read_png(out / "target_silhouette.png")
+    assert set(np.unique(target)) == {0, 255}
+    assert np.array_equal(read_png(out / "target.png")[..., 3], target)
+
+    def holes(mask):
         return int((ndimage.binary_fill_holes(mask) & ~mask).sum())
 
-    assert holes("target.png") > 10 and holes("initialization.png") == 0
+    assert holes(target > 127) > 10 and holes(read_png(out / "initialization_silhouette.png") > 127) == 0
+
+
+@pytest.mark.slow
+def test_headline_demo_opens_the_hole(tmp_path):
+    """The README's command at its headline setting (N = 64, 512^2, lr 5e-2, 100 iterations):
+    spot (genus 0) becomes genus 1 with silhouette IoU >= 0.95 against bob."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "demo_optimizer.py"), "-e", str(EXP), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = json.loads((out / "log.json").read_text())
+    s = log["settings"]
+    assert (s["resolution"], s["image_size"], s["lr"], s["iterations"]) == (64, 512, 5e-2, 100)
+    assert log["iterations"][0]["genus"] == 0 and log["target_genus"] == 1
+    assert log["final"]["genus"] == 1 and log["final"]["iou"] >= 0.95
 
 
 def test_surface_vanishing_keeps_outputs(tmp_path, monkeypatch):
@@ -94,7 +125,8 @@ def test_unknown_shape_lists_valid_names(tmp_path):
 
 def test_bad_flags():
     for argv, msg in ((["--fast", "--mode", "dense"], "conflicts"), (["--iterations", "0"], "--iterations"),
-                      (["--lr", "-1"], "--lr"), (["--image-size", "4"], "--image-size")):
+                      (["--lr", "-1"], "--lr"), (["--image-size", "4"], "--image-size"),
+                      (["--iters", "0"], "--iterations")):
         with pytest.raises(MeshSDFError, match=msg):
             demo_optimizer.main(["-e", str(EXP), *argv])
 

@@ -44,3 +44,21 @@ def test_empty_level_set():
 def test_real_meshes_genus(shared_mesh):
     assert genus(*read_mesh(shared_mesh("bob"))) == 1
     assert genus(*read_mesh(shared_mesh("spot"))) == 0
+
+
+def test_topology_counts_scrambled_pieces():
+    """Three tori and two spheres with the vertex indices shuffled (so component labels must
+    travel far through the index order): chi = 2 * 2 + 0 * 3, 5 pieces, genus 3."""
+    from lib.metrics import topology
+
+    def torus_at(c):
+        return lambda p: _torus(p - torch.tensor(c), 0.18, 0.06)
+
+    shapes = [torus_at([-0.6, -0.5, 0.0]), torus_at([0.0, 0.5, 0.0]), torus_at([0.6, -0.5, 0.0]),
+              lambda p: (p - torch.tensor([0.0, -0.5, 0.5])).norm(dim=1) - 0.15,
+              lambda p: (p - torch.tensor([0.0, 0.0, -0.6])).norm(dim=1) - 0.2]
+    v, f = extract_dense(lambda p: torch.stack([s(p) for s in shapes]).min(0).values, 72)
+    perm = torch.randperm(len(v), generator=torch.Generator().manual_seed(0))
+    f = perm[torch.as_tensor(f).long()]
+    assert topology(f) == (4, 5, 3)
+    assert topology(f.flip(0)) == (4, 5, 3)

@@ -4,6 +4,7 @@ import torch
 import trimesh
 
 import lib.render as render
+
 from lib.camera import look_at
 from lib.io import read_mesh
 from lib.render import (face_normals, normal_image, rasterize, shade, silhouette, vertex_normals)
@@ -239,35 +240,26 @@ def test_depth_is_differentiable_and_shade_is_rgba():
     assert float(img[0, 0].abs().sum()) == 0
 
 
-def test_neural_renderer_backend_adapter(monkeypatch):
-    """The optional backend's plumbing, with a stand-in module that renders upside down
-    (the orientation is calibrated, so the result must match the torch backend)."""
-    import sys
-    import types
-
-    from lib.camera import Camera
-
-    class FakeRenderer:
-        def __init__(self, image_size, camera_mode, K, R, t, orig_size, **kw):
-            assert camera_mode == "projection" and orig_size == image_size
-            self.cam = Camera(R, t[:, 0], torch.stack([K[:, 0, 0], K[:, 1, 1]], 1),
-                              K[:, :2, 2], image_size, batched=True)
-
-        def __call__(self, v, f, mode):
-            assert mode == "silhouettes" and f.dtype == torch.int32
-            return silhouette(v, f[0].long(), self.cam, sigma=0).flip(1)
-
-    monkeypatch.setitem(sys.modules, "neural_renderer", types.SimpleNamespace(Renderer=FakeRenderer))
-    monkeypatch.setattr(render, "_NR_FLIP", {})
-    v, f = _cube()
-    v, f = torch.from_numpy(v), torch.from_numpy(f)
-    cam = look_at(45, 30, 3.0, image_size=40)
-    out = silhouette(v, f, cam, backend="neural_renderer")
-    assert out.shape == (40, 40) and render._NR_FLIP["flip"] == (0,)
-    torch.testing.assert_close(out, silhouette(v, f, cam, sigma=0))
-    with pytest.raises(ValueError, match="backend"):
-        silhouette(v, f, cam, backend="opengl")
-    monkeypatch.setitem(sys.modules, "neural_renderer", None)     # import fails
-    from lib.errors import MeshSDFError
-    with pytest.raises(MeshSDFError, match="not available"):
-        silhouette(v, f, cam, backend="neural_renderer")
+def test_reproducible_sums_are_order_independent_and_agree():
+    """The CUDA path (fixed-point pixel sums, sorted gradient sums) forced on the CPU: the
+    image is bitwise the same whatever the order of the faces (integer sums cannot depend
+    on it), and image and gradient equal the plain index_add_ path to rounding."""
+    v, f = _sphere()
+    v = torch.from_numpy(v).double().requires_grad_(True)
+    f = torch.from_numpy(f)
+    cam = look_at(30, 20, 2.5, image_size=40, dtype=D64)
+    w = torch.rand(40, 40, dtype=D64, generator=torch.Generator().manual_seed(3))
+    out = {}
+    for repro in (False, True):
+        v.grad = None
+        img = silhouette(v, f, cam, sigma=1e-3, reproducible=repro)
+        (img * w).sum().backward()
+        out[repro] = (img.detach(), v.grad.clone())
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-10, atol=1e-12)
+    perm = torch.randperm(len(f), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        again = silhouette(v, f[perm], cam, sigma=1e-3, reproducible=True)
+    assert torch.equal(again, out[True][0])
+    covered = silhouette(v.detach(), f, cam, sigma=0, reproducible=True)
+    assert set(covered.unique().tolist()) <= {0.0, 1.0}      # deep-inside pixels stay exactly 1

@@ -1,5 +1,5 @@
-"""lib.visualize: the dL/ds colour convention (red = grow, blue = shrink) checked against the
-optimiser's own update, shading with face colours, target outlines, plots."""
+"""lib.visualize: the original's dL/ds colours (R = f, G = 1 - f, B = 0.7; red = grow) checked
+against the optimiser's own update, movie frames, target outlines, plots."""
 import numpy as np
 import pytest
 import torch
@@ -10,8 +10,9 @@ from lib.io import read_png
 from lib.isosurface import extract
 from lib.optimize import LatentOptimizer, SilhouetteLoss, demo_sigma
 from lib.render import silhouette
-from lib.visualize import (GROW, NEUTRAL, SHRINK, dl_ds_face_colors, dl_ds_scale, face_values, movie_frame,
-                           outline, plot_history, render_faces, signed_colors, target_outline)
+from lib.nmr import nr_shade
+from lib.visualize import (dl_ds_face_colors, dl_ds_scale, face_values, movie_frame, outline, plot_history,
+                           signed_colors, target_outline)
 
 SIZE = 64
 
@@ -22,24 +23,22 @@ class Sphere(nn.Module):
 
 
 def test_signed_colors_and_scale():
-    c = signed_colors(torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]), scale=1.0)
-    grow, shrink, neutral = torch.tensor(GROW), torch.tensor(SHRINK), torch.tensor(NEUTRAL)
-    assert torch.allclose(c[0], grow) and torch.allclose(c[1], grow)          # saturates at the scale
-    assert torch.allclose(c[2], (neutral + grow) / 2)
-    assert torch.allclose(c[3], neutral)
-    assert torch.allclose(c[4], (neutral + shrink) / 2)
-    assert torch.allclose(c[5], shrink) and torch.allclose(c[6], shrink)
-    assert ((c >= 0) & (c <= 1)).all()
+    """f = clamp((d + sigma) / (2 sigma), 0, 1), colour (f, 1 - f, 0.7)."""
+    sigma = 0.5
+    d = torch.tensor([2.0, 0.5, 0.25, 0.0, -0.25, -0.5, -3.0])
+    c = signed_colors(d, sigma)
+    f = torch.tensor([1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
+    torch.testing.assert_close(c, torch.stack([f, 1 - f, torch.full_like(f, 0.7)], 1))
     assert dl_ds_scale(torch.tensor([0.1, -2.0, 1.0])) == pytest.approx(0.6)    # 0.3 x max |dL/ds|
     assert dl_ds_scale(torch.zeros(3)) == 1.0
     faces = torch.tensor([[0, 1, 2], [1, 2, 3]])
     assert torch.allclose(face_values(torch.tensor([3.0, 0.0, 0.0, 3.0]), faces), torch.tensor([1.0, 1.0]))
 
 
-@pytest.mark.parametrize("start, goal, colour", [(0.3, 0.5, "red"), (0.5, 0.3, "blue")])
+@pytest.mark.parametrize("start, goal, colour", [(0.3, 0.5, "red"), (0.5, 0.3, "green")])
 def test_dl_ds_colour_sign_follows_the_update(start, goal, colour):
     """A sphere smaller than the target silhouette must be pushed outwards (red faces, radius
-    grows after the Adam step); a larger one inwards (blue, radius shrinks)."""
+    grows after the Adam step); a larger one inwards (green, radius shrinks)."""
     cam = look_at(45.0, 30.0, 2.5, image_size=SIZE)
     v, f, _ = extract(lambda p: p.norm(dim=1) - goal, 24, "dense")
     target = silhouette(v, f, cam, sigma=demo_sigma(SIZE))
@@ -49,13 +48,13 @@ def test_dl_ds_colour_sign_follows_the_update(start, goal, colour):
     colors = dl_ds_face_colors(it.dl_ds, it.faces, scale)
     active = face_values(it.dl_ds, it.faces).abs() > 0.1 * scale
     assert int(active.sum()) > 20
-    red, blue = colors[active, 0], colors[active, 2]
+    red, green = colors[active, 0], colors[active, 1]
     strong = it.dl_ds[it.dl_ds.abs() > 0.01 * it.dl_ds.abs().max()]   # ignore round-off-sized values
     grew = float(opt.latent.detach()[0]) > start
     if colour == "red":
-        assert (strong > 0).all() and (red > blue).all() and grew
+        assert (strong > 0).all() and (red > green).all() and grew
     else:
-        assert (strong < 0).all() and (blue > red).all() and not grew
+        assert (strong < 0).all() and (green > red).all() and not grew
     # the rim faces saturate: 0.3 x the max is the colour scale
     assert float(face_values(it.dl_ds, it.faces).abs().max()) > scale
 
@@ -67,18 +66,16 @@ def _square():
     return verts, faces, cam
 
 
-def test_render_faces_colours_and_background():
+def test_movie_frame_is_the_lit_coloured_mesh():
+    """Frames are nr_shade's RGB of the face colours on black (tested in test_nmr)."""
     verts, faces, cam = _square()
-    colors = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    img = render_faces(verts, faces, colors, cam, ambient=0.4, diffuse=0.6)
-    assert img.shape == (SIZE, SIZE, 3)
-    assert torch.allclose(img[0, 0], torch.ones(3))                          # white background
+    colors = torch.tensor([[1.0, 0.0, 0.7], [0.0, 1.0, 0.7]])
+    frame = movie_frame(verts, faces, colors, cam)
+    assert frame.shape == (SIZE, SIZE, 3)
+    torch.testing.assert_close(frame, nr_shade(verts, faces, cam, face_colors=colors)[..., :3])
+    assert torch.equal(frame[0, 0], torch.zeros(3))                         # black background
     mask = silhouette(verts, faces, cam, sigma=0) > 0.5
-    covered = img[mask]
-    # facing the head light: colour x (ambient + diffuse) = the colour itself
-    is_red = torch.isclose(covered, torch.tensor([1.0, 0.0, 0.0]), atol=1e-4).all(1)
-    is_blue = torch.isclose(covered, torch.tensor([0.0, 0.0, 1.0]), atol=1e-4).all(1)
-    assert bool((is_red | is_blue).all()) and int(is_red.sum()) > 50 and int(is_blue.sum()) > 50
+    assert len({tuple(px.tolist()) for px in frame[mask]}) == 2              # one colour per face
 
 
 def test_outline_ring():
@@ -99,8 +96,8 @@ def test_movie_frame_draws_target_outline():
     edge = target_outline(target)
     assert torch.equal(edge, outline(target > 0.5, 1))
     frame = movie_frame(verts, faces, signed_colors(torch.zeros(2), 1.0), cam, edge)
-    assert torch.allclose(frame[edge], torch.zeros(3))
-    assert torch.allclose(frame[15, 45], torch.ones(3))                     # inside the outline: background
+    assert torch.allclose(frame[edge], torch.ones(3))                       # white outline
+    assert torch.allclose(frame[15, 45], torch.zeros(3))                    # inside the outline: background
 
 
 def test_plot_history(tmp_path):

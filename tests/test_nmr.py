@@ -1,0 +1,154 @@
+"""lib.nmr: Kato et al.'s approximate silhouette gradient checked against the pixel flips it
+stands for, and neural_renderer's lighting conventions written out from its rules."""
+import math
+
+import pytest
+import torch
+
+from lib.camera import Camera, demo_camera
+from lib.isosurface import extract
+from lib.nmr import NR_EPS, nr_shade, nr_silhouette
+from lib.render import rasterize
+
+D64 = torch.float64
+S = 32
+F_PX = 16.0          # u = 16 x / z + 16 for the test camera
+
+
+def _camera():
+    return Camera(torch.eye(3, dtype=D64), torch.zeros(3, dtype=D64), torch.tensor([F_PX, F_PX], dtype=D64),
+                  torch.tensor([S / 2, S / 2], dtype=D64), (S, S))
+
+
+def _triangle():
+    # in the z = 1 plane, so a world move of x or y by d moves u or v by 16 d exactly
+    return torch.tensor([[-0.61, -0.43, 1.0], [0.52, -0.58, 1.0], [0.07, 0.66, 1.0]], dtype=D64)
+
+
+FACE = torch.tensor([[0, 1, 2]])
+
+
+def _one_pixel_grad(verts, i, j, sign):
+    v = verts.clone().requires_grad_(True)
+    (sign * nr_silhouette(v, FACE, _camera())[i, j]).backward()
+    return v.grad
+
+
+def test_kato_gradient_is_the_slope_of_the_move_that_flips_the_pixel():
+    """L = -I_P for a background pixel (covering it lowers L) or +I_P for a covered one.
+    Kato's slope dL/dp = dI dL/dI / d says: moving that vertex coordinate by -1/slope flips
+    P.  Checked for every pixel and every vertex coordinate on exactly one edge crossing the
+    pixel's scanline, for moves of 0.2 to 3 pixels: 5 % short of the move P is unchanged,
+    5 % beyond it P has flipped."""
+    verts = _triangle()
+    cam = _camera()
+    base = nr_silhouette(verts, FACE, cam).detach()
+    assert 60 < int(base.sum()) < 400
+    uvx = verts[:, :2] * F_PX + S / 2 - 0.5              # pixel centres on the integers
+    checked = {0.0: 0, 1.0: 0}
+    # pixels within 3 px of the silhouette's border (farther ones need longer moves), a third of them
+    m = base[None, None]
+    ring = (torch.nn.functional.max_pool2d(m, 7, 1, 3) > 0) & (-torch.nn.functional.max_pool2d(-m, 7, 1, 3) < 1)
+    for i, j in ring[0, 0].nonzero().tolist():
+        if (i + j) % 2:
+            continue
+        if True:
+            sign = 1.0 if base[i, j] > 0 else -1.0
+            g = _one_pixel_grad(verts, i, j, sign)
+            for k in range(3):
+                for ax in range(2):
+                    if float(g[k, ax]) == 0.0:
+                        continue
+                    move = -1.0 / float(g[k, ax])             # L drops by 1 when P flips
+                    if not 0.2 <= abs(move) * F_PX <= 3.0:
+                        continue
+                    # y moves come from column scanlines (X = j), x moves from rows (Y = i)
+                    pos, coord = (j, uvx[:, 0]) if ax == 1 else (i, uvx[:, 1])
+                    spanning = [e for e in ((0, 1), (1, 2), (2, 0))
+                                if min(coord[e[0]], coord[e[1]]) <= pos <= max(coord[e[0]], coord[e[1]])]
+                    if sum(k in e for e in spanning) != 1:
+                        continue
+                    for frac, flipped in ((0.95, False), (1.05, True)):
+                        w = verts.clone()
+                        w[k, ax] += move * frac
+                        now = float(nr_silhouette(w, FACE, cam)[i, j])
+                        assert (now != float(base[i, j])) == flipped, (i, j, k, ax, move, frac)
+                    checked[float(base[i, j])] += 1
+    assert checked[0.0] > 15 and checked[1.0] > 5           # both the out and the in rule
+
+
+def test_no_gradient_from_moves_that_would_raise_the_loss():
+    verts = _triangle()
+    base = nr_silhouette(verts, FACE, _camera()).detach()
+    outside = (base == 0).nonzero()[::25]
+    inside = (base == 1).nonzero()[::6]
+    for (i, j) in outside.tolist():            # L = +I_P: covering P would raise L
+        assert float(_one_pixel_grad(verts, i, j, 1.0).abs().sum()) == 0.0
+    for (i, j) in inside.tolist():             # L = -I_P: uncovering P would raise L
+        assert float(_one_pixel_grad(verts, i, j, -1.0).abs().sum()) == 0.0
+
+
+def test_forward_is_the_hard_coverage_and_mse_descends():
+    """The image is the z-buffer's coverage; a small step against Kato's gradient of the demo
+    loss (MSE to a larger sphere's silhouette) lowers it, and the gradient grows the sphere."""
+    cam = demo_camera(image_size=48)
+    v, f, _ = extract(lambda p: p.norm(dim=1) - 0.45, 20, "dense")
+    img = nr_silhouette(v, f, cam)
+    assert torch.equal(img, rasterize(v, f, cam).mask.float())
+    tv, tf, _ = extract(lambda p: p.norm(dim=1) - 0.55, 20, "dense")
+    target = rasterize(tv, tf, cam).mask.float()
+    vv = v.double().requires_grad_(True)
+    loss = (nr_silhouette(vv, f, cam) - target).square().mean()
+    loss.backward()
+    g = vv.grad
+    radial = (g * vv.detach()).sum(1)
+    assert float(radial.sum()) < 0                          # descent pushes vertices outwards
+    step = vv.detach() - 0.02 * g / g.norm(dim=1, keepdim=True).max()
+    assert float((nr_silhouette(step, f, cam) - target).square().mean()) < float(loss.detach())
+
+
+def test_eps_is_neural_renderers_in_ndc():
+    """Distances carry +-eps = 1e-4 NDC units, eps * S / 2 pixels: for a pixel 0.001 px
+    inside an edge, the slope of the one endpoint whose lever is known is
+    -1 / (span / lever * 0.001 + eps * S / 2) per pixel of v."""
+    assert NR_EPS == 1e-4
+    v = torch.tensor([[-0.5, -0.5, 1.0], [0.5, -0.5, 1.0], [-0.5, 0.5, 1.0]], dtype=D64)
+    v[:2, 1] = (8.5 - 0.001 - S / 2) / F_PX          # edge v0-v1 0.001 px above row 8's centres
+    g = _one_pixel_grad(v, 8, 12, 1.0)                 # P = (8, 12) covered; uncovering lowers L
+    x0, x1 = float(v[0, 0]) * F_PX + S / 2 - 0.5, float(v[1, 0]) * F_PX + S / 2 - 0.5
+    dist = (x1 - x0) / (x1 - 12) * 0.001 + NR_EPS * S / 2
+    assert float(g[0, 1]) / F_PX == pytest.approx(-1.0 / dist, rel=1e-6)
+
+
+def test_nr_shade_lights_the_normal_facing_away_from_the_camera():
+    """neural_renderer's rules, written out here: normal = cross(v0 - v1, v2 - v1) of the
+    drawn copy; the drawn copy is counter-clockwise in its y-up image; light = 0.5 + 0.5
+    max(0, n . (0, 1, 0)); grey 0.7.  A horizontal square seen from above: its drawn
+    normal points down, so it gets the ambient part only (0.35), whichever its winding; seen
+    from below it gets the full light (0.7)."""
+    sq = torch.tensor([[-0.5, 0.0, -0.5], [0.5, 0.0, -0.5], [0.5, 0.0, 0.5], [-0.5, 0.0, 0.5]])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    for el, expect in ((60.0, 0.35), (-60.0, 0.7)):
+        from lib.camera import look_at
+        cam = look_at(20.0, el, 3.0, image_size=32)
+        for fc in (faces, faces.flip(1)):
+            img = nr_shade(sq, fc, cam)
+            cov = img[..., 3] > 0
+            assert int(cov.sum()) > 50
+            assert torch.allclose(img[cov][:, :3], torch.full_like(img[cov][:, :3], expect), atol=1e-5)
+            assert float(img[~cov].abs().sum()) == 0                           # black, transparent
+    # per-face colours are multiplied by the same light
+    cam = look_at(20.0, -60.0, 3.0, image_size=32)
+    img = nr_shade(sq, faces, cam, face_colors=torch.tensor([[1.0, 0.0, 0.7], [0.0, 1.0, 0.7]]))
+    cols = {tuple(round(float(c), 4) for c in px) for px in img[img[..., 3] > 0][:, :3]}
+    assert cols == {(1.0, 0.0, 0.7), (0.0, 1.0, 0.7)}
+    # a tilted face: the directional part follows max(0, n . y) with n facing away from the camera
+    tilt = math.radians(30)
+    tri = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, math.sin(tilt), math.cos(tilt)]]) - 0.3
+    cam = look_at(0.0, 70.0, 3.0, image_size=32)
+    img = nr_shade(tri, torch.tensor([[0, 1, 2]]), cam)
+    n = torch.nn.functional.normalize(torch.cross(tri[1] - tri[0], tri[2] - tri[0], dim=0), dim=0)
+    away = n if float(n @ (tri.mean(0) - cam.eye)) > 0 else -n
+    expect = 0.7 * (0.5 + 0.5 * max(0.0, float(away[1])))
+    cov = img[..., 3] > 0
+    assert torch.allclose(img[cov][:, 0], torch.full_like(img[cov][:, 0], expect), atol=1e-5)
