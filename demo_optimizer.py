@@ -15,12 +15,12 @@ from pathlib import Path
 import lib  # noqa: F401  (first, before torch loads: sets OpenMP's wait policy, lib/cpus.py)
 import torch
 
-from lib import checkpoint, runtime
+from lib import checkpoint, limits, runtime
 from lib.specs import load_specs, resolve_path
 from lib.camera import DEMO_AZIMUTH, DEMO_DISTANCE, DEMO_ELEVATION, demo_camera
 from lib.data import read_split
 from lib.errors import MeshSDFError, cli_main
-from lib.io import atomic_write, save_gif, save_png, write_ply
+from lib.io import atomic_write, save_gif, save_png, staged_dir, write_ply
 from lib.isosurface import MODES
 from lib.log import info
 from lib.meshsdf import GRADIENTS, mesh_from_sdf
@@ -93,6 +93,13 @@ def shape_index(names: list[str], name: str, flag: str, split_file: Path) -> int
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # whole or absent: written aside, renamed into place at the end (lib.io.staged_dir)
+    with staged_dir(Path(args.out) if args.out else Path(args.experiment) / "Optimizations") as stage:
+        return optimise_demo(args, stage)
+
+
+def optimise_demo(args, stage) -> int:
+    """The demo into ``stage.path`` (a ``lib.io.StagedDir``); returns the exit status."""
     runtime.apply_thread_policy()  # threads for the cores other processes leave free (MESHSDF_THREADS)
     mode = check_args(args)
     exp = Path(args.experiment)
@@ -102,13 +109,13 @@ def main(argv=None) -> int:
     target_k = shape_index(names, args.target, "--target", split_file)
     init_k = shape_index(names, args.init, "--init", split_file)
     device = runtime.choose_device(args.device)
-    decoder = checkpoint.load_decoder(exp, specs, args.checkpoint, device=device)
-    codes = checkpoint.load_latent_codes(exp, args.checkpoint, device=device)
+    limits.check_grid(args.resolution, device)
+    limits.check_image(args.image_size, device, frames=args.iterations)
+    decoder, codes = checkpoint.load_decoder_and_codes(exp, specs, args.checkpoint, device=device)
     if codes.shape[0] != len(names):
         raise MeshSDFError(f"the checkpoint holds {codes.shape[0]} latent codes but {split_file} lists "
                            f"{len(names)} shapes; retrain with train_deep_sdf.py -e {exp}")
-    out = Path(args.out) if args.out else exp / "Optimizations"
-    out.mkdir(parents=True, exist_ok=True)
+    out = stage.path
     camera = demo_camera(image_size=args.image_size, device=device)
 
     with torch.no_grad():
@@ -166,11 +173,12 @@ def main(argv=None) -> int:
         plot_history(out / "loss.png", run.history, title=f"{args.init} -> {args.target} ({mode}, {args.renderer})",
                      target_genus=target_genus)
     if run.stopped:
-        raise MeshSDFError(f"{run.stopped}; outputs of the {len(run.history)} completed iterations are in {out}")
+        raise MeshSDFError(f"{run.stopped}; outputs of the {len(run.history)} completed iterations are in "
+                           f"{stage.partial}")
     first = run.history[0]["loss"]
     info(f"loss {first:.3g} -> {final['loss']:.3g}, silhouette IoU {final['iou']:.3f}, genus "
          f"{run.history[0]['genus']} -> {final['genus']} (target {target_genus}), {run.seconds:.1f} s; "
-         f"outputs in {out}")
+         f"outputs in {stage.final}")
     return 0
 
 

@@ -191,20 +191,24 @@ def _free_name(path: Path) -> Path:
     return candidate
 
 
-def _check_output_folder(out: Path) -> None:
+def _staging_root(out: Path) -> Path:
+    """The deepest existing folder at or above ``out.parent``: where the staging folder goes (so that a
+    run which fails early creates no folders); MeshSDFError when a file is in the way."""
     for p in (out, *out.parents):
         if p.exists() and not p.is_dir():
             if p == out:
                 raise MeshSDFError(f"output folder {out} is a file; give --out a folder (new or existing)")
             raise MeshSDFError(f"output folder {out} is below {p}, which is a file; give --out a folder")
-        if p.exists():
-            return
+        if p.exists() and p != out:
+            return p
+    return Path(".")
 
 
-def _adopt_orphans(out: Path) -> list[Path]:
-    """Staging folders of ``out`` left by killed runs (their PID is gone): renamed to incomplete ones."""
+def _adopt_orphans(out: Path, root: Path) -> list[Path]:
+    """Staging folders of ``out`` (in ``root``) left by killed runs (their PID is gone): renamed to
+    incomplete ones."""
     found = []
-    for p in out.parent.glob(f".{out.name}.staging-*"):
+    for p in root.glob(f".{out.name}.staging-*"):
         try:
             pid = int(p.name.rsplit("staging-", 1)[1].split("-")[0])
         except (IndexError, ValueError):
@@ -216,7 +220,7 @@ def _adopt_orphans(out: Path) -> list[Path]:
             pass
         except PermissionError:
             continue
-        target = _free_name(out.with_name(f"{out.name}.incomplete-{_utc_stamp()}"))
+        target = _free_name(root / f"{out.name}.incomplete-{_utc_stamp()}")
         with contextlib.suppress(OSError):
             os.rename(p, target)
             found.append(target)
@@ -228,7 +232,8 @@ def staged_dir(out: str | os.PathLike) -> Iterator[StagedDir]:
     """Write an output folder whole or not at all.
 
     Yields a ``StagedDir`` whose ``path`` is a fresh hidden sibling of ``out``
-    (``.<name>.staging-<pid>-<random>``); everything is written there.  On success the
+    (``.<name>.staging-<pid>-<random>``, in the deepest folder above ``out`` that exists, so
+    a run that fails early creates no folders); everything is written there.  On success the
     folder is renamed to ``out``; an earlier ``out`` is first renamed to
     ``<out>.previous-<UTC time>`` (kept, never deleted).  On an exception (a user error,
     Ctrl-C) the files written so far are renamed to ``<out>.incomplete-<UTC time>``
@@ -240,17 +245,16 @@ def staged_dir(out: str | os.PathLike) -> Iterator[StagedDir]:
     from lib.log import info
 
     out = Path(out)
-    _check_output_folder(out)
+    root = _staging_root(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for orphan in _adopt_orphans(out):
+        for orphan in _adopt_orphans(out, root):
             info(f"a killed run left its files of {out} in {orphan}")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=root))
     except OSError as err:
         raise MeshSDFError(f"cannot create the output folder {out}: {err.strerror or err}; check that "
-                           f"{out.parent} is writable") from None
+                           f"{root} is writable") from None
     os.chmod(tmp, 0o777 & ~_UMASK)
-    stage = StagedDir(out, tmp, out.with_name(f"{out.name}.incomplete-{_utc_stamp()}"))
+    stage = StagedDir(out, tmp, _free_name(root / f"{out.name}.incomplete-{_utc_stamp()}"))
     try:
         yield stage
     except BaseException:
@@ -260,7 +264,14 @@ def staged_dir(out: str | os.PathLike) -> Iterator[StagedDir]:
         else:
             tmp.rmdir()
         raise
-    if out.exists():
-        stage.previous = _free_name(out.with_name(f"{out.name}.previous-{_utc_stamp()}"))
-        os.rename(out, stage.previous)
-    os.rename(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            stage.previous = _free_name(out.with_name(f"{out.name}.previous-{_utc_stamp()}"))
+            os.rename(out, stage.previous)
+        os.rename(tmp, out)
+        if stage.previous is not None:
+            info(f"the earlier contents of {out} were moved to {stage.previous}")
+    except OSError as err:
+        raise MeshSDFError(f"cannot move the finished output {tmp} to {out}: {err.strerror or err}; the files "
+                           f"are in {tmp}") from None

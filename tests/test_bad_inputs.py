@@ -383,6 +383,58 @@ def demo_model_without_codes(tmp):
     return ["-e", str(exp), "--target", "ball0", "--init", "ball1", "--device", "cpu"]
 
 
+def finished_demo_output(tmp: Path) -> Path:
+    out = tmp / "Optimizations"
+    out.mkdir()
+    for name in ("final.ply", "movie.gif", "log.json"):
+        (out / name).write_text(f"an earlier run's {name}")
+    return out
+
+
+@case("demo_optimizer", "--target 'bobb'", "valid names: bob, spot")
+def demo_rerun_that_fails_into_a_finished_output(tmp):
+    """Nothing of the new run mixes with (or replaces) the earlier output."""
+    exp = tmp / "bob_and_spot"
+    shutil.copytree(REPO / "experiments" / "bob_and_spot", exp)
+    return ["-e", str(exp), "--out", str(finished_demo_output(tmp)), "--target", "bobb", "--device", "cpu"]
+
+
+@case("demo_optimizer", "output folder {tmp}/Optimizations/final.ply is a file", "give --out a folder")
+def demo_out_at_an_existing_file(tmp):
+    return ["-e", str(REPO / "experiments" / "bob_and_spot"), "--out", str(finished_demo_output(tmp) / "final.ply")]
+
+
+@case("demo_optimizer", "output folder {tmp}/Optimizations/final.ply/run2 is below {tmp}/Optimizations/final.ply, "
+      "which is a file")
+def demo_out_below_an_existing_file(tmp):
+    return ["-e", str(REPO / "experiments" / "bob_and_spot"), "--out",
+            str(finished_demo_output(tmp) / "final.ply" / "run2")]
+
+
+@case("demo_optimizer", "--resolution 100000 needs at least", "the largest --resolution that fits is")
+def demo_resolution_too_large(tmp):
+    return ["-e", str(REPO / "experiments" / "bob_and_spot"), "--out", str(tmp / "o"), "--resolution", "100000",
+            "--device", "cpu"]
+
+
+@case("demo_optimizer", "--image-size 100000 needs at least", "the largest --image-size that fits is")
+def demo_image_size_too_large(tmp):
+    return ["-e", str(REPO / "experiments" / "bob_and_spot"), "--out", str(tmp / "o"), "--image-size", "100000",
+            "--device", "cpu"]
+
+
+@case("demo_optimizer", "ModelParameters/latest.pth is epoch 1, LatentCodes/latest.pth is epoch 7",
+      "they come from different saves")
+def demo_model_and_codes_of_different_epochs(tmp):
+    import torch
+
+    exp = trained(tmp)
+    p = exp / "LatentCodes" / "latest.pth"
+    codes = torch.load(p, weights_only=True)
+    torch.save(dict(codes, epoch=7), p)
+    return ["-e", str(exp), "--target", "ball0", "--init", "ball1", "--device", "cpu"]
+
+
 # --------------------------------------------------------------------------- SVR scripts
 
 @case("train_svr", "cannot read image", "{tmp}/data/toy/renders/ball1/01.png")

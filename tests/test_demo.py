@@ -105,10 +105,12 @@ def test_surface_vanishing_keeps_outputs(tmp_path, monkeypatch):
         return real_step(self)
 
     monkeypatch.setattr(optimize_mod.LatentOptimizer, "step", step)
-    out = tmp_path / "out"
-    with pytest.raises(MeshSDFError, match="vanished.*2 completed iterations"):
-        demo_optimizer.main(["-e", str(EXP), "--out", str(out), "--resolution", "16", "--image-size", "64",
-                             "--iterations", "5"])
+    with pytest.raises(MeshSDFError, match="vanished.*2 completed iterations are in ") as err:
+        demo_optimizer.main(["-e", str(EXP), "--out", str(tmp_path / "out"), "--resolution", "16", "--image-size",
+                             "64", "--iterations", "5"])
+    # a partial run: --out is left as it was (absent), what was finished is in out.incomplete-<time>
+    out = Path(str(err.value).rsplit(" are in ", 1)[1])
+    assert not (tmp_path / "out").exists() and out.parent == tmp_path and out.name.startswith("out.incomplete-")
     log = json.loads((out / "log.json").read_text())
     assert len(log["iterations"]) == 2 and "vanished" in log["stopped"] and log["final"] is None
     assert iio.imread(out / "movie.gif", index=None).shape[0] == 2

@@ -251,3 +251,45 @@ def test_specs_and_split_saved_with_a_byte_order_mark_load_as_without(tmp_path):
     for p in (exp / "specs.json", tmp_path / "split.json"):
         p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())  # what Notepad's "UTF-8 with BOM" writes
     assert load_specs(exp) == plain and read_split(tmp_path / "split.json") == split
+
+
+def test_staged_output_below_missing_folders_creates_them_only_on_success(tmp_path):
+    from lib.io import staged_dir
+
+    out = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(MeshSDFError):
+        with staged_dir(out):
+            raise MeshSDFError("bad flag")  # e.g. -e of a folder that does not exist
+    assert list(tmp_path.iterdir()) == []
+    with staged_dir(out) as stage:
+        (stage.path / "a").write_text("1")
+    assert (out / "a").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["new"]
+
+
+def test_demo_rerun_that_stops_midway_leaves_the_finished_output_byte_for_byte(tmp_path, monkeypatch):
+    """A rerun into an existing --out that fails after writing frames: the earlier output is
+    untouched, the new run's files are all in out.incomplete-<time> (named in the message)."""
+    import demo_optimizer
+    from lib import optimize as optimize_mod
+
+    out = tmp_path / "out"
+    small = ["-e", str(SHIPPED), "--out", str(out), "--resolution", "16", "--image-size", "64", "--iterations", "3",
+             "--device", "cpu"]
+    assert demo_optimizer.main(small) == 0
+    finished = tree_sha256(out)
+    assert {"final.ply", "movie.gif", "log.json", "target.png"} <= set(finished)
+
+    real_step = optimize_mod.LatentOptimizer.step
+
+    def step(self):
+        if self.iteration == 1:
+            raise optimize_mod.SurfaceLostError("the mesh vanished at iteration 1")
+        return real_step(self)
+
+    monkeypatch.setattr(optimize_mod.LatentOptimizer, "step", step)
+    with pytest.raises(MeshSDFError, match="completed iterations are in ") as err:
+        demo_optimizer.main(small)
+    assert tree_sha256(out) == finished
+    partial = Path(str(err.value).rsplit(" are in ", 1)[1])
+    assert partial.name.startswith("out.incomplete-") and "log.json" in tree_sha256(partial)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", partial.name])
