@@ -96,15 +96,20 @@ def test_headline_demo_opens_the_hole(tmp_path):
     assert log["final"]["genus"] == 1 and log["final"]["iou"] >= 0.95
 
 
-def test_surface_vanishing_keeps_outputs(tmp_path, monkeypatch):
+def vanish_at(monkeypatch, iteration: int) -> None:
+    """Make the optimiser lose its surface at ``iteration`` (as a code leaving the shape space does)."""
     real_step = optimize_mod.LatentOptimizer.step
 
     def step(self):
-        if self.iteration == 2:
-            raise optimize_mod.SurfaceLostError("the mesh vanished at iteration 2: no surface in the box")
+        if self.iteration == iteration:
+            raise optimize_mod.SurfaceLostError(f"the mesh vanished at iteration {iteration}: no surface in the box")
         return real_step(self)
 
     monkeypatch.setattr(optimize_mod.LatentOptimizer, "step", step)
+
+
+def test_surface_vanishing_keeps_outputs(tmp_path, monkeypatch):
+    vanish_at(monkeypatch, 2)
     with pytest.raises(MeshSDFError, match="vanished.*2 completed iterations are in ") as err:
         demo_optimizer.main(["-e", str(EXP), "--out", str(tmp_path / "out"), "--resolution", "16", "--image-size",
                              "64", "--iterations", "5"])

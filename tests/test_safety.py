@@ -270,7 +270,7 @@ def test_demo_rerun_that_stops_midway_leaves_the_finished_output_byte_for_byte(t
     """A rerun into an existing --out that fails after writing frames: the earlier output is
     untouched, the new run's files are all in out.incomplete-<time> (named in the message)."""
     import demo_optimizer
-    from lib import optimize as optimize_mod
+    from tests.test_demo import vanish_at
 
     out = tmp_path / "out"
     small = ["-e", str(SHIPPED), "--out", str(out), "--resolution", "16", "--image-size", "64", "--iterations", "3",
@@ -279,14 +279,7 @@ def test_demo_rerun_that_stops_midway_leaves_the_finished_output_byte_for_byte(t
     finished = tree_sha256(out)
     assert {"final.ply", "movie.gif", "log.json", "target.png"} <= set(finished)
 
-    real_step = optimize_mod.LatentOptimizer.step
-
-    def step(self):
-        if self.iteration == 1:
-            raise optimize_mod.SurfaceLostError("the mesh vanished at iteration 1")
-        return real_step(self)
-
-    monkeypatch.setattr(optimize_mod.LatentOptimizer, "step", step)
+    vanish_at(monkeypatch, 1)
     with pytest.raises(MeshSDFError, match="completed iterations are in ") as err:
         demo_optimizer.main(small)
     assert tree_sha256(out) == finished
