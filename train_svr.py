@@ -8,8 +8,9 @@ SIGTERM/SIGUSR1 after saving ``latest``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
-from lib import checkpoint, distributed, runtime
+from lib import checkpoint, distributed, limits, runtime
 from lib.errors import MeshSDFError, cli_main
 from lib.log import info
 
@@ -31,9 +32,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0; a resumed run restores "
                                                          "the checkpoint's RNG state instead)")
     ap.add_argument("--epochs", type=int, default=None, help="train up to this epoch instead of NumEpochs")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start afresh in an experiment that already holds a trained model; its files are moved "
+                         "into <experiment>/Backups/<time>/, not deleted")
     ap.epilog = ("Several GPUs or machines: torchrun --nproc_per_node=K train_svr.py -e EXP [--continue latest] "
-                 "(ScenesPerBatch is the global batch). SIGTERM/SIGUSR1: finishes the epoch, saves 'latest', exits "
-                 f"with status {distributed.EXIT_PREEMPTED}.")
+                 "(ScenesPerBatch is the global batch). SIGTERM/SIGUSR1/Ctrl-C: finishes the epoch, saves 'latest', "
+                 f"exits with status {distributed.EXIT_PREEMPTED} (130 after Ctrl-C).")
     return ap.parse_args(argv)
 
 
@@ -48,8 +52,14 @@ def main(argv=None) -> int:
     specs = load_svr_specs(args.experiment)
     checkpoint.check_writable(args.experiment)
     ctx = distributed.init_distributed(args.device)  # also checks --device
+    claim = contextlib.ExitStack()  # lock, stale temporaries, no surprise overwrite (lib.checkpoint)
     try:
+        claim.enter_context(checkpoint.claim_experiment(args.experiment, args.resume, args.overwrite, "train_svr.py",
+                                                        ctx.is_main))
         dataset = training_set_from_specs(specs)
+        batch = min(specs["ScenesPerBatch"], len(dataset))
+        limits.check_sample_batch(specs["SamplesPerScene"], batch, ctx.device)
+        limits.check_encoder_images(specs["ImageSize"], batch, ctx.device)
         if ctx.is_main:
             info(f"training on {len(dataset)} instances x {specs['NumberOfViews']} views of {specs['ImageSize']} px "
                  f"on {ctx.where}")
@@ -58,6 +68,7 @@ def main(argv=None) -> int:
                                num_epochs=args.epochs, should_stop=guard)
     finally:
         distributed.cleanup()
+        claim.close()
     status = distributed.stop_status(ctx, result.stopped, result.epoch, guard, args.experiment)
     if status is not None:
         return status

@@ -49,7 +49,7 @@ def main() -> int:
     if not args.skip_train:
         times["train_deep_sdf"] = run(["train_deep_sdf.py", "-e", "experiments/toy_cars_deepsdf", "--no-reconstruct",
                                         "--overwrite"])  # a rerun moves the previous networks into Backups/
-        times["train_svr"] = run(["train_svr.py", "-e", EXP])
+        times["train_svr"] = run(["train_svr.py", "-e", EXP, "--overwrite"])
     times["reconstruct"] = run(["reconstruct_svr.py", "-e", EXP])
     times["metrics"] = run(["metrics_svr.py", "-e", EXP])
     rows = list(csv.DictReader((REPO / EXP / "Results" / "svr_metrics.csv").open()))

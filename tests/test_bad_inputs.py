@@ -501,6 +501,21 @@ def svr_checkpoint_of_another_encoder(tmp):
             "cpu", "--continue", "latest"]
 
 
+@case("train_svr", "{tmp}/exp already holds a trained model", "--continue latest", "--overwrite")
+def svr_train_again_without_continue(tmp):
+    return ["-e", str(svr_experiment(tmp, checkpoint=True)), "--device", "cpu", "--epochs", "1"]
+
+
+@case("train_svr", "ImageSize 100000 needs at least", "the largest ImageSize that fits is")
+def svr_image_size_too_large(tmp):
+    return ["-e", str(edit_specs(svr_experiment(tmp), ImageSize=100000)), "--device", "cpu", "--epochs", "1"]
+
+
+@case("train_svr", "SamplesPerScene 1000000000 (x 2 scenes per batch) needs at least")
+def svr_samples_per_scene_too_large(tmp):
+    return ["-e", str(edit_specs(svr_experiment(tmp), SamplesPerScene=10 ** 9)), "--device", "cpu", "--epochs", "1"]
+
+
 @case("reconstruct_svr", "view 5 does not exist", "NumberOfViews")
 def reconstruct_view_out_of_range(tmp):
     return ["-e", str(svr_experiment(tmp)), "--views", "5", "--device", "cpu"]
