@@ -351,6 +351,21 @@ def too_few_samples(tmp):
     return ["--builtin", "bob_and_spot", "--samples", "3", "--out", str(tmp / "out")]
 
 
+@case("prepare_data", "--resolution 100000 needs at least", "the largest --resolution that fits is")
+def builtin_meshing_resolution_too_large(tmp):
+    return ["--builtin", "bob_and_spot", "--resolution", "100000", "--out", str(tmp / "out")]
+
+
+@case("prepare_data", "--samples 100000000000 needs at least")
+def too_many_samples(tmp):
+    return ["--builtin", "bob_and_spot", "--samples", str(10 ** 11), "--out", str(tmp / "out")]
+
+
+@case("prepare_data", "--image-size 100000 needs at least")
+def render_size_too_large(tmp):
+    return ["--builtin", "toy_cars", "--count", "2", "--image-size", "100000", "--out", str(tmp / "out")]
+
+
 # --------------------------------------------------------------------------- demo_optimizer.py
 
 @case("demo_optimizer", "checkpoint not found", "{tmp}/exp/ModelParameters/latest.pth", "train it first")
