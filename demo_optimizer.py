@@ -118,8 +118,8 @@ def optimise_demo(args, stage) -> int:
     out = stage.path
     camera = demo_camera(image_size=args.image_size, device=device)
 
-    with torch.no_grad():
-        tmesh = mesh_from_sdf(decoder, codes[target_k], args.resolution, "dense")
+    with torch.no_grad():   # exact sparse extraction is dense's mesh; --mode dense asks for dense itself
+        tmesh = mesh_from_sdf(decoder, codes[target_k], args.resolution, "dense" if mode == "dense" else "sparse")
     if tmesh.state.empty:
         raise MeshSDFError(f"the code of {args.target!r} gives no surface at resolution {args.resolution} "
                            f"({tmesh.state.message}); check the checkpoint in {exp}")

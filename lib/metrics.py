@@ -188,8 +188,12 @@ def mesh_normal_consistency(verts_a, faces_a, verts_b, faces_b, n: int = 30000, 
 
 
 def silhouette_iou(a, b, threshold: float = 0.5) -> float:
-    """Intersection over union of two silhouettes (H, W) in [0, 1], binarised at ``threshold``."""
-    ma = torch.as_tensor(_np(a)) > threshold
-    mb = torch.as_tensor(_np(b)) > threshold
-    union = int((ma | mb).sum())
-    return int((ma & mb).sum()) / union if union > 0 else 1.0
+    """Intersection over union of two silhouettes (H, W) in [0, 1], binarised at ``threshold``.
+
+    Tensors are compared on their own device (only the result comes back to the host).
+    """
+    ta = a.detach() if isinstance(a, torch.Tensor) else torch.as_tensor(_np(a))
+    tb = b.detach().to(ta.device) if isinstance(b, torch.Tensor) else torch.as_tensor(_np(b), device=ta.device)
+    ma, mb = ta > threshold, tb > threshold
+    inter, union = (ma & mb).sum(), (ma | mb).sum()
+    return float(inter) / float(union) if int(union) > 0 else 1.0

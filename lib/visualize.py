@@ -12,7 +12,7 @@ shrinks inwards.  Frames are lit like neural_renderer's (``lib.nmr.nr_shade``) o
 black background; this project adds the target silhouette's outline in white.
 
 Images are float arrays in [0, 1] (torch tensors on the mesh's device until ``to_uint8``);
-row 0 is the top row (lib.camera conventions).  Plots use matplotlib's Agg backend.
+row 0 is the top row (lib.camera conventions).  Plots use matplotlib's Agg canvas.
 """
 from __future__ import annotations
 
@@ -86,9 +86,10 @@ def movie_frame(verts: torch.Tensor, faces: torch.Tensor, face_colors: torch.Ten
     return img
 
 
-def to_uint8(image: torch.Tensor):
-    """A float image in [0, 1] as a uint8 numpy array (for GIF frames kept in memory)."""
-    return (image.detach().clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A float image in [0, 1] as uint8, on its device (GIF frames kept until the end, so a
+    GPU run copies them to the host once, not every iteration)."""
+    return (image.detach().clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
 
 
 def plot_history(path: str | os.PathLike, history: Sequence[Mapping], title: str = "",
@@ -98,32 +99,31 @@ def plot_history(path: str | os.PathLike, history: Sequence[Mapping], title: str
     history: records with keys ``loss``, ``genus`` and ``seconds`` (lib.optimize records);
     target_genus: drawn as a dashed line on the genus panel.  Written atomically.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a bare Figure on the Agg canvas: no pyplot (its import and global state cost more than
+    # drawing this plot)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     it = [r.get("iteration", i) for i, r in enumerate(history)]
-    fig, axes = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
-    try:
-        loss = [r["loss"] for r in history]
-        axes[0].plot(it, loss, color="tab:red")
-        if loss and min(loss) > 0:
-            axes[0].set_yscale("log")
-        axes[0].set_ylabel("loss")
-        axes[1].step(it, [r["genus"] for r in history], where="post", color="tab:blue", label="mesh")
-        if target_genus is not None:
-            axes[1].axhline(target_genus, color="k", linestyle="--", linewidth=1, label="target")
-            axes[1].legend(loc="best", fontsize=8)
-        axes[1].set_ylabel("genus")
-        axes[2].plot(it, [r["seconds"] for r in history], color="tab:green")
-        axes[2].set_ylabel("seconds / iteration")
-        axes[2].set_xlabel("iteration")
-        axes[2].set_ylim(bottom=0)
-        if title:
-            axes[0].set_title(title)
-        fig.tight_layout()
-        with atomic_write(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(6, 7))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, 1, sharex=True)
+    loss = [r["loss"] for r in history]
+    axes[0].plot(it, loss, color="tab:red")
+    if loss and min(loss) > 0:
+        axes[0].set_yscale("log")
+    axes[0].set_ylabel("loss")
+    axes[1].step(it, [r["genus"] for r in history], where="post", color="tab:blue", label="mesh")
+    if target_genus is not None:
+        axes[1].axhline(target_genus, color="k", linestyle="--", linewidth=1, label="target")
+        axes[1].legend(loc="best", fontsize=8)
+    axes[1].set_ylabel("genus")
+    axes[2].plot(it, [r["seconds"] for r in history], color="tab:green")
+    axes[2].set_ylabel("seconds / iteration")
+    axes[2].set_xlabel("iteration")
+    axes[2].set_ylim(bottom=0)
+    if title:
+        axes[0].set_title(title)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
