@@ -39,7 +39,7 @@ from lib.render import Fragments, _screen, _segment_sum, _use_fixed, rasterize
 
 NR_EPS = 1e-4                # neural_renderer's rasterize_silhouettes eps (NDC units)
 NR_AMBIENT, NR_DIRECTIONAL, NR_LIGHT_DIRECTION = 0.5, 0.5, (0.0, 1.0, 0.0)   # its default light
-PAIR_CHUNK = 1 << 21         # (crossing, pixel) pairs evaluated at once in the backward pass
+PAIR_CHUNK = 1 << 21         # about this many (crossing, pixel) pairs evaluated at once in the backward pass
 
 
 def nr_silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, eps: float = NR_EPS,
@@ -127,37 +127,50 @@ def _kato_axis(p0, p1, faces, fi, g, n0, n1, eps_px, reproducible):
     f_in = fi[d0i, din]
     a_out = alpha[d0i, dout]
 
-    terms_idx, terms_val = [], []
+    # per crossing: moving endpoint a (resp. b) alone by k_a * dc (k_b * dc) moves the crossing
+    # by dc; k = span / lever, unusable when the lever is 0 (the scanline through the endpoint)
+    span = (b0 - a0)[e]
+    lever_a, lever_b = b0[e] - d0, d0 - a0[e]
+    use_a, use_b = lever_a != 0, lever_b != 0
+    k_a = span / torch.where(use_a, lever_a, torch.ones_like(lever_a))
+    k_b = span / torch.where(use_b, lever_b, torch.ones_like(lever_b))
+    sum_a, sum_b = p0.new_zeros(len(e)), p0.new_zeros(len(e))
+
+    def slope_sum(k, dc, diff, lengths):
+        """Per crossing: sum over its pixels of -diff / (k dc +- eps), pairs contiguous per crossing."""
+        dist = k * dc
+        dist = torch.where(dist > 0, dist + eps_px, dist - eps_px)
+        return torch.segment_reduce(-diff / dist, "sum", lengths=lengths)
 
     def pairs(sel, keys, key_lo, key_hi, diff_of):
-        """Pairs (crossing in sel, candidate pixel with key in [key_lo, key_hi])."""
+        """Add the slopes of pairs (crossing in sel, candidate pixel with key in [key_lo, key_hi])."""
         if sel.numel() == 0 or keys.numel() == 0:
             return
         s = torch.searchsorted(keys, key_lo[sel])
-        t = torch.searchsorted(keys, key_hi[sel], right=True)
-        n = (t - s).clamp(min=0)
-        total = int(n.sum())
-        if total == 0:
+        n = (torch.searchsorted(keys, key_hi[sel], right=True) - s).clamp(min=0)
+        keep = n > 0
+        sel, s, n = sel[keep], s[keep], n[keep]
+        if sel.numel() == 0:
             return
-        off = torch.cumsum(n, 0) - n
-        for a in range(0, total, PAIR_CHUNK):
-            j = torch.arange(a, min(a + PAIR_CHUNK, total), device=dev)
-            k = torch.searchsorted(off, j, right=True) - 1   # which crossing
-            cand = s[k] + (j - off[k])
-            x = sel[k]
-            pos = diff_of(cand)                              # (pixel position along p1, dI * dL/dI > 0)
-            d1, diff = pos
-            ed = e[x]
-            dc = d1.to(dt) - cross[x]
-            for vtx, other, fixed_end in ((ia, b0, True), (ib, a0, False)):
-                # moving this endpoint alone by dist moves the crossing onto the pixel
-                span = b0[ed] - a0[ed]
-                lever = (other[ed] - d0[x]) if fixed_end else (d0[x] - other[ed])
-                use = lever != 0
-                dist = span / torch.where(use, lever, torch.ones_like(lever)) * dc
-                dist = torch.where(dist > 0, dist + eps_px, dist - eps_px)
-                terms_idx.append(vtx[ed][use])
-                terms_val.append((-diff / dist)[use])
+        ends = torch.cumsum(n, 0)
+        # groups of whole crossings with about PAIR_CHUNK pairs each (bounded memory)
+        total = int(ends[-1])
+        bounds = [0, len(sel)]
+        if total > PAIR_CHUNK:
+            marks = torch.arange(PAIR_CHUNK, total, PAIR_CHUNK, device=dev)
+            cuts = (torch.searchsorted(ends, marks) + 1).clamp(max=len(sel)).unique().tolist()
+            bounds = [0] + cuts + ([len(sel)] if cuts[-1] != len(sel) else [])
+        for lo_c, hi_c in zip(bounds[:-1], bounds[1:]):
+            if hi_c <= lo_c:
+                continue
+            cs, cn, cx = s[lo_c:hi_c], n[lo_c:hi_c], sel[lo_c:hi_c]
+            k = torch.repeat_interleave(torch.arange(len(cn), device=dev), cn)
+            first = torch.cumsum(cn, 0) - cn
+            cand = cs[k] + (torch.arange(len(k), device=dev) - first[k])
+            d1, diff = diff_of(cand)                         # position along p1, dI * dL/dI (> 0)
+            dc = d1.to(dt) - cross[cx][k]
+            sum_a.index_add_(0, cx, slope_sum(k_a[cx][k], dc, diff, cn))   # cx unique: no atomics race
+            sum_b.index_add_(0, cx, slope_sum(k_b[cx][k], dc, diff, cn))
 
     # out: the face is visible at the in-pixel; background pixels beyond with dL/dI < 0
     sel_out = (ok & (f_in == fe[e])).nonzero().squeeze(1)
@@ -177,10 +190,8 @@ def _kato_axis(p0, p1, faces, fi, g, n0, n1, eps_px, reproducible):
     fbase = fe[e] * (n0 * n1) + base
     pairs(sel_in, keys_in, fbase, fbase + n1 - 1,
           lambda c: (px_in[c] % n1, g_flat[px_in[c]]))                      # dI = 1 - 0
-    if not terms_idx:
-        return p0.new_zeros(V)
-    idx = torch.cat(terms_idx)
-    val = torch.cat(terms_val)
+    idx = torch.cat([ia[e][use_a], ib[e][use_b]])
+    val = torch.cat([sum_a[use_a], sum_b[use_b]])
     return _segment_sum(idx, val[:, None], V, reproducible=reproducible)[:, 0]
 
 

@@ -152,3 +152,20 @@ def test_nr_shade_lights_the_normal_facing_away_from_the_camera():
     expect = 0.7 * (0.5 + 0.5 * max(0.0, float(away[1])))
     cov = img[..., 3] > 0
     assert torch.allclose(img[cov][:, 0], torch.full_like(img[cov][:, 0], expect), atol=1e-5)
+
+
+def test_pair_chunks_do_not_change_the_gradient(monkeypatch):
+    import lib.nmr as nmr
+
+    cam = demo_camera(image_size=40)
+    v, f, _ = extract(lambda p: p.norm(dim=1) - 0.45, 16, "dense")
+    tv, tf, _ = extract(lambda p: (p - 0.08).norm(dim=1) - 0.5, 16, "dense")
+    target = rasterize(tv, tf, cam).mask.double()
+    grads = []
+    for chunk in (nmr.PAIR_CHUNK, 300):
+        monkeypatch.setattr(nmr, "PAIR_CHUNK", chunk)
+        vv = v.double().requires_grad_(True)
+        (nr_silhouette(vv, f, cam) - target).square().sum().backward()
+        grads.append(vv.grad)
+    assert float(grads[0].abs().sum()) > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
