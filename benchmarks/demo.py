@@ -39,7 +39,8 @@ def load() -> str:
 
 def whole_command(exp: Path, renderer: str, iterations: int, device: str | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, str(REPO / "demo_optimizer.py"), "-e", str(exp), "--out", tmp,
+        out = Path(tmp) / "out"              # a fresh folder: the demo writes it whole
+        cmd = [sys.executable, str(REPO / "demo_optimizer.py"), "-e", str(exp), "--out", str(out),
                "--renderer", renderer, "--iters", str(iterations)] + (["--device", device] if device else [])
         before = load()
         w0 = time.perf_counter()
@@ -48,7 +49,7 @@ def whole_command(exp: Path, renderer: str, iterations: int, device: str | None)
         wall = time.perf_counter() - w0
         if proc.returncode != 0:
             raise SystemExit(f"demo failed ({renderer}): {proc.stderr.strip().splitlines()[-1:]}")
-        log = json.loads((Path(tmp) / "log.json").read_text())
+        log = json.loads((out / "log.json").read_text())
     return {"renderer": renderer, "wall": wall, "loop": log["seconds_total"], "genus": log["final"]["genus"],
             "iou": log["final"]["iou"], "genus0": log["iterations"][0]["genus"],
             "steps": sum(r["seconds"] for r in log["iterations"]), "load": f"{before} -> {load()}"}
