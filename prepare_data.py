@@ -2,6 +2,7 @@
 
     python prepare_data.py --builtin bob_and_spot              # the toy dataset, no download
     python prepare_data.py --builtin toy_cars --count 40       # toy cars with RGBA renders (SVR)
+    python prepare_data.py --builtin toy_chairs --count 40     # toy chairs (genus 0 to 8) with renders
     python prepare_data.py --mesh a.obj b.ply --dataset mine   # any triangle meshes
 
 Writes, under <out>/<dataset>/ (SPEC section 2):
@@ -9,12 +10,14 @@ Writes, under <out>/<dataset>/ (SPEC section 2):
     samples/<inst>_normalization.npz   offset (3,), scale: normalised = (original - offset) * scale
     meshes/<inst>.obj                  the normalised mesh
     split.json                         {"<dataset>": {"samples": [<inst>, ...]}}
-and with renders (--views N > 0; the default for toy_cars), DISN's layout:
+and with renders (--views N > 0; the default for the toy families), DISN's layout:
     renders/<inst>/NN.png              RGBA, anti-aliased, straight alpha = coverage
-    renders/<inst>/rendering_metadata.txt   one line per view: az el 0 distance-ratio fov
-    split_train.json, split_test.json  the last --test-count instances are the test split
-Renders are made in the frame of the input mesh (for toy cars, ShapeNet-like units) from
-random DISN cameras; samples/<inst>_normalization.npz maps them to the normalised frame.
+    renders/<inst>/rendering_metadata.txt   one bracketed DISN line per view
+    split_train.json, split_val.json, split_test.json
+                                       the last --test-count instances are the test split,
+                                       the --val-count before them the validation split
+Renders are made of the normalised mesh from random DISN cameras, so samples, meshes and
+renders share one frame as in the original's SVR data (no normalisation file is needed).
 Every file is written atomically; all inputs are checked before anything is written.
 """
 from __future__ import annotations
@@ -59,13 +62,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--resolution", type=int, default=192,
                     help="marching-cubes grid used to mesh built-in shapes (default 192)")
     ap.add_argument("--count", type=int, default=None,
-                    help="number of instances of a procedural family (toy_cars; default "
+                    help="number of instances of a procedural family (toy_cars, toy_chairs; default "
                          f"{TOY_CARS_DEFAULT_COUNT})")
     ap.add_argument("--views", type=int, default=None,
-                    help="RGBA renders per instance in DISN's layout (default 24 for toy_cars, else 0)")
+                    help="RGBA renders per instance in DISN's layout (default 24 for toy_cars / toy_chairs, "
+                         "else 0)")
     ap.add_argument("--image-size", type=int, default=224, help="render size in pixels (default 224, DISN's)")
     ap.add_argument("--test-count", type=int, default=None,
                     help="with renders: instances in split_test.json (default: a fifth, at least 1)")
+    ap.add_argument("--val-count", type=int, default=0,
+                    help="with renders: instances in split_val.json, taken before the test ones (default 0: "
+                         "no validation split)")
     return ap.parse_args(argv)
 
 
@@ -108,9 +115,12 @@ def _job(task: tuple) -> dict:
         color = builtin_color(source)
     result = prepare_mesh(verts, faces, out, dataset, instance, n, seed=seed, name=str(source))
     if render:
-        from lib.svr import render_views
+        from lib.datasets import render_views
+        from lib.sampling import normalization
 
-        render_views(verts, faces, Path(out) / dataset / "renders" / instance, render["views"],
+        # the normalised mesh, as written to meshes/: renders in the frame of the samples
+        normalised = normalization(verts, faces, str(source)).apply(verts)
+        render_views(normalised, faces, Path(out) / dataset / "renders" / instance, render["views"],
                      render["image_size"], seed=render["seed"], color=color)
         result["views"] = render["views"]
     return result
@@ -176,11 +186,15 @@ def main(argv=None) -> int:
             sources.append(("mesh", str(f), inst))
     _check_name("dataset", dataset)
     root = out / dataset
-    n_test = 0
+    n_test = n_val = 0
     if views and len(sources) > 1:
         n_test = args.test_count if args.test_count is not None else max(1, len(sources) // 5)
         if not 1 <= n_test < len(sources):
             raise MeshSDFError(f"--test-count must be between 1 and {len(sources) - 1} for {len(sources)} instances")
+        n_val = args.val_count
+        if not 0 <= n_val < len(sources) - n_test:
+            raise MeshSDFError(f"--val-count must be between 0 and {len(sources) - n_test - 1} for {len(sources)} "
+                               f"instances and {n_test} test instances")
     for sub in ("samples", "meshes") + (("renders",) if views else ()):
         _check_writable(root / sub)
     tasks = [(kind, src, str(out), dataset, inst, args.samples, args.seed + i, args.resolution,
@@ -203,7 +217,10 @@ def main(argv=None) -> int:
     names = [r["instance"] for r in results]
     splits = {"split.json": names}
     if n_test:
-        splits.update({"split_train.json": names[:len(names) - n_test], "split_test.json": names[len(names) - n_test:]})
+        n_train = len(names) - n_test - n_val
+        splits.update({"split_train.json": names[:n_train], "split_test.json": names[len(names) - n_test:]})
+        if n_val:
+            splits["split_val.json"] = names[n_train:n_train + n_val]
     for fname, part in splits.items():
         with atomic_write(root / fname) as tmp:
             tmp.write_text(json.dumps({dataset: {"samples": part}}, indent=2) + "\n")
@@ -211,8 +228,8 @@ def main(argv=None) -> int:
         info(f"{dataset}/{r['instance']}: {r['pos']} pos + {r['neg']} neg samples, {r['faces']} faces")
     if views:
         info(f"wrote {views} RGBA views of {args.image_size} px per instance to {root}/renders"
-             + (f"; {len(names) - n_test} train / {n_test} test instances in split_train.json / split_test.json"
-                if n_test else ""))
+             + (f"; {len(names) - n_test - n_val} train / {n_val} validation / {n_test} test instances in "
+               "split_train.json / split_val.json / split_test.json" if n_test else ""))
     info(f"wrote {root}/samples, {root}/meshes and {root / 'split.json'}")
     return 0
 

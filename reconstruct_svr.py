@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Single-view reconstruction of the test views: encoder code -> raw mesh -> silhouette refinement."""
+"""Single-view reconstruction of the test split as the original evaluates it: encoder code -> raw
+mesh -> silhouette refinement, per-iteration Chamfer and normal consistency."""
 from __future__ import annotations
 
 import argparse
 
 from lib import checkpoint, runtime
-from lib.specs import load_svr_specs, resolve_path
 from lib.errors import MeshSDFError, cli_main
 from lib.log import info, progress
 
@@ -13,31 +13,51 @@ from lib.log import info, progress
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="reconstruct_svr.py",
-        description="For each instance of the TestSplit and each view: encode the RGBA image, extract the raw "
-                    "mesh of the code, then refine the code with Adam on the L1 distance between the rendered "
-                    "soft silhouette and the input alpha, through the MeshSDF layer (SPEC section 8). Writes "
-                    "<experiment>/Reconstructions/<instance>/<NN>/: predicted.ply, refined.ply, "
-                    "input_silhouette.png, raw_silhouette.png, refined_silhouette.png, log.npz (per iteration: "
-                    "silhouette_loss, chamfer, normal_consistency, latent_norm, iou) and summary.json.")
+        description="For each instance of the TestSplit (item i seen from view np.random.seed(i); "
+                    "randint(0, NumberOfViews), as the original): encode the RGBA image, extract the raw mesh of "
+                    "the code, then refine the code with Adam on the L1 distance between the rendered soft "
+                    "silhouette and the input alpha, through the MeshSDF layer. Writes "
+                    "<experiment>/Reconstructions/<checkpoint>/<instance>/ (input.png, input_silhouette.png, "
+                    "predicted.ply/.png/_silhouette.png, refined.ply/.png/_silhouette.png, log_silhouette.npy, "
+                    "log_chd.npy, log_nc.npy, log_latent.npy; ours: log_iou.npy, meta.json). An instance whose "
+                    "folder exists is skipped, so an interrupted run resumes.")
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
-    ap.add_argument("--instances", nargs="+", default=None, metavar="NAME",
-                    help="only these instances of the TestSplit (default: all)")
-    ap.add_argument("--views", nargs="+", type=int, default=None, metavar="N",
-                    help="view indices to reconstruct (default: ReconstructionViews of specs.json)")
-    ap.add_argument("--checkpoint", type=checkpoint.parse_epoch, default="latest", metavar="latest|N",
-                    help="network snapshot to use (default latest)")
-    ap.add_argument("--iterations", type=int, default=None, help="refinement steps (default: RefinementIterations)")
-    ap.add_argument("--lr", type=float, default=None, help="refinement learning rate (default: RefinementLearningRate)")
+    ap.add_argument("-c", "--continue", dest="checkpoint", type=checkpoint.parse_epoch, default="latest",
+                    metavar="latest|N", help="network checkpoint to use (default latest)")
     ap.add_argument("--resolution", type=int, default=None,
-                    help="marching-cubes resolution (default: ReconstructionResolution)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+                    help="marching-cubes resolution (default: ReconstructionResolution of specs.json, 256)")
+    ap.add_argument("--iterations", type=int, default=None,
+                    help="refinement steps (default: RefinementIterations, 100)")
+    ap.add_argument("--regularize", type=float, default=0.0,
+                    help="weight w of w * mean(z^2) added to the refinement loss (default 0.0)")
+    ours = ap.add_argument_group("options of this project (defaults are the original's protocol)")
+    ours.add_argument("--lr", type=float, default=None,
+                      help="refinement learning rate (default: RefinementLearningRate, 5e-5)")
+    ours.add_argument("--sigma", type=float, default=None,
+                      help="soft-silhouette sigma in squared NDC units (default: SilhouetteSigma, 1e-4; the blur "
+                           "radius follows it, BlurSigmaRatio)")
+    ours.add_argument("--mode", choices=("fast", "sparse", "dense"), default=None,
+                      help="extraction every iteration (default: ExtractionMode, 'fast' = the original's "
+                           "heuristic; 'sparse' and 'dense' are exact)")
+    ours.add_argument("--views", nargs="+", type=int, default=None, metavar="N",
+                      help="reconstruct these views of every instance (folders <instance>_viewNN except for the "
+                           "protocol's view) instead of the protocol's one view")
+    ours.add_argument("--split", choices=("test", "validation"), default="test",
+                      help="TestSplit (default) or ValidationSplit, to choose settings without the test views")
+    ours.add_argument("--instances", nargs="+", default=None, metavar="NAME", help="only these instances of the split")
+    ours.add_argument("--chamfer-samples", type=int, default=None,
+                      help="surface samples per mesh for the Chamfer distance (default: ChamferSamples, 10000)")
+    ours.add_argument("--out", default=None, metavar="DIR",
+                      help="write the instance folders here instead of Reconstructions/<checkpoint>/")
+    ours.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     import torch
 
-    from lib import svr
+    from lib.specs import load_svr_specs
+    from lib.svr import data, evaluate, network, reconstruct
 
     args = parse_args(argv)
     runtime.apply_thread_policy()  # threads for the cores other processes leave free (MESHSDF_THREADS)
@@ -47,46 +67,64 @@ def main(argv=None) -> int:
         raise MeshSDFError(f"--lr must be > 0, got {args.lr}")
     if args.resolution is not None and args.resolution < 8:
         raise MeshSDFError(f"--resolution must be >= 8, got {args.resolution}")
+    if not args.regularize >= 0:
+        raise MeshSDFError(f"--regularize must be >= 0, got {args.regularize}")
+    if args.sigma is not None and not args.sigma > 0:
+        raise MeshSDFError(f"--sigma must be > 0, got {args.sigma}")
+    if args.chamfer_samples is not None and args.chamfer_samples < 100:
+        raise MeshSDFError(f"--chamfer-samples must be >= 100, got {args.chamfer_samples}")
     specs = load_svr_specs(args.experiment)
     device = runtime.choose_device(args.device)
-    settings = svr.RefineSettings.from_specs(specs, iterations=args.iterations, lr=args.lr, resolution=args.resolution)
-    views = args.views if args.views is not None else specs["ReconstructionViews"]
-    bad = [v for v in views if not 0 <= v < specs["NumberOfViews"]]
+    settings = reconstruct.RefineSettings.from_specs(specs, iterations=args.iterations, lr=args.lr,
+                                                     resolution=args.resolution, mode=args.mode, sigma=args.sigma,
+                                                     chamfer_samples=args.chamfer_samples, regularize=args.regularize)
+    num_views = specs["NumberOfViews"]
+    bad = [v for v in args.views or [] if not 0 <= v < num_views]
     if bad:
-        raise MeshSDFError(f"view {bad[0]} does not exist: views are 0 .. {specs['NumberOfViews'] - 1} "
-                           "(NumberOfViews in specs.json)")
-    from lib.data import read_split
-
-    if not specs["TestSplit"]:
-        raise MeshSDFError(f"{args.experiment}/specs.json has no TestSplit; add the split file of the test instances")
-    instances = read_split(resolve_path(specs["TestSplit"]))
+        raise MeshSDFError(f"view {bad[0]} does not exist: views are 0 .. {num_views - 1} (NumberOfViews in specs.json)")
+    split_key = data.SPLIT_KEYS[args.split]
+    instances = data.split_instances(specs, split_key)
+    items = list(range(len(instances)))     # item index in split order: it seeds the protocol's view
     if args.instances:
         known = {i.name for i in instances}
         missing = [n for n in args.instances if n not in known]
         if missing:
-            raise MeshSDFError(f"instance {missing[0]!r} is not in the TestSplit {specs['TestSplit']}")
-        instances = [i for i in instances if i.name in set(args.instances)]
-    renders = svr.render_set_from_specs(specs, instances=instances, cache=False)
-    gt_meshes = [svr.ground_truth_mesh(specs, inst) for inst in instances]   # fail early on a missing mesh
-    net = svr.load_network(args.experiment, specs, args.checkpoint, device)
-    info(f"reconstructing {len(instances)} instances x {len(views)} views with the epoch-{net.checkpoint_epoch} "
-         f"network on {device} (N = {settings.resolution}, {settings.iterations} steps, lr {settings.lr:g})")
-    jobs = [(k, v) for k in range(len(instances)) for v in views]
-    for k, v in progress(jobs, desc="reconstruct_svr", unit="view"):
+            raise MeshSDFError(f"instance {missing[0]!r} is not in the {split_key} {specs[split_key]}")
+        items = [k for k in items if instances[k].name in set(args.instances)]
+    renders = data.render_set_from_specs(specs, instances=instances, cache=False)
+    gt_meshes = {k: data.ground_truth_mesh(specs, instances[k]) for k in items}   # fail early on a missing mesh
+    net = network.load_network(args.experiment, specs, args.checkpoint, device)
+    root = reconstruct.output_root(args.experiment, args.checkpoint, args.out)
+    jobs = []
+    for k in items:
+        default = data.evaluation_view(k, num_views)
+        for v in (args.views if args.views is not None else [default]):
+            folder = root / reconstruct.instance_folder_name(instances[k].name, v, default)
+            if not folder.exists():
+                jobs.append((k, v, folder))
+    done = len(items) * len(args.views or [0]) - len(jobs)
+    info(f"reconstructing {len(jobs)} views of the {split_key} ({done} done before, skipped) with the epoch-"
+         f"{net.checkpoint_epoch} network on {device} (N = {settings.resolution}, {settings.mode} extraction, "
+         f"{settings.iterations} steps, lr {settings.lr:g}) into {root}")
+    for k, v, folder in progress(jobs, desc="reconstruct_svr", unit="view"):
+        name = instances[k].name
         image = renders.images(torch.tensor([k]), torch.tensor([v]), device)
         with torch.no_grad():
             code = net(image)[0]
         camera = renders.camera(k, v)
-        gt = svr.GroundTruth(*gt_meshes[k], camera, settings.chamfer_samples, device)
-        result = svr.reconstruct_view(net.decoder, code, image[0, 3], camera, gt, settings)
-        svr.save_view(svr.view_dir(args.experiment, instances[k].name, v), result, instances[k].name, v)
+        gt = evaluate.GroundTruth(*gt_meshes[k], camera, settings.chamfer_samples, device)
+        result = reconstruct.reconstruct_view(net.decoder, code, image[0, 3], camera, gt, settings)
+        reconstruct.save_instance(folder, result, image[0], camera,
+                                  {"instance": name, "view": int(v), "item": int(k), "split": args.split,
+                                   "checkpoint_epoch": int(net.checkpoint_epoch),
+                                   "settings": vars(settings)})
         for m in result.messages:
-            info(f"{instances[k].name}/{v:02d}: {m}")
+            info(f"{folder.name}: {m}")
         c0, c1 = result.log["chamfer"][0] * 1000, result.log["chamfer"][-1] * 1000
-        info(f"{instances[k].name}/{v:02d}: Chamfer x1000 {c0:.3f} -> {c1:.3f}, silhouette loss "
+        info(f"{folder.name} (view {v:02d}): Chamfer x1000 {c0:.3f} -> {c1:.3f}, silhouette loss "
              f"{result.log['silhouette_loss'][0]:.4f} -> {result.log['silhouette_loss'][-1]:.4f} "
              f"({result.seconds:.1f} s)")
-    info(f"wrote {len(jobs)} reconstructions to {checkpoint.reconstructions_dir(args.experiment)}")
+    info(f"wrote {len(jobs)} reconstructions to {root}")
     return 0
 
 

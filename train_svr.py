@@ -2,7 +2,7 @@
 """Train the single-view reconstruction network (image encoder + DeepSDF decoder) from specs.json.
 
 Runs as is under ``torchrun --nproc_per_node=K`` (DDP over encoder + decoder, see
-lib.distributed / lib.svr.train_svr).  Exit status: 0 done, 2 user error, 143 stopped by
+lib.distributed / lib.svr.train.train_svr).  Exit status: 0 done, 2 user error, 143 stopped by
 SIGTERM/SIGUSR1 after saving ``latest``.
 """
 from __future__ import annotations
@@ -18,11 +18,13 @@ from lib.log import info
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="train_svr.py",
-        description="Train an RGBA image encoder and a DeepSDF decoder jointly on the SDF loss (SPEC section 8) "
-                    "over the TrainSplit of <experiment>/specs.json: each step encodes one random view of each "
-                    "instance of the batch and fits the decoder's SDF to that instance's samples. Writes "
-                    "ModelParameters/ (encoder and decoder), OptimizerParameters/ and Logs.pth into the "
-                    "experiment folder.")
+        description="Train an RGBA image encoder and a DeepSDF decoder jointly on the SDF loss over the "
+                    "TrainSplit of <experiment>/specs.json, as the original MeshSDF does: each step encodes one "
+                    "random view of each instance of the batch and fits the decoder's SDF to that instance's "
+                    "samples; the decoder learns at LearningRateSchedule[0], the encoder at [1]; after every "
+                    "epoch the TestSplit's SDF loss is logged (networks in eval mode). Writes "
+                    "ModelParameters/encoder_<e>.pth and decoder_<e>.pth, OptimizerParameters/<e>.pth and "
+                    "Logs.pth (loss_sdf, loss_sdf_test) into the experiment folder.")
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
     ap.add_argument("-c", "--continue", dest="resume", type=checkpoint.parse_epoch, default=None,
                     metavar="latest|N", help="resume from the 'latest' checkpoint (starts from scratch when there "
@@ -43,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from lib.specs import load_svr_specs
-    from lib.svr import train_svr, training_set_from_specs
+    from lib.svr.data import sdf_render_set, training_set_from_specs
+    from lib.svr.train import train_svr
 
     args = parse_args(argv)
     runtime.apply_thread_policy()  # threads for the cores other processes leave free (MESHSDF_THREADS)
@@ -60,12 +63,13 @@ def main(argv=None) -> int:
         batch = min(specs["ScenesPerBatch"], len(dataset))
         limits.check_sample_batch(specs["SamplesPerScene"], batch, ctx.device)
         limits.check_encoder_images(specs["ImageSize"], batch, ctx.device)
+        test_set = sdf_render_set(specs, "TestSplit") if specs["TestSplit"] else None
         if ctx.is_main:
             info(f"training on {len(dataset)} instances x {specs['NumberOfViews']} views of {specs['ImageSize']} px "
                  f"on {ctx.where}")
         with distributed.PreemptionGuard() as guard:
             result = train_svr(args.experiment, specs, dataset, ctx.device, resume=args.resume, seed=args.seed,
-                               num_epochs=args.epochs, should_stop=guard)
+                               num_epochs=args.epochs, should_stop=guard, test_set=test_set)
     finally:
         distributed.cleanup()
         claim.close()

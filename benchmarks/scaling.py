@@ -18,7 +18,7 @@ start-up is shown too.  Prints the best of --rounds per configuration and the ra
 ``plain``.  Usage: python benchmarks/scaling.py [--rounds 2] [--epochs 6] [--device cpu]
 
 ``--trainer svr`` runs ``train_svr.py`` instead: the same spheres with --views RGBA renders
-of --image-size px each and an encoder of --encoder widths (instance norm, depth 2 + 2 per
+of --image-size px each and an encoder of --encoder widths (instance norm, depth 8: one block per
 stage), decoder lr = encoder lr.
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ def make_svr_experiment(root: Path, exp: Path, scenes: int, views: int, size: in
             "".join(format_disn_line(DisnView(360.0 * v / views, 25.0, 0.0, 0.7, 25.0)) + "\n" for v in range(views)))
     specs = json.loads((exp / "specs.json").read_text())
     specs.update(ImageSize=size, NumberOfViews=views, DecoderLearningRateFactor=1.0,
-                 Encoder={"Depth": 2 + 2 * len(widths), "Widths": widths, "Normalization": "in"},
+                 NormType="in", Depth=8, EncoderWidths=widths,
                  LearningRateSchedule=[{"Type": "Constant", "Value": 5e-4}])
     (exp / "specs.json").write_text(json.dumps(specs))
     return exp
@@ -132,7 +132,7 @@ def main() -> None:
                     help="train_deep_sdf.py or train_svr.py (adds renders and an encoder)")
     ap.add_argument("--views", type=int, default=4, help="svr: renders per instance")
     ap.add_argument("--image-size", type=int, default=32, help="svr: ImageSize")
-    ap.add_argument("--encoder", default="8,16,32,64", help="svr: encoder stage widths")
+    ap.add_argument("--encoder", default="8,16,32,64", help="svr: the 4 encoder stage widths")
     args = ap.parse_args()
     width, depth = (int(v) for v in args.dims.split("x"))
     configs = tuple(CONFIGS)

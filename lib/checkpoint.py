@@ -593,3 +593,138 @@ def claim_experiment(exp_dir: str | os.PathLike, resume: str | int | None, overw
             backup = move_aside(exp_dir)
             info(f"--overwrite: moved the previous training files into {backup}")
         yield
+
+
+# --------------------------------------------------------------------------- single-view reconstruction
+#
+#   <exp>/ModelParameters/encoder_<e|latest>.pth   {"epoch", "model_state_dict"}, keys "module.<name>"
+#   <exp>/ModelParameters/decoder_<e|latest>.pth   the same for the decoder
+#   <exp>/OptimizerParameters/<e|latest>.pth       {"epoch", "optimizer_state_dict" (groups: decoder,
+#                                                   encoder), + "encoder_state_dict", "decoder_state_dict",
+#                                                   RNG states: our resume record}
+#
+# The original trains both networks inside DataParallel, hence the "module." prefix; this
+# project writes it too so that its files load in the original.  Earlier versions of this
+# project wrote one ModelParameters/<e>.pth holding "encoder.*" and "decoder.*" keys; it is
+# still read.
+
+SVR_PARTS = ("encoder", "decoder")
+
+
+def svr_model_path(exp_dir: str | os.PathLike, part: str, epoch: str | int) -> Path:
+    """``<exp>/ModelParameters/<part>_<epoch|latest>.pth`` for part in "encoder", "decoder"."""
+    return Path(exp_dir) / MODEL_PARAMS_DIR / f"{part}_{epoch}.pth"
+
+
+def _with_module_prefix(state: Mapping[str, torch.Tensor]) -> dict:
+    return {(k if k.startswith("module.") else "module." + k): v for k, v in state.items()}
+
+
+def save_svr_checkpoint(exp_dir: str | os.PathLike, label: str | int, epoch: int, encoder: torch.nn.Module,
+                        decoder: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                        extra: Mapping[str, Any] | None = None) -> None:
+    """Write the original's SVR checkpoint files ``<label>`` (see above), each atomically.
+
+    The optimizer file is the resume record (it holds both networks too) and is renamed
+    first, as ``save_checkpoint``'s: a kill between renames leaves the new, complete record.
+    """
+    states = {part: net.state_dict() for part, net in zip(SVR_PARTS, (encoder, decoder))}
+    with contextlib.ExitStack() as stack:  # exits in reverse order: the record, entered last, is renamed first
+        for part, state in states.items():
+            tmp = stack.enter_context(atomic_write(svr_model_path(exp_dir, part, label)))
+            torch.save({"epoch": epoch, "model_state_dict": _with_module_prefix(state)}, tmp)
+        if optimizer is not None:
+            record = {"epoch": epoch, "optimizer_state_dict": optimizer.state_dict(),
+                      **{f"{part}_state_dict": s for part, s in states.items()}, **(extra or {})}
+            torch.save(record, stack.enter_context(atomic_write(checkpoint_path(exp_dir, OPTIMIZER_PARAMS_DIR, label))))
+
+
+def _split_combined(state: Mapping, path) -> dict:
+    """``encoder.*`` / ``decoder.*`` keys of an earlier version's combined state dict, by part."""
+    state = _strip_module_prefix(state)
+    parts = {p: {k[len(p) + 1:]: v for k, v in state.items() if k.startswith(p + ".")} for p in SVR_PARTS}
+    if not all(parts.values()):
+        raise MeshSDFError(f"{path} holds no encoder and decoder (not an SVR checkpoint); "
+                           "give the experiment that train_svr.py wrote")
+    return parts
+
+
+def load_svr_networks(exp_dir: str | os.PathLike, encoder: torch.nn.Module, decoder: torch.nn.Module,
+                      epoch: str | int = "latest", map_location=None) -> int:
+    """Load the SVR networks of checkpoint ``epoch`` into ``encoder`` and ``decoder``; returns its epoch.
+
+    Reads ``encoder_<epoch>.pth`` and ``decoder_<epoch>.pth`` (the original's files, or
+    ours), which must hold the same epoch, else the combined ``<epoch>.pth`` of earlier
+    versions.  MeshSDFError when neither exists or a file does not match the specs' networks.
+    """
+    paths = [svr_model_path(exp_dir, part, epoch) for part in SVR_PARTS]
+    combined = checkpoint_path(exp_dir, MODEL_PARAMS_DIR, epoch)
+    if not all(p.is_file() for p in paths) and combined.is_file():
+        obj = load_torch(combined, map_location)
+        stored = _checkpoint_epoch(obj, combined)
+        parts = _split_combined(obj.get("model_state_dict", {}), combined)
+        _load_model(encoder, parts["encoder"], combined)
+        _load_model(decoder, parts["decoder"], combined)
+        return stored
+    for p in paths:
+        if not p.is_file():
+            raise MeshSDFError(_missing_svr_message(exp_dir, p))
+    objs = [load_torch(p, map_location) for p in paths]
+    epochs = [_checkpoint_epoch(obj, p) for obj, p in zip(objs, paths)]
+    if epochs[0] != epochs[1]:
+        raise MeshSDFError(f"{paths[0]} holds epoch {epochs[0]} but {paths[1]} epoch {epochs[1]}; "
+                           f"use a numbered snapshot (have {svr_snapshot_epochs(exp_dir)})")
+    for net, obj, p in zip((encoder, decoder), objs, paths):
+        _load_model(net, obj.get("model_state_dict", {}), p)
+    return epochs[0]
+
+
+def load_svr_checkpoint(exp_dir: str | os.PathLike, label: str | int, encoder: torch.nn.Module,
+                        decoder: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        map_location=None) -> tuple[int, dict]:
+    """Load what ``save_svr_checkpoint`` wrote, for resuming; returns (epoch, other record entries).
+
+    The record's own network states are used when it has them (ours, or the combined
+    ``model_state_dict`` of earlier versions); an original's record has none, and then
+    the ModelParameters files are read and must hold the record's epoch.
+    """
+    path = checkpoint_path(exp_dir, OPTIMIZER_PARAMS_DIR, label)
+    if not path.is_file():
+        raise MeshSDFError(_missing_svr_message(exp_dir, path))
+    record = load_torch(path, map_location)
+    epoch = _checkpoint_epoch(record, path)
+    if all(f"{p}_state_dict" in record for p in SVR_PARTS):
+        _load_model(encoder, record["encoder_state_dict"], path)
+        _load_model(decoder, record["decoder_state_dict"], path)
+    elif "model_state_dict" in record:
+        parts = _split_combined(record["model_state_dict"], path)
+        _load_model(encoder, parts["encoder"], path)
+        _load_model(decoder, parts["decoder"], path)
+    else:
+        stored = load_svr_networks(exp_dir, encoder, decoder, label, map_location)
+        if stored != epoch:
+            raise MeshSDFError(f"checkpoint '{label}' in {exp_dir} is inconsistent (OptimizerParameters {epoch}, "
+                               f"ModelParameters {stored}); resume from a numbered snapshot instead "
+                               f"(--continue N, have {svr_snapshot_epochs(exp_dir)})")
+    try:
+        optimizer.load_state_dict(record["optimizer_state_dict"])
+    except (KeyError, ValueError) as err:
+        raise MeshSDFError(f"{path} does not match this optimizer ({err})") from None
+    skip = {"epoch", "optimizer_state_dict", "model_state_dict"} | {f"{p}_state_dict" for p in SVR_PARTS}
+    return epoch, {k: v for k, v in record.items() if k not in skip}
+
+
+def svr_snapshot_epochs(exp_dir: str | os.PathLike) -> list[int]:
+    """Numbered SVR snapshots (``decoder_<e>.pth``, or an earlier version's ``<e>.pth``), ascending."""
+    d = Path(exp_dir) / MODEL_PARAMS_DIR
+    if not d.is_dir():
+        return []
+    return sorted({int(m.group(1)) for p in d.iterdir() if (m := re.fullmatch(r"(?:decoder_)?(\d+)\.pth", p.name))})
+
+
+def _missing_svr_message(exp_dir, path) -> str:
+    options = (["latest"] if svr_model_path(exp_dir, "decoder", "latest").is_file()
+               or checkpoint_path(exp_dir, MODEL_PARAMS_DIR, "latest").is_file() else [])
+    options += [str(e) for e in svr_snapshot_epochs(exp_dir)]
+    hint = f"available: {', '.join(options)}" if options else "train it first with train_svr.py"
+    return f"checkpoint not found: {path}; {hint}"

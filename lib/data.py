@@ -21,7 +21,7 @@ import torch
 from lib.errors import MeshSDFError
 
 # Datasets that prepare_data.py can build by itself: named in the missing-file message.
-BUILTIN_DATASETS = ("bob_and_spot", "toy_cars")
+BUILTIN_DATASETS = ("bob_and_spot", "toy_cars", "toy_chairs")
 
 
 @dataclass(frozen=True)

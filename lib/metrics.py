@@ -1,5 +1,5 @@
 """Mesh and image metrics: topology (Euler characteristic, components, genus), Chamfer
-distance, normal consistency, IoU.
+distance, normal consistency (image space, the original's SVR metric; mesh space, an extra), IoU.
 
 Meshes are verts (V, 3) float and faces (F, 3) int tensors or arrays.
 """
@@ -120,11 +120,45 @@ def sample_surface(verts: torch.Tensor, faces: torch.Tensor, n: int, generator: 
     idx = torch.multinomial(area.double().to(gdev) + 1e-30, n, replacement=True, generator=generator).to(verts.device)
     uv = torch.rand(n, 2, generator=generator, dtype=verts.dtype, device=gdev).to(verts.device)
     flip = uv.sum(1) > 1  # reflect into the triangle: uniform over its area
-    uv[flip] = 1 - uv[flip]
+    uv = torch.where(flip[:, None], 1 - uv, uv)
     pts = a[idx] + uv[:, :1] * (b[idx] - a[idx]) + uv[:, 1:] * (c[idx] - a[idx])
     if not return_normals:
         return pts
     return pts, cross[idx] / area[idx].clamp_min(1e-30).unsqueeze(1)
+
+
+def seeded_generator(seed: int, device=None) -> torch.Generator:
+    """A torch.Generator on ``device`` (default CPU) seeded with ``seed``."""
+    return torch.Generator(device=torch.device(device) if device is not None else "cpu").manual_seed(int(seed))
+
+
+class PointReference:
+    """A fixed point set (R, 3) prepared once for many nearest-neighbour queries.
+
+    On the CPU a KD-tree (built here, once); on other devices the points stay there and
+    queries run as chunked ``torch.cdist`` (no host round trip for the distances).
+    """
+
+    def __init__(self, points: torch.Tensor, chunk: int = 4096):
+        self.points = torch.as_tensor(points).detach()
+        self.chunk = int(chunk)
+        self.tree = None
+        if self.points.device.type == "cpu":
+            from scipy.spatial import cKDTree
+
+            self.tree = cKDTree(self.points.double().numpy())
+
+    def squared_distances(self, query: torch.Tensor) -> torch.Tensor:
+        """Squared distance from each query point (Q, 3) to its nearest reference point: (Q,) float64,
+        on the query's device."""
+        query = torch.as_tensor(query).detach()
+        if self.tree is not None:
+            d, _ = self.tree.query(query.cpu().double().numpy(), k=1, workers=-1)
+            return torch.from_numpy(d ** 2).to(query.device)
+        ref = self.points.to(device=query.device, dtype=torch.float64)
+        q = query.double()
+        return torch.cat([torch.cdist(q[i:i + self.chunk], ref).amin(1).square()
+                          for i in range(0, len(q), self.chunk)])
 
 
 def nearest_neighbors(query, reference) -> tuple[np.ndarray, np.ndarray]:
@@ -149,34 +183,63 @@ def chamfer_distance(points_a, points_b, squared: bool = True) -> float:
     return float((da.mean() + db.mean()) / 2)
 
 
-def mesh_chamfer(verts_a, faces_a, verts_b, faces_b, n: int = 30000, squared: bool = True, seed: int = 0) -> float:
-    """Chamfer distance between two meshes from ``n`` area-weighted surface samples each."""
+def mesh_chamfer(verts_a, faces_a, verts_b, faces_b, n: int = 10000, squared: bool = True, seed: int = 0) -> float:
+    """Chamfer distance between two meshes from ``n`` area-weighted surface samples each (seeded)."""
     g = torch.Generator().manual_seed(seed)
     pa = sample_surface(torch.as_tensor(_np(verts_a)).float(), torch.as_tensor(_np(faces_a)), n, g)
     pb = sample_surface(torch.as_tensor(_np(verts_b)).float(), torch.as_tensor(_np(faces_b)), n, g)
     return chamfer_distance(pa, pb, squared=squared)
 
 
-def normal_consistency(normals_a, normals_b, mask=None) -> float:
-    """Mean absolute cosine between two normal maps (H, W, 3) over ``mask`` (H, W) bool.
+def depth_normals(depth: torch.Tensor, mask: torch.Tensor, focal, principal) -> tuple[torch.Tensor, torch.Tensor]:
+    """Camera-frame normals of a depth map, from unprojected pixels and their right / down neighbours.
 
-    Used on rendered normal images of a prediction and the ground truth from the same camera;
-    ``mask`` defaults to the pixels where both maps are non-zero.  Returns a value in [0, 1].
+    depth (H, W): camera-space z of the visible surface; mask (H, W) bool: pixels that see
+    it; focal (fx, fy) and principal (cx, cy) in pixels (pixel (i, j) has its centre at
+    (j + 0.5, i + 0.5)).  Each pixel is unprojected to P = ((u - cx) z / fx, (v - cy) z / fy, z);
+    the normal at (i, j) is normalize((P[i, j+1] - P[i, j]) x (P[i+1, j] - P[i, j])).
+    Returns normals (H, W, 3) and valid (H, W) bool (the pixel and both neighbours in
+    ``mask``; the last row and column are never valid).  Camera frame: x right, y down,
+    z forward; right x down points away from the camera (n_z > 0 for a surface facing it),
+    the same orientation for every depth map, so signed cosines compare geometry.
     """
-    na = torch.as_tensor(_np(normals_a)).double()
-    nb = torch.as_tensor(_np(normals_b)).double()
-    if mask is None:
-        mask = (na.norm(dim=-1) > 0) & (nb.norm(dim=-1) > 0)
-    mask = torch.as_tensor(_np(mask)).bool()
-    if not mask.any():
-        return 0.0
-    a = torch.nn.functional.normalize(na[mask], dim=-1)
-    b = torch.nn.functional.normalize(nb[mask], dim=-1)
-    return float((a * b).sum(-1).abs().mean())
+    H, W = depth.shape
+    dt = depth.dtype if depth.is_floating_point() else torch.float64
+    z = depth.to(dt)
+    f = torch.as_tensor(focal, dtype=dt, device=z.device).reshape(-1).expand(2)
+    c = torch.as_tensor(principal, dtype=dt, device=z.device).reshape(-1).expand(2)
+    v, u = torch.meshgrid(torch.arange(H, device=z.device, dtype=dt) + 0.5,
+                          torch.arange(W, device=z.device, dtype=dt) + 0.5, indexing="ij")
+    P = torch.stack([(u - c[0]) * z / f[0], (v - c[1]) * z / f[1], z], -1)        # (H, W, 3)
+    right = torch.zeros_like(P)
+    down = torch.zeros_like(P)
+    right[:, :-1] = P[:, 1:] - P[:, :-1]
+    down[:-1] = P[1:] - P[:-1]
+    n = torch.nn.functional.normalize(torch.cross(right, down, dim=-1), dim=-1, eps=1e-30)
+    m = mask.bool()
+    valid = torch.zeros_like(m)
+    valid[:-1, :-1] = m[:-1, :-1] & m[:-1, 1:] & m[1:, :-1]
+    return torch.where(valid[..., None], n, torch.zeros_like(n)), valid
 
 
-def mesh_normal_consistency(verts_a, faces_a, verts_b, faces_b, n: int = 30000, seed: int = 0) -> float:
-    """Mean |cos| between normals of surface samples of A and of their nearest samples of B, symmetrised."""
+def image_normal_consistency(normals_a: torch.Tensor, valid_a: torch.Tensor, normals_b: torch.Tensor,
+                             valid_b: torch.Tensor) -> float:
+    """Mean SIGNED cosine between two normal images (H, W, 3) over the pixels valid in both (H, W).
+
+    The original's SVR normal consistency (reported x100): a surface seen from the wrong
+    side counts against it.  NaN when no pixel is valid in both.
+    """
+    both = valid_a.bool() & valid_b.to(valid_a.device).bool()
+    if not bool(both.any()):
+        return float("nan")
+    a = torch.nn.functional.normalize(normals_a[both].double(), dim=-1)
+    b = torch.nn.functional.normalize(normals_b.to(normals_a.device)[both].double(), dim=-1)
+    return float((a * b).sum(-1).mean())
+
+
+def mesh_normal_consistency(verts_a, faces_a, verts_b, faces_b, n: int = 10000, seed: int = 0) -> float:
+    """Mesh-space normal consistency (our extra, not the original's): mean |cos| between the face
+    normals of surface samples of A and of their nearest samples of B, symmetrised, in [0, 1]."""
     g = torch.Generator().manual_seed(seed)
     pa, na = sample_surface(torch.as_tensor(_np(verts_a)).double(), torch.as_tensor(_np(faces_a)), n, g, True)
     pb, nb = sample_surface(torch.as_tensor(_np(verts_b)).double(), torch.as_tensor(_np(faces_b)), n, g, True)

@@ -162,6 +162,9 @@ class _Setup:
     sigma: float            # softness in squared pixels (0 = hard)
     r: float                # blur radius in squared pixels
     want_depth: bool
+    # True: a pixel inside a face keeps p_f = sigmoid(-s_f / sigma) at any depth (pytorch3d's
+    # rasteriser keeps every covering face); used when r is set apart from sigma
+    soft_inside: bool = False
 
     @property
     def npad(self) -> int:
@@ -230,8 +233,12 @@ def _chunk_terms(st: _Setup, a: int, b: int, with_grad: bool) -> dict:
     band = torch.le(dmin, st.r, out=torch.empty_like(dmin))
     sgs = inside.mul(-2.0 / st.sigma).add_(1.0 / st.sigma)  # sign(s) / sigma
     zs = dmin * sgs                                         # s / sigma
-    big = inside * _BIG
-    out["lsig"] = torch.nn.functional.logsigmoid(zs).add_(big).mul_(band).sub_(big)
+    if st.soft_inside:
+        band = torch.maximum(band, inside)
+        out["lsig"] = torch.nn.functional.logsigmoid(zs).mul_(band)
+    else:
+        big = inside * _BIG
+        out["lsig"] = torch.nn.functional.logsigmoid(zs).add_(big).mul_(band).sub_(big)
     if with_grad or st.want_depth:
         # one-hot of the nearest edge (ties -> lowest index)
         m0 = torch.ge(ds[1], ds[0], out=torch.empty_like(dmin)).mul_(
@@ -385,14 +392,18 @@ def _keep_nearest(terms: list[dict], K: int) -> None:
 
 def silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_size=None,
                sigma: float = SVR_SIGMA, eps: float = SVR_EPS, faces_per_pixel: int | None = None,
-               znear: float = 1e-3, reproducible: bool | None = None) -> torch.Tensor:
+               znear: float = 1e-3, reproducible: bool | None = None, radius: float | None = None) -> torch.Tensor:
     """Soft silhouette in [0, 1], differentiable w.r.t. ``verts`` (see the module docstring).
 
     verts (V, 3) or (B, V, 3) float32/float64; faces (F, 3) int64; camera unbatched or a
     batch of B; image_size: H or (H, W), default the camera's (intrinsics are rescaled).
     sigma: softness in squared NDC units (0 = hard coverage, no gradient); eps: probability
     cut-off defining the blur radius; faces_per_pixel: None = all faces within the blur
-    radius, K = only the K nearest (pytorch3d semantics).  Returns (H, W) or (B, H, W).
+    radius, K = only the K nearest (pytorch3d semantics).  radius: the blur radius in
+    squared NDC units set apart from sigma, as pytorch3d's rasteriser allows (the original
+    SVR refinement: sigma 1e-4, radius log(1/1e-4 - 1) * 1e-5): faces farther than it from
+    an outside pixel are dropped and covering faces keep their sigmoid at any depth; None:
+    sigma * log(1/eps - 1).  Returns (H, W) or (B, H, W).
     reproducible: sum in an order-independent way (fixed-point pixel sums, sorted
     gradient sums); None = on CUDA, where plain atomics would change the last bits of
     the image and gradients from run to run.  On the CPU both ways are reproducible.
@@ -400,7 +411,10 @@ def silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_s
     sc = _screen(verts, faces, camera, image_size)
     scale = 2.0 / min(sc.H, sc.W)                 # NDC units per pixel
     sigma_px = float(sigma) / scale ** 2 if sigma > 0 else 0.0
-    r_px = blur_radius(sigma_px, eps) if sigma > 0 else 0.0
+    if radius is not None and sigma > 0:
+        r_px = float(radius) / scale ** 2
+    else:
+        r_px = blur_radius(sigma_px, eps) if sigma > 0 else 0.0
     if len(sc.tri) == 0:
         img = sc.uv.new_zeros(sc.B, sc.H, sc.W)
     else:
@@ -410,7 +424,8 @@ def silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_s
             fbatch = torch.div(torch.arange(len(sc.tri), device=fid.device), len(faces),
                                rounding_mode="floor")
             st = _Setup(_face_table(uvt.detach(), zt.detach()), fid, x0, y0, fbatch, sc.B, sc.H,
-                        sc.W, sigma_px, r_px, faces_per_pixel is not None and sigma > 0)
+                        sc.W, sigma_px, r_px, faces_per_pixel is not None and sigma > 0,
+                        soft_inside=radius is not None)
         need_grad = torch.is_grad_enabled() and sc.uv.requires_grad
         img = _SoftSilhouette.apply(sc.uv, st, sc.tri, faces_per_pixel, need_grad, reproducible)
     return img if sc.batched else img[0]

@@ -355,23 +355,128 @@ def toy_car_names(count: int = TOY_CARS_DEFAULT_COUNT) -> list[str]:
 
 
 BUILTIN_DATASETS["toy_cars"] = toy_car_names()
+
+
+# --- toy chairs: a procedural family whose genus varies ------------------------------
+
+TOY_CHAIRS_DEFAULT_COUNT = 40
+TOY_CHAIR_PREFIX = "chair_"
+CHAIR_BACKS = ("solid", "hollow", "slats")
+
+
+def toy_chair_params(index: int, family_seed: int = 0) -> dict:
+    """The design of toy chair ``index`` (deterministic in ``index`` and ``family_seed``).
+
+    ShapeNet-like units (y up, the back towards -z, radius under 0.55): seat half-width /
+    half-depth / half-thickness, leg height and half-size, back height and half-thickness,
+    back style ("solid" panel, "hollow" frame, or "slats": ``slats`` vertical bars between
+    two posts under a top rail), ``arms`` (armrests on posts), ``stretchers`` (a bar between
+    the front and back leg of each side), and an RGB colour (renders only).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng([int(family_seed), int(index), 0xC4A1])
+    u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
+    back = CHAIR_BACKS[int(rng.integers(len(CHAIR_BACKS)))]
+    return {
+        "seat_width": u(0.19, 0.26),
+        "seat_depth": u(0.17, 0.23),
+        "seat_thickness": u(0.025, 0.04),
+        "leg_height": u(0.22, 0.30),
+        "leg_size": u(0.02, 0.03),
+        "back_height": u(0.24, 0.34),
+        "back_thickness": u(0.02, 0.03),
+        "back": back,
+        "slats": int(rng.integers(1, 4)) if back == "slats" else 0,
+        "arms": bool(rng.random() < 0.35),
+        "stretchers": bool(rng.random() < 0.35),
+        "color": [u(0.2, 0.95), u(0.2, 0.95), u(0.2, 0.95)],
+    }
+
+
+def toy_chair_genus(params: dict) -> int:
+    """The genus a chair of ``params`` has: one hole per opening of the back (hollow: 1, slats:
+    slats + 1), one per armrest loop (2 with arms) and one per side stretcher (2)."""
+    back = {"solid": 0, "hollow": 1, "slats": params["slats"] + 1}[params["back"]]
+    return back + 2 * int(params["arms"]) + 2 * int(params["stretchers"])
+
+
+def toy_chair(index: int = 0, family_seed: int = 0, params: dict | None = None) -> Shape:
+    """A toy chair: a seat on four legs, a back, optional armrests and side stretchers (boxes).
+
+    ``params`` (see ``toy_chair_params``) overrides the design drawn for ``index``.  One
+    connected piece, centred vertically at the origin; its genus is ``toy_chair_genus``.
+    """
+    p = dict(params) if params is not None else toy_chair_params(index, family_seed)
+    W, D, T = p["seat_width"], p["seat_depth"], p["seat_thickness"]
+    H, ls, hb, bt = p["leg_height"], p["leg_size"], p["back_height"], p["back_thickness"]
+    parts = [box((W, T, D))]                                              # seat: y in [-T, T]
+    leg = box((ls, H / 2, ls)).translate((W - ls, -T - H / 2, D - ls))
+    parts.append(leg.mirror(0).mirror(2))
+    zb = -D + bt                                                         # the back's plane
+    top = T + hb                                                         # top of the back
+    post = bt * 1.2
+    if p["back"] == "solid":
+        parts.append(box((W, hb / 2, bt)).translate((0.0, T + hb / 2, zb)))
+    else:
+        # two side posts and a top rail; openings reach down to the seat
+        parts.append(box((post, hb / 2, bt)).translate((W - post, T + hb / 2, zb)).mirror(0))
+        rail = 0.035
+        parts.append(box((W, rail, bt)).translate((0.0, top - rail, zb)))
+        k = p["slats"]
+        if k:
+            inner = W - 2 * post                        # half-width of the space between the posts
+            sw = min(0.018, 0.3 * inner / k)             # slat half-width
+            for i in range(k):
+                x = -inner + (2 * i + 1) * inner / k
+                parts.append(box((sw, hb / 2, bt * 0.8)).translate((x, T + hb / 2, zb)))
+    if p["arms"]:
+        ha, a = 0.55 * hb, 0.018
+        bar = box((a, a, D - bt)).translate((W - post, T + ha, 0.0))
+        front = box((a, ha / 2, a)).translate((W - post, T + ha / 2, D - 2 * a))
+        parts.append((bar | front).mirror(0))
+    if p["stretchers"]:
+        ys = -T - 0.55 * H
+        parts.append(box((ls * 0.7, ls * 0.7, D - ls)).translate((W - ls, ys, 0.0)).mirror(0))
+    chair = union(*parts).translate((0.0, -(top - T - H) / 2, 0.0))
+    return Shape(chair.fn, f"toy_chair_{index}")
+
+
+def toy_chair_names(count: int = TOY_CHAIRS_DEFAULT_COUNT) -> list[str]:
+    """Instance names of the first ``count`` toy chairs: chair_000, chair_001, ..."""
+    return [f"{TOY_CHAIR_PREFIX}{i:03d}" for i in range(int(count))]
+
+
+BUILTIN_DATASETS["toy_chairs"] = toy_chair_names()
 # Built-in datasets whose instance count is a choice (prepare_data.py --count).
-COUNTABLE_DATASETS: dict[str, Callable[[int], list[str]]] = {"toy_cars": toy_car_names}
+COUNTABLE_DATASETS: dict[str, Callable[[int], list[str]]] = {"toy_cars": toy_car_names, "toy_chairs": toy_chair_names}
+# procedural families: name prefix -> (shape of index, parameters of index)
+_FAMILIES = {TOY_CAR_PREFIX: (toy_car, toy_car_params), TOY_CHAIR_PREFIX: (toy_chair, toy_chair_params)}
+
+
+def _family_member(name: str):
+    for prefix, fns in _FAMILIES.items():
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return fns, int(name[len(prefix):])
+    return None, None
 
 
 def builtin_shape(name: str) -> Shape:
-    """The built-in shape called ``name``: an entry of ``BUILTIN`` or a toy car ``car_NNN``."""
+    """The built-in shape called ``name``: an entry of ``BUILTIN``, a toy car ``car_NNN`` or a toy
+    chair ``chair_NNN``."""
     if name in BUILTIN:
         return BUILTIN[name]()
-    if name.startswith(TOY_CAR_PREFIX) and name[len(TOY_CAR_PREFIX):].isdigit():
-        return toy_car(int(name[len(TOY_CAR_PREFIX):]))
+    fns, index = _family_member(name)
+    if fns is not None:
+        return fns[0](index)
     raise KeyError(f"unknown built-in shape {name!r}")
 
 
 def builtin_color(name: str) -> tuple[float, float, float]:
     """Paint colour (RGB in [0, 1]) used to render built-in shape ``name``."""
-    if name.startswith(TOY_CAR_PREFIX) and name[len(TOY_CAR_PREFIX):].isdigit():
-        return tuple(toy_car_params(int(name[len(TOY_CAR_PREFIX):]))["color"])
+    fns, index = _family_member(name)
+    if fns is not None:
+        return tuple(fns[1](index)["color"])
     return (0.8, 0.8, 0.8)
 
 
@@ -383,8 +488,8 @@ _TOY_CAR_MESH_ZOOM = 1.8
 def mesh_builtin(name: str, resolution: int = 192, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mesh of built-in shape ``name`` in its own frame: verts (V, 3) float32, faces (F, 3) int64 (CPU).
 
-    bob and spot: ``mesh_shape``; toy cars: enlarged to fill the grid, meshed, scaled back
-    (ShapeNet-like units).
+    bob and spot: ``mesh_shape``; toy cars and chairs: enlarged to fill the grid, meshed,
+    scaled back (ShapeNet-like units).
     """
     shape = builtin_shape(name)
     if name in BUILTIN:

@@ -244,30 +244,29 @@ def load_specs(exp_dir: str | os.PathLike, extra_keys: Mapping[str, Key] | None 
 # --------------------------------------------------------------------------- single-view reconstruction
 
 EXTRACTION_MODES = ("dense", "fast", "sparse")
-ENCODER_DEFAULTS = {"Depth": 20, "Normalization": "in", "Widths": [64, 128, 256, 256]}
 
 
-def _encoder_key(v):
-    from lib.models.encoder import NORMALIZATIONS
+def _depth_key(v):
+    from lib.models.encoder import block_layout
 
-    if not isinstance(v, dict):
-        return "must be an object {\"Depth\": 20, \"Normalization\": \"in\", \"Widths\": [64, 128, 256, 256]}"
-    extra = sorted(set(v) - set(ENCODER_DEFAULTS))
-    if extra:
-        return f"has unknown field {extra[0]!r} (fields: {', '.join(ENCODER_DEFAULTS)})"
-    depth = v.get("Depth", ENCODER_DEFAULTS["Depth"])
-    widths = v.get("Widths", ENCODER_DEFAULTS["Widths"])
-    if v.get("Normalization", "in") not in NORMALIZATIONS:
-        return f"field 'Normalization' must be one of {', '.join(NORMALIZATIONS)}"
-    if not (isinstance(widths, list) and widths and all(isinstance(w, int) and w >= 1 for w in widths)):
-        return "field 'Widths' must be a non-empty list of positive integers (channels per stage)"
-    if not (isinstance(depth, int) and depth >= 2 + 2 * len(widths) and depth % 2 == 0):
-        return f"field 'Depth' must be an even integer >= {2 + 2 * len(widths)} (2 + 2 per stage at least)"
+    if not _is_int(v):
+        return "must be an integer 6n + 2 (e.g. 20), or 9n + 2 from 44 on"
+    try:
+        block_layout(v)
+    except ValueError as err:
+        return str(err).replace(f"encoder Depth {v} ", "")
     return None
 
 
-def _schedules_key(v):
-    return schedule_list_key(1)(v)
+def _norm_type_key(v):
+    from lib.models.encoder import NORMALIZATIONS
+
+    return _choice_key(NORMALIZATIONS)(v)
+
+
+def _widths_key(v):
+    ok = isinstance(v, list) and len(v) == 4 and all(_is_int(w) and w >= 1 for w in v)
+    return None if ok else "must be a list of 4 positive integers (channels of layer1 .. layer4)"
 
 
 def _nullable_str_key(v):
@@ -276,7 +275,7 @@ def _nullable_str_key(v):
 
 def _choice_key(choices):
     def check(v):
-        return None if v in choices else f"must be one of {', '.join(choices)}"
+        return None if v in choices else f"must be one of {', '.join(json.dumps(c) for c in choices)}"
     return check
 
 
@@ -295,37 +294,54 @@ def _template_key(nullable: bool):
 ORIGINAL_SVR_KEYS = ("NetworkEncoder", "NetworkDecoder", "NormType", "Depth", "AugmentData", "NumberOfViews",
                      "TestSplit")
 
-# Keys of an SVR experiment added to (or overriding) DEEPSDF_KEYS.
+# Keys of an SVR experiment added to (or overriding) DEEPSDF_KEYS.  The first group are the
+# original's cars_svr / chairs_svr keys, with its defaults; the rest are this project's options.
 SVR_KEYS: dict[str, Key] = {
-    # LearningRateSchedule[0] is the encoder's; the decoder's is that times the factor
-    # (a second entry, as in some original specs, is accepted and ignored)
-    "LearningRateSchedule": Key(_schedules_key, required=True),
-    "DecoderLearningRateFactor": Key(num_key(0.0), default=0.1),
-    # an experiment folder (e.g. a DeepSDF auto-decoder trained with train_deep_sdf.py on the
-    # same shapes) whose ModelParameters/latest.pth starts the decoder; null: from scratch
-    "DecoderInit": Key(_nullable_str_key, default=None),
-    "TestSplit": Key(str_key, default=None),
-    "ImageSize": Key(int_key(16), default=224),
+    "NetworkArch": Key(_arch_key, default="deep_sdf_decoder"),      # the original's SVR specs have none
+    "NetworkEncoder": Key(_choice_key(("encoder",)), default="encoder"),
+    "NetworkDecoder": Key(_choice_key(("decoder",)), default="decoder"),
+    "NormType": Key(_norm_type_key, default="in"),
+    "Depth": Key(_depth_key, default=20),
     "NumberOfViews": Key(int_key(1), default=16),
-    "Encoder": Key(_encoder_key, default=dict(ENCODER_DEFAULTS)),
+    # the original reads it but its cars/chairs specs keep it false; accepted, not used
+    "AugmentData": Key(bool_key, default=False, used=False),
+    "TestSplit": Key(str_key, default=None),
+    # [decoder schedule, encoder schedule], as the original applies them every epoch; one
+    # entry serves both groups
+    "LearningRateSchedule": Key(schedule_list_key(1), required=True),
+    # ours, opt-in: decoder rate = encoder schedule x this factor (the original's code builds
+    # the decoder group at a tenth of the encoder's rate, then its schedule overwrites it)
+    "DecoderLearningRateFactor": Key(num_key(0.0, strict=True, nullable=True), default=None),
+    # ours: an experiment folder (e.g. a DeepSDF auto-decoder trained on the same shapes)
+    # whose ModelParameters/latest.pth starts the decoder; null: from scratch
+    "DecoderInit": Key(_nullable_str_key, default=None),
+    "ValidationSplit": Key(str_key, default=None),
+    "ImageSize": Key(int_key(16), default=224),
+    "EncoderWidths": Key(_widths_key, default=[64, 128, 256, 256]),
     "RendersPath": Key(_template_key(False), default="{dataset}/renders/{instance}"),
     "MeshesPath": Key(_template_key(False), default="{dataset}/meshes/{instance}.obj"),
+    # null (the original): samples, meshes and renders share one frame
     "NormalizationPath": Key(_template_key(True), default=None),
     "ReconstructionResolution": Key(int_key(8), default=256),
-    "ReconstructionViews": Key(int_list_key(0, nonempty=True), default=[0]),
-    "ExtractionMode": Key(_choice_key(EXTRACTION_MODES), default="sparse"),
+    "ExtractionMode": Key(_choice_key(EXTRACTION_MODES), default="fast"),
     "RefinementIterations": Key(int_key(0), default=100),
     "RefinementLearningRate": Key(num_key(0.0, strict=True), default=5e-5),
-    "SilhouetteSigma": Key(num_key(0.0), default=1e-5),
+    "SilhouetteSigma": Key(num_key(0.0), default=1e-4),
+    # the soft rasteriser's blur radius is sigma x this factor: the original rasterises with
+    # log(1/1e-4 - 1) x 1e-5, a tenth of its shader's sigma (1e-4) in blur terms
+    "BlurSigmaRatio": Key(num_key(0.0, strict=True), default=0.1),
     "SilhouetteFacesPerPixel": Key(int_key(1), default=25),
-    "ChamferSamples": Key(int_key(100), default=30000),
+    "ChamferSamples": Key(int_key(100), default=10000),
 }
 
 
 def load_svr_specs(exp_dir: str | os.PathLike) -> dict:
-    """``<exp_dir>/specs.json`` validated with the SVR keys; the Encoder object gets its defaults."""
+    """``<exp_dir>/specs.json`` validated with the SVR keys (``SVR_KEYS`` over ``DEEPSDF_KEYS``)."""
     specs = load_specs(exp_dir, extra_keys=SVR_KEYS)
-    specs["Encoder"] = {**ENCODER_DEFAULTS, **specs["Encoder"]}
+    if len(specs["LearningRateSchedule"]) > 2:
+        raise MeshSDFError(f"{Path(exp_dir) / SPECS_FILE}: key \"LearningRateSchedule\" holds "
+                           f"{len(specs['LearningRateSchedule'])} schedules; an SVR experiment takes "
+                           "[decoder, encoder] (or one for both)")
     return specs
 
 

@@ -316,13 +316,18 @@ class EpochBook:
         self._current: tuple[int, list[float], float] | None = None  # epoch, rates, start time
 
     def resume(self, resume: str | int | None, model: nn.Module, optimizer: torch.optim.Optimizer,
-               latent_codes: nn.Module | None, sampler: torch.Generator, seed: int, device=None) -> int:
+               latent_codes: nn.Module | None, sampler: torch.Generator, seed: int, device=None,
+               load: Callable[[str | int], tuple[int, dict]] | None = None) -> int:
         """Load checkpoint ``resume`` (None: nothing) into the objects and the logs up to it; returns the
-        run's seed (the checkpoint's, when it saved one)."""
+        run's seed (the checkpoint's, when it saved one).  ``load(resume) -> (epoch, extra)``
+        replaces ``lib.checkpoint.load_checkpoint`` for trainers with other checkpoint forms."""
         if resume is None:
             return seed
-        self.last_saved, extra = checkpoint.load_checkpoint(self.exp_dir, resume, model, optimizer, latent_codes,
-                                                           map_location=device)
+        if load is None:
+            self.last_saved, extra = checkpoint.load_checkpoint(self.exp_dir, resume, model, optimizer,
+                                                               latent_codes, map_location=device)
+        else:
+            self.last_saved, extra = load(resume)
         self.epoch = self.last_saved
         if "rng_state" in extra:
             runtime.set_rng_state(extra["rng_state"], sampler)

@@ -73,8 +73,8 @@ def svr_experiment(tmp: Path, views: int = 2, checkpoint: bool = False) -> Path:
         (d / "rendering_metadata.txt").write_text("".join(f"{30 * v} 25 0 0.7 25\n" for v in range(views)))
         write_obj(tmp / "data" / "toy" / "meshes" / f"ball{k}.obj", verts, faces)
     edit_specs(exp, TestSplit=str(tmp / "split.json"), ImageSize=16, NumberOfViews=views,
-               Encoder={"Depth": 4, "Widths": [4], "Normalization": "in"}, ReconstructionResolution=8,
-               ReconstructionViews=[0], RefinementIterations=1, ChamferSamples=100,
+               NormType="in", Depth=8, EncoderWidths=[4, 4, 4, 4], ReconstructionResolution=8,
+               RefinementIterations=1, ChamferSamples=100,
                LearningRateSchedule=[{"Type": "Constant", "Value": 1e-3}])
     if checkpoint:
         import train_svr
@@ -472,9 +472,9 @@ def fewer_renders_than_views(tmp):
     return ["-e", str(exp), "--device", "cpu", "--epochs", "1"]
 
 
-@case("train_svr", '"Encoder"', "Normalization")
+@case("train_svr", '"NormType"', "must be one of")
 def svr_encoder_of_unknown_norm(tmp):
-    exp = edit_specs(svr_experiment(tmp), Encoder={"Normalization": "group"})
+    exp = edit_specs(svr_experiment(tmp), NormType="group")
     return ["-e", str(exp), "--device", "cpu"]
 
 
@@ -541,7 +541,7 @@ def reconstruct_unknown_instance(tmp):
     return ["-e", str(svr_experiment(tmp)), "--instances", "ghost", "--device", "cpu"]
 
 
-@case("reconstruct_svr", "checkpoint not found", "ModelParameters/latest.pth", "train it first with train_svr.py")
+@case("reconstruct_svr", "checkpoint not found", "ModelParameters/encoder_latest.pth", "train it first with train_svr.py")
 def reconstruct_without_network(tmp):
     return ["-e", str(svr_experiment(tmp)), "--device", "cpu"]
 

@@ -53,7 +53,7 @@ def tiny_experiment(root: Path, *, scenes=4, epochs=3, batch=3, code_bound=1.0, 
 
 def tiny_svr_experiment(root: Path, *, scenes=4, epochs=3, batch=3, views=2, size=16, norm="in", **kw) -> Path:
     """``tiny_experiment``'s balls with ``views`` RGBA renders each (a disk whose size and colour
-    encode the radius) and SVR specs: a 4-layer encoder of normalisation ``norm``; returns the
+    encode the radius) and SVR specs: an 8-layer encoder of normalisation ``norm``; returns the
     experiment folder.  ``kw`` goes to ``tiny_experiment``."""
     from lib.camera import DisnView, format_disn_line
     from lib.io import save_png
@@ -70,7 +70,7 @@ def tiny_svr_experiment(root: Path, *, scenes=4, epochs=3, batch=3, views=2, siz
         (d / "rendering_metadata.txt").write_text(
             "".join(format_disn_line(DisnView(30.0 * v, 25.0, 0.0, 0.7, 25.0)) + "\n" for v in range(views)))
     specs = json.loads((exp / "specs.json").read_text())
-    specs.update(ImageSize=size, NumberOfViews=views, Encoder={"Depth": 4, "Widths": [4], "Normalization": norm},
+    specs.update(ImageSize=size, NumberOfViews=views, NormType=norm, Depth=8, EncoderWidths=[4, 4, 4, 4],
                  LearningRateSchedule=[{"Type": "Constant", "Value": 2e-3}], DecoderLearningRateFactor=0.5)
     (exp / "specs.json").write_text(json.dumps(specs))
     return exp

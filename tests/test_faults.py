@@ -153,7 +153,7 @@ def test_train_svr_sigterm_saves_latest_exits_143_and_resumes_like_an_uninterrup
     sigterm_after_first_snapshot(exp, "train_svr.py")
     net = svr.network_from_specs(specs)
     opt = svr.make_optimizer(net, svr.svr_schedules(specs))
-    epoch, extra = checkpoint.load_checkpoint(exp, "latest", net, opt)
+    epoch, extra = checkpoint.load_svr_checkpoint(exp, "latest", net.encoder, net.decoder, opt)
     assert epoch >= 2 and "rng_state" in extra and checkpoint.load_logs(exp)["epoch"] == epoch
     final = epoch + 2
     proc = start(exp, "--epochs", final, script="train_svr.py")

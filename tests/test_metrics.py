@@ -1,11 +1,13 @@
 import math
 
+import pytest
+
 import numpy as np
 import torch
 
 from lib.isosurface import extract_dense
-from lib.metrics import (chamfer_distance, mesh_chamfer, mesh_normal_consistency, normal_consistency,
-                         sample_surface, silhouette_iou)
+from lib.metrics import (PointReference, chamfer_distance, depth_normals, image_normal_consistency, mesh_chamfer,
+                         mesh_normal_consistency, sample_surface, seeded_generator, silhouette_iou)
 
 
 def _brute_chamfer(a, b, squared):
@@ -35,20 +37,52 @@ def test_sample_surface_is_uniform_on_sphere_and_normals_outward():
 def test_mesh_chamfer_of_concentric_spheres():
     va, fa = extract_dense(lambda p: p.norm(dim=1) - 0.5, 64)
     vb, fb = extract_dense(lambda p: p.norm(dim=1) - 0.6, 64)
-    # every point is ~0.1 from the other sphere
-    assert abs(mesh_chamfer(va, fa, vb, fb, n=5000, squared=False) - 0.1) < 0.005
-    assert abs(mesh_chamfer(va, fa, vb, fb, n=5000, squared=True) - 2 * 0.01) < 0.002
+    # every point is 0.1 from the other sphere: squared means 0.01 each way, summed
+    assert abs(mesh_chamfer(va, fa, vb, fb, squared=False) - 0.1) < 0.005
+    assert abs(mesh_chamfer(va, fa, vb, fb, squared=True) - 2 * 0.01) < 0.002
+    assert mesh_chamfer(va, fa, vb, fb) == mesh_chamfer(va, fa, vb, fb)      # 10,000 seeded samples
     assert mesh_normal_consistency(va, fa, vb, fb, n=5000) > 0.99
 
 
-def test_normal_consistency_images():
-    n = torch.zeros(4, 4, 3)
-    n[..., 2] = 1
-    m = n.clone()
-    m[:2] = torch.tensor([1.0, 0, 0])  # half the pixels perpendicular
-    assert math.isclose(normal_consistency(n, n), 1.0)
-    assert math.isclose(normal_consistency(n, m), 0.5)
-    assert math.isclose(normal_consistency(n, -n), 1.0)  # orientation-free (absolute cosine)
+def test_point_reference_matches_brute_force():
+    g = seeded_generator(3)
+    ref, q = torch.rand(500, 3, generator=g), torch.rand(300, 3, generator=g)
+    expect = torch.cdist(q.double(), ref.double()).min(1).values.square()
+    assert torch.allclose(PointReference(ref).squared_distances(q), expect)
+    chunked = PointReference(ref, chunk=64)
+    chunked.tree = None      # the path used off the CPU: chunked cdist
+    assert torch.allclose(chunked.squared_distances(q), expect)
+
+
+def _plane(angle_deg: float, depth: float = 3.0):
+    """A square of half-size 1 facing the camera at z = depth, tilted by ``angle`` about the x axis."""
+    a = math.radians(angle_deg)
+    corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
+    y, z = corners[:, 1] * math.cos(a), depth + corners[:, 1] * math.sin(a)
+    return torch.stack([corners[:, 0], y, z], 1), torch.tensor([[0, 1, 2], [0, 2, 3]])
+
+
+def test_image_normal_consistency_of_planes():
+    from lib.camera import Camera
+    from lib.render import rasterize
+
+    cam = Camera(torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), (40.0, 40.0),
+                 (16.0, 16.0), 32)
+
+    def normals(angle):
+        v, f = _plane(angle)
+        fr = rasterize(v, f, cam)
+        return depth_normals(fr.depth, fr.mask, (40.0, 40.0), (16.0, 16.0))
+
+    n0, m0 = normals(0.0)
+    assert m0.sum() > 300 and torch.allclose(n0[m0], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), atol=1e-9)
+    assert image_normal_consistency(n0, m0, n0, m0) == pytest.approx(1.0)
+    for angle in (20.0, 50.0):
+        n1, m1 = normals(angle)
+        assert image_normal_consistency(n0, m0, n1, m1) == pytest.approx(math.cos(math.radians(angle)), abs=1e-9)
+    # signed: a normal field that points the other way counts -1
+    assert image_normal_consistency(n0, m0, -n0, m0) == pytest.approx(-1.0)
+    assert math.isnan(image_normal_consistency(n0, m0, n0, torch.zeros_like(m0)))
 
 
 def test_silhouette_iou():

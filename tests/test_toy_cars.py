@@ -56,11 +56,12 @@ def test_builtin_shape_names():
 
 
 def test_committed_toy_split_files_are_what_prepare_data_writes():
-    names = S.toy_car_names(48)
-    train = json.loads((REPO / "experiments/toy_cars_svr/train.json").read_text())
-    test = json.loads((REPO / "experiments/toy_cars_svr/test.json").read_text())
-    assert train == {"toy_cars": {"samples": names[:40]}}
-    assert test == {"toy_cars": {"samples": names[40:]}}
+    for family, names in (("cars", S.toy_car_names(56)), ("chairs", S.toy_chair_names(56))):
+        # prepare_data.py --count 56 --val-count 8 --test-count 8: test last, validation before it
+        split = lambda f: json.loads((REPO / f"experiments/toy_{family}_svr/{f}.json").read_text())  # noqa: E731
+        assert split("train") == {f"toy_{family}": {"samples": names[:40]}}
+        assert split("val") == {f"toy_{family}": {"samples": names[40:48]}}
+        assert split("test") == {f"toy_{family}": {"samples": names[48:]}}
 
 
 @pytest.mark.slow
@@ -85,19 +86,35 @@ def test_prepare_toy_cars_with_renders(tmp_path):
         assert img.shape == (32, 32, 4) and img.dtype == np.uint8
         assert 0 < (img[..., 3] > 127).mean() < 0.8       # an object, not the whole frame
         assert (img[..., 3] == 0).any() and (img[..., 3] == 255).any()
-    # the renders were made in the car's own frame; the normalisation file moves the DISN
-    # camera to the frame of the samples and meshes: the normalised mesh's silhouette
-    # must then match the stored alpha
+    # samples, meshes and renders share one frame (as the original's SVR data): the stored
+    # mesh's silhouette from the metadata's camera, with no normalisation file, is the alpha
     insts = [Instance("toy_cars", "samples", n) for n in names]
-    rs = RenderSet(tmp_path, insts, 32, 2, normalization_path="{dataset}/samples/{instance}_normalization.npz")
     plain = RenderSet(tmp_path, insts, 32, 2)
     for k, n in enumerate(names):
         v, f = read_mesh(root / "meshes" / f"{n}.obj")
         v, f = torch.from_numpy(v), torch.from_numpy(f)
+        assert 0.9 < float(v.norm(dim=1).max()) < 1.0                 # the normalised mesh
         for view in range(2):
-            alpha = rs.images(torch.tensor([k]), torch.tensor([view]))[0, 3]
-            assert silhouette_iou(silhouette(v, f, rs.camera(k, view), sigma=0), alpha) > 0.9
-            assert silhouette_iou(silhouette(v, f, plain.camera(k, view), sigma=0), alpha) < 0.5
+            alpha = plain.images(torch.tensor([k]), torch.tensor([view]))[0, 3]
+            assert silhouette_iou(silhouette(v, f, plain.camera(k, view), sigma=0), alpha) > 0.9
+
+
+@pytest.mark.parametrize("index", [2, 7])
+def test_toy_chair_genus_varies_as_designed(index):
+    p = S.toy_chair_params(index)
+    v, f = S.mesh_builtin(f"chair_{index:03d}", 80)
+    assert connected_components(f.numpy()) == 1
+    assert genus(v, f) == S.toy_chair_genus(p)
+    assert float(v.norm(dim=1).max()) < 0.55
+
+
+def test_toy_chair_family_covers_every_design():
+    ps = [S.toy_chair_params(i) for i in range(56)]
+    assert {p["back"] for p in ps} == set(S.CHAIR_BACKS)
+    assert any(p["arms"] for p in ps) and any(p["stretchers"] for p in ps)
+    assert len({S.toy_chair_genus(p) for p in ps}) >= 5
+    assert S.builtin_shape("chair_004").name == "toy_chair_4" and S.toy_chair_params(4) == ps[4]
+    assert S.toy_chair_genus({"back": "slats", "slats": 3, "arms": True, "stretchers": False}) == 6
 
 
 def test_count_and_views_errors(tmp_path):

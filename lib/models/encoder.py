@@ -1,17 +1,29 @@
-"""ResNet image encoder for single-view reconstruction: RGBA image -> latent code.
+"""The single-view-reconstruction image encoder (specs ``NetworkEncoder: "encoder"``): RGBA -> code.
 
-A CIFAR-style ResNet of basic blocks: a 3x3 stem convolution, four stages of widths
-``widths`` (default 64/128/256/256, the first at stride 1, the others at stride 2), global
-average pooling and one linear layer to ``latent_size``.  ``depth`` counts the weighted
-layers: stem + 2 per block + fc, so depth 20 gives 9 blocks, spread over the stages as
-evenly as possible with the earlier stages taking the remainder ([3, 2, 2, 2]).
+A CIFAR-style ResNet as the original MeshSDF trains it, so its ``encoder_<epoch>.pth``
+checkpoints load here (DataParallel's ``module.`` prefix is stripped by lib.checkpoint):
 
-Normalisation (specs ``Normalization``): "in" instance norm (affine), "bn" batch norm, "bin"
-batch-instance norm (Nam & Kim 2018: a learnt per-channel mix rho*BN + (1-rho)*IN, rho in
-[0, 1], then one affine).
+    conv1   3x3, 4 -> w0 channels, stride 1, padding 1, no bias;  bn1 norm;  ReLU
+    layer1 .. layer4   n blocks each, widths w0..w3 (64, 128, 256, 256), strides 1, 2, 2, 2
+    avgpool            adaptive average pooling to 1x1
+    fc                 linear (w3 x expansion) -> CodeLength
+
+``Depth`` = 6n + 2 with BasicBlocks (two 3x3 conv-norm, ReLU between and after the sum);
+``Depth`` >= 44 uses Bottleneck blocks (1x1, 3x3, 1x1 conv, expansion 4) with
+Depth = 9n + 2.  The first block of a stage whose stride is not 1 or whose input width
+differs gets a ``downsample`` shortcut (1x1 conv with the stride, no bias, then norm), so
+layer4 has one although its width equals layer3's.  State-dict names follow that layout:
+``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.bn1``, ..., ``layer2.0.downsample.0``
+(conv) / ``.1`` (norm), ``fc``.  With CodeLength 256, Depth 20, "in": 7,999,616 parameters.
+
+Normalisation (specs ``NormType``): "in" instance norm with affine (no running stats), "bn"
+batch norm, "bin" batch-instance norm (Nam & Kim 2018: a learnt per-channel mix
+rho*BN + (1-rho)*IN, rho in [0, 1], then one affine).  Initialisation: conv weights
+N(0, sqrt(2 / (k*k*out_channels))), norm weights 1 and biases 0; fc as torch's default.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -36,6 +48,8 @@ class BatchInstanceNorm2d(nn.Module):
 
 
 NORMALIZATIONS = ("in", "bn", "bin")
+WIDTHS = (64, 128, 256, 256)
+BOTTLENECK_DEPTH = 44   # from this depth on, Bottleneck blocks
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -48,51 +62,106 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown normalisation {kind!r}; use one of {', '.join(NORMALIZATIONS)}")
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with normalisation and a (projected when needed) skip connection."""
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
 
-    def __init__(self, cin: int, cout: int, stride: int, norm: str):
+
+class BasicBlock(nn.Module):
+    """conv1-bn1-ReLU-conv2-bn2, plus the (downsampled) input, then ReLU.  Output width: planes."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int, norm: str, downsample: nn.Module | None = None):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.norm1 = norm_layer(norm, cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.norm2 = norm_layer(norm, cout)
-        self.skip = None
-        if stride != 1 or cin != cout:
-            self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm_layer(norm, cout))
+        self.conv1 = _conv3x3(cin, planes, stride)
+        self.bn1 = norm_layer(norm, planes)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = norm_layer(norm, planes)
+        self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.norm1(self.conv1(x)))
-        y = self.norm2(self.conv2(y))
-        return torch.relu(y + (x if self.skip is None else self.skip(x)))
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
 
 
-def blocks_per_stage(depth: int, stages: int) -> list[int]:
-    """Split the (depth - 2) / 2 basic blocks of a ResNet over ``stages`` stages, earlier first."""
-    if depth < 2 + 2 * stages or (depth - 2) % 2:
-        raise ValueError(f"encoder depth {depth} must be even and >= {2 + 2 * stages} for {stages} stages")
-    total = (depth - 2) // 2
-    return [total // stages + (1 if i < total % stages else 0) for i in range(stages)]
+class Bottleneck(nn.Module):
+    """1x1 (planes) - 3x3 (planes, stride) - 1x1 (4 planes), norms and ReLUs, plus the shortcut."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int, norm: str, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = norm_layer(norm, planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = norm_layer(norm, planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = norm_layer(norm, planes * 4)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+def block_layout(depth: int) -> tuple[type, int]:
+    """(block class, blocks per stage) of a ResNet of ``depth``: BasicBlock and (depth - 2) / 6
+    below BOTTLENECK_DEPTH, else Bottleneck and (depth - 2) / 9.  ValueError for other depths."""
+    if depth >= BOTTLENECK_DEPTH:
+        if (depth - 2) % 9:
+            raise ValueError(f"encoder Depth {depth} must be 9n + 2 for Bottleneck blocks (e.g. 47, 56, 110)")
+        return Bottleneck, (depth - 2) // 9
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"encoder Depth {depth} must be 6n + 2 with n >= 1 (e.g. 8, 14, 20, 32)")
+    return BasicBlock, (depth - 2) // 6
 
 
 class Encoder(nn.Module):
-    """RGBA image (B, 4, H, W) in [0, 1] -> latent codes (B, latent_size)."""
+    """RGBA images (B, 4, H, W) in [0, 1] -> latent codes (B, latent_size); see the module docstring.
 
-    def __init__(self, latent_size: int, depth: int = 20, norm: str = "in",
-                 widths: Sequence[int] = (64, 128, 256, 256), in_channels: int = 4):
+    widths: the four stage widths (the original's are 64, 128, 256, 256; smaller ones are our
+    option for CPU-sized toy experiments).
+    """
+
+    def __init__(self, latent_size: int, depth: int = 20, norm: str = "in", widths: Sequence[int] = WIDTHS,
+                 in_channels: int = 4):
         super().__init__()
+        if norm not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalisation {norm!r}; use one of {', '.join(NORMALIZATIONS)}")
+        block, n = block_layout(int(depth))
         self.latent_size = int(latent_size)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
-                                  norm_layer(norm, widths[0]), nn.ReLU(inplace=True))
-        layers = []
+        self.conv1 = _conv3x3(in_channels, widths[0])
+        self.bn1 = norm_layer(norm, widths[0])
+        self.relu = nn.ReLU(inplace=True)
         cin = widths[0]
-        for s, (w, n) in enumerate(zip(widths, blocks_per_stage(depth, len(widths)))):
+        for i, (planes, stride) in enumerate(zip(widths, (1, 2, 2, 2))):
+            layers = []
             for b in range(n):
-                layers.append(BasicBlock(cin, w, 2 if (b == 0 and s > 0) else 1, norm))
-                cin = w
-        self.stages = nn.Sequential(*layers)
+                s = stride if b == 0 else 1
+                down = None
+                if s != 1 or cin != planes * block.expansion:
+                    down = nn.Sequential(nn.Conv2d(cin, planes * block.expansion, 1, s, bias=False),
+                                         norm_layer(norm, planes * block.expansion))
+                layers.append(block(cin, planes, s, norm, down))
+                cin = planes * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, self.latent_size)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                k = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / k))
+            elif isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d, BatchInstanceNorm2d)) and m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map (B, C, H / 8, W / 8)."""
+        x = self.relu(self.bn1(self.conv1(images)))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(images))
-        return self.fc(x.mean(dim=(2, 3)))
+        return self.fc(torch.flatten(self.avgpool(self.features(images)), 1))

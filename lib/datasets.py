@@ -1,0 +1,90 @@
+"""DISN-layout RGBA renders of a mesh, for the datasets prepare_data.py writes.
+
+``render_views`` writes ``NN.png`` (RGBA, straight alpha = pixel coverage) and
+``rendering_metadata.txt`` (one bracketed DISN line per view) for random DISN cameras:
+azimuth uniform in [0, 360), elevation in [10, 40] degrees, distance ratio uniform in a
+range (x CAM_MAX_DIST = 1.75), looking at the origin.  The renders are made in the frame
+of the vertices given, so rendering the normalised mesh makes renders, samples and meshes
+share one frame, as the original's SVR data do (no normalisation file needed).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DISN_AZIMUTH = (0.0, 360.0)        # degrees, uniform (DISN / 3D-R2N2 renders)
+DISN_ELEVATION = (10.0, 40.0)      # degrees, uniform
+# x CAM_MAX_DIST for an object of radius about 0.5 (ShapeNet units) to fill ~2/3 of the image
+SHAPENET_DISTANCE_RATIO = (0.65, 0.8)
+SHAPENET_RADIUS = 0.5
+
+
+def distance_ratio_for(radius: float) -> tuple[float, float]:
+    """The distance-ratio range at which an object of ``radius`` looks as big as a ShapeNet one
+    at ``SHAPENET_DISTANCE_RATIO``."""
+    k = float(radius) / SHAPENET_RADIUS
+    return SHAPENET_DISTANCE_RATIO[0] * k, SHAPENET_DISTANCE_RATIO[1] * k
+
+
+def random_disn_cameras(count: int, rng: np.random.Generator, image_size: int = 224,
+                        distance_ratio: tuple[float, float] = SHAPENET_DISTANCE_RATIO):
+    """``count`` DISN cameras (batched ``Camera``, float64) at uniformly random azimuth / elevation / distance."""
+    from lib.camera import disn_camera
+
+    az = rng.uniform(*DISN_AZIMUTH, size=count)
+    el = rng.uniform(*DISN_ELEVATION, size=count)
+    ratio = rng.uniform(*distance_ratio, size=count)
+    return disn_camera(az.tolist(), el.tolist(), ratio.tolist(), image_size=image_size, dtype=torch.float64)
+
+
+def render_rgba(verts: torch.Tensor, faces: torch.Tensor, camera, color=(0.8, 0.8, 0.8),
+                supersample: int = 2) -> torch.Tensor:
+    """Anti-aliased Lambertian RGBA renders (B, S, S, 4) float in [0, 1], straight alpha.
+
+    Rendered with ``lib.render.shade`` at ``supersample`` times the camera's size and
+    box-filtered down, so alpha is the pixel's coverage (as Blender's) and rgb the mean
+    colour of the covered part.
+    """
+    from lib.render import shade
+
+    s = camera.image_size[0]
+    big = shade(verts, faces, camera.resized(s * supersample), color=color)          # (B, sS, sS, 4)
+    big = big if big.dim() == 4 else big[None]
+    rgba = torch.nn.functional.avg_pool2d(big.permute(0, 3, 1, 2), supersample).permute(0, 2, 3, 1)
+    alpha = rgba[..., 3:]
+    rgb = torch.where(alpha > 0, rgba[..., :3] / alpha.clamp_min(1e-12), torch.zeros_like(rgba[..., :3]))
+    return torch.cat([rgb.clamp(0, 1), alpha], -1)
+
+
+def render_views(verts, faces, out_dir: str | os.PathLike, views: int, image_size: int = 224,
+                 seed: int = 0, color=(0.8, 0.8, 0.8), chunk: int = 8, supersample: int = 2,
+                 distance_ratio: tuple[float, float] | None = None) -> None:
+    """Write ``out_dir/NN.png`` (RGBA) and ``out_dir/rendering_metadata.txt`` for ``views`` views.
+
+    verts (V, 3), faces (F, 3) in the frame the metadata describes (cameras look at the
+    origin).  Views are random like DISN's (``random_disn_cameras`` with ``seed``);
+    distance_ratio: the range of the cameras' distance ratio (default: for the mesh's
+    radius, ``distance_ratio_for``).
+    """
+    from lib.camera import Camera, write_disn_metadata
+    from lib.data import METADATA_FILE, view_image_name
+    from lib.io import save_png
+
+    out_dir = Path(out_dir)
+    v = torch.as_tensor(np.asarray(verts), dtype=torch.float32)
+    f = torch.as_tensor(np.asarray(faces), dtype=torch.int64)
+    if distance_ratio is None:
+        distance_ratio = distance_ratio_for(float(v[f.unique()].norm(dim=1).max()))
+    cams64 = random_disn_cameras(views, np.random.default_rng(seed), image_size, distance_ratio)
+    cams = cams64.to(dtype=torch.float32)  # float32 rasterises several times faster
+    for a in range(0, views, chunk):
+        idx = range(a, min(a + chunk, views))
+        sub = Camera(cams.R[a:idx.stop], cams.t[a:idx.stop], cams.focal[a:idx.stop], cams.principal[a:idx.stop],
+                     cams.image_size, batched=True)
+        rgba = render_rgba(v, f, sub, color=color, supersample=supersample)
+        for k, img in zip(idx, rgba):
+            save_png(out_dir / view_image_name(k), img.float().numpy())
+    write_disn_metadata(out_dir / METADATA_FILE, cams64)

@@ -1,0 +1,83 @@
+"""The original's per-iteration SVR metrics of one test view, against its ground truth.
+
+- Chamfer: ``samples`` (10,000) area-weighted points on each mesh (fixed seeds, so runs
+  repeat), squared nearest-neighbour distances, mean each way, the two means summed (the
+  tables show it x1000), in the frame of the SDF samples.
+- Normal consistency, image space: depth maps of the ground truth and of the prediction
+  from a hard raster (one face per pixel) with the view's camera, normals from the depth
+  maps by unprojecting pixels and crossing their right and down differences, and the mean
+  SIGNED cosine over the pixels valid in both (tables: x100).
+
+Everything stays on the device of the meshes: sampling uses generators on that device, the
+ground truth's points and its nearest-neighbour structure are built once per view
+(``lib.metrics.PointReference``: a KD-tree on the CPU, chunked distances elsewhere).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+GT_SEED, PREDICTION_SEED = 0, 1
+
+
+def depth_normal_image(verts: torch.Tensor, faces: torch.Tensor, camera) -> tuple[torch.Tensor, torch.Tensor]:
+    """Camera-frame normals (H, W, 3) from the hard-raster depth map of a mesh, and their valid mask (H, W)."""
+    from lib.metrics import depth_normals
+    from lib.render import rasterize
+
+    cam = camera.to(device=verts.device, dtype=verts.dtype)
+    fr = rasterize(verts, faces.to(verts.device), cam)
+    return depth_normals(fr.depth.detach(), fr.mask, cam.focal.reshape(-1, 2)[0], cam.principal.reshape(-1, 2)[0])
+
+
+class GroundTruth:
+    """What the per-iteration metrics of one view compare against, prepared once.
+
+    verts (V, 3), faces (F, 3): the ground-truth mesh in the frame of the samples; camera:
+    the view's unbatched Camera; samples: Chamfer points per mesh; device: where the
+    metrics run (the refinement's device).
+    """
+
+    def __init__(self, verts: torch.Tensor, faces: torch.Tensor, camera, samples: int = 10000, device=None):
+        from lib.metrics import PointReference, sample_surface, seeded_generator
+
+        self.samples = int(samples)
+        self.device = torch.device(device) if device is not None else verts.device
+        self.camera = camera.to(device=self.device, dtype=torch.float32)
+        self.verts = verts.to(device=self.device, dtype=torch.float32)
+        self.faces = faces.to(device=self.device, dtype=torch.int64)
+        self.points = sample_surface(self.verts, self.faces, self.samples, seeded_generator(GT_SEED, self.device))
+        self.reference = PointReference(self.points)
+        self.normals, self.valid = depth_normal_image(self.verts, self.faces, self.camera)
+
+    def chamfer(self, verts: torch.Tensor, faces: torch.Tensor) -> float:
+        """Squared-distance Chamfer (sum of the two means) to a predicted mesh; NaN if it is empty."""
+        from lib.metrics import PointReference, sample_surface, seeded_generator
+
+        if faces.shape[0] == 0:
+            return math.nan
+        v = verts.detach().to(device=self.device, dtype=torch.float32)
+        pts = sample_surface(v, faces.to(self.device), self.samples, seeded_generator(PREDICTION_SEED, self.device))
+        to_gt = self.reference.squared_distances(pts).mean()
+        from_gt = PointReference(pts).squared_distances(self.points).mean()
+        return float(to_gt + from_gt)
+
+    def normal_consistency(self, verts: torch.Tensor, faces: torch.Tensor) -> float:
+        """Image-space signed normal consistency in [-1, 1] (NaN if the images share no valid pixel)."""
+        from lib.metrics import image_normal_consistency
+
+        if faces.shape[0] == 0:
+            return math.nan
+        n, valid = depth_normal_image(verts.detach().to(device=self.device, dtype=torch.float32),
+                                      faces.to(self.device), self.camera)
+        return image_normal_consistency(n, valid, self.normals, self.valid)
+
+    def mesh_normal_consistency(self, verts: torch.Tensor, faces: torch.Tensor) -> float:
+        """Mesh-space normal consistency (our extra; lib.metrics.mesh_normal_consistency), NaN if empty."""
+        from lib.metrics import mesh_normal_consistency
+
+        if faces.shape[0] == 0:
+            return math.nan
+        return mesh_normal_consistency(verts.detach().cpu(), faces.cpu(), self.verts.cpu(), self.faces.cpu(),
+                                       n=self.samples)
