@@ -175,7 +175,7 @@ def _network_difference(own: Mapping[str, torch.Tensor], stored: Mapping) -> str
     return f"it has an extra {extra[0]}" if extra else None
 
 
-def _load_model(model: torch.nn.Module, state: Mapping, path) -> None:
+def _load_model(model: torch.nn.Module, state: Mapping, path, part: str | None = None) -> None:
     state = _strip_module_prefix(state)
     difference = _network_difference(model.state_dict(), state)
     if difference is None:
@@ -184,8 +184,8 @@ def _load_model(model: torch.nn.Module, state: Mapping, path) -> None:
             return
         except RuntimeError as err:
             difference = str(err).strip().splitlines()[-1].strip()
-    if "encoder" in Path(path).name or "encoder." in difference:
-        keys = "encoder settings (Encoder, or the original's NetworkEncoder / Depth / NormType)"
+    if part == "encoder" or "encoder" in Path(path).name or "encoder." in difference:
+        keys = "encoder settings (NormType, Depth, EncoderWidths)"
     else:
         keys = "NetworkSpecs or CodeLength"
     raise MeshSDFError(f"{path} does not match the network of specs.json ({difference}); it was trained with "
@@ -663,8 +663,8 @@ def load_svr_networks(exp_dir: str | os.PathLike, encoder: torch.nn.Module, deco
         obj = load_torch(combined, map_location)
         stored = _checkpoint_epoch(obj, combined)
         parts = _split_combined(obj.get("model_state_dict", {}), combined)
-        _load_model(encoder, parts["encoder"], combined)
-        _load_model(decoder, parts["decoder"], combined)
+        _load_model(encoder, parts["encoder"], combined, "encoder")
+        _load_model(decoder, parts["decoder"], combined, "decoder")
         return stored
     for p in paths:
         if not p.is_file():
@@ -674,8 +674,8 @@ def load_svr_networks(exp_dir: str | os.PathLike, encoder: torch.nn.Module, deco
     if epochs[0] != epochs[1]:
         raise MeshSDFError(f"{paths[0]} holds epoch {epochs[0]} but {paths[1]} epoch {epochs[1]}; "
                            f"use a numbered snapshot (have {svr_snapshot_epochs(exp_dir)})")
-    for net, obj, p in zip((encoder, decoder), objs, paths):
-        _load_model(net, obj.get("model_state_dict", {}), p)
+    for net, obj, p, part in zip((encoder, decoder), objs, paths, SVR_PARTS):
+        _load_model(net, obj.get("model_state_dict", {}), p, part)
     return epochs[0]
 
 
@@ -694,12 +694,12 @@ def load_svr_checkpoint(exp_dir: str | os.PathLike, label: str | int, encoder: t
     record = load_torch(path, map_location)
     epoch = _checkpoint_epoch(record, path)
     if all(f"{p}_state_dict" in record for p in SVR_PARTS):
-        _load_model(encoder, record["encoder_state_dict"], path)
-        _load_model(decoder, record["decoder_state_dict"], path)
+        _load_model(encoder, record["encoder_state_dict"], path, "encoder")
+        _load_model(decoder, record["decoder_state_dict"], path, "decoder")
     elif "model_state_dict" in record:
         parts = _split_combined(record["model_state_dict"], path)
-        _load_model(encoder, parts["encoder"], path)
-        _load_model(decoder, parts["decoder"], path)
+        _load_model(encoder, parts["encoder"], path, "encoder")
+        _load_model(decoder, parts["decoder"], path, "decoder")
     else:
         stored = load_svr_networks(exp_dir, encoder, decoder, label, map_location)
         if stored != epoch:

@@ -512,7 +512,7 @@ def svr_render_folder_renamed(tmp):
 @case("train_svr", "does not match the network of specs.json", "other encoder settings")
 def svr_checkpoint_of_another_encoder(tmp):
     exp = svr_experiment(tmp, checkpoint=True)
-    return ["-e", str(edit_specs(exp, Encoder={"Depth": 4, "Widths": [8], "Normalization": "in"})), "--device",
+    return ["-e", str(edit_specs(exp, EncoderWidths=[8, 8, 8, 8])), "--device",
             "cpu", "--continue", "latest"]
 
 
