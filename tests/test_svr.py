@@ -1,6 +1,5 @@
 """Single-view reconstruction: RGBA dataset, specs, training, refinement, metrics, scripts."""
 import csv
-import io
 import json
 import subprocess
 import sys
