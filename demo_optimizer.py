@@ -94,7 +94,8 @@ def shape_index(names: list[str], name: str, flag: str, split_file: Path) -> int
 def main(argv=None) -> int:
     args = parse_args(argv)
     # whole or absent: written aside, renamed into place at the end (lib.io.staged_dir)
-    with staged_dir(Path(args.out) if args.out else Path(args.experiment) / "Optimizations") as stage:
+    out = Path(args.out) if args.out else Path(args.experiment) / "Optimizations"
+    with staged_dir(out, owned=not args.out) as stage:
         return optimise_demo(args, stage)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -227,8 +228,18 @@ def _adopt_orphans(out: Path, root: Path) -> list[Path]:
     return found
 
 
+OUTPUT_MARK = ".meshsdf-output"  # in every folder staged_dir wrote: tells its outputs from a user's folder
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """Entries of an existing ``out`` that forbid moving it aside: none when it is empty or an
+    earlier output of ``staged_dir``."""
+    entries = sorted(p.name for p in out.iterdir())
+    return [] if not entries or OUTPUT_MARK in entries else entries
+
+
 @contextlib.contextmanager
-def staged_dir(out: str | os.PathLike) -> Iterator[StagedDir]:
+def staged_dir(out: str | os.PathLike, owned: bool = False) -> Iterator[StagedDir]:
     """Write an output folder whole or not at all.
 
     Yields a ``StagedDir`` whose ``path`` is a fresh hidden sibling of ``out``
@@ -239,17 +250,29 @@ def staged_dir(out: str | os.PathLike) -> Iterator[StagedDir]:
     Ctrl-C) the files written so far are renamed to ``<out>.incomplete-<UTC time>``
     (``partial``; an empty staging folder is just removed) and ``out`` is left as it was,
     so old and new files never mix.  Staging folders of killed runs are renamed to
-    incomplete ones on the next call.  MeshSDFError, before anything is written, when
-    ``out`` or a folder above it is a file.
+    incomplete ones on the next call.
+
+    MeshSDFError, before anything is written, when ``out`` or a folder above it is a file,
+    or when ``out`` is a non-empty folder that no earlier run wrote (no ``.meshsdf-output``
+    mark), unless ``owned`` (the command's default output folder, e.g.
+    ``<experiment>/Optimizations``, whose earlier contents are its own by definition): a
+    mistyped ``--out .`` never moves the user's folder aside.
     """
     from lib.log import info
 
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     root = _staging_root(out)
+    if out.is_dir() and not owned:
+        foreign = _foreign_entries(out)
+        if foreign:
+            raise MeshSDFError(f"output folder {out} already holds files that no earlier run of this command wrote "
+                               f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); give --out a new "
+                               "or empty folder")
     try:
         for orphan in _adopt_orphans(out, root):
             info(f"a killed run left its files of {out} in {orphan}")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=root))
+        (tmp / OUTPUT_MARK).write_text("written by MeshSDF; the folder was renamed into place when complete\n")
     except OSError as err:
         raise MeshSDFError(f"cannot create the output folder {out}: {err.strerror or err}; check that "
                            f"{root} is writable") from None
@@ -258,14 +281,16 @@ def staged_dir(out: str | os.PathLike) -> Iterator[StagedDir]:
     try:
         yield stage
     except BaseException:
-        if any(tmp.iterdir()):
+        if any(p.name != OUTPUT_MARK for p in tmp.iterdir()):
             stage.partial = _free_name(stage.partial)
             os.rename(tmp, stage.partial)
         else:
-            tmp.rmdir()
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # an empty folder given as --out: nothing to keep
         if out.exists():
             stage.previous = _free_name(out.with_name(f"{out.name}.previous-{_utc_stamp()}"))
             os.rename(out, stage.previous)

@@ -399,8 +399,10 @@ def demo_model_without_codes(tmp):
 
 
 def finished_demo_output(tmp: Path) -> Path:
+    """A folder as an earlier demo run left it (with staged_dir's mark)."""
     out = tmp / "Optimizations"
     out.mkdir()
+    (out / ".meshsdf-output").write_text("")
     for name in ("final.ply", "movie.gif", "log.json"):
         (out / name).write_text(f"an earlier run's {name}")
     return out
@@ -424,6 +426,13 @@ def demo_out_at_an_existing_file(tmp):
 def demo_out_below_an_existing_file(tmp):
     return ["-e", str(REPO / "experiments" / "bob_and_spot"), "--out",
             str(finished_demo_output(tmp) / "final.ply" / "run2")]
+
+
+@case("demo_optimizer", "output folder {tmp} already holds files that no earlier run of this command wrote",
+      "give --out a new or empty folder")
+def demo_out_at_a_folder_of_the_user(tmp):
+    (tmp / "thesis.tex").write_text("months of work")
+    return ["-e", str(REPO / "experiments" / "bob_and_spot"), "--out", str(tmp), "--device", "cpu"]
 
 
 @case("demo_optimizer", "--resolution 100000 needs at least", "the largest --resolution that fits is")

@@ -26,9 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "experiments" / "bob_and_spot"
 
 
-def tree_sha256(root: Path) -> dict:
+def tree_sha256(root: Path, mark: bool = False) -> dict:
+    """sha256 of every file under ``root`` by relative path (staged_dir's mark left out unless ``mark``)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and (mark or p.name != ".meshsdf-output")}
 
 
 def shipped_copy(tmp: Path, samples: int = 256) -> Path:
@@ -200,13 +201,13 @@ def test_staged_output_is_whole_or_absent_and_never_deletes_a_finished_one(tmp_p
         (stage.path / "final.ply").write_text("first")
         assert not out.exists()  # nothing in place until the run ends
     assert tree_sha256(out) == {"final.ply": hashlib.sha256(b"first").hexdigest()}
-    first = tree_sha256(out)
+    first = tree_sha256(out, mark=True)
 
     with pytest.raises(MeshSDFError, match="surface vanished"):  # a failed rerun: old output intact
         with staged_dir(out) as stage:
             (stage.path / "log.json").write_text("{}")
             raise MeshSDFError("surface vanished")
-    assert tree_sha256(out) == first
+    assert tree_sha256(out, mark=True) == first
     assert tree_sha256(stage.partial) == {"log.json": hashlib.sha256(b"{}").hexdigest()}
     assert stage.partial.name.startswith("Optimizations.incomplete-")
 
@@ -215,9 +216,32 @@ def test_staged_output_is_whole_or_absent_and_never_deletes_a_finished_one(tmp_p
             raise KeyboardInterrupt
     with staged_dir(out) as stage:  # a successful rerun: the old output is moved aside, not deleted
         (stage.path / "final.ply").write_text("second")
-    assert (out / "final.ply").read_text() == "second" and tree_sha256(stage.previous) == first
+    assert (out / "final.ply").read_text() == "second" and tree_sha256(stage.previous, mark=True) == first
     assert stage.previous.name.startswith("Optimizations.previous-")
     assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
+
+
+def test_staged_output_never_moves_a_folder_it_did_not_write(tmp_path):
+    """``--out .`` or ``--out ~/papers`` by mistake: refused before anything is written; an empty
+    folder is simply used; the command's own default folder is moved aside whatever it holds."""
+    from lib.io import staged_dir
+
+    mine = tmp_path / "papers"
+    mine.mkdir()
+    (mine / "draft.tex").write_text("months of work")
+    with pytest.raises(MeshSDFError, match=r"already holds files that no earlier run of this command wrote "
+                                           r"\(draft.tex\); give --out a new or empty folder"):
+        with staged_dir(mine):
+            raise AssertionError("not reached")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["papers"] and (mine / "draft.tex").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with staged_dir(empty) as stage:
+        (stage.path / "a").write_text("")
+    assert stage.previous is None and (empty / "a").is_file()
+    with staged_dir(mine, owned=True) as stage:  # e.g. an Optimizations folder of the original's demo
+        (stage.path / "a").write_text("")
+    assert (stage.previous / "draft.tex").read_text() == "months of work"
 
 
 def test_staged_output_refuses_files_in_the_way_and_adopts_killed_runs(tmp_path):
