@@ -297,8 +297,9 @@ def _segment_sum(index: torch.Tensor, values: torch.Tensor, n: int, out: torch.T
                  sorted_index: bool = False, reproducible: bool | None = None) -> torch.Tensor:
     """out[index[i]] += values[i] for values (N, C), index (N,) in [0, n); returns out (n, C).
 
-    reproducible (default: on CUDA): a stable sort by index, then one sequential sum per
-    segment (no atomics).  sorted_index: index is already non-decreasing (skips the sort).
+    reproducible (default: on CUDA): one sequential sum per run of equal indices (a stable
+    sort first unless ``sorted_index`` says index is already non-decreasing), then a plain
+    indexed add of those sums, whose indices are unique (no two atomics meet).
     """
     if out is None:
         out = values.new_zeros(n, values.shape[1])
@@ -307,12 +308,8 @@ def _segment_sum(index: torch.Tensor, values: torch.Tensor, n: int, out: torch.T
     if not sorted_index:
         order = torch.argsort(index, stable=True)
         index, values = index[order], values[order]
-    if sorted_index:
-        uniq, counts = torch.unique_consecutive(index, return_counts=True)
-        out.index_add_(0, uniq, torch.segment_reduce(values, "sum", lengths=counts, axis=0))
-        return out
-    counts = torch.bincount(index, minlength=n)
-    return out.add_(torch.segment_reduce(values, "sum", lengths=counts, axis=0))
+    uniq, counts = torch.unique_consecutive(index, return_counts=True)
+    return out.index_add_(0, uniq, torch.segment_reduce(values, "sum", lengths=counts, axis=0))
 
 
 class _SoftSilhouette(torch.autograd.Function):

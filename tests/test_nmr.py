@@ -154,7 +154,7 @@ def test_nr_shade_lights_the_normal_facing_away_from_the_camera():
     assert torch.allclose(img[cov][:, 0], torch.full_like(img[cov][:, 0], expect), atol=1e-5)
 
 
-def test_pair_chunks_do_not_change_the_gradient(monkeypatch):
+def test_pair_chunks_and_reproducible_sums_do_not_change_the_gradient(monkeypatch):
     import lib.nmr as nmr
 
     cam = demo_camera(image_size=40)
@@ -167,5 +167,9 @@ def test_pair_chunks_do_not_change_the_gradient(monkeypatch):
         vv = v.double().requires_grad_(True)
         (nr_silhouette(vv, f, cam) - target).square().sum().backward()
         grads.append(vv.grad)
+    vv = v.double().requires_grad_(True)                      # the CUDA path's sorted sums, on the CPU
+    (nr_silhouette(vv, f, cam, reproducible=True) - target).square().sum().backward()
+    grads.append(vv.grad)
     assert float(grads[0].abs().sum()) > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-12, atol=1e-12)
