@@ -1,36 +1,52 @@
-"""MeshSDF: differentiable iso-surface extraction (the paper's layer, SPEC section 6).
+"""MeshSDF: differentiable iso-surface extraction of any torch field (the paper's layer).
 
-Forward: marching cubes on the decoder's SDF (:func:`lib.isosurface.extract`, no graph).
-Backward: for a loss L on the vertices, with g_i = dL/dx_i and the SDF gradient
-n_i = d s(x_i, z) / dx at each vertex (autograd through the decoder),
+Forward: marching cubes on the field (:func:`lib.isosurface.extract`, no graph).  The
+surface is ``field = level``; with ``inside="below"`` (an SDF) the outside is where
+``field > level``, with ``inside="above"`` (an occupancy network, inside > tau) it is where
+``field < level``.  Write s(x) for the field signed that way (s > 0 outside).
 
-    paper:  dL/ds_i = -(g_i . n_i) / |n_i|          (the original's formula, unit normal)
-    exact:  dL/ds_i = -(g_i . n_i) / |n_i|^2        (implicit function theorem)
+Backward: for a loss L on the vertices, with g_i = dL/dx_i and n_i = ds(x_i)/dx at each
+vertex (autograd through the field),
 
-and the gradient sum_i dL/ds_i * ds(x_i, z) flows into the latent code z and into every
-decoder parameter that requires grad.  The two agree when |n| = 1 (a true distance field).
+    paper:  dL/ds_i = -(g_i . n_i) / |n_i|                 (the original's formula)
+    exact:  dL/ds_i = -(g_i . n_i) / max(|n_i|, delta_0)^2  (implicit function theorem)
 
-Typical use (every optimisation iteration)::
+and sum_i dL/ds_i * ds(x_i) flows, by ordinary autograd, into every tensor requiring grad
+that the field's value depends on: its parameters, a latent code, a batch of codes, a
+feature grid (through a non-leaf input such as an encoder's output, into its leaves).
 
-    mesh = mesh_from_sdf(decoder, latent, resolution=64, state=mesh.state if it else None)
-    loss = render_loss(mesh.verts, mesh.faces)
-    loss.backward()               # latent.grad, decoder grads; mesh.state.dl_ds (V,)
+Critical points: where |n| -> 0 (e.g. where a hole opens) the implicit-function gradient
+-n / |n|^2 diverges.  The exact rule therefore divides by max(|n|, delta_0)^2 with
+delta_0 = ``delta`` (default 0.05) x the median |n| over the mesh's vertices: it is the exact
+rule wherever |n| >= delta_0, and a vertex moves at most 1 / delta_0 world units per unit
+of s (20 / median|n|) everywhere.  The paper's rule moves a vertex by at most one world unit
+per unit of s anyway (unit normal).
 
-The decoder follows the DeepSDF calling convention ((P, L + 3) [latent | xyz] -> (P, 1)) and
-should be in ``eval()`` mode (dropout would make the SDF random).
+Typical use (every optimisation iteration; passing ``state`` back makes the sparse mode
+start from the previous surface)::
+
+    mesh = mesh_from_field(lambda p: net(p).squeeze(1), 128, state=mesh.state if it else None)
+    loss = my_loss(mesh.verts, mesh.faces)
+    loss.backward()               # net's parameters get gradients; mesh.state.dl_ds (V,)
+
+:func:`mesh_from_sdf` is the DeepSDF form ((P, L + 3) [latent | xyz] -> (P, 1) decoders), with
+latent (L,) or a batch (B, L) of codes (B meshes, one backward).  The field must be
+deterministic: a module left in train mode with dropout is refused (MeshSDFError).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
 from lib.errors import MeshSDFError
 from lib.isosurface import ExtractionState, extract
-from lib.models.decoder import sdf as decoder_sdf
 
 GRADIENTS = ("paper", "exact")
+INSIDE = ("below", "above")
+DELTA = 0.05
+Field = Callable[..., torch.Tensor]
 
 
 class SurfaceMesh(NamedTuple):
@@ -45,85 +61,218 @@ class SurfaceMesh(NamedTuple):
     state: ExtractionState
 
 
-def mesh_from_sdf(decoder: nn.Module, latent: torch.Tensor, resolution: int = 64, mode: str = "sparse",
-                  gradient: str = "paper", state: ExtractionState | None = None, chunk: int = 2 ** 16,
-                  **extract_kwargs) -> SurfaceMesh:
-    """Extract the zero level set of ``decoder`` at ``latent`` as a differentiable mesh.
+def mesh_from_field(field: Field, resolution: int, level: float = 0.0, mode: str = "sparse",
+                    gradient: str = "paper", state: ExtractionState | Sequence[ExtractionState] | None = None,
+                    inside: str = "below", batch: int | None = None, delta: float = DELTA, chunk: int = 2 ** 16,
+                    device=None, **extract_kwargs) -> SurfaceMesh | list[SurfaceMesh]:
+    """Mesh the level set ``field = level`` over [-1, 1]^3 as a differentiable mesh.
 
-    latent: (L,) or (1, L) on the decoder's device (the grid lives there too).
-    resolution / mode / state / extract_kwargs (verify, coarse_stride, band): see
-    :func:`lib.isosurface.extract`; gradient: ``"paper"`` or ``"exact"`` (module docstring);
-    chunk: points per decoder call, forward and backward.
-    """
-    lat = latent.reshape(-1)
-    verts, faces, st = extract(lambda p: decoder_sdf(decoder, lat.detach(), p, chunk), resolution, mode, state,
-                               device=latent.device, chunk=chunk, **extract_kwargs)
-    st.dl_ds = None
-    return SurfaceMesh(attach_gradients(verts, decoder, lat, gradient=gradient, state=st, chunk=chunk), faces, st)
-
-
-def attach_gradients(verts: torch.Tensor, decoder: nn.Module, latent: torch.Tensor, gradient: str = "paper",
-                     state: ExtractionState | None = None, chunk: int = 2 ** 16) -> torch.Tensor:
-    """Return a copy of surface vertices (V, 3) whose backward follows the MeshSDF rule.
-
-    verts must lie on the zero level set of ``decoder`` at ``latent`` (L,) (e.g. from any
-    extraction mode).  Gradients go to ``latent`` (if it requires grad) and to the decoder
-    parameters that require grad; ``state.dl_ds`` (if a state is given) receives dL/ds.
-    Without grad mode or anything to differentiate, returns ``verts`` unchanged.
+    field: ``field(points (P, 3)) -> (P,)`` (or (P, 1)); with ``batch=B``,
+    ``field(points (P, 3), index (P,) int64) -> (P,)`` gives B surfaces (index b selects
+    surface b, e.g. a row of a (B, L) code matrix) and the call returns a list of B meshes
+    whose backward is one pass over all their vertices.
+    resolution N: grid points per axis; mode / state / extract_kwargs (verify,
+    coarse_stride, band, warm): see :func:`lib.isosurface.extract` (a list of B states when
+    batched); gradient: ``"paper"`` or ``"exact"``; inside: ``"below"`` (SDF: inside where
+    field < level) or ``"above"`` (occupancy: inside where field > level); delta: the
+    critical-point regularisation of the exact rule (module docstring); chunk: points per
+    field call, forward and backward; device: where the grid lives (default: the device of
+    the tensors the field depends on, else the state's, else CPU).
+    Returns :class:`SurfaceMesh` (or a list of them): verts (V, 3) float32 whose gradients
+    reach every tensor requiring grad that the field depends on.
     """
     if gradient not in GRADIENTS:
         raise MeshSDFError(f"gradient {gradient!r} is unknown: use one of {', '.join(GRADIENTS)}")
-    params = tuple(p for p in decoder.parameters() if p.requires_grad)
-    if not torch.is_grad_enabled() or not (latent.requires_grad or params):
-        return verts
-    return _MeshSDF.apply(verts.detach(), decoder, gradient, state, chunk, latent, *params)
+    if inside not in INSIDE:
+        raise MeshSDFError(f"inside {inside!r} is unknown: use 'below' (an SDF) or 'above' (an occupancy field)")
+    refuse_dropout(field)
+    sign = 1.0 if inside == "below" else -1.0
+    count = 1 if batch is None else int(batch)
+    states = list(state) if isinstance(state, (list, tuple)) else [state] * count
+    if len(states) != count:
+        raise MeshSDFError(f"state: {len(states)} states for {count} surfaces; pass the list the last call returned")
+    leaves, probe_device = _probe(field, batch, device)
+    if device is None:
+        device = probe_device or next((s.cells.device for s in states if s is not None), torch.device("cpu"))
+    signed = _Signed(field, sign, level, batch)
+    meshes = []
+    for b in range(count):
+        verts, faces, st = extract(signed.surface(b), resolution, mode, states[b], device=device, chunk=chunk,
+                                   **extract_kwargs)
+        st.dl_ds = None
+        meshes.append((verts, faces, st))
+    if torch.is_grad_enabled() and leaves:
+        spec = _Spec(signed, gradient, delta, chunk, [m[2] for m in meshes])
+        attached = _FieldLayer.apply(spec, count, *[m[0] for m in meshes], *leaves)
+        meshes = [(v, f, st) for v, (_, f, st) in zip(attached, meshes)]
+    out = [SurfaceMesh(*m) for m in meshes]
+    return out if batch is not None else out[0]
 
 
-class _MeshSDF(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, verts, decoder, gradient, state, chunk, latent, *params):
-        ctx.save_for_backward(verts, latent, *params)
-        ctx.decoder, ctx.gradient, ctx.state, ctx.chunk = decoder, gradient, state, chunk
-        return verts.clone()
+def mesh_from_sdf(decoder: nn.Module, latent: torch.Tensor, resolution: int = 64, mode: str = "sparse",
+                  gradient: str = "paper", state=None, chunk: int = 2 ** 16,
+                  **kwargs) -> SurfaceMesh | list[SurfaceMesh]:
+    """The zero level set of a DeepSDF ``decoder`` at ``latent`` as a differentiable mesh.
 
-    @staticmethod
-    def backward(ctx, grad_verts):
-        verts, latent, *params = ctx.saved_tensors
-        wants_latent = ctx.needs_input_grad[5]
-        dl_ds, g_latent, g_params = sdf_backward(ctx.decoder, latent, verts, grad_verts, ctx.gradient, ctx.chunk,
-                                                 wants_latent, params)
-        if ctx.state is not None:
-            ctx.state.dl_ds = dl_ds
-        if g_latent is not None:
-            g_latent = g_latent.reshape(latent.shape)
-        return (None, None, None, None, None, g_latent, *g_params)
-
-
-def sdf_backward(decoder: nn.Module, latent: torch.Tensor, verts: torch.Tensor, grad_verts: torch.Tensor,
-                 gradient: str = "paper", chunk: int = 2 ** 16, wants_latent: bool = True, params=()):
-    """The MeshSDF backward pass, in chunks of vertices.
-
-    Returns dl_ds (V,) (detached), the gradient for ``latent`` (L,) (None unless
-    ``wants_latent``) and a list with one gradient (or None) per tensor of ``params``.
+    decoder: (P, L + 3) [latent | xyz] -> (P, 1), in ``eval()`` mode; latent (L,) or (1, L)
+    gives one :class:`SurfaceMesh`, (B, L) with B > 1 a list of B (one call, one backward);
+    the grid lives on the latent's device.  Other arguments: :func:`mesh_from_field`.
     """
-    lat = latent.detach().reshape(-1).requires_grad_(wants_latent)
-    inputs = ([lat] if wants_latent else []) + list(params)
-    grads = [None] * len(inputs)
-    dl_ds = torch.zeros(verts.shape[0], device=verts.device, dtype=verts.dtype)
+    refuse_dropout(decoder)
+    if latent.dim() == 2 and latent.shape[0] > 1:
+        codes = latent
+
+        def batched(points, index):
+            return decoder(torch.cat((codes[index], points), 1)).reshape(-1)
+
+        return mesh_from_field(batched, resolution, mode=mode, gradient=gradient, state=state, batch=codes.shape[0],
+                               chunk=chunk, device=latent.device, **kwargs)
+    lat = latent.reshape(1, -1)
+
+    def single(points):
+        return decoder(torch.cat((lat.expand(points.shape[0], -1), points), 1)).reshape(-1)
+
+    return mesh_from_field(single, resolution, mode=mode, gradient=gradient, state=state, chunk=chunk,
+                           device=latent.device, **kwargs)
+
+
+def refuse_dropout(field) -> None:
+    """MeshSDFError when ``field`` is (or is a bound method of) a module with dropout in train mode."""
+    module = field if isinstance(field, nn.Module) else getattr(field, "__self__", None)
+    if not isinstance(module, nn.Module):
+        return
+    for m in module.modules():
+        drop = (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) or (
+            float(getattr(m, "dropout_prob", 0) or 0) > 0 and bool(getattr(m, "dropout", None)))
+        if m.training and drop:
+            raise MeshSDFError(f"{type(module).__name__} is in train mode with dropout on, which makes the surface "
+                               "and its gradients random: call .eval() on it before meshing")
+
+
+class _Signed:
+    """s(x) = sign * (field(x) - level) for surface b: > 0 outside, flat (P,) values."""
+
+    def __init__(self, field, sign, level, batch):
+        self.field, self.sign, self.level, self.batch = field, sign, level, batch
+
+    def __call__(self, points, index=None):
+        v = self.field(points) if self.batch is None else self.field(points, index)
+        v = v.reshape(-1) - self.level
+        return v if self.sign > 0 else -v
+
+    def surface(self, b):
+        if self.batch is None:
+            return self
+        return lambda p: self(p, torch.full((p.shape[0],), b, dtype=torch.int64, device=p.device))
+
+
+def _probe(field, batch, device) -> tuple[list[torch.Tensor], torch.device | None]:
+    """The tensors requiring grad that ``field`` depends on, and their device.
+
+    Evaluates the field twice at 64 fixed points with autograd on: differing values mean a
+    random field (dropout in train mode, noise) and are refused; the autograd graph of the
+    first evaluation is walked back to its leaves (parameters, codes, feature grids).
+    """
+    gen = torch.Generator().manual_seed(0)
+    pts = torch.rand(64, 3, generator=gen) * 1.8 - 0.9
+    dev = torch.device(device) if device is not None else _first_device(field)
+    pts = pts.to(dev) if dev is not None else pts
+    index = None if batch is None else torch.arange(64, device=pts.device) % int(batch)
+    call = (lambda: field(pts)) if batch is None else (lambda: field(pts, index))  # noqa: E731
     with torch.enable_grad():
+        a = call()
+        b = call()
+    if not isinstance(a, torch.Tensor) or a.numel() != 64:
+        raise MeshSDFError("field: must map points (P, 3) to a tensor of P values (P,) or (P, 1)")
+    if not torch.equal(a.detach(), b.detach()):
+        raise MeshSDFError("field: two evaluations at the same points differ (a module in train mode with dropout, "
+                           "or noise): call .eval() on it, or make it deterministic, before meshing")
+    leaves, seen, stack = {}, set(), [a.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)  # AccumulateGrad: a leaf tensor
+        if var is not None:
+            leaves.setdefault(id(var), var)
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    if a.requires_grad and a.grad_fn is None:  # the field returned a leaf itself
+        leaves.setdefault(id(a), a)
+    found = list(leaves.values())
+    return found, (found[0].device if found else dev)
+
+
+def _first_device(field):
+    module = field if isinstance(field, nn.Module) else getattr(field, "__self__", None)
+    if isinstance(module, nn.Module):
+        return next((p.device for p in module.parameters()), None)
+    return None
+
+
+class _Spec:
+    def __init__(self, signed, gradient, delta, chunk, states):
+        self.signed, self.gradient, self.delta, self.chunk, self.states = signed, gradient, delta, chunk, states
+
+
+class _FieldLayer(torch.autograd.Function):
+    """Outputs: the B vertex tensors unchanged; backward: the MeshSDF rule into the leaves."""
+
+    @staticmethod
+    def forward(ctx, spec, count, *tensors):
+        verts, leaves = tensors[:count], tensors[count:]
+        ctx.spec, ctx.count = spec, count
+        ctx.save_for_backward(*verts, *leaves)
+        return tuple(v.clone() for v in verts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        verts, leaves = saved[: ctx.count], saved[ctx.count:]
+        spec = ctx.spec
+        sizes = [v.shape[0] for v in verts]
+        x_all = torch.cat(verts)
+        g_all = torch.cat([torch.zeros_like(v) if g is None else g for v, g in zip(verts, grads)])
+        index = torch.repeat_interleave(torch.arange(ctx.count, device=x_all.device),
+                                        torch.tensor(sizes, device=x_all.device))
+        dl_ds, leaf_grads = field_backward(spec.signed, x_all, g_all, index, leaves, spec.gradient, spec.delta,
+                                           spec.chunk)
+        for st, d in zip(spec.states, torch.split(dl_ds, sizes)):
+            st.dl_ds = d
+        return (None, None, *([None] * ctx.count), *leaf_grads)
+
+
+def field_backward(signed: Callable, verts: torch.Tensor, grad_verts: torch.Tensor, index: torch.Tensor,
+                   leaves: Sequence[torch.Tensor], gradient: str = "paper", delta: float = DELTA,
+                   chunk: int = 2 ** 16) -> tuple[torch.Tensor, list]:
+    """The MeshSDF backward pass over vertices (V, 3) with dL/dverts (V, 3), in chunks.
+
+    signed(points, index) -> s (P,) (> 0 outside); index (V,) the surface of each vertex.
+    Returns dl_ds (V,) (detached) and one gradient (or None) per tensor of ``leaves``.
+    """
+    with torch.enable_grad():
+        normals, kept = [], []
         for s in range(0, verts.shape[0], chunk):
             x = verts[s : s + chunk].detach().requires_grad_(True)
-            value = decoder(torch.cat((lat.reshape(1, -1).expand(x.shape[0], -1), x), 1)).reshape(-1)
-            (normal,) = torch.autograd.grad(value.sum(), x, retain_graph=bool(inputs))
-            norm = normal.norm(dim=1).clamp_min(1e-12)
-            d = -(grad_verts[s : s + chunk] * normal).sum(1) / norm
-            if gradient == "exact":
-                d = d / norm
-            dl_ds[s : s + chunk] = d.detach()
-            if inputs:
-                part = torch.autograd.grad(value, inputs, grad_outputs=d.detach(), allow_unused=True)
-                grads = [a if b is None else (b if a is None else a + b) for a, b in zip(grads, part)]
-    g_latent = grads.pop(0) if wants_latent else None
-    if g_latent is None and wants_latent:
-        g_latent = torch.zeros_like(lat)
-    return dl_ds, g_latent, grads
+            value = signed(x, index[s : s + chunk])
+            (n,) = torch.autograd.grad(value.sum(), x, retain_graph=True)
+            normals.append(n.detach())
+            kept.append(value if verts.shape[0] <= chunk else None)  # one chunk: reuse its graph
+        normal = torch.cat(normals) if normals else verts.new_zeros(0, 3)
+        norm = normal.norm(dim=1)
+        dot = -(grad_verts * normal).sum(1)
+        if gradient == "exact":
+            floor = (delta * norm.median()).clamp_min(1e-12) if norm.numel() else 1e-12
+            dl_ds = dot / torch.maximum(norm, floor) ** 2
+        else:
+            dl_ds = dot / norm.clamp_min(1e-12)
+        grads = [None] * len(leaves)
+        for i, s in enumerate(range(0, verts.shape[0], chunk)):
+            value = kept[i]
+            if value is None:
+                value = signed(verts[s : s + chunk].detach(), index[s : s + chunk])
+            part = torch.autograd.grad(value, leaves, grad_outputs=dl_ds[s : s + chunk], allow_unused=True,
+                                       retain_graph=True)
+            grads = [a if b is None else (b if a is None else a + b) for a, b in zip(grads, part)]
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+    return dl_ds.detach(), grads

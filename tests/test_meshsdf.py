@@ -6,7 +6,7 @@ from torch import nn
 
 from lib.errors import MeshSDFError
 from lib.isosurface import extract, same_mesh
-from lib.meshsdf import attach_gradients, mesh_from_sdf
+from lib.meshsdf import mesh_from_sdf
 from lib.metrics import connected_components, genus
 from lib.models.decoder import Decoder
 from lib.models.decoder import sdf as decoder_sdf
@@ -213,16 +213,15 @@ def test_empty_mesh_and_modes():
         mesh_from_sdf(Sphere(), z, 16, gradient="implicit")
 
 
-def test_attach_gradients_chunks_and_latent_shape():
+def test_chunked_backward_and_latent_shape():
     z = torch.tensor([[0.5, 0.2]], requires_grad=True)  # (1, L) latent
-    with torch.no_grad():
-        v, f, st = extract(lambda p: decoder_sdf(Torus(), z.detach().reshape(-1), p), 32)
-    verts = attach_gradients(v, Torus(), z, gradient="exact", state=st, chunk=100)  # many chunks
-    volume(verts, f).backward()
+    mesh = mesh_from_sdf(Torus(), z, 32, gradient="exact", chunk=100)  # many chunks, forward and backward
+    volume(mesh.verts, mesh.faces).backward()
     whole = torch.tensor([[0.5, 0.2]], requires_grad=True)
-    volume(attach_gradients(v, Torus(), whole, gradient="exact"), f).backward()
+    one = mesh_from_sdf(Torus(), whole, 32, gradient="exact")
+    volume(one.verts, one.faces).backward()
     assert z.grad.shape == (1, 2) and torch.allclose(z.grad, whole.grad, rtol=1e-5)
-    assert st.dl_ds.shape == (v.shape[0],)
+    assert mesh.state.dl_ds.shape == (mesh.verts.shape[0],)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
