@@ -321,7 +321,7 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
         grid = _DenseGrid(fn, n, n, device, chunk, reuse)
         grid.evaluate(torch.arange(n ** 3, device=grid.ax.device))
         cells = crossing_cells(grid.values.reshape(n, n, n))
-    corners = grid.lin(cells.unsqueeze(1) + tables(cells.device)["corner"])
+    corners = grid.lin(cells).unsqueeze(1) + grid.lin(tables(cells.device)["corner"])  # (C, 8)
     corner_values = grid.values_at(corners) if isinstance(grid, _HashGrid) else grid.values[corners]
     verts, faces, keys = marching_cubes_cells(cells, corner_values, n, grid.ax)
     stale, missed = _check_fast(grid, keys, fresh) if fresh is not None else (0, 0)
@@ -488,18 +488,23 @@ def _track(grid, seeds: torch.Tensor, n: int) -> torch.Tensor:
     seeds = seeds[((seeds >= 0) & (seeds < m)).all(1)]
     visited = _HashSet(dev)
     front = visited.add_new((seeds[:, 0] * m + seeds[:, 1]) * m + seeds[:, 2])
+    g = grid.g
+    corner_lin = grid.lin(corner)  # (8,) offsets of the corners in the value lattice
     found = []
     while front.numel():
-        c = torch.stack((front // (m * m), (front // m) % m, front % m), 1)
-        out = grid.at(c.unsqueeze(1) + corner) > 0
-        sc = out.any(1) & ~out.all(1)
-        c, out = c[sc], out[sc]
-        found.append(front[sc])
-        fo = out[:, face_cyc]  # (F, 6, 4)
-        mixed = fo.any(2) & ~fo.all(2)
-        nb = c.unsqueeze(1) + face_dir
-        nb = nb[mixed & ((nb >= 0) & (nb < m)).all(2)]
-        front = visited.add_new((nb[:, 0] * m + nb[:, 1]) * m + nb[:, 2])
+        new = []
+        for part in front.split(2 ** 18):  # bounded transients however large the front
+            c = torch.stack((part // (m * m), (part // m) % m, part % m), 1)
+            out = grid.values_at(((c[:, :1] * g + c[:, 1:2]) * g + c[:, 2:]) + corner_lin) > 0  # (F, 8)
+            sc = out.any(1) & ~out.all(1)
+            c, out = c[sc], out[sc]
+            found.append(part[sc])
+            fo = out[:, face_cyc]  # (F, 6, 4)
+            mixed = fo.any(2) & ~fo.all(2)
+            nb = c.unsqueeze(1) + face_dir
+            nb = nb[mixed & ((nb >= 0) & (nb < m)).all(2)]
+            new.append((nb[:, 0] * m + nb[:, 1]) * m + nb[:, 2])
+        front = visited.add_new(torch.cat(new))
     lin = torch.sort(torch.cat(found)).values if found else torch.zeros(0, dtype=torch.int64, device=dev)
     return torch.stack((lin // (m * m), (lin // m) % m, lin % m), 1)
 

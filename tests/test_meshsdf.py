@@ -1,12 +1,14 @@
 """The differentiable layer: analytic gradients, finite differences of re-extracted meshes,
 decoder weights, topology change."""
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from lib.errors import MeshSDFError
 from lib.isosurface import extract, same_mesh
-from lib.meshsdf import mesh_from_sdf
+from lib.meshsdf import mesh_from_field, mesh_from_sdf
 from lib.metrics import connected_components, genus
 from lib.models.decoder import Decoder
 from lib.models.decoder import sdf as decoder_sdf
@@ -234,3 +236,221 @@ def test_cuda():
     cpu = mesh_from_sdf(Torus(), zc, 48, gradient="exact")
     volume(cpu.verts, cpu.faces).backward()
     assert torch.allclose(z.grad.cpu(), zc.grad, rtol=1e-3)
+
+
+# --- any field: xyz-only networks, occupancy, batches, critical points, refusals ------------
+
+class SphereNet(nn.Module):
+    """xyz-only SDF with a learnable parameter: radius = 0.35 + 0.25 sigmoid(theta)."""
+
+    def __init__(self, theta=0.4):
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor(theta))
+
+    def radius(self):
+        return 0.35 + 0.25 * torch.sigmoid(self.theta)
+
+    def forward(self, p):
+        return p.norm(dim=1) - self.radius()
+
+
+class TorusNet(nn.Module):
+    """xyz-only exact torus SDF with learnable radii (R, r)."""
+
+    def __init__(self, big=0.5, small=0.2):
+        super().__init__()
+        self.big = nn.Parameter(torch.tensor(big))
+        self.small = nn.Parameter(torch.tensor(small))
+
+    def forward(self, p):
+        q = torch.stack((p[:, :2].norm(dim=1) - self.big, p[:, 2]), 1)
+        return q.norm(dim=1) - self.small
+
+
+class Occupancy(nn.Module):
+    """sigmoid(k (radius - |x|)): inside > 0.5, |grad| = k / 4 on the surface."""
+
+    def __init__(self, k=8.0):
+        super().__init__()
+        self.sphere, self.k = SphereNet(), k
+
+    def forward(self, p):
+        return torch.sigmoid(self.k * (self.sphere.radius() - p.norm(dim=1)))
+
+
+def mean_radius(v, f):
+    return v.norm(dim=1).mean()
+
+
+def fd_param(field, param, loss, n, eps=0.01, **kw):
+    """Central difference of loss(re-extracted mesh) in one scalar parameter."""
+    vals = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            param += sign * eps
+            mesh = mesh_from_field(field, n, **kw)
+            param -= sign * eps
+            vals.append(float(loss(mesh.verts, mesh.faces)))
+    return (vals[0] - vals[1]) / (2 * eps)
+
+
+def test_xyz_sphere_network_exact_radius_gradient():
+    net = SphereNet()
+    mesh = mesh_from_field(net, 48, gradient="exact")
+    mean_radius(mesh.verts, mesh.faces).backward()
+    s = torch.sigmoid(net.theta.detach())
+    truth = float(0.25 * s * (1 - s))
+    fd = fd_param(net, net.theta, mean_radius, 48)
+    assert net.theta.grad.item() == pytest.approx(truth, rel=0.02)
+    assert net.theta.grad.item() == pytest.approx(fd, rel=0.02)
+
+
+def test_xyz_torus_network_volume_gradient():
+    net = TorusNet()
+    mesh = mesh_from_field(net, 64, gradient="exact")
+    volume(mesh.verts, mesh.faces).backward()
+    big, small = 0.5, 0.2
+    truth = {"big": 2 * math.pi ** 2 * small ** 2, "small": 4 * math.pi ** 2 * big * small}  # V = 2 pi^2 R r^2
+    for name in ("big", "small"):
+        param = getattr(net, name)
+        fd = fd_param(net, param, volume, 64)
+        assert param.grad.item() == pytest.approx(truth[name], rel=0.02), name
+        assert param.grad.item() == pytest.approx(fd, rel=0.02), name
+
+
+def test_occupancy_field_at_tau():
+    occ = Occupancy(k=8.0)
+    theta = occ.sphere.theta
+    s = torch.sigmoid(theta.detach())
+    truth = float(0.25 * s * (1 - s))
+    grads = {}
+    for gradient in ("exact", "paper"):
+        theta.grad = None
+        mesh = mesh_from_field(occ, 48, level=0.5, inside="above", gradient=gradient)
+        assert (mesh.verts.detach().norm(dim=1) - occ.sphere.radius().item()).abs().max() < 0.01
+        a, b, c = _tri(mesh.verts.detach(), mesh.faces)
+        assert ((torch.cross(b - a, c - a, dim=1) * (a + b + c)).sum(1) > 0).all()  # outward
+        mean_radius(mesh.verts, mesh.faces).backward()
+        grads[gradient] = theta.grad.item()
+    fd = fd_param(occ, theta, mean_radius, 48, level=0.5, inside="above")
+    assert grads["exact"] == pytest.approx(truth, rel=0.02) and grads["exact"] == pytest.approx(fd, rel=0.02)
+    # the paper's unit-normal rule is off by |grad occ| = k / 4 = 2 on a non-distance field
+    assert grads["paper"] == pytest.approx(2 * truth, rel=0.03)
+    # the same surface passed negated with the SDF convention: same mesh, same gradient
+    theta.grad = None
+    neg = mesh_from_field(lambda p: -occ(p), 48, level=-0.5, gradient="exact")
+    mean_radius(neg.verts, neg.faces).backward()
+    assert theta.grad.item() == pytest.approx(grads["exact"], rel=1e-5)
+
+
+def test_batched_codes_one_backward_equal_per_code():
+    codes = torch.tensor([[0.5, 0.2], [0.45, 0.15], [0.55, 0.25]], requires_grad=True)
+    meshes = mesh_from_sdf(Torus(), codes, 32, gradient="exact")
+    assert isinstance(meshes, list) and len(meshes) == 3
+    sum(volume(m.verts, m.faces) * (i + 1) for i, m in enumerate(meshes)).backward()
+    for i in range(3):
+        z = codes[i].detach().clone().requires_grad_(True)
+        one = mesh_from_sdf(Torus(), z, 32, gradient="exact")
+        assert torch.equal(one.verts.detach(), meshes[i].verts.detach())
+        (volume(one.verts, one.faces) * (i + 1)).backward()
+        assert torch.allclose(codes.grad[i], z.grad, rtol=1e-5, atol=1e-7)
+        assert meshes[i].state.dl_ds.shape == (meshes[i].verts.shape[0],)
+    # one backward pass over the vertices of all three surfaces together
+    seen = []
+
+    def field(points, index):
+        if torch.is_grad_enabled() and points.requires_grad:
+            seen.append(int(index.unique().numel()))
+        return Torus()(torch.cat((codes[index], points), 1)).reshape(-1)
+
+    meshes = mesh_from_field(field, 32, batch=3, gradient="exact")
+    seen.clear()
+    sum(volume(m.verts, m.faces) for m in meshes).backward()
+    assert seen == [3]
+
+
+class Saddle(nn.Module):
+    """x^2 + y^2 - z^2 - c: a hyperboloid whose neck (radius sqrt(c)) pinches at a critical point."""
+
+    def __init__(self, c=1e-5):
+        super().__init__()
+        self.c = nn.Parameter(torch.tensor(c))
+
+    def forward(self, p):
+        return p[:, 0] ** 2 + p[:, 1] ** 2 - p[:, 2] ** 2 - self.c
+
+
+def test_exact_gradient_is_bounded_near_critical_points():
+    field = Saddle()
+    mesh = mesh_from_field(field, 33, gradient="exact")  # the origin is a grid point
+    mesh.verts.sum().backward()  # g_i = (1, 1, 1)
+    x = mesh.verts.detach()
+    normal = torch.stack((2 * x[:, 0], 2 * x[:, 1], -2 * x[:, 2]), 1)
+    norm = normal.norm(dim=1)
+    floor = 0.05 * norm.median()
+    dl_ds = mesh.state.dl_ds
+    assert torch.isfinite(dl_ds).all() and torch.isfinite(field.c.grad)
+    # the bound: |dL/ds_i| <= |g_i| / floor (a vertex moves at most 1 / floor per unit of s)
+    assert (dl_ds.abs() <= 3 ** 0.5 / floor * (1 + 1e-4)).all()
+    # it is active here: the unregularised rule would exceed it at the pinched vertices
+    raw = -normal.sum(1) / norm.clamp_min(1e-12) ** 2
+    assert (norm < floor).any() and raw.abs().max() > 10 * 3 ** 0.5 / floor
+    # and it is the exact rule wherever |grad s| >= the floor
+    ok = norm >= floor
+    assert torch.allclose(dl_ds[ok], raw[ok], rtol=1e-4, atol=1e-6)
+
+
+def test_train_mode_dropout_and_random_fields_are_refused():
+    dec = Decoder(2, [16, 16], dropout=[0, 1], dropout_prob=0.2)  # train mode by default
+    z = torch.zeros(2, requires_grad=True)
+    with pytest.raises(MeshSDFError, match=r"\.eval\(\)"):
+        mesh_from_sdf(dec, z, 16)
+    with pytest.raises(MeshSDFError, match="differ"):
+        mesh_from_field(lambda p: p.norm(dim=1) - 0.5 + 1e-3 * torch.rand(p.shape[0]), 16)
+    dec.eval()
+    mesh_from_sdf(dec, z, 16)  # eval mode: accepted (the surface may be empty)
+
+
+def test_warm_start_equals_dense_along_an_optimisation_path_with_topology_change():
+    """Sparse mode fed its previous state (tracking from last iteration's cells) == dense at every step."""
+    t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Adam([t], lr=0.1)
+    dec, state, genera, warm = Blend(), None, [], []
+    for _ in range(12):
+        mesh = mesh_from_sdf(dec, t, 32, state=state)
+        state = mesh.state
+        warm.append(state.warm)
+        vd, fd_, _ = extract(lambda p: decoder_sdf(dec, t.detach(), p), 32, "dense")
+        assert torch.equal(mesh.verts.detach(), vd) and torch.equal(mesh.faces, fd_)
+        genera.append(genus(vd, fd_))
+        v = mesh.verts
+        loss = ((v[:, :2].norm(dim=1) - 0.5) ** 2 + v[:, 2] ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert genera[0] == 0 and genera[-1] == 1  # the hole opened on the way
+    assert warm == [False] + [True] * 11
+
+
+def test_warm_start_follows_a_surface_that_jumps_and_a_new_piece():
+    ball = lambda c, r=0.3: (lambda p: (p - torch.tensor(c)).norm(dim=1) - r)  # noqa: E731
+    _, _, st = extract(ball((0.0, 0.0, 0.0)), 48, "sparse")
+    cold = st.evaluations
+    steps = [ball((0.03, 0.0, 0.0)),  # a fraction of a voxel
+             ball((0.2, 0.0, 0.0)),  # ~4 voxels: no previous cell crosses any more
+             union(ball((0.2, 0.0, 0.0)), ball((-0.6, 0.5, 0.5), 0.2))]  # a new piece far away
+    for fn in steps:
+        v, f, st = extract(fn, 48, "sparse", state=st)
+        vd, fd_, _ = extract(fn, 48, "dense")
+        assert st.warm and torch.equal(v, vd) and torch.equal(f, fd_)
+    _, _, st = extract(ball((0.21, 0.0, 0.0)), 48, "sparse", state=extract(ball((0.2, 0, 0)), 48, "sparse")[2])
+    assert st.evaluations < cold
+
+
+def union(*fs):
+    def f(p):
+        out = fs[0](p)
+        for g in fs[1:]:
+            out = torch.minimum(out, g(p))
+        return out
+    return f
