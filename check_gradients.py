@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("-e", "--experiment", required=True, help="experiment directory (specs.json, checkpoints)")
     ap.add_argument("-c", "--checkpoint", default="latest", help="checkpoint to load (default latest)")
     ap.add_argument("--code", type=int, default=0, help="index of the training code to check at (default 0)")
-    ap.add_argument("--resolution", type=int, default=128, help="marching-cubes grid points per axis (default 128)")
+    ap.add_argument("--resolution", type=int, default=256,
+                    help="marching-cubes grid points per axis (default 256; the finite differences need a fine grid)")
     ap.add_argument("--mode", choices=MODES, default="sparse", help="extraction mode (default sparse)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = ap.parse_args(argv)

@@ -46,7 +46,7 @@ class GroupCheck:
 
 
 def check_gradients(field: Callable[[torch.Tensor], torch.Tensor], groups: Mapping[str, Sequence[torch.Tensor]],
-                    resolution: int = 128, level: float = 0.0, inside: str = "below", mode: str = "sparse",
+                    resolution: int = 256, level: float = 0.0, inside: str = "below", mode: str = "sparse",
                     loss: Callable = surface_integral, move: float = 0.5, max_relative: float = 0.02, seed: int = 0,
                     chunk: int = 2 ** 16) -> list[GroupCheck]:
     """Layer gradient vs finite differences of re-extracted meshes, per parameter group.
@@ -66,6 +66,7 @@ def check_gradients(field: Callable[[torch.Tensor], torch.Tensor], groups: Mappi
     was = [t.requires_grad for t in tensors]
     gen = torch.Generator().manual_seed(seed)
     noise = {name: [torch.randn(t.shape, generator=gen).to(t) for t in ts] for name, ts in groups.items()}
+    saved = [t.detach().clone() for t in tensors]
     try:
         for t in tensors:
             t.requires_grad_(True)
@@ -92,6 +93,7 @@ def check_gradients(field: Callable[[torch.Tensor], torch.Tensor], groups: Mappi
             # ``max_relative`` of its norm (a nonlinear response otherwise)
             norm = float(torch.sqrt(sum((t.detach() ** 2).sum() for t in groups[name])))
             eps = min(_step(field, verts, groups[name], dirs[name], move * h, sign), max_relative * max(norm, 1e-3))
+            _restore(tensors, saved)
             vals = []
             for s in (1, -1):
                 _shift(groups[name], dirs[name], s * eps)
@@ -101,13 +103,14 @@ def check_gradients(field: Callable[[torch.Tensor], torch.Tensor], groups: Mappi
                                           device=verts.device, chunk=chunk)
                     vals.append(float(loss(v, f)))
                 finally:
-                    _shift(groups[name], dirs[name], -s * eps)
+                    _restore(tensors, saved)
             fd = (vals[0] - vals[1]) / (2 * eps)
             lay = {g: layer[g][name] for g in GRADIENTS}
             err = {g: abs(lay[g] - fd) / max(abs(fd), 1e-30) for g in GRADIENTS}
             out.append(GroupCheck(name, sum(t.numel() for t in groups[name]), eps, fd, lay, err))
         return out
     finally:
+        _restore(tensors, saved)
         for t, w in zip(tensors, was):
             t.grad = None
             t.requires_grad_(w)
@@ -130,6 +133,12 @@ def _directions(grads, noise) -> dict:
 
 
 @torch.no_grad()
+def _restore(tensors, saved):
+    for t, o in zip(tensors, saved):
+        t.copy_(o)
+
+
+@torch.no_grad()
 def _shift(tensors, dirs, amount):
     for t, d in zip(tensors, dirs):
         t.add_(d, alpha=amount)
@@ -144,7 +153,7 @@ def _step(field, verts, tensors, dirs, target, sign) -> float:
     up = field(verts).reshape(-1)
     _shift(tensors, dirs, -2 * tiny)
     down = field(verts).reshape(-1)
-    _shift(tensors, dirs, tiny)
+    _shift(tensors, dirs, tiny)  # the caller restores the exact values
     with torch.enable_grad():
         x = verts.clone().requires_grad_(True)
         (n,) = torch.autograd.grad(field(x).sum(), x)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.spatial import cKDTree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lib.errors import MeshSDFError
 from lib.isosurface import extract, grid_points, marching_cubes, marching_cubes_cells, same_mesh
@@ -200,3 +201,48 @@ def test_cuda_matches_cpu():
     assert v.is_cuda and f.is_cuda
     vc, fc, _ = extract(scene, 64, "sparse")
     assert same_mesh(v, f, vc, fc)[0]
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor storage any torch op creates while active (bytes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def test_sparse_memory_grows_with_the_surface_not_the_box():
+    """Every allocation of a sparse extraction is O(surface cells): 128 -> 256 grows ~4x, not 8x."""
+    largest, stored = {}, {}
+    for n in (128, 256):
+        with LargestAllocation() as rec:
+            _, f, st = extract(sphere(0.6), n, "sparse")
+        largest[n], stored[n] = rec.largest, st.peak_points
+        assert f.shape[0] > 0 and st.values is None
+    assert largest[256] / largest[128] < 5.5 and stored[256] / stored[128] < 5.5
+    assert largest[256] < 256 ** 3 * 4 / 4  # well under one dense float grid (the old sparse mode held three)
+    with LargestAllocation() as rec:
+        extract(sphere(0.6), 128, "dense")
+    assert rec.largest >= 128 ** 3 * 4  # the statistic does see a dense grid
+
+
+@pytest.mark.slow
+def test_sparse_equals_dense_at_512_on_an_analytic_field():
+    vd, fd, _ = extract(scene, 512, "dense", chunk=2 ** 20)
+    vs, fs, ss = extract(scene, 512, "sparse", chunk=2 ** 20)
+    assert torch.equal(vd, vs) and torch.equal(fd, fs) and ss.evaluations < 512 ** 3 / 50
+
+
+def test_marching_cubes_level_and_welded_closed_output():
+    vals = grid_of(sphere(0.5), 40)
+    v, f = marching_cubes(vals, level=0.1)  # the 0.6 sphere
+    vs, fs = skimage_mc(vals, level=0.1)
+    assert (v.norm(dim=1) - 0.6).abs().max() < 0.01 and v.shape == vs.shape and closed_manifold(f)
+    assert torch.unique(v, dim=0).shape[0] == v.shape[0]  # welded: no duplicate vertices
