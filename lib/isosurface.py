@@ -144,9 +144,12 @@ class _DenseGrid:
 
 
 def _hash(key: torch.Tensor, mask: int) -> torch.Tensor:
-    # multiplicative hashing on keys < 2^31 * P (any lattice up to ~2^20 per axis); the product
-    # stays below 2^63, and its high bits mix neighbouring keys apart
-    return (((key % 2147483629) * 2654435761 + key // 2147483629) >> 17) & mask
+    # a SplitMix64-style finaliser (int64 products wrap modulo 2^64 in torch on every
+    # device); lattice keys are very regular, weaker mixers make long linear-probing chains
+    x = key * -7046029254386353131
+    x = x ^ (x >> 29)
+    x = x * -4658895280553007687
+    return (x ^ (x >> 32)) & mask
 
 
 class _HashGrid:
@@ -421,8 +424,7 @@ def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells):
     seeds = [] if warm_cells is None else [warm_cells]
     s = s0
     while True:
-        corners = cells.unsqueeze(1) + corner * s
-        v = grid.at(corners)  # (K, 8)
+        v = grid.values_at(grid.lin(cells).unsqueeze(1) + grid.lin(corner * s))  # (K, 8)
         out = v > 0
         sc = out.any(1) & ~out.all(1)
         seeds.append(cells[sc] if s == 1 else _bisect_seeds(grid, cells[sc], out[sc], s))

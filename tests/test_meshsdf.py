@@ -439,7 +439,7 @@ def test_warm_start_follows_a_surface_that_jumps_and_a_new_piece():
     cold = st.evaluations
     steps = [ball((0.03, 0.0, 0.0)),  # a fraction of a voxel
              ball((0.2, 0.0, 0.0)),  # ~4 voxels: no previous cell crosses any more
-             union(ball((0.2, 0.0, 0.0)), ball((-0.6, 0.5, 0.5), 0.2))]  # a new piece far away
+             lambda p: torch.minimum(ball((0.2, 0.0, 0.0))(p), ball((-0.6, 0.5, 0.5), 0.2)(p))]  # a new piece far away
     for fn in steps:
         v, f, st = extract(fn, 48, "sparse", state=st)
         vd, fd_, _ = extract(fn, 48, "dense")
@@ -447,14 +447,6 @@ def test_warm_start_follows_a_surface_that_jumps_and_a_new_piece():
     _, _, st = extract(ball((0.21, 0.0, 0.0)), 48, "sparse", state=extract(ball((0.2, 0, 0)), 48, "sparse")[2])
     assert st.evaluations < cold
 
-
-def union(*fs):
-    def f(p):
-        out = fs[0](p)
-        for g in fs[1:]:
-            out = torch.minimum(out, g(p))
-        return out
-    return f
 
 
 def test_readme_example_runs(capsys):
