@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib import checkpoint, runtime  # noqa: E402
 from lib.errors import cli_main  # noqa: E402
-from lib.isosurface import (_cell_corner_values, crossing_cells, extract, marching_cubes,  # noqa: E402
+from lib.isosurface import (cell_corner_values, crossing_cells, extract, marching_cubes,  # noqa: E402
                             marching_cubes_cells, same_mesh)
 from lib.meshsdf import mesh_from_sdf  # noqa: E402
 from lib.models.decoder import decoder_from_specs  # noqa: E402
@@ -106,7 +106,7 @@ def main() -> int:
         same, why = same_mesh(vd, fd, vs, fs)
         bitwise = torch.equal(vd, vs) and torch.equal(fd, fs)
         grid = sd.values.reshape(n, n, n)
-        tmc, _ = timed(lambda: marching_cubes_cells(c := crossing_cells(grid), _cell_corner_values(grid, c), n))
+        tmc, _ = timed(lambda: marching_cubes_cells(c := crossing_cells(grid), cell_corner_values(grid, c), n))
         tsk, _ = timed(lambda: marching_cubes(grid))
         print(f"{n:>5} {td:>9.2f} {ts:>9.2f} {td / ts:>6.1f}x {sd.evaluations:>12} {ss.evaluations:>13} "
               f"{sd.evaluations / ss.evaluations:>10.1f}x {str(same) + ('' if bitwise else '*'):>9} {tmc:>10.3f} "
