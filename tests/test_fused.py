@@ -144,6 +144,7 @@ def test_fused_loss_on_whole_scene_chunks_equals_autograd(chunk):
                                           202: [(0, 2, 0, 101), (2, 3, 0, 101)],
                                           1 << 30: [(0, 3, 0, 101)]}[chunk]
     assert plan_chunks(3, 101, default_chunk(torch.device("cuda"))) == [(0, 3, 0, 101)]
+    assert plan_chunks(16, 8192, default_chunk(torch.device("cuda"))) == [(0, 16, 0, 8192)]  # cars_svr
     torch.manual_seed(0)
     dec = Decoder(3, **CONFIGS["deepsdf"]).train()
     dec.fused_chunk = chunk

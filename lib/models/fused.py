@@ -71,8 +71,10 @@ class FusedPlan:
 
 
 def default_chunk(device: torch.device) -> int:
-    """Rows per chunk: ~2 MB activations per layer on a CPU (cache), everything at once on a GPU."""
-    return 4096 if torch.device(device).type == "cpu" else 1 << 30
+    """Rows per chunk: ~2 MB activations per layer on a CPU (cache); on a GPU whole batches of
+    up to 2^18 rows (bob_and_spot's 2 x 32192, cars_svr's 16 x 8192) in one chunk, larger
+    ones in groups of whole scenes, so activations stay under ~0.5 GB per 512-wide layer."""
+    return 4096 if torch.device(device).type == "cpu" else 1 << 18
 
 
 _PAD = 16  # hidden widths are padded to a multiple of this (see _Shared)
