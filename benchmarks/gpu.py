@@ -119,12 +119,13 @@ def extraction_rows(device, repeats):
 
 
 def render_rows(device, repeats):
+    from render import load_mesh  # benchmarks/render.py's mesh: ../shared/meshes/bob.obj or the stand-in
+
     from lib.camera import look_at
     from lib.render import SVR_EPS, SVR_SIGMA, rasterize, silhouette
-    from lib.shapes import mesh_builtin
 
-    v, f = mesh_builtin("bob", 128)
-    v, f = v.to(device), f.to(device)
+    _, v, f = load_mesh(None)
+    v, f = v.float().to(device), f.long().to(device)
     cam = look_at(45.0, 30.0, 2.5, image_size=512, device=device)
     vg = v.clone().requires_grad_(True)
 

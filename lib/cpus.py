@@ -7,8 +7,8 @@ is chosen later by ``lib.runtime.apply_thread_policy`` at the top of each script
 
 The knob (README "Threads and busy machines"):
 
-    MESHSDF_THREADS=auto   (default) threads = the cores of this process that other
-                           processes leave free (at least 1), OpenMP threads sleep when idle
+    MESHSDF_THREADS=auto   (default) one thread per core this process may use (affinity
+                           mask, cgroup CPU quota), OpenMP threads sleep when idle
     MESHSDF_THREADS=N      exactly N intra-op threads, OpenMP threads sleep when idle
     MESHSDF_THREADS=off    torch's own defaults (one thread per core, busy-waiting)
 
@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from pathlib import Path
 
 ENV = "MESHSDF_THREADS"
-# per-CPU idle share below which a core counts as taken: a core a competitor keeps 75 %
-# busy gives our thread a quarter of it and stalls every parallel region waiting for it
-_FREE_ROUNDING = 0.3
 
 
 class ThreadSetting:
@@ -138,94 +134,16 @@ def usable_cores() -> int:
     return max(1, n)
 
 
-def _cpu_times() -> dict[int, tuple[int, int]]:
-    """Per CPU id: (busy, total) jiffies from /proc/stat (empty where unavailable)."""
-    out = {}
-    try:
-        lines = Path("/proc/stat").read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        if not line.startswith("cpu") or line.startswith("cpu "):
-            continue
-        name, *vals = line.split()
-        try:
-            cpu = int(name[3:])
-            v = [int(x) for x in vals]
-        except ValueError:
-            continue
-        idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
-        total = sum(v[:8])  # guest time is already counted in user
-        out[cpu] = (total - idle, total)
-    return out
+def choose_threads(cores: int, max_threads: int | None = None) -> int:
+    """Intra-op threads for ``cores`` usable cores: one per core, at most ``max_threads``
+    (for work too small to split well), at least 1.
 
-
-def _own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-class Snapshot:
-    """Per-CPU busy/total jiffies (/proc/stat) and this process's CPU seconds at one moment."""
-
-    def __init__(self):
-        self.cpus = _cpu_times()
-        self.own = _own_cpu_seconds()
-
-
-def busy_between(a: Snapshot, b: Snapshot, cpus: list[int]) -> float | None:
-    """How many of ``cpus`` other processes kept busy between snapshots ``a`` and ``b``.
-
-    The busy shares of the CPUs of ``cpus`` summed, minus this process's own CPU time over
-    the interval; None where /proc/stat is unavailable or no time passed.
+    Not fewer for cores that other processes keep busy: on a crowded 2-core machine (load
+    ~12) runs that gave those up were 1.1-3.3x slower than torch's defaults, since the
+    scheduler shares cores among threads, not processes; with idle threads sleeping
+    (``prepare_openmp_env``) a competitor costs about its fair share anyway.
     """
-    busy, ticks, seen = 0.0, 0, 0
-    for cpu in cpus:
-        if cpu in a.cpus and cpu in b.cpus:
-            db, dt = b.cpus[cpu][0] - a.cpus[cpu][0], b.cpus[cpu][1] - a.cpus[cpu][1]
-            if dt > 0:
-                busy += db / dt
-                ticks += dt
-                seen += 1
-    if not seen:
-        return None
-    # the interval in the counters' own clock (each CPU's total advances CLK_TCK per second)
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    elapsed = ticks / seen / hz
-    return max(0.0, busy - (b.own - a.own) / elapsed)
-
-
-def busy_cores(cpus: list[int], window: float = 0.1) -> float | None:
-    """How many of ``cpus`` other processes keep busy, measured over ``window`` seconds
-    (``busy_between`` two snapshots); None where /proc/stat is unavailable."""
-    a = Snapshot()
-    if not a.cpus:
-        return None
-    time.sleep(window)
-    return busy_between(a, Snapshot(), cpus)
-
-
-def free_cores(cores: int, cpus: list[int] | None = None, window: float = 0.1) -> float:
-    """Cores of the ``cores`` usable ones that other processes leave idle right now (>= 0)."""
-    cpus = affinity_cores() if cpus is None else cpus
-    busy = busy_cores(cpus, window)
-    if busy is None:
-        try:
-            busy = os.getloadavg()[0]
-        except (AttributeError, OSError):
-            busy = 0.0
-        busy *= len(cpus) / max(1, os.cpu_count() or 1)
-    return max(0.0, min(float(cores), len(cpus) - busy))
-
-
-def choose_threads(cores: int, free: float, max_threads: int | None = None) -> int:
-    """Intra-op threads for ``cores`` usable cores of which ``free`` are idle: at least 1.
-
-    A thread on a core shared with a busy process runs at a fraction of its speed, and a
-    parallel region ends only when its slowest thread does; so only (almost) idle cores
-    get a thread.  ``max_threads`` caps it for work too small to split well.
-    """
-    n = int(math.floor(min(float(cores), free) + _FREE_ROUNDING))
+    n = int(cores)
     if max_threads is not None:
         n = min(n, int(max_threads))
-    return max(1, min(n, cores))
+    return max(1, n)

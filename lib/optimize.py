@@ -32,7 +32,6 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
-from lib import runtime
 from lib.camera import Camera
 from lib.errors import MeshSDFError
 from lib.isosurface import MODES, ExtractionState
@@ -298,7 +297,6 @@ def optimize(opt: LatentOptimizer, iterations: int, callbacks: Sequence[Callback
     bar = progress(total=iterations, desc=desc, unit="it", **({} if show_progress else {"disable": True}))
     try:
         for _ in range(iterations):
-            runtime.refresh_thread_policy()  # a competitor may have started or stopped
             try:
                 it = opt.step()
             except SurfaceLostError as err:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from typing import Mapping
 
 import numpy as np
@@ -64,7 +63,7 @@ def set_rng_state(state: Mapping, *generators: torch.Generator) -> None:
 
 
 
-# what apply_thread_policy chose, for refresh_thread_policy and the summary line
+# what apply_thread_policy chose, for the summary line
 _POLICY: dict = {}
 
 
@@ -72,60 +71,28 @@ def apply_thread_policy(max_threads: int | None = None, environ=None) -> int:
     """Set torch's intra-op thread count by the policy of ``lib.cpus``; returns the count in use.
 
     Call once at the top of a script's main, before heavy work.  ``MESHSDF_THREADS``: auto
-    (default: one thread per usable core that other processes leave idle, measured over
-    0.1 s; at least 1; re-measured by ``refresh_thread_policy``), a number N, or off
-    (torch's defaults).  An explicit ``OMP_NUM_THREADS`` wins over auto (torch has applied
-    it already).  ``max_threads`` caps auto for small work.  Raises MeshSDFError for a
-    malformed ``MESHSDF_THREADS``.
+    (default: one thread per core this process may use, i.e. its affinity mask capped by
+    its cgroup CPU quota), a number N, or off (torch's defaults).  An explicit
+    ``OMP_NUM_THREADS`` wins over auto (torch has applied it already).  ``max_threads`` caps
+    auto for small work.  Raises MeshSDFError for a malformed ``MESHSDF_THREADS``.
     """
     env = os.environ if environ is None else environ
     try:
         setting = cpus.thread_setting(env)
     except ValueError as err:
         raise MeshSDFError(str(err)) from None
-    _POLICY.clear()
-    adaptive = setting.mode == "auto" and not env.get("OMP_NUM_THREADS")
-    if setting.mode == "fixed":
+    mode = setting.mode
+    if mode == "fixed":
         n = setting.count
-    elif not adaptive:
-        n = torch.get_num_threads()
+    elif mode == "auto" and not env.get("OMP_NUM_THREADS"):
+        n = cpus.choose_threads(cpus.usable_cores(), max_threads)
     else:
-        cores = cpus.usable_cores()
-        n = cpus.choose_threads(cores, cpus.free_cores(cores) if cores > 1 else 1.0, max_threads)
-        if cores > 1:
-            _POLICY.update(cores=cores, cpus=cpus.affinity_cores(), max_threads=max_threads,
-                           snapshot=cpus.Snapshot(), time=time.perf_counter())
+        n = torch.get_num_threads()
+        mode = "auto, OMP_NUM_THREADS set" if mode == "auto" else mode
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
-    _POLICY.update(mode=setting.mode if adaptive or setting.mode != "auto" else "auto, OMP_NUM_THREADS set",
-                   wait=env.get("OMP_WAIT_POLICY", "default"))
+    _POLICY.update(mode=mode, wait=env.get("OMP_WAIT_POLICY", "default"))
     return n
-
-
-def refresh_thread_policy(min_interval: float = 2.0) -> int:
-    """Under the auto policy, re-choose the thread count from how busy the cores were since
-    the last look (at most every ``min_interval`` seconds; a /proc/stat read, no waiting).
-
-    Long loops call it once per step or epoch, so a competitor that starts or stops during
-    a run changes the thread count within seconds.  A no-op (returns the current count)
-    for the other settings or before ``apply_thread_policy``.
-    """
-    n = torch.get_num_threads()
-    if "snapshot" not in _POLICY:
-        return n
-    now = time.perf_counter()
-    if now - _POLICY["time"] < min_interval:
-        return n
-    snap = cpus.Snapshot()
-    busy = cpus.busy_between(_POLICY["snapshot"], snap, _POLICY["cpus"])
-    _POLICY.update(snapshot=snap, time=now)
-    if busy is None:
-        return n
-    cores = _POLICY["cores"]
-    want = cpus.choose_threads(cores, max(0.0, min(cores, len(_POLICY["cpus"]) - busy)), _POLICY["max_threads"])
-    if want != n:
-        torch.set_num_threads(want)
-    return want
 
 
 def thread_policy_summary() -> str:

@@ -357,7 +357,6 @@ class EpochBook:
                             **({} if self.main else {"disable": True}))
         for epoch in range(self.last_saved + 1, total + 1):
             rates = set_learning_rates(optimizer, schedules, epoch)
-            runtime.refresh_thread_policy()  # a competitor may have started or stopped
             if not self.main:
                 torch.manual_seed(distributed.rank_seed(seed, epoch))
             self._current = (epoch, rates, time.perf_counter())
