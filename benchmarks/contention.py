@@ -52,23 +52,21 @@ def worker_demo(iterations: int) -> dict:
     import torch
 
     from lib import checkpoint, runtime
-    from lib.camera import look_at
+    from lib.camera import demo_camera
     from lib.meshsdf import mesh_from_sdf
-    from lib.optimize import LatentOptimizer, SilhouetteLoss, demo_sigma
+    from lib.optimize import LatentOptimizer, SilhouetteLoss
     from lib.render import silhouette
     from lib.specs import load_specs
-
-    import demo_optimizer
 
     runtime.apply_thread_policy()
     exp = REPO / "experiments" / "bob_and_spot"
     specs = load_specs(exp)
     decoder = checkpoint.load_decoder(exp, specs, device="cpu")
     codes = checkpoint.load_latent_codes(exp, device="cpu")
-    camera = look_at(demo_optimizer.AZIMUTH, demo_optimizer.ELEVATION, demo_optimizer.DISTANCE, image_size=512)
+    camera = demo_camera(image_size=512)
     with torch.no_grad():
         bob = mesh_from_sdf(decoder, codes[0], 64, "dense")
-        target = silhouette(bob.verts, bob.faces, camera, sigma=demo_sigma(512))
+        target = silhouette(bob.verts, bob.faces, camera, sigma=0)
     opt = LatentOptimizer(decoder, codes[1], SilhouetteLoss(camera, target), lr=5e-2, resolution=64)
     t0 = time.perf_counter()
     for _ in range(iterations):

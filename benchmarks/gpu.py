@@ -57,11 +57,10 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 
 
 def demo_rows(device, repeats):
-    import demo_optimizer
     from lib import checkpoint
-    from lib.camera import look_at
+    from lib.camera import demo_camera
     from lib.meshsdf import mesh_from_sdf
-    from lib.optimize import LatentOptimizer, SilhouetteLoss, demo_sigma
+    from lib.optimize import LatentOptimizer, SilhouetteLoss
     from lib.render import silhouette
     from lib.specs import load_specs
 
@@ -69,11 +68,10 @@ def demo_rows(device, repeats):
     specs = load_specs(exp)
     dec = checkpoint.load_decoder(exp, specs, device=device)
     codes = checkpoint.load_latent_codes(exp, device=device)
-    cam = look_at(demo_optimizer.AZIMUTH, demo_optimizer.ELEVATION, demo_optimizer.DISTANCE, image_size=512,
-                  device=device)
+    cam = demo_camera(image_size=512, device=device)
     with torch.no_grad():
         bob = mesh_from_sdf(dec, codes[0], 64, "dense")
-        target = silhouette(bob.verts, bob.faces, cam, sigma=demo_sigma(512))
+        target = silhouette(bob.verts, bob.faces, cam, sigma=0)
     rows = []
     for mode in ("dense", "sparse", "fast"):
         opt = LatentOptimizer(dec, codes[1], SilhouetteLoss(cam, target), lr=5e-2, resolution=64, mode=mode)
