@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from lib import checkpoint, runtime
+from lib import checkpoint, limits, runtime
 from lib.errors import MeshSDFError, cli_main
 from lib.log import info, progress
 
@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     settings = reconstruct.RefineSettings.from_specs(specs, iterations=args.iterations, lr=args.lr,
                                                      resolution=args.resolution, mode=args.mode, sigma=args.sigma,
                                                      chamfer_samples=args.chamfer_samples, regularize=args.regularize)
+    limits.check_grid(settings.resolution, device)
+    limits.check_encoder_images(specs["ImageSize"], 1, device, training=False)
     num_views = specs["NumberOfViews"]
     bad = [v for v in args.views or [] if not 0 <= v < num_views]
     if bad:

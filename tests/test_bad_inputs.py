@@ -540,6 +540,31 @@ def svr_samples_per_scene_too_large(tmp):
     return ["-e", str(edit_specs(svr_experiment(tmp), SamplesPerScene=10 ** 9)), "--device", "cpu", "--epochs", "1"]
 
 
+@case("reconstruct_svr", "--resolution 100000 needs at least", "the largest --resolution that fits is")
+def reconstruct_resolution_too_large(tmp):
+    return ["-e", str(svr_experiment(tmp)), "--resolution", "100000", "--device", "cpu"]
+
+
+@case("reconstruct_svr", "ImageSize 100000 needs at least", "the largest ImageSize that fits is")
+def reconstruct_image_size_too_large(tmp):
+    return ["-e", str(edit_specs(svr_experiment(tmp), ImageSize=100000)), "--device", "cpu"]
+
+
+@case("metrics_svr", "ball0 and {tmp}/exp/Reconstructions/latest/ball0_backup hold the same reconstruction",
+      "move the copy out of {tmp}/exp/Reconstructions/latest")
+def metrics_with_a_copied_instance_folder(tmp):
+    from lib.svr.reconstruct import LOG_FILES, META_FILE
+
+    exp = svr_experiment(tmp)
+    for name in ("ball0", "ball0_backup"):  # the user's backup copy of a finished instance
+        d = exp / "Reconstructions" / "latest" / name
+        d.mkdir(parents=True)
+        for fname in LOG_FILES.values():
+            np.save(d / fname, np.array([1.0, 0.5]))
+        (d / META_FILE).write_text(json.dumps({"instance": "ball0", "view": 1}))
+    return ["-e", str(exp)]
+
+
 @case("reconstruct_svr", "view 5 does not exist", "NumberOfViews")
 def reconstruct_view_out_of_range(tmp):
     return ["-e", str(svr_experiment(tmp)), "--views", "5", "--device", "cpu"]

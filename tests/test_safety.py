@@ -310,3 +310,15 @@ def test_demo_rerun_that_stops_midway_leaves_the_finished_output_byte_for_byte(t
     partial = Path(str(err.value).rsplit(" are in ", 1)[1])
     assert partial.name.startswith("out.incomplete-") and "log.json" in tree_sha256(partial)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", partial.name])
+
+
+@pytest.mark.parametrize("script", ["train_deep_sdf", "demo_optimizer", "train_svr", "reconstruct_svr", "metrics_svr",
+                                    "prepare_data"])
+def test_help_cites_no_document_outside_the_repository(script, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(script).parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert stop.value.code == 0 and "usage:" in text
+    assert "SPEC" not in text and "section" not in text.lower()

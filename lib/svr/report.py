@@ -53,6 +53,13 @@ def collect_results(root: str | os.PathLike) -> list[dict]:
             raise MeshSDFError(f"cannot read the logs in {p}: {type(err).__name__}: {err}; remove the folder and "
                                "rerun reconstruct_svr.py") from None
         out.append(entry)
+    seen = {}
+    for e in out:  # a copied folder (e.g. "<instance>_backup") would count its view twice
+        key = (e["instance"], e["view"])
+        if e["view"] is not None and key in seen:
+            raise MeshSDFError(f"{root / seen[key]} and {root / e['name']} hold the same reconstruction (instance "
+                               f"{e['instance']!r}, view {e['view']}); move the copy out of {root}")
+        seen[key] = e["name"]
     return out
 
 
