@@ -577,13 +577,17 @@ def face_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(n, dim=-1, eps=1e-20)
 
 
-def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Area-weighted unit vertex normals (..., V, 3)."""
+def vertex_normals(verts: torch.Tensor, faces: torch.Tensor, reproducible: bool | None = None) -> torch.Tensor:
+    """Area-weighted unit vertex normals (..., V, 3) of verts (..., V, 3), differentiable.
+
+    reproducible: as ``silhouette`` (default: on CUDA, sorted sums instead of float atomics).
+    """
     tri = verts[..., faces, :]
-    n = torch.cross(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :], dim=-1)
-    acc = torch.zeros_like(verts)
-    for k in range(3):
-        acc = acc.index_add(-2, faces[:, k], n)
+    n = torch.cross(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :], dim=-1)   # (..., F, 3)
+    V, F = verts.shape[-2], faces.shape[0]
+    per_face = n.movedim(-2, 0).reshape(F, -1)                      # (F, (...) * 3)
+    acc = _segment_sum(faces.T.reshape(-1), per_face.repeat(3, 1), V, reproducible=reproducible)
+    acc = acc.reshape((V,) + n.shape[:-2] + (3,)).movedim(0, -2)
     return torch.nn.functional.normalize(acc, dim=-1, eps=1e-20)
 
 

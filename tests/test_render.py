@@ -219,6 +219,18 @@ def test_normals_of_a_sphere_point_outwards():
     assert float(n[~m].abs().max()) == 0
     torch.testing.assert_close(face_normals(v, f).norm(dim=-1), torch.ones(len(f), dtype=D64))
     torch.testing.assert_close(vertex_normals(v, f), torch.nn.functional.normalize(v, dim=-1), atol=2e-2, rtol=0)
+    # the sorted (CUDA) sums give the same normals and gradients, batched too
+    vb = torch.stack([v, 0.5 * v]).double().requires_grad_(True)
+    w = torch.rand(vb.shape, dtype=D64, generator=torch.Generator().manual_seed(2))
+    out = {}
+    for repro in (False, True):
+        vb.grad = None
+        nb = vertex_normals(vb, f, reproducible=repro)
+        (nb * w).sum().backward()
+        out[repro] = (nb.detach(), vb.grad.clone())
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out[True][0][1], out[True][0][0], rtol=1e-10, atol=1e-12)
 
 
 def test_depth_is_differentiable_and_shade_is_rgba():
