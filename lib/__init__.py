@@ -11,8 +11,10 @@ Modules (one concern each; see README "Code map"):
     models/     decoder (DeepSDF MLP), encoder (ResNet image encoder)
     data        SDF-sample and image datasets, split files
     sampling    mesh normalisation and SDF sample generation, built-in shapes
-    isosurface  marching cubes on neural SDFs: dense, fast and sparse extraction
-    meshsdf     the differentiable mesh layer (gradients from vertices to latent codes)
+    ops/        kernels without policy: marching_cubes (case tables, vectorised cell kernel)
+    isosurface  extraction modes on any field: dense, fast and sparse (hash-sparse, warm start)
+    meshsdf     the differentiable mesh layer for any field (mesh_from_field, mesh_from_sdf)
+    gradient_check  the layer's gradients vs finite differences of re-extracted meshes
     camera      the one camera model
     render      differentiable silhouettes, z-buffer depth and normals
     metrics     Chamfer distance, normal consistency, IoU, genus
