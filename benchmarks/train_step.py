@@ -85,8 +85,8 @@ def main() -> int:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         data = SdfSamples(tmp, write_synthetic_scenes(tmp, b))
-    raw = [(data.pos[data.pos_start[k]:data.pos_start[k] + data.pos_count[k]].numpy(),
-            data.neg[data.neg_start[k]:data.neg_start[k] + data.neg_count[k]].numpy()) for k in range(b)]
+    raw = [(data.rows[data.pos_start[k]:data.pos_start[k] + data.pos_count[k]].numpy(),
+            data.rows[data.neg_start[k]:data.neg_start[k] + data.neg_count[k]].numpy()) for k in range(b)]
 
     dec = decoder_from_specs(specs)
     codes = torch.nn.Embedding(b, specs["CodeLength"])

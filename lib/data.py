@@ -139,8 +139,10 @@ def read_sdf_samples(path: str | os.PathLike, dataset: str = "") -> tuple[torch.
 class SdfSamples:
     """All scenes of a split held in memory, sampled in batches.
 
-    ``instances[k]`` is scene k (latent code k).  Rows of every scene are stored
-    concatenated (pos and neg separately) so a batch is one vectorised gather.
+    ``instances[k]`` is scene k (latent code k).  Rows of every scene are stored in one
+    (P + Q, 4) table ``rows``: all pos rows, then all neg rows; scene k's pos rows are
+    ``rows[pos_start[k]:pos_start[k] + pos_count[k]]`` and likewise for neg, so a batch is
+    one vectorised gather.
     """
 
     def __init__(self, data_source: str | os.PathLike, instances: Sequence[Instance], device=None):

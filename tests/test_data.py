@@ -93,3 +93,15 @@ def test_scene_batches_cover_every_scene_once():
     batches = scene_batches(7, 3, gen)
     assert [len(b) for b in batches] == [3, 3, 1]
     assert sorted(torch.cat(batches).tolist()) == list(range(7))
+
+
+def test_each_scene_owns_its_documented_slices_of_the_row_table(tmp_path):
+    # rows[pos_start[k] : + pos_count[k]] are scene k's pos rows as read, likewise neg
+    for k, (p, q) in enumerate([(500, 300), (40, 70), (120, 9)]):
+        _write_scene(tmp_path, f"s{k}", k, n_pos=p, n_neg=q)
+    data = SdfSamples(tmp_path, [Instance("ds", "samples", f"s{k}") for k in range(3)])
+    for k in range(3):
+        pos, neg = read_sdf_samples(tmp_path / "ds" / "samples" / f"s{k}.npz")
+        for start, count, want in ((data.pos_start, data.pos_count, pos), (data.neg_start, data.neg_count, neg)):
+            got = data.rows[int(start[k]): int(start[k]) + int(count[k])]
+            assert torch.equal(got, want)
