@@ -113,3 +113,8 @@ def info(msg: str) -> None:
         tqdm.write(str(msg), file=sys.stderr)
     else:
         print(str(msg), file=sys.stderr, flush=True)
+
+
+def warning(msg: str) -> None:
+    """A one-line warning ("WARNING: ..."), shown like ``info``."""
+    info(f"WARNING: {msg}")

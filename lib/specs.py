@@ -4,14 +4,20 @@ One place answers "which keys exist and what do they default to": the DeepSDF / 
 auto-decoder keys (``DEEPSDF_KEYS``), the decoder's ``NetworkSpecs`` (``NETWORK_SPECS_KEYS``)
 and the single-view-reconstruction additions (``SVR_KEYS``).  ``load_specs`` reads
 ``<exp>/specs.json`` and returns a copy with defaults filled in; a wrong type or range stops
-with one line naming the file and key (MeshSDFError).
+with one line naming the file and key (MeshSDFError).  Absent keys take the original's
+defaults, so the original's own specs files load unchanged.  A key nobody knows is not an
+error (DeepSDF ignores unknown keys) but gets a one-line warning naming the closest known
+key, so that a typo does not pass silently; it is then ignored.
 
-Relative paths inside specs (``DataSource``, ``TrainSplit``, ``TestSplit``) are resolved by
-``resolve_path``: against the current working directory when they exist there, else against
-the repository root (the folder that holds ``lib/``).
+Relative paths inside specs (``DataSource``, ``TrainSplit``, ``TestSplit``): ``load_specs``
+takes one from the experiment folder when it exists there (a copied experiment with an
+edited split uses its own); otherwise ``resolve_path`` resolves it against the current
+working directory when it exists there, else against the repository root (the folder that
+holds ``lib/``), where the original's ``splits/`` and ``data/`` live.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from lib.errors import MeshSDFError
+from lib.log import warning
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,11 +163,12 @@ DEEPSDF_KEYS: dict[str, Key] = {
     "DataSource": Key(str_key, required=True),
     "TrainSplit": Key(str_key, required=True),
     "TestSplit": Key(str_key, used=False),
-    "NetworkArch": Key(_arch_key, required=True),
+    "NetworkArch": Key(_arch_key, default="deep_sdf_decoder"),
     "NetworkSpecs": Key(_network_specs_key, required=True),
     "CodeLength": Key(int_key(1), required=True),
     "NumEpochs": Key(int_key(1), required=True),
-    "SnapshotFrequency": Key(int_key(1), required=True),
+    # absent (the original bob_and_spot): no periodic snapshots, only ``latest`` and AdditionalSnapshots
+    "SnapshotFrequency": Key(int_key(1), default=None),
     "AdditionalSnapshots": Key(int_list_key(1), default=[]),
     "LearningRateSchedule": Key(schedule_list_key(2), required=True),
     "SamplesPerScene": Key(int_key(2), required=True),
@@ -172,17 +180,29 @@ DEEPSDF_KEYS: dict[str, Key] = {
     "CodeBound": Key(num_key(0.0, strict=True, nullable=True), default=None),
     "CodeInitStdDev": Key(num_key(0.0, strict=True), default=1.0),
     "GradientClipNorm": Key(num_key(0.0, strict=True, nullable=True), default=None),
-    "LogFrequency": Key(int_key(1), default=10),
+    # epochs between writes of ``latest`` and Logs.pth (DeepSDF's default: every epoch)
+    "LogFrequency": Key(int_key(1), default=1),
     "BatchSplit": Key(int_key(1), default=1, used=False),
 }
 
 
+def closest_key(name: str, known) -> str | None:
+    """The known key most like ``name`` (difflib), or None when nothing is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    if not close:  # case slips ("codelength") score low on the raw strings
+        lower = {k.lower(): k for k in known}
+        close = [lower[m] for m in difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.6)]
+    return close[0] if close else None
+
+
 def _validate(obj: Mapping, keys: Mapping[str, Key], where: str, prefix: str = "") -> dict:
+    """Known keys checked and defaulted; unknown ones warned about (closest known key) and dropped."""
     out = {}
     for name in obj:
         if name not in keys:
-            raise MeshSDFError(f"{where}: unknown key \"{prefix}{name}\"; remove it or fix its spelling "
-                               f"(known: {', '.join(sorted(keys))})")
+            near = closest_key(str(name), keys)
+            hint = f"did you mean \"{prefix}{near}\"?" if near else f"known: {', '.join(sorted(keys))}"
+            warning(f"{where}: unknown key \"{prefix}{name}\" is ignored; {hint}")
     for name, key in keys.items():
         if name not in obj:
             if key.required:
@@ -199,7 +219,8 @@ def _validate(obj: Mapping, keys: Mapping[str, Key], where: str, prefix: str = "
 def validate_specs(specs: Mapping, where: str = SPECS_FILE, extra_keys: Mapping[str, Key] | None = None) -> dict:
     """Check ``specs`` against the schema; return a copy with defaults filled in.
 
-    Raises MeshSDFError naming ``where`` and the key for an unknown, missing or ill-typed key.
+    Raises MeshSDFError naming ``where`` and the key for a missing or ill-typed key; an
+    unknown key gets a warning naming the closest known one and is left out of the copy.
     """
     keys = dict(DEEPSDF_KEYS)
     keys.update(extra_keys or {})
@@ -224,8 +245,15 @@ def validate_specs(specs: Mapping, where: str = SPECS_FILE, extra_keys: Mapping[
     return out
 
 
+PATH_KEYS = ("DataSource", "TrainSplit", "TestSplit")
+
+
 def load_specs(exp_dir: str | os.PathLike, extra_keys: Mapping[str, Key] | None = None) -> dict:
-    """Read and validate ``<exp_dir>/specs.json``; returns the specs with defaults filled in."""
+    """Read and validate ``<exp_dir>/specs.json``; returns the specs with defaults filled in.
+
+    A relative ``PATH_KEYS`` value that exists inside ``exp_dir`` is replaced by that path
+    (the experiment's own file wins); other relative paths are left for ``resolve_path``.
+    """
     exp_dir = Path(exp_dir)
     path = exp_dir / SPECS_FILE
     if not exp_dir.is_dir():
@@ -238,7 +266,12 @@ def load_specs(exp_dir: str | os.PathLike, extra_keys: Mapping[str, Key] | None 
         raise MeshSDFError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise MeshSDFError(f"cannot read {path}: {err}") from None
-    return validate_specs(specs, where=str(path), extra_keys=extra_keys)
+    out = validate_specs(specs, where=str(path), extra_keys=extra_keys)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute() and (exp_dir / value).exists():
+            out[key] = str(exp_dir / value)
+    return out
 
 
 # --------------------------------------------------------------------------- single-view reconstruction

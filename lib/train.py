@@ -2,7 +2,7 @@
 
 Pieces (each usable alone, e.g. by train_svr.py whose codes come from an encoder):
 ``TrainSettings`` (specs values), learning-rate schedules, ``clamped_l1``,
-``code_regularization``, ``auto_decoder_loss``, ``optimizer_step`` (one update with the
+``code_regularization``, ``SdfLoss`` (the module DDP wraps), ``auto_decoder_loss``, ``optimizer_step`` (one update with the
 non-finite guard), ``new_logs``/``append_epoch_logs``/``truncate_logs`` (Logs.pth),
 ``EpochBook`` (resuming, learning rates and rank-local seeds per epoch, Logs.pth, stop
 agreement, snapshots and ``latest``, progress), and ``train_auto_decoder`` which puts them
@@ -56,7 +56,7 @@ class TrainSettings:
     """The specs values the loop needs (see lib.specs.DEEPSDF_KEYS for their meaning)."""
 
     num_epochs: int
-    snapshot_frequency: int
+    snapshot_frequency: int | None  # None: no periodic snapshots
     additional_snapshots: tuple[int, ...]
     log_frequency: int
     samples_per_scene: int
@@ -73,7 +73,7 @@ class TrainSettings:
         """``num_epochs`` overrides NumEpochs (short runs); everything else follows the specs."""
         return cls(
             num_epochs=int(num_epochs if num_epochs is not None else specs["NumEpochs"]),
-            snapshot_frequency=int(specs["SnapshotFrequency"]),
+            snapshot_frequency=None if specs["SnapshotFrequency"] is None else int(specs["SnapshotFrequency"]),
             additional_snapshots=tuple(int(e) for e in specs["AdditionalSnapshots"]),
             log_frequency=int(specs["LogFrequency"]),
             samples_per_scene=int(specs["SamplesPerScene"]),
@@ -88,7 +88,8 @@ class TrainSettings:
 
     def is_snapshot(self, epoch: int) -> bool:
         """Whether ``ModelParameters/<epoch>.pth`` (and friends) is kept after ``epoch``."""
-        return epoch % self.snapshot_frequency == 0 or epoch in self.additional_snapshots
+        periodic = self.snapshot_frequency is not None and epoch % self.snapshot_frequency == 0
+        return periodic or epoch in self.additional_snapshots
 
 
 @dataclass(frozen=True)
@@ -172,33 +173,52 @@ def code_regularization(codes: torch.Tensor) -> torch.Tensor:
     return codes.norm(dim=1).mean()
 
 
-def auto_decoder_loss(decoder: nn.Module, codes: torch.Tensor, xyz: torch.Tensor, sdf: torch.Tensor,
+class SdfLoss(nn.Module):
+    """The clamped-L1 SDF loss of a decoder, as the module DistributedDataParallel wraps.
+
+    ``SdfLoss(decoder)(codes, xyz, sdf, clamp)``: codes (B, L), xyz (B, S, 3), sdf (B, S)
+    -> scalar mean over the B * S rows of |clamp(f(code_b, xyz_bs)) - clamp(sdf_bs)|.
+    With gradients enabled and a ``Decoder`` the fused path supports (every specs file of
+    the project and of the original), the loss and its gradients come from
+    ``Decoder.clamped_l1_loss`` (lib.models.fused: about half the time on a CPU and a few
+    MB instead of ~0.6 GB for a bob_and_spot batch); otherwise from the decoder's plain
+    forward.  Wrapping this module, not the decoder, keeps ``Decoder.forward`` the
+    inference forward while DDP still sees the training computation as its forward.
+    """
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, codes: torch.Tensor, xyz: torch.Tensor, sdf: torch.Tensor, clamp: float) -> torch.Tensor:
+        b, s = sdf.shape
+        dec = self.decoder
+        if b * s and torch.is_grad_enabled() and isinstance(dec, Decoder) and dec.fused_loss_supported:
+            return dec.clamped_l1_loss(codes, xyz, sdf, clamp)
+        inputs = torch.cat((codes[:, None, :].expand(b, s, codes.shape[1]), xyz), dim=2).reshape(b * s, codes.shape[1] + 3)
+        pred = dec(inputs)
+        if b * s == 0:  # a zero that still reaches every parameter, as DDP needs
+            return pred.sum() * 0.0 + codes.sum() * 0.0
+        return clamped_l1(pred, sdf, clamp)
+
+
+def auto_decoder_loss(loss: nn.Module, codes: torch.Tensor, xyz: torch.Tensor, sdf: torch.Tensor,
                       epoch: int, settings: TrainSettings, weight: float = 1.0,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss of one batch: clamped L1 SDF loss + ramped code regularisation.
 
-    codes (B, L), xyz (B, S, 3), sdf (B, S), all on the decoder's device.  ``weight``
-    multiplies both terms: ``lib.distributed.loss_weight`` for a rank's shard of a global
-    batch (B may then be 0: the loss is a zero that still reaches every parameter, as DDP
-    needs).  Returns (total, sdf term, regularisation term) as scalar tensors.
-
-    With gradients enabled and a ``Decoder`` the fused path supports (all the project's
-    specs), the SDF term comes from ``lib.models.fused``: same value and gradients, about
-    half the time on a CPU and a few MB instead of ~0.6 GB for a bob_and_spot batch.
+    ``loss``: an ``SdfLoss`` (possibly inside DDP) or a bare decoder (wrapped in one
+    here).  codes (B, L), xyz (B, S, 3), sdf (B, S), all on the decoder's device.
+    ``weight`` multiplies both terms: ``lib.distributed.loss_weight`` for a rank's shard of
+    a global batch (B may then be 0: the loss is a zero that still reaches every
+    parameter, as DDP needs).  Returns (total, sdf term, regularisation term) as scalar
+    tensors.
     """
-    b, s = sdf.shape
-    model = distributed.unwrap(decoder)
-    if b * s and torch.is_grad_enabled() and isinstance(model, Decoder) and model.fused_loss_supported:
-        # fused forward + backward on cache-sized row chunks (lib.models.fused); called
-        # through ``decoder`` so that DistributedDataParallel sees the forward
-        sdf_loss = decoder(codes, xyz, sdf, settings.clamp_distance)
-    else:
-        inputs = torch.cat((codes[:, None, :].expand(b, s, codes.shape[1]), xyz), dim=2).reshape(b * s, codes.shape[1] + 3)
-        pred = decoder(inputs)
-        if b * s == 0:
-            zero = pred.sum() * 0.0 + codes.sum() * 0.0
-            return zero, zero, zero
-        sdf_loss = clamped_l1(pred, sdf, settings.clamp_distance)
+    if not isinstance(distributed.unwrap(loss), SdfLoss):
+        loss = SdfLoss(loss)
+    sdf_loss = loss(codes, xyz, sdf, settings.clamp_distance)
+    if sdf.numel() == 0:
+        return sdf_loss, sdf_loss, sdf_loss
     if settings.code_regularization and settings.code_reg_lambda > 0:
         reg = code_reg_weight(epoch, settings.code_reg_lambda) * code_regularization(codes)
     else:
@@ -479,7 +499,7 @@ def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfS
 
     book = EpochBook(exp_dir, settings, save, "train")
     seed = book.resume(resume_point(exp_dir, resume), decoder, optimizer, codes, sampler, seed, device)
-    net = distributed.wrap_ddp(decoder, device)
+    net = distributed.wrap_ddp(SdfLoss(decoder), device)
     sync = None
     distributed.check_global_batch(settings.scenes_per_batch)
     if world > 1:

@@ -13,25 +13,25 @@ SPEC_NET = dict(dims=[128] * 8, dropout=list(range(8)), dropout_prob=0.2, norm_l
                 positional_encoding=True, fourier_degree=5)
 
 
-def test_positional_encoding_values():
+def test_positional_encoding_is_the_originals_cos_then_sin_with_3_1415():
     xyz = torch.tensor([[0.25, -0.5, 0.125], [1.0, 0.0, -1.0]], dtype=torch.float64)
     enc = positional_encoding(xyz, 3)
-    assert enc.shape == (2, 3 + 6 * 3)
+    assert enc.shape == (2, 6 * 3)  # no raw xyz
     for n in range(2):
-        expect = list(xyz[n])
-        for lvl in range(3):
-            f = 2.0 ** lvl * math.pi
-            expect += [math.sin(f * v) for v in xyz[n]] + [math.cos(f * v) for v in xyz[n]]
-        assert torch.allclose(enc[n], torch.tensor(expect, dtype=torch.float64), atol=1e-12)
+        cos = [math.cos(2.0 ** lvl * 3.1415 * v) for lvl in range(3) for v in xyz[n]]
+        sin = [math.sin(2.0 ** lvl * 3.1415 * v) for lvl in range(3) for v in xyz[n]]
+        assert torch.allclose(enc[n], torch.tensor(cos + sin, dtype=torch.float64), atol=1e-12)
+    # 3.1415, not pi: at x = 1, sin(pi) would be 0 but sin(3.1415) is 9.27e-5
+    assert abs(positional_encoding(torch.ones(1, 3, dtype=torch.float64), 1)[0, 3].item() - math.sin(3.1415)) < 1e-15
     assert torch.equal(positional_encoding(xyz, 0), xyz)
-    assert positional_encoding(torch.zeros(4, 7, 3), 2).shape == (4, 7, 15)
+    assert positional_encoding(torch.zeros(4, 7, 3), 2).shape == (4, 7, 12)
 
 
 def test_spec_network_shapes_and_state_dict_names():
     dec = Decoder(2, **SPEC_NET)
-    assert dec.input_size == 2 + 33
-    assert dec.lin0.weight_v.shape == (128, 35)
-    assert dec.lin3.weight_v.shape == (128 - 35, 128)  # shrinks so that layer 4's input is 128 wide
+    assert dec.input_size == 2 + 30
+    assert dec.lin0.weight_v.shape == (128, 32) and dec.lin0.weight_g.shape == (128, 1)
+    assert dec.lin3.weight_v.shape == (128 - 32, 128)  # shrinks so that layer 4's input is 128 wide
     assert dec.lin4.weight_v.shape == (128, 128)
     assert dec.lin8.weight.shape == (1, 128) and isinstance(dec.lin8, torch.nn.Linear)
     keys = set(dec.state_dict())

@@ -65,7 +65,7 @@ def _both_losses(dec, codes, xyz, sdf, clamp):
     """(fused loss, grads) and (autograd loss, grads) for the same RNG state."""
     params = [codes] + list(dec.parameters())
     torch.manual_seed(5)
-    fused = dec(codes, xyz, sdf, clamp)
+    fused = dec.clamped_l1_loss(codes, xyz, sdf, clamp)
     g_fused = torch.autograd.grad(fused * 2.5, params)
     torch.manual_seed(5)
     b, s = sdf.shape
@@ -102,7 +102,7 @@ def test_fused_loss_clamp_boundary_and_chunk_size_do_not_matter():
     for chunk in (7, 64, 1000):
         dec.fused_chunk = chunk
         torch.manual_seed(9)
-        loss = dec(codes, xyz, sdf, 0.05)
+        loss = dec.clamped_l1_loss(codes, xyz, sdf, 0.05)
         grads.append(torch.autograd.grad(loss, [codes] + list(dec.parameters())))
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
@@ -132,7 +132,7 @@ def test_auto_decoder_loss_fuses_supported_decoders_and_falls_back_for_layer_nor
         auto_decoder_loss(fused_dec, codes, xyz, sdf, 10, settings)
     assert calls == [1]
     with pytest.raises(ValueError, match="must not require gradients"):
-        fused_dec(codes, xyz.requires_grad_(True), sdf, 0.1)
+        fused_dec.clamped_l1_loss(codes, xyz.requires_grad_(True), sdf, 0.1)
 
 
 @pytest.mark.parametrize("chunk", [101, 202, 1 << 30])

@@ -20,15 +20,18 @@ class WeightNormLinear(nn.Module):
     """Linear layer with weight normalisation, w = g * v / |v| per output row.
 
     Parameters are named ``weight_g`` (out, 1), ``weight_v`` (out, in) and ``bias`` like
-    torch's classic ``weight_norm``, so DeepSDF-style state dicts load unchanged.
+    torch's classic ``weight_norm``, so DeepSDF-style state dicts load unchanged.  They are
+    registered in the order ``weight_norm(nn.Linear)`` leaves them (bias, weight_g,
+    weight_v): an optimizer state dict maps its entries to parameters by position, so this
+    order is what lets the original's OptimizerParameters resume here.
     """
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         lin = nn.Linear(in_features, out_features)
-        self.weight_v = nn.Parameter(lin.weight.detach().clone())
-        self.weight_g = nn.Parameter(lin.weight.detach().norm(dim=1, keepdim=True))
         self.bias = nn.Parameter(lin.bias.detach().clone())
+        self.weight_g = nn.Parameter(lin.weight.detach().norm(dim=1, keepdim=True))
+        self.weight_v = nn.Parameter(lin.weight.detach().clone())
 
     @property
     def weight(self) -> torch.Tensor:
@@ -106,7 +109,7 @@ class Decoder(nn.Module):
             raise ValueError(f"dropout_prob must be in [0, 1), got {dropout_prob}")
         self.latent_size = int(latent_size)
         self.fourier_degree = int(fourier_degree) if positional_encoding else 0
-        self.xyz_size = 3 + 6 * self.fourier_degree
+        self.xyz_size = 6 * self.fourier_degree if self.fourier_degree else 3
         self.input_size = self.latent_size + self.xyz_size
         self.latent_in = tuple(int(i) for i in latent_in)
         self.norm_layers = tuple(int(i) for i in norm_layers)
@@ -188,34 +191,34 @@ class Decoder(nn.Module):
         return FusedPlan(plans, self.fourier_degree, self.use_tanh, self.dropout_prob,
                          self.fused_chunk or default_chunk(device))
 
-    def forward(self, inputs: torch.Tensor, xyz: torch.Tensor | None = None, sdf: torch.Tensor | None = None,
-                clamp: float | None = None) -> torch.Tensor:
-        """Two calls (both through ``forward``, so DistributedDataParallel sees either):
+    def clamped_l1_loss(self, codes: torch.Tensor, xyz: torch.Tensor, sdf: torch.Tensor, clamp: float) -> torch.Tensor:
+        """The training loss by the fused forward + backward of ``lib.models.fused``.
 
-        ``decoder(inputs)``: inputs (N, L + 3) = [latent | xyz] -> (N, 1) SDF.
-
-        ``decoder(codes, xyz, sdf, clamp)``: the training loss, mean over rows of
-        |clamp(f(code_b, xyz_bs)) - clamp(sdf_bs)| with values clamped to [-clamp, clamp];
-        codes (B, L), xyz (B, S, 3), sdf (B, S) -> scalar.  Computed by the fused
-        forward + backward of ``lib.models.fused`` (same value and gradients as the first
-        call followed by that mean, same dropout masks for the same RNG state); needs
-        ``fused_loss_supported`` and xyz/sdf without gradients.
+        mean over rows of |clamp(f(code_b, xyz_bs)) - clamp(sdf_bs)|, values clamped to
+        [-clamp, clamp]; codes (B, L), xyz (B, S, 3), sdf (B, S) -> scalar.  Same value and
+        gradients as ``forward`` followed by that mean, same dropout masks for the same RNG
+        state.  Needs ``fused_loss_supported`` and xyz/sdf without gradients.  Training code
+        calls it through ``lib.train.SdfLoss`` (the module DistributedDataParallel wraps).
         """
-        if xyz is not None:
-            if not self.fused_loss_supported or sdf is None or clamp is None:
-                raise ValueError("Decoder: the fused training loss needs sdf and clamp, and no LayerNorm or latent dropout")
-            plan = self.fused_plan(xyz.device)
-            dropping = any(p.dropout for p in plan.layers)
-            return fused_clamped_l1(plan, clamp, new_seed() if dropping else 0, inputs, xyz, sdf,
-                                    self.effective_weights(dropping))
+        if not self.fused_loss_supported:
+            raise ValueError("Decoder: the fused training loss does not support LayerNorm or latent dropout")
+        plan = self.fused_plan(xyz.device)
+        dropping = any(p.dropout for p in plan.layers)
+        return fused_clamped_l1(plan, clamp, new_seed() if dropping else 0, codes, xyz, sdf,
+                                self.effective_weights(dropping))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs (N, L + 3) = [latent | xyz] -> (N, 1) SDF (the inference forward; in
+        training mode with dropout)."""
         latent = inputs[:, : self.latent_size]
         xyz = inputs[:, self.latent_size :]
         if self.fourier_degree:
             xyz = positional_encoding(xyz, self.fourier_degree)
+        x0 = torch.cat((latent, xyz), dim=1)  # what latent_in layers re-read (without latent dropout, as DeepSDF)
         if self.latent_dropout is not None and self.training:
-            latent = self.latent_dropout(latent)
-        x0 = torch.cat((latent, xyz), dim=1)
-        x = x0
+            x = torch.cat((self.latent_dropout(latent), xyz), dim=1)
+        else:
+            x = x0
         last = self.num_layers - 1
         dropping = self.training and self.dropout_prob > 0
         seed = new_seed() if dropping else 0

@@ -11,18 +11,24 @@ from typing import Sequence
 import torch
 
 
-def positional_encoding(xyz: torch.Tensor, degree: int) -> torch.Tensor:
-    """Fourier features of points.
+# The original MeshSDF multiplies by this rounded constant, not math.pi; its checkpoints were
+# trained with it, so using math.pi would shift every feature of a loaded network.
+PE_PI = 3.1415
 
-    xyz (..., 3) -> (..., 3 + 6 * degree) = [xyz, sin(2^0 pi xyz), cos(2^0 pi xyz), ...,
-    sin(2^(d-1) pi xyz), cos(2^(d-1) pi xyz)], each block in x, y, z order.
+
+def positional_encoding(xyz: torch.Tensor, degree: int) -> torch.Tensor:
+    """Fourier features of points, in the original MeshSDF's layout.
+
+    xyz (..., 3) -> (..., 6 * degree) = [cos(2^0 c xyz), ..., cos(2^(d-1) c xyz),
+    sin(2^0 c xyz), ..., sin(2^(d-1) c xyz)] with c = ``PE_PI`` = 3.1415, each term the
+    three coordinates in x, y, z order.  The raw xyz is not part of it.  ``degree`` 0
+    returns xyz unchanged (no encoding).
     """
     if degree <= 0:
         return xyz
-    freqs = math.pi * (2.0 ** torch.arange(degree, dtype=xyz.dtype, device=xyz.device))
-    ang = xyz.unsqueeze(-2) * freqs.unsqueeze(-1)  # (..., d, 3)
-    feats = torch.stack((torch.sin(ang), torch.cos(ang)), dim=-2)  # (..., d, 2, 3)
-    return torch.cat((xyz, feats.flatten(-3)), dim=-1)
+    freqs = PE_PI * (2.0 ** torch.arange(degree, dtype=xyz.dtype, device=xyz.device))
+    ang = (xyz.unsqueeze(-2) * freqs.unsqueeze(-1)).flatten(-2)  # (..., 3d): term l, coordinate j at 3l + j
+    return torch.cat((torch.cos(ang), torch.sin(ang)), dim=-1)
 
 
 def effective_dropout_prob(p: float) -> float:
