@@ -7,7 +7,7 @@
 
 Writes, under <out>/<dataset>/ (SPEC section 2):
     samples/<inst>.npz                 pos, neg: (N, 4) float32 rows x y z sdf (sdf > 0 outside)
-    samples/<inst>_normalization.npz   offset (3,), scale: normalised = (original - offset) * scale
+    samples/<inst>_normalization.npz   offset (3,), scale: normalised = (original + offset) * scale (DeepSDF's)
     meshes/<inst>.obj                  the normalised mesh
     split.json                         {"<dataset>": {"samples": [<inst>, ...]}}
 and with renders (--views N > 0; the default for the toy families), DISN's layout:

@@ -318,8 +318,8 @@ _SEP = re.compile(r"[\s,\[\]]+")
 
 
 def parse_disn_line(line: str, source: str = "<string>", lineno: int = 1) -> DisnView:
-    """Parse ``az el inplane ratio fov`` (spaces or commas, optional brackets, extra columns
-    ignored).  Raises MeshSDFError naming ``source`` and ``lineno`` when malformed."""
+    """Parse DISN's ``[az, el, inplane, ratio, fov]`` or this project's older ``az el inplane
+    ratio fov`` (spaces or commas, optional brackets, extra columns ignored).  Raises MeshSDFError naming ``source`` and ``lineno`` when malformed."""
     fields = [f for f in _SEP.split(line.strip()) if f]
     where = f"{source}, line {lineno}"
     if len(fields) < 5:
@@ -434,9 +434,16 @@ def disn_view(camera: Camera, tol: float = 1e-4) -> DisnView | list[DisnView]:
 
 
 def format_disn_line(view: DisnView) -> str:
-    """One metadata line, ``az el inplane ratio fov``, with enough digits to round-trip."""
-    return " ".join(f"{v:.10g}" for v in (view.azimuth, view.elevation, view.inplane,
-                                          view.distance_ratio, view.fov))
+    """One metadata line in DISN's form ``[az, el, inplane, ratio, fov]`` (no newline), with
+    enough digits to round-trip.
+
+    The form matters beyond looks: the original MeshSDF reads a line by dropping its first
+    character and its last two (the bracket, and the bracket plus newline) and parsing the
+    rest as comma-separated floats, so every line written must be exactly this followed by
+    a newline (``write_disn_metadata`` ends the last line too).
+    """
+    return "[" + ", ".join(f"{v:.10g}" for v in (view.azimuth, view.elevation, view.inplane,
+                                                 view.distance_ratio, view.fov)) + "]"
 
 
 def write_disn_metadata(path: str | os.PathLike, camera: Camera) -> None:

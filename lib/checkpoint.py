@@ -272,12 +272,29 @@ def load_checkpoint(exp_dir: str | os.PathLike, label: str | int, model: torch.n
         raise MeshSDFError(f"checkpoint '{label}' in {exp_dir} is inconsistent ({found}); "
                            f"resume from a numbered snapshot instead (--continue N, have {snapshot_epochs(exp_dir)})")
     try:
-        optimizer.load_state_dict(record["optimizer_state_dict"])
+        state = record["optimizer_state_dict"]
+        optimizer.load_state_dict(state)
     except (KeyError, ValueError) as err:
         raise MeshSDFError(f"{path} does not match this optimizer ({err})") from None
+    _check_optimizer_shapes(optimizer, path)
     extra = {k: v for k, v in record.items()
              if k not in ("epoch", "optimizer_state_dict", "model_state_dict", "latent_codes")}
     return epoch, extra
+
+
+def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, path) -> None:
+    """Refuse an optimizer state whose per-parameter tensors (Adam's moments) do not have their
+    parameter's shape: torch maps saved state to parameters by position only, so a file whose
+    parameter order differs (e.g. written by a network that registers its parameters in
+    another order) would otherwise feed one layer's moments to another."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(p.shape):
+                    raise MeshSDFError(
+                        f"{path}: optimizer state {name!r} of shape {tuple(value.shape)} belongs to no parameter of "
+                        f"shape {tuple(p.shape)} at its position (written with another parameter order); move "
+                        f"{Path(path).parent.name}/ aside to resume the model and codes with a fresh optimizer")
 
 
 def _load_without_record(exp_dir, label, model, latent_codes, map_location) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lib.errors import MeshSDFError
+from lib.sampling import read_normalization
 
 # Datasets that prepare_data.py can build by itself: named in the missing-file message.
 BUILTIN_DATASETS = ("bob_and_spot", "toy_cars", "toy_chairs")
@@ -367,7 +368,7 @@ class RenderSet:
                                    "lower NumberOfViews or render more views")
             cam = _first_views(from_disn_metadata(meta, image_size=self.image_size), self.num_views)
             if normalization_path is not None:
-                cam = to_normalized_frame(cam, read_normalization_file(
+                cam = to_normalized_frame(cam, read_normalization(
                     instance_path(normalization_path, data_source, inst)))
             cams.append(cam)
         self.cameras = cams
@@ -436,34 +437,18 @@ def _first_views(cam, n: int):
     return Camera(cam.R[:n], cam.t[:n], cam.focal[:n], cam.principal[:n], cam.image_size, batched=True)
 
 
-def read_normalization_file(path: Path) -> tuple[torch.Tensor, float]:
-    """``offset`` (3,) float64 and ``scale`` of a normalisation npz; MeshSDFError naming the file."""
-    if not path.is_file():
-        raise MeshSDFError(f"normalisation file not found: {path}; fix NormalizationPath in specs.json "
-                           "(null when the renders were made in the frame of the SDF samples)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            offset = np.asarray(z["offset"], dtype=np.float64).reshape(3)
-            scale = float(z["scale"])
-    except Exception as err:
-        raise MeshSDFError(f"cannot read normalisation {path}: {type(err).__name__}: {err}; expected arrays "
-                           "'offset' (3,) and 'scale' ()") from None
-    if not (np.isfinite(offset).all() and np.isfinite(scale) and scale > 0):
-        raise MeshSDFError(f"{path}: offset must be finite and scale > 0")
-    return torch.from_numpy(offset), scale
-
-
-def to_normalized_frame(camera, normalization: tuple[torch.Tensor, float]):
+def to_normalized_frame(camera, normalization):
     """The camera that sees normalised points as ``camera`` sees the original ones.
 
-    With normalised = (original - offset) * scale and p_cam = R original + t, the camera
-    (R, scale (R offset + t)) gives p_cam' = scale p_cam: the same pixels, depth times scale.
+    ``normalization``: a ``lib.sampling.Normalization`` (DeepSDF's normalised = (original +
+    offset) * scale).  With p_cam = R original + t, the camera (R, scale (t - R offset))
+    gives p_cam' = scale p_cam: the same pixels, depth times scale.
     """
     from lib.camera import Camera
 
-    offset, scale = normalization
-    off = offset.to(camera.R)
-    t = scale * ((camera.R @ off) + camera.t)
+    off = torch.as_tensor(normalization.offset).to(camera.R)
+    scale = float(normalization.scale)
+    t = scale * (camera.t - (camera.R @ off))
     return Camera(camera.R, t, camera.focal, camera.principal, camera.image_size, batched=camera.batched)
 
 

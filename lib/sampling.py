@@ -1,9 +1,12 @@
 """SDF training samples from triangle meshes (DeepSDF convention, SPEC section 2).
 
-Normalisation: ``normalised = (original - offset) * scale`` with ``offset`` (3,) the centre
-of the bounding box of the vertices used by faces and ``scale`` chosen so that the farthest
-such vertex lies at radius 1 / 1.03 (DeepSDF's buffer); ``original = normalised / scale +
-offset``.
+Normalisation, in DeepSDF's convention: ``normalised = (original + offset) * scale`` with
+``offset`` (3,) = -(the centre of the bounding box of the vertices used by faces) and
+``scale`` chosen so that the farthest such vertex lies at radius 1 / 1.03 (DeepSDF's
+buffer); ``original = normalised / scale - offset``.  Files (``write_normalization`` /
+``read_normalization``) hold ``offset`` and ``scale`` as DeepSDF's NormalizationParameters
+do, plus a ``convention`` marker; see ``read_normalization`` for files of earlier versions
+of this project, which stored +centre.
 
 Samples of a normalised mesh, ``n`` in all (fractions of ``SAMPLE_MIX``):
   - 47.5 %: area-uniform surface points + N(0, 0.0025 I) noise (std 0.05),
@@ -34,16 +37,16 @@ SAMPLE_MIX = ((0.475, 0.0025 ** 0.5), (0.475, 0.00025 ** 0.5), (0.05, None))
 
 @dataclass
 class Normalization:
-    """``normalised = (original - offset) * scale``; offset (3,) float64, scale > 0."""
+    """DeepSDF's ``normalised = (original + offset) * scale``; offset (3,) float64 (= -centre), scale > 0."""
 
     offset: np.ndarray
     scale: float
 
     def apply(self, points: np.ndarray) -> np.ndarray:
-        return (np.asarray(points, dtype=np.float64) - self.offset) * self.scale
+        return (np.asarray(points, dtype=np.float64) + self.offset) * self.scale
 
     def invert(self, points: np.ndarray) -> np.ndarray:
-        return np.asarray(points, dtype=np.float64) / self.scale + self.offset
+        return np.asarray(points, dtype=np.float64) / self.scale - self.offset
 
 
 def normalization(verts: np.ndarray, faces: np.ndarray, name: str = "mesh") -> Normalization:
@@ -53,11 +56,11 @@ def normalization(verts: np.ndarray, faces: np.ndarray, name: str = "mesh") -> N
     extent (all vertices used by faces coincide).
     """
     used = np.asarray(verts, dtype=np.float64)[np.unique(np.asarray(faces).reshape(-1))]
-    offset = 0.5 * (used.min(axis=0) + used.max(axis=0))
-    radius = float(np.linalg.norm(used - offset, axis=1).max())
-    if not np.isfinite(radius) or radius <= 1e-12 * max(1.0, float(np.abs(offset).max())):
+    centre = 0.5 * (used.min(axis=0) + used.max(axis=0))
+    radius = float(np.linalg.norm(used - centre, axis=1).max())
+    if not np.isfinite(radius) or radius <= 1e-12 * max(1.0, float(np.abs(centre).max())):
         raise MeshSDFError(f"mesh {name} has zero extent (all its vertices coincide); give a real mesh")
-    return Normalization(offset=offset, scale=1.0 / (NORMALIZATION_BUFFER * radius))
+    return Normalization(offset=-centre, scale=1.0 / (NORMALIZATION_BUFFER * radius))
 
 
 def validate_mesh(verts: np.ndarray, faces: np.ndarray, name: str = "mesh") -> None:
@@ -159,7 +162,7 @@ def prepare_mesh(verts: np.ndarray, faces: np.ndarray, out_root: str | os.PathLi
     """Normalise one mesh, sample it and write the SPEC section 2 files atomically.
 
     Writes ``<out_root>/<dataset>/samples/<instance>.npz`` (pos, neg),
-    ``samples/<instance>_normalization.npz`` (offset (3,), scale ()) and
+    ``samples/<instance>_normalization.npz`` (``write_normalization``) and
     ``meshes/<instance>.obj`` (the normalised mesh, faces as given).  Returns a summary dict
     (instance, counts).  ``name`` is used in error messages (default: the instance).
     """
@@ -175,17 +178,60 @@ def prepare_mesh(verts: np.ndarray, faces: np.ndarray, out_root: str | os.PathLi
 
     root = Path(out_root) / dataset
     write_sdf_samples(root / "samples" / f"{instance}.npz", pos, neg)
-    with atomic_write(root / "samples" / f"{instance}_normalization.npz", suffix=".tmp.npz") as tmp:
-        np.savez(tmp, offset=norm.offset, scale=np.float64(norm.scale))
+    write_normalization(root / "samples" / f"{instance}_normalization.npz", norm)
     write_obj(root / "meshes" / f"{instance}.obj", nverts, faces)
     return {"instance": instance, "pos": len(pos), "neg": len(neg), "faces": len(faces)}
 
 
+# Written beside offset and scale; DeepSDF's readers ignore it.  Files of this project
+# without it predate the switch to DeepSDF's sign (they stored offset = +centre).
+NORMALIZATION_CONVENTION = "deepsdf"
+_OLD_PROJECT_SUFFIX = "_normalization.npz"  # the only name this project ever wrote them under
+_warned_old: set = set()
+
+
+def write_normalization(path: str | os.PathLike, norm: Normalization) -> None:
+    """Write ``offset`` (3,), ``scale`` () and the ``convention`` marker atomically (DeepSDF's keys)."""
+    from lib.io import atomic_write
+
+    with atomic_write(path, suffix=".tmp.npz") as tmp:
+        np.savez(tmp, offset=np.asarray(norm.offset, dtype=np.float64), scale=np.float64(norm.scale),
+                 convention=np.array(NORMALIZATION_CONVENTION))
+
+
 def read_normalization(path: str | os.PathLike) -> Normalization:
-    """Load a ``<instance>_normalization.npz`` written by ``prepare_mesh``."""
+    """A normalisation file: DeepSDF's NormalizationParameters npz or one ``write_normalization`` wrote.
+
+    A file with the ``convention`` marker, or without it and not named
+    ``*_normalization.npz``, is DeepSDF's convention.  A file without the marker named
+    ``*_normalization.npz`` was written by an earlier version of this project with the
+    opposite sign (offset = +centre): it is converted (offset negated) with a one-line
+    warning saying how to rewrite it, so that it is never applied with the wrong sign.
+    Raises MeshSDFError naming the file when it is missing, unreadable or not finite.
+    """
     path = Path(path)
+    if not path.is_file():
+        raise MeshSDFError(f"normalisation file not found: {path}; fix NormalizationPath in specs.json "
+                           "(null when the renders were made in the frame of the SDF samples)")
     try:
-        with np.load(path) as z:
-            return Normalization(offset=np.asarray(z["offset"], dtype=np.float64), scale=float(z["scale"]))
-    except (OSError, KeyError, ValueError) as err:
-        raise MeshSDFError(f"cannot read normalisation {path}: {err}") from None
+        with np.load(path, allow_pickle=False) as z:
+            offset = np.asarray(z["offset"], dtype=np.float64).reshape(3)
+            scale = float(np.asarray(z["scale"]).reshape(()))
+            convention = str(z["convention"]) if "convention" in z.files else None
+    except Exception as err:
+        raise MeshSDFError(f"cannot read normalisation {path}: {type(err).__name__}: {err}; expected arrays "
+                           "'offset' (3,) and 'scale' ()") from None
+    if not (np.isfinite(offset).all() and np.isfinite(scale) and scale > 0):
+        raise MeshSDFError(f"{path}: offset must be finite and scale > 0")
+    if convention is not None and convention != NORMALIZATION_CONVENTION:
+        raise MeshSDFError(f"{path}: unknown normalisation convention {convention!r}; expected "
+                           f"{NORMALIZATION_CONVENTION!r} (normalised = (original + offset) * scale)")
+    if convention is None and path.name.endswith(_OLD_PROJECT_SUFFIX):
+        offset = -offset
+        if path.parent not in _warned_old:
+            _warned_old.add(path.parent)
+            from lib.log import warning
+
+            warning(f"{path} (and its neighbours) use this project's old sign, offset = +centre; converted to "
+                    "DeepSDF's (offset = -centre); rerun prepare_data.py to rewrite them")
+    return Normalization(offset=offset, scale=scale)

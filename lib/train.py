@@ -283,8 +283,40 @@ def append_epoch_logs(logs: dict, epoch: int, losses: Sequence[float], rates: Se
             logs["param_magnitude"].setdefault(name, []).append(float(p.detach().norm()))
 
 
+def deepsdf_logs(logs: Mapping) -> dict:
+    """A DeepSDF-style Logs.pth ({"epoch", "loss"} per step, optionally "learning_rate",
+    "timing", "latent_magnitude" and "param_magnitude" per epoch) in this project's form.
+
+    Steps are attributed to epochs evenly (DeepSDF runs the same number of batches every
+    epoch); per-epoch lists whose length is not the epoch count are dropped rather than
+    misaligned.  Returns {} for anything else.
+    """
+    try:
+        epoch, loss = int(logs["epoch"]), [float(v) for v in logs["loss"]]
+    except (KeyError, TypeError, ValueError):
+        return {}
+    out = new_logs()
+    out["epoch"], out["loss"] = epoch, loss
+    per = len(loss) // epoch if epoch > 0 and len(loss) % epoch == 0 else None
+    out["loss_epoch"] = [i // per + 1 for i in range(len(loss))] if per else [epoch] * len(loss)
+    out["log_epochs"] = list(range(1, epoch + 1))
+    for key in ("learning_rate", "timing", "latent_magnitude"):
+        values = logs.get(key)
+        out[key] = list(values) if isinstance(values, list) and len(values) == epoch else [None] * epoch
+    mags = logs.get("param_magnitude")
+    if isinstance(mags, Mapping):
+        out["param_magnitude"] = {k: list(v) for k, v in mags.items() if isinstance(v, list) and len(v) == epoch}
+    return out
+
+
 def truncate_logs(logs: Mapping, epoch: int) -> dict:
-    """Logs as they were after ``epoch`` (resume from an earlier snapshot drops later entries)."""
+    """Logs as they were after ``epoch`` (resume from an earlier snapshot drops later entries).
+
+    Logs of DeepSDF / the original MeshSDF lack our per-step epoch record; they are adopted
+    (``deepsdf_logs``) so that resuming one of their runs keeps its history.
+    """
+    if logs and "log_epochs" not in logs:
+        logs = deepsdf_logs(logs)
     if not logs or "log_epochs" not in logs:
         return new_logs()
     out = new_logs()

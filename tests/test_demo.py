@@ -156,12 +156,20 @@ def test_shipped_checkpoint_is_small():
     assert sum(f.stat().st_size for f in files) < 3 * 2 ** 20
 
 
+# the CC0 meshes the shipped checkpoint was trained on (never committed): beside the checkout
+# (../shared/meshes) or beside the folder of worktrees
+REAL_MESHES = next((d for d in (REPO.parent / "shared" / "meshes", REPO.parents[1] / "shared" / "meshes")
+                    if (d / "bob.obj").is_file() and (d / "spot.obj").is_file()), None)
+
+
 @pytest.mark.slow
-def test_shipped_checkpoint_reproduces_the_stand_ins():
-    """The acceptance of the shipped checkpoint: each training code's mesh has the genus of its
-    stand-in (bob 1, spot 0) and a symmetric mean Chamfer-L1 <= 0.01 to it in the unit-sphere
-    normalisation.  100k samples per mesh: with 30k the sampling alone adds ~0.006 (the
-    distance of a mesh to itself), which would hide the fit."""
+@pytest.mark.skipif(REAL_MESHES is None, reason="the real bob.obj / spot.obj (../shared/meshes) are not here")
+def test_shipped_checkpoint_reproduces_the_real_meshes():
+    """The acceptance of the shipped checkpoint: each training code's mesh has its real mesh's
+    genus (bob 1, spot 0), is one piece, and lies within a symmetric mean Chamfer-L1 of 0.008
+    of it in prepare_data.py's unit-sphere normalisation (measured: 0.0054 for both at
+    N = 64).  100k samples per mesh: with 30k the sampling alone adds ~0.006 (the distance of a
+    mesh to itself), which would hide the fit."""
     import torch
 
     from lib import checkpoint
@@ -170,15 +178,15 @@ def test_shipped_checkpoint_reproduces_the_stand_ins():
     from lib.metrics import mesh_chamfer
     from lib.optimize import topology
     from lib.sampling import normalization
-    from lib.shapes import mesh_builtin
 
     specs = load_specs(EXP)
     decoder = checkpoint.load_decoder(EXP, specs)
     codes = checkpoint.load_latent_codes(EXP)
+    torch.manual_seed(0)
     for k, (name, g) in enumerate((("bob", 1), ("spot", 0))):
-        v, f = mesh_builtin(name, 96)
-        gt = normalization(v.numpy(), f.numpy()).apply(v.numpy())
+        v, f = read_mesh(REAL_MESHES / f"{name}.obj")
+        gt = normalization(v, f).apply(v)
         with torch.no_grad():
             mesh = mesh_from_sdf(decoder, codes[k], 64, "sparse")
-        assert topology(mesh.faces)[1:] == (1, g)                     # one piece, the stand-in's genus
-        assert mesh_chamfer(mesh.verts, mesh.faces, gt, f, n=100_000, squared=False) <= 0.01
+        assert topology(mesh.faces)[1:] == (1, g)                     # one piece, the real mesh's genus
+        assert mesh_chamfer(mesh.verts, mesh.faces, gt, f, n=100_000, squared=False) <= 0.008

@@ -86,7 +86,7 @@ def test_normalization_round_trip():
     nv = n.apply(orig)
     assert np.allclose(0.5 * (nv.min(0) + nv.max(0)), 0, atol=1e-9)
     assert np.linalg.norm(nv, axis=1).max() == pytest.approx(1 / NORMALIZATION_BUFFER)
-    assert np.allclose(nv, (orig - n.offset) * n.scale)
+    assert np.allclose(nv, (orig + n.offset) * n.scale)  # DeepSDF: offset = -centre
     q = rng.normal(size=(100, 3))
     assert np.allclose(n.invert(n.apply(q)), q) and np.allclose(n.apply(n.invert(q)), q)
 

@@ -14,11 +14,11 @@ from lib import checkpoint, svr
 from lib.specs import load_specs, load_svr_specs
 from lib.svr import report
 from lib.camera import disn_camera, format_disn_line, DisnView
-from lib.data import (Instance, RenderSet, RgbaSdfSamples, SdfSamples, read_normalization_file, rgba_to_tensor,
+from lib.data import (Instance, RenderSet, RgbaSdfSamples, SdfSamples, rgba_to_tensor,
                       to_normalized_frame)
 from lib.errors import MeshSDFError
 from lib.io import read_png, save_png
-from lib.sampling import split_by_sign, write_sdf_samples
+from lib.sampling import read_normalization, split_by_sign, write_sdf_samples
 from lib.isosurface import extract_dense
 from lib.train import TrainSettings
 
@@ -160,11 +160,11 @@ def test_normalized_frame_camera_sees_the_same_pixels(tmp_path):
     cam = disn_camera([10.0, 200.0], [25.0, 35.0], [0.8, 0.7], image_size=64, dtype=torch.float64)
     offset, scale = torch.tensor([0.1, -0.2, 0.05], dtype=torch.float64), 1.7
     np.savez(tmp_path / "n.npz", offset=offset.numpy(), scale=scale)
-    norm = read_normalization_file(tmp_path / "n.npz")
+    norm = read_normalization(tmp_path / "n.npz")  # DeepSDF's: normalised = (original + offset) * scale
     moved = to_normalized_frame(cam, norm)
     pts = torch.rand(50, 3, dtype=torch.float64) - 0.5
     uv0, z0 = cam.project(pts)
-    uv1, z1 = moved.project((pts - offset) * scale)
+    uv1, z1 = moved.project((pts + offset) * scale)
     assert torch.allclose(uv0, uv1, atol=1e-9) and torch.allclose(z1, z0 * scale, atol=1e-9)
 
 

@@ -81,7 +81,10 @@ class Decoder(nn.Module):
     ``dropout`` layers with dropout ``dropout_prob`` in training; ``xyz_in_all`` appends xyz
     to every hidden layer input; ``latent_dropout`` drops the latent (p = 0.2) in training;
     ``use_tanh`` adds a tanh before the output tanh (DeepSDF's option);
-    ``positional_encoding``/``fourier_degree`` encode xyz with Fourier features.
+    ``positional_encoding``/``fourier_degree`` replace xyz by the original MeshSDF's Fourier
+    features (``lib.models.ops.positional_encoding``: 6 * fourier_degree values, no raw xyz),
+    so the input is CodeLength + 6 * fourier_degree wide (bob_and_spot: 32), else
+    CodeLength + 3.  The output always goes through tanh.
 
     Dropout is ordinary inverted dropout (drop with p, scale survivors by 1/(1-p)); for
     speed the mask is drawn by ``dropout_mask`` (p quantised to 1/65536) and the scale is
