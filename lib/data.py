@@ -324,8 +324,8 @@ class RenderSet:
     and ``<renders>/rendering_metadata.txt`` (one DISN line per view, see lib.camera).  Views
     0 .. num_views - 1 are used.  Cameras are built at ``image_size`` and, when
     ``normalization_path`` is given, moved from the frame the renders were made in into the
-    frame of the SDF samples: that file (``offset`` (3,), ``scale``) maps
-    ``normalised = (original - offset) * scale`` as written by prepare_data.py.
+    frame of the SDF samples: that file (``lib.sampling.read_normalization``: ``offset`` (3,),
+    ``scale``) maps DeepSDF's ``normalised = (original + offset) * scale``.
 
     Everything is checked when the set is built (files present, metadata parsable with
     enough views, normalisation readable), so a bad dataset fails before training starts;
