@@ -90,9 +90,12 @@ def test_clamped_l1():
 
 def test_snapshot_choice():
     specs = load_specs(REPO / "experiments" / "bob_and_spot")
-    st = TrainSettings.from_specs(dict(specs, AdditionalSnapshots=[5]), num_epochs=20)
+    st = TrainSettings.from_specs(dict(specs, AdditionalSnapshots=[5], SnapshotFrequency=1000), num_epochs=20)
     assert st.num_epochs == 20
     assert [e for e in range(1, 3001) if st.is_snapshot(e)] == [5, 1000, 2000, 3000]
+    # the original's bob_and_spot specs have no SnapshotFrequency: AdditionalSnapshots only
+    st = TrainSettings.from_specs(dict(specs, AdditionalSnapshots=[5]))
+    assert [e for e in range(1, 4001) if st.is_snapshot(e)] == [5]
 
 
 def test_truncate_logs():
