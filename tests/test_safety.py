@@ -24,6 +24,7 @@ from tests.test_distributed import tiny_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "experiments" / "bob_and_spot"
+SHIPPED_EPOCH = torch.load(SHIPPED / "ModelParameters" / "latest.pth", weights_only=True)["epoch"]
 
 
 def tree_sha256(root: Path, mark: bool = False) -> dict:
@@ -33,8 +34,8 @@ def tree_sha256(root: Path, mark: bool = False) -> dict:
 
 
 def shipped_copy(tmp: Path, samples: int = 256) -> Path:
-    """experiments/bob_and_spot copied (model and codes of epoch 1000, no optimizer state, as every
-    DeepSDF / MeshSDF release), with stand-in samples for bob and spot and few samples per scene."""
+    """experiments/bob_and_spot copied (model and codes of epoch SHIPPED_EPOCH, no optimizer state, as
+    every DeepSDF / MeshSDF release), with stand-in samples for bob and spot and few samples per scene."""
     exp = tmp / "bob_and_spot"
     shutil.copytree(SHIPPED, exp)
     rng = np.random.default_rng(0)
@@ -44,6 +45,7 @@ def shipped_copy(tmp: Path, samples: int = 256) -> Path:
         write_sdf_samples(tmp / "data" / "bob_and_spot" / "samples" / f"{name}.npz",
                           *split_by_sign(np.column_stack([p, sdf])))
     specs = json.loads((exp / "specs.json").read_text())
+    (exp / "split.json").write_text(json.dumps({"bob_and_spot": {"samples": ["bob", "spot"]}}))
     specs.update(DataSource=str(tmp / "data"), TrainSplit=str(exp / "split.json"), SamplesPerScene=samples)
     (exp / "specs.json").write_text(json.dumps(specs))
     return exp
@@ -57,18 +59,19 @@ def test_continue_latest_resumes_a_released_model_with_a_fresh_optimizer(tmp_pat
     shipped_model = torch.load(exp / "ModelParameters" / "latest.pth", weights_only=True)["model_state_dict"]
     assert not (exp / "OptimizerParameters").exists()
 
-    assert train_deep_sdf.main(["-e", str(exp), "-c", "latest", "--epochs", "1001", "--device", "cpu",
+    e0 = SHIPPED_EPOCH
+    assert train_deep_sdf.main(["-e", str(exp), "-c", "latest", "--epochs", str(e0 + 1), "--device", "cpu",
                                 "--no-reconstruct"]) == 0
     err = capsys.readouterr().err
-    assert "resuming from epoch 1000 of ModelParameters/latest.pth and LatentCodes/latest.pth with a fresh " \
+    assert f"resuming from epoch {e0} of ModelParameters/latest.pth and LatentCodes/latest.pth with a fresh " \
            "optimizer" in err, err
     logs = checkpoint.load_logs(exp)
-    assert logs["log_epochs"] == list(range(1, 1002))
-    assert logs["loss"][:1000] == shipped_logs["loss"]  # the history continues, nothing replaced
+    assert logs["log_epochs"] == list(range(1, e0 + 2))
+    assert logs["loss"][:e0] == shipped_logs["loss"]  # the history continues, nothing replaced
     record = torch.load(exp / "OptimizerParameters" / "latest.pth", weights_only=True)
-    assert record["epoch"] == 1001 and record["optimizer_state_dict"]["state"]  # one Adam step taken
+    assert record["epoch"] == e0 + 1 and record["optimizer_state_dict"]["state"]  # one Adam step taken
     model = torch.load(exp / "ModelParameters" / "latest.pth", weights_only=True)
-    assert model["epoch"] == 1001
+    assert model["epoch"] == e0 + 1
     moved = max(float((model["model_state_dict"][k] - v).abs().max()) for k, v in shipped_model.items())
     assert 0 < moved < 1e-2  # continued from the shipped weights (one small step), not from scratch
     assert tree_sha256(SHIPPED) == before
