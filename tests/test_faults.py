@@ -108,13 +108,16 @@ def test_sigkill_five_times_then_finish_like_an_uninterrupted_run(tmp_path):
 
 def signal_after_first_snapshot(exp: Path, script: str = "train_deep_sdf.py", sig=signal.SIGTERM,
                                 env=None) -> str:
-    """Start the restart-loop command, send ``sig`` at a random moment after ``1.pth`` is written
-    and check that it exits 128 + sig (143 for SIGTERM, 130 for Ctrl-C) without a traceback;
-    returns its stderr."""
+    """Start the restart-loop command, send ``sig`` at a random moment after the epoch-1 snapshot
+    is written and check that it exits 128 + sig (143 for SIGTERM, 130 for Ctrl-C) without a
+    traceback; returns its stderr."""
+    # the model file renamed last by each trainer: DeepSDF's 1.pth, the SVR pair's encoder_1.pth
+    snapshot = exp / "ModelParameters" / ("encoder_1.pth" if script == "train_svr.py" else "1.pth")
     proc = start(exp, script=script, env=env)
     deadline = time.time() + 120
-    while proc.poll() is None and not (exp / "ModelParameters" / "1.pth").exists() and time.time() < deadline:
+    while proc.poll() is None and not snapshot.exists() and time.time() < deadline:
         time.sleep(0.01)
+    assert snapshot.exists(), f"{script} wrote no {snapshot.name} within 120 s"
     time.sleep(random.uniform(0.0, 0.2))
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
