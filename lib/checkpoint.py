@@ -424,7 +424,6 @@ class ExperimentLock:
         self.held = False
 
     def _record(self) -> dict:
-        import json
         import socket
         import time
 

@@ -85,8 +85,8 @@ def grid_bytes(resolution: int) -> float:
 
 
 def check_grid(resolution: int, device=None, name: str = "--resolution", **kw) -> None:
-    """A marching-cubes grid of ``resolution``^3 points fits (the dense grid's bound; sparse needs less
-    only for its SDF evaluations, its marks are per voxel too)."""
+    """A marching-cubes grid of ``resolution``^3 points fits: the dense grid's bound, applied to every
+    extraction mode (sparse mode stores only the cells near the surface, so it needs less)."""
     check_fits(name, int(resolution), grid_bytes, device, low=2, **kw)
 
 

@@ -37,7 +37,7 @@ from lib.errors import MeshSDFError
 from lib.isosurface import MODES, ExtractionState
 from lib.log import info, progress
 from lib.meshsdf import GRADIENTS, mesh_from_sdf
-from lib.metrics import topology  # noqa: F401  (also imported from here by callers)
+from lib.metrics import topology
 from lib.nmr import nr_silhouette
 from lib.render import SVR_EPS, SVR_SIGMA, silhouette
 

@@ -166,7 +166,7 @@ def prepare_mesh(verts: np.ndarray, faces: np.ndarray, out_root: str | os.PathLi
     ``meshes/<instance>.obj`` (the normalised mesh, faces as given).  Returns a summary dict
     (instance, counts).  ``name`` is used in error messages (default: the instance).
     """
-    from lib.io import atomic_write, write_obj
+    from lib.io import write_obj
 
     name = name or instance
     verts = np.asarray(verts, dtype=np.float64)

@@ -89,10 +89,6 @@ def int_list_key(minimum: int = 0, nonempty: bool = False, nullable: bool = Fals
     return check
 
 
-def any_key(v):
-    return None
-
-
 def _description_key(v):
     ok = isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
     return None if ok else "must be a string or a list of strings"

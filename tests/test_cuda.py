@@ -19,7 +19,7 @@ import metrics_svr
 import reconstruct_svr
 import train_deep_sdf
 import train_svr
-from lib import checkpoint, svr
+from lib import checkpoint
 from lib.camera import look_at
 from lib.data import SdfSamples, read_split, scene_batches
 from lib.isosurface import MODES, extract, same_mesh

@@ -179,7 +179,7 @@ def test_shipped_checkpoint_reproduces_the_real_meshes():
     from lib.specs import load_specs
     from lib.meshsdf import mesh_from_sdf
     from lib.metrics import mesh_chamfer
-    from lib.optimize import topology
+    from lib.metrics import topology
     from lib.sampling import normalization
 
     specs = load_specs(EXP)

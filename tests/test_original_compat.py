@@ -7,7 +7,6 @@ The "original" network is built in the test the way the original builds it: torc
 forward pass written here from the description of the original's decoder.
 """
 import json
-import math
 import os
 import subprocess
 import sys
