@@ -119,21 +119,33 @@ def mesh_from_sdf(decoder: nn.Module, latent: torch.Tensor, resolution: int = 64
     the grid lives on the latent's device.  Other arguments: :func:`mesh_from_field`.
     """
     refuse_dropout(decoder)
-    if latent.dim() == 2 and latent.shape[0] > 1:
-        codes = latent
+    batched = latent.dim() == 2 and latent.shape[0] > 1
+    field = _CodeField(decoder, latent if batched else latent.reshape(1, -1))
+    return mesh_from_field(field if batched else field.single, resolution, mode=mode, gradient=gradient, state=state,
+                           batch=latent.shape[0] if batched else None, chunk=chunk, device=latent.device, **kwargs)
 
-        def batched(points, index):
-            return decoder(torch.cat((codes[index], points), 1)).reshape(-1)
 
-        return mesh_from_field(batched, resolution, mode=mode, gradient=gradient, state=state, batch=codes.shape[0],
-                               chunk=chunk, device=latent.device, **kwargs)
-    lat = latent.reshape(1, -1)
+class _CodeField:
+    """The DeepSDF field s(x) = decoder([codes[b] | x]) of surface b, codes (B, L).
 
-    def single(points):
-        return decoder(torch.cat((lat.expand(points.shape[0], -1), points), 1)).reshape(-1)
+    Marked so that :func:`field_backward` can take every per-vertex derivative it needs,
+    ds/dx and ds/dcode, from ONE backward pass through the decoder (the derivative w.r.t.
+    the whole input row), instead of one pass for the normals and a second for the codes;
+    it does so whenever the decoder's own parameters do not require grad.
+    """
 
-    return mesh_from_field(single, resolution, mode=mode, gradient=gradient, state=state, chunk=chunk,
-                           device=latent.device, **kwargs)
+    def __init__(self, decoder: nn.Module, codes: torch.Tensor):
+        self.decoder, self.codes = decoder, codes
+
+    def __call__(self, points: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.cat((self.codes[index], points), 1)).reshape(-1)
+
+    def single(self, points: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.cat((self.codes.expand(points.shape[0], -1), points), 1)).reshape(-1)
+
+    def rows_only(self) -> bool:
+        """Whether the codes are the only path to tensors requiring grad (frozen decoder)."""
+        return not any(p.requires_grad for p in self.decoder.parameters())
 
 
 def refuse_dropout(field) -> None:
@@ -250,6 +262,9 @@ def field_backward(signed: Callable, verts: torch.Tensor, grad_verts: torch.Tens
     signed(points, index) -> s (P,) (> 0 outside); index (V,) the surface of each vertex.
     Returns dl_ds (V,) (detached) and one gradient (or None) per tensor of ``leaves``.
     """
+    code_field = _code_field(signed)
+    if code_field is not None:
+        return _code_backward(signed, code_field, verts, grad_verts, index, leaves, gradient, delta, chunk)
     with torch.enable_grad():
         normals, kept = [], []
         for s in range(0, verts.shape[0], chunk):
@@ -259,13 +274,7 @@ def field_backward(signed: Callable, verts: torch.Tensor, grad_verts: torch.Tens
             normals.append(n.detach())
             kept.append(value if verts.shape[0] <= chunk else None)  # one chunk: reuse its graph
         normal = torch.cat(normals) if normals else verts.new_zeros(0, 3)
-        norm = normal.norm(dim=1)
-        dot = -(grad_verts * normal).sum(1)
-        if gradient == "exact":
-            floor = (delta * norm.median()).clamp_min(1e-12) if norm.numel() else 1e-12
-            dl_ds = dot / torch.maximum(norm, floor) ** 2
-        else:
-            dl_ds = dot / norm.clamp_min(1e-12)
+        dl_ds = _dl_ds(normal, grad_verts, gradient, delta)
         grads = [None] * len(leaves)
         for i, s in enumerate(range(0, verts.shape[0], chunk)):
             value = kept[i]
@@ -274,5 +283,51 @@ def field_backward(signed: Callable, verts: torch.Tensor, grad_verts: torch.Tens
             part = torch.autograd.grad(value, leaves, grad_outputs=dl_ds[s : s + chunk], allow_unused=True,
                                        retain_graph=True)
             grads = [a if b is None else (b if a is None else a + b) for a, b in zip(grads, part)]
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+    return dl_ds.detach(), grads
+
+
+def _dl_ds(normal: torch.Tensor, grad_verts: torch.Tensor, gradient: str, delta: float) -> torch.Tensor:
+    """dL/ds (V,) from the field gradients (V, 3) and dL/dverts (V, 3): the paper's or the exact rule."""
+    norm = normal.norm(dim=1)
+    dot = -(grad_verts * normal).sum(1)
+    if gradient == "exact":
+        floor = (delta * norm.median()).clamp_min(1e-12) if norm.numel() else 1e-12
+        return dot / torch.maximum(norm, floor) ** 2
+    return dot / norm.clamp_min(1e-12)
+
+
+def _code_field(signed) -> "_CodeField | None":
+    """The DeepSDF field behind ``signed`` when its one-pass backward applies, else None."""
+    field = getattr(signed, "field", None)
+    field = getattr(field, "__self__", field)  # the bound method _CodeField.single
+    return field if isinstance(field, _CodeField) and field.rows_only() else None
+
+
+def _code_backward(signed, cf: "_CodeField", verts, grad_verts, index, leaves, gradient, delta, chunk):
+    """:func:`field_backward` for a DeepSDF field with a frozen decoder, one decoder backward.
+
+    Each value s_i depends on its own input row [code_b | x_i] only, so the derivative of
+    sum_i s_i w.r.t. the (V, L + 3) input rows is, row by row, (ds_i/dcode, ds_i/dx_i): the
+    normals and the per-vertex code derivatives at once.  dL/dcodes[index] = dL/ds_i *
+    ds_i/dcode then flows by autograd through ``codes[index]`` into the leaves (a latent, an
+    encoder's output).  Same values as the two-pass path up to float rounding.
+    """
+    L = cf.codes.shape[1]
+    sign = signed.sign
+    with torch.enable_grad():
+        rows_grad, normals = [], []
+        for s in range(0, verts.shape[0], chunk):
+            x = verts[s : s + chunk].detach()
+            inp = torch.cat((cf.codes.detach()[index[s : s + chunk]], x), 1).requires_grad_(True)
+            value = cf.decoder(inp).reshape(-1)
+            (j,) = torch.autograd.grad(value.sum(), inp)
+            j = j if sign > 0 else -j  # s = sign * (field - level): the level drops out
+            rows_grad.append(j[:, :L])
+            normals.append(j[:, L:])
+        normal = torch.cat(normals) if normals else verts.new_zeros(0, 3)
+        dl_ds = _dl_ds(normal, grad_verts, gradient, delta)
+        code_rows = torch.cat(rows_grad) * dl_ds.unsqueeze(1) if rows_grad else verts.new_zeros(0, L)
+        grads = torch.autograd.grad(cf.codes[index], leaves, grad_outputs=code_rows, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
     return dl_ds.detach(), grads

@@ -242,7 +242,7 @@ class Decoder(nn.Module):
             if dropping and i in self.dropout:
                 x = relu_dropout_unscaled(x, self.dropout_prob, seed, i)
             else:
-                x = torch.relu(x)
+                x = torch.relu_(x)  # in place on the fresh pre-activation (linear's backward does not read it)
         return torch.tanh(x)
 
 
