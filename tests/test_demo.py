@@ -193,3 +193,26 @@ def test_shipped_checkpoint_reproduces_the_real_meshes():
             mesh = mesh_from_sdf(decoder, codes[k], 64, "sparse")
         assert topology(mesh.faces)[1:] == (1, g)                     # one piece, the real mesh's genus
         assert mesh_chamfer(mesh.verts, mesh.faces, gt, f, n=100_000, squared=False) <= 0.008
+
+
+def test_the_optimisation_loop_imports_no_compiler_machinery(tmp_path):
+    """A lean start-up: the demo's steps must not pull in torch's compiler stack
+    (torch._dynamo, ~1.3 s, e.g. through torch.optim) or sympy (~0.8 s, which torch.autograd
+    imports for an explicit grad_outputs tensor).  Checked in a fresh process right after the
+    loop, before the outputs (matplotlib is imported for loss.png only)."""
+    code = (
+        "import sys, demo_optimizer\n"
+        "from lib import optimize\n"
+        "real = optimize.optimize\n"
+        "def spy(*a, **k):\n"
+        "    run = real(*a, **k)\n"
+        "    print('HEAVY', sorted(m for m in ('sympy', 'torch._dynamo', 'matplotlib') if m in sys.modules))\n"
+        "    return run\n"
+        "demo_optimizer.optimize = spy\n"
+        f"demo_optimizer.main(['-e', {str(EXP)!r}, '--out', {str(tmp_path / 'out')!r}, '--resolution', '24',"
+        " '--image-size', '64', '--iterations', '2'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env={**__import__("os").environ, "MESHSDF_QUIET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("HEAVY")]
+    assert line == ["HEAVY []"], proc.stdout
