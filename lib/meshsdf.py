@@ -91,7 +91,7 @@ def mesh_from_field(field: Field, resolution: int, level: float = 0.0, mode: str
     states = list(state) if isinstance(state, (list, tuple)) else [state] * count
     if len(states) != count:
         raise MeshSDFError(f"state: {len(states)} states for {count} surfaces; pass the list the last call returned")
-    leaves, probe_device = _probe(field, batch, device)
+    leaves, probe_device = _leaves(field, batch, device)
     if device is None:
         device = probe_device or next((s.cells.device for s in states if s is not None), torch.device("cpu"))
     signed = _Signed(field, sign, level, batch)
@@ -176,6 +176,20 @@ class _Signed:
         if self.batch is None:
             return self
         return lambda p: self(p, torch.full((p.shape[0],), b, dtype=torch.int64, device=p.device))
+
+
+def _leaves(field, batch, device) -> tuple[list[torch.Tensor], torch.device | None]:
+    """The tensors the field's gradients go to, and their device (see :func:`_probe`).
+
+    A DeepSDF field (:func:`mesh_from_sdf`) names them without a probe: its codes tensor (a
+    leaf, or e.g. an encoder's output, through which autograd carries on) and the decoder's
+    parameters that require grad; its dropout is refused by :func:`refuse_dropout`.
+    """
+    cf = getattr(field, "__self__", field)
+    if isinstance(cf, _CodeField):
+        found = [cf.codes] if cf.codes.requires_grad else []
+        return found + [p for p in cf.decoder.parameters() if p.requires_grad], cf.codes.device
+    return _probe(field, batch, device)
 
 
 def _probe(field, batch, device) -> tuple[list[torch.Tensor], torch.device | None]:

@@ -209,6 +209,29 @@ def test_one_pass_code_backward_equals_the_two_pass_rule(gradient):
         torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
 
 
+def test_code_from_an_encoder_passes_the_gradient_on():
+    """A code that is not a leaf (an encoder's output) gets dL/dcode and autograd carries it
+    into the encoder: its weight gradient is dL/dcode (outer) features, dL/dcode taken from
+    the same mesh meshed from a detached leaf copy of the code."""
+    torch.manual_seed(2)
+    dec = Torus()
+    enc = nn.Linear(4, 2)
+    feat = torch.randn(4)
+    with torch.no_grad():
+        enc.weight.mul_(0.02)
+        enc.bias.copy_(torch.tensor([0.5, 0.2]))
+
+    def loss(mesh):
+        return (mesh.verts.square() * torch.tensor([1.0, 0.5, 2.0])).sum()
+
+    loss(mesh_from_sdf(dec, enc(feat), 32, level=0.01)).backward()
+    leaf = enc(feat).detach().requires_grad_(True)
+    loss(mesh_from_sdf(dec, leaf, 32, level=0.01)).backward()
+    assert leaf.grad.abs().max() > 1e-4
+    torch.testing.assert_close(enc.weight.grad, torch.outer(leaf.grad, feat))
+    torch.testing.assert_close(enc.bias.grad, leaf.grad)
+
+
 def test_topology_change_genus_0_to_1():
     t = torch.zeros(1, requires_grad=True)
     opt = torch.optim.Adam([t], lr=0.1)
