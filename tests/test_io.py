@@ -45,6 +45,31 @@ def test_png_and_gif_round_trip(tmp_path):
     import imageio.v3 as iio
     frames = iio.imread(tmp_path / "m.gif", index=None)
     assert frames.shape[0] == 2
+    grey = frames[..., 0] if frames.ndim == 4 else frames
+    assert np.array_equal(grey[0] > 127, img > 0.5) and np.array_equal(grey[1] > 127, img < 0.5)
+
+
+def test_gif_keeps_colours_frames_timing_and_loop(tmp_path):
+    """RGB movie frames (a few flat colours on black, as the demo's) come back with every
+    pixel within a few levels, in order, at the requested frame rate, looping."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (12, 3), dtype=np.uint8)
+    frames = []
+    for k in range(3):
+        f = np.zeros((24, 32, 3), np.uint8)
+        for c in range(12):
+            f[2 * c : 2 * c + 2, 2 * k : 2 * k + 20] = colours[c]
+        frames.append(f)
+    save_gif(tmp_path / "c.gif", frames, fps=4)
+    with Image.open(tmp_path / "c.gif") as im:
+        assert im.n_frames == 3 and im.info["loop"] == 0 and im.info["duration"] == 250
+        back = []
+        for k in range(3):
+            im.seek(k)
+            back.append(np.asarray(im.convert("RGB")))
+    assert np.abs(np.stack(back).astype(int) - np.stack(frames)).max() <= 4
 
 
 def test_bad_mesh_files(tmp_path):
