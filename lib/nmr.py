@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from lib.camera import Camera
-from lib.render import Fragments, _screen, _segment_sum, _use_fixed, rasterize
+from lib.render import Fragments, _screen, _segment_sum, _use_fixed, face_index
 
 NR_EPS = 1e-4                # neural_renderer's rasterize_silhouettes eps (NDC units)
 NR_AMBIENT, NR_DIRECTIONAL, NR_LIGHT_DIRECTION = 0.5, 0.5, (0.0, 1.0, 0.0)   # its default light
@@ -47,16 +47,15 @@ def nr_silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, eps:
     """Hard silhouette (H, W) in {0, 1} with Kato et al.'s approximate gradient (module doc).
 
     verts (V, 3) float, differentiable; faces (F, 3) int64; camera unbatched.  The coverage is
-    ``lib.render.rasterize``'s (nearest face at each pixel centre, both windings).
+    ``lib.render.face_index``'s (nearest face at each pixel centre, both windings).
     reproducible: as ``lib.render.silhouette`` (default: on CUDA).
     """
     if verts.dim() != 2 or camera.batched:
         raise ValueError("nr_silhouette renders one mesh (V, 3) with an unbatched camera")
     faces = torch.as_tensor(faces, device=verts.device).long()
     sc = _screen(verts, faces, camera)
-    with torch.no_grad():
-        fr = rasterize(verts.detach(), faces, camera)
-    return _KatoSilhouette.apply(sc.uv, fr.face_idx, faces, float(eps), _use_fixed(verts.device, reproducible))
+    fidx = face_index(verts, faces, camera)
+    return _KatoSilhouette.apply(sc.uv, fidx, faces, float(eps), _use_fixed(verts.device, reproducible))
 
 
 class _KatoSilhouette(torch.autograd.Function):
@@ -215,11 +214,10 @@ def nr_shade(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, face_colo
     """
     verts = verts.detach()
     faces = torch.as_tensor(faces, device=verts.device).long()
-    fr = fragments if fragments is not None else rasterize(verts, faces, camera)
-    H, W = fr.face_idx.shape[-2:]
-    out = torch.zeros(H, W, 4, dtype=verts.dtype, device=verts.device)
+    fidx = fragments.face_idx if fragments is not None else face_index(verts, faces, camera)
+    H, W = fidx.shape[-2:]
     if faces.shape[0] == 0:
-        return out
+        return torch.zeros(H, W, 4, dtype=verts.dtype, device=verts.device)
     uv, _ = camera.to(device=verts.device, dtype=verts.dtype).project(verts)
     t = uv[faces]                                                    # (F, 3, 2)
     e1, e2 = t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]
@@ -234,7 +232,6 @@ def nr_shade(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, face_colo
         rgb = (color * light)[:, None].expand(-1, 3)
     else:
         rgb = torch.as_tensor(face_colors, dtype=verts.dtype, device=verts.device) * light[:, None]
-    hit = fr.mask
-    f = fr.face_idx[hit]
-    out[hit] = torch.cat([rgb[f], torch.ones_like(rgb[f][:, :1])], 1)
-    return out
+    # one gather from a table of face colours whose row 0 is the black, transparent background
+    table = torch.cat([rgb.new_zeros(1, 4), torch.cat([rgb, torch.ones_like(rgb[:, :1])], 1)], 0)
+    return table.index_select(0, (fidx + 1).reshape(-1)).view(H, W, 4)

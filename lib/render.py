@@ -98,8 +98,10 @@ def _screen(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_size
 
 
 # ---------------------------------------------------------------- face tiles
-def _tiles(uvt: torch.Tensor, zt: torch.Tensor, H: int, W: int, margin: float, znear: float):
-    """Cut each face's pixel bounding box (expanded by ``margin`` px) into TILE x TILE tiles.
+def _tiles(uvt: torch.Tensor, zt: torch.Tensor, H: int, W: int, margin: float, znear: float,
+           size: int = TILE):
+    """Cut each face's pixel bounding box (expanded by ``margin`` px) into size x size tiles
+    (size <= TILE, so that tiles overhanging the image stay inside the padded layout).
 
     uvt (G, 3, 2), zt (G, 3).  Returns tile face ids (T,) and tile origins x0, y0 (T,)
     (int64).  Boxes are clipped to the image; faces with a vertex at depth <= znear or a
@@ -115,17 +117,20 @@ def _tiles(uvt: torch.Tensor, zt: torch.Tensor, H: int, W: int, margin: float, z
     last = torch.floor(hi - 0.5).minimum(lim).clamp(min=-1)
     first, last = first.long(), last.long()
     n = (last - first + 1).clamp(min=0)
-    nt = (n + TILE - 1) // TILE                                 # tiles along x and y
+    nt = (n + size - 1) // size                                 # tiles along x and y
     count = nt[:, 0] * nt[:, 1]
     total = int(count.sum())
     fid = torch.repeat_interleave(torch.arange(len(count), device=dev), count, output_size=total)
-    start = torch.cumsum(count, 0) - count
-    local = torch.arange(total, device=dev) - start[fid]
-    ntx = nt[fid, 0]
+    # per-face columns gathered one by one with 1-D index_select (2-D advanced indexing is
+    # several times slower on the CPU)
+    start, ntx, fx, fy = (col.index_select(0, fid) for col in
+                          (torch.cumsum(count, 0) - count, nt[:, 0].contiguous(), first[:, 0].contiguous(),
+                           first[:, 1].contiguous()))
+    local = torch.arange(total, device=dev).sub_(start)
     ty = torch.div(local, ntx, rounding_mode="floor")
-    tx = local - ty * ntx
-    x0 = first[fid, 0] + tx * TILE
-    y0 = first[fid, 1] + ty * TILE
+    tx = local.sub_(ty * ntx)
+    x0 = tx.mul_(size).add_(fx)
+    y0 = ty.mul_(size).add_(fy)
     return fid, x0, y0
 
 
@@ -473,38 +478,23 @@ class Fragments:
         return self.face_idx >= 0
 
 
+RASTER_TILE = 2                # the z-buffer cuts face boxes into 2 x 2 tiles (fewer empty slots)
+_PACKED = True                 # private switch: False = the two-pass z-buffer for every dtype (tests, benchmarks)
+
+
 def rasterize(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_size=None,
               znear: float = 1e-3) -> Fragments:
     """Hard z-buffer rasterisation at pixel centres (see ``Fragments``).
 
     A pixel centre on an edge shared by two faces belongs to both; the nearer wins, ties go
-    to the higher face index.  Both windings are rasterised (no back-face culling).
+    to the higher face index.  Both windings are rasterised (no back-face culling).  Callers
+    that need only the face at each pixel use ``face_index`` (no barycentrics).
     """
     sc = _screen(verts, faces, camera, image_size)
     B, H, W = sc.B, sc.H, sc.W
     F = faces.shape[0]
     dev, dt = sc.uv.device, sc.uv.dtype
-    npad = B * (H + TILE) * (W + TILE)
-    face_idx = torch.full((npad,), -1, dtype=torch.int64, device=dev)
-    if F:
-        with torch.no_grad():
-            uvt, zt = sc.uv[sc.tri], sc.z[sc.tri]
-            fid, x0, y0 = _tiles(uvt, zt, H, W, 0.0, znear)
-            fbatch = torch.div(torch.arange(len(sc.tri), device=dev), F, rounding_mode="floor")
-            st = _Setup(_face_table(uvt, zt), fid, x0, y0, fbatch, B, H, W, 0.0, 0.0, True)
-            zbuf = torch.full((npad,), math.inf, dtype=dt, device=dev)
-            slots = []
-            for a in range(0, len(fid), CHUNK_TILES):
-                b = min(a + CHUNK_TILES, len(fid))
-                pix, z = _chunk_depth(st, a, b)
-                zbuf.scatter_reduce_(0, pix.reshape(-1).long(), z.reshape(-1), "amin")
-                slots.append((pix, z, fid[a:b]))
-            for pix, z, f in slots:
-                pix = pix.reshape(-1).long()
-                win = torch.isfinite(z.reshape(-1)) & (z.reshape(-1) == zbuf[pix])
-                cand = torch.where(win, f[:, None].expand_as(z).reshape(-1), -1)
-                face_idx.scatter_reduce_(0, pix, cand, "amax")
-    face_idx = face_idx.view(B, H + TILE, W + TILE)[:, :H, :W]   # global face instances
+    face_idx = _face_ids(sc, F, znear)                                 # global face instances
     bary = torch.zeros(B, H, W, 3, dtype=dt, device=dev)
     depth = torch.zeros(B, H, W, dtype=dt, device=dev)
     hit = face_idx >= 0
@@ -519,31 +509,93 @@ def rasterize(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_si
     return Fragments(face_idx, bary, depth)
 
 
-def _chunk_depth(st: _Setup, a: int, b: int):
-    """Padded pixel index (int32) and depth (inf where the pixel centre is outside) per slot."""
+@torch.no_grad()
+def face_index(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_size=None,
+               znear: float = 1e-3) -> torch.Tensor:
+    """``rasterize(...).face_idx`` without barycentrics and depth: (H, W) or (B, H, W) int64,
+    the index into ``faces`` of the visible face at each pixel centre, -1 for background."""
+    sc = _screen(verts.detach(), faces, camera, image_size)
+    F = faces.shape[0]
+    face_idx = _face_ids(sc, F, znear)
+    face_idx = torch.where(face_idx >= 0, face_idx % max(F, 1), face_idx)
+    return face_idx if sc.batched else face_idx[0]
+
+
+def _face_ids(sc: _Screen, F: int, znear: float) -> torch.Tensor:
+    """Visible face instance (index into sc.tri) per pixel, (B, H, W) int64, -1 = background.
+
+    float32 depths: one amin over int64 keys (depth bits << 32) | (2^31 - 1 - face), since
+    the bits of positive floats order like the floats, so the smallest key is the nearest
+    face and, among equal depths, the highest index.  Other dtypes: amin of the depth, then
+    amax of the face index among the slots at that depth (the same rule in two passes).
+    """
+    B, H, W = sc.B, sc.H, sc.W
+    dev, dt = sc.uv.device, sc.uv.dtype
+    npad = B * (H + TILE) * (W + TILE)
+    if F == 0:
+        return torch.full((B, H, W), -1, dtype=torch.int64, device=dev)
+    with torch.no_grad():
+        uvt, zt = sc.uv[sc.tri], sc.z[sc.tri]
+        fid, x0, y0 = _tiles(uvt, zt, H, W, 0.0, znear, RASTER_TILE)
+        fbatch = torch.div(torch.arange(len(sc.tri), device=dev), F, rounding_mode="floor")
+        st = _Setup(_face_table(uvt, zt), fid, x0, y0, fbatch, B, H, W, 0.0, 0.0, True)
+        chunk = 65536  # same slots per chunk
+        chunks = [(a, min(a + chunk, len(fid))) for a in range(0, len(fid), chunk)]
+        if _PACKED and dt == torch.float32 and len(sc.tri) < 2 ** 31:
+            nokey = torch.iinfo(torch.int64).max
+            keys = torch.full((npad,), nokey, dtype=torch.int64, device=dev)
+            low = (2 ** 31 - 1) - fid                                # higher face -> smaller key
+            for a, b in chunks:
+                pix, z = _chunk_depth(st, a, b, RASTER_TILE)
+                key = (z.view(torch.int32).to(torch.int64) << 32) | low[None, a:b]
+                keys.scatter_reduce_(0, pix.reshape(-1).long(), key.reshape(-1), "amin")
+            inf_key = torch.tensor(math.inf, dtype=torch.float32).view(torch.int32).item() << 32
+            face_idx = torch.where(keys < inf_key, (2 ** 31 - 1) - (keys & 0xFFFFFFFF), -1)
+        else:
+            face_idx = torch.full((npad,), -1, dtype=torch.int64, device=dev)
+            zbuf = torch.full((npad,), math.inf, dtype=dt, device=dev)
+            slots = []
+            for a, b in chunks:
+                pix, z = _chunk_depth(st, a, b, RASTER_TILE)
+                zbuf.scatter_reduce_(0, pix.reshape(-1).long(), z.reshape(-1), "amin")
+                slots.append((pix, z, fid[a:b]))
+            for pix, z, f in slots:
+                pix = pix.reshape(-1).long()
+                win = torch.isfinite(z.reshape(-1)) & (z.reshape(-1) == zbuf[pix])
+                cand = torch.where(win, f[None].expand_as(z).reshape(-1), -1)
+                face_idx.scatter_reduce_(0, pix, cand, "amax")
+    return face_idx.view(B, H + TILE, W + TILE)[:, :H, :W]
+
+
+def _chunk_depth(st: _Setup, a: int, b: int, size: int = TILE):
+    """Padded pixel index (int32) and depth (inf where the pixel centre is outside) per slot
+    of the size x size tiles a..b, each (size * size, T): slots along the rows, so that the
+    per-tile constants broadcast along the long axis (fast for small tiles).  Pixel centres
+    are exact in floating point, so the values do not depend on how boxes are cut into tiles."""
     f = st.fid[a:b]
-    P = TILE * TILE
+    P = size * size
     c = st.table.index_select(1, f)
     dt = c.dtype
-    d = torch.arange(P, device=f.device, dtype=torch.int32)
-    dx = (d % TILE).to(dt)
-    dy = torch.div(d, TILE, rounding_mode="floor").to(dt)
+    d = torch.arange(P, device=f.device, dtype=torch.int32)[:, None]
+    dx = (d % size).to(dt)
+    dy = torch.div(d, size, rounding_mode="floor").to(dt)
     ox, oy = st.x0[a:b], st.y0[a:b]
     wp = st.W + TILE
     base = ((st.fbatch.index_select(0, f) * (st.H + TILE) + oy) * wp + ox).to(torch.int32)
-    pix = base[:, None] + (torch.div(d, TILE, rounding_mode="floor") * wp + d % TILE)
-    x = (ox.to(dt) + 0.5)[:, None] + dx
-    y = (oy.to(dt) + 0.5)[:, None] + dy
-    o = c[15][:, None]
+    pix = base[None] + (torch.div(d, size, rounding_mode="floor") * wp + d % size)
+    x = (ox.to(dt) + 0.5)[None] + dx
+    y = (oy.to(dt) + 0.5)[None] + dy
+    o = c[15][None]
+    tmp = torch.empty_like(x)
     ef = []
-    for i in range(3):
-        vx, vy = c[2 * i][:, None], c[2 * i + 1][:, None]
-        ex, ey = c[6 + 2 * i][:, None], c[7 + 2 * i][:, None]
-        ef.append((ex * (y - vy) - ey * (x - vx)) * o)
-    inside = (ef[0] >= 0) & (ef[1] >= 0) & (ef[2] >= 0) & (o != 0)
-    area = (ef[0] + ef[1] + ef[2]).clamp(min=1e-30)
-    inv = (ef[1] * c[16][:, None] + ef[2] * c[17][:, None] + ef[0] * c[18][:, None]) / area
-    z = torch.where(inside & (inv > 0), 1.0 / inv, torch.full_like(inv, math.inf))
+    for i in range(3):           # ef_i = (ex (y - vy) - ey (x - vx)) o, in place
+        e = torch.sub(y, c[2 * i + 1][None]).mul_(c[6 + 2 * i][None])
+        e.sub_(torch.sub(x, c[2 * i][None], out=tmp).mul_(c[7 + 2 * i][None])).mul_(o)
+        ef.append(e)
+    inside = torch.ge(ef[0], 0).logical_and_(ef[1] >= 0).logical_and_(ef[2] >= 0).logical_and_(o != 0)
+    area = torch.add(ef[0], ef[1], out=x).add_(ef[2]).clamp_(min=1e-30)
+    inv = torch.mul(ef[1], c[16][None], out=y).add_(ef[2].mul_(c[17][None])).add_(ef[0].mul_(c[18][None])).div_(area)
+    z = inv.reciprocal().masked_fill_(~inside.logical_and_(inv > 0), math.inf)
     return pix, z
 
 

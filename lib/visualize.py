@@ -80,10 +80,11 @@ def movie_frame(verts: torch.Tensor, faces: torch.Tensor, face_colors: torch.Ten
     """Movie frame (H, W, 3): the mesh with face colours (F, 3) lit as neural_renderer lights
     it (black background) and, if given, ``outline_mask`` (H, W) bool (e.g.
     ``target_outline(target)``) drawn over it in ``color``."""
-    img = nr_shade(verts, faces.to(verts.device), camera, face_colors=face_colors)[..., :3].contiguous()
-    if outline_mask is not None:
-        img[outline_mask.to(img.device)] = torch.tensor(color, dtype=img.dtype, device=img.device)
-    return img
+    img = nr_shade(verts, faces.to(verts.device), camera, face_colors=face_colors)[..., :3]
+    if outline_mask is None:
+        return img.contiguous()
+    ink = torch.tensor(color, dtype=img.dtype, device=img.device)
+    return torch.where(outline_mask.to(img.device)[..., None], ink, img)
 
 
 def to_uint8(image: torch.Tensor) -> torch.Tensor:

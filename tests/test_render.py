@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ import lib.render as render
 
 from lib.camera import look_at
 from lib.io import read_mesh
-from lib.render import (face_normals, normal_image, rasterize, shade, silhouette, vertex_normals)
+from lib.render import (face_index, face_normals, normal_image, rasterize, shade, silhouette, vertex_normals)
 
 D64 = torch.float64
 
@@ -275,3 +277,44 @@ def test_reproducible_sums_are_order_independent_and_agree():
     assert torch.equal(again, out[True][0])
     covered = silhouette(v.detach(), f, cam, sigma=0, reproducible=True)
     assert set(covered.unique().tolist()) <= {0.0, 1.0}      # deep-inside pixels stay exactly 1
+
+
+def _soup(n, seed, dtype=torch.float32):
+    """n random triangles in front of the camera, of a few pixels to a third of the image,
+    plus exact duplicates of every fifth face (equal depths: the tie rule decides) and a
+    fan sharing edges (pixel centres on shared edges)."""
+    g = torch.Generator().manual_seed(seed)
+    c = (torch.rand(n, 1, 3, generator=g, dtype=D64) - 0.5) * torch.tensor([1.6, 1.6, 1.0], dtype=D64)
+    v = (c + 0.25 * torch.rand(n, 1, 1, generator=g, dtype=D64) * torch.randn(n, 3, 3, generator=g, dtype=D64))
+    v = v.reshape(-1, 3)
+    f = torch.arange(3 * n).reshape(n, 3)
+    f = torch.cat([f, f[::5], f[::7].flip(1)])               # duplicates, and duplicates wound the other way
+    ang = torch.linspace(0, 2 * math.pi, 9, dtype=D64)[:-1]
+    fan = torch.cat([torch.zeros(1, 3, dtype=D64), torch.stack([0.3 * ang.cos(), 0.3 * ang.sin(), 0 * ang], 1)])
+    fv = torch.arange(8)
+    f = torch.cat([f, torch.stack([torch.full((8,), 3 * n), 3 * n + 1 + fv, 3 * n + 1 + (fv + 1) % 8], 1)])
+    return torch.cat([v, fan]).to(dtype), f
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_packed_zbuffer_equals_the_two_pass_rule(monkeypatch, seed):
+    """The one-pass z-buffer (packed depth/face keys, 2 x 2 tiles) gives the face index of
+    the two-pass rule (amin of depth, then amax of the face among the slots at that depth,
+    on 4 x 4 tiles), ties and batches included; face_index is rasterize's face_idx."""
+    v, f = _soup(300, seed)
+    cams = look_at([10, 200], [15, -20], 3.0, image_size=(61, 67))
+    vb = torch.stack([v, v.flip(1) * 0.9])                   # two meshes with the same faces
+    fast = rasterize(vb, f, cams)
+    assert torch.equal(face_index(vb, f, cams), fast.face_idx)
+    dup = f.shape[0] - 8 - len(f[::7]) - len(f[::5])
+    for shown in fast.face_idx[0].unique().tolist():
+        assert shown < 0 or not (shown < dup and shown % 5 == 0)    # a duplicated face loses its tie
+    monkeypatch.setattr(render, "_PACKED", False)
+    monkeypatch.setattr(render, "RASTER_TILE", render.TILE)
+    slow = rasterize(vb, f, cams)
+    assert torch.equal(fast.face_idx, slow.face_idx)
+    assert torch.equal(fast.depth, slow.depth) and torch.equal(fast.bary, slow.bary)
+    assert (fast.face_idx >= 0).float().mean() > 0.3
+    # float64 takes the two-pass rule; one mesh with an unbatched camera
+    single = face_index(v.double(), f, cams[0])
+    assert torch.equal(single, rasterize(v.double(), f, cams[0]).face_idx)
