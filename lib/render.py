@@ -134,6 +134,40 @@ def _tiles(uvt: torch.Tensor, zt: torch.Tensor, H: int, W: int, margin: float, z
     return fid, x0, y0
 
 
+_CULL = True                   # private switch: False = evaluate every tile of the face boxes (tests, benchmarks)
+CULL_MARGIN = 1e-3             # px: culled tiles are at least this much farther than the blur radius
+
+
+def _cull_tiles(table: torch.Tensor, fid: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, r: float):
+    """Indices (int64) of the TILE x TILE tiles that are not wholly beyond the blur radius.
+
+    A tile is dropped when all its pixel centres lie outside one edge line of its face, more
+    than sqrt(r) + CULL_MARGIN pixels from it: every point of the triangle is then farther
+    than the blur radius from them, so each of its slots is outside the face and beyond the
+    radius, and contributes exactly nothing in any mode (log-term 0, gradient weights 0, no
+    depth candidate).  Dropping them leaves every other term, and the order in which terms
+    meet at a pixel or a face, unchanged, so images and gradients are bitwise the same.
+    The test runs in float64 so that its rounding is far below the margin.
+    """
+    tab = table.double()
+    o = tab[15]
+    ex, ey = tab[6:12:2], tab[7:12:2]
+    A, Bm = o * ex, o * ey                     # edge function: A (y - vy) - Bm (x - vx), >= 0 inside
+    reach = math.sqrt(r) + CULL_MARGIN
+    # max over the tile's pixel centres (x0 + 0.5 + i, y0 + 0.5 + j), i, j in 0..TILE-1,
+    # written as A y0 - Bm x0 + C with C per face
+    span = TILE - 1.0
+    C = (Bm * (tab[0:6:2] - 0.5) - A * (tab[1:6:2] - 0.5) + span * (A.clamp(min=0) - Bm.clamp(max=0))
+         + reach * torch.sqrt(ex * ex + ey * ey))
+    C = torch.where((o != 0)[None], C, torch.full_like(C, math.inf))     # degenerate faces: kept
+    xs, ys = x0.double(), y0.double()
+    far = torch.zeros(len(fid), dtype=torch.bool, device=fid.device)
+    for i in range(3):
+        top = A[i].index_select(0, fid) * ys - Bm[i].index_select(0, fid) * xs + C[i].index_select(0, fid)
+        far |= top < 0
+    return (~far).nonzero().squeeze(1)
+
+
 def _face_table(uvt: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
     """Per-face constants, one row per quantity, (19, G): v0..v2 (rows 0-5), edges
     e_i = v_{i+1} - v_i (6-11), 1/|e_i|^2 (12-14), orientation (15: sign of the doubled
@@ -423,9 +457,13 @@ def silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_s
         with torch.no_grad():
             uvt, zt = sc.uv[sc.tri], sc.z[sc.tri]
             fid, x0, y0 = _tiles(uvt, zt, sc.H, sc.W, math.sqrt(r_px), znear)
+            table = _face_table(uvt.detach(), zt.detach())
+            if _CULL:
+                keep = _cull_tiles(table, fid, x0, y0, r_px)
+                fid, x0, y0 = fid[keep], x0[keep], y0[keep]
             fbatch = torch.div(torch.arange(len(sc.tri), device=fid.device), len(faces),
                                rounding_mode="floor")
-            st = _Setup(_face_table(uvt.detach(), zt.detach()), fid, x0, y0, fbatch, sc.B, sc.H,
+            st = _Setup(table, fid, x0, y0, fbatch, sc.B, sc.H,
                         sc.W, sigma_px, r_px, faces_per_pixel is not None and sigma > 0,
                         soft_inside=radius is not None)
         need_grad = torch.is_grad_enabled() and sc.uv.requires_grad

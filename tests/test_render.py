@@ -318,3 +318,36 @@ def test_packed_zbuffer_equals_the_two_pass_rule(monkeypatch, seed):
     # float64 takes the two-pass rule; one mesh with an unbatched camera
     single = face_index(v.double(), f, cams[0])
     assert torch.equal(single, rasterize(v.double(), f, cams[0]).face_idx)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(faces_per_pixel=4), dict(sigma=3e-3, radius=2e-3), dict(sigma=0.0)])
+def test_tile_culling_changes_no_bit(monkeypatch, kw):
+    """Tiles wholly beyond the blur radius of their face are skipped; image and vertex
+    gradient are bitwise those of evaluating every tile, in every mode, batched too, and
+    the culling does skip tiles (so the comparison is not vacuous)."""
+    m = trimesh.creation.icosphere(2, radius=0.7)
+    sv, sf = torch.tensor(m.vertices, dtype=torch.float32), torch.tensor(m.faces)
+    pv, pf = _soup(60, 3)
+    v = torch.cat([sv, pv + torch.tensor([0.2, 0.1, -0.3])])
+    f = torch.cat([sf, pf + len(sv)])
+    cams = look_at([30, 160], [20, -10], 2.8, image_size=(90, 96))
+    kw = {"sigma": 3e-4, **kw}
+    w = torch.rand(2, 90, 96, generator=torch.Generator().manual_seed(4))
+    out = {}
+    for cull in (True, False):
+        monkeypatch.setattr(render, "_CULL", cull)
+        vv = torch.stack([v, v * 0.9]).requires_grad_(True)
+        img = silhouette(vv, f, cams, **kw)
+        (img * w).sum().backward()
+        out[cull] = (img.detach(), vv.grad)
+    assert torch.equal(out[True][0], out[False][0])
+    assert torch.equal(out[True][1], out[False][1])
+    if kw["sigma"] > 0:
+        assert out[True][1].abs().sum() > 0
+    sc = render._screen(v, f, cams[0])
+    uvt, zt = sc.uv[sc.tri], sc.z[sc.tri]
+    r = render.blur_radius(kw["sigma"] / (2 / 90) ** 2) if kw["sigma"] > 0 else 0.0
+    if "radius" in kw:
+        r = kw["radius"] / (2 / 90) ** 2
+    fid, x0, y0 = render._tiles(uvt, zt, 90, 96, math.sqrt(r), 1e-3)
+    assert len(render._cull_tiles(render._face_table(uvt, zt), fid, x0, y0, r)) < 0.95 * len(fid)
