@@ -1,14 +1,23 @@
-"""Benchmark: soft silhouette forward + backward of a bob-sized mesh at 512 x 512 on the CPU.
+"""Benchmark: the demo's rendering per iteration, before vs after the fast paths, in one run.
 
-    python benchmarks/render.py [--mesh FILE] [--size 512] [--repeats 5] [--threads 1 2]
+    python benchmarks/render.py [-e experiments/bob_and_spot] [--repeats 15] [--threads 2]
+                                [--device cpu]
 
-Uses ../shared/meshes/bob.obj (10.7k faces) when present, else the built-in bob stand-in.
-Demo camera (az 45, el 30, d 2.5, 35/32 mm), SVR softness (sigma 1e-5, eps 1e-4).  Prints
-the face-pixel pair counts, then per thread count the median of ``--repeats`` runs of
-forward, forward + backward (wall and process CPU time) and the hard z-buffer, next to a
-reference workload measured in the same run (100 float32 multiplies of 2^18 elements) so
-that numbers from a loaded machine can be compared.  Target (issue 6): forward + backward
-<= 0.15 s on 2 cores.
+Demo setting: the experiment's decoder meshes code 1 (spot, the initialisation) and code 0
+(bob, the target) at N = 64 (sparse extraction); demo camera (az 45, el 30, d 2.5), 512 x 512;
+soft silhouette with sigma 1e-5, eps 1e-4, all faces within the blur radius, MSE against
+bob's hard silhouette.  Timed per mesh, as medians of ``--repeats`` interleaved runs:
+
+- silhouette forward (with the autograd graph) and backward, with tile culling (after)
+  and with every tile of the face boxes evaluated (before: ``lib.render._CULL = False``);
+  image and gradient are checked bitwise equal;
+- the movie frame (dL/ds face colours, ``movie_frame``, ``to_uint8``): after = the
+  one-pass face-index z-buffer on 2 x 2 tiles; before = the two-pass z-buffer on 4 x 4
+  tiles with barycentrics and depth (``rasterize`` with ``_PACKED = False``), the
+  fragments handed to the same shading; frames are checked equal.
+
+Ratios (before / after) are measured in the same run, so they survive a busy machine
+better than the absolute times; the face-pixel pair counts explain the silhouette's cost.
 """
 from __future__ import annotations
 
@@ -22,89 +31,112 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lib.camera import look_at  # noqa: E402
-from lib.render import SVR_EPS, SVR_SIGMA, rasterize, silhouette, silhouette_pairs  # noqa: E402
+import lib.render as render  # noqa: E402
+from lib import checkpoint, runtime  # noqa: E402
+from lib.camera import demo_camera  # noqa: E402
+from lib.meshsdf import mesh_from_sdf  # noqa: E402
+from lib.nmr import nr_shade  # noqa: E402
+from lib.specs import load_specs  # noqa: E402
+from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, target_outline, to_uint8  # noqa: E402
 
 
-def load_mesh(path: str | None):
-    from lib.io import read_mesh
-
-    default = Path(__file__).resolve().parents[2] / "shared" / "meshes" / "bob.obj"
-    if path or default.is_file():
-        p = Path(path or default)
-        v, f = read_mesh(p)
-        return str(p), torch.from_numpy(v), torch.from_numpy(f)
-    from lib.shapes import bob, mesh_shape
-
-    v, f = mesh_shape(bob(), 52)
-    return "built-in bob @52", torch.as_tensor(v), torch.as_tensor(f)
-
-
-def measure(fn, repeats: int):
-    """Median wall and CPU seconds of fn() over repeats (after one warm-up call)."""
-    fn()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - w)
-        cpu.append(time.process_time() - c)
-    return statistics.median(wall), statistics.median(cpu)
+def demo_meshes(exp: Path, device: str):
+    specs = load_specs(exp)
+    dec, codes = checkpoint.load_decoder_and_codes(exp, specs, "latest", device=device)
+    with torch.no_grad():
+        bob = mesh_from_sdf(dec, codes[0], 64, "sparse")
+        spot = mesh_from_sdf(dec, codes[1], 64, "sparse")
+    return {"spot": (spot.verts, spot.faces), "bob": (bob.verts, bob.faces)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mesh", default=None, help="mesh file (default ../shared/meshes/bob.obj)")
-    ap.add_argument("--size", type=int, default=512, help="image size in pixels")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("-e", "--experiment", default="experiments/bob_and_spot")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads (default: the project's thread policy, as the demo)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:
+        runtime.apply_thread_policy()
+    dev = args.device
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+    meshes = demo_meshes(Path(args.experiment), dev)
+    cam = demo_camera(image_size=512, device=dev)
+    target = render.silhouette(*meshes["bob"], cam, sigma=0)
+    edge = target_outline(target)
+    print(f"device {dev}, {torch.get_num_threads()} threads, image 512^2, sigma {render.SVR_SIGMA:g}, "
+          f"eps {render.SVR_EPS:g}, median of {args.repeats} interleaved runs")
 
-    name, v, f = load_mesh(args.mesh)
-    v, f = v.to(args.device), f.to(args.device)
-    cam = look_at(45, 30, 2.5, image_size=args.size)
-    pairs = silhouette_pairs(v, f, cam, sigma=SVR_SIGMA, eps=SVR_EPS)
-    print(f"mesh {name}: {len(f)} faces, image {args.size}^2, sigma {SVR_SIGMA:g}, eps {SVR_EPS:g}")
-    print(f"face-pixel pairs: {pairs['evaluated']:,} evaluated, {pairs['within_radius']:,} within the "
-          f"blur radius, {pairs['deep']:,} deep inside")
-    a, b = torch.rand(1 << 18), torch.rand(1 << 18)
+    for name, (v, f) in meshes.items():
+        pairs = render.silhouette_pairs(v, f, cam)
+        print(f"\n{name}: {len(f)} faces; face-pixel slots {pairs['evaluated']:,} in the face boxes, "
+              f"{pairs['kept']:,} after culling, {pairs['within_radius']:,} within the blur radius, "
+              f"{pairs['deep']:,} deeper inside")
+        fr = render.face_index(v, f, cam)
+        img = render.silhouette(v, f, cam)
+        print(f"  pixels covered {int((fr >= 0).sum()):,}; soft image exactly 1 at {int((img == 1).sum()):,} "
+              f"(the only pixels whose pairs carry no gradient)")
+        dl = torch.randn(len(v), generator=torch.Generator().manual_seed(0)).to(dev)
+        scale = dl_ds_scale(dl)
 
-    def reference():
-        for _ in range(100):
-            a * b
+        def sil(cull: bool):
+            render._CULL = cull
+            vv = v.clone().requires_grad_(True)
+            t0 = time.perf_counter()
+            img = render.silhouette(vv, f, cam)
+            loss = (img - target).square().mean()
+            sync()
+            t1 = time.perf_counter()
+            loss.backward()
+            sync()
+            t2 = time.perf_counter()
+            render._CULL = True
+            return t1 - t0, t2 - t1, img.detach(), vv.grad
 
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+        def frame(fast: bool):
+            t0 = time.perf_counter()
+            colors = dl_ds_face_colors(dl, f, scale)
+            if fast:
+                img = to_uint8(movie_frame(v, f, colors, cam, edge))
+            else:
+                render._PACKED, tile = False, render.RASTER_TILE
+                render.RASTER_TILE = render.TILE
+                try:
+                    fr = render.rasterize(v, f, cam)
+                finally:
+                    render._PACKED, render.RASTER_TILE = True, tile
+                rgb = nr_shade(v, f, cam, face_colors=colors, fragments=fr)[..., :3]
+                rgb = torch.where(edge[..., None], torch.ones(3, device=dev), rgb)
+                img = to_uint8(rgb)
+            sync()
+            return time.perf_counter() - t0, img
 
-    def forward():
-        with torch.no_grad():
-            silhouette(v, f, cam)
-        sync()
-
-    def forward_backward():
-        vv = v.clone().requires_grad_(True)
-        silhouette(vv, f, cam).sum().backward()
-        sync()
-
-    def hard():
-        with torch.no_grad():
-            rasterize(v, f, cam)
-        sync()
-
-    for nt in args.threads:
-        torch.set_num_threads(nt)
-        ref = measure(reference, args.repeats)
-        fw = measure(forward, args.repeats)
-        fb = measure(forward_backward, args.repeats)
-        hz = measure(hard, args.repeats)
-        print(f"threads {nt}: reference {ref[0] * 1e3:.1f} ms wall ({ref[1] * 1e3:.1f} cpu) | "
-              f"forward {fw[0] * 1e3:.1f} ms ({fw[1] * 1e3:.1f}) | "
-              f"forward+backward {fb[0] * 1e3:.1f} ms ({fb[1] * 1e3:.1f}) = {fb[0] / ref[0]:.1f} x reference | "
-              f"z-buffer {hz[0] * 1e3:.1f} ms ({hz[1] * 1e3:.1f})")
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak resident memory of this process: {peak:.0f} MB")
-    print("target: forward+backward <= 150 ms on 2 cores (median wall time)")
+        a, b = sil(True), sil(False)
+        if not (torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])):
+            raise SystemExit("culled and unculled silhouettes differ")
+        if not torch.equal(frame(True)[1], frame(False)[1]):
+            raise SystemExit("the two z-buffers give different frames")
+        rec = {k: [] for k in ("fw_after", "bw_after", "fw_before", "bw_before", "fr_after", "fr_before")}
+        for _ in range(args.repeats):
+            fw, bw, _, _ = sil(True)
+            rec["fw_after"].append(fw)
+            rec["bw_after"].append(bw)
+            fw, bw, _, _ = sil(False)
+            rec["fw_before"].append(fw)
+            rec["bw_before"].append(bw)
+            rec["fr_after"].append(frame(True)[0])
+            rec["fr_before"].append(frame(False)[0])
+        med = {k: statistics.median(x) * 1e3 for k, x in rec.items()}
+        for what, key in (("silhouette forward", "fw"), ("silhouette backward", "bw"), ("movie frame", "fr")):
+            before, after = med[f"{key}_before"], med[f"{key}_after"]
+            print(f"  {what:20s} before {before:7.1f} ms   after {after:7.1f} ms   ratio {before / after:4.2f}")
+        tot_b = med["fw_before"] + med["bw_before"] + med["fr_before"]
+        tot_a = med["fw_after"] + med["bw_after"] + med["fr_after"]
+        print(f"  {'all three':20s} before {tot_b:7.1f} ms   after {tot_a:7.1f} ms   ratio {tot_b / tot_a:4.2f}")
+    print("\ndemo targets (issue 16, 2 quiet cores): silhouette forward + backward <= 40 ms, movie frame <= 25 ms")
 
 
 if __name__ == "__main__":

@@ -475,8 +475,9 @@ def silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_s
 def silhouette_pairs(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_size=None,
                      sigma: float = SVR_SIGMA, eps: float = SVR_EPS, znear: float = 1e-3) -> dict:
     """Work counts of ``silhouette`` (diagnostics, benchmarks): ``evaluated`` face-pixel
-    slots (4 x 4 tiles of the blur-expanded face boxes), ``within_radius`` pairs with
-    |s| <= blur radius (the soft terms) and ``deep`` pairs (pixel deeper inside than it)."""
+    slots (4 x 4 tiles of the blur-expanded face boxes), ``kept`` of them after dropping the
+    tiles wholly beyond the blur radius, ``within_radius`` pairs with |s| <= blur radius (the
+    soft terms) and ``deep`` pairs (pixel deeper inside than it)."""
     sc = _screen(verts, faces, camera, image_size)
     scale = 2.0 / min(sc.H, sc.W)
     sigma_px = float(sigma) / scale ** 2 if sigma > 0 else 0.0
@@ -492,7 +493,8 @@ def silhouette_pairs(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, i
         lsig = tm["lsig"]
         deep += int((lsig <= -_BIG / 2).sum())
         within += int(((lsig < 0) & (lsig > -_BIG / 2)).sum())
-    return {"evaluated": len(fid) * TILE * TILE, "within_radius": within, "deep": deep}
+    kept = len(_cull_tiles(st.table, fid, x0, y0, r_px)) * TILE * TILE
+    return {"evaluated": len(fid) * TILE * TILE, "kept": kept, "within_radius": within, "deep": deep}
 
 
 # -------------------------------------------------------------- hard raster
