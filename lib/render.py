@@ -108,9 +108,15 @@ def _tiles(uvt: torch.Tensor, zt: torch.Tensor, H: int, W: int, margin: float, z
     non-finite projection get no tiles.
     """
     dev = uvt.device
-    ok = (zt > znear).all(1) & torch.isfinite(uvt).all(2).all(1)
-    lo = torch.where(ok[:, None], uvt.min(1).values - margin, torch.zeros_like(uvt[:, 0]))
-    hi = torch.where(ok[:, None], uvt.max(1).values + margin, torch.full_like(uvt[:, 0], -1.0))
+    # elementwise over the 3 vertices (reductions over a dimension of 3 are slow on the CPU)
+    u = uvt.unbind(1)
+    lo = torch.minimum(torch.minimum(u[0], u[1]), u[2])               # (G, 2)
+    hi = torch.maximum(torch.maximum(u[0], u[1]), u[2])
+    z = zt.unbind(1)
+    ok = (torch.minimum(torch.minimum(z[0], z[1]), z[2]) > znear) & torch.isfinite(lo).all(1) \
+        & torch.isfinite(hi).all(1)
+    lo = torch.where(ok[:, None], lo - margin, torch.zeros_like(lo))
+    hi = torch.where(ok[:, None], hi + margin, torch.full_like(hi, -1.0))
     # pixel j is in the box iff lo <= j + 0.5 <= hi
     lim = torch.tensor([W - 1, H - 1], device=dev, dtype=lo.dtype)
     first = torch.ceil(lo - 0.5).clamp(min=0).minimum(lim + 1)
@@ -127,7 +133,10 @@ def _tiles(uvt: torch.Tensor, zt: torch.Tensor, H: int, W: int, margin: float, z
                           (torch.cumsum(count, 0) - count, nt[:, 0].contiguous(), first[:, 0].contiguous(),
                            first[:, 1].contiguous()))
     local = torch.arange(total, device=dev).sub_(start)
-    ty = torch.div(local, ntx, rounding_mode="floor")
+    # row of each tile: floor(local / ntx) in float64, exact here (local < 2^31, and the
+    # quotient's fraction is at least 1 / ntx, far above the rounding) and several times
+    # faster than int64 division on the CPU
+    ty = local.double().div_(ntx.double()).floor_().long()
     tx = local.sub_(ty * ntx)
     x0 = tx.mul_(size).add_(fx)
     y0 = ty.mul_(size).add_(fy)
@@ -172,14 +181,16 @@ def _face_table(uvt: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
     """Per-face constants, one row per quantity, (19, G): v0..v2 (rows 0-5), edges
     e_i = v_{i+1} - v_i (6-11), 1/|e_i|^2 (12-14), orientation (15: sign of the doubled
     signed area, 0 for degenerate faces), 1/z of the vertices (16-18)."""
-    v = uvt
-    e = v.roll(-1, dims=1) - v
-    sq = (e * e).sum(2)
+    # built row by row (elementwise on (G,) rows; small inner dimensions are slow on the CPU)
+    v = uvt.permute(1, 2, 0).reshape(6, -1)                # rows u0 v0 u1 v1 u2 v2
+    e = v.roll(-2, dims=0) - v                             # rows of e_i = v_{i+1} - v_i
+    sq = e[0::2] * e[0::2] + e[1::2] * e[1::2]             # (3, G)
     inv = torch.where(sq > 0, 1.0 / sq.clamp(min=1e-30), torch.zeros_like(sq))
-    area2 = e[:, 0, 0] * (-e[:, 2, 1]) - e[:, 0, 1] * (-e[:, 2, 0])
-    orient = torch.where(area2.abs() > 1e-12 * sq.max(1).values, torch.sign(area2), torch.zeros_like(area2))
-    iz = 1.0 / zt.clamp(min=1e-30)
-    return torch.cat([v.reshape(-1, 6), e.reshape(-1, 6), inv, orient[:, None], iz], 1).T.contiguous()
+    area2 = e[0] * (-e[5]) - e[1] * (-e[4])
+    big = torch.maximum(torch.maximum(sq[0], sq[1]), sq[2])
+    orient = torch.where(area2.abs() > 1e-12 * big, torch.sign(area2), torch.zeros_like(area2))
+    iz = 1.0 / zt.T.clamp(min=1e-30)
+    return torch.cat([v, e, inv, orient[None], iz], 0)
 
 
 @dataclass
