@@ -8,9 +8,10 @@ Demo setting: the experiment's decoder meshes code 1 (spot, the initialisation) 
 soft silhouette with sigma 1e-5, eps 1e-4, all faces within the blur radius, MSE against
 bob's hard silhouette.  Timed per mesh, as medians of ``--repeats`` interleaved runs:
 
-- silhouette forward (with the autograd graph) and backward, with tile culling (after)
-  and with every tile of the face boxes evaluated (before: ``lib.render._CULL = False``);
-  image and gradient are checked bitwise equal;
+- silhouette forward (with the autograd graph) and backward, with tile culling and reused
+  scratch buffers (after) and with every tile of the face boxes evaluated into fresh
+  tensors (before: ``lib.render._CULL = _REUSE = False``); image and gradient are checked
+  bitwise equal;
 - the movie frame (dL/ds face colours, ``movie_frame``, ``to_uint8``): after = the
   one-pass face-index z-buffer on 2 x 2 tiles; before = the two-pass z-buffer on 4 x 4
   tiles with barycentrics and depth (``rasterize`` with ``_PACKED = False``), the
@@ -83,7 +84,7 @@ def main() -> None:
         scale = dl_ds_scale(dl)
 
         def sil(cull: bool):
-            render._CULL = cull
+            render._CULL = render._REUSE = cull
             vv = v.clone().requires_grad_(True)
             t0 = time.perf_counter()
             img = render.silhouette(vv, f, cam)
@@ -93,7 +94,7 @@ def main() -> None:
             loss.backward()
             sync()
             t2 = time.perf_counter()
-            render._CULL = True
+            render._CULL = render._REUSE = True
             return t1 - t0, t2 - t1, img.detach(), vv.grad
 
         def frame(fast: bool):

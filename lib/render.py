@@ -35,6 +35,7 @@ beyond that the backward pass recomputes the chunks, so memory stays bounded.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -228,6 +229,30 @@ class _Setup:
 _BIG = 1e4   # -log(1 - p) of a deep-inside pair: exp(-1e4) == 0 in float32 and float64
 
 
+_WORKSPACES = threading.local()
+_REUSE = True                  # private switch: False = fresh scratch tensors per chunk (benchmarks)
+
+
+def _workspace(device: torch.device, dtype: torch.dtype, n: int):
+    """Named scratch buffers of n elements for one chunk, as (n // (TILE*TILE), TILE*TILE)
+    views: get(name).  On the CPU the buffers are kept per thread and reused from call to
+    call (at most CHUNK_TILES tiles, about 1 MB each); elsewhere (the caching allocator
+    already reuses memory) they are allocated per chunk."""
+    P = TILE * TILE
+    if device.type != "cpu" or not _REUSE:
+        return lambda name: torch.empty(n // P, P, dtype=dtype, device=device)
+    pool = getattr(_WORKSPACES, "pool", None)
+    if pool is None:
+        pool = _WORKSPACES.pool = {}
+
+    def get(name: str) -> torch.Tensor:
+        buf = pool.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = pool[(name, dtype)] = torch.empty(max(n, CHUNK_TILES * P), dtype=dtype)
+        return buf[:n].view(n // P, P)
+    return get
+
+
 def _chunk_terms(st: _Setup, a: int, b: int, with_grad: bool) -> dict:
     """Per-slot terms of tiles a..b, each a (T, TILE*TILE) tensor (a slot = a tile pixel).
 
@@ -239,7 +264,9 @@ def _chunk_terms(st: _Setup, a: int, b: int, with_grad: bool) -> dict:
     blur-expanded box are farther than the blur radius, so they need no mask.
 
     Written for the CPU: float masks from comparisons with ``out=``, because bool masks,
-    where() and masked_fill are several times slower there than plain arithmetic.
+    where() and masked_fill are several times slower there than plain arithmetic; the
+    intermediates live in a reused ``_workspace`` (fresh tensors per op cost about a quarter
+    of the time in allocation and page faults).  Every returned tensor is freshly allocated.
     """
     f = st.fid[a:b]
     T, P = len(f), TILE * TILE
@@ -256,64 +283,67 @@ def _chunk_terms(st: _Setup, a: int, b: int, with_grad: bool) -> dict:
     wp = st.W + TILE
     base = ((st.fbatch.index_select(0, f) * (st.H + TILE) + oy) * wp + ox).to(torch.int32)
     pix = base[:, None] + (torch.div(d, TILE, rounding_mode="floor") * wp + d % TILE)
+    ws = _workspace(dev, dt, T * P)
+    tmp = ws("tmp")
     # edge functions, scaled by the orientation so that >= 0 is the inner side; -1 for
     # degenerate faces (never inside)
     ef = []
     for i in range(3):
         a0 = o * (ex[i] * ay[i] - ey[i] * ax[i]) - (1.0 - o.abs())
-        ef.append((dy * (o * ex[i])[:, None]).sub_(dx * (o * ey[i])[:, None]).add_(a0[:, None]))
-    cmin = torch.minimum(torch.minimum(ef[0], ef[1]), ef[2])
-    inside = torch.ge(cmin, 0.0, out=torch.empty_like(cmin))
+        e = torch.mul(dy, (o * ex[i])[:, None], out=ws(f"ef{i}"))
+        ef.append(e.sub_(torch.mul(dx, (o * ey[i])[:, None], out=tmp)).add_(a0[:, None]))
+    cmin = torch.minimum(torch.minimum(ef[0], ef[1], out=ws("cmin")), ef[2], out=ws("cmin"))
+    inside = torch.ge(cmin, 0.0, out=ws("inside"))
     out = {"pix": pix}
     if st.sigma <= 0:                                       # hard coverage
-        out["lsig"] = inside.mul_(-_BIG)
+        out["lsig"] = inside * -_BIG
         return out
     ts, rxs, rys, ds = [], [], [], []
     for i in range(3):
-        wx = ax[i][:, None] + dx
-        wy = ay[i][:, None] + dy
-        t = (wx * (inv[i] * ex[i])[:, None]).add_(wy * (inv[i] * ey[i])[:, None]).clamp_(0.0, 1.0)
-        rx = wx.sub_(t * ex[i][:, None])
-        ry = wy.sub_(t * ey[i][:, None])
+        wx = torch.add(ax[i][:, None], dx, out=ws(f"rx{i}"))
+        wy = torch.add(ay[i][:, None], dy, out=ws(f"ry{i}"))
+        t = torch.mul(wx, (inv[i] * ex[i])[:, None], out=ws(f"t{i}"))
+        t.add_(torch.mul(wy, (inv[i] * ey[i])[:, None], out=tmp)).clamp_(0.0, 1.0)
+        rx = wx.sub_(torch.mul(t, ex[i][:, None], out=tmp))
+        ry = wy.sub_(torch.mul(t, ey[i][:, None], out=tmp))
         ts.append(t)
         rxs.append(rx)
         rys.append(ry)
-        ds.append((rx * rx).addcmul_(ry, ry))
-    dmin = torch.minimum(torch.minimum(ds[0], ds[1]), ds[2])
-    band = torch.le(dmin, st.r, out=torch.empty_like(dmin))
-    sgs = inside.mul(-2.0 / st.sigma).add_(1.0 / st.sigma)  # sign(s) / sigma
-    zs = dmin * sgs                                         # s / sigma
+        ds.append(torch.mul(rx, rx, out=ws(f"d{i}")).addcmul_(ry, ry))
+    dmin = torch.minimum(torch.minimum(ds[0], ds[1], out=ws("dmin")), ds[2], out=ws("dmin"))
+    band = torch.le(dmin, st.r, out=ws("band"))
+    sgs = torch.mul(inside, -2.0 / st.sigma, out=ws("sgs")).add_(1.0 / st.sigma)   # sign(s) / sigma
+    zs = torch.mul(dmin, sgs, out=ws("zs"))                 # s / sigma
     if st.soft_inside:
-        band = torch.maximum(band, inside)
+        band = torch.maximum(band, inside, out=band)
         out["lsig"] = torch.nn.functional.logsigmoid(zs).mul_(band)
     else:
-        big = inside * _BIG
+        big = torch.mul(inside, _BIG, out=ws("big"))
         out["lsig"] = torch.nn.functional.logsigmoid(zs).add_(big).mul_(band).sub_(big)
     if with_grad or st.want_depth:
         # one-hot of the nearest edge (ties -> lowest index)
-        m0 = torch.ge(ds[1], ds[0], out=torch.empty_like(dmin)).mul_(
-            torch.ge(ds[2], ds[0], out=torch.empty_like(dmin)))
-        m1 = torch.gt(ds[0], ds[1], out=torch.empty_like(dmin)).mul_(
-            torch.ge(ds[2], ds[1], out=torch.empty_like(dmin)))
-        m = [m0, m1, (1.0 - m0).sub_(m1)]
-    if with_grad:
-        # dI/ds = -(1 - I) p / sigma, ds/da = -2 sgn (1 - t) r, ds/db = -2 sgn t r for the
-        # nearest edge (a, b) (t optimal: envelope theorem); vertex k starts edge k and
-        # ends edge k - 1.
-        q = torch.sigmoid(-zs).mul_(band).mul_(sgs).mul_(2.0)
-        out["rx"] = (m[0] * rxs[0]).addcmul_(m[1], rxs[1]).addcmul_(m[2], rxs[2])
-        out["ry"] = (m[0] * rys[0]).addcmul_(m[1], rys[1]).addcmul_(m[2], rys[2])
-        mq = [mk.mul(q) for mk in m]
-        u = [mq[k] * ts[k] for k in range(3)]
-        for k in range(3):
-            out[f"w{k}"] = (mq[k] - u[k]).add_(u[k - 1])
-    if st.want_depth:
+        m0 = torch.ge(ds[1], ds[0], out=ws("m0")).mul_(torch.ge(ds[2], ds[0], out=tmp))
+        m1 = torch.gt(ds[0], ds[1], out=ws("m1")).mul_(torch.ge(ds[2], ds[1], out=tmp))
+        m = [m0, m1, torch.sub(1.0 - m0, m1, out=ws("m2"))]
+    if st.want_depth:                                       # before the gradient terms reuse m, ts
         iz = [c[16 + k][:, None] for k in range(3)]
         area = (ef[0] + ef[1] + ef[2]).clamp_(min=1e-30)
         inv_in = (ef[1] * iz[0] + ef[2] * iz[1] + ef[0] * iz[2]) / area
         inv_out = sum(m[k] * ((1.0 - ts[k]) * iz[k] + ts[k] * iz[(k + 1) % 3]) for k in range(3))
         out["depth"] = 1.0 / (inside * inv_in + (1.0 - inside) * inv_out)
         out["cand"] = torch.maximum(band, inside) > 0
+    if with_grad:
+        # dI/ds = -(1 - I) p / sigma, ds/da = -2 sgn (1 - t) r, ds/db = -2 sgn t r for the
+        # nearest edge (a, b) (t optimal: envelope theorem); vertex k starts edge k and
+        # ends edge k - 1.
+        q = torch.neg(zs, out=ws("q"))
+        torch.sigmoid(q, out=q).mul_(band).mul_(sgs).mul_(2.0)
+        out["rx"] = (m[0] * rxs[0]).addcmul_(m[1], rxs[1]).addcmul_(m[2], rxs[2])
+        out["ry"] = (m[0] * rys[0]).addcmul_(m[1], rys[1]).addcmul_(m[2], rys[2])
+        mq = [mk.mul_(q) for mk in m]                       # m, ts are scratch from here on
+        u = [torch.mul(mq[k], ts[k], out=ts[k]) for k in range(3)]
+        for k in range(3):
+            out[f"w{k}"] = (mq[k] - u[k]).add_(u[k - 1])
     return out
 
 

@@ -351,3 +351,26 @@ def test_tile_culling_changes_no_bit(monkeypatch, kw):
         r = kw["radius"] / (2 / 90) ** 2
     fid, x0, y0 = render._tiles(uvt, zt, 90, 96, math.sqrt(r), 1e-3)
     assert len(render._cull_tiles(render._face_table(uvt, zt), fid, x0, y0, r)) < 0.95 * len(fid)
+
+
+@pytest.mark.parametrize("kw", [dict(sigma=1e-3), dict(sigma=1e-3, faces_per_pixel=2)])
+def test_interleaved_silhouettes_keep_their_terms(kw):
+    """The per-chunk scratch buffers are reused from call to call: two silhouettes whose
+    backward passes run after both forward passes get the gradients of one at a time."""
+    v, f = _sphere()
+    v, f = torch.from_numpy(v), torch.from_numpy(f)
+    cam = look_at(30, 20, 2.5, image_size=48)
+    w = torch.rand(48, 48, generator=torch.Generator().manual_seed(5))
+    meshes = [v, 0.7 * v + torch.tensor([0.1, 0.0, 0.0])]
+    alone = []
+    for m in meshes:
+        vv = m.clone().requires_grad_(True)
+        (silhouette(vv, f, cam, **kw) * w).sum().backward()
+        alone.append(vv.grad)
+    vs = [m.clone().requires_grad_(True) for m in meshes]
+    imgs = [silhouette(vv, f, cam, **kw) for vv in vs]
+    for img in reversed(imgs):
+        (img * w).sum().backward()
+    for vv, g in zip(vs, alone):
+        assert torch.equal(vv.grad, g)
+    assert not torch.equal(alone[0], alone[1])
