@@ -434,9 +434,14 @@ class _SoftSilhouette(torch.autograd.Function):
                 if tm is None:
                     tm = _chunk_terms(st, a, b, with_grad=True)
                 g = G.index_select(0, tm["pix"].reshape(-1)).view_as(tm["rx"])
-                gx, gy = g * tm["rx"], g * tm["ry"]
-                per_tile = torch.stack([(tm[f"w{k}"] * gg).sum(1) for k in range(3) for gg in (gx, gy)], 1)
-                _segment_sum(st.fid[a:b], per_tile, 0, out=gface, sorted_index=True, reproducible=ctx.fixed)
+                gx, gy = tm.pop("rx").mul_(g), tm.pop("ry").mul_(g)        # the terms are spent here
+                T = gx.shape[0]
+                ws = _workspace(g.device, g.dtype, T * TILE * TILE)
+                prod = ws("prod")
+                sums = torch.empty(6, T, dtype=g.dtype, device=g.device)
+                for j, (k, gg) in enumerate((k, gg) for k in range(3) for gg in (gx, gy)):
+                    torch.sum(torch.mul(tm[f"w{k}"], gg, out=prod), 1, out=sums[j])
+                _segment_sum(st.fid[a:b], sums.T, 0, out=gface, sorted_index=True, reproducible=ctx.fixed)
         grad_uv = _segment_sum(tri.reshape(-1), gface.view(-1, 2), ctx.nv, reproducible=ctx.fixed)
         ctx.saved = None
         return grad_uv, None, None, None, None, None
