@@ -12,7 +12,7 @@ Modules (one concern each; see README "Code map"):
     data        SDF-sample and image datasets, split files
     sampling    mesh normalisation and SDF sample generation, built-in shapes
     ops/        kernels without policy: marching_cubes (case tables, vectorised cell kernel)
-    isosurface  extraction modes on any field: dense, fast and sparse (hash-sparse, warm start)
+    isosurface  extraction modes on any field: dense, fast and sparse (block-sparse, warm start)
     meshsdf     the differentiable mesh layer for any field (mesh_from_field, mesh_from_sdf)
     gradient_check  the layer's gradients vs finite differences of re-extracted meshes
     camera      the one camera model

@@ -62,8 +62,8 @@ class ExtractionState:
     """What one extraction leaves for the next call (pass it back as ``state=``), plus stats.
 
     values: dense and fast modes: the flat (N^3,) float32 grid of ``sdf_fn - level`` (the
-    ``fast`` mode refreshes it); sparse mode: None (values live in a hash map of the
-    evaluated points only, freed after the call); full: whether ``values`` holds every grid
+    ``fast`` mode refreshes it); sparse mode: None (values live in a block-sparse store of
+    the band the call evaluated, freed after the call); full: whether ``values`` holds every grid
     point; verts (V, 3) / faces (F, 3) / keys (V,) / cells (C, 3): the last mesh (see
     :func:`lib.ops.marching_cubes.marching_cubes_cells`); the sparse mode starts its next
     call from ``cells`` (warm start); evaluations: points evaluated by the last call;
@@ -73,8 +73,10 @@ class ExtractionState:
     small steps); missed_vertices: of those, the ones whose edge does not cross the surface
     any more once the stale end is re-evaluated (a diagnostic only, the grid keeps the
     heuristic's values): > 0 means the surface moved out of the refreshed band and the mesh
-    is wrong there; verified: result of ``verify=True`` (None when not run); peak_points:
-    the most grid values held at once (sparse: hash-map entries); dl_ds: per-vertex dL/ds
+    is wrong there; verified: result of ``verify=True`` (None when not run); grid_size: G,
+    points per axis of the value lattice (sparse: the seeding lattice padded past the box);
+    peak_points: the most grid values held at once (sparse: value slots of the block pool at
+    its largest, 512 per 8^3 block; a warm call starts with that many); dl_ds: per-vertex dL/ds
     (V,) written by the backward pass of :mod:`lib.meshsdf` (None before a backward).
     """
 
@@ -97,6 +99,9 @@ class ExtractionState:
     peak_points: int = 0
     level: float = 0.0
     dl_ds: torch.Tensor | None = field(default=None, repr=False)
+
+
+SENTINEL_FACTOR = 4  # warm start: sentinel lattice stride = this x the coarse stride
 
 
 def default_coarse_stride(resolution: int) -> int:
@@ -135,7 +140,8 @@ class _DenseGrid:
             self.values[part] = self.sdf_fn(_points_of(self.ax, self.g, part)).reshape(-1).float()
         self.evaluations += lin.numel()
 
-    def at(self, ijk):
+    def values_at(self, ijk: torch.Tensor) -> torch.Tensor:
+        """Values at lattice points ijk (..., 3) int64 (all evaluated): (...)."""
         return self.values[self.lin(ijk)]
 
     @property
@@ -143,124 +149,132 @@ class _DenseGrid:
         return self.values.numel()
 
 
-def _hash(key: torch.Tensor, mask: int) -> torch.Tensor:
-    # a SplitMix64-style finaliser (int64 products wrap modulo 2^64 in torch on every
-    # device); lattice keys are very regular, weaker mixers make long linear-probing chains
-    x = key * -7046029254386353131
-    x = x ^ (x >> 29)
-    x = x * -4658895280553007687
-    return (x ^ (x >> 32)) & mask
+class _BlockGrid:
+    """Field values on a G^3 lattice, held in blocks of 8^3 points allocated on first use.
 
-
-class _HashGrid:
-    """Field values at the evaluated points of a G^3 lattice only (open-addressing hash map).
-
-    Same interface as :class:`_DenseGrid` (``lin``, ``at``, ``evaluations``) plus
-    :meth:`values_at`, which evaluates what is missing; memory is proportional to the points
-    evaluated, not to G^3.  Keys are int64 linear indices (-1 = empty slot), probed linearly
-    in vectorised rounds; the table doubles when half full.
+    Memory follows the blocks the extraction touches (a band around the surface), not G^3:
+    a dense block table, (ceil(G / 8))^3 int32 (N = 2048: 68 MB), holds each block's row in a
+    growable pool of values, (rows, 512) float32 with NaN = not evaluated yet, and in a pool
+    of visited-cell marks of the same shape (bool; cell (i, j, k) is marked in its lower
+    corner's slot).  Lookups are gathers: no hashing or probing.  The host syncs of a lookup
+    are the tests "any block missing" and "any value missing" and the count of points to
+    evaluate (the field needs a concrete batch).  A field that returns NaN somewhere is
+    re-evaluated there on every lookup (same mesh, more evaluations).
+    Same ``values_at`` / ``evaluations`` / ``stored`` interface as :class:`_DenseGrid`.
     """
 
-    def __init__(self, sdf_fn, resolution, size, device, chunk, capacity=2 ** 16):
+    SHIFT = 3  # block edge 2^3 = 8 points
+    B3 = 512  # points per block
+
+    def __init__(self, sdf_fn, resolution, size, device, chunk, rows=64):
         self.sdf_fn, self.n, self.g, self.chunk = sdf_fn, resolution, size, chunk
         self.ax = grid_axis(resolution, size, device)
-        self.keys = torch.full((capacity,), -1, dtype=torch.int64, device=self.ax.device)
-        self.vals = torch.empty(capacity, device=self.ax.device)
-        self.count = 0
+        dev = self.ax.device
+        self.nb = -(-size >> self.SHIFT)  # blocks per axis
+        self.table = torch.full((self.nb ** 3,), -1, dtype=torch.int32, device=dev)
+        rows = max(1, int(rows))
+        self.pool = torch.full((rows, self.B3), float("nan"), device=dev)
+        self.marks = torch.zeros((rows, self.B3), dtype=torch.bool, device=dev)
+        self.rows = 0  # rows in use
+        self.peak_rows = rows
         self.evaluations = 0
-
-    lin = _DenseGrid.lin
 
     @property
     def stored(self) -> int:
-        return self.keys.numel()
+        """Value slots allocated at the largest (pool rows x 512)."""
+        return self.peak_rows * self.B3
 
-    def _find(self, key: torch.Tensor) -> torch.Tensor:
-        """Slot of each key (K,) or -1 when absent."""
-        mask = self.keys.numel() - 1
-        slot = torch.full_like(key, -1)
-        idx = torch.arange(key.numel(), device=key.device)
-        pos = _hash(key, mask)
-        while idx.numel():
-            cur = self.keys[pos]
-            k = key[idx]
-            hit = cur == k
-            slot[idx[hit]] = pos[hit]
-            go = ~hit & (cur >= 0)
-            idx, pos = idx[go], (pos[go] + 1) & mask
-        return slot
+    def lin(self, ijk):
+        return (ijk[..., 0] * self.g + ijk[..., 1]) * self.g + ijk[..., 2]
 
-    def _insert(self, key: torch.Tensor) -> torch.Tensor:
-        """Insert distinct keys (K,) that are absent; returns their slots."""
-        if 2 * (self.count + key.numel()) > self.keys.numel():
-            self._grow(2 * (self.count + key.numel()))
-        mask = self.keys.numel() - 1
-        slot = torch.empty_like(key)
-        idx = torch.arange(key.numel(), device=key.device)
-        pos = _hash(key, mask)
-        while idx.numel():
-            free = self.keys[pos] < 0
-            # claim the free slots; where several keys claim one, one of them wins
-            self.keys[pos[free]] = key[idx[free]]
-            won = self.keys[pos] == key[idx]
-            slot[idx[won]] = pos[won]
-            idx, pos = idx[~won], (pos[~won] + 1) & mask
-        self.count += key.numel()
-        return slot
+    def ijk(self, lin):
+        g = self.g
+        return torch.stack((lin // (g * g), (lin // g) % g, lin % g), -1)
 
-    def _grow(self, need: int) -> None:
-        cap = self.keys.numel()
-        while cap < need:
-            cap *= 2
-        used = self.keys >= 0
-        keys, vals = self.keys[used], self.vals[used]
-        self.keys = torch.full((cap,), -1, dtype=torch.int64, device=keys.device)
-        self.vals = torch.empty(cap, device=keys.device)
-        self.count = 0
-        self.vals[self._insert(keys)] = vals
+    def _block(self, ijk):
+        s, nb = self.SHIFT, self.nb
+        return ((ijk[:, 0] >> s) * nb + (ijk[:, 1] >> s)) * nb + (ijk[:, 2] >> s)
 
-    def values_at(self, lin: torch.Tensor) -> torch.Tensor:
-        """Values at linear indices lin (any shape), evaluating the field where missing."""
-        shape = lin.shape
-        lin = lin.reshape(-1)
-        slot = self._find(lin)
-        miss = slot < 0
-        new = torch.unique(lin[miss])
-        if new.numel():
-            size = self.keys.numel()
-            new_slot = self._insert(new)
-            for s in range(0, new.numel(), self.chunk):
-                part = new[s : s + self.chunk]
-                self.vals[new_slot[s : s + self.chunk]] = self.sdf_fn(_points_of(self.ax, self.g, part)).reshape(-1).float()
-            self.evaluations += new.numel()
-            if self.keys.numel() != size:  # the table grew: every slot moved
-                slot = self._find(lin)
-            else:
-                slot[miss] = new_slot[torch.searchsorted(new, lin[miss])]
-        return self.vals[slot].reshape(shape)
+    def _offset(self, ijk):
+        m = (1 << self.SHIFT) - 1
+        return (((ijk[:, 0] & m) << (2 * self.SHIFT)) | ((ijk[:, 1] & m) << self.SHIFT)) | (ijk[:, 2] & m)
 
-    def at(self, ijk):
-        return self.values_at(self.lin(ijk))
+    def _slots(self, ijk, allocate: bool) -> torch.Tensor:
+        """Flat pool slots (P,) of points ijk (P, 3); absent blocks: allocated, or -1."""
+        blk = self._block(ijk)
+        row = self.table[blk]
+        absent = row < 0
+        if allocate and bool(absent.any()):
+            self._allocate(torch.unique(blk[absent]))
+            row = self.table[blk]
+        slot = row.long() * self.B3 + self._offset(ijk)
+        return slot if allocate else torch.where(row < 0, -1, slot)
 
+    def _allocate(self, blocks: torch.Tensor) -> None:
+        k = blocks.numel()
+        if self.rows + k > self.pool.shape[0]:
+            cap = max(self.rows + k, self.pool.shape[0] * 3 // 2)
+            self.pool = torch.cat((self.pool[: self.rows], self.pool.new_full((cap - self.rows, self.B3), float("nan"))))
+            self.marks = torch.cat((self.marks[: self.rows], self.marks.new_zeros((cap - self.rows, self.B3))))
+            self.peak_rows = max(self.peak_rows, cap)
+        self.table[blocks] = torch.arange(self.rows, self.rows + k, dtype=torch.int32, device=blocks.device)
+        self.rows += k
 
-class _HashSet:
-    """A set of int64 keys >= 0 (the visited cells of the tracking), same hashing as above."""
+    def field(self, ijk: torch.Tensor) -> torch.Tensor:
+        """The field at lattice points ijk (P, 3), evaluated now in chunks, not stored: (P,)."""
+        out = [self.sdf_fn(self.ax[ijk[s : s + self.chunk]]).reshape(-1).float()
+               for s in range(0, ijk.shape[0], self.chunk)]
+        self.evaluations += ijk.shape[0]
+        return torch.cat(out) if out else self.ax.new_zeros(0)
 
-    def __init__(self, device, capacity=2 ** 16):
-        self._map = _HashGrid(None, 2, 2, device, 1, capacity)
+    def field_once(self, ijk: torch.Tensor) -> torch.Tensor:
+        """The field at points ijk (..., 3), each distinct point evaluated once, not stored: (...).
 
-    def add_new(self, key: torch.Tensor) -> torch.Tensor:
-        """Insert keys (K,) and return the distinct ones that were not in the set (sorted)."""
-        key = key[self._map._find(key) < 0]
-        new = torch.unique(key)
-        if new.numel():
-            self._map._insert(new)
+        For the sparse lattices of the seeding passes (coarse, sentinel), whose points would
+        each occupy a block of their own in the pool.
+        """
+        lin, inv = torch.unique(self.lin(ijk), return_inverse=True)
+        return self.field(self.ijk(lin))[inv]
+
+    def values_at(self, ijk: torch.Tensor) -> torch.Tensor:
+        """Values at lattice points ijk (..., 3) int64, evaluating the field where missing
+        and storing what it evaluates: (...)."""
+        shape = ijk.shape[:-1]
+        ijk = ijk.reshape(-1, 3)
+        slot = self._slots(ijk, allocate=True)
+        flat = self.pool.view(-1)
+        v = flat[slot]
+        miss = torch.isnan(v)
+        if bool(miss.any()):
+            new = self.ijk(torch.unique(self.lin(ijk[miss])))
+            flat[self._slots(new, allocate=False)] = self.field(new)
+            v = flat[slot]
+        return v.reshape(shape)
+
+    def store(self, ijk: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep known values (P,) at points ijk (P, 3) (evaluated elsewhere)."""
+        slot = self._slots(ijk, allocate=True)  # may grow the pool: index it after
+        self.pool.view(-1)[slot] = values.float()
+
+    def mark_new(self, cells: torch.Tensor) -> torch.Tensor:
+        """Mark cells (K, 3) visited; returns the distinct ones not marked before (K', 3), C order."""
+        slot = self._slots(cells, allocate=False)
+        seen = self.marks.view(-1)[slot.clamp(min=0)] & (slot >= 0)
+        new = self.ijk(torch.unique(self.lin(cells[~seen])))
+        slot = self._slots(new, allocate=True)  # may grow the pools: index them after
+        self.marks.view(-1)[slot] = True
         return new
+
+    def drop_marks(self) -> None:
+        """Free the marks and the pool's unused rows (before meshing, when memory peaks)."""
+        self.marks = None
+        if self.rows < self.pool.shape[0]:
+            self.pool = self.pool[: self.rows].clone()
 
 
 @torch.no_grad()
 def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: ExtractionState | None = None,
-            device=None, chunk: int = 2 ** 16, verify: bool = False, coarse_stride: int | None = None,
+            device=None, chunk: int = 2 ** 14, verify: bool = False, coarse_stride: int | None = None,
             band: float = 1.5, level: float = 0.0, warm: bool = True) -> tuple[torch.Tensor, torch.Tensor, ExtractionState]:
     """Mesh of the level set ``sdf_fn = level`` on the N^3 grid over [-1, 1]^3.
 
@@ -277,8 +291,9 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
                  left the refreshed band (the mesh is then wrong), found by re-evaluating
                  the stale ends of crossing edges (counted in ``evaluations``).  Without a
                  full grid and a non-empty mesh in ``state`` it runs ``dense``.
-      ``sparse`` exact narrow band, memory proportional to the surface (values, visited
-                 cells and the mesh's cells in hash maps and lists; no N^3 array).  Cold
+      ``sparse`` exact narrow band, memory proportional to the surface (values and visited
+                 cells in 8^3-point blocks allocated where the band passes, a (G/8)^3 int32
+                 block table, the mesh's cells in a list; no N^3 array).  Cold
                  start: a coarse grid (stride ``coarse_stride``), a bisection on every
                  coarse edge with a sign change to find fine sign-changing cells, recursive
                  refinement of coarse cells that show no sign change but have a corner with
@@ -287,14 +302,19 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
                  neighbour across a cell face with mixed signs is evaluated until the set of
                  sign-changing cells is closed.  Warm start (``state`` from a non-empty sparse
                  call at the same resolution, ``warm=True``): the tracking starts from the
-                 previous call's cells plus the seeds of a sentinel lattice of twice the
-                 coarse stride, instead of the coarse pass.  The mesh is identical to
+                 previous call's cells plus the seeds of a sentinel lattice of
+                 ``SENTINEL_FACTOR`` (4) times the coarse stride (N = 64: stride 8, 729
+                 points), instead of the coarse pass.  The mesh is identical to
                  ``dense`` whenever every connected piece of the surface is seeded (cold:
                  ``band`` is a Lipschitz safety factor; warm: a piece touches the previous
-                 surface's cells or crosses a sentinel edge; a piece that is neither, e.g. a
-                 small new blob far from the old surface, is missed until the next cold call).
+                 surface's cells or crosses a sentinel edge, as any piece does that holds a
+                 ball of sqrt(3) sentinel strides; a piece that does neither, e.g. a small
+                 new blob far from the old surface, is missed until the next cold call).
                  ``verify=True`` also runs ``dense``, compares with :func:`same_mesh`, records
                  ``state.verified`` and returns the dense mesh if they differ.
+    chunk: points per call of ``sdf_fn``.  The default, 2^14, keeps a 128-wide network's
+    activations (chunk x 128 x 4 bytes) under glibc's 32 MB mmap threshold: larger calls get
+    fresh pages from the kernel for every layer, which measured 2x slower on CPU.
     No surface in the box gives an empty mesh, ``state.empty`` and ``state.message``.
     The ``state`` passed in is consumed: its grid buffer is reused (overwritten) by this call.
     """
@@ -310,7 +330,7 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
     if state is not None and state.level != level:
         state = None  # another level set: nothing to reuse
     reuse = state.values if (state is not None and state.values is not None and state.values.device == device) else None
-    fresh, warm_cells = None, None
+    fresh, warm_cells, rows = None, None, 64
     if (mode == "fast" and state is not None and state.full and state.resolution == n and reuse is not None
             and state.keys.numel()):
         grid, fresh = _refresh_fast(fn, state, chunk)
@@ -319,14 +339,14 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
         if (warm and state is not None and state.mode == "sparse" and state.resolution == n and not state.empty
                 and state.cells.device == device):
             warm_cells = state.cells
-        grid, cells = _sparse(fn, n, device, chunk, coarse_stride or default_coarse_stride(n), band, warm_cells)
+            rows = state.peak_points // _BlockGrid.B3  # about the pool the last call needed
+        grid, cells = _sparse(fn, n, device, chunk, coarse_stride or default_coarse_stride(n), band, warm_cells, rows)
     else:
         grid = _DenseGrid(fn, n, n, device, chunk, reuse)
         grid.evaluate(torch.arange(n ** 3, device=grid.ax.device))
         cells = crossing_cells(grid.values.reshape(n, n, n))
-    corners = grid.lin(cells).unsqueeze(1) + grid.lin(tables(cells.device)["corner"])  # (C, 8)
-    corner_values = grid.values_at(corners) if isinstance(grid, _HashGrid) else grid.values[corners]
-    verts, faces, keys = marching_cubes_cells(cells, corner_values, n, grid.ax)
+    corner = tables(cells.device)["corner"]
+    verts, faces, keys = marching_cubes_cells(cells, lambda c: grid.values_at(c.unsqueeze(1) + corner), n, grid.ax)
     stale, missed = _check_fast(grid, keys, fresh) if fresh is not None else (0, 0)
     dense_values = grid.values if isinstance(grid, _DenseGrid) else None
     st = ExtractionState(resolution=n, mode=mode, grid_size=grid.g, values=dense_values, full=(mode != "sparse"),
@@ -395,6 +415,7 @@ def _check_fast(grid: _DenseGrid, keys: torch.Tensor, fresh: torch.Tensor) -> tu
     return int(stale.sum()), int(missed.sum())
 
 
+_CORNERS = [(c & 1, (c >> 1) & 1, (c >> 2) & 1) for c in range(8)]  # as lib.ops.marching_cubes numbers them
 _NEIGH26 = [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) != (0, 0, 0)]
 
 
@@ -404,30 +425,34 @@ def _lattice(s: int, m: int, dev) -> torch.Tensor:
     return torch.stack(torch.meshgrid(ci, ci, ci, indexing="ij"), -1).reshape(-1, 3)
 
 
-def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells):
+def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     """Seeds (coarse pass, or the previous cells + a sentinel lattice) + surface tracking.
 
-    Returns the hash grid of evaluated values and the sign-changing cells (C, 3) in C order.
+    Returns the block grid of evaluated values and the sign-changing cells (C, 3) in C order.
     """
     if s0 < 1 or s0 & (s0 - 1):
         raise MeshSDFError(f"coarse_stride {s0} must be a power of two")
     if warm_cells is not None:
-        s0 = 2 * s0  # the sentinel lattice
+        s0 = SENTINEL_FACTOR * s0  # the sentinel lattice
     m = -(-(n - 1) // s0)
     g = m * s0 + 1  # coarse lattice padded just past the box so every coarse cell is whole
-    grid = _HashGrid(sdf_fn, n, g, device, chunk)
+    grid = _BlockGrid(sdf_fn, n, g, device, chunk, rows)
     dev = grid.ax.device
     h = voxel_size(n)
     corner = tables(dev)["corner"]
     neigh = torch.tensor(_NEIGH26, device=dev)
     cells = _lattice(s0, m, dev)
+    # the seeding lattices are sparse (a point per stride^3): evaluated, not stored
+    ci = torch.arange(m + 1, device=dev) * s0
+    vol = grid.field(torch.cartesian_prod(ci, ci, ci)).reshape(m + 1, m + 1, m + 1)
+    v = torch.stack([vol[a : a + m, b : b + m, c : c + m].reshape(-1) for a, b, c in _CORNERS], 1)  # (m^3, 8)
+    del vol
     seeds = [] if warm_cells is None else [warm_cells]
     s = s0
     while True:
-        v = grid.values_at(grid.lin(cells).unsqueeze(1) + grid.lin(corner * s))  # (K, 8)
         out = v > 0
         sc = out.any(1) & ~out.all(1)
-        seeds.append(cells[sc] if s == 1 else _bisect_seeds(grid, cells[sc], out[sc], s))
+        seeds.append(cells[sc] if s == 1 else _bisect_seeds(grid, cells[sc], v[sc], s))
         if s == 1 or warm_cells is not None:
             break
         # cells with no sign change but a corner close enough to the surface to hide a piece of it
@@ -442,73 +467,85 @@ def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells):
             break
         s //= 2
         cells = (cells[near].unsqueeze(1) + corner * s).reshape(-1, 3)
+        v = grid.field_once(cells.unsqueeze(1) + corner * s)  # (K, 8)
     seeds = torch.cat(seeds)
     return grid, _track(grid, seeds, n)
 
 
-def _bisect_seeds(grid, cells: torch.Tensor, out: torch.Tensor, s: int) -> torch.Tensor:
-    """Fine sign-changing cells found by bisecting every crossing edge of stride-s cells."""
+def _bisect_seeds(grid, cells: torch.Tensor, v: torch.Tensor, s: int) -> torch.Tensor:
+    """Fine sign-changing cells found by bisecting every crossing edge of stride-s cells.
+
+    cells (K, 3) lower corners, v (K, 8) their corner values.  The midpoints are evaluated,
+    not stored; the two ends of each fine crossing edge found are stored (they are corners
+    of the seed cells, which the tracking evaluates next).
+    """
     tab = tables(cells.device)
     corner = tab["corner"]
+    out = v > 0
     cross = out[:, tab["edge_lo"]] != out[:, tab["edge_hi"]]  # (K, 12)
     k_idx, e_idx = cross.nonzero(as_tuple=True)
     start = cells[k_idx] + corner[tab["edge_lo"][e_idx]] * s
-    key = torch.unique(grid.lin(start) * 3 + tab["edge_axis"][e_idx])
-    lin, axis = key // 3, key % 3
-    g = grid.g
-    start = torch.stack((lin // (g * g), (lin // g) % g, lin % g), 1)
+    key, inv = torch.unique(grid.lin(start) * 3 + tab["edge_axis"][e_idx], return_inverse=True)
+    v_lo = v.new_empty(key.shape[0])
+    v_hi = v.new_empty(key.shape[0])
+    v_lo[inv] = v[k_idx, tab["edge_lo"][e_idx]]  # the values at each edge's ends (known)
+    v_hi[inv] = v[k_idx, tab["edge_hi"][e_idx]]
+    out_lo = v_lo > 0
+    start, axis = grid.ijk(key // 3), key % 3
     unit = torch.nn.functional.one_hot(axis, 3)
-    lo = torch.zeros_like(lin)
-    hi = torch.full_like(lin, s)
-    out_lo = grid.at(start) > 0
+    lo = torch.zeros_like(axis)
+    hi = torch.full_like(axis, s)
     while s > 1:
-        mid = (lo + hi) // 2
-        same = (grid.at(start + unit * mid.unsqueeze(1)) > 0) == out_lo
-        lo = torch.where(same, mid, lo)
-        hi = torch.where(same, hi, mid)
+        mid = (lo + hi) // 2  # strictly inside its edge: distinct points
+        v_mid = grid.field(start + unit * mid.unsqueeze(1))
+        same = (v_mid > 0) == out_lo
+        lo, v_lo = torch.where(same, mid, lo), torch.where(same, v_mid, v_lo)
+        hi, v_hi = torch.where(same, hi, mid), torch.where(same, v_hi, v_mid)
         s //= 2
     p = start + unit * lo.unsqueeze(1)
+    grid.store(torch.cat((p, p + unit)), torch.cat((v_lo, v_hi)))
     # the 4 cells sharing the fine edge: step back by 0 or 1 along the two other axes
     b = torch.nn.functional.one_hot((axis + 1) % 3, 3)
     c = torch.nn.functional.one_hot((axis + 2) % 3, 3)
     return torch.cat((p, p - b, p - c, p - b - c))
 
 
-def _track(grid, seeds: torch.Tensor, n: int) -> torch.Tensor:
+_FACE_DIR = [[-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]]
+
+
+def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int) -> torch.Tensor:
     """Grow from seed cells across every face with mixed signs until closed.
 
     The neighbour across a mixed face shares that face, so it changes sign too: every cell
-    evaluated here after the seeds belongs to the mesh.  Visited cells are kept in a hash
-    set (memory proportional to the surface).  One host sync per round (the loop test).
-    Returns the sign-changing cells (C, 3) in C order.
+    evaluated here after the seeds belongs to the mesh.  Visited cells are marked in the
+    block grid (memory proportional to the surface).  A few host syncs per round (the sizes
+    of what is new), none per lookup.  Returns the sign-changing cells (C, 3) in C order.
     """
     dev = seeds.device
     tab = tables(dev)
     corner, face_cyc = tab["corner"], tab["face_cyc"]
-    face_dir = torch.tensor([[-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]], device=dev)
+    face_dir = torch.tensor(_FACE_DIR, device=dev)
     m = n - 1
-    seeds = seeds[((seeds >= 0) & (seeds < m)).all(1)]
-    visited = _HashSet(dev)
-    front = visited.add_new((seeds[:, 0] * m + seeds[:, 1]) * m + seeds[:, 2])
-    g = grid.g
-    corner_lin = grid.lin(corner)  # (8,) offsets of the corners in the value lattice
+    front = grid.mark_new(seeds[((seeds >= 0) & (seeds < m)).all(1)])
     found = []
-    while front.numel():
+    while front.shape[0]:
         new = []
-        for part in front.split(2 ** 18):  # bounded transients however large the front
-            c = torch.stack((part // (m * m), (part // m) % m, part % m), 1)
-            out = grid.values_at(((c[:, :1] * g + c[:, 1:2]) * g + c[:, 2:]) + corner_lin) > 0  # (F, 8)
+        for part in front.split(2 ** 16):  # bounded transients (~20 MB) however large the front
+            out = grid.values_at(part.unsqueeze(1) + corner) > 0  # (F, 8)
             sc = out.any(1) & ~out.all(1)
-            c, out = c[sc], out[sc]
-            found.append(part[sc])
+            c, out = part[sc], out[sc]
+            found.append(grid.lin(c))  # (K,) int64: a third of the (K, 3) cells
             fo = out[:, face_cyc]  # (F, 6, 4)
             mixed = fo.any(2) & ~fo.all(2)
             nb = c.unsqueeze(1) + face_dir
-            nb = nb[mixed & ((nb >= 0) & (nb < m)).all(2)]
-            new.append((nb[:, 0] * m + nb[:, 1]) * m + nb[:, 2])
-        front = visited.add_new(torch.cat(new))
-    lin = torch.sort(torch.cat(found)).values if found else torch.zeros(0, dtype=torch.int64, device=dev)
-    return torch.stack((lin // (m * m), (lin // m) % m, lin % m), 1)
+            new.append(nb[mixed & ((nb >= 0) & (nb < m)).all(2)])
+        front = grid.mark_new(torch.cat(new))
+    grid.drop_marks()
+    if not found:
+        return torch.zeros(0, 3, dtype=torch.int64, device=dev)
+    lin = torch.cat(found)
+    del found
+    return grid.ijk(torch.sort(lin).values)
 
 
 def same_mesh(verts_a, faces_a, verts_b, faces_b, atol: float = 1e-5) -> tuple[bool, str]:

@@ -186,6 +186,8 @@ def tables(device) -> dict:
     if key not in _TABLE_CACHE:
         tris, members = _tables_np()
         edges = torch.tensor(_EDGES, dtype=torch.int64)
+        bits = (np.arange(4096)[:, None] >> np.arange(12)) & 1
+        rank = np.concatenate((np.zeros((4096, 1), np.int64), np.cumsum(bits, 1)), 1)  # (4096, 13)
         _TABLE_CACHE[key] = dict(
             tris=torch.from_numpy(tris).to(device),
             members=torch.from_numpy(members).to(device),
@@ -198,6 +200,13 @@ def tables(device) -> dict:
             ncentre=torch.from_numpy(members.any(2).sum(1)).to(device),
             bits8=1 << torch.arange(8, device=device),
             bits6=1 << torch.arange(6, device=device),
+            bits12=1 << torch.arange(12, device=device),
+            # popcount of a 12-bit mask (4096,) and rank of edge e among the set bits below it
+            popcount12=torch.from_numpy(rank[:, 12]).to(device),
+            rank12=torch.from_numpy(rank[:, :12]).contiguous().to(device),  # (4096, 12)
+            # edges a cell owns given which of its axes touch the grid's upper faces (bits)
+            own_by_up=torch.tensor([[all(_CORNER_OFFSETS[lo][a] == 0 or (u >> a) & 1 for a in range(3))
+                                     for lo, _, _ in _EDGES] for u in range(8)], device=device),  # (8, 12)
             edge_by=torch.tensor([[_EDGE_OF.get((c, c | (1 << a)), -1) for a in range(3)] for c in range(8)],
                                  device=device),  # (lower corner, axis) -> edge
         )
@@ -212,95 +221,150 @@ def cell_corner_values(values: torch.Tensor, cells: torch.Tensor) -> torch.Tenso
     return values.reshape(-1)[base.unsqueeze(1) + (off[:, 0] * g + off[:, 1]) * g + off[:, 2]]
 
 
-def marching_cubes_cells(cells: torch.Tensor, corner_values: torch.Tensor, resolution: int,
-                         axis: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+CELL_CHUNK = 2 ** 16  # cells per kernel step: bounds the (K, 16)-sized transients (~60 MB)
+
+
+def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, axis: torch.Tensor | None = None,
+                         chunk: int = CELL_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectorised marching cubes on a set of cells of the N^3 grid (any device).
 
-    cells (C, 3) int64 lower-corner indices (each in [0, N-2]); corner_values (C, 8) float32
-    in the corner order of this module.  Returns verts (V, 3) float32 world coordinates,
-    faces (F, 3) int64 (normals towards SDF > 0, faces in C order of their cells), and keys
-    (V,) int64 naming each vertex: an edge vertex has key (linear index of its lower grid
-    point) * 3 + axis < 3 N^3, a loop-centre vertex 3 N^3 + (linear index of its cell) * 4 + j.
-    Values are classified against 0 (pass values - level for
-    another level).  Vertices are in a canonical order (by owning cell in C order, then edge; centres last),
-    so any superset of the sign-changing cells of a grid gives the full-grid mesh, bitwise.
+    cells (C, 3) int64 lower-corner indices (each in [0, N-2]); corner_values: (C, 8) float32
+    in the corner order of this module, or a callable mapping cells (K, 3) to their corner
+    values (K, 8) (called twice per step of ``chunk`` cells, so that no (C, 8) array need
+    exist: what the sparse extraction passes).  Returns verts (V, 3) float32 world
+    coordinates, faces (F, 3) int64 (normals towards SDF > 0, faces in C order of their
+    cells), and keys (V,) int64 naming each vertex: an edge vertex has key (linear index of
+    its lower grid point) * 3 + axis < 3 N^3, a loop-centre vertex 3 N^3 + (linear index of
+    its cell) * 4 + j.  Values are classified against 0 (pass values - level for another
+    level).  Vertices are in a canonical order (by owning cell in C order, then edge; centres
+    last), so any superset of the sign-changing cells of a grid gives the full-grid mesh,
+    bitwise, whatever ``chunk``.  Transient memory is O(chunk); what persists is O(C): the
+    sorted cell indices and 12 bytes per cell of case / numbering data.
     """
     n = int(resolution)
     dev = cells.device
     ax = grid_axis(n, device=dev) if axis is None else axis
     empty = (torch.zeros(0, 3, device=dev), torch.zeros(0, 3, dtype=torch.int64, device=dev),
              torch.zeros(0, dtype=torch.int64, device=dev))
-    if cells.shape[0] == 0:
+    ncell = cells.shape[0]
+    if ncell == 0:
         return empty
     tab = tables(dev)
     lin = (cells[:, 0] * n + cells[:, 1]) * n + cells[:, 2]
-    if cells.shape[0] > 1 and not bool((lin[1:] > lin[:-1]).all()):
+    if ncell > 1 and not bool((lin[1:] > lin[:-1]).all()):
         order = torch.argsort(lin)
-        cells, corner_values, lin = cells[order], corner_values[order], lin[order]
-    vals = corner_values.float()
-    out = vals > 0  # (C, 8)
+        cells, lin = cells[order], lin[order]
+        if not callable(corner_values):
+            corner_values = corner_values[order]
+    if callable(corner_values):
+        values_of = lambda c, s: corner_values(c).float()  # noqa: E731
+    else:
+        values_of = lambda c, s: corner_values[s : s + c.shape[0]].float()  # noqa: E731
+    steps = [(s, cells[s : s + chunk]) for s in range(0, ncell, chunk)]
+    # pass 1: per cell, its triangles, loop centres and owned crossing edges, so that the
+    # vertices of a cell in a later step (an edge's owner lies at or after its cells in C
+    # order) have known ids; small dtypes: this is what persists over the steps
+    ntri = torch.empty(ncell, dtype=torch.uint8, device=dev)
+    nc = torch.empty(ncell, dtype=torch.uint8, device=dev)
+    owned = torch.empty(ncell, dtype=torch.int16, device=dev)  # bit e: the cell owns edge e's vertex
+    kept = None
+    for s, c in steps:
+        vals = values_of(c, s)
+        idx, cross, owns = _classify(c, vals, n, tab)
+        ntri[s : s + c.shape[0]] = tab["ntri"][idx]
+        nc[s : s + c.shape[0]] = tab["ncentre"][idx]
+        owned[s : s + c.shape[0]] = (owns.long() * tab["bits12"]).sum(1)
+        kept = (vals, idx, cross, owns) if len(steps) == 1 else None  # one step: no second look-up
+    if not bool(ntri.any()):
+        return empty
+    # Each crossing grid edge gets one vertex, owned by one cell: the cell whose lower corner
+    # is the edge's lower end point, moved down on the other axes where that point lies on
+    # the grid's upper faces.  Vertex ids follow (owner cell, edge) order, then loop centres.
+    nown = tab["popcount12"][owned.long()]
+    own_base = torch.cumsum(nown, 0) - nown  # (C,) first vertex id of each cell's own edges
+    n_own = int(own_base[-1] + nown[-1])
+    del nown
+    cen_base = n_own + torch.cumsum(nc, 0) - nc  # (C,) first id of each cell's loop centres
+    n_cen = int(cen_base[-1] + nc[-1]) - n_own
+    if n_own + n_cen < 2 ** 31:  # ids fit in int32: half the memory
+        own_base, cen_base = own_base.int(), cen_base.int()
+    lo_off = tab["corner"][tab["edge_lo"]]  # (12, 3)
+    # outputs written in place step by step (no list of parts and copy at the end)
+    verts = torch.empty(n_own + n_cen, 3, device=dev)
+    keys = torch.empty(n_own + n_cen, dtype=torch.int64, device=dev)
+    faces = torch.empty(int(ntri.sum(dtype=torch.int64)), 3, dtype=torch.int64, device=dev)
+    tri_at = cen_at = 0
+    for s, c in steps:
+        k = c.shape[0]
+        vals, idx, cross, owns = kept if kept is not None else (values_of(c, s), *_classify(c, values_of(c, s), n, tab))
+        rows = torch.arange(k, device=dev)
+        ntri_k, nc_k = ntri[s : s + k].long(), nc[s : s + k].long()
+        # vid (k, 16): vertex id of each cell's 12 edge slots and 4 centre slots (-1: none)
+        vid = torch.full((k * 16,), -1, dtype=torch.int64, device=dev)
+        cen_c = torch.repeat_interleave(rows, nc_k)
+        cen_j = torch.arange(cen_c.shape[0], device=dev) - (torch.cumsum(nc_k, 0) - nc_k)[cen_c]
+        vid[cen_c * 16 + 12 + cen_j] = cen_base[s + cen_c].long() + cen_j
+        pc, pe = cross.nonzero(as_tuple=True)
+        point = c[pc] + lo_off[pe]  # lower end point of each crossing (cell, edge)
+        owner = point.clamp(max=n - 2)
+        # owner rows: the cells are sorted by linear index, so a binary search finds each owner
+        # (no (N-1)^3 lookup table: memory stays proportional to the cells given)
+        olin = (owner[:, 0] * n + owner[:, 1]) * n + owner[:, 2]
+        orow = torch.searchsorted(lin, olin).clamp_(max=ncell - 1)
+        if not bool((lin[orow] == olin).all()):
+            raise ValueError("marching_cubes_cells: the cells must include every sign-changing neighbour "
+                             "of the cells given (the owner of a crossing edge is missing)")
+        d = point - owner
+        oedge = tab["edge_by"][(d[:, 0] + 2 * d[:, 1] + 4 * d[:, 2]), tab["edge_axis"][pe]]
+        vid[pc * 16 + pe] = own_base[orow].long() + tab["rank12"].view(-1)[owned[orow].long() * 12 + oedge]
+        del pc, pe, point, owner, olin, orow, d, oedge
+        cell_of = torch.repeat_interleave(rows, ntri_k)
+        first = torch.cumsum(ntri_k, 0) - ntri_k
+        tri = idx[cell_of] * _MAX_TRIS + torch.arange(cell_of.shape[0], device=dev) - first[cell_of]
+        slots = tab["tris"].view(-1, 3).index_select(0, tri)  # (T, 3) slot ids
+        faces[tri_at : tri_at + slots.shape[0]] = vid[cell_of.unsqueeze(1) * 16 + slots]
+        tri_at += slots.shape[0]
+        del vid, cell_of, slots, tri
+        # positions: edge vertices from their owner's values, centres from their loop; the
+        # own vertices of this step are the next ids in order
+        oc, oe = owns.nonzero(as_tuple=True)
+        at = int(own_base[s])
+        verts[at : at + oc.shape[0]] = _edge_points(c[oc], vals[oc], oe, ax, tab)
+        lin_lo = c[oc] + lo_off[oe]
+        keys[at : at + oc.shape[0]] = 3 * ((lin_lo[:, 0] * n + lin_lo[:, 1]) * n + lin_lo[:, 2]) + tab["edge_axis"][oe]
+        if cen_c.numel():
+            member = tab["members"][idx[cen_c], cen_j]  # (K, 12)
+            kc = cen_c.shape[0]
+            loop = _edge_points(c[cen_c].repeat_interleave(12, 0), vals[cen_c].repeat_interleave(12, 0),
+                                torch.arange(12, device=dev).repeat(kc), ax, tab).reshape(kc, 12, 3)
+            loop = torch.where(member.unsqueeze(-1), loop, torch.zeros((), device=dev))
+            verts[n_own + cen_at : n_own + cen_at + kc] = loop.sum(1) / member.sum(1, keepdim=True)
+            keys[n_own + cen_at : n_own + cen_at + kc] = 3 * n ** 3 + 4 * lin[s + cen_c] + cen_j
+            cen_at += kc
+    return verts, faces, keys
+
+
+def _classify(cells: torch.Tensor, vals: torch.Tensor, n: int, tab: dict):
+    """Per cell: table index (K,) int64 (case * 64 + decider bits), crossing edges (K, 12),
+    edges whose vertex the cell owns (K, 12)."""
+    k = vals.shape[0]
+    out = vals > 0  # (K, 8)
     case = (out.long() * tab["bits8"]).sum(1)
     # asymptotic decider per face; products are commutative so neighbours agree
-    fv = vals[:, tab["face_cyc"]]  # (C, 6, 4)
-    fo = out[:, tab["face_cyc"]]
+    fv = vals.index_select(1, tab["face_cyc"].view(-1)).view(k, 6, 4)  # (K, 6, 4)
+    fo = fv > 0
     amb = (fo[..., 0] == fo[..., 2]) & (fo[..., 1] == fo[..., 3]) & (fo[..., 0] != fo[..., 1])
     d02 = fv[..., 0] * fv[..., 2]
     d13 = fv[..., 1] * fv[..., 3]
     # saddle <= 0 (inside) <=> (product of outside diagonal) <= (product of inside diagonal)
     neg_conn = torch.where(fo[..., 0], d02 <= d13, d13 <= d02) & amb
     index = case * 64 + (neg_conn.long() * tab["bits6"]).sum(1)
-    ntri = tab["ntri"][index]
-    total = int(ntri.sum())
-    if total == 0:
-        return empty
-    ncell = cells.shape[0]
-    rows = torch.arange(ncell, device=dev)
-    # Each crossing grid edge gets one vertex, owned by one cell: the cell whose lower corner
-    # is the edge's lower end point, moved down on the other axes where that point lies on
-    # the grid's upper faces.  Vertex ids follow (owner cell, edge) order, then loop centres.
-    cross = out[:, tab["edge_lo"]] != out[:, tab["edge_hi"]]  # (C, 12)
-    lo_off = tab["corner"][tab["edge_lo"]]  # (12, 3)
-    up = cells == n - 2  # (C, 3): cell on the upper boundary along each axis
-    owns = cross & ((lo_off.unsqueeze(0) == 0) | up.unsqueeze(1)).all(2)
-    n_own = int(owns.sum())
-    own_id = torch.cumsum(owns.reshape(-1), 0).reshape(ncell, 12) - 1
-    nc = tab["ncentre"][index]
-    cen_c = torch.repeat_interleave(rows, nc)
-    cen_j = torch.arange(cen_c.shape[0], device=dev) - (torch.cumsum(nc, 0) - nc)[cen_c]
-    vid = torch.full((ncell, 16), -1, dtype=torch.int64, device=dev)
-    vid[cen_c, 12 + cen_j] = n_own + torch.arange(cen_c.shape[0], device=dev)
-    pc, pe = cross.nonzero(as_tuple=True)
-    point = cells[pc] + lo_off[pe]  # lower end point of each crossing (cell, edge)
-    owner = point.clamp(max=n - 2)
-    # owner rows: the cells are sorted by linear index, so a binary search finds each owner
-    # (no (N-1)^3 lookup table: memory stays proportional to the cells given)
-    olin = (owner[:, 0] * n + owner[:, 1]) * n + owner[:, 2]
-    orow = torch.searchsorted(lin, olin).clamp_(max=ncell - 1)
-    if not bool((lin[orow] == olin).all()):
-        raise ValueError("marching_cubes_cells: the cells must include every sign-changing neighbour "
-                         "of the cells given (the owner of a crossing edge is missing)")
-    d = point - owner
-    oedge = tab["edge_by"][(d[:, 0] + 2 * d[:, 1] + 4 * d[:, 2]), tab["edge_axis"][pe]]
-    vid[pc, pe] = own_id[orow, oedge]
-    cell_of = torch.repeat_interleave(rows, ntri)
-    first = torch.cumsum(ntri, 0) - ntri
-    slots = tab["tris"][index[cell_of], torch.arange(total, device=dev) - first[cell_of]]  # (T, 3)
-    faces = vid[cell_of.unsqueeze(1), slots]
-    # positions: edge vertices from their owner's values, centres from their loop
-    oc, oe = owns.nonzero(as_tuple=True)
-    pts = _edge_points(cells[oc], vals[oc], oe, ax, tab)
-    lin_lo = cells[oc] + lo_off[oe]
-    keys = 3 * ((lin_lo[:, 0] * n + lin_lo[:, 1]) * n + lin_lo[:, 2]) + tab["edge_axis"][oe]
-    if cen_c.numel() == 0:
-        return pts, faces, keys
-    member = tab["members"][index[cen_c], cen_j]  # (K, 12)
-    k = cen_c.shape[0]
-    loop = _edge_points(cells[cen_c].repeat_interleave(12, 0), vals[cen_c].repeat_interleave(12, 0),
-                        torch.arange(12, device=dev).repeat(k), ax, tab).reshape(k, 12, 3)
-    loop = torch.where(member.unsqueeze(-1), loop, torch.zeros((), device=dev))
-    centres = loop.sum(1) / member.sum(1, keepdim=True)
-    lin_c = (cells[cen_c, 0] * n + cells[cen_c, 1]) * n + cells[cen_c, 2]
-    return torch.cat((pts, centres)), faces, torch.cat((keys, 3 * n ** 3 + 4 * lin_c + cen_j))
+    cross = (vals.index_select(1, tab["edge_lo"]) > 0) != (vals.index_select(1, tab["edge_hi"]) > 0)  # (K, 12)
+    # a cell owns the crossing edges at its lower corner, plus those that no cell above it
+    # can own because it lies on the grid's upper faces: a (8, 12) table by boundary bits
+    up = cells == n - 2  # (K, 3)
+    owns = cross & tab["own_by_up"][up[:, 0].long() + 2 * up[:, 1].long() + 4 * up[:, 2].long()]
+    return index, cross, owns
 
 
 def _edge_points(cells, vals, edges, ax, tab):
