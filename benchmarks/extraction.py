@@ -9,21 +9,27 @@ is the best of ``--repeat`` runs and every ratio compares figures of this run.  
   1. meshing the network: ours (sparse, cold) vs the peer workflow (dense grid of the network
      + PyMCubes) and vs our own dense mode, same mesh check; at N above ``--peer-full-max``
      the peer's dense grid is timed on N/8 of its x-planes and scaled by 8 (marked ~), its
-     cost being linear in the points (the PyMCubes part is then timed on the analytic grid);
+     cost being linear in the points (the PyMCubes part is then timed on the analytic grid).
+     ``bound``: the ratio if our extraction cost nothing but the evaluations marching cubes
+     needs (the distinct corners of the sign-changing cells) at the peer's own cost per point,
+     i.e. peer time / (peer grid time x needed / N^3): no exact method can beat it;
   2. marching cubes alone on the same grid: torch vs scikit-image vs PyMCubes (the analytic
      scene: a torus, a ball through it and a small ball; and the network's grid where part 1
      computed it);
   3. memory and time at each N of ``--memory`` in a fresh process: wall and CPU seconds,
-     peak resident memory (ru_maxrss) and that of the process before the extraction;
+     peak resident memory (ru_maxrss) and that of the process before the extraction, the
+     block pool of values at its largest;
   4. per-iteration cost along a latent path (spot towards bob in 1 % steps, as in an
      optimisation): dense, fast, sparse cold (``warm=False``) and sparse warm (the state
-     passed back), sparse == dense at every step;
+     passed back), sparse == dense at every step (bitwise, or same faces and vertices within
+     rounding: the network's GEMMs round differently for different batch sizes);
   5. forward and backward time of the MeshSDF layer (lib.meshsdf.mesh_from_sdf).
 
 Peers found are listed first; missing ones are skipped (pip install -r benchmarks/requirements.txt).
+The network is called in batches of ``CHUNK`` points everywhere, ours and the peer's alike.
 
 Usage: python benchmarks/extraction.py [-e experiments/bob_and_spot] [--resolutions 128 256 512]
-       [--memory 1024 2048] [--repeat 2]
+       [--memory 256 512 1024 2048] [--repeat 2]
 """
 from __future__ import annotations
 
@@ -41,11 +47,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib import checkpoint, runtime  # noqa: E402
 from lib.errors import cli_main  # noqa: E402
-from lib.isosurface import dense_grid, extract, marching_cubes, same_mesh  # noqa: E402
+from lib.isosurface import dense_grid, extract, marching_cubes, same_mesh, tables  # noqa: E402
 from lib.meshsdf import mesh_from_sdf  # noqa: E402
 from lib.models.decoder import decoder_from_specs  # noqa: E402
 from lib.models.decoder import sdf as decoder_sdf  # noqa: E402
 from lib.specs import REPO_ROOT, load_specs  # noqa: E402
+
+# points per network call, for ours and the peer: 2^14 x 128 floats stays under glibc's 32 MB
+# mmap threshold (measured: 2^16-point calls spent half their time in page faults)
+CHUNK = 2 ** 14
 
 
 class TorusPlusNet(torch.nn.Module):
@@ -117,10 +127,10 @@ def child(args) -> int:
     extract(field, 32, "sparse")  # one-off set-up (tables, allocator) outside the measure
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t, c = time.perf_counter(), time.process_time()
-    _, f, st = extract(field, args.child, "sparse")
+    _, f, st = extract(field, args.child, "sparse", chunk=CHUNK)
     print(json.dumps(dict(n=args.child, wall=time.perf_counter() - t, cpu=time.process_time() - c,
                           peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before_mb=before / 1024,
-                          evaluations=st.evaluations, faces=int(f.shape[0]))))
+                          pool_mb=st.peak_points * 4 / 2 ** 20, evaluations=st.evaluations, faces=int(f.shape[0]))))
     return 0
 
 
@@ -128,7 +138,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("-e", "--experiment", default=str(REPO_ROOT / "experiments" / "bob_and_spot"))
     ap.add_argument("--resolutions", type=int, nargs="+", default=[128, 256, 512])
-    ap.add_argument("--memory", type=int, nargs="*", default=[256, 512, 1024], help="part 3 resolutions (2048 runs too)")
+    ap.add_argument("--memory", type=int, nargs="*", default=[256, 512, 1024, 2048], help="part 3 resolutions")
     ap.add_argument("--peer-full-max", type=int, default=256,
                     help="largest N whose peer dense grid is evaluated whole (above: N/8 of it, scaled)")
     ap.add_argument("--repeat", type=int, default=2, help="best of this many runs per figure")
@@ -154,17 +164,20 @@ def main() -> int:
           f"peers found: {', '.join(found) or 'none'} (pip install -r benchmarks/requirements.txt)")
     spot = codes[1] if codes.shape[0] > 1 else codes[0]
     bob = codes[0]
-    fn = lambda z: (lambda p: decoder_sdf(dec, z, p, 2 ** 16))  # noqa: E731
+    fn = lambda z: (lambda p: decoder_sdf(dec, z, p, CHUNK))  # noqa: E731
     r = args.repeat
     net_grids = {}
 
     if 1 not in args.skip:
         print("\n1. meshing the network (code 1): ours = sparse, cold; peer = dense grid + PyMCubes; "
               "~ = peer grid timed on N/8 of it and scaled")
-        print(f"{'N':>5} {'ours s':>8} {'faces':>8} {'our dense s':>11} {'peer grid s':>11} {'peer MC s':>9} "
-              f"{'peer s':>8} {'vs peer':>8} {'vs dense':>8} {'same mesh':>9}")
+        print(f"{'N':>5} {'ours s':>8} {'faces':>8} {'evals':>9} {'needed':>9} {'our dense s':>11} {'peer grid s':>11} "
+              f"{'peer MC s':>9} {'peer s':>8} {'vs peer':>8} {'bound':>7} {'vs dense':>8} {'same mesh':>9}")
         for n in args.resolutions:
-            t_ours, (v, f, st) = timed(lambda: extract(fn(spot), n, "sparse", device=device), r)
+            t_ours, (v, f, st) = timed(lambda: extract(fn(spot), n, "sparse", device=device, chunk=CHUNK), r)
+            corners = (st.cells.unsqueeze(1) + tables(st.cells.device)["corner"]).reshape(-1, 3)
+            needed = torch.unique((corners[:, 0] * n + corners[:, 1]) * n + corners[:, 2]).numel()
+            del corners
             full = n <= args.peer_full_max
             same = "-"
             if full:
@@ -179,14 +192,16 @@ def main() -> int:
 
                 def slab():
                     for i in range(0, k, 8):
-                        decoder_sdf(dec, spot, torch.cartesian_prod(ax[i:min(i + 8, k)], ax, ax), 2 ** 16)
+                        decoder_sdf(dec, spot, torch.cartesian_prod(ax[i:min(i + 8, k)], ax, ax), CHUNK)
                 t_grid = timed(slab, 1)[0] * n / k
                 t_dense = float("nan")
             vol = (net_grids[n] if full else scene_grid(n)).numpy()
             t_mc = timed(lambda: found["PyMCubes"](vol), r)[0] if "PyMCubes" in found else float("nan")
             peer = t_grid + t_mc
-            print(f"{n:>5} {t_ours:>8.2f} {f.shape[0]:>8} {t_dense:>11.2f} {('' if full else '~') + f'{t_grid:.1f}':>11} "
-                  f"{t_mc:>9.2f} {peer:>8.1f} {peer / t_ours:>7.0f}x {t_dense / t_ours:>7.1f}x {same:>9}")
+            bound = peer / (t_grid * needed / n ** 3)
+            print(f"{n:>5} {t_ours:>8.2f} {f.shape[0]:>8} {st.evaluations:>9} {needed:>9} {t_dense:>11.2f} "
+                  f"{('' if full else '~') + f'{t_grid:.1f}':>11} {t_mc:>9.2f} {peer:>8.1f} {peer / t_ours:>7.0f}x "
+                  f"{bound:>6.0f}x {t_dense / t_ours:>7.1f}x {same:>9}")
             del st
 
     if 2 not in args.skip:
@@ -206,7 +221,8 @@ def main() -> int:
 
     if 3 not in args.skip and args.memory:
         print("\n3. sparse extraction in a fresh process: time, peak resident memory (RSS)")
-        print(f"{'N':>5} {'wall s':>8} {'cpu s':>8} {'peak MB':>8} {'before MB':>9} {'evaluations':>12} {'faces':>9}")
+        print(f"{'N':>5} {'wall s':>8} {'cpu s':>8} {'peak MB':>8} {'before MB':>9} {'pool MB':>8} {'evaluations':>12} "
+              f"{'faces':>9}")
         for n in args.memory:
             cmd = [sys.executable, __file__, "-e", args.experiment, "--child", str(n), "--threads", str(args.threads)]
             out = subprocess.run(cmd + (["--fallback"] if args.fallback else []), capture_output=True, text=True)
@@ -215,7 +231,7 @@ def main() -> int:
                 continue
             d = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{n:>5} {d['wall']:>8.1f} {d['cpu']:>8.1f} {d['peak_mb']:>8.0f} {d['before_mb']:>9.0f} "
-                  f"{d['evaluations']:>12} {d['faces']:>9}")
+                  f"{d['pool_mb']:>8.0f} {d['evaluations']:>12} {d['faces']:>9}")
 
     n, k = args.path_resolution, args.iterations
     if 4 not in args.skip:
@@ -226,7 +242,7 @@ def main() -> int:
         states = dict.fromkeys(modes)
         totals = dict.fromkeys(modes, 0.0)
         evals = dict.fromkeys(modes, 0)
-        missed, equal = 0, 0
+        missed, equal, same_faces, worst = 0, 0, 0, 0.0
         for i, z in enumerate(path):
             res = {}
             for name, (mode, kw) in modes.items():
@@ -238,13 +254,18 @@ def main() -> int:
                     evals[name] += st.evaluations
             if i:
                 missed += states["fast"].missed_vertices
-                equal += all(torch.equal(res[m][0], res["dense"][0]) and torch.equal(res[m][1], res["dense"][1])
-                             for m in ("sparse cold", "sparse warm"))
+                vd, fd = res["dense"]
+                equal += all(torch.equal(res[m][0], vd) and torch.equal(res[m][1], fd) for m in ("sparse cold", "sparse warm"))
+                same = all(torch.equal(res[m][1], fd) and res[m][0].shape == vd.shape for m in ("sparse cold", "sparse warm"))
+                same_faces += same
+                if same:
+                    worst = max([worst] + [(res[m][0] - vd).abs().max().item() for m in ("sparse cold", "sparse warm")])
         for name in modes:
             print(f"  {name:>11}: {totals[name] / k:7.3f} s/iteration, {evals[name] // k:>8} evaluations/iteration, "
                   f"{totals['dense'] / totals[name]:5.1f}x vs dense")
         print(f"  fast: {missed} lost-surface vertices over the path; both sparse modes bitwise equal to dense in "
-              f"{equal}/{k} iterations")
+              f"{equal}/{k} iterations, the same faces in {same_faces}/{k}, vertices at most {worst:.1e} apart (a "
+              "network's value at a point can differ by rounding with the batch it is evaluated in)")
 
     if 5 not in args.skip:
         print(f"\n5. MeshSDF layer, N = {n}, loss = sum of squared vertex coordinates")
