@@ -230,16 +230,17 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
 
     cells (C, 3) int64 lower-corner indices (each in [0, N-2]); corner_values: (C, 8) float32
     in the corner order of this module, or a callable mapping cells (K, 3) to their corner
-    values (K, 8) (called twice per step of ``chunk`` cells, so that no (C, 8) array need
-    exist: what the sparse extraction passes).  Returns verts (V, 3) float32 world
+    values (K, 8) (called twice per step of ``chunk`` cells, once when they fit in one step,
+    so that no (C, 8) array need exist: what the sparse extraction passes).  Returns verts (V, 3) float32 world
     coordinates, faces (F, 3) int64 (normals towards SDF > 0, faces in C order of their
     cells), and keys (V,) int64 naming each vertex: an edge vertex has key (linear index of
     its lower grid point) * 3 + axis < 3 N^3, a loop-centre vertex 3 N^3 + (linear index of
     its cell) * 4 + j.  Values are classified against 0 (pass values - level for another
     level).  Vertices are in a canonical order (by owning cell in C order, then edge; centres
     last), so any superset of the sign-changing cells of a grid gives the full-grid mesh,
-    bitwise, whatever ``chunk``.  Transient memory is O(chunk); what persists is O(C): the
-    sorted cell indices and 12 bytes per cell of case / numbering data.
+    bitwise, whatever ``chunk``.  Transient memory is O(chunk); what persists over the steps
+    is 20 bytes per cell (its linear index, for the owner search, and counts / first vertex
+    ids), besides the output.
     """
     n = int(resolution)
     dev = cells.device
@@ -296,7 +297,11 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
     tri_at = cen_at = 0
     for s, c in steps:
         k = c.shape[0]
-        vals, idx, cross, owns = kept if kept is not None else (values_of(c, s), *_classify(c, values_of(c, s), n, tab))
+        if kept is None:
+            vals = values_of(c, s)
+            idx, cross, owns = _classify(c, vals, n, tab)
+        else:
+            vals, idx, cross, owns = kept
         rows = torch.arange(k, device=dev)
         ntri_k, nc_k = ntri[s : s + k].long(), nc[s : s + k].long()
         # vid (k, 16): vertex id of each cell's 12 edge slots and 4 centre slots (-1: none)
