@@ -144,6 +144,10 @@ class _DenseGrid:
         """Values at lattice points ijk (..., 3) int64 (all evaluated): (...)."""
         return self.values[self.lin(ijk)]
 
+    def corner_values(self, cells: torch.Tensor) -> torch.Tensor:
+        """Values at the 8 corners of cells (K, 3): (K, 8), marching cubes' corner order."""
+        return self.values_at(cells.unsqueeze(1) + tables(cells.device)["corner"])
+
     @property
     def stored(self) -> int:
         return self.values.numel()
@@ -251,6 +255,8 @@ class _BlockGrid:
             v = flat[slot]
         return v.reshape(shape)
 
+    corner_values = _DenseGrid.corner_values
+
     def store(self, ijk: torch.Tensor, values: torch.Tensor) -> None:
         """Keep known values (P,) at points ijk (P, 3) (evaluated elsewhere)."""
         slot = self._slots(ijk, allocate=True)  # may grow the pool: index it after
@@ -345,8 +351,7 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
         grid = _DenseGrid(fn, n, n, device, chunk, reuse)
         grid.evaluate(torch.arange(n ** 3, device=grid.ax.device))
         cells = crossing_cells(grid.values.reshape(n, n, n))
-    corner = tables(cells.device)["corner"]
-    verts, faces, keys = marching_cubes_cells(cells, lambda c: grid.values_at(c.unsqueeze(1) + corner), n, grid.ax)
+    verts, faces, keys = marching_cubes_cells(cells, grid.corner_values, n, grid.ax)
     stale, missed = _check_fast(grid, keys, fresh) if fresh is not None else (0, 0)
     dense_values = grid.values if isinstance(grid, _DenseGrid) else None
     st = ExtractionState(resolution=n, mode=mode, grid_size=grid.g, values=dense_values, full=(mode != "sparse"),
