@@ -48,7 +48,7 @@ class GroupCheck:
 def check_gradients(field: Callable[[torch.Tensor], torch.Tensor], groups: Mapping[str, Sequence[torch.Tensor]],
                     resolution: int = 256, level: float = 0.0, inside: str = "below", mode: str = "sparse",
                     loss: Callable = surface_integral, move: float = 0.5, max_relative: float = 0.02, seed: int = 0,
-                    chunk: int = 2 ** 16) -> list[GroupCheck]:
+                    chunk: int = 2 ** 14) -> list[GroupCheck]:
     """Layer gradient vs finite differences of re-extracted meshes, per parameter group.
 
     field: points (P, 3) -> (P,), depending on the tensors in ``groups`` (name -> tensors,

@@ -63,7 +63,7 @@ class SurfaceMesh(NamedTuple):
 
 def mesh_from_field(field: Field, resolution: int, level: float = 0.0, mode: str = "sparse",
                     gradient: str = "paper", state: ExtractionState | Sequence[ExtractionState] | None = None,
-                    inside: str = "below", batch: int | None = None, delta: float = DELTA, chunk: int = 2 ** 16,
+                    inside: str = "below", batch: int | None = None, delta: float = DELTA, chunk: int = 2 ** 14,
                     device=None, **extract_kwargs) -> SurfaceMesh | list[SurfaceMesh]:
     """Mesh the level set ``field = level`` over [-1, 1]^3 as a differentiable mesh.
 
@@ -110,7 +110,7 @@ def mesh_from_field(field: Field, resolution: int, level: float = 0.0, mode: str
 
 
 def mesh_from_sdf(decoder: nn.Module, latent: torch.Tensor, resolution: int = 64, mode: str = "sparse",
-                  gradient: str = "paper", state=None, chunk: int = 2 ** 16,
+                  gradient: str = "paper", state=None, chunk: int = 2 ** 14,
                   **kwargs) -> SurfaceMesh | list[SurfaceMesh]:
     """The zero level set of a DeepSDF ``decoder`` at ``latent`` as a differentiable mesh.
 
@@ -270,7 +270,7 @@ class _FieldLayer(torch.autograd.Function):
 
 def field_backward(signed: Callable, verts: torch.Tensor, grad_verts: torch.Tensor, index: torch.Tensor,
                    leaves: Sequence[torch.Tensor], gradient: str = "paper", delta: float = DELTA,
-                   chunk: int = 2 ** 16) -> tuple[torch.Tensor, list]:
+                   chunk: int = 2 ** 14) -> tuple[torch.Tensor, list]:
     """The MeshSDF backward pass over vertices (V, 3) with dL/dverts (V, 3), in chunks.
 
     signed(points, index) -> s (P,) (> 0 outside); index (V,) the surface of each vertex.

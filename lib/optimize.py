@@ -198,7 +198,7 @@ class LatentOptimizer:
     """
 
     def __init__(self, decoder: nn.Module, latent: torch.Tensor, loss_fn: ImageLoss, lr: float = 5e-2,
-                 resolution: int = 64, mode: str = "sparse", gradient: str = "paper", chunk: int = 2 ** 16,
+                 resolution: int = 64, mode: str = "sparse", gradient: str = "paper", chunk: int = 2 ** 14,
                  **extract_kwargs):
         if mode not in MODES:
             raise MeshSDFError(f"extraction mode {mode!r} is unknown: use one of {', '.join(MODES)}")
