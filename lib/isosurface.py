@@ -24,7 +24,7 @@ import torch
 
 from lib.errors import MeshSDFError
 from lib.log import info
-from lib.ops.marching_cubes import (cell_corner_values, crossing_cells, grid_axis, marching_cubes,  # noqa: F401
+from lib.ops.marching_cubes import (CORNER_OFFSETS, cell_corner_values, crossing_cells, grid_axis, marching_cubes,  # noqa: F401
                                     marching_cubes_cells, tables, voxel_size)
 
 SdfFn = Callable[[torch.Tensor], torch.Tensor]
@@ -188,8 +188,7 @@ class _BlockGrid:
         """Value slots allocated at the largest (pool rows x 512)."""
         return self.peak_rows * self.B3
 
-    def lin(self, ijk):
-        return (ijk[..., 0] * self.g + ijk[..., 1]) * self.g + ijk[..., 2]
+    lin = _DenseGrid.lin
 
     def ijk(self, lin):
         g = self.g
@@ -420,7 +419,6 @@ def _check_fast(grid: _DenseGrid, keys: torch.Tensor, fresh: torch.Tensor) -> tu
     return int(stale.sum()), int(missed.sum())
 
 
-_CORNERS = [(c & 1, (c >> 1) & 1, (c >> 2) & 1) for c in range(8)]  # as lib.ops.marching_cubes numbers them
 _NEIGH26 = [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) != (0, 0, 0)]
 
 
@@ -450,7 +448,7 @@ def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     # the seeding lattices are sparse (a point per stride^3): evaluated, not stored
     ci = torch.arange(m + 1, device=dev) * s0
     vol = grid.field(torch.cartesian_prod(ci, ci, ci)).reshape(m + 1, m + 1, m + 1)
-    v = torch.stack([vol[a : a + m, b : b + m, c : c + m].reshape(-1) for a, b, c in _CORNERS], 1)  # (m^3, 8)
+    v = torch.stack([vol[a : a + m, b : b + m, c : c + m].reshape(-1) for a, b, c in CORNER_OFFSETS], 1)  # (m^3, 8)
     del vol
     seeds = [] if warm_cells is None else [warm_cells]
     s = s0

@@ -185,8 +185,8 @@ def _leaves(field, batch, device) -> tuple[list[torch.Tensor], torch.device | No
     leaf, or e.g. an encoder's output, through which autograd carries on) and the decoder's
     parameters that require grad; its dropout is refused by :func:`refuse_dropout`.
     """
-    cf = getattr(field, "__self__", field)
-    if isinstance(cf, _CodeField):
+    cf = _as_code_field(field)
+    if cf is not None:
         found = [cf.codes] if cf.codes.requires_grad else []
         return found + [p for p in cf.decoder.parameters() if p.requires_grad], cf.codes.device
     return _probe(field, batch, device)
@@ -312,14 +312,19 @@ def _dl_ds(normal: torch.Tensor, grad_verts: torch.Tensor, gradient: str, delta:
     return dot / norm.clamp_min(1e-12)
 
 
-def _code_field(signed) -> "_CodeField | None":
+def _as_code_field(field) -> _CodeField | None:
+    """The :class:`_CodeField` a field is (or whose bound method ``single`` it is), else None."""
+    cf = getattr(field, "__self__", field)
+    return cf if isinstance(cf, _CodeField) else None
+
+
+def _code_field(signed) -> _CodeField | None:
     """The DeepSDF field behind ``signed`` when its one-pass backward applies, else None."""
-    field = getattr(signed, "field", None)
-    field = getattr(field, "__self__", field)  # the bound method _CodeField.single
-    return field if isinstance(field, _CodeField) and field.rows_only() else None
+    cf = _as_code_field(getattr(signed, "field", None))
+    return cf if cf is not None and cf.rows_only() else None
 
 
-def _code_backward(signed, cf: "_CodeField", verts, grad_verts, index, leaves, gradient, delta, chunk):
+def _code_backward(signed, cf: _CodeField, verts, grad_verts, index, leaves, gradient, delta, chunk):
     """:func:`field_backward` for a DeepSDF field with a frozen decoder, one decoder backward.
 
     Each value s_i depends on its own input row [code_b | x_i] only, so the derivative of

@@ -61,11 +61,11 @@ def grid_axis(resolution: int, size: int | None = None, device=None) -> torch.Te
 # modelled, so the two can differ in topology only where a cell is ambiguous.
 # ----------------------------------------------------------------------------------------
 
-_CORNER_OFFSETS = [(c & 1, (c >> 1) & 1, (c >> 2) & 1) for c in range(8)]
+CORNER_OFFSETS = [(c & 1, (c >> 1) & 1, (c >> 2) & 1) for c in range(8)]
 # 12 edges as (lower corner, upper corner, axis)
 _EDGES = [(c, c | (1 << a), a) for a in range(3) for c in range(8) if not (c >> a) & 1]
 _EDGE_OF = {(lo, hi): e for e, (lo, hi, _) in enumerate(_EDGES)}
-_EDGE_MID = [tuple((_CORNER_OFFSETS[lo][k] + _CORNER_OFFSETS[hi][k]) / 2 for k in range(3)) for lo, hi, _ in _EDGES]
+_EDGE_MID = [tuple((CORNER_OFFSETS[lo][k] + CORNER_OFFSETS[hi][k]) / 2 for k in range(3)) for lo, hi, _ in _EDGES]
 
 
 def _faces_table():
@@ -91,7 +91,7 @@ def _triangulate_cell(outside: list[int], neg_connected: list[bool]):
     corners of an ambiguous face are connected.  Returns (triangles as slot triples, where
     slot < 12 is an edge and 12 + j is centre j, centres as lists of edge ids).
     """
-    pts = _CORNER_OFFSETS
+    pts = CORNER_OFFSETS
     edge = lambda p, q: _EDGE_OF[(min(p, q), max(p, q))]  # noqa: E731
     segs = []  # (start edge, end edge, face)
     for f, (axis, side, cyc) in enumerate(_FACES):
@@ -191,7 +191,7 @@ def tables(device) -> dict:
         _TABLE_CACHE[key] = dict(
             tris=torch.from_numpy(tris).to(device),
             members=torch.from_numpy(members).to(device),
-            corner=torch.tensor(_CORNER_OFFSETS, dtype=torch.int64, device=device),  # (8, 3)
+            corner=torch.tensor(CORNER_OFFSETS, dtype=torch.int64, device=device),  # (8, 3)
             edge_lo=edges[:, 0].to(device),
             edge_hi=edges[:, 1].to(device),
             edge_axis=edges[:, 2].to(device),
@@ -205,7 +205,7 @@ def tables(device) -> dict:
             popcount12=torch.from_numpy(rank[:, 12]).to(device),
             rank12=torch.from_numpy(rank[:, :12]).contiguous().to(device),  # (4096, 12)
             # edges a cell owns given which of its axes touch the grid's upper faces (bits)
-            own_by_up=torch.tensor([[all(_CORNER_OFFSETS[lo][a] == 0 or (u >> a) & 1 for a in range(3))
+            own_by_up=torch.tensor([[all(CORNER_OFFSETS[lo][a] == 0 or (u >> a) & 1 for a in range(3))
                                      for lo, _, _ in _EDGES] for u in range(8)], device=device),  # (8, 12)
             edge_by=torch.tensor([[_EDGE_OF.get((c, c | (1 << a)), -1) for a in range(3)] for c in range(8)],
                                  device=device),  # (lower corner, axis) -> edge
