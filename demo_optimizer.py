@@ -34,7 +34,7 @@ from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, plot_hist
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        description="Optimise the latent code of --init (default spot) with Adam so that its soft silhouette "
+        description="Optimise the latent code of --init (default spot) with Adam so that its silhouette "
                     "matches the silhouette of --target (default bob), through the differentiable MeshSDF "
                     "layer. Outputs go to <experiment>/Optimizations/: target.png, initialization.png "
                     "(shaded), target_silhouette.png, initialization_silhouette.png, movie.gif (faces "
@@ -58,10 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--fast", action="store_true", help="same as --mode fast (the paper's --fast flag)")
     ap.add_argument("--gradient", choices=GRADIENTS, default="paper",
                     help="dL/ds rule: paper (unit normal, default) or exact (implicit function theorem)")
-    ap.add_argument("--renderer", choices=RENDERERS, default="soft",
-                    help="silhouette renderer of the loss: soft (default; soft rasteriser, exact gradient) or nr "
-                         "(the original's: neural_renderer-style hard silhouette with Kato et al.'s approximate "
-                         "gradient, in pure torch)")
+    ap.add_argument("--renderer", choices=RENDERERS, default="nr",
+                    help="silhouette renderer of the loss: nr (default, the original's: neural_renderer-style "
+                         "hard silhouette with Kato et al.'s approximate gradient, in pure torch) or soft (our "
+                         "option: soft rasteriser, its exact gradient)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     ap.add_argument("--out", default=None, help="output folder (default <experiment>/Optimizations)")
     ap.add_argument("--checkpoint", default="latest", type=checkpoint.parse_epoch, metavar="latest|N",
@@ -140,11 +140,11 @@ def optimise_demo(args, stage) -> int:
 
     def record_frame(it):
         if it.iteration == 0:
-            save_png(out / "initialization.png", nr_shade(it.verts, it.faces, camera))
+            save_png(out / "initialization.png", nr_shade(it.verts, it.faces, camera, face_idx=it.face_idx))
             save_png(out / "initialization_silhouette.png", it.image)
             scale.append(dl_ds_scale(it.dl_ds))
         colors = dl_ds_face_colors(it.dl_ds, it.faces, scale[0])
-        frames.append(to_uint8(movie_frame(it.verts, it.faces, colors, camera, edge)))
+        frames.append(to_uint8(movie_frame(it.verts, it.faces, colors, camera, edge, face_idx=it.face_idx)))
         return {"iou": silhouette_iou(it.image, target)}
 
     run = optimize(opt, args.iterations, callbacks=[record_frame], desc="demo")

@@ -109,7 +109,7 @@ def main() -> None:
                     fr = render.rasterize(v, f, cam)
                 finally:
                     render._PACKED, render.RASTER_TILE = True, tile
-                rgb = nr_shade(v, f, cam, face_colors=colors, fragments=fr)[..., :3]
+                rgb = nr_shade(v, f, cam, face_colors=colors, face_idx=fr.face_idx)[..., :3]
                 rgb = torch.where(edge[..., None], torch.ones(3, device=dev), rgb)
                 img = to_uint8(rgb)
             sync()

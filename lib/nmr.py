@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from lib.camera import Camera
-from lib.render import Fragments, _screen, _segment_sum, _use_fixed, face_index
+from lib.render import _screen, _segment_sum, _use_fixed, face_index
 
 NR_EPS = 1e-4                # neural_renderer's rasterize_silhouettes eps (NDC units)
 NR_AMBIENT, NR_DIRECTIONAL, NR_LIGHT_DIRECTION = 0.5, 0.5, (0.0, 1.0, 0.0)   # its default light
@@ -43,18 +43,20 @@ PAIR_CHUNK = 1 << 21         # about this many (crossing, pixel) pairs evaluated
 
 
 def nr_silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, eps: float = NR_EPS,
-                  reproducible: bool | None = None) -> torch.Tensor:
+                  reproducible: bool | None = None, face_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Hard silhouette (H, W) in {0, 1} with Kato et al.'s approximate gradient (module doc).
 
     verts (V, 3) float, differentiable; faces (F, 3) int64; camera unbatched.  The coverage is
-    ``lib.render.face_index``'s (nearest face at each pixel centre, both windings).
+    ``lib.render.face_index``'s (nearest face at each pixel centre, both windings); a caller
+    that also needs that index (e.g. for a picture of the same mesh and camera) computes it
+    once and passes it as ``face_idx`` (H, W) int64.
     reproducible: as ``lib.render.silhouette`` (default: on CUDA).
     """
     if verts.dim() != 2 or camera.batched:
         raise ValueError("nr_silhouette renders one mesh (V, 3) with an unbatched camera")
     faces = torch.as_tensor(faces, device=verts.device).long()
     sc = _screen(verts, faces, camera)
-    fidx = face_index(verts, faces, camera)
+    fidx = face_index(verts, faces, camera) if face_idx is None else face_idx
     return _KatoSilhouette.apply(sc.uv, fidx, faces, float(eps), _use_fixed(verts.device, reproducible))
 
 
@@ -196,7 +198,7 @@ def _kato_axis(p0, p1, faces, fi, g, n0, n1, eps_px, reproducible):
 
 def nr_shade(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, face_colors=None, color: float = 0.7,
              ambient: float = NR_AMBIENT, directional: float = NR_DIRECTIONAL,
-             light_direction=NR_LIGHT_DIRECTION, fragments: Fragments | None = None) -> torch.Tensor:
+             light_direction=NR_LIGHT_DIRECTION, face_idx: torch.Tensor | None = None) -> torch.Tensor:
     """RGBA render (H, W, 4) lit as neural_renderer lights a mesh in projection mode.
 
     The original demo's pictures (target.png, initialization.png, movie frames) come from
@@ -210,11 +212,13 @@ def nr_shade(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, face_colo
     camera only the ambient part.  We reproduce that, not a physical light.
 
     verts (V, 3), faces (F, 3) int64, unbatched camera; face_colors (F, 3) in [0, 1] or
-    None for uniform grey ``color``.  Not differentiable (pictures only).
+    None for uniform grey ``color``; face_idx: ``lib.render.face_index`` of this mesh and
+    camera (H, W) if the caller has it already, else computed.  Not differentiable (pictures
+    only).
     """
     verts = verts.detach()
     faces = torch.as_tensor(faces, device=verts.device).long()
-    fidx = fragments.face_idx if fragments is not None else face_index(verts, faces, camera)
+    fidx = face_idx if face_idx is not None else face_index(verts, faces, camera)
     H, W = fidx.shape[-2:]
     if faces.shape[0] == 0:
         return torch.zeros(H, W, 4, dtype=verts.dtype, device=verts.device)

@@ -39,7 +39,7 @@ from lib.log import info, progress
 from lib.meshsdf import GRADIENTS, mesh_from_sdf
 from lib.metrics import topology
 from lib.nmr import nr_silhouette
-from lib.render import SVR_EPS, SVR_SIGMA, silhouette
+from lib.render import SVR_EPS, SVR_SIGMA, face_index, silhouette
 
 LOSSES = ("mse", "l1")
 RENDERERS = ("soft", "nr")   # soft silhouette (lib.render) | neural_renderer-style hard + Kato (lib.nmr)
@@ -82,7 +82,10 @@ class SilhouetteLoss:
     renderer: ``"soft"`` (that soft silhouette, exact gradient) or ``"nr"`` (the original
     demo's neural_renderer hard silhouette with Kato et al.'s approximate gradient,
     :func:`lib.nmr.nr_silhouette`; sigma, eps and faces_per_pixel are then unused).
-    Calling it returns (loss scalar, rendered silhouette (H, W)).
+    Calling it returns (loss scalar, rendered silhouette (H, W)).  Attribute ``face_idx``:
+    with the nr renderer, the visible face per pixel (H, W) int64 of the last call's mesh
+    (``lib.render.face_index``, which that renderer's coverage is), else None; the demo
+    draws its movie frames from it instead of rasterising the same mesh again.
     """
 
     def __init__(self, camera: Camera, target: torch.Tensor, loss: str = "mse", sigma: float | None = None,
@@ -99,11 +102,14 @@ class SilhouetteLoss:
         self.camera, self.target, self.loss = camera, target.detach(), loss
         self.sigma = demo_sigma(min(camera.image_size)) if sigma is None else float(sigma)
         self.eps, self.faces_per_pixel = eps, faces_per_pixel
+        self.face_idx: torch.Tensor | None = None
 
     def render(self, verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
         """The silhouette (H, W) of a mesh, with the loss's renderer, camera and softness."""
         if self.renderer == "nr":
-            return nr_silhouette(verts, faces, self.camera)
+            faces = torch.as_tensor(faces, device=verts.device).long()
+            self.face_idx = face_index(verts, faces, self.camera)
+            return nr_silhouette(verts, faces, self.camera, face_idx=self.face_idx)
         return silhouette(verts, faces, self.camera, sigma=self.sigma, eps=self.eps,
                           faces_per_pixel=self.faces_per_pixel)
 
@@ -124,7 +130,9 @@ class Iteration:
     image: the loss's rendering; loss: float; euler: V - E + F; components: connected
     pieces; genus: (2 * components - euler) / 2; seconds: wall time of the step (extraction,
     rendering, backward, update; callbacks excluded); state: the extraction state
-    (evaluations, stale/missed vertices of the fast mode, message).
+    (evaluations, stale/missed vertices of the fast mode, message); face_idx: the loss
+    renderer's visible face per pixel (H, W) when it has one (``SilhouetteLoss.face_idx``),
+    else None.
     """
 
     iteration: int
@@ -139,6 +147,7 @@ class Iteration:
     genus: int
     seconds: float
     state: ExtractionState = field(repr=False)
+    face_idx: torch.Tensor | None = field(default=None, repr=False)
 
     def record(self) -> dict:
         """The JSON-friendly scalars of this iteration."""
@@ -230,7 +239,7 @@ class LatentOptimizer:
     def _result(self, index, latent, mesh, image, loss, dl_ds, t0) -> Iteration:
         chi, comps, g = topology(mesh.faces)
         return Iteration(index, latent, mesh.verts.detach(), mesh.faces, image.detach(), loss, dl_ds, chi, comps,
-                         g, time.perf_counter() - t0, mesh.state)
+                         g, time.perf_counter() - t0, mesh.state, getattr(self.loss_fn, "face_idx", None))
 
     def step(self) -> Iteration:
         """Extract, render, backpropagate, update the code once; raises SurfaceLostError."""

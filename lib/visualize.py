@@ -76,11 +76,14 @@ def target_outline(target_silhouette: torch.Tensor) -> torch.Tensor:
 
 
 def movie_frame(verts: torch.Tensor, faces: torch.Tensor, face_colors: torch.Tensor, camera: Camera,
-                outline_mask: torch.Tensor | None = None, color=OUTLINE) -> torch.Tensor:
+                outline_mask: torch.Tensor | None = None, color=OUTLINE,
+                face_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Movie frame (H, W, 3): the mesh with face colours (F, 3) lit as neural_renderer lights
     it (black background) and, if given, ``outline_mask`` (H, W) bool (e.g.
-    ``target_outline(target)``) drawn over it in ``color``."""
-    img = nr_shade(verts, faces.to(verts.device), camera, face_colors=face_colors)[..., :3]
+    ``target_outline(target)``) drawn over it in ``color``.  face_idx (H, W): the visible
+    faces of this mesh and camera if already known (``lib.render.face_index``; the demo's
+    loss renderer has them), which saves the z-buffer."""
+    img = nr_shade(verts, faces.to(verts.device), camera, face_colors=face_colors, face_idx=face_idx)[..., :3]
     if outline_mask is None:
         return img.contiguous()
     ink = torch.tensor(color, dtype=img.dtype, device=img.device)

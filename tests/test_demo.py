@@ -34,11 +34,11 @@ def run_demo(tmp_path, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--fast"], ["--renderer", "nr"]], ids=["sparse", "fast", "nr"])
+@pytest.mark.parametrize("extra", [[], ["--fast"], ["--renderer", "soft"]], ids=["sparse", "fast", "soft"])
 def test_spot_becomes_bob(tmp_path, extra):
     out, log = run_demo(tmp_path, *extra)
     assert log["settings"]["mode"] == ("fast" if "--fast" in extra else "sparse") and log["stopped"] == ""
-    assert log["settings"]["renderer"] == ("nr" if "nr" in extra else "soft")
+    assert log["settings"]["renderer"] == ("soft" if "soft" in extra else "nr")   # the original's by default
     hist = log["iterations"]
     assert len(hist) == ITERS and log["target_genus"] == 1
     assert hist[0]["genus"] == 0                                     # spot

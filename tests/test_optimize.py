@@ -142,6 +142,26 @@ def test_callbacks_final_and_latent_bookkeeping():
     assert run.final.loss == pytest.approx(_loss_at(float(run.latent[0]), loss_fn, 20), rel=1e-5)
 
 
+def test_nr_iterations_carry_the_visible_faces_of_their_own_mesh():
+    """The demo draws each movie frame from ``Iteration.face_idx`` instead of a second
+    z-buffer: it must be the face index of that iteration's mesh (not the previous one's), and
+    a frame drawn from it must equal one rasterised afresh.  The soft renderer has none."""
+    from lib.render import face_index
+    from lib.visualize import movie_frame
+
+    hard = SilhouetteLoss(camera(), sphere_target(0.5), renderer="nr")
+    opt = LatentOptimizer(Sphere(), torch.tensor([0.3]), hard, lr=0.05, resolution=20)
+    for _ in range(3):
+        it = opt.step()
+        assert torch.equal(it.face_idx, face_index(it.verts, it.faces, camera()))
+        assert torch.equal(it.image, (it.face_idx >= 0).float())
+        colors = torch.rand(it.faces.shape[0], 3)
+        assert torch.equal(movie_frame(it.verts, it.faces, colors, camera(), face_idx=it.face_idx),
+                           movie_frame(it.verts, it.faces, colors, camera()))
+    soft = LatentOptimizer(Sphere(), torch.tensor([0.3]), SilhouetteLoss(camera(), sphere_target(0.5)), resolution=20)
+    assert soft.step().face_idx is None
+
+
 def test_decoder_is_frozen_and_input_code_untouched():
     dec = WithWeight()
     code = torch.tensor([0.3])
