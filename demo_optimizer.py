@@ -28,7 +28,7 @@ from lib.metrics import silhouette_iou, topology
 from lib.nmr import nr_shade
 from lib.optimize import RENDERERS, LatentOptimizer, SilhouetteLoss, optimize
 from lib.render import silhouette
-from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, plot_history, target_outline, to_uint8
+from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, plot_history, target_outline
 
 
 
@@ -144,7 +144,7 @@ def optimise_demo(args, stage) -> int:
             save_png(out / "initialization_silhouette.png", it.image)
             scale.append(dl_ds_scale(it.dl_ds))
         colors = dl_ds_face_colors(it.dl_ds, it.faces, scale[0])
-        frames.append(to_uint8(movie_frame(it.verts, it.faces, colors, camera, edge, face_idx=it.face_idx)))
+        frames.append(movie_frame(it.verts, it.faces, colors, camera, edge, face_idx=it.face_idx))
         return {"iou": silhouette_iou(it.image, target)}
 
     run = optimize(opt, args.iterations, callbacks=[record_frame], desc="demo")

@@ -101,7 +101,7 @@ def main() -> None:
             t0 = time.perf_counter()
             colors = dl_ds_face_colors(dl, f, scale)
             if fast:
-                img = to_uint8(movie_frame(v, f, colors, cam, edge))
+                img = movie_frame(v, f, colors, cam, edge)
             else:
                 render._PACKED, tile = False, render.RASTER_TILE
                 render.RASTER_TILE = render.TILE

@@ -202,19 +202,11 @@ def nr_shade(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, face_colo
     """RGBA render (H, W, 4) lit as neural_renderer lights a mesh in projection mode.
 
     The original demo's pictures (target.png, initialization.png, movie frames) come from
-    neural_renderer with its default light: flat per-face colour c times
-    ``ambient + directional * max(0, n . light_direction)`` (world frame, light from +y),
-    black background, alpha = hard coverage.  Its face normal is cross(v0 - v1, v2 - v1)
-    and it draws each face twice (both windings), keeping at each pixel the copy that is
-    counter-clockwise in its y-up image, i.e. clockwise in ours (rows down).  So the
-    normal it lights is the face normal turned AWAY from the camera, whatever the mesh's
-    winding: surfaces facing down get the directional light, surfaces facing up and the
-    camera only the ambient part.  We reproduce that, not a physical light.
-
-    verts (V, 3), faces (F, 3) int64, unbatched camera; face_colors (F, 3) in [0, 1] or
-    None for uniform grey ``color``; face_idx: ``lib.render.face_index`` of this mesh and
-    camera (H, W) if the caller has it already, else computed.  Not differentiable (pictures
-    only).
+    neural_renderer with its default light (see ``nr_face_rgb``), black background, alpha =
+    hard coverage.  verts (V, 3), faces (F, 3) int64, unbatched camera; face_colors (F, 3)
+    in [0, 1] or None for uniform grey ``color``; face_idx: ``lib.render.face_index`` of this
+    mesh and camera (H, W) if the caller has it already, else computed.  Not
+    differentiable (pictures only).
     """
     verts = verts.detach()
     faces = torch.as_tensor(faces, device=verts.device).long()
@@ -222,20 +214,38 @@ def nr_shade(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, face_colo
     H, W = fidx.shape[-2:]
     if faces.shape[0] == 0:
         return torch.zeros(H, W, 4, dtype=verts.dtype, device=verts.device)
+    rgb = nr_face_rgb(verts, faces, camera, face_colors, color, ambient, directional, light_direction)
+    # one gather from a table of face colours whose row 0 is the black, transparent background
+    table = torch.cat([rgb.new_zeros(1, 4), torch.cat([rgb, torch.ones_like(rgb[:, :1])], 1)], 0)
+    return table.index_select(0, (fidx + 1).reshape(-1)).view(H, W, 4)
+
+
+def nr_face_rgb(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, face_colors=None, color: float = 0.7,
+                ambient: float = NR_AMBIENT, directional: float = NR_DIRECTIONAL,
+                light_direction=NR_LIGHT_DIRECTION) -> torch.Tensor:
+    """The lit colour (F, 3) of each face as neural_renderer draws it (``nr_shade``'s pixels).
+
+    Flat per-face colour c times ``ambient + directional * max(0, n . light_direction)``
+    (world frame; its default light comes from +y).  Its face normal is cross(v0 - v1,
+    v2 - v1) and it draws each face twice (both windings), keeping at each pixel the copy
+    that is counter-clockwise in its y-up image, i.e. clockwise in ours (rows down).  So the
+    normal it lights is the face normal turned AWAY from the camera, whatever the mesh's
+    winding: surfaces facing down get the directional light, surfaces facing up and the
+    camera only the ambient part.  We reproduce that, not a physical light.
+    verts (V, 3) and faces (F, 3) int64 on one device; face_colors (F, 3) or None (grey ``color``).
+    """
+    verts = verts.detach()
     uv, _ = camera.to(device=verts.device, dtype=verts.dtype).project(verts)
-    t = uv[faces]                                                    # (F, 3, 2)
+    flat = faces.reshape(-1)                                         # index_select: ~3x faster than x[faces]
+    t = uv.index_select(0, flat).view(-1, 3, 2)                      # (F, 3, 2)
     e1, e2 = t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]
     clockwise = (e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]) < 0      # in our rows-down image
-    tri = verts[faces]
+    tri = verts.index_select(0, flat).view(-1, 3, 3)
     n = torch.nn.functional.normalize(torch.cross(tri[:, 0] - tri[:, 1], tri[:, 2] - tri[:, 1], dim=1),
                                       dim=1, eps=1e-5)
     n = torch.where(clockwise[:, None], n, -n)                      # the copy neural_renderer draws
     light_dir = torch.as_tensor(light_direction, dtype=verts.dtype, device=verts.device)
     light = ambient + directional * (n @ light_dir).clamp(min=0.0)   # (F,)
     if face_colors is None:
-        rgb = (color * light)[:, None].expand(-1, 3)
-    else:
-        rgb = torch.as_tensor(face_colors, dtype=verts.dtype, device=verts.device) * light[:, None]
-    # one gather from a table of face colours whose row 0 is the black, transparent background
-    table = torch.cat([rgb.new_zeros(1, 4), torch.cat([rgb, torch.ones_like(rgb[:, :1])], 1)], 0)
-    return table.index_select(0, (fidx + 1).reshape(-1)).view(H, W, 4)
+        return (color * light)[:, None].expand(-1, 3)
+    return torch.as_tensor(face_colors, dtype=verts.dtype, device=verts.device) * light[:, None]

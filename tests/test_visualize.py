@@ -9,10 +9,10 @@ from lib.camera import look_at, look_at_eye
 from lib.io import read_png
 from lib.isosurface import extract
 from lib.optimize import LatentOptimizer, SilhouetteLoss, demo_sigma
-from lib.render import silhouette
+from lib.render import face_index, silhouette
 from lib.nmr import nr_shade
 from lib.visualize import (dl_ds_face_colors, dl_ds_scale, face_values, movie_frame, outline, plot_history,
-                           signed_colors, target_outline)
+                           signed_colors, target_outline, to_uint8)
 
 SIZE = 64
 
@@ -67,15 +67,24 @@ def _square():
 
 
 def test_movie_frame_is_the_lit_coloured_mesh():
-    """Frames are nr_shade's RGB of the face colours on black (tested in test_nmr)."""
+    """Frames are nr_shade's RGB of the face colours on black (tested in test_nmr), as
+    to_uint8 makes it, with the outline drawn over it; one gather from a uint8 table must
+    give exactly that, with or without a precomputed face index, and with no faces."""
     verts, faces, cam = _square()
-    colors = torch.tensor([[1.0, 0.0, 0.7], [0.0, 1.0, 0.7]])
+    colors = torch.tensor([[1.0, 0.0, 0.7], [0.3, 0.8, 0.7]])
     frame = movie_frame(verts, faces, colors, cam)
-    assert frame.shape == (SIZE, SIZE, 3)
-    torch.testing.assert_close(frame, nr_shade(verts, faces, cam, face_colors=colors)[..., :3])
-    assert torch.equal(frame[0, 0], torch.zeros(3))                         # black background
+    assert frame.shape == (SIZE, SIZE, 3) and frame.dtype == torch.uint8
+    assert torch.equal(frame, to_uint8(nr_shade(verts, faces, cam, face_colors=colors)[..., :3]))
+    assert torch.equal(frame[0, 0], torch.zeros(3, dtype=torch.uint8))      # black background
     mask = silhouette(verts, faces, cam, sigma=0) > 0.5
     assert len({tuple(px.tolist()) for px in frame[mask]}) == 2              # one colour per face
+    ring = outline(mask, width=1)
+    framed = movie_frame(verts, faces, colors, cam, ring, color=(1.0, 0.5, 0.25), face_idx=face_index(verts, faces, cam))
+    expect = to_uint8(torch.where(ring[..., None], torch.tensor([1.0, 0.5, 0.25]),
+                                  nr_shade(verts, faces, cam, face_colors=colors)[..., :3]))
+    assert torch.equal(framed, expect) and ring.any()
+    empty = movie_frame(verts, faces[:0], colors[:0], cam, ring)
+    assert torch.equal(empty, to_uint8(torch.where(ring[..., None], torch.ones(3), torch.zeros(3))))
 
 
 def test_outline_ring():
@@ -96,8 +105,8 @@ def test_movie_frame_draws_target_outline():
     edge = target_outline(target)
     assert torch.equal(edge, outline(target > 0.5, 1))
     frame = movie_frame(verts, faces, signed_colors(torch.zeros(2), 1.0), cam, edge)
-    assert torch.allclose(frame[edge], torch.ones(3))                       # white outline
-    assert torch.allclose(frame[15, 45], torch.zeros(3))                    # inside the outline: background
+    assert (frame[edge] == 255).all()                                       # white outline
+    assert (frame[15, 45] == 0).all()                                       # inside the outline: background
 
 
 def test_plot_history(tmp_path):
