@@ -44,14 +44,17 @@ def topology(faces) -> tuple[int, int, int]:
     f = _face_tensor(faces)
     if f.shape[0] == 0:
         return 0, 0, 0
-    used, g = torch.unique(f, return_inverse=True)
-    n = used.shape[0]
-    g = g.reshape(-1, 3)
+    # the used vertices, renumbered 0..n-1 in order (a mask and a running count: cheaper than
+    # torch.unique's sort)
+    used = torch.zeros(int(f.max()) + 1, dtype=torch.bool, device=f.device)
+    used[f.reshape(-1)] = True
+    number = torch.cumsum(used, 0) - 1
+    n = int(number[-1]) + 1
+    g = number.index_select(0, f.reshape(-1)).view(-1, 3)
     a, b = g.reshape(-1), g.roll(-1, dims=1).reshape(-1)          # edges (0,1), (1,2), (2,0)
-    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-    n_edges = torch.unique(lo * n + hi).shape[0]
-    chi = int(n) - int(n_edges) + int(f.shape[0])
-    comps = _count_components(a, b, n)
+    keys = torch.unique(torch.minimum(a, b) * n + torch.maximum(a, b))   # undirected edges, once each
+    chi = n - int(keys.shape[0]) + int(f.shape[0])
+    comps = _count_components(torch.div(keys, n, rounding_mode="floor"), keys % n, n)
     return chi, comps, int(round((2 * comps - chi) / 2))
 
 
