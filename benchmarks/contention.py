@@ -9,7 +9,7 @@ competing process.  This benchmark measures what the thread policy of ``lib.runt
 Workloads (each in a fresh process, so the OpenMP settings of the policy apply from the
 start, and timed after start-up):
 
-  * demo:  30 iterations of the default demo loop (spot -> bob, experiments/bob_and_spot,
+  * demo:  30 iterations of the default demo loop (spot -> bob, experiments/bob_and_spot, nr renderer,
            N = 64, 512 x 512, default extraction mode); total seconds of the 30 iterations;
   * train: a bob_and_spot training run (real network and specs, synthetic 250k-row
            scenes) of ``--epochs`` epochs; median seconds per epoch (lib.train's timing,
@@ -67,7 +67,7 @@ def worker_demo(iterations: int) -> dict:
     with torch.no_grad():
         bob = mesh_from_sdf(decoder, codes[0], 64, "dense")
         target = silhouette(bob.verts, bob.faces, camera, sigma=0)
-    opt = LatentOptimizer(decoder, codes[1], SilhouetteLoss(camera, target), lr=5e-2, resolution=64)
+    opt = LatentOptimizer(decoder, codes[1], SilhouetteLoss(camera, target, renderer="nr"), lr=5e-2, resolution=64)
     t0 = time.perf_counter()
     for _ in range(iterations):
         opt.step()

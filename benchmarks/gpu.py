@@ -74,7 +74,8 @@ def demo_rows(device, repeats):
         target = silhouette(bob.verts, bob.faces, cam, sigma=0)
     rows = []
     for mode in ("dense", "sparse", "fast"):
-        opt = LatentOptimizer(dec, codes[1], SilhouetteLoss(cam, target), lr=5e-2, resolution=64, mode=mode)
+        opt = LatentOptimizer(dec, codes[1], SilhouetteLoss(cam, target, renderer="nr"), lr=5e-2, resolution=64,
+                              mode=mode)
         rows.append(("demo.py", f"demo iteration, {mode}", timed(opt.step, device, max(repeats, 10)), "s/it"))
     return rows
 
