@@ -13,6 +13,7 @@ from torch import nn
 
 from lib.errors import MeshSDFError
 from lib.models.fused import FusedPlan, LayerPlan, default_chunk, fused_clamped_l1
+from lib.models.inference import default_rows
 from lib.models.ops import dropout_mask, effective_dropout_prob, new_seed, positional_encoding  # noqa: F401
 
 
@@ -193,6 +194,14 @@ class Decoder(nn.Module):
         plans = tuple(LayerPlan(p.x, p.lat, p.pe, p.dropout and dropping) for p in self.layer_plans)
         return FusedPlan(plans, self.fourier_degree, self.use_tanh, self.dropout_prob,
                          self.fused_chunk or default_chunk(device))
+
+    def inference_plan(self, device) -> FusedPlan | None:
+        """The plan of ``lib.models.inference``'s kernels, or None where they do not compute
+        this decoder's current function (LayerNorm, latent dropout, dropout active in train mode)."""
+        if not self.fused_loss_supported or (self.training and self.dropout_prob > 0 and self.dropout):
+            return None
+        plans = tuple(LayerPlan(p.x, p.lat, p.pe, False) for p in self.layer_plans)
+        return FusedPlan(plans, self.fourier_degree, self.use_tanh, 0.0, default_rows(device))
 
     def clamped_l1_loss(self, codes: torch.Tensor, xyz: torch.Tensor, sdf: torch.Tensor, clamp: float) -> torch.Tensor:
         """The training loss by the fused forward + backward of ``lib.models.fused``.

@@ -77,7 +77,7 @@ def default_chunk(device: torch.device) -> int:
     return 4096 if torch.device(device).type == "cpu" else 1 << 18
 
 
-_PAD = 16  # hidden widths are padded to a multiple of this (see _Shared)
+_PAD = 16  # hidden widths are padded to a multiple of this (see WeightBlocks)
 
 
 def _clamped_l1_grad(pred: torch.Tensor, target: torch.Tensor, clamp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,21 +92,26 @@ def _clamped_l1_grad(pred: torch.Tensor, target: torch.Tensor, clamp: float) -> 
     return diff.abs().sum(), grad
 
 
-class _Shared:
-    """The plan, the data and the weights cut into contiguous blocks, for ``_run_chunks``."""
+class WeightBlocks:
+    """A decoder's effective weights cut into the contiguous, padded blocks the chunk loops use.
 
-    def __init__(self, plan: FusedPlan, clamp: float, seed: int, codes: torch.Tensor, xyz: torch.Tensor,
-                 sdf: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]):
-        self.plan, self.clamp, self.seed, self.xyz, self.sdf = plan, clamp, seed, xyz, sdf
-        layers = plan.layers
+    layers: one LayerPlan per linear layer; codes (B, L); weights[i] (out, in) and biases[i]
+    (out,) as applied (``Decoder.effective_weights``).  Hidden widths are padded to a
+    multiple of 16 with units that are always 0 (zero weights and bias): MKL's kernels run
+    a 93-wide layer (latent_in's) ~25 % slower than a 96-wide one; callers drop the extra
+    columns of what they return.  Per layer i:
+      widths[i]      padded output width (the last layer's 1 is not padded);
+      wx[i]          (widths[i], widths[i-1]) the columns fed by the previous layer, or None
+                     (layer 0), as is for backward GEMMs; wx_t[i] its transpose (contiguous);
+      wpe_t[i]       (encoded-xyz width, widths[i]) the encoded-xyz columns transposed, or None;
+      scene_bias[i]  (B, widths[i]) bias + the latent columns applied to each scene's code.
+    """
+
+    def __init__(self, layers: Sequence[LayerPlan], codes: torch.Tensor, weights: Sequence[torch.Tensor],
+                 biases: Sequence[torch.Tensor]):
         last = len(layers) - 1
-        # hidden widths padded to a multiple of 16 with units that are always 0 (zero weights
-        # and bias): MKL's kernels run a 93-wide layer (latent_in's) ~25 % slower than a
-        # 96-wide one; the extra columns of the gradients are dropped in the end
         self.widths = [w.shape[0] if i == last else -(-w.shape[0] // _PAD) * _PAD for i, w in enumerate(weights)]
-        b = sdf.shape[0]
-        # weight blocks: the previous layer's columns (as is for the backward GEMM and
-        # transposed for the forward one) and the encoded-xyz columns (transposed)
+        b = codes.shape[0]
         self.wx, self.wx_t, self.wpe_t, self.scene_bias = [], [], [], []
         for i, (w, bias, lp) in enumerate(zip(weights, biases, layers)):
             out = self.widths[i]
@@ -124,12 +129,20 @@ class _Shared:
                 self.wpe_t.append(wpe_t)
             else:
                 self.wpe_t.append(None)
-            # per-scene bias (B, out): bias + the latent columns applied to the scene's code
             sb = w.new_zeros(b, out)
             sb[:, : w.shape[0]] = bias
             if lp.lat:
                 sb[:, : w.shape[0]] += codes @ w[:, lp.lat[0]: lp.lat[1]].t()
             self.scene_bias.append(sb)
+
+
+class _Shared(WeightBlocks):
+    """The plan, the data and the weight blocks, for ``_run_chunks``."""
+
+    def __init__(self, plan: FusedPlan, clamp: float, seed: int, codes: torch.Tensor, xyz: torch.Tensor,
+                 sdf: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]):
+        super().__init__(plan.layers, codes, weights, biases)
+        self.plan, self.clamp, self.seed, self.xyz, self.sdf = plan, clamp, seed, xyz, sdf
 
 
 class _Partial:

@@ -1,0 +1,309 @@
+"""Inference kernels of a frozen DeepSDF decoder: SDF values, and values with input gradients.
+
+Why: meshing a code evaluates the decoder at ~10^4 - 10^5 points per extraction, and the
+MeshSDF backward needs ds/dcode and ds/dxyz at every vertex.  Through ``Decoder.forward``
+and autograd, a CPU spends more time allocating, page-faulting and re-reading the
+(points x 128) activations than multiplying them (a 128 x 128 GEMM of 4096 rows runs at
+about half speed when it allocates its output).  Here the points are cut into row chunks
+whose activations live in scratch buffers allocated once per thread and reused by every
+chunk and call, so the hot loop allocates nothing; and, as in the fused training loss
+(``lib.models.fused``, whose ``WeightBlocks`` these kernels share):
+
+  * the latent code's columns of a layer are applied once per code, as a per-code bias
+    row (no [code | xyz] rows are built); rows of several codes gather their bias rows;
+  * the input gradient is a hand-written backward with output gradient 1 per row: tanh',
+    the ReLU masks (``threshold_backward`` on the kept activations), one ``g @ W`` per
+    layer and NO weight gradients; the code and encoded-xyz gradients are collected from
+    the columns that read them (layer 0, the latent_in layers, xyz_in_all), and the xyz
+    gradient is chained through the Fourier features by one small GEMM.
+
+The functions compute the same function as ``Decoder.forward`` in eval mode (same values
+and input gradients up to float rounding: the code's contribution is summed in another
+order).  They never build an autograd graph; the caller puts autograd around them where
+gradients must flow on (``lib.meshsdf``).
+
+Entry points: ``InferenceKernel(decoder)`` (weights prepared once per parameter version),
+``values`` and ``values_and_input_grad``.  A decoder qualifies when
+``decoder.inference_plan(device)`` is not None (a ``lib.models.decoder.Decoder`` without
+LayerNorm, latent dropout or active dropout).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import torch
+
+from lib.models.fused import FusedPlan, WeightBlocks
+from lib.models.ops import PE_PI
+
+
+def default_rows(device) -> int:
+    """Rows per chunk: on a CPU 4096 (a 128-wide layer's activations are 2 MB, in cache, and a
+    4096-row GEMM with a preallocated output runs near MKL's peak); on a GPU 2^16 (one
+    kernel per layer for a typical call; the cache argument does not apply)."""
+    return 4096 if torch.device(device).type == "cpu" else 1 << 16
+
+
+_SCRATCH = threading.local()  # per thread: two concurrent calls must not share activations
+
+
+def _scratch(key: tuple, numel: int, device, dtype) -> torch.Tensor:
+    """A flat scratch buffer of at least ``numel`` elements for ``key`` (grown, never shrunk;
+    bounded by the chunk size, so a handful of MB per thread and device)."""
+    cache = getattr(_SCRATCH, "buffers", None)
+    if cache is None:
+        cache = _SCRATCH.buffers = {}
+    key = (torch.device(device), dtype) + key
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        if len(cache) > 64:  # many devices/dtypes/shapes: start over rather than grow without bound
+            cache.clear()
+        buf = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf
+
+
+class _Prepared(WeightBlocks):
+    """Weight blocks of one parameter/code version plus what the input-gradient pass needs.
+
+    ext[i]: (widths[i], L + E) the columns of layer i that read the code (first L) and the
+    encoded xyz (last E), zero where the layer does not read them, or None; with it one
+    GEMM per layer gives that layer's share of d s / d[code | encoded xyz].
+    """
+
+    def __init__(self, plan: FusedPlan, codes: torch.Tensor, weights: Sequence[torch.Tensor],
+                 biases: Sequence[torch.Tensor]):
+        super().__init__(plan.layers, codes, weights, biases)
+        self.plan = plan
+        self.latent = codes.shape[1]
+        first = plan.layers[0]
+        self.encoded = first.pe[1] - first.pe[0]
+        lat, enc = self.latent, self.encoded
+        self.ext = []
+        for i, (w, lp) in enumerate(zip(weights, plan.layers)):
+            if not lp.lat and not lp.pe:
+                self.ext.append(None)
+                continue
+            e = w.new_zeros(self.widths[i], lat + enc)
+            if lp.lat:
+                e[: w.shape[0], :lat] = w[:, lp.lat[0]: lp.lat[1]]
+            if lp.pe:
+                e[: w.shape[0], lat:] = w[:, lp.pe[0]: lp.pe[1]]
+            self.ext.append(e)
+        # rows of one code: the bias rows of code 0; several codes differ only on layers with lat columns
+        self.bias_row = [sb[0] for sb in self.scene_bias]
+        self.per_code = [bool(lp.lat) and codes.shape[0] > 1 for lp in plan.layers]
+        d = plan.fourier_degree
+        self.freq = None
+        if d:
+            dev, dt = codes.device, weights[0].dtype
+            self.freq = (PE_PI * 2.0 ** torch.arange(d, dtype=dt, device=dev)).view(d, 1)  # (d, 1)
+            # (3d, 3): d(sum_l f_l t_lj)/dt: the chain matrix from angle derivatives to xyz
+            self.chain = torch.kron(self.freq, torch.eye(3, dtype=dt, device=dev))
+
+
+class InferenceKernel:
+    """The inference kernels of one decoder, its weights prepared at most once per version.
+
+    decoder: anything with ``inference_plan(device)`` (FusedPlan or None) and
+    ``effective_weights(False)`` and ``parameters()`` (``lib.models.decoder.Decoder``).
+    The prepared blocks are keyed on every parameter's identity and ``_version`` and the
+    codes', so training the decoder (or moving the code) in between calls is seen.
+    """
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self._key = None
+        self._prep: _Prepared | None = None
+
+    def supported(self, device) -> bool:
+        """Whether the kernels compute this decoder's function in its current mode."""
+        plan = getattr(self.decoder, "inference_plan", None)
+        return plan is not None and plan(device) is not None
+
+    def prepare(self, codes: torch.Tensor) -> _Prepared:
+        """The weight blocks for codes (B, L) (detached), rebuilt only when a tensor changed."""
+        params = list(self.decoder.parameters())
+        key = tuple((id(p), p._version) for p in params) + ((id(codes), codes._version, codes.device, codes.dtype),)
+        if key != self._key or self._prep is None:
+            with torch.no_grad():
+                plan = self.decoder.inference_plan(codes.device)
+                ws = self.decoder.effective_weights(False)
+                self._prep = _Prepared(plan, codes.detach(), ws[0::2], ws[1::2])
+            self._key = key
+            self._tensors = (params, codes)  # hold them so their ids cannot be reused while keyed
+        return self._prep
+
+    def values(self, codes: torch.Tensor, xyz: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """SDF values (P,) at xyz (P, 3) of codes (B, L): row p uses code ``index[p]`` (P,) int64,
+        or code 0 when index is None.  No autograd graph."""
+        return values(self.prepare(codes), xyz, index)
+
+    def values_and_input_grad(self, codes: torch.Tensor, xyz: torch.Tensor, index: torch.Tensor | None = None):
+        """(values (P,), ds/dcode rows (P, L), ds/dxyz (P, 3)); see :func:`values_and_input_grad`."""
+        return values_and_input_grad(self.prepare(codes), xyz, index)
+
+
+def _encode(prep: _Prepared, pts: torch.Tensor, ang: torch.Tensor | None, pe: torch.Tensor | None) -> torch.Tensor:
+    """The encoded xyz (n, E) of pts (n, 3), into ``pe`` (n, 6d) with ``ang`` (n, 3d) scratch;
+    the layout of ``lib.models.ops.positional_encoding`` (cos terms, then sin terms; term l,
+    coordinate j at 3l + j)."""
+    if prep.freq is None:
+        return pts
+    n, d = pts.shape[0], prep.plan.fourier_degree
+    torch.mul(pts.unsqueeze(1), prep.freq, out=ang.view(n, d, 3))
+    torch.cos(ang, out=pe[:, : 3 * d])
+    torch.sin(ang, out=pe[:, 3 * d:])
+    return pe
+
+
+def _forward(prep: _Prepared, acts: Sequence[torch.Tensor], x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Pre-activation of the last layer (n, 1) for encoded rows x (n, E); hidden activations
+    (after ReLU) written into ``acts[i]`` (n, widths[i]) (the same buffer may repeat)."""
+    pe = x
+    layers = prep.plan.layers
+    last = len(layers) - 1
+    for i, lp in enumerate(layers):
+        h = acts[i]
+        w_in = prep.wx_t[i] if lp.x else prep.wpe_t[i]
+        if idx is not None and prep.per_code[i]:
+            torch.index_select(prep.scene_bias[i], 0, idx, out=h)
+            h.addmm_(x, w_in)
+        else:
+            torch.addmm(prep.bias_row[i], x, w_in, out=h)
+        if lp.x and lp.pe:
+            h.addmm_(pe, prep.wpe_t[i])
+        if i == last:
+            return h
+        h.clamp_min_(0.0)
+        x = h
+
+
+def _tanh_out(prep: _Prepared, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+    """The output tanh (and DeepSDF's extra inner tanh with use_tanh) of h (n, 1) into out (n,);
+    returns the inner tanh (n,) or None (needed for the derivative)."""
+    h = h.view(-1)
+    if prep.plan.use_tanh:
+        inner = torch.tanh(h)
+        torch.tanh(inner, out=out)
+        return inner
+    torch.tanh(h, out=out)
+    return None
+
+
+def _rows(prep: _Prepared, xyz: torch.Tensor, index, rows: int | None):
+    p = xyz.shape[0]
+    rows = int(rows or default_rows(xyz.device))
+    idx = index if (index is not None and prep.scene_bias[0].shape[0] > 1) else None
+    return p, rows, idx
+
+
+@torch.no_grad()
+def values(prep: _Prepared, xyz: torch.Tensor, index: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
+    """SDF (P,) of the prepared decoder at xyz (P, 3), code ``index`` (P,) int64 per row (None:
+    code 0); ``rows`` per chunk (default :func:`default_rows`).  Same function as
+    ``Decoder.forward`` in eval mode on [codes[index] | xyz]."""
+    p, rows, idx = _rows(prep, xyz, index, rows)
+    dev, dt = xyz.device, prep.bias_row[0].dtype
+    out = torch.empty(p, dtype=dt, device=dev)
+    if p == 0:
+        return out
+    c = min(rows, p)
+    width = max(prep.widths)
+    buf = _scratch(("values", 0), 2 * c * width, dev, dt)
+    enc = prep.encoded
+    ang_buf = _scratch(("ang",), c * enc // 2, dev, dt) if prep.freq is not None else None
+    pe_buf = _scratch(("pe",), c * enc, dev, dt) if prep.freq is not None else None
+    pts_all = xyz.to(dt)
+    views: dict = {}
+    for s in range(0, p, c):
+        n = min(c, p - s)
+        v = views.get(n)
+        if v is None:
+            half = c * width
+            acts = [buf[(i % 2) * half: (i % 2) * half + n * w].view(n, w) for i, w in enumerate(prep.widths)]
+            ang = ang_buf[: n * enc // 2].view(n, enc // 2) if ang_buf is not None else None
+            pe = pe_buf[: n * enc].view(n, enc) if pe_buf is not None else None
+            v = views[n] = (acts, ang, pe)
+        acts, ang, pe = v
+        x = _encode(prep, pts_all[s: s + n], ang, pe)
+        h = _forward(prep, acts, x, None if idx is None else idx[s: s + n])
+        _tanh_out(prep, h, out[s: s + n])
+    return out
+
+
+@torch.no_grad()
+def values_and_input_grad(prep: _Prepared, xyz: torch.Tensor, index: torch.Tensor | None = None,
+                          rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Values (P,), d s_p / d code (P, L) and d s_p / d xyz_p (P, 3) of every row.
+
+    xyz (P, 3); index (P,) int64 code per row (None: code 0).  Row p's derivatives are
+    those of s_p = decoder([codes[index[p]] | xyz_p]) w.r.t. its own input row, i.e. the
+    gradient of sum_p s_p w.r.t. the (P, L + 3) input rows; no weight gradients.
+    """
+    p, rows, idx = _rows(prep, xyz, index, rows)
+    dev, dt = xyz.device, prep.bias_row[0].dtype
+    lat, enc = prep.latent, prep.encoded
+    out = torch.empty(p, dtype=dt, device=dev)
+    g_code = torch.empty(p, lat, dtype=dt, device=dev)
+    g_xyz = torch.empty(p, 3, dtype=dt, device=dev)
+    if p == 0:
+        return out, g_code, g_xyz
+    c = min(rows, p)
+    widths = prep.widths
+    width = max(widths)
+    total = sum(widths)
+    buf = _scratch(("acts",), c * total, dev, dt)
+    gbuf = _scratch(("grads",), 2 * c * width, dev, dt)
+    ebuf = _scratch(("ext",), c * (lat + enc), dev, dt)
+    ang_buf = _scratch(("ang",), c * enc // 2, dev, dt) if prep.freq is not None else None
+    pe_buf = _scratch(("pe",), c * enc, dev, dt) if prep.freq is not None else None
+    layers = prep.plan.layers
+    last = len(layers) - 1
+    pts_all = xyz.to(dt)
+    views: dict = {}
+    for s in range(0, p, c):
+        n = min(c, p - s)
+        v = views.get(n)
+        if v is None:
+            offs = [0]
+            for w in widths:
+                offs.append(offs[-1] + c * w)
+            acts = [buf[o: o + n * w].view(n, w) for o, w in zip(offs, widths)]
+            gins = [gbuf[(i % 2) * c * width: (i % 2) * c * width + n * widths[i - 1]].view(n, widths[i - 1])
+                    if lp.x else None for i, lp in enumerate(layers)]
+            ext = ebuf[: n * (lat + enc)].view(n, lat + enc)
+            ang = ang_buf[: n * enc // 2].view(n, enc // 2) if ang_buf is not None else None
+            pe = pe_buf[: n * enc].view(n, enc) if pe_buf is not None else None
+            v = views[n] = (acts, gins, ext, ang, pe)
+        acts, gins, ext, ang, pe = v
+        x = _encode(prep, pts_all[s: s + n], ang, pe)
+        h = _forward(prep, acts, x, None if idx is None else idx[s: s + n])
+        val = out[s: s + n]
+        inner = _tanh_out(prep, h, val)
+        # d tanh(u)/du = 1 - tanh(u)^2, written into the last layer's activation (n, 1)
+        g = torch.mul(val, val, out=h.view(-1)).neg_().add_(1.0)
+        if inner is not None:
+            g.mul_(inner.mul_(inner).neg_().add_(1.0))
+        g = h
+        ext.zero_()
+        for i in range(last, -1, -1):
+            if prep.ext[i] is not None:
+                ext.addmm_(g, prep.ext[i])
+            if i == 0:
+                break
+            gin = torch.mm(g, prep.wx[i], out=gins[i])
+            # relu backward: pass where the unit was positive (its kept activation > 0)
+            g = torch.ops.aten.threshold_backward.grad_input(gin, acts[i - 1], 0.0, grad_input=gin)
+        g_code[s: s + n].copy_(ext[:, :lat])
+        g_enc = ext[:, lat:]
+        if prep.freq is None:
+            g_xyz[s: s + n].copy_(g_enc)
+        else:
+            # d cos(a)/dx = -sin(a) f, d sin(a)/dx = cos(a) f: t = g_sin cos(a) - g_cos sin(a), then sum_l f_l t_l
+            half = enc // 2
+            cos, sin = pe[:, :half], pe[:, half:]
+            t = torch.mul(ext[:, lat + half:], cos, out=ang)
+            t.addcmul_(ext[:, lat: lat + half], sin, value=-1.0)
+            torch.mm(t, prep.chain, out=g_xyz[s: s + n])
+    return out, g_code, g_xyz
