@@ -1,0 +1,234 @@
+"""The frozen-decoder inference kernels (lib.models.inference) and their use by lib.meshsdf.
+
+The kernels must compute Decoder.forward's function in eval mode (values) and the
+gradient of sum_p s_p w.r.t. each input row (codes and xyz): checked against the decoder
+and autograd for several architectures, against finite differences in float64, and
+through the mesh layer against the autograd path it replaces (``_CodeField.use_kernels``).
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib.meshsdf import _CodeField, mesh_from_sdf
+from lib.models.decoder import Decoder
+from lib.models.inference import InferenceKernel, values, values_and_input_grad
+
+REPO = Path(__file__).resolve().parents[1]
+EXP = REPO / "experiments" / "bob_and_spot"
+
+CONFIGS = {
+    # bob_and_spot's form, narrower: weight norm everywhere, latent_in, Fourier features
+    "deepsdf_pe": dict(dims=[40] * 6, norm_layers=list(range(6)), latent_in=[3], weight_norm=True,
+                       positional_encoding=True, fourier_degree=3, dropout=list(range(6)), dropout_prob=0.2),
+    "xyz_in_all_tanh": dict(dims=[24] * 4, latent_in=[2], xyz_in_all=True, use_tanh=True),
+    "two_latent_in_pe_xyz_in_all": dict(dims=[40] * 3, latent_in=[1, 2], xyz_in_all=True, positional_encoding=True,
+                                        fourier_degree=2, norm_layers=[0, 2], weight_norm=True),
+    "plain": dict(dims=[16, 16]),
+}
+
+
+def _decoder(name, latent=3, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    dec = Decoder(latent, **CONFIGS[name]).to(dtype).eval()
+    with torch.no_grad():  # larger weights than the init, so that ReLUs switch and tanh bends
+        for p in dec.parameters():
+            p.mul_(1.5)
+    return dec
+
+
+def _reference(dec, codes, xyz, index):
+    """Decoder.forward on [codes[index] | xyz] and the autograd gradient of the sum w.r.t. the rows."""
+    rows = torch.cat((codes[index], xyz), 1).requires_grad_(True)
+    out = dec(rows).reshape(-1)
+    (g,) = torch.autograd.grad(out.sum(), rows)
+    L = codes.shape[1]
+    return out.detach(), g[:, :L], g[:, L:]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_values_and_input_grads_equal_the_decoder_and_autograd(name):
+    dec = _decoder(name)
+    kernel = InferenceKernel(dec)
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randn(3, 3, generator=gen)
+    xyz = torch.rand(150, 3, generator=gen) * 2 - 1
+    index = torch.randint(0, 3, (150,), generator=gen)
+    want, want_code, want_xyz = _reference(dec, codes, xyz, index)
+    assert want_code.abs().max() > 1e-2 and want_xyz.abs().max() > 1e-2  # a function that depends on both
+    prep = kernel.prepare(codes)
+    for rows in (64, 4096):  # 150 rows: three chunks with a short last one, and one chunk
+        got = values(prep, xyz, index, rows=rows)
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+        v, g_code, g_xyz = values_and_input_grad(prep, xyz, index, rows=rows)
+        torch.testing.assert_close(v, want, rtol=0, atol=2e-6)
+        torch.testing.assert_close(g_code, want_code, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_xyz, want_xyz, rtol=1e-5, atol=1e-6)
+    # one code: index None means code 0 for every row
+    one = codes[:1]
+    want1, want1_code, want1_xyz = _reference(dec, one, xyz, torch.zeros(150, dtype=torch.int64))
+    torch.testing.assert_close(kernel.values(one, xyz), want1, rtol=0, atol=2e-6)
+    _, g1_code, g1_xyz = kernel.values_and_input_grad(one, xyz)
+    torch.testing.assert_close(g1_code, want1_code, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1_xyz, want1_xyz, rtol=1e-5, atol=1e-6)
+
+
+def test_no_points():
+    dec = _decoder("deepsdf_pe")
+    kernel = InferenceKernel(dec)
+    codes = torch.randn(2, 3)
+    none = torch.zeros(0, 3)
+    idx = torch.zeros(0, dtype=torch.int64)
+    assert kernel.values(codes, none, idx).shape == (0,)
+    v, gc, gx = kernel.values_and_input_grad(codes, none, idx)
+    assert v.shape == (0,) and gc.shape == (0, 3) and gx.shape == (0, 3)
+
+
+def test_input_grads_match_finite_differences_in_float64():
+    dec = _decoder("deepsdf_pe", dtype=torch.float64)
+    kernel = InferenceKernel(dec)
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    xyz = torch.rand(20, 3, generator=gen, dtype=torch.float64) * 2 - 1
+    index = torch.arange(20) % 2
+    _, g_code, g_xyz = kernel.values_and_input_grad(codes, xyz, index)
+    h = 1e-6
+    for j in range(3):
+        e = torch.zeros(3, dtype=torch.float64)
+        e[j] = h
+        fd_x = (kernel.values(codes, xyz + e, index) - kernel.values(codes, xyz - e, index)) / (2 * h)
+        torch.testing.assert_close(g_xyz[:, j], fd_x, rtol=1e-6, atol=1e-8)
+        fd_c = (kernel.values(codes + e, xyz, index) - kernel.values(codes - e, xyz, index)) / (2 * h)
+        torch.testing.assert_close(g_code[:, j], fd_c, rtol=1e-6, atol=1e-8)
+
+
+def test_prepared_weights_follow_in_place_parameter_and_code_updates():
+    """The prepared blocks are cached per parameter version: training in between is seen."""
+    dec = _decoder("deepsdf_pe")
+    kernel = InferenceKernel(dec)
+    codes = torch.randn(1, 3)
+    xyz = torch.rand(50, 3) * 2 - 1
+    before = kernel.values(codes, xyz)
+    with torch.no_grad():
+        dec.lin2.weight_v.mul_(-1.0)  # in place, as an optimizer step does
+    assert not torch.allclose(kernel.values(codes, xyz), before)
+    torch.testing.assert_close(kernel.values(codes, xyz), _reference(dec, codes, xyz, torch.zeros(50, dtype=torch.int64))[0],
+                               rtol=0, atol=2e-6)
+    codes.add_(0.5)
+    torch.testing.assert_close(kernel.values(codes, xyz), _reference(dec, codes, xyz, torch.zeros(50, dtype=torch.int64))[0],
+                               rtol=0, atol=2e-6)
+
+
+def test_kernels_refuse_what_they_do_not_compute():
+    """LayerNorm, latent dropout and active dropout keep the autograd path (the plan is None)."""
+    assert Decoder(2, dims=[16, 16], norm_layers=[0]).inference_plan("cpu") is None  # LayerNorm
+    assert Decoder(2, dims=[16, 16], latent_dropout=True).eval().inference_plan("cpu") is None
+    dropping = Decoder(2, dims=[16, 16], dropout=[0, 1], dropout_prob=0.2)
+    assert dropping.train().inference_plan("cpu") is None
+    assert dropping.eval().inference_plan("cpu") is not None
+    assert Decoder(2, dims=[16, 16], dropout=[0, 1], dropout_prob=0.0).train().inference_plan("cpu") is not None
+
+
+class _ForwardCounter:
+    def __init__(self, module):
+        self.calls = 0
+        module.register_forward_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+
+
+@pytest.fixture(scope="module")
+def ring():
+    """The shipped bob_and_spot network (frozen) and its two codes: bob (a ring) and spot."""
+    if not (EXP / "ModelParameters" / "latest.pth").is_file():
+        pytest.skip("shipped checkpoint absent")
+    from lib import checkpoint
+    from lib.specs import load_specs
+
+    dec, codes = checkpoint.load_decoder_and_codes(EXP, load_specs(EXP), "latest", device="cpu")
+    dec.eval()
+    for p in dec.parameters():
+        p.requires_grad_(False)
+    return dec, codes.detach()
+
+
+@pytest.mark.parametrize("gradient", ["paper", "exact"])
+def test_mesh_layer_gradients_through_the_kernels_equal_the_autograd_path(ring, gradient, monkeypatch):
+    dec, codes = ring
+    w1 = torch.randn(3, generator=torch.Generator().manual_seed(3))
+    out = {}
+    for use in (True, False):
+        monkeypatch.setattr(_CodeField, "use_kernels", use)
+        counter = _ForwardCounter(dec) if use else None
+        z = codes.clone().requires_grad_(True)
+        meshes = mesh_from_sdf(dec, z, 32, "sparse", gradient=gradient)  # B = 2: the indexed path
+        w = torch.randn(3, generator=torch.Generator().manual_seed(4))
+        loss = sum((m.verts * w).sum() + m.verts.pow(2).sum() for m in meshes)
+        loss.backward()
+        out[use] = ([m.faces for m in meshes], [m.verts.detach() for m in meshes],
+                    [m.state.dl_ds for m in meshes], z.grad.clone())
+        if use:
+            assert counter.calls == 0  # extraction and backward went through the kernels, not forward
+        single = codes[1].clone().requires_grad_(True)
+        m1 = mesh_from_sdf(dec, single, 32, "sparse", gradient=gradient)
+        (m1.verts * w1).sum().backward()
+        out[use] += (m1.faces, single.grad.clone())
+    new, old = out[True], out[False]
+    assert all(f.shape[0] > 100 for f in new[0])
+    for a, b in zip(new[0], old[0]):
+        assert torch.equal(a, b)
+    for a, b in zip(new[1], old[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for a, b in zip(new[2], old[2]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item())
+    torch.testing.assert_close(new[3], old[3], rtol=1e-3, atol=1e-4 * old[3].abs().max().item())
+    assert torch.equal(new[4], old[4])
+    torch.testing.assert_close(new[5], old[5], rtol=1e-3, atol=1e-4 * old[5].abs().max().item())
+
+
+def test_autograd_path_when_the_field_needs_a_graph(ring):
+    """With grad enabled and a code requiring grad the field is evaluated by the decoder, so
+    the values carry a graph; under no_grad the kernel gives the same values without one."""
+    dec, codes = ring
+    z = codes[:1].clone().requires_grad_(True)
+    field = _CodeField(dec, z)
+    pts = torch.rand(40, 3) * 2 - 1
+    with_graph = field.single(pts)
+    assert with_graph.grad_fn is not None
+    with torch.no_grad():
+        plain = field.single(pts)
+    torch.testing.assert_close(plain, with_graph.detach(), rtol=0, atol=2e-6)
+
+
+def test_demo_step_is_unchanged_by_the_kernels(ring, monkeypatch):
+    """One demo step (bob_and_spot network, silhouette loss) from the same start: the same faces,
+    vertices and per-vertex dL/ds within rounding, the same code update."""
+    from lib.camera import demo_camera
+    from lib.optimize import LatentOptimizer, SilhouetteLoss
+    from lib.render import silhouette
+
+    dec, codes = ring
+    cam = demo_camera(image_size=96, device="cpu")
+    with torch.no_grad():
+        t = mesh_from_sdf(dec, codes[0], 40, "sparse")
+    target = silhouette(t.verts, t.faces, cam, sigma=0)
+    steps = {}
+    for use in (True, False):
+        monkeypatch.setattr(_CodeField, "use_kernels", use)
+        opt = LatentOptimizer(dec, codes[1], SilhouetteLoss(cam, target, loss="mse"), lr=5e-2, resolution=40)
+        steps[use] = (opt.step(), opt.latent.detach().clone())
+    (a, za), (b, zb) = steps[True], steps[False]
+    assert torch.equal(a.faces, b.faces) and a.faces.shape[0] > 1000
+    torch.testing.assert_close(a.verts, b.verts, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.dl_ds, b.dl_ds, rtol=0, atol=1e-4 * b.dl_ds.abs().max().item())
+    torch.testing.assert_close(za, zb, rtol=0, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_kernels_on_cuda_equal_the_cpu():
+    dec = _decoder("deepsdf_pe")
+    codes = torch.randn(3, 3)
+    xyz = torch.rand(70000, 3) * 2 - 1  # more than one GPU chunk
+    index = torch.randint(0, 3, (70000,))
+    cpu = InferenceKernel(dec).values_and_input_grad(codes, xyz, index)
+    cuda = InferenceKernel(dec.cuda()).values_and_input_grad(codes.cuda(), xyz.cuda(), index.cuda())
+    for a, b in zip(cpu, cuda):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
