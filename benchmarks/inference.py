@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""The frozen-decoder inference kernels (lib.models.inference) against the autograd path they
+replace, on the bob_and_spot network, ratios measured in one run.
+
+The machine may be shared: the two sides are timed alternately, round after round, and each
+figure is the median over rounds (the range is printed too).  Prints:
+
+  1. values: SDF at ``--points`` random points (default 16384, the extraction's call size),
+     ``InferenceKernel.values`` vs ``Decoder.forward`` under no_grad, µs per point;
+  2. input gradients at ``--vertices`` points (default 7000, a demo mesh's vertices):
+     ``values_and_input_grad`` vs one autograd forward + backward w.r.t. the input rows, ms;
+  3. the demo loop (``--iterations`` steps of LatentOptimizer at N = 64, 512 px silhouettes)
+     with ``_CodeField.use_kernels`` on vs off: per step, the extraction (``extract``), the
+     MeshSDF backward (``field_backward``) and the whole step, s.
+
+Usage: python benchmarks/inference.py [-e experiments/bob_and_spot] [--rounds 5] [--iterations 20]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lib.meshsdf as meshsdf  # noqa: E402
+from lib import checkpoint, runtime  # noqa: E402
+from lib.camera import demo_camera  # noqa: E402
+from lib.errors import cli_main  # noqa: E402
+from lib.meshsdf import _CodeField, mesh_from_sdf  # noqa: E402
+from lib.models.inference import InferenceKernel  # noqa: E402
+from lib.optimize import LatentOptimizer, SilhouetteLoss  # noqa: E402
+from lib.render import silhouette  # noqa: E402
+from lib.specs import REPO_ROOT, load_specs  # noqa: E402
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def _fmt(xs, scale=1.0, digits=3):
+    xs = [x * scale for x in xs]
+    return f"{statistics.median(xs):.{digits}f} [{min(xs):.{digits}f}-{max(xs):.{digits}f}]"
+
+
+def _demo_loop(dec, codes, cam, target, iterations: int, use: bool) -> dict:
+    """Per-step seconds of extract / field_backward / step with the kernels on or off."""
+    _CodeField.use_kernels = use
+    acc = {"extract": 0.0, "field_bwd": 0.0, "step": 0.0}
+    real_extract, real_bwd = meshsdf.extract, meshsdf.field_backward
+
+    def timed(name, fn):
+        def run(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            acc[name] += time.perf_counter() - t
+            return out
+        return run
+
+    meshsdf.extract, meshsdf.field_backward = timed("extract", real_extract), timed("field_bwd", real_bwd)
+    try:
+        opt = LatentOptimizer(dec, codes[1], SilhouetteLoss(cam, target, loss="mse"), lr=5e-2, resolution=64)
+        for _ in range(iterations):
+            t = time.perf_counter()
+            opt.step()
+            acc["step"] += time.perf_counter() - t
+    finally:
+        meshsdf.extract, meshsdf.field_backward = real_extract, real_bwd
+        _CodeField.use_kernels = True
+    return {k: v / iterations for k, v in acc.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-e", "--experiment", default=str(REPO_ROOT / "experiments" / "bob_and_spot"))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--points", type=int, default=16384)
+    ap.add_argument("--vertices", type=int, default=7000)
+    ap.add_argument("--iterations", type=int, default=20)
+    args = ap.parse_args(argv)
+    runtime.apply_thread_policy()
+    exp = Path(args.experiment)
+    dec, codes = checkpoint.load_decoder_and_codes(exp, load_specs(exp), "latest", device="cpu")
+    dec.eval()
+    for p in dec.parameters():
+        p.requires_grad_(False)
+    codes = codes.detach()
+    print(f"threads {torch.get_num_threads()}, load {open('/proc/loadavg').read().split()[:3]}")
+    code = codes[1:2]
+    kernel = InferenceKernel(dec)
+    gen = torch.Generator().manual_seed(0)
+    pts = torch.rand(args.points, 3, generator=gen) * 2 - 1
+    verts = torch.rand(args.vertices, 3, generator=gen) * 2 - 1
+
+    def forward():
+        with torch.no_grad():
+            return dec(torch.cat((code.expand(pts.shape[0], -1), pts), 1))
+
+    def autograd_rows():
+        rows = torch.cat((code.expand(verts.shape[0], -1), verts), 1).requires_grad_(True)
+        return torch.autograd.grad(dec(rows).sum(), rows)
+
+    res = {k: [] for k in ("fwd", "val", "ag", "vg")}
+    for _ in range(args.rounds):
+        res["fwd"].append(_median_time(forward, 10) / args.points)
+        res["val"].append(_median_time(lambda: kernel.values(code, pts), 10) / args.points)
+        res["ag"].append(_median_time(autograd_rows, 5))
+        res["vg"].append(_median_time(lambda: kernel.values_and_input_grad(code, verts), 5))
+    ratio = [a / b for a, b in zip(res["fwd"], res["val"])]
+    print(f"1. values at {args.points} points, us/point: Decoder.forward (no_grad) {_fmt(res['fwd'], 1e6)}, "
+          f"kernel {_fmt(res['val'], 1e6)}; speed-up {_fmt(ratio, digits=2)}")
+    ratio = [a / b for a, b in zip(res["ag"], res["vg"])]
+    print(f"2. input gradients at {args.vertices} points, ms: autograd {_fmt(res['ag'], 1e3, 1)}, "
+          f"kernel {_fmt(res['vg'], 1e3, 1)}; speed-up {_fmt(ratio, digits=2)}")
+
+    cam = demo_camera(image_size=512, device="cpu")
+    with torch.no_grad():
+        t = mesh_from_sdf(dec, codes[0], 64, "sparse")
+    target = silhouette(t.verts, t.faces, cam, sigma=0)
+    runs = {True: [], False: []}
+    for r in range(args.rounds):
+        for use in ((True, False) if r % 2 == 0 else (False, True)):
+            runs[use].append(_demo_loop(dec, codes, cam, target, args.iterations, use))
+    print(f"3. demo loop, {args.iterations} iterations x {args.rounds} rounds, s per step (median [range]):")
+    for k in ("extract", "field_bwd", "step"):
+        on, off = [x[k] for x in runs[True]], [x[k] for x in runs[False]]
+        ratio = [b / a for a, b in zip(on, off)]
+        print(f"   {k:9s} kernels {_fmt(on, digits=4)}  autograd {_fmt(off, digits=4)}  speed-up {_fmt(ratio, digits=2)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main, "inference.py"))
