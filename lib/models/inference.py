@@ -191,11 +191,34 @@ def _tanh_out(prep: _Prepared, h: torch.Tensor, out: torch.Tensor) -> torch.Tens
     return None
 
 
-def _rows(prep: _Prepared, xyz: torch.Tensor, index, rows: int | None):
-    p = xyz.shape[0]
+def _setup(prep: _Prepared, xyz: torch.Tensor, index, rows: int | None):
+    """(P, rows per chunk, the per-row code index or None when all rows use code 0, device, dtype)."""
     rows = int(rows or default_rows(xyz.device))
     idx = index if (index is not None and prep.scene_bias[0].shape[0] > 1) else None
-    return p, rows, idx
+    return xyz.shape[0], rows, idx, xyz.device, prep.bias_row[0].dtype
+
+
+def _encode_views(prep: _Prepared, c: int, n: int, dev, dt):
+    """(angle scratch (n, 3d), encoded-xyz scratch (n, 6d)) for a chunk of n <= c rows, or
+    (None, None) without positional encoding."""
+    if prep.freq is None:
+        return None, None
+    enc = prep.encoded
+    ang = _scratch(("ang",), c * enc // 2, dev, dt)[: n * enc // 2].view(n, enc // 2)
+    pe = _scratch(("pe",), c * enc, dev, dt)[: n * enc].view(n, enc)
+    return ang, pe
+
+
+def _chunks(p: int, c: int, build):
+    """(start, rows, build(rows)) over p rows in chunks of c; the scratch views of a chunk size
+    are built once (at a few us per tensor operation, even views count in this loop)."""
+    views: dict = {}
+    for s in range(0, p, c):
+        n = min(c, p - s)
+        v = views.get(n)
+        if v is None:
+            v = views[n] = build(n)
+        yield s, n, v
 
 
 @torch.no_grad()
@@ -203,29 +226,20 @@ def values(prep: _Prepared, xyz: torch.Tensor, index: torch.Tensor | None = None
     """SDF (P,) of the prepared decoder at xyz (P, 3), code ``index`` (P,) int64 per row (None:
     code 0); ``rows`` per chunk (default :func:`default_rows`).  Same function as
     ``Decoder.forward`` in eval mode on [codes[index] | xyz]."""
-    p, rows, idx = _rows(prep, xyz, index, rows)
-    dev, dt = xyz.device, prep.bias_row[0].dtype
+    p, rows, idx, dev, dt = _setup(prep, xyz, index, rows)
     out = torch.empty(p, dtype=dt, device=dev)
     if p == 0:
         return out
     c = min(rows, p)
-    width = max(prep.widths)
-    buf = _scratch(("values", 0), 2 * c * width, dev, dt)
-    enc = prep.encoded
-    ang_buf = _scratch(("ang",), c * enc // 2, dev, dt) if prep.freq is not None else None
-    pe_buf = _scratch(("pe",), c * enc, dev, dt) if prep.freq is not None else None
+    half = c * max(prep.widths)
+    buf = _scratch(("values",), 2 * half, dev, dt)  # two activations, ping-pong
     pts_all = xyz.to(dt)
-    views: dict = {}
-    for s in range(0, p, c):
-        n = min(c, p - s)
-        v = views.get(n)
-        if v is None:
-            half = c * width
-            acts = [buf[(i % 2) * half: (i % 2) * half + n * w].view(n, w) for i, w in enumerate(prep.widths)]
-            ang = ang_buf[: n * enc // 2].view(n, enc // 2) if ang_buf is not None else None
-            pe = pe_buf[: n * enc].view(n, enc) if pe_buf is not None else None
-            v = views[n] = (acts, ang, pe)
-        acts, ang, pe = v
+
+    def build(n):
+        acts = [buf[(i % 2) * half: (i % 2) * half + n * w].view(n, w) for i, w in enumerate(prep.widths)]
+        return (acts, *_encode_views(prep, c, n, dev, dt))
+
+    for s, n, (acts, ang, pe) in _chunks(p, c, build):
         x = _encode(prep, pts_all[s: s + n], ang, pe)
         h = _forward(prep, acts, x, None if idx is None else idx[s: s + n])
         _tanh_out(prep, h, out[s: s + n])
@@ -241,8 +255,7 @@ def values_and_input_grad(prep: _Prepared, xyz: torch.Tensor, index: torch.Tenso
     those of s_p = decoder([codes[index[p]] | xyz_p]) w.r.t. its own input row, i.e. the
     gradient of sum_p s_p w.r.t. the (P, L + 3) input rows; no weight gradients.
     """
-    p, rows, idx = _rows(prep, xyz, index, rows)
-    dev, dt = xyz.device, prep.bias_row[0].dtype
+    p, rows, idx, dev, dt = _setup(prep, xyz, index, rows)
     lat, enc = prep.latent, prep.encoded
     out = torch.empty(p, dtype=dt, device=dev)
     g_code = torch.empty(p, lat, dtype=dt, device=dev)
@@ -256,27 +269,20 @@ def values_and_input_grad(prep: _Prepared, xyz: torch.Tensor, index: torch.Tenso
     buf = _scratch(("acts",), c * total, dev, dt)
     gbuf = _scratch(("grads",), 2 * c * width, dev, dt)
     ebuf = _scratch(("ext",), c * (lat + enc), dev, dt)
-    ang_buf = _scratch(("ang",), c * enc // 2, dev, dt) if prep.freq is not None else None
-    pe_buf = _scratch(("pe",), c * enc, dev, dt) if prep.freq is not None else None
     layers = prep.plan.layers
     last = len(layers) - 1
     pts_all = xyz.to(dt)
-    views: dict = {}
-    for s in range(0, p, c):
-        n = min(c, p - s)
-        v = views.get(n)
-        if v is None:
-            offs = [0]
-            for w in widths:
-                offs.append(offs[-1] + c * w)
-            acts = [buf[o: o + n * w].view(n, w) for o, w in zip(offs, widths)]
-            gins = [gbuf[(i % 2) * c * width: (i % 2) * c * width + n * widths[i - 1]].view(n, widths[i - 1])
-                    if lp.x else None for i, lp in enumerate(layers)]
-            ext = ebuf[: n * (lat + enc)].view(n, lat + enc)
-            ang = ang_buf[: n * enc // 2].view(n, enc // 2) if ang_buf is not None else None
-            pe = pe_buf[: n * enc].view(n, enc) if pe_buf is not None else None
-            v = views[n] = (acts, gins, ext, ang, pe)
-        acts, gins, ext, ang, pe = v
+    offs = [0]
+    for w in widths:
+        offs.append(offs[-1] + c * w)
+
+    def build(n):
+        acts = [buf[o: o + n * w].view(n, w) for o, w in zip(offs, widths)]
+        gins = [gbuf[(i % 2) * c * width: (i % 2) * c * width + n * widths[i - 1]].view(n, widths[i - 1])
+                if lp.x else None for i, lp in enumerate(layers)]
+        return (acts, gins, ebuf[: n * (lat + enc)].view(n, lat + enc), *_encode_views(prep, c, n, dev, dt))
+
+    for s, n, (acts, gins, ext, ang, pe) in _chunks(p, c, build):
         x = _encode(prep, pts_all[s: s + n], ang, pe)
         h = _forward(prep, acts, x, None if idx is None else idx[s: s + n])
         val = out[s: s + n]
