@@ -42,7 +42,7 @@ from torch import nn
 
 from lib.errors import MeshSDFError
 from lib.isosurface import ExtractionState, extract
-from lib.models.inference import InferenceKernel
+from lib.models.inference import InferenceKernel, kernel_for
 
 GRADIENTS = ("paper", "exact")
 INSIDE = ("below", "above")
@@ -146,11 +146,12 @@ class _CodeField:
 
     def __init__(self, decoder: nn.Module, codes: torch.Tensor):
         self.decoder, self.codes = decoder, codes
-        self._kernel = InferenceKernel(decoder)
+        self._kernel = kernel_for(decoder)
 
     def kernel(self, device) -> InferenceKernel | None:
         """The inference kernel when it computes this decoder's current function, else None."""
-        return self._kernel if self.use_kernels and self._kernel.supported(device) else None
+        k = self._kernel
+        return k if self.use_kernels and k is not None and k.supported(device) else None
 
     def _plain(self, points: torch.Tensor) -> InferenceKernel | None:
         """The kernel when this evaluation needs no autograd graph (grad off, or nothing requires grad)."""

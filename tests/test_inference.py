@@ -232,3 +232,22 @@ def test_kernels_on_cuda_equal_the_cpu():
     cuda = InferenceKernel(dec.cuda()).values_and_input_grad(codes.cuda(), xyz.cuda(), index.cuda())
     for a, b in zip(cpu, cuda):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
+
+
+def test_one_kernel_per_decoder_sees_parameter_changes_between_meshes(ring, monkeypatch):
+    """mesh_from_sdf calls share the decoder's prepared weights (kernel_for); an in-place change
+    of a parameter between two calls (as a training step makes) is seen by the next mesh."""
+    from lib.models.inference import kernel_for
+
+    dec, codes = ring
+    dec = __import__("copy").deepcopy(dec)
+    assert kernel_for(dec) is kernel_for(dec)
+    with torch.no_grad():
+        first = mesh_from_sdf(dec, codes[0], 32, "sparse")
+        dec.lin8.bias.add_(0.05)  # every value up: the surface shrinks
+        new = mesh_from_sdf(dec, codes[0], 32, "sparse")
+        monkeypatch.setattr(_CodeField, "use_kernels", False)
+        old = mesh_from_sdf(dec, codes[0], 32, "sparse")
+    assert not torch.equal(first.faces, new.faces) or not torch.allclose(first.verts, new.verts)
+    assert torch.equal(new.faces, old.faces)
+    torch.testing.assert_close(new.verts, old.verts, rtol=0, atol=1e-5)

@@ -104,15 +104,15 @@ class WeightBlocks:
       wx[i]          (widths[i], widths[i-1]) the columns fed by the previous layer, or None
                      (layer 0), as is for backward GEMMs; wx_t[i] its transpose (contiguous);
       wpe_t[i]       (encoded-xyz width, widths[i]) the encoded-xyz columns transposed, or None;
-      scene_bias[i]  (B, widths[i]) bias + the latent columns applied to each scene's code.
+      scene_bias[i]  (B, widths[i]) bias + the latent columns applied to each scene's code
+                     (``scene_biases(codes)`` recomputes them for other codes).
     """
 
     def __init__(self, layers: Sequence[LayerPlan], codes: torch.Tensor, weights: Sequence[torch.Tensor],
                  biases: Sequence[torch.Tensor]):
         last = len(layers) - 1
         self.widths = [w.shape[0] if i == last else -(-w.shape[0] // _PAD) * _PAD for i, w in enumerate(weights)]
-        b = codes.shape[0]
-        self.wx, self.wx_t, self.wpe_t, self.scene_bias = [], [], [], []
+        self.wx, self.wx_t, self.wpe_t, self.bias_pad, self.lat_t = [], [], [], [], []
         for i, (w, bias, lp) in enumerate(zip(weights, biases, layers)):
             out = self.widths[i]
             if lp.x:
@@ -129,11 +129,22 @@ class WeightBlocks:
                 self.wpe_t.append(wpe_t)
             else:
                 self.wpe_t.append(None)
-            sb = w.new_zeros(b, out)
-            sb[:, : w.shape[0]] = bias
+            bp = w.new_zeros(out)
+            bp[: w.shape[0]] = bias
+            self.bias_pad.append(bp)
             if lp.lat:
-                sb[:, : w.shape[0]] += codes @ w[:, lp.lat[0]: lp.lat[1]].t()
-            self.scene_bias.append(sb)
+                lat_t = w.new_zeros(lp.lat[1] - lp.lat[0], out)
+                lat_t[:, : w.shape[0]] = w[:, lp.lat[0]: lp.lat[1]].t()
+                self.lat_t.append(lat_t)
+            else:
+                self.lat_t.append(None)
+        self.scene_bias = self.scene_biases(codes)
+
+    def scene_biases(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer (B, widths[i]): the bias plus the latent columns applied to each code of (B, L)."""
+        b = codes.shape[0]
+        return [bp.expand(b, -1).clone() if lt is None else torch.addmm(bp, codes, lt)
+                for bp, lt in zip(self.bias_pad, self.lat_t)]
 
 
 class _Shared(WeightBlocks):

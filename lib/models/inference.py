@@ -29,7 +29,9 @@ LayerNorm, latent dropout or active dropout).
 """
 from __future__ import annotations
 
+import copy
 import threading
+import weakref
 from typing import Sequence
 
 import torch
@@ -92,9 +94,7 @@ class _Prepared(WeightBlocks):
             if lp.pe:
                 e[: w.shape[0], lat:] = w[:, lp.pe[0]: lp.pe[1]]
             self.ext.append(e)
-        # rows of one code: the bias rows of code 0; several codes differ only on layers with lat columns
-        self.bias_row = [sb[0] for sb in self.scene_bias]
-        self.per_code = [bool(lp.lat) and codes.shape[0] > 1 for lp in plan.layers]
+        self._bind(codes)
         d = plan.fourier_degree
         self.freq = None
         if d:
@@ -103,38 +103,86 @@ class _Prepared(WeightBlocks):
             # (3d, 3): d(sum_l f_l t_lj)/dt: the chain matrix from angle derivatives to xyz
             self.chain = torch.kron(self.freq, torch.eye(3, dtype=dt, device=dev))
 
+    def _bind(self, codes: torch.Tensor) -> None:
+        self.latent = codes.shape[1]
+        # rows of one code: the bias rows of code 0; several codes differ only on layers with lat columns
+        self.bias_row = [sb[0] for sb in self.scene_bias]
+        self.per_code = [bool(lp.lat) and codes.shape[0] > 1 for lp in self.plan.layers]
+
+    def with_codes(self, codes: torch.Tensor) -> "_Prepared":
+        """The same weight blocks bound to other codes (B, L): only the per-code biases are new."""
+        other = copy.copy(self)
+        other.scene_bias = self.scene_biases(codes)
+        other._bind(codes)
+        return other
+
+
+_KERNELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def kernel_for(decoder) -> "InferenceKernel | None":
+    """The one :class:`InferenceKernel` of ``decoder`` (kept while the decoder lives), so the
+    prepared weights serve every mesh of an optimisation until a parameter changes; None for
+    a decoder without ``inference_plan`` (not a ``lib.models.decoder.Decoder``)."""
+    if not isinstance(decoder, torch.nn.Module) or not hasattr(decoder, "inference_plan"):
+        return None
+    kernel = _KERNELS.get(decoder)
+    if kernel is None:
+        kernel = _KERNELS[decoder] = InferenceKernel(decoder)
+    return kernel
+
 
 class InferenceKernel:
     """The inference kernels of one decoder, its weights prepared at most once per version.
 
-    decoder: anything with ``inference_plan(device)`` (FusedPlan or None) and
-    ``effective_weights(False)`` and ``parameters()`` (``lib.models.decoder.Decoder``).
-    The prepared blocks are keyed on every parameter's identity and ``_version`` and the
-    codes', so training the decoder (or moving the code) in between calls is seen.
+    decoder: a module with ``inference_plan(device)`` (FusedPlan or None) and
+    ``effective_weights(False)`` (``lib.models.decoder.Decoder``), held by a weak reference.  The weight blocks are keyed on every parameter's identity,
+    ``_version`` and storage (the tensors are held while keyed, so no key can be reused),
+    the per-code biases on the codes' identity and ``_version``: training the decoder, moving
+    it, or moving the code in between calls is seen.
     """
 
     def __init__(self, decoder):
-        self.decoder = decoder
-        self._key = None
-        self._prep: _Prepared | None = None
+        self._decoder = weakref.ref(decoder)
+        self._plans: dict = {}
+        # each replaced as a whole (one assignment), so a reader never pairs a key with another's blocks
+        self._weights: tuple | None = None  # (weights key, held tensors, _Prepared)
+        self._coded: tuple | None = None    # ((weights key, codes key), held codes, _Prepared bound to them)
+
+    @property
+    def decoder(self):
+        return self._decoder()
+
+    def plan(self, device):
+        """``decoder.inference_plan(device)``, cached per train/eval mode and device type."""
+        dec = self.decoder
+        key = (dec.training, torch.device(device).type)
+        if key not in self._plans:
+            self._plans[key] = dec.inference_plan(device)
+        return self._plans[key]
 
     def supported(self, device) -> bool:
         """Whether the kernels compute this decoder's function in its current mode."""
-        plan = getattr(self.decoder, "inference_plan", None)
-        return plan is not None and plan(device) is not None
+        return self.plan(device) is not None
 
     def prepare(self, codes: torch.Tensor) -> _Prepared:
-        """The weight blocks for codes (B, L) (detached), rebuilt only when a tensor changed."""
-        params = list(self.decoder.parameters())
-        key = tuple((id(p), p._version) for p in params) + ((id(codes), codes._version, codes.device, codes.dtype),)
-        if key != self._key or self._prep is None:
+        """The weight blocks bound to codes (B, L) (detached), rebuilt only when a tensor changed."""
+        dec = self.decoder
+        params = list(dec.parameters())
+        wkey = tuple((id(p), p._version, p.data_ptr()) for p in params) + (codes.device, codes.dtype)
+        ckey = (id(codes), codes._version, codes.data_ptr(), tuple(codes.shape))
+        held = self._weights
+        if held is None or held[0] != wkey:
             with torch.no_grad():
-                plan = self.decoder.inference_plan(codes.device)
-                ws = self.decoder.effective_weights(False)
-                self._prep = _Prepared(plan, codes.detach(), ws[0::2], ws[1::2])
-            self._key = key
-            self._tensors = (params, codes)  # hold them so their ids cannot be reused while keyed
-        return self._prep
+                ws = dec.effective_weights(False)
+                prep = _Prepared(self.plan(codes.device), codes.detach(), ws[0::2], ws[1::2])
+            held = self._weights = (wkey, (params, [p.data for p in params]), prep)
+            self._coded = ((wkey, ckey), codes, prep)
+        coded = self._coded
+        if coded is None or coded[0] != (wkey, ckey):
+            with torch.no_grad():
+                coded = self._coded = ((wkey, ckey), codes, held[2].with_codes(codes.detach()))
+        return coded[2]
 
     def values(self, codes: torch.Tensor, xyz: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """SDF values (P,) at xyz (P, 3) of codes (B, L): row p uses code ``index[p]`` (P,) int64,
