@@ -40,6 +40,7 @@ from lib.render import _screen, _segment_sum, _use_fixed, face_index
 NR_EPS = 1e-4                # neural_renderer's rasterize_silhouettes eps (NDC units)
 NR_AMBIENT, NR_DIRECTIONAL, NR_LIGHT_DIRECTION = 0.5, 0.5, (0.0, 1.0, 0.0)   # its default light
 PAIR_CHUNK = 1 << 21         # about this many (crossing, pixel) pairs evaluated at once in the backward pass
+SMALL_BLOCK = 1 << 14        # a block of fewer pairs than this is merged into a wider one (fixed costs)
 
 
 def nr_silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, eps: float = NR_EPS,
@@ -91,109 +92,147 @@ class _KatoSilhouette(torch.autograd.Function):
 def _kato_axis(p0, p1, faces, fi, g, n0, n1, eps_px, reproducible):
     """dL/d(p1) (V,) of Kato's rule for scanlines at integer p0 (0..n0-1), pixels along p1.
 
-    fi (n0, n1) face index and g (n0, n1) dL/dI, indexed [scanline, position along it].
+    p0, p1 (V,) vertex positions in index coordinates (pixel centres on the integers);
+    fi (n0, n1) face index and g (n0, n1) dL/dI, indexed [scanline, position along it];
+    eps_px: the +-eps of the distances, in pixels.
     """
+    # selections are sums and products of masks and gathers are index_select: on the CPU
+    # torch.where and advanced indexing cost several times more
     dev, dt = p0.device, p0.dtype
     V = p0.shape[0]
-    alpha = fi >= 0
-    visible = torch.zeros(faces.shape[0] + 1, dtype=torch.bool, device=dev)
-    visible[fi.reshape(-1) + 1] = True                      # slot 0 collects the background
-    vf = visible[1:].nonzero().squeeze(1)
+    zero = p0.new_zeros(V)
+    fi_flat, g_flat = fi.reshape(-1), g.reshape(-1)
+    npx = n0 * n1
+    bg = fi_flat < 0
+    vf = (torch.bincount(fi_flat + 1, minlength=faces.shape[0] + 1)[1:] > 0).nonzero().squeeze(1)
     if vf.numel() == 0:
-        return p0.new_zeros(V)
-    tri = faces[vf]                                          # (Fv, 3)
-    ia = tri.reshape(-1)                                     # edge k of a face: (k, k+1), third k+2
-    ib = tri.roll(-1, dims=1).reshape(-1)
-    ic = tri.roll(-2, dims=1).reshape(-1)
-    fe = vf.repeat_interleave(3)
-    a0, a1, b0, b1, c0, c1 = p0[ia], p1[ia], p0[ib], p1[ib], p0[ic], p1[ic]
+        return zero
+
+    # edges of the visible faces: edge k of a face is (k, k+1), its third vertex k+2
+    tri = faces.index_select(0, vf)                          # (Fv, 3)
+    ia, ib, ic = tri.reshape(-1), tri.roll(-1, dims=1).reshape(-1), tri.roll(-2, dims=1).reshape(-1)
+    a0, a1, b0, b1, c0, c1 = (p.index_select(0, i) for i in (ia, ib, ic) for p in (p0, p1))
     lo = torch.ceil(torch.minimum(a0, b0)).clamp(min=0)
     hi = torch.floor(torch.maximum(a0, b0)).clamp(max=n0 - 1)
-    slope = (b1 - a1) / torch.where(b0 != a0, b0 - a0, torch.ones_like(a0))
+    flat = b0 == a0
+    slope = (b1 - a1) / (b0 - a0 + flat)                     # flat edges: any finite value
     inner = torch.sign(c1 - (a1 + slope * (c0 - a0)))       # side of the face along p1
-    count = torch.where((b0 != a0) & (inner != 0), (hi - lo + 1).clamp(min=0), torch.zeros_like(lo)).long()
-    e = torch.repeat_interleave(torch.arange(len(count), device=dev), count)
-    if e.numel() == 0:
-        return p0.new_zeros(V)
-    start = torch.cumsum(count, 0) - count
-    d0 = (lo[e] + (torch.arange(len(e), device=dev) - start[e]).to(dt))
-    cross = a1[e] + slope[e] * (d0 - a0[e])
-    direction = -inner[e]                                    # towards the outside
-    d1_in = torch.where(direction > 0, torch.floor(cross), torch.ceil(cross))
-    d1_out = d1_in + direction
-    ok = (d1_in >= 0) & (d1_in <= n1 - 1) & (d1_out >= 0) & (d1_out <= n1 - 1)
-    d0i = d0.long()
-    din = d1_in.long().clamp(0, n1 - 1)
-    dout = d1_out.long().clamp(0, n1 - 1)
-    f_in = fi[d0i, din]
-    a_out = alpha[d0i, dout]
+    count = ((hi - lo + 1).clamp(min=0) * (~flat & (inner != 0))).long()
 
-    # per crossing: moving endpoint a (resp. b) alone by k_a * dc (k_b * dc) moves the crossing
-    # by dc; k = span / lever, unusable when the lever is 0 (the scanline through the endpoint)
-    span = (b0 - a0)[e]
-    lever_a, lever_b = b0[e] - d0, d0 - a0[e]
-    use_a, use_b = lever_a != 0, lever_b != 0
-    k_a = span / torch.where(use_a, lever_a, torch.ones_like(lever_a))
-    k_b = span / torch.where(use_b, lever_b, torch.ones_like(lever_b))
-    sum_a, sum_b = p0.new_zeros(len(e)), p0.new_zeros(len(e))
-
-    def slope_sum(k, dc, diff, lengths):
-        """Per crossing: sum over its pixels of -diff / (k dc +- eps), pairs contiguous per crossing."""
-        dist = k * dc
-        dist = torch.where(dist > 0, dist + eps_px, dist - eps_px)
-        return torch.segment_reduce(-diff / dist, "sum", lengths=lengths)
-
-    def pairs(sel, keys, key_lo, key_hi, diff_of):
-        """Add the slopes of pairs (crossing in sel, candidate pixel with key in [key_lo, key_hi])."""
-        if sel.numel() == 0 or keys.numel() == 0:
-            return
-        s = torch.searchsorted(keys, key_lo[sel])
-        n = (torch.searchsorted(keys, key_hi[sel], right=True) - s).clamp(min=0)
-        keep = n > 0
-        sel, s, n = sel[keep], s[keep], n[keep]
-        if sel.numel() == 0:
-            return
-        ends = torch.cumsum(n, 0)
-        # groups of whole crossings with about PAIR_CHUNK pairs each (bounded memory)
-        total = int(ends[-1])
-        bounds = [0, len(sel)]
-        if total > PAIR_CHUNK:
-            marks = torch.arange(PAIR_CHUNK, total, PAIR_CHUNK, device=dev)
-            cuts = (torch.searchsorted(ends, marks) + 1).clamp(max=len(sel)).unique().tolist()
-            bounds = [0] + cuts + ([len(sel)] if cuts[-1] != len(sel) else [])
-        for lo_c, hi_c in zip(bounds[:-1], bounds[1:]):
-            if hi_c <= lo_c:
-                continue
-            cs, cn, cx = s[lo_c:hi_c], n[lo_c:hi_c], sel[lo_c:hi_c]
-            k = torch.repeat_interleave(torch.arange(len(cn), device=dev), cn)
-            first = torch.cumsum(cn, 0) - cn
-            cand = cs[k] + (torch.arange(len(k), device=dev) - first[k])
-            d1, diff = diff_of(cand)                         # position along p1, dI * dL/dI (> 0)
-            dc = d1.to(dt) - cross[cx][k]
-            sum_a.index_add_(0, cx, slope_sum(k_a[cx][k], dc, diff, cn))   # cx unique: no atomics race
-            sum_b.index_add_(0, cx, slope_sum(k_b[cx][k], dc, diff, cn))
-
-    # out: the face is visible at the in-pixel; background pixels beyond with dL/dI < 0
-    sel_out = (ok & (f_in == fe[e])).nonzero().squeeze(1)
-    cand_out = (~alpha & (g < 0)).reshape(-1).nonzero().squeeze(1)          # sorted keys
+    # crossings (edge, scanline d0), grouped by edge
+    e = torch.repeat_interleave(count)
+    nc = e.numel()
+    if nc == 0:
+        return zero
+    ca0, ca1, cb0, cslope, direction = torch.stack([a0, a1, b0, slope, -inner]).index_select(1, e)
+    first, fe = torch.stack([lo.long() - (torch.cumsum(count, 0) - count), vf.repeat_interleave(3)]).index_select(1, e)
+    d0i = torch.arange(nc, device=dev) + first
+    d0 = d0i.to(dt)
+    cross = ca1 + cslope * (d0 - ca0)
+    d1_in = direction * torch.floor(direction * cross)      # the pixel just inside: floor or ceil
+    d1_out = d1_in + direction                               # direction: towards the outside
+    both = d1_in + d1_out                                    # adjacent pixels: both in [0, n1 - 1]
+    ok = (both >= 1) & (both <= 2 * n1 - 3)
     base = d0i * n1
-    lo_out = torch.where(direction > 0, base + dout, base)
-    hi_out = torch.where(direction > 0, base + n1 - 1, base + dout)
-    g_flat = g.reshape(-1)
-    pairs(sel_out, cand_out, lo_out, hi_out,
-          lambda c: (cand_out[c] % n1, -g_flat[cand_out[c]]))               # dI = 0 - 1
-    # in: background out-pixel; this face's pixels on the scanline with dL/dI > 0
-    sel_in = (ok & ~a_out).nonzero().squeeze(1)
-    px = (alpha & (g > 0)).reshape(-1).nonzero().squeeze(1)
-    fkey = fi.reshape(-1)[px] * (n0 * n1) + px
-    order = torch.argsort(fkey)
-    keys_in, px_in = fkey[order], px[order]
-    fbase = fe[e] * (n0 * n1) + base
-    pairs(sel_in, keys_in, fbase, fbase + n1 - 1,
-          lambda c: (px_in[c] % n1, g_flat[px_in[c]]))                      # dI = 1 - 0
-    idx = torch.cat([ia[e][use_a], ib[e][use_b]])
-    val = torch.cat([sum_a[use_a], sum_b[use_b]])
-    return _segment_sum(idx, val[:, None], V, reproducible=reproducible)[:, 0]
+    din = base + d1_in.long().clamp(0, n1 - 1)
+    dout = base + d1_out.long().clamp(0, n1 - 1)
+
+    # candidate pixels (module doc): out: background with dL/dI < 0, in: covered with dL/dI > 0;
+    # one sorted list of keys, out pixels by pixel index, then in pixels by (face + 1, pixel)
+    cand = (g_flat != 0) & ((g_flat < 0) == bg)
+    px = cand.nonzero().squeeze(1)
+    keys, order = torch.sort(px + (fi_flat.index_select(0, px) + 1) * npx)
+    diff = g_flat.index_select(0, px.index_select(0, order)).abs()                   # dI * dL/dI
+    rank = torch.zeros(npx + 1, dtype=torch.long, device=dev)
+    torch.cumsum(cand & bg, 0, out=rank[1:])                # out candidates before each pixel
+
+    # rows: out: the face is visible at the in-pixel; its candidates beyond the edge up to the
+    # border.  in: the out-pixel is background; the face's candidates on the scanline.
+    rows_out = (ok & (fi_flat.index_select(0, din) == fe)).nonzero().squeeze(1)
+    rows_in = (ok & bg.index_select(0, dout)).nonzero().squeeze(1)
+    up = (direction.index_select(0, rows_out) > 0).long()
+    b_o, o_o = base.index_select(0, rows_out), dout.index_select(0, rows_out)
+    s_out = rank.index_select(0, b_o + up * (o_o - b_o))                        # dout or the border
+    e_out = rank.index_select(0, o_o + 1 + up * (b_o + n1 - o_o - 1))
+    q_in = (fe.index_select(0, rows_in) + 1) * npx + base.index_select(0, rows_in)
+    s_in, e_in = torch.searchsorted(keys, torch.cat([q_in, q_in + n1])).view(2, -1)
+    n = torch.cat([e_out - s_out, e_in - s_in])
+    # the rows with candidates, by n
+    keep = (n > 0).nonzero().squeeze(1)
+    n, by_n = torch.sort(n.index_select(0, keep), stable=True)
+    sel = keep.index_select(0, by_n)
+    rc = torch.cat([rows_out, rows_in]).index_select(0, sel)
+    s = torch.cat([s_out, s_in]).index_select(0, sel)
+    back = torch.cat([1 - up, up.new_zeros(len(rows_in))]).index_select(0, sel)   # end at the out-pixel
+
+    # per row: moving endpoint a (b) by k dc moves the crossing by dc, k = span / lever > 0; a
+    # lever of 0 (the scanline through that endpoint) gives it nothing (dummy vertex V)
+    ra0, rb0, rd0 = ca0.index_select(0, rc), cb0.index_select(0, rc), d0.index_select(0, rc)
+    lever = torch.stack([rb0 - rd0, rd0 - ra0])              # (2, R)
+    unused = lever == 0
+    k = (rb0 - ra0) / (lever + unused)
+    v = torch.stack([ia, ib]).index_select(1, e.index_select(0, rc))
+    v = v + unused * (V - v)
+    return _kato_pairs(keys, diff, s, n, back, cross.index_select(0, rc), k, v, V, n1, eps_px, reproducible)
+
+
+def _kato_pairs(keys, diff, s, n, back, x, k, vert, V, n1, eps_px, reproducible):
+    """Sum Kato's slopes over all (row, candidate) pairs onto the rows' edge endpoints.
+
+    keys, diff (Nk,): sorted candidate keys (key % n1 the position along the scanline; a run
+    of equal key // n1 is one scanline of one list) and dI * dL/dI (> 0).  Rows (R,), sorted
+    by n >= 1: candidates s .. s + n - 1, within one run, which they start (back = 1) or end
+    (back = 0), for a crossing at position x, its endpoints' k (2, R) and vertices vert
+    (2, R) (V: none).  Each pair adds -diff / (k dc +- eps) (dc = pos - x, -eps where
+    dc <= 0) to the vertex.  Rows are bucketed by n and each bucket is one dense
+    (width, rows) block, rows along the contiguous axis: no pair gathers its row's
+    attributes, and the row sums are plain sums.
+    """
+    dev, dt = x.device, x.dtype
+    nk = keys.numel()
+    # slots: a zero-weight slot before every run and one after the last, so that a block,
+    # padded after a row's last candidate, reads one; a reversed copy serves the back rows
+    run = torch.div(keys, n1, rounding_mode="floor")
+    new_run = torch.ones(nk, dtype=torch.long, device=dev)
+    new_run[1:] = run[1:] != run[:-1]
+    slot = torch.arange(nk, device=dev) + torch.cumsum(new_run, 0)
+    m = 2 * nk + 1                                           # at least nk + runs + 1
+    a_pos = x.new_zeros(m).index_copy_(0, slot, (keys - run * n1).to(dt))
+    a_diff = x.new_zeros(m).index_copy_(0, slot, diff)
+    a_pos, a_diff = torch.cat([a_pos, a_pos.flip(0)]), torch.cat([a_diff, a_diff.flip(0)])
+    t = slot.index_select(0, s)
+    start = (t + back * (2 * m - 2 * t - n)).int()           # reversed: 2m - 1 - (t + n - 1)
+    n = n.int()
+
+    # widths 1, 2, 3, 4, 6, 8, 12, ... (at most 1.5x padding); a block too small to pay for
+    # its own passes joins the next wider one
+    widths = sorted({w for i in range(n1.bit_length() + 1) for w in (1 << i, 3 << i >> 1) if w})
+    widths = widths[:next(i for i, w in enumerate(widths) if w >= n1) + 1]
+    bounds = torch.searchsorted(n, torch.tensor(widths, dtype=n.dtype, device=dev), right=True).tolist()
+    blocks, pending = [], None
+    for w, r0, r1 in zip(widths, [0] + bounds[:-1], bounds):
+        if r1 == r0:
+            continue
+        if pending is not None and (pending[2] - pending[1]) * w > SMALL_BLOCK:
+            blocks.append(pending)
+            pending = None
+        pending = (w, r0 if pending is None else pending[1], r1)
+    if pending is not None:
+        blocks.append(pending)
+
+    sums = x.new_empty(2, len(n))
+    eps = torch.tensor(eps_px, dtype=dt, device=dev)
+    j = torch.arange(widths[-1], dtype=torch.int32, device=dev)[:, None]
+    for w, r0, r1 in blocks:
+        step = max(1, PAIR_CHUNK // w)                       # bounded memory
+        for c0 in range(r0, r1, step):
+            c1 = min(c0 + step, r1)
+            c = (start[c0:c1] + torch.minimum(j[:w], n[c0:c1])).view(-1)     # (w, rows) slots
+            # r = -dc; den = k r + sign(r) eps = -(k dc +- eps) (dc = 0: r = +0, den = +eps)
+            r = x[c0:c1] - a_pos.index_select(0, c).view(w, -1)
+            den = torch.addcmul(torch.copysign(eps, r), k[:, None, c0:c1], r)    # (2, w, rows)
+            sums[:, c0:c1] = torch.div(a_diff.index_select(0, c).view(w, -1), den, out=den).sum(1)
+    return _segment_sum(vert.reshape(-1), sums.reshape(-1, 1), V + 1, reproducible=reproducible)[:V, 0]
 
 
 def nr_shade(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, face_colors=None, color: float = 0.7,
