@@ -39,7 +39,7 @@ from lib.render import _screen, _segment_sum, _use_fixed, face_index
 
 NR_EPS = 1e-4                # neural_renderer's rasterize_silhouettes eps (NDC units)
 NR_AMBIENT, NR_DIRECTIONAL, NR_LIGHT_DIRECTION = 0.5, 0.5, (0.0, 1.0, 0.0)   # its default light
-PAIR_CHUNK = 1 << 21         # about this many (crossing, pixel) pairs evaluated at once in the backward pass
+PAIR_CHUNK = 1 << 16         # about this many (crossing, pixel) pairs evaluated at once in the backward pass
 SMALL_BLOCK = 1 << 14        # a block of fewer pairs than this is merged into a wider one (fixed costs)
 
 
@@ -103,7 +103,6 @@ def _kato_axis(p0, p1, faces, fi, g, n0, n1, eps_px, reproducible):
     zero = p0.new_zeros(V)
     fi_flat, g_flat = fi.reshape(-1), g.reshape(-1)
     npx = n0 * n1
-    bg = fi_flat < 0
     vf = (torch.bincount(fi_flat + 1, minlength=faces.shape[0] + 1)[1:] > 0).nonzero().squeeze(1)
     if vf.numel() == 0:
         return zero
@@ -119,51 +118,52 @@ def _kato_axis(p0, p1, faces, fi, g, n0, n1, eps_px, reproducible):
     inner = torch.sign(c1 - (a1 + slope * (c0 - a0)))       # side of the face along p1
     count = ((hi - lo + 1).clamp(min=0) * (~flat & (inner != 0))).long()
 
-    # crossings (edge, scanline d0), grouped by edge
-    e = torch.repeat_interleave(count)
+    # crossings (edge, scanline d0), grouped by edge; integers in int32 (pixel indices < 2^31)
+    e = torch.repeat_interleave(count.int())
     nc = e.numel()
     if nc == 0:
         return zero
     ca0, ca1, cb0, cslope, direction = torch.stack([a0, a1, b0, slope, -inner]).index_select(1, e)
-    first, fe = torch.stack([lo.long() - (torch.cumsum(count, 0) - count), vf.repeat_interleave(3)]).index_select(1, e)
-    d0i = torch.arange(nc, device=dev) + first
+    first = (lo.long() - (torch.cumsum(count, 0) - count)).int()
+    first, fe = torch.stack([first, vf.int().repeat_interleave(3)]).index_select(1, e)
+    d0i = torch.arange(nc, dtype=torch.int32, device=dev) + first
     d0 = d0i.to(dt)
     cross = ca1 + cslope * (d0 - ca0)
     d1_in = direction * torch.floor(direction * cross)      # the pixel just inside: floor or ceil
     d1_out = d1_in + direction                               # direction: towards the outside
     both = d1_in + d1_out                                    # adjacent pixels: both in [0, n1 - 1]
     ok = (both >= 1) & (both <= 2 * n1 - 3)
-    base = d0i * n1
-    din = base + d1_in.long().clamp(0, n1 - 1)
-    dout = base + d1_out.long().clamp(0, n1 - 1)
+    pix = torch.stack([d1_in, d1_out]).int().clamp_(0, n1 - 1) + d0i * n1      # (2, Nc) in / out pixel
+    f_pix = fi_flat.index_select(0, pix.view(-1)).view(2, -1)
 
     # candidate pixels (module doc): out: background with dL/dI < 0, in: covered with dL/dI > 0;
     # one sorted list of keys, out pixels by pixel index, then in pixels by (face + 1, pixel)
-    cand = (g_flat != 0) & ((g_flat < 0) == bg)
-    px = cand.nonzero().squeeze(1)
-    keys, order = torch.sort(px + (fi_flat.index_select(0, px) + 1) * npx)
-    diff = g_flat.index_select(0, px.index_select(0, order)).abs()                   # dI * dL/dI
-    rank = torch.zeros(npx + 1, dtype=torch.long, device=dev)
-    torch.cumsum(cand & bg, 0, out=rank[1:])                # out candidates before each pixel
+    nz = (g_flat != 0).nonzero().squeeze(1)
+    f_nz, g_nz = fi_flat.index_select(0, nz), g_flat.index_select(0, nz)
+    ci = ((g_nz < 0) == (f_nz < 0)).nonzero().squeeze(1)
+    keys, order = torch.sort(nz.index_select(0, ci) + (f_nz.index_select(0, ci) + 1) * npx)
+    diff = g_nz.index_select(0, ci.index_select(0, order)).abs()                     # dI * dL/dI
+    line = torch.searchsorted(keys, torch.arange(n0 + 1, device=dev) * n1)          # scanline starts
 
     # rows: out: the face is visible at the in-pixel; its candidates beyond the edge up to the
     # border.  in: the out-pixel is background; the face's candidates on the scanline.
-    rows_out = (ok & (fi_flat.index_select(0, din) == fe)).nonzero().squeeze(1)
-    rows_in = (ok & bg.index_select(0, dout)).nonzero().squeeze(1)
-    up = (direction.index_select(0, rows_out) > 0).long()
-    b_o, o_o = base.index_select(0, rows_out), dout.index_select(0, rows_out)
-    s_out = rank.index_select(0, b_o + up * (o_o - b_o))                        # dout or the border
-    e_out = rank.index_select(0, o_o + 1 + up * (b_o + n1 - o_o - 1))
-    q_in = (fe.index_select(0, rows_in) + 1) * npx + base.index_select(0, rows_in)
-    s_in, e_in = torch.searchsorted(keys, torch.cat([q_in, q_in + n1])).view(2, -1)
-    n = torch.cat([e_out - s_out, e_in - s_in])
+    rows_out = (ok & (f_pix[0] == fe)).nonzero().squeeze(1)
+    rows_in = (ok & (f_pix[1] < 0)).nonzero().squeeze(1)
+    up = (direction.index_select(0, rows_out) > 0).int()
+    q_out = pix[1].index_select(0, rows_out) + 1 - up       # candidates from dout on / up to dout
+    q_in = (fe.index_select(0, rows_in).long() + 1) * npx + d0i.index_select(0, rows_in) * n1
+    r = torch.searchsorted(keys, torch.cat([q_out.long(), q_in, q_in + n1]))
+    no, ni = len(rows_out), len(rows_in)
+    border = line.index_select(0, d0i.index_select(0, rows_out) + up)            # scanline end / start
+    s = torch.cat([torch.minimum(r[:no], border), r[no:no + ni]])
+    n = torch.cat([torch.maximum(r[:no], border), r[no + ni:]]) - s
     # the rows with candidates, by n
     keep = (n > 0).nonzero().squeeze(1)
     n, by_n = torch.sort(n.index_select(0, keep), stable=True)
     sel = keep.index_select(0, by_n)
     rc = torch.cat([rows_out, rows_in]).index_select(0, sel)
-    s = torch.cat([s_out, s_in]).index_select(0, sel)
-    back = torch.cat([1 - up, up.new_zeros(len(rows_in))]).index_select(0, sel)   # end at the out-pixel
+    s = s.index_select(0, sel)
+    back = torch.cat([1 - up, up.new_zeros(ni)]).index_select(0, sel)          # end at the out-pixel
 
     # per row: moving endpoint a (b) by k dc moves the crossing by dc, k = span / lever > 0; a
     # lever of 0 (the scanline through that endpoint) gives it nothing (dummy vertex V)

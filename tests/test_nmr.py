@@ -173,3 +173,123 @@ def test_pair_chunks_and_reproducible_sums_do_not_change_the_gradient(monkeypatc
     assert float(grads[0].abs().sum()) > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grads[2], grads[0], rtol=1e-12, atol=1e-12)
+
+
+def _kato_reference(p0, p1, faces, fi, g, eps_px):
+    """Kato's rule of lib.nmr's module doc, pair by pair in plain Python: for every edge of
+    every visible face and every scanline it crosses, the in-pixel / out-pixel rules, each
+    candidate pixel P on the scanline, and each endpoint whose lever is not 0.  Returns
+    dL/d(p1) per vertex and counts of what was exercised."""
+    n0, n1 = len(fi), len(fi[0])
+    grad = [0.0] * len(p0)
+    seen = {"out": 0, "in": 0, "up": 0, "down": 0, "on edge": 0, "lever 0": 0}
+    for f in sorted({x for row in fi for x in row} - {-1}):
+        tri = faces[f]
+        for kk in range(3):
+            a, b, c = tri[kk], tri[(kk + 1) % 3], tri[(kk + 2) % 3]
+            a0, a1, b0, b1, c0, c1 = p0[a], p1[a], p0[b], p1[b], p0[c], p1[c]
+            if a0 == b0:
+                continue
+            slope = (b1 - a1) / (b0 - a0)
+            side = c1 - (a1 + slope * (c0 - a0))
+            if side == 0:
+                continue
+            direction = 1 if side < 0 else -1                 # towards the outside of the face
+            for d0 in range(max(0, math.ceil(min(a0, b0))), min(n0 - 1, math.floor(max(a0, b0))) + 1):
+                cross = a1 + slope * (d0 - a0)
+                d_in = math.floor(cross) if direction > 0 else math.ceil(cross)
+                d_out = d_in + direction
+                if not (0 <= d_in < n1 and 0 <= d_out < n1):
+                    continue
+                pairs = []
+                if fi[d0][d_in] == f:                         # out: pixels beyond, up to the border
+                    P = d_out
+                    while 0 <= P < n1:
+                        if fi[d0][P] < 0 and g[d0][P] < 0:    # dI = I_in - I_P = 1, dI dL/dI < 0
+                            pairs.append((P, 1.0))
+                            seen["out"] += 1
+                        P += direction
+                if fi[d0][d_out] < 0:                         # in: the face's pixels on the scanline
+                    for P in range(n1):
+                        if fi[d0][P] == f and g[d0][P] > 0:   # dI = I_out - I_P = -1
+                            pairs.append((P, -1.0))
+                            seen["in"] += 1
+                seen["up" if direction > 0 else "down"] += len(pairs)
+                for P, dI in pairs:
+                    seen["on edge"] += P == cross
+                    for v, lever in ((a, b0 - d0), (b, d0 - a0)):
+                        if lever == 0:
+                            seen["lever 0"] += 1
+                            continue
+                        dist = (b0 - a0) / lever * (P - cross)
+                        dist = dist + eps_px if dist > 0 else dist - eps_px
+                        grad[v] += dI * g[d0][P] / dist
+    return torch.tensor(grad, dtype=D64), seen
+
+
+def _inside(tri, q0, q1):
+    (x0, y0), (x1, y1), (x2, y2) = tri
+    d = [(x1 - x0) * (q1 - y0) - (y1 - y0) * (q0 - x0), (x2 - x1) * (q1 - y1) - (y2 - y1) * (q0 - x1),
+         (x0 - x2) * (q1 - y2) - (y0 - y2) * (q0 - x2)]
+    return min(d) >= 0 or max(d) <= 0
+
+
+def test_kato_axis_matches_the_rule_pair_by_pair(monkeypatch):
+    """lib.nmr._kato_axis against _kato_reference on a 16 x 16 image: three triangles, one
+    with edges along both axes through pixel centres (pixels on the edge: the eps path),
+    vertices on scanlines (levers of 0) and off them, a face index with stray pixels (faces seen outside
+    their triangles, holes), dL/dI of both signs and zeros; both scanline axes (the image and
+    its transpose, as the backward pass calls it), the reproducible sums, tiny pair chunks and
+    both extremes of block merging."""
+    import lib.nmr as nmr
+
+    gen = torch.Generator().manual_seed(5)
+    n = 16
+    p = torch.tensor([[2.0, 3.0], [12.0, 3.0], [2.0, 12.0], [14.7, 8.2], [8.0, 14.5], [0.6, 14.9]], dtype=D64)
+    faces = torch.tensor([[0, 1, 2], [1, 3, 4], [2, 4, 5]])
+    fi = torch.full((n, n), -1, dtype=torch.long)
+    for i in range(n):
+        for j in range(n):
+            for f, tri in enumerate(faces.tolist()):
+                if _inside([p[v].tolist() for v in tri], i, j):
+                    fi[i, j] = f
+                    break
+    stray = torch.rand(n, n, generator=gen) < 0.12
+    fi[stray] = torch.randint(-1, 3, (int(stray.sum()),), generator=gen)
+    g = torch.randn(n, n, generator=gen, dtype=D64) * (torch.rand(n, n, generator=gen) < 0.85)
+    eps_px = NR_EPS * n / 2
+    for q0, q1, fq, gq in ((p[:, 0], p[:, 1], fi, g), (p[:, 1], p[:, 0], fi.T.contiguous(), g.T.contiguous())):
+        ref, seen = _kato_reference(q0.tolist(), q1.tolist(), faces.tolist(), fq.tolist(), gq.tolist(), eps_px)
+        assert min(seen.values()) > 0, seen                  # every path is exercised
+        runs = [nmr._kato_axis(q0, q1, faces, fq, gq, n, n, eps_px, False),
+                nmr._kato_axis(q0, q1, faces, fq, gq, n, n, eps_px, True)]
+        for chunk, small in ((5, nmr.SMALL_BLOCK), (nmr.PAIR_CHUNK, 0), (nmr.PAIR_CHUNK, 1 << 30)):
+            monkeypatch.setattr(nmr, "PAIR_CHUNK", chunk)
+            monkeypatch.setattr(nmr, "SMALL_BLOCK", small)
+            runs.append(nmr._kato_axis(q0, q1, faces, fq, gq, n, n, eps_px, False))
+            monkeypatch.undo()
+        assert float(ref.abs().max()) > 1.0
+        for got in runs:
+            torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+
+
+def test_nr_silhouette_backward_is_the_rule_on_both_axes():
+    """End to end: the vertex gradient of sum(G * nr_silhouette) is the rule applied to column
+    scanlines (moves of v) and row scanlines (moves of u), eps = NR_EPS * S / 2 pixels, in
+    index coordinates (pixel centres on the integers): on the z = 1 plane dL/dx = 16 dL/du."""
+    gen = torch.Generator().manual_seed(3)
+    verts = torch.tensor([[-0.61, -0.43, 1.0], [0.52, -0.58, 1.0], [0.07, 0.66, 1.0], [0.8, 0.45, 1.0]], dtype=D64)
+    faces = torch.tensor([[0, 1, 2], [1, 3, 2]])
+    cam = _camera()
+    G = torch.randn(S, S, generator=gen, dtype=D64)
+    v = verts.clone().requires_grad_(True)
+    (nr_silhouette(v, faces, cam) * G).sum().backward()
+    from lib.render import face_index
+    fi = face_index(verts, faces, cam)
+    uvx = verts[:, :2] * F_PX + S / 2 - 0.5
+    eps_px = NR_EPS * S / 2
+    d_v, _ = _kato_reference(uvx[:, 0].tolist(), uvx[:, 1].tolist(), faces.tolist(), fi.T.tolist(), G.T.tolist(), eps_px)
+    d_u, _ = _kato_reference(uvx[:, 1].tolist(), uvx[:, 0].tolist(), faces.tolist(), fi.tolist(), G.tolist(), eps_px)
+    expect = torch.stack([d_u, d_v], 1) * F_PX
+    assert float(expect.abs().max()) > 1.0
+    torch.testing.assert_close(v.grad[:, :2], expect, rtol=1e-9, atol=1e-9 * float(expect.abs().max()))
