@@ -79,22 +79,28 @@ class _KatoSilhouette(torch.autograd.Function):
         g = grad_alpha.to(uv.dtype)
         # index coordinates: pixel centres on the integers (column X, row Y)
         X, Y = uv[:, 0].detach() - 0.5, uv[:, 1].detach() - 0.5
+        visible = _visible_faces(face_idx, faces.shape[0])     # the same for both axes
         # axis 0: scanlines are columns (position X), moves along Y -> gradient of v;
         # axis 1: scanlines are rows (position Y), moves along X -> gradient of u
         for axis, (p0, p1, fi, gg, n0, n1, size) in enumerate(
                 ((X, Y, face_idx.T, g.T, W, H, H), (Y, X, face_idx, g, H, W, W))):
             contrib = _kato_axis(p0, p1, faces, fi.contiguous(), gg.contiguous(), n0, n1, ctx.eps * size / 2.0,
-                                 ctx.reproducible)
+                                 ctx.reproducible, visible)
             grad_uv[:, 1 - axis] += contrib
         return grad_uv, None, None, None, None
 
 
-def _kato_axis(p0, p1, faces, fi, g, n0, n1, eps_px, reproducible):
+def _visible_faces(face_idx: torch.Tensor, n_faces: int) -> torch.Tensor:
+    """Sorted indices (Fv,) of the faces that face_idx (any shape, -1 = background) shows."""
+    return (torch.bincount(face_idx.reshape(-1) + 1, minlength=n_faces + 1)[1:] > 0).nonzero().squeeze(1)
+
+
+def _kato_axis(p0, p1, faces, fi, g, n0, n1, eps_px, reproducible, visible=None):
     """dL/d(p1) (V,) of Kato's rule for scanlines at integer p0 (0..n0-1), pixels along p1.
 
     p0, p1 (V,) vertex positions in index coordinates (pixel centres on the integers);
     fi (n0, n1) face index and g (n0, n1) dL/dI, indexed [scanline, position along it];
-    eps_px: the +-eps of the distances, in pixels.
+    eps_px: the +-eps of the distances, in pixels; visible: ``_visible_faces`` of fi, if known.
     """
     # selections are sums and products of masks and gathers are index_select: on the CPU
     # torch.where and advanced indexing cost several times more
@@ -103,7 +109,7 @@ def _kato_axis(p0, p1, faces, fi, g, n0, n1, eps_px, reproducible):
     zero = p0.new_zeros(V)
     fi_flat, g_flat = fi.reshape(-1), g.reshape(-1)
     npx = n0 * n1
-    vf = (torch.bincount(fi_flat + 1, minlength=faces.shape[0] + 1)[1:] > 0).nonzero().squeeze(1)
+    vf = _visible_faces(fi, faces.shape[0]) if visible is None else visible
     if vf.numel() == 0:
         return zero
 
@@ -159,6 +165,8 @@ def _kato_axis(p0, p1, faces, fi, g, n0, n1, eps_px, reproducible):
     n = torch.cat([torch.maximum(r[:no], border), r[no + ni:]]) - s
     # the rows with candidates, by n
     keep = (n > 0).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return zero
     n, by_n = torch.sort(n.index_select(0, keep), stable=True)
     sel = keep.index_select(0, by_n)
     rc = torch.cat([rows_out, rows_in]).index_select(0, sel)

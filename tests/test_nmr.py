@@ -271,6 +271,8 @@ def test_kato_axis_matches_the_rule_pair_by_pair(monkeypatch):
         assert float(ref.abs().max()) > 1.0
         for got in runs:
             torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+        for reproducible in (False, True):                    # no pairs at all: zeros
+            assert not nmr._kato_axis(q0, q1, faces, fq, gq * 0, n, n, eps_px, reproducible).any()
 
 
 def test_nr_silhouette_backward_is_the_rule_on_both_axes():
