@@ -39,7 +39,7 @@ from lib.render import _screen, _segment_sum, _use_fixed, face_index
 
 NR_EPS = 1e-4                # neural_renderer's rasterize_silhouettes eps (NDC units)
 NR_AMBIENT, NR_DIRECTIONAL, NR_LIGHT_DIRECTION = 0.5, 0.5, (0.0, 1.0, 0.0)   # its default light
-PAIR_CHUNK = 1 << 16         # about this many (crossing, pixel) pairs evaluated at once in the backward pass
+PAIR_CHUNK = 1 << 17         # about this many (crossing, pixel) pairs evaluated at once in the backward pass
 SMALL_BLOCK = 1 << 14        # a block of fewer pairs than this is merged into a wider one (fixed costs)
 
 
@@ -150,12 +150,22 @@ def _kato_axis(p0, p1, faces, fi, g, n0, n1, eps_px, reproducible, visible=None)
     keys, order = torch.sort(nz.index_select(0, ci) + (f_nz.index_select(0, ci) + 1) * npx)
     diff = g_nz.index_select(0, ci.index_select(0, order)).abs()                     # dI * dL/dI
     line = torch.searchsorted(keys, torch.arange(n0 + 1, device=dev) * n1)          # scanline starts
+    # per scanline: the first and last position of an out candidate (none: n1 and -1)
+    run = torch.div(keys, n1, rounding_mode="floor")
+    pos = (keys - run * n1).to(dt)
+    ends = torch.tensor([n1, -1], dtype=dt, device=dev).repeat_interleave(n0 + 1)
+    run = run.clamp(max=n0)                                  # in candidates: a slot of their own
+    ends[:n0 + 1].scatter_reduce_(0, run, pos, "amin")
+    ends[n0 + 1:].scatter_reduce_(0, run, pos, "amax")
 
     # rows: out: the face is visible at the in-pixel; its candidates beyond the edge up to the
-    # border.  in: the out-pixel is background; the face's candidates on the scanline.
-    rows_out = (ok & (f_pix[0] == fe)).nonzero().squeeze(1)
+    # border (none when the first / last out candidate of the scanline is short of d1_out).
+    # in: the out-pixel is background; the face's candidates on the scanline.
+    up = direction > 0
+    beyond = direction * (ends.index_select(0, d0i + up * (n0 + 1)) - d1_out) >= 0
+    rows_out = (ok & beyond & (f_pix[0] == fe)).nonzero().squeeze(1)
     rows_in = (ok & (f_pix[1] < 0)).nonzero().squeeze(1)
-    up = (direction.index_select(0, rows_out) > 0).int()
+    up = up.index_select(0, rows_out).int()
     q_out = pix[1].index_select(0, rows_out) + 1 - up       # candidates from dout on / up to dout
     q_in = (fe.index_select(0, rows_in).long() + 1) * npx + d0i.index_select(0, rows_in) * n1
     r = torch.searchsorted(keys, torch.cat([q_out.long(), q_in, q_in + n1]))
