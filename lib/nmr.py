@@ -22,8 +22,10 @@ reproduced here, on any device:
   that a pixel on the edge gives a finite slope.  Pixels are single-valued coverages
   (0 / 1), so the pairs that can contribute are: out: background pixels with dL/dI < 0;
   in: covered pixels of the face with dL/dI > 0 and a background out-pixel.  They are
-  enumerated per scanline by sorted keys (no per-pixel Python loops), and summed in a
-  fixed order (``lib.render``'s reproducible sums on CUDA).
+  enumerated per scanline by sorted keys (no per-pixel Python loops): a crossing's pixels
+  are one contiguous range of a sorted candidate list, and crossings with similar counts
+  are evaluated together as one dense block.  Every sum is in a fixed order, the sums per
+  vertex too on CUDA (``lib.render``'s reproducible sums).
 - ``nr_shade``: flat-shaded RGBA renders lit as neural_renderer lights them.
 
 Conventions are ``lib.camera``'s (rows down, pixel centres at integer + 0.5), which are
@@ -150,13 +152,13 @@ def _kato_axis(p0, p1, faces, fi, g, n0, n1, eps_px, reproducible, visible=None)
     keys, order = torch.sort(nz.index_select(0, ci) + (f_nz.index_select(0, ci) + 1) * npx)
     diff = g_nz.index_select(0, ci.index_select(0, order)).abs()                     # dI * dL/dI
     line = torch.searchsorted(keys, torch.arange(n0 + 1, device=dev) * n1)          # scanline starts
+    run = torch.div(keys, n1, rounding_mode="floor")         # one scanline of one list
+    pos = (keys - run * n1).to(dt)                           # position along the scanline
     # per scanline: the first and last position of an out candidate (none: n1 and -1)
-    run = torch.div(keys, n1, rounding_mode="floor")
-    pos = (keys - run * n1).to(dt)
     ends = torch.tensor([n1, -1], dtype=dt, device=dev).repeat_interleave(n0 + 1)
-    run = run.clamp(max=n0)                                  # in candidates: a slot of their own
-    ends[:n0 + 1].scatter_reduce_(0, run, pos, "amin")
-    ends[n0 + 1:].scatter_reduce_(0, run, pos, "amax")
+    line_of = run.clamp(max=n0)                              # in candidates: a slot of their own
+    ends[:n0 + 1].scatter_reduce_(0, line_of, pos, "amin")
+    ends[n0 + 1:].scatter_reduce_(0, line_of, pos, "amax")
 
     # rows: out: the face is visible at the in-pixel; its candidates beyond the edge up to the
     # border (none when the first / last out candidate of the scanline is short of d1_out).
@@ -191,15 +193,15 @@ def _kato_axis(p0, p1, faces, fi, g, n0, n1, eps_px, reproducible, visible=None)
     k = (rb0 - ra0) / (lever + unused)
     v = torch.stack([ia, ib]).index_select(1, e.index_select(0, rc))
     v = v + unused * (V - v)
-    return _kato_pairs(keys, diff, s, n, back, cross.index_select(0, rc), k, v, V, n1, eps_px, reproducible)
+    return _kato_pairs(run, pos, diff, s, n, back, cross.index_select(0, rc), k, v, V, n1, eps_px, reproducible)
 
 
-def _kato_pairs(keys, diff, s, n, back, x, k, vert, V, n1, eps_px, reproducible):
+def _kato_pairs(run, pos, diff, s, n, back, x, k, vert, V, n1, eps_px, reproducible):
     """Sum Kato's slopes over all (row, candidate) pairs onto the rows' edge endpoints.
 
-    keys, diff (Nk,): sorted candidate keys (key % n1 the position along the scanline; a run
-    of equal key // n1 is one scanline of one list) and dI * dL/dI (> 0).  Rows (R,), sorted
-    by n >= 1: candidates s .. s + n - 1, within one run, which they start (back = 1) or end
+    run, pos, diff (Nk,): the candidates in key order: run id (non-decreasing; one scanline
+    of one list), position along the scanline, dI * dL/dI (> 0).  Rows (R,), sorted by
+    1 <= n <= n1: candidates s .. s + n - 1, within one run, which they start (back = 1) or end
     (back = 0), for a crossing at position x, its endpoints' k (2, R) and vertices vert
     (2, R) (V: none).  Each pair adds -diff / (k dc +- eps) (dc = pos - x, -eps where
     dc <= 0) to the vertex.  Rows are bucketed by n and each bucket is one dense
@@ -207,15 +209,15 @@ def _kato_pairs(keys, diff, s, n, back, x, k, vert, V, n1, eps_px, reproducible)
     attributes, and the row sums are plain sums.
     """
     dev, dt = x.device, x.dtype
-    nk = keys.numel()
-    # slots: a zero-weight slot before every run and one after the last, so that a block,
-    # padded after a row's last candidate, reads one; a reversed copy serves the back rows
-    run = torch.div(keys, n1, rounding_mode="floor")
+    nk = run.numel()
+    # slots: a zero-weight slot before every run and one after the last.  A row's block is
+    # padded after its last candidate and reads the slot after its run (rows that end there),
+    # or, for the back rows (which start their run), the same in a reversed copy
     new_run = torch.ones(nk, dtype=torch.long, device=dev)
     new_run[1:] = run[1:] != run[:-1]
     slot = torch.arange(nk, device=dev) + torch.cumsum(new_run, 0)
     m = 2 * nk + 1                                           # at least nk + runs + 1
-    a_pos = x.new_zeros(m).index_copy_(0, slot, (keys - run * n1).to(dt))
+    a_pos = x.new_zeros(m).index_copy_(0, slot, pos)
     a_diff = x.new_zeros(m).index_copy_(0, slot, diff)
     a_pos, a_diff = torch.cat([a_pos, a_pos.flip(0)]), torch.cat([a_diff, a_diff.flip(0)])
     t = slot.index_select(0, s)
