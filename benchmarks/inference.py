@@ -9,11 +9,13 @@ figure is the median over rounds (the range is printed too).  Prints:
      ``InferenceKernel.values`` vs ``Decoder.forward`` under no_grad, µs per point;
   2. input gradients at ``--vertices`` points (default 7000, a demo mesh's vertices):
      ``values_and_input_grad`` vs one autograd forward + backward w.r.t. the input rows, ms;
-  3. the demo loop (``--iterations`` steps of LatentOptimizer at N = 64, 512 px silhouettes)
-     with ``_CodeField.use_kernels`` on vs off: per step, the extraction (``extract``), the
-     MeshSDF backward (``field_backward``) and the whole step, s.
+  3. the demo loop (``--iterations`` steps of LatentOptimizer at N = 64, 512 px silhouettes,
+     ``--renderer`` nr as the demo) with ``_CodeField.use_kernels`` on vs off: per step, the
+     extraction (``extract``), the MeshSDF backward (``field_backward``; both sides evaluate
+     only the vertices the loss moves) and the whole step, s.
 
 Usage: python benchmarks/inference.py [-e experiments/bob_and_spot] [--rounds 5] [--iterations 20]
+       [--renderer nr|soft]
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def _fmt(xs, scale=1.0, digits=3):
     return f"{statistics.median(xs):.{digits}f} [{min(xs):.{digits}f}-{max(xs):.{digits}f}]"
 
 
-def _demo_loop(dec, codes, cam, target, iterations: int, use: bool) -> dict:
+def _demo_loop(dec, codes, cam, target, iterations: int, use: bool, renderer: str) -> dict:
     """Per-step seconds of extract / field_backward / step with the kernels on or off."""
     _CodeField.use_kernels = use
     acc = {"extract": 0.0, "field_bwd": 0.0, "step": 0.0}
@@ -69,7 +71,7 @@ def _demo_loop(dec, codes, cam, target, iterations: int, use: bool) -> dict:
 
     meshsdf.extract, meshsdf.field_backward = timed("extract", real_extract), timed("field_bwd", real_bwd)
     try:
-        opt = LatentOptimizer(dec, codes[1], SilhouetteLoss(cam, target, loss="mse"), lr=5e-2, resolution=64)
+        opt = LatentOptimizer(dec, codes[1], SilhouetteLoss(cam, target, loss="mse", renderer=renderer), lr=5e-2, resolution=64)
         for _ in range(iterations):
             t = time.perf_counter()
             opt.step()
@@ -87,6 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--points", type=int, default=16384)
     ap.add_argument("--vertices", type=int, default=7000)
     ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--renderer", default="nr", help="the demo loss's renderer (nr, the demo's default, or soft)")
     args = ap.parse_args(argv)
     runtime.apply_thread_policy()
     exp = Path(args.experiment)
@@ -130,8 +133,9 @@ def main(argv=None) -> int:
     runs = {True: [], False: []}
     for r in range(args.rounds):
         for use in ((True, False) if r % 2 == 0 else (False, True)):
-            runs[use].append(_demo_loop(dec, codes, cam, target, args.iterations, use))
-    print(f"3. demo loop, {args.iterations} iterations x {args.rounds} rounds, s per step (median [range]):")
+            runs[use].append(_demo_loop(dec, codes, cam, target, args.iterations, use, args.renderer))
+    print(f"3. demo loop ({args.renderer}), {args.iterations} iterations x {args.rounds} rounds, "
+          "s per step (median [range]):")
     for k in ("extract", "field_bwd", "step"):
         on, off = [x[k] for x in runs[True]], [x[k] for x in runs[False]]
         ratio = [b / a for a, b in zip(on, off)]

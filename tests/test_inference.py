@@ -198,7 +198,8 @@ def test_autograd_path_when_the_field_needs_a_graph(ring):
     torch.testing.assert_close(plain, with_graph.detach(), rtol=0, atol=2e-6)
 
 
-def test_demo_step_is_unchanged_by_the_kernels(ring, monkeypatch):
+@pytest.mark.parametrize("renderer", ["nr", "soft"])
+def test_demo_step_is_unchanged_by_the_kernels(ring, renderer, monkeypatch):
     """One demo step (bob_and_spot network, silhouette loss) from the same start: the same faces,
     vertices and per-vertex dL/ds within rounding, the same code update."""
     from lib.camera import demo_camera
@@ -213,7 +214,8 @@ def test_demo_step_is_unchanged_by_the_kernels(ring, monkeypatch):
     steps = {}
     for use in (True, False):
         monkeypatch.setattr(_CodeField, "use_kernels", use)
-        opt = LatentOptimizer(dec, codes[1], SilhouetteLoss(cam, target, loss="mse"), lr=5e-2, resolution=40)
+        opt = LatentOptimizer(dec, codes[1], SilhouetteLoss(cam, target, loss="mse", renderer=renderer), lr=5e-2,
+                              resolution=40)
         steps[use] = (opt.step(), opt.latent.detach().clone())
     (a, za), (b, zb) = steps[True], steps[False]
     assert torch.equal(a.faces, b.faces) and a.faces.shape[0] > 1000
@@ -251,3 +253,29 @@ def test_one_kernel_per_decoder_sees_parameter_changes_between_meshes(ring, monk
     assert not torch.equal(first.faces, new.faces) or not torch.allclose(first.verts, new.verts)
     assert torch.equal(new.faces, old.faces)
     torch.testing.assert_close(new.verts, old.verts, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("gradient", ["paper", "exact"])
+def test_backward_of_a_loss_that_moves_some_vertices_equals_the_generic_rule(ring, gradient):
+    """Only vertices with dL/dx != 0 are evaluated under the paper's rule: dL/ds (zero at the
+    others) and the code gradient equal the generic two-pass rule of lib.meshsdf, which
+    evaluates every vertex (a field that is not recognised as a DeepSDF code field)."""
+    from lib.meshsdf import mesh_from_field
+
+    dec, codes = ring
+    out = []
+    for generic in (False, True):
+        z = codes[1].clone().requires_grad_(True)
+        if generic:
+            mesh = mesh_from_field(lambda p: dec(torch.cat((z.expand(p.shape[0], -1), p), 1)), 32, gradient=gradient)
+        else:
+            mesh = mesh_from_sdf(dec, z, 32, gradient=gradient)
+        keep = (mesh.verts.detach()[:, 0] > 0.1).float().unsqueeze(1)  # dL/dx = 0 for the others
+        assert 0.2 < keep.mean() < 0.8
+        ((mesh.verts * keep) ** 2).sum().backward()
+        out.append((mesh.faces, mesh.state.dl_ds, z.grad.clone(), keep.squeeze(1)))
+    (fa, da, ga, ka), (fb, db, gb, kb) = out
+    assert torch.equal(fa, fb) and torch.equal(ka, kb)
+    assert torch.equal(da[ka == 0], torch.zeros_like(da[ka == 0])) and da[ka == 1].abs().min() > 0
+    torch.testing.assert_close(da, db, rtol=1e-3, atol=1e-4 * db.abs().max().item())
+    torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-4 * gb.abs().max().item())
