@@ -52,12 +52,12 @@ def test_values_and_input_grads_equal_the_decoder_and_autograd(name):
     kernel = InferenceKernel(dec)
     gen = torch.Generator().manual_seed(1)
     codes = torch.randn(3, 3, generator=gen)
-    xyz = torch.rand(150, 3, generator=gen) * 2 - 1
-    index = torch.randint(0, 3, (150,), generator=gen)
+    xyz = torch.rand(151, 3, generator=gen) * 2 - 1
+    index = torch.randint(0, 3, (151,), generator=gen)
     want, want_code, want_xyz = _reference(dec, codes, xyz, index)
     assert want_code.abs().max() > 1e-2 and want_xyz.abs().max() > 1e-2  # a function that depends on both
     prep = kernel.prepare(codes)
-    for rows in (64, 4096):  # 150 rows: three chunks with a short last one, and one chunk
+    for rows in (64, 4096):  # 151 rows: chunks of 51, 51 and 49 (a shorter last one), and one chunk
         got = values(prep, xyz, index, rows=rows)
         torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
         v, g_code, g_xyz = values_and_input_grad(prep, xyz, index, rows=rows)
@@ -66,7 +66,7 @@ def test_values_and_input_grads_equal_the_decoder_and_autograd(name):
         torch.testing.assert_close(g_xyz, want_xyz, rtol=1e-5, atol=1e-6)
     # one code: index None means code 0 for every row
     one = codes[:1]
-    want1, want1_code, want1_xyz = _reference(dec, one, xyz, torch.zeros(150, dtype=torch.int64))
+    want1, want1_code, want1_xyz = _reference(dec, one, xyz, torch.zeros(151, dtype=torch.int64))
     torch.testing.assert_close(kernel.values(one, xyz), want1, rtol=0, atol=2e-6)
     _, g1_code, g1_xyz = kernel.values_and_input_grad(one, xyz)
     torch.testing.assert_close(g1_code, want1_code, rtol=1e-5, atol=1e-6)

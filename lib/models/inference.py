@@ -248,6 +248,12 @@ def _setup(prep: _Prepared, xyz: torch.Tensor, index, rows: int | None):
     return xyz.shape[0], rows, idx, xyz.device, prep.bias_row[0].dtype
 
 
+def _even(p: int, rows: int) -> int:
+    """Rows per chunk: at most ``rows``, the p rows split evenly (no short last chunk, whose
+    small GEMMs would run below the others' rate)."""
+    return -(-p // -(-p // rows))
+
+
 def _encode_views(prep: _Prepared, c: int, n: int, dev, dt):
     """(angle scratch (n, 3d), encoded-xyz scratch (n, 6d)) for a chunk of n <= c rows, or
     (None, None) without positional encoding."""
@@ -280,7 +286,7 @@ def values(prep: _Prepared, xyz: torch.Tensor, index: torch.Tensor | None = None
     out = torch.empty(p, dtype=dt, device=dev)
     if p == 0:
         return out
-    c = min(rows, p)
+    c = _even(p, rows)
     half = c * max(prep.widths)
     buf = _scratch(("values",), 2 * half, dev, dt)  # two activations, ping-pong
     pts_all = xyz.to(dt)
@@ -312,7 +318,7 @@ def values_and_input_grad(prep: _Prepared, xyz: torch.Tensor, index: torch.Tenso
     g_xyz = torch.empty(p, 3, dtype=dt, device=dev)
     if p == 0:
         return out, g_code, g_xyz
-    c = min(rows, p)
+    c = _even(p, rows)
     widths = prep.widths
     width = max(widths)
     total = sum(widths)
