@@ -42,7 +42,7 @@ from torch import nn
 
 from lib.errors import MeshSDFError
 from lib.isosurface import ExtractionState, extract
-from lib.models.inference import InferenceKernel, kernel_for
+from lib.models.inference import InferenceKernel
 
 GRADIENTS = ("paper", "exact")
 INSIDE = ("below", "above")
@@ -146,7 +146,7 @@ class _CodeField:
 
     def __init__(self, decoder: nn.Module, codes: torch.Tensor):
         self.decoder, self.codes = decoder, codes
-        self._kernel = kernel_for(decoder)
+        self._kernel = InferenceKernel(decoder) if hasattr(decoder, "inference_plan") else None
 
     def kernel(self, device) -> InferenceKernel | None:
         """The inference kernel when it computes this decoder's current function, else None."""

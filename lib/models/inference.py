@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import weakref
 from typing import Sequence
 
 import torch
@@ -117,41 +116,24 @@ class _Prepared(WeightBlocks):
         return other
 
 
-_KERNELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def kernel_for(decoder) -> "InferenceKernel | None":
-    """The one :class:`InferenceKernel` of ``decoder`` (kept while the decoder lives), so the
-    prepared weights serve every mesh of an optimisation until a parameter changes; None for
-    a decoder without ``inference_plan`` (not a ``lib.models.decoder.Decoder``)."""
-    if not isinstance(decoder, torch.nn.Module) or not hasattr(decoder, "inference_plan"):
-        return None
-    kernel = _KERNELS.get(decoder)
-    if kernel is None:
-        kernel = _KERNELS[decoder] = InferenceKernel(decoder)
-    return kernel
-
-
 class InferenceKernel:
     """The inference kernels of one decoder, its weights prepared at most once per version.
 
     decoder: a module with ``inference_plan(device)`` (FusedPlan or None) and
-    ``effective_weights(False)`` (``lib.models.decoder.Decoder``), held by a weak reference.  The weight blocks are keyed on every parameter's identity,
-    ``_version`` and storage (the tensors are held while keyed, so no key can be reused),
-    the per-code biases on the codes' identity and ``_version``: training the decoder, moving
-    it, or moving the code in between calls is seen.
+    ``effective_weights(False)`` (``lib.models.decoder.Decoder``).  The weight blocks are
+    keyed on every parameter's identity, ``_version`` and storage (the tensors are held while
+    keyed, so no key can be reused), the per-code biases on the codes' identity and
+    ``_version``: an optimizer step or a moved code between calls is seen.  Writes through
+    ``p.data`` bump no version, which is why the mesh layer makes one kernel per mesh (one
+    weight preparation, ~1 ms, per extraction and its backward) rather than one per decoder.
     """
 
     def __init__(self, decoder):
-        self._decoder = weakref.ref(decoder)
+        self.decoder = decoder
         self._plans: dict = {}
         # each replaced as a whole (one assignment), so a reader never pairs a key with another's blocks
         self._weights: tuple | None = None  # (weights key, held tensors, _Prepared)
         self._coded: tuple | None = None    # ((weights key, codes key), held codes, _Prepared bound to them)
-
-    @property
-    def decoder(self):
-        return self._decoder()
 
     def plan(self, device):
         """``decoder.inference_plan(device)``, cached per train/eval mode and device type."""
