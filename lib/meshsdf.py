@@ -137,8 +137,8 @@ class _CodeField:
     For a ``lib.models.decoder.Decoder`` the kernel supports (``inference_plan``: no
     LayerNorm, no latent dropout, no active dropout), evaluations that need no gradient
     and that one-pass backward go through ``lib.models.inference`` (chunked, allocation-
-    free, no autograd graph): the same values and derivatives up to float rounding, about
-    twice as fast on a CPU.  ``use_kernels = False`` (on the class) restores the autograd
+    free, no autograd graph): the same values and derivatives up to float rounding, 1.3-2x
+    as fast on a CPU.  ``use_kernels = False`` (on the class) restores the autograd
     path everywhere, e.g. to compare the two.
     """
 
