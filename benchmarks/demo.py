@@ -12,8 +12,11 @@ extraction mode.
    printed: on a shared machine the figures are only meaningful next to it.
 2. ``--modes``: dense, sparse and fast optimisers stepped in lockstep in this process (the
    same load hits all three), median seconds per step and speed-up over dense.
+3. ``--parts``: the default demo's steps in this process with each stage (extraction,
+   silhouette forward, MeshSDF backward, topology, the rest of the step, the movie frame)
+   timed by wrapping lib's functions; seconds per step.
 
-Usage: python benchmarks/demo.py [--renderers nr soft] [--iterations 100] [--modes] [--device cpu]
+Usage: python benchmarks/demo.py [--renderers nr soft] [--iterations 100] [--modes] [--parts] [--device cpu]
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import lib  # noqa: E402,F401  (before torch loads, as the scripts: OpenMP's wait policy, lib/cpus.py)
 
 MODES = ("dense", "sparse", "fast")
 
@@ -74,8 +79,8 @@ def modes(exp: Path, iterations: int, device_name: str | None) -> None:
     with torch.no_grad():
         bob = mesh_from_sdf(decoder, codes[0], 64, "dense")
         target = silhouette(bob.verts, bob.faces, camera, sigma=0)
-    opts = {m: LatentOptimizer(decoder, codes[1], SilhouetteLoss(camera, target), lr=5e-2, resolution=64, mode=m)
-            for m in MODES}
+    opts = {m: LatentOptimizer(decoder, codes[1], SilhouetteLoss(camera, target, renderer="nr"), lr=5e-2,
+                               resolution=64, mode=m) for m in MODES}
     wall = {m: [] for m in MODES}
     stopped = {m: "" for m in MODES}
     print(f"\n2. per step, modes in lockstep ({load()})")
@@ -99,6 +104,71 @@ def modes(exp: Path, iterations: int, device_name: str | None) -> None:
               + (f"  stopped: {stopped[m]}" if stopped[m] else ""))
 
 
+def parts(exp: Path, iterations: int, device_name: str | None, renderer: str) -> None:
+    """3. Where a step of the demo goes: its stages timed by wrapping lib's functions here."""
+    import collections
+
+    import torch
+
+    import lib.meshsdf as meshsdf_mod
+    import lib.optimize as optimize_mod
+    from lib import checkpoint, runtime
+    from lib.camera import demo_camera
+    from lib.meshsdf import mesh_from_sdf
+    from lib.optimize import LatentOptimizer, SilhouetteLoss
+    from lib.render import silhouette
+    from lib.specs import load_specs
+    from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, target_outline
+
+    runtime.apply_thread_policy()
+    device = runtime.choose_device(device_name)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    specs = load_specs(exp)
+    decoder, codes = checkpoint.load_decoder_and_codes(exp, specs, "latest", device=device)
+    camera = demo_camera(device=device)
+    with torch.no_grad():
+        bob = mesh_from_sdf(decoder, codes[0], 64, "sparse")
+    target = silhouette(bob.verts, bob.faces, camera, sigma=0)
+    edge = target_outline(target)
+    loss_fn = SilhouetteLoss(camera, target, loss="mse", renderer=renderer)
+    opt = LatentOptimizer(decoder, codes[1], loss_fn, lr=5e-2, resolution=64)
+    spent = collections.defaultdict(float)
+
+    def timed(name, fn):
+        def run(*a, **k):
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            sync()
+            spent[name] += time.perf_counter() - t0
+            return out
+        return run
+
+    saved = (meshsdf_mod.extract, meshsdf_mod.field_backward, optimize_mod.topology)
+    meshsdf_mod.extract = timed("extraction", meshsdf_mod.extract)
+    meshsdf_mod.field_backward = timed("MeshSDF backward", meshsdf_mod.field_backward)
+    optimize_mod.topology = timed("topology", optimize_mod.topology)
+    loss_fn.render = timed(f"{renderer} silhouette forward", loss_fn.render)
+    scale = None
+    try:
+        for _ in range(iterations):
+            it = timed("step", opt.step)()
+            sync()
+            t0 = time.perf_counter()
+            scale = dl_ds_scale(it.dl_ds) if scale is None else scale
+            movie_frame(it.verts, it.faces, dl_ds_face_colors(it.dl_ds, it.faces, scale), camera, edge,
+                        face_idx=it.face_idx)
+            sync()
+            spent["movie frame"] += time.perf_counter() - t0
+    finally:
+        meshsdf_mod.extract, meshsdf_mod.field_backward, optimize_mod.topology = saved
+    named = sum(v for k, v in spent.items() if k not in ("step", "movie frame"))
+    spent["silhouette backward, loss, update, rest of the step"] = spent["step"] - named
+    print(f"\n3. where a step goes, {renderer} renderer, {iterations} steps, s per step ({load()})")
+    for k, v in spent.items():
+        print(f"  {k:<55} {v / iterations:.4f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-e", "--experiment", default=str(REPO / "experiments" / "bob_and_spot"))
@@ -106,6 +176,7 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=1, help="runs of each whole command (default 1)")
     ap.add_argument("--modes", action="store_true", help="also part 2 (dense / sparse / fast in lockstep)")
+    ap.add_argument("--parts", action="store_true", help="also part 3 (where a step of the default demo goes)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = ap.parse_args()
     exp = Path(args.experiment)
@@ -118,9 +189,11 @@ def main() -> int:
             m = whole_command(exp, r, args.iterations, args.device)
             print(f"{r:>8} {m['wall']:>10.1f} {m['loop']:>7.1f} {m['wall'] - m['loop']:>12.1f} "
                   f"{m['steps'] / args.iterations:>7.3f} {m['genus0']:>3}->{m['genus']:<3} {m['iou']:>6.3f}   {m['load']}")
-    print("  targets (soft, 2 quiet cores): loop <= 20 s, command <= 30 s, genus 0 -> 1, IoU >= 0.95")
+    print("  targets (the default renderer, 2 quiet cores): loop <= 20 s, command <= 30 s, genus 0 -> 1, IoU >= 0.95")
     if args.modes:
         modes(exp, args.iterations, args.device)
+    if args.parts:
+        parts(exp, args.iterations, args.device, args.renderers[0] if args.renderers else "nr")
     return 0
 
 
