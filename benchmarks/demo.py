@@ -60,25 +60,32 @@ def whole_command(exp: Path, renderer: str, iterations: int, device: str | None)
             "steps": sum(r["seconds"] for r in log["iterations"]), "load": f"{before} -> {load()}"}
 
 
-def modes(exp: Path, iterations: int, device_name: str | None) -> None:
+def demo_setup(exp: Path, device_name: str | None):
+    """(device, decoder, codes, camera, target) of the default demo in this process: the
+    thread policy applied, the checkpoint loaded, bob's hard silhouette as the target."""
     import torch
 
     from lib import checkpoint, runtime
     from lib.camera import demo_camera
     from lib.meshsdf import mesh_from_sdf
-    from lib.metrics import silhouette_iou
-    from lib.optimize import LatentOptimizer, SilhouetteLoss, SurfaceLostError
     from lib.render import silhouette
     from lib.specs import load_specs
 
+    runtime.apply_thread_policy()
     device = runtime.choose_device(device_name)
-    specs = load_specs(exp)
-    decoder = checkpoint.load_decoder(exp, specs, device=device)
-    codes = checkpoint.load_latent_codes(exp, device=device)
+    decoder, codes = checkpoint.load_decoder_and_codes(exp, load_specs(exp), "latest", device=device)
     camera = demo_camera(device=device)
     with torch.no_grad():
         bob = mesh_from_sdf(decoder, codes[0], 64, "dense")
         target = silhouette(bob.verts, bob.faces, camera, sigma=0)
+    return device, decoder, codes, camera, target
+
+
+def modes(exp: Path, iterations: int, device_name: str | None) -> None:
+    from lib.metrics import silhouette_iou
+    from lib.optimize import LatentOptimizer, SilhouetteLoss, SurfaceLostError
+
+    _, decoder, codes, camera, target = demo_setup(exp, device_name)
     opts = {m: LatentOptimizer(decoder, codes[1], SilhouetteLoss(camera, target, renderer="nr"), lr=5e-2,
                                resolution=64, mode=m) for m in MODES}
     wall = {m: [] for m in MODES}
@@ -112,23 +119,11 @@ def parts(exp: Path, iterations: int, device_name: str | None, renderer: str) ->
 
     import lib.meshsdf as meshsdf_mod
     import lib.optimize as optimize_mod
-    from lib import checkpoint, runtime
-    from lib.camera import demo_camera
-    from lib.meshsdf import mesh_from_sdf
     from lib.optimize import LatentOptimizer, SilhouetteLoss
-    from lib.render import silhouette
-    from lib.specs import load_specs
     from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, target_outline
 
-    runtime.apply_thread_policy()
-    device = runtime.choose_device(device_name)
+    device, decoder, codes, camera, target = demo_setup(exp, device_name)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    specs = load_specs(exp)
-    decoder, codes = checkpoint.load_decoder_and_codes(exp, specs, "latest", device=device)
-    camera = demo_camera(device=device)
-    with torch.no_grad():
-        bob = mesh_from_sdf(decoder, codes[0], 64, "sparse")
-    target = silhouette(bob.verts, bob.faces, camera, sigma=0)
     edge = target_outline(target)
     loss_fn = SilhouetteLoss(camera, target, loss="mse", renderer=renderer)
     opt = LatentOptimizer(decoder, codes[1], loss_fn, lr=5e-2, resolution=64)

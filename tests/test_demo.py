@@ -70,6 +70,7 @@ def test_original_flags_clean_target_and_the_hole(tmp_path):
                          "--iters", "1"])
     log = json.loads((out / "log.json").read_text())
     assert log["settings"]["iterations"] == 1 and log["settings"]["image_size"] == 96
+    assert log["settings"]["renderer"] == "nr"     # the original's loss renderer is the default
     assert len(log["iterations"]) == 1
     np.testing.assert_allclose(log["settings"]["camera"]["eye"], [-1.531, 1.25, -1.531], atol=1e-3)
     from scipy import ndimage
