@@ -13,9 +13,10 @@ bob's hard silhouette.  Timed per mesh, as medians of ``--repeats`` interleaved 
   tensors (before: ``lib.render._CULL = _REUSE = False``); image and gradient are checked
   bitwise equal;
 - the movie frame (dL/ds face colours, ``movie_frame``, ``to_uint8``): after = the
-  one-pass face-index z-buffer on 2 x 2 tiles; before = the two-pass z-buffer on 4 x 4
-  tiles with barycentrics and depth (``rasterize`` with ``_PACKED = False``), the
-  fragments handed to the same shading; frames are checked equal.
+  one-pass face-index z-buffer on the faces' row spans; before = the two-pass z-buffer on
+  4 x 4 tiles of the faces' boxes with barycentrics and depth (``rasterize`` with
+  ``_PACKED = _SPANS = False``), the fragments handed to the same shading; frames are
+  checked equal.
 
 Ratios (before / after) are measured in the same run, so they survive a busy machine
 better than the absolute times; the face-pixel pair counts explain the silhouette's cost.
@@ -103,12 +104,12 @@ def main() -> None:
             if fast:
                 img = movie_frame(v, f, colors, cam, edge)
             else:
-                render._PACKED, tile = False, render.RASTER_TILE
+                render._PACKED, render._SPANS, tile = False, False, render.RASTER_TILE
                 render.RASTER_TILE = render.TILE
                 try:
                     fr = render.rasterize(v, f, cam)
                 finally:
-                    render._PACKED, render.RASTER_TILE = True, tile
+                    render._PACKED, render._SPANS, render.RASTER_TILE = True, True, tile
                 rgb = nr_shade(v, f, cam, face_colors=colors, face_idx=fr.face_idx)[..., :3]
                 rgb = torch.where(edge[..., None], torch.ones(3, device=dev), rgb)
                 img = to_uint8(rgb)

@@ -603,7 +603,8 @@ def face_index(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_s
     sc = _screen(verts.detach(), faces, camera, image_size)
     F = faces.shape[0]
     face_idx = _face_ids(sc, F, znear)
-    face_idx = torch.where(face_idx >= 0, face_idx % max(F, 1), face_idx)
+    if sc.B > 1:                 # face instances of image b are b * F + face
+        face_idx = torch.where(face_idx >= 0, face_idx % max(F, 1), face_idx)
     return face_idx if sc.batched else face_idx[0]
 
 
@@ -614,25 +615,33 @@ def _face_ids(sc: _Screen, F: int, znear: float) -> torch.Tensor:
     the bits of positive floats order like the floats, so the smallest key is the nearest
     face and, among equal depths, the highest index.  Other dtypes: amin of the depth, then
     amax of the face index among the slots at that depth (the same rule in two passes).
+    The candidate slots are the pixels of each face's row spans (:func:`_spans`), or, with
+    the private switch ``_SPANS = False``, of its bounding box cut into RASTER_TILE tiles;
+    both give the same bits, since each slot's depth is computed by the same operations.
     """
     B, H, W = sc.B, sc.H, sc.W
     dev, dt = sc.uv.device, sc.uv.dtype
-    npad = B * (H + TILE) * (W + TILE)
     if F == 0:
         return torch.full((B, H, W), -1, dtype=torch.int64, device=dev)
     with torch.no_grad():
         uvt, zt = sc.uv[sc.tri], sc.z[sc.tri]
-        fid, x0, y0 = _tiles(uvt, zt, H, W, 0.0, znear, RASTER_TILE)
+        table = _face_table(uvt, zt)
         fbatch = torch.div(torch.arange(len(sc.tri), device=dev), F, rounding_mode="floor")
-        st = _Setup(_face_table(uvt, zt), fid, x0, y0, fbatch, B, H, W, 0.0, 0.0, True)
-        chunk = 65536  # same slots per chunk
-        chunks = [(a, min(a + chunk, len(fid))) for a in range(0, len(fid), chunk)]
+        if _SPANS:
+            npad, crop = B * H * W, (lambda flat: flat.view(B, H, W))
+            fid, chunks = _spans(uvt, zt, table, fbatch, H, W, znear)
+        else:
+            fid, x0, y0 = _tiles(uvt, zt, H, W, 0.0, znear, RASTER_TILE)
+            st = _Setup(table, fid, x0, y0, fbatch, B, H, W, 0.0, 0.0, True)
+            npad, crop = st.npad, st.crop
+            chunks = ((a, min(a + 65536, len(fid)), lambda a, b: _chunk_depth(st, a, b, RASTER_TILE))
+                      for a in range(0, len(fid), 65536))
         if _PACKED and dt == torch.float32 and len(sc.tri) < 2 ** 31:
             nokey = torch.iinfo(torch.int64).max
             keys = torch.full((npad,), nokey, dtype=torch.int64, device=dev)
             low = (2 ** 31 - 1) - fid                                # higher face -> smaller key
-            for a, b in chunks:
-                pix, z = _chunk_depth(st, a, b, RASTER_TILE)
+            for a, b, depth in chunks:
+                pix, z = depth(a, b)
                 key = (z.view(torch.int32).to(torch.int64) << 32) | low[None, a:b]
                 keys.scatter_reduce_(0, pix.reshape(-1).long(), key.reshape(-1), "amin")
             inf_key = torch.tensor(math.inf, dtype=torch.float32).view(torch.int32).item() << 32
@@ -641,8 +650,8 @@ def _face_ids(sc: _Screen, F: int, znear: float) -> torch.Tensor:
             face_idx = torch.full((npad,), -1, dtype=torch.int64, device=dev)
             zbuf = torch.full((npad,), math.inf, dtype=dt, device=dev)
             slots = []
-            for a, b in chunks:
-                pix, z = _chunk_depth(st, a, b, RASTER_TILE)
+            for a, b, depth in chunks:
+                pix, z = depth(a, b)
                 zbuf.scatter_reduce_(0, pix.reshape(-1).long(), z.reshape(-1), "amin")
                 slots.append((pix, z, fid[a:b]))
             for pix, z, f in slots:
@@ -650,7 +659,84 @@ def _face_ids(sc: _Screen, F: int, znear: float) -> torch.Tensor:
                 win = torch.isfinite(z.reshape(-1)) & (z.reshape(-1) == zbuf[pix])
                 cand = torch.where(win, f[None].expand_as(z).reshape(-1), -1)
                 face_idx.scatter_reduce_(0, pix, cand, "amax")
-    return face_idx.view(B, H + TILE, W + TILE)[:, :H, :W]
+    return crop(face_idx)
+
+
+SPAN_SLOTS = 1 << 18           # z-buffer slots (face-pixel pairs of the row spans) per chunk
+_SPANS = True                  # private switch: False = the z-buffer's slots are RASTER_TILE tiles (tests, benchmarks)
+
+
+def _spans(uvt: torch.Tensor, zt: torch.Tensor, table: torch.Tensor, fbatch: torch.Tensor, H: int, W: int,
+           znear: float):
+    """The z-buffer's candidate slots as row spans: for each face and pixel row, the pixel
+    centres between the face's left and right boundary on that row, widened by a margin.
+
+    uvt (G, 3, 2) pixel coordinates, zt (G, 3) depths, table: ``_face_table`` (19, G),
+    fbatch (G,) image of each face instance.  Returns the slot faces fid (S,) int64 and the
+    chunks [(a, b, depth)] with depth(a, b) -> (pix (1, b - a) int32 flat pixel index into
+    the unpadded (B, H, W) layout, z (1, b - a) depth, inf where the centre is outside).
+
+    A face's boundaries on a row are its long edge (top to bottom vertex) and one of the
+    two short ones, at the row's centre clamped into the face's height.  The margin, 1/64 px
+    plus 2^-16 of the face's largest coordinate, is far above the rounding of these few
+    operations and of the edge test of :func:`_slot_depth` (about 2^-22 of the
+    coordinates), so the spans hold every pixel centre that the test finds inside, and the
+    test decides.  Degenerate faces, faces with a vertex at depth <= znear and faces with a
+    non-finite projection get no spans (the tile layout gives them no inside slot).
+    """
+    dev = uvt.device
+    G = uvt.shape[0]
+    x, y = uvt.detach().permute(2, 1, 0).unbind(0)                   # (3, G): vertex, face
+    z = zt.unbind(1)
+    ok = (table[15] != 0) & torch.isfinite(uvt).all(2).all(1) & (torch.minimum(torch.minimum(z[0], z[1]), z[2]) > znear)
+    ys, order = torch.sort(torch.where(ok[None], y, torch.zeros_like(y)), 0)        # top, middle, bottom
+    xs = torch.gather(x, 0, order)
+    big = torch.maximum(torch.maximum(xs.abs().amax(0), ys.abs().amax(0)), torch.full_like(ys[0], float(max(H, W))))
+    margin = 1.0 / 64 + big * 2.0 ** -16
+    y_top, y_mid, y_bot = ys.unbind(0)
+    x_top, x_mid, x_bot = xs.unbind(0)
+
+    def slope(dx, dy):
+        return torch.where(dy > 0, dx / dy.clamp(min=1e-30), torch.zeros_like(dx))
+    s_long, s_up, s_low = slope(x_bot - x_top, y_bot - y_top), slope(x_mid - x_top, y_mid - y_top), \
+        slope(x_bot - x_mid, y_bot - y_mid)
+    first = torch.where(ok, torch.ceil(y_top - 0.5 - margin), torch.zeros_like(y_top)).clamp(0, H)
+    last = torch.where(ok, torch.floor(y_bot - 0.5 + margin), torch.full_like(y_top, -1.0)).clamp(-1, H - 1)
+    nrow = (last - first + 1).clamp(min=0).long()
+    R = int(nrow.sum())
+    face = torch.repeat_interleave(torch.arange(G, device=dev), nrow, output_size=R)
+    row = (torch.arange(R, device=dev) - (torch.cumsum(nrow, 0) - nrow).index_select(0, face)).add_(
+        first.long().index_select(0, face))                            # (R,) pixel row of each span
+    yr = row.to(uvt.dtype).add_(0.5)
+    yc = torch.minimum(torch.maximum(yr, y_top.index_select(0, face)), y_bot.index_select(0, face))
+    ym = y_mid.index_select(0, face)
+    x_long = torch.addcmul(x_top.index_select(0, face), yc - y_top.index_select(0, face), s_long.index_select(0, face))
+    upper = yc < ym
+    x_short = torch.where(upper, torch.addcmul(x_top.index_select(0, face), yc - y_top.index_select(0, face),
+                                               s_up.index_select(0, face)),
+                          torch.addcmul(x_mid.index_select(0, face), yc - ym, s_low.index_select(0, face)))
+    m = margin.index_select(0, face)
+    c0 = torch.ceil(torch.minimum(x_long, x_short).sub_(0.5).sub_(m)).clamp_(0, W)
+    c1 = torch.floor(torch.maximum(x_long, x_short).sub_(0.5).add_(m)).clamp_(-1, W - 1)
+    width = (c1 - c0 + 1).clamp_(min=0).long()
+    ends = torch.cumsum(width, 0)
+    S = int(ends[-1]) if R else 0
+    span = torch.repeat_interleave(torch.arange(R, device=dev), width, output_size=S)
+    fid = face.index_select(0, span)
+    col = torch.arange(S, device=dev).sub_((ends - width).sub_(c0.long()).index_select(0, span))
+    # per span: the row terms (y - vy_i) ex_i of the edge functions, computed as the slots would
+    terms = [torch.sub(yr, table[2 * i + 1].index_select(0, face)).mul_(table[6 + 2 * i].index_select(0, face))
+             for i in range(3)]
+    pix0 = (fbatch.index_select(0, face) * H + row) * W
+
+    def depth(a: int, b: int):
+        sp, f, c = span[a:b], fid[a:b], col[a:b]
+        # gathers row by row with 1-D index_select (gathers along dim 1 are several times slower on the CPU)
+        k = [t.index_select(0, sp) for t in terms] + [table[r].index_select(0, f) for r in (0, 2, 4, 7, 9, 11, 15, 16, 17, 18)]
+        return _slot_depth(k, c, pix0.index_select(0, sp) + c)
+
+    chunks = [(a, min(a + SPAN_SLOTS, S), depth) for a in range(0, S, SPAN_SLOTS)]
+    return fid, chunks
 
 
 def _chunk_depth(st: _Setup, a: int, b: int, size: int = TILE):
@@ -683,6 +769,27 @@ def _chunk_depth(st: _Setup, a: int, b: int, size: int = TILE):
     inv = torch.mul(ef[1], c[16][None], out=y).add_(ef[2].mul_(c[17][None])).add_(ef[0].mul_(c[18][None])).div_(area)
     z = inv.reciprocal().masked_fill_(~inside.logical_and_(inv > 0), math.inf)
     return pix, z
+
+
+def _slot_depth(k: list, col: torch.Tensor, pix: torch.Tensor):
+    """(pix (1, S) int32, z (1, S)) of slots with span terms k, 13 rows (S,) (``_spans``': the
+    three row terms, vx_0..2, ey_0..2, orientation, 1/z_0..2), pixel columns col (S,) and
+    flat pixel indices pix (S,): the same operations, in the same order, as
+    :func:`_chunk_depth`'s, hence the same bits."""
+    dt = k[0].dtype
+    x = col.to(dt).add_(0.5)
+    o = k[9]
+    tmp = torch.empty_like(x)
+    ef = []
+    for i in range(3):           # ef_i = (ex (y - vy) - ey (x - vx)) o
+        e = k[i].clone()
+        e.sub_(torch.sub(x, k[3 + i], out=tmp).mul_(k[6 + i])).mul_(o)
+        ef.append(e)
+    inside = torch.ge(ef[0], 0).logical_and_(ef[1] >= 0).logical_and_(ef[2] >= 0).logical_and_(o != 0)
+    area = torch.add(ef[0], ef[1], out=x).add_(ef[2]).clamp_(min=1e-30)
+    inv = torch.mul(ef[1], k[10], out=tmp).add_(ef[2].mul_(k[11])).add_(ef[0].mul_(k[12])).div_(area)
+    z = inv.reciprocal().masked_fill_(~inside.logical_and_(inv > 0), math.inf)
+    return pix.to(torch.int32)[None], z[None]
 
 
 def _bary_depth(sc: _Screen, g: torch.Tensor, hit: torch.Tensor):

@@ -298,7 +298,7 @@ def _soup(n, seed, dtype=torch.float32):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_packed_zbuffer_equals_the_two_pass_rule(monkeypatch, seed):
-    """The one-pass z-buffer (packed depth/face keys, 2 x 2 tiles) gives the face index of
+    """The one-pass z-buffer (packed depth/face keys, row spans) gives the face index of
     the two-pass rule (amin of depth, then amax of the face among the slots at that depth,
     on 4 x 4 tiles), ties and batches included; face_index is rasterize's face_idx."""
     v, f = _soup(300, seed)
@@ -310,6 +310,7 @@ def test_packed_zbuffer_equals_the_two_pass_rule(monkeypatch, seed):
     for shown in fast.face_idx[0].unique().tolist():
         assert shown < 0 or not (shown < dup and shown % 5 == 0)    # a duplicated face loses its tie
     monkeypatch.setattr(render, "_PACKED", False)
+    monkeypatch.setattr(render, "_SPANS", False)
     monkeypatch.setattr(render, "RASTER_TILE", render.TILE)
     slow = rasterize(vb, f, cams)
     assert torch.equal(fast.face_idx, slow.face_idx)
@@ -318,6 +319,45 @@ def test_packed_zbuffer_equals_the_two_pass_rule(monkeypatch, seed):
     # float64 takes the two-pass rule; one mesh with an unbatched camera
     single = face_index(v.double(), f, cams[0])
     assert torch.equal(single, rasterize(v.double(), f, cams[0]).face_idx)
+
+
+def _hard_triangles(seed: int, H: int, W: int):
+    """Groups of screen-space triangles (G, 3, 2) that stress a row-span z-buffer: vertices
+    on pixel centres and half-way between them (edges through centres), horizontal and
+    vertical edges on centre rows and columns, slivers, sub-pixel faces, faces reaching far
+    outside the image, and random ones; with depths (G, 3) in [1, 3]."""
+    g = torch.Generator().manual_seed(seed)
+    n = 300
+    snap = torch.randint(-3, max(H, W) + 3, (n, 3, 2), generator=g).float() + 0.5 * torch.randint(0, 2, (n, 3, 2), generator=g)
+    axis = snap.clone()
+    axis[: n // 2, 1, 1] = axis[: n // 2, 0, 1]               # horizontal edges
+    axis[n // 2:, 1, 0] = axis[n // 2:, 0, 0]                 # vertical edges
+    base = torch.rand(n, 1, 2, generator=g) * torch.tensor([W, H])
+    d = torch.randn(n, 1, 2, generator=g) * 20
+    sliver = torch.cat([base, base + d, base + d * (1 + 1e-3) + 1e-2 * torch.randn(n, 1, 2, generator=g)], 1)
+    tiny = base + 0.6 * torch.rand(n, 3, 2, generator=g)
+    far = base + torch.randn(n, 3, 2, generator=g) * torch.tensor([[3.0], [3.0], [3e4]])   # one vertex far away
+    rand = torch.rand(n, 3, 2, generator=g) * torch.tensor([W, H]) * 1.2 - 5
+    groups = {"snapped": snap, "axis-aligned edges": axis, "slivers": sliver, "sub-pixel": tiny, "far": far,
+              "random": rand}
+    return {k: (uvt, 1 + 2 * torch.rand(n, 3, generator=g)) for k, uvt in groups.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_row_spans_find_every_pixel_the_tiles_find(monkeypatch, seed):
+    """The z-buffer's row spans (margins included) hold every pixel centre that the edge test
+    finds inside a face: the face index is bit for bit that of the bounding-box tiles, which
+    hold every centre of a face's box, on faces made to hit the spans' edge cases."""
+    H, W = 37, 45
+    for name, (uvt, zt) in _hard_triangles(seed, H, W).items():
+        G = uvt.shape[0]
+        sc = render._Screen(uvt.reshape(-1, 2), zt.reshape(-1), torch.arange(3 * G).reshape(G, 3), 1, False, H, W)
+        monkeypatch.setattr(render, "_SPANS", True)
+        spans = render._face_ids(sc, G, 1e-3)
+        monkeypatch.setattr(render, "_SPANS", False)
+        tiles = render._face_ids(sc, G, 1e-3)
+        assert torch.equal(spans, tiles), name
+        assert len(tiles.unique()) > 5, name                  # the group shows several faces
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(faces_per_pixel=4), dict(sigma=3e-3, radius=2e-3), dict(sigma=0.0)])
