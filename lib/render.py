@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from lib.camera import Camera
+from lib.runtime import concurrently
 
 TILE = 4                       # face bounding boxes are cut into TILE x TILE pixel tiles
 CHUNK_TILES = 1 << 14          # tiles per chunk (x 16 slots = 256k face-pixel pairs)
@@ -629,32 +630,48 @@ def _face_ids(sc: _Screen, F: int, znear: float) -> torch.Tensor:
         fbatch = torch.div(torch.arange(len(sc.tri), device=dev), F, rounding_mode="floor")
         if _SPANS:
             npad, crop = B * H * W, (lambda flat: flat.view(B, H, W))
-            fid, chunks = _spans(uvt, zt, table, fbatch, H, W, znear)
         else:
-            fid, x0, y0 = _tiles(uvt, zt, H, W, 0.0, znear, RASTER_TILE)
-            st = _Setup(table, fid, x0, y0, fbatch, B, H, W, 0.0, 0.0, True)
-            npad, crop = st.npad, st.crop
-            chunks = ((a, min(a + 65536, len(fid)), lambda a, b: _chunk_depth(st, a, b, RASTER_TILE))
-                      for a in range(0, len(fid), 65536))
-        if _PACKED and dt == torch.float32 and len(sc.tri) < 2 ** 31:
-            nokey = torch.iinfo(torch.int64).max
-            keys = torch.full((npad,), nokey, dtype=torch.int64, device=dev)
-            low = (2 ** 31 - 1) - fid                                # higher face -> smaller key
-            for a, b, depth in chunks:
-                pix, z = depth(a, b)
-                key = (z.view(torch.int32).to(torch.int64) << 32) | low[None, a:b]
-                keys.scatter_reduce_(0, pix.reshape(-1).long(), key.reshape(-1), "amin")
+            npad = B * (H + TILE) * (W + TILE)
+            crop = (lambda flat: flat.view(B, H + TILE, W + TILE)[:, :H, :W])
+
+        def slots(lo: int, hi: int):
+            """(faces (S,), [(a, b, depth)]) of the face instances lo..hi."""
+            if _SPANS:
+                fid, chunks = _spans(uvt[lo:hi], zt[lo:hi], table[:, lo:hi], fbatch[lo:hi], H, W, znear)
+                return fid + lo, chunks
+            fid, x0, y0 = _tiles(uvt[lo:hi], zt[lo:hi], H, W, 0.0, znear, RASTER_TILE)
+            st = _Setup(table[:, lo:hi], fid, x0, y0, fbatch[lo:hi], B, H, W, 0.0, 0.0, True)
+            return fid + lo, [(a, min(a + 65536, len(fid)), lambda a, b: _chunk_depth(st, a, b, RASTER_TILE))
+                              for a in range(0, len(fid), 65536)]
+
+        G = len(sc.tri)
+        if _PACKED and dt == torch.float32 and G < 2 ** 31:
+            def packed(lo: int, hi: int) -> torch.Tensor:
+                fid, chunks = slots(lo, hi)
+                keys = torch.full((npad,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
+                low = (2 ** 31 - 1) - fid                            # higher face -> smaller key
+                for a, b, depth in chunks:
+                    pix, z = depth(a, b)
+                    key = (z.view(torch.int32).to(torch.int64) << 32) | low[None, a:b]
+                    keys.scatter_reduce_(0, pix.reshape(-1).long(), key.reshape(-1), "amin")
+                return keys
+            # two halves of the faces side by side on a CPU (lib.runtime.concurrently), each
+            # into its own buffer: the smaller key of the two is the one buffer's
+            cut = [0, G // 2, G] if G >= SPLIT_FACES else [0, G]
+            parts = concurrently([lambda lo=lo, hi=hi: packed(lo, hi) for lo, hi in zip(cut[:-1], cut[1:])], dev)
+            keys = parts[0] if len(parts) == 1 else torch.minimum(parts[0], parts[1], out=parts[0])
             inf_key = torch.tensor(math.inf, dtype=torch.float32).view(torch.int32).item() << 32
             face_idx = torch.where(keys < inf_key, (2 ** 31 - 1) - (keys & 0xFFFFFFFF), -1)
         else:
+            fid, chunks = slots(0, G)
             face_idx = torch.full((npad,), -1, dtype=torch.int64, device=dev)
             zbuf = torch.full((npad,), math.inf, dtype=dt, device=dev)
-            slots = []
+            kept = []
             for a, b, depth in chunks:
                 pix, z = depth(a, b)
                 zbuf.scatter_reduce_(0, pix.reshape(-1).long(), z.reshape(-1), "amin")
-                slots.append((pix, z, fid[a:b]))
-            for pix, z, f in slots:
+                kept.append((pix, z, fid[a:b]))
+            for pix, z, f in kept:
                 pix = pix.reshape(-1).long()
                 win = torch.isfinite(z.reshape(-1)) & (z.reshape(-1) == zbuf[pix])
                 cand = torch.where(win, f[None].expand_as(z).reshape(-1), -1)
@@ -662,6 +679,7 @@ def _face_ids(sc: _Screen, F: int, znear: float) -> torch.Tensor:
     return crop(face_idx)
 
 
+SPLIT_FACES = 4096             # from this many faces the packed z-buffer runs as two halves side by side
 SPAN_SLOTS = 1 << 18           # z-buffer slots (face-pixel pairs of the row spans) per chunk
 _SPANS = True                  # private switch: False = the z-buffer's slots are RASTER_TILE tiles (tests, benchmarks)
 

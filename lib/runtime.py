@@ -1,9 +1,12 @@
-"""Run-time choices of a process: the device, CPU threads, random seeds and RNG states."""
+"""Run-time choices of a process: the device, CPU threads, random seeds and RNG states, and
+independent CPU work run side by side (:func:`concurrently`)."""
 from __future__ import annotations
 
 import os
 import random
-from typing import Mapping
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -101,3 +104,65 @@ def thread_policy_summary() -> str:
         return f"{torch.get_num_threads()} CPU threads (torch default)"
     return (f"{torch.get_num_threads()} CPU threads ({cpus.ENV}={_POLICY['mode']}, "
             f"OpenMP wait {_POLICY['wait'].lower()})")
+
+
+# ------------------------------------------------------------- side-by-side CPU work
+_CONCURRENT = True             # private switch: False = concurrently() runs its tasks in order (tests, benchmarks)
+_SECTION = threading.Lock()    # one concurrent section at a time in the process
+_WORKER = threading.local()    # per thread: set to one intra-op thread already
+_POOL: dict = {}               # pid -> (workers, ThreadPoolExecutor); a forked child makes its own
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    held = _POOL.get(os.getpid())
+    if held is None or held[0] < workers:
+        if held is not None:
+            held[1].shutdown(wait=False)
+        _POOL.clear()
+        held = _POOL[os.getpid()] = (workers, ThreadPoolExecutor(workers, thread_name_prefix="meshsdf"))
+    return held[1]
+
+
+def _run_on_worker(task: Callable, grad: bool):
+    if not getattr(_WORKER, "single", False):
+        torch.set_num_threads(1)   # this thread's OpenMP team; the caller restores the process's count
+        _WORKER.single = True
+    with torch.set_grad_enabled(grad):
+        return task()
+
+
+def concurrently(tasks: Sequence[Callable], device=None) -> list:
+    """The results of the zero-argument callables ``tasks``, run side by side on the CPU.
+
+    Why: most of a demo step is elementwise passes and gathers over 10^4 - 10^6 values,
+    which a second OpenMP thread barely speeds up (waking it costs about as much as the
+    pass), while two independent such computations, each on one thread, overlap almost
+    fully (torch releases the GIL inside its operations).  With k >= 2 intra-op threads
+    (the thread policy's choice) and a CPU ``device``, tasks[0] runs in the calling thread
+    and the others on a pool of k - 1 worker threads, every one of them on one intra-op
+    thread; the caller's thread count is restored afterwards.  Otherwise (one thread, a
+    CUDA device, a section already running in this process, or the private switch
+    ``_CONCURRENT`` off) they run in order in the calling thread.  Each task sees the
+    caller's grad mode.  Tasks must not depend on one another's side effects; a task's
+    exception is raised once all tasks have finished.
+    """
+    threads = torch.get_num_threads()
+    cpu = device is None or torch.device(device).type == "cpu"
+    if len(tasks) < 2 or threads < 2 or not cpu or not _CONCURRENT or not _SECTION.acquire(blocking=False):
+        return [t() for t in tasks]
+    try:
+        pool = _pool(threads - 1)
+        grad = torch.is_grad_enabled()
+        torch.set_num_threads(1)
+        try:
+            futures = [pool.submit(_run_on_worker, t, grad) for t in tasks[1:]]
+            try:
+                first = tasks[0]()
+            finally:
+                for f in futures:     # every task finished before anything is raised or returned
+                    f.exception()
+            return [first] + [f.result() for f in futures]
+        finally:
+            torch.set_num_threads(threads)
+    finally:
+        _SECTION.release()

@@ -360,6 +360,28 @@ def test_row_spans_find_every_pixel_the_tiles_find(monkeypatch, seed):
         assert len(tiles.unique()) > 5, name                  # the group shows several faces
 
 
+def test_zbuffer_halves_side_by_side_give_the_whole_face_index(monkeypatch):
+    """The packed z-buffer split into two halves of the faces, run side by side (2 threads),
+    gives the face index of one pass over all faces, ties between the halves included
+    (duplicated faces land in different halves)."""
+    import lib.runtime as runtime
+    v, f = _soup(300, 4)
+    cams = look_at([10, 200], [15, -20], 3.0, image_size=(61, 67))
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(render, "SPLIT_FACES", 10 ** 9)
+        whole = face_index(v, f, cams)
+        monkeypatch.setattr(render, "SPLIT_FACES", 1)
+        halves = face_index(v, f, cams)
+        monkeypatch.setattr(runtime, "_CONCURRENT", False)
+        in_order = face_index(v, f, cams)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(whole, halves) and torch.equal(whole, in_order)
+    assert (whole >= 0).float().mean() > 0.3
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(faces_per_pixel=4), dict(sigma=3e-3, radius=2e-3), dict(sigma=0.0)])
 def test_tile_culling_changes_no_bit(monkeypatch, kw):
     """Tiles wholly beyond the blur radius of their face are skipped; image and vertex

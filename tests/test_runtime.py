@@ -92,3 +92,71 @@ def test_every_script_applies_the_policy_first(script, argv, monkeypatch, tmp_pa
     with pytest.raises(MeshSDFError, match="MESHSDF_THREADS='many'"):
         mod.main([a.replace("EXP", str(tmp_path / "missing")) for a in argv])
     assert not (tmp_path / "missing").exists()
+
+
+# ------------------------------------------------------------------ concurrently
+def test_concurrently_runs_side_by_side_on_one_thread_each_and_restores_the_count():
+    """With 2 intra-op threads the tasks run at the same time on different OS threads (each
+    waits for the other: run in order they would time out), each on one intra-op thread and
+    in the caller's grad mode; results come back in order and the count is restored."""
+    import threading
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        barrier = threading.Barrier(2, timeout=10)
+
+        def task(tag):
+            def run():
+                barrier.wait()      # both tasks must be running at once to pass
+                return tag, threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled()
+            return run
+        with torch.no_grad():
+            out = runtime.concurrently([task("a"), task("b")])
+        assert [o[0] for o in out] == ["a", "b"]
+        assert out[0][1] == threading.get_ident() and out[1][1] != threading.get_ident()
+        assert [o[2] for o in out] == [1, 1] and [o[3] for o in out] == [False, False]
+        assert torch.get_num_threads() == 2
+        x = torch.randn(50, 50, requires_grad=True)
+        y, = runtime.concurrently([lambda: (x * 2).sum()])       # one task: the caller's grad mode, here on
+        assert y.requires_grad
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_concurrently_runs_in_order_on_one_thread_nested_or_switched_off(monkeypatch):
+    import threading
+    old = torch.get_num_threads()
+    me = threading.get_ident()
+    here = lambda: threading.get_ident()  # noqa: E731
+    try:
+        torch.set_num_threads(1)
+        assert runtime.concurrently([here, here]) == [me, me]
+        torch.set_num_threads(2)
+        # a section inside a section runs in order where it is (no deadlock, no third thread)
+        inner = runtime.concurrently([lambda: runtime.concurrently([here, here]), here])
+        assert inner[0] == [me, me] and inner[1] != me
+        monkeypatch.setattr(runtime, "_CONCURRENT", False)
+        assert runtime.concurrently([here, here]) == [me, me]
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_concurrently_raises_a_task_error_after_every_task_finished():
+    import time
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    done = []
+
+    def slow():
+        time.sleep(0.2)
+        done.append(1)
+
+    def bad():
+        raise ValueError("boom")
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            runtime.concurrently([bad, slow])
+        assert done == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
