@@ -164,6 +164,12 @@ class _BlockGrid:
     are the tests "any block missing" and "any value missing" and the count of points to
     evaluate (the field needs a concrete batch).  A field that returns NaN somewhere is
     re-evaluated there on every lookup (same mesh, more evaluations).
+
+    Points are named by packed keys, int64 (i << 2S) | (j << S) | k with S bits per axis
+    (2^S >= G): ordered like C order, a corner or face neighbour is one addition (the
+    callers keep coordinates in range), and the block and offset in it are shifts and
+    masks (no division).  ``lin`` / ``ijk`` convert; ``values_at`` / ``mark_new`` take
+    coordinates, ``values_of`` / ``mark_new_keys`` keys.
     Same ``values_at`` / ``evaluations`` / ``stored`` interface as :class:`_DenseGrid`.
     """
 
@@ -175,6 +181,7 @@ class _BlockGrid:
         self.ax = grid_axis(resolution, size, device)
         dev = self.ax.device
         self.nb = -(-size >> self.SHIFT)  # blocks per axis
+        self.bits = max(self.SHIFT, (size - 1).bit_length())
         self.table = torch.full((self.nb ** 3,), -1, dtype=torch.int32, device=dev)
         rows = max(1, int(rows))
         self.pool = torch.full((rows, self.B3), float("nan"), device=dev)
@@ -188,29 +195,31 @@ class _BlockGrid:
         """Value slots allocated at the largest (pool rows x 512)."""
         return self.peak_rows * self.B3
 
-    lin = _DenseGrid.lin
+    def lin(self, ijk: torch.Tensor) -> torch.Tensor:
+        """Keys (...) of lattice points ijk (..., 3) int64."""
+        b = self.bits
+        return (ijk[..., 0] << (2 * b)) | (ijk[..., 1] << b) | ijk[..., 2]
 
-    def ijk(self, lin):
-        g = self.g
-        return torch.stack((lin // (g * g), (lin // g) % g, lin % g), -1)
+    def ijk(self, key: torch.Tensor) -> torch.Tensor:
+        """Lattice points (..., 3) of keys (...)."""
+        b, mask = self.bits, (1 << self.bits) - 1
+        return torch.stack((key >> (2 * b), (key >> b) & mask, key & mask), -1)
 
-    def _block(self, ijk):
-        s, nb = self.SHIFT, self.nb
-        return ((ijk[:, 0] >> s) * nb + (ijk[:, 1] >> s)) * nb + (ijk[:, 2] >> s)
-
-    def _offset(self, ijk):
-        m = (1 << self.SHIFT) - 1
-        return (((ijk[:, 0] & m) << (2 * self.SHIFT)) | ((ijk[:, 1] & m) << self.SHIFT)) | (ijk[:, 2] & m)
-
-    def _slots(self, ijk, allocate: bool) -> torch.Tensor:
-        """Flat pool slots (P,) of points ijk (P, 3); absent blocks: allocated, or -1."""
-        blk = self._block(ijk)
-        row = self.table[blk]
-        absent = row < 0
-        if allocate and bool(absent.any()):
-            self._allocate(torch.unique(blk[absent]))
-            row = self.table[blk]
-        slot = row.long() * self.B3 + self._offset(ijk)
+    def _slots(self, key: torch.Tensor, allocate: bool) -> torch.Tensor:
+        """Flat pool slots (P,) of keys (P,); absent blocks: allocated, or -1."""
+        b, sh, nb = self.bits, self.SHIFT, self.nb
+        bm = ((1 << b) - 1) >> sh
+        blk = ((key >> (2 * b + sh)) * nb + ((key >> (b + sh)) & bm)) * nb + ((key >> sh) & bm)
+        # index_select / masked_select / index_copy_ rather than x[i]: 2-3x faster on a CPU
+        row = self.table.index_select(0, blk)
+        if allocate:
+            absent = row < 0
+            if bool(absent.any()):
+                self._allocate(torch.unique(blk.masked_select(absent)))
+                row = self.table.index_select(0, blk)
+        # offset in the block: (i & 7) << 6 | (j & 7) << 3 | (k & 7)
+        off = ((key >> (2 * b - 2 * sh)) & (7 << 2 * sh)) | ((key >> (b - sh)) & (7 << sh)) | (key & 7)
+        slot = (row.long() << 9) | off
         return slot if allocate else torch.where(row < 0, -1, slot)
 
     def _allocate(self, blocks: torch.Tensor) -> None:
@@ -239,35 +248,70 @@ class _BlockGrid:
         lin, inv = torch.unique(self.lin(ijk), return_inverse=True)
         return self.field(self.ijk(lin))[inv]
 
-    def values_at(self, ijk: torch.Tensor) -> torch.Tensor:
+    def values_at(self, ijk: torch.Tensor, extra: torch.Tensor | None = None):
         """Values at lattice points ijk (..., 3) int64, evaluating the field where missing
-        and storing what it evaluates: (...)."""
-        shape = ijk.shape[:-1]
-        ijk = ijk.reshape(-1, 3)
-        slot = self._slots(ijk, allocate=True)
+        and storing what it evaluates: (...); see :meth:`values_of`."""
+        return self.values_of(self.lin(ijk), extra)
+
+    def values_of(self, key: torch.Tensor, extra: torch.Tensor | None = None):
+        """Values at keys (...), evaluating the field where missing and storing it: (...).
+
+        extra: points (A, 3) evaluated (not stored) in the same field call as the missing
+        values (one batch instead of two small ones); then returns (values, extra values (A,)).
+        """
+        shape = key.shape
+        key = key.reshape(-1)
+        if key.shape[0] > 2 ** 23:  # keeps the tickets below exact floats
+            parts = [self.values_of(part) for part in key.split(2 ** 23)]
+            v = torch.cat(parts).reshape(shape)
+            return v if extra is None else (v, self.field(extra))
+        slot = self._slots(key, allocate=True)
         flat = self.pool.view(-1)
-        v = flat[slot]
+        v = flat.index_select(0, slot)
         miss = torch.isnan(v)
+        more = None
         if bool(miss.any()):
-            new = self.ijk(torch.unique(self.lin(ijk[miss])))
-            flat[self._slots(new, allocate=False)] = self.field(new)
-            v = flat[slot]
-        return v.reshape(shape)
+            ms = slot.masked_select(miss)
+            # one representative per distinct missing point, without sorting them all: each
+            # writes its number into its (NaN) slot and the one whose number stays wins
+            ticket = torch.arange(ms.shape[0], device=ms.device, dtype=flat.dtype)  # exact below 2^24
+            flat.index_copy_(0, ms, ticket)
+            won = flat.index_select(0, ms) == ticket
+            new, order = torch.sort(key.masked_select(miss).masked_select(won))  # C order: the same batch whoever won
+            ms = ms.masked_select(won).index_select(0, order)
+            pts = self.ijk(new)
+            got = self.field(pts if extra is None else torch.cat((pts, extra)))
+            flat.index_copy_(0, ms, got[: new.shape[0]])
+            more = None if extra is None else got[new.shape[0]:]
+            v = flat.index_select(0, slot)
+        if extra is None:
+            return v.reshape(shape)
+        return v.reshape(shape), (self.field(extra) if more is None else more)
+
+    def peek(self, ijk: torch.Tensor) -> torch.Tensor:
+        """Stored values at lattice points ijk (..., 3), NaN where not evaluated; evaluates nothing."""
+        slot = self._slots(self.lin(ijk).reshape(-1), allocate=False)
+        v = self.pool.view(-1)[slot.clamp(min=0)]
+        return torch.where(slot >= 0, v, float("nan")).reshape(ijk.shape[:-1])
 
     corner_values = _DenseGrid.corner_values
 
     def store(self, ijk: torch.Tensor, values: torch.Tensor) -> None:
         """Keep known values (P,) at points ijk (P, 3) (evaluated elsewhere)."""
-        slot = self._slots(ijk, allocate=True)  # may grow the pool: index it after
+        slot = self._slots(self.lin(ijk), allocate=True)  # may grow the pool: index it after
         self.pool.view(-1)[slot] = values.float()
 
     def mark_new(self, cells: torch.Tensor) -> torch.Tensor:
         """Mark cells (K, 3) visited; returns the distinct ones not marked before (K', 3), C order."""
-        slot = self._slots(cells, allocate=False)
-        seen = self.marks.view(-1)[slot.clamp(min=0)] & (slot >= 0)
-        new = self.ijk(torch.unique(self.lin(cells[~seen])))
+        return self.ijk(self.mark_new_keys(self.lin(cells)))
+
+    def mark_new_keys(self, key: torch.Tensor) -> torch.Tensor:
+        """Mark the cells of keys (K,) visited; returns the distinct keys not marked before, sorted."""
+        slot = self._slots(key, allocate=False)
+        seen = self.marks.view(-1).index_select(0, slot.clamp(min=0)) & (slot >= 0)
+        new = torch.unique(key.masked_select(~seen))
         slot = self._slots(new, allocate=True)  # may grow the pools: index them after
-        self.marks.view(-1)[slot] = True
+        self.marks.view(-1).index_fill_(0, slot, True)
         return new
 
     def drop_marks(self) -> None:
@@ -335,7 +379,7 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
     if state is not None and state.level != level:
         state = None  # another level set: nothing to reuse
     reuse = state.values if (state is not None and state.values is not None and state.values.device == device) else None
-    fresh, warm_cells, rows = None, None, 64
+    fresh, warm_cells, rows, corners = None, None, 64, None
     if (mode == "fast" and state is not None and state.full and state.resolution == n and reuse is not None
             and state.keys.numel()):
         grid, fresh = _refresh_fast(fn, state, chunk)
@@ -345,12 +389,13 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
                 and state.cells.device == device):
             warm_cells = state.cells
             rows = state.peak_points // _BlockGrid.B3  # about the pool the last call needed
-        grid, cells = _sparse(fn, n, device, chunk, coarse_stride or default_coarse_stride(n), band, warm_cells, rows)
+        grid, cells, corners = _sparse(fn, n, device, chunk, coarse_stride or default_coarse_stride(n), band,
+                                       warm_cells, rows)
     else:
         grid = _DenseGrid(fn, n, n, device, chunk, reuse)
         grid.evaluate(torch.arange(n ** 3, device=grid.ax.device))
         cells = crossing_cells(grid.values.reshape(n, n, n))
-    verts, faces, keys = marching_cubes_cells(cells, grid.corner_values, n, grid.ax)
+    verts, faces, keys = marching_cubes_cells(cells, grid.corner_values if corners is None else corners, n, grid.ax)
     stale, missed = _check_fast(grid, keys, fresh) if fresh is not None else (0, 0)
     dense_values = grid.values if isinstance(grid, _DenseGrid) else None
     st = ExtractionState(resolution=n, mode=mode, grid_size=grid.g, values=dense_values, full=(mode != "sparse"),
@@ -431,7 +476,8 @@ def _lattice(s: int, m: int, dev) -> torch.Tensor:
 def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     """Seeds (coarse pass, or the previous cells + a sentinel lattice) + surface tracking.
 
-    Returns the block grid of evaluated values and the sign-changing cells (C, 3) in C order.
+    Returns the block grid of evaluated values, the sign-changing cells (C, 3) in C order and
+    their corner values (C, 8) (None when too many to keep, see :func:`_track`).
     """
     if s0 < 1 or s0 & (s0 - 1):
         raise MeshSDFError(f"coarse_stride {s0} must be a power of two")
@@ -441,22 +487,28 @@ def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     g = m * s0 + 1  # coarse lattice padded just past the box so every coarse cell is whole
     grid = _BlockGrid(sdf_fn, n, g, device, chunk, rows)
     dev = grid.ax.device
+    ci = torch.arange(m + 1, device=dev) * s0
+    lattice = torch.cartesian_prod(ci, ci, ci)  # ((m + 1)^3, 3), C order
+    if warm_cells is not None:
+        # the sentinel lattice is evaluated in the tracking's first field call (one batch), and
+        # its sign-changing edges seed the tracking once it has closed around the old cells
+        return (grid, *_track(grid, warm_cells, n, extra=lattice,
+                              reseed=lambda sv: _sentinel_seeds(grid, sv.reshape(m + 1, m + 1, m + 1), s0)))
     h = voxel_size(n)
     corner = tables(dev)["corner"]
     neigh = torch.tensor(_NEIGH26, device=dev)
     cells = _lattice(s0, m, dev)
     # the seeding lattices are sparse (a point per stride^3): evaluated, not stored
-    ci = torch.arange(m + 1, device=dev) * s0
-    vol = grid.field(torch.cartesian_prod(ci, ci, ci)).reshape(m + 1, m + 1, m + 1)
+    vol = grid.field(lattice).reshape(m + 1, m + 1, m + 1)
     v = torch.stack([vol[a : a + m, b : b + m, c : c + m].reshape(-1) for a, b, c in CORNER_OFFSETS], 1)  # (m^3, 8)
     del vol
-    seeds = [] if warm_cells is None else [warm_cells]
+    seeds = []
     s = s0
     while True:
         out = v > 0
         sc = out.any(1) & ~out.all(1)
         seeds.append(cells[sc] if s == 1 else _bisect_seeds(grid, cells[sc], v[sc], s))
-        if s == 1 or warm_cells is not None:
+        if s == 1:
             break
         # cells with no sign change but a corner close enough to the surface to hide a piece of it
         near = ~sc & (v.abs().amin(1) < band * 0.5 * math.sqrt(3) * s * h)
@@ -472,7 +524,58 @@ def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
         cells = (cells[near].unsqueeze(1) + corner * s).reshape(-1, 3)
         v = grid.field_once(cells.unsqueeze(1) + corner * s)  # (K, 8)
     seeds = torch.cat(seeds)
-    return grid, _track(grid, seeds, n)
+    return (grid, *_track(grid, seeds, n))
+
+
+def _sentinel_seeds(grid, sv: torch.Tensor, s: int) -> torch.Tensor:
+    """Seed cells (K, 3) from the sign-changing edges of the sentinel lattice (warm start).
+
+    sv (m+1, m+1, m+1): the field at the lattice points (stride s).  Along each edge whose
+    ends differ in sign, the values the tracking stored are looked up (no evaluation); every
+    run of unknown points between two known values of opposite signs is evaluated (and
+    stored), so that the crossings between consecutive known values are then all fine grid
+    edges: every one of them seeds its 4 cells.  Hence at least one piece of surface
+    crossing each such edge is seeded, as a bisection would, and usually nothing is
+    evaluated at all (a crossing of a piece already tracked lies between stored values).
+    """
+    dev = sv.device
+    out = sv > 0
+    eye = torch.eye(3, dtype=torch.int64, device=dev)
+    starts, units = [], []
+    for a in range(3):
+        lo, hi = out.narrow(a, 0, out.shape[a] - 1), out.narrow(a, 1, out.shape[a] - 1)
+        idx = (lo != hi).nonzero()  # (E_a, 3) lattice index of each edge's lower end
+        starts.append(idx * s)
+        units.append(eye[a].expand(idx.shape[0], 3))
+    start, unit = torch.cat(starts), torch.cat(units)  # (E, 3)
+    if start.shape[0] == 0:
+        return start
+    t = torch.arange(s + 1, device=dev)
+    pts = start.unsqueeze(1) + t.view(1, -1, 1) * unit.unsqueeze(1)  # (E, s + 1, 3)
+    vals = grid.peek(pts)
+    vals[:, 0] = sv[tuple((start // s).T)]
+    vals[:, -1] = sv[tuple((start // s + unit).T)]
+    known = ~torch.isnan(vals)
+    # nearest known value on each side of every point (the ends are known)
+    left = torch.cummax(torch.where(known, t, 0), 1).values
+    right = torch.cummin(torch.where(known, t, s).flip(1), 1).values.flip(1)
+    vout = vals > 0
+    need = ~known & (vout.gather(1, left) != vout.gather(1, right))
+    if bool(need.any()):
+        vals[need] = grid.values_at(pts[need])
+        known |= need
+        vout = vals > 0
+    e, k = (known[:, :-1] & known[:, 1:] & (vout[:, :-1] != vout[:, 1:])).nonzero(as_tuple=True)
+    p, axis = pts[e, k], unit[e].argmax(1)
+    return _edge_cells(p, axis)
+
+
+def _edge_cells(p: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+    """The 4 cells (4K, 3) sharing each grid edge from p (K, 3) along axis (K,): a step back
+    by 0 or 1 along the two other axes."""
+    b = torch.nn.functional.one_hot((axis + 1) % 3, 3)
+    c = torch.nn.functional.one_hot((axis + 2) % 3, 3)
+    return torch.cat((p, p - b, p - c, p - b - c))
 
 
 def _bisect_seeds(grid, cells: torch.Tensor, v: torch.Tensor, s: int) -> torch.Tensor:
@@ -507,48 +610,77 @@ def _bisect_seeds(grid, cells: torch.Tensor, v: torch.Tensor, s: int) -> torch.T
         s //= 2
     p = start + unit * lo.unsqueeze(1)
     grid.store(torch.cat((p, p + unit)), torch.cat((v_lo, v_hi)))
-    # the 4 cells sharing the fine edge: step back by 0 or 1 along the two other axes
-    b = torch.nn.functional.one_hot((axis + 1) % 3, 3)
-    c = torch.nn.functional.one_hot((axis + 2) % 3, 3)
-    return torch.cat((p, p - b, p - c, p - b - c))
+    return _edge_cells(p, axis)
 
 
 _FACE_DIR = [[-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]]
 
 
-def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int) -> torch.Tensor:
+KEEP_CORNERS = 2 ** 18  # cells whose corner values the tracking keeps for meshing (8 MB)
+
+
+def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | None = None, reseed=None):
     """Grow from seed cells across every face with mixed signs until closed.
 
     The neighbour across a mixed face shares that face, so it changes sign too: every cell
     evaluated here after the seeds belongs to the mesh.  Visited cells are marked in the
     block grid (memory proportional to the surface).  A few host syncs per round (the sizes
-    of what is new), none per lookup.  Returns the sign-changing cells (C, 3) in C order.
+    of what is new), none per lookup.  extra: points (A, 3) evaluated, not stored, in the
+    first field call; reseed(their values (A,)) -> more seed cells, called once when the
+    tracking has closed (it may evaluate more), after which the tracking goes on from them.
+    Returns the sign-changing cells (C, 3) in C order and their corner values (C, 8), or
+    None instead of the values beyond ``KEEP_CORNERS`` cells (the mesher looks them up).
     """
     dev = seeds.device
     tab = tables(dev)
-    corner, face_cyc = tab["corner"], tab["face_cyc"]
-    face_dir = torch.tensor(_FACE_DIR, device=dev)
+    face_cyc = tab["face_cyc"]
+    corner_key = grid.lin(tab["corner"])  # (8,) key offsets of a cell's corners
+    b = grid.bits
+    # (6,) key offsets of the face neighbours (a step of -1 is exact where the coordinate is > 0)
+    face_key = (torch.tensor(_FACE_DIR, device=dev) * torch.tensor([1 << 2 * b, 1 << b, 1], device=dev)).sum(1)
     m = n - 1
-    front = grid.mark_new(seeds[((seeds >= 0) & (seeds < m)).all(1)])
-    found = []
-    while front.shape[0]:
-        new = []
-        for part in front.split(2 ** 16):  # bounded transients (~20 MB) however large the front
-            out = grid.values_at(part.unsqueeze(1) + corner) > 0  # (F, 8)
-            sc = out.any(1) & ~out.all(1)
-            c, out = part[sc], out[sc]
-            found.append(grid.lin(c))  # (K,) int64: a third of the (K, 3) cells
-            fo = out[:, face_cyc]  # (F, 6, 4)
-            mixed = fo.any(2) & ~fo.all(2)
-            nb = c.unsqueeze(1) + face_dir
-            new.append(nb[mixed & ((nb >= 0) & (nb < m)).all(2)])
-        front = grid.mark_new(torch.cat(new))
+    inside = lambda c: c[((c >= 0) & (c < m)).all(1)]  # noqa: E731
+    front = grid.mark_new_keys(grid.lin(inside(seeds)))
+    found, kept, count = [], [], 0
+    extra_values = None
+    while True:
+        while front.shape[0]:
+            new = []
+            for part in front.split(2 ** 16):  # bounded transients (~20 MB) however large the front
+                ck = part.unsqueeze(1) + corner_key  # (F, 8)
+                if extra is not None and extra_values is None:
+                    v, extra_values = grid.values_of(ck, extra)
+                else:
+                    v = grid.values_of(ck)
+                out = v > 0
+                nout = out.sum(1)
+                sc = (nout > 0) & (nout < 8)
+                rows = sc.nonzero().squeeze(1)
+                c, out = part.index_select(0, rows), out.index_select(0, rows)
+                found.append(c)
+                count += c.shape[0]
+                if kept is not None:
+                    kept = kept + [v.index_select(0, rows)] if count <= KEEP_CORNERS else None
+                nf = out.index_select(1, face_cyc.view(-1)).view(-1, 6, 4).sum(2)  # (K, 6) outside corners per face
+                ijk = grid.ijk(c)
+                # a neighbour across each face with mixed signs, inside the grid
+                go = (nf > 0) & (nf < 4) & torch.stack((ijk > 0, ijk < m - 1), 2).reshape(-1, 6)
+                new.append((c.unsqueeze(1) + face_key).masked_select(go))
+            front = grid.mark_new_keys(torch.cat(new))
+        if reseed is None:
+            break
+        if extra is not None and extra_values is None:
+            extra_values = grid.field(extra)
+        front = grid.mark_new_keys(grid.lin(inside(reseed(extra_values))))
+        reseed = None
     grid.drop_marks()
     if not found:
-        return torch.zeros(0, 3, dtype=torch.int64, device=dev)
-    lin = torch.cat(found)
+        return torch.zeros(0, 3, dtype=torch.int64, device=dev), None
+    key = torch.cat(found)
     del found
-    return grid.ijk(torch.sort(lin).values)
+    key, order = torch.sort(key)  # keys sort like C order
+    values = torch.cat(kept)[order] if kept is not None else None
+    return grid.ijk(key), values
 
 
 def same_mesh(verts_a, faces_a, verts_b, faces_b, atol: float = 1e-5) -> tuple[bool, str]:
