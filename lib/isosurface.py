@@ -233,9 +233,13 @@ class _BlockGrid:
         self.rows += k
 
     def field(self, ijk: torch.Tensor) -> torch.Tensor:
-        """The field at lattice points ijk (P, 3), evaluated now in chunks, not stored: (P,)."""
-        out = [self.sdf_fn(self.ax[ijk[s : s + self.chunk]]).reshape(-1).float()
-               for s in range(0, ijk.shape[0], self.chunk)]
+        """The field at lattice points ijk (P, 3), evaluated now in chunks, not stored: (P,).
+
+        The chunks are of even size, at most ``chunk`` (no short last call: a small batch
+        runs the network below its rate)."""
+        p = ijk.shape[0]
+        size = max(1, -(-p // max(1, -(-p // self.chunk))))
+        out = [self.sdf_fn(self.ax[ijk[s : s + size]]).reshape(-1).float() for s in range(0, p, size)]
         self.evaluations += ijk.shape[0]
         return torch.cat(out) if out else self.ax.new_zeros(0)
 

@@ -270,7 +270,8 @@ def test_marching_cubes_cells_in_steps_is_bitwise_the_same():
 
 def test_warm_start_evaluates_little_more_than_the_mesh_needs():
     """A warm call evaluates each corner of the cells it visits once (this mesh's sign-changing
-    cells and the previous ones) plus the sentinel lattice and a few bisection midpoints."""
+    cells and the previous ones) plus the sentinel lattice (and, where a sentinel edge's
+    crossing is not among the stored values, a few points along it)."""
     _, _, st = extract(scene, 96, "sparse")
     s = 4 * 2  # the sentinel stride at N = 96: 4 x the default coarse stride 2
     sentinel = (-(-95 // s) + 1) ** 3
@@ -288,6 +289,44 @@ def test_warm_start_evaluates_little_more_than_the_mesh_needs():
 
 
 _CORNERS = [(c & 1, (c >> 1) & 1, (c >> 2) & 1) for c in range(8)]
+
+
+def test_warm_start_finds_a_new_blob_through_a_sentinel_edge_only():
+    """A new piece far from the previous surface is found when it crosses a sentinel edge
+    (here: it holds one sentinel point), and missed when it touches no sentinel edge: the
+    sentinel lattice, not luck, is what finds it.  N = 64: sentinel stride 8 voxels."""
+    n, h = 64, 2 / 63
+    at = lambda i: -1 + i * h  # noqa: E731  world coordinate of grid index i
+    old = sphere(0.3, (-0.4, 0.0, 0.0))
+    _, _, st = extract(old, n, "sparse")
+    cold = st.evaluations
+    on = union(old, sphere(1.6 * h, (at(48), at(48), at(48))))  # around sentinel point (48, 48, 48)
+    v, f, st2 = extract(on, n, "sparse", state=st)
+    vd, fd, _ = extract(on, n, "dense")
+    assert st2.warm and torch.equal(v, vd) and torch.equal(f, fd)
+    assert (vd - at(48)).norm(dim=1).min() < 2 * h  # the blob is in the dense mesh
+    assert st2.evaluations < cold / 2  # found by the warm call, not by a coarse pass
+    # the same blob between sentinel lines (>= 5.6 voxels from any): no sentinel edge crosses it
+    off = union(old, sphere(1.6 * h, (at(44), at(44), at(44))))
+    v, f, st3 = extract(off, n, "sparse", state=st)
+    vd, fd, _ = extract(off, n, "dense")
+    assert st3.warm and v.shape[0] < vd.shape[0] and not same_mesh(v, f, vd, fd)[0]
+    v, f, st4 = extract(off, n, "sparse", state=st, verify=True)  # verify catches it
+    assert st4.verified is False and torch.equal(v, vd) and torch.equal(f, fd)
+
+
+def test_warm_start_completes_a_sentinel_edge_between_stored_values():
+    """The old surface crosses a sentinel edge twice (its crossings are stored values) and a
+    new blob holds the edge's far end: the run of unknown points between a stored outside
+    value and the inside end is evaluated and seeds the blob; the mesh equals dense."""
+    n, h = 64, 2 / 63
+    at = lambda i: -1 + i * h  # noqa: E731
+    old = sphere(2.2 * h, (at(19), at(32), at(32)))  # on the edge (16, 32, 32) -> (24, 32, 32)
+    _, _, st = extract(old, n, "sparse")
+    new = union(sphere(2.2 * h, (at(19.2), at(32), at(32))), sphere(1.5 * h, (at(24), at(32), at(32.4))))
+    v, f, st2 = extract(new, n, "sparse", state=st)
+    vd, fd, _ = extract(new, n, "dense")
+    assert st2.warm and torch.equal(v, vd) and torch.equal(f, fd)
 
 
 @pytest.mark.slow

@@ -272,8 +272,8 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
     for s, c in steps:
         vals = values_of(c, s)
         idx, cross, owns = _classify(c, vals, n, tab)
-        ntri[s : s + c.shape[0]] = tab["ntri"][idx]
-        nc[s : s + c.shape[0]] = tab["ncentre"][idx]
+        ntri[s : s + c.shape[0]] = tab["ntri"].index_select(0, idx)
+        nc[s : s + c.shape[0]] = tab["ncentre"].index_select(0, idx)
         owned[s : s + c.shape[0]] = (owns.long() * tab["bits12"]).sum(1)
         kept = (vals, idx, cross, owns) if len(steps) == 1 else None  # one step: no second look-up
     if not bool(ntri.any()):
@@ -281,7 +281,7 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
     # Each crossing grid edge gets one vertex, owned by one cell: the cell whose lower corner
     # is the edge's lower end point, moved down on the other axes where that point lies on
     # the grid's upper faces.  Vertex ids follow (owner cell, edge) order, then loop centres.
-    nown = tab["popcount12"][owned.long()]
+    nown = tab["popcount12"].index_select(0, owned.long())
     own_base = torch.cumsum(nown, 0) - nown  # (C,) first vertex id of each cell's own edges
     n_own = int(own_base[-1] + nown[-1])
     del nown
@@ -308,35 +308,41 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
         vid = torch.full((k * 16,), -1, dtype=torch.int64, device=dev)
         cen_c = torch.repeat_interleave(rows, nc_k)
         cen_j = torch.arange(cen_c.shape[0], device=dev) - (torch.cumsum(nc_k, 0) - nc_k)[cen_c]
-        vid[cen_c * 16 + 12 + cen_j] = cen_base[s + cen_c].long() + cen_j
+        vid.index_copy_(0, cen_c * 16 + 12 + cen_j, cen_base.index_select(0, s + cen_c).long() + cen_j)
+        # (index_select / index_copy_ / take of flat tensors rather than x[i]: 2-3x faster on a CPU)
         pc, pe = cross.nonzero(as_tuple=True)
-        point = c[pc] + lo_off[pe]  # lower end point of each crossing (cell, edge)
+        point = c[pc] + lo_off.index_select(0, pe)  # lower end point of each crossing (cell, edge)
         owner = point.clamp(max=n - 2)
         # owner rows: the cells are sorted by linear index, so a binary search finds each owner
         # (no (N-1)^3 lookup table: memory stays proportional to the cells given)
         olin = (owner[:, 0] * n + owner[:, 1]) * n + owner[:, 2]
         orow = torch.searchsorted(lin, olin).clamp_(max=ncell - 1)
-        if not bool((lin[orow] == olin).all()):
+        if not bool(lin.index_select(0, orow).eq(olin).all()):
             raise ValueError("marching_cubes_cells: the cells must include every sign-changing neighbour "
                              "of the cells given (the owner of a crossing edge is missing)")
         d = point - owner
-        oedge = tab["edge_by"][(d[:, 0] + 2 * d[:, 1] + 4 * d[:, 2]), tab["edge_axis"][pe]]
-        vid[pc * 16 + pe] = own_base[orow].long() + tab["rank12"].view(-1)[owned[orow].long() * 12 + oedge]
-        del pc, pe, point, owner, olin, orow, d, oedge
+        oedge = tab["edge_by"].view(-1).index_select(0, (d[:, 0] + 2 * d[:, 1] + 4 * d[:, 2]) * 3
+                                                     + tab["edge_axis"].index_select(0, pe))
+        rank = tab["rank12"].view(-1).index_select(0, owned.index_select(0, orow).long() * 12 + oedge)
+        vid.index_copy_(0, pc * 16 + pe, own_base.index_select(0, orow).long() + rank)
+        del pc, pe, point, owner, olin, orow, d, oedge, rank
         cell_of = torch.repeat_interleave(rows, ntri_k)
         first = torch.cumsum(ntri_k, 0) - ntri_k
-        tri = idx[cell_of] * _MAX_TRIS + torch.arange(cell_of.shape[0], device=dev) - first[cell_of]
+        tri = (idx.index_select(0, cell_of) * _MAX_TRIS + torch.arange(cell_of.shape[0], device=dev)
+               - first.index_select(0, cell_of))
         slots = tab["tris"].view(-1, 3).index_select(0, tri)  # (T, 3) slot ids
-        faces[tri_at : tri_at + slots.shape[0]] = vid[cell_of.unsqueeze(1) * 16 + slots]
+        faces[tri_at : tri_at + slots.shape[0]] = vid.take(cell_of.unsqueeze(1) * 16 + slots)
         tri_at += slots.shape[0]
         del vid, cell_of, slots, tri
         # positions: edge vertices from their owner's values, centres from their loop; the
         # own vertices of this step are the next ids in order
         oc, oe = owns.nonzero(as_tuple=True)
         at = int(own_base[s])
-        verts[at : at + oc.shape[0]] = _edge_points(c[oc], vals[oc], oe, ax, tab)
-        lin_lo = c[oc] + lo_off[oe]
-        keys[at : at + oc.shape[0]] = 3 * ((lin_lo[:, 0] * n + lin_lo[:, 1]) * n + lin_lo[:, 2]) + tab["edge_axis"][oe]
+        c_oc = c[oc]
+        verts[at : at + oc.shape[0]] = _edge_points(c_oc, vals[oc], oe, ax, tab)
+        lin_lo = c_oc + lo_off.index_select(0, oe)
+        keys[at : at + oc.shape[0]] = (3 * ((lin_lo[:, 0] * n + lin_lo[:, 1]) * n + lin_lo[:, 2])
+                                       + tab["edge_axis"].index_select(0, oe))
         if cen_c.numel():
             member = tab["members"][idx[cen_c], cen_j]  # (K, 12)
             kc = cen_c.shape[0]
@@ -368,21 +374,22 @@ def _classify(cells: torch.Tensor, vals: torch.Tensor, n: int, tab: dict):
     # a cell owns the crossing edges at its lower corner, plus those that no cell above it
     # can own because it lies on the grid's upper faces: a (8, 12) table by boundary bits
     up = cells == n - 2  # (K, 3)
-    owns = cross & tab["own_by_up"][up[:, 0].long() + 2 * up[:, 1].long() + 4 * up[:, 2].long()]
+    owns = cross & tab["own_by_up"].index_select(0, up[:, 0].long() + 2 * up[:, 1].long() + 4 * up[:, 2].long())
     return index, cross, owns
 
 
 def _edge_points(cells, vals, edges, ax, tab):
     """Interpolated zero crossing on edge ``edges`` (K,) of cells (K, 3) with values (K, 8)."""
-    lo_c, hi_c, axis = tab["edge_lo"][edges], tab["edge_hi"][edges], tab["edge_axis"][edges]
+    lo_c, hi_c = tab["edge_lo"].index_select(0, edges), tab["edge_hi"].index_select(0, edges)
+    axis = tab["edge_axis"].index_select(0, edges)
     v_lo = vals.gather(1, lo_c.unsqueeze(1)).squeeze(1)
     v_hi = vals.gather(1, hi_c.unsqueeze(1)).squeeze(1)
     t = v_lo / (v_lo - v_hi)
-    base = cells + tab["corner"][lo_c]  # (K, 3)
-    p = ax[base]
+    base = cells + tab["corner"].index_select(0, lo_c)  # (K, 3)
+    p = ax.take(base)
     a = axis.unsqueeze(1)
     p0 = p.gather(1, a).squeeze(1)
-    p1 = ax[base.gather(1, a).squeeze(1) + 1]
+    p1 = ax.take(base.gather(1, a).squeeze(1) + 1)
     return p.scatter(1, a, (p0 + t * (p1 - p0)).unsqueeze(1))
 
 
