@@ -354,15 +354,21 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
                  unless they touch a sign-changing cell), then surface tracking: every
                  neighbour across a cell face with mixed signs is evaluated until the set of
                  sign-changing cells is closed.  Warm start (``state`` from a non-empty sparse
-                 call at the same resolution, ``warm=True``): the tracking starts from the
-                 previous call's cells plus the seeds of a sentinel lattice of
-                 ``SENTINEL_FACTOR`` (4) times the coarse stride (N = 64: stride 8, 729
-                 points), instead of the coarse pass.  The mesh is identical to
-                 ``dense`` whenever every connected piece of the surface is seeded (cold:
-                 ``band`` is a Lipschitz safety factor; warm: a piece touches the previous
-                 surface's cells or crosses a sentinel edge, as any piece does that holds a
-                 ball of sqrt(3) sentinel strides; a piece that does neither, e.g. a small
-                 new blob far from the old surface, is missed until the next cold call).
+                 call at the same resolution, ``warm=True``): instead of the coarse pass,
+                 the tracking starts from the previous call's cells, with a sentinel
+                 lattice of ``SENTINEL_FACTOR`` (4) times the coarse stride (N = 64: stride
+                 8, 729 points) evaluated in the same first batch; once the tracking has
+                 closed, every sentinel edge whose ends differ in sign is completed from
+                 the stored values (evaluating only runs of unknown points between
+                 opposite signs) and its fine crossings seed more tracking.  The mesh is
+                 identical to ``dense`` whenever every connected piece of the surface is
+                 seeded (cold: ``band`` is a Lipschitz safety factor; warm: a piece touches
+                 the previous surface's cells or crosses a sentinel edge whose ends differ
+                 in sign (of the pieces crossing one such edge, at least one is found), as
+                 a piece does that holds a ball of sqrt(3) sentinel strides apart from the
+                 rest of the surface; a piece that does neither, e.g. a small new blob far
+                 from the old surface and from the sentinel lines, is missed until the
+                 next cold call).
                  ``verify=True`` also runs ``dense``, compares with :func:`same_mesh`, records
                  ``state.verified`` and returns the dense mesh if they differ.
     chunk: points per call of ``sdf_fn``.  The default, 2^14, keeps a 128-wide network's
