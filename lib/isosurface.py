@@ -168,8 +168,8 @@ class _BlockGrid:
     Points are named by packed keys, int64 (i << 2S) | (j << S) | k with S bits per axis
     (2^S >= G): ordered like C order, a corner or face neighbour is one addition (the
     callers keep coordinates in range), and the block and offset in it are shifts and
-    masks (no division).  ``lin`` / ``ijk`` convert; ``values_at`` / ``mark_new`` take
-    coordinates, ``values_of`` / ``mark_new_keys`` keys.
+    masks (no division).  ``lin`` / ``ijk`` convert; ``values_at`` / ``peek`` / ``store``
+    take coordinates, ``values_of`` / ``mark_new_keys`` keys.
     Same ``values_at`` / ``evaluations`` / ``stored`` interface as :class:`_DenseGrid`.
     """
 
@@ -210,7 +210,7 @@ class _BlockGrid:
         b, sh, nb = self.bits, self.SHIFT, self.nb
         bm = ((1 << b) - 1) >> sh
         blk = ((key >> (2 * b + sh)) * nb + ((key >> (b + sh)) & bm)) * nb + ((key >> sh) & bm)
-        # index_select / masked_select / index_copy_ rather than x[i]: 2-3x faster on a CPU
+        # index_select / masked_select / index_copy_ rather than x[i]: 2-3x faster on a CPU (isolated)
         row = self.table.index_select(0, blk)
         if allocate:
             absent = row < 0
@@ -304,10 +304,6 @@ class _BlockGrid:
         """Keep known values (P,) at points ijk (P, 3) (evaluated elsewhere)."""
         slot = self._slots(self.lin(ijk), allocate=True)  # may grow the pool: index it after
         self.pool.view(-1)[slot] = values.float()
-
-    def mark_new(self, cells: torch.Tensor) -> torch.Tensor:
-        """Mark cells (K, 3) visited; returns the distinct ones not marked before (K', 3), C order."""
-        return self.ijk(self.mark_new_keys(self.lin(cells)))
 
     def mark_new_keys(self, key: torch.Tensor) -> torch.Tensor:
         """Mark the cells of keys (K,) visited; returns the distinct keys not marked before, sorted."""
