@@ -219,7 +219,7 @@ class _BlockGrid:
                 row = self.table.index_select(0, blk)
         # offset in the block: (i & 7) << 6 | (j & 7) << 3 | (k & 7)
         off = ((key >> (2 * b - 2 * sh)) & (7 << 2 * sh)) | ((key >> (b - sh)) & (7 << sh)) | (key & 7)
-        slot = (row.long() << 9) | off
+        slot = (row.long() << (3 * sh)) | off
         return slot if allocate else torch.where(row < 0, -1, slot)
 
     def _allocate(self, blocks: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ from scipy.spatial import cKDTree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lib.errors import MeshSDFError
-from lib.isosurface import extract, grid_points, marching_cubes, marching_cubes_cells, same_mesh
+from lib.isosurface import _BlockGrid, _sentinel_seeds, extract, grid_points, marching_cubes, marching_cubes_cells, same_mesh
 from lib.metrics import genus
 
 
@@ -315,10 +315,32 @@ def test_warm_start_finds_a_new_blob_through_a_sentinel_edge_only():
     assert st4.verified is False and torch.equal(v, vd) and torch.equal(f, fd)
 
 
+def test_sentinel_edges_are_completed_only_between_opposite_known_signs():
+    """The warm start's sentinel check evaluates exactly the unknown runs between stored values
+    of opposite signs and seeds every fine crossing: a plane x = x0 (between grid x = 18 and
+    19) crosses the 81 sentinel edges x = 16 -> 24 (stride 8 at N = 64)."""
+    n, s = 64, 8
+    x0 = -1 + 18.5 * 2 / 63
+    grid = _BlockGrid(lambda p: p[:, 0] - x0, n, n + 1, "cpu", 2 ** 14)
+    ci = torch.arange(9) * s
+    lattice = torch.cartesian_prod(ci, ci, ci)
+    sv = grid.field(lattice).reshape(9, 9, 9)
+    line = lambda j, k, xs: torch.tensor([[x, j, k] for x in xs])  # noqa: E731
+    grid.store(line(0, 0, [17, 18, 19, 20]), grid.field(line(0, 0, [17, 18, 19, 20])))  # a tracked crossing
+    grid.store(line(8, 0, [17]), grid.field(line(8, 0, [17])))  # inside, unknown beyond
+    grid.evaluations = 0
+    seeds = _sentinel_seeds(grid, sv, s)
+    # 79 edges with all 7 inner points unknown, 6 (18..23) on the second edge, none on the first
+    assert grid.evaluations == 79 * 7 + 6
+    cells = {tuple(c) for c in seeds.tolist()}
+    want = {(18, j - dj, k - dk) for j in range(0, 65, 8) for k in range(0, 65, 8) for dj in (0, 1) for dk in (0, 1)}
+    assert cells == want  # the 4 cells around each fine crossing edge 18 -> 19, and nothing else
+
+
 def test_warm_start_completes_a_sentinel_edge_between_stored_values():
     """The old surface crosses a sentinel edge twice (its crossings are stored values) and a
-    new blob holds the edge's far end: the run of unknown points between a stored outside
-    value and the inside end is evaluated and seeds the blob; the mesh equals dense."""
+    new blob holds the edge's far end (a run of unknown points between a stored outside value
+    and the inside end, completed; exact counts in the test above): the mesh equals dense."""
     n, h = 64, 2 / 63
     at = lambda i: -1 + i * h  # noqa: E731
     old = sphere(2.2 * h, (at(19), at(32), at(32)))  # on the edge (16, 32, 32) -> (24, 32, 32)
