@@ -74,6 +74,13 @@ def prepare_openmp_env(environ=None) -> bool:
     return True
 
 
+def openmp_threads_sleep(environ=None) -> bool:
+    """Whether idle OpenMP threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``, the policy's
+    default, or the user's), rather than busy-wait (torch's default)."""
+    env = os.environ if environ is None else environ
+    return env.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
 def affinity_cores() -> list[int]:
     """The CPU ids this process may run on (``os.sched_getaffinity``; all CPUs where unsupported)."""
     try:

@@ -73,6 +73,50 @@ def test_values_and_input_grads_equal_the_decoder_and_autograd(name):
     torch.testing.assert_close(g1_xyz, want1_xyz, rtol=1e-5, atol=1e-6)
 
 
+def test_halves_side_by_side_give_the_same_bits_and_the_reference(monkeypatch):
+    """From SIDE_BY_SIDE rows (here lowered to 100) the chunks run as two halves side by
+    side (2 threads, sleeping OpenMP threads): the values and input gradients are bit for bit
+    those of the same chunks in order, and the decoder's; with busy-waiting threads the
+    rows are not split."""
+    import threading
+
+    import lib.models.inference as inference
+    import lib.runtime as runtime
+    dec = _decoder(next(iter(CONFIGS)))
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.randn(2, 3, generator=gen)
+    xyz = torch.rand(451, 3, generator=gen) * 2 - 1
+    index = torch.randint(0, 2, (451,), generator=gen)
+    prep = InferenceKernel(dec).prepare(codes)
+    want = _reference(dec, codes, xyz, index)
+    monkeypatch.setattr(inference, "SIDE_BY_SIDE", 100)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert inference._plan(451, 64, True) == (57, [(0, 228), (228, 451)])       # 8 chunks, 4 + 4
+    assert inference._plan(451, 64, False) == (57, [(0, 451)])
+    seen = set()
+    real = inference._chunks
+
+    def spy(*a, **k):
+        seen.add(threading.get_ident())
+        return real(*a, **k)
+    monkeypatch.setattr(inference, "_chunks", spy)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = {}
+        for side_by_side in (True, False):
+            monkeypatch.setattr(runtime, "_CONCURRENT", side_by_side)
+            out[side_by_side] = (values(prep, xyz, index, rows=64), *values_and_input_grad(prep, xyz, index, rows=64))
+    finally:
+        torch.set_num_threads(old)
+    assert len(seen) == 2                                       # the halves ran on two threads
+    for a, b in zip(out[True], out[False]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(out[True][0], want[0], rtol=0, atol=2e-6)
+    torch.testing.assert_close(out[True][2], want[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[True][3], want[2], rtol=1e-5, atol=1e-6)
+
+
 def test_no_points():
     dec = _decoder("deepsdf_pe")
     kernel = InferenceKernel(dec)
