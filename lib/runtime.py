@@ -109,7 +109,6 @@ def thread_policy_summary() -> str:
 # ------------------------------------------------------------- side-by-side CPU work
 _CONCURRENT = True             # private switch: False = concurrently() runs its tasks in order (tests, benchmarks)
 _SECTION = threading.Lock()    # one concurrent section at a time in the process
-_WORKER = threading.local()    # per thread: set to one intra-op thread already
 _POOL: dict = {}               # pid -> (workers, ThreadPoolExecutor); a forked child makes its own
 
 
@@ -123,10 +122,8 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return held[1]
 
 
-def _run_on_worker(task: Callable, grad: bool):
-    if not getattr(_WORKER, "single", False):
-        torch.set_num_threads(1)   # this thread's OpenMP team; the caller restores the process's count
-        _WORKER.single = True
+def _run_on_worker(task: Callable, grad: bool, threads: int):
+    torch.set_num_threads(threads)   # this thread's OpenMP team (about 0.4 us); the caller restores the process's
     with torch.set_grad_enabled(grad):
         return task()
 
@@ -139,8 +136,10 @@ def concurrently(tasks: Sequence[Callable], device=None) -> list:
     pass), while two independent such computations, each on one thread, overlap almost
     fully (torch releases the GIL inside its operations).  With k >= 2 intra-op threads
     (the thread policy's choice) and a CPU ``device``, tasks[0] runs in the calling thread
-    and the others on a pool of k - 1 worker threads, every one of them on one intra-op
-    thread; the caller's thread count is restored afterwards.  Otherwise (one thread, a
+    and the others on a pool of worker threads, each task on max(1, k // len(tasks))
+    intra-op threads (one each on 2 cores; 8 each for two tasks on 16, so that a
+    many-core machine keeps its cores); the caller's thread count is restored afterwards.
+    Otherwise (one thread, a
     CUDA device, a section already running in this process, or the private switch
     ``_CONCURRENT`` off) they run in order in the calling thread.  Each task sees the
     caller's grad mode.  Tasks must not depend on one another's side effects; a task's
@@ -151,11 +150,12 @@ def concurrently(tasks: Sequence[Callable], device=None) -> list:
     if len(tasks) < 2 or threads < 2 or not cpu or not _CONCURRENT or not _SECTION.acquire(blocking=False):
         return [t() for t in tasks]
     try:
-        pool = _pool(threads - 1)
+        pool = _pool(len(tasks) - 1)
         grad = torch.is_grad_enabled()
-        torch.set_num_threads(1)
+        share = max(1, threads // len(tasks))
+        torch.set_num_threads(share)
         try:
-            futures = [pool.submit(_run_on_worker, t, grad) for t in tasks[1:]]
+            futures = [pool.submit(_run_on_worker, t, grad, share) for t in tasks[1:]]
             try:
                 first = tasks[0]()
             finally:

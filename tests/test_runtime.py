@@ -98,7 +98,8 @@ def test_every_script_applies_the_policy_first(script, argv, monkeypatch, tmp_pa
 def test_concurrently_runs_side_by_side_on_one_thread_each_and_restores_the_count():
     """With 2 intra-op threads the tasks run at the same time on different OS threads (each
     waits for the other: run in order they would time out), each on one intra-op thread and
-    in the caller's grad mode; results come back in order and the count is restored."""
+    in the caller's grad mode; results come back in order and the count is restored.  With
+    4 threads two tasks get 2 each."""
     import threading
     old = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -119,6 +120,9 @@ def test_concurrently_runs_side_by_side_on_one_thread_each_and_restores_the_coun
         x = torch.randn(50, 50, requires_grad=True)
         y, = runtime.concurrently([lambda: (x * 2).sum()])       # one task: the caller's grad mode, here on
         assert y.requires_grad
+        torch.set_num_threads(4)                                 # a larger machine: the threads are shared out
+        assert runtime.concurrently([torch.get_num_threads] * 2) == [2, 2]
+        assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(old)
 

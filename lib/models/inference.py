@@ -241,8 +241,9 @@ def _plan(p: int, rows: int, split: bool) -> tuple[int, list]:
     Rows per chunk: at most ``rows``, the p rows split evenly (no short last chunk, whose
     small GEMMs would run below the others' rate).  With ``split`` and from ``SIDE_BY_SIDE``
     rows the chunks are an even number and come as two ranges, which
-    ``lib.runtime.concurrently`` runs side by side on a CPU, each on one intra-op thread: no
-    OpenMP team to wake and join at every layer.  Measured on the demo (2 cores): 0.96-0.98 x
+    ``lib.runtime.concurrently`` runs side by side on a CPU, each on half the intra-op
+    threads: on 2 cores one, so no OpenMP team to wake and join at every layer.  Measured on
+    the demo (2 cores): 0.96-0.98 x
     the step time when idle OpenMP threads sleep (the thread policy), but 1.12 x with
     busy-waiting ones (whose spinning competes with the second thread), hence ``split`` only
     in the first case.  The chunks are the same either way, so the same values.
