@@ -697,7 +697,7 @@ def _spans(uvt: torch.Tensor, zt: torch.Tensor, table: torch.Tensor, fbatch: tor
     A face's boundaries on a row are its long edge (top to bottom vertex) and one of the
     two short ones, at the row's centre clamped into the face's height.  The margin, 1/64 px
     plus 2^-16 of the face's largest coordinate, is far above the rounding of these few
-    operations and of the edge test of :func:`_slot_depth` (about 2^-22 of the
+    operations and of the edge test of :func:`_edge_depth` (about 2^-22 of the
     coordinates), so the spans hold every pixel centre that the test finds inside, and the
     test decides.  Degenerate faces, faces with a vertex at depth <= znear and faces with a
     non-finite projection get no spans (the tile layout gives them no inside slot).
@@ -750,8 +750,10 @@ def _spans(uvt: torch.Tensor, zt: torch.Tensor, table: torch.Tensor, fbatch: tor
     def depth(a: int, b: int):
         sp, f, c = span[a:b], fid[a:b], col[a:b]
         # gathers row by row with 1-D index_select (gathers along dim 1 are several times slower on the CPU)
-        k = [t.index_select(0, sp) for t in terms] + [table[r].index_select(0, f) for r in (0, 2, 4, 7, 9, 11, 15, 16, 17, 18)]
-        return _slot_depth(k, c, pix0.index_select(0, sp) + c)
+        face_rows = lambda rs: [table[r].index_select(0, f) for r in rs]  # noqa: E731
+        z = _edge_depth([t.index_select(0, sp) for t in terms], c.to(table.dtype).add_(0.5), face_rows((0, 2, 4)),
+                        face_rows((7, 9, 11)), table[15].index_select(0, f), face_rows((16, 17, 18)))
+        return (pix0.index_select(0, sp) + c).to(torch.int32)[None], z[None]
 
     chunks = [(a, min(a + SPAN_SLOTS, S), depth) for a in range(0, S, SPAN_SLOTS)]
     return fid, chunks
@@ -775,39 +777,32 @@ def _chunk_depth(st: _Setup, a: int, b: int, size: int = TILE):
     pix = base[None] + (torch.div(d, size, rounding_mode="floor") * wp + d % size)
     x = (ox.to(dt) + 0.5)[None] + dx
     y = (oy.to(dt) + 0.5)[None] + dy
-    o = c[15][None]
+    rows = [torch.sub(y, c[2 * i + 1][None]).mul_(c[6 + 2 * i][None]) for i in range(3)]
+    return pix, _edge_depth(rows, x, [c[r][None] for r in (0, 2, 4)], [c[r][None] for r in (7, 9, 11)], c[15][None],
+                            [c[r][None] for r in (16, 17, 18)])
+
+
+def _edge_depth(rows: list, x: torch.Tensor, vx: list, ey: list, o: torch.Tensor, iz: list) -> torch.Tensor:
+    """The z-buffer's test and depth at pixel centres: depth where the centre is inside the
+    face, inf elsewhere (the shape of x).
+
+    x: the centres' columns (pixel units; overwritten); per vertex i of the face, each
+    broadcastable to x: rows[i] = (y - vy_i) ex_i, the edge function's row term (overwritten),
+    vx_i, ey_i (edge e_i = v_{i+1} - v_i) and 1/z_i (iz); o: the face's orientation (0 for
+    degenerate faces).  ef_i = (ex (y - vy) - ey (x - vx)) o >= 0 on all three edges is inside;
+    the depth is perspective-correct.  Both slot layouts (tiles, row spans) call this, so
+    they give the same bits.
+    """
     tmp = torch.empty_like(x)
     ef = []
-    for i in range(3):           # ef_i = (ex (y - vy) - ey (x - vx)) o, in place
-        e = torch.sub(y, c[2 * i + 1][None]).mul_(c[6 + 2 * i][None])
-        e.sub_(torch.sub(x, c[2 * i][None], out=tmp).mul_(c[7 + 2 * i][None])).mul_(o)
+    for i in range(3):
+        e = rows[i]
+        e.sub_(torch.sub(x, vx[i], out=tmp).mul_(ey[i])).mul_(o)
         ef.append(e)
     inside = torch.ge(ef[0], 0).logical_and_(ef[1] >= 0).logical_and_(ef[2] >= 0).logical_and_(o != 0)
     area = torch.add(ef[0], ef[1], out=x).add_(ef[2]).clamp_(min=1e-30)
-    inv = torch.mul(ef[1], c[16][None], out=y).add_(ef[2].mul_(c[17][None])).add_(ef[0].mul_(c[18][None])).div_(area)
-    z = inv.reciprocal().masked_fill_(~inside.logical_and_(inv > 0), math.inf)
-    return pix, z
-
-
-def _slot_depth(k: list, col: torch.Tensor, pix: torch.Tensor):
-    """(pix (1, S) int32, z (1, S)) of slots with span terms k, 13 rows (S,) (``_spans``': the
-    three row terms, vx_0..2, ey_0..2, orientation, 1/z_0..2), pixel columns col (S,) and
-    flat pixel indices pix (S,): the same operations, in the same order, as
-    :func:`_chunk_depth`'s, hence the same bits."""
-    dt = k[0].dtype
-    x = col.to(dt).add_(0.5)
-    o = k[9]
-    tmp = torch.empty_like(x)
-    ef = []
-    for i in range(3):           # ef_i = (ex (y - vy) - ey (x - vx)) o
-        e = k[i].clone()
-        e.sub_(torch.sub(x, k[3 + i], out=tmp).mul_(k[6 + i])).mul_(o)
-        ef.append(e)
-    inside = torch.ge(ef[0], 0).logical_and_(ef[1] >= 0).logical_and_(ef[2] >= 0).logical_and_(o != 0)
-    area = torch.add(ef[0], ef[1], out=x).add_(ef[2]).clamp_(min=1e-30)
-    inv = torch.mul(ef[1], k[10], out=tmp).add_(ef[2].mul_(k[11])).add_(ef[0].mul_(k[12])).div_(area)
-    z = inv.reciprocal().masked_fill_(~inside.logical_and_(inv > 0), math.inf)
-    return pix.to(torch.int32)[None], z[None]
+    inv = torch.mul(ef[1], iz[0], out=tmp).add_(ef[2].mul_(iz[1])).add_(ef[0].mul_(iz[2])).div_(area)
+    return inv.reciprocal().masked_fill_(~inside.logical_and_(inv > 0), math.inf)
 
 
 def _bary_depth(sc: _Screen, g: torch.Tensor, hit: torch.Tensor):
