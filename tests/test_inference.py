@@ -91,8 +91,10 @@ def test_halves_side_by_side_give_the_same_bits_and_the_reference(monkeypatch):
     want = _reference(dec, codes, xyz, index)
     monkeypatch.setattr(inference, "SIDE_BY_SIDE", 100)
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    assert inference._plan(451, 64, True) == (57, [(0, 228), (228, 451)])       # 8 chunks, 4 + 4
-    assert inference._plan(451, 64, False) == (57, [(0, 451)])
+    assert inference._plan(451, 64, "cpu") == (57, [(0, 228), (228, 451)])      # 8 chunks, 4 + 4
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert inference._plan(451, 64, "cpu") == (57, [(0, 451)])                 # busy-waiting threads: not split
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     seen = set()
     real = inference._chunks
 

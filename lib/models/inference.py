@@ -235,20 +235,19 @@ def _setup(prep: _Prepared, xyz: torch.Tensor, index, rows: int | None):
 SIDE_BY_SIDE = 2048    # from this many rows the chunks run as two halves side by side (CPU, >= 2 threads)
 
 
-def _plan(p: int, rows: int, split: bool) -> tuple[int, list]:
-    """(rows per chunk, row ranges [(lo, hi)] of whole chunks).
+def _plan(p: int, rows: int, device) -> tuple[int, list]:
+    """(rows per chunk, row ranges [(lo, hi)] of whole chunks) for p rows on ``device``.
 
     Rows per chunk: at most ``rows``, the p rows split evenly (no short last chunk, whose
-    small GEMMs would run below the others' rate).  With ``split`` and from ``SIDE_BY_SIDE``
-    rows the chunks are an even number and come as two ranges, which
-    ``lib.runtime.concurrently`` runs side by side on a CPU, each on half the intra-op
-    threads: on 2 cores one, so no OpenMP team to wake and join at every layer.  Measured on
-    the demo (2 cores): 0.96-0.98 x
-    the step time when idle OpenMP threads sleep (the thread policy), but 1.12 x with
-    busy-waiting ones (whose spinning competes with the second thread), hence ``split`` only
-    in the first case.  The chunks are the same either way, so the same values.
+    small GEMMs would run below the others' rate).  On a CPU whose idle OpenMP threads sleep
+    (the thread policy's default) and from ``SIDE_BY_SIDE`` rows, the chunks are an even
+    number and come as two ranges, which ``lib.runtime.concurrently`` runs side by side,
+    each on half the intra-op threads: on 2 cores one, so no OpenMP team to wake and join at
+    every layer.  Measured on the demo (2 cores): 0.96-0.98 x the step time with sleeping
+    threads, but 1.12 x with busy-waiting ones (whose spinning competes with the second
+    thread), hence not for them.  The chunks are the same either way, so the same values.
     """
-    split = split and p >= SIDE_BY_SIDE
+    split = torch.device(device).type == "cpu" and p >= SIDE_BY_SIDE and openmp_threads_sleep()
     n = -(-p // rows)
     n += n % 2 if split else 0
     c = -(-p // n)
@@ -291,7 +290,7 @@ def values(prep: _Prepared, xyz: torch.Tensor, index: torch.Tensor | None = None
     out = torch.empty(p, dtype=dt, device=dev)
     if p == 0:
         return out
-    c, ranges = _plan(p, rows, dev.type == "cpu" and openmp_threads_sleep())
+    c, ranges = _plan(p, rows, dev)
     half = c * max(prep.widths)
     pts_all = xyz.to(dt)
 
@@ -327,7 +326,7 @@ def values_and_input_grad(prep: _Prepared, xyz: torch.Tensor, index: torch.Tenso
     g_xyz = torch.empty(p, 3, dtype=dt, device=dev)
     if p == 0:
         return out, g_code, g_xyz
-    c, ranges = _plan(p, rows, dev.type == "cpu" and openmp_threads_sleep())
+    c, ranges = _plan(p, rows, dev)
     widths = prep.widths
     width = max(widths)
     total = sum(widths)
