@@ -565,7 +565,7 @@ class Fragments:
         return self.face_idx >= 0
 
 
-RASTER_TILE = 2                # the z-buffer cuts face boxes into 2 x 2 tiles (fewer empty slots)
+RASTER_TILE = 2                # with _SPANS = False the z-buffer cuts face boxes into 2 x 2 tiles
 _PACKED = True                 # private switch: False = the two-pass z-buffer for every dtype (tests, benchmarks)
 
 
