@@ -156,3 +156,54 @@ def test_fused_loss_on_whole_scene_chunks_equals_autograd(chunk):
     for got, want in zip(g_fused, g_plain):
         assert want.abs().max() > 0
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+def test_chunk_halves_cover_the_chunks_once_in_order_on_a_cpu_only():
+    from lib.models.fused import chunk_halves, plan_chunks
+
+    chunks = plan_chunks(3, 101, 37)  # 9 chunks
+    halves = chunk_halves(chunks, "cpu")
+    assert len(halves) == 2 and halves[0] + halves[1] == chunks and len(halves[0]) == 5
+    assert chunk_halves(chunks[:1], "cpu") == [chunks[:1]]
+    assert chunk_halves(chunks, torch.device("cuda")) == [chunks]  # a GPU: the batch in one go
+
+
+def test_fused_halves_run_side_by_side_with_the_same_bits_as_in_order(monkeypatch):
+    # the two halves of a CPU batch each keep their own sums, so running them side by side
+    # (two threads) or one after the other (any thread count) gives the same bits
+    import threading
+
+    import lib.models.fused as fused
+
+    torch.manual_seed(0)
+    dec = Decoder(3, **CONFIGS["deepsdf"]).train()
+    dec.fused_chunk = 37
+    codes = torch.randn(3, 3, requires_grad=True)
+    xyz = torch.rand(3, 101, 3) * 2 - 1
+    sdf = torch.rand(3, 101) * 0.3 - 0.15
+    params = [codes] + list(dec.parameters())
+    seen = []
+    real = fused._run_chunks
+    monkeypatch.setattr(fused, "_run_chunks", lambda sh, part, chunks: seen.append(threading.get_ident())
+                        or real(sh, part, chunks))
+
+    def grads(side_by_side, threads):
+        monkeypatch.setattr(fused, "_SIDE_BY_SIDE", side_by_side)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            torch.manual_seed(5)
+            loss = dec.clamped_l1_loss(codes, xyz, sdf, 0.1)
+            return [loss.detach()] + list(torch.autograd.grad(loss, params))
+        finally:
+            torch.set_num_threads(before)
+
+    side = grads(True, 2)
+    assert len(seen) == 2 and seen[0] != seen[1]  # the halves ran on two threads
+    seen.clear()
+    for config in ((False, 2), (False, 1), (True, 1)):
+        other = grads(*config)
+        assert len(seen) == 2 and seen[0] == seen[1]  # one after the other
+        seen.clear()
+        for a, b in zip(side, other):
+            assert torch.equal(a, b)

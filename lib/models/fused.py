@@ -36,6 +36,9 @@ from typing import Sequence
 import torch
 
 from lib.models.ops import ChunkDropout, positional_encoding
+from lib.runtime import concurrently
+
+_SIDE_BY_SIDE = True  # private switch: False = the two halves of a CPU batch run one after the other
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,14 @@ class _Partial:
             v = self._views[n] = (acts, gins)
         return v
 
+    def add_(self, other: "_Partial") -> None:
+        """Add ``other``'s running sums (loss, weight and bias gradients) to this one's."""
+        self.total += other.total
+        self.colsums += other.colsums
+        for mine, theirs in zip(self.gwx + self.gwpe, other.gwx + other.gwpe):
+            if mine is not None:
+                mine += theirs
+
 
 def plan_chunks(b: int, s: int, chunk: int) -> list[tuple[int, int, int, int]]:
     """Chunks (k0, k1, r0, r1) = rows r0:r1 of scenes k0:k1 covering a (b, s) batch once.
@@ -195,6 +206,22 @@ def plan_chunks(b: int, s: int, chunk: int) -> list[tuple[int, int, int, int]]:
         per = max(1, chunk // max(1, s))
         return [(k, min(b, k + per), 0, s) for k in range(0, b, per)]
     return [(k, k + 1, r0, min(s, r0 + chunk)) for k in range(b) for r0 in range(0, s, chunk)]
+
+
+def chunk_halves(chunks: Sequence[tuple[int, int, int, int]], device) -> list[list[tuple[int, int, int, int]]]:
+    """The chunks as the groups whose sums are kept apart: on a CPU with >= 2 chunks two
+    halves (first and second), else one group.
+
+    Why: each half has its own scratch and sums, so the two can run side by side on one
+    intra-op thread each (``lib.runtime.concurrently``); on 2 cores with sleeping OpenMP
+    threads that beats one team woken and joined at every operation of every chunk.  The
+    halves are kept apart on a CPU whether or not they run side by side, so the gradients
+    are the same bits either way (first half's sum + second half's).
+    """
+    if torch.device(device).type != "cpu" or len(chunks) < 2:
+        return [list(chunks)]
+    mid = (len(chunks) + 1) // 2
+    return [list(chunks[:mid]), list(chunks[mid:])]
 
 
 def _run_chunks(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, int, int]]) -> None:
@@ -275,8 +302,18 @@ class _FusedClampedL1(torch.autograd.Function):
         sh = _Shared(plan, clamp, seed, codes, xyz, sdf, weights, biases)
         b, s = sdf.shape
         chunks = plan_chunks(b, s, plan.chunk)
-        part = _Partial(sh, max((k1 - k0) * (r1 - r0) for k0, k1, r0, r1 in chunks))
-        _run_chunks(sh, part, chunks)
+        rows = max((k1 - k0) * (r1 - r0) for k0, k1, r0, r1 in chunks)
+        groups = chunk_halves(chunks, sdf.device)
+        parts = [_Partial(sh, rows) for _ in groups]
+        tasks = [lambda p=p, g=g: _run_chunks(sh, p, g) for p, g in zip(parts, groups)]
+        if _SIDE_BY_SIDE:
+            concurrently(tasks, sdf.device)
+        else:
+            for t in tasks:
+                t()
+        part = parts[0]
+        for other in parts[1:]:
+            part.add_(other)
         total = part.total / sdf.numel()
         colsums = part.colsums
         gcode = torch.zeros_like(codes)
