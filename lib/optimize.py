@@ -40,6 +40,7 @@ from lib.meshsdf import GRADIENTS, mesh_from_sdf
 from lib.metrics import topology
 from lib.nmr import nr_silhouette
 from lib.render import SVR_EPS, SVR_SIGMA, face_index, silhouette
+from lib.runtime import elementwise_section
 
 LOSSES = ("mse", "l1")
 RENDERERS = ("soft", "nr")   # soft silhouette (lib.render) | neural_renderer-style hard + Kato (lib.nmr)
@@ -242,18 +243,24 @@ class LatentOptimizer:
                          g, time.perf_counter() - t0, mesh.state, getattr(self.loss_fn, "face_idx", None))
 
     def step(self) -> Iteration:
-        """Extract, render, backpropagate, update the code once; raises SurfaceLostError."""
+        """Extract, render, backpropagate, update the code once; raises SurfaceLostError.
+
+        Runs in a ``lib.runtime.elementwise_section``: with sleeping OpenMP threads its
+        elementwise passes on one intra-op thread, large decoder calls and side-by-side work
+        on all of them (2 cores, one competitor: 0.95 x the step time; quiet 0.99 x).
+        """
         t0 = time.perf_counter()
-        code = self.latent.detach().clone()
-        mesh = self._mesh(grad=True)
-        loss, image = self.loss_fn(mesh.verts, mesh.faces)
-        self.optimizer.zero_grad()
-        loss.backward()
-        value = float(loss.detach())
-        if not torch.isfinite(loss.detach()):
-            raise MeshSDFError(f"the loss became {value} at iteration {self.iteration}; lower the learning rate")
-        self.optimizer.step()
-        result = self._result(self.iteration, code, mesh, image, value, mesh.state.dl_ds, t0)
+        with elementwise_section(self.latent.device):
+            code = self.latent.detach().clone()
+            mesh = self._mesh(grad=True)
+            loss, image = self.loss_fn(mesh.verts, mesh.faces)
+            self.optimizer.zero_grad()
+            loss.backward()
+            value = float(loss.detach())
+            if not torch.isfinite(loss.detach()):
+                raise MeshSDFError(f"the loss became {value} at iteration {self.iteration}; lower the learning rate")
+            self.optimizer.step()
+            result = self._result(self.iteration, code, mesh, image, value, mesh.state.dl_ds, t0)
         self.iteration += 1
         return result
 
@@ -261,9 +268,10 @@ class LatentOptimizer:
     def evaluate(self) -> Iteration:
         """Mesh, rendering and loss of the current code, no gradient, no update (iteration -1)."""
         t0 = time.perf_counter()
-        mesh = self._mesh(grad=False)
-        loss, image = self.loss_fn(mesh.verts, mesh.faces)
-        return self._result(-1, self.latent.detach().clone(), mesh, image, float(loss), None, t0)
+        with elementwise_section(self.latent.device):
+            mesh = self._mesh(grad=False)
+            loss, image = self.loss_fn(mesh.verts, mesh.faces)
+            return self._result(-1, self.latent.detach().clone(), mesh, image, float(loss), None, t0)
 
 
 Callback = Callable[[Iteration], "Mapping[str, float] | None"]

@@ -6,6 +6,7 @@ import os
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -145,7 +146,8 @@ def concurrently(tasks: Sequence[Callable], device=None) -> list:
     caller's grad mode.  Tasks must not depend on one another's side effects; a task's
     exception is raised once all tasks have finished.
     """
-    threads = torch.get_num_threads()
+    now = torch.get_num_threads()
+    threads = _section_threads() or now
     cpu = device is None or torch.device(device).type == "cpu"
     if len(tasks) < 2 or threads < 2 or not cpu or not _CONCURRENT or not _SECTION.acquire(blocking=False):
         return [t() for t in tasks]
@@ -163,6 +165,63 @@ def concurrently(tasks: Sequence[Callable], device=None) -> list:
                     f.exception()
             return [first] + [f.result() for f in futures]
         finally:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(now)
     finally:
         _SECTION.release()
+
+
+# ------------------------------------------------------------- one-thread sections
+_ONE_THREAD = True            # private switch: False = elementwise_section() changes nothing (tests, benchmarks)
+_LOCAL = threading.local()    # .threads: the count outside the calling thread's open section
+
+
+def _section_threads() -> int | None:
+    """The intra-op threads outside the calling thread's open one-thread section, or None."""
+    return getattr(_LOCAL, "threads", None)
+
+
+@contextmanager
+def elementwise_section(device=None):
+    """Run the enclosed CPU work on one intra-op thread while idle OpenMP threads sleep.
+
+    Why: with sleeping idle threads (the thread policy's default, so that a competing
+    process costs its fair share) every operation that torch splits across threads wakes
+    and joins the team, which on 2 cores costs about what splitting a pass over 10^4 - 10^6
+    values saves.  A demo step is mostly such passes (the sparse grid's bookkeeping,
+    marching cubes, the rasterizer, the topology count), so it runs them on one thread and
+    keeps the process's threads for the decoder's GEMMs (:func:`all_threads`, which the
+    inference kernel enters) and for independent work side by side (:func:`concurrently`,
+    which still uses the process's count).  Changes nothing with busy-waiting threads
+    (``MESHSDF_THREADS=off``), one thread, a CUDA ``device``, inside a section already
+    open, or with the private switch ``_ONE_THREAD`` off.
+    """
+    threads = torch.get_num_threads()
+    cpu = device is None or torch.device(device).type == "cpu"
+    if (not _ONE_THREAD or threads < 2 or not cpu or _section_threads() is not None
+            or not cpus.openmp_threads_sleep()):
+        yield
+        return
+    _LOCAL.threads = threads
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _LOCAL.threads = None
+
+
+@contextmanager
+def all_threads(enabled: bool = True):
+    """The process's intra-op threads for the enclosed work (large GEMMs) inside an
+    :func:`elementwise_section`; elsewhere, or with ``enabled`` False, it changes nothing."""
+    threads = _section_threads()
+    if threads is None or not enabled:
+        yield
+        return
+    _LOCAL.threads = None
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+        _LOCAL.threads = threads

@@ -323,3 +323,47 @@ def test_backward_of_a_loss_that_moves_some_vertices_equals_the_generic_rule(rin
     assert torch.equal(da[ka == 0], torch.zeros_like(da[ka == 0])) and da[ka == 1].abs().min() > 0
     torch.testing.assert_close(da, db, rtol=1e-3, atol=1e-4 * db.abs().max().item())
     torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-4 * gb.abs().max().item())
+
+
+def test_demo_step_runs_elementwise_work_on_one_thread_and_large_decoder_calls_on_all(ring, monkeypatch):
+    """With sleeping OpenMP threads and 2 intra-op threads, a demo step runs inside
+    lib.runtime.elementwise_section: its loss on one thread, decoder calls of fewer than
+    FEW_ROWS rows on that one thread too, larger ones on both."""
+    import lib.models.inference as inference
+    from lib.camera import demo_camera
+    from lib.optimize import LatentOptimizer, SilhouetteLoss
+    from lib.render import silhouette
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    dec, codes = ring
+    cam = demo_camera(image_size=96, device="cpu")
+    with torch.no_grad():
+        t = mesh_from_sdf(dec, codes[0], 40, "sparse")
+    target = silhouette(t.verts, t.faces, cam, sigma=0)
+    seen = {"loss": [], "calls": []}
+    real_values = inference.values
+    monkeypatch.setattr(inference, "values", lambda prep, xyz, index=None: seen["calls"].append(
+        (xyz.shape[0], torch.get_num_threads())) or real_values(prep, xyz, index))
+    loss = SilhouetteLoss(cam, target, loss="mse", renderer="nr")
+    real_loss = loss.__call__
+
+    class Spy:
+        def __call__(self, verts, faces):
+            seen["loss"].append(torch.get_num_threads())
+            return real_loss(verts, faces)
+
+        def __getattr__(self, name):
+            return getattr(loss, name)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        opt = LatentOptimizer(dec, codes[1], Spy(), lr=5e-2, resolution=40)
+        for _ in range(3):  # the warm steps make small calls
+            opt.step()
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+    assert seen["loss"] == [1, 1, 1]
+    small = [th for rows, th in seen["calls"] if rows < inference.FEW_ROWS]
+    large = [th for rows, th in seen["calls"] if rows >= inference.FEW_ROWS]
+    assert small and large and set(small) == {1} and set(large) == {2}

@@ -164,3 +164,57 @@ def test_concurrently_raises_a_task_error_after_every_task_finished():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(old)
+
+
+def test_elementwise_section_runs_one_thread_and_gives_large_gemms_all(monkeypatch, threads):
+    """With sleeping OpenMP threads: one intra-op thread inside the section, the process's
+    count inside all_threads (unless disabled) and for the tasks of concurrently (which
+    still run side by side), restored on the way out, also after an error."""
+    import threading
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    torch.set_num_threads(2)
+    barrier = threading.Barrier(2, timeout=10)
+
+    def task():
+        barrier.wait()   # both tasks at once, or this times out
+        return torch.get_num_threads()
+    with runtime.elementwise_section("cpu"):
+        assert torch.get_num_threads() == 1
+        with runtime.all_threads():
+            assert torch.get_num_threads() == 2
+            with runtime.elementwise_section():      # a section inside all_threads opens anew
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+        with runtime.all_threads(False):              # a small call stays on the one thread
+            assert torch.get_num_threads() == 1
+        with runtime.elementwise_section():           # nested: changes nothing
+            assert torch.get_num_threads() == 1
+        assert runtime.concurrently([task, task]) == [1, 1]
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="inside"):
+        with runtime.elementwise_section():
+            raise ValueError("inside")
+    assert torch.get_num_threads() == 2
+    with runtime.all_threads():                      # outside a section: nothing to give
+        assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("case", ["busy-waiting", "one thread", "cuda", "switched off"])
+def test_elementwise_section_changes_nothing_where_it_cannot_help(monkeypatch, threads, case):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    torch.set_num_threads(2)
+    device = "cpu"
+    if case == "busy-waiting":
+        monkeypatch.delenv("OMP_WAIT_POLICY")
+    elif case == "one thread":
+        torch.set_num_threads(1)
+    elif case == "cuda":
+        device = torch.device("cuda")
+    else:
+        monkeypatch.setattr(runtime, "_ONE_THREAD", False)
+    before = torch.get_num_threads()
+    with runtime.elementwise_section(device):
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
