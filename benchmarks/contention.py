@@ -20,10 +20,12 @@ Each workload runs quiet and next to one competitor (a Python busy loop, one pro
 (today's behaviour without the policy) and ``auto`` = the policy.  Rounds interleave
 every combination so that load from other processes hits all alike; the report gives
 median and range over rounds and the ratios contended / quiet (target <= 2x) and
-auto-quiet / off-quiet (target <= 1, "quiet no slower").  ``uptime`` before and after
-says what else ran.
+auto-quiet / off-quiet (target <= 1, "quiet no slower").  Each round also times off's
+quiet run a second time, last, as a control: auto's quiet run is compared with the mean
+of off's two (drift cancels), and off against itself says how finely this run can tell
+two times apart (``quiet_verdict``).  ``uptime`` before and after says what else ran.
 
-Usage: python benchmarks/contention.py [--rounds 3] [--epochs 8] [--iterations 30]
+Usage: python benchmarks/contention.py [--rounds 5] [--epochs 8] [--iterations 30]
        [--policies off,auto] [--workloads demo,train] [--competitors 1]
 """
 from __future__ import annotations
@@ -132,12 +134,34 @@ def uptime() -> str:
         return "?"
 
 
+def _ratio_line(ratios: list[float]) -> str:
+    r = sorted(ratios)
+    return f"{statistics.median(r):.2f}x ({r[0]:.2f}-{r[-1]:.2f})"
+
+
+def quiet_verdict(policy_q: list[float], base_q: list[float], base_q2: list[float]) -> tuple[float, float, str]:
+    """(median ratio, noise, verdict) of "the policy's quiet run no slower than the base's".
+
+    Each round times the base quiet twice, before and after the policy's quiet run, so the
+    policy is compared with the mean of the two (a slow drift of the machine cancels) and
+    the two base runs against each other give the noise of this very run: the median of
+    |base / base' - 1|.  Verdict: "met" for a median ratio <= 1, "met within noise" for
+    <= 1 + noise (closer than this run can tell apart), else "NOT met".
+    """
+    ratios = [p / ((a + b) / 2) for p, a, b in zip(policy_q, base_q, base_q2)]
+    noise = statistics.median(abs(a / b - 1) for a, b in zip(base_q, base_q2))
+    med = statistics.median(ratios)
+    verdict = "met" if med <= 1 else "met within noise" if med <= 1 + noise else "NOT met"
+    return med, noise, verdict
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iterations", type=int, default=30, help="demo iterations per run (default 30)")
     ap.add_argument("--epochs", type=int, default=8, help="training epochs per run (default 8)")
-    ap.add_argument("--policies", default="off,auto", help="MESHSDF_THREADS values to compare (default off,auto)")
+    ap.add_argument("--policies", default="off,auto",
+                    help="MESHSDF_THREADS values to compare, the base first (default off,auto)")
     ap.add_argument("--workloads", default="demo,train")
     ap.add_argument("--competitors", type=int, default=1, help="CPU-bound competitor processes (default 1)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -148,39 +172,51 @@ def main() -> int:
         return 0
 
     policies = args.policies.split(",")
+    base = policies[0]
     workloads = args.workloads.split(",")
     print(f"cores {os.cpu_count()}, affinity {len(os.sched_getaffinity(0))}; /proc/loadavg before: {uptime()}")
     print(f"demo: {args.iterations} iterations (s total); train: median s/epoch of {args.epochs} epochs; "
-          f"{args.competitors} competitor(s); {args.rounds} rounds interleaved")
+          f"{args.competitors} competitor(s); {args.rounds} rounds interleaved; each round times {base} quiet "
+          f"twice, first and last (the noise control)")
     times: dict = {}
     threads: dict = {}
     for r in range(args.rounds):
         for w in workloads:
-            for pol in policies:
-                for contended in (False, True):
-                    procs = start_competitors(args.competitors) if contended else []
-                    try:
-                        res = run_worker(w, pol, args)
-                    finally:
-                        stop(procs)
-                    times.setdefault((w, pol, contended), []).append(res["seconds"])
-                    threads[(w, pol, contended)] = res["threads"]
-                    print(f"  round {r + 1} {w:5s} {pol:>5s} {'contended' if contended else 'quiet':9s} "
-                          f"{res['seconds']:7.3f} s  ({res['threads']} threads; load {uptime().split()[0]})",
-                          flush=True)
+            # the base's quiet run first and again last: the others are compared with their mean
+            runs = [(pol, c) for pol in policies for c in (False, True)] + [(base + "'", False)]
+            for pol, contended in runs:
+                procs = start_competitors(args.competitors) if contended else []
+                try:
+                    res = run_worker(w, pol.rstrip("'"), args)
+                finally:
+                    stop(procs)
+                times.setdefault((w, pol, contended), []).append(res["seconds"])
+                threads[(w, pol, contended)] = res["threads"]
+                print(f"  round {r + 1} {w:5s} {pol:>5s} {'contended' if contended else 'quiet':9s} "
+                      f"{res['seconds']:7.3f} s  ({res['threads']} threads; load {uptime().split()[0]})",
+                      flush=True)
     print(f"/proc/loadavg after: {uptime()}")
     print(f"\n{'workload':8s} {'policy':>6s} {'quiet s (range)':>24s} {'contended s (range)':>24s} "
-          f"{'contended/quiet':>16s} {'quiet/off-quiet':>16s}")
+          f"{'contended/quiet (rounds)':>26s} {'quiet/' + base + ' quiet (rounds)':>26s}")
+    verdicts = []
     for w in workloads:
-        base = statistics.median(times[(w, policies[0], False)])
         for pol in policies:
             q, c = times[(w, pol, False)], times[(w, pol, True)]
             mq, mc = statistics.median(q), statistics.median(c)
-            ratios = sorted(ci / qi for qi, ci in zip(q, c))
+            vs = [qi / ((a + b) / 2) for qi, a, b in zip(q, times[(w, base, False)], times[(w, base + "'", False)])]
             print(f"{w:8s} {pol:>6s} {mq:8.3f} ({min(q):6.3f}-{max(q):6.3f}) {mc:8.3f} ({min(c):6.3f}-{max(c):6.3f}) "
-                  f"{mc / mq:7.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}) {mq / base:10.2f}x   "
+                  f"{_ratio_line([ci / qi for qi, ci in zip(q, c)]):>26s} {_ratio_line(vs):>26s}   "
                   f"threads {threads[(w, pol, False)]}/{threads[(w, pol, True)]}")
-    print("targets: contended/quiet <= 2x for both workloads; the policy's quiet no slower than off's")
+            cq = statistics.median(ci / qi for qi, ci in zip(q, c))
+            verdicts.append(f"{w} {pol}: contended/quiet {cq:.2f}x {'met' if cq <= 2 else 'NOT met'}")
+            if pol != base:
+                med, noise, verdict = quiet_verdict(q, times[(w, base, False)], times[(w, base + "'", False)])
+                verdicts.append(f"{w} {pol}: quiet/{base} quiet {med:.2f}x, {verdict} "
+                                f"(this run's noise: {base} against itself {noise * 100:.1f}%)")
+    print("\ntargets: contended/quiet <= 2x (median over rounds) for both workloads; "
+          f"the policy's quiet run no slower than {base}'s")
+    for v in verdicts:
+        print("  " + v)
     return 0
 
 
