@@ -9,7 +9,9 @@ activations are still in the L2/L3 cache, and the parameter gradients are accumu
 chunk by chunk.  Since the clamped L1 loss is a mean over rows, the gradient of a row's
 loss needs nothing from other rows, so this gives the same gradients as autograd over the
 full batch (up to float summation order).  Peak memory of a bob_and_spot step drops from
-612 MB to 40 MB (measured), so far larger batches fit.
+612 MB to 40 MB (measured), so far larger batches fit; on a CPU the batch's two halves
+(``chunk_halves``) each have their own scratch, about 26 MB more (the process's peak RSS
+304 vs 278 MB).
 
 Other savings over the plain autograd graph, none of which change the function:
   * the latent code is the same for all rows of a scene, so its columns of a layer's
@@ -213,8 +215,9 @@ def chunk_halves(chunks: Sequence[tuple[int, int, int, int]], device) -> list[li
     halves (first and second), else one group.
 
     Why: each half has its own scratch and sums, so the two can run side by side on one
-    intra-op thread each (``lib.runtime.concurrently``); on 2 cores with sleeping OpenMP
-    threads that beats one team woken and joined at every operation of every chunk.  The
+    intra-op thread each (``lib.runtime.concurrently``), which on 2 cores beats one team
+    woken and joined at every operation of every chunk: a bob_and_spot loss step 0.79 x
+    the time with sleeping OpenMP threads, 0.94 x with busy-waiting ones.  The
     halves are kept apart on a CPU whether or not they run side by side, so the gradients
     are the same bits either way (first half's sum + second half's).
     """
