@@ -42,7 +42,8 @@ from torch import nn
 
 from lib.errors import MeshSDFError
 from lib.isosurface import ExtractionState, extract
-from lib.models.inference import InferenceKernel
+from lib.models.inference import FEW_ROWS, InferenceKernel
+from lib.runtime import all_threads
 
 GRADIENTS = ("paper", "exact")
 INSIDE = ("below", "above")
@@ -160,17 +161,26 @@ class _CodeField:
             return None
         return self.kernel(points.device)
 
+    @staticmethod
+    def threads(rows: int):
+        """Context for a decoder evaluation of ``rows`` rows: inside a
+        ``lib.runtime.elementwise_section``, all the process's threads from ``FEW_ROWS`` rows
+        (GEMMs), the section's one thread below; elsewhere nothing changes."""
+        return all_threads(rows >= FEW_ROWS)
+
     def __call__(self, points: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        kernel = self._plain(points)
-        if kernel is not None:
-            return kernel.values(self.codes, points, index)
-        return self.decoder(torch.cat((self.codes[index], points), 1)).reshape(-1)
+        with self.threads(points.shape[0]):
+            kernel = self._plain(points)
+            if kernel is not None:
+                return kernel.values(self.codes, points, index)
+            return self.decoder(torch.cat((self.codes[index], points), 1)).reshape(-1)
 
     def single(self, points: torch.Tensor) -> torch.Tensor:
-        kernel = self._plain(points)
-        if kernel is not None:
-            return kernel.values(self.codes, points)
-        return self.decoder(torch.cat((self.codes.expand(points.shape[0], -1), points), 1)).reshape(-1)
+        with self.threads(points.shape[0]):
+            kernel = self._plain(points)
+            if kernel is not None:
+                return kernel.values(self.codes, points)
+            return self.decoder(torch.cat((self.codes.expand(points.shape[0], -1), points), 1)).reshape(-1)
 
     def rows_only(self) -> bool:
         """Whether the codes are the only path to tensors requiring grad (frozen decoder)."""
@@ -378,18 +388,19 @@ def _code_backward(signed, cf: _CodeField, verts, grad_verts, index, leaves, gra
             moving = nonzero.nonzero().squeeze(1)
             verts, grad_verts, index = verts[moving], grad_verts[moving], index[moving]
     kernel = cf.kernel(verts.device)
-    if kernel is not None:
-        _, rows_grad, normal = kernel.values_and_input_grad(cf.codes.detach(), verts.detach(), index)
-    else:
-        with torch.enable_grad():
-            parts = []
-            for s in range(0, verts.shape[0], chunk):
-                x = verts[s : s + chunk].detach()
-                inp = torch.cat((cf.codes.detach()[index[s : s + chunk]], x), 1).requires_grad_(True)
-                (j,) = torch.autograd.grad(cf.decoder(inp).reshape(-1).sum(), inp)
-                parts.append(j)
-        j = torch.cat(parts) if parts else verts.new_zeros(0, L + 3)
-        rows_grad, normal = j[:, :L], j[:, L:]
+    with cf.threads(verts.shape[0]):
+        if kernel is not None:
+            _, rows_grad, normal = kernel.values_and_input_grad(cf.codes.detach(), verts.detach(), index)
+        else:
+            with torch.enable_grad():
+                parts = []
+                for s in range(0, verts.shape[0], chunk):
+                    x = verts[s : s + chunk].detach()
+                    inp = torch.cat((cf.codes.detach()[index[s : s + chunk]], x), 1).requires_grad_(True)
+                    (j,) = torch.autograd.grad(cf.decoder(inp).reshape(-1).sum(), inp)
+                    parts.append(j)
+            j = torch.cat(parts) if parts else verts.new_zeros(0, L + 3)
+            rows_grad, normal = j[:, :L], j[:, L:]
     if signed.sign < 0:  # s = sign * (field - level): the level drops out
         rows_grad, normal = -rows_grad, -normal
     dl_ds = _dl_ds(normal, grad_verts, gradient, delta)

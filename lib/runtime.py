@@ -191,8 +191,8 @@ def elementwise_section(device=None):
     values saves.  A demo step is mostly such passes (the sparse grid's bookkeeping,
     marching cubes, the rasterizer, the topology count), so it runs them on one thread and
     keeps the process's threads for the decoder's GEMMs (:func:`all_threads`, which the
-    inference kernel enters) and for independent work side by side (:func:`concurrently`,
-    which still uses the process's count).  Measured on 2 cores, sleeping threads, one
+    decoder field of ``lib.meshsdf`` enters) and for independent work side by side
+    (:func:`concurrently`, which still uses the process's count).  Measured on 2 cores, sleeping threads, one
     thread / two: a multiply of 4e4 - 3e5 floats 0.35 - 0.75 x, of 1e6 1.06 x; a demo step
     0.95 x next to one competitor, 0.99 x quiet.  Changes nothing with busy-waiting threads
     (``MESHSDF_THREADS=off``: torch's defaults, untouched by design), one thread, a CUDA

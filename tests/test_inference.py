@@ -325,10 +325,12 @@ def test_backward_of_a_loss_that_moves_some_vertices_equals_the_generic_rule(rin
     torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-4 * gb.abs().max().item())
 
 
-def test_demo_step_runs_elementwise_work_on_one_thread_and_large_decoder_calls_on_all(ring, monkeypatch):
+@pytest.mark.parametrize("kernels", [True, False])
+def test_demo_step_runs_elementwise_work_on_one_thread_and_large_decoder_calls_on_all(ring, monkeypatch, kernels):
     """With sleeping OpenMP threads and 2 intra-op threads, a demo step runs inside
     lib.runtime.elementwise_section: its loss on one thread, decoder calls of fewer than
-    FEW_ROWS rows on that one thread too, larger ones on both."""
+    FEW_ROWS rows on that one thread too, larger ones on both, through the inference
+    kernels or through the decoder's autograd forward alike."""
     import lib.models.inference as inference
     from lib.camera import demo_camera
     from lib.optimize import LatentOptimizer, SilhouetteLoss
@@ -341,9 +343,15 @@ def test_demo_step_runs_elementwise_work_on_one_thread_and_large_decoder_calls_o
         t = mesh_from_sdf(dec, codes[0], 40, "sparse")
     target = silhouette(t.verts, t.faces, cam, sigma=0)
     seen = {"loss": [], "calls": []}
-    real_values = inference.values
-    monkeypatch.setattr(inference, "values", lambda prep, xyz, index=None: seen["calls"].append(
-        (xyz.shape[0], torch.get_num_threads())) or real_values(prep, xyz, index))
+    if kernels:
+        real_values = inference.values
+        monkeypatch.setattr(inference, "values", lambda prep, xyz, index=None: seen["calls"].append(
+            (xyz.shape[0], torch.get_num_threads())) or real_values(prep, xyz, index))
+    else:
+        monkeypatch.setattr(_CodeField, "use_kernels", False)
+        real_forward = dec.forward
+        monkeypatch.setattr(dec, "forward", lambda rows: seen["calls"].append(
+            (rows.shape[0], torch.get_num_threads())) or real_forward(rows))
     loss = SilhouetteLoss(cam, target, loss="mse", renderer="nr")
     real_loss = loss.__call__
 

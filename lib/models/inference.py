@@ -38,7 +38,7 @@ import torch
 from lib.models.fused import FusedPlan, WeightBlocks
 from lib.models.ops import PE_PI
 from lib.cpus import openmp_threads_sleep
-from lib.runtime import all_threads, concurrently
+from lib.runtime import concurrently
 
 
 def default_rows(device) -> int:
@@ -170,14 +170,12 @@ class InferenceKernel:
 
     def values(self, codes: torch.Tensor, xyz: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """SDF values (P,) at xyz (P, 3) of codes (B, L): row p uses code ``index[p]`` (P,) int64,
-        or code 0 when index is None.  No autograd graph.  Threads: see :data:`FEW_ROWS`."""
-        with all_threads(xyz.shape[0] >= FEW_ROWS):
-            return values(self.prepare(codes), xyz, index)
+        or code 0 when index is None.  No autograd graph."""
+        return values(self.prepare(codes), xyz, index)
 
     def values_and_input_grad(self, codes: torch.Tensor, xyz: torch.Tensor, index: torch.Tensor | None = None):
         """(values (P,), ds/dcode rows (P, L), ds/dxyz (P, 3)); see :func:`values_and_input_grad`."""
-        with all_threads(xyz.shape[0] >= FEW_ROWS):
-            return values_and_input_grad(self.prepare(codes), xyz, index)
+        return values_and_input_grad(self.prepare(codes), xyz, index)
 
 
 def _encode(prep: _Prepared, pts: torch.Tensor, ang: torch.Tensor | None, pe: torch.Tensor | None) -> torch.Tensor:
@@ -235,8 +233,9 @@ def _setup(prep: _Prepared, xyz: torch.Tensor, index, rows: int | None):
 
 
 SIDE_BY_SIDE = 2048    # from this many rows the chunks run as two halves side by side (CPU, >= 2 threads)
-# Below this many rows a call inside a ``lib.runtime.elementwise_section`` (the demo step, with
-# sleeping OpenMP threads) stays on its one thread; from it, it gets the process's threads.
+# Below this many rows a decoder call inside a ``lib.runtime.elementwise_section`` (the demo
+# step, with sleeping OpenMP threads) stays on its one thread; from it, it gets the process's
+# threads (``lib.meshsdf._CodeField.threads``, kernel or autograd alike).
 # Measured on 2 cores, 1 thread / 2 threads: 7-31 rows 0.65-0.67 x, 523 rows 0.80 x, 1500
 # rows 1.03 x, 4000 rows 1.57 x (each size alone, alternating).
 FEW_ROWS = 1024
