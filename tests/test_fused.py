@@ -174,6 +174,7 @@ def test_fused_halves_run_side_by_side_with_the_same_bits_as_in_order(monkeypatc
     import threading
 
     import lib.models.fused as fused
+    from lib import runtime
 
     torch.manual_seed(0)
     dec = Decoder(3, **CONFIGS["deepsdf"]).train()
@@ -188,7 +189,7 @@ def test_fused_halves_run_side_by_side_with_the_same_bits_as_in_order(monkeypatc
                         or real(sh, part, chunks))
 
     def grads(side_by_side, threads):
-        monkeypatch.setattr(fused, "_SIDE_BY_SIDE", side_by_side)
+        monkeypatch.setattr(runtime, "_CONCURRENT", side_by_side)
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:

@@ -40,8 +40,6 @@ import torch
 from lib.models.ops import ChunkDropout, positional_encoding
 from lib.runtime import concurrently
 
-_SIDE_BY_SIDE = True  # private switch: False = the two halves of a CPU batch run one after the other
-
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -308,12 +306,7 @@ class _FusedClampedL1(torch.autograd.Function):
         rows = max((k1 - k0) * (r1 - r0) for k0, k1, r0, r1 in chunks)
         groups = chunk_halves(chunks, sdf.device)
         parts = [_Partial(sh, rows) for _ in groups]
-        tasks = [lambda p=p, g=g: _run_chunks(sh, p, g) for p, g in zip(parts, groups)]
-        if _SIDE_BY_SIDE:
-            concurrently(tasks, sdf.device)
-        else:
-            for t in tasks:
-                t()
+        concurrently([lambda p=p, g=g: _run_chunks(sh, p, g) for p, g in zip(parts, groups)], sdf.device)
         part = parts[0]
         for other in parts[1:]:
             part.add_(other)
