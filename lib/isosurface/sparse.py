@@ -1,163 +1,50 @@
-"""Iso-surface extraction over the box [-1, 1]^3: the dense, fast and sparse modes.
+"""The block store and the ``sparse`` mode: seeding (coarse pass or warm start) and surface tracking.
 
-Grid convention: resolution N, origin (-1, -1, -1), voxel size 2 / (N - 1); grid value
-[i, j, k] is the field at (-1 + i*h, -1 + j*h, -1 + k*h).  Meshes come back in world
-coordinates as verts (V, 3) float32 and faces (F, 3) int64 torch tensors.
+- :class:`_BlockGrid`: field values on a G^3 lattice in 8^3-point blocks allocated where the
+  extraction passes (memory proportional to the surface band, not to G^3);
+- :func:`_sparse`: seeds (a coarse lattice with bisection and recursive refinement, or the
+  previous call's cells plus a sentinel lattice) then :func:`_track`, which grows the set of
+  sign-changing cells across faces with mixed signs until it is closed;
+- :func:`default_coarse_stride`, :data:`SENTINEL_FACTOR`, :data:`KEEP_CORNERS`: its constants.
 
-``sdf_fn`` everywhere is a callable mapping points (P, 3) to values (P,); the surface is
-``sdf_fn = level`` and "outside" is where ``sdf_fn > level`` (as for an SDF).  It is called
-under ``torch.no_grad()``.  Every mode triangulates with the one torch marching cubes of
-:mod:`lib.ops.marching_cubes` (re-exported here as :func:`marching_cubes`).
-
-Contents: :func:`extract` (the modes, with a reusable :class:`ExtractionState`),
-:func:`extract_dense` / :func:`dense_grid` (a full grid), :func:`same_mesh` (canonical mesh
-comparison).
+The driver is :func:`lib.isosurface.driver.extract` (``mode="sparse"``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable
 
-import numpy as np
 import torch
 
-from lib.errors import MeshSDFError
-from lib.log import info
-from lib.ops.marching_cubes import (CORNER_OFFSETS, cell_corner_values, crossing_cells, grid_axis, marching_cubes,  # noqa: F401
-                                    marching_cubes_cells, tables, voxel_size)
+from ..errors import MeshSDFError
+from ..ops.marching_cubes import grid_axis, voxel_size
+from ..ops.marching_cubes_tables import CORNER_OFFSETS, tables
 
-SdfFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def grid_points(resolution: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """All grid points, (N^3, 3), in [i, j, k] C order (x slowest, z fastest)."""
-    ax = torch.linspace(-1.0, 1.0, resolution, device=device, dtype=dtype)
-    return torch.cartesian_prod(ax, ax, ax)
-
-
-@torch.no_grad()
-def dense_grid(sdf_fn: SdfFn, resolution: int, device=None, chunk: int = 2 ** 18) -> torch.Tensor:
-    """The field on the full N^3 grid: (N, N, N) float32 tensor on ``device``.
-
-    Points are generated chunk by chunk (no N^3 x 3 coordinate array), with the same
-    coordinates as :func:`grid_points`.
-    """
-    grid = _DenseGrid(sdf_fn, resolution, resolution, device, chunk)
-    grid.evaluate(torch.arange(resolution ** 3, device=grid.ax.device))
-    return grid.values.reshape(resolution, resolution, resolution)
-
-
-def extract_dense(sdf_fn: SdfFn, resolution: int = 128, device=None, level: float = 0.0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mesh of the level set from the full grid: verts (V, 3), faces (F, 3) on ``device``."""
-    return marching_cubes(dense_grid(sdf_fn, resolution, device=device), level)
-
-
-MODES = ("dense", "fast", "sparse")
-
-
-@dataclass
-class ExtractionState:
-    """What one extraction leaves for the next call (pass it back as ``state=``), plus stats.
-
-    values: dense and fast modes: the flat (N^3,) float32 grid of ``sdf_fn - level`` (the
-    ``fast`` mode refreshes it); sparse mode: None (values live in a block-sparse store of
-    the band the call evaluated, freed after the call); full: whether ``values`` holds every grid
-    point; verts (V, 3) / faces (F, 3) / keys (V,) / cells (C, 3): the last mesh (see
-    :func:`lib.ops.marching_cubes.marching_cubes_cells`); the sparse mode starts its next
-    call from ``cells`` (warm start); evaluations: points evaluated by the last call;
-    warm: whether the last sparse call started from the previous cells; empty / message: no
-    surface in the box and why; stale_vertices: in ``fast`` mode, vertices interpolated from
-    at least one value not refreshed by this call (their position is approximate: normal for
-    small steps); missed_vertices: of those, the ones whose edge does not cross the surface
-    any more once the stale end is re-evaluated (a diagnostic only, the grid keeps the
-    heuristic's values): > 0 means the surface moved out of the refreshed band and the mesh
-    is wrong there; verified: result of ``verify=True`` (None when not run); grid_size: G,
-    points per axis of the value lattice (sparse: the seeding lattice padded past the box);
-    peak_points: the most grid values held at once (sparse: value slots of the block pool at
-    its largest, 512 per 8^3 block; a warm call starts with that many); dl_ds: per-vertex dL/ds
-    (V,) written by the backward pass of :mod:`lib.meshsdf` (None before a backward).
-    """
-
-    resolution: int
-    mode: str
-    grid_size: int
-    values: torch.Tensor | None
-    full: bool
-    verts: torch.Tensor
-    faces: torch.Tensor
-    keys: torch.Tensor
-    cells: torch.Tensor
-    evaluations: int = 0
-    warm: bool = False
-    empty: bool = False
-    message: str = ""
-    stale_vertices: int = 0
-    missed_vertices: int = 0
-    verified: bool | None = None
-    peak_points: int = 0
-    level: float = 0.0
-    dl_ds: torch.Tensor | None = field(default=None, repr=False)
+__all__ = ["KEEP_CORNERS", "SENTINEL_FACTOR", "default_coarse_stride"]
 
 
 SENTINEL_FACTOR = 4  # warm start: sentinel lattice stride = this x the coarse stride
 
 
 def default_coarse_stride(resolution: int) -> int:
-    """Power of two giving about 32 coarse cells per axis (N=64: 2, 128: 4, 256: 8)."""
+    """The default coarse stride of the sparse mode's cold start.
+
+    Args:
+        resolution: N, grid points per axis.
+
+    Returns:
+        the power of two giving about 32 coarse cells per axis (N = 64: 2, 128: 4, 256: 8).
+    """
     s = 1
     while (resolution - 1) / (2 * s) >= 24:
         s *= 2
     return s
 
 
-def _points_of(ax: torch.Tensor, g: int, lin: torch.Tensor) -> torch.Tensor:
-    """World coordinates (P, 3) of linear indices lin (P,) of a G^3 lattice with axis ``ax``."""
-    g2 = g * g
-    return torch.stack((ax[lin // g2], ax[(lin // g) % g], ax[lin % g]), 1)
-
-
-class _DenseGrid:
-    """A flat (G^3,) value grid filled lazily through ``sdf_fn``; counts evaluations."""
-
-    def __init__(self, sdf_fn, resolution, size, device, chunk, buffer=None, keep=False):
-        self.sdf_fn, self.n, self.g, self.chunk = sdf_fn, resolution, size, chunk
-        self.ax = grid_axis(resolution, size, device)
-        if buffer is not None and buffer.numel() == size ** 3 and buffer.device == self.ax.device:
-            self.values = buffer if keep else buffer.fill_(float("nan"))
-        else:
-            self.values = torch.full((size ** 3,), float("nan"), device=device)
-        self.evaluations = 0
-
-    def lin(self, ijk):
-        return (ijk[..., 0] * self.g + ijk[..., 1]) * self.g + ijk[..., 2]
-
-    def evaluate(self, lin: torch.Tensor) -> None:
-        """(Re-)evaluate the field at distinct linear indices lin (P,)."""
-        for s in range(0, lin.numel(), self.chunk):
-            part = lin[s : s + self.chunk]
-            self.values[part] = self.sdf_fn(_points_of(self.ax, self.g, part)).reshape(-1).float()
-        self.evaluations += lin.numel()
-
-    def values_at(self, ijk: torch.Tensor) -> torch.Tensor:
-        """Values at lattice points ijk (..., 3) int64 (all evaluated): (...)."""
-        return self.values[self.lin(ijk)]
-
-    def corner_values(self, cells: torch.Tensor) -> torch.Tensor:
-        """Values at the 8 corners of cells (K, 3): (K, 8), marching cubes' corner order."""
-        return self.values_at(cells.unsqueeze(1) + tables(cells.device)["corner"])
-
-    @property
-    def stored(self) -> int:
-        return self.values.numel()
-
-
 class _BlockGrid:
     """Field values on a G^3 lattice, held in blocks of 8^3 points allocated on first use.
 
     Memory follows the blocks the extraction touches (a band around the surface), not G^3:
-    a dense block table, (ceil(G / 8))^3 int32 (N = 2048: 68 MB), holds each block's row in a
+    a dense block table, (ceil(G / 8))^3 int32 (G^3 / 128 bytes), holds each block's row in a
     growable pool of values, (rows, 512) float32 with NaN = not evaluated yet, and in a pool
     of visited-cell marks of the same shape (bool; cell (i, j, k) is marked in its lower
     corner's slot).  Lookups are gathers: no hashing or probing.  The host syncs of a lookup
@@ -170,7 +57,7 @@ class _BlockGrid:
     callers keep coordinates in range), and the block and offset in it are shifts and
     masks (no division).  ``lin`` / ``ijk`` convert; ``values_at`` / ``peek`` / ``store``
     take coordinates, ``values_of`` / ``mark_new_keys`` keys.
-    Same ``values_at`` / ``evaluations`` / ``stored`` interface as :class:`_DenseGrid`.
+    Same ``values_at`` / ``evaluations`` / ``stored`` interface as :class:`.dense._DenseGrid`.
     """
 
     SHIFT = 3  # block edge 2^3 = 8 points
@@ -210,7 +97,8 @@ class _BlockGrid:
         b, sh, nb = self.bits, self.SHIFT, self.nb
         bm = ((1 << b) - 1) >> sh
         blk = ((key >> (2 * b + sh)) * nb + ((key >> (b + sh)) & bm)) * nb + ((key >> sh) & bm)
-        # index_select / masked_select / index_copy_ rather than x[i]: 2-3x faster on a CPU (isolated)
+        # index_select / masked_select / index_copy_ rather than x[i]: faster on a CPU
+        # (benchmarks/extraction.py's sparse extraction)
         row = self.table.index_select(0, blk)
         if allocate:
             absent = row < 0
@@ -298,7 +186,9 @@ class _BlockGrid:
         v = self.pool.view(-1)[slot.clamp(min=0)]
         return torch.where(slot >= 0, v, float("nan")).reshape(ijk.shape[:-1])
 
-    corner_values = _DenseGrid.corner_values
+    def corner_values(self, cells: torch.Tensor) -> torch.Tensor:
+        """Values at the 8 corners of cells (K, 3): (K, 8), marching cubes' corner order."""
+        return self.values_at(cells.unsqueeze(1) + tables(cells.device)["corner"])
 
     def store(self, ijk: torch.Tensor, values: torch.Tensor) -> None:
         """Keep known values (P,) at points ijk (P, 3) (evaluated elsewhere)."""
@@ -319,155 +209,6 @@ class _BlockGrid:
         self.marks = None
         if self.rows < self.pool.shape[0]:
             self.pool = self.pool[: self.rows].clone()
-
-
-@torch.no_grad()
-def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: ExtractionState | None = None,
-            device=None, chunk: int = 2 ** 14, verify: bool = False, coarse_stride: int | None = None,
-            band: float = 1.5, level: float = 0.0, warm: bool = True) -> tuple[torch.Tensor, torch.Tensor, ExtractionState]:
-    """Mesh of the level set ``sdf_fn = level`` on the N^3 grid over [-1, 1]^3.
-
-    Returns verts (V, 3) float32 (world coordinates), faces (F, 3) int64 (normals towards
-    ``sdf_fn > level``), both on ``device``, and an :class:`ExtractionState` to pass to the
-    next call.  All modes triangulate with :func:`lib.ops.marching_cubes.marching_cubes_cells`,
-    so they agree exactly when they see the same values on the sign-changing cells.
-
-    mode:
-      ``dense``  every grid point (N^3 evaluations, an N^3 float grid).
-      ``fast``   the original's heuristic: keep ``state``'s full grid, re-evaluate only the
-                 voxel of each previous vertex and its 6 neighbours, stale values elsewhere;
-                 ``state.missed_vertices > 0`` (with a message) reports a surface that
-                 left the refreshed band (the mesh is then wrong), found by re-evaluating
-                 the stale ends of crossing edges (counted in ``evaluations``).  Without a
-                 full grid and a non-empty mesh in ``state`` it runs ``dense``.
-      ``sparse`` exact narrow band, memory proportional to the surface (values and visited
-                 cells in 8^3-point blocks allocated where the band passes, a (G/8)^3 int32
-                 block table, the mesh's cells in a list; no N^3 array).  Cold
-                 start: a coarse grid (stride ``coarse_stride``), a bisection on every
-                 coarse edge with a sign change to find fine sign-changing cells, recursive
-                 refinement of coarse cells that show no sign change but have a corner with
-                 |s| < band * half their diagonal (a hidden component, e.g. a thin part,
-                 unless they touch a sign-changing cell), then surface tracking: every
-                 neighbour across a cell face with mixed signs is evaluated until the set of
-                 sign-changing cells is closed.  Warm start (``state`` from a non-empty sparse
-                 call at the same resolution, ``warm=True``): instead of the coarse pass,
-                 the tracking starts from the previous call's cells, with a sentinel
-                 lattice of ``SENTINEL_FACTOR`` (4) times the coarse stride (N = 64: stride
-                 8, 729 points) evaluated in the same first batch; once the tracking has
-                 closed, every sentinel edge whose ends differ in sign is completed from
-                 the stored values (evaluating only runs of unknown points between
-                 opposite signs) and its fine crossings seed more tracking.  The mesh is
-                 identical to ``dense`` whenever every connected piece of the surface is
-                 seeded (cold: ``band`` is a Lipschitz safety factor; warm: a piece touches
-                 the previous surface's cells or crosses a sentinel edge whose ends differ
-                 in sign (of the pieces crossing one such edge, at least one is found), as
-                 a piece does that holds a ball of sqrt(3) sentinel strides apart from the
-                 rest of the surface; a piece that does neither, e.g. a small new blob far
-                 from the old surface and from the sentinel lines, is missed until the
-                 next cold call).
-                 ``verify=True`` also runs ``dense``, compares with :func:`same_mesh`, records
-                 ``state.verified`` and returns the dense mesh if they differ.
-    chunk: points per call of ``sdf_fn``.  The default, 2^14, keeps a 128-wide network's
-    activations (chunk x 128 x 4 bytes) under glibc's 32 MB mmap threshold: larger calls get
-    fresh pages from the kernel for every layer, which measured 2x slower on CPU.
-    No surface in the box gives an empty mesh, ``state.empty`` and ``state.message``.
-    The ``state`` passed in is consumed: its grid buffer is reused (overwritten) by this call.
-    """
-    if mode not in MODES:
-        raise MeshSDFError(f"extraction mode {mode!r} is unknown: use one of {', '.join(MODES)}")
-    n = int(resolution)
-    if n < 2:
-        raise MeshSDFError(f"resolution {n} is too small: use at least 2 grid points per axis")
-    if device is None:
-        device = state.cells.device if state is not None else torch.device("cpu")
-    device = torch.device(device)
-    fn = sdf_fn if not level else (lambda p: sdf_fn(p) - level)
-    if state is not None and state.level != level:
-        state = None  # another level set: nothing to reuse
-    reuse = state.values if (state is not None and state.values is not None and state.values.device == device) else None
-    fresh, warm_cells, rows, corners = None, None, 64, None
-    if (mode == "fast" and state is not None and state.full and state.resolution == n and reuse is not None
-            and state.keys.numel()):
-        grid, fresh = _refresh_fast(fn, state, chunk)
-        cells = crossing_cells(grid.values.reshape(n, n, n))
-    elif mode == "sparse":
-        if (warm and state is not None and state.mode == "sparse" and state.resolution == n and not state.empty
-                and state.cells.device == device):
-            warm_cells = state.cells
-            rows = state.peak_points // _BlockGrid.B3  # about the pool the last call needed
-        grid, cells, corners = _sparse(fn, n, device, chunk, coarse_stride or default_coarse_stride(n), band,
-                                       warm_cells, rows)
-    else:
-        grid = _DenseGrid(fn, n, n, device, chunk, reuse)
-        grid.evaluate(torch.arange(n ** 3, device=grid.ax.device))
-        cells = crossing_cells(grid.values.reshape(n, n, n))
-    verts, faces, keys = marching_cubes_cells(cells, grid.corner_values if corners is None else corners, n, grid.ax)
-    stale, missed = _check_fast(grid, keys, fresh) if fresh is not None else (0, 0)
-    dense_values = grid.values if isinstance(grid, _DenseGrid) else None
-    st = ExtractionState(resolution=n, mode=mode, grid_size=grid.g, values=dense_values, full=(mode != "sparse"),
-                         verts=verts, faces=faces, keys=keys, cells=cells, evaluations=grid.evaluations,
-                         warm=warm_cells is not None, stale_vertices=stale, missed_vertices=missed,
-                         peak_points=grid.stored, level=level)
-    del grid
-    if verify and mode != "dense":
-        dv, df, dst = extract(sdf_fn, n, "dense", None, device, chunk, level=level)
-        ok, why = same_mesh(verts, faces, dv, df)
-        st.verified = ok
-        if not ok:
-            info(f"extract: {mode} mesh differs from dense ({why}); returning the dense mesh")
-            verts, faces, st.keys, st.cells = dv, df, dst.keys, dst.cells
-            st.verts, st.faces = dv, df
-        st.evaluations += dst.evaluations
-    if faces.shape[0] == 0:
-        st.empty = True
-        st.message = (f"no surface in the box at resolution {n}: the field is on one side of the level "
-                      f"{level:g} at every {'evaluated ' if mode == 'sparse' else ''}grid point")
-    elif missed:
-        st.message = (f"fast extraction lost the surface: {missed} of {verts.shape[0]} vertices lie on edges "
-                      "that no longer cross it (it moved more than the refreshed band); use mode 'sparse'")
-    if st.message:
-        info(f"extract: {st.message}")
-    return verts, faces, st
-
-
-def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int):
-    """The paper's heuristic: re-evaluate each previous vertex's voxel and its 6 neighbours."""
-    n = state.resolution
-    grid = _DenseGrid(sdf_fn, n, n, state.values.device, chunk, state.values, keep=True)
-    keys = state.keys
-    n3 = 3 * n ** 3
-    # voxel of a vertex: the lower end of its edge (the cell's lower corner for centres)
-    lin = torch.where(keys < n3, keys // 3, (keys - n3).clamp(min=0) // 4)
-    ijk = torch.stack((lin // (n * n), (lin // n) % n, lin % n), 1)
-    steps = torch.tensor([[0, 0, 0], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]],
-                         device=keys.device)
-    nb = (ijk.unsqueeze(1) + steps).reshape(-1, 3)
-    nb = nb[((nb >= 0) & (nb < n)).all(1)]
-    lin = torch.unique(grid.lin(nb))
-    grid.evaluate(lin)
-    fresh = torch.zeros(n ** 3, dtype=torch.bool, device=keys.device)
-    fresh[lin] = True
-    return grid, fresh
-
-
-def _check_fast(grid: _DenseGrid, keys: torch.Tensor, fresh: torch.Tensor) -> tuple[int, int]:
-    """(vertices using a stale value, vertices whose edge turns out not to cross any more)."""
-    n = grid.n
-    k = keys[keys < 3 * n ** 3]
-    lo = k // 3
-    hi = lo + torch.tensor([n * n, n, 1], device=k.device)[k % 3]
-    stale = ~fresh[lo] | ~fresh[hi]
-    if not bool(stale.any()):
-        return 0, 0
-    lo, hi = lo[stale], hi[stale]
-    ends = torch.unique(torch.cat((lo, hi))[~fresh[torch.cat((lo, hi))]])
-    pts = torch.stack((grid.ax[ends // (n * n)], grid.ax[(ends // n) % n], grid.ax[ends % n]), 1)
-    now = grid.values.clone()
-    now[ends] = torch.cat([grid.sdf_fn(pts[s : s + grid.chunk]).reshape(-1).float()
-                           for s in range(0, ends.numel(), grid.chunk)])
-    grid.evaluations += ends.numel()
-    missed = (now[lo] > 0) == (now[hi] > 0)
-    return int(stale.sum()), int(missed.sum())
 
 
 _NEIGH26 = [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) != (0, 0, 0)]
@@ -622,7 +363,7 @@ def _bisect_seeds(grid, cells: torch.Tensor, v: torch.Tensor, s: int) -> torch.T
 _FACE_DIR = [[-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]]
 
 
-KEEP_CORNERS = 2 ** 18  # cells whose corner values the tracking keeps for meshing (8 MB)
+KEEP_CORNERS = 2 ** 18  # cells whose corner values the tracking keeps for meshing (8 MB: C x 8 float32)
 
 
 def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | None = None, reseed=None):
@@ -652,7 +393,7 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
     while True:
         while front.shape[0]:
             new = []
-            for part in front.split(2 ** 16):  # bounded transients (~20 MB) however large the front
+            for part in front.split(2 ** 16):  # bounded transients however large the front
                 ck = part.unsqueeze(1) + corner_key  # (F, 8)
                 if extra is not None and extra_values is None:
                     v, extra_values = grid.values_of(ck, extra)
@@ -687,40 +428,3 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
     key, order = torch.sort(key)  # keys sort like C order
     values = torch.cat(kept)[order] if kept is not None else None
     return grid.ijk(key), values
-
-
-def same_mesh(verts_a, faces_a, verts_b, faces_b, atol: float = 1e-5) -> tuple[bool, str]:
-    """Whether two meshes are the same up to vertex order: (equal, reason if not).
-
-    Canonical comparison: coincident vertices are welded in each mesh, every vertex of A
-    must have a distinct vertex of B within ``atol`` (world units), and the oriented
-    triangles, each rotated to start at its smallest index, must be the same set.
-    """
-    from scipy.spatial import cKDTree
-
-    def weld(v, f):
-        v = v.detach().cpu().double().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, np.float64)
-        f = f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f)
-        u, inv = np.unique(v, axis=0, return_inverse=True)
-        return u, inv.reshape(-1)[f.astype(np.int64)].reshape(-1, 3)
-
-    va, fa = weld(verts_a, faces_a)
-    vb, fb = weld(verts_b, faces_b)
-    if len(va) != len(vb) or len(fa) != len(fb):
-        return False, f"sizes differ: {len(va)} vs {len(vb)} vertices, {len(fa)} vs {len(fb)} faces"
-    if len(va) == 0:
-        return True, ""
-    dist, j = cKDTree(vb).query(va)
-    if dist.max() > atol:
-        return False, f"a vertex is {dist.max():.3g} away from the other mesh"
-    if len(np.unique(j)) != len(j):
-        return False, "vertices do not match one to one"
-
-    def canon(f):
-        r = np.argmin(f, axis=1)
-        f = np.stack([f[np.arange(len(f)), (r + k) % 3] for k in range(3)], 1)
-        return f[np.lexsort(f.T[::-1])]
-
-    if not np.array_equal(canon(j[fa]), canon(fb)):
-        return False, "faces differ"
-    return True, ""

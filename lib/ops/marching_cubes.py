@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .marching_cubes_tables import CORNER_OFFSETS, MAX_TRIS, tables  # noqa: F401  (CORNER_OFFSETS: re-exported)
+from .marching_cubes_tables import MAX_TRIS, tables
 
 __all__ = ["CELL_CHUNK", "cell_corner_values", "crossing_cells", "grid_axis", "marching_cubes",
            "marching_cubes_cells", "voxel_size"]

@@ -1,0 +1,150 @@
+"""The extraction driver: :func:`extract` runs one of the modes (dense, fast, sparse) on a field.
+
+It chooses the mode's store (:mod:`.dense`'s full grid or :mod:`.sparse`'s block store),
+meshes the sign-changing cells with the one marching cubes kernel of :mod:`lib.ops`, and
+fills the :class:`ExtractionState` the next call reuses.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import MeshSDFError
+from ..log import info
+from ..ops.marching_cubes import crossing_cells, marching_cubes_cells
+from .compare import same_mesh
+from .dense import _check_fast, _DenseGrid, _refresh_fast
+from .sparse import _BlockGrid, _sparse, default_coarse_stride
+from .state import MODES, ExtractionState, SdfFn
+
+__all__ = ["extract"]
+
+
+@torch.no_grad()
+def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: ExtractionState | None = None,
+            device=None, chunk: int = 2 ** 14, verify: bool = False, coarse_stride: int | None = None,
+            band: float = 1.5, level: float = 0.0, warm: bool = True) -> tuple[torch.Tensor, torch.Tensor, ExtractionState]:
+    """Mesh of the level set ``sdf_fn = level`` on the N^3 grid over [-1, 1]^3.
+
+    All modes triangulate with :func:`lib.ops.marching_cubes.marching_cubes_cells`, so they
+    agree exactly when they see the same values on the sign-changing cells.
+
+    Modes:
+      ``dense``  every grid point (N^3 evaluations, an N^3 float grid).
+      ``fast``   the original's heuristic: keep ``state``'s full grid, re-evaluate only the
+                 voxel of each previous vertex and its 6 neighbours, stale values elsewhere;
+                 ``state.missed_vertices > 0`` (with a message) reports a surface that
+                 left the refreshed band (the mesh is then wrong), found by re-evaluating
+                 the stale ends of crossing edges (counted in ``evaluations``).  Without a
+                 full grid and a non-empty mesh in ``state`` it runs ``dense``.
+      ``sparse`` exact narrow band, memory proportional to the surface (values and visited
+                 cells in 8^3-point blocks allocated where the band passes, a (G/8)^3 int32
+                 block table, the mesh's cells in a list; no N^3 array).  Cold
+                 start: a coarse grid (stride ``coarse_stride``), a bisection on every
+                 coarse edge with a sign change to find fine sign-changing cells, recursive
+                 refinement of coarse cells that show no sign change but have a corner with
+                 |s| < band * half their diagonal (a hidden component, e.g. a thin part,
+                 unless they touch a sign-changing cell), then surface tracking: every
+                 neighbour across a cell face with mixed signs is evaluated until the set of
+                 sign-changing cells is closed.  Warm start (``state`` from a non-empty sparse
+                 call at the same resolution, ``warm=True``): instead of the coarse pass,
+                 the tracking starts from the previous call's cells, with a sentinel
+                 lattice of ``SENTINEL_FACTOR`` (4) times the coarse stride (N = 64: stride
+                 8, 729 points) evaluated in the same first batch; once the tracking has
+                 closed, every sentinel edge whose ends differ in sign is completed from
+                 the stored values (evaluating only runs of unknown points between
+                 opposite signs) and its fine crossings seed more tracking.  The mesh is
+                 identical to ``dense`` whenever every connected piece of the surface is
+                 seeded (cold: ``band`` is a Lipschitz safety factor; warm: a piece touches
+                 the previous surface's cells or crosses a sentinel edge whose ends differ
+                 in sign (of the pieces crossing one such edge, at least one is found), as
+                 a piece does that holds a ball of sqrt(3) sentinel strides apart from the
+                 rest of the surface; a piece that does neither, e.g. a small new blob far
+                 from the old surface and from the sentinel lines, is missed until the
+                 next cold call).
+
+    Args:
+        sdf_fn: the field, points (P, 3) float32 -> values (P,); "outside" is ``> level``.
+            Called under ``torch.no_grad()``, in batches of at most ``chunk`` points.
+        resolution: N, grid points per axis (>= 2; default 64).
+        mode: one of :data:`MODES` (default ``"sparse"``).
+        state: the :class:`ExtractionState` of the previous call, or None.  It is consumed:
+            its grid buffer is reused (overwritten) by this call.  A state of another level
+            is ignored.
+        device: where the grid and mesh live (default: ``state``'s, else CPU).
+        chunk: points per call of ``sdf_fn`` (default 2^14): it keeps a 128-wide network's
+            activations (chunk x 128 x 4 bytes) under glibc's 32 MB mmap threshold, above
+            which every layer gets fresh pages from the kernel (see
+            benchmarks/extraction.py).
+        verify: also run ``dense``, compare with :func:`same_mesh`, record
+            ``state.verified`` and return the dense mesh if they differ (default False).
+        coarse_stride: sparse cold start's coarse stride, a power of two (default
+            :func:`default_coarse_stride`).
+        band: sparse cold start's Lipschitz safety factor (default 1.5).
+        level: the level set (default 0).
+        warm: let a sparse call start from ``state``'s cells (default True).
+
+    Returns:
+        verts (V, 3) float32 world coordinates, faces (F, 3) int64 (normals towards
+        ``sdf_fn > level``), both on ``device``, and the :class:`ExtractionState` to pass to
+        the next call.  No surface in the box gives an empty mesh, ``state.empty`` and
+        ``state.message``.
+
+    Raises:
+        MeshSDFError: an unknown mode, a resolution below 2, or a coarse stride that is not
+        a power of two.
+    """
+    if mode not in MODES:
+        raise MeshSDFError(f"extraction mode {mode!r} is unknown: use one of {', '.join(MODES)}")
+    n = int(resolution)
+    if n < 2:
+        raise MeshSDFError(f"resolution {n} is too small: use at least 2 grid points per axis")
+    if device is None:
+        device = state.cells.device if state is not None else torch.device("cpu")
+    device = torch.device(device)
+    fn = sdf_fn if not level else (lambda p: sdf_fn(p) - level)
+    if state is not None and state.level != level:
+        state = None  # another level set: nothing to reuse
+    reuse = state.values if (state is not None and state.values is not None and state.values.device == device) else None
+    fresh, warm_cells, rows, corners = None, None, 64, None
+    if (mode == "fast" and state is not None and state.full and state.resolution == n and reuse is not None
+            and state.keys.numel()):
+        grid, fresh = _refresh_fast(fn, state, chunk)
+        cells = crossing_cells(grid.values.reshape(n, n, n))
+    elif mode == "sparse":
+        if (warm and state is not None and state.mode == "sparse" and state.resolution == n and not state.empty
+                and state.cells.device == device):
+            warm_cells = state.cells
+            rows = state.peak_points // _BlockGrid.B3  # about the pool the last call needed
+        grid, cells, corners = _sparse(fn, n, device, chunk, coarse_stride or default_coarse_stride(n), band,
+                                       warm_cells, rows)
+    else:
+        grid = _DenseGrid(fn, n, n, device, chunk, reuse)
+        grid.evaluate(torch.arange(n ** 3, device=grid.ax.device))
+        cells = crossing_cells(grid.values.reshape(n, n, n))
+    verts, faces, keys = marching_cubes_cells(cells, grid.corner_values if corners is None else corners, n, grid.ax)
+    stale, missed = _check_fast(grid, keys, fresh) if fresh is not None else (0, 0)
+    dense_values = grid.values if isinstance(grid, _DenseGrid) else None
+    st = ExtractionState(resolution=n, mode=mode, grid_size=grid.g, values=dense_values, full=(mode != "sparse"),
+                         verts=verts, faces=faces, keys=keys, cells=cells, evaluations=grid.evaluations,
+                         warm=warm_cells is not None, stale_vertices=stale, missed_vertices=missed,
+                         peak_points=grid.stored, level=level)
+    del grid
+    if verify and mode != "dense":
+        dv, df, dst = extract(sdf_fn, n, "dense", None, device, chunk, level=level)
+        ok, why = same_mesh(verts, faces, dv, df)
+        st.verified = ok
+        if not ok:
+            info(f"extract: {mode} mesh differs from dense ({why}); returning the dense mesh")
+            verts, faces, st.keys, st.cells = dv, df, dst.keys, dst.cells
+            st.verts, st.faces = dv, df
+        st.evaluations += dst.evaluations
+    if faces.shape[0] == 0:
+        st.empty = True
+        st.message = (f"no surface in the box at resolution {n}: the field is on one side of the level "
+                      f"{level:g} at every {'evaluated ' if mode == 'sparse' else ''}grid point")
+    elif missed:
+        st.message = (f"fast extraction lost the surface: {missed} of {verts.shape[0]} vertices lie on edges "
+                      "that no longer cross it (it moved more than the refreshed band); use mode 'sparse'")
+    if st.message:
+        info(f"extract: {st.message}")
+    return verts, faces, st
