@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The frozen-decoder inference kernels (lib.models.inference) against the autograd path they
+"""The frozen-decoder inference kernels (lib.models.kernels.inference) against the autograd path they
 replace, on the bob_and_spot network, ratios measured in one run.
 
 The machine may be shared: the two sides are timed alternately, round after round, and each
@@ -34,7 +34,7 @@ from lib import checkpoint, runtime  # noqa: E402
 from lib.camera import demo_camera  # noqa: E402
 from lib.errors import cli_main  # noqa: E402
 from lib.meshsdf import _CodeField, mesh_from_sdf  # noqa: E402
-from lib.models.inference import InferenceKernel  # noqa: E402
+from lib.models.kernels.inference import InferenceKernel  # noqa: E402
 from lib.optimize import LatentOptimizer, SilhouetteLoss  # noqa: E402
 from lib.render import silhouette  # noqa: E402
 from lib.specs import REPO_ROOT, load_specs  # noqa: E402

@@ -42,7 +42,7 @@ from torch import nn
 
 from lib.errors import MeshSDFError
 from lib.isosurface import ExtractionState, extract
-from lib.models.inference import FEW_ROWS, InferenceKernel
+from lib.models.kernels.inference import FEW_ROWS, InferenceKernel
 from lib.runtime import all_threads
 
 GRADIENTS = ("paper", "exact")

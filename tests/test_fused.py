@@ -1,11 +1,12 @@
-"""The fused training loss (lib.models.fused) and the counter-based dropout bits (lib.models.ops)."""
+"""The fused training loss (lib.models.kernels.fused) and the counter-based dropout bits
+(lib.models.kernels.elementwise)."""
 import math
 
 import pytest
 import torch
 
 from lib.models.decoder import Decoder
-from lib.models.ops import dropout_bits, dropout_mask, new_seed
+from lib.models.kernels.elementwise import dropout_bits, dropout_mask, new_seed
 from lib.train import TrainSettings, auto_decoder_loss, clamped_l1
 
 M64 = (1 << 64) - 1
@@ -138,7 +139,7 @@ def test_auto_decoder_loss_fuses_supported_decoders_and_falls_back_for_layer_nor
 @pytest.mark.parametrize("chunk", [101, 202, 1 << 30])
 def test_fused_loss_on_whole_scene_chunks_equals_autograd(chunk):
     # chunk >= samples per scene groups whole scenes (a GPU's default: the batch in one chunk)
-    from lib.models.fused import default_chunk, plan_chunks
+    from lib.models.kernels.fused import default_chunk, plan_chunks
 
     assert plan_chunks(3, 101, chunk) == {101: [(0, 1, 0, 101), (1, 2, 0, 101), (2, 3, 0, 101)],
                                           202: [(0, 2, 0, 101), (2, 3, 0, 101)],
@@ -159,7 +160,7 @@ def test_fused_loss_on_whole_scene_chunks_equals_autograd(chunk):
 
 
 def test_chunk_halves_cover_the_chunks_once_in_order_on_a_cpu_only():
-    from lib.models.fused import chunk_halves, plan_chunks
+    from lib.models.kernels.fused import chunk_halves, plan_chunks
 
     chunks = plan_chunks(3, 101, 37)  # 9 chunks
     halves = chunk_halves(chunks, "cpu")
@@ -173,7 +174,7 @@ def test_fused_halves_run_side_by_side_with_the_same_bits_as_in_order(monkeypatc
     # (two threads) or one after the other (any thread count) gives the same bits
     import threading
 
-    import lib.models.fused as fused
+    import lib.models.kernels.fused as fused
     from lib import runtime
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The frozen-decoder inference kernels (lib.models.inference) and their use by lib.meshsdf.
+"""The frozen-decoder inference kernels (lib.models.kernels.inference) and their use by lib.meshsdf.
 
 The kernels must compute Decoder.forward's function in eval mode (values) and the
 gradient of sum_p s_p w.r.t. each input row (codes and xyz): checked against the decoder
@@ -12,7 +12,7 @@ import torch
 
 from lib.meshsdf import _CodeField, mesh_from_sdf
 from lib.models.decoder import Decoder
-from lib.models.inference import InferenceKernel, values, values_and_input_grad
+from lib.models.kernels.inference import InferenceKernel, values, values_and_input_grad
 
 REPO = Path(__file__).resolve().parents[1]
 EXP = REPO / "experiments" / "bob_and_spot"
@@ -80,7 +80,7 @@ def test_halves_side_by_side_give_the_same_bits_and_the_reference(monkeypatch):
     rows are not split."""
     import threading
 
-    import lib.models.inference as inference
+    import lib.models.kernels.inference as inference
     import lib.runtime as runtime
     dec = _decoder(next(iter(CONFIGS)))
     gen = torch.Generator().manual_seed(2)
@@ -331,7 +331,7 @@ def test_demo_step_runs_elementwise_work_on_one_thread_and_large_decoder_calls_o
     lib.runtime.elementwise_section: its loss on one thread, decoder calls of fewer than
     FEW_ROWS rows on that one thread too, larger ones on both, through the inference
     kernels or through the decoder's autograd forward alike."""
-    import lib.models.inference as inference
+    import lib.models.kernels.inference as inference
     from lib.camera import demo_camera
     from lib.optimize import LatentOptimizer, SilhouetteLoss
     from lib.render import silhouette

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from lib.errors import MeshSDFError
-from lib.models.fused import FusedPlan, LayerPlan, default_chunk, fused_clamped_l1
-from lib.models.inference import default_rows
-from lib.models.ops import dropout_mask, effective_dropout_prob, new_seed, positional_encoding  # noqa: F401
+from lib.models.kernels.fused import FusedPlan, LayerPlan, default_chunk, fused_clamped_l1
+from lib.models.kernels.inference import default_rows
+from lib.models.kernels.elementwise import (dropout_mask, effective_dropout_prob, new_seed,  # noqa: F401
+                                            positional_encoding)
 
 
 class WeightNormLinear(nn.Module):

@@ -2,16 +2,15 @@
 
 Why: on a CPU a bob_and_spot training step (64k rows through eight 128-wide layers) was
 dominated not by its matrix products but by everything around them: every activation,
-mask and gradient is a 33 MB tensor that falls out of the cache, and autograd allocates,
+mask and gradient is a (64k x 128) float32 tensor that falls out of the cache, and autograd allocates,
 writes and re-reads each of them.  Here the batch is cut into row chunks of a few
 thousand rows; each chunk goes forward *and* backward through the whole network while its
 activations are still in the L2/L3 cache, and the parameter gradients are accumulated
 chunk by chunk.  Since the clamped L1 loss is a mean over rows, the gradient of a row's
 loss needs nothing from other rows, so this gives the same gradients as autograd over the
-full batch (up to float summation order).  Peak memory of a bob_and_spot step drops from
-612 MB to 40 MB (measured), so far larger batches fit; on a CPU the batch's two halves
-(``chunk_halves``) each have their own scratch, about 26 MB more (the process's peak RSS
-304 vs 278 MB).
+full batch (up to float summation order).  Peak memory follows the chunk, not the batch,
+so far larger batches fit; on a CPU the batch's two halves (``chunk_halves``) each have
+their own scratch (benchmarks/train_step.py reports time and memory).
 
 Other savings over the plain autograd graph, none of which change the function:
   * the latent code is the same for all rows of a scene, so its columns of a layer's
@@ -27,7 +26,7 @@ cache to fit, and one kernel per layer and pass over all B x S rows beats one pe
 The function is ``fused_clamped_l1`` below; ``Decoder.clamped_l1_loss`` calls it, and
 training reaches that through ``lib.train.SdfLoss``, the module DistributedDataParallel wraps,
 so DDP sees a normal forward.  Dropout masks come from
-``lib.models.ops.ChunkDropout`` with per-layer streams, exactly the masks the unfused
+``lib.models.kernels.elementwise.ChunkDropout`` with per-layer streams, exactly the masks the unfused
 ``Decoder.forward`` would draw for the same seed, which the tests use to compare both.
 """
 from __future__ import annotations
@@ -37,8 +36,8 @@ from typing import Sequence
 
 import torch
 
-from lib.models.ops import ChunkDropout, positional_encoding
-from lib.runtime import concurrently
+from ...runtime import concurrently
+from .elementwise import ChunkDropout, positional_encoding
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ class FusedPlan:
     layers: one LayerPlan per linear layer (the last one has 1 output, tanh after it);
     fourier_degree: positional-encoding degree (0 = raw xyz); use_tanh: DeepSDF's extra
     tanh before the final one; dropout_prob: drop probability of the layers with
-    ``dropout`` (``lib.models.ops.dropout_mask``'s); chunk: rows per chunk.
+    ``dropout`` (``lib.models.kernels.elementwise.dropout_mask``'s); chunk: rows per chunk.
     """
 
     layers: tuple[LayerPlan, ...]
@@ -74,9 +73,10 @@ class FusedPlan:
 
 
 def default_chunk(device: torch.device) -> int:
-    """Rows per chunk: ~2 MB activations per layer on a CPU (cache); on a GPU whole batches of
-    up to 2^18 rows (bob_and_spot's 2 x 32192, cars_svr's 16 x 8192) in one chunk, larger
-    ones in groups of whole scenes, so activations stay under ~0.5 GB per 512-wide layer."""
+    """Rows per chunk: on a CPU 4096 (a 128-wide layer's activations, 4096 x 128 float32, stay in
+    cache); on a GPU whole batches of up to 2^18 rows (bob_and_spot's 2 x 32192, cars_svr's
+    16 x 8192) in one chunk, larger ones in groups of whole scenes, so activations stay under
+    2^18 x 512 float32 per 512-wide layer."""
     return 4096 if torch.device(device).type == "cpu" else 1 << 18
 
 
@@ -101,7 +101,7 @@ class WeightBlocks:
     layers: one LayerPlan per linear layer; codes (B, L); weights[i] (out, in) and biases[i]
     (out,) as applied (``Decoder.effective_weights``).  Hidden widths are padded to a
     multiple of 16 with units that are always 0 (zero weights and bias): MKL's kernels run
-    a 93-wide layer (latent_in's) ~25 % slower than a 96-wide one; callers drop the extra
+    slower on odd widths such as latent_in's 93 than on 96; callers drop the extra
     columns of what they return.  Per layer i:
       widths[i]      padded output width (the last layer's 1 is not padded);
       wx[i]          (widths[i], widths[i-1]) the columns fed by the previous layer, or None
@@ -214,8 +214,7 @@ def chunk_halves(chunks: Sequence[tuple[int, int, int, int]], device) -> list[li
 
     Why: each half has its own scratch and sums, so the two can run side by side on one
     intra-op thread each (``lib.runtime.concurrently``), which on 2 cores beats one team
-    woken and joined at every operation of every chunk: a bob_and_spot loss step 0.79 x
-    the time with sleeping OpenMP threads, 0.94 x with busy-waiting ones.  The
+    woken and joined at every operation of every chunk (benchmarks/train_step.py).  The
     halves are kept apart on a CPU whether or not they run side by side, so the gradients
     are the same bits either way (first half's sum + second half's).
     """

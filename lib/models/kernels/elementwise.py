@@ -1,7 +1,7 @@
 """Elementwise building blocks of the DeepSDF decoder: positional encoding and dropout masks.
 
 Shared by the autograd forward (``lib.models.decoder``) and the fused training loss
-(``lib.models.fused``), which must draw identical dropout masks.
+(:mod:`.fused`), which must draw identical dropout masks.
 """
 from __future__ import annotations
 
@@ -114,8 +114,8 @@ def dropout_bits(seed: int, layer: int, row0: int, rows: int, cols: int, device=
     Unit (l, r, c) gets lane c % 4 of the SplitMix64 output for counter
     k = l * 2^44 + r * 2^12 + c // 4 (state seed + (k + 1) * gamma).  Counter-based, so a
     chunk of rows gives exactly the bits of the full draw, whatever the width other layers
-    have.  Why not torch's generator: its CPU Mersenne twister is serial (~3.3 ns per 64-bit
-    word, a tenth of a training step); this is ~10 vectorised integer passes over the words.
+    have.  Why not torch's generator: its CPU Mersenne twister is serial, a visible part of a
+    training step; this is a few vectorised integer passes over the words.
     """
     words = _check_range(row0 + rows, cols)
     device = torch.device(device) if device is not None else torch.device("cpu")

@@ -3,11 +3,11 @@
 Why: meshing a code evaluates the decoder at ~10^4 - 10^5 points per extraction, and the
 MeshSDF backward needs ds/dcode and ds/dxyz at every vertex.  Through ``Decoder.forward``
 and autograd, a CPU spends more time allocating, page-faulting and re-reading the
-(points x 128) activations than multiplying them (a 128 x 128 GEMM of 4096 rows runs at
-about half speed when it allocates its output).  Here the points are cut into row chunks
+(points x 128) activations than multiplying them (a GEMM that allocates its output runs
+well below one writing into a preallocated buffer).  Here the points are cut into row chunks
 whose activations live in scratch buffers allocated once per thread and reused by every
 chunk and call, so the hot loop allocates nothing; and, as in the fused training loss
-(``lib.models.fused``, whose ``WeightBlocks`` these kernels share):
+(:mod:`.fused`, whose ``WeightBlocks`` these kernels share):
 
   * the latent code's columns of a layer are applied once per code, as a per-code bias
     row (no [code | xyz] rows are built); rows of several codes gather their bias rows;
@@ -35,10 +35,10 @@ from typing import Sequence
 
 import torch
 
-from lib.models.fused import FusedPlan, WeightBlocks
-from lib.models.ops import PE_PI
-from lib.cpus import openmp_threads_sleep
-from lib.runtime import concurrently
+from ...cpus import openmp_threads_sleep
+from ...runtime import concurrently
+from .elementwise import PE_PI
+from .fused import FusedPlan, WeightBlocks
 
 
 def default_rows(device) -> int:
@@ -127,7 +127,7 @@ class InferenceKernel:
     keyed, so no key can be reused), the per-code biases on the codes' identity and
     ``_version``: an optimizer step or a moved code between calls is seen.  Writes through
     ``p.data`` bump no version, which is why the mesh layer makes one kernel per mesh (one
-    weight preparation, ~1 ms, per extraction and its backward) rather than one per decoder.
+    weight preparation per extraction and its backward) rather than one per decoder.
     """
 
     def __init__(self, decoder):
@@ -180,7 +180,7 @@ class InferenceKernel:
 
 def _encode(prep: _Prepared, pts: torch.Tensor, ang: torch.Tensor | None, pe: torch.Tensor | None) -> torch.Tensor:
     """The encoded xyz (n, E) of pts (n, 3), into ``pe`` (n, 6d) with ``ang`` (n, 3d) scratch;
-    the layout of ``lib.models.ops.positional_encoding`` (cos terms, then sin terms; term l,
+    the layout of ``lib.models.kernels.elementwise.positional_encoding`` (cos terms, then sin terms; term l,
     coordinate j at 3l + j)."""
     if prep.freq is None:
         return pts
@@ -235,9 +235,8 @@ def _setup(prep: _Prepared, xyz: torch.Tensor, index, rows: int | None):
 SIDE_BY_SIDE = 2048    # from this many rows the chunks run as two halves side by side (CPU, >= 2 threads)
 # Below this many rows a decoder call inside a ``lib.runtime.elementwise_section`` (the demo
 # step, with sleeping OpenMP threads) stays on its one thread; from it, it gets the process's
-# threads (``lib.meshsdf._CodeField.threads``, kernel or autograd alike).
-# Measured on 2 cores, 1 thread / 2 threads: 7-31 rows 0.65-0.67 x, 523 rows 0.80 x, 1500
-# rows 1.03 x, 4000 rows 1.57 x (each size alone, alternating).
+# threads (``lib.meshsdf._CodeField.threads``, kernel or autograd alike): below it a second
+# thread costs more to wake than it saves.
 FEW_ROWS = 1024
 
 
@@ -249,9 +248,9 @@ def _plan(p: int, rows: int, device) -> tuple[int, list]:
     (the thread policy's default) and from ``SIDE_BY_SIDE`` rows, the chunks are an even
     number and come as two ranges, which ``lib.runtime.concurrently`` runs side by side,
     each on half the intra-op threads: on 2 cores one, so no OpenMP team to wake and join at
-    every layer.  Measured on the demo (2 cores): 0.96-0.98 x the step time with sleeping
-    threads, but 1.12 x with busy-waiting ones (whose spinning competes with the second
-    thread), hence not for them.  The chunks are the same either way, so the same values.
+    every layer.  Not with busy-waiting threads, whose spinning competes with the second
+    thread (benchmarks/contention.py runs the demo under both policies).  The chunks are the same
+    either way, so the same values.
     """
     split = torch.device(device).type == "cpu" and p >= SIDE_BY_SIDE and openmp_threads_sleep()
     n = -(-p // rows)
@@ -277,7 +276,7 @@ def _encode_views(prep: _Prepared, c: int, n: int, dev, dt):
 
 def _chunks(lo: int, hi: int, c: int, build):
     """(start, rows, build(rows)) over rows lo..hi in chunks of c; the scratch views of a chunk
-    size are built once (at a few us per tensor operation, even views count in this loop)."""
+    size are built once (per-operation overhead, even of views, counts in this loop)."""
     views: dict = {}
     for s in range(lo, hi, c):
         n = min(c, hi - s)
