@@ -10,6 +10,9 @@ from typing import Sequence
 
 import torch
 
+__all__ = ["ChunkDropout", "PE_PI", "dropout_bits", "dropout_mask", "dropout_threshold",
+           "effective_dropout_prob", "new_seed", "positional_encoding"]
+
 
 # The original MeshSDF multiplies by this rounded constant, not math.pi; its checkpoints were
 # trained with it, so using math.pi would shift every feature of a loaded network.

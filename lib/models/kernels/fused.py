@@ -39,6 +39,9 @@ import torch
 from ...runtime import concurrently
 from .elementwise import ChunkDropout, positional_encoding
 
+__all__ = ["FusedPlan", "LayerPlan", "WeightBlocks", "chunk_halves", "default_chunk", "fused_clamped_l1",
+           "plan_chunks"]
+
 
 @dataclass(frozen=True)
 class LayerPlan:

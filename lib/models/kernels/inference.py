@@ -40,6 +40,8 @@ from ...runtime import concurrently
 from .elementwise import PE_PI
 from .fused import FusedPlan, WeightBlocks
 
+__all__ = ["FEW_ROWS", "InferenceKernel", "SIDE_BY_SIDE", "default_rows", "values", "values_and_input_grad"]
+
 
 def default_rows(device) -> int:
     """Rows per chunk: on a CPU 4096 (a 128-wide layer's activations are 2 MB, in cache, and a
