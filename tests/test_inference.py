@@ -74,7 +74,7 @@ def test_values_and_input_grads_equal_the_decoder_and_autograd(name):
 
 
 def test_halves_side_by_side_give_the_same_bits_and_the_reference(monkeypatch):
-    """From SIDE_BY_SIDE rows (here lowered to 100) the chunks run as two halves side by
+    """From ``side_by_side`` rows (here 100) the chunks run as two halves side by
     side (2 threads, sleeping OpenMP threads): the values and input gradients are bit for bit
     those of the same chunks in order, and the decoder's; with busy-waiting threads the
     rows are not split."""
@@ -89,11 +89,11 @@ def test_halves_side_by_side_give_the_same_bits_and_the_reference(monkeypatch):
     index = torch.randint(0, 2, (451,), generator=gen)
     prep = InferenceKernel(dec).prepare(codes)
     want = _reference(dec, codes, xyz, index)
-    monkeypatch.setattr(inference, "SIDE_BY_SIDE", 100)
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    assert inference._plan(451, 64, "cpu") == (57, [(0, 228), (228, 451)])      # 8 chunks, 4 + 4
+    assert inference._plan(451, 64, "cpu", 100) == (57, [(0, 228), (228, 451)])  # 8 chunks, 4 + 4
+    assert inference._plan(451, 64, "cpu") == (57, [(0, 451)])                 # below the default: not split
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert inference._plan(451, 64, "cpu") == (57, [(0, 451)])                 # busy-waiting threads: not split
+    assert inference._plan(451, 64, "cpu", 100) == (57, [(0, 451)])            # busy-waiting threads: not split
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     seen = set()
     real = inference._chunks
@@ -108,7 +108,8 @@ def test_halves_side_by_side_give_the_same_bits_and_the_reference(monkeypatch):
         out = {}
         for side_by_side in (True, False):
             monkeypatch.setattr(runtime, "_CONCURRENT", side_by_side)
-            out[side_by_side] = (values(prep, xyz, index, rows=64), *values_and_input_grad(prep, xyz, index, rows=64))
+            out[side_by_side] = (values(prep, xyz, index, rows=64, side_by_side=100),
+                                 *values_and_input_grad(prep, xyz, index, rows=64, side_by_side=100))
     finally:
         torch.set_num_threads(old)
     assert len(seen) == 2                                       # the halves ran on two threads

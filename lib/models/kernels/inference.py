@@ -234,7 +234,7 @@ def _setup(prep: _Prepared, xyz: torch.Tensor, index, rows: int | None):
     return xyz.shape[0], rows, idx, xyz.device, prep.bias_row[0].dtype
 
 
-SIDE_BY_SIDE = 2048    # from this many rows the chunks run as two halves side by side (CPU, >= 2 threads)
+SIDE_BY_SIDE = 2048    # default ``side_by_side``: from this many rows the chunks run as two halves side by side
 # Below this many rows a decoder call inside a ``lib.runtime.elementwise_section`` (the demo
 # step, with sleeping OpenMP threads) stays on its one thread; from it, it gets the process's
 # threads (``lib.meshsdf._CodeField.threads``, kernel or autograd alike): below it a second
@@ -242,19 +242,19 @@ SIDE_BY_SIDE = 2048    # from this many rows the chunks run as two halves side b
 FEW_ROWS = 1024
 
 
-def _plan(p: int, rows: int, device) -> tuple[int, list]:
+def _plan(p: int, rows: int, device, side_by_side: int = SIDE_BY_SIDE) -> tuple[int, list]:
     """(rows per chunk, row ranges [(lo, hi)] of whole chunks) for p rows on ``device``.
 
     Rows per chunk: at most ``rows``, the p rows split evenly (no short last chunk, whose
     small GEMMs would run below the others' rate).  On a CPU whose idle OpenMP threads sleep
-    (the thread policy's default) and from ``SIDE_BY_SIDE`` rows, the chunks are an even
+    (the thread policy's default) and from ``side_by_side`` rows, the chunks are an even
     number and come as two ranges, which ``lib.runtime.concurrently`` runs side by side,
     each on half the intra-op threads: on 2 cores one, so no OpenMP team to wake and join at
     every layer.  Not with busy-waiting threads, whose spinning competes with the second
     thread (benchmarks/contention.py runs the demo under both policies).  The chunks are the same
     either way, so the same values.
     """
-    split = torch.device(device).type == "cpu" and p >= SIDE_BY_SIDE and openmp_threads_sleep()
+    split = torch.device(device).type == "cpu" and p >= side_by_side and openmp_threads_sleep()
     n = -(-p // rows)
     n += n % 2 if split else 0
     c = -(-p // n)
@@ -289,15 +289,20 @@ def _chunks(lo: int, hi: int, c: int, build):
 
 
 @torch.no_grad()
-def values(prep: _Prepared, xyz: torch.Tensor, index: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
+def values(prep: _Prepared, xyz: torch.Tensor, index: torch.Tensor | None = None, rows: int | None = None,
+           side_by_side: int = SIDE_BY_SIDE) -> torch.Tensor:
     """SDF (P,) of the prepared decoder at xyz (P, 3), code ``index`` (P,) int64 per row (None:
     code 0); ``rows`` per chunk (default :func:`default_rows`).  Same function as
-    ``Decoder.forward`` in eval mode on [codes[index] | xyz]."""
+    ``Decoder.forward`` in eval mode on [codes[index] | xyz].
+
+    side_by_side: from this many rows (default ``SIDE_BY_SIDE``), on a CPU whose idle OpenMP
+    threads sleep, the chunks run as two halves on two threads (see :func:`_plan`); a speed
+    setting only: the result is the same bits either way."""
     p, rows, idx, dev, dt = _setup(prep, xyz, index, rows)
     out = torch.empty(p, dtype=dt, device=dev)
     if p == 0:
         return out
-    c, ranges = _plan(p, rows, dev)
+    c, ranges = _plan(p, rows, dev, side_by_side)
     half = c * max(prep.widths)
     pts_all = xyz.to(dt)
 
@@ -319,12 +324,14 @@ def values(prep: _Prepared, xyz: torch.Tensor, index: torch.Tensor | None = None
 
 @torch.no_grad()
 def values_and_input_grad(prep: _Prepared, xyz: torch.Tensor, index: torch.Tensor | None = None,
-                          rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          rows: int | None = None, side_by_side: int = SIDE_BY_SIDE
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Values (P,), d s_p / d code (P, L) and d s_p / d xyz_p (P, 3) of every row.
 
     xyz (P, 3); index (P,) int64 code per row (None: code 0).  Row p's derivatives are
     those of s_p = decoder([codes[index[p]] | xyz_p]) w.r.t. its own input row, i.e. the
     gradient of sum_p s_p w.r.t. the (P, L + 3) input rows; no weight gradients.
+    rows, side_by_side: as for :func:`values`.
     """
     p, rows, idx, dev, dt = _setup(prep, xyz, index, rows)
     lat, enc = prep.latent, prep.encoded
@@ -333,7 +340,7 @@ def values_and_input_grad(prep: _Prepared, xyz: torch.Tensor, index: torch.Tenso
     g_xyz = torch.empty(p, 3, dtype=dt, device=dev)
     if p == 0:
         return out, g_code, g_xyz
-    c, ranges = _plan(p, rows, dev)
+    c, ranges = _plan(p, rows, dev, side_by_side)
     widths = prep.widths
     width = max(widths)
     total = sum(widths)
