@@ -279,7 +279,7 @@ def _depth_key(v):
     from lib.models.encoder import block_layout
 
     if not _is_int(v):
-        return "must be an integer 6n + 2 (e.g. 20), or 9n + 2 from 44 on"
+        return "must be an integer 6n + 2 (e.g. 20; Bottleneck blocks from 44 on)"
     try:
         block_layout(v)
     except ValueError as err:
