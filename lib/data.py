@@ -245,14 +245,17 @@ class PinnedStaging:
         return out
 
 
-def scene_batches(num_scenes: int, scenes_per_batch: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """One epoch: a random permutation of scene indices split into batches (last may be short).
+def scene_batches(num_scenes: int, scenes_per_batch: int, generator: torch.Generator | None = None,
+                  drop_last: bool = False) -> list[torch.Tensor]:
+    """One epoch: a random permutation of scene indices split into batches (the last may be
+    short; with ``drop_last`` a short last batch is left out, as the original's SVR loaders do).
 
     The permutation is drawn on ``generator``'s device (torch refuses a CUDA generator for a
     CPU randperm), so the batches live there too.
     """
     perm = torch.randperm(num_scenes, generator=generator, device=generator.device if generator is not None else None)
-    return list(perm.split(scenes_per_batch))
+    batches = list(perm.split(scenes_per_batch))
+    return [b for b in batches if len(b) == scenes_per_batch] if drop_last else batches
 
 
 # --------------------------------------------------------------------------- RGBA renders
@@ -476,14 +479,15 @@ class RgbaSdfSamples:
         return self.sdf.device
 
     def batch(self, scenes: torch.Tensor, samples_per_scene: int, generator: torch.Generator | None = None,
-              device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One training batch for ``scenes`` (B,): a random view of each.
+              device=None, views: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One training batch for ``scenes`` (B,): the given ``views`` (B,) of them, or a random view of each.
 
         Returns images (B, 4, S, S) float32 in [0, 1], xyz (B, N, 3) and sdf (B, N) on
         ``device``.  ``generator`` (on the SDF samples' device) makes the views and samples
         reproducible.
         """
-        views = self.renders.random_views(len(scenes), generator)
+        if views is None:
+            views = self.renders.random_views(len(scenes), generator)
         xyz, sdf = self.sdf.sample(scenes, samples_per_scene, generator, device=device)
         images = self.renders.images(scenes, views, device)
         return images, xyz, sdf

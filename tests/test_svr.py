@@ -1,5 +1,6 @@
 """Single-view reconstruction: RGBA dataset, specs, training, refinement, metrics, scripts."""
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -276,7 +277,7 @@ def test_train_step_fits_a_fixed_batch(tmp_path):
     enc0 = [p.detach().clone() for p in net.encoder.parameters()]
     first = None
     for _ in range(100):
-        loss, codes = svr.train_step(net, opt, (images, xyz, sdf), 50, settings)
+        loss, _, codes = svr.train_step(net, opt, (images, xyz, sdf), 50, settings)
         first = loss if first is None else first
     assert codes.shape == (2, 4) and not codes.requires_grad
     assert loss < 0.1 * first
@@ -314,7 +315,7 @@ def test_resumed_training_equals_uninterrupted_and_writes_the_original_files(tmp
     assert dec["epoch"] == 4 and "module.lin0.weight" in dec["model_state_dict"]
     # test loss every epoch (2 test batches of 1 scene), train loss every step (2 per epoch)
     assert logs_full["loss_sdf_test_epoch"] == [1, 1, 2, 2, 3, 3, 4, 4]
-    assert logs_full["loss_sdf"] == logs_full["loss"] and len(logs_full["loss_sdf"]) == 8
+    assert len(logs_full["loss_sdf"]) == 8 and all(a < b for a, b in zip(logs_full["loss_sdf"], logs_full["loss"]))
     assert all(0 < v < 1 for v in logs_full["loss_sdf_test"])
     svr.train_svr(exp, specs, data, "cpu", seed=3, num_epochs=2, test_set=test)
     resumed = svr.train_svr(exp, specs, data, "cpu", seed=99, resume="latest", test_set=test).decoder
@@ -330,6 +331,57 @@ def test_resumed_training_equals_uninterrupted_and_writes_the_original_files(tmp
     assert torch.equal(net.encoder.conv1.weight, enc["model_state_dict"]["module.conv1.weight"])
 
 
+def test_loaders_drop_the_last_batch_and_loss_sdf_is_the_sdf_term(tmp_path):
+    _make_data(tmp_path, names=("a", "b", "c"), radii=(0.3, 0.6, 0.45))
+    exp = _specs(tmp_path, ScenesPerBatch=2, NumEpochs=2, CodeRegularizationLambda=100.0)
+    (tmp_path / "train.json").write_text(json.dumps({"ds": {"samples": ["a", "b", "c"]}}))
+    specs = load_svr_specs(exp)
+    svr.train_svr(exp, specs, svr.training_set_from_specs(specs), "cpu", seed=0,
+                  test_set=svr.sdf_render_set(specs, "TestSplit"))
+    logs = checkpoint.load_logs(exp)
+    # 3 instances in batches of 2: one step and one test batch per epoch (drop_last)
+    assert logs["loss_sdf_epoch"] == [1, 2] and logs["loss_sdf_test_epoch"] == [1, 2]
+    # loss_sdf is the clamped L1 term alone; "loss" (DeepSDF's Logs) adds the code regulariser
+    assert len(logs["loss"]) == 2 and all(0 < s < t for s, t in zip(logs["loss_sdf"], logs["loss"]))
+
+
+def test_training_split_smaller_than_a_batch_is_refused(tmp_path):
+    _make_data(tmp_path)
+    exp = _specs(tmp_path, ScenesPerBatch=3)
+    specs = load_svr_specs(exp)
+    with pytest.raises(MeshSDFError, match="ScenesPerBatch"):
+        svr.train_svr(exp, specs, svr.training_set_from_specs(specs), "cpu")
+
+
+def test_gradient_clipping_clips_encoder_and_decoder_separately(tmp_path):
+    _make_data(tmp_path)
+    specs = load_svr_specs(_specs(tmp_path))
+    torch.manual_seed(0)
+    net = svr.network_from_specs(specs)
+    data = RenderSet(tmp_path, [Instance("ds", "samples", n) for n in "ab"], 16, 2)
+    images = data.images(torch.tensor([0, 1]), torch.tensor([0, 0]))
+    rng = np.random.default_rng(1)
+    rows = [_sphere_rows(r, 200, rng) for r in (0.3, 0.6)]
+    xyz = torch.from_numpy(np.stack([r[:256, :3] for r in rows]))
+    sdf = torch.from_numpy(np.stack([r[:256, 3] for r in rows]))
+    settings = TrainSettings.from_specs(specs)
+
+    def norms():
+        return [float(torch.cat([p.grad.reshape(-1) for p in m.parameters() if p.grad is not None]).norm())
+                for m in (net.encoder, net.decoder)]
+
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)       # lr 0: the gradients of one state, twice
+    svr.train_step(net, opt, (images, xyz, sdf), 1, settings)
+    raw = norms()
+    clip = (raw[0] * raw[1]) ** 0.5                          # between the two norms
+    settings = dataclasses.replace(settings, grad_clip_norm=clip)
+    svr.train_step(net, opt, (images, xyz, sdf), 1, settings)
+    small, large = min(raw), max(raw)
+    got = norms()
+    assert small < clip < large
+    assert sorted(got) == pytest.approx([small, clip], rel=1e-4)    # the smaller one is left as it is
+
+
 def test_test_loss_is_the_eval_mode_sdf_loss(tmp_path):
     _make_data(tmp_path)
     specs = load_svr_specs(_specs(tmp_path, NormType="bn", ScenesPerBatch=2))
@@ -339,7 +391,11 @@ def test_test_loss_is_the_eval_mode_sdf_loss(tmp_path):
     settings = TrainSettings.from_specs(specs)
     got = svr.test_losses(net, test, settings, torch.Generator().manual_seed(4))
     assert net.training and len(got) == 1
-    images, xyz, sdf = test.batch(torch.arange(2), settings.samples_per_scene, torch.Generator().manual_seed(4))
+    # the original's fixed view of item i (np.random.seed(i); randint), samples from the generator
+    views = torch.tensor([svr.evaluation_view(i, 2) for i in range(2)])
+    assert views.tolist() == [0, 1]
+    images, xyz, sdf = test.batch(torch.arange(2), settings.samples_per_scene, torch.Generator().manual_seed(4),
+                                  views=views)
     net.eval()
     with torch.no_grad():
         codes = net(images)
@@ -483,7 +539,7 @@ def test_refinement_toward_a_known_silhouette_lowers_loss_and_chamfer():
     assert log["chamfer"][-1] < 0.3 * log["chamfer"][0]
     assert log["iou"][-1] > 0.9 > log["iou"][0]
     assert log["normal_consistency"][-1] > log["normal_consistency"][0]
-    assert log["latent"][0] == 0 and log["latent"][-1] == pytest.approx(float(res.refined_code.square().mean()))
+    assert log["latent"][0] == 0 and log["latent"][-1] > 0.1
     assert torch.equal(res.code, torch.zeros(2))
     assert torch.allclose(res.refined_code, target, atol=0.15)
     # the raw mesh is the capsule of the initial code, the refined one the mesh of the returned code
@@ -491,6 +547,28 @@ def test_refinement_toward_a_known_silhouette_lowers_loss_and_chamfer():
     vr, _ = extract_dense(lambda p: dec(torch.cat([res.refined_code.expand(len(p), 2), p], 1))[:, 0], 32)
     assert torch.allclose(vr.mean(0), res.refined[0].mean(0), atol=2e-3)
     assert len(res.extra["mesh_nc"]) == 2 and res.extra["mesh_nc"][1] > res.extra["mesh_nc"][0]
+
+
+def test_refinement_steps_and_logs_are_the_originals():
+    """--iterations T makes T + 1 Adam steps (the original's 101 for 100) and logs T + 1 entries, one
+    per step, each of the mesh the step started from; refined.* is the mesh after the last step;
+    with --regularize the logged loss is the silhouette term alone."""
+    dec, target, cam, gt_v, gt_f, alpha = _capsule_target(24)
+    code = torch.tensor([0.2, -0.1])
+    for iterations in (0, 2):
+        settings = svr.RefineSettings(resolution=24, iterations=iterations, lr=0.05, sigma=2e-4, regularize=10.0)
+        res = svr.reconstruct_view(dec, code, alpha, cam, None, settings)
+        assert all(len(v) == iterations + 1 for v in res.log.values())
+        assert res.log["latent"][0] == pytest.approx(float(code.square().mean()))
+        # silhouette term only: the raw entry is |raw silhouette - alpha| averaged
+        assert res.log["silhouette_loss"][0] == pytest.approx(float((res.silhouettes["raw"] - alpha).abs().mean()),
+                                                              rel=1e-5)
+        # iterations + 1 steps of Adam at lr 0.05 (each moves every coordinate by about lr)
+        moved = (res.refined_code - code).abs()
+        assert (moved > 0.5 * 0.05 * (iterations + 1)).all() and (moved < 1.01 * 0.05 * (iterations + 1)).all()
+        vr, _ = extract_dense(lambda p: dec(torch.cat([res.refined_code.expand(len(p), 2), p], 1))[:, 0], 24)
+        assert torch.allclose(vr.mean(0), res.refined[0].mean(0), atol=2e-3)
+        assert float(res.refined[0][:, 1].max()) == pytest.approx(float(vr[:, 1].max()), abs=1e-3)
 
 
 def test_refinement_loss_regularizer_and_nan_gradients():
