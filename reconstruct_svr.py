@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--resolution", type=int, default=None,
                     help="marching-cubes resolution (default: ReconstructionResolution of specs.json, 256)")
     ap.add_argument("--iterations", type=int, default=None,
-                    help="refinement steps (default: RefinementIterations, 100)")
+                    help="refinement iterations T: T + 1 Adam steps and T + 1 log entries, as the original (default: RefinementIterations, 100)")
     ap.add_argument("--regularize", type=float, default=0.0,
                     help="weight w of w * mean(z^2) added to the refinement loss (default 0.0)")
     ours = ap.add_argument_group("options of this project (defaults are the original's protocol)")
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     done = len(items) * len(args.views or [0]) - len(jobs)
     info(f"reconstructing {len(jobs)} views of the {split_key} ({done} done before, skipped) with the epoch-"
          f"{net.checkpoint_epoch} network on {device} (N = {settings.resolution}, {settings.mode} extraction, "
-         f"{settings.iterations} steps, lr {settings.lr:g}) into {root}")
+         f"{settings.iterations} + 1 steps, lr {settings.lr:g}) into {root}")
     for k, v, folder in progress(jobs, desc="reconstruct_svr", unit="view"):
         name = instances[k].name
         image = renders.images(torch.tensor([k]), torch.tensor([v]), device)
