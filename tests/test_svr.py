@@ -493,7 +493,8 @@ def test_ground_truth_chamfer_and_normal_consistency():
     assert gt.chamfer(vb, fb) == pytest.approx(0.02, rel=0.1) and gt.chamfer(v, f) < 1e-3   # sampling noise only
     assert gt.chamfer(vb, fb) == gt.chamfer(vb, fb)       # seeded: repeatable
     assert gt.normal_consistency(v, f) == pytest.approx(1.0)
-    assert 0.95 < gt.normal_consistency(vb, fb) < 1.0
+    # the pixels next to the silhouette edge count (with normals from the background depth): at 48 px many
+    assert 0.75 < gt.normal_consistency(vb, fb) < 0.95
     # the mesh-space extra is lib.metrics.mesh_normal_consistency against the ground truth
     assert gt.mesh_normal_consistency(vb, fb) == pytest.approx(mesh_normal_consistency(vb, fb, v, f, n=3000))
     assert np.isnan(gt.chamfer(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int64)))

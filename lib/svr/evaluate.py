@@ -5,8 +5,9 @@
   tables show it x1000), in the frame of the SDF samples.
 - Normal consistency, image space: depth maps of the ground truth and of the prediction
   from a hard raster (one face per pixel) with the view's camera, normals from the depth
-  maps by unprojecting pixels and crossing their right and down differences, and the mean
-  SIGNED cosine over the pixels valid in both (tables: x100).
+  maps by unprojecting pixels and crossing their right and down differences (the depth map
+  as it is, background included, as the original: ``lib.metrics.depth_normals``), and the
+  mean SIGNED cosine over the pixels covered in both (tables: x100).
 
 Everything stays on the device of the meshes: sampling uses generators on that device, the
 ground truth's points and its nearest-neighbour structure are built once per view
