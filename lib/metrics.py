@@ -213,6 +213,15 @@ def depth_normals(depth: torch.Tensor, mask: torch.Tensor, focal, principal) -> 
     (n_z > 0 for a surface facing it), the same orientation for every depth map, so signed
     cosines compare geometry.
     """
+    n = depth_normal_field(depth, mask, focal, principal)
+    valid = torch.zeros_like(mask, dtype=torch.bool)
+    valid[:-1, :-1] = mask.bool()[:-1, :-1]
+    return torch.where(valid[..., None], n, torch.zeros_like(n)), valid
+
+
+def depth_normal_field(depth: torch.Tensor, mask: torch.Tensor, focal, principal) -> torch.Tensor:
+    """The normals of ``depth_normals`` at every pixel (H, W, 3), background pixels included (the
+    normal of the BACKGROUND_DEPTH plane there); 0 on the last row and column."""
     H, W = depth.shape
     dt = depth.dtype if depth.is_floating_point() else torch.float64
     m = mask.bool()
@@ -226,10 +235,7 @@ def depth_normals(depth: torch.Tensor, mask: torch.Tensor, focal, principal) -> 
     down = torch.zeros_like(P)
     right[:, :-1] = P[:, 1:] - P[:, :-1]
     down[:-1] = P[1:] - P[:-1]
-    n = torch.nn.functional.normalize(torch.cross(right, down, dim=-1), dim=-1, eps=1e-30)
-    valid = torch.zeros_like(m)
-    valid[:-1, :-1] = m[:-1, :-1]
-    return torch.where(valid[..., None], n, torch.zeros_like(n)), valid
+    return torch.nn.functional.normalize(torch.cross(right, down, dim=-1), dim=-1, eps=1e-30)
 
 
 def image_normal_consistency(normals_a: torch.Tensor, valid_a: torch.Tensor, normals_b: torch.Tensor,

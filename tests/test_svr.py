@@ -500,6 +500,24 @@ def test_ground_truth_chamfer_and_normal_consistency():
     assert np.isnan(gt.chamfer(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int64)))
 
 
+def test_normal_pictures_are_the_originals_camera_frame_depth_normals():
+    """predicted.png / refined.png: RGB, 255 (0.5 - 0.5 n) truncated, n the depth-derived normal in
+    the camera frame (x right, y down, z forward): a plane tilted by a about the camera's x axis has
+    n = (0, -sin a, cos a)."""
+    from lib.camera import Camera
+
+    cam = Camera(torch.eye(3), torch.zeros(3), (40.0, 40.0), (16.0, 16.0), 32)
+    a = np.radians(30.0)
+    corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+    v = torch.stack([corners[:, 0], corners[:, 1] * np.cos(a), 3.0 + corners[:, 1] * np.sin(a)], 1).float()
+    f = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    img = svr.reconstruct.normal_map(v, f, cam)
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    expect = np.floor(255 * (0.5 - 0.5 * np.array([0.0, -np.sin(a), np.cos(a)])))
+    assert (img[10:20, 10:20] == expect.astype(np.uint8)).all()
+    assert expect.tolist() == [127, 191, 17]
+
+
 # ------------------------------------------------------------------ refinement
 
 class CapsuleDecoder(nn.Module):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 GT_SEED, PREDICTION_SEED = 0, 1
@@ -30,6 +31,24 @@ def depth_normal_image(verts: torch.Tensor, faces: torch.Tensor, camera) -> tupl
     cam = camera.to(device=verts.device, dtype=verts.dtype)
     fr = rasterize(verts, faces.to(verts.device), cam)
     return depth_normals(fr.depth.detach(), fr.mask, cam.focal.reshape(-1, 2)[0], cam.principal.reshape(-1, 2)[0])
+
+
+def normal_picture(verts: torch.Tensor, faces: torch.Tensor, camera) -> np.ndarray:
+    """The original's predicted.png / refined.png: RGB uint8 (H, W, 3) = 255 (0.5 - 0.5 n) truncated,
+    n the camera-frame normal of the hard-raster depth map at every pixel
+    (``lib.metrics.depth_normal_field``: the background gives the normal of its depth plane)."""
+    from lib.metrics import depth_normal_field
+    from lib.render import rasterize
+
+    cam = camera.to(device="cpu", dtype=torch.float32)
+    h, w = cam.image_size
+    if faces.shape[0] == 0:
+        depth, mask = torch.zeros(h, w), torch.zeros(h, w, dtype=torch.bool)
+    else:
+        fr = rasterize(verts.detach().cpu().float(), faces.cpu(), cam)
+        depth, mask = fr.depth.detach(), fr.mask
+    n = depth_normal_field(depth.double(), mask, cam.focal.reshape(-1, 2)[0], cam.principal.reshape(-1, 2)[0])
+    return (255 * (0.5 - 0.5 * n)).clamp(0, 255).floor().to(torch.uint8).numpy()
 
 
 class GroundTruth:

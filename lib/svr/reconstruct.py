@@ -193,16 +193,10 @@ def instance_folder_name(instance: str, view: int, default_view: int) -> str:
 
 
 def normal_map(verts: torch.Tensor, faces: torch.Tensor, camera) -> np.ndarray:
-    """RGBA (S, S, 4) in [0, 1]: world-frame normals of the visible surface as (n + 1) / 2, alpha = coverage."""
-    from lib.render import normal_image
+    """RGB uint8 (S, S, 3): the original's normal picture (``lib.svr.evaluate.normal_picture``)."""
+    from lib.svr.evaluate import normal_picture
 
-    size = camera.image_size
-    if faces.shape[0] == 0:
-        return np.zeros(tuple(size) + (4,), np.float32)
-    n = normal_image(verts.float(), faces, camera.to(dtype=torch.float32, device="cpu"))
-    mask = (n.norm(dim=-1) > 0).float()
-    rgb = (n + 1) / 2 * mask[..., None]
-    return torch.cat([rgb, mask[..., None]], -1).numpy()
+    return normal_picture(verts, faces, camera)
 
 
 def save_instance(folder: Path, result: ViewResult, image: torch.Tensor, camera, meta: Mapping) -> None:
@@ -210,7 +204,7 @@ def save_instance(folder: Path, result: ViewResult, image: torch.Tensor, camera,
 
     folder: ``<root>/<name>``; image (4, S, S) the RGBA input in [0, 1]; camera: the view's
     unbatched Camera.  Files: input.png, input_silhouette.png, predicted.ply, predicted.png
-    (normal map), predicted_silhouette.png, refined.ply, refined.png,
+    (RGB camera-frame depth normals, ``normal_map``), predicted_silhouette.png, refined.ply, refined.png,
     refined_silhouette.png, log_silhouette.npy, log_chd.npy, log_nc.npy, log_latent.npy
     (mean z^2) and, ours, log_iou.npy and meta.json.  Everything is written into a
     temporary sibling folder that is renamed into place at the end, so a folder that
