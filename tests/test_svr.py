@@ -627,7 +627,7 @@ def test_refinement_with_no_surface_keeps_the_code():
 
 # ------------------------------------------------------------------ metrics
 
-def _write_logs(root: Path, name: str, chd, nc, view=None, mesh_nc=(0.9, 0.95)):
+def _write_logs(root: Path, name: str, chd, nc, view=None, mesh_nc=(0.9, 0.95), instance=None, settings=None):
     from lib.svr.reconstruct import LOG_FILES, META_FILE
 
     d = root / name
@@ -637,37 +637,73 @@ def _write_logs(root: Path, name: str, chd, nc, view=None, mesh_nc=(0.9, 0.95)):
               "latent": np.linspace(0.0, 0.1, t), "iou": np.linspace(0.5, 0.6, t)}
     for key, fname in LOG_FILES.items():
         np.save(d / fname, np.asarray(curves[key], dtype=np.float64))
-    (d / META_FILE).write_text(json.dumps({"instance": name, "view": view, "mesh_nc": list(mesh_nc)}))
+    meta = {"instance": instance or name, "view": view, "mesh_nc": list(mesh_nc)}
+    if settings is not None:
+        meta["settings"] = settings
+    (d / META_FILE).write_text(json.dumps(meta))
 
 
-def test_metrics_svr_prints_the_six_lines_first(tmp_path, capsys):
+def _test_split_experiment(tmp_path, names):
+    (tmp_path / "test.json").write_text(json.dumps({"ds": {"samples": list(names)}}))
+    return _specs(tmp_path, TestSplit=str(tmp_path / "test.json"))
+
+
+def test_metrics_svr_prints_the_originals_seven_lines_first(tmp_path, capsys):
     import metrics_svr
 
-    exp = _specs(tmp_path)
+    exp = _test_split_experiment(tmp_path, ["x", "y", "z", "w"])
     root = exp / "Reconstructions" / "latest"
+    view = [svr.evaluation_view(i, 2) for i in range(4)]
     # three instances, 5 logged iterations each (one ended early after 3 and is extended)
-    _write_logs(root, "x", [2e-3, 1.8e-3, 1.5e-3, 1.2e-3, 1e-3], [0.8, 0.82, 0.85, 0.88, 0.9], 3)
-    _write_logs(root, "y", [1e-3, 1.5e-3, 2e-3], [0.9, 0.85, 0.8], 0)
-    _write_logs(root, "z", [4e-3, 3.5e-3, 3.2e-3, 3.1e-3, 3e-3], [0.5, 0.52, 0.55, 0.58, 0.6], 7)
+    _write_logs(root, "x", [2e-3, 1.8e-3, 1.5e-3, 1.2e-3, 1e-3], [0.8, 0.82, 0.85, 0.88, 0.9], view[0])
+    _write_logs(root, "y", [1e-3, 1.5e-3, 2e-3], [0.9, 0.85, 0.8], view[1])
+    _write_logs(root, "z", [4e-3, 3.5e-3, 3.2e-3, 3.1e-3, 3e-3], [0.5, 0.52, 0.55, 0.58, 0.6], view[2])
+    # no surface: NaN metrics, left out of the averages and said so
+    _write_logs(root, "w", [np.nan] * 5, [np.nan] * 5, view[3])
+    # not the TestSplit's protocol views: another view of x, an instance outside the split
+    _write_logs(root, f"x_view{1 - view[0]:02d}", [9e-3] * 5, [0.1] * 5, 1 - view[0], instance="x")
+    _write_logs(root, "q", [9e-3] * 5, [0.1] * 5, 0)
     assert metrics_svr.main(["-e", str(exp)]) == 0
     out = capsys.readouterr().out.splitlines()
     raw, refined = (2 + 1 + 4) / 3, (1 + 2 + 3) / 3
     nc0, nc1 = 100 * (0.8 + 0.9 + 0.5) / 3, 100 * (0.9 + 0.8 + 0.6) / 3
-    expect = [f"Raw CHD: {raw:.4f}", f"Refined CHD: {refined:.4f}",
-              f"Improvement in CHD %: {100 * (raw - refined) / raw:.2f}", f"Raw NC %: {nc0:.2f}",
-              f"Refined NC %: {nc1:.2f}", f"Improvement in NC %: {100 * (nc1 - nc0) / nc0:.2f}"]
-    assert out[:6] == expect
-    table = "\n".join(out[6:])
+    expect = ["Stats:", f"Raw CHD {raw:.2f}", f"Refined CHD {refined:.2f}",
+              f"Improvement in CHD {100 * (raw - refined) / raw:.2f} %", f"Raw NC {nc0:.2f} %",
+              f"Refined NC {nc1:.2f} %", f"Improvement in NC {100 * (nc1 - nc0) / nc0:.2f} %"]
+    assert out[:7] == expect
+    notes = "\n".join(out[7:])
+    assert "1 of 4" in notes and " w" in notes                  # the NaN instance, named
+    assert "q" in notes and f"x_view{1 - view[0]:02d}" in notes  # the folders left out, named
+    table = "\n".join(out[7:])
     assert "extra: mesh NC raw %" in table and "66.7 % of 3 instances" in table
     parsed = list(csv.DictReader((root / "svr_metrics.csv").open()))
     assert [r["instance"] for r in parsed] == ["x", "y", "z", "mean"]
     assert float(parsed[1]["chamfer_improvement_pct"]) == pytest.approx(-100.0)
     assert float(parsed[0]["extra_mesh_nc_refined_pct"]) == pytest.approx(95.0)
     assert (root / "svr_curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert (root / "svr_metrics.txt").read_text().splitlines()[:6] == expect
+    assert (root / "svr_metrics.txt").read_text().splitlines()[:7] == expect
     # -c N reads Reconstructions/N/
     with pytest.raises(MeshSDFError, match=r"no reconstructions in .*Reconstructions/3"):
         metrics_svr.main(["-e", str(exp), "-c", "3"])
+
+
+def test_metrics_svr_refuses_folders_of_different_settings(tmp_path):
+    import metrics_svr
+
+    exp = _test_split_experiment(tmp_path, ["x", "y"])
+    root = exp / "Reconstructions" / "latest"
+    base = {"resolution": 256, "iterations": 100, "regularize": 0.0}
+    _write_logs(root, "x", [2e-3, 1e-3], [0.8, 0.9], svr.evaluation_view(0, 2), settings=base)
+    _write_logs(root, "y", [2e-3, 1e-3], [0.8, 0.9], svr.evaluation_view(1, 2), settings={**base, "regularize": 0.5})
+    with pytest.raises(MeshSDFError, match=r"x.* y.*regularize|y.* x.*regularize"):
+        metrics_svr.main(["-e", str(exp)])
+    # nothing of the TestSplit at all: refused, not an empty average
+    other = tmp_path / "other"
+    other.mkdir()
+    exp = _test_split_experiment(other, ["u"])
+    _write_logs(exp / "Reconstructions" / "latest", "x", [2e-3, 1e-3], [0.8, 0.9], 0)
+    with pytest.raises(MeshSDFError, match="TestSplit"):
+        metrics_svr.main(["-e", str(exp)])
 
 
 def test_metrics_rows_summary():
