@@ -79,7 +79,6 @@ def main(argv=None) -> int:
                                                      resolution=args.resolution, mode=args.mode, sigma=args.sigma,
                                                      chamfer_samples=args.chamfer_samples, regularize=args.regularize)
     limits.check_grid(settings.resolution, device)
-    limits.check_encoder_images(specs["ImageSize"], 1, device, training=False)
     num_views = specs["NumberOfViews"]
     bad = [v for v in args.views or [] if not 0 <= v < num_views]
     if bad:
@@ -94,6 +93,7 @@ def main(argv=None) -> int:
             raise MeshSDFError(f"instance {missing[0]!r} is not in the {split_key} {specs[split_key]}")
         items = [k for k in items if instances[k].name in set(args.instances)]
     renders = data.render_set_from_specs(specs, instances=instances, cache=False)
+    limits.check_encoder_images(renders.image_size, 1, device, training=False)
     gt_meshes = {k: data.ground_truth_mesh(specs, instances[k]) for k in items}   # fail early on a missing mesh
     net = network.load_network(args.experiment, specs, args.checkpoint, device)
     root = reconstruct.output_root(args.experiment, args.checkpoint, args.out)

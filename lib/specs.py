@@ -345,7 +345,8 @@ SVR_KEYS: dict[str, Key] = {
     # whose ModelParameters/latest.pth starts the decoder; null: from scratch
     "DecoderInit": Key(_nullable_str_key, default=None),
     "ValidationSplit": Key(str_key, default=None),
-    "ImageSize": Key(int_key(16), default=224),
+    # null (the original, which never resizes): the renders' own size; a number resizes them to it
+    "ImageSize": Key(lambda v: None if v is None else int_key(16)(v), default=None),
     "EncoderWidths": Key(_widths_key, default=[64, 128, 256, 256]),
     "RendersPath": Key(_template_key(False), default="{dataset}/renders/{instance}"),
     "MeshesPath": Key(_template_key(False), default="{dataset}/meshes/{instance}.obj"),

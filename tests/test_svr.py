@@ -104,6 +104,31 @@ def test_render_set_images_cameras_and_batches(tmp_path):
     assert images[0, 0, 4, 4] == pytest.approx(0.6, abs=1 / 255)
 
 
+def test_images_are_used_at_their_native_size(tmp_path):
+    """As the original (no ImageSize key, no resize): the renders' own size for the encoder, the cameras
+    and input.png; ImageSize resizes only when the specs set it."""
+    _make_data(tmp_path, size=20)
+    exp = _specs(tmp_path)
+    specs = json.loads((exp / "specs.json").read_text())
+    del specs["ImageSize"]
+    (exp / "specs.json").write_text(json.dumps(specs))
+    specs = load_svr_specs(exp)
+    assert specs["ImageSize"] is None
+    rs = svr.render_set_from_specs(specs, "TrainSplit")
+    assert rs.image_size == 20 and rs.camera(1, 1).image_size == (20, 20)
+    img = rs.images(torch.tensor([1]), torch.tensor([1]))
+    png = read_png(tmp_path / "ds" / "renders" / "b" / "01.png")
+    assert img.shape == (1, 4, 20, 20) and torch.equal((img[0] * 255).round().byte().permute(1, 2, 0),
+                                                         torch.from_numpy(png))
+    specs["ImageSize"] = 16
+    assert svr.render_set_from_specs(specs, "TrainSplit").images(torch.tensor([1]), torch.tensor([1])).shape[-1] == 16
+    # renders of several sizes without ImageSize: refused, naming the file and the fix
+    save_png(tmp_path / "ds" / "renders" / "b" / "01.png", np.zeros((24, 24, 4), np.float32))
+    specs["ImageSize"] = None
+    with pytest.raises(MeshSDFError, match=r"b/01\.png.*24.*20.*ImageSize"):
+        svr.render_set_from_specs(specs, "TrainSplit", cache=True)
+
+
 def test_rgba_to_tensor_resizes_and_rejects_non_rgba(tmp_path):
     img = np.zeros((4, 4, 4), np.uint8)
     img[:2, :2] = 200
@@ -734,7 +759,7 @@ def toy_experiment(tmp_path: Path, family: str = "chairs", epochs: int = 40, sna
     exp.mkdir()
     specs = json.loads((REPO / "experiments" / f"{ds}_svr" / "specs.json").read_text())
     specs.update({"DataSource": str(data), "TrainSplit": str(data / ds / "split_train.json"),
-                  "TestSplit": str(data / ds / "split_test.json"), "ImageSize": 32, "NumberOfViews": 2,
+                  "TestSplit": str(data / ds / "split_test.json"), "ImageSize": None, "NumberOfViews": 2,
                   "ValidationSplit": str(data / ds / "split_val.json"),
                   "NumEpochs": epochs, "SnapshotFrequency": snapshot, "LogFrequency": log_frequency,
                   "SamplesPerScene": 512, "ScenesPerBatch": 2, "CodeLength": 4, "EncoderWidths": [4, 8, 8, 8],
@@ -773,7 +798,8 @@ def test_tiny_pipeline_writes_every_output_and_resumes(tmp_path):
     assert chd.shape == (3,) and np.isfinite(chd).all() and (chd > 0).all()
     # the input image is the view's render, its alpha the input silhouette
     view_png = read_png(data / "toy_chairs" / "renders" / "chair_002" / f"{meta['view']:02d}.png")
-    assert np.array_equal(read_png(root / "chair_002" / "input.png"), view_png)
+    assert np.array_equal(read_png(root / "chair_002" / "input.png"), view_png)     # native size, unchanged
+    assert read_png(root / "chair_002" / "predicted.png").shape == view_png.shape[:2] + (3,)
     # resumable: finished instances are skipped and left as they are
     stamp = (root / "chair_002" / "log_chd.npy").stat().st_mtime_ns
     (root / "chair_003" / "meta.json").unlink()     # damage one: it still exists, so it is still skipped
