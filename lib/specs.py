@@ -173,7 +173,10 @@ DEEPSDF_KEYS: dict[str, Key] = {
     "ClampingDistance": Key(num_key(0.0, strict=True), required=True),
     "CodeRegularization": Key(bool_key, default=True),
     "CodeRegularizationLambda": Key(num_key(0.0), default=1e-4),
+    # read and ignored, as the original's trainers do, unless ApplyCodeBound (ours) asks for
+    # DeepSDF's max-norm embedding
     "CodeBound": Key(num_key(0.0, strict=True, nullable=True), default=None),
+    "ApplyCodeBound": Key(bool_key, default=False),
     "CodeInitStdDev": Key(num_key(0.0, strict=True), default=1.0),
     "GradientClipNorm": Key(num_key(0.0, strict=True, nullable=True), default=None),
     # epochs between writes of ``latest`` and Logs.pth (DeepSDF's default: every epoch)

@@ -81,7 +81,8 @@ class TrainSettings:
             clamp_distance=float(specs["ClampingDistance"]),
             code_regularization=bool(specs["CodeRegularization"]),
             code_reg_lambda=float(specs["CodeRegularizationLambda"]),
-            code_bound=None if specs["CodeBound"] is None else float(specs["CodeBound"]),
+            # the original reads CodeBound and ignores it; ApplyCodeBound (ours) applies it
+            code_bound=float(specs["CodeBound"]) if specs["ApplyCodeBound"] and specs["CodeBound"] is not None else None,
             code_init_std=float(specs["CodeInitStdDev"]),
             grad_clip_norm=None if specs["GradientClipNorm"] is None else float(specs["GradientClipNorm"]),
         )

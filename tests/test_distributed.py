@@ -45,7 +45,7 @@ def tiny_experiment(root: Path, *, scenes=4, epochs=3, batch=3, code_bound=1.0, 
         "CodeLength": 3, "NumEpochs": epochs, "SnapshotFrequency": 1000, "AdditionalSnapshots": list(snapshots),
         "LearningRateSchedule": [{"Type": "Constant", "Value": 1e-3}, {"Type": "Constant", "Value": 2e-3}],
         "SamplesPerScene": samples, "ScenesPerBatch": batch, "ClampingDistance": 0.1, "LogFrequency": log_frequency,
-        "CodeBound": code_bound, "CodeRegularizationLambda": 1e-2,
+        "CodeBound": code_bound, "ApplyCodeBound": True, "CodeRegularizationLambda": 1e-2,
     }
     (exp / "specs.json").write_text(json.dumps(specs))
     return exp
