@@ -762,7 +762,7 @@ def toy_experiment(tmp_path: Path, family: str = "chairs", epochs: int = 40, sna
                   "TestSplit": str(data / ds / "split_test.json"), "ImageSize": None, "NumberOfViews": 2,
                   "ValidationSplit": str(data / ds / "split_val.json"),
                   "NumEpochs": epochs, "SnapshotFrequency": snapshot, "LogFrequency": log_frequency,
-                  "SamplesPerScene": 512, "ScenesPerBatch": 2, "CodeLength": 4, "EncoderWidths": [4, 8, 8, 8],
+                  "SamplesPerScene": 512, "ScenesPerBatch": 1, "CodeLength": 4, "EncoderWidths": [4, 8, 8, 8],
                   "LearningRateSchedule": [{"Type": "Constant", "Value": 0.01}], "ClampingDistance": 1.0,
                   "DecoderInit": None, "ReconstructionResolution": 20, "RefinementIterations": 2})
     specs["NetworkSpecs"]["dims"] = [32, 32, 32, 32]
@@ -782,7 +782,9 @@ def test_tiny_pipeline_writes_every_output_and_resumes(tmp_path):
     assert train_svr.main(["-e", str(exp), "--epochs", "20", "--device", "cpu"]) == 0
     assert train_svr.main(["-e", str(exp), "--continue", "latest", "--device", "cpu"]) == 0
     logs = checkpoint.load_logs(exp)
-    assert logs["log_epochs"] == list(range(1, 41)) and logs["loss_sdf_test_epoch"] == list(range(1, 41))
+    # 2 test instances in batches of 1: two test losses per epoch
+    assert logs["log_epochs"] == list(range(1, 41)) and logs["loss_sdf_test_epoch"] == [e for e in range(1, 41)
+                                                                                         for _ in range(2)]
     assert sorted(p.name for p in (exp / "OptimizerParameters").iterdir()) == ["20.pth", "40.pth", "latest.pth"]
     assert reconstruct_svr.main(["-e", str(exp), "--device", "cpu", "--chamfer-samples", "300"]) == 0
     root = exp / "Reconstructions" / "latest"

@@ -127,7 +127,8 @@ def train_svr(exp_dir: str | os.PathLike, specs: Mapping, dataset, device=None, 
               test_set=None):
     """Train encoder + decoder jointly on ``dataset`` (``lib.data.RgbaSdfSamples``); see the module docstring.
 
-    Each epoch visits every training instance once in random batches of ScenesPerBatch,
+    Each epoch visits the training instances in random full batches of ScenesPerBatch (the
+    last incomplete batch dropped; MeshSDFError when the split is smaller than one batch),
     with one random view per instance.  Writes the original's checkpoint files
     (``lib.checkpoint.save_svr_checkpoint``: ModelParameters/encoder_<e>.pth and
     decoder_<e>.pth, OptimizerParameters/<e>.pth with the RNG states and seed) and Logs.pth
