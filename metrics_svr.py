@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Raw vs refined metrics of reconstruct_svr.py's outputs: the original's six lines, then our table,
-CSV and per-iteration curves."""
+"""Raw vs refined metrics of reconstruct_svr.py's outputs: the original's seven lines, then our notes,
+table, CSV and per-iteration curves."""
 from __future__ import annotations
 
 import argparse
@@ -14,10 +14,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="metrics_svr.py",
         description="Average the per-iteration logs of <experiment>/Reconstructions/<checkpoint>/ over the "
-                    "instances and print the original's six lines: Raw CHD, Refined CHD, Improvement in CHD %, "
-                    "Raw NC %, Refined NC %, Improvement in NC % (Chamfer x1000 from squared-distance means, "
-                    "image-space normal consistency x100; raw = iteration 0, refined = the last). Then our "
-                    "per-instance table (with mesh-space normal consistency as a labelled extra) and the "
+                    "TestSplit's instances (each at its protocol view) and print the original's seven lines: "
+                    "Stats:, Raw CHD, Refined CHD, Improvement in CHD %, Raw NC %, Refined NC %, Improvement in "
+                    "NC % (Chamfer x1000 from squared-distance means, image-space normal consistency x100; raw = "
+                    "iteration 0, refined = the last). Then notes on instances left out (no surface) and "
+                    "folders not counted, our per-instance table (with mesh-space normal consistency as a labelled extra) and the "
                     "fraction of instances whose Chamfer refinement lowered; writes svr_metrics.txt, "
                     "svr_metrics.csv and svr_curves.png beside the instance folders.")
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
@@ -33,8 +34,9 @@ def main(argv=None) -> int:
     from lib.errors import MeshSDFError
     from lib.io import atomic_write
     from lib.log import info
-    from lib.specs import SPECS_FILE
+    from lib.specs import SPECS_FILE, load_svr_specs
     from lib.svr import report
+    from lib.svr.data import split_instances
     from lib.svr.reconstruct import output_root
 
     args = parse_args(argv)
@@ -42,10 +44,27 @@ def main(argv=None) -> int:
 
     if not (Path(args.experiment) / SPECS_FILE).is_file():
         raise MeshSDFError(f"no {SPECS_FILE} in {args.experiment}; give -e the experiment folder that holds it")
+    specs = load_svr_specs(args.experiment)
+    test_names = [i.name for i in split_instances(specs, "TestSplit")]
     root = output_root(args.experiment, args.checkpoint, args.out)
-    results = report.collect_results(root)
-    lines, _ = report.summary_lines(results)
-    rows, summary = report.metrics_rows(results)
+    found = report.collect_results(root)
+    results, others = report.test_split_results(found, test_names, specs["NumberOfViews"])
+    if not results:
+        raise MeshSDFError(f"none of the {len(found)} reconstructions in {root} is a TestSplit instance at its "
+                           "protocol view; run reconstruct_svr.py -e on this experiment (its defaults)")
+    report.check_same_settings(results)
+    finite, missing = report.finite_results(results)
+    if not finite:
+        raise MeshSDFError(f"no TestSplit reconstruction in {root} has finite metrics (no surface in any); is the "
+                           "network trained?")
+    lines, _ = report.summary_lines(finite)
+    if missing:
+        lines.append(f"note: {len(missing)} of {len(results)} test instances have no surface (NaN metrics) and are "
+                     f"left out of the averages above: {' '.join(missing)}")
+    if others:
+        lines.append(f"note: {len(others)} folders are not TestSplit instances at their protocol view and are not "
+                     f"counted: {' '.join(others)}")
+    rows, summary = report.metrics_rows(finite)
     text = "\n".join(lines) + "\n\n" + report.metrics_table(rows, summary)
     with atomic_write(root / "svr_metrics.txt") as tmp:
         tmp.write_text(text)

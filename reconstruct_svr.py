@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--resolution", type=int, default=None,
                     help="marching-cubes resolution (default: ReconstructionResolution of specs.json, 256)")
     ap.add_argument("--iterations", type=int, default=None,
-                    help="refinement steps (default: RefinementIterations, 100)")
+                    help="refinement iterations T: T + 1 Adam steps and T + 1 log entries, as the original (default: RefinementIterations, 100)")
     ap.add_argument("--regularize", type=float, default=0.0,
                     help="weight w of w * mean(z^2) added to the refinement loss (default 0.0)")
     ours = ap.add_argument_group("options of this project (defaults are the original's protocol)")
@@ -79,7 +79,6 @@ def main(argv=None) -> int:
                                                      resolution=args.resolution, mode=args.mode, sigma=args.sigma,
                                                      chamfer_samples=args.chamfer_samples, regularize=args.regularize)
     limits.check_grid(settings.resolution, device)
-    limits.check_encoder_images(specs["ImageSize"], 1, device, training=False)
     num_views = specs["NumberOfViews"]
     bad = [v for v in args.views or [] if not 0 <= v < num_views]
     if bad:
@@ -94,6 +93,7 @@ def main(argv=None) -> int:
             raise MeshSDFError(f"instance {missing[0]!r} is not in the {split_key} {specs[split_key]}")
         items = [k for k in items if instances[k].name in set(args.instances)]
     renders = data.render_set_from_specs(specs, instances=instances, cache=False)
+    limits.check_encoder_images(renders.image_size, 1, device, training=False)
     gt_meshes = {k: data.ground_truth_mesh(specs, instances[k]) for k in items}   # fail early on a missing mesh
     net = network.load_network(args.experiment, specs, args.checkpoint, device)
     root = reconstruct.output_root(args.experiment, args.checkpoint, args.out)
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     done = len(items) * len(args.views or [0]) - len(jobs)
     info(f"reconstructing {len(jobs)} views of the {split_key} ({done} done before, skipped) with the epoch-"
          f"{net.checkpoint_epoch} network on {device} (N = {settings.resolution}, {settings.mode} extraction, "
-         f"{settings.iterations} steps, lr {settings.lr:g}) into {root}")
+         f"{settings.iterations} + 1 steps, lr {settings.lr:g}) into {root}")
     for k, v, folder in progress(jobs, desc="reconstruct_svr", unit="view"):
         name = instances[k].name
         image = renders.images(torch.tensor([k]), torch.tensor([v]), device)

@@ -62,10 +62,10 @@ def main(argv=None) -> int:
         dataset = training_set_from_specs(specs)
         batch = min(specs["ScenesPerBatch"], len(dataset))
         limits.check_sample_batch(specs["SamplesPerScene"], batch, ctx.device)
-        limits.check_encoder_images(specs["ImageSize"], batch, ctx.device)
+        limits.check_encoder_images(dataset.renders.image_size, batch, ctx.device)
         test_set = sdf_render_set(specs, "TestSplit") if specs["TestSplit"] else None
         if ctx.is_main:
-            info(f"training on {len(dataset)} instances x {specs['NumberOfViews']} views of {specs['ImageSize']} px "
+            info(f"training on {len(dataset)} instances x {specs['NumberOfViews']} views of {dataset.renders.image_size} px "
                  f"on {ctx.where}")
         with distributed.PreemptionGuard() as guard:
             result = train_svr(args.experiment, specs, dataset, ctx.device, resume=args.resume, seed=args.seed,

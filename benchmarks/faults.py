@@ -64,6 +64,7 @@ def make_experiment(root: Path, epochs: int) -> Path:
         "CodeLength": 4, "NumEpochs": epochs, "SnapshotFrequency": 25, "LogFrequency": 1,
         "LearningRateSchedule": [{"Type": "Step", "Initial": 1e-3, "Interval": 50, "Factor": 0.5}] * 2,
         "SamplesPerScene": 512, "ScenesPerBatch": 2, "ClampingDistance": 0.1, "CodeBound": 1.0,
+        "ApplyCodeBound": True,
     }
     (exp / "specs.json").write_text(json.dumps(specs))
     return exp

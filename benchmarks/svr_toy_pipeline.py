@@ -7,7 +7,7 @@ Stages (each a subprocess, timed with the wall clock), for --family F in cars, c
   3. train_svr.py -e experiments/toy_F_svr
   4. reconstruct_svr.py -e experiments/toy_F_svr        (the original's protocol, the specs' settings)
   5. metrics_svr.py -e experiments/toy_F_svr
-then prints the seconds per stage, the six lines of metrics_svr.py, and the fraction of test
+then prints the seconds per stage, the seven lines of metrics_svr.py, and the fraction of test
 instances whose Chamfer refinement lowered (goal >= 80 %).  The load average is printed too:
 on a shared machine the stage times scale with it.
 
@@ -45,11 +45,11 @@ def run(args: list[str], capture: bool = False) -> tuple[float, str]:
 
 
 def figures(root: Path) -> tuple[str, int, int]:
-    """(the six lines, instances improved, instances) of a metrics_svr.py output folder."""
+    """(the seven lines, instances improved, instances) of a metrics_svr.py output folder."""
     text = (root / "svr_metrics.txt").read_text().splitlines()
     rows = list(csv.DictReader((root / "svr_metrics.csv").open()))[:-1]
     better = sum(float(r["chamfer_refined_x1000"]) < float(r["chamfer_raw_x1000"]) for r in rows)
-    return "\n".join(text[:6]), better, len(rows)
+    return "\n".join(text[:7]), better, len(rows)
 
 
 def main() -> int:

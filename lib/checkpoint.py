@@ -167,6 +167,8 @@ def _network_difference(own: Mapping[str, torch.Tensor], stored: Mapping) -> str
     """The first difference between a model's state dict and a stored one, in words (None: same layout)."""
     for name, value in own.items():
         if name not in stored:
+            if name.endswith(".num_batches_tracked"):  # older torch did not save it; loading fills it in
+                continue
             return f"it lacks {name}"
         got = tuple(getattr(stored[name], "shape", ()))
         if got != tuple(value.shape):

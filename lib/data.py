@@ -245,14 +245,17 @@ class PinnedStaging:
         return out
 
 
-def scene_batches(num_scenes: int, scenes_per_batch: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """One epoch: a random permutation of scene indices split into batches (last may be short).
+def scene_batches(num_scenes: int, scenes_per_batch: int, generator: torch.Generator | None = None,
+                  drop_last: bool = False) -> list[torch.Tensor]:
+    """One epoch: a random permutation of scene indices split into batches (the last may be
+    short; with ``drop_last`` a short last batch is left out, as the original's SVR loaders do).
 
     The permutation is drawn on ``generator``'s device (torch refuses a CUDA generator for a
     CPU randperm), so the batches live there too.
     """
     perm = torch.randperm(num_scenes, generator=generator, device=generator.device if generator is not None else None)
-    return list(perm.split(scenes_per_batch))
+    batches = list(perm.split(scenes_per_batch))
+    return [b for b in batches if len(b) == scenes_per_batch] if drop_last else batches
 
 
 # --------------------------------------------------------------------------- RGBA renders
@@ -281,8 +284,9 @@ def view_image_name(view: int) -> str:
     return f"{int(view):02d}.png"
 
 
-def rgba_to_tensor(image: np.ndarray, path: Path, image_size: int) -> torch.Tensor:
-    """A decoded PNG (H, W, 4) uint8 as a (4, S, S) uint8 tensor at ``image_size`` S.
+def rgba_to_tensor(image: np.ndarray, path: Path, image_size: int | None = None) -> torch.Tensor:
+    """A decoded PNG (H, W, 4) uint8 as a (4, S, S) uint8 tensor, at ``image_size`` S if given
+    (else at its own size).
 
     Raises MeshSDFError naming ``path`` unless the image is square RGBA.  Resizing uses
     area averaging when shrinking (like a camera's pixels) and bilinear when enlarging.
@@ -295,7 +299,7 @@ def rgba_to_tensor(image: np.ndarray, path: Path, image_size: int) -> torch.Tens
     if h != w:
         raise MeshSDFError(f"{path}: expected a square image, got {w}x{h}")
     t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    if h == image_size:
+    if image_size is None or h == image_size:
         return t.contiguous()
     x = t[None].float()
     mode = "area" if h > image_size else "bilinear"
@@ -320,9 +324,12 @@ def _missing_renders_hint(d: Path, inst: Instance) -> str:
 class RenderSet:
     """RGBA renders and cameras of the instances of a split (DISN layout), at one image size.
 
-    For instance k: ``<renders>/NN.png`` (RGBA, any square size, resized to ``image_size``)
-    and ``<renders>/rendering_metadata.txt`` (one DISN line per view, see lib.camera).  Views
-    0 .. num_views - 1 are used.  Cameras are built at ``image_size`` and, when
+    For instance k: ``<renders>/NN.png`` (RGBA, square) and ``<renders>/rendering_metadata.txt``
+    (one DISN line per view, see lib.camera).  Views 0 .. num_views - 1 are used.
+    ``image_size`` None (the original's way): the renders are used at their own size, which
+    must be the same for all (that of the first instance's first view; another size raises
+    MeshSDFError); a number resizes every render to it.  ``self.image_size`` is the size
+    used.  Cameras are built at that size and, when
     ``normalization_path`` is given, moved from the frame the renders were made in into the
     frame of the SDF samples: that file (``lib.sampling.read_normalization``: ``offset`` (3,),
     ``scale``) maps DeepSDF's ``normalised = (original + offset) * scale``.
@@ -334,7 +341,7 @@ class RenderSet:
     Every problem raises MeshSDFError naming the file.
     """
 
-    def __init__(self, data_source: str | os.PathLike, instances: Sequence[Instance], image_size: int,
+    def __init__(self, data_source: str | os.PathLike, instances: Sequence[Instance], image_size: int | None,
                  num_views: int, renders_path: str = DEFAULT_RENDERS_PATH, normalization_path: str | None = None,
                  cache: bool | str = "auto", cache_limit: int = 2 ** 30):
         from lib.camera import from_disn_metadata, read_disn_metadata
@@ -344,7 +351,7 @@ class RenderSet:
         if num_views < 1:
             raise MeshSDFError(f"NumberOfViews must be >= 1, got {num_views}")
         self.instances = list(instances)
-        self.image_size = int(image_size)
+        self.resize = image_size is not None
         self.num_views = int(num_views)
         self.dirs = [instance_path(renders_path, data_source, i) for i in self.instances]
         for inst, d in zip(self.instances, self.dirs):
@@ -359,6 +366,12 @@ class RenderSet:
                 if not png.is_file():
                     raise MeshSDFError(f"render not found: {png}; the experiment uses NumberOfViews = "
                                        f"{self.num_views} views (00 .. {self.num_views - 1:02d}) per instance")
+        if self.resize:
+            self.image_size = int(image_size)
+        else:
+            from lib.io import read_png
+
+            self.image_size = int(rgba_to_tensor(read_png(self.image_path(0, 0)), self.image_path(0, 0)).shape[-1])
         cams = []
         for inst, d in zip(self.instances, self.dirs):
             meta = d / METADATA_FILE
@@ -398,7 +411,11 @@ class RenderSet:
             from lib.io import read_png
 
             path = self.image_path(*key)
-            img = rgba_to_tensor(read_png(path), path, self.image_size)
+            img = rgba_to_tensor(read_png(path), path, self.image_size if self.resize else None)
+            if img.shape[-1] != self.image_size:
+                raise MeshSDFError(f"{path} is {img.shape[-1]} px but {self.image_path(0, 0)} is {self.image_size} "
+                                   "px; renders are used at their own size, so set ImageSize in specs.json to resize "
+                                   "them all to one")
             if self.cache:
                 self._cache[key] = img
         return img
@@ -476,14 +493,15 @@ class RgbaSdfSamples:
         return self.sdf.device
 
     def batch(self, scenes: torch.Tensor, samples_per_scene: int, generator: torch.Generator | None = None,
-              device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One training batch for ``scenes`` (B,): a random view of each.
+              device=None, views: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One training batch for ``scenes`` (B,): the given ``views`` (B,) of them, or a random view of each.
 
         Returns images (B, 4, S, S) float32 in [0, 1], xyz (B, N, 3) and sdf (B, N) on
         ``device``.  ``generator`` (on the SDF samples' device) makes the views and samples
         reproducible.
         """
-        views = self.renders.random_views(len(scenes), generator)
+        if views is None:
+            views = self.renders.random_views(len(scenes), generator)
         xyz, sdf = self.sdf.sample(scenes, samples_per_scene, generator, device=device)
         images = self.renders.images(scenes, views, device)
         return images, xyz, sdf

@@ -194,21 +194,38 @@ def mesh_chamfer(verts_a, faces_a, verts_b, faces_b, n: int = 10000, squared: bo
     return chamfer_distance(pa, pb, squared=squared)
 
 
+# pytorch3d's depth (zbuf) where no face is seen: the original's depth maps hold it beyond the silhouette
+BACKGROUND_DEPTH = -1.0
+
+
 def depth_normals(depth: torch.Tensor, mask: torch.Tensor, focal, principal) -> tuple[torch.Tensor, torch.Tensor]:
     """Camera-frame normals of a depth map, from unprojected pixels and their right / down neighbours.
 
     depth (H, W): camera-space z of the visible surface; mask (H, W) bool: pixels that see
     it; focal (fx, fy) and principal (cx, cy) in pixels (pixel (i, j) has its centre at
-    (j + 0.5, i + 0.5)).  Each pixel is unprojected to P = ((u - cx) z / fx, (v - cy) z / fy, z);
-    the normal at (i, j) is normalize((P[i, j+1] - P[i, j]) x (P[i+1, j] - P[i, j])).
-    Returns normals (H, W, 3) and valid (H, W) bool (the pixel and both neighbours in
-    ``mask``; the last row and column are never valid).  Camera frame: x right, y down,
-    z forward; right x down points away from the camera (n_z > 0 for a surface facing it),
-    the same orientation for every depth map, so signed cosines compare geometry.
+    (j + 0.5, i + 0.5)).  As the original: uncovered pixels hold BACKGROUND_DEPTH; each pixel
+    is unprojected to P = ((u - cx) z / fx, (v - cy) z / fy, z) and the normal at (i, j) is
+    normalize((P[i, j+1] - P[i, j]) x (P[i+1, j] - P[i, j])), the neighbours taken as they
+    are, so a covered pixel next to the silhouette edge counts with the normal its
+    background neighbour gives it.  Returns normals (H, W, 3) and valid (H, W) bool (the
+    pixel in ``mask``; the last row and column, which have no neighbour, never valid).
+    Camera frame: x right, y down, z forward; right x down points away from the camera
+    (n_z > 0 for a surface facing it), the same orientation for every depth map, so signed
+    cosines compare geometry.
     """
+    n = depth_normal_field(depth, mask, focal, principal)
+    valid = torch.zeros_like(mask, dtype=torch.bool)
+    valid[:-1, :-1] = mask.bool()[:-1, :-1]
+    return torch.where(valid[..., None], n, torch.zeros_like(n)), valid
+
+
+def depth_normal_field(depth: torch.Tensor, mask: torch.Tensor, focal, principal) -> torch.Tensor:
+    """The normals of ``depth_normals`` at every pixel (H, W, 3), background pixels included (the
+    normal of the BACKGROUND_DEPTH plane there); 0 on the last row and column."""
     H, W = depth.shape
     dt = depth.dtype if depth.is_floating_point() else torch.float64
-    z = depth.to(dt)
+    m = mask.bool()
+    z = torch.where(m, depth.to(dt), torch.full_like(depth, BACKGROUND_DEPTH, dtype=dt))
     f = torch.as_tensor(focal, dtype=dt, device=z.device).reshape(-1).expand(2)
     c = torch.as_tensor(principal, dtype=dt, device=z.device).reshape(-1).expand(2)
     v, u = torch.meshgrid(torch.arange(H, device=z.device, dtype=dt) + 0.5,
@@ -218,11 +235,7 @@ def depth_normals(depth: torch.Tensor, mask: torch.Tensor, focal, principal) -> 
     down = torch.zeros_like(P)
     right[:, :-1] = P[:, 1:] - P[:, :-1]
     down[:-1] = P[1:] - P[:-1]
-    n = torch.nn.functional.normalize(torch.cross(right, down, dim=-1), dim=-1, eps=1e-30)
-    m = mask.bool()
-    valid = torch.zeros_like(m)
-    valid[:-1, :-1] = m[:-1, :-1] & m[:-1, 1:] & m[1:, :-1]
-    return torch.where(valid[..., None], n, torch.zeros_like(n)), valid
+    return torch.nn.functional.normalize(torch.cross(right, down, dim=-1), dim=-1, eps=1e-30)
 
 
 def image_normal_consistency(normals_a: torch.Tensor, valid_a: torch.Tensor, normals_b: torch.Tensor,

@@ -173,7 +173,10 @@ DEEPSDF_KEYS: dict[str, Key] = {
     "ClampingDistance": Key(num_key(0.0, strict=True), required=True),
     "CodeRegularization": Key(bool_key, default=True),
     "CodeRegularizationLambda": Key(num_key(0.0), default=1e-4),
+    # read and ignored, as the original's trainers do, unless ApplyCodeBound (ours) asks for
+    # DeepSDF's max-norm embedding
     "CodeBound": Key(num_key(0.0, strict=True, nullable=True), default=None),
+    "ApplyCodeBound": Key(bool_key, default=False),
     "CodeInitStdDev": Key(num_key(0.0, strict=True), default=1.0),
     "GradientClipNorm": Key(num_key(0.0, strict=True, nullable=True), default=None),
     # epochs between writes of ``latest`` and Logs.pth (DeepSDF's default: every epoch)
@@ -279,7 +282,7 @@ def _depth_key(v):
     from lib.models.encoder import block_layout
 
     if not _is_int(v):
-        return "must be an integer 6n + 2 (e.g. 20), or 9n + 2 from 44 on"
+        return "must be an integer 6n + 2 (e.g. 20; Bottleneck blocks from 44 on)"
     try:
         block_layout(v)
     except ValueError as err:
@@ -345,7 +348,8 @@ SVR_KEYS: dict[str, Key] = {
     # whose ModelParameters/latest.pth starts the decoder; null: from scratch
     "DecoderInit": Key(_nullable_str_key, default=None),
     "ValidationSplit": Key(str_key, default=None),
-    "ImageSize": Key(int_key(16), default=224),
+    # null (the original, which never resizes): the renders' own size; a number resizes them to it
+    "ImageSize": Key(lambda v: None if v is None else int_key(16)(v), default=None),
     "EncoderWidths": Key(_widths_key, default=[64, 128, 256, 256]),
     "RendersPath": Key(_template_key(False), default="{dataset}/renders/{instance}"),
     "MeshesPath": Key(_template_key(False), default="{dataset}/meshes/{instance}.obj"),

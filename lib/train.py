@@ -81,7 +81,8 @@ class TrainSettings:
             clamp_distance=float(specs["ClampingDistance"]),
             code_regularization=bool(specs["CodeRegularization"]),
             code_reg_lambda=float(specs["CodeRegularizationLambda"]),
-            code_bound=None if specs["CodeBound"] is None else float(specs["CodeBound"]),
+            # the original reads CodeBound and ignores it; ApplyCodeBound (ours) applies it
+            code_bound=float(specs["CodeBound"]) if specs["ApplyCodeBound"] and specs["CodeBound"] is not None else None,
             code_init_std=float(specs["CodeInitStdDev"]),
             grad_clip_norm=None if specs["GradientClipNorm"] is None else float(specs["GradientClipNorm"]),
         )
@@ -229,9 +230,12 @@ def auto_decoder_loss(loss: nn.Module, codes: torch.Tensor, xyz: torch.Tensor, s
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, epoch: int,
-                   clip_params: Sequence[torch.Tensor] | None = None, clip_norm: float | None = None, *,
+                   clip_groups: Sequence[Sequence[torch.Tensor]] | None = None, clip_norm: float | None = None, *,
                    sync: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """Backward, optional gradient clipping, finite check, update; returns the loss value.
+
+    ``clip_groups``: lists of parameters, each clipped to ``clip_norm`` on its own (the
+    original clips its decoder, and in SVR its encoder and decoder separately).
 
     ``sync(loss) -> loss`` runs right after backward (``lib.distributed.GradientSync``:
     averages gradients DDP does not cover and returns the global loss, so every rank logs
@@ -242,8 +246,9 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, epoch: 
     loss.backward()
     if sync is not None:
         loss = sync(loss)
-    if clip_norm is not None and clip_params is not None:
-        nn.utils.clip_grad_norm_(clip_params, clip_norm)
+    if clip_norm is not None and clip_groups is not None:
+        for group in clip_groups:
+            nn.utils.clip_grad_norm_(list(group), clip_norm)
     value = float(loss.detach())
     if not math.isfinite(value):
         raise NonFiniteLossError(f"loss became {value} at epoch {epoch}")
@@ -551,7 +556,7 @@ def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfS
                     xyz, sdf, batch_codes = xyz[part], sdf[part], batch_codes[part]
                 loss, _, _ = auto_decoder_loss(net, batch_codes, xyz, sdf, epoch, settings, weight)
                 try:
-                    losses.append(optimizer_step(optimizer, loss, epoch, decoder.parameters(), settings.grad_clip_norm,
+                    losses.append(optimizer_step(optimizer, loss, epoch, [decoder.parameters()], settings.grad_clip_norm,
                                                  sync=sync))
                 except NonFiniteLossError as err:
                     raise book.non_finite(err, "lower LearningRateSchedule or check the SDF samples") from None

@@ -220,4 +220,4 @@ def test_svr_pipeline_on_gpu(tmp_path):
         assert len(chd) == 3 and np.isfinite(chd).all() and (chd > 0).all()
         assert np.isfinite(np.load(root / name / "log_nc.npy")).all()
     assert metrics_svr.main(["-e", str(exp)]) == 0
-    assert (root / "svr_metrics.txt").read_text().startswith("Raw CHD: ")
+    assert (root / "svr_metrics.txt").read_text().startswith("Stats:\nRaw CHD ")

@@ -45,7 +45,7 @@ def tiny_experiment(root: Path, *, scenes=4, epochs=3, batch=3, code_bound=1.0, 
         "CodeLength": 3, "NumEpochs": epochs, "SnapshotFrequency": 1000, "AdditionalSnapshots": list(snapshots),
         "LearningRateSchedule": [{"Type": "Constant", "Value": 1e-3}, {"Type": "Constant", "Value": 2e-3}],
         "SamplesPerScene": samples, "ScenesPerBatch": batch, "ClampingDistance": 0.1, "LogFrequency": log_frequency,
-        "CodeBound": code_bound, "CodeRegularizationLambda": 1e-2,
+        "CodeBound": code_bound, "ApplyCodeBound": True, "CodeRegularizationLambda": 1e-2,
     }
     (exp / "specs.json").write_text(json.dumps(specs))
     return exp
@@ -315,8 +315,8 @@ sys.exit(rc)
 
 @pytest.mark.slow
 def test_two_process_svr_matches_one_process_stops_on_sigterm_and_resumes_with_one(tmp_path, monkeypatch):
-    """train_svr.py under torchrun, 2 gloo processes, 4 instances in global batches of 3 (shards
-    2+1, then 1+0: rank 1 borrows an item with weight 0), encoder with instance norm.
+    """train_svr.py under torchrun, 2 gloo processes, 6 instances in global batches of 3 (shards
+    2+1; SVR drops a last incomplete batch, as the original), encoder with instance norm.
 
     Rank 1 alone gets SIGTERM in epoch 2: both ranks finish the epoch, rank 0 saves ``latest``,
     both exit 143 and torchrun (--max-restarts=1) reruns ``--continue latest``.  Encoder and
@@ -326,7 +326,7 @@ def test_two_process_svr_matches_one_process_stops_on_sigterm_and_resumes_with_o
     import train_svr
     from lib import svr
 
-    exp = tiny_svr_experiment(tmp_path / "ddp", epochs=3)
+    exp = tiny_svr_experiment(tmp_path / "ddp", scenes=6, epochs=3)
     wrapper = tmp_path / "svr_wrapper.py"
     wrapper.write_text(SVR_WRAPPER.format(repo=str(REPO)))
     r = torchrun(2, wrapper, tmp_path, "-e", exp, "--device", "cpu", "--seed", 5, "--continue", "latest", restarts=1)
@@ -334,7 +334,7 @@ def test_two_process_svr_matches_one_process_stops_on_sigterm_and_resumes_with_o
     runs = {(rank, a): torch.load(tmp_path / f"rank{rank}_attempt{a}.pt") for rank in (0, 1) for a in (0, 1)}
     assert [runs[k]["rc"] for k in sorted(runs)] == [distributed.EXIT_PREEMPTED, 0] * 2
     rank0, rank1 = (runs[(rank, 0)]["snaps"] + runs[(rank, 1)]["snaps"] for rank in (0, 1))
-    assert len(rank0) == len(rank1) == 3 * 2  # epochs 1-2, stop, then epoch 3; 2 steps each (3 + 1 instances)
+    assert len(rank0) == len(rank1) == 3 * 2  # epochs 1-2, stop, then epoch 3; 2 steps each (3 + 3 instances)
     for step, (a, b) in enumerate(zip(rank0, rank1)):
         for pa, pb in zip(a, b):
             assert torch.equal(pa, pb), f"ranks differ after step {step + 1}"
@@ -344,7 +344,7 @@ def test_two_process_svr_matches_one_process_stops_on_sigterm_and_resumes_with_o
         assert train_svr.main(["-e", str(exp), "--device", "cpu", "--continue", "latest", "--epochs", "4"]) == 0
         resumed = list(snaps)
         snaps.clear()
-        ref_exp = tiny_svr_experiment(tmp_path / "ref", epochs=4)
+        ref_exp = tiny_svr_experiment(tmp_path / "ref", scenes=6, epochs=4)
         specs = load_svr_specs(ref_exp)
         svr.train_svr(ref_exp, specs, svr.training_set_from_specs(specs), "cpu", seed=5)
     assert len(snaps) == 8 and len(resumed) == 2

@@ -56,15 +56,89 @@ def test_original_checkpoint_with_module_prefix_loads(tmp_path):
 
 
 def test_block_layout_and_bottleneck():
-    assert block_layout(20)[1] == 3 and block_layout(8)[1] == 1 and block_layout(56)[1] == 6
-    assert block_layout(56)[0].expansion == 4
-    for bad in (7, 10, 21, 45):
+    # n = (Depth - 2) // 6 blocks per stage for every depth; Bottleneck from 44 on
+    assert block_layout(20) == (block_layout(8)[0], 3) and block_layout(8)[1] == 1
+    assert block_layout(44)[1] == 7 and block_layout(44)[0].expansion == 4
+    assert block_layout(56)[1] == 9 and block_layout(38)[0].expansion == 1
+    for bad in (2, 7, 10, 21, 45, 47):
         with pytest.raises(ValueError):
             block_layout(bad)
-    enc = Encoder(8, depth=47, norm="in", widths=(4, 8, 8, 8))
-    assert enc.fc.in_features == 32 and len(enc.layer1) == 5
+    enc = Encoder(8, depth=50, norm="in", widths=(4, 8, 8, 8))
+    assert enc.fc.in_features == 32 and len(enc.layer1) == 8
     assert "layer1.0.downsample.0.weight" in enc.state_dict()   # 4 -> 16 channels
     assert enc(torch.rand(1, 4, 16, 16)).shape == (1, 8)
+
+
+def _original_bin_state(code, depth, widths, seed=0):
+    """A state dict in the original's key layout for NormType "bin", Depth >= 44 (Bottleneck),
+    written out from its description: each norm holds weight, bias, gate (C,), running_mean,
+    running_var; blocks conv1 1x1, conv2 3x3 (stride), conv3 1x1 to 4 x planes; downsample
+    where the stride or the width changes; random values."""
+    g = torch.Generator().manual_seed(seed)
+    n = (depth - 2) // 6
+    out = {}
+
+    def norm(name, c):
+        out[name + ".weight"] = 1 + 0.1 * torch.randn(c, generator=g)
+        out[name + ".bias"] = 0.1 * torch.randn(c, generator=g)
+        out[name + ".gate"] = torch.rand(c, generator=g)
+        out[name + ".running_mean"] = 0.1 * torch.randn(c, generator=g)
+        out[name + ".running_var"] = 1 + torch.rand(c, generator=g)
+
+    out["conv1.weight"] = 0.1 * torch.randn(widths[0], 4, 3, 3, generator=g)
+    norm("bn1", widths[0])
+    cin = widths[0]
+    for s, (w, stride) in enumerate(zip(widths, (1, 2, 2, 2))):
+        for b in range(n):
+            p = f"layer{s + 1}.{b}."
+            out[p + "conv1.weight"] = 0.1 * torch.randn(w, cin, 1, 1, generator=g)
+            norm(p + "bn1", w)
+            out[p + "conv2.weight"] = 0.1 * torch.randn(w, w, 3, 3, generator=g)
+            norm(p + "bn2", w)
+            out[p + "conv3.weight"] = 0.1 * torch.randn(4 * w, w, 1, 1, generator=g)
+            norm(p + "bn3", 4 * w)
+            if b == 0 and (stride != 1 or cin != 4 * w):
+                out[p + "downsample.0.weight"] = 0.1 * torch.randn(4 * w, cin, 1, 1, generator=g)
+                norm(p + "downsample.1", 4 * w)
+            cin = 4 * w
+    out["fc.weight"] = 0.1 * torch.randn(code, cin, generator=g)
+    out["fc.bias"] = torch.zeros(code)
+    return out
+
+
+def test_original_bin_bottleneck_checkpoint_loads(tmp_path):
+    from lib import checkpoint
+
+    state = _original_bin_state(8, 44, (4, 8, 8, 8))
+    (tmp_path / "ModelParameters").mkdir()
+    torch.save({"epoch": 7, "model_state_dict": {"module." + k: v for k, v in state.items()}},
+               tmp_path / "ModelParameters" / "encoder_latest.pth")
+    enc = Encoder(8, depth=44, norm="bin", widths=(4, 8, 8, 8))
+    assert checkpoint.load_model_state(tmp_path, enc, "encoder_latest") == 7
+    got = enc.state_dict()
+    for k, v in state.items():
+        assert torch.equal(got[k], v), k
+    assert enc.eval()(torch.rand(2, 4, 16, 16)).shape == (2, 8)
+
+
+def test_batch_instance_norm_is_the_originals():
+    """gate g (C,) starting at 1; out = BN(x) (weight * g, bias) + IN(x) * weight * (1 - g): the bias
+    once, the gate used as it is (no clamp); eval mode uses the running statistics for the BN part."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 6, 6) * 3 + 2
+    m = BatchInstanceNorm2d(5)
+    assert torch.equal(m.gate, torch.ones(5))
+    assert {k for k in m.state_dict()} >= {"weight", "bias", "gate", "running_mean", "running_var"}
+    with torch.no_grad():
+        m.weight.copy_(torch.rand(5) + 0.5)
+        m.bias.copy_(torch.randn(5))
+        m.gate.copy_(torch.tensor([1.3, 1.0, 0.5, 0.0, -0.2]))   # outside [0, 1] too: not clamped
+    w, b, g = m.weight[:, None, None], m.bias[:, None, None], m.gate[:, None, None]
+    bn = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(x.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+    inn = (x - x.mean((2, 3), keepdim=True)) / torch.sqrt(x.var((2, 3), unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(m.train()(x), bn * w * g + b + inn * w * (1 - g))
+    rm, rv = m.running_mean[:, None, None], m.running_var[:, None, None]
+    torch.testing.assert_close(m.eval()(x), (x - rm) / torch.sqrt(rv + 1e-5) * w * g + b + inn * w * (1 - g))
 
 
 @pytest.mark.parametrize("norm", ["in", "bn", "bin"])
@@ -87,15 +161,3 @@ def test_initialisation():
     assert abs(w.mean().item()) < 1e-3
     assert torch.equal(enc.layer2[0].bn1.weight, torch.ones(128))
     assert torch.equal(enc.layer2[0].downsample[1].bias, torch.zeros(128))
-
-
-def test_batch_instance_norm_limits():
-    torch.manual_seed(0)
-    x = torch.randn(3, 5, 6, 6) * 3 + 2
-    m = BatchInstanceNorm2d(5).train()
-    with torch.no_grad():
-        m.rho.fill_(0.0)
-    torch.testing.assert_close(m(x), torch.nn.functional.instance_norm(x, eps=1e-5))
-    with torch.no_grad():
-        m.rho.fill_(1.0)
-    torch.testing.assert_close(m(x), torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-5))

@@ -74,15 +74,48 @@ def test_image_normal_consistency_of_planes():
         fr = rasterize(v, f, cam)
         return depth_normals(fr.depth, fr.mask, (40.0, 40.0), (16.0, 16.0))
 
+    def interior(m):   # pixels whose right and down neighbours are covered too
+        out = torch.zeros_like(m)
+        out[:-1, :-1] = m[:-1, :-1] & m[:-1, 1:] & m[1:, :-1]
+        return out
+
     n0, m0 = normals(0.0)
-    assert m0.sum() > 300 and torch.allclose(n0[m0], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), atol=1e-9)
+    i0 = interior(m0)
+    assert i0.sum() > 300 and torch.allclose(n0[i0], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), atol=1e-9)
     assert image_normal_consistency(n0, m0, n0, m0) == pytest.approx(1.0)
     for angle in (20.0, 50.0):
         n1, m1 = normals(angle)
-        assert image_normal_consistency(n0, m0, n1, m1) == pytest.approx(math.cos(math.radians(angle)), abs=1e-9)
+        i1 = interior(m1)
+        assert image_normal_consistency(n0, i0, n1, i1) == pytest.approx(math.cos(math.radians(angle)), abs=1e-9)
+        # the pixels next to the edge count too, with normals from the background depth: lower
+        assert image_normal_consistency(n0, m0, n1, m1) < math.cos(math.radians(angle)) - 1e-3
     # signed: a normal field that points the other way counts -1
     assert image_normal_consistency(n0, m0, -n0, m0) == pytest.approx(-1.0)
     assert math.isnan(image_normal_consistency(n0, m0, n0, torch.zeros_like(m0)))
+
+
+def test_depth_normals_count_the_pixels_next_to_the_silhouette_edge():
+    """As the original: a pixel counts when covered; its right / down differences use the depth map
+    as it is, i.e. pytorch3d's background depth -1 beyond the silhouette edge."""
+    depth = torch.zeros(8, 8, dtype=torch.float64)
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[2:6, 2:6] = True
+    depth[mask] = 2.0
+    f, c = (10.0, 12.0), (4.0, 3.5)
+    n, valid = depth_normals(depth, mask, f, c)
+    assert torch.equal(valid, mask)
+    assert torch.allclose(n[2:5, 2:5], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), atol=1e-12)
+
+    def unproject(i, j, z):
+        return torch.tensor([(j + 0.5 - c[0]) * z / f[0], (i + 0.5 - c[1]) * z / f[1], z], dtype=torch.float64)
+
+    for i, j in ((5, 3), (3, 5), (5, 5)):
+        p = unproject(i, j, 2.0)
+        right = unproject(i, j + 1, 2.0 if mask[i, j + 1] else -1.0) - p
+        down = unproject(i + 1, j, 2.0 if mask[i + 1, j] else -1.0) - p
+        expect = torch.nn.functional.normalize(torch.cross(right, down, dim=0), dim=0)
+        assert torch.allclose(n[i, j], expect, atol=1e-12), (i, j)
+        assert not torch.allclose(n[i, j], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), atol=1e-3)
 
 
 def test_silhouette_iou():

@@ -83,6 +83,25 @@ def test_original_bob_and_spot_specs_load_with_the_originals_defaults(tmp_path, 
     assert [e for e in range(1, 4001) if settings.is_snapshot(e)] == []
 
 
+def test_code_bound_is_read_and_ignored_as_the_original_does(tmp_path):
+    """The original's trainers read CodeBound and never apply it; ApplyCodeBound (ours) opts into
+    DeepSDF's max-norm embedding."""
+    from lib.train import TrainSettings, make_latent_codes
+
+    specs = dict(ORIGINAL_SPECS["bob_and_spot"], CodeBound=0.01)
+    settings = TrainSettings.from_specs(load_specs(_write_specs(tmp_path / "a", specs)))
+    assert settings.code_bound is None
+    codes = make_latent_codes(3, 2, settings)
+    before = codes.weight.detach().clone()
+    codes(torch.arange(3))
+    assert torch.equal(codes.weight.detach(), before)            # no renormalisation on lookup
+    settings = TrainSettings.from_specs(load_specs(_write_specs(tmp_path / "b", dict(specs, ApplyCodeBound=True))))
+    assert settings.code_bound == 0.01
+    codes = make_latent_codes(3, 2, settings)
+    codes(torch.arange(3))
+    assert torch.allclose(codes.weight.detach().norm(dim=1), torch.full((3,), 0.01), rtol=1e-3)
+
+
 @pytest.mark.parametrize("name", ["cars_svr", "chairs_svr"])
 def test_original_svr_specs_load(tmp_path, name):
     s = load_svr_specs(_write_specs(tmp_path / name, ORIGINAL_SPECS[name]))

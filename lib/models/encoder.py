@@ -8,17 +8,15 @@ checkpoints load here (DataParallel's ``module.`` prefix is stripped by lib.chec
     avgpool            adaptive average pooling to 1x1
     fc                 linear (w3 x expansion) -> CodeLength
 
-``Depth`` = 6n + 2 with BasicBlocks (two 3x3 conv-norm, ReLU between and after the sum);
-``Depth`` >= 44 uses Bottleneck blocks (1x1, 3x3, 1x1 conv, expansion 4) with
-Depth = 9n + 2.  The first block of a stage whose stride is not 1 or whose input width
+``Depth`` = 6n + 2, n blocks per stage: BasicBlocks (two 3x3 conv-norm, ReLU between and
+after the sum) below 44, Bottleneck blocks (1x1, 3x3, 1x1 conv, expansion 4) from 44 on.  The first block of a stage whose stride is not 1 or whose input width
 differs gets a ``downsample`` shortcut (1x1 conv with the stride, no bias, then norm), so
 layer4 has one although its width equals layer3's.  State-dict names follow that layout:
 ``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.bn1``, ..., ``layer2.0.downsample.0``
 (conv) / ``.1`` (norm), ``fc``.  With CodeLength 256, Depth 20, "in": 7,999,616 parameters.
 
 Normalisation (specs ``NormType``): "in" instance norm with affine (no running stats), "bn"
-batch norm, "bin" batch-instance norm (Nam & Kim 2018: a learnt per-channel mix
-rho*BN + (1-rho)*IN, rho in [0, 1], then one affine).  Initialisation: conv weights
+batch norm, "bin" batch-instance norm (Nam & Kim 2018) in the original's form (``BatchInstanceNorm2d``).  Initialisation: conv weights
 N(0, sqrt(2 / (k*k*out_channels))), norm weights 1 and biases 0; fc as torch's default.
 """
 from __future__ import annotations
@@ -31,20 +29,38 @@ from torch import nn
 
 
 class BatchInstanceNorm2d(nn.Module):
-    """rho * BatchNorm(x) + (1 - rho) * InstanceNorm(x), then a per-channel affine; rho in [0, 1]."""
+    """Batch-instance norm as the original's "bin": per channel, with gate g (starts at 1),
+
+        out = BN(x) * weight * g + bias + IN(x) * weight * (1 - g)
+
+    BN with running statistics (used in eval mode), IN always from the image itself; the bias
+    is added once and the gate is used as it is (no clamp).  Not a BatchNorm2d subclass, so
+    SyncBatchNorm conversion leaves it alone.  State: weight, bias, gate (C,), running_mean,
+    running_var (C,), num_batches_tracked (filled in when an older checkpoint lacks it).
+    x (B, C, H, W) -> (B, C, H, W).
+    """
 
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
-        self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum, affine=False)
-        self.eps = eps
-        self.rho = nn.Parameter(torch.full((1, channels, 1, 1), 0.5))
-        self.weight = nn.Parameter(torch.ones(1, channels, 1, 1))
-        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.gate = nn.Parameter(torch.ones(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rho = self.rho.clamp(0.0, 1.0)
-        x_in = nn.functional.instance_norm(x, eps=self.eps)
-        return (rho * self.bn(x) + (1 - rho) * x_in) * self.weight + self.bias
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        bn = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight * self.gate, self.bias,
+                                      self.training, self.momentum, self.eps)
+        inst = nn.functional.instance_norm(x, eps=self.eps)
+        return bn + inst * (self.weight * (1 - self.gate))[None, :, None, None]
 
 
 NORMALIZATIONS = ("in", "bn", "bin")
@@ -108,15 +124,12 @@ class Bottleneck(nn.Module):
 
 
 def block_layout(depth: int) -> tuple[type, int]:
-    """(block class, blocks per stage) of a ResNet of ``depth``: BasicBlock and (depth - 2) / 6
-    below BOTTLENECK_DEPTH, else Bottleneck and (depth - 2) / 9.  ValueError for other depths."""
-    if depth >= BOTTLENECK_DEPTH:
-        if (depth - 2) % 9:
-            raise ValueError(f"encoder Depth {depth} must be 9n + 2 for Bottleneck blocks (e.g. 47, 56, 110)")
-        return Bottleneck, (depth - 2) // 9
+    """(block class, blocks per stage) of a ResNet of ``depth`` = 6n + 2: n = (depth - 2) // 6
+    blocks per stage, BasicBlocks below BOTTLENECK_DEPTH and Bottleneck from it on (the
+    original's rule).  ValueError for other depths."""
     if depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"encoder Depth {depth} must be 6n + 2 with n >= 1 (e.g. 8, 14, 20, 32)")
-    return BasicBlock, (depth - 2) // 6
+        raise ValueError(f"encoder Depth {depth} must be 6n + 2 with n >= 1 (e.g. 8, 14, 20, 32, 44, 56)")
+    return (Bottleneck if depth >= BOTTLENECK_DEPTH else BasicBlock), (depth - 2) // 6
 
 
 class Encoder(nn.Module):

@@ -5,7 +5,7 @@
 - ``lib.svr.train``: joint training on the SDF loss, as the original runs it;
 - ``lib.svr.evaluate``: the original's per-iteration Chamfer and image-space normal consistency;
 - ``lib.svr.reconstruct``: raw mesh + silhouette refinement of one view, and its output folder;
-- ``lib.svr.report``: metrics_svr.py's six lines, per-instance table, CSV and plot.
+- ``lib.svr.report``: metrics_svr.py's seven lines, per-instance table, CSV and plot.
 
 Dataset rendering (DISN-layout views) lives with data preparation, in ``lib.datasets``.
 The names below are re-exported for convenience.

@@ -5,8 +5,9 @@
   tables show it x1000), in the frame of the SDF samples.
 - Normal consistency, image space: depth maps of the ground truth and of the prediction
   from a hard raster (one face per pixel) with the view's camera, normals from the depth
-  maps by unprojecting pixels and crossing their right and down differences, and the mean
-  SIGNED cosine over the pixels valid in both (tables: x100).
+  maps by unprojecting pixels and crossing their right and down differences (the depth map
+  as it is, background included, as the original: ``lib.metrics.depth_normals``), and the
+  mean SIGNED cosine over the pixels covered in both (tables: x100).
 
 Everything stays on the device of the meshes: sampling uses generators on that device, the
 ground truth's points and its nearest-neighbour structure are built once per view
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 GT_SEED, PREDICTION_SEED = 0, 1
@@ -29,6 +31,24 @@ def depth_normal_image(verts: torch.Tensor, faces: torch.Tensor, camera) -> tupl
     cam = camera.to(device=verts.device, dtype=verts.dtype)
     fr = rasterize(verts, faces.to(verts.device), cam)
     return depth_normals(fr.depth.detach(), fr.mask, cam.focal.reshape(-1, 2)[0], cam.principal.reshape(-1, 2)[0])
+
+
+def normal_picture(verts: torch.Tensor, faces: torch.Tensor, camera) -> np.ndarray:
+    """The original's predicted.png / refined.png: RGB uint8 (H, W, 3) = 255 (0.5 - 0.5 n) truncated,
+    n the camera-frame normal of the hard-raster depth map at every pixel
+    (``lib.metrics.depth_normal_field``: the background gives the normal of its depth plane)."""
+    from lib.metrics import depth_normal_field
+    from lib.render import rasterize
+
+    cam = camera.to(device="cpu", dtype=torch.float32)
+    h, w = cam.image_size
+    if faces.shape[0] == 0:
+        depth, mask = torch.zeros(h, w), torch.zeros(h, w, dtype=torch.bool)
+    else:
+        fr = rasterize(verts.detach().cpu().float(), faces.cpu(), cam)
+        depth, mask = fr.depth.detach(), fr.mask
+    n = depth_normal_field(depth.double(), mask, cam.focal.reshape(-1, 2)[0], cam.principal.reshape(-1, 2)[0])
+    return (255 * (0.5 - 0.5 * n)).clamp(0, 255).floor().to(torch.uint8).numpy()
 
 
 class GroundTruth:

@@ -1,13 +1,15 @@
 """Single-view reconstruction of one view: encoder code -> raw mesh -> silhouette refinement,
 and the original's output folder of an instance.
 
-The refinement is the original's: Adam (lr 5e-5) on the code, the decoder frozen, 100
-iterations, the mesh extracted every iteration with the fast heuristic at N = 256, loss =
-mean |soft silhouette - input alpha| with pytorch3d's soft-silhouette settings (sigma 1e-4,
-blur radius log(1/1e-4 - 1) x 1e-5, 25 faces per pixel), NaN entries of dL/dx set to 0,
-and ``--regularize w`` adding w mean(z^2).  Each iteration logs the silhouette loss,
-Chamfer and image-space normal consistency to the ground truth (lib.svr.evaluate), mean
-z^2 and (ours) the silhouette IoU; the first entry is the raw mesh, the last the refined one.
+The refinement is the original's: Adam (lr 5e-5) on the code, the decoder frozen,
+``--iterations`` 100 + 1 = 101 steps, the mesh extracted every step with the fast heuristic
+at N = 256, loss = mean |soft silhouette - input alpha| with pytorch3d's soft-silhouette
+settings (sigma 1e-4, blur radius log(1/1e-4 - 1) x 1e-5, 25 faces per pixel), NaN entries
+of dL/dx set to 0, and ``--regularize w`` adding w mean(z^2).  Each step logs, for the mesh
+it starts from, the silhouette term of the loss (without the regulariser), Chamfer and
+image-space normal consistency to the ground truth (lib.svr.evaluate), mean z^2 and (ours)
+the silhouette IoU: 101 entries, the first of the raw mesh.  The refined mesh is the one of
+the code after the last step (not in the logs, as in the original).
 """
 from __future__ import annotations
 
@@ -101,7 +103,8 @@ class ViewResult:
 
     raw / refined: (verts (V, 3), faces (F, 3)) CPU meshes before and after refinement;
     silhouettes: "input", "raw", "refined" (S, S) float in [0, 1]; log: LOG_KEYS -> (T + 1,)
-    float64 arrays, entry 0 = raw mesh, entry T = refined mesh (NaN where a mesh was empty);
+    float64 arrays, entry i = the mesh step i started from (entry 0 = raw mesh; NaN where a
+    mesh was empty), the refined mesh being the one after step T;
     code / refined_code (L,); seconds: wall time of the refinement; extra: our metrics of
     the raw and refined meshes beyond the original's (mesh-space normal consistency).
     """
@@ -119,7 +122,7 @@ class ViewResult:
 
 def reconstruct_view(decoder: nn.Module, code: torch.Tensor, alpha: torch.Tensor, camera, gt,
                      settings: RefineSettings, on_iteration: Callable[[int, dict], None] | None = None) -> ViewResult:
-    """Raw mesh of ``code``, then ``settings.iterations`` Adam steps on the code (decoder frozen).
+    """Raw mesh of ``code``, then ``settings.iterations`` + 1 Adam steps on the code (decoder frozen).
 
     decoder: DeepSDF decoder (put in eval mode and frozen by lib.optimize); code (L,) from
     the encoder, on the decoder's device; alpha (S, S) float in [0, 1], the input image's
@@ -140,19 +143,22 @@ def reconstruct_view(decoder: nn.Module, code: torch.Tensor, alpha: torch.Tensor
     records: list[dict] = []
 
     def metrics(it) -> dict:
-        entry = {"silhouette_loss": it.loss, "latent": float(it.latent.square().mean()),
+        silhouette_term = float((it.image - alpha).abs().mean())   # it.loss holds the regulariser too
+        entry = {"silhouette_loss": silhouette_term, "latent": float(it.latent.square().mean()),
                  "iou": silhouette_iou(it.image, alpha),
                  "chamfer": gt.chamfer(it.verts, it.faces) if gt is not None else math.nan,
                  "normal_consistency": gt.normal_consistency(it.verts, it.faces) if gt is not None else math.nan}
         kept.setdefault("first", it)
-        kept["last"] = it
+        kept["logged"] = it
         if on_iteration is not None:
             on_iteration(len(records), entry)
         records.append(entry)
         return entry
 
-    run = optimize(opt, settings.iterations, callbacks=[metrics], final_callbacks=[metrics], show_progress=False)
+    run = optimize(opt, settings.iterations + 1, callbacks=[metrics], show_progress=False)
     messages = [run.stopped] if run.stopped else []
+    if kept:   # the mesh after the last step, or the last one there was if the surface vanished
+        kept["last"] = run.final if run.final is not None else kept["logged"]
     code_cpu = code.detach().reshape(-1).cpu()
     if not kept:  # no surface for the encoder's code at all
         empty = (torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int64))
@@ -187,16 +193,10 @@ def instance_folder_name(instance: str, view: int, default_view: int) -> str:
 
 
 def normal_map(verts: torch.Tensor, faces: torch.Tensor, camera) -> np.ndarray:
-    """RGBA (S, S, 4) in [0, 1]: world-frame normals of the visible surface as (n + 1) / 2, alpha = coverage."""
-    from lib.render import normal_image
+    """RGB uint8 (S, S, 3): the original's normal picture (``lib.svr.evaluate.normal_picture``)."""
+    from lib.svr.evaluate import normal_picture
 
-    size = camera.image_size
-    if faces.shape[0] == 0:
-        return np.zeros(tuple(size) + (4,), np.float32)
-    n = normal_image(verts.float(), faces, camera.to(dtype=torch.float32, device="cpu"))
-    mask = (n.norm(dim=-1) > 0).float()
-    rgb = (n + 1) / 2 * mask[..., None]
-    return torch.cat([rgb, mask[..., None]], -1).numpy()
+    return normal_picture(verts, faces, camera)
 
 
 def save_instance(folder: Path, result: ViewResult, image: torch.Tensor, camera, meta: Mapping) -> None:
@@ -204,7 +204,7 @@ def save_instance(folder: Path, result: ViewResult, image: torch.Tensor, camera,
 
     folder: ``<root>/<name>``; image (4, S, S) the RGBA input in [0, 1]; camera: the view's
     unbatched Camera.  Files: input.png, input_silhouette.png, predicted.ply, predicted.png
-    (normal map), predicted_silhouette.png, refined.ply, refined.png,
+    (RGB camera-frame depth normals, ``normal_map``), predicted_silhouette.png, refined.ply, refined.png,
     refined_silhouette.png, log_silhouette.npy, log_chd.npy, log_nc.npy, log_latent.npy
     (mean z^2) and, ours, log_iou.npy and meta.json.  Everything is written into a
     temporary sibling folder that is renamed into place at the end, so a folder that

@@ -1,11 +1,14 @@
-"""metrics_svr.py's report: the original's six lines, then our per-instance table, CSV and plot.
+"""metrics_svr.py's report: the original's seven lines, then our notes, per-instance table, CSV and plot.
 
-The six lines average the per-iteration curves (log_chd.npy, log_nc.npy) over the
-reconstructed instances and read raw = iteration 0, refined = the last entry:
+``Stats:`` and six lines average the per-iteration curves (log_chd.npy, log_nc.npy) over the
+TestSplit's instances, each seen from its protocol view (``test_split_results``), and read
+raw = iteration 0, refined = the last entry:
 Chamfer x1000 (squared-distance means summed, frame of the samples), image-space normal
 consistency x100, and the improvements in percent: 100 (raw - refined) / raw for Chamfer,
 100 (refined - raw) / raw for normal consistency (positive = better for both).  A curve that
-ended early (the surface vanished) is extended with its last value.  Our table adds, per
+ended early (the surface vanished) is extended with its last value; an instance whose raw or
+refined metrics are NaN (no surface) is left out of the averages, and a line after the seven
+says so.  Folders made with different settings are refused.  Our table adds, per
 instance, the same figures, the mesh-space normal consistency (an extra, labelled so; not
 the original's metric), and the fraction of instances whose Chamfer refinement lowered.
 """
@@ -38,7 +41,8 @@ def collect_results(root: str | os.PathLike) -> list[dict]:
         raise MeshSDFError(f"no reconstructions in {root}; run reconstruct_svr.py first")
     out = []
     for p in folders:
-        entry = {"name": p.name, "instance": p.name, "view": None, "mesh_nc": [math.nan, math.nan]}
+        entry = {"name": p.name, "instance": p.name, "view": None, "mesh_nc": [math.nan, math.nan],
+                 "settings": None}
         try:
             for key, fname in LOG_FILES.items():
                 path = p / fname
@@ -48,6 +52,8 @@ def collect_results(root: str | os.PathLike) -> list[dict]:
                 meta = json.loads((p / META_FILE).read_text())
                 entry["instance"] = meta.get("instance", p.name)
                 entry["view"] = meta.get("view")
+                if "settings" in meta:
+                    entry["settings"] = {**meta["settings"], "checkpoint_epoch": meta.get("checkpoint_epoch")}
                 entry["mesh_nc"] = [math.nan if x is None else float(x) for x in meta.get("mesh_nc", entry["mesh_nc"])]
         except Exception as err:
             raise MeshSDFError(f"cannot read the logs in {p}: {type(err).__name__}: {err}; remove the folder and "
@@ -61,6 +67,48 @@ def collect_results(root: str | os.PathLike) -> list[dict]:
                                f"{e['instance']!r}, view {e['view']}); move the copy out of {root}")
         seen[key] = e["name"]
     return out
+
+
+def test_split_results(results: Sequence[Mapping], test_names: Sequence[str], num_views: int
+                       ) -> tuple[list[dict], list[str]]:
+    """(the results of the TestSplit's instances at their protocol view ``evaluation_view(i)``, in
+    split order; the names of the other folders)."""
+    from lib.svr.data import evaluation_view
+
+    index = {name: i for i, name in enumerate(test_names)}
+
+    def protocol(r):
+        i = index.get(r["instance"])
+        return i is not None and r["name"] == r["instance"] and (
+            r["view"] is None or int(r["view"]) == evaluation_view(i, num_views))
+
+    kept = sorted((r for r in results if protocol(r)), key=lambda r: index[r["instance"]])
+    return kept, [r["name"] for r in results if not protocol(r)]
+
+
+def check_same_settings(results: Sequence[Mapping]) -> None:
+    """MeshSDFError naming two folders whose reconstruction settings or checkpoint differ (meta.json)."""
+    first = None
+    for r in results:
+        if r.get("settings") is None:
+            continue
+        if first is None:
+            first = r
+            continue
+        a, b = first["settings"], r["settings"]
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
+            raise MeshSDFError(f"{first['name']} and {r['name']} were reconstructed with different settings "
+                               f"({', '.join(f'{k} {a.get(k)} vs {b.get(k)}' for k in diff)}); their averages would "
+                               "mix them: redo one with the other's settings, or give each its own --out folder")
+
+
+def finite_results(results: Sequence[Mapping]) -> tuple[list[dict], list[str]]:
+    """(the results whose raw and refined Chamfer and normal consistency are all finite; the names of the rest)."""
+    def ok(r):
+        return all(math.isfinite(float(r[k][i])) for k in ("chamfer", "normal_consistency") for i in (0, -1))
+
+    return [r for r in results if ok(r)], [r["name"] for r in results if not ok(r)]
 
 
 def _padded(curves: Sequence[np.ndarray]) -> np.ndarray:
@@ -85,17 +133,17 @@ def mean_curves(results: Sequence[Mapping]) -> dict:
 
 
 def summary_lines(results: Sequence[Mapping]) -> tuple[list[str], dict]:
-    """The original's six lines (strings) and their values."""
+    """The original's seven lines (strings: ``Stats:`` and six figures) and their values."""
     curves = mean_curves(results)
     chd, nc = curves["chamfer"] * 1000, curves["normal_consistency"] * 100
     values = {"raw_chd": float(chd[0]), "refined_chd": float(chd[-1]),
               "chd_improvement": _improvement(float(chd[0]), float(chd[-1]), True),
               "raw_nc": float(nc[0]), "refined_nc": float(nc[-1]),
               "nc_improvement": _improvement(float(nc[0]), float(nc[-1]), False)}
-    lines = [f"Raw CHD: {values['raw_chd']:.4f}", f"Refined CHD: {values['refined_chd']:.4f}",
-             f"Improvement in CHD %: {values['chd_improvement']:.2f}",
-             f"Raw NC %: {values['raw_nc']:.2f}", f"Refined NC %: {values['refined_nc']:.2f}",
-             f"Improvement in NC %: {values['nc_improvement']:.2f}"]
+    lines = ["Stats:", f"Raw CHD {values['raw_chd']:.2f}", f"Refined CHD {values['refined_chd']:.2f}",
+             f"Improvement in CHD {values['chd_improvement']:.2f} %",
+             f"Raw NC {values['raw_nc']:.2f} %", f"Refined NC {values['refined_nc']:.2f} %",
+             f"Improvement in NC {values['nc_improvement']:.2f} %"]
     return lines, values
 
 

@@ -7,10 +7,13 @@ every 500: the original builds its decoder group at a tenth of the rate, but its
 overwrites that each epoch).  ``DecoderLearningRateFactor`` (ours, opt-in) makes the decoder
 rate the encoder's times a factor instead.  Each training item is one uniformly random view
 of the instance; loss = clamped L1 (sum / samples) + lambda min(1, epoch/100) sum |z| /
-samples.  After every epoch the SDF loss of the TestSplit is computed with the networks in
-eval mode (one random view per item, drawn from a generator seeded by the run's seed and
+samples; GradientClipNorm clips the encoder's and the decoder's gradients separately.  Both
+loaders drop the last incomplete batch.  After every epoch the SDF loss of the TestSplit is
+computed with the networks in eval mode (item i seen from its fixed view
+``lib.svr.data.evaluation_view(i)``, samples from a generator seeded by the run's seed and
 the epoch, so it never disturbs the training stream) and logged per test batch as
-``loss_sdf_test``; ``loss_sdf`` is the training loss per step.
+``loss_sdf_test``; ``loss_sdf`` is the SDF term of each training step (without the code
+regulariser, which the DeepSDF ``loss`` entry includes).
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from lib import checkpoint, runtime
+from lib import checkpoint, distributed, runtime
+from lib.errors import MeshSDFError
 from lib.log import info
 from lib.specs import resolve_path
 from lib.svr.network import EncoderDecoder, network_from_specs
@@ -32,10 +36,11 @@ SVR_LOG_KEYS = ("loss_sdf", "loss_sdf_test")
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, batch: Sequence[torch.Tensor], epoch: int,
                settings, model: EncoderDecoder | None = None, weight: float = 1.0,
-               sync: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, torch.Tensor]:
+               sync: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float, torch.Tensor]:
     """One optimisation step on ``batch`` = (images (B, 4, S, S), xyz (B, N, 3), sdf (B, N)).
 
-    Returns (loss, codes (B, L) detached).  ``net`` is what runs forward (the EncoderDecoder,
+    Returns (loss, its SDF term, codes (B, L) detached); both losses are the global batch's
+    under torchrun.  ``net`` is what runs forward (the EncoderDecoder,
     or a DDP wrapper of it, in which case ``model`` is the wrapped EncoderDecoder whose
     decoder computes the SDF).  ``weight`` scales the batch's mean loss and ``sync`` runs
     after backward (a rank's ``lib.distributed.local_share`` weight and ``GradientSync``
@@ -47,9 +52,12 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, batch: Sequence
     images, xyz, sdf = batch
     inner = model if model is not None else net
     codes = net(images)
-    loss, _, _ = auto_decoder_loss(inner.decoder, codes, xyz, sdf, epoch, settings, weight)
-    value = optimizer_step(optimizer, loss, epoch, list(inner.parameters()), settings.grad_clip_norm, sync=sync)
-    return value, codes.detach()
+    loss, sdf_term, _ = auto_decoder_loss(inner.decoder, codes, xyz, sdf, epoch, settings, weight)
+    value = optimizer_step(optimizer, loss, epoch, [inner.encoder.parameters(), inner.decoder.parameters()],
+                           settings.grad_clip_norm, sync=sync)
+    sdf_value = sdf_term.detach().reshape(1)
+    distributed.all_reduce_(sdf_value, mean=True)  # the rank's weighted share: its mean is the global batch's
+    return value, float(sdf_value), codes.detach()
 
 
 def svr_schedules(specs: Mapping) -> list[Callable[[int], float]]:
@@ -78,8 +86,10 @@ def make_optimizer(net: EncoderDecoder, schedules) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def test_losses(net: EncoderDecoder, dataset, settings, generator: torch.Generator, device=None) -> list[float]:
-    """Clamped-L1 SDF loss of each test batch (ScenesPerBatch items, one random view each), networks
-    in eval mode (restored afterwards).  ``dataset``: ``lib.data.RgbaSdfSamples``."""
+    """Clamped-L1 SDF loss of each full test batch (ScenesPerBatch items in split order, the last
+    incomplete batch left out; item i seen from ``evaluation_view(i)``), networks in eval mode
+    (restored afterwards).  ``dataset``: ``lib.data.RgbaSdfSamples``; ``generator`` draws the samples."""
+    from lib.svr.data import evaluation_view
     from lib.train import clamped_l1
 
     was = net.training
@@ -87,8 +97,11 @@ def test_losses(net: EncoderDecoder, dataset, settings, generator: torch.Generat
     out = []
     try:
         order = torch.arange(len(dataset))
+        views = torch.tensor([evaluation_view(i, dataset.renders.num_views) for i in range(len(dataset))])
         for scenes in order.split(settings.scenes_per_batch):
-            images, xyz, sdf = dataset.batch(scenes, settings.samples_per_scene, generator, device)
+            if len(scenes) < settings.scenes_per_batch:
+                break
+            images, xyz, sdf = dataset.batch(scenes, settings.samples_per_scene, generator, device, views[scenes])
             codes = net(images)
             b, s = sdf.shape
             inputs = torch.cat((codes[:, None, :].expand(b, s, codes.shape[1]), xyz), 2).reshape(b * s, -1)
@@ -114,7 +127,8 @@ def train_svr(exp_dir: str | os.PathLike, specs: Mapping, dataset, device=None, 
               test_set=None):
     """Train encoder + decoder jointly on ``dataset`` (``lib.data.RgbaSdfSamples``); see the module docstring.
 
-    Each epoch visits every training instance once in random batches of ScenesPerBatch,
+    Each epoch visits the training instances in random full batches of ScenesPerBatch (the
+    last incomplete batch dropped; MeshSDFError when the split is smaller than one batch),
     with one random view per instance.  Writes the original's checkpoint files
     (``lib.checkpoint.save_svr_checkpoint``: ModelParameters/encoder_<e>.pth and
     decoder_<e>.pth, OptimizerParameters/<e>.pth with the RNG states and seed) and Logs.pth
@@ -132,19 +146,21 @@ def train_svr(exp_dir: str | os.PathLike, specs: Mapping, dataset, device=None, 
     is drawn alike on every rank and split between them (``local_share``), so the specs mean
     the same optimisation on any number of processes.  There is no latent table to
     synchronise: each code is the encoder's output for the batch's image and lives for one
-    step (LatentCodes/ is not written).  BatchNorm in the encoder ("bn"/"bin") uses the
-    global batch's statistics on CUDA (SyncBatchNorm) but each rank's own share's on the CPU,
-    where only "in" gives the 1-process result exactly; running statistics are rank 0's
+    step (LatentCodes/ is not written).  BatchNorm in the encoder ("bn") uses the global
+    batch's statistics on CUDA (SyncBatchNorm) but each rank's own share's on the CPU, and
+    "bin" each rank's own share's everywhere: only "in" gives the 1-process result exactly; running statistics are rank 0's
     (DDP broadcasts buffers).  Every rank computes the same test loss.  Only rank 0 writes;
     its checkpoint is every rank's state, so ``resume`` works with any number of processes.
     """
-    from lib import distributed
     from lib.data import scene_batches
     from lib.train import EpochBook, NonFiniteLossError, TrainResult, TrainSettings, resume_point
 
     device = torch.device(device) if device is not None else runtime.choose_device(None)
     exp_dir = Path(exp_dir)
     settings = TrainSettings.from_specs(specs, num_epochs)
+    if len(dataset) < settings.scenes_per_batch:  # the last incomplete batch is dropped: no step at all
+        raise MeshSDFError(f"the TrainSplit has {len(dataset)} instances, fewer than ScenesPerBatch = "
+                           f"{settings.scenes_per_batch}; lower ScenesPerBatch in specs.json")
     schedules = svr_schedules(specs)
     world, main = distributed.world_size(), distributed.is_main_process()
     runtime.seed_everything(seed)
@@ -178,23 +194,25 @@ def train_svr(exp_dir: str | os.PathLike, specs: Mapping, dataset, device=None, 
     try:
         for epoch in book.epochs(optimizer, schedules, seed):
             net.train()
-            losses = []
+            losses, sdf_losses = [], []
             norms = torch.zeros(2, dtype=torch.float64, device=device)  # this rank's sum of code norms, count
-            for scenes in scene_batches(len(dataset), settings.scenes_per_batch, sampler):
+            for scenes in scene_batches(len(dataset), settings.scenes_per_batch, sampler, drop_last=True):
                 # the whole global batch is drawn on every rank to keep the generators in step
                 batch = dataset.batch(scenes, settings.samples_per_scene, sampler, device)
                 part, weight = distributed.local_share(len(scenes))
                 try:
-                    value, c = train_step(ddp, optimizer, [t[part] for t in batch], epoch, settings, net, weight, sync)
+                    value, sdf_value, c = train_step(ddp, optimizer, [t[part] for t in batch], epoch, settings, net,
+                                                     weight, sync)
                 except NonFiniteLossError as err:
                     raise book.non_finite(err, "lower LearningRateSchedule") from None
                 losses.append(value)
+                sdf_losses.append(sdf_value)
                 if weight > 0:  # a borrowed item (empty share) is not this rank's
                     norms[0] += c.norm(dim=1).sum().double()
                     norms[1] += len(c)
             distributed.all_reduce_(norms)  # the epoch's mean code norm over every rank, as in one process
-            book.logs["loss_sdf"].extend(losses)
-            book.logs["loss_sdf_epoch"].extend([epoch] * len(losses))
+            book.logs["loss_sdf"].extend(sdf_losses)
+            book.logs["loss_sdf_epoch"].extend([epoch] * len(sdf_losses))
             if test_set is not None:
                 g = torch.Generator(device=test_set.device).manual_seed(1_000_003 * (seed + 1) + epoch)
                 tests = test_losses(net, test_set, settings, g, device)
