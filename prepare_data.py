@@ -94,7 +94,8 @@ def _check_new_dataset(root: Path) -> None:
         splits = [p.name for p in files if p.parent == root and p.suffix == ".json"]
         samples = [p.stem for p in files if p.parent.name == "samples" and p.suffix == ".npz"
                    and not p.stem.endswith("_normalization")]
-        held = splits + ([f"samples of {', '.join(samples[:3])}{', ...' if len(samples) > 3 else ''}"] if samples else [])
+        more = ", ..." if len(samples) > 3 else ""
+        held = splits + ([f"samples of {', '.join(samples[:3])}{more}"] if samples else [])
         raise MeshSDFError(f"{root} already holds a dataset ({', '.join(held) or f'{len(files)} files'}); nothing was "
                            f"changed: give a new --dataset name, or move {root} aside to make it again")
 

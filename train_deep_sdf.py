@@ -26,11 +26,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-c", "--continue", dest="resume", type=checkpoint.parse_epoch, default=None,
                     metavar="latest|N", help="resume from the 'latest' checkpoint (starts from scratch when there "
                                              "is none yet, so it is safe in restart loops; a model without "
-                                             "optimizer state resumes with a fresh optimizer) or snapshot epoch N (refused while a newer epoch exists, which it would "
-                                             "overwrite)")
+                                             "optimizer state resumes with a fresh optimizer) or snapshot epoch N "
+                                             "(refused while a newer epoch exists, which it would overwrite)")
     ap.add_argument("--overwrite", action="store_true",
                     help="start afresh in an experiment that already holds a trained model; its files are moved "
-                         "into <experiment>/Backups/<time>/, not deleted, once every input is checked (without this flag or --continue, such "
+                         "into <experiment>/Backups/<time>/, not deleted, once every input is checked (without "
+                         "this flag or --continue, such "
                          "an experiment is left untouched)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available; under "
                                                    "torchrun, process k uses cuda:LOCAL_RANK)")

@@ -28,8 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
     ap.add_argument("-c", "--continue", dest="resume", type=checkpoint.parse_epoch, default=None,
                     metavar="latest|N", help="resume from the 'latest' checkpoint (starts from scratch when there "
-                                             "is none yet, so it is safe in restart loops) or snapshot epoch N (refused while a newer epoch exists, which it would "
-                                             "overwrite)")
+                                             "is none yet, so it is safe in restart loops) or snapshot epoch N "
+                                             "(refused while a newer epoch exists, which it would overwrite)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available; under "
                                                    "torchrun, process k uses cuda:LOCAL_RANK)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0; a resumed run restores "

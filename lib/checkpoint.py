@@ -656,8 +656,8 @@ def move_aside(exp_dir: str | os.PathLike, names: tuple[str, ...] | None = None)
 def record_epoch(exp_dir: str | os.PathLike, label: str | int) -> int | None:
     """The epoch of checkpoint ``label``: of its resume record (OptimizerParameters), else of its model file
     (a released DeepSDF model, or SVR's decoder file); None when there is no such checkpoint."""
-    for path in (checkpoint_path(exp_dir, OPTIMIZER_PARAMS_DIR, label), checkpoint_path(exp_dir, MODEL_PARAMS_DIR, label),
-                 svr_model_path(exp_dir, "decoder", label)):
+    for path in (checkpoint_path(exp_dir, OPTIMIZER_PARAMS_DIR, label),
+                 checkpoint_path(exp_dir, MODEL_PARAMS_DIR, label), svr_model_path(exp_dir, "decoder", label)):
         if path.is_file():
             return _checkpoint_epoch(load_torch(path, map_location="cpu"), path)
     return None
@@ -685,8 +685,8 @@ def _check_resume(exp_dir: Path, resume: str | int | None, last_epoch: int | Non
         if resume < newest and files:  # (a snapshot that does not exist: the loader's message lists those that do)
             raise MeshSDFError(f"--continue {resume} in {exp_dir} would overwrite the newer epoch {newest} (latest, "
                                f"its snapshots and {LOGS_FILE}); nothing was changed: go on from there with "
-                               f"--continue latest, or to branch from epoch {resume} copy specs.json and {files} "
-                               f"into a new experiment folder and run --continue {resume} there")
+                               f"--continue latest, or to branch from epoch {resume} copy specs.json, {LOGS_FILE} "
+                               f"and {files} into a new experiment folder and run --continue {resume} there")
     if epochs_flag and last_epoch is not None and start >= last_epoch:
         raise MeshSDFError(f"nothing to train: {exp_dir} is at epoch {start} and --epochs {last_epoch} ends at or "
                            f"before it; "

@@ -28,7 +28,8 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-TEMP_MARK = "meshsdf-tmp"  # in the name of every temporary this project writes: ``.<name>.meshsdf-tmp-<pid>-<random>...``
+# in the name of every temporary this project writes: ``.<name>.meshsdf-tmp-<pid>-<random>...``
+TEMP_MARK = "meshsdf-tmp"
 _TEMP_NAME = re.compile(r"\..+\." + TEMP_MARK + r"-(\d+)-[a-z0-9_]{8}(\.[A-Za-z0-9.]*)?")
 
 

@@ -597,8 +597,8 @@ def trained_to_5(tmp: Path) -> Path:
 
 
 @case("train_deep_sdf", "--continue 2 in {tmp}/exp would overwrite the newer epoch 5", "nothing was changed",
-      "--continue latest", "copy specs.json and ModelParameters/2.pth, OptimizerParameters/2.pth, LatentCodes/2.pth "
-      "into a new experiment folder and run --continue 2 there")
+      "--continue latest", "copy specs.json, Logs.pth and ModelParameters/2.pth, OptimizerParameters/2.pth, "
+      "LatentCodes/2.pth into a new experiment folder and run --continue 2 there")
 def continue_from_an_older_snapshot_with_fewer_epochs(tmp):
     return ["-e", str(trained_to_5(tmp)), "-c", "2", "--epochs", "3", "--device", "cpu", "--no-reconstruct"]
 
@@ -609,8 +609,8 @@ def continue_from_an_older_snapshot(tmp):
 
 
 @case("train_svr", "--continue 3 in {tmp}/exp would overwrite the newer epoch 5", "--continue latest",
-      "copy specs.json and ModelParameters/encoder_3.pth, ModelParameters/decoder_3.pth, OptimizerParameters/3.pth "
-      "into a new experiment folder")
+      "copy specs.json, Logs.pth and ModelParameters/encoder_3.pth, ModelParameters/decoder_3.pth, "
+      "OptimizerParameters/3.pth into a new experiment folder")
 def svr_continue_from_an_older_snapshot(tmp):
     import train_svr
 
@@ -636,7 +636,8 @@ def continue_from_a_snapshot_between_two(tmp):
     return ["-e", str(trained_to_5(tmp)), "-c", "3", "--device", "cpu"]
 
 
-@case("train_svr", "nothing to train", "{tmp}/exp is at epoch 1 and --epochs 1 ends at or before it", "pass --epochs 2 or more")
+@case("train_svr", "nothing to train", "{tmp}/exp is at epoch 1 and --epochs 1 ends at or before it",
+      "pass --epochs 2 or more")
 def svr_continue_with_epochs_at_the_current_epoch(tmp):
     return ["-e", str(svr_experiment(tmp, checkpoint=True)), "-c", "latest", "--epochs", "1", "--device", "cpu"]
 
