@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "option: soft rasteriser, its exact gradient)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     ap.add_argument("--out", default=None, help="output folder (default <experiment>/Optimizations)")
-    ap.add_argument("--checkpoint", default="latest", type=checkpoint.parse_epoch, metavar="latest|N",
+    ap.add_argument("--checkpoint", default="latest", type=checkpoint.epoch_type("--checkpoint"), metavar="latest|N",
                     help="checkpoint to load (default latest)")
     ap.add_argument("--fps", type=float, default=10.0, help="frames per second of movie.gif (default 10)")
     return ap.parse_args(argv)

@@ -18,7 +18,8 @@ and with renders (--views N > 0; the default for the toy families), DISN's layou
                                        the --val-count before them the validation split
 Renders are made of the normalised mesh from random DISN cameras, so samples, meshes and
 renders share one frame as in the original's SVR data (no normalisation file is needed).
-Every file is written atomically; all inputs are checked before anything is written.
+Every file is written atomically; all inputs are checked before anything is written; an existing
+<out>/<dataset>/ is never written into (experiments were trained on it): give a new name.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="triangle meshes (OBJ/PLY/OFF/STL...); instance name = file stem")
     src.add_argument("--builtin", choices=sorted(BUILTIN_DATASETS),
                      help="generate a built-in dataset (no download)")
-    ap.add_argument("--dataset", help="dataset name (required with --mesh; default: the builtin's name)")
+    ap.add_argument("--dataset", help="dataset name, a new folder under --out (required with --mesh; default: the "
+                                      "builtin's name)")
     ap.add_argument("--out", default="data", help="output root folder (default: data)")
     ap.add_argument("--samples", type=int, default=500_000, help="SDF samples per mesh (default 500000)")
     ap.add_argument("--workers", type=int, default=1, help="meshes processed in parallel (default 1)")
@@ -77,8 +79,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _check_name(kind: str, name: str) -> None:
-    if not _NAME.match(name):
-        raise MeshSDFError(f"{kind} name {name!r} may only use letters, digits, '_', '-' and '.'; rename it")
+    if not _NAME.match(name) or name.startswith("."):  # no '/', no '..': every file stays below --out
+        raise MeshSDFError(f"{kind} name {name!r} may only use letters, digits, '_', '-' and '.' (not first); "
+                           "rename it")
+
+
+def _check_new_dataset(root: Path) -> None:
+    """MeshSDFError when ``root`` already holds a dataset: its samples and split files are what experiments were
+    trained on, so a run never replaces them (nor adds to them: split.json would change)."""
+    if not root.is_dir():
+        return
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    if files:
+        splits = [p.name for p in files if p.parent == root and p.suffix == ".json"]
+        samples = [p.stem for p in files if p.parent.name == "samples" and p.suffix == ".npz"
+                   and not p.stem.endswith("_normalization")]
+        more = ", ..." if len(samples) > 3 else ""
+        held = splits + ([f"samples of {', '.join(samples[:3])}{more}"] if samples else [])
+        raise MeshSDFError(f"{root} already holds a dataset ({', '.join(held) or f'{len(files)} files'}); nothing was "
+                           f"changed: give a new --dataset name, or move {root} aside to make it again")
 
 
 def _check_writable(folder: Path) -> None:
@@ -186,6 +205,7 @@ def main(argv=None) -> int:
             sources.append(("mesh", str(f), inst))
     _check_name("dataset", dataset)
     root = out / dataset
+    _check_new_dataset(root)
     n_test = n_val = 0
     if views and len(sources) > 1:
         n_test = args.test_count if args.test_count is not None else max(1, len(sources) // 5)

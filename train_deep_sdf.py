@@ -26,10 +26,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-c", "--continue", dest="resume", type=checkpoint.parse_epoch, default=None,
                     metavar="latest|N", help="resume from the 'latest' checkpoint (starts from scratch when there "
                                              "is none yet, so it is safe in restart loops; a model without "
-                                             "optimizer state resumes with a fresh optimizer) or snapshot epoch N")
+                                             "optimizer state resumes with a fresh optimizer) or snapshot epoch N "
+                                             "(refused while a newer epoch exists, which it would overwrite)")
     ap.add_argument("--overwrite", action="store_true",
                     help="start afresh in an experiment that already holds a trained model; its files are moved "
-                         "into <experiment>/Backups/<time>/, not deleted (without this flag or --continue, such "
+                         "into <experiment>/Backups/<time>/, not deleted, once every input is checked (without "
+                         "this flag or --continue, such "
                          "an experiment is left untouched)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available; under "
                                                    "torchrun, process k uses cuda:LOCAL_RANK)")
@@ -58,11 +60,14 @@ def main(argv=None) -> int:
     device = ctx.device
     if not args.no_reconstruct:
         limits.check_grid(args.resolution, device)  # now, not after the training
-    with checkpoint.claim_experiment(args.experiment, args.resume, args.overwrite, "train_deep_sdf.py", ctx.is_main):
+    last_epoch = args.epochs if args.epochs is not None else specs["NumEpochs"]
+    with checkpoint.claim_experiment(args.experiment, args.resume, args.overwrite, "train_deep_sdf.py", ctx.is_main,
+                                     last_epoch=last_epoch, epochs_flag=args.epochs is not None) as claim:
         try:
             split = read_split(resolve_path(specs["TrainSplit"]))
             dataset = SdfSamples(resolve_path(specs["DataSource"]), split)
             limits.check_sample_batch(specs["SamplesPerScene"], min(specs["ScenesPerBatch"], len(dataset)), device)
+            claim.clear()  # --overwrite: every input is valid, now the old model goes into Backups/
             if ctx.is_main:
                 info(f"training on {len(dataset)} shapes ({', '.join(dataset.names[:5])}"
                      f"{', ...' if len(dataset) > 5 else ''}) on {ctx.where}")
@@ -74,8 +79,11 @@ def main(argv=None) -> int:
         status = distributed.stop_status(ctx, result.stopped, result.epoch, guard, args.experiment)
         if status is not None:
             return status
-        loss = f", final loss {result.loss:.5g}" if result.loss is not None else ""
-        info(f"trained to epoch {result.epoch}{loss}; checkpoints in {args.experiment}")
+        if result.loss is None:  # --continue latest of a run that had reached NumEpochs
+            info(f"nothing trained: {args.experiment} is already at epoch {result.epoch}, NumEpochs "
+                 f"{specs['NumEpochs']}; raise NumEpochs in specs.json or pass --epochs {result.epoch + 1} or more")
+        else:
+            info(f"trained to epoch {result.epoch}, final loss {result.loss:.5g}; checkpoints in {args.experiment}")
         if not args.no_reconstruct:
             paths = reconstruct_training_shapes(args.experiment, result.decoder, result.latent_codes.weight,
                                                 dataset.names, args.resolution, device)

@@ -28,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
     ap.add_argument("-c", "--continue", dest="resume", type=checkpoint.parse_epoch, default=None,
                     metavar="latest|N", help="resume from the 'latest' checkpoint (starts from scratch when there "
-                                             "is none yet, so it is safe in restart loops) or snapshot epoch N")
+                                             "is none yet, so it is safe in restart loops) or snapshot epoch N "
+                                             "(refused while a newer epoch exists, which it would overwrite)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available; under "
                                                    "torchrun, process k uses cuda:LOCAL_RANK)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0; a resumed run restores "
@@ -36,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=None, help="train up to this epoch instead of NumEpochs")
     ap.add_argument("--overwrite", action="store_true",
                     help="start afresh in an experiment that already holds a trained model; its files are moved "
-                         "into <experiment>/Backups/<time>/, not deleted")
+                         "into <experiment>/Backups/<time>/, not deleted, once every input is checked")
     ap.epilog = ("Several GPUs or machines: torchrun --nproc_per_node=K train_svr.py -e EXP [--continue latest] "
                  "(ScenesPerBatch is the global batch). SIGTERM/SIGUSR1/Ctrl-C: finishes the epoch, saves 'latest', "
                  f"exits with status {distributed.EXIT_PREEMPTED} (130 after Ctrl-C).")
@@ -57,13 +58,22 @@ def main(argv=None) -> int:
     ctx = distributed.init_distributed(args.device)  # also checks --device
     claim = contextlib.ExitStack()  # lock, stale temporaries, no surprise overwrite (lib.checkpoint)
     try:
-        claim.enter_context(checkpoint.claim_experiment(args.experiment, args.resume, args.overwrite, "train_svr.py",
-                                                        ctx.is_main))
+        last_epoch = args.epochs if args.epochs is not None else specs["NumEpochs"]
+        claimed = claim.enter_context(checkpoint.claim_experiment(
+            args.experiment, args.resume, args.overwrite, "train_svr.py", ctx.is_main, svr=True,
+            last_epoch=last_epoch, epochs_flag=args.epochs is not None))
         dataset = training_set_from_specs(specs)
         batch = min(specs["ScenesPerBatch"], len(dataset))
         limits.check_sample_batch(specs["SamplesPerScene"], batch, ctx.device)
         limits.check_encoder_images(dataset.renders.image_size, batch, ctx.device)
         test_set = sdf_render_set(specs, "TestSplit") if specs["TestSplit"] else None
+        if args.overwrite and specs.get("DecoderInit"):  # the last input a fresh start reads: check it now too
+            from lib.specs import resolve_path
+            from lib.svr.network import network_from_specs
+
+            checkpoint.load_model_state(resolve_path(specs["DecoderInit"]), network_from_specs(specs).decoder,
+                                        map_location="cpu")
+        claimed.clear()  # --overwrite: every input is valid, now the old model goes into Backups/
         if ctx.is_main:
             info(f"training on {len(dataset)} instances x {specs['NumberOfViews']} views of {dataset.renders.image_size} px "
                  f"on {ctx.where}")
@@ -76,7 +86,11 @@ def main(argv=None) -> int:
     status = distributed.stop_status(ctx, result.stopped, result.epoch, guard, args.experiment)
     if status is not None:
         return status
-    info(f"trained to epoch {result.epoch}; checkpoints in {args.experiment}")
+    if ctx.is_main and result.epoch == claimed.start_epoch:  # --continue latest of a run that had reached NumEpochs
+        info(f"nothing trained: {args.experiment} is already at epoch {result.epoch}, NumEpochs "
+             f"{specs['NumEpochs']}; raise NumEpochs in specs.json or pass --epochs {result.epoch + 1} or more")
+    else:
+        info(f"trained to epoch {result.epoch}; checkpoints in {args.experiment}")
     return 0
 
 

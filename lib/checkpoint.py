@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from lib.errors import MeshSDFError
-from lib.io import atomic_write
+from lib.io import atomic_write, marked_tempfile, temporary_writer
 
 MODEL_PARAMS_DIR = "ModelParameters"
 OPTIMIZER_PARAMS_DIR = "OptimizerParameters"
@@ -32,17 +32,22 @@ LOGS_FILE = "Logs.pth"
 RECONSTRUCTIONS_DIR = "Reconstructions"
 
 
-def parse_epoch(value: str | int) -> str | int:
-    """``--continue`` value: "latest" or a positive epoch number (argparse ``type=``)."""
+def parse_epoch(value: str | int, flag: str = "--continue") -> str | int:
+    """The value of the checkpoint flag ``flag``: "latest" or a positive epoch number."""
     if value == "latest":
         return "latest"
     try:
         epoch = int(value)
     except (TypeError, ValueError):
-        raise MeshSDFError(f"--continue takes 'latest' or an epoch number, got {value!r}") from None
+        raise MeshSDFError(f"{flag} takes 'latest' or an epoch number, got {value!r}") from None
     if epoch < 1:
-        raise MeshSDFError(f"--continue epoch must be >= 1, got {epoch}")
+        raise MeshSDFError(f"{flag} epoch must be >= 1, got {epoch}")
     return epoch
+
+
+def epoch_type(flag: str):
+    """argparse ``type=`` for the checkpoint flag ``flag`` (its errors name that flag)."""
+    return lambda value: parse_epoch(value, flag)
 
 
 def checkpoint_path(exp_dir: str | os.PathLike, kind: str, epoch: str | int) -> Path:
@@ -333,10 +338,57 @@ def load_decoder_and_codes(exp_dir: str | os.PathLike, specs: Mapping, epoch: st
 
     Returns (decoder in eval mode, codes (K, L) float32), both on ``device``.
     """
-    decoder = load_decoder(exp_dir, specs, epoch, device)
-    code_epoch, codes = _read_latent_codes(exp_dir, epoch)
-    check_same_epoch(exp_dir, epoch, {MODEL_PARAMS_DIR: decoder.checkpoint_epoch, LATENT_CODES_DIR: code_epoch})
-    return decoder, codes.to(device)
+    def read():
+        decoder = load_decoder(exp_dir, specs, epoch, device)
+        code_epoch, codes = _read_latent_codes(exp_dir, epoch)
+        return {MODEL_PARAMS_DIR: decoder.checkpoint_epoch, LATENT_CODES_DIR: code_epoch}, (decoder, codes.to(device))
+
+    epochs, loaded = read_while_saved(exp_dir, epoch, read)
+    check_same_epoch(exp_dir, epoch, epochs)
+    return loaded
+
+
+WRITER_WAIT_S = 30.0  # how long a reader waits for a running trainer's save to complete
+
+
+def active_writer(exp_dir: str | os.PathLike) -> dict | None:
+    """The lock record of the run writing ``exp_dir`` now (see ``ExperimentLock``), None when there is none
+    (a lock of another host counts as live: it cannot be checked)."""
+    import socket
+
+    holder = ExperimentLock(exp_dir)._holder()
+    if not holder:
+        return None
+    if holder.get("host") == socket.gethostname() and not _alive(holder["pid"], holder.get("start")):
+        return None
+    return holder
+
+
+def read_while_saved(exp_dir: str | os.PathLike, label: str | int, read):
+    """``read() -> ({file: stored epoch}, value)``, repeated while the epochs differ because a running
+    trainer is between the renames of one save (they agree once it ends); returns the last result.
+
+    MeshSDFError naming the writer when its save does not end within ``WRITER_WAIT_S``; epochs that
+    differ with no writer running are left to ``check_same_epoch``'s message.
+    """
+    import time
+
+    deadline = time.monotonic() + WRITER_WAIT_S
+    while True:
+        epochs, value = read()
+        if len(set(epochs.values())) <= 1:
+            return epochs, value
+        writer = active_writer(exp_dir)
+        if writer is None:
+            return epochs, value
+        if time.monotonic() > deadline:
+            found = ", ".join(f"{kind if kind.endswith('.pth') else f'{kind}/{label}.pth'} is epoch {e}"
+                              for kind, e in epochs.items())
+            raise MeshSDFError(f"{exp_dir} is being written by {writer.get('what', 'a training run')} (PID "
+                               f"{writer['pid']} on {writer.get('host', '?')}) and its files still differ ({found}) "
+                               f"after {WRITER_WAIT_S:g} s; run this again when its save is done, or give a numbered "
+                               f"snapshot (have {', '.join(map(str, saved_epochs(exp_dir))) or 'none'})")
+        time.sleep(0.1)
 
 
 def _trainer_of(exp_dir) -> str:
@@ -365,8 +417,19 @@ def _missing_checkpoint_message(exp_dir, path) -> str:
     if options:
         hint = f"available: {', '.join(options)}"
     else:
-        hint = f"train it first with {_trainer_of(exp_dir)} -e {exp_dir}"
+        hint = _backup_hint(exp_dir) or f"train it first with {_trainer_of(exp_dir)} -e {exp_dir}"
     return f"checkpoint not found: {path}; {hint}"
+
+
+def _backup_hint(exp_dir) -> str | None:
+    """Where ``--overwrite`` put the newest earlier model of ``exp_dir``, in words (None: no backup)."""
+    backups = Path(exp_dir) / BACKUPS_DIR
+    found = sorted((p for p in backups.iterdir() if (p / MODEL_PARAMS_DIR).is_dir()), key=lambda p: p.stat().st_mtime) \
+        if backups.is_dir() else []
+    if not found:
+        return None
+    return (f"--overwrite moved the previous model into {found[-1]}: move its folders back into {exp_dir} to use it, "
+            f"or train a new one with {_trainer_of(exp_dir)} -e {exp_dir}")
 
 
 def save_logs(exp_dir: str | os.PathLike, logs: Mapping[str, Any]) -> None:
@@ -385,10 +448,11 @@ def load_logs(exp_dir: str | os.PathLike) -> dict:
 
 LOCK_FILE = ".meshsdf.lock"
 BACKUPS_DIR = "Backups"
-# what a training run writes and a fresh start would replace: moved aside by --overwrite
-TRAINING_OUTPUTS = (MODEL_PARAMS_DIR, OPTIMIZER_PARAMS_DIR, LATENT_CODES_DIR, LOGS_FILE, RECONSTRUCTIONS_DIR, "Results")
-# atomic_write's temporaries: ".<name>.<8 random chars>.tmp<suffix>"
-_TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?")
+OPTIMIZATIONS_DIR = "Optimizations"  # demo_optimizer.py's default output
+# every output of a model (training files and what the other commands made of them): moved aside by --overwrite,
+# with the earlier outputs that lib.io.staged_dir kept beside them (<name>.previous-<time>, <name>.incomplete-<time>)
+TRAINING_OUTPUTS = (MODEL_PARAMS_DIR, OPTIMIZER_PARAMS_DIR, LATENT_CODES_DIR, LOGS_FILE, RECONSTRUCTIONS_DIR,
+                    OPTIMIZATIONS_DIR, "Results")
 
 
 def _process_start(pid: int) -> str | None:
@@ -447,14 +511,12 @@ class ExperimentLock:
         import json
         import socket
 
-        import tempfile
-
         from lib.log import info
 
         record = json.dumps(self._record())
         for _ in range(3):
             try:
-                fd, tmp = tempfile.mkstemp(prefix=f"{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+                fd, tmp = marked_tempfile(self.path.parent, self.path.name)
             except OSError as err:
                 raise MeshSDFError(f"cannot create the lock {self.path}: {err.strerror or err}; check that the "
                                    "experiment folder is writable") from None
@@ -519,10 +581,12 @@ class ExperimentLock:
 
 
 def remove_stale_temporaries(exp_dir: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries of interrupted atomic writes (``.latest.pth.<random>.tmp.pth``, left by a
-    SIGKILL mid-save) in the experiment folder and its checkpoint folders; returns them.
+    """Delete the temporaries of interrupted writes (``.latest.pth.meshsdf-tmp-<pid>-<random>.tmp.pth``, left
+    by a SIGKILL mid-save) in the experiment folder and its checkpoint folders; returns them.
 
-    Only call it holding the ``ExperimentLock``: then no other process is writing there.
+    Only files with this project's mark (``lib.io.marked_tempfile``) whose writer is no longer
+    running are removed: a user's ``.notes.tmp.txt`` never is, nor the lock temporary of a
+    run starting right now.  Call it holding the ``ExperimentLock``.
     """
     exp_dir = Path(exp_dir)
     removed = []
@@ -530,7 +594,8 @@ def remove_stale_temporaries(exp_dir: str | os.PathLike) -> list[Path]:
         if not d.is_dir():
             continue
         for p in d.iterdir():
-            if _TEMP_NAME.fullmatch(p.name) and p.is_file():
+            pid = temporary_writer(p.name)
+            if pid is not None and not _alive(pid, None) and p.is_file():
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
                     removed.append(p)
@@ -550,8 +615,19 @@ def trained_files(exp_dir: str | os.PathLike) -> list[Path]:
     return found
 
 
-def move_aside(exp_dir: str | os.PathLike, names: tuple[str, ...] = TRAINING_OUTPUTS) -> Path | None:
-    """Move ``names`` (files or folders of ``exp_dir``) into a new ``<exp>/Backups/<UTC time>/``.
+def model_outputs(exp_dir: str | os.PathLike) -> list[str]:
+    """Names of the entries of ``exp_dir`` that belong to its model: ``TRAINING_OUTPUTS`` and the
+    ``<output>.previous-<time>`` / ``<output>.incomplete-<time>`` folders kept beside them."""
+    exp_dir = Path(exp_dir)
+    if not exp_dir.is_dir():
+        return []
+    kept = re.compile("(" + "|".join(map(re.escape, TRAINING_OUTPUTS)) + r")\.(previous|incomplete)-.+")
+    return sorted(p.name for p in exp_dir.iterdir() if p.name in TRAINING_OUTPUTS or kept.fullmatch(p.name))
+
+
+def move_aside(exp_dir: str | os.PathLike, names: tuple[str, ...] | None = None) -> Path | None:
+    """Move ``names`` (files or folders of ``exp_dir``; default: every ``model_outputs``) into a new
+    ``<exp>/Backups/<UTC time>/``.
 
     Renames only (nothing is copied or deleted); returns the backup folder, None when there
     was nothing to move.
@@ -559,6 +635,7 @@ def move_aside(exp_dir: str | os.PathLike, names: tuple[str, ...] = TRAINING_OUT
     import time
 
     exp_dir = Path(exp_dir)
+    names = model_outputs(exp_dir) if names is None else names
     present = [n for n in names if (exp_dir / n).exists()]
     if not present:
         return None
@@ -578,21 +655,93 @@ def move_aside(exp_dir: str | os.PathLike, names: tuple[str, ...] = TRAINING_OUT
     return backup
 
 
+def record_epoch(exp_dir: str | os.PathLike, label: str | int) -> int | None:
+    """The epoch of checkpoint ``label``: of its resume record (OptimizerParameters), else of its model file
+    (a released DeepSDF model, or SVR's decoder file); None when there is no such checkpoint."""
+    for path in (checkpoint_path(exp_dir, OPTIMIZER_PARAMS_DIR, label),
+                 checkpoint_path(exp_dir, MODEL_PARAMS_DIR, label), svr_model_path(exp_dir, "decoder", label)):
+        if path.is_file():
+            return _checkpoint_epoch(load_torch(path, map_location="cpu"), path)
+    return None
+
+
+def saved_epochs(exp_dir: str | os.PathLike) -> list[int]:
+    """Every numbered snapshot of any checkpoint folder (DeepSDF's or SVR's), ascending."""
+    found = set(svr_snapshot_epochs(exp_dir))
+    d = Path(exp_dir) / OPTIMIZER_PARAMS_DIR
+    if d.is_dir():
+        found |= {int(m.group(1)) for p in d.iterdir() if (m := re.fullmatch(r"(\d+)\.pth", p.name))}
+    return sorted(found)
+
+
+def _check_resume(exp_dir: Path, resume: str | int | None, last_epoch: int | None, epochs_flag: bool) -> int:
+    """The epoch a run resuming from ``resume`` starts after (0: a fresh start); MeshSDFError when the run
+    would rewrite a newer ``latest`` or snapshot, or when ``--epochs`` leaves nothing to train."""
+    latest = record_epoch(exp_dir, "latest") if resume is not None else None
+    start = latest or 0 if resume == "latest" else resume or 0
+    if isinstance(resume, int):
+        newest = max([latest or 0, *saved_epochs(exp_dir)])
+        names = (f"{resume}.pth", *(f"{part}_{resume}.pth" for part in SVR_PARTS))
+        files = ", ".join(f"{k}/{n}" for k in (MODEL_PARAMS_DIR, OPTIMIZER_PARAMS_DIR, LATENT_CODES_DIR) for n in names
+                          if (exp_dir / k / n).is_file())
+        if resume < newest and files:  # (a snapshot that does not exist: the loader's message lists those that do)
+            raise MeshSDFError(f"--continue {resume} in {exp_dir} would overwrite the newer epoch {newest} (latest, "
+                               f"its snapshots and {LOGS_FILE}); nothing was changed: go on from there with "
+                               f"--continue latest, or to branch from epoch {resume} copy specs.json, {LOGS_FILE} "
+                               f"and {files} into a new experiment folder and run --continue {resume} there")
+    if epochs_flag and last_epoch is not None and start >= last_epoch:
+        raise MeshSDFError(f"nothing to train: {exp_dir} is at epoch {start} and --epochs {last_epoch} ends at or "
+                           f"before it; "
+                           f"pass --epochs {start + 1} or more to train further (nothing was changed)")
+    return start
+
+
+def _deepsdf_model(exp_dir: Path) -> bool:
+    """Whether ``exp_dir`` holds an auto-decoder's files (latent codes: SVR training writes none)."""
+    d = exp_dir / LATENT_CODES_DIR
+    return d.is_dir() and any(p.suffix == ".pth" and not p.name.startswith(".") for p in d.iterdir())
+
+
+class Claim:
+    """What ``claim_experiment`` yields: ``start_epoch``, the epoch the run starts after (main process
+    only, else None), and ``clear()``, which moves the old model's outputs aside for ``--overwrite``."""
+
+    def __init__(self, exp_dir: Path, overwrite: bool, start_epoch: int | None):
+        self.exp_dir, self.overwrite, self.start_epoch = exp_dir, overwrite, start_epoch
+        self.backup: Path | None = None
+
+    def clear(self) -> None:
+        """With ``--overwrite`` on the main process: move every output of the old model into
+        ``<exp>/Backups/<time>/``.  Call it once every input is validated, right before training."""
+        from lib.log import info
+
+        if self.overwrite and self.start_epoch is not None and self.backup is None:
+            self.backup = move_aside(self.exp_dir)
+            if self.backup is not None:
+                info(f"--overwrite: moved the previous training files into {self.backup}")
+
+
 @contextlib.contextmanager
 def claim_experiment(exp_dir: str | os.PathLike, resume: str | int | None, overwrite: bool = False,
-                     what: str = "a training run", main: bool = True):
-    """Everything a training script does before writing into ``exp_dir``; a context manager.
+                     what: str = "a training run", main: bool = True, *, svr: bool = False,
+                     last_epoch: int | None = None, epochs_flag: bool = False):
+    """Everything a training script checks before writing into ``exp_dir``; a context manager yielding a ``Claim``.
 
     On the main process: take the ``ExperimentLock`` (held until the block ends), delete the
     stale temporaries of killed saves, and guard the trained files: without ``resume``
     they stop the run (MeshSDFError: resume with ``--continue latest`` or start afresh with
-    ``--overwrite``); with ``overwrite`` they are moved into ``<exp>/Backups/<time>/`` first.
+    ``--overwrite``); with ``overwrite`` they are moved into ``<exp>/Backups/<time>/`` by
+    ``Claim.clear``, which the script calls once all its inputs are validated.  A numbered
+    ``resume`` older than the newest checkpoint is refused (training from it would rewrite
+    ``latest``); so is ``epochs_flag`` (``--epochs`` given) with ``last_epoch`` at or below the
+    epoch resumed.  ``svr``: the run is train_svr.py, which refuses an auto-decoder's experiment.
     Other processes of a torchrun job only pass through (rank 0 alone writes).
     """
     if resume is not None and overwrite:
         raise MeshSDFError("--overwrite starts afresh and --continue resumes: give one of them")
+    exp_dir = Path(exp_dir)
     if not main:
-        yield
+        yield Claim(exp_dir, overwrite, None)
         return
     from lib.log import info
 
@@ -600,17 +749,20 @@ def claim_experiment(exp_dir: str | os.PathLike, resume: str | int | None, overw
         stale = remove_stale_temporaries(exp_dir)
         if stale:
             info(f"removed {len(stale)} temporary file(s) left by an interrupted save ({stale[0].name}, ...)")
+        if svr and _deepsdf_model(exp_dir):
+            raise MeshSDFError(f"{exp_dir} holds a DeepSDF auto-decoder model ({LATENT_CODES_DIR}/, "
+                               f"{MODEL_PARAMS_DIR}/), not a single-view reconstruction one; train_svr.py needs an "
+                               "experiment folder of its own: put the SVR specs.json into a new folder and run "
+                               "train_svr.py -e on it (to start from that decoder, set DecoderInit to this folder)")
         existing = trained_files(exp_dir)
-        if existing and resume is None:
-            if not overwrite:
-                shown = ", ".join(str(p.relative_to(exp_dir)) for p in existing[:2])
-                more = f" and {len(existing) - 2} more" if len(existing) > 2 else ""
-                raise MeshSDFError(f"{exp_dir} already holds a trained model ({shown}{more}); resume it with "
-                                   "--continue latest, or pass --overwrite to start afresh (the old files are "
-                                   f"moved into {Path(exp_dir) / BACKUPS_DIR}/, not deleted)")
-            backup = move_aside(exp_dir)
-            info(f"--overwrite: moved the previous training files into {backup}")
-        yield
+        if existing and resume is None and not overwrite:
+            shown = ", ".join(str(p.relative_to(exp_dir)) for p in existing[:2])
+            more = f" and {len(existing) - 2} more" if len(existing) > 2 else ""
+            raise MeshSDFError(f"{exp_dir} already holds a trained model ({shown}{more}); resume it with "
+                               "--continue latest, or pass --overwrite to start afresh (the old files are "
+                               f"moved into {exp_dir / BACKUPS_DIR}/, not deleted)")
+        start = _check_resume(exp_dir, resume, last_epoch, epochs_flag)
+        yield Claim(exp_dir, overwrite and bool(existing or model_outputs(exp_dir)), start)
 
 
 # --------------------------------------------------------------------------- single-view reconstruction
@@ -687,8 +839,13 @@ def load_svr_networks(exp_dir: str | os.PathLike, encoder: torch.nn.Module, deco
     for p in paths:
         if not p.is_file():
             raise MeshSDFError(_missing_svr_message(exp_dir, p))
-    objs = [load_torch(p, map_location) for p in paths]
-    epochs = [_checkpoint_epoch(obj, p) for obj, p in zip(objs, paths)]
+
+    def read():
+        objs = [load_torch(p, map_location) for p in paths]
+        return {f"{MODEL_PARAMS_DIR}/{p.name}": _checkpoint_epoch(obj, p) for obj, p in zip(objs, paths)}, objs
+
+    found, objs = read_while_saved(exp_dir, epoch, read)
+    epochs = list(found.values())
     if epochs[0] != epochs[1]:
         raise MeshSDFError(f"{paths[0]} holds epoch {epochs[0]} but {paths[1]} epoch {epochs[1]}; "
                            f"use a numbered snapshot (have {svr_snapshot_epochs(exp_dir)})")
@@ -744,5 +901,6 @@ def _missing_svr_message(exp_dir, path) -> str:
     options = (["latest"] if svr_model_path(exp_dir, "decoder", "latest").is_file()
                or checkpoint_path(exp_dir, MODEL_PARAMS_DIR, "latest").is_file() else [])
     options += [str(e) for e in svr_snapshot_epochs(exp_dir)]
-    hint = f"available: {', '.join(options)}" if options else "train it first with train_svr.py"
+    hint = (f"available: {', '.join(options)}" if options else
+            _backup_hint(exp_dir) or "train it first with train_svr.py")
     return f"checkpoint not found: {path}; {hint}"

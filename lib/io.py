@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,18 +28,36 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+# in the name of every temporary this project writes: ``.<name>.meshsdf-tmp-<pid>-<random>...``
+TEMP_MARK = "meshsdf-tmp"
+_TEMP_NAME = re.compile(r"\..+\." + TEMP_MARK + r"-(\d+)-[a-z0-9_]{8}(\.[A-Za-z0-9.]*)?")
+
+
+def marked_tempfile(folder: str | os.PathLike, name: str, suffix: str = ".tmp") -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``folder`` named ``.<name>.meshsdf-tmp-<pid>-<8 random chars><suffix>``: the
+    mark and the writer's PID tell a leftover of this project from a user's file (see ``temporary_writer``)."""
+    return tempfile.mkstemp(prefix=f".{name.lstrip('.')}.{TEMP_MARK}-{os.getpid()}-", suffix=suffix, dir=folder)
+
+
+def temporary_writer(name: str) -> int | None:
+    """The PID that wrote the temporary ``name`` of ``marked_tempfile``; None for any other name."""
+    m = _TEMP_NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
 
     A crash, an exception or a kill while writing leaves the old file (or nothing), never a
-    truncated one.  The temporary name keeps ``path``'s suffix so that writers which pick a
-    format from the extension still work.
+    truncated one; a killed writer's temporary carries the project's mark (``marked_tempfile``),
+    so that only such leftovers are ever cleaned up.  The temporary name keeps ``path``'s
+    suffix so that writers which pick a format from the extension still work.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix if suffix is not None else ".tmp" + path.suffix, dir=path.parent)
+        fd, tmp = marked_tempfile(path.parent, path.name, suffix if suffix is not None else ".tmp" + path.suffix)
     except OSError as err:
         raise MeshSDFError(f"cannot write {path}: {err.strerror or err}; check that the folder is writable") from None
     os.close(fd)

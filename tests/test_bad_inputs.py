@@ -583,6 +583,142 @@ def metrics_before_reconstructing(tmp):
     return ["-e", str(svr_experiment(tmp))]
 
 
+# --------------------------------------------------------------------------- issue 26: data loss
+# Each refusal leaves every file byte for byte (the table's snapshot check): no newer `latest`
+# rewritten, nothing moved into Backups/ before every input is valid, no dataset replaced.
+
+def trained_to_5(tmp: Path) -> Path:
+    """The tiny experiment trained to epoch 5 with snapshots 2 and 4 (latest = 5)."""
+    import train_deep_sdf
+
+    exp = tiny_experiment(tmp, epochs=5, scenes=2, batch=2, snapshots=(2, 4))
+    assert train_deep_sdf.main(["-e", str(exp), "--device", "cpu", "--no-reconstruct"]) == 0
+    return exp
+
+
+@case("train_deep_sdf", "--continue 2 in {tmp}/exp would overwrite the newer epoch 5", "nothing was changed",
+      "--continue latest", "copy specs.json, Logs.pth and ModelParameters/2.pth, OptimizerParameters/2.pth, "
+      "LatentCodes/2.pth into a new experiment folder and run --continue 2 there")
+def continue_from_an_older_snapshot_with_fewer_epochs(tmp):
+    return ["-e", str(trained_to_5(tmp)), "-c", "2", "--epochs", "3", "--device", "cpu", "--no-reconstruct"]
+
+
+@case("train_deep_sdf", "--continue 4 in {tmp}/exp would overwrite the newer epoch 5", "--continue latest")
+def continue_from_an_older_snapshot(tmp):
+    return ["-e", str(trained_to_5(tmp)), "-c", "4", "--device", "cpu", "--no-reconstruct"]
+
+
+@case("train_svr", "--continue 3 in {tmp}/exp would overwrite the newer epoch 5", "--continue latest",
+      "copy specs.json, Logs.pth and ModelParameters/encoder_3.pth, ModelParameters/decoder_3.pth, "
+      "OptimizerParameters/3.pth into a new experiment folder")
+def svr_continue_from_an_older_snapshot(tmp):
+    import train_svr
+
+    exp = edit_specs(svr_experiment(tmp), NumEpochs=5, AdditionalSnapshots=[3])
+    assert train_svr.main(["-e", str(exp), "--device", "cpu"]) == 0
+    return ["-e", str(exp), "-c", "3", "--epochs", "4", "--device", "cpu"]
+
+
+@case("train_deep_sdf", "nothing to train", "{tmp}/exp is at epoch 1 and --epochs 1 ends at or before it",
+      "pass --epochs 2 or more")
+def continue_with_epochs_at_the_current_epoch(tmp):
+    return ["-e", str(trained(tmp)), "-c", "latest", "--epochs", "1", "--device", "cpu"]
+
+
+@case("train_deep_sdf", "nothing to train", "{tmp}/exp is at epoch 5 and --epochs 3 ends at or before it",
+      "pass --epochs 6 or more")
+def continue_with_epochs_below_the_current_epoch(tmp):
+    return ["-e", str(trained_to_5(tmp)), "-c", "latest", "--epochs", "3", "--device", "cpu"]
+
+
+@case("train_deep_sdf", "checkpoint not found", "OptimizerParameters/3.pth", "available: latest, 2, 4")
+def continue_from_a_snapshot_between_two(tmp):
+    return ["-e", str(trained_to_5(tmp)), "-c", "3", "--device", "cpu"]
+
+
+@case("train_svr", "nothing to train", "{tmp}/exp is at epoch 1 and --epochs 1 ends at or before it",
+      "pass --epochs 2 or more")
+def svr_continue_with_epochs_at_the_current_epoch(tmp):
+    return ["-e", str(svr_experiment(tmp, checkpoint=True)), "-c", "latest", "--epochs", "1", "--device", "cpu"]
+
+
+@case("train_deep_sdf", "DataSource {tmp}/dta does not exist", "fix DataSource in specs.json")
+def overwrite_with_a_wrong_data_source(tmp):
+    """--overwrite checks every input before it moves the old model aside: still in place, no Backups/."""
+    return ["-e", str(edit_specs(trained(tmp), DataSource=str(tmp / "dta"))), "--overwrite", "--device", "cpu"]
+
+
+@case("train_deep_sdf", "SDF samples not found", "{tmp}/data/toy/s/ghost.npz")
+def overwrite_with_a_sample_missing(tmp):
+    exp = trained(tmp)
+    (tmp / "split.json").write_text(json.dumps({"toy": {"s": ["ball0", "ghost"]}}))
+    return ["-e", str(exp), "--overwrite", "--device", "cpu"]
+
+
+@case("train_deep_sdf", "SamplesPerScene 1000000000 (x 2 scenes per batch) needs at least")
+def overwrite_with_samples_per_scene_too_large(tmp):
+    return ["-e", str(edit_specs(trained(tmp), SamplesPerScene=10 ** 9)), "--overwrite", "--device", "cpu"]
+
+
+@case("train_svr", "renders not found", "{tmp}/data/toy/renders/ball0")
+def svr_overwrite_without_renders(tmp):
+    exp = svr_experiment(tmp, checkpoint=True)
+    shutil.rmtree(tmp / "data" / "toy" / "renders")
+    return ["-e", str(exp), "--overwrite", "--device", "cpu", "--epochs", "1"]
+
+
+@case("train_svr", "checkpoint not found", "{tmp}/nowhere/ModelParameters/latest.pth")
+def svr_overwrite_with_a_missing_decoder_init(tmp):
+    exp = svr_experiment(tmp, checkpoint=True)
+    return ["-e", str(edit_specs(exp, DecoderInit=str(tmp / "nowhere"))), "--overwrite", "--device", "cpu"]
+
+
+@case("train_svr", "{tmp}/exp holds a DeepSDF auto-decoder model", "not a single-view reconstruction one",
+      "put the SVR specs.json into a new folder", "DecoderInit")
+def svr_training_of_a_deep_sdf_experiment(tmp):
+    """The DeepSDF model must not be moved aside: the message never suggests --overwrite (test_safety checks)."""
+    exp = trained(tmp)
+    svr = svr_experiment(tmp / "svr")
+    shutil.copy(svr / "specs.json", exp / "specs.json")
+    return ["-e", str(exp), "--device", "cpu", "--epochs", "1"]
+
+
+@case("demo_optimizer", "checkpoint not found", "{tmp}/exp/ModelParameters/latest.pth",
+      "--overwrite moved the previous model into {tmp}/exp/Backups/", "move its folders back into {tmp}/exp")
+def demo_after_an_overwrite_that_stopped(tmp):
+    from lib import checkpoint
+
+    exp = trained(tmp)
+    checkpoint.move_aside(exp)  # what --overwrite did before a run that was stopped before its first save
+    return ["-e", str(exp), "--target", "ball0", "--init", "ball1", "--device", "cpu"]
+
+
+@case("demo_optimizer", "--checkpoint epoch must be >= 1, got -1")
+def demo_checkpoint_minus_one(tmp):
+    return ["-e", str(trained(tmp)), "--checkpoint", "-1", "--device", "cpu"]
+
+
+def tetrahedron(tmp: Path, name: str) -> str:
+    verts = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+    write_obj(tmp / f"{name}.obj", verts, np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]]))
+    return str(tmp / f"{name}.obj")
+
+
+@case("prepare_data", "{tmp}/data/mine already holds a dataset (split.json, samples of a, b)", "nothing was changed",
+      "give a new --dataset name, or move {tmp}/data/mine aside")
+def prepare_into_an_existing_dataset(tmp):
+    import prepare_data
+
+    args = ["--dataset", "mine", "--out", str(tmp / "data"), "--samples", "200"]
+    assert prepare_data.main(["--mesh", tetrahedron(tmp, "a"), tetrahedron(tmp, "b"), *args]) == 0
+    return ["--mesh", tetrahedron(tmp, "c"), *args]
+
+
+@case("prepare_data", "dataset name '..'", "rename it")
+def prepare_into_the_parent_of_the_data_root(tmp):
+    return ["--mesh", tetrahedron(tmp, "a"), "--dataset", "..", "--out", str(tmp / "data"), "--samples", "200"]
+
+
 # --------------------------------------------------------------------------- the checks
 
 def snapshot(root: Path) -> dict:

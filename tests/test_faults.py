@@ -277,7 +277,7 @@ def test_two_trainings_of_one_experiment(tmp_path):
 
     first.send_signal(signal.SIGKILL)
     first.wait()
-    stale = exp / "ModelParameters" / ".latest.pth.a1b2c3d4.tmp.pth"
+    stale = exp / "ModelParameters" / f".latest.pth.meshsdf-tmp-{first.pid}-a1b2c3d4.tmp.pth"  # lib.io's mark
     stale.write_bytes(b"half a checkpoint")
     third = subprocess.run([sys.executable, str(REPO / "train_deep_sdf.py"), "-e", str(exp), "--continue", "1",
                             "--epochs", "2", "--device", "cpu", "--no-reconstruct"], env=TALKING, cwd=REPO,

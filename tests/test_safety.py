@@ -37,7 +37,9 @@ def shipped_copy(tmp: Path, samples: int = 256) -> Path:
     """experiments/bob_and_spot copied (model and codes of epoch SHIPPED_EPOCH, no optimizer state, as
     every DeepSDF / MeshSDF release), with stand-in samples for bob and spot and few samples per scene."""
     exp = tmp / "bob_and_spot"
-    shutil.copytree(SHIPPED, exp)
+    # only what the repository ships: the README's quick start leaves e.g. Optimizations/ from the demo
+    shutil.copytree(SHIPPED, exp, ignore=lambda d, names: [n for n in names if Path(d) == SHIPPED and n not in (
+        "specs.json", "ModelParameters", "LatentCodes", "Logs.pth")])
     rng = np.random.default_rng(0)
     for k, name in enumerate(("bob", "spot")):
         p = rng.uniform(-1, 1, (2000, 3))
@@ -78,15 +80,128 @@ def test_continue_latest_resumes_a_released_model_with_a_fresh_optimizer(tmp_pat
 
 
 def test_overwrite_moves_the_old_files_aside_byte_for_byte(tmp_path, capsys, monkeypatch):
+    """Every output of the old model goes, the demo's (two runs: Optimizations/ and the earlier one kept
+    beside it) included, as after the README's quick start; the user's own files stay."""
+    import demo_optimizer
+
     monkeypatch.setenv("MESHSDF_QUIET", "0")
     exp = shipped_copy(tmp_path)
-    old = {k: v for k, v in tree_sha256(exp).items() if k != "specs.json" and k != "split.json"}
+    demo = ["-e", str(exp), "--resolution", "16", "--image-size", "64", "--iterations", "2", "--device", "cpu"]
+    assert demo_optimizer.main(demo) == 0 and demo_optimizer.main(demo) == 0
+    (exp / "notes.txt").write_text("mine")
+    mine = ("specs.json", "split.json", "notes.txt")
+    old = {k: v for k, v in tree_sha256(exp, mark=True).items() if k not in mine}
+    assert any(k.startswith("Optimizations/") for k in old)
+    assert any(k.startswith("Optimizations.previous-") for k in old)
+    capsys.readouterr()
     assert train_deep_sdf.main(["-e", str(exp), "--overwrite", "--epochs", "1", "--device", "cpu",
                                 "--no-reconstruct"]) == 0
     backups = list((exp / "Backups").iterdir())
     assert len(backups) == 1 and f"moved the previous training files into {backups[0]}" in capsys.readouterr().err
-    assert tree_sha256(backups[0]) == old
+    assert tree_sha256(backups[0], mark=True) == old
+    assert sorted(p.name for p in exp.iterdir()) == sorted(["Backups", "LatentCodes", "Logs.pth", "ModelParameters",
+                                                            "OptimizerParameters", *mine])
     assert torch.load(exp / "ModelParameters" / "latest.pth", weights_only=True)["epoch"] == 1
+
+
+def one_line_error(main, argv, prog: str, capsys) -> str:
+    """Run ``main(argv)`` as its script does; returns the one error line after checking exit status 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cli_main(lambda: main(argv), prog=prog)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_train_svr_on_a_deep_sdf_experiment_never_suggests_overwrite(tmp_path, capsys, monkeypatch):
+    import train_svr
+    from tests.test_bad_inputs import CASES
+
+    monkeypatch.setenv("MESHSDF_QUIET", "1")
+    argv = CASES["svr_training_of_a_deep_sdf_experiment"][1](tmp_path)
+    for extra in ([], ["--overwrite"], ["-c", "latest"]):
+        before = tree_sha256(tmp_path, mark=True)
+        line = one_line_error(train_svr.main, argv + extra, "train_svr.py", capsys)
+        assert "holds a DeepSDF auto-decoder model" in line and "--overwrite" not in line, line
+        assert tree_sha256(tmp_path, mark=True) == before
+
+
+def test_continue_from_the_newest_snapshot_and_latest_at_num_epochs(tmp_path, capsys, monkeypatch):
+    """--continue N of the newest epoch goes on; --continue latest of a finished run trains nothing, says so
+    and changes nothing."""
+    from tests.test_bad_inputs import trained_to_5
+
+    monkeypatch.setenv("MESHSDF_QUIET", "0")
+    exp = trained_to_5(tmp_path)
+    before = tree_sha256(exp)
+    capsys.readouterr()
+    assert train_deep_sdf.main(["-e", str(exp), "-c", "latest", "--device", "cpu", "--no-reconstruct"]) == 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"nothing trained: {exp} is already at epoch 5, NumEpochs 5; raise NumEpochs in specs.json or "
+                    "pass --epochs 6 or more"), line
+    assert tree_sha256(exp) == before
+    (exp / "ModelParameters" / "5.pth").write_bytes((exp / "ModelParameters" / "latest.pth").read_bytes())
+    for kind in ("OptimizerParameters", "LatentCodes"):
+        (exp / kind / "5.pth").write_bytes((exp / kind / "latest.pth").read_bytes())
+    assert train_deep_sdf.main(["-e", str(exp), "-c", "5", "--epochs", "6", "--device", "cpu", "--no-reconstruct"]) == 0
+    assert torch.load(exp / "ModelParameters" / "latest.pth", weights_only=True)["epoch"] == 6
+    assert checkpoint.load_logs(exp)["log_epochs"] == [1, 2, 3, 4, 5, 6]
+
+
+def mixed_saves(tmp_path) -> Path:
+    """A trained experiment whose LatentCodes/latest.pth holds epoch 7 and ModelParameters/latest.pth epoch 1."""
+    from tests.test_bad_inputs import trained
+
+    exp = trained(tmp_path)
+    p = exp / "LatentCodes" / "latest.pth"
+    checkpoint.save_torch(dict(torch.load(p, weights_only=True), epoch=7), p)
+    return exp
+
+
+def test_reading_while_a_trainer_saves_waits_for_it_and_names_it(tmp_path, capsys, monkeypatch):
+    """Model and codes of different epochs while the experiment's writer runs: a save in progress.  The
+    reader waits for the save to end; when it does not, the message names the writer, not the files."""
+    import threading
+
+    import demo_optimizer
+    from lib.specs import load_specs
+
+    monkeypatch.setenv("MESHSDF_QUIET", "1")
+    exp = mixed_saves(tmp_path)
+    codes = exp / "LatentCodes" / "latest.pth"
+    with checkpoint.ExperimentLock(exp, "train_deep_sdf.py"):  # this process plays the trainer
+        monkeypatch.setattr(checkpoint, "WRITER_WAIT_S", 0.3)
+        before = tree_sha256(tmp_path)
+        line = one_line_error(demo_optimizer.main, ["-e", str(exp), "--target", "ball0", "--init", "ball1",
+                                                    "--device", "cpu"], "demo_optimizer.py", capsys)
+        assert f"{exp} is being written by train_deep_sdf.py (PID {os.getpid()} on " in line and \
+            "ModelParameters/latest.pth is epoch 1, LatentCodes/latest.pth is epoch 7" in line and \
+            "run this again when its save is done" in line and "restore" not in line, line
+        assert tree_sha256(tmp_path) == before
+
+        monkeypatch.setattr(checkpoint, "WRITER_WAIT_S", 60.0)
+        finish = threading.Timer(0.5, lambda: checkpoint.save_torch(
+            dict(torch.load(codes, weights_only=True), epoch=1), codes))  # the trainer's save completes
+        finish.start()
+        decoder, _ = checkpoint.load_decoder_and_codes(exp, load_specs(exp))
+        finish.join()
+        assert decoder.checkpoint_epoch == 1
+
+
+def test_check_gradients_refuses_model_and_codes_of_different_epochs(tmp_path, capsys, monkeypatch):
+    import check_gradients
+
+    monkeypatch.setenv("MESHSDF_QUIET", "1")
+    exp = mixed_saves(tmp_path)
+    before = tree_sha256(tmp_path)
+    line = one_line_error(check_gradients.main, ["-e", str(exp), "--device", "cpu", "--resolution", "16"],
+                          "check_gradients.py", capsys)
+    assert "ModelParameters/latest.pth is epoch 1, LatentCodes/latest.pth is epoch 7" in line and \
+        "they come from different saves" in line, line
+    assert tree_sha256(tmp_path) == before
+    line = one_line_error(check_gradients.main, ["-e", str(exp), "--checkpoint", "-1"], "check_gradients.py", capsys)
+    assert line == "check_gradients.py: error: --checkpoint epoch must be >= 1, got -1"
 
 
 def test_a_run_stopped_before_its_first_save_leaves_nothing_to_guard(tmp_path):
@@ -123,16 +238,28 @@ def test_lock_of_a_dead_process_or_of_a_reused_pid_is_taken_over(tmp_path):
     assert (exp / checkpoint.LOCK_FILE).is_file()  # a refused run never removes the holder's lock
 
 
-def test_stale_temporaries_are_recognised_by_name_only(tmp_path):
+def test_stale_temporaries_are_only_those_this_project_wrote_and_whose_writer_is_gone(tmp_path):
+    """A killed save leaves ``.<name>.meshsdf-tmp-<pid>-<random>...``: only such files of a dead writer are
+    removed; a user's files that look like temporaries, and a live writer's, are kept byte for byte."""
     exp = tiny_experiment(tmp_path)
     (exp / "ModelParameters").mkdir()
-    stale = [exp / "ModelParameters" / ".latest.pth.k2j_x9a1.tmp.pth", exp / ".Logs.pth.abcdefgh.tmp.pth"]
-    kept = [exp / "ModelParameters" / "latest.pth", exp / "ModelParameters" / ".hidden_notes",
-            exp / "notes.tmp.txt"]
-    for p in stale + kept:
-        p.write_text("x")
+    code = ("import sys; from lib.io import marked_tempfile\n"
+            "for d, n, sfx in (('ModelParameters', 'latest.pth', '.tmp.pth'), ('.', 'Logs.pth', '.tmp.pth'),"
+            " ('.', '.meshsdf.lock', '.tmp')):\n"
+            "    print(marked_tempfile(sys.argv[1] + '/' + d, n, sfx)[1])")
+    out = subprocess.run([sys.executable, "-c", code, str(exp)], cwd=REPO, text=True, capture_output=True, check=True)
+    stale = [Path(p) for p in out.stdout.split()]  # their writer has exited: as after a SIGKILL mid-save
+    from lib.io import marked_tempfile
+
+    fd, live = marked_tempfile(exp / "ModelParameters", "latest.pth", ".tmp.pth")  # this process: still writing
+    os.close(fd)
+    kept = [exp / "ModelParameters" / "latest.pth", exp / "ModelParameters" / ".hidden_notes", exp / "notes.tmp.txt",
+            exp / ".notes.20240101.tmp.txt", exp / "ModelParameters" / ".best.abcdefgh.tmp.pth",
+            exp / "ModelParameters" / ".latest.pth.k2j_x9a1.tmp.pth", Path(live)]
+    for p in kept:
+        p.write_text("mine")
     assert sorted(checkpoint.remove_stale_temporaries(exp)) == sorted(stale)
-    assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)
+    assert all(p.read_text() == "mine" for p in kept) and not any(p.exists() for p in stale)
 
 
 def test_training_log_off_a_terminal_is_plain_lines_with_loss_lr_and_final_loss(tmp_path, capsys, monkeypatch):
@@ -325,3 +452,17 @@ def test_help_cites_no_document_outside_the_repository(script, capsys):
     text = capsys.readouterr().out
     assert stop.value.code == 0 and "usage:" in text
     assert "SPEC" not in text and "section" not in text.lower()
+
+
+def test_svr_overwrite_moves_the_old_model_aside_once_its_inputs_are_valid(tmp_path, monkeypatch):
+    import train_svr
+    from tests.test_bad_inputs import svr_experiment
+
+    monkeypatch.setenv("MESHSDF_QUIET", "1")
+    exp = svr_experiment(tmp_path, checkpoint=True)
+    old = {k: v for k, v in tree_sha256(exp).items() if k != "specs.json"}
+    assert "ModelParameters/encoder_latest.pth" in old
+    assert train_svr.main(["-e", str(exp), "--overwrite", "--device", "cpu", "--epochs", "1"]) == 0
+    backups = list((exp / "Backups").iterdir())
+    assert len(backups) == 1 and tree_sha256(backups[0]) == old
+    assert torch.load(exp / "ModelParameters" / "decoder_latest.pth", weights_only=True)["epoch"] == 1
