@@ -9,7 +9,6 @@ from ``neg``, uniformly at random with replacement.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +39,12 @@ _SPLIT_SHAPE = 'it must map dataset -> class -> list of instance names, e.g. {"b
 
 def read_split(path: str | os.PathLike) -> list[Instance]:
     """The instances of a split file, in file order; MeshSDFError if missing, malformed or empty."""
+    from lib.io import require_file
+    from lib.specs import read_json
+
     path = Path(path)
-    if not path.is_file():
-        raise MeshSDFError(f"split file not found: {path}; fix TrainSplit/TestSplit in specs.json")
-    try:
-        split = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as err:
-        raise MeshSDFError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    require_file(path, "split file", "fix TrainSplit/TestSplit in specs.json")
+    split = read_json(path)
     if not isinstance(split, dict):
         raise MeshSDFError(f"{path}: {_SPLIT_SHAPE}")
     out = []
