@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lib import checkpoint, runtime
+from lib import checkpoint, limits, runtime
 from lib.errors import MeshSDFError, cli_main
 from lib.gradient_check import check_gradients, format_report
 from lib.isosurface import MODES
@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     exp = Path(args.experiment)
     specs = load_specs(exp)
     device = runtime.choose_device(args.device)
+    limits.check_grid(args.resolution, device)
     decoder = checkpoint.load_decoder(exp, specs, args.checkpoint, device=device).eval()
     codes = checkpoint.load_latent_codes(exp, args.checkpoint, device=device)
     if not 0 <= args.code < codes.shape[0]:

@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     runtime.apply_thread_policy()  # threads for the cores other processes leave free (MESHSDF_THREADS)
     if args.epochs is not None and args.epochs < 1:
         raise MeshSDFError(f"--epochs must be >= 1, got {args.epochs}")
+    limits.check_seed(args.seed)
     if args.resolution < 2:
         raise MeshSDFError(f"--resolution must be >= 2, got {args.resolution}")
     specs = load_specs(args.experiment)
