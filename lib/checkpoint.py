@@ -753,6 +753,8 @@ def svr_snapshot_epochs(exp_dir: str | os.PathLike) -> list[int]:
 
 
 def _missing_svr_message(exp_dir, path) -> str:
+    if Path(path).is_dir():
+        return f"{path} is a folder, not a checkpoint file; move it away"
     options = (["latest"] if svr_model_path(exp_dir, "decoder", "latest").is_file()
                or checkpoint_path(exp_dir, MODEL_PARAMS_DIR, "latest").is_file() else [])
     options += [str(e) for e in svr_snapshot_epochs(exp_dir)]

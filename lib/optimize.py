@@ -258,6 +258,9 @@ class LatentOptimizer:
             loss.backward()
             value = float(loss.detach())
             if not torch.isfinite(loss.detach()):
+                if self.iteration == 0:  # before any update the learning rate cannot be the cause
+                    raise MeshSDFError(f"the loss is {value} at the first iteration, before any update: the loss's "
+                                       "weights (e.g. --regularize) or the checkpoint make it non-finite")
                 raise MeshSDFError(f"the loss became {value} at iteration {self.iteration}; lower the learning rate")
             self.optimizer.step()
             result = self._result(self.iteration, code, mesh, image, value, mesh.state.dl_ds, t0)
