@@ -233,6 +233,9 @@ class LatentOptimizer:
                                  state=self.state, chunk=self.chunk, **self.extract_kwargs)
         self.state = mesh.state
         if mesh.state.empty:
+            if self.iteration == 0:  # no update yet: the starting code is the cause, not the learning rate
+                raise SurfaceLostError(f"the starting code has no surface: {mesh.state.message}; start from "
+                                       "another code or a finer resolution")
             raise SurfaceLostError(f"the mesh vanished at iteration {self.iteration}: {mesh.state.message}; "
                                    "lower the learning rate or start from another code")
         return mesh
