@@ -64,6 +64,7 @@ def main(argv=None) -> int:
             split = read_split(resolve_path(specs["TrainSplit"]))
             dataset = SdfSamples(resolve_path(specs["DataSource"]), split)
             limits.check_sample_batch(specs["SamplesPerScene"], min(specs["ScenesPerBatch"], len(dataset)), device)
+            limits.check_latent_codes(len(dataset), specs["CodeLength"], device)
             if ctx.is_main:
                 info(f"training on {len(dataset)} shapes ({', '.join(dataset.names[:5])}"
                      f"{', ...' if len(dataset) > 5 else ''}) on {ctx.where}")

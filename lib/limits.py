@@ -172,3 +172,10 @@ def check_number(name: str, value: float, low: float = 0.0, strict: bool = True,
     if not ok:
         rng = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
         raise MeshSDFError(f"{name} must be a finite number {rng}, got {value}")
+
+
+def check_latent_codes(scenes: int, code_length: int, device=None, **kw) -> None:
+    """The training codes, ``scenes`` x CodeLength float32 values, fit on ``device`` (they are made there)."""
+    note = f" (x {scenes} training shapes)" if scenes > 1 else ""
+    check_fits("CodeLength", int(code_length), lambda c: PARAMETER_BYTES * float(c) * scenes, device, low=1,
+               note=note, **kw)

@@ -620,7 +620,7 @@ def network_dims_too_wide(tmp):
     return ["-e", str(edit_specs(exp, NetworkSpecs=dict(specs["NetworkSpecs"], dims=[200000] * 4))), "--device", "cpu"]
 
 
-@case("train_deep_sdf", "CodeLength 2000000000 needs at least", "the largest CodeLength that fits is")
+@case("train_deep_sdf", "CodeLength 2000000000", "needs at least", "the largest CodeLength that fits is")
 def code_length_too_large(tmp):
     return ["-e", str(edit_specs(tiny_experiment(tmp), CodeLength=2 * 10 ** 9)), "--device", "cpu"]
 
