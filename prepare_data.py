@@ -257,6 +257,11 @@ def main(argv=None) -> int:
                 for r in pool.imap(_job, tasks):
                     results.append(r)
                     bar.update()
+        except SystemExit as stop:
+            if stop.code == 128 + signal.SIGTERM:
+                print(f"prepare_data.py: stopped by SIGTERM (workers stopped, no split file written); "
+                      f"{len(results)} finished instances are in {root}", file=sys.stderr)
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
     bar.close()

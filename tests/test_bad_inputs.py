@@ -925,8 +925,9 @@ def test_sigterm_stops_prepare_data_workers_at_once(tmp_path):
     assert len(workers) == 2, "the workers did not start"
     time.sleep(2.0)  # well into the sampling of the first meshes
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert proc.returncode != 0
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines() == [err.strip()] and "stopped by SIGTERM" in err and "Traceback" not in err
     alive = [w for w in workers if Path(f"/proc/{w}").exists()
              and Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
     assert not alive, f"workers {alive} outlived their parent"
