@@ -244,26 +244,27 @@ def main(argv=None) -> int:
              for i, (kind, src, inst) in enumerate(sources)]
     bar = progress(total=len(tasks), desc=f"prepare {dataset}", unit="mesh")
     results = []
-    if args.workers == 1 or len(tasks) == 1:
-        for t in tasks:
-            results.append(_job(t))
-            bar.update()
-    else:
-        # spawn: torch and libigl thread pools do not survive fork safely.  A Pool, not an executor:
-        # leaving its block on an error or a signal terminates the workers instead of waiting for them
-        previous = signal.signal(signal.SIGTERM, _stop_worker)
-        try:
+    # SIGTERM unwinds like Ctrl-C: atomic_write removes the temporary being written, the Pool its workers
+    previous = signal.signal(signal.SIGTERM, _stop_worker)
+    try:
+        if args.workers == 1 or len(tasks) == 1:
+            for t in tasks:
+                results.append(_job(t))
+                bar.update()
+        else:
+            # spawn: torch and libigl thread pools do not survive fork safely.  A Pool, not an executor:
+            # leaving its block on an error or a signal terminates the workers instead of waiting for them
             with get_context("spawn").Pool(min(args.workers, len(tasks)), initializer=_worker_init) as pool:
                 for r in pool.imap(_job, tasks):
                     results.append(r)
                     bar.update()
-        except SystemExit as stop:
-            if stop.code == 128 + signal.SIGTERM:
-                print(f"prepare_data.py: stopped by SIGTERM (workers stopped, no split file written); "
-                      f"{len(results)} finished instances are in {root}", file=sys.stderr)
-            raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+    except SystemExit as stop:
+        if stop.code == 128 + signal.SIGTERM:
+            print(f"prepare_data.py: stopped by SIGTERM (no split file written); {len(results)} finished "
+                  f"instances are in {root}", file=sys.stderr)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     bar.close()
 
     names = [r["instance"] for r in results]
