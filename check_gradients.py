@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lib import checkpoint, runtime
+from lib import checkpoint, limits, runtime
 from lib.errors import MeshSDFError, cli_main
 from lib.gradient_check import check_gradients, format_report
 from lib.isosurface import MODES
@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     exp = Path(args.experiment)
     specs = load_specs(exp)
     device = runtime.choose_device(args.device)
+    limits.check_grid(args.resolution, device)
     decoder, codes = checkpoint.load_decoder_and_codes(exp, specs, args.checkpoint, device=device)  # one save
     if not 0 <= args.code < codes.shape[0]:
         raise MeshSDFError(f"--code {args.code}: the checkpoint holds codes 0..{codes.shape[0] - 1}")

@@ -20,7 +20,7 @@ from lib.specs import load_specs, resolve_path
 from lib.camera import DEMO_AZIMUTH, DEMO_DISTANCE, DEMO_ELEVATION, demo_camera
 from lib.data import read_split
 from lib.errors import MeshSDFError, cli_main
-from lib.io import atomic_write, save_gif, save_png, staged_dir, write_ply
+from lib.io import GIF_MAX_FPS, GIF_MIN_FPS, atomic_write, save_gif, save_png, staged_dir, write_ply
 from lib.isosurface import MODES
 from lib.log import info
 from lib.meshsdf import GRADIENTS, mesh_from_sdf
@@ -78,10 +78,8 @@ def check_args(args) -> str:
                              ("--image-size", args.image_size, 16)):
         if value < low:
             raise MeshSDFError(f"{name} must be >= {low}, got {value}")
-    if not args.lr > 0:
-        raise MeshSDFError(f"--lr must be > 0, got {args.lr}")
-    if not args.fps > 0:
-        raise MeshSDFError(f"--fps must be > 0, got {args.fps}")
+    limits.check_number("--lr", args.lr)
+    limits.check_number("--fps", args.fps, low=GIF_MIN_FPS, strict=False, high=GIF_MAX_FPS)
     return "fast" if args.fast else args.mode
 
 

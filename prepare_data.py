@@ -26,8 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
+import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -115,6 +116,45 @@ def _countable() -> list[str]:
     return sorted(COUNTABLE_DATASETS)
 
 
+def _check_has_inside(verts, faces, name: str) -> None:
+    """MeshSDFError when no point beside the surface of the mesh is inside it (an open or flat
+    surface): its samples would all be outside, which DeepSDF training cannot use."""
+    import numpy as np
+
+    from lib.sampling import normalization, signed_distance
+
+    v = normalization(verts, faces, name).apply(np.asarray(verts, np.float64))
+    f = np.asarray(faces, np.int64)
+    a, b, c = (v[f[:, k]] for k in range(3))
+    normals = np.cross(b - a, c - a)
+    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-30)
+    # probes just off random points of the faces, on both sides (the orientation may be flipped)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(f), 1000)
+    u, w = rng.uniform(0, 0.5, (2, 1000, 1))
+    on = a[idx] + u * (b[idx] - a[idx]) + w * (c[idx] - a[idx])
+    probes = np.concatenate([on + 1e-3 * normals[idx], on - 1e-3 * normals[idx]])
+    if not (signed_distance(v, f, probes) < 0).any():
+        raise MeshSDFError(f"mesh {name} encloses no volume: no point beside its surface is inside it (an open "
+                           "or flat surface); give a closed surface (watertight, or with small holes only)")
+
+
+def _stop_worker(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through atomic_write, which removes its temporary
+
+
+def _worker_init() -> None:
+    """In each worker: stop when the parent dies (even by SIGKILL) and on SIGTERM, leaving no temporary;
+    Ctrl-C is the parent's to handle (it terminates the workers)."""
+    signal.signal(signal.SIGTERM, _stop_worker)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
 def _job(task: tuple) -> dict:
     """Worker: one instance from a mesh file or a built-in shape (picklable for spawn)."""
     from lib.sampling import prepare_mesh
@@ -159,6 +199,9 @@ def main(argv=None) -> int:
         raise MeshSDFError(f"--workers must be at least 1 (got {args.workers})")
     if args.resolution < 32:
         raise MeshSDFError(f"--resolution must be at least 32 (got {args.resolution})")
+    from lib import limits
+
+    limits.check_seed(args.seed)
     out = Path(args.out)
 
     if args.count is not None and args.builtin not in _countable():
@@ -170,8 +213,6 @@ def main(argv=None) -> int:
         raise MeshSDFError(f"--views must be between 0 and 100 (got {views})")
     if args.image_size < 16:
         raise MeshSDFError(f"--image-size must be at least 16 (got {args.image_size})")
-    from lib import limits
-
     workers = args.workers  # each worker holds its own grid and samples
     limits.check_fits("--samples", args.samples, lambda n: workers * limits.SAMPLE_BYTES * float(n))
     if args.builtin:
@@ -202,6 +243,7 @@ def main(argv=None) -> int:
             verts, faces = read_mesh(f)  # fail on any bad file before writing anything
             validate_mesh(verts, faces, f)
             normalization(verts, faces, f)
+            _check_has_inside(verts, faces, f)
             sources.append(("mesh", str(f), inst))
     _check_name("dataset", dataset)
     root = out / dataset
@@ -222,16 +264,27 @@ def main(argv=None) -> int:
              for i, (kind, src, inst) in enumerate(sources)]
     bar = progress(total=len(tasks), desc=f"prepare {dataset}", unit="mesh")
     results = []
-    if args.workers == 1 or len(tasks) == 1:
-        for t in tasks:
-            results.append(_job(t))
-            bar.update()
-    else:
-        # spawn: torch and libigl thread pools do not survive fork safely
-        with ProcessPoolExecutor(max_workers=min(args.workers, len(tasks)), mp_context=get_context("spawn")) as ex:
-            for r in ex.map(_job, tasks):
-                results.append(r)
+    # SIGTERM unwinds like Ctrl-C: atomic_write removes the temporary being written, the Pool its workers
+    previous = signal.signal(signal.SIGTERM, _stop_worker)
+    try:
+        if args.workers == 1 or len(tasks) == 1:
+            for t in tasks:
+                results.append(_job(t))
                 bar.update()
+        else:
+            # spawn: torch and libigl thread pools do not survive fork safely.  A Pool, not an executor:
+            # leaving its block on an error or a signal terminates the workers instead of waiting for them
+            with get_context("spawn").Pool(min(args.workers, len(tasks)), initializer=_worker_init) as pool:
+                for r in pool.imap(_job, tasks):
+                    results.append(r)
+                    bar.update()
+    except SystemExit as stop:
+        if stop.code == 128 + signal.SIGTERM:
+            print(f"prepare_data.py: stopped by SIGTERM (no split file written); {len(results)} finished "
+                  f"instances are in {root}", file=sys.stderr)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     bar.close()
 
     names = [r["instance"] for r in results]

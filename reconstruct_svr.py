@@ -7,6 +7,7 @@ import argparse
 
 from lib import checkpoint, limits, runtime
 from lib.errors import MeshSDFError, cli_main
+from lib.io import check_writable_folder
 from lib.log import info, progress
 
 
@@ -63,14 +64,13 @@ def main(argv=None) -> int:
     runtime.apply_thread_policy()  # threads for the cores other processes leave free (MESHSDF_THREADS)
     if args.iterations is not None and args.iterations < 0:
         raise MeshSDFError(f"--iterations must be >= 0, got {args.iterations}")
-    if args.lr is not None and not args.lr > 0:
-        raise MeshSDFError(f"--lr must be > 0, got {args.lr}")
+    if args.lr is not None:
+        limits.check_number("--lr", args.lr)
     if args.resolution is not None and args.resolution < 8:
         raise MeshSDFError(f"--resolution must be >= 8, got {args.resolution}")
-    if not args.regularize >= 0:
-        raise MeshSDFError(f"--regularize must be >= 0, got {args.regularize}")
-    if args.sigma is not None and not args.sigma > 0:
-        raise MeshSDFError(f"--sigma must be > 0, got {args.sigma}")
+    limits.check_number("--regularize", args.regularize, strict=False)
+    if args.sigma is not None:
+        limits.check_number("--sigma", args.sigma)
     if args.chamfer_samples is not None and args.chamfer_samples < 100:
         raise MeshSDFError(f"--chamfer-samples must be >= 100, got {args.chamfer_samples}")
     specs = load_svr_specs(args.experiment)
@@ -79,6 +79,8 @@ def main(argv=None) -> int:
                                                      resolution=args.resolution, mode=args.mode, sigma=args.sigma,
                                                      chamfer_samples=args.chamfer_samples, regularize=args.regularize)
     limits.check_grid(settings.resolution, device)
+    limits.check_chamfer_samples(settings.chamfer_samples, device,
+                                 name="--chamfer-samples" if args.chamfer_samples is not None else "ChamferSamples")
     num_views = specs["NumberOfViews"]
     bad = [v for v in args.views or [] if not 0 <= v < num_views]
     if bad:
@@ -95,8 +97,9 @@ def main(argv=None) -> int:
     renders = data.render_set_from_specs(specs, instances=instances, cache=False)
     limits.check_encoder_images(renders.image_size, 1, device, training=False)
     gt_meshes = {k: data.ground_truth_mesh(specs, instances[k]) for k in items}   # fail early on a missing mesh
-    net = network.load_network(args.experiment, specs, args.checkpoint, device)
     root = reconstruct.output_root(args.experiment, args.checkpoint, args.out)
+    check_writable_folder(root)  # before any work
+    net = network.load_network(args.experiment, specs, args.checkpoint, device)
     jobs = []
     for k in items:
         default = data.evaluation_view(k, num_views)

@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     runtime.apply_thread_policy()  # threads for the cores other processes leave free (MESHSDF_THREADS)
     if args.epochs is not None and args.epochs < 1:
         raise MeshSDFError(f"--epochs must be >= 1, got {args.epochs}")
+    limits.check_seed(args.seed)
     if args.resolution < 2:
         raise MeshSDFError(f"--resolution must be >= 2, got {args.resolution}")
     specs = load_specs(args.experiment)
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
             split = read_split(resolve_path(specs["TrainSplit"]))
             dataset = SdfSamples(resolve_path(specs["DataSource"]), split)
             limits.check_sample_batch(specs["SamplesPerScene"], min(specs["ScenesPerBatch"], len(dataset)), device)
+            limits.check_latent_codes(len(dataset), specs["CodeLength"], device)
             claim.clear()  # --overwrite: every input is valid, now the old model goes into Backups/
             if ctx.is_main:
                 info(f"training on {len(dataset)} shapes ({', '.join(dataset.names[:5])}"

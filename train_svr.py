@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     runtime.apply_thread_policy()  # threads for the cores other processes leave free (MESHSDF_THREADS)
     if args.epochs is not None and args.epochs < 1:
         raise MeshSDFError(f"--epochs must be >= 1, got {args.epochs}")
+    limits.check_seed(args.seed)
     specs = load_svr_specs(args.experiment)
     checkpoint.check_writable(args.experiment)
     ctx = distributed.init_distributed(args.device)  # also checks --device

@@ -339,9 +339,9 @@ def parse_disn_line(line: str, source: str = "<string>", lineno: int = 1) -> Dis
 
 def read_disn_metadata(path: str | os.PathLike) -> list[DisnView]:
     """All views of a ``rendering_metadata.txt`` (blank lines skipped, line numbers kept)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MeshSDFError(f"rendering metadata not found: {path}")
+    from lib.io import require_file
+
+    path = require_file(path, "rendering metadata")
     views = []
     for i, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from lib.errors import MeshSDFError
-from lib.io import atomic_write, marked_tempfile, temporary_writer
+from lib.io import atomic_write, marked_tempfile, require_file, temporary_writer, torch_save
 
 MODEL_PARAMS_DIR = "ModelParameters"
 OPTIMIZER_PARAMS_DIR = "OptimizerParameters"
@@ -72,6 +72,10 @@ def check_writable(exp_dir: str | os.PathLike) -> None:
     for d in (exp_dir, *(exp_dir / k for k in (MODEL_PARAMS_DIR, OPTIMIZER_PARAMS_DIR, LATENT_CODES_DIR))):
         if d.exists() and not d.is_dir():
             raise MeshSDFError(f"{d} is a file but must be a folder for checkpoints; move it away")
+        # a folder where a checkpoint file goes would fail its save after the epochs of work
+        blocked = [p for p in ((*d.glob("*.pth"),) if d != exp_dir else (logs_path(exp_dir),)) if p.is_dir()]
+        if blocked:
+            raise MeshSDFError(f"{blocked[0]} is a folder where a checkpoint file is written; move it away")
         if d.is_dir():
             try:
                 with tempfile.TemporaryFile(dir=d):
@@ -92,14 +96,12 @@ def snapshot_epochs(exp_dir: str | os.PathLike) -> list[int]:
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
     """torch.save through atomic_write: the old file or the new one, never a truncated one."""
     with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+        torch_save(obj, tmp)
 
 
 def load_torch(path: str | os.PathLike, map_location=None) -> Any:
     """torch.load with weights_only=True; MeshSDFError naming the file if missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise MeshSDFError(f"checkpoint not found: {path}")
+    path = require_file(path, "checkpoint")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # corrupt zip, pickle refused by weights_only, ...
@@ -141,7 +143,7 @@ def save_checkpoint(exp_dir: str | os.PathLike, label: str | int, epoch: int, mo
     with contextlib.ExitStack() as stack:  # exits in reverse order: files[0], the resume record, is renamed first
         for kind, obj in reversed(files):
             tmp = stack.enter_context(atomic_write(checkpoint_path(exp_dir, kind, label)))
-            torch.save(obj, tmp)
+            torch_save(obj, tmp)
 
 
 def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict:
@@ -182,8 +184,17 @@ def _network_difference(own: Mapping[str, torch.Tensor], stored: Mapping) -> str
     return f"it has an extra {extra[0]}" if extra else None
 
 
+def _check_finite(tensors: Mapping, path) -> None:
+    """MeshSDFError naming ``path`` and the first tensor holding NaN or infinity (a diverged training)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise MeshSDFError(f"{path} holds NaN or infinite values (in {name!r}): the training that wrote it "
+                               "diverged; use an earlier snapshot or retrain with a lower learning rate")
+
+
 def _load_model(model: torch.nn.Module, state: Mapping, path, part: str | None = None) -> None:
     state = _strip_module_prefix(state)
+    _check_finite(state, path)
     difference = _network_difference(model.state_dict(), state)
     if difference is None:
         try:
@@ -204,6 +215,7 @@ def _latent_tensor(codes, path) -> torch.Tensor:
         codes = _strip_module_prefix(codes).get("weight")
     if not isinstance(codes, torch.Tensor) or codes.dim() not in (2, 3):
         raise MeshSDFError(f"{path} holds no (K, L) latent-code tensor")
+    _check_finite({"latent_codes": codes}, path)
     return codes.reshape(codes.shape[0], -1).float()  # DeepSDF's oldest layout: (K, 1, L)
 
 
@@ -406,6 +418,8 @@ def _trainer_of(exp_dir) -> str:
 
 def _missing_checkpoint_message(exp_dir, path) -> str:
     path = Path(path)
+    if path.is_dir():
+        return f"{path} is a folder, not a checkpoint file; move it away"
     kind, label = path.parent.name, path.stem
     model = checkpoint_path(exp_dir, MODEL_PARAMS_DIR, label)
     if kind == LATENT_CODES_DIR and model.is_file():
@@ -802,11 +816,11 @@ def save_svr_checkpoint(exp_dir: str | os.PathLike, label: str | int, epoch: int
     with contextlib.ExitStack() as stack:  # exits in reverse order: the record, entered last, is renamed first
         for part, state in states.items():
             tmp = stack.enter_context(atomic_write(svr_model_path(exp_dir, part, label)))
-            torch.save({"epoch": epoch, "model_state_dict": _with_module_prefix(state)}, tmp)
+            torch_save({"epoch": epoch, "model_state_dict": _with_module_prefix(state)}, tmp)
         if optimizer is not None:
             record = {"epoch": epoch, "optimizer_state_dict": optimizer.state_dict(),
                       **{f"{part}_state_dict": s for part, s in states.items()}, **(extra or {})}
-            torch.save(record, stack.enter_context(atomic_write(checkpoint_path(exp_dir, OPTIMIZER_PARAMS_DIR, label))))
+            torch_save(record, stack.enter_context(atomic_write(checkpoint_path(exp_dir, OPTIMIZER_PARAMS_DIR, label))))
 
 
 def _split_combined(state: Mapping, path) -> dict:
@@ -898,6 +912,8 @@ def svr_snapshot_epochs(exp_dir: str | os.PathLike) -> list[int]:
 
 
 def _missing_svr_message(exp_dir, path) -> str:
+    if Path(path).is_dir():
+        return f"{path} is a folder, not a checkpoint file; move it away"
     options = (["latest"] if svr_model_path(exp_dir, "decoder", "latest").is_file()
                or checkpoint_path(exp_dir, MODEL_PARAMS_DIR, "latest").is_file() else [])
     options += [str(e) for e in svr_snapshot_epochs(exp_dir)]

@@ -9,7 +9,6 @@ from ``neg``, uniformly at random with replacement.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from lib.errors import MeshSDFError
+from lib.io import require_file
 from lib.sampling import read_normalization
 
 # Datasets that prepare_data.py can build by itself: named in the missing-file message.
@@ -40,13 +40,11 @@ _SPLIT_SHAPE = 'it must map dataset -> class -> list of instance names, e.g. {"b
 
 def read_split(path: str | os.PathLike) -> list[Instance]:
     """The instances of a split file, in file order; MeshSDFError if missing, malformed or empty."""
+    from lib.specs import read_json
+
     path = Path(path)
-    if not path.is_file():
-        raise MeshSDFError(f"split file not found: {path}; fix TrainSplit/TestSplit in specs.json")
-    try:
-        split = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as err:
-        raise MeshSDFError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    require_file(path, "split file", "fix TrainSplit/TestSplit in specs.json")
+    split = read_json(path)
     if not isinstance(split, dict):
         raise MeshSDFError(f"{path}: {_SPLIT_SHAPE}")
     out = []
@@ -77,6 +75,8 @@ def missing_samples_message(path: Path, dataset: str) -> str:
     """Why ``DataSource/<dataset>/<class>/<instance>.npz`` is missing, and the fix: a misspelt
     instance in the split, a DataSource that points elsewhere, or data not created yet."""
     path = Path(path)
+    if path.is_dir():
+        return f"SDF samples {path} is a folder, not a file; move it away and rerun prepare_data.py"
     cls_dir, ds_dir = path.parent, path.parent.parent
     source = ds_dir.parent
     if cls_dir.is_dir() and any(cls_dir.glob("*.npz")):
@@ -357,15 +357,11 @@ class RenderSet:
         for inst, d in zip(self.instances, self.dirs):
             if not d.is_dir():
                 raise MeshSDFError(f"renders not found: {d}; {_missing_renders_hint(d, inst)}")
-            meta = d / METADATA_FILE
-            if not meta.is_file():
-                raise MeshSDFError(f"rendering metadata not found: {meta}; every render folder needs one "
-                                   "(one line 'azimuth elevation in-plane distance-ratio fov' per view)")
+            require_file(d / METADATA_FILE, "rendering metadata", "every render folder needs one (one line "
+                         "'azimuth elevation in-plane distance-ratio fov' per view)")
             for v in range(self.num_views):
-                png = d / view_image_name(v)
-                if not png.is_file():
-                    raise MeshSDFError(f"render not found: {png}; the experiment uses NumberOfViews = "
-                                       f"{self.num_views} views (00 .. {self.num_views - 1:02d}) per instance")
+                require_file(d / view_image_name(v), "render", f"the experiment uses NumberOfViews = "
+                             f"{self.num_views} views (00 .. {self.num_views - 1:02d}) per instance")
         if self.resize:
             self.image_size = int(image_size)
         else:

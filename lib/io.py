@@ -7,6 +7,7 @@ accepted and moved to the CPU).  Images: (H, W) grey or (H, W, 3|4) colour, floa
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -17,6 +18,44 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from lib.errors import MeshSDFError
+
+
+def require_file(path: str | os.PathLike, what: str, fix: str = "") -> Path:
+    """``path`` as a Path; MeshSDFError naming it when it is missing or is a folder (``fix``: how to fix)."""
+    path = Path(path)
+    if path.is_dir():
+        raise MeshSDFError(f"{what} {path} is a folder, not a file" + (f"; {fix}" if fix else ""))
+    if not path.is_file():
+        raise MeshSDFError(f"{what} not found: {path}" + (f"; {fix}" if fix else ""))
+    return path
+
+
+def write_error(path: str | os.PathLike, err: OSError) -> MeshSDFError:
+    """The one-line MeshSDFError for an OSError while writing ``path`` (full disk, read-only, ...)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return MeshSDFError(f"cannot write {path}: no space left on the device (or over quota); free some space "
+                            "and run again (nothing was half-written)")
+    return MeshSDFError(f"cannot write {path}: {err.strerror or err}; check that the folder is writable")
+
+
+def check_writable_folder(folder: str | os.PathLike, flag: str = "--out") -> Path:
+    """MeshSDFError unless ``folder`` is, or can be created as, a writable folder; creates nothing
+    that stays.  ``flag``: the option that chooses another folder, named in the message."""
+    folder = Path(os.path.abspath(folder))
+    for p in (folder, *folder.parents):
+        if not p.exists():
+            continue
+        if not p.is_dir():
+            raise MeshSDFError(f"output folder {folder} cannot be made: {p} is a file; move it away or give "
+                               f"{flag} a folder")
+        try:
+            with tempfile.TemporaryFile(dir=p):
+                pass
+        except OSError as err:
+            raise MeshSDFError(f"cannot write to {p}: {err.strerror or err}; make it writable or give {flag} "
+                               "a writable folder") from None
+        break
+    return folder
 
 
 def _current_umask() -> int:
@@ -66,10 +105,21 @@ def atomic_write(path: str | os.PathLike, suffix: str | None = None) -> Iterator
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(err, OSError):  # a full disk, a folder in the way, ...: one line, no traceback
+            raise write_error(path, err) from None
         raise
+
+
+def torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save through a Python file object, so a full disk raises OSError (ENOSPC), not torch's
+    RuntimeError without a reason; use inside ``atomic_write``."""
+    import torch
+
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def _np(a, dtype=None) -> np.ndarray:
@@ -112,6 +162,9 @@ def write_ply(path: str | os.PathLike, verts, faces, vertex_colors=None, face_co
         ply.write(str(tmp))
 
 
+TEXT_MESH_FORMATS = (".obj", ".off")  # formats that are plain text only (PLY and STL have binary forms)
+
+
 def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read a triangle mesh (OBJ/PLY/OFF/STL/...) with trimesh, without merging or repair.
 
@@ -120,9 +173,13 @@ def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """
     import trimesh
 
-    path = Path(path)
-    if not path.is_file():
-        raise MeshSDFError(f"mesh file not found: {path}")
+    path = require_file(path, "mesh file")
+    if path.suffix.lower() in TEXT_MESH_FORMATS:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+        if b"\0" in head:  # trimesh would guess an encoding (and may need a module that is not installed)
+            raise MeshSDFError(f"{path} holds binary data, not a text {path.suffix[1:].upper()} mesh; export it "
+                               "as a text file or another format (PLY, STL)")
     try:
         mesh = trimesh.load(str(path), force="mesh", process=False)
     except Exception as err:  # trimesh raises many types for bad files
@@ -156,24 +213,39 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
 
 def save_png(path: str | os.PathLike, image) -> None:
     """Save an (H, W) or (H, W, 3|4) image, float in [0, 1] or uint8, as PNG, atomically."""
-    import imageio.v3 as iio
+    from PIL import Image
 
     img = _to_uint8(_np(image))
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
     with atomic_write(path) as tmp:
-        iio.imwrite(tmp, img, extension=".png")
+        # our own file object: a failed write raises once, here (imageio's plugin would raise again when collected)
+        with open(tmp, "wb") as fh:
+            Image.fromarray(np.ascontiguousarray(img)).save(fh, format="PNG")
 
 
 def read_png(path: str | os.PathLike) -> np.ndarray:
-    """Read a PNG as uint8 (H, W[, C]); MeshSDFError naming the file if missing or corrupt."""
-    import imageio.v3 as iio
+    """Read a PNG as uint8 (H, W[, C]); MeshSDFError naming the file if missing or corrupt.
 
-    path = Path(path)
-    if not path.is_file():
-        raise MeshSDFError(f"image not found: {path}")
+    A palette or grey image with a transparency chunk (tRNS) comes back as RGBA (palette)
+    or grey + alpha, so its transparency is the alpha channel as in an RGBA PNG.
+    """
+    import imageio.v3 as iio
+    from PIL import Image
+
+    path = require_file(path, "image")
     try:
+        with Image.open(path) as im:
+            if "transparency" in im.info and im.mode in ("P", "L", "RGB"):
+                return np.array(im.convert("LA" if im.mode == "L" else "RGBA"))  # writable, as imageio gives
         return np.asarray(iio.imread(path))
     except Exception as err:
         raise MeshSDFError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+
+
+# a GIF frame lasts a whole number of centiseconds, at most 65535 of them
+GIF_MAX_FPS = 100.0
+GIF_MIN_FPS = 0.002
 
 
 def save_gif(path: str | os.PathLike, frames: Sequence, fps: float = 10.0) -> None:
@@ -188,6 +260,8 @@ def save_gif(path: str | os.PathLike, frames: Sequence, fps: float = 10.0) -> No
 
     if len(frames) == 0:
         raise ValueError("save_gif needs at least one frame")
+    if not GIF_MIN_FPS <= fps <= GIF_MAX_FPS:
+        raise ValueError(f"save_gif: fps must be in [{GIF_MIN_FPS}, {GIF_MAX_FPS}], got {fps}")
     images = []
     for f in frames:
         a = _to_uint8(_np(f))

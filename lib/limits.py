@@ -117,3 +117,65 @@ def check_sample_batch(samples_per_scene: int, scenes: int, device=None, **kw) -
     note = f" (x {scenes} scenes per batch)" if scenes > 1 else ""
     for d in dict.fromkeys((torch.device("cpu"), torch.device(device or "cpu"))):
         check_fits("SamplesPerScene", int(samples_per_scene), need, d, low=1, note=note, **kw)
+
+
+CHAMFER_BYTES_PER_SAMPLE = 72    # per Chamfer sample: float32 points of both meshes + their float64 KD-tree copies
+PARAMETER_BYTES = 4              # float32 per decoder parameter, allocated when the network is built
+SEED_LIMIT = 2 ** 63             # seeds must fit a signed 64-bit integer (torch and numpy generators)
+
+
+def check_chamfer_samples(samples: int, device=None, name: str = "--chamfer-samples", **kw) -> None:
+    """Surface samples of the ground-truth and the predicted mesh for the Chamfer distance fit."""
+    check_fits(name, int(samples), lambda n: CHAMFER_BYTES_PER_SAMPLE * float(n), device, low=1, **kw)
+
+
+def decoder_parameters(code_length: int, dims, xyz: int = 3) -> float:
+    """Parameters of a DeepSDF decoder of hidden widths ``dims`` (a lower bound: skip inputs not counted)."""
+    widths = [code_length + xyz, *dims, 1]
+    return float(sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:])))
+
+
+def check_decoder(code_length: int, dims, **kw) -> None:
+    """The decoder of ``CodeLength`` and ``NetworkSpecs.dims`` fits in host memory (it is built there).
+
+    The message names CodeLength when the network of these dims fits with a CodeLength of 1,
+    else NetworkSpecs.dims with the largest width (of its widest layers) that fits.
+    """
+    dims = [int(d) for d in dims]
+
+    def by_code(c):
+        return PARAMETER_BYTES * decoder_parameters(c, dims)
+
+    def by_width(w):
+        return PARAMETER_BYTES * decoder_parameters(min(code_length, 1), [min(d, w) for d in dims])
+
+    avail = kw.pop("available", None)
+    avail = available_bytes("cpu") if avail is None else avail
+    if by_code(code_length) <= avail:
+        return
+    if by_width(max(dims)) > avail:
+        check_fits("NetworkSpecs.dims", max(dims), by_width, low=1, available=avail, note=" (widest layer)", **kw)
+    check_fits("CodeLength", int(code_length), by_code, low=1, available=avail, **kw)
+
+
+def check_seed(value: int, name: str = "--seed") -> None:
+    """A random seed: an integer in [0, 2^63)."""
+    if not 0 <= value < SEED_LIMIT:
+        raise MeshSDFError(f"{name} must be between 0 and {SEED_LIMIT - 1}, got {value}")
+
+
+def check_number(name: str, value: float, low: float = 0.0, strict: bool = True, high: float | None = None) -> None:
+    """A finite number above ``low`` (``strict``: > low, else >= low) and, with ``high``, at most ``high``."""
+    import math
+
+    ok = math.isfinite(value) and (value > low if strict else value >= low) and (high is None or value <= high)
+    if not ok:
+        rng = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+        raise MeshSDFError(f"{name} must be a finite number {rng}, got {value}")
+
+
+def check_latent_codes(scenes: int, code_length: int, device=None, **kw) -> None:
+    """The training codes, ``scenes`` x CodeLength float32 values, fit on ``device`` (they are made there)."""
+    note = f" (x {scenes} training shapes)" if scenes > 1 else ""
+    check_fits("CodeLength", int(code_length), lambda c: PARAMETER_BYTES * float(c) * scenes, device, low=1,
+               note=note, **kw)

@@ -233,6 +233,9 @@ class LatentOptimizer:
                                  state=self.state, chunk=self.chunk, **self.extract_kwargs)
         self.state = mesh.state
         if mesh.state.empty:
+            if self.iteration == 0:  # no update yet: the starting code is the cause, not the learning rate
+                raise SurfaceLostError(f"the starting code has no surface: {mesh.state.message}; start from "
+                                       "another code or a finer resolution")
             raise SurfaceLostError(f"the mesh vanished at iteration {self.iteration}: {mesh.state.message}; "
                                    "lower the learning rate or start from another code")
         return mesh
@@ -258,6 +261,9 @@ class LatentOptimizer:
             loss.backward()
             value = float(loss.detach())
             if not torch.isfinite(loss.detach()):
+                if self.iteration == 0:  # before any update the learning rate cannot be the cause
+                    raise MeshSDFError(f"the loss is {value} at the first iteration, before any update: the loss's "
+                                       "weights (e.g. --regularize) or the checkpoint make it non-finite")
                 raise MeshSDFError(f"the loss became {value} at iteration {self.iteration}; lower the learning rate")
             self.optimizer.step()
             result = self._result(self.iteration, code, mesh, image, value, mesh.state.dl_ds, t0)

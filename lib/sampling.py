@@ -209,10 +209,10 @@ def read_normalization(path: str | os.PathLike) -> Normalization:
     warning saying how to rewrite it, so that it is never applied with the wrong sign.
     Raises MeshSDFError naming the file when it is missing, unreadable or not finite.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MeshSDFError(f"normalisation file not found: {path}; fix NormalizationPath in specs.json "
-                           "(null when the renders were made in the frame of the SDF samples)")
+    from lib.io import require_file
+
+    path = require_file(path, "normalisation file", "fix NormalizationPath in specs.json (null when the renders "
+                        "were made in the frame of the SDF samples)")
     try:
         with np.load(path, allow_pickle=False) as z:
             offset = np.asarray(z["offset"], dtype=np.float64).reshape(3)

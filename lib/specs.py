@@ -89,6 +89,14 @@ def int_list_key(minimum: int = 0, nonempty: bool = False, nullable: bool = Fals
     return check
 
 
+def _dropout_prob_key(v):
+    from lib.models.ops import effective_dropout_prob
+
+    if _is_num(v) and 0 <= v < 1 and effective_dropout_prob(v) < 1:
+        return None
+    return "must be a number >= 0 and <= 0.99998 (dropout masks resolve 1/65536 and cannot drop every unit)"
+
+
 def _description_key(v):
     ok = isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
     return None if ok else "must be a string or a list of strings"
@@ -101,7 +109,7 @@ def _arch_key(v):
 NETWORK_SPECS_KEYS: dict[str, Key] = {
     "dims": Key(int_list_key(1, nonempty=True), required=True),
     "dropout": Key(int_list_key(0, nullable=True), default=None),
-    "dropout_prob": Key(num_key(0.0, maximum=1.0), default=0.0),
+    "dropout_prob": Key(_dropout_prob_key, default=0.0),
     "norm_layers": Key(int_list_key(0), default=[]),
     "latent_in": Key(int_list_key(0), default=[]),
     "xyz_in_all": Key(bool_key, default=False),
@@ -244,6 +252,61 @@ def validate_specs(specs: Mapping, where: str = SPECS_FILE, extra_keys: Mapping[
     return out
 
 
+MAX_JSON_INTEGER = 2 ** 63  # larger integers fit no counter, size or seed of this project
+
+
+class _JSONProblem(Exception):
+    """Raised by read_json's hooks; the message becomes the MeshSDFError after the file name."""
+
+
+def _unique_object(pairs: list) -> dict:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _JSONProblem(f"key \"{key}\" appears twice in one object; keep one")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _bounded_int(text: str) -> int:
+    digits = text.lstrip("-")
+    if len(digits) > 19 or abs(int(text)) >= MAX_JSON_INTEGER:
+        shown = text if len(text) <= 24 else f"{text[:12]}...({len(digits)} digits)"
+        raise _JSONProblem(f"integer {shown} is too large (at most {MAX_JSON_INTEGER - 1})")
+    return int(text)
+
+
+def read_json(path: str | os.PathLike):
+    """The JSON value of a hand-edited file (specs, splits); MeshSDFError naming the file on any problem.
+
+    UTF-8 (with or without a byte-order mark), UTF-16 and UTF-32 are read (as ``json.loads``
+    detects them); a key repeated in one object, an integer beyond a signed 64-bit one and nesting
+    deeper than Python's recursion limit are refused with one line.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise MeshSDFError(f"{path} is a folder, not a file; give the JSON file") from None
+    except OSError as err:
+        raise MeshSDFError(f"cannot read {path}: {err.strerror or err}") from None
+    codec = json.detect_encoding(raw)  # UTF-8 (byte-order mark or not), UTF-16, UTF-32
+    try:
+        text = raw.decode(codec)
+    except UnicodeDecodeError as err:
+        raise MeshSDFError(f"{path} is not UTF-8 text (byte {err.start} is 0x{raw[err.start]:02x}); save it "
+                           "as UTF-8") from None
+    try:
+        return json.loads(text, object_pairs_hook=_unique_object, parse_int=_bounded_int)
+    except json.JSONDecodeError as err:
+        raise MeshSDFError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except _JSONProblem as err:
+        raise MeshSDFError(f"{path}: {err}") from None
+    except RecursionError:
+        raise MeshSDFError(f"{path}: nested too deeply (objects or lists inside each other thousands of "
+                           "times); it is not a specs or split file") from None
+
+
 PATH_KEYS = ("DataSource", "TrainSplit", "TestSplit")
 
 
@@ -257,14 +320,11 @@ def load_specs(exp_dir: str | os.PathLike, extra_keys: Mapping[str, Key] | None 
     path = exp_dir / SPECS_FILE
     if not exp_dir.is_dir():
         raise MeshSDFError(f"experiment folder not found: {exp_dir}; give -e a folder that holds {SPECS_FILE}")
+    if path.is_dir():
+        raise MeshSDFError(f"{path} is a folder, not a file; {SPECS_FILE} must be the experiment's JSON file")
     if not path.is_file():
         raise MeshSDFError(f"no {SPECS_FILE} in {exp_dir}; give -e the experiment folder that holds it")
-    try:
-        specs = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (some Windows editors) is fine
-    except json.JSONDecodeError as err:
-        raise MeshSDFError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise MeshSDFError(f"cannot read {path}: {err}") from None
+    specs = read_json(path)
     out = validate_specs(specs, where=str(path), extra_keys=extra_keys)
     for key in PATH_KEYS:
         value = out.get(key)

@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -719,6 +720,357 @@ def prepare_into_the_parent_of_the_data_root(tmp):
     return ["--mesh", tetrahedron(tmp, "a"), "--dataset", "..", "--out", str(tmp / "data"), "--samples", "200"]
 
 
+# --------------------------------------------------------------------------- issue 26: tracebacks and messages
+
+def png_palette_with_transparency(path: Path, size: int = 16) -> None:
+    """An RGBA-looking render stored as a palette PNG whose tRNS chunk makes index 0 transparent."""
+    from PIL import Image
+
+    idx = np.zeros((size, size), np.uint8)
+    idx[4:12, 4:12] = 1
+    im = Image.fromarray(idx, mode="P")
+    im.putpalette([0, 0, 0, 200, 120, 40] + [0] * 762)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, transparency=0)
+
+
+@case("train_deep_sdf", "{tmp}/exp/ModelParameters/latest.pth is a folder where a checkpoint file is written")
+def checkpoint_file_path_is_a_folder(tmp):
+    exp = tiny_experiment(tmp)
+    (exp / "ModelParameters" / "latest.pth").mkdir(parents=True)
+    return ["-e", str(exp), "--device", "cpu", "--no-reconstruct"]
+
+
+@case("reconstruct_svr", "output folder {tmp}/notes.txt cannot be made: {tmp}/notes.txt is a file")
+def reconstruct_out_is_a_file(tmp):
+    exp = svr_experiment(tmp)
+    (tmp / "notes.txt").write_text("my notes")
+    return ["-e", str(exp), "--out", str(tmp / "notes.txt"), "--device", "cpu"]
+
+
+@case("train_deep_sdf", "NetworkSpecs.dims 200000 (widest layer) needs at least",
+      "the largest NetworkSpecs.dims that fits is")
+def network_dims_too_wide(tmp):
+    exp = tiny_experiment(tmp)
+    specs = json.loads((exp / "specs.json").read_text())
+    return ["-e", str(edit_specs(exp, NetworkSpecs=dict(specs["NetworkSpecs"], dims=[200000] * 4))), "--device", "cpu"]
+
+
+@case("train_deep_sdf", "CodeLength 2000000000", "needs at least", "the largest CodeLength that fits is")
+def code_length_too_large(tmp):
+    return ["-e", str(edit_specs(tiny_experiment(tmp), CodeLength=2 * 10 ** 9)), "--device", "cpu"]
+
+
+@case("check_gradients", "--resolution 100000 needs at least", "the largest --resolution that fits is")
+def check_gradients_resolution_too_large(tmp):
+    return ["-e", str(tiny_experiment(tmp)), "--resolution", "100000", "--device", "cpu"]
+
+
+@case("reconstruct_svr", "--chamfer-samples 2000000000 needs at least", "the largest --chamfer-samples that fits is")
+def chamfer_samples_too_many(tmp):
+    return ["-e", str(svr_experiment(tmp)), "--chamfer-samples", str(2 * 10 ** 9), "--device", "cpu"]
+
+
+@case("train_deep_sdf", '"NetworkSpecs.dropout_prob"', "<= 0.99998", "0.9999999")
+def dropout_prob_just_below_one(tmp):
+    exp = tiny_experiment(tmp)
+    specs = json.loads((exp / "specs.json").read_text())
+    return ["-e", str(edit_specs(exp, NetworkSpecs=dict(specs["NetworkSpecs"], dropout_prob=0.9999999))),
+            "--device", "cpu", "--no-reconstruct"]
+
+
+@case("demo_optimizer", "--fps must be a finite number >= 0.002 and <= 100, got 1e-300")
+def demo_fps_tiny(tmp):
+    return ["-e", str(REPO / "experiments" / "bob_and_spot"), "--out", str(tmp / "o"), "--fps", "1e-300",
+            "--device", "cpu"]
+
+
+@case("prepare_data", "--seed must be between 0 and 9223372036854775807, got -5")
+def prepare_negative_seed(tmp):
+    return ["--builtin", "bob_and_spot", "--seed", "-5", "--samples", "100", "--resolution", "32",
+            "--out", str(tmp / "out")]
+
+
+@case("train_deep_sdf", "--seed must be between 0 and 9223372036854775807, got 18446744073709551617")
+def train_seed_above_two_to_the_63(tmp):
+    return ["-e", str(tiny_experiment(tmp)), "--seed", str(2 ** 64 + 1), "--device", "cpu"]
+
+
+@case("train_deep_sdf", "{tmp}/exp/specs.json: nested too deeply")
+def specs_nested_fifty_thousand_deep(tmp):
+    exp = tiny_experiment(tmp)
+    (exp / "specs.json").write_text('{"Description": ' + "[" * 50000 + "]" * 50000 + "}")
+    return ["-e", str(exp)]
+
+
+@case("train_deep_sdf", "{tmp}/exp/specs.json: integer 999999999999...(5000 digits) is too large")
+def specs_integer_of_5000_digits(tmp):
+    exp = tiny_experiment(tmp)
+    text = (exp / "specs.json").read_text()
+    (exp / "specs.json").write_text(text.replace('"NumEpochs": 3', '"NumEpochs": ' + "9" * 5000))
+    return ["-e", str(exp)]
+
+
+@case("prepare_data", "mesh {tmp}/sheet.obj encloses no volume", "give a closed surface")
+def mesh_without_inside(tmp):
+    verts = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], np.float32)
+    write_obj(tmp / "sheet.obj", verts, np.array([[0, 1, 2], [0, 2, 3]]))
+    return ["--mesh", str(tmp / "sheet.obj"), "--dataset", "mine", "--out", str(tmp / "out"), "--samples", "100"]
+
+
+@case("demo_optimizer", "--lr must be a finite number > 0, got inf")
+def demo_infinite_learning_rate(tmp):
+    return ["-e", str(REPO / "experiments" / "bob_and_spot"), "--out", str(tmp / "o"), "--lr", "inf"]
+
+
+@case("reconstruct_svr", "--sigma must be a finite number > 0, got inf")
+def reconstruct_infinite_sigma(tmp):
+    return ["-e", str(svr_experiment(tmp)), "--sigma", "inf", "--device", "cpu"]
+
+
+@case("reconstruct_svr", "--lr must be a finite number > 0, got inf")
+def reconstruct_infinite_learning_rate(tmp):
+    return ["-e", str(svr_experiment(tmp)), "--lr", "inf", "--device", "cpu"]
+
+
+@case("reconstruct_svr", "--regularize must be a finite number >= 0, got inf")
+def reconstruct_infinite_regularization(tmp):
+    return ["-e", str(svr_experiment(tmp)), "--regularize", "inf", "--device", "cpu"]
+
+
+@case("demo_optimizer", "{tmp}/exp/ModelParameters/latest.pth holds NaN or infinite values", "diverged")
+def demo_with_nan_checkpoint(tmp):
+    import torch
+
+    exp = trained(tmp)
+    p = exp / "ModelParameters" / "latest.pth"
+    obj = torch.load(p, weights_only=True)
+    obj["model_state_dict"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                               for k, v in obj["model_state_dict"].items()}
+    torch.save(obj, p)
+    return ["-e", str(exp), "--target", "ball0", "--init", "ball1", "--device", "cpu", "--out", str(tmp / "o")]
+
+
+@case("train_deep_sdf", "{tmp}/exp/specs.json", 'key "CodeLength" appears twice')
+def specs_with_a_duplicate_key(tmp):
+    exp = tiny_experiment(tmp)
+    text = (exp / "specs.json").read_text()
+    (exp / "specs.json").write_text(text.replace('"CodeLength": 3', '"CodeLength": 3, "CodeLength": 8'))
+    return ["-e", str(exp)]
+
+
+@case("train_deep_sdf", "{tmp}/exp/specs.json is not UTF-8 text", "save it as UTF-8")
+def specs_in_latin1(tmp):
+    exp = tiny_experiment(tmp)
+    specs = json.loads((exp / "specs.json").read_text())
+    specs["Description"] = "forme étoilée"
+    (exp / "specs.json").write_bytes(json.dumps(specs, ensure_ascii=False).encode("latin-1"))
+    return ["-e", str(exp)]
+
+
+@case("train_deep_sdf", "split file {tmp}/split.json is a folder, not a file")
+def split_file_is_a_folder(tmp):
+    exp = tiny_experiment(tmp)
+    (tmp / "split.json").unlink()
+    (tmp / "split.json").mkdir()
+    return ["-e", str(exp)]
+
+
+@case("prepare_data", "mesh file {tmp}/m.obj is a folder, not a file")
+def mesh_path_is_a_folder(tmp):
+    (tmp / "m.obj").mkdir()
+    return ["--mesh", str(tmp / "m.obj"), "--dataset", "mine", "--out", str(tmp / "out"), "--samples", "100"]
+
+
+@case("demo_optimizer", "{tmp}/exp/ModelParameters/latest.pth is a folder, not a checkpoint file")
+def demo_checkpoint_is_a_folder(tmp):
+    exp = tiny_experiment(tmp)
+    (exp / "ModelParameters" / "latest.pth").mkdir(parents=True)
+    return ["-e", str(exp), "--target", "ball0", "--init", "ball1", "--device", "cpu", "--out", str(tmp / "o")]
+
+
+@case("prepare_data", "{tmp}/binary.obj holds binary data, not a text OBJ mesh")
+def binary_obj(tmp):
+    (tmp / "binary.obj").write_bytes(bytes(range(256)) * 40)
+    return ["--mesh", str(tmp / "binary.obj"), "--dataset", "mine", "--out", str(tmp / "out"), "--samples", "100"]
+
+
+# Inputs that used to fail but are now read as meant: ``build(tmp) -> argv`` must exit 0 and
+# ``check(tmp)`` hold afterwards.
+OK_CASES = {}
+
+
+def ok_case(script: str, check):
+    def deco(build):
+        OK_CASES[build.__name__] = (script, build, check)
+        return build
+    return deco
+
+
+def _trained_epoch_1(tmp):
+    import torch
+
+    return torch.load(tmp / "exp" / "ModelParameters" / "latest.pth", weights_only=True)["epoch"] == 1
+
+
+@ok_case("train_deep_sdf", _trained_epoch_1)
+def specs_in_utf16(tmp):
+    exp = tiny_experiment(tmp, epochs=1, scenes=2, batch=2)
+    (exp / "specs.json").write_bytes((exp / "specs.json").read_text().encode("utf-16"))
+    return ["-e", str(exp), "--device", "cpu", "--no-reconstruct"]
+
+
+@ok_case("train_svr", lambda tmp: (tmp / "exp" / "ModelParameters" / "encoder_latest.pth").is_file())
+def svr_palette_renders_with_transparency(tmp):
+    exp = svr_experiment(tmp)
+    for k in range(2):
+        for v in range(2):
+            png_palette_with_transparency(tmp / "data" / "toy" / "renders" / f"ball{k}" / f"{v:02d}.png")
+    return ["-e", str(exp), "--device", "cpu", "--epochs", "1"]
+
+
+@pytest.mark.parametrize("name", sorted(OK_CASES))
+def test_input_once_refused_now_read_as_meant(name, tmp_path, capsys, monkeypatch):
+    script, build, check = OK_CASES[name]
+    monkeypatch.setenv("MESHSDF_QUIET", "1")
+    argv = build(tmp_path)
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as stop:
+        cli_main(lambda: module.main(argv), prog=f"{script}.py")
+    err = capsys.readouterr().err
+    assert stop.value.code == 0, err
+    assert "Traceback" not in err and "error" not in err
+    assert check(tmp_path)
+
+
+# Mistakes of the machine, not of the arguments: a full disk (a small tmpfs) and a read-only
+# experiment (a read-only bind mount), each made in a private mount namespace (unshare -m).
+# ``build(tmp) -> (argv, mounts)``: mounts are shell commands run in the namespace first.
+NS_CASES = {}
+
+
+def ns_case(script: str, *expect: str):
+    def deco(build):
+        NS_CASES[build.__name__] = (script, build, expect)
+        return build
+    return deco
+
+
+def _full_disk(tmp: Path, src: Path, size_kib: int) -> tuple[Path, list[str]]:
+    """``tmp/full``: a tmpfs of ``size_kib`` holding a copy of ``src`` (or nothing when None)."""
+    full = tmp / "full"
+    full.mkdir()
+    cmds = [f"mount -t tmpfs -o size={size_kib}k tmpfs {full}"]
+    if src is not None:
+        cmds.append(f"cp -r {src} {full}/")
+    return full, cmds
+
+
+@ns_case("train_deep_sdf", "cannot write {tmp}/full/exp/", "no space left on the device", "nothing was half-written")
+def train_on_a_full_disk(tmp):
+    exp = tiny_experiment(tmp, epochs=1, scenes=2, batch=2, dims=(64, 64, 64))
+    full, cmds = _full_disk(tmp, exp, 16)
+    return ["-e", str(full / "exp"), "--device", "cpu", "--no-reconstruct"], cmds
+
+
+@ns_case("demo_optimizer", "cannot write {tmp}/full/", "no space left on the device")
+def demo_on_a_full_disk(tmp):
+    full, cmds = _full_disk(tmp, None, 8)
+    return ["-e", str(REPO / "experiments" / "bob_and_spot"), "--out", str(full / "o"), "--iterations", "2",
+            "--image-size", "128", "--resolution", "16", "--device", "cpu"], cmds
+
+
+@ns_case("reconstruct_svr", "cannot write to {tmp}/exp: Read-only file system", "give --out a writable folder")
+def reconstruct_in_a_read_only_experiment(tmp):
+    exp = svr_experiment(tmp)
+    return ["-e", str(exp), "--device", "cpu"], [f"mount --bind {exp} {exp}", f"mount -o remount,bind,ro {exp}"]
+
+
+_NS_DRIVER = r"""
+import hashlib, json, subprocess, sys
+from pathlib import Path
+root, cmds, argv = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+for c in cmds:
+    subprocess.run(c, shell=True, check=True)
+def snap():
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None for p in root.rglob("*")}
+before = snap()
+proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True)
+print(json.dumps({"rc": proc.returncode, "err": proc.stderr, "out": proc.stdout, "before": before, "after": snap()}))
+"""
+
+
+def _can_unshare() -> bool:
+    import shutil as sh
+
+    if sys.platform != "linux" or not sh.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "-m", "true"] if os.geteuid() == 0 else ["unshare", "-rm", "true"],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(NS_CASES))
+def test_machine_mistake_gives_one_line_and_nothing_half_written(name, tmp_path):
+    if not _can_unshare():
+        pytest.skip("needs Linux mount namespaces (unshare -m)")
+    script, build, expect = NS_CASES[name]
+    argv, mounts = build(tmp_path)
+    unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
+    proc = subprocess.run([*unshare, sys.executable, "-c", _NS_DRIVER, str(tmp_path), json.dumps(mounts),
+                           json.dumps([str(REPO / f"{script}.py"), *argv])], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, MESHSDF_QUIET="1", OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads(proc.stdout)
+    check_error(run["err"], run["rc"], expect, tmp_path, script)
+    new = {p: h for p, h in run["after"].items() if p not in run["before"]}
+    assert not [p for p in new if ".tmp" in Path(p).name], "a temporary file was left"
+    changed = [p for p, h in run["before"].items() if run["after"].get(p, "gone") != h and h is not None]
+    assert not changed, changed
+
+
+@pytest.mark.slow
+def test_sigterm_stops_prepare_data_workers_at_once(tmp_path):
+    """SIGTERM to ``prepare_data.py --workers 2``: both workers are gone soon after the parent, and no
+    temporary file is left (each worker unwinds through atomic_write)."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(REPO / "prepare_data.py"), "--builtin", "toy_cars", "--count", "4",
+                             "--views", "0", "--samples", "3000000", "--workers", "2", "--out", str(out)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, MESHSDF_QUIET="1", OMP_NUM_THREADS="1"))
+
+    def children():
+        kids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == proc.pid and "spawn_main" in (stat.parent / "cmdline").read_text(errors="ignore"):
+                kids.append(int(stat.parent.name))
+        return kids
+
+    import time
+
+    workers = []
+    for _ in range(600):  # until both workers are sampling
+        workers = children()
+        if len(workers) == 2 and (out / "toy_cars" / "samples").is_dir():
+            break
+        time.sleep(0.1)
+    assert len(workers) == 2, "the workers did not start"
+    time.sleep(2.0)  # well into the sampling of the first meshes
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines() == [err.strip()] and "stopped by SIGTERM" in err and "Traceback" not in err
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()
+             and Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, f"workers {alive} outlived their parent"
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert not (out / "toy_cars" / "split.json").exists()
+
+
 # --------------------------------------------------------------------------- the checks
 
 def snapshot(root: Path) -> dict:
@@ -782,4 +1134,4 @@ def test_there_are_at_least_twenty_distinct_mistakes_across_all_scripts():
     scripts = {script for script, _, _ in CASES.values()}
     assert len(CASES) >= 20
     assert scripts == {"train_deep_sdf", "prepare_data", "demo_optimizer", "train_svr", "reconstruct_svr",
-                       "metrics_svr"}
+                       "metrics_svr", "check_gradients"}

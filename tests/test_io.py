@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,78 @@ def test_atomic_write_gives_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (p.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+def test_palette_png_with_transparency_reads_as_rgba(tmp_path):
+    """A palette PNG whose tRNS chunk makes some entries transparent: its alpha is the tRNS values."""
+    from PIL import Image
+
+    idx = np.zeros((6, 8), np.uint8)
+    idx[2:4, 3:6] = 1
+    idx[0, 0] = 2
+    im = Image.fromarray(idx, mode="P")
+    im.putpalette([0, 0, 0, 200, 120, 40, 10, 20, 30] + [0] * 759)
+    im.save(tmp_path / "p.png", transparency=bytes([0, 255, 128]))
+    back = read_png(tmp_path / "p.png")
+    assert back.shape == (6, 8, 4) and back.dtype == np.uint8
+    assert (back[..., 3] == np.array([0, 255, 128])[idx]).all()
+    assert (back[2:4, 3:6, :3] == [200, 120, 40]).all()
+    back.setflags(write=True)  # a writable array, as for any other PNG
+
+
+def test_a_folder_where_a_file_belongs_is_named_as_such(tmp_path):
+    (tmp_path / "m.obj").mkdir()
+    (tmp_path / "i.png").mkdir()
+    with pytest.raises(MeshSDFError, match=r"m\.obj is a folder, not a file"):
+        read_mesh(tmp_path / "m.obj")
+    with pytest.raises(MeshSDFError, match=r"i\.png is a folder, not a file"):
+        read_png(tmp_path / "i.png")
+
+
+def test_binary_obj_is_refused_in_one_line(tmp_path):
+    p = tmp_path / "b.obj"
+    p.write_bytes(b"v 0 0 0\n" + bytes(range(256)) * 8)
+    with pytest.raises(MeshSDFError, match=r"b\.obj holds binary data, not a text OBJ mesh") as err:
+        read_mesh(p)
+    assert "\n" not in str(err.value)
+
+
+def test_write_error_removes_the_temporary_and_names_the_file(tmp_path):
+    """An OSError while writing (here: a folder where the temporary's data should go) is one line
+    naming the destination, and no temporary stays."""
+    p = tmp_path / "out.txt"
+    with pytest.raises(MeshSDFError, match=r"cannot write .*out\.txt: "):
+        with atomic_write(p) as tmp:
+            tmp.unlink()
+            tmp.mkdir()  # the write below then fails with EISDIR, as a full disk fails with ENOSPC
+            with open(tmp, "w") as fh:
+                fh.write("x")
+    tmp.rmdir()  # the clean-up could not unlink a folder; nothing else is left
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-32"])
+def test_json_files_in_any_unicode_encoding(tmp_path, encoding):
+    from lib.specs import read_json
+
+    p = tmp_path / "s.json"
+    p.write_bytes(json.dumps({"Description": "étoile", "CodeLength": 3}, ensure_ascii=False).encode(encoding))
+    assert read_json(p) == {"Description": "étoile", "CodeLength": 3}
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"a": 1, "b": {"c": 2, "c": 3}}', 'key "c" appears twice'),
+    ('{"a": 9223372036854775808}', "integer 9223372036854775808 is too large"),
+    ('{"a": -9223372036854775809}', "integer -9223372036854775809 is too large"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+])
+def test_json_files_refused_in_one_line(tmp_path, text, words):
+    from lib.specs import read_json
+
+    p = tmp_path / "s.json"
+    p.write_text(text)
+    with pytest.raises(MeshSDFError, match=words) as err:
+        read_json(p)
+    assert str(err.value).startswith(str(p)) and "\n" not in str(err.value)
+    p.write_text('{"a": 9223372036854775807, "b": -9223372036854775807}')  # the largest integers are fine
+    assert read_json(p)["a"] == 2 ** 63 - 1

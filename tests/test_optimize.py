@@ -215,3 +215,22 @@ def test_topology_counts():
     v, f, _ = extract(lambda p: torch.minimum((p - 0.5).norm(dim=1) - 0.2, (p + 0.5).norm(dim=1) - 0.2), 32, "dense")
     assert topology(f) == (4, 2, 0)
     assert topology(torch.zeros(0, 3, dtype=torch.int64)) == (0, 0, 0)
+
+
+def test_a_loss_or_surface_bad_before_any_update_does_not_blame_the_learning_rate():
+    """At iteration 0 no update has happened: a non-finite loss names the loss's weights (e.g.
+    --regularize), a missing surface the starting code; neither says to lower the learning rate."""
+    target = sphere_target(0.5)
+
+    def infinite(verts, faces):
+        loss, image = SilhouetteLoss(camera(), target)(verts, faces)
+        return loss * float("inf"), image
+
+    opt = LatentOptimizer(Sphere(), torch.tensor([0.3]), infinite, lr=0.05, resolution=16)
+    with pytest.raises(MeshSDFError, match="at the first iteration, before any update") as err:
+        opt.step()
+    assert "learning rate" not in str(err.value)
+    opt = LatentOptimizer(Sphere(), torch.tensor([-0.3]), SilhouetteLoss(camera(), target), lr=0.05, resolution=16)
+    with pytest.raises(SurfaceLostError, match="the starting code has no surface") as err:
+        opt.step()
+    assert "learning rate" not in str(err.value)

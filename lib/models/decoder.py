@@ -73,6 +73,9 @@ def relu_dropout_unscaled(x: torch.Tensor, p: float, seed: int, layer: int) -> t
     return _ReluDrop.apply(x, dropout_mask(x.shape, p, x.device, x.dtype, seed=seed, layer=layer))
 
 
+MAX_DROPOUT_PROB = 1.0 - 1.0 / 65536.0  # largest drop probability the 16-bit masks of dropout_mask represent
+
+
 class Decoder(nn.Module):
     """DeepSDF MLP: [latent | encoded xyz] -> hidden layers -> 1, tanh on the output.
 
@@ -110,8 +113,9 @@ class Decoder(nn.Module):
         fourier_degree: int = 1,
     ):
         super().__init__()
-        if not 0.0 <= float(dropout_prob) < 1.0:
-            raise ValueError(f"dropout_prob must be in [0, 1), got {dropout_prob}")
+        if not 0.0 <= float(dropout_prob) < 1.0 or effective_dropout_prob(dropout_prob) >= 1.0:
+            # the masks resolve 1/65536: a p within half of that below 1 would drop every unit
+            raise ValueError(f"dropout_prob must be in [0, {MAX_DROPOUT_PROB}], got {dropout_prob}")
         self.latent_size = int(latent_size)
         self.fourier_degree = int(fourier_degree) if positional_encoding else 0
         self.xyz_size = 6 * self.fourier_degree if self.fourier_degree else 3
@@ -258,6 +262,9 @@ class Decoder(nn.Module):
 
 def decoder_from_specs(specs) -> Decoder:
     """The ``deep_sdf_decoder`` of validated specs (lib.load_specs): CodeLength + NetworkSpecs."""
+    from lib import limits
+
+    limits.check_decoder(specs["CodeLength"], specs["NetworkSpecs"]["dims"])  # before allocating the weights
     try:
         return Decoder(specs["CodeLength"], **specs["NetworkSpecs"])
     except ValueError as err:

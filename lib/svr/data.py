@@ -49,12 +49,10 @@ def ground_truth_mesh(specs: Mapping, inst) -> tuple[torch.Tensor, torch.Tensor]
     """The ground-truth mesh of ``inst`` (MeshesPath), in the frame of the samples: verts (V, 3)
     float32, faces (F, 3) int64 (CPU)."""
     from lib.data import instance_path
-    from lib.io import read_mesh
+    from lib.io import read_mesh, require_file
 
     path = instance_path(specs["MeshesPath"], resolve_path(specs["DataSource"]), inst)
-    if not path.is_file():
-        raise MeshSDFError(f"ground-truth mesh not found: {path}; fix MeshesPath in specs.json or run prepare_data.py")
-    v, f = read_mesh(path)
+    v, f = read_mesh(require_file(path, "ground-truth mesh", "fix MeshesPath in specs.json or run prepare_data.py"))
     return torch.from_numpy(np.asarray(v, dtype=np.float32)), torch.from_numpy(np.asarray(f, dtype=np.int64))
 
 
