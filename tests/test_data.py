@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.data import Instance, SdfSamples, read_sdf_samples, read_split, scene_batches
+from lib.datasets import Instance, SdfSamples, read_sdf_samples, read_split, scene_batches
 from lib.errors import MeshSDFError
 
 

@@ -14,11 +14,11 @@ import torch
 import lib.train as train_mod
 from lib import checkpoint
 from lib.specs import load_specs
-from lib.data import SdfSamples, read_split
+from lib.datasets import SdfSamples, read_split
 from lib.errors import MeshSDFError
 from lib.io import read_mesh
 from lib.metrics import genus, merge_vertices
-from lib.sampling import split_by_sign, write_sdf_samples
+from lib.datasets.sampling import split_by_sign, write_sdf_samples
 from lib.train import (StepSchedule, TrainSettings, ConstantSchedule, WarmupSchedule, clamped_l1, code_reg_weight,
                        reconstruct_training_shapes, train_auto_decoder, truncate_logs)
 

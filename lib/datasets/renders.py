@@ -15,6 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..camera import Camera, disn_camera, write_disn_metadata
+from ..io import save_png
+from ..render import shade
+from .images import METADATA_FILE, view_image_name
+
+__all__ = ["DISN_AZIMUTH", "DISN_ELEVATION", "SHAPENET_DISTANCE_RATIO", "SHAPENET_RADIUS", "distance_ratio_for",
+           "random_disn_cameras", "render_rgba", "render_views"]
+
 DISN_AZIMUTH = (0.0, 360.0)        # degrees, uniform (DISN / 3D-R2N2 renders)
 DISN_ELEVATION = (10.0, 40.0)      # degrees, uniform
 # x CAM_MAX_DIST for an object of radius about 0.5 (ShapeNet units) to fill ~2/3 of the image
@@ -32,8 +40,6 @@ def distance_ratio_for(radius: float) -> tuple[float, float]:
 def random_disn_cameras(count: int, rng: np.random.Generator, image_size: int = 224,
                         distance_ratio: tuple[float, float] = SHAPENET_DISTANCE_RATIO):
     """``count`` DISN cameras (batched ``Camera``, float64) at uniformly random azimuth / elevation / distance."""
-    from lib.camera import disn_camera
-
     az = rng.uniform(*DISN_AZIMUTH, size=count)
     el = rng.uniform(*DISN_ELEVATION, size=count)
     ratio = rng.uniform(*distance_ratio, size=count)
@@ -48,8 +54,6 @@ def render_rgba(verts: torch.Tensor, faces: torch.Tensor, camera, color=(0.8, 0.
     box-filtered down, so alpha is the pixel's coverage (as Blender's) and rgb the mean
     colour of the covered part.
     """
-    from lib.render import shade
-
     s = camera.image_size[0]
     big = shade(verts, faces, camera.resized(s * supersample), color=color)          # (B, sS, sS, 4)
     big = big if big.dim() == 4 else big[None]
@@ -69,10 +73,6 @@ def render_views(verts, faces, out_dir: str | os.PathLike, views: int, image_siz
     distance_ratio: the range of the cameras' distance ratio (default: for the mesh's
     radius, ``distance_ratio_for``).
     """
-    from lib.camera import Camera, write_disn_metadata
-    from lib.data import METADATA_FILE, view_image_name
-    from lib.io import save_png
-
     out_dir = Path(out_dir)
     v = torch.as_tensor(np.asarray(verts), dtype=torch.float32)
     f = torch.as_tensor(np.asarray(faces), dtype=torch.int64)
