@@ -42,8 +42,15 @@ def rgba_to_tensor(image: np.ndarray, path: Path, image_size: int | None = None)
     """A decoded PNG (H, W, 4) uint8 as a (4, S, S) uint8 tensor, at ``image_size`` S if given
     (else at its own size).
 
-    Raises MeshSDFError naming ``path`` unless the image is square RGBA.  Resizing uses
-    area averaging when shrinking (like a camera's pixels) and bilinear when enlarging.
+    Resizing uses area averaging when shrinking (like a camera's pixels) and bilinear when
+    enlarging.
+
+    Args:
+        image: (H, W, 4) uint8, as ``lib.io.read_png`` returns it.
+        path: the file it came from, named in errors.
+        image_size: S, or None to keep the image's own size (default).
+    Returns:
+        (4, S, S) uint8.  MeshSDFError unless the image is square RGBA.
     """
     if image.ndim != 3 or image.shape[2] != 4:
         got = f"{image.shape[2]} channels" if image.ndim == 3 else "a grey image"
@@ -83,16 +90,27 @@ class RenderSet:
     ``image_size`` None (the original's way): the renders are used at their own size, which
     must be the same for all (that of the first instance's first view; another size raises
     MeshSDFError); a number resizes every render to it.  ``self.image_size`` is the size
-    used.  Cameras are built at that size and, when
-    ``normalization_path`` is given, moved from the frame the renders were made in into the
-    frame of the SDF samples: that file (``lib.datasets.sampling.read_normalization``: ``offset`` (3,),
-    ``scale``) maps DeepSDF's ``normalised = (original + offset) * scale``.
+    used.  Cameras are built at that size and, when ``normalization_path`` is given, moved
+    from the frame the renders were made in into the frame of the SDF samples: that file
+    (``sampling.read_normalization``: ``offset`` (3,), ``scale``) maps DeepSDF's
+    ``normalised = (original + offset) * scale``.
 
     Everything is checked when the set is built (files present, metadata parsable with
     enough views, normalisation readable), so a bad dataset fails before training starts;
     images are decoded and checked when first used, or all at once with ``cache=True``
     (kept as uint8 in memory; "auto" caches when they take less than ``cache_limit`` bytes).
     Every problem raises MeshSDFError naming the file.
+
+    Args:
+        data_source: the data folder (DataSource in specs.json).
+        instances: the split's instances, scene k = ``instances[k]``.
+        image_size: S, or None for the renders' own size.
+        num_views: views per instance used (NumberOfViews), >= 1.
+        renders_path: path template of an instance's render folder (default ``DEFAULT_RENDERS_PATH``).
+        normalization_path: path template of an instance's normalisation file, or None (default):
+            the renders are already in the frame of the samples.
+        cache: True, False or "auto" (default): keep decoded images in memory.
+        cache_limit: bytes below which "auto" caches (default 2 ** 30).
     """
 
     def __init__(self, data_source: str | os.PathLike, instances: Sequence[Instance], image_size: int | None,
@@ -169,7 +187,14 @@ class RenderSet:
         return img
 
     def images(self, scenes: torch.Tensor, views: torch.Tensor, device=None) -> torch.Tensor:
-        """RGBA images (B, 4, S, S) float32 in [0, 1] on ``device`` for scene/view pairs (B,) each."""
+        """The images of some views.
+
+        Args:
+            scenes, views: (B,) int64 each, the scene/view pairs.
+            device: where the batch goes (default CPU); to CUDA it is copied as uint8 through pinned memory.
+        Returns:
+            RGBA images (B, 4, S, S) float32 in [0, 1] on ``device``.
+        """
         imgs = [self._load(int(s), int(v)) for s, v in zip(scenes.tolist(), views.tolist())]
         device = torch.device("cpu") if device is None else torch.device(device)
         if device.type == "cuda":  # as uint8 (4x fewer bytes than float) through pinned memory
@@ -187,9 +212,13 @@ class RenderSet:
         return self.cameras[scene][view]
 
     def random_views(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``count`` view indices drawn uniformly from 0 .. num_views - 1, (count,) int64 (CPU).
+        """Random views.
 
-        ``generator`` may live on any device (e.g. the SDF sampler's).
+        Args:
+            count: how many.
+            generator: may live on any device (e.g. the SDF sampler's); default torch's global one.
+        Returns:
+            (count,) int64 CPU view indices drawn uniformly from 0 .. num_views - 1.
         """
         dev = generator.device if generator is not None else None
         return torch.randint(self.num_views, (count,), generator=generator, device=dev).cpu()
@@ -203,9 +232,14 @@ def _first_views(cam, n: int):
 def to_normalized_frame(camera, normalization):
     """The camera that sees normalised points as ``camera`` sees the original ones.
 
-    ``normalization``: a ``lib.datasets.sampling.Normalization`` (DeepSDF's normalised = (original +
-    offset) * scale).  With p_cam = R original + t, the camera (R, scale (t - R offset))
-    gives p_cam' = scale p_cam: the same pixels, depth times scale.
+    With p_cam = R original + t, the camera (R, scale (t - R offset)) gives
+    p_cam' = scale p_cam: the same pixels, depth times scale.
+
+    Args:
+        camera: a ``lib.camera.Camera`` (batched or not) of the original frame.
+        normalization: a ``sampling.Normalization`` (DeepSDF's normalised = (original + offset) * scale).
+    Returns:
+        the Camera of the normalised frame, batched like ``camera``.
     """
     off = torch.as_tensor(normalization.offset).to(camera.R)
     scale = float(normalization.scale)
@@ -238,11 +272,16 @@ class RgbaSdfSamples:
 
     def batch(self, scenes: torch.Tensor, samples_per_scene: int, generator: torch.Generator | None = None,
               device=None, views: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One training batch for ``scenes`` (B,): the given ``views`` (B,) of them, or a random view of each.
+        """One training batch: an image of each scene and its SDF samples.
 
-        Returns images (B, 4, S, S) float32 in [0, 1], xyz (B, N, 3) and sdf (B, N) on
-        ``device``.  ``generator`` (on the SDF samples' device) makes the views and samples
-        reproducible.
+        Args:
+            scenes: (B,) int64 scene indices.
+            samples_per_scene: N.
+            generator: on the SDF samples' device; makes the views and samples reproducible.
+            device: where the batch goes (None: xyz and sdf on the SDF samples' device, images on the CPU).
+            views: (B,) int64 views of the scenes, or None (default) for a random view of each.
+        Returns:
+            images (B, 4, S, S) float32 in [0, 1], xyz (B, N, 3) and sdf (B, N) on ``device``.
         """
         if views is None:
             views = self.renders.random_views(len(scenes), generator)

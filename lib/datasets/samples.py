@@ -23,7 +23,14 @@ __all__ = ["read_sdf_samples", "missing_samples_message", "SdfSamples", "PinnedS
 
 def missing_samples_message(path: Path, dataset: str) -> str:
     """Why ``DataSource/<dataset>/<class>/<instance>.npz`` is missing, and the fix: a misspelt
-    instance in the split, a DataSource that points elsewhere, or data not created yet."""
+    instance in the split, a DataSource that points elsewhere, or data not created yet.
+
+    Args:
+        path: the missing sample file.
+        dataset: its dataset's name (a built-in one gets the prepare_data.py command that makes it).
+    Returns:
+        the one-line message for MeshSDFError.
+    """
     path = Path(path)
     cls_dir, ds_dir = path.parent, path.parent.parent
     source = ds_dir.parent
@@ -61,7 +68,15 @@ def _unreadable_npz(path: Path) -> str:
 
 
 def read_sdf_samples(path: str | os.PathLike, dataset: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """``pos`` and ``neg`` of a DeepSDF npz as (P, 4), (Q, 4) float32 CPU tensors without NaN rows."""
+    """The samples of one DeepSDF ``.npz`` file.
+
+    Args:
+        path: the ``.npz`` file (arrays ``pos`` and ``neg``, (N, 4) rows x y z sdf).
+        dataset: its dataset's name, for the message when the file is missing (default "").
+    Returns:
+        pos (P, 4), neg (Q, 4): float32 CPU tensors without rows holding NaN or inf.  MeshSDFError
+        when the file is missing, unreadable or holds other arrays.
+    """
     path = Path(path)
     if not path.is_file():
         raise MeshSDFError(missing_samples_message(path, dataset))
@@ -93,6 +108,12 @@ class SdfSamples:
     (P + Q, 4) table ``rows``: all pos rows, then all neg rows; scene k's pos rows are
     ``rows[pos_start[k]:pos_start[k] + pos_count[k]]`` and likewise for neg, so a batch is
     one vectorised gather.
+
+    Args:
+        data_source: the data folder (DataSource in specs.json).
+        instances: the split's instances, scene k = ``instances[k]``.
+        device: where the rows are kept (default CPU).
+    MeshSDFError when a sample file is missing or unreadable (all are checked before loading).
     """
 
     def __init__(self, data_source: str | os.PathLike, instances: Sequence[Instance], device=None):
@@ -123,6 +144,7 @@ class SdfSamples:
 
     @classmethod
     def from_split(cls, data_source: str | os.PathLike, split_file: str | os.PathLike, device=None) -> "SdfSamples":
+        """The samples of the instances of ``split_file`` (``read_split``), on ``device`` (default CPU)."""
         return cls(data_source, read_split(split_file), device=device)
 
     def __len__(self) -> int:
@@ -134,12 +156,19 @@ class SdfSamples:
 
     def sample(self, scenes: torch.Tensor, samples_per_scene: int, generator: torch.Generator | None = None,
                device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random samples of ``scenes`` (B,) int64: xyz (B, S, 3) and sdf (B, S).
+        """Random samples of some scenes.
 
         The first S // 2 samples of each scene come from ``pos``, the other S - S // 2 from
-        ``neg``, uniformly with replacement.  ``generator`` (on ``self.device``) makes it
-        reproducible.  The result is on ``device`` (default ``self.device``): from CPU
-        samples to a GPU the rows are gathered into pinned memory and copied asynchronously.
+        ``neg``, uniformly with replacement.  From CPU samples to a GPU the rows are gathered
+        into pinned memory and copied asynchronously.
+
+        Args:
+            scenes: (B,) int64 scene indices.
+            samples_per_scene: S.
+            generator: on ``self.device``; makes the draw reproducible (default: torch's global one).
+            device: where the result goes (default ``self.device``).
+        Returns:
+            xyz (B, S, 3) and sdf (B, S), float32 on ``device``.
         """
         scenes = scenes.to(self.device, torch.int64)
         b, n = scenes.shape[0], int(samples_per_scene)
@@ -174,7 +203,15 @@ class PinnedStaging:
         self._turn = 0
 
     def upload(self, fill, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """``fill(buf)`` writes the data into a pinned ``shape`` buffer; returns its copy on ``device``."""
+        """A copy on ``device`` of data written into a pinned host buffer.
+
+        Args:
+            fill: ``fill(buf)`` writes the data into ``buf``, a pinned CPU tensor of ``shape``.
+            shape, dtype: of the data.
+            device: the CUDA device to copy to.
+        Returns:
+            the tensor (``shape``, ``dtype``) on ``device``; the copy may still be running on its stream.
+        """
         slot = self._turn
         self._turn = (slot + 1) % len(self._bufs)
         if self._events[slot] is not None:
@@ -201,6 +238,14 @@ def scene_batches(num_scenes: int, scenes_per_batch: int, generator: torch.Gener
 
     The permutation is drawn on ``generator``'s device (torch refuses a CUDA generator for a
     CPU randperm), so the batches live there too.
+
+    Args:
+        num_scenes: the number of scenes N.
+        scenes_per_batch: B.
+        generator: makes the permutation reproducible (default: torch's global one, CPU).
+        drop_last: leave out a last batch shorter than B (default False).
+    Returns:
+        list of (B,) int64 tensors (the last (N mod B,) unless ``drop_last``).
     """
     perm = torch.randperm(num_scenes, generator=generator, device=generator.device if generator is not None else None)
     batches = list(perm.split(scenes_per_batch))
