@@ -18,7 +18,7 @@ import torch
 from lib import checkpoint, limits, runtime
 from lib.specs import load_specs, resolve_path
 from lib.camera import DEMO_AZIMUTH, DEMO_DISTANCE, DEMO_ELEVATION, demo_camera
-from lib.data import read_split
+from lib.datasets import read_split
 from lib.errors import MeshSDFError, cli_main
 from lib.io import GIF_MAX_FPS, GIF_MIN_FPS, atomic_write, save_gif, save_png, staged_dir, write_ply
 from lib.isosurface import MODES

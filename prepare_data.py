@@ -44,7 +44,7 @@ def _names(names) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from lib.shapes import BUILTIN_DATASETS, TOY_CARS_DEFAULT_COUNT
+    from lib.datasets.shapes import BUILTIN_DATASETS, TOY_CARS_DEFAULT_COUNT
 
     ap = argparse.ArgumentParser(
         prog="prepare_data.py",
@@ -111,7 +111,7 @@ def _check_writable(folder: Path) -> None:
 
 
 def _countable() -> list[str]:
-    from lib.shapes import COUNTABLE_DATASETS
+    from lib.datasets.shapes import COUNTABLE_DATASETS
 
     return sorted(COUNTABLE_DATASETS)
 
@@ -157,7 +157,7 @@ def _worker_init() -> None:
 
 def _job(task: tuple) -> dict:
     """Worker: one instance from a mesh file or a built-in shape (picklable for spawn)."""
-    from lib.sampling import prepare_mesh
+    from lib.datasets.sampling import prepare_mesh
 
     kind, source, out, dataset, instance, n, seed, resolution = task[:8]
     render = task[8] if len(task) > 8 else None
@@ -167,15 +167,15 @@ def _job(task: tuple) -> dict:
 
         verts, faces = read_mesh(source)
     else:
-        from lib.shapes import builtin_color, mesh_builtin
+        from lib.datasets.shapes import builtin_color, mesh_builtin
 
         v, f = mesh_builtin(source, resolution)
         verts, faces = v.numpy(), f.numpy()
         color = builtin_color(source)
     result = prepare_mesh(verts, faces, out, dataset, instance, n, seed=seed, name=str(source))
     if render:
-        from lib.datasets import render_views
-        from lib.sampling import normalization
+        from lib.datasets.renders import render_views
+        from lib.datasets.sampling import normalization
 
         # the normalised mesh, as written to meshes/: renders in the frame of the samples
         normalised = normalization(verts, faces, str(source)).apply(verts)
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     if views:
         limits.check_image(args.image_size)
     if args.builtin:
-        from lib.shapes import BUILTIN_DATASETS, COUNTABLE_DATASETS
+        from lib.datasets.shapes import BUILTIN_DATASETS, COUNTABLE_DATASETS
 
         dataset = args.dataset or args.builtin
         names = (COUNTABLE_DATASETS[args.builtin](args.count) if args.count is not None
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
         sources = [("builtin", name, name) for name in names]
     else:
         from lib.io import read_mesh
-        from lib.sampling import normalization, validate_mesh
+        from lib.datasets.sampling import normalization, validate_mesh
 
         if not args.dataset:
             raise MeshSDFError("--dataset NAME is required with --mesh")

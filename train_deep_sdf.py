@@ -11,7 +11,7 @@ import argparse
 
 from lib import checkpoint, distributed, limits, runtime
 from lib.specs import load_specs, resolve_path
-from lib.data import SdfSamples, read_split
+from lib.datasets import SdfSamples, read_split
 from lib.errors import MeshSDFError, cli_main
 from lib.log import info
 from lib.train import reconstruct_training_shapes, train_auto_decoder

@@ -80,7 +80,7 @@ def worker_train(epochs: int) -> dict:
     import torch
 
     from lib import runtime
-    from lib.data import SdfSamples
+    from lib.datasets import SdfSamples
     from lib.specs import load_specs
     from lib.train import train_auto_decoder
 

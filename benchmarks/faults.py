@@ -37,10 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lib import checkpoint  # noqa: E402
-from lib.data import read_split  # noqa: E402
+from lib.datasets import read_split  # noqa: E402
 from lib.models.decoder import decoder_from_specs  # noqa: E402
 from lib.train import TrainSettings, make_latent_codes  # noqa: E402
-from lib.sampling import split_by_sign, write_sdf_samples  # noqa: E402
+from lib.datasets.sampling import split_by_sign, write_sdf_samples  # noqa: E402
 from lib.specs import load_specs  # noqa: E402
 
 ENV = dict(os.environ, MESHSDF_QUIET="1", OMP_NUM_THREADS="1")

@@ -143,7 +143,7 @@ def render_rows(device, repeats):
 def train_step_rows(device, repeats):
     from train_step import naive_forward, write_synthetic_scenes
 
-    from lib.data import SdfSamples
+    from lib.datasets import SdfSamples
     from lib.specs import load_specs
     from lib.models.decoder import decoder_from_specs
     from lib.train import TrainSettings, auto_decoder_loss, clamped_l1, optimizer_step

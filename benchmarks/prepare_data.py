@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.sampling import normalization, prepare_mesh, sample_points, signed_distance  # noqa: E402
+from lib.datasets.sampling import normalization, prepare_mesh, sample_points, signed_distance  # noqa: E402
 
 
 def load_mesh(path: str | None):
@@ -30,7 +30,7 @@ def load_mesh(path: str | None):
     if path or default.is_file():
         p = Path(path or default)
         return str(p), *read_mesh(p)
-    from lib.shapes import bob, mesh_shape
+    from lib.datasets.shapes import bob, mesh_shape
 
     v, f = mesh_shape(bob(), 52)
     return "built-in bob @52", v.numpy(), f.numpy()

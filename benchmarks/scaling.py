@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lib import checkpoint  # noqa: E402
-from lib.sampling import split_by_sign, write_sdf_samples  # noqa: E402
+from lib.datasets.sampling import split_by_sign, write_sdf_samples  # noqa: E402
 
 
 def make_experiment(root: Path, scenes: int, batch: int, samples: int, dims: list[int], epochs: int) -> Path:

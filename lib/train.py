@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from lib import checkpoint, distributed, runtime
-from lib.data import SdfSamples, scene_batches
+from lib.datasets import SdfSamples, scene_batches
 from lib.errors import MeshSDFError
 from lib.log import info, progress
 from lib.models.decoder import Decoder, decoder_from_specs, sdf as decoder_sdf

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.data import Instance, SdfSamples, read_sdf_samples, read_split, scene_batches
+from lib.datasets import Instance, SdfSamples, read_sdf_samples, read_split, scene_batches
 from lib.errors import MeshSDFError
 
 
@@ -105,3 +105,18 @@ def test_each_scene_owns_its_documented_slices_of_the_row_table(tmp_path):
         for start, count, want in ((data.pos_start, data.pos_count, pos), (data.neg_start, data.neg_count, neg)):
             got = data.rows[int(start[k]): int(start[k]) + int(count[k])]
             assert torch.equal(got, want)
+
+
+def test_datasets_package_exports_its_modules_names():
+    import importlib
+
+    import lib.datasets as ds
+
+    for name in ds.__all__:
+        assert hasattr(ds, name), name
+    for sub in ("splits", "samples", "images", "renders"):
+        mod = importlib.import_module(f"lib.datasets.{sub}")
+        for name in mod.__all__:
+            assert hasattr(mod, name), f"{sub}.{name}"
+            if name in ds.__all__:
+                assert getattr(ds, name) is getattr(mod, name), name

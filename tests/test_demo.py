@@ -181,7 +181,7 @@ def test_shipped_checkpoint_reproduces_the_real_meshes():
     from lib.meshsdf import mesh_from_sdf
     from lib.metrics import mesh_chamfer
     from lib.metrics import topology
-    from lib.sampling import normalization
+    from lib.datasets.sampling import normalization
 
     specs = load_specs(EXP)
     decoder = checkpoint.load_decoder(EXP, specs)

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+import lib.svr.train as svr_train_mod
 import lib.train as train_mod
 from lib import checkpoint, distributed
 from lib.specs import load_specs, load_svr_specs
-from lib.data import SdfSamples, read_split
+from lib.datasets import SdfSamples, read_split
 from lib.errors import MeshSDFError
 from lib.models.decoder import decoder_from_specs
-from lib.sampling import split_by_sign, write_sdf_samples
+from lib.datasets.sampling import split_by_sign, write_sdf_samples
 from lib.train import TrainSettings, auto_decoder_loss, resume_point, train_auto_decoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,8 +225,8 @@ def torchrun(nproc: int, script: Path, *args, restarts=0, timeout=240, **kw) -> 
 
 
 def record_steps(monkeypatch) -> list:
-    """Make lib.train.optimizer_step (used by both trainers) append every parameter after each step
-    to the returned list."""
+    """Make lib.train.optimizer_step (used by both trainers; lib.svr.train holds its own binding)
+    append every parameter after each step to the returned list."""
     snaps = []
     real = train_mod.optimizer_step
 
@@ -235,6 +236,7 @@ def record_steps(monkeypatch) -> list:
         return value
 
     monkeypatch.setattr(train_mod, "optimizer_step", recording)
+    monkeypatch.setattr(svr_train_mod, "optimizer_step", recording)
     return snaps
 
 
@@ -296,6 +298,7 @@ import os, signal, sys
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {repo!r})
+import lib.svr.train as S
 import lib.train as T
 import train_svr
 snaps, real = [], T.optimizer_step
@@ -306,7 +309,7 @@ def recording(optimizer, *a, **k):
     value = real(optimizer, *a, **k)
     snaps.append([p.detach().clone() for g in optimizer.param_groups for p in g["params"]])
     return value
-T.optimizer_step = recording
+T.optimizer_step = S.optimizer_step = recording
 rc = train_svr.main(sys.argv[2:])
 torch.save({{"rc": rc, "snaps": snaps}}, os.path.join(sys.argv[1], "rank%s_attempt%s.pt" % (os.environ["RANK"], attempt)))
 sys.exit(rc)

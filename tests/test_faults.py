@@ -16,7 +16,7 @@ import torch
 
 from lib import checkpoint, distributed
 from lib.specs import load_specs, load_svr_specs
-from lib.data import SdfSamples, read_split
+from lib.datasets import SdfSamples, read_split
 from lib.models.decoder import decoder_from_specs
 from lib.train import TrainSettings, make_latent_codes, train_auto_decoder
 from tests.test_distributed import one_thread, tiny_experiment, tiny_svr_experiment

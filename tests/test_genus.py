@@ -4,22 +4,16 @@ from lib.isosurface import extract_dense
 from lib.metrics import euler_characteristic, genus
 from lib.io import read_mesh
 
-
-def _torus(p, R=0.5, r=0.2):
-    q = torch.stack([p[:, :2].norm(dim=1) - R, p[:, 2]], 1)
-    return q.norm(dim=1) - r
+from fields import sphere, torus, union
 
 
-def _double_torus(p):
-    a = _torus(p - torch.tensor([0.45, 0, 0]), 0.35, 0.12)
-    b = _torus(p + torch.tensor([0.45, 0, 0]), 0.35, 0.12)
-    return torch.minimum(a, b)
+_double_torus = union(torus(0.35, 0.12).translate((0.45, 0.0, 0.0)), torus(0.35, 0.12).translate((-0.45, 0.0, 0.0)))
 
 
 def test_genus_of_analytic_shapes():
     v, f = extract_dense(lambda p: p.norm(dim=1) - 0.5, 40)
     assert euler_characteristic(v, f) == 2 and genus(v, f) == 0
-    v, f = extract_dense(_torus, 48)
+    v, f = extract_dense(torus(0.5, 0.2), 48)
     assert genus(v, f) == 1
     v, f = extract_dense(_double_torus, 64)
     assert genus(v, f) == 2
@@ -51,13 +45,9 @@ def test_topology_counts_scrambled_pieces():
     travel far through the index order): chi = 2 * 2 + 0 * 3, 5 pieces, genus 3."""
     from lib.metrics import topology
 
-    def torus_at(c):
-        return lambda p: _torus(p - torch.tensor(c), 0.18, 0.06)
-
-    shapes = [torus_at([-0.6, -0.5, 0.0]), torus_at([0.0, 0.5, 0.0]), torus_at([0.6, -0.5, 0.0]),
-              lambda p: (p - torch.tensor([0.0, -0.5, 0.5])).norm(dim=1) - 0.15,
-              lambda p: (p - torch.tensor([0.0, 0.0, -0.6])).norm(dim=1) - 0.2]
-    v, f = extract_dense(lambda p: torch.stack([s(p) for s in shapes]).min(0).values, 72)
+    shapes = [torus(0.18, 0.06).translate(c) for c in ([-0.6, -0.5, 0.0], [0.0, 0.5, 0.0], [0.6, -0.5, 0.0])]
+    shapes += [sphere(0.15, (0.0, -0.5, 0.5)), sphere(0.2, (0.0, 0.0, -0.6))]
+    v, f = extract_dense(union(*shapes), 72)
     perm = torch.randperm(len(v), generator=torch.Generator().manual_seed(0))
     f = perm[torch.as_tensor(f).long()]
     assert topology(f) == (4, 5, 3)

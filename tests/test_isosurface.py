@@ -11,6 +11,8 @@ from lib.errors import MeshSDFError
 from lib.isosurface import _BlockGrid, _sentinel_seeds, extract, grid_points, marching_cubes, marching_cubes_cells, same_mesh
 from lib.metrics import genus
 
+from fields import sphere, torus, union
+
 
 def skimage_mc(vals, level=0.0):
     """The oracle: scikit-image's Lewiner marching cubes, mapped to world coordinates."""
@@ -20,27 +22,6 @@ def skimage_mc(vals, level=0.0):
     n = vol.shape[0]
     v, f, _, _ = measure.marching_cubes(vol, level=level, spacing=(2 / (n - 1),) * 3)
     return torch.from_numpy(np.ascontiguousarray(v - 1, dtype=np.float32)), torch.from_numpy(f.astype(np.int64))
-
-
-def sphere(r=0.55, c=(0.0, 0.0, 0.0)):
-    c = torch.tensor(c)
-    return lambda p: (p - c.to(p)).norm(dim=1) - r
-
-
-def torus(R=0.5, r=0.2):
-    def f(p):
-        q = torch.stack([p[:, :2].norm(dim=1) - R, p[:, 2]], 1)
-        return q.norm(dim=1) - r
-    return f
-
-
-def union(*fs):
-    def f(p):
-        out = fs[0](p)
-        for g in fs[1:]:
-            out = torch.minimum(out, g(p))
-        return out
-    return f
 
 
 def scene(p):
@@ -192,9 +173,9 @@ def test_same_mesh_detects_differences():
 
 def test_bad_arguments():
     with pytest.raises(MeshSDFError):
-        extract(sphere(), 16, "octree")
+        extract(sphere(0.55), 16, "octree")
     with pytest.raises(MeshSDFError):
-        extract(sphere(), 16, "sparse", coarse_stride=3)
+        extract(sphere(0.55), 16, "sparse", coarse_stride=3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -14,25 +14,7 @@ from lib.metrics import connected_components, genus
 from lib.models.decoder import Decoder
 from lib.models.decoder import sdf as decoder_sdf
 
-
-class Sphere(nn.Module):
-    """s = k (|x| - z): a sphere of radius z whose SDF is scaled by k."""
-
-    def __init__(self, k=1.0):
-        super().__init__()
-        self.k = k
-
-    def forward(self, inp):
-        return self.k * (inp[:, 1:].norm(dim=1, keepdim=True) - inp[:, :1])
-
-
-class Torus(nn.Module):
-    """latent (R, r): an exact distance field."""
-
-    def forward(self, inp):
-        big, small, x = inp[:, :1], inp[:, 1:2], inp[:, 2:]
-        q = torch.cat([x[:, :2].norm(dim=1, keepdim=True) - big, x[:, 2:]], 1)
-        return q.norm(dim=1, keepdim=True) - small
+from fields import LatentSphere, LatentTorus, sphere, torus
 
 
 class Bumpy(nn.Module):
@@ -49,9 +31,7 @@ class Blend(nn.Module):
 
     def forward(self, inp):
         t, x = inp[:, :1], inp[:, 1:]
-        ball = x.norm(dim=1, keepdim=True) - 0.6
-        q = torch.cat([x[:, :2].norm(dim=1, keepdim=True) - 0.5, x[:, 2:]], 1)
-        return (1 - t) * ball + t * (q.norm(dim=1, keepdim=True) - 0.2)
+        return (1 - t) * sphere(0.6)(x)[:, None] + t * torus(0.5, 0.2)(x)[:, None]
 
 
 def _tri(v, f):
@@ -94,7 +74,7 @@ def test_sphere_radius_gradient(k):
     """d(mean vertex radius)/dz: exact 1 for any k; paper gives k (its unit normal ignores |grad s|)."""
     for gradient, expected in (("exact", 1.0), ("paper", k)):
         z = torch.tensor([0.5], requires_grad=True)
-        mesh = mesh_from_sdf(Sphere(k), z, 40, gradient=gradient)
+        mesh = mesh_from_sdf(LatentSphere(k), z, 40, gradient=gradient)
         mesh.verts.norm(dim=1).mean().backward()
         assert z.grad.item() == pytest.approx(expected, rel=1e-4)
         v = mesh.verts.shape[0]
@@ -104,7 +84,7 @@ def test_sphere_radius_gradient(k):
                               rtol=1e-4)
 
 
-@pytest.mark.parametrize("decoder,z0", [(Torus(), [0.5, 0.2]), (Bumpy(), [0.5, 0.3])], ids=["torus", "bumpy"])
+@pytest.mark.parametrize("decoder,z0", [(LatentTorus(), [0.5, 0.2]), (Bumpy(), [0.5, 0.3])], ids=["torus", "bumpy"])
 def test_gradients_match_finite_differences(decoder, z0):
     losses = (volume, area, moment)
     fd = fd_gradient(decoder, z0, losses, 48)
@@ -115,7 +95,7 @@ def test_gradients_match_finite_differences(decoder, z0):
             z.grad = None
             loss(mesh.verts, mesh.faces).backward(retain_graph=True)
             err = (z.grad - fd[j]).norm() / fd[j].norm()
-            if gradient == "exact" or isinstance(decoder, Torus):  # |grad s| = 1: paper == exact
+            if gradient == "exact" or isinstance(decoder, LatentTorus):  # |grad s| = 1: paper == exact
                 assert err < 0.02, (gradient, loss.__name__, z.grad, fd[j])
             else:  # the paper's rule is off by |grad s| on the displaced ball
                 assert err > 0.05, (gradient, loss.__name__, z.grad, fd[j])
@@ -214,7 +194,7 @@ def test_code_from_an_encoder_passes_the_gradient_on():
     into the encoder: its weight gradient is dL/dcode (outer) features, dL/dcode taken from
     the same mesh meshed from a detached leaf copy of the code."""
     torch.manual_seed(2)
-    dec = Torus()
+    dec = LatentTorus()
     enc = nn.Linear(4, 2)
     feat = torch.randn(4)
     with torch.no_grad():
@@ -250,28 +230,28 @@ def test_topology_change_genus_0_to_1():
 
 def test_empty_mesh_and_modes():
     z = torch.tensor([2.0], requires_grad=True)  # radius 2: the box is inside
-    mesh = mesh_from_sdf(Sphere(), z, 16)
+    mesh = mesh_from_sdf(LatentSphere(), z, 16)
     assert mesh.state.empty and mesh.verts.shape == (0, 3)
     mesh.verts.sum().backward()
     assert z.grad is not None and z.grad.item() == 0.0
     z = torch.tensor([0.5], requires_grad=True)
     state = None
     for mode in ("dense", "fast", "sparse"):
-        mesh = mesh_from_sdf(Sphere(), z, 32, mode=mode, state=state)
+        mesh = mesh_from_sdf(LatentSphere(), z, 32, mode=mode, state=state)
         state = mesh.state
         assert mesh.verts.requires_grad
     with torch.no_grad():
-        assert not mesh_from_sdf(Sphere(), z, 16).verts.requires_grad
+        assert not mesh_from_sdf(LatentSphere(), z, 16).verts.requires_grad
     with pytest.raises(MeshSDFError):
-        mesh_from_sdf(Sphere(), z, 16, gradient="implicit")
+        mesh_from_sdf(LatentSphere(), z, 16, gradient="implicit")
 
 
 def test_chunked_backward_and_latent_shape():
     z = torch.tensor([[0.5, 0.2]], requires_grad=True)  # (1, L) latent
-    mesh = mesh_from_sdf(Torus(), z, 32, gradient="exact", chunk=100)  # many chunks, forward and backward
+    mesh = mesh_from_sdf(LatentTorus(), z, 32, gradient="exact", chunk=100)  # many chunks, forward and backward
     volume(mesh.verts, mesh.faces).backward()
     whole = torch.tensor([[0.5, 0.2]], requires_grad=True)
-    one = mesh_from_sdf(Torus(), whole, 32, gradient="exact")
+    one = mesh_from_sdf(LatentTorus(), whole, 32, gradient="exact")
     volume(one.verts, one.faces).backward()
     assert z.grad.shape == (1, 2) and torch.allclose(z.grad, whole.grad, rtol=1e-5)
     assert mesh.state.dl_ds.shape == (mesh.verts.shape[0],)
@@ -280,11 +260,11 @@ def test_chunked_backward_and_latent_shape():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda():
     z = torch.tensor([0.5, 0.2], device="cuda", requires_grad=True)
-    mesh = mesh_from_sdf(Torus(), z, 48, gradient="exact")
+    mesh = mesh_from_sdf(LatentTorus(), z, 48, gradient="exact")
     assert mesh.verts.is_cuda
     volume(mesh.verts, mesh.faces).backward()
     zc = torch.tensor([0.5, 0.2], requires_grad=True)
-    cpu = mesh_from_sdf(Torus(), zc, 48, gradient="exact")
+    cpu = mesh_from_sdf(LatentTorus(), zc, 48, gradient="exact")
     volume(cpu.verts, cpu.faces).backward()
     assert torch.allclose(z.grad.cpu(), zc.grad, rtol=1e-3)
 
@@ -314,8 +294,7 @@ class TorusNet(nn.Module):
         self.small = nn.Parameter(torch.tensor(small))
 
     def forward(self, p):
-        q = torch.stack((p[:, :2].norm(dim=1) - self.big, p[:, 2]), 1)
-        return q.norm(dim=1) - self.small
+        return torus(self.big, self.small)(p)
 
 
 class Occupancy(nn.Module):
@@ -396,12 +375,12 @@ def test_occupancy_field_at_tau():
 
 def test_batched_codes_one_backward_equal_per_code():
     codes = torch.tensor([[0.5, 0.2], [0.45, 0.15], [0.55, 0.25]], requires_grad=True)
-    meshes = mesh_from_sdf(Torus(), codes, 32, gradient="exact")
+    meshes = mesh_from_sdf(LatentTorus(), codes, 32, gradient="exact")
     assert isinstance(meshes, list) and len(meshes) == 3
     sum(volume(m.verts, m.faces) * (i + 1) for i, m in enumerate(meshes)).backward()
     for i in range(3):
         z = codes[i].detach().clone().requires_grad_(True)
-        one = mesh_from_sdf(Torus(), z, 32, gradient="exact")
+        one = mesh_from_sdf(LatentTorus(), z, 32, gradient="exact")
         assert torch.equal(one.verts.detach(), meshes[i].verts.detach())
         (volume(one.verts, one.faces) * (i + 1)).backward()
         assert torch.allclose(codes.grad[i], z.grad, rtol=1e-5, atol=1e-7)
@@ -412,7 +391,7 @@ def test_batched_codes_one_backward_equal_per_code():
     def field(points, index):
         if torch.is_grad_enabled() and points.requires_grad:
             seen.append(int(index.unique().numel()))
-        return Torus()(torch.cat((codes[index], points), 1)).reshape(-1)
+        return LatentTorus()(torch.cat((codes[index], points), 1)).reshape(-1)
 
     meshes = mesh_from_field(field, 32, batch=3, gradient="exact")
     seen.clear()

@@ -11,26 +11,12 @@ from lib.metrics import topology
 from lib.optimize import CodeAdam, LatentOptimizer, SilhouetteLoss, SurfaceLostError, demo_sigma, optimize
 from lib.render import silhouette
 
+from fields import LatentSphere, LatentTorus
+
 SIZE = 64
 
 
-class Sphere(nn.Module):
-    """latent (r,): the sphere of radius r (an exact distance field)."""
-
-    def forward(self, inp):
-        return inp[:, 1:].norm(dim=1, keepdim=True) - inp[:, :1]
-
-
-class Torus(nn.Module):
-    """latent (R, r) around the z axis."""
-
-    def forward(self, inp):
-        big, small, x = inp[:, :1], inp[:, 1:2], inp[:, 2:]
-        q = torch.cat([x[:, :2].norm(dim=1, keepdim=True) - big, x[:, 2:]], 1)
-        return q.norm(dim=1, keepdim=True) - small
-
-
-class WithWeight(Sphere):
+class WithWeight(LatentSphere):
     """A decoder with a parameter, to check that it is frozen."""
 
     def __init__(self):
@@ -52,7 +38,7 @@ def sphere_target(radius, resolution=24):
 
 def test_converges_to_target_radius():
     loss_fn = SilhouetteLoss(camera(), sphere_target(0.5))
-    opt = LatentOptimizer(Sphere(), torch.tensor([0.3]), loss_fn, lr=0.02, resolution=24)
+    opt = LatentOptimizer(LatentSphere(), torch.tensor([0.3]), loss_fn, lr=0.02, resolution=24)
     run = optimize(opt, 30)
     assert run.stopped == "" and len(run.history) == 30
     losses = [r["loss"] for r in run.history]
@@ -64,7 +50,7 @@ def test_converges_to_target_radius():
 
 
 def _loss_at(radius, loss_fn, resolution):
-    opt = LatentOptimizer(Sphere(), torch.tensor([radius]), loss_fn, resolution=resolution, mode="dense")
+    opt = LatentOptimizer(LatentSphere(), torch.tensor([radius]), loss_fn, resolution=resolution, mode="dense")
     return opt.evaluate().loss
 
 
@@ -72,7 +58,7 @@ def _loss_at(radius, loss_fn, resolution):
 def test_code_gradient_matches_finite_difference(gradient):
     """For an exact distance field both rules equal d loss / d r of the re-extracted mesh."""
     loss_fn = SilhouetteLoss(camera(), sphere_target(0.55))
-    opt = LatentOptimizer(Sphere(), torch.tensor([0.4]), loss_fn, lr=1e-9, resolution=32, gradient=gradient)
+    opt = LatentOptimizer(LatentSphere(), torch.tensor([0.4]), loss_fn, lr=1e-9, resolution=32, gradient=gradient)
     opt.step()
     g = float(opt.latent.grad[0])
     h = 2e-3
@@ -88,7 +74,7 @@ def test_modes_agree_along_an_optimisation_path():
     the surface moving well under a voxel per step, finds dense's cells with vertices
     within a tenth of a voxel (grid values outside its refreshed band are stale)."""
     loss_fn = SilhouetteLoss(camera(), sphere_target(0.5), loss="l1")
-    opts = {m: LatentOptimizer(Sphere(), torch.tensor([0.35]), loss_fn, lr=0.01, resolution=24, mode=m)
+    opts = {m: LatentOptimizer(LatentSphere(), torch.tensor([0.35]), loss_fn, lr=0.01, resolution=24, mode=m)
             for m in ("dense", "sparse", "fast")}
     for step in range(6):
         its = {m: o.step() for m, o in opts.items()}
@@ -125,7 +111,7 @@ def test_code_adam_is_torch_adam():
 
 def test_callbacks_final_and_latent_bookkeeping():
     loss_fn = SilhouetteLoss(camera(), sphere_target(0.5))
-    opt = LatentOptimizer(Sphere(), torch.tensor([0.3]), loss_fn, lr=0.05, resolution=20)
+    opt = LatentOptimizer(LatentSphere(), torch.tensor([0.3]), loss_fn, lr=0.05, resolution=20)
     seen, finals = [], []
 
     def cb(it):
@@ -150,7 +136,7 @@ def test_nr_iterations_carry_the_visible_faces_of_their_own_mesh():
     from lib.visualize import movie_frame
 
     hard = SilhouetteLoss(camera(), sphere_target(0.5), renderer="nr")
-    opt = LatentOptimizer(Sphere(), torch.tensor([0.3]), hard, lr=0.05, resolution=20)
+    opt = LatentOptimizer(LatentSphere(), torch.tensor([0.3]), hard, lr=0.05, resolution=20)
     for _ in range(3):
         it = opt.step()
         assert torch.equal(it.face_idx, face_index(it.verts, it.faces, camera()))
@@ -158,7 +144,8 @@ def test_nr_iterations_carry_the_visible_faces_of_their_own_mesh():
         colors = torch.rand(it.faces.shape[0], 3)
         assert torch.equal(movie_frame(it.verts, it.faces, colors, camera(), face_idx=it.face_idx),
                            movie_frame(it.verts, it.faces, colors, camera()))
-    soft = LatentOptimizer(Sphere(), torch.tensor([0.3]), SilhouetteLoss(camera(), sphere_target(0.5)), resolution=20)
+    soft = LatentOptimizer(LatentSphere(), torch.tensor([0.3]), SilhouetteLoss(camera(), sphere_target(0.5)),
+                           resolution=20)
     assert soft.step().face_idx is None
 
 
@@ -173,7 +160,7 @@ def test_decoder_is_frozen_and_input_code_untouched():
 
 def test_vanishing_surface_stops_with_history():
     empty = torch.zeros(SIZE, SIZE)
-    opt = LatentOptimizer(Sphere(), torch.tensor([0.3]), SilhouetteLoss(camera(), empty), lr=0.2, resolution=16)
+    opt = LatentOptimizer(LatentSphere(), torch.tensor([0.3]), SilhouetteLoss(camera(), empty), lr=0.2, resolution=16)
     run = optimize(opt, 20)
     assert run.stopped and "vanished" in run.stopped and run.final is None
     assert 1 <= len(run.history) < 20
@@ -205,11 +192,11 @@ def test_bad_settings():
     for kw, msg in (({"mode": "quick"}, "dense, fast, sparse"), ({"gradient": "x"}, "paper, exact"),
                     ({"lr": 0.0}, "learning rate")):
         with pytest.raises(MeshSDFError, match=msg):
-            LatentOptimizer(Sphere(), torch.tensor([0.3]), loss_fn, **kw)
+            LatentOptimizer(LatentSphere(), torch.tensor([0.3]), loss_fn, **kw)
 
 
 def test_topology_counts():
-    v, f, _ = extract(lambda p: Torus()(torch.cat([torch.tensor([[0.5, 0.2]]).expand(len(p), 2), p], 1))[:, 0],
+    v, f, _ = extract(lambda p: LatentTorus()(torch.cat([torch.tensor([[0.5, 0.2]]).expand(len(p), 2), p], 1))[:, 0],
                       32, "dense")
     assert topology(f) == (0, 1, 1)
     v, f, _ = extract(lambda p: torch.minimum((p - 0.5).norm(dim=1) - 0.2, (p + 0.5).norm(dim=1) - 0.2), 32, "dense")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import prepare_data
-from lib import shapes as S
+from lib.datasets import shapes as S
 from lib.errors import MeshSDFError
 from lib.io import read_mesh, write_obj, write_ply
-from lib.sampling import read_normalization
+from lib.datasets.sampling import read_normalization
 
 REPO = Path(__file__).resolve().parents[1]
 

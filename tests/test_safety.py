@@ -19,7 +19,7 @@ import train_deep_sdf
 from lib import checkpoint
 from lib.errors import MeshSDFError, cli_main
 from lib.log import PlainProgress, progress
-from lib.sampling import split_by_sign, write_sdf_samples
+from lib.datasets.sampling import split_by_sign, write_sdf_samples
 from tests.test_distributed import tiny_experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -397,7 +397,7 @@ def test_staged_output_refuses_files_in_the_way_and_adopts_killed_runs(tmp_path)
 
 
 def test_specs_and_split_saved_with_a_byte_order_mark_load_as_without(tmp_path):
-    from lib.data import read_split
+    from lib.datasets import read_split
     from lib.specs import load_specs
 
     exp = tiny_experiment(tmp_path)

@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from lib import shapes as S
+from lib.datasets import shapes as S
 from lib.errors import MeshSDFError
 from lib.io import read_mesh
 from lib.isosurface import marching_cubes
 from lib.metrics import genus, merge_vertices
-from lib.sampling import (NORMALIZATION_BUFFER, normalization, sample_points, sample_sdf, signed_distance,
+from lib.datasets.sampling import (NORMALIZATION_BUFFER, normalization, sample_points, sample_sdf, signed_distance,
                           surface_points, validate_mesh)
 
 # Analytic shapes inside [-1, 1]^3 and their exact SDFs.

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from lib import shapes as S
+from lib.datasets import shapes as S
 from lib.isosurface import dense_grid, marching_cubes
 from lib.metrics import connected_components, genus
-from lib.sampling import normalization
+from lib.datasets.sampling import normalization
 
 # ---------------------------------------------------------------- exactness of primitives
 

@@ -15,11 +15,11 @@ from lib import checkpoint, svr
 from lib.specs import load_specs, load_svr_specs
 from lib.svr import report
 from lib.camera import disn_camera, format_disn_line, DisnView
-from lib.data import (Instance, RenderSet, RgbaSdfSamples, SdfSamples, rgba_to_tensor,
+from lib.datasets import (Instance, RenderSet, RgbaSdfSamples, SdfSamples, rgba_to_tensor,
                       to_normalized_frame)
 from lib.errors import MeshSDFError
 from lib.io import read_png, save_png
-from lib.sampling import read_normalization, split_by_sign, write_sdf_samples
+from lib.datasets.sampling import read_normalization, split_by_sign, write_sdf_samples
 from lib.isosurface import extract_dense
 from lib.train import TrainSettings
 
@@ -239,7 +239,7 @@ def test_committed_original_experiments_are_the_originals(family, epochs):
             raw["SamplesPerScene"], raw["ScenesPerBatch"], raw["CodeBound"]) == ("in", 20, 256, epochs, 16, 8192, 16, 1.0)
     assert raw["TrainSplit"] == f"splits/{family}_train.json" and raw["TestSplit"] == f"splits/{family}_test.json"
     specs = load_svr_specs(REPO / "experiments" / f"{family}_svr")
-    from lib.data import read_split
+    from lib.datasets import read_split
 
     assert (len(read_split(REPO / raw["TrainSplit"])), len(read_split(REPO / raw["TestSplit"]))) == (1210, 113)
     assert sum(p.numel() for p in svr.encoder_from_specs(specs).parameters()) == 7_999_616
@@ -277,7 +277,7 @@ def test_committed_toy_experiments_load():
         init = load_specs(REPO / toy["DecoderInit"])
         assert init["NetworkSpecs"] == toy["NetworkSpecs"] and init["CodeLength"] == toy["CodeLength"]
         assert init["TrainSplit"] == toy["TrainSplit"]
-        from lib.data import read_split
+        from lib.datasets import read_split
 
         names = [set(i.name for i in read_split(REPO / toy[k])) for k in ("TrainSplit", "ValidationSplit", "TestSplit")]
         assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])

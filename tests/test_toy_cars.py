@@ -1,4 +1,4 @@
-"""Toy-car family (lib.shapes) and prepare_data.py --builtin toy_cars (renders in DISN's layout)."""
+"""Toy-car family (lib.datasets.shapes) and prepare_data.py --builtin toy_cars (renders in DISN's layout)."""
 import json
 from pathlib import Path
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import prepare_data
-from lib import shapes as S
+from lib.datasets import shapes as S
 from lib.camera import read_disn_metadata
-from lib.data import Instance, RenderSet
+from lib.datasets import Instance, RenderSet
 from lib.errors import MeshSDFError
 from lib.io import read_mesh, read_png
 from lib.metrics import connected_components, genus, silhouette_iou

@@ -14,24 +14,21 @@ import torch
 import lib.train as train_mod
 from lib import checkpoint
 from lib.specs import load_specs
-from lib.data import SdfSamples, read_split
+from lib.datasets import SdfSamples, read_split
 from lib.errors import MeshSDFError
 from lib.io import read_mesh
 from lib.metrics import genus, merge_vertices
-from lib.sampling import split_by_sign, write_sdf_samples
+from lib.datasets.sampling import split_by_sign, write_sdf_samples
 from lib.train import (StepSchedule, TrainSettings, ConstantSchedule, WarmupSchedule, clamped_l1, code_reg_weight,
                        reconstruct_training_shapes, train_auto_decoder, truncate_logs)
+
+from fields import on_numpy, sphere, torus
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _sphere(p):
-    return np.linalg.norm(p, axis=1) - 0.55
-
-
-def _torus(p, big=0.5, small=0.2):
-    q = np.stack([np.linalg.norm(p[:, :2], axis=1) - big, p[:, 2]], 1)
-    return np.linalg.norm(q, axis=1) - small
+_sphere = on_numpy(sphere(0.55))
+_torus = on_numpy(torus(0.5, 0.2))
 
 
 def _write_npz(path, fn, n, seed):

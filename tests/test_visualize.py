@@ -3,7 +3,6 @@ against the optimiser's own update, movie frames, target outlines, plots."""
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from lib.camera import look_at, look_at_eye
 from lib.io import read_png
@@ -14,12 +13,9 @@ from lib.nmr import nr_shade
 from lib.visualize import (dl_ds_face_colors, dl_ds_scale, face_values, movie_frame, outline, plot_history,
                            signed_colors, target_outline, to_uint8)
 
+from fields import LatentSphere
+
 SIZE = 64
-
-
-class Sphere(nn.Module):
-    def forward(self, inp):
-        return inp[:, 1:].norm(dim=1, keepdim=True) - inp[:, :1]
 
 
 def test_signed_colors_and_scale():
@@ -42,7 +38,7 @@ def test_dl_ds_colour_sign_follows_the_update(start, goal, colour):
     cam = look_at(45.0, 30.0, 2.5, image_size=SIZE)
     v, f, _ = extract(lambda p: p.norm(dim=1) - goal, 24, "dense")
     target = silhouette(v, f, cam, sigma=demo_sigma(SIZE))
-    opt = LatentOptimizer(Sphere(), torch.tensor([start]), SilhouetteLoss(cam, target), lr=0.01, resolution=24)
+    opt = LatentOptimizer(LatentSphere(), torch.tensor([start]), SilhouetteLoss(cam, target), lr=0.01, resolution=24)
     it = opt.step()
     scale = dl_ds_scale(it.dl_ds)
     colors = dl_ds_face_colors(it.dl_ds, it.faces, scale)

@@ -7,12 +7,18 @@
 - ``lib.svr.reconstruct``: raw mesh + silhouette refinement of one view, and its output folder;
 - ``lib.svr.report``: metrics_svr.py's seven lines, per-instance table, CSV and plot.
 
-Dataset rendering (DISN-layout views) lives with data preparation, in ``lib.datasets``.
+Dataset rendering (DISN-layout views) lives with data preparation, in ``lib.datasets.renders``;
+the datasets an SVR experiment reads (``RenderSet``, ``RgbaSdfSamples``) in ``lib.datasets.images``.
 The names below are re-exported for convenience.
 """
-from lib.svr.data import (evaluation_view, ground_truth_mesh, render_set_from_specs, sdf_render_set,  # noqa: F401
-                          split_instances, training_set_from_specs)
-from lib.svr.evaluate import GroundTruth  # noqa: F401
-from lib.svr.network import EncoderDecoder, encoder_from_specs, load_network, network_from_specs  # noqa: F401
-from lib.svr.reconstruct import LOG_KEYS, RefineSettings, ViewResult, reconstruct_view, save_instance  # noqa: F401
-from lib.svr.train import make_optimizer, svr_schedules, test_losses, train_step, train_svr  # noqa: F401
+from .data import (evaluation_view, ground_truth_mesh, render_set_from_specs, sdf_render_set, split_instances,
+                   training_set_from_specs)
+from .evaluate import GroundTruth
+from .network import EncoderDecoder, encoder_from_specs, load_network, network_from_specs
+from .reconstruct import LOG_KEYS, RefineSettings, ViewResult, reconstruct_view, save_instance
+from .train import make_optimizer, svr_schedules, test_losses, train_step, train_svr
+
+__all__ = ["evaluation_view", "ground_truth_mesh", "render_set_from_specs", "sdf_render_set", "split_instances",
+           "training_set_from_specs", "GroundTruth", "EncoderDecoder", "encoder_from_specs", "load_network",
+           "network_from_specs", "LOG_KEYS", "RefineSettings", "ViewResult", "reconstruct_view", "save_instance",
+           "make_optimizer", "svr_schedules", "test_losses", "train_step", "train_svr"]

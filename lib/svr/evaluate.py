@@ -20,14 +20,17 @@ import math
 import numpy as np
 import torch
 
+from ..metrics import (PointReference, depth_normal_field, depth_normals, image_normal_consistency,
+                       mesh_normal_consistency, sample_surface, seeded_generator)
+from ..render import rasterize
+
+__all__ = ["GT_SEED", "PREDICTION_SEED", "depth_normal_image", "normal_picture", "GroundTruth"]
+
 GT_SEED, PREDICTION_SEED = 0, 1
 
 
 def depth_normal_image(verts: torch.Tensor, faces: torch.Tensor, camera) -> tuple[torch.Tensor, torch.Tensor]:
     """Camera-frame normals (H, W, 3) from the hard-raster depth map of a mesh, and their valid mask (H, W)."""
-    from lib.metrics import depth_normals
-    from lib.render import rasterize
-
     cam = camera.to(device=verts.device, dtype=verts.dtype)
     fr = rasterize(verts, faces.to(verts.device), cam)
     return depth_normals(fr.depth.detach(), fr.mask, cam.focal.reshape(-1, 2)[0], cam.principal.reshape(-1, 2)[0])
@@ -37,9 +40,6 @@ def normal_picture(verts: torch.Tensor, faces: torch.Tensor, camera) -> np.ndarr
     """The original's predicted.png / refined.png: RGB uint8 (H, W, 3) = 255 (0.5 - 0.5 n) truncated,
     n the camera-frame normal of the hard-raster depth map at every pixel
     (``lib.metrics.depth_normal_field``: the background gives the normal of its depth plane)."""
-    from lib.metrics import depth_normal_field
-    from lib.render import rasterize
-
     cam = camera.to(device="cpu", dtype=torch.float32)
     h, w = cam.image_size
     if faces.shape[0] == 0:
@@ -60,8 +60,6 @@ class GroundTruth:
     """
 
     def __init__(self, verts: torch.Tensor, faces: torch.Tensor, camera, samples: int = 10000, device=None):
-        from lib.metrics import PointReference, sample_surface, seeded_generator
-
         self.samples = int(samples)
         self.device = torch.device(device) if device is not None else verts.device
         self.camera = camera.to(device=self.device, dtype=torch.float32)
@@ -73,8 +71,6 @@ class GroundTruth:
 
     def chamfer(self, verts: torch.Tensor, faces: torch.Tensor) -> float:
         """Squared-distance Chamfer (sum of the two means) to a predicted mesh; NaN if it is empty."""
-        from lib.metrics import PointReference, sample_surface, seeded_generator
-
         if faces.shape[0] == 0:
             return math.nan
         v = verts.detach().to(device=self.device, dtype=torch.float32)
@@ -85,8 +81,6 @@ class GroundTruth:
 
     def normal_consistency(self, verts: torch.Tensor, faces: torch.Tensor) -> float:
         """Image-space signed normal consistency in [-1, 1] (NaN if the images share no valid pixel)."""
-        from lib.metrics import image_normal_consistency
-
         if faces.shape[0] == 0:
             return math.nan
         n, valid = depth_normal_image(verts.detach().to(device=self.device, dtype=torch.float32),
@@ -95,8 +89,6 @@ class GroundTruth:
 
     def mesh_normal_consistency(self, verts: torch.Tensor, faces: torch.Tensor) -> float:
         """Mesh-space normal consistency (our extra; lib.metrics.mesh_normal_consistency), NaN if empty."""
-        from lib.metrics import mesh_normal_consistency
-
         if faces.shape[0] == 0:
             return math.nan
         return mesh_normal_consistency(verts.detach().cpu(), faces.cpu(), self.verts.cpu(), self.faces.cpu(),

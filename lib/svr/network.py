@@ -7,7 +7,11 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from lib import checkpoint
+from .. import checkpoint
+from ..models.decoder import decoder_from_specs
+from ..models.encoder import Encoder
+
+__all__ = ["EncoderDecoder", "encoder_from_specs", "network_from_specs", "load_network"]
 
 
 class EncoderDecoder(nn.Module):
@@ -29,15 +33,11 @@ class EncoderDecoder(nn.Module):
 
 def encoder_from_specs(specs: Mapping) -> nn.Module:
     """The ResNet of NormType / Depth / EncoderWidths with a CodeLength output (lib.models.encoder)."""
-    from lib.models.encoder import Encoder
-
     return Encoder(int(specs["CodeLength"]), depth=int(specs["Depth"]), norm=specs["NormType"],
                    widths=tuple(specs["EncoderWidths"]))
 
 
 def network_from_specs(specs: Mapping) -> EncoderDecoder:
-    from lib.models.decoder import decoder_from_specs
-
     return EncoderDecoder(encoder_from_specs(specs), decoder_from_specs(specs))
 
 

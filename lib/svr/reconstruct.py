@@ -25,8 +25,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from lib.errors import MeshSDFError
-from lib.render import SVR_EPS, blur_radius
+from .. import checkpoint
+from ..errors import MeshSDFError
+from ..io import save_png, write_ply
+from ..metrics import silhouette_iou
+from ..optimize import LatentOptimizer, optimize
+from ..render import SVR_EPS, blur_radius, silhouette
+from .evaluate import normal_picture
+
+__all__ = ["RefineSettings", "RefinementLoss", "LOG_FILES", "LOG_KEYS", "META_FILE", "ViewResult", "reconstruct_view",
+           "output_root", "instance_folder_name", "normal_map", "save_instance"]
 
 
 @dataclass
@@ -74,8 +82,6 @@ class RefinementLoss:
         self.latent: torch.Tensor | None = None
 
     def render(self, verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-        from lib.render import silhouette
-
         s = self.settings
         return silhouette(verts, faces, self.camera, sigma=s.sigma, eps=SVR_EPS, faces_per_pixel=s.faces_per_pixel,
                           radius=s.radius)
@@ -131,9 +137,6 @@ def reconstruct_view(decoder: nn.Module, code: torch.Tensor, alpha: torch.Tensor
     ``on_iteration(i, entry)`` sees each log entry.  A surface that vanishes ends the
     refinement (the message is kept).
     """
-    from lib.metrics import silhouette_iou
-    from lib.optimize import LatentOptimizer, optimize
-
     dev = code.device
     alpha = alpha.detach().float().to(dev)
     loss_fn = RefinementLoss(camera.to(device=dev, dtype=torch.float32), alpha, settings)
@@ -182,8 +185,6 @@ def reconstruct_view(decoder: nn.Module, code: torch.Tensor, alpha: torch.Tensor
 
 def output_root(exp_dir: str | os.PathLike, label: str | int, out: str | os.PathLike | None = None) -> Path:
     """``<exp>/Reconstructions/<checkpoint label>/`` (the original's), or ``out`` when given."""
-    from lib import checkpoint
-
     return Path(out) if out is not None else checkpoint.reconstructions_dir(exp_dir) / str(label)
 
 
@@ -194,8 +195,6 @@ def instance_folder_name(instance: str, view: int, default_view: int) -> str:
 
 def normal_map(verts: torch.Tensor, faces: torch.Tensor, camera) -> np.ndarray:
     """RGB uint8 (S, S, 3): the original's normal picture (``lib.svr.evaluate.normal_picture``)."""
-    from lib.svr.evaluate import normal_picture
-
     return normal_picture(verts, faces, camera)
 
 
@@ -210,8 +209,6 @@ def save_instance(folder: Path, result: ViewResult, image: torch.Tensor, camera,
     temporary sibling folder that is renamed into place at the end, so a folder that
     exists is complete (what reconstruct_svr.py's resume relies on).
     """
-    from lib.io import save_png, write_ply
-
     folder = Path(folder)
     if folder.exists():
         raise MeshSDFError(f"{folder} exists already; reconstruct_svr.py skips finished instances and never "

@@ -24,8 +24,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from lib.errors import MeshSDFError
-from lib.svr.reconstruct import LOG_FILES, LOG_KEYS, META_FILE
+from ..errors import MeshSDFError
+from ..io import atomic_write
+from .data import evaluation_view
+from .reconstruct import LOG_FILES, LOG_KEYS, META_FILE
+
+__all__ = ["collect_results", "test_split_results", "check_same_settings", "finite_results", "mean_curves",
+           "summary_lines", "TABLE_COLUMNS", "metrics_rows", "metrics_table", "metrics_csv", "plot_curves"]
 
 
 def collect_results(root: str | os.PathLike) -> list[dict]:
@@ -73,8 +78,6 @@ def test_split_results(results: Sequence[Mapping], test_names: Sequence[str], nu
                        ) -> tuple[list[dict], list[str]]:
     """(the results of the TestSplit's instances at their protocol view ``evaluation_view(i)``, in
     split order; the names of the other folders)."""
-    from lib.svr.data import evaluation_view
-
     index = {name: i for i, name in enumerate(test_names)}
 
     def protocol(r):
@@ -216,8 +219,6 @@ def plot_curves(results: Sequence[Mapping], path: str | os.PathLike) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from lib.io import atomic_write
 
     panels = [("silhouette_loss", "silhouette L1 loss", 1.0), ("chamfer", "Chamfer x1000", 1000.0),
               ("normal_consistency", "normal consistency % (image)", 100.0), ("latent", "mean z^2", 1.0)]

@@ -24,11 +24,17 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from lib import checkpoint, distributed, runtime
-from lib.errors import MeshSDFError
-from lib.log import info
-from lib.specs import resolve_path
-from lib.svr.network import EncoderDecoder, network_from_specs
+from .. import checkpoint, distributed, runtime
+from ..datasets import scene_batches
+from ..errors import MeshSDFError
+from ..log import info
+from ..specs import resolve_path
+from ..train import (EpochBook, NonFiniteLossError, TrainResult, TrainSettings, auto_decoder_loss, clamped_l1,
+                     make_schedule, optimizer_step, resume_point)
+from .data import evaluation_view
+from .network import EncoderDecoder, network_from_specs
+
+__all__ = ["SVR_LOG_KEYS", "train_step", "svr_schedules", "make_optimizer", "test_losses", "train_svr"]
 
 # Logs.pth entries beyond lib.train's: per step / per test batch, with the epoch of each entry
 SVR_LOG_KEYS = ("loss_sdf", "loss_sdf_test")
@@ -47,8 +53,6 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, batch: Sequence
     under torchrun; the returned loss is then the global batch's).  Raises
     lib.train.NonFiniteLossError before updating on a NaN/inf loss.
     """
-    from lib.train import auto_decoder_loss, optimizer_step
-
     images, xyz, sdf = batch
     inner = model if model is not None else net
     codes = net(images)
@@ -67,8 +71,6 @@ def svr_schedules(specs: Mapping) -> list[Callable[[int], float]]:
     one entry: both.  With DecoderLearningRateFactor f (ours, opt-in) the decoder's rate is
     the encoder's times f.
     """
-    from lib.train import make_schedule
-
     entries = specs["LearningRateSchedule"]
     dec = make_schedule(entries[0])
     enc = make_schedule(entries[1]) if len(entries) > 1 else dec
@@ -88,10 +90,7 @@ def make_optimizer(net: EncoderDecoder, schedules) -> torch.optim.Optimizer:
 def test_losses(net: EncoderDecoder, dataset, settings, generator: torch.Generator, device=None) -> list[float]:
     """Clamped-L1 SDF loss of each full test batch (ScenesPerBatch items in split order, the last
     incomplete batch left out; item i seen from ``evaluation_view(i)``), networks in eval mode
-    (restored afterwards).  ``dataset``: ``lib.data.RgbaSdfSamples``; ``generator`` draws the samples."""
-    from lib.svr.data import evaluation_view
-    from lib.train import clamped_l1
-
+    (restored afterwards).  ``dataset``: ``lib.datasets.RgbaSdfSamples``; ``generator`` draws the samples."""
     was = net.training
     net.eval()
     out = []
@@ -125,7 +124,7 @@ def _svr_logs(logs: Mapping, epoch: int) -> dict:
 def train_svr(exp_dir: str | os.PathLike, specs: Mapping, dataset, device=None, *, resume: str | int | None = None,
               seed: int = 0, num_epochs: int | None = None, should_stop: Callable[[int], bool] | None = None,
               test_set=None):
-    """Train encoder + decoder jointly on ``dataset`` (``lib.data.RgbaSdfSamples``); see the module docstring.
+    """Train encoder + decoder jointly on ``dataset`` (``lib.datasets.RgbaSdfSamples``); see the module docstring.
 
     Each epoch visits the training instances in random full batches of ScenesPerBatch (the
     last incomplete batch dropped; MeshSDFError when the split is smaller than one batch),
@@ -152,9 +151,6 @@ def train_svr(exp_dir: str | os.PathLike, specs: Mapping, dataset, device=None, 
     (DDP broadcasts buffers).  Every rank computes the same test loss.  Only rank 0 writes;
     its checkpoint is every rank's state, so ``resume`` works with any number of processes.
     """
-    from lib.data import scene_batches
-    from lib.train import EpochBook, NonFiniteLossError, TrainResult, TrainSettings, resume_point
-
     device = torch.device(device) if device is not None else runtime.choose_device(None)
     exp_dir = Path(exp_dir)
     settings = TrainSettings.from_specs(specs, num_epochs)

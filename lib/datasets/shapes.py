@@ -285,7 +285,7 @@ def mesh_shape(shape: Shape, resolution: int = 192, device=None) -> tuple[torch.
     Returns verts (V, 3) float32 and faces (F, 3) int64 CPU tensors, closed and outward
     wound when the shape lies strictly inside the box.
     """
-    from lib.isosurface import extract_dense
+    from ..isosurface import extract_dense
 
     return extract_dense(shape, resolution, device=device)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.errors import MeshSDFError
+from ..errors import MeshSDFError
 
 NORMALIZATION_BUFFER = 1.03
 # (fraction, noise std or None for uniform in [-1, 1]^3)
@@ -151,7 +151,7 @@ def split_by_sign(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def write_sdf_samples(path: str | os.PathLike, pos: np.ndarray, neg: np.ndarray) -> None:
     """Write a DeepSDF samples file (``pos``, ``neg`` arrays) atomically, creating its folder."""
-    from lib.io import atomic_write
+    from ..io import atomic_write
 
     with atomic_write(path, suffix=".tmp.npz") as tmp:
         np.savez(tmp, pos=pos, neg=neg)
@@ -166,7 +166,7 @@ def prepare_mesh(verts: np.ndarray, faces: np.ndarray, out_root: str | os.PathLi
     ``meshes/<instance>.obj`` (the normalised mesh, faces as given).  Returns a summary dict
     (instance, counts).  ``name`` is used in error messages (default: the instance).
     """
-    from lib.io import write_obj
+    from ..io import write_obj
 
     name = name or instance
     verts = np.asarray(verts, dtype=np.float64)
@@ -192,7 +192,7 @@ _warned_old: set = set()
 
 def write_normalization(path: str | os.PathLike, norm: Normalization) -> None:
     """Write ``offset`` (3,), ``scale`` () and the ``convention`` marker atomically (DeepSDF's keys)."""
-    from lib.io import atomic_write
+    from ..io import atomic_write
 
     with atomic_write(path, suffix=".tmp.npz") as tmp:
         np.savez(tmp, offset=np.asarray(norm.offset, dtype=np.float64), scale=np.float64(norm.scale),
