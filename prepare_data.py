@@ -71,8 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "paper's text: 0.0025 / 0.00025, 5 %% uniform)")
     ap.add_argument("--rotate-y", action="append", default=[], metavar="INSTANCE=DEGREES",
                     help="turn mesh INSTANCE (file stem) by DEGREES about +y before normalising it (repeatable); "
-                         "the original's bob_and_spot data has spot turned: --rotate-y spot=90.  The built-in "
-                         "bob_and_spot is turned so already")
+                         "the original's bob_and_spot data has spot turned: --rotate-y spot=90.  Its "
+                         "normalisation file then maps to the turned mesh.  The built-in bob_and_spot is turned "
+                         "so already")
     ap.add_argument("--workers", type=int, default=1, help="meshes processed in parallel (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     ap.add_argument("--resolution", type=int, default=192,
