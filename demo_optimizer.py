@@ -28,7 +28,7 @@ from lib.metrics import silhouette_iou, topology
 from lib.nmr import nr_shade
 from lib.optimize import RENDERERS, LatentOptimizer, SilhouetteLoss, optimize
 from lib.render import silhouette
-from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, plot_history, target_outline
+from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, plot_history, target_outline, to_uint8
 
 
 
@@ -38,8 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "matches the silhouette of --target (default bob), through the differentiable MeshSDF "
                     "layer. Outputs go to <experiment>/Optimizations/: target.png, initialization.png "
                     "(shaded), target_silhouette.png, initialization_silhouette.png, movie.gif (faces "
-                    "coloured by dL/ds: red = the surface is pushed outwards, green = inwards; white = target "
-                    "outline), final.ply, log.json, loss.png.")
+                    "coloured by dL/ds: red = the surface is pushed outwards, green = inwards), final.ply, "
+                    "log.json, loss.png.")
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder with specs.json and a trained "
                                                               "checkpoint (e.g. experiments/bob_and_spot)")
     ap.add_argument("--target", default="bob", help="training shape whose silhouette is the target (default bob)")
@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="output folder (default <experiment>/Optimizations)")
     ap.add_argument("--checkpoint", default="latest", type=checkpoint.epoch_type("--checkpoint"), metavar="latest|N",
                     help="checkpoint to load (default latest)")
+    ap.add_argument("--outline", action="store_true",
+                    help="draw the target silhouette's outline in white over the movie frames (default off: "
+                         "the frames are the original's)")
     ap.add_argument("--fps", type=float, default=10.0, help="frames per second of movie.gif (default 10)")
     return ap.parse_args(argv)
 
@@ -127,20 +130,20 @@ def optimise_demo(args, stage) -> int:
     # render of a mesh dims the pixels along its own interior edges
     target = silhouette(tmesh.verts, tmesh.faces, camera, sigma=0)
     loss_fn = SilhouetteLoss(camera, target, loss="mse", renderer=args.renderer)
-    save_png(out / "target.png", nr_shade(tmesh.verts, tmesh.faces, camera))
+    save_png(out / "target.png", to_uint8(nr_shade(tmesh.verts, tmesh.faces, camera)))
     save_png(out / "target_silhouette.png", target)
     info(f"target {args.target!r} (genus {target_genus}), start {args.init!r}; {args.iterations} iterations, "
          f"mode {mode}, renderer {args.renderer}, N={args.resolution}, {args.image_size}px, on {device}")
 
     opt = LatentOptimizer(decoder, codes[init_k], loss_fn, lr=args.lr, resolution=args.resolution, mode=mode,
                           gradient=args.gradient)
-    frames, scale, edge = [], [], target_outline(target)
+    frames, scale, edge = [], [], target_outline(target) if args.outline else None
 
     def record_frame(it):
         if it.iteration == 0:
-            save_png(out / "initialization.png", nr_shade(it.verts, it.faces, camera, face_idx=it.face_idx))
+            save_png(out / "initialization.png", to_uint8(nr_shade(it.verts, it.faces, camera, face_idx=it.face_idx)))
             save_png(out / "initialization_silhouette.png", it.image)
-            scale.append(dl_ds_scale(it.dl_ds))
+            scale.append(dl_ds_scale(it.dl_ds, it.faces))
         colors = dl_ds_face_colors(it.dl_ds, it.faces, scale[0])
         frames.append(movie_frame(it.verts, it.faces, colors, camera, edge, face_idx=it.face_idx))
         return {"iou": silhouette_iou(it.image, target)}
@@ -159,7 +162,8 @@ def optimise_demo(args, stage) -> int:
     log = {"experiment": str(exp), "checkpoint_epoch": getattr(decoder, "checkpoint_epoch", None),
            "target": args.target, "init": args.init, "target_genus": target_genus,
            "settings": {"iterations": args.iterations, "lr": args.lr, "resolution": args.resolution,
-                        "image_size": args.image_size, "mode": mode, "gradient": args.gradient,
+                        "image_size": args.image_size, "mode": mode, "outline": args.outline,
+                        "gradient": args.gradient,
                         "device": str(device), "loss": "mse", "renderer": args.renderer,
                         "sigma": loss_fn.sigma if args.renderer == "soft" else None,
                         "camera": {"azimuth": DEMO_AZIMUTH, "elevation": DEMO_ELEVATION, "distance": DEMO_DISTANCE,

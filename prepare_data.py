@@ -4,6 +4,8 @@
     python prepare_data.py --builtin toy_cars --count 40       # toy cars with RGBA renders (SVR)
     python prepare_data.py --builtin toy_chairs --count 40     # toy chairs (genus 0 to 8) with renders
     python prepare_data.py --mesh a.obj b.ply --dataset mine   # any triangle meshes
+    python prepare_data.py --mesh bob.obj spot.obj --dataset bob_and_spot --rotate-y spot=90
+                                                               # Keenan Crane's meshes as the original's data
 
 Writes, under <out>/<dataset>/ (SPEC section 2):
     samples/<inst>.npz                 pos, neg: (N, 4) float32 rows x y z sdf (sdf > 0 outside)
@@ -16,6 +18,11 @@ and with renders (--views N > 0; the default for the toy families), DISN's layou
     split_train.json, split_val.json, split_test.json
                                        the last --test-count instances are the test split,
                                        the --val-count before them the validation split
+Samples: by default DeepSDF's preprocessor mix (--sample-mix deepsdf: 47/50 near the surface,
+each surface point perturbed by noise of variance 0.005 and 0.0005, 3/50 uniform in [-1, 1]^3);
+--sample-mix paper takes the DeepSDF paper's variances 0.0025 / 0.00025 and 5 % uniform.
+--rotate-y INSTANCE=DEGREES turns a mesh about +y before it is normalised; the built-in
+bob_and_spot stand-ins are turned as the original turned Keenan Crane's (spot by +90 degrees).
 Renders are made of the normalised mesh from random DISN cameras, so samples, meshes and
 renders share one frame as in the original's SVR data (no normalisation file is needed).
 Every file is written atomically; all inputs are checked before anything is written; an existing
@@ -44,6 +51,7 @@ def _names(names) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from lib.datasets.sampling import DEFAULT_SAMPLE_MIX, SAMPLE_MIXES
     from lib.datasets.shapes import BUILTIN_DATASETS, TOY_CARS_DEFAULT_COUNT
 
     ap = argparse.ArgumentParser(
@@ -60,6 +68,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                                       "builtin's name)")
     ap.add_argument("--out", default="data", help="output root folder (default: data)")
     ap.add_argument("--samples", type=int, default=500_000, help="SDF samples per mesh (default 500000)")
+    ap.add_argument("--sample-mix", choices=sorted(SAMPLE_MIXES), default=DEFAULT_SAMPLE_MIX,
+                    help="near-surface noise and uniform share: deepsdf (default; DeepSDF's preprocessor, which "
+                         "made the original's data: variances 0.005 / 0.0005, 3/50 uniform) or paper (the DeepSDF "
+                         "paper's text: 0.0025 / 0.00025, 5 %% uniform)")
+    ap.add_argument("--rotate-y", action="append", default=[], metavar="INSTANCE=DEGREES",
+                    help="turn mesh INSTANCE (file stem) by DEGREES about +y before normalising it (repeatable); "
+                         "the original's bob_and_spot data has spot turned: --rotate-y spot=90.  Its "
+                         "normalisation file then maps to the turned mesh.  The built-in bob_and_spot is turned "
+                         "so already")
     ap.add_argument("--workers", type=int, default=1, help="meshes processed in parallel (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     ap.add_argument("--resolution", type=int, default=192,
@@ -121,7 +138,7 @@ def _check_has_inside(verts, faces, name: str) -> None:
     surface): its samples would all be outside, which DeepSDF training cannot use."""
     import numpy as np
 
-    from lib.sampling import normalization, signed_distance
+    from lib.datasets.sampling import normalization, signed_distance
 
     v = normalization(verts, faces, name).apply(np.asarray(verts, np.float64))
     f = np.asarray(faces, np.int64)
@@ -159,8 +176,9 @@ def _job(task: tuple) -> dict:
     """Worker: one instance from a mesh file or a built-in shape (picklable for spawn)."""
     from lib.datasets.sampling import prepare_mesh
 
-    kind, source, out, dataset, instance, n, seed, resolution = task[:8]
-    render = task[8] if len(task) > 8 else None
+    from lib.datasets.sampling import rotate_about_y
+
+    kind, source, out, dataset, instance, n, seed, resolution, render, mix, turn = task
     color = (0.8, 0.8, 0.8)
     if kind == "mesh":
         from lib.io import read_mesh
@@ -172,7 +190,8 @@ def _job(task: tuple) -> dict:
         v, f = mesh_builtin(source, resolution)
         verts, faces = v.numpy(), f.numpy()
         color = builtin_color(source)
-    result = prepare_mesh(verts, faces, out, dataset, instance, n, seed=seed, name=str(source))
+    verts = rotate_about_y(verts, turn)
+    result = prepare_mesh(verts, faces, out, dataset, instance, n, seed=seed, name=str(source), mix=mix)
     if render:
         from lib.datasets.renders import render_views
         from lib.datasets.sampling import normalization
@@ -183,6 +202,26 @@ def _job(task: tuple) -> dict:
                      render["image_size"], seed=render["seed"], color=color)
         result["views"] = render["views"]
     return result
+
+
+def _turns(specs: list[str], instances: list[str]) -> dict[str, float]:
+    """``--rotate-y`` values ``INSTANCE=DEGREES`` as {instance: degrees}; each must name a given instance."""
+    turns = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        try:
+            degrees = float(value)
+        except ValueError:
+            degrees = float("nan")
+        if not sep or not degrees == degrees or abs(degrees) == float("inf"):
+            raise MeshSDFError(f"--rotate-y {spec!r}: expected INSTANCE=DEGREES, e.g. --rotate-y spot=90")
+        if name not in instances:
+            raise MeshSDFError(f"--rotate-y {spec!r}: no instance {name!r} among {', '.join(instances)} "
+                               "(the instance name is the mesh file's stem)")
+        if name in turns:
+            raise MeshSDFError(f"--rotate-y names {name!r} twice; give one angle per instance")
+        turns[name] = degrees
+    return turns
 
 
 def main(argv=None) -> int:
@@ -226,6 +265,12 @@ def main(argv=None) -> int:
         names = (COUNTABLE_DATASETS[args.builtin](args.count) if args.count is not None
                  else BUILTIN_DATASETS[args.builtin])
         sources = [("builtin", name, name) for name in names]
+        if args.rotate_y:
+            raise MeshSDFError("--rotate-y applies to --mesh only (the built-in bob_and_spot is already turned "
+                               "as the original's data)")
+        from lib.datasets.shapes import ORIGINAL_TURN_Y
+
+        turns = {name: ORIGINAL_TURN_Y.get(name, 0.0) for name in names} if args.builtin == "bob_and_spot" else {}
     else:
         from lib.io import read_mesh
         from lib.datasets.sampling import normalization, validate_mesh
@@ -245,6 +290,7 @@ def main(argv=None) -> int:
             normalization(verts, faces, f)
             _check_has_inside(verts, faces, f)
             sources.append(("mesh", str(f), inst))
+        turns = _turns(args.rotate_y, [inst for _, _, inst in sources])
     _check_name("dataset", dataset)
     root = out / dataset
     _check_new_dataset(root)
@@ -260,7 +306,8 @@ def main(argv=None) -> int:
     for sub in ("samples", "meshes") + (("renders",) if views else ()):
         _check_writable(root / sub)
     tasks = [(kind, src, str(out), dataset, inst, args.samples, args.seed + i, args.resolution,
-              {"views": views, "image_size": args.image_size, "seed": 1_000_003 * (args.seed + 1) + i} if views else None)
+              {"views": views, "image_size": args.image_size, "seed": 1_000_003 * (args.seed + 1) + i} if views else None,
+              args.sample_mix, turns.get(inst, 0.0))
              for i, (kind, src, inst) in enumerate(sources)]
     bar = progress(total=len(tasks), desc=f"prepare {dataset}", unit="mesh")
     results = []

@@ -150,7 +150,7 @@ def parts(exp: Path, iterations: int, device_name: str | None, renderer: str) ->
             it = timed("step", opt.step)()
             sync()
             t0 = time.perf_counter()
-            scale = dl_ds_scale(it.dl_ds) if scale is None else scale
+            scale = dl_ds_scale(it.dl_ds, it.faces) if scale is None else scale
             movie_frame(it.verts, it.faces, dl_ds_face_colors(it.dl_ds, it.faces, scale), camera, edge,
                         face_idx=it.face_idx)
             sync()

@@ -82,7 +82,7 @@ def main() -> None:
         print(f"  pixels covered {int((fr >= 0).sum()):,}; soft image exactly 1 at {int((img == 1).sum()):,} "
               f"(the only pixels whose pairs carry no gradient)")
         dl = torch.randn(len(v), generator=torch.Generator().manual_seed(0)).to(dev)
-        scale = dl_ds_scale(dl)
+        scale = dl_ds_scale(dl, f)
 
         def sil(cull: bool):
             render._CULL = render._REUSE = cull

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Make docs/demo_bob_and_spot.png from a demo's output folder.
 
-Panels: target.png, initialization.png, and movie.gif at iteration 0, at the first iteration
-of the target's genus (the hole opening) and at the last iteration.
+Panels: target.png, initialization.png, and movie.gif at iteration 0, at the iteration from
+which the mesh keeps the target's genus (the hole has opened for good) and at the last iteration.
 
 Usage: python docs/demo_figure.py [<Optimizations folder>] [-o docs/demo_bob_and_spot.png]
 """
@@ -33,7 +33,9 @@ def main() -> int:
     log = json.loads((folder / "log.json").read_text())
     frames = iio.imread(folder / "movie.gif", index=None)
     hist = log["iterations"]
-    opening = next((r["iteration"] for r in hist if r["genus"] == log["target_genus"]), len(hist) - 1)
+    opening = len(hist) - 1                     # the start of the last run of the target's genus
+    while opening > 0 and hist[opening - 1]["genus"] == log["target_genus"]:
+        opening -= 1
     grey = np.array([1.0, 1.0, 1.0])
 
     def on_white(rgba):
@@ -43,7 +45,7 @@ def main() -> int:
     panels = [(on_white(iio.imread(folder / "target.png")), f"target.png ({log['target']})"),
               (on_white(iio.imread(folder / "initialization.png")), f"initialization.png ({log['init']})"),
               (frames[0], "movie.gif, iteration 0"),
-              (frames[opening], f"iteration {opening} (genus {log['target_genus']})"),
+              (frames[opening], f"iteration {opening} (genus {log['target_genus']} from here on)"),
               (frames[-1], f"iteration {len(frames) - 1} (final IoU {log['final']['iou']:.3f})")]
     fig = Figure(figsize=(12, 2.75))
     FigureCanvasAgg(fig)

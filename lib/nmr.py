@@ -18,8 +18,9 @@ reproduced here, on any device:
       that move would LOWER the loss (dI * dL/dI_P < 0); the others give 0.
     * in: every pixel P of the face on this scanline would take the out-pixel's value if
       the edge moved past it; same formula with dI = I_out - I_P.
-  Distances get +-eps (in NDC units, 1e-4 as its silhouettes; eps * size / 2 in pixels) so
-  that a pixel on the edge gives a finite slope.  Pixels are single-valued coverages
+  Distances get +-eps (in NDC units, 1e-3 as in the original's call path, whose
+  ``nr.Renderer`` passes rasterizer_eps 1e-3; eps * size / 2 in pixels) so that a pixel on
+  the edge gives a finite slope.  Pixels are single-valued coverages
   (0 / 1), so the pairs that can contribute are: out: background pixels with dL/dI < 0;
   in: covered pixels of the face with dL/dI > 0 and a background out-pixel.  They are
   enumerated per scanline by sorted keys (no per-pixel Python loops): a crossing's pixels
@@ -40,7 +41,7 @@ from lib.camera import Camera
 from lib.render import _screen, _segment_sum, _use_fixed, face_index
 from lib.runtime import concurrently
 
-NR_EPS = 1e-4                # neural_renderer's rasterize_silhouettes eps (NDC units)
+NR_EPS = 1e-3                # the eps the original's nr.Renderer passes to rasterize_silhouettes (NDC units)
 NR_AMBIENT, NR_DIRECTIONAL, NR_LIGHT_DIRECTION = 0.5, 0.5, (0.0, 1.0, 0.0)   # its default light
 PAIR_CHUNK = 1 << 17         # about this many (crossing, pixel) pairs evaluated at once in the backward pass
 SMALL_BLOCK = 1 << 14        # a block of fewer pairs than this is merged into a wider one (fixed costs)
@@ -289,12 +290,11 @@ def nr_face_rgb(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, face_c
     """The lit colour (F, 3) of each face as neural_renderer draws it (``nr_shade``'s pixels).
 
     Flat per-face colour c times ``ambient + directional * max(0, n . light_direction)``
-    (world frame; its default light comes from +y).  Its face normal is cross(v0 - v1,
-    v2 - v1) and it draws each face twice (both windings), keeping at each pixel the copy
-    that is counter-clockwise in its y-up image, i.e. clockwise in ours (rows down).  So the
-    normal it lights is the face normal turned AWAY from the camera, whatever the mesh's
-    winding: surfaces facing down get the directional light, surfaces facing up and the
-    camera only the ambient part.  We reproduce that, not a physical light.
+    (world frame; its default light comes from +y), where n is the unit face normal turned
+    TOWARDS the camera, whatever the mesh's winding (both windings are drawn): on a closed
+    surface the outward normal of what is seen, so surfaces facing up are lit and surfaces
+    facing down get only the ambient part.  This reproduces the original's pictures
+    (SPEC 11.1).
     verts (V, 3) and faces (F, 3) int64 on one device; face_colors (F, 3) or None (grey ``color``).
     """
     verts = verts.detach()
@@ -306,7 +306,8 @@ def nr_face_rgb(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, face_c
     tri = verts.index_select(0, flat).view(-1, 3, 3)
     n = torch.nn.functional.normalize(torch.cross(tri[:, 0] - tri[:, 1], tri[:, 2] - tri[:, 1], dim=1),
                                       dim=1, eps=1e-5)
-    n = torch.where(clockwise[:, None], n, -n)                      # the copy neural_renderer draws
+    # a face clockwise on screen (rows down) has cross(v0 - v1, v2 - v1) pointing away from the camera
+    n = torch.where(clockwise[:, None], -n, n)
     light_dir = torch.as_tensor(light_direction, dtype=verts.dtype, device=verts.device)
     light = ambient + directional * (n @ light_dir).clamp(min=0.0)   # (F,)
     if face_colors is None:

@@ -1,17 +1,18 @@
 """Pictures of an optimisation: dL/ds face colours, shaded movie frames, metric plots.
 
-dL/ds colours, as the original demo's movie.gif: with sigma = 0.3 x the first iteration's
-max |dL/ds| (``dl_ds_scale``) and, per face, d = the mean dL/ds of its three vertices,
+dL/ds colours, as the original demo's movie.gif (SPEC 11.1): per face, d = the mean dL/ds of
+its three vertices, and sigma = 0.3 x the first iteration's max |d| over faces (``dl_ds_scale``),
 
     f = clamp((d + sigma) / (2 sigma), 0, 1),   colour (R, G, B) = (f, 1 - f, 0.7)
 
 so dL/ds = +sigma or more is magenta-ish red (1, 0, 0.7), -sigma or less cyan-ish green
 (0, 1, 0.7), 0 in between (0.5, 0.5, 0.7).  The SDF s is > 0 outside, so dL/ds > 0 (red)
 means gradient descent lowers s there: the surface GROWS outwards; dL/ds < 0 (green) it
-shrinks inwards.  Frames are lit like neural_renderer's (``lib.nmr.nr_shade``) on its
-black background; this project adds the target silhouette's outline in white.
+shrinks inwards.  Frames are lit like the original's (``lib.nmr.nr_shade``) on its black
+background; the target silhouette's outline can be drawn over them (demo option --outline).
 
-Images are float arrays in [0, 1] (torch tensors on the mesh's device until ``to_uint8``),
+Images are float arrays in [0, 1] (torch tensors on the mesh's device until ``to_uint8``,
+which truncates 255 x value as the original's pictures do),
 movie frames uint8 on the mesh's device;
 row 0 is the top row (lib.camera conventions).  Plots use matplotlib's Agg canvas.
 """
@@ -32,12 +33,13 @@ OUTLINE = (1.0, 1.0, 1.0)
 SCALE_FRACTION = 0.3           # sigma = 0.3 x the first iteration's max |dL/ds|
 
 
-def dl_ds_scale(dl_ds: torch.Tensor, fraction: float = SCALE_FRACTION) -> float:
-    """sigma from the first iteration's per-vertex dL/ds (V,): fraction * max |dL/ds|.
+def dl_ds_scale(dl_ds: torch.Tensor, faces: torch.Tensor, fraction: float = SCALE_FRACTION) -> float:
+    """sigma from the first iteration's per-vertex dL/ds (V,) on faces (F, 3): fraction * the
+    max over faces of |the face's mean dL/ds| (the values that are coloured, as the original).
 
     Returns 1.0 when every value is 0 (no gradient), so colours stay neutral.
     """
-    peak = float(dl_ds.detach().abs().max()) if dl_ds.numel() else 0.0
+    peak = float(face_values(dl_ds.detach(), faces).abs().max()) if faces.numel() else 0.0
     return fraction * peak if peak > 0 else 1.0
 
 
@@ -106,9 +108,10 @@ def movie_frame(verts: torch.Tensor, faces: torch.Tensor, face_colors: torch.Ten
 
 
 def to_uint8(image: torch.Tensor) -> torch.Tensor:
-    """A float image in [0, 1] as uint8, on its device (GIF frames kept until the end, so a
-    GPU run copies them to the host once, not every iteration)."""
-    return (image.detach().clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
+    """A float image in [0, 1] as uint8 = 255 x value truncated (as the original's pictures),
+    on its device (GIF frames kept until the end, so a GPU run copies them to the host once,
+    not every iteration)."""
+    return (image.detach().clamp(0.0, 1.0) * 255.0).to(torch.uint8)
 
 
 def plot_history(path: str | os.PathLike, history: Sequence[Mapping], title: str = "",

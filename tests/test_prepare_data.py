@@ -109,3 +109,65 @@ def test_builtin_bob_and_spot_with_workers(tmp_path):
         assert np.linalg.norm(v, axis=1).max() == pytest.approx(1 / 1.03, abs=1e-5)
         with np.load(root / "samples" / f"{name}.npz") as z:
             assert len(z["pos"]) + len(z["neg"]) == 3000 and len(z["neg"]) > 300
+        if name == "spot":
+            # turned as the original's spot (SPEC 11.2): head, ears and horns towards -x
+            top = v[v[:, 1] > np.percentile(v[:, 1], 90)]
+            assert top[:, 0].mean() < -0.25 and abs(top[:, 2].mean()) < 0.05
+
+
+def test_rotate_y_turns_a_mesh_before_it_is_normalised(tmp_path):
+    """--rotate-y spot=90: (x, y, z) -> (z, y, -x), then centred and scaled (SPEC 11.2); the
+    other meshes are left as they are."""
+    from lib.datasets.sampling import normalization, rotate_about_y
+
+    src = tmp_path / "in"
+    v, f = S.mesh_shape(S.box((0.4, 0.3, 0.2)) | S.sphere(0.25, (0.0, 0.25, 0.5)), 40)   # a raised bump at +z
+    v = v.numpy() + np.array([0.3, 0.1, -0.2], dtype=np.float32)
+    write_obj(src / "spot.obj", v, f)
+    write_obj(src / "bob.obj", v, f)
+    rc = prepare_data.main(["--mesh", str(src / "bob.obj"), str(src / "spot.obj"), "--dataset", "d",
+                            "--out", str(tmp_path / "o"), "--samples", "500", "--rotate-y", "spot=90"])
+    assert rc == 0
+    v0, f0 = read_mesh(src / "spot.obj")
+    bob, _ = read_mesh(tmp_path / "o" / "d" / "meshes" / "bob.obj")
+    spot, f1 = read_mesh(tmp_path / "o" / "d" / "meshes" / "spot.obj")
+    assert np.array_equal(f0, f1)
+    # the top of the bump: at +z in bob (not turned), at +x in spot
+    top_bob, top_spot = bob[bob[:, 1].argmax()], spot[spot[:, 1].argmax()]
+    assert top_bob[2] > 0.2 and abs(top_bob[0]) < 0.05 and top_spot[0] > 0.2 and abs(top_spot[2]) < 0.05
+    turned = v0[:, [2, 1, 0]] * np.array([1.0, 1.0, -1.0])
+    assert np.allclose(spot, normalization(turned, f0).apply(turned), atol=1e-5)
+    assert np.allclose(rotate_about_y(np.array([[1.0, 2.0, 3.0]]), 90.0), [[3.0, 2.0, -1.0]])
+    # the normalisation file is that of the turned mesh
+    n = read_normalization(tmp_path / "o" / "d" / "samples" / "spot_normalization.npz")
+    assert np.allclose(n.invert(spot), turned, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--rotate-y", "cow=90"], r"--rotate-y 'cow=90': no instance 'cow' among ring"),
+    (["--rotate-y", "ring"], r"--rotate-y 'ring': expected INSTANCE=DEGREES"),
+    (["--rotate-y", "ring=abc"], r"expected INSTANCE=DEGREES"),
+    (["--rotate-y", "ring=90", "--rotate-y", "ring=10"], r"names 'ring' twice"),
+])
+def test_bad_rotate_y(meshes, tmp_path, args, match):
+    with pytest.raises(MeshSDFError, match=match):
+        prepare_data.main(["--mesh", str(meshes / "ring.obj"), "--dataset", "d", "--out", str(tmp_path / "o"),
+                           *args])
+    assert not (tmp_path / "o" / "d" / "samples").exists() or not any((tmp_path / "o" / "d").rglob("*.npz"))
+    with pytest.raises(MeshSDFError, match="--rotate-y applies to --mesh only"):
+        prepare_data.main(["--builtin", "bob_and_spot", "--out", str(tmp_path / "o"), "--rotate-y", "spot=90"])
+
+
+def test_sample_mix_option(meshes, tmp_path):
+    """--sample-mix picks lib.datasets.sampling's mix; the default is DeepSDF's preprocessor's."""
+    from lib.datasets.sampling import normalization, sample_sdf
+
+    v, f = read_mesh(meshes / "brick.ply")
+    nv = normalization(v, f).apply(v)
+    for extra, mix in (([], "deepsdf"), (["--sample-mix", "paper"], "paper")):
+        out = tmp_path / mix
+        assert prepare_data.main(["--mesh", str(meshes / "brick.ply"), "--dataset", "d", "--out", str(out),
+                                  "--samples", "1000", *extra]) == 0
+        pos, neg = sample_sdf(nv, np.asarray(f, dtype=np.int64), 1000, 0, mix)
+        with np.load(out / "d" / "samples" / "brick.npz") as z:
+            assert np.array_equal(z["pos"], pos) and np.array_equal(z["neg"], neg)

@@ -51,19 +51,40 @@ def test_pos_neg_split_and_format(analytic_meshes):
     assert np.array_equal(pos, pos2) and not np.array_equal(pos[:50], pos3[:50])
 
 
-def test_sample_mix_scales(analytic_meshes):
-    """Blocks: 47.5 % at noise std 0.05, 47.5 % at std 0.0158, 5 % uniform in the box."""
+def test_sample_mix_is_deepsdf_preprocessors_by_default(analytic_meshes):
+    """SPEC 11.5: 47/50 near the surface, each surface point perturbed twice, by noise of
+    VARIANCE 0.005 (std 0.0707) and 0.0005 (std 0.0224); 3/50 uniform in [-1, 1]^3."""
     v, f = analytic_meshes["sphere"]
     n = 20000
     pts = sample_points(v, f, n, np.random.default_rng(0))
     assert pts.shape == (n, 3)
     radial = np.linalg.norm(pts, axis=1) - 0.7  # offset along the normal of a sphere
-    a, b = int(0.475 * n), int(0.95 * n)
-    assert np.std(radial[:a]) == pytest.approx(0.0025 ** 0.5, rel=0.05)
-    assert np.std(radial[a:b]) == pytest.approx(0.00025 ** 0.5, rel=0.05)
-    uni = pts[b:]
-    assert len(uni) == n - b and np.abs(uni).max() <= 1.0
+    near = n - round(3 / 50 * n)
+    a = (near + 1) // 2
+    assert np.std(radial[:a]) == pytest.approx(0.005 ** 0.5, rel=0.05)
+    assert np.std(radial[a:near]) == pytest.approx(0.0005 ** 0.5, rel=0.05)
+    # the same surface points twice: the two perturbations of a point differ by N(0, 0.0055 I)
+    pair = pts[:near - a] - pts[a:near]
+    assert np.std(pair) == pytest.approx(0.0055 ** 0.5, rel=0.05)
+    uni = pts[near:]
+    assert len(uni) == 1200 and np.abs(uni).max() <= 1.0
     assert np.abs(uni.mean(axis=0)).max() < 0.06 and np.std(uni[:, 0]) == pytest.approx(1 / 3 ** 0.5, rel=0.1)
+    # nothing else is uniform: the near points stay within 5 std of the sphere
+    assert np.abs(radial[:near]).max() < 5 * 0.005 ** 0.5
+
+
+def test_sample_mix_paper_option(analytic_meshes):
+    """The DeepSDF paper's text: variances 0.0025 / 0.00025 (std 0.05 / 0.0158), 5 % uniform."""
+    v, f = analytic_meshes["sphere"]
+    n = 20000
+    pts = sample_points(v, f, n, np.random.default_rng(0), "paper")
+    radial = np.linalg.norm(pts, axis=1) - 0.7
+    a, near = 9500, 19000
+    assert np.std(radial[:a]) == pytest.approx(0.0025 ** 0.5, rel=0.05)
+    assert np.std(radial[a:near]) == pytest.approx(0.00025 ** 0.5, rel=0.05)
+    assert np.abs(pts[near:]).max() <= 1.0 and np.std(pts[near:, 0]) == pytest.approx(1 / 3 ** 0.5, rel=0.1)
+    with pytest.raises(MeshSDFError, match="unknown sample mix 'nope'"):
+        sample_points(v, f, 100, np.random.default_rng(0), "nope")
 
 
 def test_surface_points_are_area_uniform():

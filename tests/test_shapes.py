@@ -199,6 +199,18 @@ def test_bob_hole_is_visible_from_the_demo_camera(builtin_meshes):
 
 
 def test_spot_silhouette_has_no_hole(builtin_meshes):
+    from lib.datasets.sampling import rotate_about_y
+
     _, v, f = builtin_meshes["spot"]
+    v = rotate_about_y(v, S.ORIGINAL_TURN_Y["spot"])          # as prepare_data.py turns it
     sil = _demo_camera_silhouette(normalization(v, f).apply(v), f)
     assert _enclosed_background(sil) == [] and 0.1 < sil.mean() < 0.5
+
+
+def test_spot_stand_in_faces_like_spot_obj(builtin_meshes):
+    """In its own frame the stand-in's head (its top tenth: ears, horns) is towards -z, as in
+    Keenan Crane's spot.obj; ORIGINAL_TURN_Y turns it by +90 degrees about +y, head to -x."""
+    _, v, _ = builtin_meshes["spot"]
+    top = v[v[:, 1] > np.percentile(v[:, 1], 90)]
+    assert top[:, 2].mean() < -0.25 and abs(top[:, 0].mean()) < 0.05
+    assert S.ORIGINAL_TURN_Y == {"spot": 90.0}

@@ -25,10 +25,20 @@ def test_signed_colors_and_scale():
     c = signed_colors(d, sigma)
     f = torch.tensor([1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
     torch.testing.assert_close(c, torch.stack([f, 1 - f, torch.full_like(f, 0.7)], 1))
-    assert dl_ds_scale(torch.tensor([0.1, -2.0, 1.0])) == pytest.approx(0.6)    # 0.3 x max |dL/ds|
-    assert dl_ds_scale(torch.zeros(3)) == 1.0
     faces = torch.tensor([[0, 1, 2], [1, 2, 3]])
     assert torch.allclose(face_values(torch.tensor([3.0, 0.0, 0.0, 3.0]), faces), torch.tensor([1.0, 1.0]))
+    # sigma = 0.3 x max over FACES of |the face's mean dL/ds| (SPEC 11.1), not over vertices:
+    # face means (0.1 - 2.1 + 1.0) / 3 and (-2.1 + 1.0 + 0.5) / 3 -> max |d| = 1/3
+    dl = torch.tensor([0.1, -2.1, 1.0, 0.5])
+    assert dl_ds_scale(dl, faces) == pytest.approx(0.3 * 1.0 / 3)
+    assert dl_ds_scale(torch.zeros(4), faces) == 1.0
+    assert dl_ds_scale(dl, faces[:0]) == 1.0
+
+
+def test_to_uint8_truncates_as_the_originals_pictures():
+    x = torch.tensor([0.0, 0.5, 0.7 * 0.75, 0.999, 1.0, 1.5, -0.2])
+    # 255 x: 0, 127.5, 133.875, 254.745, 255 -> truncated, not rounded
+    assert to_uint8(x).tolist() == [0, 127, 133, 254, 255, 255, 0]
 
 
 @pytest.mark.parametrize("start, goal, colour", [(0.3, 0.5, "red"), (0.5, 0.3, "green")])
@@ -40,7 +50,7 @@ def test_dl_ds_colour_sign_follows_the_update(start, goal, colour):
     target = silhouette(v, f, cam, sigma=demo_sigma(SIZE))
     opt = LatentOptimizer(LatentSphere(), torch.tensor([start]), SilhouetteLoss(cam, target), lr=0.01, resolution=24)
     it = opt.step()
-    scale = dl_ds_scale(it.dl_ds)
+    scale = dl_ds_scale(it.dl_ds, it.faces)
     colors = dl_ds_face_colors(it.dl_ds, it.faces, scale)
     active = face_values(it.dl_ds, it.faces).abs() > 0.1 * scale
     assert int(active.sum()) > 20

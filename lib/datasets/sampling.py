@@ -8,10 +8,12 @@ buffer); ``original = normalised / scale - offset``.  Files (``write_normalizati
 do, plus a ``convention`` marker; see ``read_normalization`` for files of earlier versions
 of this project, which stored +centre.
 
-Samples of a normalised mesh, ``n`` in all (fractions of ``SAMPLE_MIX``):
-  - 47.5 %: area-uniform surface points + N(0, 0.0025 I) noise (std 0.05),
-  - 47.5 %: area-uniform surface points + N(0, 0.00025 I) noise (std 0.0158),
-  - 5 %:    uniform in the box [-1, 1]^3.
+Samples of a normalised mesh, ``n`` in all, by a ``SampleMix`` of ``SAMPLE_MIXES``:
+  - "deepsdf" (default; DeepSDF's preprocessor, which made the original's data): 47/50 near
+    the surface, area-uniform surface points each perturbed twice, once by N(0, 0.005 I)
+    (std 0.0707) and once by N(0, 0.0005 I) (std 0.0224); 3/50 uniform in the box [-1, 1]^3,
+  - "paper" (the DeepSDF paper's text): the same with variances 0.0025 / 0.00025 (std 0.05 /
+    0.0158) and 5 % uniform.
 Each point gets its exact unsigned distance to the triangles (libigl AABB closest-point
 query) and a sign from the generalised winding number (libigl fast winding number, exact
 winding number where the fast one is within 0.2 of the 0.5 threshold): negative where
@@ -31,8 +33,18 @@ import numpy as np
 from ..errors import MeshSDFError
 
 NORMALIZATION_BUFFER = 1.03
-# (fraction, noise std or None for uniform in [-1, 1]^3)
-SAMPLE_MIX = ((0.475, 0.0025 ** 0.5), (0.475, 0.00025 ** 0.5), (0.05, None))
+
+
+@dataclass(frozen=True)
+class SampleMix:
+    """Near-surface noise ``variances`` (coarse, fine) per coordinate and the ``uniform`` fraction in [-1, 1]^3."""
+
+    variances: tuple[float, float]
+    uniform: float
+
+
+SAMPLE_MIXES = {"deepsdf": SampleMix((0.005, 0.0005), 3 / 50), "paper": SampleMix((0.0025, 0.00025), 0.05)}
+DEFAULT_SAMPLE_MIX = "deepsdf"
 
 
 @dataclass
@@ -61,6 +73,21 @@ def normalization(verts: np.ndarray, faces: np.ndarray, name: str = "mesh") -> N
     if not np.isfinite(radius) or radius <= 1e-12 * max(1.0, float(np.abs(centre).max())):
         raise MeshSDFError(f"mesh {name} has zero extent (all its vertices coincide); give a real mesh")
     return Normalization(offset=-centre, scale=1.0 / (NORMALIZATION_BUFFER * radius))
+
+
+def rotate_about_y(verts: np.ndarray, degrees: float) -> np.ndarray:
+    """``verts`` (V, 3) turned by ``degrees`` about +y (right hand rule): (V, 3) float64.
+
+    +90 maps (x, y, z) to (z, y, -x), the turn of Keenan Crane's spot.obj in the original's
+    bob_and_spot data (SPEC 11.2).  Multiples of 90 are exact.
+    """
+    v = np.asarray(verts, dtype=np.float64)
+    quarter = degrees / 90.0
+    if quarter == round(quarter):
+        c, s = ((1, 0), (0, 1), (-1, 0), (0, -1))[int(round(quarter)) % 4]
+    else:
+        c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return np.stack([c * v[:, 0] + s * v[:, 2], v[:, 1], -s * v[:, 0] + c * v[:, 2]], axis=1)
 
 
 def validate_mesh(verts: np.ndarray, faces: np.ndarray, name: str = "mesh") -> None:
@@ -92,20 +119,24 @@ def surface_points(verts: np.ndarray, faces: np.ndarray, n: int, rng: np.random.
     return (1.0 - r1) * a[idx] + r1 * (1.0 - r2) * b[idx] + r1 * r2 * c[idx]
 
 
-def sample_points(verts: np.ndarray, faces: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """The ``SAMPLE_MIX`` query points around a normalised mesh: (n, 3) float64."""
-    counts = [int(round(frac * n)) for frac, _ in SAMPLE_MIX]
-    counts[0] += n - sum(counts)
-    parts = []
-    n_surface = sum(c for c, (_, std) in zip(counts, SAMPLE_MIX) if std is not None)
-    surf = surface_points(verts, faces, n_surface, rng)
-    start = 0
-    for count, (_, std) in zip(counts, SAMPLE_MIX):
-        if std is None:
-            parts.append(rng.uniform(-1.0, 1.0, size=(count, 3)))
-        else:
-            parts.append(surf[start:start + count] + rng.normal(0.0, std, size=(count, 3)))
-            start += count
+def sample_points(verts: np.ndarray, faces: np.ndarray, n: int, rng: np.random.Generator,
+                  mix: str = DEFAULT_SAMPLE_MIX) -> np.ndarray:
+    """Query points around a normalised mesh by ``SAMPLE_MIXES[mix]``: (n, 3) float64.
+
+    Rows in blocks: ceil(near / 2) surface points + coarse noise, the first floor(near / 2)
+    of the same surface points + fine noise, then round(uniform * n) uniform points.
+    """
+    if mix not in SAMPLE_MIXES:
+        raise MeshSDFError(f"unknown sample mix {mix!r}; valid: {', '.join(SAMPLE_MIXES)}")
+    m = SAMPLE_MIXES[mix]
+    n_uniform = int(round(m.uniform * n))
+    n_near = n - n_uniform
+    coarse = (n_near + 1) // 2
+    surf = surface_points(verts, faces, coarse, rng)
+    # each surface point is perturbed twice, as DeepSDF's preprocessor does
+    parts = [surf + rng.normal(0.0, m.variances[0] ** 0.5, size=surf.shape),
+             surf[:n_near - coarse] + rng.normal(0.0, m.variances[1] ** 0.5, size=(n_near - coarse, 3)),
+             rng.uniform(-1.0, 1.0, size=(n_uniform, 3))]
     return np.concatenate(parts, axis=0)
 
 
@@ -130,14 +161,15 @@ def signed_distance(verts: np.ndarray, faces: np.ndarray, points: np.ndarray) ->
     return np.where(w > 0.5, -d, d)
 
 
-def sample_sdf(verts: np.ndarray, faces: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """SDF samples of a (normalised) mesh split by sign.
+def sample_sdf(verts: np.ndarray, faces: np.ndarray, n: int, seed: int = 0,
+               mix: str = DEFAULT_SAMPLE_MIX) -> tuple[np.ndarray, np.ndarray]:
+    """SDF samples of a (normalised) mesh split by sign, points by ``sample_points(..., mix)``.
 
     Returns ``pos`` (Np, 4) and ``neg`` (Nn, 4) float32 rows ``x y z sdf`` with sdf >= 0 in
     pos and sdf < 0 in neg, Np + Nn = n.
     """
     rng = np.random.default_rng(seed)
-    pts = sample_points(verts, faces, n, rng)
+    pts = sample_points(verts, faces, n, rng, mix)
     sdf = signed_distance(verts, faces, pts)
     return split_by_sign(np.concatenate([pts, sdf[:, None]], axis=1))
 
@@ -158,10 +190,11 @@ def write_sdf_samples(path: str | os.PathLike, pos: np.ndarray, neg: np.ndarray)
 
 
 def prepare_mesh(verts: np.ndarray, faces: np.ndarray, out_root: str | os.PathLike, dataset: str,
-                 instance: str, n_samples: int, seed: int = 0, name: str | None = None) -> dict:
+                 instance: str, n_samples: int, seed: int = 0, name: str | None = None,
+                 mix: str = DEFAULT_SAMPLE_MIX) -> dict:
     """Normalise one mesh, sample it and write the SPEC section 2 files atomically.
 
-    Writes ``<out_root>/<dataset>/samples/<instance>.npz`` (pos, neg),
+    Writes ``<out_root>/<dataset>/samples/<instance>.npz`` (pos, neg) by ``sample_sdf(..., mix)``,
     ``samples/<instance>_normalization.npz`` (``write_normalization``) and
     ``meshes/<instance>.obj`` (the normalised mesh, faces as given).  Returns a summary dict
     (instance, counts).  ``name`` is used in error messages (default: the instance).
@@ -174,7 +207,7 @@ def prepare_mesh(verts: np.ndarray, faces: np.ndarray, out_root: str | os.PathLi
     validate_mesh(verts, faces, name)
     norm = normalization(verts, faces, name)
     nverts = norm.apply(verts)
-    pos, neg = sample_sdf(nverts, faces, n_samples, seed)
+    pos, neg = sample_sdf(nverts, faces, n_samples, seed, mix)
 
     root = Path(out_root) / dataset
     write_sdf_samples(root / "samples" / f"{instance}.npz", pos, neg)

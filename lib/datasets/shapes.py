@@ -13,11 +13,12 @@ transforms / uniform scale / mirror / elongate / round are exact distances.  Boo
 smooth operators give the right sign and zero level set but only a bound on the distance
 away from it; ``ellipsoid`` is a first-order approximation.  The data pipeline therefore
 never samples these functions directly: ``mesh_shape`` meshes the zero level set and
-``lib.sampling`` computes exact distances to that mesh.
+``lib.datasets.sampling`` computes exact distances to that mesh.
 
 Built-in stand-ins for the paper's toy dataset (``BUILTIN``): ``bob`` (a rubber-duck ring,
 genus 1, ring in the x-z plane with its hole along +y, head and beak towards -x) and ``spot``
-(a cow, genus 0, y up, head towards +z).  Both fit inside [-1, 1]^3 with a margin.
+(a cow, genus 0, y up, head towards -z as in Keenan Crane's spot.obj).  Both fit inside
+[-1, 1]^3 with a margin.  ``ORIGINAL_TURN_Y`` says how the original turned them for its data.
 """
 from __future__ import annotations
 
@@ -253,7 +254,7 @@ def bob() -> Shape:
 
 
 def spot() -> Shape:
-    """Cow of genus 0 (stand-in for Keenan Crane's "spot"): y up, head towards +z.
+    """Cow of genus 0 (stand-in for Keenan Crane's "spot"): y up, head towards -z as in spot.obj.
 
     Rounded-box body on four capsule legs, a neck, a head with a muzzle, two ears and two
     horns; every part is at least 0.1 thick and the legs stay apart.
@@ -272,11 +273,16 @@ def spot() -> Shape:
     cow = smooth_union(cow, muzzle, 0.05)
     cow = smooth_union(cow, ear, 0.03)
     cow = smooth_union(cow, horn, 0.03)
-    return Shape(cow.fn, "spot")
+    # modelled head towards +z; turned to face -z like spot.obj
+    return Shape(cow.rotate(rotation((0, 1, 0), 180)).fn, "spot")
 
 
 BUILTIN: dict[str, Callable[[], Shape]] = {"bob": bob, "spot": spot}
 BUILTIN_DATASETS: dict[str, list[str]] = {"bob_and_spot": ["bob", "spot"]}
+# Degrees about +y by which the original turned Keenan Crane's meshes before normalising them
+# for its bob_and_spot data (SPEC 11.2): spot's head then points to -x.  prepare_data.py applies
+# it to the stand-ins, and to real meshes with --rotate-y spot=90.
+ORIGINAL_TURN_Y: dict[str, float] = {"spot": 90.0}
 
 
 def mesh_shape(shape: Shape, resolution: int = 192, device=None) -> tuple[torch.Tensor, torch.Tensor]:

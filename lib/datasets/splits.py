@@ -8,7 +8,6 @@ meshes, normalisation) are found through path templates (``instance_path``).
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
