@@ -438,8 +438,8 @@ def test_interleaved_silhouettes_keep_their_terms(kw):
     assert not torch.equal(alone[0], alone[1])
 
 
-@pytest.mark.parametrize("kw", [dict(sigma=1e-4, faces_per_pixel=25), dict(sigma=1e-4), dict(sigma=1e-4, faces_per_pixel=3,
-                                                                                            radius=1e-4)])
+@pytest.mark.parametrize("kw", [dict(sigma=1e-4, faces_per_pixel=25), dict(sigma=1e-4),
+                                dict(sigma=1e-4, faces_per_pixel=3, radius=1e-4)])
 def test_a_mesh_out_of_view_renders_empty_with_zero_gradient(kw):
     """A mesh that drifted out of the picture (no face near any pixel, every face in front of
     the camera): the image is all zero and backward gives a zero gradient, whatever the
