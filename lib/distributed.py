@@ -190,6 +190,7 @@ def _collective_device() -> torch.device:
 
 
 _RELEASE_POLL = 1e-4   # s between looks at whether gloo's worker let go of a tensor (each look yields the GIL)
+_RELEASE_WAIT = 10.0   # s at most: the worker needs the GIL for microseconds once it gets it
 
 
 def _collective(run, tensor: torch.Tensor) -> None:
@@ -207,7 +208,9 @@ def _collective(run, tensor: torch.Tensor) -> None:
     uses = tensor._use_count()
     run(tensor)
     if dist.get_backend() == "gloo":
-        while tensor._use_count() > uses:
+        # bounded: a reference held for another reason must not hang training
+        deadline = time.monotonic() + _RELEASE_WAIT
+        while tensor._use_count() > uses and time.monotonic() < deadline:
             time.sleep(_RELEASE_POLL)
 
 
