@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     def field(points):
         return decoder(torch.cat((code.reshape(1, -1).expand(points.shape[0], -1), points), 1)).reshape(-1)
 
-    checks = check_gradients(field, groups, args.resolution, mode=args.mode)
+    checks = check_gradients(field, groups, args.resolution, mode=args.mode, device=device)
     info(f"{exp}: code {args.code}, N = {args.resolution}, loss = surface integral of "
          "(1 + 0.5 x - 0.3 z + 0.25 y^2); finite differences of re-extracted meshes vs the layer")
     for line in format_report(checks):

@@ -9,13 +9,18 @@ Two ways of dying and coming back (``--mode``):
   * torchrun: one ``torchrun --nproc_per_node=2 --max-restarts=K`` job; SIGKILL one of its
               workers at random (``--kills`` times) and let torchrun restart the group with
               the same command;
-  * both (default).
+  * both (default);
+  * exits:    no kills: ``--runs`` consecutive 2-process torchrun trainings where one rank gets
+              no scenes (2 scenes, ScenesPerBatch 1) and ``--runs`` with full ranks
+              (ScenesPerBatch 2), counting how each ended; every one must exit 0 (a rank once
+              aborted at exit, see lib.distributed._collective).  Prints the counts per
+              exit status.
 
 After every kill the ``latest`` resume record must load (model, codes, Adam state, RNG) and
 the logs must never be behind it.  At the end: epochs 1..N each logged once, and the loss
 curve and weights equal those of an uninterrupted run of the same configuration (same
 world size, same threads).  Prints kills survived, epochs redone per kill and the result.
-Usage: python benchmarks/faults.py [--kills 20] [--mode both] [--seed 0]
+Usage: python benchmarks/faults.py [--kills 20] [--mode both|single|torchrun|exits] [--runs 50] [--seed 0]
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,10 +52,10 @@ from lib.specs import load_specs  # noqa: E402
 ENV = dict(os.environ, MESHSDF_QUIET="1", OMP_NUM_THREADS="1")
 
 
-def make_experiment(root: Path, epochs: int) -> Path:
+def make_experiment(root: Path, epochs: int, scenes: int = 4, scenes_per_batch: int = 2) -> Path:
     rng = np.random.default_rng(0)
     names = []
-    for k in range(4):
+    for k in range(scenes):
         p = rng.uniform(-1, 1, (4000, 3)).astype(np.float32)
         sdf = np.linalg.norm(p, axis=1) - (0.3 + 0.1 * k)
         write_sdf_samples(root / "data" / "soak" / "s" / f"ball{k}.npz", *split_by_sign(np.column_stack([p, sdf])))
@@ -63,7 +69,7 @@ def make_experiment(root: Path, epochs: int) -> Path:
                          "latent_in": [1], "weight_norm": True},
         "CodeLength": 4, "NumEpochs": epochs, "SnapshotFrequency": 25, "LogFrequency": 1,
         "LearningRateSchedule": [{"Type": "Step", "Initial": 1e-3, "Interval": 50, "Factor": 0.5}] * 2,
-        "SamplesPerScene": 512, "ScenesPerBatch": 2, "ClampingDistance": 0.1, "CodeBound": 1.0,
+        "SamplesPerScene": 512, "ScenesPerBatch": scenes_per_batch, "ClampingDistance": 0.1, "CodeBound": 1.0,
         "ApplyCodeBound": True,
     }
     (exp / "specs.json").write_text(json.dumps(specs))
@@ -164,6 +170,23 @@ def soak_torchrun(exp: Path, kills: int, rng: random.Random) -> list[tuple[int, 
     return history
 
 
+def soak_exits(runs: int, scenes_per_batch: int, root: Path, epochs: int = 3) -> dict[int, int]:
+    """``runs`` fresh 2-process torchrun trainings of 2 scenes in global batches of
+    ``scenes_per_batch``; returns {exit status: count} and prints each failure's last lines."""
+    counts: dict[int, int] = {}
+    for k in range(runs):
+        exp = make_experiment(root / f"{scenes_per_batch}_{k}", epochs, scenes=2, scenes_per_batch=scenes_per_batch)
+        r = subprocess.run(command(exp, 2), env=ENV, cwd=REPO, capture_output=True, text=True)
+        counts[r.returncode] = counts.get(r.returncode, 0) + 1
+        if r.returncode != 0:
+            died = [ln for ln in r.stderr.splitlines() if "terminate" in ln or "exitcode" in ln or "Error" in ln]
+            print(f"  run {k + 1}: exit {r.returncode}: " + " | ".join(died[-4:]), file=sys.stderr, flush=True)
+        shutil.rmtree(exp.parent)
+        print(f"  ScenesPerBatch {scenes_per_batch}: {k + 1}/{runs} runs, exits {counts}", file=sys.stderr,
+              flush=True)
+    return counts
+
+
 def reference(root: Path, epochs: int, nproc: int) -> Path:
     exp = make_experiment(root, epochs)
     r = subprocess.run(command(exp, nproc), env=ENV, cwd=REPO, capture_output=True, text=True)
@@ -187,9 +210,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=None, help="default: 12 per kill + 20")
-    ap.add_argument("--mode", choices=("single", "torchrun", "both"), default="both")
+    ap.add_argument("--mode", choices=("single", "torchrun", "both", "exits"), default="both")
+    ap.add_argument("--runs", type=int, default=50, help="--mode exits: trainings per kind (default 50)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.mode == "exits":
+        with tempfile.TemporaryDirectory() as tmp:
+            for spb, what in ((1, "one rank without scenes"), (2, "both ranks with scenes")):
+                t0 = time.perf_counter()
+                counts = soak_exits(args.runs, spb, Path(tmp))
+                print(f"ScenesPerBatch {spb} ({what}): {counts.get(0, 0)} of {args.runs} 2-process torchrun trainings "
+                      f"exited 0; all exits {dict(sorted(counts.items()))}; {time.perf_counter() - t0:.0f} s",
+                      flush=True)
+        return
     epochs = args.epochs or 12 * args.kills + 20
     modes = ("single", "torchrun") if args.mode == "both" else (args.mode,)
     for mode in modes:

@@ -15,14 +15,22 @@ that DDP's gradient average is the gradient of the global batch's mean, whatever
 sizes (an empty share, when a batch has fewer items than processes, borrows one item with
 weight 0).
 
-Pre-emption: ``PreemptionGuard`` turns SIGTERM, SIGUSR1 and Ctrl-C (SIGINT) into a flag
+Pre-emption: ``PreemptionGuard`` turns SIGTERM, SIGUSR1, SIGHUP and Ctrl-C (SIGINT) into a flag
 that the training loop polls after each epoch (all ranks agree on it), so the run saves
 ``latest`` and exits with ``EXIT_PREEMPTED`` (130 after Ctrl-C).
+
+Collectives on the CPU (gloo) return only once gloo's worker thread has let go of their
+tensors (``_collective``): the worker drops its reference a little after the result is
+ready, and dropping a tensor Python created needs the GIL; a worker still waiting for it
+when the interpreter shuts down is ended by CPython inside a C++ destructor, which aborts
+the process ("terminate called without an active exception").  destroy_process_group does
+not join gloo's workers here, since DistributedDataParallel keeps the group alive.
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -181,10 +189,35 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+_RELEASE_POLL = 1e-4   # s between looks at whether gloo's worker let go of a tensor (each look yields the GIL)
+_RELEASE_WAIT = 10.0   # s at most: the worker needs the GIL for microseconds once it gets it
+
+
+def _collective(run, tensor: torch.Tensor) -> None:
+    """``run(tensor)`` (a blocking collective on ``tensor``), returning once the backend holds no
+    reference to ``tensor`` any more.
+
+    Why: gloo's worker thread releases a finished collective's tensors after the caller has
+    been woken, and releasing a tensor Python created takes the GIL; if the caller reaches
+    interpreter shutdown first (the last collective of a rank with nothing to save), CPython
+    ends the waiting worker with pthread_exit inside a C++ destructor and the process aborts
+    (SIGABRT, "terminate called without an active exception").  Waiting here, with the GIL
+    yielded, lets the worker finish first.  Only on gloo: nccl's works are released by its
+    watchdog after the GPU is done, which must not stall each step.
+    """
+    uses = tensor._use_count()
+    run(tensor)
+    if dist.get_backend() == "gloo":
+        # bounded: a reference held for another reason must not hang training
+        deadline = time.monotonic() + _RELEASE_WAIT
+        while tensor._use_count() > uses and time.monotonic() < deadline:
+            time.sleep(_RELEASE_POLL)
+
+
 def all_reduce_(tensor: torch.Tensor, mean: bool = False) -> torch.Tensor:
     """Sum (or mean) of ``tensor`` over all ranks, in place; returned for chaining."""
     if is_distributed():
-        dist.all_reduce(tensor)
+        _collective(dist.all_reduce, tensor)
         if mean:
             tensor.div_(dist.get_world_size())
     return tensor
@@ -193,7 +226,7 @@ def all_reduce_(tensor: torch.Tensor, mean: bool = False) -> torch.Tensor:
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """``tensor`` of rank ``src`` copied to every rank, in place."""
     if is_distributed():
-        dist.broadcast(tensor, src)
+        _collective(lambda t: dist.broadcast(t, src), tensor)
     return tensor
 
 
@@ -202,7 +235,7 @@ def any_rank(flag: bool) -> bool:
     if not is_distributed():
         return bool(flag)
     t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    _collective(lambda x: dist.all_reduce(x, op=dist.ReduceOp.MAX), t)
     return bool(t.item() > 0)
 
 
@@ -295,7 +328,7 @@ def broadcast_parameters_(params: Iterable[torch.Tensor], src: int = 0) -> None:
         return
     with torch.no_grad():
         for p in params:
-            dist.broadcast(p.data, src)
+            broadcast_(p.data, src)
 
 
 class GradientSync:
@@ -316,8 +349,7 @@ class GradientSync:
         parts = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device, dtype=p.dtype)
                  for p in self.params]
         flat = torch.cat(parts + [loss.detach().reshape(1).to(parts[0].dtype if parts else loss.dtype)])
-        dist.all_reduce(flat)
-        flat.div_(dist.get_world_size())
+        all_reduce_(flat, mean=True)
         offset = 0
         for p in self.params:
             n = p.numel()
@@ -358,7 +390,8 @@ def rank_seed(base: int, epoch: int, rank_: int | None = None) -> int:
 # --------------------------------------------------------------------------- pre-emption
 
 class PreemptionGuard:
-    """Context manager: SIGTERM, SIGUSR1 (which SLURM's --signal sends) and SIGINT (Ctrl-C) set a stop flag.
+    """Context manager: SIGTERM, SIGUSR1 (which SLURM's --signal sends), SIGHUP (a closed terminal or
+    ssh session) and SIGINT (Ctrl-C) set a stop flag.
 
     Call the guard as ``should_stop(epoch)``: true once this process received a signal.
     The trainers agree across ranks (``lib.train.EpochBook.end_epoch`` asks ``any_rank``),
@@ -368,7 +401,7 @@ class PreemptionGuard:
     the previous ones are restored on exit.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
 
     def __init__(self, signals: Sequence[signal.Signals] = SIGNALS):
         self.signals = tuple(signals)

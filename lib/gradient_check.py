@@ -48,14 +48,16 @@ class GroupCheck:
 def check_gradients(field: Callable[[torch.Tensor], torch.Tensor], groups: Mapping[str, Sequence[torch.Tensor]],
                     resolution: int = 256, level: float = 0.0, inside: str = "below", mode: str = "sparse",
                     loss: Callable = surface_integral, move: float = 0.5, max_relative: float = 0.02, seed: int = 0,
-                    chunk: int = 2 ** 14) -> list[GroupCheck]:
+                    chunk: int = 2 ** 14, device=None) -> list[GroupCheck]:
     """Layer gradient vs finite differences of re-extracted meshes, per parameter group.
 
     field: points (P, 3) -> (P,), depending on the tensors in ``groups`` (name -> tensors,
     each a leaf; they need not require grad, the check turns it on for itself and restores
     it); level / inside: the surface (:func:`lib.meshsdf.mesh_from_field`); loss(verts,
-    faces) -> scalar (default :func:`surface_integral`).  Returns one :class:`GroupCheck`
-    per group; the parameters are left as they were.
+    faces) -> scalar (default :func:`surface_integral`); device: where the grid lives
+    (default: the device of the first tensor of ``groups``, so that a closure over CUDA
+    tensors is meshed on CUDA).  Returns one :class:`GroupCheck` per group; the parameters
+    are left as they were.
     """
     if inside not in INSIDE:
         raise MeshSDFError(f"inside {inside!r} is unknown: use 'below' or 'above'")
@@ -63,6 +65,7 @@ def check_gradients(field: Callable[[torch.Tensor], torch.Tensor], groups: Mappi
     if not tensors:
         raise MeshSDFError("gradient check: no parameters to check")
     sign = 1.0 if inside == "below" else -1.0
+    device = torch.device(device) if device is not None else tensors[0].device
     was = [t.requires_grad for t in tensors]
     gen = torch.Generator().manual_seed(seed)
     noise = {name: [torch.randn(t.shape, generator=gen).to(t) for t in ts] for name, ts in groups.items()}
@@ -74,7 +77,8 @@ def check_gradients(field: Callable[[torch.Tensor], torch.Tensor], groups: Mappi
         for gradient in GRADIENTS:
             for t in tensors:
                 t.grad = None
-            mesh = mesh_from_field(field, resolution, level, mode, gradient, inside=inside, chunk=chunk)
+            mesh = mesh_from_field(field, resolution, level, mode, gradient, inside=inside, chunk=chunk,
+                                   device=device)
             if mesh.state.empty:
                 raise MeshSDFError(f"gradient check: {mesh.state.message}")
             loss(mesh.verts, mesh.faces).backward()

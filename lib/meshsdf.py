@@ -35,6 +35,7 @@ deterministic: a module left in train mode with dropout is refused (MeshSDFError
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -93,9 +94,11 @@ def mesh_from_field(field: Field, resolution: int, level: float = 0.0, mode: str
     states = list(state) if isinstance(state, (list, tuple)) else [state] * count
     if len(states) != count:
         raise MeshSDFError(f"state: {len(states)} states for {count} surfaces; pass the list the last call returned")
+    if device is None:   # a state was extracted on the grid's device: probe the field there too
+        device = next((s.cells.device for s in states if s is not None), None)
     leaves, probe_device = _leaves(field, batch, device)
     if device is None:
-        device = probe_device or next((s.cells.device for s in states if s is not None), torch.device("cpu"))
+        device = probe_device or torch.device("cpu")
     signed = _Signed(field, sign, level, batch)
     meshes = []
     for b in range(count):
@@ -240,7 +243,7 @@ def _probe(field, batch, device) -> tuple[list[torch.Tensor], torch.device | Non
     """
     gen = torch.Generator().manual_seed(0)
     pts = torch.rand(64, 3, generator=gen) * 1.8 - 0.9
-    dev = torch.device(device) if device is not None else _first_device(field)
+    dev = torch.device(device) if device is not None else field_device(field)
     pts = pts.to(dev) if dev is not None else pts
     index = None if batch is None else torch.arange(64, device=pts.device) % int(batch)
     call = (lambda: field(pts)) if batch is None else (lambda: field(pts, index))  # noqa: E731
@@ -268,11 +271,37 @@ def _probe(field, batch, device) -> tuple[list[torch.Tensor], torch.device | Non
     return found, (found[0].device if found else dev)
 
 
-def _first_device(field):
-    module = field if isinstance(field, nn.Module) else getattr(field, "__self__", None)
-    if isinstance(module, nn.Module):
-        return next((p.device for p in module.parameters()), None)
+def field_device(field) -> torch.device | None:
+    """The device ``field`` computes on, as far as what it holds tells: a module's first
+    parameter or buffer, else the first tensor or module among what a function holds (its
+    bound object, closure variables, defaults; a functools.partial's arguments), one level
+    deep.  None when it holds no tensor (the caller then assumes the CPU).
+
+    Why: a field written as a closure over a decoder and a code (check_gradients.py) must
+    be probed and meshed where its tensors are, or it mixes CUDA and CPU tensors."""
+    for obj in _held(field):
+        if isinstance(obj, torch.Tensor):
+            return obj.device
+        if isinstance(obj, nn.Module):
+            dev = next((t.device for t in (*obj.parameters(), *obj.buffers())), None)
+            if dev is not None:
+                return dev
     return None
+
+
+def _held(field):
+    """``field`` itself, then what it holds (see :func:`field_device`)."""
+    yield field
+    if isinstance(field, functools.partial):
+        yield from (field.func, *field.args, *field.keywords.values())
+        field = field.func
+    yield getattr(field, "__self__", None)
+    for cell in getattr(field, "__closure__", None) or ():
+        try:
+            yield cell.cell_contents
+        except ValueError:  # a closure variable not assigned yet
+            continue
+    yield from getattr(field, "__defaults__", None) or ()
 
 
 class _Spec:

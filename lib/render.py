@@ -449,7 +449,12 @@ class _SoftSilhouette(torch.autograd.Function):
 
 
 def _keep_nearest(terms: list[dict], K: int) -> None:
-    """Zero the terms of all but the K candidate faces nearest to the camera at each pixel."""
+    """Zero the terms of all but the K candidate faces nearest to the camera at each pixel.
+
+    ``terms``: one dict per chunk; none when no face comes within the blur radius of any
+    pixel (a mesh out of view), and then there is nothing to drop."""
+    if not terms:
+        return
     pix = torch.cat([tm["pix"].reshape(-1) for tm in terms])
     depth = torch.cat([tm["depth"].reshape(-1) for tm in terms])
     idx = torch.cat([tm["cand"].reshape(-1) for tm in terms]).nonzero().squeeze(1)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import check_gradients as check_gradients_command
 import demo_optimizer
 import metrics_svr
 import reconstruct_svr
@@ -22,15 +23,16 @@ import train_svr
 from lib import checkpoint
 from lib.camera import look_at
 from lib.datasets import SdfSamples, read_split, scene_batches
+from lib.gradient_check import check_gradients
 from lib.isosurface import MODES, extract, same_mesh
-from lib.meshsdf import mesh_from_sdf
+from lib.meshsdf import mesh_from_field, mesh_from_sdf
 from lib.metrics import genus, sample_surface
 from lib.models.decoder import Decoder
 from lib.render import normal_image, rasterize, silhouette
 from lib.datasets.shapes import mesh_shape, torus
 from lib.specs import load_specs
 from test_demo import EXP as DEMO_EXP, SMALL as DEMO_SMALL
-from test_distributed import tiny_experiment, torchrun
+from test_distributed import tiny_experiment, tiny_svr_experiment, torchrun
 from test_fused import CONFIGS, _both_losses
 from test_svr import toy_experiment
 
@@ -123,6 +125,40 @@ def test_training_on_gpu_matches_cpu_and_resumes(tmp_path):
     assert len(list((exps["gpu"] / "Reconstructions").glob("*.ply"))) == 4
 
 
+def test_gradient_clip_norm_on_gpu_matches_cpu(tmp_path):
+    """GradientClipNorm small enough to clip every step: the GPU run is the CPU run (the CPU half,
+    that the key reaches the step and clips, is tests/test_distributed.py's)."""
+    exps = {k: tiny_experiment(tmp_path / k, epochs=2) for k in ("cpu", "gpu")}
+    for exp in exps.values():
+        specs = json.loads((exp / "specs.json").read_text())
+        (exp / "specs.json").write_text(json.dumps({**specs, "GradientClipNorm": 1e-3}))
+    for dev, exp in exps.items():
+        assert train_deep_sdf.main(["-e", str(exp), "--device", dev, "--no-reconstruct"]) == 0
+    logs = {k: checkpoint.load_logs(e) for k, e in exps.items()}
+    assert logs["gpu"]["log_epochs"] == [1, 2]
+    np.testing.assert_allclose(logs["gpu"]["loss"], logs["cpu"]["loss"], rtol=1e-3)
+    _assert_close_states(_state(exps["gpu"]), _state(exps["cpu"]), rtol=1e-3, atol=1e-5)
+
+
+def test_train_svr_under_torchrun_on_gpu_matches_one_process(tmp_path):
+    """train_svr.py under torchrun on CUDA (nccl): 2 processes where 2 GPUs exist, else 1 (two
+    processes may not share a GPU).  4 instances in global batches of 3: with 2 processes the
+    second batch leaves rank 1 without instances.  The run ends with status 0 and its losses and
+    weights are those of a 1-process GPU run."""
+    nproc = min(2, torch.cuda.device_count())
+    one = tiny_svr_experiment(tmp_path / "one", epochs=2)
+    run = tiny_svr_experiment(tmp_path / "run", epochs=2)
+    assert train_svr.main(["-e", str(one), "--device", "cuda"]) == 0
+    p = torchrun(nproc, REPO / "train_svr.py", "-e", run, "--device", "cuda", "--continue", "latest")
+    assert p.returncode == 0, p.stderr[-3000:]
+    logs, ref = checkpoint.load_logs(run), checkpoint.load_logs(one)
+    assert logs["log_epochs"] == ref["log_epochs"] == [1, 2]
+    np.testing.assert_allclose(logs["loss"], ref["loss"], rtol=1e-3)
+    state = lambda e: torch.load(e / "ModelParameters" / "decoder_latest.pth", map_location="cpu",  # noqa: E731
+                                 weights_only=False)["model_state_dict"]
+    _assert_close_states(state(run), state(one), rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_two_process_nccl_training_matches_one_process(tmp_path):
     one = tiny_experiment(tmp_path / "one", epochs=2)
@@ -188,7 +224,51 @@ def test_mesh_gradients_on_gpu_match_cpu():
     assert torch.allclose(gg, g, rtol=1e-3, atol=1e-5)
 
 
+def _closure_field(decoder, code):
+    """The field as check_gradients.py writes it: a closure over a decoder and a code."""
+    def field(points):
+        return decoder(torch.cat((code.reshape(1, -1).expand(points.shape[0], -1), points), 1)).reshape(-1)
+    return field
+
+
+def test_check_gradients_on_gpu():
+    """check_gradients.py on CUDA (its default where a GPU exists): its closure field used to be
+    probed on the CPU, and torch.cat mixed devices.  The layer's directional derivative on the
+    GPU is the CPU's."""
+    assert check_gradients_command.main(["-e", str(DEMO_EXP), "--resolution", "48", "--device", "cuda"]) == 0
+    specs = load_specs(DEMO_EXP)
+    layer = {}
+    for dev in ("cpu", "cuda"):
+        dec = checkpoint.load_decoder(DEMO_EXP, specs, device=dev).eval()
+        for p in dec.parameters():
+            p.requires_grad_(False)
+        code = checkpoint.load_latent_codes(DEMO_EXP, device=dev)[0].clone()
+        field = _closure_field(dec, code)
+        (check,) = check_gradients(field, {"latent code": [code]}, resolution=48)
+        layer[dev] = check.layer
+        code.requires_grad_(True)
+        mesh = mesh_from_field(field, 32)        # no device given: the closure's
+        assert mesh.verts.device.type == dev
+        mesh.verts.sum().backward()
+        assert code.grad is not None and code.grad.device.type == dev
+    for rule in ("paper", "exact"):
+        assert layer["cuda"][rule] == pytest.approx(layer["cpu"][rule], rel=1e-2)
+
+
 # ------------------------------------------------------------------ the demo and SVR scripts
+
+@pytest.mark.parametrize("extra", [["--renderer", "soft"], ["--gradient", "exact"]], ids=["soft", "exact"])
+def test_demo_on_gpu_with_the_soft_renderer_and_the_exact_gradient(tmp_path, extra):
+    out = tmp_path / "out"
+    assert demo_optimizer.main(["-e", str(DEMO_EXP), "--out", str(out), *DEMO_SMALL, *extra, "--device", "cuda"]) == 0
+    log = json.loads((out / "log.json").read_text())
+    assert log["settings"]["device"].startswith("cuda") and log["stopped"] == ""
+    assert log["settings"]["renderer"] == ("soft" if "soft" in extra else "nr")
+    assert log["settings"]["gradient"] == ("exact" if "exact" in extra else "paper")
+    assert log["iterations"][0]["genus"] == 0 and log["final"]["loss"] < log["iterations"][0]["loss"] / 5
+    assert log["final"]["iou"] > 0.9
+
+
 
 @pytest.mark.parametrize("mode", MODES)
 def test_demo_on_gpu_in_every_mode(tmp_path, mode):
@@ -221,3 +301,17 @@ def test_svr_pipeline_on_gpu(tmp_path):
         assert np.isfinite(np.load(root / name / "log_nc.npy")).all()
     assert metrics_svr.main(["-e", str(exp)]) == 0
     assert (root / "svr_metrics.txt").read_text().startswith("Stats:\nRaw CHD ")
+
+
+def test_reconstruct_svr_on_gpu_in_its_default_fast_mode(tmp_path):
+    """reconstruct_svr.py as a user runs it (ExtractionMode fast, the soft silhouette keeping the
+    nearest faces per pixel) on CUDA, every test instance refined and saved."""
+    exp = toy_experiment(tmp_path, "cars", epochs=4, snapshot=2, log_frequency=1)
+    assert train_svr.main(["-e", str(exp), "--device", "cuda"]) == 0
+    assert reconstruct_svr.main(["-e", str(exp), "--device", "cuda"]) == 0
+    root = exp / "Reconstructions" / "latest"
+    for name in ("car_002", "car_003"):
+        meta = json.loads((root / name / "meta.json").read_text())
+        assert meta["settings"]["mode"] == "fast" and meta["iterations"] == 2, meta["messages"]
+        chd = np.load(root / name / "log_chd.npy")
+        assert len(chd) == 3 and np.isfinite(chd).all() and (chd > 0).all()

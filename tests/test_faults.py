@@ -107,10 +107,10 @@ def test_sigkill_five_times_then_finish_like_an_uninterrupted_run(tmp_path):
 
 
 def signal_after_first_snapshot(exp: Path, script: str = "train_deep_sdf.py", sig=signal.SIGTERM,
-                                env=None) -> str:
+                                env=None, status: int | None = None) -> str:
     """Start the restart-loop command, send ``sig`` at a random moment after the epoch-1 snapshot
-    is written and check that it exits 128 + sig (143 for SIGTERM, 130 for Ctrl-C) without a
-    traceback; returns its stderr."""
+    is written and check that it exits ``status`` (default 128 + sig: 143 for SIGTERM, 130 for
+    Ctrl-C) without a traceback; returns its stderr."""
     # the model file renamed last by each trainer: DeepSDF's 1.pth, the SVR pair's encoder_1.pth
     snapshot = exp / "ModelParameters" / ("encoder_1.pth" if script == "train_svr.py" else "1.pth")
     proc = start(exp, script=script, env=env)
@@ -121,7 +121,7 @@ def signal_after_first_snapshot(exp: Path, script: str = "train_deep_sdf.py", si
     time.sleep(random.uniform(0.0, 0.2))
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + int(sig), err
+    assert proc.returncode == (128 + int(sig) if status is None else status), err
     assert sig != signal.SIGTERM or proc.returncode == distributed.EXIT_PREEMPTED == 143
     assert "Traceback" not in err
     return err
@@ -187,6 +187,18 @@ def test_ctrl_c_saves_latest_says_where_it_resumes_and_exits_130(tmp_path):
     assert epoch >= 2 and checkpoint.load_logs(exp)["epoch"] == epoch
     assert f"stopped by SIGINT after epoch {epoch}" in err and f"resumes at epoch {epoch + 1}" in err, err
     assert not (exp / ".meshsdf.lock").exists()
+
+
+@pytest.mark.slow
+def test_sighup_saves_latest_like_sigterm_and_exits_143(tmp_path):
+    """A closed terminal (SIGHUP) stops training as SIGTERM does: the epoch finishes, ``latest``
+    (the only checkpoint after the epoch-1 snapshot) holds it and the status is 143, so a
+    restart loop resumes rather than losing the epochs since the last save."""
+    exp = tiny_experiment(tmp_path, epochs=100000, log_frequency=100000, samples=256, snapshots=(1,))
+    err = signal_after_first_snapshot(exp, sig=signal.SIGHUP, env=TALKING, status=distributed.EXIT_PREEMPTED)
+    epoch = load_resume_record(exp, load_specs(exp))
+    assert epoch >= 2 and checkpoint.load_logs(exp)["epoch"] == epoch
+    assert f"stopped by SIGHUP after epoch {epoch}" in err, err
 
 
 KILL_BETWEEN_RENAMES = """

@@ -9,7 +9,7 @@ from torch import nn
 
 from lib.errors import MeshSDFError
 from lib.isosurface import extract, same_mesh
-from lib.meshsdf import mesh_from_field, mesh_from_sdf
+from lib.meshsdf import field_device, mesh_from_field, mesh_from_sdf
 from lib.metrics import connected_components, genus
 from lib.models.decoder import Decoder
 from lib.models.decoder import sdf as decoder_sdf
@@ -267,6 +267,37 @@ def test_cuda():
     cpu = mesh_from_sdf(LatentTorus(), zc, 48, gradient="exact")
     volume(cpu.verts, cpu.faces).backward()
     assert torch.allclose(z.grad.cpu(), zc.grad, rtol=1e-3)
+
+
+def test_the_device_of_a_field_is_that_of_what_it_holds():
+    """A field written as a closure over a decoder and a code (check_gradients.py) is probed and
+    meshed where they are: on CUDA its probe points went to the CPU and torch.cat mixed devices.
+    The meta device stands in for a GPU here (tests/test_cuda.py meshes such a closure on CUDA)."""
+    import functools
+
+    meta = torch.device("meta")
+    dec = nn.Linear(5, 1).to(meta)
+    code = torch.zeros(2, device=meta)
+
+    def closure(points):
+        return dec(torch.cat((code.expand(points.shape[0], -1), points), 1)).reshape(-1)
+
+    def scaled(points, k=torch.ones((), device=meta)):
+        return points.norm(dim=1) * k
+
+    assert field_device(closure) == meta
+    assert field_device(scaled) == meta                                      # a default argument
+    assert field_device(functools.partial(lambda p, c: p.norm(dim=1) - c, c=code)) == meta
+    assert field_device(dec) == meta and field_device(dec.forward) == meta  # a module, a bound method
+    buffers_only = nn.Module().to(meta)
+    buffers_only.register_buffer("radius", torch.ones((), device=meta))
+    assert field_device(buffers_only) == meta
+    assert field_device(lambda p: p.norm(dim=1) - 0.5) is None              # holds nothing: the CPU
+    # the probe evaluates a closure on the CPU tensors it holds, so the device found is used
+    radius = torch.tensor(0.5, requires_grad=True)
+    mesh = mesh_from_field(lambda p: p.norm(dim=1) - radius, 24)
+    mesh.verts.sum().backward()
+    assert mesh.verts.device.type == "cpu" and radius.grad is not None and float(radius.grad) != 0
 
 
 # --- any field: xyz-only networks, occupancy, batches, critical points, refusals ------------

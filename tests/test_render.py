@@ -436,3 +436,25 @@ def test_interleaved_silhouettes_keep_their_terms(kw):
     for vv, g in zip(vs, alone):
         assert torch.equal(vv.grad, g)
     assert not torch.equal(alone[0], alone[1])
+
+
+@pytest.mark.parametrize("kw", [dict(sigma=1e-4, faces_per_pixel=25), dict(sigma=1e-4),
+                                dict(sigma=1e-4, faces_per_pixel=3, radius=1e-4)])
+def test_a_mesh_out_of_view_renders_empty_with_zero_gradient(kw):
+    """A mesh that drifted out of the picture (no face near any pixel, every face in front of
+    the camera): the image is all zero and backward gives a zero gradient, whatever the
+    nearest-faces setting (the SVR refinement's default keeps the 25 nearest)."""
+    v, f = _sphere()
+    v, f = torch.from_numpy(v).double(), torch.from_numpy(f)
+    cam = look_at(0, 0, 2.5, image_size=32)
+    right = cam.R[0, 0].double()
+    out = (v + 20.0 * right).requires_grad_(True)   # beside the view cone, at the same depth
+    img = silhouette(out, f, cam, **kw)
+    assert img.shape == (32, 32) and float(img.detach().abs().sum()) == 0
+    (img * torch.rand(32, 32, dtype=D64)).sum().backward()
+    assert out.grad is not None and torch.equal(out.grad, torch.zeros_like(out))
+    # the same mesh moved back into view is seen and gets a gradient
+    inside = v.clone().requires_grad_(True)
+    seen = silhouette(inside, f, cam, **kw)
+    (seen * torch.rand(32, 32, dtype=D64)).sum().backward()
+    assert float(seen.detach().sum()) > 10 and float(inside.grad.abs().sum()) > 0
