@@ -416,7 +416,7 @@ def test_gradient_clip_norm_clips_each_update(tmp_path):
         loss = (net(x) ** 2).sum()
         norm = float(torch.sqrt(sum((g ** 2).sum() for g in torch.autograd.grad(loss, list(net.parameters()),
                                                                                 retain_graph=True))))
-        train_mod.optimizer_step(torch.optim.SGD(net.parameters(), lr=1.0), loss, 1, list(net.parameters()), clip)
+        train_mod.optimizer_step(torch.optim.SGD(net.parameters(), lr=1.0), loss, 1, [list(net.parameters())], clip)
         with torch.no_grad():
             step = float(torch.sqrt(sum(((p - s) ** 2).sum() for p, s in zip(net.parameters(), start))))
         assert step == pytest.approx(min(clip, norm), rel=1e-4) and norm > 1e-3
