@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         raise MeshSDFError(f"--views must be between 0 and 100 (got {views})")
     if args.image_size < 16:
         raise MeshSDFError(f"--image-size must be at least 16 (got {args.image_size})")
-    from lib import limits
+    from lib.experiment import limits
 
     workers = args.workers  # each worker holds its own grid and samples
     limits.check_fits("--samples", args.samples, lambda n: workers * limits.SAMPLE_BYTES * float(n))

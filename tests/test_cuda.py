@@ -19,7 +19,7 @@ import metrics_svr
 import reconstruct_svr
 import train_deep_sdf
 import train_svr
-from lib import checkpoint
+from lib import experiment
 from lib.camera import look_at
 from lib.data import SdfSamples, read_split, scene_batches
 from lib.isosurface import MODES, extract, same_mesh
@@ -28,7 +28,7 @@ from lib.metrics import genus, sample_surface
 from lib.models.decoder import Decoder
 from lib.render import normal_image, rasterize, silhouette
 from lib.shapes import mesh_shape, torus
-from lib.specs import load_specs
+from lib.experiment.specs import load_specs
 from test_demo import EXP as DEMO_EXP, SMALL as DEMO_SMALL
 from test_distributed import tiny_experiment, torchrun
 from test_fused import CONFIGS, _both_losses
@@ -114,7 +114,7 @@ def test_training_on_gpu_matches_cpu_and_resumes(tmp_path):
                                 "--no-reconstruct"]) == 0
     assert train_deep_sdf.main(["-e", str(exps["resumed"]), "--device", "cuda", "--continue", "latest",
                                 "--no-reconstruct"]) == 0
-    logs = {k: checkpoint.load_logs(e) for k, e in exps.items()}
+    logs = {k: experiment.load_logs(e) for k, e in exps.items()}
     assert logs["gpu"]["log_epochs"] == logs["resumed"]["log_epochs"] == [1, 2]
     np.testing.assert_allclose(logs["gpu"]["loss"], logs["cpu"]["loss"], rtol=1e-3)
     np.testing.assert_allclose(logs["resumed"]["loss"], logs["gpu"]["loss"], rtol=1e-5)
@@ -130,7 +130,7 @@ def test_two_process_nccl_training_matches_one_process(tmp_path):
     assert train_deep_sdf.main(["-e", str(one), "--device", "cuda", "--no-reconstruct"]) == 0
     p = torchrun(2, REPO / "train_deep_sdf.py", "-e", two, "--no-reconstruct")
     assert p.returncode == 0, p.stderr[-3000:]
-    assert checkpoint.load_logs(two)["log_epochs"] == [1, 2]
+    assert experiment.load_logs(two)["log_epochs"] == [1, 2]
     _assert_close_states(_state(two), _state(one), rtol=1e-4, atol=1e-6)
 
 
@@ -178,8 +178,8 @@ def test_mesh_gradients_on_gpu_match_cpu():
     specs = load_specs(DEMO_EXP)
     res = {}
     for dev in ("cpu", "cuda"):
-        dec = checkpoint.load_decoder(DEMO_EXP, specs, device=dev)
-        z = checkpoint.load_latent_codes(DEMO_EXP, device=dev)[1].clone().requires_grad_(True)
+        dec = experiment.load_decoder(DEMO_EXP, specs, device=dev)
+        z = experiment.load_latent_codes(DEMO_EXP, device=dev)[1].clone().requires_grad_(True)
         mesh = mesh_from_sdf(dec, z, 32, "dense")
         (mesh.verts ** 2).sum().backward()
         res[dev] = (mesh.verts.detach().cpu(), mesh.faces.cpu(), z.grad.cpu())
@@ -208,7 +208,7 @@ def test_svr_pipeline_on_gpu(tmp_path):
     exp = toy_experiment(tmp_path, "cars", epochs=4, snapshot=2, log_frequency=1)
     assert train_svr.main(["-e", str(exp), "--epochs", "2", "--device", "cuda"]) == 0
     assert train_svr.main(["-e", str(exp), "--continue", "latest", "--device", "cuda"]) == 0
-    logs = checkpoint.load_logs(exp)
+    logs = experiment.load_logs(exp)
     assert logs["log_epochs"] == [1, 2, 3, 4] and logs["loss_sdf_test_epoch"] == [1, 2, 3, 4]
     # the protocol's view of each test instance, the ground truth's samples drawn on the GPU
     assert reconstruct_svr.main(["-e", str(exp), "--device", "cuda", "--mode", "sparse"]) == 0

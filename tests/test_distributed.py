@@ -1,4 +1,4 @@
-"""lib.distributed and multi-process training: sharding maths, pre-emption flag, and real
+"""lib.training.distributed and multi-process training: sharding maths, pre-emption flag, and real
 2-process torchrun (gloo, CPU) runs of train_deep_sdf.py and train_svr.py compared step by step
 with 1-process runs."""
 import json
@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-import lib.train as train_mod
-from lib import checkpoint, distributed
-from lib.specs import load_specs, load_svr_specs
+import lib.training.loop as train_mod
+from lib import experiment
+from lib.training import distributed
+from lib.experiment.specs import load_specs, load_svr_specs
 from lib.data import SdfSamples, read_split
 from lib.errors import MeshSDFError
 from lib.models.decoder import decoder_from_specs
 from lib.sampling import split_by_sign, write_sdf_samples
-from lib.train import TrainSettings, auto_decoder_loss, resume_point, train_auto_decoder
+from lib.training import TrainSettings, auto_decoder_loss, resume_point, train_auto_decoder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,7 +200,7 @@ import os, signal, sys
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {repo!r})
-import lib.train as T
+import lib.training.loop as T
 import train_deep_sdf
 snaps, real = [], T.optimizer_step
 first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
@@ -224,7 +225,7 @@ def torchrun(nproc: int, script: Path, *args, restarts=0, timeout=240, **kw) -> 
 
 
 def record_steps(monkeypatch) -> list:
-    """Make lib.train.optimizer_step (used by both trainers) append every parameter after each step
+    """Make lib.training.loop.optimizer_step (used by both trainers) append every parameter after each step
     to the returned list."""
     snaps = []
     real = train_mod.optimizer_step
@@ -286,7 +287,7 @@ def test_two_process_run_matches_one_process_and_resumes_with_one(tmp_path, monk
     for step, (got, want) in enumerate(zip(rank0 + resumed, snaps[2:]), start=2):
         for g, w in zip(got, want):
             assert torch.allclose(g, w, rtol=1e-4, atol=2e-6), f"step {step + 1} differs from the 1-process run"
-    logs, ref_logs = checkpoint.load_logs(exp), checkpoint.load_logs(ref_exp)
+    logs, ref_logs = experiment.load_logs(exp), experiment.load_logs(ref_exp)
     assert logs["log_epochs"] == ref_logs["log_epochs"] == [1, 2, 3, 4, 5]
     assert np.allclose(logs["loss"], ref_logs["loss"], rtol=1e-5, atol=1e-7)
 
@@ -296,7 +297,7 @@ import os, signal, sys
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {repo!r})
-import lib.train as T
+import lib.training.loop as T
 import train_svr
 snaps, real = [], T.optimizer_step
 attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -353,7 +354,7 @@ def test_two_process_svr_matches_one_process_stops_on_sigterm_and_resumes_with_o
     for step, (got, want) in enumerate(zip(rank0 + resumed, snaps)):
         for name, g, w in zip(names, got, want):
             assert torch.allclose(g, w, rtol=1e-4, atol=2e-6), f"{name} after step {step + 1} differs from 1 process"
-    logs, ref_logs = checkpoint.load_logs(exp), checkpoint.load_logs(ref_exp)
+    logs, ref_logs = experiment.load_logs(exp), experiment.load_logs(ref_exp)
     assert logs["log_epochs"] == ref_logs["log_epochs"] == [1, 2, 3, 4]
     for key in ("loss", "latent_magnitude"):
         assert np.allclose(logs[key], ref_logs[key], rtol=1e-5, atol=1e-7), key

@@ -211,7 +211,7 @@ class Decoder(nn.Module):
         [-clamp, clamp]; codes (B, L), xyz (B, S, 3), sdf (B, S) -> scalar.  Same value and
         gradients as ``forward`` followed by that mean, same dropout masks for the same RNG
         state.  Needs ``fused_loss_supported`` and xyz/sdf without gradients.  Training code
-        calls it through ``lib.train.SdfLoss`` (the module DistributedDataParallel wraps).
+        calls it through ``lib.training.SdfLoss`` (the module DistributedDataParallel wraps).
         """
         if not self.fused_loss_supported:
             raise ValueError("Decoder: the fused training loss does not support LayerNorm or latent dropout")

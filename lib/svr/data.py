@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from lib.errors import MeshSDFError
-from lib.specs import resolve_path
+from ..experiment.specs import resolve_path
 
 SPLIT_KEYS = {"train": "TrainSplit", "test": "TestSplit", "validation": "ValidationSplit"}
 

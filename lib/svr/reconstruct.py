@@ -31,7 +31,7 @@ from lib.render import SVR_EPS, blur_radius
 
 @dataclass
 class RefineSettings:
-    """The reconstruction settings (specs keys of lib.specs.SVR_KEYS, script flags over them)."""
+    """The reconstruction settings (specs keys of lib.experiment.specs.SVR_KEYS, script flags over them)."""
 
     resolution: int = 256
     iterations: int = 100
@@ -182,9 +182,9 @@ def reconstruct_view(decoder: nn.Module, code: torch.Tensor, alpha: torch.Tensor
 
 def output_root(exp_dir: str | os.PathLike, label: str | int, out: str | os.PathLike | None = None) -> Path:
     """``<exp>/Reconstructions/<checkpoint label>/`` (the original's), or ``out`` when given."""
-    from lib import checkpoint
+    from .. import experiment
 
-    return Path(out) if out is not None else checkpoint.reconstructions_dir(exp_dir) / str(label)
+    return Path(out) if out is not None else experiment.reconstructions_dir(exp_dir) / str(label)
 
 
 def instance_folder_name(instance: str, view: int, default_view: int) -> str:
