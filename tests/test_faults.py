@@ -149,10 +149,10 @@ def test_train_svr_sigterm_saves_latest_exits_143_and_resumes_like_an_uninterrup
     from the SIGTERM checkpoint and ends where an uninterrupted run ends, weights and loss curve."""
     from lib import svr
 
-    def experiment(root):
+    def new_experiment(root):
         return tiny_svr_experiment(root, scenes=3, batch=2, epochs=100000, log_frequency=100000, snapshots=(1,))
 
-    exp = experiment(tmp_path / "t")
+    exp = new_experiment(tmp_path / "t")
     specs = load_svr_specs(exp)
     sigterm_after_first_snapshot(exp, "train_svr.py")
     net = svr.network_from_specs(specs)
@@ -166,7 +166,7 @@ def test_train_svr_sigterm_saves_latest_exits_143_and_resumes_like_an_uninterrup
     logs = experiment.load_logs(exp)
     assert logs["log_epochs"] == list(range(1, final + 1))
 
-    ref_exp = experiment(tmp_path / "u")
+    ref_exp = new_experiment(tmp_path / "u")
     ref_specs = load_svr_specs(ref_exp)
     with one_thread():
         ref = svr.train_svr(ref_exp, ref_specs, svr.training_set_from_specs(ref_specs), "cpu", seed=4,
