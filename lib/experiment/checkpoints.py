@@ -56,7 +56,14 @@ SVR_PARTS = ("encoder", "decoder")
 
 
 def parse_epoch(value: str | int, flag: str = "--continue") -> str | int:
-    """The value of the checkpoint flag ``flag``: "latest" or a positive epoch number."""
+    """The value of the checkpoint flag ``flag``: "latest" or a positive epoch number.
+
+    Args:
+        value: "latest" or an epoch number (int, or its text from the command line).
+        flag: the flag named in the error (default "--continue").
+    Returns:
+        "latest" or the epoch (int >= 1).
+    """
     if value == "latest":
         return "latest"
     try:
@@ -168,6 +175,15 @@ def save_checkpoint(exp_dir: str | os.PathLike, label: str | int, epoch: int, mo
     beside model / code files of the previous save, which inference refuses to mix (see
     ``load_decoder_and_codes``) until the next save; renamed last, the very first save of
     a run could leave a model without a record, and resuming would lose the Adam state.
+
+    Args:
+        exp_dir: the experiment folder.
+        label: the file name: an epoch number or "latest".
+        epoch: the epoch stored in every file.
+        model: its state dict goes into ModelParameters/ (and the record).
+        optimizer: None writes no record (default).
+        latent_codes: an ``nn.Embedding`` or a (K, L) tensor, or None: no LatentCodes/ file (default).
+        extra: more record entries (default none).
     """
     model_state = model.state_dict()
     codes_state = _state_dict(latent_codes) if latent_codes is not None else None
@@ -201,7 +217,16 @@ def _checkpoint_epoch(obj, path) -> int:
 
 def load_model_state(exp_dir: str | os.PathLike, model: torch.nn.Module, epoch: str | int = "latest",
                      map_location=None) -> int:
-    """Load ``ModelParameters/<epoch>.pth`` into ``model``; returns the stored epoch."""
+    """Load ``ModelParameters/<epoch>.pth`` into ``model``; returns the stored epoch.
+
+    Args:
+        exp_dir: the experiment folder.
+        model: filled in place; a ``module.`` prefix of the stored keys is stripped.
+        epoch: "latest" (default) or an epoch number.
+        map_location: as ``torch.load``'s (default None).
+    Returns:
+        the epoch stored in the file.
+    """
     path = checkpoint_path(exp_dir, MODEL_PARAMS_DIR, epoch)
     if not path.is_file():
         raise MeshSDFError(_missing_checkpoint_message(exp_dir, path))
@@ -265,6 +290,13 @@ def load_latent_codes(exp_dir: str | os.PathLike, epoch: str | int = "latest", d
     Row k is the code of the k-th instance of the TrainSplit (in file order).  Accepts
     ``{"latent_codes": {"weight": ...}}`` (an embedding's state dict, DeepSDF's layout) and
     ``{"latent_codes": tensor}``.
+
+    Args:
+        exp_dir: the experiment folder.
+        epoch: "latest" (default) or an epoch number.
+        device: where the codes go (default None: the CPU).
+    Returns:
+        (K, L) float32 codes.
     """
     return _read_latent_codes(exp_dir, epoch)[1].to(device)
 
@@ -274,6 +306,14 @@ def load_decoder(exp_dir: str | os.PathLike, specs: Mapping, epoch: str | int = 
     """The decoder of specs.json with ``ModelParameters/<epoch>.pth`` loaded, in eval mode on ``device``.
 
     The stored epoch is available as ``decoder.checkpoint_epoch``.
+
+    Args:
+        exp_dir: the experiment folder.
+        specs: the loaded specs.json (``lib.experiment.load_specs``).
+        epoch: "latest" (default) or an epoch number.
+        device: where the decoder goes (default None: the CPU).
+    Returns:
+        the decoder, in eval mode.
     """
     decoder = decoder_from_specs(specs)
     stored = load_model_state(exp_dir, decoder, epoch, map_location="cpu")
@@ -290,6 +330,17 @@ def load_checkpoint(exp_dir: str | os.PathLike, label: str | int, model: torch.n
     ``save_checkpoint``); records of the original DeepSDF lack them, and then the three
     files are read and must hold the same epoch.  Returns (epoch, the record's other
     entries, e.g. "rng_state").  Raises MeshSDFError for missing or mismatching files.
+
+    Args:
+        exp_dir: the experiment folder.
+        label: "latest" or an epoch number.
+        model: filled in place.
+        optimizer: filled in place; None loads the model alone (default).
+        latent_codes: an ``nn.Embedding`` filled in place, or None (default).
+        map_location: as ``torch.load``'s (default None).
+    Returns:
+        (the stored epoch, the record's other entries; ``{"fresh_optimizer": True}`` for a released
+        model without a record).
     """
     if optimizer is None:
         return load_model_state(exp_dir, model, label, map_location), {}
@@ -379,6 +430,12 @@ def load_decoder_and_codes(exp_dir: str | os.PathLike, specs: Mapping, epoch: st
     """``load_decoder`` and ``load_latent_codes`` of one checkpoint, checked to be of the same epoch.
 
     Returns (decoder in eval mode, codes (K, L) float32), both on ``device``.
+
+    Args:
+        exp_dir: the experiment folder.
+        specs: the loaded specs.json.
+        epoch: "latest" (default) or an epoch number.
+        device: where both go (default None: the CPU).
     """
     def read():
         decoder = load_decoder(exp_dir, specs, epoch, device)
@@ -399,6 +456,13 @@ def read_while_saved(exp_dir: str | os.PathLike, label: str | int, read):
 
     MeshSDFError naming the writer when its save does not end within ``WRITER_WAIT_S``; epochs that
     differ with no writer running are left to ``check_same_epoch``'s message.
+
+    Args:
+        exp_dir: the experiment folder.
+        label: the checkpoint read ("latest" or an epoch), for the message.
+        read: ``read() -> ({file: stored epoch}, value)``, called again while the epochs differ.
+    Returns:
+        ``read()``'s last result.
     """
     deadline = time.monotonic() + WRITER_WAIT_S
     while True:
@@ -442,6 +506,14 @@ def save_svr_checkpoint(exp_dir: str | os.PathLike, label: str | int, epoch: int
 
     The optimizer file is the resume record (it holds both networks too) and is renamed
     first, as ``save_checkpoint``'s: a kill between renames leaves the new, complete record.
+
+    Args:
+        exp_dir: the experiment folder.
+        label: the file label: an epoch number or "latest".
+        epoch: the epoch stored in every file.
+        encoder, decoder: the networks (their keys are written with a ``module.`` prefix, as the original's).
+        optimizer: None writes no record (default).
+        extra: more record entries, e.g. RNG states (default none).
     """
     states = {part: net.state_dict() for part, net in zip(SVR_PARTS, (encoder, decoder))}
     with contextlib.ExitStack() as stack:  # exits in reverse order: the record, entered last, is renamed first
@@ -471,6 +543,14 @@ def load_svr_networks(exp_dir: str | os.PathLike, encoder: torch.nn.Module, deco
     Reads ``encoder_<epoch>.pth`` and ``decoder_<epoch>.pth`` (the original's files, or
     ours), which must hold the same epoch, else the combined ``<epoch>.pth`` of earlier
     versions.  MeshSDFError when neither exists or a file does not match the specs' networks.
+
+    Args:
+        exp_dir: the experiment folder.
+        encoder, decoder: filled in place.
+        epoch: "latest" (default) or an epoch number.
+        map_location: as ``torch.load``'s (default None).
+    Returns:
+        the stored epoch.
     """
     paths = [svr_model_path(exp_dir, part, epoch) for part in SVR_PARTS]
     combined = checkpoint_path(exp_dir, MODEL_PARAMS_DIR, epoch)
@@ -507,6 +587,14 @@ def load_svr_checkpoint(exp_dir: str | os.PathLike, label: str | int, encoder: t
     The record's own network states are used when it has them (ours, or the combined
     ``model_state_dict`` of earlier versions); an original's record has none, and then
     the ModelParameters files are read and must hold the record's epoch.
+
+    Args:
+        exp_dir: the experiment folder.
+        label: "latest" or an epoch number.
+        encoder, decoder, optimizer: filled in place.
+        map_location: as ``torch.load``'s (default None).
+    Returns:
+        (the stored epoch, the record's other entries, e.g. "rng_state").
     """
     path = checkpoint_path(exp_dir, OPTIMIZER_PARAMS_DIR, label)
     if not path.is_file():

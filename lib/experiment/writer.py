@@ -108,6 +108,12 @@ def move_aside(exp_dir: str | os.PathLike, names: tuple[str, ...] | None = None)
 
     Renames only (nothing is copied or deleted); returns the backup folder, None when there
     was nothing to move.
+
+    Args:
+        exp_dir: the experiment folder.
+        names: entries of ``exp_dir`` to move (default None: every ``model_outputs``).
+    Returns:
+        the backup folder, or None.
     """
     exp_dir = Path(exp_dir)
     names = model_outputs(exp_dir) if names is None else names
@@ -190,6 +196,16 @@ def claim_experiment(exp_dir: str | os.PathLike, resume: str | int | None, overw
     ``latest``); so is ``epochs_flag`` (``--epochs`` given) with ``last_epoch`` at or below the
     epoch resumed.  ``svr``: the run is train_svr.py, which refuses an auto-decoder's experiment.
     Other processes of a torchrun job only pass through (rank 0 alone writes).
+
+    Args:
+        exp_dir: the experiment folder.
+        resume: the ``--continue`` value ("latest" or an epoch), or None: a fresh start.
+        overwrite: ``--overwrite`` (default False).
+        what: the run, in words, for the lock (default "a training run").
+        main: whether this process writes (rank 0; default True).
+        svr: the run is train_svr.py (default False).
+        last_epoch: the epoch the run ends at (default None: not checked).
+        epochs_flag: whether ``--epochs`` was given (default False).
     """
     if resume is not None and overwrite:
         raise MeshSDFError("--overwrite starts afresh and --continue resumes: give one of them")

@@ -35,6 +35,15 @@ def append_epoch_logs(logs: dict, epoch: int, losses: Sequence[float], rates: Se
 
     ``codes``: the (K, L) codes whose mean L2 norm is logged, or that mean already computed
     (a trainer whose codes are spread over ranks reduces it first).
+
+    Args:
+        logs: the dict of ``new_logs``, extended in place.
+        epoch: the epoch just trained.
+        losses: its step losses.
+        rates: its learning rates, one per param group.
+        seconds: its duration.
+        codes: see above.
+        model: the trained network (one norm per parameter).
     """
     logs["epoch"] = epoch
     logs["loss"].extend(float(v) for v in losses)
@@ -80,6 +89,12 @@ def truncate_logs(logs: Mapping, epoch: int) -> dict:
 
     Logs of DeepSDF / the original MeshSDF lack our per-step epoch record; they are adopted
     (``deepsdf_logs``) so that resuming one of their runs keeps its history.
+
+    Args:
+        logs: Logs.pth content (this project's form or DeepSDF's).
+        epoch: the last epoch kept.
+    Returns:
+        a new dict in ``new_logs``'s form.
     """
     if logs and "log_epochs" not in logs:
         logs = deepsdf_logs(logs)

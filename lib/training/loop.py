@@ -69,6 +69,16 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, epoch: 
     averages gradients DDP does not cover and returns the global loss, so every rank logs
     and checks the same value).  Raises NonFiniteLossError before updating when the loss is
     NaN/inf, so the parameters keep their last finite values.
+
+    Args:
+        optimizer: the run's optimizer.
+        loss: scalar loss tensor of the step.
+        epoch: the current epoch (for the error message).
+        clip_groups: parameter lists clipped separately (default None: no clipping).
+        clip_norm: GradientClipNorm (default None: no clipping).
+        sync: see above (default None: one process).
+    Returns:
+        the (global) loss value.
     """
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -271,7 +281,16 @@ class EpochBook:
 # --------------------------------------------------------------------------- the loop
 
 def make_latent_codes(num_scenes: int, code_length: int, settings: TrainSettings, device=None) -> nn.Embedding:
-    """The (num_scenes, L) embedding, init N(0, CodeInitStdDev / sqrt(L)); max_norm = CodeBound."""
+    """The (num_scenes, L) embedding, init N(0, CodeInitStdDev / sqrt(L)); max_norm = CodeBound.
+
+    Args:
+        num_scenes: K, the number of training scenes.
+        code_length: L, CodeLength.
+        settings: the run's settings (CodeInitStdDev, CodeBound).
+        device: where the table goes (default None: the CPU).
+    Returns:
+        ``nn.Embedding`` with a (K, L) weight.
+    """
     codes = nn.Embedding(num_scenes, code_length, max_norm=settings.code_bound)
     nn.init.normal_(codes.weight, 0.0, settings.code_init_std / math.sqrt(code_length))
     return codes.to(device)
@@ -296,6 +315,12 @@ def resume_point(exp_dir: str | os.PathLike, resume: str | int | None) -> str | 
     is renamed first when saving; a model without it is a released model (resumed with a
     fresh optimizer, see ``lib.experiment.load_checkpoint``).  A numbered epoch that does
     not exist stays an error (raised when loading).
+
+    Args:
+        exp_dir: the experiment folder.
+        resume: "latest", an epoch number, or None.
+    Returns:
+        ``resume``, or None for a fresh start.
     """
     if resume != "latest":
         return resume
@@ -323,6 +348,18 @@ def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfS
     Under torchrun (lib.training.distributed.init_distributed called first, ``device`` = its
     device) the decoder runs in DDP and each rank trains on its share of every global
     batch; see the module docstring for the latent codes.  Only rank 0 writes.
+
+    Args:
+        exp_dir: the experiment folder (claimed by the caller, see ``lib.experiment.claim_experiment``).
+        specs: the loaded specs.json.
+        dataset: the SDF samples of the TrainSplit's scenes, K of them.
+        device: where the decoder trains (default None: ``lib.runtime.choose_device``).
+        resume: see above (default None: a fresh start).
+        seed: the run's seed (default 0; a resumed checkpoint's own seed wins).
+        num_epochs: overrides NumEpochs (default None).
+        should_stop: see above (default None: never).
+    Returns:
+        ``TrainResult``: the decoder, the (K, L) codes, the last epoch, whether it stopped early, its loss.
     """
     device = torch.device(device) if device is not None else runtime.choose_device(None)
     exp_dir = Path(exp_dir)
@@ -377,7 +414,18 @@ def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfS
 
 def reconstruct_training_shapes(exp_dir: str | os.PathLike, decoder: nn.Module, codes: torch.Tensor,
                                 names: Sequence[str], resolution: int = 128, device=None) -> list[Path]:
-    """``Reconstructions/<name>.ply`` for each code (K, L): dense marching cubes over [-1, 1]^3."""
+    """``Reconstructions/<name>.ply`` for each code (K, L): dense marching cubes over [-1, 1]^3.
+
+    Args:
+        exp_dir: the experiment folder.
+        decoder: the trained decoder.
+        codes: (K, L) latent codes, row k of ``names[k]``.
+        names: one file name per code.
+        resolution: grid cells per axis (default 128).
+        device: where the decoder runs (default None: the CPU).
+    Returns:
+        the written paths, one per code.
+    """
     decoder.eval()
     out_dir = experiment.reconstructions_dir(exp_dir)
     paths = []

@@ -16,7 +16,15 @@ __all__ = ["clamped_l1", "code_regularization", "SdfLoss", "auto_decoder_loss"]
 
 
 def clamped_l1(pred: torch.Tensor, gt: torch.Tensor, clamp: float) -> torch.Tensor:
-    """mean |clamp(pred) - clamp(gt)| with clamp to [-clamp, clamp]; pred, gt of equal numel."""
+    """mean |clamp(pred) - clamp(gt)| with clamp to [-clamp, clamp]; pred, gt of equal numel.
+
+    Args:
+        pred: predicted SDF values, any shape.
+        gt: ground-truth SDF values, as many as ``pred``.
+        clamp: the clamping distance (ClampingDistance).
+    Returns:
+        scalar tensor.
+    """
     return (pred.reshape(-1).clamp(-clamp, clamp) - gt.reshape(-1).clamp(-clamp, clamp)).abs().mean()
 
 
@@ -25,6 +33,11 @@ def code_regularization(codes: torch.Tensor) -> torch.Tensor:
 
     Equals DeepSDF's sum of per-sample code norms divided by the number of samples, since
     every scene of a batch has the same number of samples.
+
+    Args:
+        codes: (B, L) latent codes of a batch.
+    Returns:
+        scalar tensor.
     """
     return codes.norm(dim=1).mean()
 
