@@ -19,8 +19,8 @@ from lib.errors import MeshSDFError
 from lib.io import read_mesh
 from lib.metrics import genus, merge_vertices
 from lib.sampling import split_by_sign, write_sdf_samples
-from lib.training import (StepSchedule, TrainSettings, ConstantSchedule, WarmupSchedule, clamped_l1, code_reg_weight,
-                       reconstruct_training_shapes, train_auto_decoder, truncate_logs)
+from lib.training import (StepSchedule, TrainSettings, ConstantSchedule, WarmupSchedule, checkpoints_due, clamped_l1,
+                          code_reg_weight, reconstruct_training_shapes, train_auto_decoder, truncate_logs)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,6 +96,18 @@ def test_snapshot_choice():
     # the original's bob_and_spot specs have no SnapshotFrequency: AdditionalSnapshots only
     st = TrainSettings.from_specs(dict(specs, AdditionalSnapshots=[5]))
     assert [e for e in range(1, 4001) if st.is_snapshot(e)] == [5]
+
+
+def test_checkpoints_due_after_an_epoch():
+    """(snapshot, latest): a snapshot keeps <epoch>.pth; Logs.pth and latest are written at snapshots, every
+    LogFrequency-th epoch, the last epoch and a requested stop, and at no other epoch."""
+    specs = load_specs(REPO / "experiments" / "bob_and_spot")
+    st = TrainSettings.from_specs(dict(specs, AdditionalSnapshots=[3], SnapshotFrequency=5, LogFrequency=4),
+                                  num_epochs=11)
+    due = {e: checkpoints_due(st, e, stop=False) for e in range(1, 12)}
+    assert [e for e, (snap, _) in due.items() if snap] == [3, 5, 10]
+    assert [e for e, (_, latest) in due.items() if latest] == [3, 4, 5, 8, 10, 11]
+    assert checkpoints_due(st, 7, stop=True) == (False, True)
 
 
 def test_truncate_logs():
