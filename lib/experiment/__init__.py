@@ -11,64 +11,18 @@ The names below are re-exported so that callers write ``experiment.load_decoder_
 (``checkpoints.WRITER_WAIT_S``, the readers' wait, is read from its module).
 """
 from . import limits  # noqa: F401  (a submodule callers reach as lib.experiment.limits)
-from .checkpoints import (
-                          BACKUPS_DIR,
-                          LATENT_CODES_DIR,
-                          LOGS_FILE,
-                          MODEL_PARAMS_DIR,
-                          OPTIMIZATIONS_DIR,
-                          OPTIMIZER_PARAMS_DIR,
-                          RECONSTRUCTIONS_DIR,
-                          SVR_PARTS,
-                          check_same_epoch,
-                          checkpoint_path,
-                          epoch_type,
-                          load_checkpoint,
-                          load_decoder,
-                          load_decoder_and_codes,
-                          load_latent_codes,
-                          load_logs,
-                          load_model_state,
-                          load_svr_checkpoint,
-                          load_svr_networks,
-                          load_torch,
-                          logs_path,
-                          parse_epoch,
-                          read_while_saved,
-                          reconstructions_dir,
-                          record_epoch,
-                          save_checkpoint,
-                          save_logs,
-                          save_svr_checkpoint,
-                          save_torch,
-                          saved_epochs,
-                          snapshot_epochs,
-                          svr_model_path,
-                          svr_snapshot_epochs,
-)
+from .checkpoints import (BACKUPS_DIR, LATENT_CODES_DIR, LOGS_FILE, MODEL_PARAMS_DIR, OPTIMIZATIONS_DIR,
+                          OPTIMIZER_PARAMS_DIR, RECONSTRUCTIONS_DIR, SVR_PARTS, check_same_epoch, checkpoint_path,
+                          epoch_type, load_checkpoint, load_decoder, load_decoder_and_codes, load_latent_codes,
+                          load_logs, load_model_state, load_svr_checkpoint, load_svr_networks, load_torch, logs_path,
+                          parse_epoch, read_while_saved, reconstructions_dir, record_epoch, save_checkpoint,
+                          save_logs, save_svr_checkpoint, save_torch, saved_epochs, snapshot_epochs, svr_model_path,
+                          svr_snapshot_epochs)
 from .lock import LOCK_FILE, ExperimentLock, active_writer, process_alive, process_start
-from .specs import (
-                          DEEPSDF_KEYS,
-                          NETWORK_SPECS_KEYS,
-                          REPO_ROOT,
-                          SPECS_FILE,
-                          SVR_KEYS,
-                          Key,
-                          load_specs,
-                          load_svr_specs,
-                          resolve_path,
-                          validate_specs,
-)
-from .writer import (
-                          TRAINING_OUTPUTS,
-                          Claim,
-                          check_writable,
-                          claim_experiment,
-                          model_outputs,
-                          move_aside,
-                          remove_stale_temporaries,
-                          trained_files,
-)
+from .specs import (DEEPSDF_KEYS, NETWORK_SPECS_KEYS, REPO_ROOT, SPECS_FILE, SVR_KEYS, Key, load_specs,
+                    load_svr_specs, resolve_path, validate_specs)
+from .writer import (TRAINING_OUTPUTS, Claim, check_writable, claim_experiment, model_outputs, move_aside,
+                     remove_stale_temporaries, trained_files)
 
 __all__ = [
     # specs.json

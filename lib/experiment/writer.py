@@ -17,19 +17,8 @@ from pathlib import Path
 from ..errors import MeshSDFError
 from ..io import temporary_writer
 from ..log import info
-from .checkpoints import (
-    BACKUPS_DIR,
-    LATENT_CODES_DIR,
-    LOGS_FILE,
-    MODEL_PARAMS_DIR,
-    OPTIMIZATIONS_DIR,
-    OPTIMIZER_PARAMS_DIR,
-    RECONSTRUCTIONS_DIR,
-    SVR_PARTS,
-    logs_path,
-    record_epoch,
-    saved_epochs,
-)
+from .checkpoints import (BACKUPS_DIR, LATENT_CODES_DIR, LOGS_FILE, MODEL_PARAMS_DIR, OPTIMIZATIONS_DIR,
+                          OPTIMIZER_PARAMS_DIR, RECONSTRUCTIONS_DIR, SVR_PARTS, logs_path, record_epoch, saved_epochs)
 from .lock import ExperimentLock, process_alive
 
 __all__ = ["TRAINING_OUTPUTS", "Claim", "claim_experiment", "check_writable", "remove_stale_temporaries",

@@ -42,8 +42,7 @@ from ..errors import MeshSDFError
 from ..io import write_ply
 from ..isosurface import extract_dense
 from ..log import info, progress
-from ..models.decoder import decoder_from_specs
-from ..models.decoder import sdf as decoder_sdf
+from ..models.decoder import decoder_from_specs, sdf as decoder_sdf
 from . import distributed
 from .logs import TrainingLog
 from .losses import SdfLoss, auto_decoder_loss
