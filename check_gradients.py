@@ -13,18 +13,19 @@ from pathlib import Path
 
 import torch
 
-from lib import checkpoint, limits, runtime
+from lib import experiment, runtime
+from lib.experiment import limits
 from lib.errors import MeshSDFError, cli_main
 from lib.gradient_check import check_gradients, format_report
 from lib.isosurface import MODES
 from lib.log import info
-from lib.specs import load_specs
+from lib.experiment.specs import load_specs
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("-e", "--experiment", required=True, help="experiment directory (specs.json, checkpoints)")
-    ap.add_argument("-c", "--checkpoint", default="latest", type=checkpoint.epoch_type("--checkpoint"),
+    ap.add_argument("-c", "--checkpoint", default="latest", type=experiment.epoch_type("--checkpoint"),
                     metavar="latest|N", help="checkpoint to load (default latest)")
     ap.add_argument("--code", type=int, default=0, help="index of the training code to check at (default 0)")
     ap.add_argument("--resolution", type=int, default=256,
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     specs = load_specs(exp)
     device = runtime.choose_device(args.device)
     limits.check_grid(args.resolution, device)
-    decoder, codes = checkpoint.load_decoder_and_codes(exp, specs, args.checkpoint, device=device)  # one save
+    decoder, codes = experiment.load_decoder_and_codes(exp, specs, args.checkpoint, device=device)  # one save
     if not 0 <= args.code < codes.shape[0]:
         raise MeshSDFError(f"--code {args.code}: the checkpoint holds codes 0..{codes.shape[0] - 1}")
     code = codes[args.code].detach().clone()

@@ -15,8 +15,9 @@ from pathlib import Path
 import lib  # noqa: F401  (first, before torch loads: sets OpenMP's wait policy, lib/cpus.py)
 import torch
 
-from lib import checkpoint, limits, runtime
-from lib.specs import load_specs, resolve_path
+from lib import experiment, runtime
+from lib.experiment import limits
+from lib.experiment.specs import load_specs, resolve_path
 from lib.camera import DEMO_AZIMUTH, DEMO_DISTANCE, DEMO_ELEVATION, demo_camera
 from lib.datasets import read_split
 from lib.errors import MeshSDFError, cli_main
@@ -64,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "option: soft rasteriser, its exact gradient)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     ap.add_argument("--out", default=None, help="output folder (default <experiment>/Optimizations)")
-    ap.add_argument("--checkpoint", default="latest", type=checkpoint.epoch_type("--checkpoint"), metavar="latest|N",
+    ap.add_argument("--checkpoint", default="latest", type=experiment.epoch_type("--checkpoint"), metavar="latest|N",
                     help="checkpoint to load (default latest)")
     ap.add_argument("--outline", action="store_true",
                     help="draw the target silhouette's outline in white over the movie frames (default off: "
@@ -113,7 +114,7 @@ def optimise_demo(args, stage) -> int:
     device = runtime.choose_device(args.device)
     limits.check_grid(args.resolution, device)
     limits.check_image(args.image_size, device, frames=args.iterations)
-    decoder, codes = checkpoint.load_decoder_and_codes(exp, specs, args.checkpoint, device=device)
+    decoder, codes = experiment.load_decoder_and_codes(exp, specs, args.checkpoint, device=device)
     if codes.shape[0] != len(names):
         raise MeshSDFError(f"the checkpoint holds {codes.shape[0]} latent codes but {split_file} lists "
                            f"{len(names)} shapes; retrain with train_deep_sdf.py -e {exp}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lib import checkpoint
+from lib import experiment
 from lib.errors import cli_main
 
 
@@ -22,7 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "fraction of instances whose Chamfer refinement lowered; writes svr_metrics.txt, "
                     "svr_metrics.csv and svr_curves.png beside the instance folders.")
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
-    ap.add_argument("-c", "--continue", dest="checkpoint", type=checkpoint.parse_epoch, default="latest",
+    ap.add_argument("-c", "--continue", dest="checkpoint", type=experiment.parse_epoch, default="latest",
                     metavar="latest|N", help="checkpoint whose reconstructions to read (default latest)")
     ap.add_argument("--out", default=None, metavar="DIR",
                     help="read the instance folders here instead of Reconstructions/<checkpoint>/ (as given to "
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from lib.errors import MeshSDFError
     from lib.io import atomic_write
     from lib.log import info
-    from lib.specs import SPECS_FILE, load_svr_specs
+    from lib.experiment.specs import SPECS_FILE, load_svr_specs
     from lib.svr import report
     from lib.svr.data import split_instances
     from lib.svr.reconstruct import output_root

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from lib import checkpoint, limits, runtime
+from lib import experiment, runtime
+from lib.experiment import limits
 from lib.errors import MeshSDFError, cli_main
 from lib.io import check_writable_folder
 from lib.log import info, progress
@@ -23,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "log_chd.npy, log_nc.npy, log_latent.npy; ours: log_iou.npy, meta.json). An instance whose "
                     "folder exists is skipped, so an interrupted run resumes.")
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
-    ap.add_argument("-c", "--continue", dest="checkpoint", type=checkpoint.parse_epoch, default="latest",
+    ap.add_argument("-c", "--continue", dest="checkpoint", type=experiment.parse_epoch, default="latest",
                     metavar="latest|N", help="network checkpoint to use (default latest)")
     ap.add_argument("--resolution", type=int, default=None,
                     help="marching-cubes resolution (default: ReconstructionResolution of specs.json, 256)")
@@ -57,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     import torch
 
-    from lib.specs import load_svr_specs
+    from lib.experiment.specs import load_svr_specs
     from lib.svr import data, evaluate, network, reconstruct
 
     args = parse_args(argv)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a DeepSDF auto-decoder (decoder + one latent code per training shape) from specs.json.
 
-Runs as is under ``torchrun --nproc_per_node=K`` (DDP, see lib.distributed / lib.train).
+Runs as is under ``torchrun --nproc_per_node=K`` (DDP, see lib.training.distributed / lib.training).
 Exit status: 0 done, 2 user error, 143 stopped by SIGTERM/SIGUSR1 and 130 by Ctrl-C after saving
 ``latest``.
 """
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from lib import checkpoint, distributed, limits, runtime
-from lib.specs import load_specs, resolve_path
+from lib import experiment, runtime
+from lib.experiment import limits
+from lib.training import distributed
+from lib.experiment.specs import load_specs, resolve_path
 from lib.datasets import SdfSamples, read_split
 from lib.errors import MeshSDFError, cli_main
 from lib.log import info
-from lib.train import reconstruct_training_shapes, train_auto_decoder
+from lib.training import reconstruct_training_shapes, train_auto_decoder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "ModelParameters/, OptimizerParameters/, LatentCodes/, Logs.pth and "
                     "Reconstructions/<instance>.ply into the experiment folder.")
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
-    ap.add_argument("-c", "--continue", dest="resume", type=checkpoint.parse_epoch, default=None,
+    ap.add_argument("-c", "--continue", dest="resume", type=experiment.parse_epoch, default=None,
                     metavar="latest|N", help="resume from the 'latest' checkpoint (starts from scratch when there "
                                              "is none yet, so it is safe in restart loops; a model without "
                                              "optimizer state resumes with a fresh optimizer) or snapshot epoch N "
@@ -56,13 +58,13 @@ def main(argv=None) -> int:
     if args.resolution < 2:
         raise MeshSDFError(f"--resolution must be >= 2, got {args.resolution}")
     specs = load_specs(args.experiment)
-    checkpoint.check_writable(args.experiment)
+    experiment.check_writable(args.experiment)
     ctx = distributed.init_distributed(args.device)  # also checks --device
     device = ctx.device
     if not args.no_reconstruct:
         limits.check_grid(args.resolution, device)  # now, not after the training
     last_epoch = args.epochs if args.epochs is not None else specs["NumEpochs"]
-    with checkpoint.claim_experiment(args.experiment, args.resume, args.overwrite, "train_deep_sdf.py", ctx.is_main,
+    with experiment.claim_experiment(args.experiment, args.resume, args.overwrite, "train_deep_sdf.py", ctx.is_main,
                                      last_epoch=last_epoch, epochs_flag=args.epochs is not None) as claim:
         try:
             split = read_split(resolve_path(specs["TrainSplit"]))
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
         if not args.no_reconstruct:
             paths = reconstruct_training_shapes(args.experiment, result.decoder, result.latent_codes.weight,
                                                 dataset.names, args.resolution, device)
-            info(f"wrote {len(paths)} meshes to {checkpoint.reconstructions_dir(args.experiment)}")
+            info(f"wrote {len(paths)} meshes to {experiment.reconstructions_dir(args.experiment)}")
     return 0
 
 

@@ -2,7 +2,7 @@
 """Train the single-view reconstruction network (image encoder + DeepSDF decoder) from specs.json.
 
 Runs as is under ``torchrun --nproc_per_node=K`` (DDP over encoder + decoder, see
-lib.distributed / lib.svr.train.train_svr).  Exit status: 0 done, 2 user error, 143 stopped by
+lib.training.distributed / lib.svr.train.train_svr).  Exit status: 0 done, 2 user error, 143 stopped by
 SIGTERM/SIGUSR1 after saving ``latest``.
 """
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from lib import checkpoint, distributed, limits, runtime
+from lib import experiment, runtime
+from lib.experiment import limits
+from lib.training import distributed
 from lib.errors import MeshSDFError, cli_main
 from lib.log import info
 
@@ -26,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "ModelParameters/encoder_<e>.pth and decoder_<e>.pth, OptimizerParameters/<e>.pth and "
                     "Logs.pth (loss_sdf, loss_sdf_test) into the experiment folder.")
     ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
-    ap.add_argument("-c", "--continue", dest="resume", type=checkpoint.parse_epoch, default=None,
+    ap.add_argument("-c", "--continue", dest="resume", type=experiment.parse_epoch, default=None,
                     metavar="latest|N", help="resume from the 'latest' checkpoint (starts from scratch when there "
                                              "is none yet, so it is safe in restart loops) or snapshot epoch N "
                                              "(refused while a newer epoch exists, which it would overwrite)")
@@ -45,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from lib.specs import load_svr_specs
+    from lib.experiment.specs import load_svr_specs
     from lib.svr.data import sdf_render_set, training_set_from_specs
     from lib.svr.train import train_svr
 
@@ -55,12 +57,12 @@ def main(argv=None) -> int:
         raise MeshSDFError(f"--epochs must be >= 1, got {args.epochs}")
     limits.check_seed(args.seed)
     specs = load_svr_specs(args.experiment)
-    checkpoint.check_writable(args.experiment)
+    experiment.check_writable(args.experiment)
     ctx = distributed.init_distributed(args.device)  # also checks --device
-    claim = contextlib.ExitStack()  # lock, stale temporaries, no surprise overwrite (lib.checkpoint)
+    claim = contextlib.ExitStack()  # lock, stale temporaries, no surprise overwrite (lib.experiment)
     try:
         last_epoch = args.epochs if args.epochs is not None else specs["NumEpochs"]
-        claimed = claim.enter_context(checkpoint.claim_experiment(
+        claimed = claim.enter_context(experiment.claim_experiment(
             args.experiment, args.resume, args.overwrite, "train_svr.py", ctx.is_main, svr=True,
             last_epoch=last_epoch, epochs_flag=args.epochs is not None))
         dataset = training_set_from_specs(specs)
@@ -69,10 +71,10 @@ def main(argv=None) -> int:
         limits.check_encoder_images(dataset.renders.image_size, batch, ctx.device)
         test_set = sdf_render_set(specs, "TestSplit") if specs["TestSplit"] else None
         if args.overwrite and specs.get("DecoderInit"):  # the last input a fresh start reads: check it now too
-            from lib.specs import resolve_path
+            from lib.experiment.specs import resolve_path
             from lib.svr.network import network_from_specs
 
-            checkpoint.load_model_state(resolve_path(specs["DecoderInit"]), network_from_specs(specs).decoder,
+            experiment.load_model_state(resolve_path(specs["DecoderInit"]), network_from_specs(specs).decoder,
                                         map_location="cpu")
         claimed.clear()  # --overwrite: every input is valid, now the old model goes into Backups/
         if ctx.is_main:

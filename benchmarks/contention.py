@@ -12,7 +12,7 @@ start, and timed after start-up):
   * demo:  30 iterations of the default demo loop (spot -> bob, experiments/bob_and_spot, nr renderer,
            N = 64, 512 x 512, default extraction mode); total seconds of the 30 iterations;
   * train: a bob_and_spot training run (real network and specs, synthetic 250k-row
-           scenes) of ``--epochs`` epochs; median seconds per epoch (lib.train's timing,
+           scenes) of ``--epochs`` epochs; median seconds per epoch (lib.training's timing,
            the first epoch dropped as warm-up).
 
 Each workload runs quiet and next to one competitor (a Python busy loop, one process:
@@ -53,18 +53,18 @@ COMPETITOR = "while True: pass"
 def worker_demo(iterations: int) -> dict:
     import torch
 
-    from lib import checkpoint, runtime
+    from lib import experiment, runtime
     from lib.camera import demo_camera
     from lib.meshsdf import mesh_from_sdf
     from lib.optimize import LatentOptimizer, SilhouetteLoss
     from lib.render import silhouette
-    from lib.specs import load_specs
+    from lib.experiment.specs import load_specs
 
     runtime.apply_thread_policy()
     exp = REPO / "experiments" / "bob_and_spot"
     specs = load_specs(exp)
-    decoder = checkpoint.load_decoder(exp, specs, device="cpu")
-    codes = checkpoint.load_latent_codes(exp, device="cpu")
+    decoder = experiment.load_decoder(exp, specs, device="cpu")
+    codes = experiment.load_latent_codes(exp, device="cpu")
     camera = demo_camera(image_size=512)
     with torch.no_grad():
         bob = mesh_from_sdf(decoder, codes[0], 64, "dense")
@@ -81,8 +81,8 @@ def worker_train(epochs: int) -> dict:
 
     from lib import runtime
     from lib.datasets import SdfSamples
-    from lib.specs import load_specs
-    from lib.train import train_auto_decoder
+    from lib.experiment.specs import load_specs
+    from lib.training import train_auto_decoder
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from train_step import write_synthetic_scenes  # 250k-row scenes, like prepared bob and spot files

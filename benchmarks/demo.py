@@ -65,15 +65,15 @@ def demo_setup(exp: Path, device_name: str | None):
     thread policy applied, the checkpoint loaded, bob's hard silhouette as the target."""
     import torch
 
-    from lib import checkpoint, runtime
+    from lib import experiment, runtime
     from lib.camera import demo_camera
     from lib.meshsdf import mesh_from_sdf
     from lib.render import silhouette
-    from lib.specs import load_specs
+    from lib.experiment.specs import load_specs
 
     runtime.apply_thread_policy()
     device = runtime.choose_device(device_name)
-    decoder, codes = checkpoint.load_decoder_and_codes(exp, load_specs(exp), "latest", device=device)
+    decoder, codes = experiment.load_decoder_and_codes(exp, load_specs(exp), "latest", device=device)
     camera = demo_camera(device=device)
     with torch.no_grad():
         bob = mesh_from_sdf(decoder, codes[0], 64, "dense")

@@ -45,13 +45,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib import checkpoint, runtime  # noqa: E402
+from lib import experiment, runtime  # noqa: E402
 from lib.errors import cli_main  # noqa: E402
 from lib.isosurface import dense_grid, extract, marching_cubes, same_mesh, tables  # noqa: E402
 from lib.meshsdf import mesh_from_sdf  # noqa: E402
 from lib.models.decoder import decoder_from_specs  # noqa: E402
 from lib.models.decoder import sdf as decoder_sdf  # noqa: E402
-from lib.specs import REPO_ROOT, load_specs  # noqa: E402
+from lib.experiment.specs import REPO_ROOT, load_specs  # noqa: E402
 
 # points per network call, for ours and the peer: 2^14 x 128 floats stays under glibc's 32 MB
 # mmap threshold (measured: 2^16-point calls spent half their time in page faults)
@@ -76,8 +76,8 @@ def load(exp: Path, device, fallback: bool):
     try:
         if fallback:
             raise FileNotFoundError("--fallback")
-        dec = checkpoint.load_decoder(exp, specs, device=device)
-        codes = checkpoint.load_latent_codes(exp, device=device)
+        dec = experiment.load_decoder(exp, specs, device=device)
+        codes = experiment.load_latent_codes(exp, device=device)
         return dec.eval(), codes, f"trained checkpoint (epoch {dec.checkpoint_epoch}) of {exp}"
     except Exception as err:  # noqa: BLE001 - any missing/bad checkpoint: fall back
         torch.manual_seed(0)

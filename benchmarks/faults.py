@@ -13,7 +13,7 @@ Two ways of dying and coming back (``--mode``):
   * exits:    no kills: ``--runs`` consecutive 2-process torchrun trainings where one rank gets
               no scenes (2 scenes, ScenesPerBatch 1) and ``--runs`` with full ranks
               (ScenesPerBatch 2), counting how each ended; every one must exit 0 (a rank once
-              aborted at exit, see lib.distributed._collective).  Prints the counts per
+              aborted at exit, see lib.training.distributed._collective).  Prints the counts per
               exit status.
 
 After every kill the ``latest`` resume record must load (model, codes, Adam state, RNG) and
@@ -42,12 +42,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lib import checkpoint  # noqa: E402
+from lib import experiment  # noqa: E402
 from lib.datasets import read_split  # noqa: E402
 from lib.models.decoder import decoder_from_specs  # noqa: E402
-from lib.train import TrainSettings, make_latent_codes  # noqa: E402
+from lib.training import TrainSettings, make_latent_codes  # noqa: E402
 from lib.datasets.sampling import split_by_sign, write_sdf_samples  # noqa: E402
-from lib.specs import load_specs  # noqa: E402
+from lib.experiment.specs import load_specs  # noqa: E402
 
 ENV = dict(os.environ, MESHSDF_QUIET="1", OMP_NUM_THREADS="1")
 
@@ -87,20 +87,20 @@ def command(exp: Path, nproc: int, restarts: int = 0) -> list[str]:
 
 def logged_epoch(exp: Path) -> int:
     try:
-        return int(checkpoint.load_logs(exp).get("epoch", 0))
+        return int(experiment.load_logs(exp).get("epoch", 0))
     except Exception:  # noqa: BLE001
         return 0
 
 
 def check_resume_record(exp: Path) -> int:
     """Load ``latest`` as a resume does; returns its epoch (0 when there is none yet)."""
-    if not checkpoint.checkpoint_path(exp, "OptimizerParameters", "latest").is_file():
+    if not experiment.checkpoint_path(exp, "OptimizerParameters", "latest").is_file():
         return 0
     specs = load_specs(exp)
     dec = decoder_from_specs(specs)
     codes = make_latent_codes(len(read_split(specs["TrainSplit"])), specs["CodeLength"], TrainSettings.from_specs(specs))
     opt = torch.optim.Adam([{"params": dec.parameters()}, {"params": codes.parameters()}])
-    epoch, extra = checkpoint.load_checkpoint(exp, "latest", dec, opt, codes)
+    epoch, extra = experiment.load_checkpoint(exp, "latest", dec, opt, codes)
     assert "rng_state" in extra
     return epoch
 
@@ -196,11 +196,11 @@ def reference(root: Path, epochs: int, nproc: int) -> Path:
 
 
 def compare(exp: Path, ref: Path, epochs: int) -> str:
-    logs, ref_logs = checkpoint.load_logs(exp), checkpoint.load_logs(ref)
+    logs, ref_logs = experiment.load_logs(exp), experiment.load_logs(ref)
     assert logs["log_epochs"] == list(range(1, epochs + 1)), "epochs missing or repeated"
     loss_diff = float(np.max(np.abs(np.array(logs["loss"]) - np.array(ref_logs["loss"]))))
     specs = load_specs(exp)
-    a, b = checkpoint.load_decoder(exp, specs), checkpoint.load_decoder(ref, specs)
+    a, b = experiment.load_decoder(exp, specs), experiment.load_decoder(ref, specs)
     w_diff = max(float((x - y).abs().max()) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     ok = loss_diff <= 1e-5 and w_diff <= 1e-5
     return f"max |loss - uninterrupted| {loss_diff:.2e}, max |weight diff| {w_diff:.2e}: {'EQUAL' if ok else 'DIFFERENT'}"

@@ -57,17 +57,17 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 
 
 def demo_rows(device, repeats):
-    from lib import checkpoint
+    from lib import experiment
     from lib.camera import demo_camera
     from lib.meshsdf import mesh_from_sdf
     from lib.optimize import LatentOptimizer, SilhouetteLoss
     from lib.render import silhouette
-    from lib.specs import load_specs
+    from lib.experiment.specs import load_specs
 
     exp = REPO / "experiments" / "bob_and_spot"
     specs = load_specs(exp)
-    dec = checkpoint.load_decoder(exp, specs, device=device)
-    codes = checkpoint.load_latent_codes(exp, device=device)
+    dec = experiment.load_decoder(exp, specs, device=device)
+    codes = experiment.load_latent_codes(exp, device=device)
     cam = demo_camera(image_size=512, device=device)
     with torch.no_grad():
         bob = mesh_from_sdf(dec, codes[0], 64, "dense")
@@ -91,15 +91,15 @@ def demo_full_row(device):
 
 
 def extraction_rows(device, repeats):
-    from lib import checkpoint
+    from lib import experiment
     from lib.isosurface import extract
     from lib.meshsdf import mesh_from_sdf
     from lib.models.decoder import sdf as decoder_sdf
-    from lib.specs import load_specs
+    from lib.experiment.specs import load_specs
 
     exp = REPO / "experiments" / "bob_and_spot"
-    dec = checkpoint.load_decoder(exp, load_specs(exp), device=device)
-    z = checkpoint.load_latent_codes(exp, device=device)[0]
+    dec = experiment.load_decoder(exp, load_specs(exp), device=device)
+    z = experiment.load_latent_codes(exp, device=device)[0]
     rows = []
     with torch.no_grad():
         for n in (128, 256):
@@ -144,9 +144,9 @@ def train_step_rows(device, repeats):
     from train_step import naive_forward, write_synthetic_scenes
 
     from lib.datasets import SdfSamples
-    from lib.specs import load_specs
+    from lib.experiment.specs import load_specs
     from lib.models.decoder import decoder_from_specs
-    from lib.train import TrainSettings, auto_decoder_loss, clamped_l1, optimizer_step
+    from lib.training import TrainSettings, auto_decoder_loss, clamped_l1, optimizer_step
 
     specs = load_specs(REPO / "experiments" / "bob_and_spot")
     settings = TrainSettings.from_specs(specs)
@@ -179,8 +179,8 @@ def train_step_rows(device, repeats):
 
 def svr_step_rows(device, repeats):
     from lib import svr
-    from lib.specs import load_svr_specs
-    from lib.train import TrainSettings
+    from lib.experiment.specs import load_svr_specs
+    from lib.training import TrainSettings
 
     specs = load_svr_specs(REPO / "experiments" / "cars_svr")
     settings = TrainSettings.from_specs(specs)

@@ -30,14 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lib.meshsdf as meshsdf  # noqa: E402
-from lib import checkpoint, runtime  # noqa: E402
+from lib import experiment, runtime  # noqa: E402
 from lib.camera import demo_camera  # noqa: E402
 from lib.errors import cli_main  # noqa: E402
 from lib.meshsdf import _CodeField, mesh_from_sdf  # noqa: E402
 from lib.models.kernels.inference import InferenceKernel  # noqa: E402
 from lib.optimize import LatentOptimizer, SilhouetteLoss  # noqa: E402
 from lib.render import silhouette  # noqa: E402
-from lib.specs import REPO_ROOT, load_specs  # noqa: E402
+from lib.experiment.specs import REPO_ROOT, load_specs  # noqa: E402
 
 
 def _median_time(fn, reps: int) -> float:
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     runtime.apply_thread_policy()
     exp = Path(args.experiment)
-    dec, codes = checkpoint.load_decoder_and_codes(exp, load_specs(exp), "latest", device="cpu")
+    dec, codes = experiment.load_decoder_and_codes(exp, load_specs(exp), "latest", device="cpu")
     dec.eval()
     for p in dec.parameters():
         p.requires_grad_(False)

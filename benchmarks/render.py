@@ -34,17 +34,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import lib.render as render  # noqa: E402
-from lib import checkpoint, runtime  # noqa: E402
+from lib import experiment, runtime  # noqa: E402
 from lib.camera import demo_camera  # noqa: E402
 from lib.meshsdf import mesh_from_sdf  # noqa: E402
 from lib.nmr import nr_shade  # noqa: E402
-from lib.specs import load_specs  # noqa: E402
+from lib.experiment.specs import load_specs  # noqa: E402
 from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, target_outline, to_uint8  # noqa: E402
 
 
 def demo_meshes(exp: Path, device: str):
     specs = load_specs(exp)
-    dec, codes = checkpoint.load_decoder_and_codes(exp, specs, "latest", device=device)
+    dec, codes = experiment.load_decoder_and_codes(exp, specs, "latest", device=device)
     with torch.no_grad():
         bob = mesh_from_sdf(dec, codes[0], 64, "sparse")
         spot = mesh_from_sdf(dec, codes[1], 64, "sparse")

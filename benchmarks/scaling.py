@@ -37,7 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lib import checkpoint  # noqa: E402
+from lib import experiment  # noqa: E402
 from lib.datasets.sampling import split_by_sign, write_sdf_samples  # noqa: E402
 
 
@@ -112,7 +112,7 @@ def run(config: str, exp: Path, device: str, cores: int, trainer: str = "deep_sd
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"{config} failed:\n{r.stderr[-2000:]}")
-    logs = checkpoint.load_logs(exp)
+    logs = experiment.load_logs(exp)
     steps_per_epoch = len(logs["loss"]) // len(logs["log_epochs"])
     steady = logs["timing"][1:] or logs["timing"]
     return steps_per_epoch * len(steady) / sum(steady), wall, len(logs["loss"])

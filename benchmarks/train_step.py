@@ -9,8 +9,8 @@ interleaved, best of each kept, so other load on the machine affects all alike) 
     by the throughput of a dense 2048^3 float32 GEMM on the same threads;
   * baseline: a plain PyTorch version (nn.Dropout, relu, concatenations, per-scene
     np.random.choice sampling without replacement);
-  * ours: lib.datasets.SdfSamples.sample + lib.train.auto_decoder_loss (the fused
-    forward + backward of lib.models.fused) + optimizer_step.
+  * ours: lib.datasets.SdfSamples.sample + lib.training.auto_decoder_loss (the fused
+    forward + backward of lib.models.kernels.fused) + optimizer_step.
 
 Prints the times and the ratios step / roofline.  Usage: python benchmarks/train_step.py [--rounds R]
 """
@@ -32,8 +32,8 @@ import torch.nn.functional as F  # noqa: E402
 from lib import runtime  # noqa: E402
 from lib.datasets import Instance, SdfSamples  # noqa: E402
 from lib.models.decoder import decoder_from_specs, positional_encoding  # noqa: E402
-from lib.train import TrainSettings, auto_decoder_loss, clamped_l1, optimizer_step  # noqa: E402
-from lib.specs import REPO_ROOT, load_specs  # noqa: E402
+from lib.training import TrainSettings, auto_decoder_loss, clamped_l1, optimizer_step  # noqa: E402
+from lib.experiment.specs import REPO_ROOT, load_specs  # noqa: E402
 
 ROWS = 250_000  # per pos / neg array, like the prepared bob and spot files
 

@@ -687,10 +687,10 @@ def svr_training_of_a_deep_sdf_experiment(tmp):
 @case("demo_optimizer", "checkpoint not found", "{tmp}/exp/ModelParameters/latest.pth",
       "--overwrite moved the previous model into {tmp}/exp/Backups/", "move its folders back into {tmp}/exp")
 def demo_after_an_overwrite_that_stopped(tmp):
-    from lib import checkpoint
+    from lib import experiment
 
     exp = trained(tmp)
-    checkpoint.move_aside(exp)  # what --overwrite did before a run that was stopped before its first save
+    experiment.move_aside(exp)  # what --overwrite did before a run that was stopped before its first save
     return ["-e", str(exp), "--target", "ball0", "--init", "ball1", "--device", "cpu"]
 
 

@@ -20,7 +20,7 @@ import metrics_svr
 import reconstruct_svr
 import train_deep_sdf
 import train_svr
-from lib import checkpoint
+from lib import experiment
 from lib.camera import look_at
 from lib.datasets import SdfSamples, read_split, scene_batches
 from lib.gradient_check import check_gradients
@@ -30,7 +30,7 @@ from lib.metrics import genus, sample_surface
 from lib.models.decoder import Decoder
 from lib.render import normal_image, rasterize, silhouette
 from lib.datasets.shapes import mesh_shape, torus
-from lib.specs import load_specs
+from lib.experiment.specs import load_specs
 from test_demo import EXP as DEMO_EXP, SMALL as DEMO_SMALL
 from test_distributed import tiny_experiment, tiny_svr_experiment, torchrun
 from test_fused import CONFIGS, _both_losses
@@ -116,7 +116,7 @@ def test_training_on_gpu_matches_cpu_and_resumes(tmp_path):
                                 "--no-reconstruct"]) == 0
     assert train_deep_sdf.main(["-e", str(exps["resumed"]), "--device", "cuda", "--continue", "latest",
                                 "--no-reconstruct"]) == 0
-    logs = {k: checkpoint.load_logs(e) for k, e in exps.items()}
+    logs = {k: experiment.load_logs(e) for k, e in exps.items()}
     assert logs["gpu"]["log_epochs"] == logs["resumed"]["log_epochs"] == [1, 2]
     np.testing.assert_allclose(logs["gpu"]["loss"], logs["cpu"]["loss"], rtol=1e-3)
     np.testing.assert_allclose(logs["resumed"]["loss"], logs["gpu"]["loss"], rtol=1e-5)
@@ -134,7 +134,7 @@ def test_gradient_clip_norm_on_gpu_matches_cpu(tmp_path):
         (exp / "specs.json").write_text(json.dumps({**specs, "GradientClipNorm": 1e-3}))
     for dev, exp in exps.items():
         assert train_deep_sdf.main(["-e", str(exp), "--device", dev, "--no-reconstruct"]) == 0
-    logs = {k: checkpoint.load_logs(e) for k, e in exps.items()}
+    logs = {k: experiment.load_logs(e) for k, e in exps.items()}
     assert logs["gpu"]["log_epochs"] == [1, 2]
     np.testing.assert_allclose(logs["gpu"]["loss"], logs["cpu"]["loss"], rtol=1e-3)
     _assert_close_states(_state(exps["gpu"]), _state(exps["cpu"]), rtol=1e-3, atol=1e-5)
@@ -151,7 +151,7 @@ def test_train_svr_under_torchrun_on_gpu_matches_one_process(tmp_path):
     assert train_svr.main(["-e", str(one), "--device", "cuda"]) == 0
     p = torchrun(nproc, REPO / "train_svr.py", "-e", run, "--device", "cuda", "--continue", "latest")
     assert p.returncode == 0, p.stderr[-3000:]
-    logs, ref = checkpoint.load_logs(run), checkpoint.load_logs(one)
+    logs, ref = experiment.load_logs(run), experiment.load_logs(one)
     assert logs["log_epochs"] == ref["log_epochs"] == [1, 2]
     np.testing.assert_allclose(logs["loss"], ref["loss"], rtol=1e-3)
     state = lambda e: torch.load(e / "ModelParameters" / "decoder_latest.pth", map_location="cpu",  # noqa: E731
@@ -166,7 +166,7 @@ def test_two_process_nccl_training_matches_one_process(tmp_path):
     assert train_deep_sdf.main(["-e", str(one), "--device", "cuda", "--no-reconstruct"]) == 0
     p = torchrun(2, REPO / "train_deep_sdf.py", "-e", two, "--no-reconstruct")
     assert p.returncode == 0, p.stderr[-3000:]
-    assert checkpoint.load_logs(two)["log_epochs"] == [1, 2]
+    assert experiment.load_logs(two)["log_epochs"] == [1, 2]
     _assert_close_states(_state(two), _state(one), rtol=1e-4, atol=1e-6)
 
 
@@ -214,8 +214,8 @@ def test_mesh_gradients_on_gpu_match_cpu():
     specs = load_specs(DEMO_EXP)
     res = {}
     for dev in ("cpu", "cuda"):
-        dec = checkpoint.load_decoder(DEMO_EXP, specs, device=dev)
-        z = checkpoint.load_latent_codes(DEMO_EXP, device=dev)[1].clone().requires_grad_(True)
+        dec = experiment.load_decoder(DEMO_EXP, specs, device=dev)
+        z = experiment.load_latent_codes(DEMO_EXP, device=dev)[1].clone().requires_grad_(True)
         mesh = mesh_from_sdf(dec, z, 32, "dense")
         (mesh.verts ** 2).sum().backward()
         res[dev] = (mesh.verts.detach().cpu(), mesh.faces.cpu(), z.grad.cpu())
@@ -239,10 +239,10 @@ def test_check_gradients_on_gpu():
     specs = load_specs(DEMO_EXP)
     layer = {}
     for dev in ("cpu", "cuda"):
-        dec = checkpoint.load_decoder(DEMO_EXP, specs, device=dev).eval()
+        dec = experiment.load_decoder(DEMO_EXP, specs, device=dev).eval()
         for p in dec.parameters():
             p.requires_grad_(False)
-        code = checkpoint.load_latent_codes(DEMO_EXP, device=dev)[0].clone()
+        code = experiment.load_latent_codes(DEMO_EXP, device=dev)[0].clone()
         field = _closure_field(dec, code)
         (check,) = check_gradients(field, {"latent code": [code]}, resolution=48)
         layer[dev] = check.layer
@@ -288,7 +288,7 @@ def test_svr_pipeline_on_gpu(tmp_path):
     exp = toy_experiment(tmp_path, "cars", epochs=4, snapshot=2, log_frequency=1)
     assert train_svr.main(["-e", str(exp), "--epochs", "2", "--device", "cuda"]) == 0
     assert train_svr.main(["-e", str(exp), "--continue", "latest", "--device", "cuda"]) == 0
-    logs = checkpoint.load_logs(exp)
+    logs = experiment.load_logs(exp)
     assert logs["log_epochs"] == [1, 2, 3, 4] and logs["loss_sdf_test_epoch"] == [1, 2, 3, 4]
     # the protocol's view of each test instance, the ground truth's samples drawn on the GPU
     assert reconstruct_svr.main(["-e", str(exp), "--device", "cuda", "--mode", "sparse"]) == 0

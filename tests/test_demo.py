@@ -232,8 +232,8 @@ def test_shipped_checkpoint_reproduces_the_real_meshes():
     mesh to itself), which would hide the fit."""
     import torch
 
-    from lib import checkpoint
-    from lib.specs import load_specs
+    from lib import experiment
+    from lib.experiment.specs import load_specs
     from lib.meshsdf import mesh_from_sdf
     from lib.metrics import mesh_chamfer
     from lib.metrics import topology
@@ -241,8 +241,8 @@ def test_shipped_checkpoint_reproduces_the_real_meshes():
     from lib.datasets.shapes import ORIGINAL_TURN_Y
 
     specs = load_specs(EXP)
-    decoder = checkpoint.load_decoder(EXP, specs)
-    codes = checkpoint.load_latent_codes(EXP)
+    decoder = experiment.load_decoder(EXP, specs)
+    codes = experiment.load_latent_codes(EXP)
     torch.manual_seed(0)
     for k, (name, g) in enumerate((("bob", 1), ("spot", 0))):
         v, f = read_mesh(REAL_MESHES / f"{name}.obj")

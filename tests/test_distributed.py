@@ -1,4 +1,4 @@
-"""lib.distributed and multi-process training: sharding maths, pre-emption flag, and real
+"""lib.training.distributed and multi-process training: sharding maths, pre-emption flag, and real
 2-process torchrun (gloo, CPU) runs of train_deep_sdf.py and train_svr.py compared step by step
 with 1-process runs."""
 import json
@@ -14,14 +14,14 @@ import pytest
 import torch
 
 import lib.svr.train as svr_train_mod
-import lib.train as train_mod
-from lib import checkpoint, distributed
-from lib.specs import load_specs, load_svr_specs
+import lib.training.loop as train_mod
+from lib import experiment
 from lib.datasets import SdfSamples, read_split
-from lib.errors import MeshSDFError
-from lib.models.decoder import decoder_from_specs
 from lib.datasets.sampling import split_by_sign, write_sdf_samples
-from lib.train import TrainSettings, auto_decoder_loss, resume_point, train_auto_decoder
+from lib.errors import MeshSDFError
+from lib.experiment.specs import load_specs, load_svr_specs
+from lib.models.decoder import decoder_from_specs
+from lib.training import TrainSettings, auto_decoder_loss, distributed, resume_point, train_auto_decoder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,7 +200,7 @@ import os, signal, sys
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {repo!r})
-import lib.train as T
+import lib.training.loop as T
 import train_deep_sdf
 snaps, real = [], T.optimizer_step
 first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
@@ -225,7 +225,7 @@ def torchrun(nproc: int, script: Path, *args, restarts=0, timeout=240, **kw) -> 
 
 
 def record_steps(monkeypatch) -> list:
-    """Make lib.train.optimizer_step (used by both trainers; lib.svr.train holds its own binding)
+    """Make lib.training.loop.optimizer_step (used by both trainers; lib.svr.train holds its own binding)
     append every parameter after each step to the returned list."""
     snaps = []
     real = train_mod.optimizer_step
@@ -288,7 +288,7 @@ def test_two_process_run_matches_one_process_and_resumes_with_one(tmp_path, monk
     for step, (got, want) in enumerate(zip(rank0 + resumed, snaps[2:]), start=2):
         for g, w in zip(got, want):
             assert torch.allclose(g, w, rtol=1e-4, atol=2e-6), f"step {step + 1} differs from the 1-process run"
-    logs, ref_logs = checkpoint.load_logs(exp), checkpoint.load_logs(ref_exp)
+    logs, ref_logs = experiment.load_logs(exp), experiment.load_logs(ref_exp)
     assert logs["log_epochs"] == ref_logs["log_epochs"] == [1, 2, 3, 4, 5]
     assert np.allclose(logs["loss"], ref_logs["loss"], rtol=1e-5, atol=1e-7)
 
@@ -299,7 +299,7 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {repo!r})
 import lib.svr.train as S
-import lib.train as T
+import lib.training.loop as T
 import train_svr
 snaps, real = [], T.optimizer_step
 attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -356,7 +356,7 @@ def test_two_process_svr_matches_one_process_stops_on_sigterm_and_resumes_with_o
     for step, (got, want) in enumerate(zip(rank0 + resumed, snaps)):
         for name, g, w in zip(names, got, want):
             assert torch.allclose(g, w, rtol=1e-4, atol=2e-6), f"{name} after step {step + 1} differs from 1 process"
-    logs, ref_logs = checkpoint.load_logs(exp), checkpoint.load_logs(ref_exp)
+    logs, ref_logs = experiment.load_logs(exp), experiment.load_logs(ref_exp)
     assert logs["log_epochs"] == ref_logs["log_epochs"] == [1, 2, 3, 4]
     for key in ("loss", "latent_magnitude"):
         assert np.allclose(logs[key], ref_logs[key], rtol=1e-5, atol=1e-7), key
@@ -366,7 +366,7 @@ RELEASE_SCRIPT = """
 import sys
 import torch
 sys.path.insert(0, {repo!r})
-from lib import distributed
+from lib.training import distributed
 ctx = distributed.init_distributed("cpu")
 late = 0
 for step in range(300):
@@ -390,7 +390,7 @@ def test_gloo_collectives_return_after_the_worker_let_go_of_the_tensor(tmp_path)
     its last collective): gloo's worker thread drops its reference to a finished collective's
     tensor after the caller was woken, and a tensor Python created is dropped under the GIL,
     which CPython refuses during interpreter shutdown by ending the thread inside a C++
-    destructor.  Every collective of lib.distributed returns only once the worker let go, so
+    destructor.  Every collective of lib.training.distributed returns only once the worker let go, so
     no worker is left waiting for the GIL when a rank exits (about half of plain calls return
     before it)."""
     script = tmp_path / "release.py"
@@ -428,5 +428,5 @@ def test_gradient_clip_norm_clips_each_update(tmp_path):
         specs["GradientClipNorm"] = clip
         data = SdfSamples(specs["DataSource"], read_split(specs["TrainSplit"]))
         train_auto_decoder(exp, specs, data, "cpu", seed=2)
-        losses[clip] = checkpoint.load_logs(exp)["loss"]
+        losses[clip] = experiment.load_logs(exp)["loss"]
     assert losses[None][0] == losses[1e-6][0] and losses[None][1:] != losses[1e-6][1:]

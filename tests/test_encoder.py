@@ -42,7 +42,7 @@ def test_original_encoder_layout_and_parameter_count():
 
 
 def test_original_checkpoint_with_module_prefix_loads(tmp_path):
-    from lib import checkpoint
+    from lib import experiment
 
     torch.manual_seed(0)
     src = Encoder(16, depth=8, norm="bn", widths=(8, 16, 16, 16))
@@ -50,7 +50,7 @@ def test_original_checkpoint_with_module_prefix_loads(tmp_path):
     (tmp_path / "ModelParameters").mkdir()
     torch.save({"epoch": 3, "model_state_dict": state}, tmp_path / "ModelParameters" / "encoder_latest.pth")
     dst = Encoder(16, depth=8, norm="bn", widths=(8, 16, 16, 16))
-    assert checkpoint.load_model_state(tmp_path, dst, "encoder_latest") == 3
+    assert experiment.load_model_state(tmp_path, dst, "encoder_latest") == 3
     x = torch.rand(2, 4, 16, 16)
     assert torch.equal(src.eval()(x), dst.eval()(x))
 
@@ -107,14 +107,14 @@ def _original_bin_state(code, depth, widths, seed=0):
 
 
 def test_original_bin_bottleneck_checkpoint_loads(tmp_path):
-    from lib import checkpoint
+    from lib import experiment
 
     state = _original_bin_state(8, 44, (4, 8, 8, 8))
     (tmp_path / "ModelParameters").mkdir()
     torch.save({"epoch": 7, "model_state_dict": {"module." + k: v for k, v in state.items()}},
                tmp_path / "ModelParameters" / "encoder_latest.pth")
     enc = Encoder(8, depth=44, norm="bin", widths=(4, 8, 8, 8))
-    assert checkpoint.load_model_state(tmp_path, enc, "encoder_latest") == 7
+    assert experiment.load_model_state(tmp_path, enc, "encoder_latest") == 7
     got = enc.state_dict()
     for k, v in state.items():
         assert torch.equal(got[k], v), k

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from lib import checkpoint, distributed
-from lib.specs import load_specs, load_svr_specs
+from lib import experiment
 from lib.datasets import SdfSamples, read_split
+from lib.experiment.specs import load_specs, load_svr_specs
+from lib.training import distributed
 from lib.models.decoder import decoder_from_specs
-from lib.train import TrainSettings, make_latent_codes, train_auto_decoder
+from lib.training import TrainSettings, make_latent_codes, train_auto_decoder
 from tests.test_distributed import one_thread, tiny_experiment, tiny_svr_experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def start(exp: Path, *extra, script: str = "train_deep_sdf.py", env=None) -> sub
 
 def logged_epoch(exp: Path) -> int:
     try:
-        return int(checkpoint.load_logs(exp).get("epoch", 0))
+        return int(experiment.load_logs(exp).get("epoch", 0))
     except Exception:  # noqa: BLE001 - read while being replaced: atomic, so only a missing file
         return 0
 
@@ -47,7 +48,7 @@ def load_resume_record(exp: Path, specs) -> int:
     dec = decoder_from_specs(specs)
     codes = make_latent_codes(len(read_split(specs["TrainSplit"])), specs["CodeLength"], settings)
     opt = torch.optim.Adam([{"params": dec.parameters()}, {"params": codes.parameters()}])
-    epoch, extra = checkpoint.load_checkpoint(exp, "latest", dec, opt, codes)
+    epoch, extra = experiment.load_checkpoint(exp, "latest", dec, opt, codes)
     assert "rng_state" in extra and all(torch.isfinite(p).all() for p in dec.parameters())
     return epoch
 
@@ -85,7 +86,7 @@ def test_sigkill_five_times_then_finish_like_an_uninterrupted_run(tmp_path):
     specs = load_specs(exp)
     history = kill_and_resume(exp, specs, kills=5, rng=random.Random(0))
     assert len(history) == 5 and history[-1][0] < epochs
-    logs = checkpoint.load_logs(exp)
+    logs = experiment.load_logs(exp)
     assert logs["log_epochs"] == list(range(1, epochs + 1)) and load_resume_record(exp, specs) == epochs
 
     ref_exp = tiny_experiment(tmp_path / "u", epochs=epochs, scenes=3, batch=2, dropout_prob=0.2, samples=256,
@@ -97,11 +98,11 @@ def test_sigkill_five_times_then_finish_like_an_uninterrupted_run(tmp_path):
         ref = train_auto_decoder(ref_exp, load_specs(ref_exp), data, "cpu", seed=4)
     finally:
         torch.set_num_threads(threads)
-    ref_logs = checkpoint.load_logs(ref_exp)
+    ref_logs = experiment.load_logs(ref_exp)
     # the loss curve continues the original one through every kill (same RNG, same batches)
     assert len(logs["loss"]) == len(ref_logs["loss"]) == epochs * 2
     assert np.allclose(logs["loss"], ref_logs["loss"], rtol=1e-5, atol=1e-7)
-    dec = checkpoint.load_decoder(exp, specs)
+    dec = experiment.load_decoder(exp, specs)
     for k, v in ref.decoder.state_dict().items():
         assert torch.allclose(v, dec.state_dict()[k], atol=1e-5), k
 
@@ -138,7 +139,7 @@ def test_sigterm_saves_latest_and_exits_143(tmp_path):
     specs = load_specs(exp)
     sigterm_after_first_snapshot(exp)
     epoch = load_resume_record(exp, specs)
-    assert epoch >= 2 and checkpoint.load_logs(exp)["epoch"] == epoch
+    assert epoch >= 2 and experiment.load_logs(exp)["epoch"] == epoch
     assert not (exp / "Reconstructions").exists()
 
 
@@ -148,29 +149,29 @@ def test_train_svr_sigterm_saves_latest_exits_143_and_resumes_like_an_uninterrup
     from the SIGTERM checkpoint and ends where an uninterrupted run ends, weights and loss curve."""
     from lib import svr
 
-    def experiment(root):
+    def new_experiment(root):
         return tiny_svr_experiment(root, scenes=3, batch=2, epochs=100000, log_frequency=100000, snapshots=(1,))
 
-    exp = experiment(tmp_path / "t")
+    exp = new_experiment(tmp_path / "t")
     specs = load_svr_specs(exp)
     sigterm_after_first_snapshot(exp, "train_svr.py")
     net = svr.network_from_specs(specs)
     opt = svr.make_optimizer(net, svr.svr_schedules(specs))
-    epoch, extra = checkpoint.load_svr_checkpoint(exp, "latest", net.encoder, net.decoder, opt)
-    assert epoch >= 2 and "rng_state" in extra and checkpoint.load_logs(exp)["epoch"] == epoch
+    epoch, extra = experiment.load_svr_checkpoint(exp, "latest", net.encoder, net.decoder, opt)
+    assert epoch >= 2 and "rng_state" in extra and experiment.load_logs(exp)["epoch"] == epoch
     final = epoch + 2
     proc = start(exp, "--epochs", final, script="train_svr.py")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    logs = checkpoint.load_logs(exp)
+    logs = experiment.load_logs(exp)
     assert logs["log_epochs"] == list(range(1, final + 1))
 
-    ref_exp = experiment(tmp_path / "u")
+    ref_exp = new_experiment(tmp_path / "u")
     ref_specs = load_svr_specs(ref_exp)
     with one_thread():
         ref = svr.train_svr(ref_exp, ref_specs, svr.training_set_from_specs(ref_specs), "cpu", seed=4,
                             num_epochs=final)
-    assert np.allclose(logs["loss"], checkpoint.load_logs(ref_exp)["loss"], rtol=1e-5, atol=1e-7)
+    assert np.allclose(logs["loss"], experiment.load_logs(ref_exp)["loss"], rtol=1e-5, atol=1e-7)
     got = svr.load_network(exp, specs)
     assert got.checkpoint_epoch == final
     for k, v in ref.decoder.state_dict().items():
@@ -184,7 +185,7 @@ def test_ctrl_c_saves_latest_says_where_it_resumes_and_exits_130(tmp_path):
     exp = tiny_experiment(tmp_path, epochs=100000, log_frequency=100000, samples=256, snapshots=(1,))
     err = signal_after_first_snapshot(exp, sig=signal.SIGINT, env=TALKING)
     epoch = load_resume_record(exp, load_specs(exp))
-    assert epoch >= 2 and checkpoint.load_logs(exp)["epoch"] == epoch
+    assert epoch >= 2 and experiment.load_logs(exp)["epoch"] == epoch
     assert f"stopped by SIGINT after epoch {epoch}" in err and f"resumes at epoch {epoch + 1}" in err, err
     assert not (exp / ".meshsdf.lock").exists()
 
@@ -197,7 +198,7 @@ def test_sighup_saves_latest_like_sigterm_and_exits_143(tmp_path):
     exp = tiny_experiment(tmp_path, epochs=100000, log_frequency=100000, samples=256, snapshots=(1,))
     err = signal_after_first_snapshot(exp, sig=signal.SIGHUP, env=TALKING, status=distributed.EXIT_PREEMPTED)
     epoch = load_resume_record(exp, load_specs(exp))
-    assert epoch >= 2 and checkpoint.load_logs(exp)["epoch"] == epoch
+    assert epoch >= 2 and experiment.load_logs(exp)["epoch"] == epoch
     assert f"stopped by SIGHUP after epoch {epoch}" in err, err
 
 
@@ -238,21 +239,21 @@ def test_kill_between_the_renames_of_one_save(tmp_path):
     assert load_resume_record(exp, specs) == 3
     with pytest.raises(MeshSDFError, match=r"ModelParameters/latest.pth is epoch 2, LatentCodes/latest.pth is "
                                            r"epoch 3: they come from different saves"):
-        checkpoint.load_decoder_and_codes(exp, specs)
+        experiment.load_decoder_and_codes(exp, specs)
     assert (exp / ".meshsdf.lock").exists()  # the killed run's lock: stale, taken over below
 
     r = subprocess.run([sys.executable, str(REPO / "train_deep_sdf.py"), *args], env=TALKING, cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "taking over the lock" in r.stderr and "which is no longer running" in r.stderr
-    decoder, codes = checkpoint.load_decoder_and_codes(exp, specs)
+    decoder, codes = experiment.load_decoder_and_codes(exp, specs)
     assert decoder.checkpoint_epoch == 5 and not (exp / ".meshsdf.lock").exists()
 
     ref_exp = tiny_experiment(tmp_path / "u", epochs=5, scenes=3, batch=2, dropout_prob=0.2, samples=256)
     with one_thread():
         ref = train_auto_decoder(ref_exp, load_specs(ref_exp), SdfSamples(specs["DataSource"],
                                  read_split(specs["TrainSplit"])), "cpu", seed=4)
-    assert np.allclose(checkpoint.load_logs(exp)["loss"], checkpoint.load_logs(ref_exp)["loss"], rtol=1e-5, atol=1e-7)
+    assert np.allclose(experiment.load_logs(exp)["loss"], experiment.load_logs(ref_exp)["loss"], rtol=1e-5, atol=1e-7)
     for k, v in ref.decoder.state_dict().items():
         assert torch.allclose(v, decoder.state_dict()[k], atol=1e-6), k
     assert torch.allclose(codes, ref.latent_codes.weight, atol=1e-6)

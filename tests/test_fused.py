@@ -7,7 +7,7 @@ import torch
 
 from lib.models.decoder import Decoder
 from lib.models.kernels.elementwise import dropout_bits, dropout_mask, new_seed
-from lib.train import TrainSettings, auto_decoder_loss, clamped_l1
+from lib.training import TrainSettings, auto_decoder_loss, clamped_l1
 
 M64 = (1 << 64) - 1
 

@@ -71,12 +71,12 @@ def test_a_wrong_gradient_is_caught():
 def test_shipped_model_within_2_percent():
     if not (SHIPPED / "ModelParameters" / "latest.pth").is_file():
         pytest.skip("no shipped checkpoint")
-    from lib import checkpoint
-    from lib.specs import load_specs
+    from lib import experiment
+    from lib.experiment.specs import load_specs
 
     specs = load_specs(SHIPPED)
-    dec = checkpoint.load_decoder(SHIPPED, specs).eval()
-    code = checkpoint.load_latent_codes(SHIPPED)[0].clone()
+    dec = experiment.load_decoder(SHIPPED, specs).eval()
+    code = experiment.load_latent_codes(SHIPPED)[0].clone()
     for p in dec.parameters():
         p.requires_grad_(False)
     layers = [name for name, m in dec.named_children() if list(m.parameters())]

@@ -187,10 +187,10 @@ def ring():
     """The shipped bob_and_spot network (frozen) and its two codes: bob (a ring) and spot."""
     if not (EXP / "ModelParameters" / "latest.pth").is_file():
         pytest.skip("shipped checkpoint absent")
-    from lib import checkpoint
-    from lib.specs import load_specs
+    from lib import experiment
+    from lib.experiment.specs import load_specs
 
-    dec, codes = checkpoint.load_decoder_and_codes(EXP, load_specs(EXP), "latest", device="cpu")
+    dec, codes = experiment.load_decoder_and_codes(EXP, load_specs(EXP), "latest", device="cpu")
     dec.eval()
     for p in dec.parameters():
         p.requires_grad_(False)

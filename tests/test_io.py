@@ -150,7 +150,7 @@ def test_write_error_removes_the_temporary_and_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-32"])
 def test_json_files_in_any_unicode_encoding(tmp_path, encoding):
-    from lib.specs import read_json
+    from lib.experiment.specs import read_json
 
     p = tmp_path / "s.json"
     p.write_bytes(json.dumps({"Description": "étoile", "CodeLength": 3}, ensure_ascii=False).encode(encoding))
@@ -164,7 +164,7 @@ def test_json_files_in_any_unicode_encoding(tmp_path, encoding):
     ("[" * 100000 + "]" * 100000, "nested too deeply"),
 ])
 def test_json_files_refused_in_one_line(tmp_path, text, words):
-    from lib.specs import read_json
+    from lib.experiment.specs import read_json
 
     p = tmp_path / "s.json"
     p.write_text(text)

@@ -1,7 +1,7 @@
-"""lib.limits: sizes refused before allocating, with the largest value that fits (memory given explicitly)."""
+"""lib.experiment.limits: sizes refused before allocating, with the largest value that fits (memory given explicitly)."""
 import pytest
 
-from lib import limits
+from lib.experiment import limits
 from lib.errors import MeshSDFError
 
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 from torch import nn
 
-from lib import checkpoint
+from lib import experiment
 from lib.camera import DisnView, disn_camera, read_disn_metadata, write_disn_metadata
 from lib.errors import MeshSDFError
 from lib.datasets.sampling import normalization, read_normalization, write_normalization
-from lib.specs import load_specs, load_svr_specs
+from lib.experiment.specs import load_specs, load_svr_specs
 
 REPO = Path(__file__).resolve().parents[1]
 # the original used torch's classic weight_norm, which torch now flags as deprecated
@@ -78,7 +78,7 @@ def test_original_bob_and_spot_specs_load_with_the_originals_defaults(tmp_path, 
     # absent keys: latest + Logs.pth every epoch, no periodic snapshots, N(0, 1/sqrt(L)) codes, no clipping
     assert s["LogFrequency"] == 1 and s["SnapshotFrequency"] is None and s["AdditionalSnapshots"] == []
     assert s["CodeInitStdDev"] == 1.0 and s["GradientClipNorm"] is None and s["CodeBound"] is None
-    from lib.train import TrainSettings
+    from lib.training import TrainSettings
     settings = TrainSettings.from_specs(s)
     assert [e for e in range(1, 4001) if settings.is_snapshot(e)] == []
 
@@ -86,7 +86,7 @@ def test_original_bob_and_spot_specs_load_with_the_originals_defaults(tmp_path, 
 def test_code_bound_is_read_and_ignored_as_the_original_does(tmp_path):
     """The original's trainers read CodeBound and never apply it; ApplyCodeBound (ours) opts into
     DeepSDF's max-norm embedding."""
-    from lib.train import TrainSettings, make_latent_codes
+    from lib.training import TrainSettings, make_latent_codes
 
     specs = dict(ORIGINAL_SPECS["bob_and_spot"], CodeBound=0.01)
     settings = TrainSettings.from_specs(load_specs(_write_specs(tmp_path / "a", specs)))
@@ -251,7 +251,7 @@ def test_original_state_dict_names_and_shapes():
 
 def test_original_checkpoint_gives_the_originals_sdf(tmp_path):
     exp, net, codes = _original_experiment(tmp_path)
-    decoder = checkpoint.load_decoder(exp, load_specs(exp))
+    decoder = experiment.load_decoder(exp, load_specs(exp))
     xyz = torch.rand(500, 3) * 2 - 1
     for k in range(2):
         want = reference_sdf(net.state_dict(), codes[k], xyz)
@@ -266,8 +266,8 @@ def test_both_latent_code_forms_load(tmp_path):
     (tmp_path / "LatentCodes").mkdir()
     torch.save({"epoch": 7, "latent_codes": {"weight": codes}}, tmp_path / "LatentCodes" / "latest.pth")
     torch.save({"epoch": 7, "latent_codes": codes.clone()}, tmp_path / "LatentCodes" / "7.pth")
-    assert torch.equal(checkpoint.load_latent_codes(tmp_path), codes)
-    assert torch.equal(checkpoint.load_latent_codes(tmp_path, 7), codes)
+    assert torch.equal(experiment.load_latent_codes(tmp_path), codes)
+    assert torch.equal(experiment.load_latent_codes(tmp_path, 7), codes)
 
 
 def test_original_optimizer_state_resumes_onto_the_right_parameters(tmp_path):
@@ -278,7 +278,7 @@ def test_original_optimizer_state_resumes_onto_the_right_parameters(tmp_path):
     exp, net, codes = _original_experiment(tmp_path)
     dec, emb = Decoder(2, **NET_BOB), nn.Embedding(2, 2)
     opt = torch.optim.Adam([{"params": dec.parameters()}, {"params": emb.parameters()}])
-    epoch, _ = checkpoint.load_checkpoint(exp, "latest", dec, opt, emb)
+    epoch, _ = experiment.load_checkpoint(exp, "latest", dec, opt, emb)
     assert epoch == 1 and torch.equal(emb.weight.detach(), codes)
     stored = torch.load(exp / "OptimizerParameters" / "latest.pth", weights_only=False)["optimizer_state_dict"]
     names = [k[len("module."):] for k, _ in net.named_parameters()]
@@ -288,7 +288,7 @@ def test_original_optimizer_state_resumes_onto_the_right_parameters(tmp_path):
 
 
 def test_original_logs_are_adopted_on_resume():
-    from lib.train import truncate_logs
+    from lib.training import truncate_logs
 
     original = {"epoch": 2, "loss": [0.4, 0.3, 0.2, 0.1], "timing": [1.5, 1.4]}
     kept = truncate_logs(original, 2)
@@ -383,7 +383,7 @@ def test_original_layout_folder_runs_the_demo_and_resumes_training(tmp_path):
     assert torch.load(exp / "ModelParameters" / "latest.pth", weights_only=False)["epoch"] == 3
     record = torch.load(exp / "OptimizerParameters" / "latest.pth", weights_only=False)
     assert int(record["optimizer_state_dict"]["state"][0]["step"]) == 3  # 1 original step + 2 epochs x 1 batch
-    assert not torch.equal(checkpoint.load_latent_codes(exp), codes)
+    assert not torch.equal(experiment.load_latent_codes(exp), codes)
     assert sorted(p.name for p in (exp / "Reconstructions").glob("*.ply")) == ["bob.ply", "spot.ply"]
-    logs = checkpoint.load_logs(exp)  # the original's history kept, ours appended
+    logs = experiment.load_logs(exp)  # the original's history kept, ours appended
     assert logs["loss"][0] == 0.05 and len(logs["loss"]) == 3 and logs["log_epochs"] == [1, 2, 3]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train_deep_sdf
-from lib import checkpoint
+from lib import experiment
 from lib.errors import MeshSDFError, cli_main
 from lib.log import PlainProgress, progress
 from lib.datasets.sampling import split_by_sign, write_sdf_samples
@@ -57,7 +57,7 @@ def test_continue_latest_resumes_a_released_model_with_a_fresh_optimizer(tmp_pat
     monkeypatch.setenv("MESHSDF_QUIET", "0")
     before = tree_sha256(SHIPPED)
     exp = shipped_copy(tmp_path)
-    shipped_logs = checkpoint.load_logs(exp)
+    shipped_logs = experiment.load_logs(exp)
     shipped_model = torch.load(exp / "ModelParameters" / "latest.pth", weights_only=True)["model_state_dict"]
     assert not (exp / "OptimizerParameters").exists()
 
@@ -67,7 +67,7 @@ def test_continue_latest_resumes_a_released_model_with_a_fresh_optimizer(tmp_pat
     err = capsys.readouterr().err
     assert f"resuming from epoch {e0} of ModelParameters/latest.pth and LatentCodes/latest.pth with a fresh " \
            "optimizer" in err, err
-    logs = checkpoint.load_logs(exp)
+    logs = experiment.load_logs(exp)
     assert logs["log_epochs"] == list(range(1, e0 + 2))
     assert logs["loss"][:e0] == shipped_logs["loss"]  # the history continues, nothing replaced
     record = torch.load(exp / "OptimizerParameters" / "latest.pth", weights_only=True)
@@ -146,7 +146,7 @@ def test_continue_from_the_newest_snapshot_and_latest_at_num_epochs(tmp_path, ca
         (exp / kind / "5.pth").write_bytes((exp / kind / "latest.pth").read_bytes())
     assert train_deep_sdf.main(["-e", str(exp), "-c", "5", "--epochs", "6", "--device", "cpu", "--no-reconstruct"]) == 0
     assert torch.load(exp / "ModelParameters" / "latest.pth", weights_only=True)["epoch"] == 6
-    assert checkpoint.load_logs(exp)["log_epochs"] == [1, 2, 3, 4, 5, 6]
+    assert experiment.load_logs(exp)["log_epochs"] == [1, 2, 3, 4, 5, 6]
 
 
 def mixed_saves(tmp_path) -> Path:
@@ -155,7 +155,7 @@ def mixed_saves(tmp_path) -> Path:
 
     exp = trained(tmp_path)
     p = exp / "LatentCodes" / "latest.pth"
-    checkpoint.save_torch(dict(torch.load(p, weights_only=True), epoch=7), p)
+    experiment.save_torch(dict(torch.load(p, weights_only=True), epoch=7), p)
     return exp
 
 
@@ -165,13 +165,13 @@ def test_reading_while_a_trainer_saves_waits_for_it_and_names_it(tmp_path, capsy
     import threading
 
     import demo_optimizer
-    from lib.specs import load_specs
+    from lib.experiment.specs import load_specs
 
     monkeypatch.setenv("MESHSDF_QUIET", "1")
     exp = mixed_saves(tmp_path)
     codes = exp / "LatentCodes" / "latest.pth"
-    with checkpoint.ExperimentLock(exp, "train_deep_sdf.py"):  # this process plays the trainer
-        monkeypatch.setattr(checkpoint, "WRITER_WAIT_S", 0.3)
+    with experiment.ExperimentLock(exp, "train_deep_sdf.py"):  # this process plays the trainer
+        monkeypatch.setattr(experiment.checkpoints, "WRITER_WAIT_S", 0.3)
         before = tree_sha256(tmp_path)
         line = one_line_error(demo_optimizer.main, ["-e", str(exp), "--target", "ball0", "--init", "ball1",
                                                     "--device", "cpu"], "demo_optimizer.py", capsys)
@@ -180,11 +180,11 @@ def test_reading_while_a_trainer_saves_waits_for_it_and_names_it(tmp_path, capsy
             "run this again when its save is done" in line and "restore" not in line, line
         assert tree_sha256(tmp_path) == before
 
-        monkeypatch.setattr(checkpoint, "WRITER_WAIT_S", 60.0)
-        finish = threading.Timer(0.5, lambda: checkpoint.save_torch(
+        monkeypatch.setattr(experiment.checkpoints, "WRITER_WAIT_S", 60.0)
+        finish = threading.Timer(0.5, lambda: experiment.save_torch(
             dict(torch.load(codes, weights_only=True), epoch=1), codes))  # the trainer's save completes
         finish.start()
-        decoder, _ = checkpoint.load_decoder_and_codes(exp, load_specs(exp))
+        decoder, _ = experiment.load_decoder_and_codes(exp, load_specs(exp))
         finish.join()
         assert decoder.checkpoint_epoch == 1
 
@@ -206,18 +206,18 @@ def test_check_gradients_refuses_model_and_codes_of_different_epochs(tmp_path, c
 
 def test_a_run_stopped_before_its_first_save_leaves_nothing_to_guard(tmp_path):
     exp = tiny_experiment(tmp_path)
-    with checkpoint.claim_experiment(exp, None):
-        assert (exp / checkpoint.LOCK_FILE).is_file()
+    with experiment.claim_experiment(exp, None):
+        assert (exp / experiment.LOCK_FILE).is_file()
         with pytest.raises(MeshSDFError, match="in use by a training run"):
-            with checkpoint.claim_experiment(exp, "latest"):
+            with experiment.claim_experiment(exp, "latest"):
                 pass
-    assert not (exp / checkpoint.LOCK_FILE).exists()
-    with checkpoint.claim_experiment(exp, None):  # no trained files yet: a fresh start goes ahead
+    assert not (exp / experiment.LOCK_FILE).exists()
+    with experiment.claim_experiment(exp, None):  # no trained files yet: a fresh start goes ahead
         pass
 
 
 def write_lock(exp: Path, **record) -> None:
-    (exp / checkpoint.LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "what": "train_svr.py",
+    (exp / experiment.LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "what": "train_svr.py",
                                                         "since": "then", **record}))
 
 
@@ -226,16 +226,16 @@ def test_lock_of_a_dead_process_or_of_a_reused_pid_is_taken_over(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     write_lock(exp, pid=dead.pid)
-    with checkpoint.ExperimentLock(exp) as lock:
+    with experiment.ExperimentLock(exp) as lock:
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
     # a live PID whose start time differs from the recorded one is another process: the holder is gone
     write_lock(exp, pid=os.getpid(), start="1")
-    with checkpoint.ExperimentLock(exp):
+    with experiment.ExperimentLock(exp):
         pass
-    write_lock(exp, pid=os.getpid(), start=checkpoint._process_start(os.getpid()))
+    write_lock(exp, pid=os.getpid(), start=experiment.process_start(os.getpid()))
     with pytest.raises(MeshSDFError, match=f"in use by train_svr.py \\(PID {os.getpid()} on "):
-        checkpoint.ExperimentLock(exp).acquire()
-    assert (exp / checkpoint.LOCK_FILE).is_file()  # a refused run never removes the holder's lock
+        experiment.ExperimentLock(exp).acquire()
+    assert (exp / experiment.LOCK_FILE).is_file()  # a refused run never removes the holder's lock
 
 
 def test_stale_temporaries_are_only_those_this_project_wrote_and_whose_writer_is_gone(tmp_path):
@@ -258,7 +258,7 @@ def test_stale_temporaries_are_only_those_this_project_wrote_and_whose_writer_is
             exp / "ModelParameters" / ".latest.pth.k2j_x9a1.tmp.pth", Path(live)]
     for p in kept:
         p.write_text("mine")
-    assert sorted(checkpoint.remove_stale_temporaries(exp)) == sorted(stale)
+    assert sorted(experiment.remove_stale_temporaries(exp)) == sorted(stale)
     assert all(p.read_text() == "mine" for p in kept) and not any(p.exists() for p in stale)
 
 
@@ -272,7 +272,7 @@ def test_training_log_off_a_terminal_is_plain_lines_with_loss_lr_and_final_loss(
     epochs = [ln for ln in lines if ln.startswith("train: epoch ")]
     assert epochs[0].startswith("train: epoch 1/3  loss ") and epochs[-1].startswith("train: epoch 3/3  loss ")
     assert "lr 0.001/0.002" in epochs[-1]
-    logs = checkpoint.load_logs(exp)
+    logs = experiment.load_logs(exp)
     final = float(np.mean([v for v, e in zip(logs["loss"], logs["loss_epoch"]) if e == 3]))
     assert lines[-1].startswith("trained to epoch 3, final loss ")
     assert float(lines[-1].split("final loss ")[1].split(";")[0]) == pytest.approx(final, rel=1e-4)
@@ -310,7 +310,7 @@ def test_quiet_silences_progress_but_not_errors(tmp_path, monkeypatch, capsys):
 
 
 def test_memory_check_names_the_largest_value_that_fits():
-    from lib import limits
+    from lib.experiment import limits
 
     avail = limits.grid_bytes(100)
     limits.check_grid(100, available=avail)
@@ -398,7 +398,7 @@ def test_staged_output_refuses_files_in_the_way_and_adopts_killed_runs(tmp_path)
 
 def test_specs_and_split_saved_with_a_byte_order_mark_load_as_without(tmp_path):
     from lib.datasets import read_split
-    from lib.specs import load_specs
+    from lib.experiment.specs import load_specs
 
     exp = tiny_experiment(tmp_path)
     plain, split = load_specs(exp), read_split(tmp_path / "split.json")

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib import checkpoint, runtime
-from lib.specs import Key, int_key, load_specs, resolve_path
+from lib import experiment, runtime
+from lib.experiment.specs import Key, int_key, load_specs, resolve_path
 from lib.errors import MeshSDFError
 from lib.models.decoder import Decoder, decoder_from_specs
 
@@ -111,10 +111,10 @@ def test_choose_device():
 
 
 def test_parse_epoch():
-    assert checkpoint.parse_epoch("latest") == "latest" and checkpoint.parse_epoch("1000") == 1000
+    assert experiment.parse_epoch("latest") == "latest" and experiment.parse_epoch("1000") == 1000
     for bad in ("last", "0", "-3"):
         with pytest.raises(MeshSDFError, match="--continue"):
-            checkpoint.parse_epoch(bad)
+            experiment.parse_epoch(bad)
 
 
 def _small():
@@ -130,25 +130,25 @@ def _small():
 
 def test_checkpoint_round_trip_and_loaders(tmp_path):
     dec, codes, opt = _small()
-    checkpoint.save_checkpoint(tmp_path, "latest", 7, dec, opt, codes, extra={"rng_state": runtime.rng_state()})
-    checkpoint.save_checkpoint(tmp_path, 5, 5, dec, opt, codes)
-    assert checkpoint.snapshot_epochs(tmp_path) == [5]
+    experiment.save_checkpoint(tmp_path, "latest", 7, dec, opt, codes, extra={"rng_state": runtime.rng_state()})
+    experiment.save_checkpoint(tmp_path, 5, 5, dec, opt, codes)
+    assert experiment.snapshot_epochs(tmp_path) == [5]
     dec2, codes2, opt2 = Decoder(2, dims=[8, 8], weight_norm=True, norm_layers=[0, 1]), torch.nn.Embedding(3, 2), None
     opt2 = torch.optim.Adam([{"params": dec2.parameters()}, {"params": codes2.parameters()}])
-    epoch, extra = checkpoint.load_checkpoint(tmp_path, "latest", dec2, opt2, codes2)
+    epoch, extra = experiment.load_checkpoint(tmp_path, "latest", dec2, opt2, codes2)
     assert epoch == 7 and "rng_state" in extra
     for a, b in zip(dec.state_dict().values(), dec2.state_dict().values()):
         assert torch.equal(a, b)
     assert torch.equal(codes.weight, codes2.weight)
     assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
-    assert torch.equal(checkpoint.load_latent_codes(tmp_path, 5), codes.weight.detach())
+    assert torch.equal(experiment.load_latent_codes(tmp_path, 5), codes.weight.detach())
     specs = {"CodeLength": 2, "NetworkSpecs": {"dims": [8, 8], "weight_norm": True, "norm_layers": [0, 1]}}
-    loaded = checkpoint.load_decoder(tmp_path, specs, 5)
+    loaded = experiment.load_decoder(tmp_path, specs, 5)
     assert not loaded.training and loaded.checkpoint_epoch == 5
     with pytest.raises(MeshSDFError, match="available: latest, 5"):
-        checkpoint.load_decoder(tmp_path, specs, 9)
+        experiment.load_decoder(tmp_path, specs, 9)
     with pytest.raises(MeshSDFError, match="does not match the network"):
-        checkpoint.load_decoder(tmp_path, {"CodeLength": 2, "NetworkSpecs": {"dims": [16, 8]}}, "latest")
+        experiment.load_decoder(tmp_path, {"CodeLength": 2, "NetworkSpecs": {"dims": [16, 8]}}, "latest")
 
 
 def test_loads_original_deepsdf_layouts(tmp_path):
@@ -160,14 +160,14 @@ def test_loads_original_deepsdf_layouts(tmp_path):
                tmp_path / "ModelParameters" / "latest.pth")
     torch.save({"epoch": 3, "latent_codes": codes.weight.detach()[:, None, :]}, tmp_path / "LatentCodes" / "latest.pth")
     dec2 = Decoder(2, dims=[8, 8], weight_norm=True, norm_layers=[0, 1])
-    assert checkpoint.load_model_state(tmp_path, dec2) == 3
+    assert experiment.load_model_state(tmp_path, dec2) == 3
     assert torch.equal(dec2.lin0.weight_v, dec.lin0.weight_v)
-    assert checkpoint.load_latent_codes(tmp_path).shape == (3, 2)
+    assert experiment.load_latent_codes(tmp_path).shape == (3, 2)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     dec, codes, opt = _small()
-    checkpoint.save_checkpoint(tmp_path, "latest", 1, dec, opt, codes)
+    experiment.save_checkpoint(tmp_path, "latest", 1, dec, opt, codes)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*.pth")}
     real_save = torch.save
     calls = []
@@ -188,25 +188,25 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with torch.no_grad():
         dec.lin0.bias.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_checkpoint(tmp_path, "latest", 2, dec, opt, codes)
+        experiment.save_checkpoint(tmp_path, "latest", 2, dec, opt, codes)
     monkeypatch.setattr(torch, "save", real_save)
     after = {p: p.read_bytes() for p in tmp_path.rglob("*.pth")}
     assert after == before  # nothing renamed over the old checkpoint
     assert [p.name for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".pth"] == []  # no temp left
-    assert checkpoint.load_checkpoint(tmp_path, "latest", dec, opt, codes)[0] == 1
+    assert experiment.load_checkpoint(tmp_path, "latest", dec, opt, codes)[0] == 1
 
 
 def test_resume_record_survives_a_kill_between_renames(tmp_path):
     """Model file renamed, optimizer record not yet: resuming uses the older, complete record."""
     dec, codes, opt = _small()
-    checkpoint.save_checkpoint(tmp_path, "latest", 4, dec, opt, codes)
+    experiment.save_checkpoint(tmp_path, "latest", 4, dec, opt, codes)
     old = {k: v.clone() for k, v in dec.state_dict().items()}
     with torch.no_grad():
         dec.lin0.bias.add_(1.0)
-    checkpoint.save_checkpoint(tmp_path, 6, 6, dec, opt, codes)
+    experiment.save_checkpoint(tmp_path, 6, 6, dec, opt, codes)
     os.replace(tmp_path / "ModelParameters" / "6.pth", tmp_path / "ModelParameters" / "latest.pth")
     os.replace(tmp_path / "LatentCodes" / "6.pth", tmp_path / "LatentCodes" / "latest.pth")
-    epoch, _ = checkpoint.load_checkpoint(tmp_path, "latest", dec, opt, codes)
+    epoch, _ = experiment.load_checkpoint(tmp_path, "latest", dec, opt, codes)
     assert epoch == 4 and torch.equal(dec.lin0.bias, old["lin0.bias"])
 
 
@@ -220,14 +220,14 @@ def test_inconsistent_deepsdf_checkpoint_is_reported(tmp_path):
             obj = {"epoch": epoch, "optimizer_state_dict": opt.state_dict()}
         torch.save(obj, tmp_path / kind / "latest.pth")
     with pytest.raises(MeshSDFError, match="inconsistent.*--continue N"):
-        checkpoint.load_checkpoint(tmp_path, "latest", dec, opt, codes)
+        experiment.load_checkpoint(tmp_path, "latest", dec, opt, codes)
 
 
 def test_optimizer_state_in_another_parameter_order_is_refused(tmp_path):
     """torch maps optimizer state by position: a record written with another parameter order
     (here: reversed) must stop with a hint, not feed one layer's Adam moments to another."""
     dec, codes, opt = _small()
-    checkpoint.save_checkpoint(tmp_path, "latest", 2, dec, opt, codes)
+    experiment.save_checkpoint(tmp_path, "latest", 2, dec, opt, codes)
     path = tmp_path / "OptimizerParameters" / "latest.pth"
     record = torch.load(path, weights_only=False)
     state = record["optimizer_state_dict"]
@@ -237,15 +237,15 @@ def test_optimizer_state_in_another_parameter_order_is_refused(tmp_path):
     torch.save(record, path)
     with pytest.raises(MeshSDFError, match="fresh optimizer") as err:
         fresh_dec, fresh_codes, fresh_opt = _small()
-        checkpoint.load_checkpoint(tmp_path, "latest", fresh_dec, fresh_opt, fresh_codes)
+        experiment.load_checkpoint(tmp_path, "latest", fresh_dec, fresh_opt, fresh_codes)
     assert "\n" not in str(err.value) and "OptimizerParameters" in str(err.value)
 
 
 def test_logs_round_trip(tmp_path):
-    assert checkpoint.load_logs(tmp_path) == {}
+    assert experiment.load_logs(tmp_path) == {}
     logs = {"epoch": 2, "loss": [0.5, 0.25], "param_magnitude": {"a": [1.0, 2.0]}}
-    checkpoint.save_logs(tmp_path, logs)
-    assert checkpoint.load_logs(tmp_path) == logs
+    experiment.save_logs(tmp_path, logs)
+    assert experiment.load_logs(tmp_path) == logs
 
 
 def test_decoder_from_bob_and_spot_specs_runs():

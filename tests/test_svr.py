@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from lib import checkpoint, svr
-from lib.specs import load_specs, load_svr_specs
+from lib import experiment, svr
+from lib.experiment.specs import load_specs, load_svr_specs
 from lib.svr import report
 from lib.camera import disn_camera, format_disn_line, DisnView
 from lib.datasets import (Instance, RenderSet, RgbaSdfSamples, SdfSamples, rgba_to_tensor,
@@ -21,7 +21,7 @@ from lib.errors import MeshSDFError
 from lib.io import read_png, save_png
 from lib.datasets.sampling import read_normalization, split_by_sign, write_sdf_samples
 from lib.isosurface import extract_dense
-from lib.train import TrainSettings
+from lib.training import TrainSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,7 +250,7 @@ def test_learning_rates_of_both_groups_are_the_originals_effective_ones():
     schedules = svr.svr_schedules(specs)
     from lib.models.decoder import decoder_from_specs
     from lib.models.encoder import Encoder
-    from lib.train import set_learning_rates
+    from lib.training import set_learning_rates
 
     net = svr.EncoderDecoder(Encoder(8, 8, "in", (4, 4, 4, 4)), decoder_from_specs({**specs, "CodeLength": 8}))
     opt = svr.make_optimizer(net, schedules)
@@ -327,7 +327,7 @@ def test_resumed_training_equals_uninterrupted_and_writes_the_original_files(tmp
     test = svr.sdf_render_set(specs, "TestSplit")
     full = svr.train_svr(exp, specs, data, "cpu", seed=3, test_set=test).decoder
     full_state = {k: v.clone() for k, v in full.state_dict().items()}
-    logs_full = checkpoint.load_logs(exp)
+    logs_full = experiment.load_logs(exp)
     assert sorted(p.name for p in (exp / "ModelParameters").iterdir()) == [
         "decoder_2.pth", "decoder_4.pth", "decoder_latest.pth", "encoder_2.pth", "encoder_4.pth", "encoder_latest.pth"]
     assert sorted(p.name for p in (exp / "OptimizerParameters").iterdir()) == ["2.pth", "4.pth", "latest.pth"]
@@ -346,7 +346,7 @@ def test_resumed_training_equals_uninterrupted_and_writes_the_original_files(tmp
     resumed = svr.train_svr(exp, specs, data, "cpu", seed=99, resume="latest", test_set=test).decoder
     for k, v in resumed.state_dict().items():
         assert torch.equal(v, full_state[k]), k
-    logs = checkpoint.load_logs(exp)
+    logs = experiment.load_logs(exp)
     assert logs["loss"] == logs_full["loss"] and logs["log_epochs"] == [1, 2, 3, 4]
     assert logs["loss_sdf_test"] == logs_full["loss_sdf_test"]
     assert np.allclose(np.array(logs["learning_rate"]), [[0.0005, 0.005]] * 4)
@@ -363,7 +363,7 @@ def test_loaders_drop_the_last_batch_and_loss_sdf_is_the_sdf_term(tmp_path):
     specs = load_svr_specs(exp)
     svr.train_svr(exp, specs, svr.training_set_from_specs(specs), "cpu", seed=0,
                   test_set=svr.sdf_render_set(specs, "TestSplit"))
-    logs = checkpoint.load_logs(exp)
+    logs = experiment.load_logs(exp)
     # 3 instances in batches of 2: one step and one test batch per epoch (drop_last)
     assert logs["loss_sdf_epoch"] == [1, 2] and logs["loss_sdf_test_epoch"] == [1, 2]
     # loss_sdf is the clamped L1 term alone; "loss" (DeepSDF's Logs) adds the code regulariser
@@ -454,7 +454,7 @@ def test_original_and_earlier_checkpoint_forms_load(tmp_path):
         assert torch.equal(got(x), net.eval()(x))
     fresh = svr.network_from_specs(specs)
     fresh_opt = svr.make_optimizer(fresh, svr.svr_schedules(specs))
-    epoch, extra = checkpoint.load_svr_checkpoint(orig, "latest", fresh.encoder, fresh.decoder, fresh_opt)
+    epoch, extra = experiment.load_svr_checkpoint(orig, "latest", fresh.encoder, fresh.decoder, fresh_opt)
     assert (epoch, extra) == (7, {}) and torch.equal(fresh.eval()(x), net(x))
     # epochs that disagree, a missing file: one line naming the files
     torch.save({"epoch": 6, "model_state_dict": {}}, orig / "ModelParameters" / "decoder_latest.pth")
@@ -472,7 +472,7 @@ def test_decoder_init_from_another_experiment(tmp_path):
     specs = load_svr_specs(_specs(tmp_path))
     torch.manual_seed(5)
     dec = decoder_from_specs(specs)
-    checkpoint.save_checkpoint(init, "latest", 7, dec)
+    experiment.save_checkpoint(init, "latest", 7, dec)
     exp = _specs(tmp_path, DecoderInit=str(init), LearningRateSchedule=[{"Type": "Constant", "Value": 0.0}])
     specs = load_svr_specs(exp)
     # "latest" with nothing saved yet is a fresh start (torchrun --max-restarts): DecoderInit applies
@@ -781,7 +781,7 @@ def test_tiny_pipeline_writes_every_output_and_resumes(tmp_path):
     assert json.loads((data / "toy_chairs" / "split_val.json").read_text()) == {"toy_chairs": {"samples": ["chair_001"]}}
     assert train_svr.main(["-e", str(exp), "--epochs", "20", "--device", "cpu"]) == 0
     assert train_svr.main(["-e", str(exp), "--continue", "latest", "--device", "cpu"]) == 0
-    logs = checkpoint.load_logs(exp)
+    logs = experiment.load_logs(exp)
     # 2 test instances in batches of 1: two test losses per epoch
     assert logs["log_epochs"] == list(range(1, 41)) and logs["loss_sdf_test_epoch"] == [e for e in range(1, 41)
                                                                                          for _ in range(2)]

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-import lib.train as train_mod
-from lib import checkpoint
-from lib.specs import load_specs
+import lib.training.loop as train_mod
+from lib import experiment
+from lib.experiment.specs import load_specs
 from lib.datasets import SdfSamples, read_split
 from lib.errors import MeshSDFError
 from lib.io import read_mesh
 from lib.metrics import genus, merge_vertices
 from lib.datasets.sampling import split_by_sign, write_sdf_samples
-from lib.train import (StepSchedule, TrainSettings, ConstantSchedule, WarmupSchedule, clamped_l1, code_reg_weight,
-                       reconstruct_training_shapes, train_auto_decoder, truncate_logs)
+from lib.training import (StepSchedule, TrainSettings, ConstantSchedule, WarmupSchedule, checkpoints_due, clamped_l1,
+                          code_reg_weight, reconstruct_training_shapes, train_auto_decoder, truncate_logs)
 
 from fields import on_numpy, sphere, torus
 
@@ -95,6 +95,18 @@ def test_snapshot_choice():
     assert [e for e in range(1, 4001) if st.is_snapshot(e)] == [5]
 
 
+def test_checkpoints_due_after_an_epoch():
+    """(snapshot, latest): a snapshot keeps <epoch>.pth; Logs.pth and latest are written at snapshots, every
+    LogFrequency-th epoch, the last epoch and a requested stop, and at no other epoch."""
+    specs = load_specs(REPO / "experiments" / "bob_and_spot")
+    st = TrainSettings.from_specs(dict(specs, AdditionalSnapshots=[3], SnapshotFrequency=5, LogFrequency=4),
+                                  num_epochs=11)
+    due = {e: checkpoints_due(st, e, stop=False) for e in range(1, 12)}
+    assert [e for e, (snap, _) in due.items() if snap] == [3, 5, 10]
+    assert [e for e, (_, latest) in due.items() if latest] == [3, 4, 5, 8, 10, 11]
+    assert checkpoints_due(st, 7, stop=True) == (False, True)
+
+
 def test_truncate_logs():
     logs = {"epoch": 3, "loss": [1, 2, 3, 4, 5, 6], "loss_epoch": [1, 1, 2, 2, 3, 3], "log_epochs": [1, 2, 3],
             "learning_rate": [[1, 1]] * 3, "timing": [0.1, 0.2, 0.3], "latent_magnitude": [1, 2, 3],
@@ -113,24 +125,24 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     exp_a, specs, data = _experiment(tmp_path / "a", epochs=12, dropout=(0, 1, 2, 3), samples=512, interval=4,
                                      log_frequency=5)
     ref = train_auto_decoder(exp_a, specs, data, "cpu", seed=3)
-    logs_ref = checkpoint.load_logs(exp_a)
+    logs_ref = experiment.load_logs(exp_a)
 
     exp_b, specs_b, data_b = _experiment(tmp_path / "b", epochs=12, dropout=(0, 1, 2, 3), samples=512, interval=4,
                                          log_frequency=5)
     part = train_auto_decoder(exp_b, specs_b, data_b, "cpu", seed=3, should_stop=lambda e: e == 7)
     assert part.stopped and part.epoch == 7
-    assert checkpoint.load_logs(exp_b)["epoch"] == 7
+    assert experiment.load_logs(exp_b)["epoch"] == 7
     resumed = train_auto_decoder(exp_b, specs_b, data_b, "cpu", seed=999, resume="latest")
     assert resumed.epoch == 12 and not resumed.stopped
     (wa, ca), (wb, cb) = _state(ref), _state(resumed)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert torch.equal(ca, cb)
-    logs_b = checkpoint.load_logs(exp_b)
+    logs_b = experiment.load_logs(exp_b)
     assert logs_b["loss"] == logs_ref["loss"] and logs_b["learning_rate"] == logs_ref["learning_rate"]
     assert logs_b["log_epochs"] == list(range(1, 13))
     assert logs_ref["learning_rate"][3] == [1e-3 / 2, 1e-3 / 2]  # Step interval 4: halved at epoch 4
-    assert checkpoint.snapshot_epochs(exp_b) == [3]  # AdditionalSnapshots
+    assert experiment.snapshot_epochs(exp_b) == [3]  # AdditionalSnapshots
     # resuming from the epoch-3 snapshot replays the same schedule, RNG included
     again = train_auto_decoder(exp_b, specs_b, data_b, "cpu", resume=3)
     for k, v in _state(again)[0].items():
@@ -153,7 +165,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     msg = str(err.value)
     assert "epoch 5" in msg and "nan" in msg and "epoch 4" in msg and "--continue latest" in msg
     dec = train_mod.decoder_from_specs(specs)
-    assert checkpoint.load_model_state(exp, dec, "latest") == 4
+    assert experiment.load_model_state(exp, dec, "latest") == 4
     assert all(torch.isfinite(p).all() for p in dec.parameters())
 
 
@@ -163,7 +175,7 @@ def test_overfits_sphere_and_torus_with_right_genus(tmp_path):
                                    lr=(2e-3, 1e-2), interval=100, n=20000)
     torch.set_num_threads(2)
     result = train_auto_decoder(exp, specs, data, "cpu", seed=0)
-    loss = checkpoint.load_logs(exp)["loss"]
+    loss = experiment.load_logs(exp)["loss"]
     assert len(loss) == 200
     assert np.mean(loss[-10:]) < np.mean(loss[:3]) / 10
     paths = reconstruct_training_shapes(exp, result.decoder, result.latent_codes.weight, data.names, 64, "cpu")
@@ -207,25 +219,25 @@ def test_cli_killed_and_resumed(tmp_path):
     latest = exp / "ModelParameters" / "latest.pth"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and checkpoint.load_logs(exp).get("epoch", 0) >= 15:
+        if latest.is_file() and experiment.load_logs(exp).get("epoch", 0) >= 15:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = checkpoint.load_logs(exp)["epoch"]
+    killed_at = experiment.load_logs(exp)["epoch"]
     assert 15 <= killed_at < 80
     r = _run_cli(["-e", str(exp), "--continue", "latest", "--device", "cpu", "--resolution", "24"])
     assert r.returncode == 0, r.stderr
-    logs = checkpoint.load_logs(exp)
+    logs = experiment.load_logs(exp)
     assert logs["log_epochs"] == list(range(1, 81))
     assert sorted(p.name for p in (exp / "Reconstructions").iterdir()) == ["sphere.ply", "torus.ply"]
 
     exp2, specs2, data2 = _experiment(tmp_path / "u", epochs=80, samples=256, log_frequency=1, dropout=(1,))
     torch.set_num_threads(2)
     ref = train_auto_decoder(exp2, specs2, data2, "cpu", seed=4)
-    assert checkpoint.load_logs(exp2)["learning_rate"] == logs["learning_rate"]
+    assert experiment.load_logs(exp2)["learning_rate"] == logs["learning_rate"]
     dec = train_mod.decoder_from_specs(specs)
-    checkpoint.load_model_state(exp, dec)
+    experiment.load_model_state(exp, dec)
     for k, v in ref.decoder.state_dict().items():
         assert torch.allclose(v, dec.state_dict()[k], atol=1e-6), k
-    assert math.isclose(logs["loss"][-1], checkpoint.load_logs(exp2)["loss"][-1], rel_tol=1e-5)
+    assert math.isclose(logs["loss"][-1], experiment.load_logs(exp2)["loss"][-1], rel_tol=1e-5)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import MeshSDFError
 from ..io import require_file
-from ..specs import read_json
+from ..experiment.specs import read_json
 
 __all__ = ["Instance", "read_split", "instance_path", "near_names"]
 

@@ -87,7 +87,7 @@ class Decoder(nn.Module):
     to every hidden layer input; ``latent_dropout`` drops the latent (p = 0.2) in training;
     ``use_tanh`` adds a tanh before the output tanh (DeepSDF's option);
     ``positional_encoding``/``fourier_degree`` replace xyz by the original MeshSDF's Fourier
-    features (``lib.models.ops.positional_encoding``: 6 * fourier_degree values, no raw xyz),
+    features (``lib.models.kernels.elementwise.positional_encoding``: 6 * fourier_degree values, no raw xyz),
     so the input is CodeLength + 6 * fourier_degree wide (bob_and_spot: 32), else
     CodeLength + 3.  The output always goes through tanh.
 
@@ -153,7 +153,7 @@ class Decoder(nn.Module):
 
     def _layer_plans(self) -> tuple[LayerPlan, ...]:
         """Column layout of every layer's weight: which columns read the previous layer, the
-        latent code and the encoded xyz (see ``lib.models.fused.LayerPlan``)."""
+        latent code and the encoded xyz (see ``lib.models.kernels.fused.LayerPlan``)."""
         plans, lat, pe = [], self.latent_size, self.xyz_size
         for i in range(self.num_layers):
             lin = getattr(self, f"lin{i}")
@@ -190,18 +190,18 @@ class Decoder(nn.Module):
 
     @property
     def fused_loss_supported(self) -> bool:
-        """Whether ``lib.models.fused`` implements this decoder (not: LayerNorm layers, latent dropout)."""
+        """Whether ``lib.models.kernels.fused`` implements this decoder (not: LayerNorm layers, latent dropout)."""
         return self.latent_dropout is None and not any(hasattr(self, f"bn{i}") for i in range(self.num_layers))
 
     def fused_plan(self, device) -> FusedPlan:
-        """The plan of ``lib.models.fused`` for this decoder in its current mode (``fused_loss_supported``)."""
+        """The plan of ``lib.models.kernels.fused`` for this decoder in its current mode (``fused_loss_supported``)."""
         dropping = self.training and self.dropout_prob > 0
         plans = tuple(LayerPlan(p.x, p.lat, p.pe, p.dropout and dropping) for p in self.layer_plans)
         return FusedPlan(plans, self.fourier_degree, self.use_tanh, self.dropout_prob,
                          self.fused_chunk or default_chunk(device))
 
     def inference_plan(self, device) -> FusedPlan | None:
-        """The plan of ``lib.models.inference``'s kernels, or None where they do not compute
+        """The plan of ``lib.models.kernels.inference``'s kernels, or None where they do not compute
         this decoder's current function (LayerNorm, latent dropout, dropout active in train mode)."""
         if not self.fused_loss_supported or (self.training and self.dropout_prob > 0 and self.dropout):
             return None
@@ -209,13 +209,13 @@ class Decoder(nn.Module):
         return FusedPlan(plans, self.fourier_degree, self.use_tanh, 0.0, default_rows(device))
 
     def clamped_l1_loss(self, codes: torch.Tensor, xyz: torch.Tensor, sdf: torch.Tensor, clamp: float) -> torch.Tensor:
-        """The training loss by the fused forward + backward of ``lib.models.fused``.
+        """The training loss by the fused forward + backward of ``lib.models.kernels.fused``.
 
         mean over rows of |clamp(f(code_b, xyz_bs)) - clamp(sdf_bs)|, values clamped to
         [-clamp, clamp]; codes (B, L), xyz (B, S, 3), sdf (B, S) -> scalar.  Same value and
         gradients as ``forward`` followed by that mean, same dropout masks for the same RNG
         state.  Needs ``fused_loss_supported`` and xyz/sdf without gradients.  Training code
-        calls it through ``lib.train.SdfLoss`` (the module DistributedDataParallel wraps).
+        calls it through ``lib.training.SdfLoss`` (the module DistributedDataParallel wraps).
         """
         if not self.fused_loss_supported:
             raise ValueError("Decoder: the fused training loss does not support LayerNorm or latent dropout")
@@ -262,7 +262,7 @@ class Decoder(nn.Module):
 
 def decoder_from_specs(specs) -> Decoder:
     """The ``deep_sdf_decoder`` of validated specs (lib.load_specs): CodeLength + NetworkSpecs."""
-    from lib import limits
+    from lib.experiment import limits
 
     limits.check_decoder(specs["CodeLength"], specs["NetworkSpecs"]["dims"])  # before allocating the weights
     try:

@@ -1,7 +1,7 @@
 """The single-view-reconstruction image encoder (specs ``NetworkEncoder: "encoder"``): RGBA -> code.
 
 A CIFAR-style ResNet as the original MeshSDF trains it, so its ``encoder_<epoch>.pth``
-checkpoints load here (DataParallel's ``module.`` prefix is stripped by lib.checkpoint):
+checkpoints load here (DataParallel's ``module.`` prefix is stripped by lib.experiment):
 
     conv1   3x3, 4 -> w0 channels, stride 1, padding 1, no bias;  bn1 norm;  ReLU
     layer1 .. layer4   n blocks each, widths w0..w3 (64, 128, 256, 256), strides 1, 2, 2, 2

@@ -10,7 +10,7 @@ import torch
 from ..datasets import RenderSet, RgbaSdfSamples, SdfSamples, instance_path, read_split
 from ..errors import MeshSDFError
 from ..io import read_mesh, require_file
-from ..specs import resolve_path
+from ..experiment.specs import resolve_path
 
 __all__ = ["SPLIT_KEYS", "split_instances", "render_set_from_specs", "sdf_render_set", "training_set_from_specs",
            "ground_truth_mesh", "evaluation_view"]

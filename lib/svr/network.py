@@ -7,7 +7,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .. import checkpoint
+from .. import experiment
 from ..models.decoder import decoder_from_specs
 from ..models.encoder import Encoder
 
@@ -19,7 +19,7 @@ class EncoderDecoder(nn.Module):
 
     ``encoder``: RGBA (B, 4, S, S) in [0, 1] -> codes (B, L); ``decoder``: DeepSDF calling
     convention.  ``forward(images)`` returns the codes.  On disk the two are separate files
-    (``lib.checkpoint.save_svr_checkpoint``).
+    (``lib.experiment.save_svr_checkpoint``).
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module):
@@ -47,5 +47,5 @@ def load_network(exp_dir: str | os.PathLike, specs: Mapping, epoch: str | int = 
     The stored epoch is ``net.checkpoint_epoch``.
     """
     net = network_from_specs(specs)
-    net.checkpoint_epoch = checkpoint.load_svr_networks(exp_dir, net.encoder, net.decoder, epoch, map_location="cpu")
+    net.checkpoint_epoch = experiment.load_svr_networks(exp_dir, net.encoder, net.decoder, epoch, map_location="cpu")
     return net.to(device).eval()

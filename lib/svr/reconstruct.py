@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import checkpoint
+from .. import experiment
 from ..errors import MeshSDFError
 from ..io import save_png, write_ply
 from ..metrics import silhouette_iou
@@ -39,7 +39,7 @@ __all__ = ["RefineSettings", "RefinementLoss", "LOG_FILES", "LOG_KEYS", "META_FI
 
 @dataclass
 class RefineSettings:
-    """The reconstruction settings (specs keys of lib.specs.SVR_KEYS, script flags over them)."""
+    """The reconstruction settings (specs keys of lib.experiment.specs.SVR_KEYS, script flags over them)."""
 
     resolution: int = 256
     iterations: int = 100
@@ -185,7 +185,7 @@ def reconstruct_view(decoder: nn.Module, code: torch.Tensor, alpha: torch.Tensor
 
 def output_root(exp_dir: str | os.PathLike, label: str | int, out: str | os.PathLike | None = None) -> Path:
     """``<exp>/Reconstructions/<checkpoint label>/`` (the original's), or ``out`` when given."""
-    return Path(out) if out is not None else checkpoint.reconstructions_dir(exp_dir) / str(label)
+    return Path(out) if out is not None else experiment.reconstructions_dir(exp_dir) / str(label)
 
 
 def instance_folder_name(instance: str, view: int, default_view: int) -> str:

@@ -24,19 +24,20 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .. import checkpoint, distributed, runtime
+from .. import experiment, runtime
 from ..datasets import scene_batches
 from ..errors import MeshSDFError
+from ..experiment.specs import resolve_path
 from ..log import info
-from ..specs import resolve_path
-from ..train import (EpochBook, NonFiniteLossError, TrainResult, TrainSettings, auto_decoder_loss, clamped_l1,
-                     make_schedule, optimizer_step, resume_point)
+from ..training import (EpochBook, NonFiniteLossError, TrainResult, TrainSettings, auto_decoder_loss, clamped_l1,
+                        distributed, make_schedule, resume_point)
+from ..training.loop import optimizer_step
 from .data import evaluation_view
 from .network import EncoderDecoder, network_from_specs
 
 __all__ = ["SVR_LOG_KEYS", "train_step", "svr_schedules", "make_optimizer", "test_losses", "train_svr"]
 
-# Logs.pth entries beyond lib.train's: per step / per test batch, with the epoch of each entry
+# Logs.pth entries beyond lib.training's: per step / per test batch, with the epoch of each entry
 SVR_LOG_KEYS = ("loss_sdf", "loss_sdf_test")
 
 
@@ -49,9 +50,9 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, batch: Sequence
     under torchrun.  ``net`` is what runs forward (the EncoderDecoder,
     or a DDP wrapper of it, in which case ``model`` is the wrapped EncoderDecoder whose
     decoder computes the SDF).  ``weight`` scales the batch's mean loss and ``sync`` runs
-    after backward (a rank's ``lib.distributed.local_share`` weight and ``GradientSync``
+    after backward (a rank's ``lib.training.distributed.local_share`` weight and ``GradientSync``
     under torchrun; the returned loss is then the global batch's).  Raises
-    lib.train.NonFiniteLossError before updating on a NaN/inf loss.
+    lib.training.NonFiniteLossError before updating on a NaN/inf loss.
     """
     images, xyz, sdf = batch
     inner = model if model is not None else net
@@ -129,17 +130,17 @@ def train_svr(exp_dir: str | os.PathLike, specs: Mapping, dataset, device=None, 
     Each epoch visits the training instances in random full batches of ScenesPerBatch (the
     last incomplete batch dropped; MeshSDFError when the split is smaller than one batch),
     with one random view per instance.  Writes the original's checkpoint files
-    (``lib.checkpoint.save_svr_checkpoint``: ModelParameters/encoder_<e>.pth and
+    (``lib.experiment.save_svr_checkpoint``: ModelParameters/encoder_<e>.pth and
     decoder_<e>.pth, OptimizerParameters/<e>.pth with the RNG states and seed) and Logs.pth
-    (lib.train's entries + ``loss_sdf`` per step and ``loss_sdf_test`` per test batch of
+    (lib.training's entries + ``loss_sdf`` per step and ``loss_sdf_test`` per test batch of
     ``test_set``, every epoch; none without a test set), with the cadence, resume and stop
-    semantics of ``lib.train.train_auto_decoder`` (``resume="latest"`` with no checkpoint
+    semantics of ``lib.training.train_auto_decoder`` (``resume="latest"`` with no checkpoint
     yet is a fresh start; ``should_stop(epoch)`` true on any rank saves ``latest`` and
     returns).  A fresh run starts the decoder from ``DecoderInit``'s latest decoder when the
-    specs name one.  Returns a ``lib.train.TrainResult`` (decoder = the EncoderDecoder,
+    specs name one.  Returns a ``lib.training.TrainResult`` (decoder = the EncoderDecoder,
     latent_codes = None).
 
-    Several processes (torchrun, lib.distributed.init_distributed called first, ``device``
+    Several processes (torchrun, lib.training.distributed.init_distributed called first, ``device``
     its device): encoder and decoder are one DDP module, so their gradients are averaged and
     every rank applies the same Adam update; each global batch of ScenesPerBatch instances
     is drawn alike on every rank and split between them (``local_share``), so the specs mean
@@ -164,7 +165,7 @@ def train_svr(exp_dir: str | os.PathLike, specs: Mapping, dataset, device=None, 
     net = network_from_specs(specs)
     if specs.get("DecoderInit") and resume is None:
         init = resolve_path(specs["DecoderInit"])
-        epoch0 = checkpoint.load_model_state(init, net.decoder, "latest", map_location="cpu")
+        epoch0 = experiment.load_model_state(init, net.decoder, "latest", map_location="cpu")
         if main:
             info(f"decoder initialised from {init} (epoch {epoch0})")
     net = distributed.sync_batchnorm(net.to(device))
@@ -174,15 +175,15 @@ def train_svr(exp_dir: str | os.PathLike, specs: Mapping, dataset, device=None, 
     sampler.manual_seed(seed)
 
     def save(label, epoch):
-        checkpoint.save_svr_checkpoint(exp_dir, label, epoch, net.encoder, net.decoder, optimizer,
+        experiment.save_svr_checkpoint(exp_dir, label, epoch, net.encoder, net.decoder, optimizer,
                                        extra={"rng_state": runtime.rng_state(sampler), "seed": seed})
 
     def load(label):
-        return checkpoint.load_svr_checkpoint(exp_dir, label, net.encoder, net.decoder, optimizer, map_location=device)
+        return experiment.load_svr_checkpoint(exp_dir, label, net.encoder, net.decoder, optimizer, map_location=device)
 
     book = EpochBook(exp_dir, settings, save, "train_svr")
     seed = book.resume(resume, net, optimizer, None, sampler, seed, device, load=load)
-    book.logs.update(_svr_logs(checkpoint.load_logs(exp_dir) if resume is not None else {}, book.last_saved))
+    book.logs.update(_svr_logs(experiment.load_logs(exp_dir) if resume is not None else {}, book.last_saved))
     ddp = distributed.wrap_ddp(net, device)
     distributed.check_global_batch(settings.scenes_per_batch)
     # no parameters outside DDP: the sync only makes the logged loss the global batch's

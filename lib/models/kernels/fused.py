@@ -24,7 +24,7 @@ On a GPU the whole batch is one chunk (``default_chunk``, ``plan_chunks``): ther
 cache to fit, and one kernel per layer and pass over all B x S rows beats one per scene.
 
 The function is ``fused_clamped_l1`` below; ``Decoder.clamped_l1_loss`` calls it, and
-training reaches that through ``lib.train.SdfLoss``, the module DistributedDataParallel wraps,
+training reaches that through ``lib.training.SdfLoss``, the module DistributedDataParallel wraps,
 so DDP sees a normal forward.  Dropout masks come from
 ``lib.models.kernels.elementwise.ChunkDropout`` with per-layer streams, exactly the masks the unfused
 ``Decoder.forward`` would draw for the same seed, which the tests use to compare both.

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from lib.errors import MeshSDFError
+from ..errors import MeshSDFError
 
 # bytes per unit of each setting (lower bounds, see the module docstring)
 GRID_BYTES_PER_VOXEL = 16        # SDF values (float32) + the extraction's per-voxel marks / case codes

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lib.errors import MeshSDFError
+from ..errors import MeshSDFError
 
 # 128 + SIGTERM: what a shell reports for a process killed by SIGTERM, so schedulers and
 # torchrun see an interrupted run (torchrun --max-restarts restarts it), never a finished one.
@@ -91,7 +91,7 @@ def env_ranks() -> tuple[int, int, int]:
 
 def _device_for_rank(name: str | None, local_rank: int) -> torch.device:
     """The device of one process of a multi-process job: cuda:LOCAL_RANK or the CPU."""
-    from lib.runtime import choose_device
+    from ..runtime import choose_device
 
     if name is not None and name not in ("auto", "cpu", "cuda"):
         try:
@@ -120,7 +120,7 @@ def init_distributed(device: str | None = None) -> DistContext:
     """
     rank, world, local = env_ranks()
     if world == 1:
-        from lib.runtime import choose_device
+        from ..runtime import choose_device
 
         return DistContext(0, 1, 0, choose_device(device), None)
     dev = _device_for_rank(device, local)
@@ -286,7 +286,7 @@ def check_global_batch(global_size: int, key: str = "ScenesPerBatch") -> None:
     """On rank 0, say so when a global batch of ``global_size`` (specs ``key``) leaves some ranks idle."""
     w = world_size()
     if global_size < w and is_main_process():
-        from lib.log import info
+        from ..log import info
 
         info(f"{key} {global_size} < {w} processes: some ranks get no scenes; raise {key} (the global batch) "
              "or use fewer processes")
@@ -337,7 +337,7 @@ class GradientSync:
     ``GradientSync(params)(loss)`` all-reduces, in one collective, the (possibly missing =
     zero) ``.grad`` of each of ``params`` and the loss value; returns the global mean loss
     (a 0-dim tensor) and leaves every rank with the same averaged gradients.  Pass it as
-    ``sync`` to ``lib.train.optimizer_step``.
+    ``sync`` to ``lib.training.loop.optimizer_step``.
     """
 
     def __init__(self, params: Sequence[torch.Tensor] = ()):
@@ -373,7 +373,7 @@ def stop_status(ctx: DistContext, stopped: bool, epoch: int, guard: "PreemptionG
     """
     if stopped:
         if ctx.is_main:
-            from lib.log import info
+            from ..log import info
 
             info(f"stopped by {guard.reason} after epoch {epoch}; saved 'latest' (epoch {epoch}) in {exp_dir}; "
                  f"--continue latest resumes at epoch {epoch + 1}")
@@ -394,7 +394,7 @@ class PreemptionGuard:
     ssh session) and SIGINT (Ctrl-C) set a stop flag.
 
     Call the guard as ``should_stop(epoch)``: true once this process received a signal.
-    The trainers agree across ranks (``lib.train.EpochBook.end_epoch`` asks ``any_rank``),
+    The trainers agree across ranks (``lib.training.loop.EpochBook.end_epoch`` asks ``any_rank``),
     so all ranks leave the loop after the same epoch (rank 0 then writes ``latest``).  A
     second signal kills the process at once (the default action; the epochs since the last
     save are lost, never the saved files).  Handlers are installed only in the main thread;
@@ -415,7 +415,7 @@ class PreemptionGuard:
             return
         self.received = signum
         if is_main_process():
-            from lib.log import info
+            from ..log import info
 
             again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             info(f"{signal.Signals(signum).name}: finishing this epoch, then saving 'latest' "

@@ -1,4 +1,4 @@
-"""The experiment folder's files: every checkpoint form, read and written in one place.
+"""The experiment folder's files: its layout and every checkpoint form, read and written in one place.
 
 An experiment is a folder holding ``specs.json``; everything a run writes goes beside it::
 
@@ -6,34 +6,64 @@ An experiment is a folder holding ``specs.json``; everything a run writes goes b
     <exp>/OptimizerParameters/<epoch|latest>.pth  {"epoch": e, "optimizer_state_dict": ..., "rng_state": ...,
                                                    + model and codes: the resume record}
     <exp>/LatentCodes/<epoch|latest>.pth          {"epoch": e, "latent_codes": {"weight": (K, L)}}
-    <exp>/Logs.pth                                training histories (see lib.train)
+    <exp>/Logs.pth                                training histories (see lib.training.logs)
     <exp>/Reconstructions/<instance>.ply          meshes of the training codes
 
 These are the DeepSDF file layouts, so checkpoints of the original load here too (their
-state dicts may carry DataParallel's ``module.`` prefix; it is stripped on load).
+state dicts may carry DataParallel's ``module.`` prefix; it is stripped on load).  The
+single-view reconstruction files (encoder + decoder) are here too, not in lib.svr: resume
+checks and "which epochs exist" messages read both forms, and they share the loaders.
+Who may write the folder is ``lib.experiment.writer``'s concern.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from lib.errors import MeshSDFError
-from lib.io import atomic_write, marked_tempfile, require_file, temporary_writer, torch_save
+from ..errors import MeshSDFError
+from ..io import atomic_write, require_file, torch_save
+from ..models.decoder import decoder_from_specs
+from .lock import active_writer
+
+__all__ = [
+    "MODEL_PARAMS_DIR", "OPTIMIZER_PARAMS_DIR", "LATENT_CODES_DIR", "LOGS_FILE", "RECONSTRUCTIONS_DIR",
+    "BACKUPS_DIR", "OPTIMIZATIONS_DIR", "SVR_PARTS", "WRITER_WAIT_S",
+    "parse_epoch", "epoch_type",
+    "checkpoint_path", "svr_model_path", "logs_path", "reconstructions_dir",
+    "snapshot_epochs", "svr_snapshot_epochs", "saved_epochs", "record_epoch",
+    "save_torch", "load_torch",
+    "save_checkpoint", "load_checkpoint", "load_model_state", "load_latent_codes", "load_decoder",
+    "load_decoder_and_codes", "check_same_epoch", "read_while_saved",
+    "save_svr_checkpoint", "load_svr_checkpoint", "load_svr_networks",
+    "save_logs", "load_logs",
+]
 
 MODEL_PARAMS_DIR = "ModelParameters"
 OPTIMIZER_PARAMS_DIR = "OptimizerParameters"
 LATENT_CODES_DIR = "LatentCodes"
 LOGS_FILE = "Logs.pth"
 RECONSTRUCTIONS_DIR = "Reconstructions"
+BACKUPS_DIR = "Backups"  # where --overwrite moves an earlier model (lib.experiment.writer.move_aside)
+OPTIMIZATIONS_DIR = "Optimizations"  # demo_optimizer.py's default output
+SVR_PARTS = ("encoder", "decoder")
 
 
 def parse_epoch(value: str | int, flag: str = "--continue") -> str | int:
-    """The value of the checkpoint flag ``flag``: "latest" or a positive epoch number."""
+    """The value of the checkpoint flag ``flag``: "latest" or a positive epoch number.
+
+    Args:
+        value: "latest" or an epoch number (int, or its text from the command line).
+        flag: the flag named in the error (default "--continue").
+    Returns:
+        "latest" or the epoch (int >= 1).
+    """
     if value == "latest":
         return "latest"
     try:
@@ -50,39 +80,26 @@ def epoch_type(flag: str):
     return lambda value: parse_epoch(value, flag)
 
 
+# --------------------------------------------------------------------------- paths
+
 def checkpoint_path(exp_dir: str | os.PathLike, kind: str, epoch: str | int) -> Path:
     """``<exp>/<kind>/<epoch|latest>.pth`` for kind in ModelParameters, OptimizerParameters, LatentCodes."""
     return Path(exp_dir) / kind / f"{epoch}.pth"
 
 
+def svr_model_path(exp_dir: str | os.PathLike, part: str, epoch: str | int) -> Path:
+    """``<exp>/ModelParameters/<part>_<epoch|latest>.pth`` for part in "encoder", "decoder"."""
+    return Path(exp_dir) / MODEL_PARAMS_DIR / f"{part}_{epoch}.pth"
+
+
 def logs_path(exp_dir: str | os.PathLike) -> Path:
+    """``<exp>/Logs.pth``, the training histories."""
     return Path(exp_dir) / LOGS_FILE
 
 
 def reconstructions_dir(exp_dir: str | os.PathLike) -> Path:
+    """``<exp>/Reconstructions``, the meshes of the training codes."""
     return Path(exp_dir) / RECONSTRUCTIONS_DIR
-
-
-def check_writable(exp_dir: str | os.PathLike) -> None:
-    """MeshSDFError unless checkpoints can be written in ``exp_dir`` (checked before training,
-    not after the first epochs); creates nothing that stays."""
-    import tempfile
-
-    exp_dir = Path(exp_dir)
-    for d in (exp_dir, *(exp_dir / k for k in (MODEL_PARAMS_DIR, OPTIMIZER_PARAMS_DIR, LATENT_CODES_DIR))):
-        if d.exists() and not d.is_dir():
-            raise MeshSDFError(f"{d} is a file but must be a folder for checkpoints; move it away")
-        # a folder where a checkpoint file goes would fail its save after the epochs of work
-        blocked = [p for p in ((*d.glob("*.pth"),) if d != exp_dir else (logs_path(exp_dir),)) if p.is_dir()]
-        if blocked:
-            raise MeshSDFError(f"{blocked[0]} is a folder where a checkpoint file is written; move it away")
-        if d.is_dir():
-            try:
-                with tempfile.TemporaryFile(dir=d):
-                    pass
-            except OSError as err:
-                raise MeshSDFError(f"cannot write to {d}: {err.strerror or err}; make the experiment folder "
-                                   "writable or copy it somewhere writable") from None
 
 
 def snapshot_epochs(exp_dir: str | os.PathLike) -> list[int]:
@@ -92,6 +109,35 @@ def snapshot_epochs(exp_dir: str | os.PathLike) -> list[int]:
         return []
     return sorted(int(m.group(1)) for p in d.iterdir() if (m := re.fullmatch(r"(\d+)\.pth", p.name)))
 
+
+def svr_snapshot_epochs(exp_dir: str | os.PathLike) -> list[int]:
+    """Numbered SVR snapshots (``decoder_<e>.pth``, or an earlier version's ``<e>.pth``), ascending."""
+    d = Path(exp_dir) / MODEL_PARAMS_DIR
+    if not d.is_dir():
+        return []
+    return sorted({int(m.group(1)) for p in d.iterdir() if (m := re.fullmatch(r"(?:decoder_)?(\d+)\.pth", p.name))})
+
+
+def saved_epochs(exp_dir: str | os.PathLike) -> list[int]:
+    """Every numbered snapshot of any checkpoint folder (DeepSDF's or SVR's), ascending."""
+    found = set(svr_snapshot_epochs(exp_dir))
+    d = Path(exp_dir) / OPTIMIZER_PARAMS_DIR
+    if d.is_dir():
+        found |= {int(m.group(1)) for p in d.iterdir() if (m := re.fullmatch(r"(\d+)\.pth", p.name))}
+    return sorted(found)
+
+
+def record_epoch(exp_dir: str | os.PathLike, label: str | int) -> int | None:
+    """The epoch of checkpoint ``label``: of its resume record (OptimizerParameters), else of its model file
+    (a released DeepSDF model, or SVR's decoder file); None when there is no such checkpoint."""
+    for path in (checkpoint_path(exp_dir, OPTIMIZER_PARAMS_DIR, label),
+                 checkpoint_path(exp_dir, MODEL_PARAMS_DIR, label), svr_model_path(exp_dir, "decoder", label)):
+        if path.is_file():
+            return _checkpoint_epoch(load_torch(path, map_location="cpu"), path)
+    return None
+
+
+# --------------------------------------------------------------------------- torch files, auto-decoder checkpoints
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
     """torch.save through atomic_write: the old file or the new one, never a truncated one."""
@@ -127,6 +173,15 @@ def save_checkpoint(exp_dir: str | os.PathLike, label: str | int, epoch: int, mo
     beside model / code files of the previous save, which inference refuses to mix (see
     ``load_decoder_and_codes``) until the next save; renamed last, the very first save of
     a run could leave a model without a record, and resuming would lose the Adam state.
+
+    Args:
+        exp_dir: the experiment folder.
+        label: the file name: an epoch number or "latest".
+        epoch: the epoch stored in every file.
+        model: its state dict goes into ModelParameters/ (and the record).
+        optimizer: None writes no record (default).
+        latent_codes: an ``nn.Embedding`` or a (K, L) tensor, or None: no LatentCodes/ file (default).
+        extra: more record entries (default none).
     """
     model_state = model.state_dict()
     codes_state = _state_dict(latent_codes) if latent_codes is not None else None
@@ -160,7 +215,16 @@ def _checkpoint_epoch(obj, path) -> int:
 
 def load_model_state(exp_dir: str | os.PathLike, model: torch.nn.Module, epoch: str | int = "latest",
                      map_location=None) -> int:
-    """Load ``ModelParameters/<epoch>.pth`` into ``model``; returns the stored epoch."""
+    """Load ``ModelParameters/<epoch>.pth`` into ``model``; returns the stored epoch.
+
+    Args:
+        exp_dir: the experiment folder.
+        model: filled in place; a ``module.`` prefix of the stored keys is stripped.
+        epoch: "latest" (default) or an epoch number.
+        map_location: as ``torch.load``'s (default None).
+    Returns:
+        the epoch stored in the file.
+    """
     path = checkpoint_path(exp_dir, MODEL_PARAMS_DIR, epoch)
     if not path.is_file():
         raise MeshSDFError(_missing_checkpoint_message(exp_dir, path))
@@ -234,17 +298,31 @@ def load_latent_codes(exp_dir: str | os.PathLike, epoch: str | int = "latest", d
     Row k is the code of the k-th instance of the TrainSplit (in file order).  Accepts
     ``{"latent_codes": {"weight": ...}}`` (an embedding's state dict, DeepSDF's layout) and
     ``{"latent_codes": tensor}``.
+
+    Args:
+        exp_dir: the experiment folder.
+        epoch: "latest" (default) or an epoch number.
+        device: where the codes go (default None: the CPU).
+    Returns:
+        (K, L) float32 codes.
     """
     return _read_latent_codes(exp_dir, epoch)[1].to(device)
 
 
-def load_decoder(exp_dir: str | os.PathLike, specs: Mapping, epoch: str | int = "latest", device=None) -> torch.nn.Module:
+def load_decoder(exp_dir: str | os.PathLike, specs: Mapping, epoch: str | int = "latest",
+                 device=None) -> torch.nn.Module:
     """The decoder of specs.json with ``ModelParameters/<epoch>.pth`` loaded, in eval mode on ``device``.
 
     The stored epoch is available as ``decoder.checkpoint_epoch``.
-    """
-    from lib.models.decoder import decoder_from_specs
 
+    Args:
+        exp_dir: the experiment folder.
+        specs: the loaded specs.json (``lib.experiment.load_specs``).
+        epoch: "latest" (default) or an epoch number.
+        device: where the decoder goes (default None: the CPU).
+    Returns:
+        the decoder, in eval mode.
+    """
     decoder = decoder_from_specs(specs)
     stored = load_model_state(exp_dir, decoder, epoch, map_location="cpu")
     decoder.checkpoint_epoch = stored
@@ -260,6 +338,17 @@ def load_checkpoint(exp_dir: str | os.PathLike, label: str | int, model: torch.n
     ``save_checkpoint``); records of the original DeepSDF lack them, and then the three
     files are read and must hold the same epoch.  Returns (epoch, the record's other
     entries, e.g. "rng_state").  Raises MeshSDFError for missing or mismatching files.
+
+    Args:
+        exp_dir: the experiment folder.
+        label: "latest" or an epoch number.
+        model: filled in place.
+        optimizer: filled in place; None loads the model alone (default).
+        latent_codes: an ``nn.Embedding`` filled in place, or None (default).
+        map_location: as ``torch.load``'s (default None).
+    Returns:
+        (the stored epoch, the record's other entries; ``{"fresh_optimizer": True}`` for a released
+        model without a record).
     """
     if optimizer is None:
         return load_model_state(exp_dir, model, label, map_location), {}
@@ -349,6 +438,12 @@ def load_decoder_and_codes(exp_dir: str | os.PathLike, specs: Mapping, epoch: st
     """``load_decoder`` and ``load_latent_codes`` of one checkpoint, checked to be of the same epoch.
 
     Returns (decoder in eval mode, codes (K, L) float32), both on ``device``.
+
+    Args:
+        exp_dir: the experiment folder.
+        specs: the loaded specs.json.
+        epoch: "latest" (default) or an epoch number.
+        device: where both go (default None: the CPU).
     """
     def read():
         decoder = load_decoder(exp_dir, specs, epoch, device)
@@ -363,28 +458,20 @@ def load_decoder_and_codes(exp_dir: str | os.PathLike, specs: Mapping, epoch: st
 WRITER_WAIT_S = 30.0  # how long a reader waits for a running trainer's save to complete
 
 
-def active_writer(exp_dir: str | os.PathLike) -> dict | None:
-    """The lock record of the run writing ``exp_dir`` now (see ``ExperimentLock``), None when there is none
-    (a lock of another host counts as live: it cannot be checked)."""
-    import socket
-
-    holder = ExperimentLock(exp_dir)._holder()
-    if not holder:
-        return None
-    if holder.get("host") == socket.gethostname() and not _alive(holder["pid"], holder.get("start")):
-        return None
-    return holder
-
-
 def read_while_saved(exp_dir: str | os.PathLike, label: str | int, read):
     """``read() -> ({file: stored epoch}, value)``, repeated while the epochs differ because a running
     trainer is between the renames of one save (they agree once it ends); returns the last result.
 
     MeshSDFError naming the writer when its save does not end within ``WRITER_WAIT_S``; epochs that
     differ with no writer running are left to ``check_same_epoch``'s message.
-    """
-    import time
 
+    Args:
+        exp_dir: the experiment folder.
+        label: the checkpoint read ("latest" or an epoch), for the message.
+        read: ``read() -> ({file: stored epoch}, value)``, called again while the epochs differ.
+    Returns:
+        ``read()``'s last result.
+    """
     deadline = time.monotonic() + WRITER_WAIT_S
     while True:
         epochs, value = read()
@@ -403,382 +490,6 @@ def read_while_saved(exp_dir: str | os.PathLike, label: str | int, read):
         time.sleep(0.1)
 
 
-def _trainer_of(exp_dir) -> str:
-    """The script that trains this experiment: SVR specs name an encoder."""
-    import json
-
-    try:
-        text = (Path(exp_dir) / "specs.json").read_text(encoding="utf-8-sig")
-        specs = json.loads(text)
-    except (OSError, ValueError):
-        specs = {}
-    svr = isinstance(specs, dict) and any(k in specs for k in ("NetworkEncoder", "Encoder", "NumberOfViews"))
-    return "train_svr.py" if svr else "train_deep_sdf.py"
-
-
-def _missing_checkpoint_message(exp_dir, path) -> str:
-    path = Path(path)
-    if path.is_dir():
-        return f"{path} is a folder, not a checkpoint file; move it away"
-    kind, label = path.parent.name, path.stem
-    model = checkpoint_path(exp_dir, MODEL_PARAMS_DIR, label)
-    if kind == LATENT_CODES_DIR and model.is_file():
-        return (f"{path} is missing but {model} exists: the latent codes of that model were not copied; copy "
-                f"{LATENT_CODES_DIR}/{label}.pth from where the model came from, or retrain")
-    have = snapshot_epochs(exp_dir)
-    latest = checkpoint_path(exp_dir, MODEL_PARAMS_DIR, "latest").is_file()
-    options = (["latest"] if latest else []) + [str(e) for e in have]
-    if options:
-        hint = f"available: {', '.join(options)}"
-    else:
-        hint = _backup_hint(exp_dir) or f"train it first with {_trainer_of(exp_dir)} -e {exp_dir}"
-    return f"checkpoint not found: {path}; {hint}"
-
-
-def _backup_hint(exp_dir) -> str | None:
-    """Where ``--overwrite`` put the newest earlier model of ``exp_dir``, in words (None: no backup)."""
-    backups = Path(exp_dir) / BACKUPS_DIR
-    found = sorted((p for p in backups.iterdir() if (p / MODEL_PARAMS_DIR).is_dir()), key=lambda p: p.stat().st_mtime) \
-        if backups.is_dir() else []
-    if not found:
-        return None
-    return (f"--overwrite moved the previous model into {found[-1]}: move its folders back into {exp_dir} to use it, "
-            f"or train a new one with {_trainer_of(exp_dir)} -e {exp_dir}")
-
-
-def save_logs(exp_dir: str | os.PathLike, logs: Mapping[str, Any]) -> None:
-    """Write ``Logs.pth`` atomically (plain lists/dicts/numbers: loadable with weights_only)."""
-    save_torch(dict(logs), logs_path(exp_dir))
-
-
-def load_logs(exp_dir: str | os.PathLike) -> dict:
-    """``Logs.pth`` as a dict, or {} when there is none yet."""
-    path = logs_path(exp_dir)
-    return dict(load_torch(path)) if path.is_file() else {}
-
-
-
-# --------------------------------------------------------------------------- one writer, nothing lost
-
-LOCK_FILE = ".meshsdf.lock"
-BACKUPS_DIR = "Backups"
-OPTIMIZATIONS_DIR = "Optimizations"  # demo_optimizer.py's default output
-# every output of a model (training files and what the other commands made of them): moved aside by --overwrite,
-# with the earlier outputs that lib.io.staged_dir kept beside them (<name>.previous-<time>, <name>.incomplete-<time>)
-TRAINING_OUTPUTS = (MODEL_PARAMS_DIR, OPTIMIZER_PARAMS_DIR, LATENT_CODES_DIR, LOGS_FILE, RECONSTRUCTIONS_DIR,
-                    OPTIMIZATIONS_DIR, "Results")
-
-
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (tells a live holder from a new process that reuses its PID)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return start is None or _process_start(pid) in (None, start)
-
-
-class ExperimentLock:
-    """``<exp>/.meshsdf.lock`` naming the PID and host of the one process that writes the experiment.
-
-    Context manager.  Taking it when another live process holds it raises MeshSDFError
-    naming the holder; a lock left by a dead process of this host (a SIGKILL, a crash) is
-    taken over with a message.  A lock of another host cannot be checked: the message says
-    which file to delete once that run is known to be gone.  The file is created complete
-    (written aside, then hard-linked into place, which fails if it exists), so a reader
-    never sees a half-written lock.
-    """
-
-    def __init__(self, exp_dir: str | os.PathLike, what: str = "a training run"):
-        self.path = Path(exp_dir) / LOCK_FILE
-        self.what = what
-        self.held = False
-
-    def _record(self) -> dict:
-        import socket
-        import time
-
-        return {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
-                "what": self.what, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-    def _holder(self) -> dict | None:
-        import json
-
-        try:
-            data = json.loads(self.path.read_text())
-            return data if isinstance(data, dict) and isinstance(data.get("pid"), int) else {}
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}
-
-    def acquire(self) -> "ExperimentLock":
-        import json
-        import socket
-
-        from lib.log import info
-
-        record = json.dumps(self._record())
-        for _ in range(3):
-            try:
-                fd, tmp = marked_tempfile(self.path.parent, self.path.name)
-            except OSError as err:
-                raise MeshSDFError(f"cannot create the lock {self.path}: {err.strerror or err}; check that the "
-                                   "experiment folder is writable") from None
-            try:
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(record)
-                os.link(tmp, self.path)  # atomic and exclusive: fails when a lock exists
-                self.held = True
-                return self
-            except FileExistsError:
-                pass
-            finally:
-                os.unlink(tmp)
-            holder = self._holder()
-            if holder is None:  # released meanwhile
-                continue
-            if not holder:
-                raise MeshSDFError(f"{self.path} exists but cannot be read; if no other run uses {self.path.parent}, "
-                                   "delete it")
-            here = holder.get("host") == socket.gethostname()
-            if here and not _alive(holder["pid"], holder.get("start")):
-                if self._remove_if_unchanged(holder):
-                    info(f"taking over the lock of {holder.get('what', 'a run')} (PID {holder['pid']}, "
-                         f"since {holder.get('since', '?')}), which is no longer running")
-                continue
-            where = f"PID {holder['pid']} on {holder.get('host', '?')}"
-            fix = ("wait for it to finish or stop it" if here else
-                   f"wait for it to finish; if it is gone, delete {self.path}")
-            raise MeshSDFError(f"{self.path.parent} is in use by {holder.get('what', 'another run')} ({where}, "
-                               f"since {holder.get('since', '?')}); {fix}")
-        raise MeshSDFError(f"cannot take the lock {self.path}: other runs keep taking it")
-
-    def _remove_if_unchanged(self, stale: dict) -> bool:
-        """Delete the lock if it still holds ``stale``; two runs taking over one stale lock
-        check and delete in turn (flock on the folder), so only one of them removes it."""
-        import fcntl
-
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if self._holder() != stale:
-                return False
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            return True
-        finally:
-            os.close(fd)  # releases the flock
-
-    def release(self) -> None:
-        if self.held:
-            holder = self._holder()
-            if holder and holder.get("pid") == os.getpid():
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()
-            self.held = False
-
-    def __enter__(self) -> "ExperimentLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def remove_stale_temporaries(exp_dir: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries of interrupted writes (``.latest.pth.meshsdf-tmp-<pid>-<random>.tmp.pth``, left
-    by a SIGKILL mid-save) in the experiment folder and its checkpoint folders; returns them.
-
-    Only files with this project's mark (``lib.io.marked_tempfile``) whose writer is no longer
-    running are removed: a user's ``.notes.tmp.txt`` never is, nor the lock temporary of a
-    run starting right now.  Call it holding the ``ExperimentLock``.
-    """
-    exp_dir = Path(exp_dir)
-    removed = []
-    for d in (exp_dir, *(exp_dir / k for k in (MODEL_PARAMS_DIR, OPTIMIZER_PARAMS_DIR, LATENT_CODES_DIR))):
-        if not d.is_dir():
-            continue
-        for p in d.iterdir():
-            pid = temporary_writer(p.name)
-            if pid is not None and not _alive(pid, None) and p.is_file():
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-                    removed.append(p)
-    return removed
-
-
-def trained_files(exp_dir: str | os.PathLike) -> list[Path]:
-    """What a training run left in ``exp_dir`` (checkpoints, Logs.pth), temporaries excluded."""
-    exp_dir = Path(exp_dir)
-    found = []
-    for kind in (MODEL_PARAMS_DIR, OPTIMIZER_PARAMS_DIR, LATENT_CODES_DIR):
-        d = exp_dir / kind
-        if d.is_dir():
-            found += sorted(p for p in d.iterdir() if p.suffix == ".pth" and not p.name.startswith("."))
-    if logs_path(exp_dir).is_file():
-        found.append(logs_path(exp_dir))
-    return found
-
-
-def model_outputs(exp_dir: str | os.PathLike) -> list[str]:
-    """Names of the entries of ``exp_dir`` that belong to its model: ``TRAINING_OUTPUTS`` and the
-    ``<output>.previous-<time>`` / ``<output>.incomplete-<time>`` folders kept beside them."""
-    exp_dir = Path(exp_dir)
-    if not exp_dir.is_dir():
-        return []
-    kept = re.compile("(" + "|".join(map(re.escape, TRAINING_OUTPUTS)) + r")\.(previous|incomplete)-.+")
-    return sorted(p.name for p in exp_dir.iterdir() if p.name in TRAINING_OUTPUTS or kept.fullmatch(p.name))
-
-
-def move_aside(exp_dir: str | os.PathLike, names: tuple[str, ...] | None = None) -> Path | None:
-    """Move ``names`` (files or folders of ``exp_dir``; default: every ``model_outputs``) into a new
-    ``<exp>/Backups/<UTC time>/``.
-
-    Renames only (nothing is copied or deleted); returns the backup folder, None when there
-    was nothing to move.
-    """
-    import time
-
-    exp_dir = Path(exp_dir)
-    names = model_outputs(exp_dir) if names is None else names
-    present = [n for n in names if (exp_dir / n).exists()]
-    if not present:
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    backup = exp_dir / BACKUPS_DIR / stamp
-    k = 1
-    while backup.exists():
-        k += 1
-        backup = exp_dir / BACKUPS_DIR / f"{stamp}-{k}"
-    try:
-        backup.mkdir(parents=True)
-        for n in present:
-            os.rename(exp_dir / n, backup / n)
-    except OSError as err:
-        raise MeshSDFError(f"cannot move the old files of {exp_dir} into {backup}: {err.strerror or err}; "
-                           "nothing was deleted") from None
-    return backup
-
-
-def record_epoch(exp_dir: str | os.PathLike, label: str | int) -> int | None:
-    """The epoch of checkpoint ``label``: of its resume record (OptimizerParameters), else of its model file
-    (a released DeepSDF model, or SVR's decoder file); None when there is no such checkpoint."""
-    for path in (checkpoint_path(exp_dir, OPTIMIZER_PARAMS_DIR, label),
-                 checkpoint_path(exp_dir, MODEL_PARAMS_DIR, label), svr_model_path(exp_dir, "decoder", label)):
-        if path.is_file():
-            return _checkpoint_epoch(load_torch(path, map_location="cpu"), path)
-    return None
-
-
-def saved_epochs(exp_dir: str | os.PathLike) -> list[int]:
-    """Every numbered snapshot of any checkpoint folder (DeepSDF's or SVR's), ascending."""
-    found = set(svr_snapshot_epochs(exp_dir))
-    d = Path(exp_dir) / OPTIMIZER_PARAMS_DIR
-    if d.is_dir():
-        found |= {int(m.group(1)) for p in d.iterdir() if (m := re.fullmatch(r"(\d+)\.pth", p.name))}
-    return sorted(found)
-
-
-def _check_resume(exp_dir: Path, resume: str | int | None, last_epoch: int | None, epochs_flag: bool) -> int:
-    """The epoch a run resuming from ``resume`` starts after (0: a fresh start); MeshSDFError when the run
-    would rewrite a newer ``latest`` or snapshot, or when ``--epochs`` leaves nothing to train."""
-    latest = record_epoch(exp_dir, "latest") if resume is not None else None
-    start = latest or 0 if resume == "latest" else resume or 0
-    if isinstance(resume, int):
-        newest = max([latest or 0, *saved_epochs(exp_dir)])
-        names = (f"{resume}.pth", *(f"{part}_{resume}.pth" for part in SVR_PARTS))
-        files = ", ".join(f"{k}/{n}" for k in (MODEL_PARAMS_DIR, OPTIMIZER_PARAMS_DIR, LATENT_CODES_DIR) for n in names
-                          if (exp_dir / k / n).is_file())
-        if resume < newest and files:  # (a snapshot that does not exist: the loader's message lists those that do)
-            raise MeshSDFError(f"--continue {resume} in {exp_dir} would overwrite the newer epoch {newest} (latest, "
-                               f"its snapshots and {LOGS_FILE}); nothing was changed: go on from there with "
-                               f"--continue latest, or to branch from epoch {resume} copy specs.json, {LOGS_FILE} "
-                               f"and {files} into a new experiment folder and run --continue {resume} there")
-    if epochs_flag and last_epoch is not None and start >= last_epoch:
-        raise MeshSDFError(f"nothing to train: {exp_dir} is at epoch {start} and --epochs {last_epoch} ends at or "
-                           f"before it; "
-                           f"pass --epochs {start + 1} or more to train further (nothing was changed)")
-    return start
-
-
-def _deepsdf_model(exp_dir: Path) -> bool:
-    """Whether ``exp_dir`` holds an auto-decoder's files (latent codes: SVR training writes none)."""
-    d = exp_dir / LATENT_CODES_DIR
-    return d.is_dir() and any(p.suffix == ".pth" and not p.name.startswith(".") for p in d.iterdir())
-
-
-class Claim:
-    """What ``claim_experiment`` yields: ``start_epoch``, the epoch the run starts after (main process
-    only, else None), and ``clear()``, which moves the old model's outputs aside for ``--overwrite``."""
-
-    def __init__(self, exp_dir: Path, overwrite: bool, start_epoch: int | None):
-        self.exp_dir, self.overwrite, self.start_epoch = exp_dir, overwrite, start_epoch
-        self.backup: Path | None = None
-
-    def clear(self) -> None:
-        """With ``--overwrite`` on the main process: move every output of the old model into
-        ``<exp>/Backups/<time>/``.  Call it once every input is validated, right before training."""
-        from lib.log import info
-
-        if self.overwrite and self.start_epoch is not None and self.backup is None:
-            self.backup = move_aside(self.exp_dir)
-            if self.backup is not None:
-                info(f"--overwrite: moved the previous training files into {self.backup}")
-
-
-@contextlib.contextmanager
-def claim_experiment(exp_dir: str | os.PathLike, resume: str | int | None, overwrite: bool = False,
-                     what: str = "a training run", main: bool = True, *, svr: bool = False,
-                     last_epoch: int | None = None, epochs_flag: bool = False):
-    """Everything a training script checks before writing into ``exp_dir``; a context manager yielding a ``Claim``.
-
-    On the main process: take the ``ExperimentLock`` (held until the block ends), delete the
-    stale temporaries of killed saves, and guard the trained files: without ``resume``
-    they stop the run (MeshSDFError: resume with ``--continue latest`` or start afresh with
-    ``--overwrite``); with ``overwrite`` they are moved into ``<exp>/Backups/<time>/`` by
-    ``Claim.clear``, which the script calls once all its inputs are validated.  A numbered
-    ``resume`` older than the newest checkpoint is refused (training from it would rewrite
-    ``latest``); so is ``epochs_flag`` (``--epochs`` given) with ``last_epoch`` at or below the
-    epoch resumed.  ``svr``: the run is train_svr.py, which refuses an auto-decoder's experiment.
-    Other processes of a torchrun job only pass through (rank 0 alone writes).
-    """
-    if resume is not None and overwrite:
-        raise MeshSDFError("--overwrite starts afresh and --continue resumes: give one of them")
-    exp_dir = Path(exp_dir)
-    if not main:
-        yield Claim(exp_dir, overwrite, None)
-        return
-    from lib.log import info
-
-    with ExperimentLock(exp_dir, what):
-        stale = remove_stale_temporaries(exp_dir)
-        if stale:
-            info(f"removed {len(stale)} temporary file(s) left by an interrupted save ({stale[0].name}, ...)")
-        if svr and _deepsdf_model(exp_dir):
-            raise MeshSDFError(f"{exp_dir} holds a DeepSDF auto-decoder model ({LATENT_CODES_DIR}/, "
-                               f"{MODEL_PARAMS_DIR}/), not a single-view reconstruction one; train_svr.py needs an "
-                               "experiment folder of its own: put the SVR specs.json into a new folder and run "
-                               "train_svr.py -e on it (to start from that decoder, set DecoderInit to this folder)")
-        existing = trained_files(exp_dir)
-        if existing and resume is None and not overwrite:
-            shown = ", ".join(str(p.relative_to(exp_dir)) for p in existing[:2])
-            more = f" and {len(existing) - 2} more" if len(existing) > 2 else ""
-            raise MeshSDFError(f"{exp_dir} already holds a trained model ({shown}{more}); resume it with "
-                               "--continue latest, or pass --overwrite to start afresh (the old files are "
-                               f"moved into {exp_dir / BACKUPS_DIR}/, not deleted)")
-        start = _check_resume(exp_dir, resume, last_epoch, epochs_flag)
-        yield Claim(exp_dir, overwrite and bool(existing or model_outputs(exp_dir)), start)
-
-
 # --------------------------------------------------------------------------- single-view reconstruction
 #
 #   <exp>/ModelParameters/encoder_<e|latest>.pth   {"epoch", "model_state_dict"}, keys "module.<name>"
@@ -792,14 +503,6 @@ def claim_experiment(exp_dir: str | os.PathLike, resume: str | int | None, overw
 # project wrote one ModelParameters/<e>.pth holding "encoder.*" and "decoder.*" keys; it is
 # still read.
 
-SVR_PARTS = ("encoder", "decoder")
-
-
-def svr_model_path(exp_dir: str | os.PathLike, part: str, epoch: str | int) -> Path:
-    """``<exp>/ModelParameters/<part>_<epoch|latest>.pth`` for part in "encoder", "decoder"."""
-    return Path(exp_dir) / MODEL_PARAMS_DIR / f"{part}_{epoch}.pth"
-
-
 def _with_module_prefix(state: Mapping[str, torch.Tensor]) -> dict:
     return {(k if k.startswith("module.") else "module." + k): v for k, v in state.items()}
 
@@ -811,6 +514,14 @@ def save_svr_checkpoint(exp_dir: str | os.PathLike, label: str | int, epoch: int
 
     The optimizer file is the resume record (it holds both networks too) and is renamed
     first, as ``save_checkpoint``'s: a kill between renames leaves the new, complete record.
+
+    Args:
+        exp_dir: the experiment folder.
+        label: the file label: an epoch number or "latest".
+        epoch: the epoch stored in every file.
+        encoder, decoder: the networks (their keys are written with a ``module.`` prefix, as the original's).
+        optimizer: None writes no record (default).
+        extra: more record entries, e.g. RNG states (default none).
     """
     states = {part: net.state_dict() for part, net in zip(SVR_PARTS, (encoder, decoder))}
     with contextlib.ExitStack() as stack:  # exits in reverse order: the record, entered last, is renamed first
@@ -840,6 +551,14 @@ def load_svr_networks(exp_dir: str | os.PathLike, encoder: torch.nn.Module, deco
     Reads ``encoder_<epoch>.pth`` and ``decoder_<epoch>.pth`` (the original's files, or
     ours), which must hold the same epoch, else the combined ``<epoch>.pth`` of earlier
     versions.  MeshSDFError when neither exists or a file does not match the specs' networks.
+
+    Args:
+        exp_dir: the experiment folder.
+        encoder, decoder: filled in place.
+        epoch: "latest" (default) or an epoch number.
+        map_location: as ``torch.load``'s (default None).
+    Returns:
+        the stored epoch.
     """
     paths = [svr_model_path(exp_dir, part, epoch) for part in SVR_PARTS]
     combined = checkpoint_path(exp_dir, MODEL_PARAMS_DIR, epoch)
@@ -876,6 +595,14 @@ def load_svr_checkpoint(exp_dir: str | os.PathLike, label: str | int, encoder: t
     The record's own network states are used when it has them (ours, or the combined
     ``model_state_dict`` of earlier versions); an original's record has none, and then
     the ModelParameters files are read and must hold the record's epoch.
+
+    Args:
+        exp_dir: the experiment folder.
+        label: "latest" or an epoch number.
+        encoder, decoder, optimizer: filled in place.
+        map_location: as ``torch.load``'s (default None).
+    Returns:
+        (the stored epoch, the record's other entries, e.g. "rng_state").
     """
     path = checkpoint_path(exp_dir, OPTIMIZER_PARAMS_DIR, label)
     if not path.is_file():
@@ -903,12 +630,49 @@ def load_svr_checkpoint(exp_dir: str | os.PathLike, label: str | int, encoder: t
     return epoch, {k: v for k, v in record.items() if k not in skip}
 
 
-def svr_snapshot_epochs(exp_dir: str | os.PathLike) -> list[int]:
-    """Numbered SVR snapshots (``decoder_<e>.pth``, or an earlier version's ``<e>.pth``), ascending."""
-    d = Path(exp_dir) / MODEL_PARAMS_DIR
-    if not d.is_dir():
-        return []
-    return sorted({int(m.group(1)) for p in d.iterdir() if (m := re.fullmatch(r"(?:decoder_)?(\d+)\.pth", p.name))})
+# --------------------------------------------------------------------------- Logs.pth
+
+def save_logs(exp_dir: str | os.PathLike, logs: Mapping[str, Any]) -> None:
+    """Write ``Logs.pth`` atomically (plain lists/dicts/numbers: loadable with weights_only)."""
+    save_torch(dict(logs), logs_path(exp_dir))
+
+
+def load_logs(exp_dir: str | os.PathLike) -> dict:
+    """``Logs.pth`` as a dict, or {} when there is none yet."""
+    path = logs_path(exp_dir)
+    return dict(load_torch(path)) if path.is_file() else {}
+
+
+# --------------------------------------------------------------------------- messages
+
+def _trainer_of(exp_dir) -> str:
+    """The script that trains this experiment: SVR specs name an encoder."""
+    try:
+        text = (Path(exp_dir) / "specs.json").read_text(encoding="utf-8-sig")
+        specs = json.loads(text)
+    except (OSError, ValueError):
+        specs = {}
+    svr = isinstance(specs, dict) and any(k in specs for k in ("NetworkEncoder", "Encoder", "NumberOfViews"))
+    return "train_svr.py" if svr else "train_deep_sdf.py"
+
+
+def _missing_checkpoint_message(exp_dir, path) -> str:
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a folder, not a checkpoint file; move it away"
+    kind, label = path.parent.name, path.stem
+    model = checkpoint_path(exp_dir, MODEL_PARAMS_DIR, label)
+    if kind == LATENT_CODES_DIR and model.is_file():
+        return (f"{path} is missing but {model} exists: the latent codes of that model were not copied; copy "
+                f"{LATENT_CODES_DIR}/{label}.pth from where the model came from, or retrain")
+    have = snapshot_epochs(exp_dir)
+    latest = checkpoint_path(exp_dir, MODEL_PARAMS_DIR, "latest").is_file()
+    options = (["latest"] if latest else []) + [str(e) for e in have]
+    if options:
+        hint = f"available: {', '.join(options)}"
+    else:
+        hint = _backup_hint(exp_dir) or f"train it first with {_trainer_of(exp_dir)} -e {exp_dir}"
+    return f"checkpoint not found: {path}; {hint}"
 
 
 def _missing_svr_message(exp_dir, path) -> str:
@@ -920,3 +684,14 @@ def _missing_svr_message(exp_dir, path) -> str:
     hint = (f"available: {', '.join(options)}" if options else
             _backup_hint(exp_dir) or "train it first with train_svr.py")
     return f"checkpoint not found: {path}; {hint}"
+
+
+def _backup_hint(exp_dir) -> str | None:
+    """Where ``--overwrite`` put the newest earlier model of ``exp_dir``, in words (None: no backup)."""
+    backups = Path(exp_dir) / BACKUPS_DIR
+    found = sorted((p for p in backups.iterdir() if (p / MODEL_PARAMS_DIR).is_dir()), key=lambda p: p.stat().st_mtime) \
+        if backups.is_dir() else []
+    if not found:
+        return None
+    return (f"--overwrite moved the previous model into {found[-1]}: move its folders back into {exp_dir} to use it, "
+            f"or train a new one with {_trainer_of(exp_dir)} -e {exp_dir}")

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from lib.errors import MeshSDFError
-from lib.log import warning
+from ..errors import MeshSDFError
+from ..log import warning
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 SPECS_FILE = "specs.json"
 
@@ -90,7 +90,7 @@ def int_list_key(minimum: int = 0, nonempty: bool = False, nullable: bool = Fals
 
 
 def _dropout_prob_key(v):
-    from lib.models.ops import effective_dropout_prob
+    from ..models.kernels.elementwise import effective_dropout_prob
 
     if _is_num(v) and 0 <= v < 1 and effective_dropout_prob(v) < 1:
         return None
@@ -339,7 +339,7 @@ EXTRACTION_MODES = ("dense", "fast", "sparse")
 
 
 def _depth_key(v):
-    from lib.models.encoder import block_layout
+    from ..models.encoder import block_layout
 
     if not _is_int(v):
         return "must be an integer 6n + 2 (e.g. 20; Bottleneck blocks from 44 on)"
@@ -351,7 +351,7 @@ def _depth_key(v):
 
 
 def _norm_type_key(v):
-    from lib.models.encoder import NORMALIZATIONS
+    from ..models.encoder import NORMALIZATIONS
 
     return _choice_key(NORMALIZATIONS)(v)
 
