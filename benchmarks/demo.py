@@ -66,9 +66,8 @@ def demo_setup(exp: Path, device_name: str | None):
     import torch
 
     from lib import checkpoint, runtime
-    from lib.camera import demo_camera
     from lib.meshsdf import mesh_from_sdf
-    from lib.render import silhouette
+    from lib.render import demo_camera, silhouette
     from lib.specs import load_specs
 
     runtime.apply_thread_policy()

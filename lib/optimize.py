@@ -32,18 +32,17 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
-from lib.camera import Camera
 from lib.errors import MeshSDFError
 from lib.isosurface import MODES, ExtractionState
 from lib.log import info, progress
 from lib.meshsdf import GRADIENTS, mesh_from_sdf
 from lib.metrics import topology
-from lib.nmr import nr_silhouette
-from lib.render import SVR_EPS, SVR_SIGMA, face_index, silhouette
 from lib.runtime import elementwise_section
 
+from .render import SVR_EPS, SVR_SIGMA, Camera, face_index, nr_silhouette, silhouette
+
 LOSSES = ("mse", "l1")
-RENDERERS = ("soft", "nr")   # soft silhouette (lib.render) | neural_renderer-style hard + Kato (lib.nmr)
+RENDERERS = ("soft", "nr")   # soft silhouette (lib.render) | neural_renderer-style hard + Kato (lib.render.hard_silhouette)
 # silhouette softness of the demo at 512 x 512 (squared NDC units); see demo_sigma()
 DEMO_SIGMA_512 = SVR_SIGMA
 
@@ -75,14 +74,14 @@ def demo_sigma(image_size: int) -> float:
 class SilhouetteLoss:
     """Distance between the soft silhouette of a mesh and a target silhouette.
 
-    camera: a (unbatched) :class:`lib.camera.Camera` whose image size is the target's;
+    camera: a (unbatched) :class:`lib.render.Camera` whose image size is the target's;
     target: (H, W) float in [0, 1] (moved to the vertices' device and dtype on use);
     loss: ``"mse"`` (mean squared difference, the demo) or ``"l1"`` (mean absolute
     difference, the SVR refinement); sigma / eps / faces_per_pixel: see
     :func:`lib.render.silhouette` (default sigma: ``demo_sigma(min(H, W))``);
     renderer: ``"soft"`` (that soft silhouette, exact gradient) or ``"nr"`` (the original
     demo's neural_renderer hard silhouette with Kato et al.'s approximate gradient,
-    :func:`lib.nmr.nr_silhouette`; sigma, eps and faces_per_pixel are then unused).
+    :func:`lib.render.nr_silhouette`; sigma, eps and faces_per_pixel are then unused).
     Calling it returns (loss scalar, rendered silhouette (H, W)).  Attribute ``face_idx``:
     with the nr renderer, the visible face per pixel (H, W) int64 of the last call's mesh
     (``lib.render.face_index``, which that renderer's coverage is), else None; the demo

@@ -45,7 +45,14 @@ from typing import Sequence
 
 import torch
 
-from lib.errors import MeshSDFError
+from ..errors import MeshSDFError
+from ..io import atomic_write, require_file
+
+__all__ = ["Camera", "DisnView", "look_at", "look_at_eye", "demo_camera", "focal_pixels", "disn_camera",
+           "disn_view", "from_disn_metadata", "read_disn_metadata", "parse_disn_line", "format_disn_line",
+           "write_disn_metadata", "CAM_MAX_DIST", "DISN_FOCAL_MM", "DISN_SENSOR_MM", "DISN_IMAGE_SIZE",
+           "DEMO_FOCAL_MM", "DEMO_SENSOR_MM", "DEMO_IMAGE_SIZE", "DEMO_AZIMUTH", "DEMO_ELEVATION",
+           "DEMO_DISTANCE"]
 
 CAM_MAX_DIST = 1.75          # DISN / 3D-R2N2: distance = ratio * CAM_MAX_DIST
 DISN_FOCAL_MM = 35.0
@@ -339,8 +346,6 @@ def parse_disn_line(line: str, source: str = "<string>", lineno: int = 1) -> Dis
 
 def read_disn_metadata(path: str | os.PathLike) -> list[DisnView]:
     """All views of a ``rendering_metadata.txt`` (blank lines skipped, line numbers kept)."""
-    from lib.io import require_file
-
     path = require_file(path, "rendering metadata")
     views = []
     for i, line in enumerate(path.read_text().splitlines(), start=1):
@@ -448,8 +453,6 @@ def format_disn_line(view: DisnView) -> str:
 
 def write_disn_metadata(path: str | os.PathLike, camera: Camera) -> None:
     """Write ``rendering_metadata.txt`` (one line per camera of the batch), atomically."""
-    from lib.io import atomic_write
-
     views = disn_view(camera)
     views = views if isinstance(views, list) else [views]
     with atomic_write(path) as tmp:

@@ -26,57 +26,80 @@ reproduced here, on any device:
   enumerated per scanline by sorted keys (no per-pixel Python loops): a crossing's pixels
   are one contiguous range of a sorted candidate list, and crossings with similar counts
   are evaluated together as one dense block.  Every sum is in a fixed order, the sums per
-  vertex too on CUDA (``lib.render``'s reproducible sums).
+  vertex too on CUDA (:mod:`.sums`).
 - ``nr_shade``: flat-shaded RGBA renders lit as neural_renderer lights them.
 
-Conventions are ``lib.camera``'s (rows down, pixel centres at integer + 0.5), which are
+Conventions are :mod:`.camera`'s (rows down, pixel centres at integer + 0.5), which are
 also neural_renderer's in projection mode after its own flips, so images match its
 orientation pixel for pixel.
+
+Profiler labels: "render.hard_silhouette.forward", "render.hard_silhouette.backward".
 """
 from __future__ import annotations
 
 import torch
 
-from lib.camera import Camera
-from lib.render import _screen, _segment_sum, _use_fixed, face_index
-from lib.runtime import concurrently
+from ..runtime import concurrently
+from .camera import Camera
+from .screen import project_mesh
+from .settings import DEFAULT, RenderSettings
+from .sums import reproducible_on, segment_sum
+from .zbuffer import face_index
+
+__all__ = ["nr_silhouette", "nr_shade", "nr_face_rgb", "NR_EPS", "NR_AMBIENT", "NR_DIRECTIONAL",
+           "NR_LIGHT_DIRECTION"]
 
 NR_EPS = 1e-3                # the eps the original's nr.Renderer passes to rasterize_silhouettes (NDC units)
 NR_AMBIENT, NR_DIRECTIONAL, NR_LIGHT_DIRECTION = 0.5, 0.5, (0.0, 1.0, 0.0)   # its default light
-PAIR_CHUNK = 1 << 17         # about this many (crossing, pixel) pairs evaluated at once in the backward pass
-SMALL_BLOCK = 1 << 14        # a block of fewer pairs than this is merged into a wider one (fixed costs)
 
 
 def nr_silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, eps: float = NR_EPS,
-                  reproducible: bool | None = None, face_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """Hard silhouette (H, W) in {0, 1} with Kato et al.'s approximate gradient (module doc).
+                  reproducible: bool | None = None, face_idx: torch.Tensor | None = None,
+                  settings: RenderSettings = DEFAULT) -> torch.Tensor:
+    """Hard silhouette in {0, 1} with Kato et al.'s approximate gradient (module doc).
 
-    verts (V, 3) float, differentiable; faces (F, 3) int64; camera unbatched.  The coverage is
-    ``lib.render.face_index``'s (nearest face at each pixel centre, both windings); a caller
-    that also needs that index (e.g. for a picture of the same mesh and camera) computes it
-    once and passes it as ``face_idx`` (H, W) int64.
-    reproducible: as ``lib.render.silhouette`` (default: on CUDA).
+    Args:
+        verts: (V, 3) float, differentiable.
+        faces: (F, 3) int64.
+        camera: unbatched.
+        eps: the +-eps of the distances in NDC units; default ``NR_EPS``.
+        reproducible: as :func:`.silhouette.silhouette` (default None: on CUDA).
+        face_idx: (H, W) int64 :func:`.zbuffer.face_index` of this mesh and camera, whose
+            coverage this is (nearest face at each pixel centre, both windings); a caller
+            that also needs that index (e.g. for a picture) computes it once and passes it.
+            Default None: computed here.
+        settings: speed/memory knobs (:class:`RenderSettings`; they do not change the output).
+
+    Returns:
+        (H, W) image of verts' dtype.
     """
     if verts.dim() != 2 or camera.batched:
         raise ValueError("nr_silhouette renders one mesh (V, 3) with an unbatched camera")
-    faces = torch.as_tensor(faces, device=verts.device).long()
-    sc = _screen(verts, faces, camera)
-    fidx = face_index(verts, faces, camera) if face_idx is None else face_idx
-    return _KatoSilhouette.apply(sc.uv, fidx, faces, float(eps), _use_fixed(verts.device, reproducible))
+    with torch.profiler.record_function("render.hard_silhouette.forward"):
+        faces = torch.as_tensor(faces, device=verts.device).long()
+        sc = project_mesh(verts, faces, camera)
+        fidx = face_index(verts, faces, camera, settings=settings) if face_idx is None else face_idx
+        return _KatoSilhouette.apply(sc.uv, fidx, faces, float(eps), reproducible_on(verts.device, reproducible),
+                                     settings)
 
 
 class _KatoSilhouette(torch.autograd.Function):
     """uv (V, 2) pixel coordinates -> coverage (H, W); backward: Kato et al.'s rule."""
 
     @staticmethod
-    def forward(ctx, uv, face_idx, faces, eps, reproducible):
+    def forward(ctx, uv, face_idx, faces, eps, reproducible, settings):
         alpha = (face_idx >= 0).to(uv.dtype)
         ctx.save_for_backward(uv, face_idx, faces)
-        ctx.eps, ctx.reproducible = eps, reproducible
+        ctx.eps, ctx.reproducible, ctx.settings = eps, reproducible, settings
         return alpha
 
     @staticmethod
     def backward(ctx, grad_alpha):
+        with torch.profiler.record_function("render.hard_silhouette.backward"):
+            return _KatoSilhouette._backward(ctx, grad_alpha)
+
+    @staticmethod
+    def _backward(ctx, grad_alpha):
         uv, face_idx, faces = ctx.saved_tensors
         H, W = face_idx.shape
         grad_uv = uv.new_zeros(uv.shape)
@@ -89,12 +112,12 @@ class _KatoSilhouette(torch.autograd.Function):
         # The two are independent: side by side on a CPU with two threads or more
         def axis_task(p0, p1, fi, gg, n0, n1, size):
             return lambda: _kato_axis(p0, p1, faces, fi.contiguous(), gg.contiguous(), n0, n1, ctx.eps * size / 2.0,
-                                      ctx.reproducible, visible)
+                                      ctx.reproducible, visible, ctx.settings)
         du, dv = concurrently([axis_task(Y, X, face_idx, g, H, W, W), axis_task(X, Y, face_idx.T, g.T, W, H, H)],
                               uv.device)
         grad_uv[:, 0] += du
         grad_uv[:, 1] += dv
-        return grad_uv, None, None, None, None
+        return grad_uv, None, None, None, None, None
 
 
 def _visible_faces(face_idx: torch.Tensor, n_faces: int) -> torch.Tensor:
@@ -102,12 +125,13 @@ def _visible_faces(face_idx: torch.Tensor, n_faces: int) -> torch.Tensor:
     return (torch.bincount(face_idx.reshape(-1) + 1, minlength=n_faces + 1)[1:] > 0).nonzero().squeeze(1)
 
 
-def _kato_axis(p0, p1, faces, fi, g, n0, n1, eps_px, reproducible, visible=None):
+def _kato_axis(p0, p1, faces, fi, g, n0, n1, eps_px, reproducible, visible=None, settings: RenderSettings = DEFAULT):
     """dL/d(p1) (V,) of Kato's rule for scanlines at integer p0 (0..n0-1), pixels along p1.
 
     p0, p1 (V,) vertex positions in index coordinates (pixel centres on the integers);
     fi (n0, n1) face index and g (n0, n1) dL/dI, indexed [scanline, position along it];
-    eps_px: the +-eps of the distances, in pixels; visible: ``_visible_faces`` of fi, if known.
+    eps_px: the +-eps of the distances, in pixels; visible: ``_visible_faces`` of fi, if known;
+    settings: the pair-chunk sizes (``kato_pair_chunk``, ``kato_small_block``).
     """
     # selections are sums and products of masks and gathers are index_select: on the CPU
     # torch.where and advanced indexing cost several times more
@@ -198,10 +222,11 @@ def _kato_axis(p0, p1, faces, fi, g, n0, n1, eps_px, reproducible, visible=None)
     k = (rb0 - ra0) / (lever + unused)
     v = torch.stack([ia, ib]).index_select(1, e.index_select(0, rc))
     v = v + unused * (V - v)
-    return _kato_pairs(run, pos, diff, s, n, back, cross.index_select(0, rc), k, v, V, n1, eps_px, reproducible)
+    return _kato_pairs(run, pos, diff, s, n, back, cross.index_select(0, rc), k, v, V, n1, eps_px, reproducible,
+                       settings.kato_pair_chunk, settings.kato_small_block)
 
 
-def _kato_pairs(run, pos, diff, s, n, back, x, k, vert, V, n1, eps_px, reproducible):
+def _kato_pairs(run, pos, diff, s, n, back, x, k, vert, V, n1, eps_px, reproducible, pair_chunk, small_block):
     """Sum Kato's slopes over all (row, candidate) pairs onto the rows' edge endpoints.
 
     run, pos, diff (Nk,): the candidates in key order: run id (non-decreasing; one scanline
@@ -211,7 +236,8 @@ def _kato_pairs(run, pos, diff, s, n, back, x, k, vert, V, n1, eps_px, reproduci
     (2, R) (V: none).  Each pair adds -diff / (k dc +- eps) (dc = pos - x, -eps where
     dc <= 0) to the vertex.  Rows are bucketed by n and each bucket is one dense
     (width, rows) block, rows along the contiguous axis: no pair gathers its row's
-    attributes, and the row sums are plain sums.
+    attributes, and the row sums are plain sums.  Blocks hold about ``pair_chunk`` pairs at
+    a time; a block of fewer than ``small_block`` pairs joins a wider one (fixed costs).
     """
     dev, dt = x.device, x.dtype
     nk = run.numel()
@@ -238,7 +264,7 @@ def _kato_pairs(run, pos, diff, s, n, back, x, k, vert, V, n1, eps_px, reproduci
     for w, r0, r1 in zip(widths, [0] + bounds[:-1], bounds):
         if r1 == r0:
             continue
-        if pending is not None and (pending[2] - pending[1]) * w > SMALL_BLOCK:
+        if pending is not None and (pending[2] - pending[1]) * w > small_block:
             blocks.append(pending)
             pending = None
         pending = (w, r0 if pending is None else pending[1], r1)
@@ -249,7 +275,7 @@ def _kato_pairs(run, pos, diff, s, n, back, x, k, vert, V, n1, eps_px, reproduci
     eps = torch.tensor(eps_px, dtype=dt, device=dev)
     j = torch.arange(widths[-1], dtype=torch.int32, device=dev)[:, None]
     for w, r0, r1 in blocks:
-        step = max(1, PAIR_CHUNK // w)                       # bounded memory
+        step = max(1, pair_chunk // w)                       # bounded memory
         for c0 in range(r0, r1, step):
             c1 = min(c0 + step, r1)
             c = (start[c0:c1] + torch.minimum(j[:w], n[c0:c1])).view(-1)     # (w, rows) slots
@@ -257,7 +283,7 @@ def _kato_pairs(run, pos, diff, s, n, back, x, k, vert, V, n1, eps_px, reproduci
             r = x[c0:c1] - a_pos.index_select(0, c).view(w, -1)
             den = torch.addcmul(torch.copysign(eps, r), k[:, None, c0:c1], r)    # (2, w, rows)
             sums[:, c0:c1] = torch.div(a_diff.index_select(0, c).view(w, -1), den, out=den).sum(1)
-    return _segment_sum(vert.reshape(-1), sums.reshape(-1, 1), V + 1, reproducible=reproducible)[:V, 0]
+    return segment_sum(vert.reshape(-1), sums.reshape(-1, 1), V + 1, reproducible=reproducible)[:V, 0]
 
 
 def nr_shade(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, face_colors=None, color: float = 0.7,
@@ -268,7 +294,7 @@ def nr_shade(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, face_colo
     The original demo's pictures (target.png, initialization.png, movie frames) come from
     neural_renderer with its default light (see ``nr_face_rgb``), black background, alpha =
     hard coverage.  verts (V, 3), faces (F, 3) int64, unbatched camera; face_colors (F, 3)
-    in [0, 1] or None for uniform grey ``color``; face_idx: ``lib.render.face_index`` of this
+    in [0, 1] or None for uniform grey ``color``; face_idx: :func:`.zbuffer.face_index` of this
     mesh and camera (H, W) if the caller has it already, else computed.  Not
     differentiable (pictures only).
     """
@@ -293,8 +319,8 @@ def nr_face_rgb(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, face_c
     (world frame; its default light comes from +y), where n is the unit face normal turned
     TOWARDS the camera, whatever the mesh's winding (both windings are drawn): on a closed
     surface the outward normal of what is seen, so surfaces facing up are lit and surfaces
-    facing down get only the ambient part.  This reproduces the original's pictures
-    (SPEC 11.1).
+    facing down get only the ambient part.  This reproduces the original's
+    pictures.
     verts (V, 3) and faces (F, 3) int64 on one device; face_colors (F, 3) or None (grey ``color``).
     """
     verts = verts.detach()
