@@ -105,7 +105,12 @@ class SilhouetteLoss:
         self.face_idx: torch.Tensor | None = None
 
     def render(self, verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-        """The silhouette (H, W) of a mesh, with the loss's renderer, camera and softness."""
+        """The silhouette (H, W) of a mesh, with the loss's renderer, camera and softness
+        (profiler label "optimize.render")."""
+        with torch.profiler.record_function("optimize.render"):
+            return self._render(verts, faces)
+
+    def _render(self, verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
         if self.renderer == "nr":
             faces = torch.as_tensor(faces, device=verts.device).long()
             self.face_idx = face_index(verts, faces, self.camera)
@@ -240,24 +245,31 @@ class LatentOptimizer:
         return mesh
 
     def _result(self, index, latent, mesh, image, loss, dl_ds, t0) -> Iteration:
-        chi, comps, g = topology(mesh.faces)
+        with torch.profiler.record_function("optimize.topology"):
+            chi, comps, g = topology(mesh.faces)
         return Iteration(index, latent, mesh.verts.detach(), mesh.faces, image.detach(), loss, dl_ds, chi, comps,
                          g, time.perf_counter() - t0, mesh.state, getattr(self.loss_fn, "face_idx", None))
 
     def step(self) -> Iteration:
         """Extract, render, backpropagate, update the code once; raises SurfaceLostError.
 
+        Profiler labels of its stages: "optimize.extraction", "optimize.render" (the loss's
+        renderer), "optimize.backward" (the loss's backward pass through the renderer and the
+        mesh layer), "optimize.topology".
+
         Runs in a ``lib.runtime.elementwise_section``: with sleeping OpenMP threads its
         elementwise passes on one intra-op thread, large decoder calls and side-by-side work
-        on all of them (2 cores, one competitor: 0.95 x the step time; quiet 0.99 x).
+        on all of them (measured by benchmarks/demo.py).
         """
         t0 = time.perf_counter()
         with elementwise_section(self.latent.device):
             code = self.latent.detach().clone()
-            mesh = self._mesh(grad=True)
+            with torch.profiler.record_function("optimize.extraction"):
+                mesh = self._mesh(grad=True)
             loss, image = self.loss_fn(mesh.verts, mesh.faces)
             self.optimizer.zero_grad()
-            loss.backward()
+            with torch.profiler.record_function("optimize.backward"):
+                loss.backward()
             value = float(loss.detach())
             if not torch.isfinite(loss.detach()):
                 if self.iteration == 0:  # before any update the learning rate cannot be the cause
