@@ -42,7 +42,8 @@ from lib.runtime import elementwise_section
 from .render import SVR_EPS, SVR_SIGMA, Camera, face_index, nr_silhouette, silhouette
 
 LOSSES = ("mse", "l1")
-RENDERERS = ("soft", "nr")   # soft silhouette (lib.render) | neural_renderer-style hard + Kato (lib.render.hard_silhouette)
+# soft silhouette (lib.render.silhouette) | neural_renderer-style hard + Kato (lib.render.hard_silhouette)
+RENDERERS = ("soft", "nr")
 # silhouette softness of the demo at 512 x 512 (squared NDC units); see demo_sigma()
 DEMO_SIGMA_512 = SVR_SIGMA
 

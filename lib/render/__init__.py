@@ -23,7 +23,8 @@ from .camera import (CAM_MAX_DIST, DEMO_AZIMUTH, DEMO_DISTANCE, DEMO_ELEVATION, 
                      DEMO_SENSOR_MM, DISN_FOCAL_MM, DISN_IMAGE_SIZE, DISN_SENSOR_MM, Camera, DisnView, demo_camera,
                      disn_camera, disn_view, focal_pixels, format_disn_line, from_disn_metadata, look_at, look_at_eye,
                      parse_disn_line, read_disn_metadata, write_disn_metadata)
-from .hard_silhouette import NR_AMBIENT, NR_DIRECTIONAL, NR_EPS, NR_LIGHT_DIRECTION, nr_face_rgb, nr_shade, nr_silhouette
+from .hard_silhouette import (NR_AMBIENT, NR_DIRECTIONAL, NR_EPS, NR_LIGHT_DIRECTION, nr_face_rgb, nr_shade,
+                              nr_silhouette)
 from .settings import DEFAULT, RenderSettings
 from .shading import face_normals, normal_image, shade, vertex_normals
 from .silhouette import SVR_EPS, SVR_FACES_PER_PIXEL, SVR_SIGMA, blur_radius, silhouette, silhouette_pairs

@@ -289,14 +289,25 @@ def _kato_pairs(run, pos, diff, s, n, back, x, k, vert, V, n1, eps_px, reproduci
 def nr_shade(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, face_colors=None, color: float = 0.7,
              ambient: float = NR_AMBIENT, directional: float = NR_DIRECTIONAL,
              light_direction=NR_LIGHT_DIRECTION, face_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """RGBA render (H, W, 4) lit as neural_renderer lights a mesh in projection mode.
+    """RGBA render lit as neural_renderer lights a mesh in projection mode (pictures only,
+    not differentiable).
 
     The original demo's pictures (target.png, initialization.png, movie frames) come from
     neural_renderer with its default light (see ``nr_face_rgb``), black background, alpha =
-    hard coverage.  verts (V, 3), faces (F, 3) int64, unbatched camera; face_colors (F, 3)
-    in [0, 1] or None for uniform grey ``color``; face_idx: :func:`.zbuffer.face_index` of this
-    mesh and camera (H, W) if the caller has it already, else computed.  Not
-    differentiable (pictures only).
+    hard coverage.
+
+    Args:
+        verts: (V, 3) float.
+        faces: (F, 3) int64.
+        camera: unbatched.
+        face_colors: (F, 3) in [0, 1]; default None = uniform grey ``color``.
+        color: the grey level; default 0.7.
+        ambient, directional, light_direction: the light; default neural_renderer's.
+        face_idx: (H, W) int64 :func:`.zbuffer.face_index` of this mesh and camera if the
+            caller has it; default None = computed here.
+
+    Returns:
+        (H, W, 4) float in [0, 1].
     """
     verts = verts.detach()
     faces = torch.as_tensor(faces, device=verts.device).long()
@@ -321,7 +332,12 @@ def nr_face_rgb(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, face_c
     surface the outward normal of what is seen, so surfaces facing up are lit and surfaces
     facing down get only the ambient part.  This reproduces the original's
     pictures.
-    verts (V, 3) and faces (F, 3) int64 on one device; face_colors (F, 3) or None (grey ``color``).
+
+    Args: as :func:`nr_shade` (verts (V, 3) and faces (F, 3) int64 on one device, unbatched
+    camera, face_colors (F, 3) or None for grey ``color``, the light).
+
+    Returns:
+        (F, 3) float.
     """
     verts = verts.detach()
     uv, _ = camera.to(device=verts.device, dtype=verts.dtype).project(verts)

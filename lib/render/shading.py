@@ -15,17 +15,31 @@ __all__ = ["face_normals", "vertex_normals", "normal_image", "shade"]
 
 
 def face_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Unit face normals (..., F, 3) of verts (..., V, 3), right-hand rule on the winding
-    (outwards for marching-cubes meshes); 0 for degenerate faces."""
+    """Unit face normals, right-hand rule on the winding (outwards for marching-cubes meshes).
+
+    Args:
+        verts: (..., V, 3) float.
+        faces: (F, 3) int64.
+
+    Returns:
+        (..., F, 3), differentiable; 0 for degenerate faces.
+    """
     tri = verts[..., faces, :]
     n = torch.cross(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :], dim=-1)
     return torch.nn.functional.normalize(n, dim=-1, eps=1e-20)
 
 
 def vertex_normals(verts: torch.Tensor, faces: torch.Tensor, reproducible: bool | None = None) -> torch.Tensor:
-    """Area-weighted unit vertex normals (..., V, 3) of verts (..., V, 3), differentiable.
+    """Area-weighted unit vertex normals, differentiable.
 
-    reproducible: as ``silhouette`` (default: on CUDA, sorted sums instead of float atomics).
+    Args:
+        verts: (..., V, 3) float.
+        faces: (F, 3) int64.
+        reproducible: as :func:`.silhouette.silhouette`; default None = on CUDA (sorted sums
+            instead of float atomics).
+
+    Returns:
+        (..., V, 3); 0 for vertices of no face.
     """
     tri = verts[..., faces, :]
     n = torch.cross(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :], dim=-1)   # (..., F, 3)
@@ -38,11 +52,22 @@ def vertex_normals(verts: torch.Tensor, faces: torch.Tensor, reproducible: bool 
 
 def normal_image(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, fragments: Fragments | None = None,
                  smooth: bool = True, frame: str = "world", image_size=None) -> torch.Tensor:
-    """Unit normals of the visible surface per pixel, (..., H, W, 3), 0 on background.
+    """Unit normals of the visible surface per pixel, differentiable w.r.t. verts.
 
-    smooth: interpolate area-weighted vertex normals with the perspective-correct
-    barycentrics, else face normals.  frame: "world" or "camera" (x right, y down, z
-    forward; a surface facing the camera has n_z < 0).  Differentiable w.r.t. verts.
+    Args:
+        verts: (V, 3) or (B, V, 3) float.
+        faces: (F, 3) int64.
+        camera: unbatched or a batch of B.
+        fragments: :func:`.zbuffer.rasterize` of these inputs if the caller has it; default
+            None = rasterised here.
+        smooth: interpolate area-weighted vertex normals with the perspective-correct
+            barycentrics (default True), else face normals.
+        frame: "world" (default) or "camera" (x right, y down, z forward; a surface facing
+            the camera has n_z < 0).
+        image_size: H or (H, W); default None, the camera's.
+
+    Returns:
+        (H, W, 3) or (B, H, W, 3), 0 on background.
     """
     if frame not in ("world", "camera"):
         raise ValueError(f"frame must be 'world' or 'camera', got {frame!r}")
@@ -73,10 +98,22 @@ def normal_image(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, fragm
 def shade(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, light_dir=None,
           color=(0.8, 0.8, 0.8), ambient: float = 0.35, diffuse: float = 0.65, smooth: bool = True,
           fragments: Fragments | None = None, image_size=None) -> torch.Tensor:
-    """Lambertian RGBA render (..., H, W, 4), float in [0, 1]; alpha = coverage, rgb 0 outside.
+    """Lambertian RGBA render; two-sided (|n . l|), so open meshes shade the same from both sides.
 
-    light_dir: world direction towards the light (3,), default a head light (towards the
-    camera).  Two-sided: |n . l|, so open meshes shade the same from both sides.
+    Args:
+        verts: (V, 3) or (B, V, 3) float.
+        faces: (F, 3) int64.
+        camera: unbatched or a batch of B.
+        light_dir: (3,) world direction towards the light; default None = a head light
+            (towards each camera).
+        color: (3,) RGB albedo in [0, 1]; default (0.8, 0.8, 0.8).
+        ambient, diffuse: light terms; default 0.35, 0.65.
+        smooth: vertex normals (default True) or face normals, as :func:`normal_image`.
+        fragments: :func:`.zbuffer.rasterize` of these inputs if known; default None.
+        image_size: H or (H, W); default None, the camera's.
+
+    Returns:
+        (H, W, 4) or (B, H, W, 4) float in [0, 1]; alpha = coverage, rgb 0 outside.
     """
     faces = torch.as_tensor(faces, device=verts.device).long()
     fr = fragments if fragments is not None else rasterize(verts, faces, camera, image_size)

@@ -187,9 +187,10 @@ def _spans(uvt: torch.Tensor, zt: torch.Tensor, table: torch.Tensor, fbatch: tor
     centres between the face's left and right boundary on that row, widened by a margin.
 
     uvt (G, 3, 2) pixel coordinates, zt (G, 3) depths, table: ``face_table`` (19, G),
-    fbatch (G,) image of each face instance; chunks of ``span_slots`` slots.  Returns the slot faces fid (S,) int64 and the
-    chunks [(a, b, depth)] with depth(a, b) -> (pix (1, b - a) int32 flat pixel index into
-    the unpadded (B, H, W) layout, z (1, b - a) depth, inf where the centre is outside).
+    fbatch (G,) image of each face instance; chunks of ``span_slots`` slots.  Returns the
+    slot faces fid (S,) int64 and the chunks [(a, b, depth)] with depth(a, b) -> (pix
+    (1, b - a) int32 flat pixel index into the unpadded (B, H, W) layout, z (1, b - a) depth,
+    inf where the centre is outside).
 
     A face's boundaries on a row are its long edge (top to bottom vertex) and one of the
     two short ones, at the row's centre clamped into the face's height.  The margin, 1/64 px
