@@ -18,7 +18,6 @@ import torch
 from lib import experiment, runtime
 from lib.experiment import limits
 from lib.experiment.specs import load_specs, resolve_path
-from lib.camera import DEMO_AZIMUTH, DEMO_DISTANCE, DEMO_ELEVATION, demo_camera
 from lib.datasets import read_split
 from lib.errors import MeshSDFError, cli_main
 from lib.io import GIF_MAX_FPS, GIF_MIN_FPS, atomic_write, save_gif, save_png, staged_dir, write_ply
@@ -26,9 +25,8 @@ from lib.isosurface import MODES
 from lib.log import info
 from lib.meshsdf import GRADIENTS, mesh_from_sdf
 from lib.metrics import silhouette_iou, topology
-from lib.nmr import nr_shade
 from lib.optimize import RENDERERS, LatentOptimizer, SilhouetteLoss, optimize
-from lib.render import silhouette
+from lib.render import DEMO_AZIMUTH, DEMO_DISTANCE, DEMO_ELEVATION, demo_camera, nr_shade, silhouette
 from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, plot_history, target_outline, to_uint8
 
 

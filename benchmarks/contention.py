@@ -54,10 +54,9 @@ def worker_demo(iterations: int) -> dict:
     import torch
 
     from lib import experiment, runtime
-    from lib.camera import demo_camera
     from lib.meshsdf import mesh_from_sdf
     from lib.optimize import LatentOptimizer, SilhouetteLoss
-    from lib.render import silhouette
+    from lib.render import demo_camera, silhouette
     from lib.experiment.specs import load_specs
 
     runtime.apply_thread_policy()

@@ -13,8 +13,10 @@ extraction mode.
 2. ``--modes``: dense, sparse and fast optimisers stepped in lockstep in this process (the
    same load hits all three), median seconds per step and speed-up over dense.
 3. ``--parts``: the default demo's steps in this process with each stage (extraction,
-   silhouette forward, MeshSDF backward, topology, the rest of the step, the movie frame)
-   timed by wrapping lib's functions; seconds per step.
+   silhouette forward and backward, MeshSDF backward, topology, the rest of the step, the movie
+   frame) timed by the library's ``torch.profiler.record_function`` labels ("optimize.*",
+   "render.*"); seconds per step.  The profiler adds a small
+   cost per operation, so compare these parts with each other; on CUDA they are host times.
 
 Usage: python benchmarks/demo.py [--renderers nr soft] [--iterations 100] [--modes] [--parts] [--device cpu]
 """
@@ -66,9 +68,8 @@ def demo_setup(exp: Path, device_name: str | None):
     import torch
 
     from lib import experiment, runtime
-    from lib.camera import demo_camera
     from lib.meshsdf import mesh_from_sdf
-    from lib.render import silhouette
+    from lib.render import demo_camera, silhouette
     from lib.experiment.specs import load_specs
 
     runtime.apply_thread_policy()
@@ -111,14 +112,22 @@ def modes(exp: Path, iterations: int, device_name: str | None) -> None:
               + (f"  stopped: {stopped[m]}" if stopped[m] else ""))
 
 
+# part 3's stages: (row, profiler labels whose times add up to it; a label prefixed "-" is subtracted)
+STAGES = (("extraction", ("optimize.extraction",)),
+          ("{renderer} silhouette forward", ("optimize.render",)),
+          ("{renderer} silhouette backward", ("render.silhouette.backward", "render.hard_silhouette.backward")),
+          ("MeshSDF backward and the rest of backward", ("optimize.backward", "-render.silhouette.backward",
+                                                         "-render.hard_silhouette.backward")),
+          ("topology", ("optimize.topology",)))
+
+
 def parts(exp: Path, iterations: int, device_name: str | None, renderer: str) -> None:
-    """3. Where a step of the demo goes: its stages timed by wrapping lib's functions here."""
+    """3. Where a step of the demo goes: its stages timed by the library's profiler labels."""
     import collections
 
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
-    import lib.meshsdf as meshsdf_mod
-    import lib.optimize as optimize_mod
     from lib.optimize import LatentOptimizer, SilhouetteLoss
     from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, target_outline
 
@@ -128,37 +137,26 @@ def parts(exp: Path, iterations: int, device_name: str | None, renderer: str) ->
     loss_fn = SilhouetteLoss(camera, target, loss="mse", renderer=renderer)
     opt = LatentOptimizer(decoder, codes[1], loss_fn, lr=5e-2, resolution=64)
     spent = collections.defaultdict(float)
-
-    def timed(name, fn):
-        def run(*a, **k):
+    scale = None
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iterations):
             sync()
             t0 = time.perf_counter()
-            out = fn(*a, **k)
+            it = opt.step()
             sync()
-            spent[name] += time.perf_counter() - t0
-            return out
-        return run
-
-    saved = (meshsdf_mod.extract, meshsdf_mod.field_backward, optimize_mod.topology)
-    meshsdf_mod.extract = timed("extraction", meshsdf_mod.extract)
-    meshsdf_mod.field_backward = timed("MeshSDF backward", meshsdf_mod.field_backward)
-    optimize_mod.topology = timed("topology", optimize_mod.topology)
-    loss_fn.render = timed(f"{renderer} silhouette forward", loss_fn.render)
-    scale = None
-    try:
-        for _ in range(iterations):
-            it = timed("step", opt.step)()
-            sync()
+            spent["step"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             scale = dl_ds_scale(it.dl_ds, it.faces) if scale is None else scale
             movie_frame(it.verts, it.faces, dl_ds_face_colors(it.dl_ds, it.faces, scale), camera, edge,
                         face_idx=it.face_idx)
             sync()
             spent["movie frame"] += time.perf_counter() - t0
-    finally:
-        meshsdf_mod.extract, meshsdf_mod.field_backward, optimize_mod.topology = saved
+    labels = collections.defaultdict(float)                 # seconds per profiler label
+    labels.update({e.key: e.cpu_time_total * 1e-6 for e in prof.key_averages()})
+    for row, keys in STAGES:
+        spent[row.format(renderer=renderer)] = sum(-labels[k[1:]] if k.startswith("-") else labels[k] for k in keys)
     named = sum(v for k, v in spent.items() if k not in ("step", "movie frame"))
-    spent["silhouette backward, loss, update, rest of the step"] = spent["step"] - named
+    spent["loss, update, rest of the step"] = spent["step"] - named
     print(f"\n3. where a step goes, {renderer} renderer, {iterations} steps, s per step ({load()})")
     for k, v in spent.items():
         print(f"  {k:<55} {v / iterations:.4f}")

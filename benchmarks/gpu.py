@@ -58,10 +58,9 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 
 def demo_rows(device, repeats):
     from lib import experiment
-    from lib.camera import demo_camera
     from lib.meshsdf import mesh_from_sdf
     from lib.optimize import LatentOptimizer, SilhouetteLoss
-    from lib.render import silhouette
+    from lib.render import demo_camera, silhouette
     from lib.experiment.specs import load_specs
 
     exp = REPO / "experiments" / "bob_and_spot"
@@ -120,8 +119,7 @@ def extraction_rows(device, repeats):
 def render_rows(device, repeats):
     from render import load_mesh  # benchmarks/render.py's mesh: ../shared/meshes/bob.obj or the stand-in
 
-    from lib.camera import look_at
-    from lib.render import SVR_EPS, SVR_SIGMA, rasterize, silhouette
+    from lib.render import SVR_EPS, SVR_SIGMA, look_at, rasterize, silhouette
 
     _, v, f = load_mesh(None)
     v, f = v.float().to(device), f.long().to(device)

@@ -31,12 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lib.meshsdf as meshsdf  # noqa: E402
 from lib import experiment, runtime  # noqa: E402
-from lib.camera import demo_camera  # noqa: E402
 from lib.errors import cli_main  # noqa: E402
 from lib.meshsdf import _CodeField, mesh_from_sdf  # noqa: E402
 from lib.models.kernels.inference import InferenceKernel  # noqa: E402
 from lib.optimize import LatentOptimizer, SilhouetteLoss  # noqa: E402
-from lib.render import silhouette  # noqa: E402
+from lib.render import demo_camera, silhouette  # noqa: E402
 from lib.experiment.specs import REPO_ROOT, load_specs  # noqa: E402
 
 

@@ -10,12 +10,13 @@ bob's hard silhouette.  Timed per mesh, as medians of ``--repeats`` interleaved 
 
 - silhouette forward (with the autograd graph) and backward, with tile culling and reused
   scratch buffers (after) and with every tile of the face boxes evaluated into fresh
-  tensors (before: ``lib.render._CULL = _REUSE = False``); image and gradient are checked
+  tensors (before: ``RenderSettings(cull_tiles=False, reuse_buffers=False)``); image and gradient are checked
   bitwise equal;
 - the movie frame (dL/ds face colours, ``movie_frame``, ``to_uint8``): after = the
   one-pass face-index z-buffer on the faces' row spans; before = the two-pass z-buffer on
   4 x 4 tiles of the faces' boxes with barycentrics and depth (``rasterize`` with
-  ``_PACKED = _SPANS = False``), the fragments handed to the same shading; frames are
+  ``RenderSettings(packed_zbuffer=False, row_spans=False, raster_tile=4)``), the fragments handed to
+  the same shading; frames are
   checked equal.
 
 Ratios (before / after) are measured in the same run, so they survive a busy machine
@@ -35,9 +36,9 @@ import torch  # noqa: E402
 
 import lib.render as render  # noqa: E402
 from lib import experiment, runtime  # noqa: E402
-from lib.camera import demo_camera  # noqa: E402
 from lib.meshsdf import mesh_from_sdf  # noqa: E402
-from lib.nmr import nr_shade  # noqa: E402
+from lib.render import RenderSettings, demo_camera, nr_shade  # noqa: E402
+from lib.render.screen import TILE  # noqa: E402
 from lib.experiment.specs import load_specs  # noqa: E402
 from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, target_outline, to_uint8  # noqa: E402
 
@@ -72,6 +73,7 @@ def main() -> None:
     print(f"device {dev}, {torch.get_num_threads()} threads, image 512^2, sigma {render.SVR_SIGMA:g}, "
           f"eps {render.SVR_EPS:g}, median of {args.repeats} interleaved runs")
 
+    two_pass = RenderSettings(packed_zbuffer=False, row_spans=False, raster_tile=TILE)
     for name, (v, f) in meshes.items():
         pairs = render.silhouette_pairs(v, f, cam)
         print(f"\n{name}: {len(f)} faces; face-pixel slots {pairs['evaluated']:,} in the face boxes, "
@@ -85,17 +87,16 @@ def main() -> None:
         scale = dl_ds_scale(dl, f)
 
         def sil(cull: bool):
-            render._CULL = render._REUSE = cull
+            settings = RenderSettings(cull_tiles=cull, reuse_buffers=cull)
             vv = v.clone().requires_grad_(True)
             t0 = time.perf_counter()
-            img = render.silhouette(vv, f, cam)
+            img = render.silhouette(vv, f, cam, settings=settings)
             loss = (img - target).square().mean()
             sync()
             t1 = time.perf_counter()
             loss.backward()
             sync()
             t2 = time.perf_counter()
-            render._CULL = render._REUSE = True
             return t1 - t0, t2 - t1, img.detach(), vv.grad
 
         def frame(fast: bool):
@@ -104,12 +105,7 @@ def main() -> None:
             if fast:
                 img = movie_frame(v, f, colors, cam, edge)
             else:
-                render._PACKED, render._SPANS, tile = False, False, render.RASTER_TILE
-                render.RASTER_TILE = render.TILE
-                try:
-                    fr = render.rasterize(v, f, cam)
-                finally:
-                    render._PACKED, render._SPANS, render.RASTER_TILE = True, True, tile
+                fr = render.rasterize(v, f, cam, settings=two_pass)
                 rgb = nr_shade(v, f, cam, face_colors=colors, face_idx=fr.face_idx)[..., :3]
                 rgb = torch.where(edge[..., None], torch.ones(3, device=dev), rgb)
                 img = to_uint8(rgb)

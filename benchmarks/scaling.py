@@ -66,7 +66,7 @@ def make_experiment(root: Path, scenes: int, batch: int, samples: int, dims: lis
 
 def make_svr_experiment(root: Path, exp: Path, scenes: int, views: int, size: int, widths: list[int]) -> Path:
     """Turn ``make_experiment``'s folder into an SVR one: random-disk RGBA renders + DISN metadata."""
-    from lib.camera import DisnView, format_disn_line
+    from lib.render import DisnView, format_disn_line
     from lib.io import save_png
 
     rng = np.random.default_rng(1)

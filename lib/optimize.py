@@ -32,18 +32,18 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
-from lib.camera import Camera
 from lib.errors import MeshSDFError
 from lib.isosurface import MODES, ExtractionState
 from lib.log import info, progress
 from lib.meshsdf import GRADIENTS, mesh_from_sdf
 from lib.metrics import topology
-from lib.nmr import nr_silhouette
-from lib.render import SVR_EPS, SVR_SIGMA, face_index, silhouette
 from lib.runtime import elementwise_section
 
+from .render import SVR_EPS, SVR_SIGMA, Camera, face_index, nr_silhouette, silhouette
+
 LOSSES = ("mse", "l1")
-RENDERERS = ("soft", "nr")   # soft silhouette (lib.render) | neural_renderer-style hard + Kato (lib.nmr)
+# soft silhouette (lib.render.silhouette) | neural_renderer-style hard + Kato (lib.render.hard_silhouette)
+RENDERERS = ("soft", "nr")
 # silhouette softness of the demo at 512 x 512 (squared NDC units); see demo_sigma()
 DEMO_SIGMA_512 = SVR_SIGMA
 
@@ -75,14 +75,14 @@ def demo_sigma(image_size: int) -> float:
 class SilhouetteLoss:
     """Distance between the soft silhouette of a mesh and a target silhouette.
 
-    camera: a (unbatched) :class:`lib.camera.Camera` whose image size is the target's;
+    camera: a (unbatched) :class:`lib.render.Camera` whose image size is the target's;
     target: (H, W) float in [0, 1] (moved to the vertices' device and dtype on use);
     loss: ``"mse"`` (mean squared difference, the demo) or ``"l1"`` (mean absolute
     difference, the SVR refinement); sigma / eps / faces_per_pixel: see
     :func:`lib.render.silhouette` (default sigma: ``demo_sigma(min(H, W))``);
     renderer: ``"soft"`` (that soft silhouette, exact gradient) or ``"nr"`` (the original
     demo's neural_renderer hard silhouette with Kato et al.'s approximate gradient,
-    :func:`lib.nmr.nr_silhouette`; sigma, eps and faces_per_pixel are then unused).
+    :func:`lib.render.nr_silhouette`; sigma, eps and faces_per_pixel are then unused).
     Calling it returns (loss scalar, rendered silhouette (H, W)).  Attribute ``face_idx``:
     with the nr renderer, the visible face per pixel (H, W) int64 of the last call's mesh
     (``lib.render.face_index``, which that renderer's coverage is), else None; the demo
@@ -106,7 +106,12 @@ class SilhouetteLoss:
         self.face_idx: torch.Tensor | None = None
 
     def render(self, verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-        """The silhouette (H, W) of a mesh, with the loss's renderer, camera and softness."""
+        """The silhouette (H, W) of a mesh, with the loss's renderer, camera and softness
+        (profiler label "optimize.render")."""
+        with torch.profiler.record_function("optimize.render"):
+            return self._render(verts, faces)
+
+    def _render(self, verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
         if self.renderer == "nr":
             faces = torch.as_tensor(faces, device=verts.device).long()
             self.face_idx = face_index(verts, faces, self.camera)
@@ -241,24 +246,31 @@ class LatentOptimizer:
         return mesh
 
     def _result(self, index, latent, mesh, image, loss, dl_ds, t0) -> Iteration:
-        chi, comps, g = topology(mesh.faces)
+        with torch.profiler.record_function("optimize.topology"):
+            chi, comps, g = topology(mesh.faces)
         return Iteration(index, latent, mesh.verts.detach(), mesh.faces, image.detach(), loss, dl_ds, chi, comps,
                          g, time.perf_counter() - t0, mesh.state, getattr(self.loss_fn, "face_idx", None))
 
     def step(self) -> Iteration:
         """Extract, render, backpropagate, update the code once; raises SurfaceLostError.
 
+        Profiler labels of its stages: "optimize.extraction", "optimize.render" (the loss's
+        renderer), "optimize.backward" (the loss's backward pass through the renderer and the
+        mesh layer), "optimize.topology".
+
         Runs in a ``lib.runtime.elementwise_section``: with sleeping OpenMP threads its
         elementwise passes on one intra-op thread, large decoder calls and side-by-side work
-        on all of them (2 cores, one competitor: 0.95 x the step time; quiet 0.99 x).
+        on all of them (measured by benchmarks/demo.py).
         """
         t0 = time.perf_counter()
         with elementwise_section(self.latent.device):
             code = self.latent.detach().clone()
-            mesh = self._mesh(grad=True)
+            with torch.profiler.record_function("optimize.extraction"):
+                mesh = self._mesh(grad=True)
             loss, image = self.loss_fn(mesh.verts, mesh.faces)
             self.optimizer.zero_grad()
-            loss.backward()
+            with torch.profiler.record_function("optimize.backward"):
+                loss.backward()
             value = float(loss.detach())
             if not torch.isfinite(loss.detach()):
                 if self.iteration == 0:  # before any update the learning rate cannot be the cause

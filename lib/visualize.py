@@ -8,13 +8,13 @@ its three vertices, and sigma = 0.3 x the first iteration's max |d| over faces (
 so dL/ds = +sigma or more is magenta-ish red (1, 0, 0.7), -sigma or less cyan-ish green
 (0, 1, 0.7), 0 in between (0.5, 0.5, 0.7).  The SDF s is > 0 outside, so dL/ds > 0 (red)
 means gradient descent lowers s there: the surface GROWS outwards; dL/ds < 0 (green) it
-shrinks inwards.  Frames are lit like the original's (``lib.nmr.nr_shade``) on its black
+shrinks inwards.  Frames are lit like the original's (``lib.render.nr_shade``) on its black
 background; the target silhouette's outline can be drawn over them (demo option --outline).
 
 Images are float arrays in [0, 1] (torch tensors on the mesh's device until ``to_uint8``,
 which truncates 255 x value as the original's pictures do),
 movie frames uint8 on the mesh's device;
-row 0 is the top row (lib.camera conventions).  Plots use matplotlib's Agg canvas.
+row 0 is the top row (lib.render.camera conventions).  Plots use matplotlib's Agg canvas.
 """
 from __future__ import annotations
 
@@ -23,10 +23,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from lib.camera import Camera
 from lib.io import atomic_write
-from lib.nmr import nr_face_rgb
-from lib.render import face_index
+
+from .render import Camera, face_index, nr_face_rgb
 
 BLUE_CHANNEL = 0.7             # the constant B of the original's frames
 OUTLINE = (1.0, 1.0, 1.0)
@@ -83,7 +82,7 @@ def movie_frame(verts: torch.Tensor, faces: torch.Tensor, face_colors: torch.Ten
                 outline_mask: torch.Tensor | None = None, color=OUTLINE,
                 face_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Movie frame (H, W, 3) uint8: the mesh with face colours (F, 3) lit as neural_renderer
-    lights it (``lib.nmr.nr_shade``'s RGB, black background) and, if given, ``outline_mask``
+    lights it (``lib.render.nr_shade``'s RGB, black background) and, if given, ``outline_mask``
     (H, W) bool (e.g. ``target_outline(target)``) drawn over it in ``color``.  face_idx
     (H, W): the visible faces of this mesh and camera if already known
     (``lib.render.face_index``; the demo's loss renderer has them), which saves the z-buffer.
@@ -99,7 +98,7 @@ def movie_frame(verts: torch.Tensor, faces: torch.Tensor, face_colors: torch.Ten
     rgb = nr_face_rgb(verts, faces, camera, face_colors=face_colors) if faces.shape[0] else verts.new_zeros(0, 3)
     ink = torch.tensor([color], dtype=rgb.dtype, device=rgb.device)
     table = to_uint8(torch.cat([rgb.new_zeros(1, 3), rgb, ink]))       # background, faces, outline
-    # rows of 4 bytes gathered as one int32 each: ~5x faster than gathering 3-byte rows
+    # rows of 4 bytes gathered as one int32 each: faster than gathering 3-byte rows
     table = torch.cat([table, table.new_zeros(table.shape[0], 1)], 1).view(torch.int32)
     slot = fidx + 1
     if outline_mask is not None:

@@ -21,14 +21,13 @@ import reconstruct_svr
 import train_deep_sdf
 import train_svr
 from lib import experiment
-from lib.camera import look_at
 from lib.datasets import SdfSamples, read_split, scene_batches
 from lib.gradient_check import check_gradients
 from lib.isosurface import MODES, extract, same_mesh
 from lib.meshsdf import mesh_from_field, mesh_from_sdf
 from lib.metrics import genus, sample_surface
 from lib.models.decoder import Decoder
-from lib.render import normal_image, rasterize, silhouette
+from lib.render import look_at, normal_image, rasterize, silhouette
 from lib.datasets.shapes import mesh_shape, torus
 from lib.experiment.specs import load_specs
 from test_demo import EXP as DEMO_EXP, SMALL as DEMO_SMALL

@@ -56,7 +56,7 @@ def tiny_svr_experiment(root: Path, *, scenes=4, epochs=3, batch=3, views=2, siz
     """``tiny_experiment``'s balls with ``views`` RGBA renders each (a disk whose size and colour
     encode the radius) and SVR specs: an 8-layer encoder of normalisation ``norm``; returns the
     experiment folder.  ``kw`` goes to ``tiny_experiment``."""
-    from lib.camera import DisnView, format_disn_line
+    from lib.render import DisnView, format_disn_line
     from lib.io import save_png
 
     exp = tiny_experiment(root, scenes=scenes, epochs=epochs, batch=batch, **kw)

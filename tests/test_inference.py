@@ -253,9 +253,8 @@ def test_autograd_path_when_the_field_needs_a_graph(ring):
 def test_demo_step_is_unchanged_by_the_kernels(ring, renderer, monkeypatch):
     """One demo step (bob_and_spot network, silhouette loss) from the same start: the same faces,
     vertices and per-vertex dL/ds within rounding, the same code update."""
-    from lib.camera import demo_camera
     from lib.optimize import LatentOptimizer, SilhouetteLoss
-    from lib.render import silhouette
+    from lib.render import demo_camera, silhouette
 
     dec, codes = ring
     cam = demo_camera(image_size=96, device="cpu")
@@ -337,9 +336,8 @@ def test_demo_step_runs_elementwise_work_on_one_thread_and_large_decoder_calls_o
     FEW_ROWS rows on that one thread too, larger ones on both, through the inference
     kernels or through the decoder's autograd forward alike."""
     import lib.models.kernels.inference as inference
-    from lib.camera import demo_camera
     from lib.optimize import LatentOptimizer, SilhouetteLoss
-    from lib.render import silhouette
+    from lib.render import demo_camera, silhouette
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     dec, codes = ring

@@ -63,8 +63,7 @@ def _plane(angle_deg: float, depth: float = 3.0):
 
 
 def test_image_normal_consistency_of_planes():
-    from lib.camera import Camera
-    from lib.render import rasterize
+    from lib.render import Camera, rasterize
 
     cam = Camera(torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), (40.0, 40.0),
                  (16.0, 16.0), 32)

@@ -1,14 +1,13 @@
-"""lib.nmr: Kato et al.'s approximate silhouette gradient checked against the pixel flips it
+"""lib.render.hard_silhouette: Kato et al.'s approximate silhouette gradient checked against the pixel flips it
 stands for, and neural_renderer's lighting conventions written out from its rules."""
 import math
 
 import pytest
 import torch
 
-from lib.camera import Camera, demo_camera
 from lib.isosurface import extract
-from lib.nmr import NR_EPS, nr_shade, nr_silhouette
-from lib.render import rasterize
+from lib.render import DEFAULT, NR_EPS, Camera, RenderSettings, demo_camera, nr_shade, nr_silhouette, rasterize
+from lib.render.hard_silhouette import _kato_axis
 
 D64 = torch.float64
 S = 32
@@ -139,7 +138,7 @@ def test_nr_shade_lights_the_normal_facing_the_camera():
     sq = torch.tensor([[-0.5, 0.0, -0.5], [0.5, 0.0, -0.5], [0.5, 0.0, 0.5], [-0.5, 0.0, 0.5]])
     faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
     for el, expect in ((60.0, 0.7), (-60.0, 0.35)):
-        from lib.camera import look_at
+        from lib.render import look_at
         cam = look_at(20.0, el, 3.0, image_size=32)
         for fc in (faces, faces.flip(1)):
             img = nr_shade(sq, fc, cam)
@@ -167,17 +166,14 @@ def test_nr_shade_lights_the_normal_facing_the_camera():
 
 
 def test_pair_chunks_and_reproducible_sums_do_not_change_the_gradient(monkeypatch):
-    import lib.nmr as nmr
-
     cam = demo_camera(image_size=40)
     v, f, _ = extract(lambda p: p.norm(dim=1) - 0.45, 16, "dense")
     tv, tf, _ = extract(lambda p: (p - 0.08).norm(dim=1) - 0.5, 16, "dense")
     target = rasterize(tv, tf, cam).mask.double()
     grads = []
-    for chunk in (nmr.PAIR_CHUNK, 300):
-        monkeypatch.setattr(nmr, "PAIR_CHUNK", chunk)
+    for chunk in (DEFAULT.kato_pair_chunk, 300):
         vv = v.double().requires_grad_(True)
-        (nr_silhouette(vv, f, cam) - target).square().sum().backward()
+        (nr_silhouette(vv, f, cam, settings=RenderSettings(kato_pair_chunk=chunk)) - target).square().sum().backward()
         grads.append(vv.grad)
     vv = v.double().requires_grad_(True)                      # the CUDA path's sorted sums, on the CPU
     (nr_silhouette(vv, f, cam, reproducible=True) - target).square().sum().backward()
@@ -201,7 +197,7 @@ def test_pair_chunks_and_reproducible_sums_do_not_change_the_gradient(monkeypatc
 
 
 def _kato_reference(p0, p1, faces, fi, g, eps_px):
-    """Kato's rule of lib.nmr's module doc, pair by pair in plain Python: for every edge of
+    """Kato's rule of lib.render.hard_silhouette's module doc, pair by pair in plain Python: for every edge of
     every visible face and every scanline it crosses, the in-pixel / out-pixel rules, each
     candidate pixel P on the scanline, and each endpoint whose lever is not 0.  Returns
     dL/d(p1) per vertex and counts of what was exercised."""
@@ -259,15 +255,13 @@ def _inside(tri, q0, q1):
     return min(d) >= 0 or max(d) <= 0
 
 
-def test_kato_axis_matches_the_rule_pair_by_pair(monkeypatch):
-    """lib.nmr._kato_axis against _kato_reference on a 16 x 16 image: three triangles, one
+def test_kato_axis_matches_the_rule_pair_by_pair():
+    """hard_silhouette._kato_axis against _kato_reference on a 16 x 16 image: three triangles, one
     with edges along both axes through pixel centres (pixels on the edge: the eps path),
     vertices on scanlines (levers of 0) and off them, a face index with stray pixels (faces seen outside
     their triangles, holes), dL/dI of both signs and zeros; both scanline axes (the image and
     its transpose, as the backward pass calls it), the reproducible sums, tiny pair chunks and
     both extremes of block merging."""
-    import lib.nmr as nmr
-
     gen = torch.Generator().manual_seed(5)
     n = 16
     p = torch.tensor([[2.0, 3.0], [12.0, 3.0], [2.0, 12.0], [14.7, 8.2], [8.0, 14.5], [0.6, 14.9]], dtype=D64)
@@ -286,18 +280,17 @@ def test_kato_axis_matches_the_rule_pair_by_pair(monkeypatch):
     for q0, q1, fq, gq in ((p[:, 0], p[:, 1], fi, g), (p[:, 1], p[:, 0], fi.T.contiguous(), g.T.contiguous())):
         ref, seen = _kato_reference(q0.tolist(), q1.tolist(), faces.tolist(), fq.tolist(), gq.tolist(), eps_px)
         assert min(seen.values()) > 0, seen                  # every path is exercised
-        runs = [nmr._kato_axis(q0, q1, faces, fq, gq, n, n, eps_px, False),
-                nmr._kato_axis(q0, q1, faces, fq, gq, n, n, eps_px, True)]
-        for chunk, small in ((5, nmr.SMALL_BLOCK), (nmr.PAIR_CHUNK, 0), (nmr.PAIR_CHUNK, 1 << 30)):
-            monkeypatch.setattr(nmr, "PAIR_CHUNK", chunk)
-            monkeypatch.setattr(nmr, "SMALL_BLOCK", small)
-            runs.append(nmr._kato_axis(q0, q1, faces, fq, gq, n, n, eps_px, False))
-            monkeypatch.undo()
+        runs = [_kato_axis(q0, q1, faces, fq, gq, n, n, eps_px, False),
+                _kato_axis(q0, q1, faces, fq, gq, n, n, eps_px, True)]
+        for chunk, small in ((5, DEFAULT.kato_small_block), (DEFAULT.kato_pair_chunk, 0),
+                             (DEFAULT.kato_pair_chunk, 1 << 30)):
+            settings = RenderSettings(kato_pair_chunk=chunk, kato_small_block=small)
+            runs.append(_kato_axis(q0, q1, faces, fq, gq, n, n, eps_px, False, settings=settings))
         assert float(ref.abs().max()) > 1.0
         for got in runs:
             torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
         for reproducible in (False, True):                    # no pairs at all: zeros
-            assert not nmr._kato_axis(q0, q1, faces, fq, gq * 0, n, n, eps_px, reproducible).any()
+            assert not _kato_axis(q0, q1, faces, fq, gq * 0, n, n, eps_px, reproducible).any()
 
 
 def test_nr_silhouette_backward_is_the_rule_on_both_axes():

@@ -4,12 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from lib.camera import look_at
 from lib.errors import MeshSDFError
 from lib.isosurface import extract
 from lib.metrics import topology
 from lib.optimize import CodeAdam, LatentOptimizer, SilhouetteLoss, SurfaceLostError, demo_sigma, optimize
-from lib.render import silhouette
+from lib.render import look_at, silhouette
 
 from fields import LatentSphere, LatentTorus
 

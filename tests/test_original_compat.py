@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lib import experiment
-from lib.camera import DisnView, disn_camera, read_disn_metadata, write_disn_metadata
+from lib.render import DisnView, disn_camera, read_disn_metadata, write_disn_metadata
 from lib.errors import MeshSDFError
 from lib.datasets.sampling import normalization, read_normalization, write_normalization
 from lib.experiment.specs import load_specs, load_svr_specs

@@ -5,11 +5,12 @@ import pytest
 import torch
 import trimesh
 
-import lib.render as render
-
-from lib.camera import look_at
 from lib.io import read_mesh
-from lib.render import (face_index, face_normals, normal_image, rasterize, shade, silhouette, vertex_normals)
+from lib.render import (RenderSettings, blur_radius, face_index, face_normals, look_at, normal_image, rasterize, shade,
+                        silhouette, vertex_normals)
+from lib.render.screen import TILE, Screen, face_table, face_tiles, project_mesh
+from lib.render.silhouette import _cull_tiles
+from lib.render.zbuffer import _face_ids
 
 D64 = torch.float64
 
@@ -127,7 +128,7 @@ def test_silhouette_gradient_matches_finite_differences(kw):
     assert float((g[idx] - num).abs().max() / num.abs().max()) < 1e-2
 
 
-def test_batched_cameras_meshes_and_recomputed_backward(monkeypatch):
+def test_batched_cameras_meshes_and_recomputed_backward():
     v, f = _sphere()
     v = torch.from_numpy(v).double()
     f = torch.from_numpy(f)
@@ -152,10 +153,9 @@ def test_batched_cameras_meshes_and_recomputed_backward(monkeypatch):
     out = silhouette(vb, f, cams, **kw)
     torch.testing.assert_close(out[1], silhouette(v * 0.8, f, cams[1], **kw))
     # tiny chunks and the recompute-in-backward path give the same values and gradient
-    monkeypatch.setattr(render, "CHUNK_TILES", 50)
-    monkeypatch.setattr(render, "SAVE_SLOTS", 0)
+    small = RenderSettings(chunk_tiles=50, save_slots=0)
     vv = v.clone().requires_grad_(True)
-    imgs2 = silhouette(vv, f, cams, **kw)
+    imgs2 = silhouette(vv, f, cams, **kw, settings=small)
     (imgs2 * w).sum().backward()
     torch.testing.assert_close(imgs2.detach(), imgs.detach())
     torch.testing.assert_close(vv.grad, g_batch)
@@ -297,7 +297,7 @@ def _soup(n, seed, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_packed_zbuffer_equals_the_two_pass_rule(monkeypatch, seed):
+def test_packed_zbuffer_equals_the_two_pass_rule(seed):
     """The one-pass z-buffer (packed depth/face keys, row spans) gives the face index of
     the two-pass rule (amin of depth, then amax of the face among the slots at that depth,
     on 4 x 4 tiles), ties and batches included; face_index is rasterize's face_idx."""
@@ -309,10 +309,7 @@ def test_packed_zbuffer_equals_the_two_pass_rule(monkeypatch, seed):
     dup = f.shape[0] - 8 - len(f[::7]) - len(f[::5])
     for shown in fast.face_idx[0].unique().tolist():
         assert shown < 0 or not (shown < dup and shown % 5 == 0)    # a duplicated face loses its tie
-    monkeypatch.setattr(render, "_PACKED", False)
-    monkeypatch.setattr(render, "_SPANS", False)
-    monkeypatch.setattr(render, "RASTER_TILE", render.TILE)
-    slow = rasterize(vb, f, cams)
+    slow = rasterize(vb, f, cams, settings=RenderSettings(packed_zbuffer=False, row_spans=False, raster_tile=TILE))
     assert torch.equal(fast.face_idx, slow.face_idx)
     assert torch.equal(fast.depth, slow.depth) and torch.equal(fast.bary, slow.bary)
     assert (fast.face_idx >= 0).float().mean() > 0.3
@@ -344,18 +341,16 @@ def _hard_triangles(seed: int, H: int, W: int):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_row_spans_find_every_pixel_the_tiles_find(monkeypatch, seed):
+def test_row_spans_find_every_pixel_the_tiles_find(seed):
     """The z-buffer's row spans (margins included) hold every pixel centre that the edge test
     finds inside a face: the face index is bit for bit that of the bounding-box tiles, which
     hold every centre of a face's box, on faces made to hit the spans' edge cases."""
     H, W = 37, 45
     for name, (uvt, zt) in _hard_triangles(seed, H, W).items():
         G = uvt.shape[0]
-        sc = render._Screen(uvt.reshape(-1, 2), zt.reshape(-1), torch.arange(3 * G).reshape(G, 3), 1, False, H, W)
-        monkeypatch.setattr(render, "_SPANS", True)
-        spans = render._face_ids(sc, G, 1e-3)
-        monkeypatch.setattr(render, "_SPANS", False)
-        tiles = render._face_ids(sc, G, 1e-3)
+        sc = Screen(uvt.reshape(-1, 2), zt.reshape(-1), torch.arange(3 * G).reshape(G, 3), 1, False, H, W)
+        spans = _face_ids(sc, G, 1e-3, RenderSettings(row_spans=True))
+        tiles = _face_ids(sc, G, 1e-3, RenderSettings(row_spans=False))
         assert torch.equal(spans, tiles), name
         assert len(tiles.unique()) > 5, name                  # the group shows several faces
 
@@ -370,12 +365,10 @@ def test_zbuffer_halves_side_by_side_give_the_whole_face_index(monkeypatch):
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        monkeypatch.setattr(render, "SPLIT_FACES", 10 ** 9)
-        whole = face_index(v, f, cams)
-        monkeypatch.setattr(render, "SPLIT_FACES", 1)
-        halves = face_index(v, f, cams)
+        whole = face_index(v, f, cams, settings=RenderSettings(split_faces=10 ** 9))
+        halves = face_index(v, f, cams, settings=RenderSettings(split_faces=1))
         monkeypatch.setattr(runtime, "_CONCURRENT", False)
-        in_order = face_index(v, f, cams)
+        in_order = face_index(v, f, cams, settings=RenderSettings(split_faces=1))
     finally:
         torch.set_num_threads(old)
     assert torch.equal(whole, halves) and torch.equal(whole, in_order)
@@ -383,7 +376,7 @@ def test_zbuffer_halves_side_by_side_give_the_whole_face_index(monkeypatch):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(faces_per_pixel=4), dict(sigma=3e-3, radius=2e-3), dict(sigma=0.0)])
-def test_tile_culling_changes_no_bit(monkeypatch, kw):
+def test_tile_culling_changes_no_bit(kw):
     """Tiles wholly beyond the blur radius of their face are skipped; image and vertex
     gradient are bitwise those of evaluating every tile, in every mode, batched too, and
     the culling does skip tiles (so the comparison is not vacuous)."""
@@ -397,22 +390,21 @@ def test_tile_culling_changes_no_bit(monkeypatch, kw):
     w = torch.rand(2, 90, 96, generator=torch.Generator().manual_seed(4))
     out = {}
     for cull in (True, False):
-        monkeypatch.setattr(render, "_CULL", cull)
         vv = torch.stack([v, v * 0.9]).requires_grad_(True)
-        img = silhouette(vv, f, cams, **kw)
+        img = silhouette(vv, f, cams, **kw, settings=RenderSettings(cull_tiles=cull))
         (img * w).sum().backward()
         out[cull] = (img.detach(), vv.grad)
     assert torch.equal(out[True][0], out[False][0])
     assert torch.equal(out[True][1], out[False][1])
     if kw["sigma"] > 0:
         assert out[True][1].abs().sum() > 0
-    sc = render._screen(v, f, cams[0])
+    sc = project_mesh(v, f, cams[0])
     uvt, zt = sc.uv[sc.tri], sc.z[sc.tri]
-    r = render.blur_radius(kw["sigma"] / (2 / 90) ** 2) if kw["sigma"] > 0 else 0.0
+    r = blur_radius(kw["sigma"] / (2 / 90) ** 2) if kw["sigma"] > 0 else 0.0
     if "radius" in kw:
         r = kw["radius"] / (2 / 90) ** 2
-    fid, x0, y0 = render._tiles(uvt, zt, 90, 96, math.sqrt(r), 1e-3)
-    assert len(render._cull_tiles(render._face_table(uvt, zt), fid, x0, y0, r)) < 0.95 * len(fid)
+    fid, x0, y0 = face_tiles(uvt, zt, 90, 96, math.sqrt(r), 1e-3)
+    assert len(_cull_tiles(face_table(uvt, zt), fid, x0, y0, r)) < 0.95 * len(fid)
 
 
 @pytest.mark.parametrize("kw", [dict(sigma=1e-3), dict(sigma=1e-3, faces_per_pixel=2)])
@@ -458,3 +450,44 @@ def test_a_mesh_out_of_view_renders_empty_with_zero_gradient(kw):
     seen = silhouette(inside, f, cam, **kw)
     (seen * torch.rand(32, 32, dtype=D64)).sum().backward()
     assert float(seen.detach().sum()) > 10 and float(inside.grad.abs().sum()) > 0
+
+
+def test_fresh_scratch_buffers_change_no_bit():
+    """RenderSettings(reuse_buffers=False) (fresh tensors per chunk) gives the image and the
+    vertex gradient of the reused per-thread buffers, bit for bit."""
+    v, f = map(torch.from_numpy, _sphere())
+    cam = look_at(30, 20, 2.8, image_size=(48, 52))
+    w = torch.rand(48, 52, generator=torch.Generator().manual_seed(2))
+    out = []
+    for reuse in (True, False):
+        vv = v.clone().requires_grad_(True)
+        img = silhouette(vv, f, cam, sigma=3e-4, settings=RenderSettings(reuse_buffers=reuse, chunk_tiles=64))
+        (img * w).sum().backward()
+        out.append((img.detach(), vv.grad))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    assert out[0][1].abs().sum() > 0
+
+
+def test_render_settings_refuse_a_tile_wider_than_the_padding():
+    with pytest.raises(ValueError, match="raster_tile"):
+        RenderSettings(raster_tile=TILE + 1)
+    with pytest.raises(ValueError, match="chunk_tiles"):
+        RenderSettings(chunk_tiles=0)
+
+
+def test_stages_carry_profiler_labels():
+    """The renderers label their stages for torch.profiler (benchmarks/demo.py reads them)."""
+    from lib.render import nr_silhouette
+
+    v, f = map(torch.from_numpy, _sphere())
+    cam = look_at(30, 20, 2.8, image_size=32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        vv = v.clone().requires_grad_(True)
+        silhouette(vv, f, cam, sigma=3e-4).sum().backward()
+        vv = v.clone().requires_grad_(True)
+        nr_silhouette(vv, f, cam).sum().backward()
+        rasterize(v, f, cam)
+    names = {e.key for e in prof.key_averages()}
+    for label in ("render.silhouette.forward", "render.silhouette.backward", "render.hard_silhouette.forward",
+                  "render.hard_silhouette.backward", "render.face_index", "render.rasterize"):
+        assert label in names, label

@@ -14,7 +14,7 @@ from torch import nn
 from lib import experiment, svr
 from lib.experiment.specs import load_specs, load_svr_specs
 from lib.svr import report
-from lib.camera import disn_camera, format_disn_line, DisnView
+from lib.render import disn_camera, format_disn_line, DisnView
 from lib.datasets import (Instance, RenderSet, RgbaSdfSamples, SdfSamples, rgba_to_tensor,
                       to_normalized_frame)
 from lib.errors import MeshSDFError
@@ -529,7 +529,7 @@ def test_normal_pictures_are_the_originals_camera_frame_depth_normals():
     """predicted.png / refined.png: RGB, 255 (0.5 - 0.5 n) truncated, n the depth-derived normal in
     the camera frame (x right, y down, z forward): a plane tilted by a about the camera's x axis has
     n = (0, -sin a, cos a)."""
-    from lib.camera import Camera
+    from lib.render import Camera
 
     cam = Camera(torch.eye(3), torch.zeros(3), (40.0, 40.0), (16.0, 16.0), 32)
     a = np.radians(30.0)

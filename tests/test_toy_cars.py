@@ -8,12 +8,11 @@ import torch
 
 import prepare_data
 from lib.datasets import shapes as S
-from lib.camera import read_disn_metadata
 from lib.datasets import Instance, RenderSet
 from lib.errors import MeshSDFError
 from lib.io import read_mesh, read_png
 from lib.metrics import connected_components, genus, silhouette_iou
-from lib.render import silhouette
+from lib.render import read_disn_metadata, silhouette
 
 REPO = Path(__file__).resolve().parents[1]
 

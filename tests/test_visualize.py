@@ -4,12 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from lib.camera import look_at, look_at_eye
 from lib.io import read_png
 from lib.isosurface import extract
 from lib.optimize import LatentOptimizer, SilhouetteLoss, demo_sigma
-from lib.render import face_index, silhouette
-from lib.nmr import nr_shade
+from lib.render import face_index, look_at, look_at_eye, nr_shade, silhouette
 from lib.visualize import (dl_ds_face_colors, dl_ds_scale, face_values, movie_frame, outline, plot_history,
                            signed_colors, target_outline, to_uint8)
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..camera import Camera, from_disn_metadata, read_disn_metadata
+from ..render.camera import Camera, from_disn_metadata, read_disn_metadata
 from ..errors import MeshSDFError
 from ..io import read_png, require_file
 from .samples import PinnedStaging, SdfSamples
@@ -86,7 +86,7 @@ class RenderSet:
     """RGBA renders and cameras of the instances of a split (DISN layout), at one image size.
 
     For instance k: ``<renders>/NN.png`` (RGBA, square) and ``<renders>/rendering_metadata.txt``
-    (one DISN line per view, see ``lib.camera``).  Views 0 .. num_views - 1 are used.
+    (one DISN line per view, see ``lib.render.camera``).  Views 0 .. num_views - 1 are used.
     ``image_size`` None (the original's way): the renders are used at their own size, which
     must be the same for all (that of the first instance's first view; another size raises
     MeshSDFError); a number resizes every render to it.  ``self.image_size`` is the size
@@ -201,7 +201,7 @@ class RenderSet:
         return batch.float().div_(255.0)
 
     def camera(self, scene: int, view: int):
-        """The unbatched ``lib.camera.Camera`` of one view, in the SDF frame, at ``image_size``."""
+        """The unbatched ``lib.render.Camera`` of one view, in the SDF frame, at ``image_size``."""
         if not 0 <= view < self.num_views:
             raise MeshSDFError(f"view {view} of {self.instances[scene].name} does not exist: views are "
                                f"0 .. {self.num_views - 1}")
@@ -232,7 +232,7 @@ def to_normalized_frame(camera, normalization):
     p_cam' = scale p_cam: the same pixels, depth times scale.
 
     Args:
-        camera: a ``lib.camera.Camera`` (batched or not) of the original frame.
+        camera: a ``lib.render.Camera`` (batched or not) of the original frame.
         normalization: a ``sampling.Normalization`` (DeepSDF's normalised = (original + offset) * scale).
     Returns:
         the Camera of the normalised frame, batched like ``camera``.

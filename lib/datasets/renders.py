@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..camera import Camera, disn_camera, write_disn_metadata
+from ..render.camera import Camera, disn_camera, write_disn_metadata
 from ..io import save_png
 from ..render import shade
 from .images import METADATA_FILE, view_image_name
@@ -71,7 +71,7 @@ def render_rgba(verts: torch.Tensor, faces: torch.Tensor, camera, color=(0.8, 0.
 
     Args:
         verts: (V, 3) float; faces: (F, 3) int64.
-        camera: a ``lib.camera.Camera`` of size S, batched (B views) or not (B = 1).
+        camera: a ``lib.render.Camera`` of size S, batched (B views) or not (B = 1).
         color: the surface's RGB in [0, 1] (default light grey).
         supersample: the box filter's factor (default 2).
     Returns:

@@ -1,0 +1,421 @@
+"""The soft silhouette (SoftRas / pytorch3d style) and its exact gradient, in pure torch.
+
+For pixel x and face f let s_f(x) be the signed squared distance from the pixel centre to
+the projected triangle, in squared NDC units (NDC spans [-1, 1] over the shorter image side,
+so one pixel is 2 / min(H, W)), negative inside.  With r = sigma * log(1 / eps - 1) (the
+"blur radius", :func:`blur_radius`)
+
+    p_f = 1                   if s_f < -r      (deep inside; 1 - p_f < eps)
+    p_f = sigmoid(-s_f/sigma)  if |s_f| <= r
+    p_f = 0                   if s_f > r       (p_f < eps)
+    I(x) = 1 - prod_f (1 - p_f)
+
+so only faces within the blur radius of a pixel are ever looked at.  sigma -> 0 gives the
+hard coverage.  The SVR refinement of the paper used sigma = 1e-5, eps = 1e-4 (blur
+radius log(1/1e-4 - 1) * 1e-5) and 25 faces per pixel (``SVR_SIGMA``, ``SVR_EPS``,
+``SVR_FACES_PER_PIXEL``): ``faces_per_pixel=K`` keeps, per pixel, only the K candidate faces
+(p_f > 0) nearest to the camera, the depth of a face being that of its point closest to the
+pixel.  The gradient (custom autograd Function) is the exact gradient of the function above
+w.r.t. the projected vertices, chained by autograd to the 3D vertices (and the camera
+tensors).  Conventions and input shapes: :mod:`.screen`.
+
+Work is bounded by the face-pixel pairs near each face: faces' blur-expanded bounding
+boxes are cut into 4 x 4 pixel tiles (:func:`.screen.face_tiles`), and the tiles are
+evaluated in chunks of ``RenderSettings.chunk_tiles`` with broadcast arithmetic (no per-pair
+gathers).  The forward pass keeps 24 bytes per slot (float32) for the backward pass, up to
+``RenderSettings.save_slots`` slots; beyond that the backward pass recomputes the chunks, so
+memory stays bounded.  ``faces_per_pixel`` keeps all slots (it sorts them by pixel and depth).
+
+Profiler labels: "render.silhouette.forward", "render.silhouette.backward".
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+from .camera import Camera
+from .screen import TILE, TileSetup, face_table, face_tiles, project_mesh
+from .settings import DEFAULT, RenderSettings
+from .sums import reproducible_on, segment_sum
+
+__all__ = ["silhouette", "silhouette_pairs", "blur_radius", "SVR_SIGMA", "SVR_EPS", "SVR_FACES_PER_PIXEL"]
+
+SVR_SIGMA = 1e-5               # the paper's SVR refinement (pytorch3d soft silhouette settings)
+SVR_EPS = 1e-4
+SVR_FACES_PER_PIXEL = 25
+
+
+def blur_radius(sigma: float, eps: float = SVR_EPS) -> float:
+    """Squared-NDC distance beyond which p_f < eps: sigma * log(1/eps - 1).
+
+    Args:
+        sigma: softness (squared NDC units, or squared pixels: the result has sigma's unit).
+        eps: probability cut-off; default ``SVR_EPS``.
+    """
+    return sigma * math.log(1.0 / eps - 1.0)
+
+
+CULL_MARGIN = 1e-3             # px: culled tiles are at least this much farther than the blur radius
+
+
+def _cull_tiles(table: torch.Tensor, fid: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, r: float):
+    """Indices (int64) of the TILE x TILE tiles that are not wholly beyond the blur radius.
+
+    A tile is dropped when all its pixel centres lie outside one edge line of its face, more
+    than sqrt(r) + CULL_MARGIN pixels from it: every point of the triangle is then farther
+    than the blur radius from them, so each of its slots is outside the face and beyond the
+    radius, and contributes exactly nothing in any mode (log-term 0, gradient weights 0, no
+    depth candidate).  Dropping them leaves every other term, and the order in which terms
+    meet at a pixel or a face, unchanged, so images and gradients are bitwise the same.
+    The test runs in float64 so that its rounding is far below the margin.
+    """
+    tab = table.double()
+    o = tab[15]
+    ex, ey = tab[6:12:2], tab[7:12:2]
+    A, Bm = o * ex, o * ey                     # edge function: A (y - vy) - Bm (x - vx), >= 0 inside
+    reach = math.sqrt(r) + CULL_MARGIN
+    # max over the tile's pixel centres (x0 + 0.5 + i, y0 + 0.5 + j), i, j in 0..TILE-1,
+    # written as A y0 - Bm x0 + C with C per face
+    span = TILE - 1.0
+    C = (Bm * (tab[0:6:2] - 0.5) - A * (tab[1:6:2] - 0.5) + span * (A.clamp(min=0) - Bm.clamp(max=0))
+         + reach * torch.sqrt(ex * ex + ey * ey))
+    C = torch.where((o != 0)[None], C, torch.full_like(C, math.inf))     # degenerate faces: kept
+    xs, ys = x0.double(), y0.double()
+    far = torch.zeros(len(fid), dtype=torch.bool, device=fid.device)
+    for i in range(3):
+        top = A[i].index_select(0, fid) * ys - Bm[i].index_select(0, fid) * xs + C[i].index_select(0, fid)
+        far |= top < 0
+    return (~far).nonzero().squeeze(1)
+
+
+
+_BIG = 1e4   # -log(1 - p) of a deep-inside pair: exp(-1e4) == 0 in float32 and float64
+
+
+_WORKSPACES = threading.local()
+
+
+def _workspace(device: torch.device, dtype: torch.dtype, n: int, reuse: bool = True, keep: int = 1 << 14):
+    """Named scratch buffers of n elements for one chunk, as (n // (TILE*TILE), TILE*TILE)
+    views: get(name).  On the CPU the buffers are kept per thread and reused from call to
+    call (at least ``keep`` tiles each), unless ``reuse`` is False
+    (``RenderSettings.reuse_buffers``); elsewhere (the caching allocator already reuses
+    memory) they are allocated per chunk."""
+    P = TILE * TILE
+    if device.type != "cpu" or not reuse:
+        return lambda name: torch.empty(n // P, P, dtype=dtype, device=device)
+    pool = getattr(_WORKSPACES, "pool", None)
+    if pool is None:
+        pool = _WORKSPACES.pool = {}
+
+    def get(name: str) -> torch.Tensor:
+        buf = pool.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = pool[(name, dtype)] = torch.empty(max(n, keep * P), dtype=dtype)
+        return buf[:n].view(n // P, P)
+    return get
+
+
+def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: RenderSettings = DEFAULT) -> dict:
+    """Per-slot terms of tiles a..b, each a (T, TILE*TILE) tensor (a slot = a tile pixel).
+
+    pix: padded pixel index (int32); lsig: log(1 - p_f) (-1e4 for deep-inside pairs, 0
+    beyond the blur radius).  with_grad adds rx, ry (from the nearest point of the nearest
+    edge to the pixel) and w0..w2 such that dI/d(uv of the face's vertex k) =
+    -(1 - I) * w_k * (rx, ry) summed over the slots.  want_depth adds depth (of the face
+    point nearest to the pixel) and cand (bool, p_f > 0).  Slots outside a face's
+    blur-expanded box are farther than the blur radius, so they need no mask.
+
+    Written for the CPU: float masks from comparisons with ``out=``, because bool masks,
+    where() and masked_fill are several times slower there than plain arithmetic; the
+    intermediates live in a reused ``_workspace`` (fresh tensors per op cost about a quarter
+    of the time in allocation and page faults).  Every returned tensor is freshly allocated.
+    """
+    f = st.fid[a:b]
+    T, P = len(f), TILE * TILE
+    dev = f.device
+    c = st.table.index_select(1, f)                         # (19, T)
+    dt = c.dtype
+    d = torch.arange(P, device=dev, dtype=torch.int32)
+    dx = (d % TILE).to(dt)
+    dy = torch.div(d, TILE, rounding_mode="floor").to(dt)
+    ox, oy = st.x0[a:b], st.y0[a:b]
+    ax = (ox.to(dt) + 0.5)[None] - c[0:6:2]                 # (3, T): tile origin - v_i
+    ay = (oy.to(dt) + 0.5)[None] - c[1:6:2]
+    ex, ey, inv, o = c[6:12:2], c[7:12:2], c[12:15], c[15]
+    wp = st.W + TILE
+    base = ((st.fbatch.index_select(0, f) * (st.H + TILE) + oy) * wp + ox).to(torch.int32)
+    pix = base[:, None] + (torch.div(d, TILE, rounding_mode="floor") * wp + d % TILE)
+    ws = _workspace(dev, dt, T * P, settings.reuse_buffers, settings.chunk_tiles)
+    tmp = ws("tmp")
+    # edge functions, scaled by the orientation so that >= 0 is the inner side; -1 for
+    # degenerate faces (never inside)
+    ef = []
+    for i in range(3):
+        a0 = o * (ex[i] * ay[i] - ey[i] * ax[i]) - (1.0 - o.abs())
+        e = torch.mul(dy, (o * ex[i])[:, None], out=ws(f"ef{i}"))
+        ef.append(e.sub_(torch.mul(dx, (o * ey[i])[:, None], out=tmp)).add_(a0[:, None]))
+    cmin = torch.minimum(torch.minimum(ef[0], ef[1], out=ws("cmin")), ef[2], out=ws("cmin"))
+    inside = torch.ge(cmin, 0.0, out=ws("inside"))
+    out = {"pix": pix}
+    if st.sigma <= 0:                                       # hard coverage
+        out["lsig"] = inside * -_BIG
+        return out
+    ts, rxs, rys, ds = [], [], [], []
+    for i in range(3):
+        wx = torch.add(ax[i][:, None], dx, out=ws(f"rx{i}"))
+        wy = torch.add(ay[i][:, None], dy, out=ws(f"ry{i}"))
+        t = torch.mul(wx, (inv[i] * ex[i])[:, None], out=ws(f"t{i}"))
+        t.add_(torch.mul(wy, (inv[i] * ey[i])[:, None], out=tmp)).clamp_(0.0, 1.0)
+        rx = wx.sub_(torch.mul(t, ex[i][:, None], out=tmp))
+        ry = wy.sub_(torch.mul(t, ey[i][:, None], out=tmp))
+        ts.append(t)
+        rxs.append(rx)
+        rys.append(ry)
+        ds.append(torch.mul(rx, rx, out=ws(f"d{i}")).addcmul_(ry, ry))
+    dmin = torch.minimum(torch.minimum(ds[0], ds[1], out=ws("dmin")), ds[2], out=ws("dmin"))
+    band = torch.le(dmin, st.r, out=ws("band"))
+    sgs = torch.mul(inside, -2.0 / st.sigma, out=ws("sgs")).add_(1.0 / st.sigma)   # sign(s) / sigma
+    zs = torch.mul(dmin, sgs, out=ws("zs"))                 # s / sigma
+    if st.soft_inside:
+        band = torch.maximum(band, inside, out=band)
+        out["lsig"] = torch.nn.functional.logsigmoid(zs).mul_(band)
+    else:
+        big = torch.mul(inside, _BIG, out=ws("big"))
+        out["lsig"] = torch.nn.functional.logsigmoid(zs).add_(big).mul_(band).sub_(big)
+    if with_grad or st.want_depth:
+        # one-hot of the nearest edge (ties -> lowest index)
+        m0 = torch.ge(ds[1], ds[0], out=ws("m0")).mul_(torch.ge(ds[2], ds[0], out=tmp))
+        m1 = torch.gt(ds[0], ds[1], out=ws("m1")).mul_(torch.ge(ds[2], ds[1], out=tmp))
+        m = [m0, m1, torch.sub(1.0 - m0, m1, out=ws("m2"))]
+    if st.want_depth:                                       # before the gradient terms reuse m, ts
+        iz = [c[16 + k][:, None] for k in range(3)]
+        area = (ef[0] + ef[1] + ef[2]).clamp_(min=1e-30)
+        inv_in = (ef[1] * iz[0] + ef[2] * iz[1] + ef[0] * iz[2]) / area
+        inv_out = sum(m[k] * ((1.0 - ts[k]) * iz[k] + ts[k] * iz[(k + 1) % 3]) for k in range(3))
+        out["depth"] = 1.0 / (inside * inv_in + (1.0 - inside) * inv_out)
+        out["cand"] = torch.maximum(band, inside) > 0
+    if with_grad:
+        # dI/ds = -(1 - I) p / sigma, ds/da = -2 sgn (1 - t) r, ds/db = -2 sgn t r for the
+        # nearest edge (a, b) (t optimal: envelope theorem); vertex k starts edge k and
+        # ends edge k - 1.
+        q = torch.neg(zs, out=ws("q"))
+        torch.sigmoid(q, out=q).mul_(band).mul_(sgs).mul_(2.0)
+        out["rx"] = (m[0] * rxs[0]).addcmul_(m[1], rxs[1]).addcmul_(m[2], rxs[2])
+        out["ry"] = (m[0] * rys[0]).addcmul_(m[1], rys[1]).addcmul_(m[2], rys[2])
+        mq = [mk.mul_(q) for mk in m]                       # m, ts are scratch from here on
+        u = [torch.mul(mq[k], ts[k], out=ts[k]) for k in range(3)]
+        for k in range(3):
+            out[f"w{k}"] = (mq[k] - u[k]).add_(u[k - 1])
+    return out
+
+
+# pixel sums in fixed point where they must be reproducible (.sums explains why)
+FIXED_SCALE = 2.0 ** 40          # resolution ~1e-12 for the log-terms of a pixel
+FIXED_FLOOR = -64.0              # a deep-inside pair: exp(-64) ~ 1.6e-28, so I == 1 in float
+
+
+def _add_log_terms(L: torch.Tensor, pix: torch.Tensor, lsig: torch.Tensor, fixed: bool | None = None) -> None:
+    """L[pix] += lsig (L: (npad,) float, or int64 fixed-point when ``fixed``).
+
+    fixed: None = chosen by device (fixed point on CUDA).  Deep-inside terms (-1e4) are
+    clamped to FIXED_FLOOR in fixed point, which leaves every covered pixel at exactly 1.
+    """
+    if L.dtype == torch.int64:
+        q = torch.round(lsig.clamp(min=FIXED_FLOOR).to(torch.float64) * FIXED_SCALE).to(torch.int64)
+        L.index_add_(0, pix, q)
+    else:
+        L.index_add_(0, pix, lsig)
+
+
+class _SoftSilhouette(torch.autograd.Function):
+    """uv (N, 2) -> images (B, H, W), see ``silhouette``.  The backward pass reuses the
+    per-slot terms saved by the forward pass or, above ``settings.save_slots`` slots, recomputes them."""
+
+    @staticmethod
+    def forward(ctx, uv, st: TileSetup, tri: torch.Tensor, K: int | None, need_grad: bool, fixed: bool | None,
+                settings: RenderSettings):
+        fixed = reproducible_on(uv.device, fixed)
+        L = torch.zeros(st.npad, dtype=torch.int64 if fixed else uv.dtype, device=uv.device)
+        n = len(st.fid)
+        step = settings.chunk_tiles
+        chunks = [(a, min(a + step, n)) for a in range(0, n, step)]
+        save = st.sigma > 0 and (K is not None or (need_grad and n * TILE * TILE <= settings.save_slots))
+        saved = []
+        for a, b in chunks:
+            tm = _chunk_terms(st, a, b, with_grad=save, settings=settings)
+            if K is None:
+                _add_log_terms(L, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
+            saved.append(tm if save else None)
+        if K is not None and st.sigma > 0:
+            _keep_nearest(saved, K)
+            for tm in saved:
+                _add_log_terms(L, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
+                del tm["depth"], tm["cand"]
+        if fixed:
+            L = (L.to(torch.float64) / FIXED_SCALE).to(uv.dtype)
+        img = -torch.expm1(st.crop(L))
+        ctx.st, ctx.tri, ctx.chunks, ctx.saved, ctx.nv = st, tri, chunks, saved, uv.shape[0]
+        ctx.fixed, ctx.settings = fixed, settings
+        ctx.save_for_backward(img)
+        return img
+
+    @staticmethod
+    def backward(ctx, grad_img):
+        with torch.profiler.record_function("render.silhouette.backward"):
+            return _SoftSilhouette._backward(ctx, grad_img)
+
+    @staticmethod
+    def _backward(ctx, grad_img):
+        (img,) = ctx.saved_tensors
+        st, tri = ctx.st, ctx.tri
+        G = img.new_zeros(st.npad)
+        st.crop(G).copy_(grad_img * (1.0 - img))    # 0 where covered: no gradient there
+        gface = img.new_zeros(st.table.shape[1], 6)
+        if st.sigma > 0:
+            for (a, b), tm in zip(ctx.chunks, ctx.saved or [None] * len(ctx.chunks)):
+                if tm is None:
+                    tm = _chunk_terms(st, a, b, with_grad=True, settings=ctx.settings)
+                g = G.index_select(0, tm["pix"].reshape(-1)).view_as(tm["rx"])
+                gx, gy = tm.pop("rx").mul_(g), tm.pop("ry").mul_(g)        # the terms are spent here
+                T = gx.shape[0]
+                ws = _workspace(g.device, g.dtype, T * TILE * TILE, ctx.settings.reuse_buffers,
+                                ctx.settings.chunk_tiles)
+                prod = ws("prod")
+                sums = torch.empty(6, T, dtype=g.dtype, device=g.device)
+                for j, (k, gg) in enumerate((k, gg) for k in range(3) for gg in (gx, gy)):
+                    torch.sum(torch.mul(tm[f"w{k}"], gg, out=prod), 1, out=sums[j])
+                segment_sum(st.fid[a:b], sums.T, 0, out=gface, sorted_index=True, reproducible=ctx.fixed)
+        grad_uv = segment_sum(tri.reshape(-1), gface.view(-1, 2), ctx.nv, reproducible=ctx.fixed)
+        ctx.saved = None
+        return grad_uv, None, None, None, None, None, None
+
+
+def _keep_nearest(terms: list[dict], K: int) -> None:
+    """Zero the terms of all but the K candidate faces nearest to the camera at each pixel.
+
+    ``terms``: one dict per chunk; none when no face comes within the blur radius of any
+    pixel (a mesh out of view), and then there is nothing to drop."""
+    if not terms:
+        return
+    pix = torch.cat([tm["pix"].reshape(-1) for tm in terms])
+    depth = torch.cat([tm["depth"].reshape(-1) for tm in terms])
+    idx = torch.cat([tm["cand"].reshape(-1) for tm in terms]).nonzero().squeeze(1)
+    p, dd = pix[idx], depth[idx]
+    order = torch.argsort(dd, stable=True)
+    order = order[torch.argsort(p[order], stable=True)]
+    ps = p[order]
+    pos = torch.arange(len(ps), device=ps.device)
+    start = torch.ones_like(ps, dtype=torch.bool)
+    start[1:] = ps[1:] != ps[:-1]
+    first = torch.cummax(torch.where(start, pos, torch.zeros_like(pos)), 0).values
+    drop = torch.zeros(len(pix), dtype=torch.bool, device=pix.device)
+    drop[idx[order[(pos - first) >= K]]] = True
+    a = 0
+    for tm in terms:
+        n = tm["pix"].numel()
+        dm = drop[a:a + n].view_as(tm["pix"])
+        a += n
+        tm["lsig"].masked_fill_(dm, 0.0)
+        for k in range(3):
+            tm[f"w{k}"].masked_fill_(dm, 0.0)
+
+
+def silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_size=None,
+               sigma: float = SVR_SIGMA, eps: float = SVR_EPS, faces_per_pixel: int | None = None,
+               znear: float = 1e-3, reproducible: bool | None = None, radius: float | None = None,
+               settings: RenderSettings = DEFAULT) -> torch.Tensor:
+    """Soft silhouette in [0, 1], differentiable w.r.t. ``verts`` (see the module docstring).
+
+    Args:
+        verts: (V, 3) or (B, V, 3) float32/float64.
+        faces: (F, 3) int64.
+        camera: unbatched or a batch of B.
+        image_size: H or (H, W); default None, the camera's (intrinsics are rescaled).
+        sigma: softness in squared NDC units (0 = hard coverage, no gradient); default ``SVR_SIGMA``.
+        eps: probability cut-off defining the blur radius; default ``SVR_EPS``.
+        faces_per_pixel: None (default) = all faces within the blur radius, K = only the K
+            nearest (pytorch3d semantics).
+        znear: faces with a vertex at depth <= znear are skipped; default 1e-3.
+        reproducible: sum in an order-independent way (fixed-point pixel sums, sorted
+            gradient sums); None (default) = on CUDA, where plain atomics would change the
+            last bits of the image and gradients from run to run.  On the CPU both ways are
+            reproducible.
+        radius: the blur radius in squared NDC units set apart from sigma, as pytorch3d's
+            rasteriser allows (the original SVR refinement: sigma 1e-4, radius
+            log(1/1e-4 - 1) * 1e-5): faces farther than it from an outside pixel are dropped
+            and covering faces keep their sigmoid at any depth; None (default):
+            sigma * log(1/eps - 1).
+        settings: speed/memory knobs (:class:`RenderSettings`; they do not change the output).
+
+    Returns:
+        (H, W) or (B, H, W) image of verts' dtype.
+    """
+    with torch.profiler.record_function("render.silhouette.forward"):
+        return _silhouette(verts, faces, camera, image_size, sigma, eps, faces_per_pixel, znear, reproducible, radius,
+                           settings)
+
+
+def _silhouette(verts, faces, camera, image_size, sigma, eps, faces_per_pixel, znear, reproducible, radius, settings):
+    sc = project_mesh(verts, faces, camera, image_size)
+    scale = 2.0 / min(sc.H, sc.W)                 # NDC units per pixel
+    sigma_px = float(sigma) / scale ** 2 if sigma > 0 else 0.0
+    if radius is not None and sigma > 0:
+        r_px = float(radius) / scale ** 2
+    else:
+        r_px = blur_radius(sigma_px, eps) if sigma > 0 else 0.0
+    if len(sc.tri) == 0:
+        img = sc.uv.new_zeros(sc.B, sc.H, sc.W)
+    else:
+        with torch.no_grad():
+            uvt, zt = sc.uv[sc.tri], sc.z[sc.tri]
+            fid, x0, y0 = face_tiles(uvt, zt, sc.H, sc.W, math.sqrt(r_px), znear)
+            table = face_table(uvt.detach(), zt.detach())
+            if settings.cull_tiles:
+                keep = _cull_tiles(table, fid, x0, y0, r_px)
+                fid, x0, y0 = fid[keep], x0[keep], y0[keep]
+            fbatch = torch.div(torch.arange(len(sc.tri), device=fid.device), len(faces),
+                               rounding_mode="floor")
+            st = TileSetup(table, fid, x0, y0, fbatch, sc.B, sc.H,
+                           sc.W, sigma_px, r_px, faces_per_pixel is not None and sigma > 0,
+                           soft_inside=radius is not None)
+        need_grad = torch.is_grad_enabled() and sc.uv.requires_grad
+        img = _SoftSilhouette.apply(sc.uv, st, sc.tri, faces_per_pixel, need_grad, reproducible, settings)
+    return img if sc.batched else img[0]
+
+
+@torch.no_grad()
+def silhouette_pairs(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_size=None,
+                     sigma: float = SVR_SIGMA, eps: float = SVR_EPS, znear: float = 1e-3,
+                     settings: RenderSettings = DEFAULT) -> dict:
+    """Work counts of ``silhouette`` (diagnostics, benchmarks).
+
+    Args: as :func:`silhouette` (verts (V, 3) or (B, V, 3), faces (F, 3), camera, ...).
+
+    Returns:
+        dict of ints: ``evaluated`` face-pixel slots (4 x 4 tiles of the blur-expanded face
+        boxes), ``kept`` of them after dropping the tiles wholly beyond the blur radius
+        (``RenderSettings.cull_tiles``), ``within_radius`` pairs with |s| <= blur radius
+        (the soft terms) and ``deep`` pairs (pixel deeper inside than it).
+    """
+    sc = project_mesh(verts, faces, camera, image_size)
+    scale = 2.0 / min(sc.H, sc.W)
+    sigma_px = float(sigma) / scale ** 2 if sigma > 0 else 0.0
+    r_px = blur_radius(sigma_px, eps) if sigma > 0 else 0.0
+    uvt, zt = sc.uv[sc.tri], sc.z[sc.tri]
+    fid, x0, y0 = face_tiles(uvt, zt, sc.H, sc.W, math.sqrt(r_px), znear)
+    fbatch = torch.div(torch.arange(len(sc.tri), device=fid.device), len(faces), rounding_mode="floor")
+    st = TileSetup(face_table(uvt, zt), fid, x0, y0, fbatch, sc.B, sc.H, sc.W, max(sigma_px, 1e-30),
+                   r_px, False)
+    within = deep = 0
+    step = settings.chunk_tiles
+    for a in range(0, len(fid), step):
+        tm = _chunk_terms(st, a, min(a + step, len(fid)), with_grad=False, settings=settings)
+        lsig = tm["lsig"]
+        deep += int((lsig <= -_BIG / 2).sum())
+        within += int(((lsig < 0) & (lsig > -_BIG / 2)).sum())
+    kept = len(_cull_tiles(st.table, fid, x0, y0, r_px)) * TILE * TILE
+    return {"evaluated": len(fid) * TILE * TILE, "kept": kept, "within_radius": within, "deep": deep}
+
