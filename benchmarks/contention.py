@@ -55,7 +55,7 @@ def worker_demo(iterations: int) -> dict:
 
     from lib import checkpoint, runtime
     from lib.camera import demo_camera
-    from lib.meshsdf import mesh_from_sdf
+    from lib.layer import mesh_from_sdf
     from lib.optimize import LatentOptimizer, SilhouetteLoss
     from lib.render import silhouette
     from lib.specs import load_specs

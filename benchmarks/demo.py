@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import lib  # noqa: E402,F401  (before torch loads, as the scripts: OpenMP's wait policy, lib/cpus.py)
+import lib  # noqa: E402,F401  (before torch loads, as the scripts: OpenMP's wait policy, lib/runtime/cpus.py)
 
 MODES = ("dense", "sparse", "fast")
 
@@ -67,7 +67,7 @@ def demo_setup(exp: Path, device_name: str | None):
 
     from lib import checkpoint, runtime
     from lib.camera import demo_camera
-    from lib.meshsdf import mesh_from_sdf
+    from lib.layer import mesh_from_sdf
     from lib.render import silhouette
     from lib.specs import load_specs
 
@@ -117,7 +117,7 @@ def parts(exp: Path, iterations: int, device_name: str | None, renderer: str) ->
 
     import torch
 
-    import lib.meshsdf as meshsdf_mod
+    import lib.layer.field as meshsdf_mod
     import lib.optimize as optimize_mod
     from lib.optimize import LatentOptimizer, SilhouetteLoss
     from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, target_outline

@@ -59,7 +59,7 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 def demo_rows(device, repeats):
     from lib import checkpoint
     from lib.camera import demo_camera
-    from lib.meshsdf import mesh_from_sdf
+    from lib.layer import mesh_from_sdf
     from lib.optimize import LatentOptimizer, SilhouetteLoss
     from lib.render import silhouette
     from lib.specs import load_specs
@@ -93,7 +93,7 @@ def demo_full_row(device):
 def extraction_rows(device, repeats):
     from lib import checkpoint
     from lib.isosurface import extract
-    from lib.meshsdf import mesh_from_sdf
+    from lib.layer import mesh_from_sdf
     from lib.models.decoder import sdf as decoder_sdf
     from lib.specs import load_specs
 

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import lib.render as render  # noqa: E402
 from lib import checkpoint, runtime  # noqa: E402
 from lib.camera import demo_camera  # noqa: E402
-from lib.meshsdf import mesh_from_sdf  # noqa: E402
+from lib.layer import mesh_from_sdf  # noqa: E402
 from lib.nmr import nr_shade  # noqa: E402
 from lib.specs import load_specs  # noqa: E402
 from lib.visualize import dl_ds_face_colors, dl_ds_scale, movie_frame, target_outline, to_uint8  # noqa: E402

@@ -4,7 +4,7 @@ One iteration (:meth:`LatentOptimizer.step`)::
 
     code z --marching cubes (lib.isosurface, mode dense|sparse|fast)--> mesh (V, F)
            --render + loss (an ``ImageLoss``, e.g. SilhouetteLoss)--> L
-    L.backward(): dL/dverts --MeshSDF rule (lib.meshsdf, paper|exact)--> dL/ds (V,) --> dL/dz
+    L.backward(): dL/dverts --MeshSDF rule (lib.layer, paper|exact)--> dL/ds (V,) --> dL/dz
     Adam step on z
 
 Only the code is optimised: the decoder is put in ``eval()`` mode and its parameters are
@@ -36,11 +36,11 @@ from lib.camera import Camera
 from lib.errors import MeshSDFError
 from lib.isosurface import MODES, ExtractionState
 from lib.log import info, progress
-from lib.meshsdf import GRADIENTS, mesh_from_sdf
+from lib.layer import GRADIENTS, mesh_from_sdf
 from lib.metrics import topology
 from lib.nmr import nr_silhouette
 from lib.render import SVR_EPS, SVR_SIGMA, face_index, silhouette
-from lib.runtime import elementwise_section
+from lib.runtime.threads import elementwise_section
 
 LOSSES = ("mse", "l1")
 RENDERERS = ("soft", "nr")   # soft silhouette (lib.render) | neural_renderer-style hard + Kato (lib.nmr)
@@ -201,15 +201,16 @@ class LatentOptimizer:
     loss_fn: an :class:`ImageLoss` (e.g. :class:`SilhouetteLoss`).
     lr: Adam learning rate; resolution: marching-cubes grid N (N^3 over [-1, 1]^3);
     mode: ``dense`` | ``sparse`` (exact, default) | ``fast`` (the paper's heuristic, keeps
-    the previous grid); gradient: ``paper`` | ``exact`` (lib.meshsdf); chunk: SDF points
-    per decoder call; extract_kwargs: passed to lib.isosurface.extract.
+    the previous grid); gradient: ``paper`` | ``exact`` (lib.layer); chunk: SDF points
+    per decoder call; kernel: use the decoder's fast path (``lib.layer.sdf.mesh_from_sdf``,
+    default True; speed only); extract_kwargs: passed to lib.isosurface.extract.
     Attributes: ``latent`` (the optimised leaf tensor, (L,)), ``optimizer`` (``CodeAdam``),
     ``state`` (last extraction state), ``iteration`` (steps done).
     """
 
     def __init__(self, decoder: nn.Module, latent: torch.Tensor, loss_fn: ImageLoss, lr: float = 5e-2,
                  resolution: int = 64, mode: str = "sparse", gradient: str = "paper", chunk: int = 2 ** 14,
-                 **extract_kwargs):
+                 kernel: bool = True, **extract_kwargs):
         if mode not in MODES:
             raise MeshSDFError(f"extraction mode {mode!r} is unknown: use one of {', '.join(MODES)}")
         if gradient not in GRADIENTS:
@@ -223,6 +224,7 @@ class LatentOptimizer:
         self.loss_fn = loss_fn
         self.optimizer = CodeAdam(self.latent, lr=lr)
         self.resolution, self.mode, self.gradient, self.chunk = int(resolution), mode, gradient, chunk
+        self.kernel = kernel
         self.extract_kwargs = extract_kwargs
         self.state: ExtractionState | None = None
         self.iteration = 0
@@ -230,7 +232,7 @@ class LatentOptimizer:
     def _mesh(self, grad: bool):
         with torch.enable_grad() if grad else torch.no_grad():
             mesh = mesh_from_sdf(self.decoder, self.latent, self.resolution, self.mode, self.gradient,
-                                 state=self.state, chunk=self.chunk, **self.extract_kwargs)
+                                 state=self.state, chunk=self.chunk, kernel=self.kernel, **self.extract_kwargs)
         self.state = mesh.state
         if mesh.state.empty:
             if self.iteration == 0:  # no update yet: the starting code is the cause, not the learning rate
@@ -248,7 +250,7 @@ class LatentOptimizer:
     def step(self) -> Iteration:
         """Extract, render, backpropagate, update the code once; raises SurfaceLostError.
 
-        Runs in a ``lib.runtime.elementwise_section``: with sleeping OpenMP threads its
+        Runs in a ``lib.runtime.threads.elementwise_section``: with sleeping OpenMP threads its
         elementwise passes on one intra-op thread, large decoder calls and side-by-side work
         on all of them (2 cores, one competitor: 0.95 x the step time; quiet 0.99 x).
         """

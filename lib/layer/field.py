@@ -1,4 +1,9 @@
-"""MeshSDF: differentiable iso-surface extraction of any torch field (the paper's layer).
+"""The MeshSDF layer on any torch field: differentiable iso-surface extraction (the paper's layer).
+
+Owns :func:`mesh_from_field`, :class:`SurfaceMesh`, the autograd layer and its backward
+(:func:`field_backward`: the paper's and the exact rule), and the checks on a field
+(:func:`refuse_dropout`, :func:`field_device`).  The DeepSDF form (a decoder and latent
+codes) is :func:`lib.layer.sdf.mesh_from_sdf`.
 
 Forward: marching cubes on the field (:func:`lib.isosurface.extract`, no graph).  The
 surface is ``field = level``; with ``inside="below"`` (an SDF) the outside is where
@@ -29,9 +34,20 @@ start from the previous surface)::
     loss = my_loss(mesh.verts, mesh.faces)
     loss.backward()               # net's parameters get gradients; mesh.state.dl_ds (V,)
 
-:func:`mesh_from_sdf` is the DeepSDF form ((P, L + 3) [latent | xyz] -> (P, 1) decoders), with
-latent (L,) or a batch (B, L) of codes (B meshes, one backward).  The field must be
-deterministic: a module left in train mode with dropout is refused (MeshSDFError).
+The field must be deterministic: a module left in train mode with dropout is refused
+(MeshSDFError).
+
+A field object (or the object a bound-method field belongs to) may offer two methods that
+replace generic steps, both optional (the DeepSDF field of :mod:`lib.layer.sdf` offers them):
+
+- ``layer_leaves() -> (tensors, device)``: the tensors requiring grad its values depend on
+  and their device, instead of probing the field (:func:`_probe`);
+- ``layer_backward(sign, verts, grad_verts, index, leaves, gradient, delta, chunk)`` ->
+  ``(dl_ds (V,), grads)`` or None: its own backward pass (arguments as :func:`field_backward`,
+  ``sign`` +1 or -1 as the field enters s), None where the generic pass must run.
+
+The stages carry ``torch.profiler.record_function`` labels ``meshsdf.extract`` (the
+forward's extraction) and ``meshsdf.backward`` (the layer's backward), which benchmarks time.
 """
 from __future__ import annotations
 
@@ -40,11 +56,13 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
-from lib.errors import MeshSDFError
-from lib.isosurface import ExtractionState, extract
-from lib.models.kernels.inference import FEW_ROWS, InferenceKernel
-from lib.runtime import all_threads
+from ..errors import MeshSDFError
+from ..isosurface import ExtractionState, extract
+
+__all__ = ["DELTA", "GRADIENTS", "INSIDE", "Field", "SurfaceMesh", "dl_ds_rule", "field_backward", "field_device",
+           "mesh_from_field", "refuse_dropout"]
 
 GRADIENTS = ("paper", "exact")
 INSIDE = ("below", "above")
@@ -70,19 +88,29 @@ def mesh_from_field(field: Field, resolution: int, level: float = 0.0, mode: str
                     device=None, **extract_kwargs) -> SurfaceMesh | list[SurfaceMesh]:
     """Mesh the level set ``field = level`` over [-1, 1]^3 as a differentiable mesh.
 
-    field: ``field(points (P, 3)) -> (P,)`` (or (P, 1)); with ``batch=B``,
-    ``field(points (P, 3), index (P,) int64) -> (P,)`` gives B surfaces (index b selects
-    surface b, e.g. a row of a (B, L) code matrix) and the call returns a list of B meshes
-    whose backward is one pass over all their vertices.
-    resolution N: grid points per axis; mode / state / extract_kwargs (verify,
-    coarse_stride, band, warm): see :func:`lib.isosurface.extract` (a list of B states when
-    batched); gradient: ``"paper"`` or ``"exact"``; inside: ``"below"`` (SDF: inside where
-    field < level) or ``"above"`` (occupancy: inside where field > level); delta: the
-    critical-point regularisation of the exact rule (module docstring); chunk: points per
-    field call, forward and backward; device: where the grid lives (default: the device of
-    the tensors the field depends on, else the state's, else CPU).
-    Returns :class:`SurfaceMesh` (or a list of them): verts (V, 3) float32 whose gradients
-    reach every tensor requiring grad that the field depends on.
+    Args:
+        field: ``field(points (P, 3)) -> (P,)`` (or (P, 1)); with ``batch=B``,
+            ``field(points (P, 3), index (P,) int64) -> (P,)`` gives B surfaces (index b
+            selects surface b, e.g. a row of a (B, L) code matrix) and the call returns a list
+            of B meshes whose backward is one pass over all their vertices.
+        resolution: N, grid points per axis.
+        level: the iso-value (default 0.0).
+        mode: one of :data:`lib.isosurface.MODES` (default ``"sparse"``); see :func:`lib.isosurface.extract`.
+        gradient: ``"paper"`` (default) or ``"exact"``.
+        state: the previous call's state (a list of B states when batched), or None.
+        inside: ``"below"`` (default; SDF: inside where field < level) or ``"above"``
+            (occupancy: inside where field > level).
+        batch: B surfaces, or None (default) for one.
+        delta: the critical-point regularisation of the exact rule (default ``DELTA``; module
+            docstring).
+        chunk: points per field call, forward and backward (default 2^14).
+        device: where the grid lives (default: the device of the tensors the field depends
+            on, else the state's, else CPU).
+        extract_kwargs: verify, coarse_stride, band, warm: see :func:`lib.isosurface.extract`.
+
+    Returns:
+        :class:`SurfaceMesh` (or a list of B of them): verts (V, 3) float32 whose gradients
+        reach every tensor requiring grad that the field depends on, faces (F, 3) int64, state.
     """
     if gradient not in GRADIENTS:
         raise MeshSDFError(f"gradient {gradient!r} is unknown: use one of {', '.join(GRADIENTS)}")
@@ -102,8 +130,9 @@ def mesh_from_field(field: Field, resolution: int, level: float = 0.0, mode: str
     signed = _Signed(field, sign, level, batch)
     meshes = []
     for b in range(count):
-        verts, faces, st = extract(signed.surface(b), resolution, mode, states[b], device=device, chunk=chunk,
-                                   **extract_kwargs)
+        with record_function("meshsdf.extract"):
+            verts, faces, st = extract(signed.surface(b), resolution, mode, states[b], device=device, chunk=chunk,
+                                       **extract_kwargs)
         st.dl_ds = None
         meshes.append((verts, faces, st))
     if torch.is_grad_enabled() and leaves:
@@ -114,84 +143,12 @@ def mesh_from_field(field: Field, resolution: int, level: float = 0.0, mode: str
     return out if batch is not None else out[0]
 
 
-def mesh_from_sdf(decoder: nn.Module, latent: torch.Tensor, resolution: int = 64, mode: str = "sparse",
-                  gradient: str = "paper", state=None, chunk: int = 2 ** 14,
-                  **kwargs) -> SurfaceMesh | list[SurfaceMesh]:
-    """The zero level set of a DeepSDF ``decoder`` at ``latent`` as a differentiable mesh.
-
-    decoder: (P, L + 3) [latent | xyz] -> (P, 1), in ``eval()`` mode; latent (L,) or (1, L)
-    gives one :class:`SurfaceMesh`, (B, L) with B > 1 a list of B (one call, one backward);
-    the grid lives on the latent's device.  Other arguments: :func:`mesh_from_field`.
-    """
-    refuse_dropout(decoder)
-    batched = latent.dim() == 2 and latent.shape[0] > 1
-    field = _CodeField(decoder, latent if batched else latent.reshape(1, -1))
-    return mesh_from_field(field if batched else field.single, resolution, mode=mode, gradient=gradient, state=state,
-                           batch=latent.shape[0] if batched else None, chunk=chunk, device=latent.device, **kwargs)
-
-
-class _CodeField:
-    """The DeepSDF field s(x) = decoder([codes[b] | x]) of surface b, codes (B, L).
-
-    Marked so that :func:`field_backward` can take every per-vertex derivative it needs,
-    ds/dx and ds/dcode, from ONE backward pass through the decoder (the derivative w.r.t.
-    the whole input row), instead of one pass for the normals and a second for the codes;
-    it does so whenever the decoder's own parameters do not require grad.
-
-    For a ``lib.models.decoder.Decoder`` the kernel supports (``inference_plan``: no
-    LayerNorm, no latent dropout, no active dropout), evaluations that need no gradient
-    and that one-pass backward go through ``lib.models.inference`` (chunked, allocation-
-    free, no autograd graph): the same values and derivatives up to float rounding, 1.3-2x
-    as fast on a CPU.  ``use_kernels = False`` (on the class) restores the autograd
-    path everywhere, e.g. to compare the two.
-    """
-
-    use_kernels = True
-
-    def __init__(self, decoder: nn.Module, codes: torch.Tensor):
-        self.decoder, self.codes = decoder, codes
-        self._kernel = InferenceKernel(decoder) if hasattr(decoder, "inference_plan") else None
-
-    def kernel(self, device) -> InferenceKernel | None:
-        """The inference kernel when it computes this decoder's current function, else None."""
-        k = self._kernel
-        return k if self.use_kernels and k is not None and k.supported(device) else None
-
-    def _plain(self, points: torch.Tensor) -> InferenceKernel | None:
-        """The kernel when this evaluation needs no autograd graph (grad off, or nothing requires grad)."""
-        if torch.is_grad_enabled() and (points.requires_grad or self.codes.requires_grad
-                                        or any(p.requires_grad for p in self.decoder.parameters())):
-            return None
-        return self.kernel(points.device)
-
-    @staticmethod
-    def threads(rows: int):
-        """Context for a decoder evaluation of ``rows`` rows: inside a
-        ``lib.runtime.elementwise_section``, all the process's threads from ``FEW_ROWS`` rows
-        (GEMMs), the section's one thread below; elsewhere nothing changes."""
-        return all_threads(rows >= FEW_ROWS)
-
-    def __call__(self, points: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        with self.threads(points.shape[0]):
-            kernel = self._plain(points)
-            if kernel is not None:
-                return kernel.values(self.codes, points, index)
-            return self.decoder(torch.cat((self.codes[index], points), 1)).reshape(-1)
-
-    def single(self, points: torch.Tensor) -> torch.Tensor:
-        with self.threads(points.shape[0]):
-            kernel = self._plain(points)
-            if kernel is not None:
-                return kernel.values(self.codes, points)
-            return self.decoder(torch.cat((self.codes.expand(points.shape[0], -1), points), 1)).reshape(-1)
-
-    def rows_only(self) -> bool:
-        """Whether the codes are the only path to tensors requiring grad (frozen decoder)."""
-        return not any(p.requires_grad for p in self.decoder.parameters())
-
-
 def refuse_dropout(field) -> None:
-    """MeshSDFError when ``field`` is (or is a bound method of) a module with dropout in train mode."""
+    """MeshSDFError when ``field`` is (or is a bound method of) a module with dropout in train mode.
+
+    Args:
+        field: a callable; only a module (or a module's bound method) is checked.
+    """
     module = field if isinstance(field, nn.Module) else getattr(field, "__self__", None)
     if not isinstance(module, nn.Module):
         return
@@ -220,17 +177,20 @@ class _Signed:
         return lambda p: self(p, torch.full((p.shape[0],), b, dtype=torch.int64, device=p.device))
 
 
+def _owner(field):
+    """The object ``field`` is, or the one a bound-method field belongs to."""
+    return getattr(field, "__self__", field)
+
+
 def _leaves(field, batch, device) -> tuple[list[torch.Tensor], torch.device | None]:
     """The tensors the field's gradients go to, and their device (see :func:`_probe`).
 
-    A DeepSDF field (:func:`mesh_from_sdf`) names them without a probe: its codes tensor (a
-    leaf, or e.g. an encoder's output, through which autograd carries on) and the decoder's
-    parameters that require grad; its dropout is refused by :func:`refuse_dropout`.
+    A field offering ``layer_leaves()`` (module docstring) names them without a probe, e.g.
+    a DeepSDF field its codes tensor and the decoder's parameters that require grad.
     """
-    cf = _as_code_field(field)
-    if cf is not None:
-        found = [cf.codes] if cf.codes.requires_grad else []
-        return found + [p for p in cf.decoder.parameters() if p.requires_grad], cf.codes.device
+    known = getattr(_owner(field), "layer_leaves", None)
+    if callable(known):
+        return known()
     return _probe(field, batch, device)
 
 
@@ -278,7 +238,13 @@ def field_device(field) -> torch.device | None:
     deep.  None when it holds no tensor (the caller then assumes the CPU).
 
     Why: a field written as a closure over a decoder and a code (check_gradients.py) must
-    be probed and meshed where its tensors are, or it mixes CUDA and CPU tensors."""
+    be probed and meshed where its tensors are, or it mixes CUDA and CPU tensors.
+
+    Args:
+        field: a callable (function, bound method, module, functools.partial).
+    Returns:
+        a torch.device, or None.
+    """
     for obj in _held(field):
         if isinstance(obj, torch.Tensor):
             return obj.device
@@ -329,8 +295,9 @@ class _FieldLayer(torch.autograd.Function):
         g_all = torch.cat([torch.zeros_like(v) if g is None else g for v, g in zip(verts, grads)])
         index = torch.repeat_interleave(torch.arange(ctx.count, device=x_all.device),
                                         torch.tensor(sizes, device=x_all.device))
-        dl_ds, leaf_grads = field_backward(spec.signed, x_all, g_all, index, leaves, spec.gradient, spec.delta,
-                                           spec.chunk)
+        with record_function("meshsdf.backward"):
+            dl_ds, leaf_grads = field_backward(spec.signed, x_all, g_all, index, leaves, spec.gradient, spec.delta,
+                                               spec.chunk)
         for st, d in zip(spec.states, torch.split(dl_ds, sizes)):
             st.dl_ds = d
         return (None, None, *([None] * ctx.count), *leaf_grads)
@@ -341,12 +308,22 @@ def field_backward(signed: Callable, verts: torch.Tensor, grad_verts: torch.Tens
                    chunk: int = 2 ** 14) -> tuple[torch.Tensor, list]:
     """The MeshSDF backward pass over vertices (V, 3) with dL/dverts (V, 3), in chunks.
 
-    signed(points, index) -> s (P,) (> 0 outside); index (V,) the surface of each vertex.
-    Returns dl_ds (V,) (detached) and one gradient (or None) per tensor of ``leaves``.
+    Args:
+        signed: ``signed(points (P, 3), index (P,)) -> s (P,)`` (> 0 outside), a :class:`_Signed`.
+        verts: (V, 3) the vertices; grad_verts: (V, 3) dL/dverts; index: (V,) int64 the
+            surface of each vertex; leaves: the tensors to return gradients for.
+        gradient: ``"paper"`` or ``"exact"`` (default "paper"); delta: the exact rule's
+            floor (default ``DELTA``); chunk: vertices per field call (default 2^14).
+    Returns:
+        dl_ds (V,) (detached) and one gradient per tensor of ``leaves`` (zeros where unused).
+
+    A field offering ``layer_backward`` (module docstring) computes both itself where it can.
     """
-    code_field = _code_field(signed)
-    if code_field is not None:
-        return _code_backward(signed, code_field, verts, grad_verts, index, leaves, gradient, delta, chunk)
+    own = getattr(_owner(getattr(signed, "field", None)), "layer_backward", None)
+    if callable(own):
+        done = own(signed.sign, verts, grad_verts, index, leaves, gradient, delta, chunk)
+        if done is not None:
+            return done
     with torch.enable_grad():
         normals, kept = [], []
         for s in range(0, verts.shape[0], chunk):
@@ -356,13 +333,13 @@ def field_backward(signed: Callable, verts: torch.Tensor, grad_verts: torch.Tens
             normals.append(n.detach())
             kept.append(value if verts.shape[0] <= chunk else None)  # one chunk: reuse its graph
         normal = torch.cat(normals) if normals else verts.new_zeros(0, 3)
-        dl_ds = _dl_ds(normal, grad_verts, gradient, delta)
+        dl_ds = dl_ds_rule(normal, grad_verts, gradient, delta)
         grads = [None] * len(leaves)
         for i, s in enumerate(range(0, verts.shape[0], chunk)):
             value = kept[i]
             if value is None:
                 value = signed(verts[s : s + chunk].detach(), index[s : s + chunk])
-            # a scalar output: an explicit grad_outputs tensor makes torch import sympy (~0.8 s once)
+            # a scalar output: an explicit grad_outputs tensor makes torch import sympy (slow, once)
             part = torch.autograd.grad((value * dl_ds[s : s + chunk]).sum(), leaves, allow_unused=True,
                                        retain_graph=True)
             grads = [a if b is None else (b if a is None else a + b) for a, b in zip(grads, part)]
@@ -370,8 +347,15 @@ def field_backward(signed: Callable, verts: torch.Tensor, grad_verts: torch.Tens
     return dl_ds.detach(), grads
 
 
-def _dl_ds(normal: torch.Tensor, grad_verts: torch.Tensor, gradient: str, delta: float) -> torch.Tensor:
-    """dL/ds (V,) from the field gradients (V, 3) and dL/dverts (V, 3): the paper's or the exact rule."""
+def dl_ds_rule(normal: torch.Tensor, grad_verts: torch.Tensor, gradient: str, delta: float) -> torch.Tensor:
+    """dL/ds (V,) from the field gradients (V, 3) and dL/dverts (V, 3): the paper's or the exact rule.
+
+    Args:
+        normal: (V, 3) ds/dx at each vertex; grad_verts: (V, 3) dL/dx; gradient: ``"paper"``
+            or ``"exact"``; delta: the exact rule's floor as a fraction of the median |n|.
+    Returns:
+        (V,) dL/ds.
+    """
     norm = normal.norm(dim=1)
     dot = -(grad_verts * normal).sum(1)
     if gradient == "exact":
@@ -380,64 +364,3 @@ def _dl_ds(normal: torch.Tensor, grad_verts: torch.Tensor, gradient: str, delta:
     return dot / norm.clamp_min(1e-12)
 
 
-def _as_code_field(field) -> _CodeField | None:
-    """The :class:`_CodeField` a field is (or whose bound method ``single`` it is), else None."""
-    cf = getattr(field, "__self__", field)
-    return cf if isinstance(cf, _CodeField) else None
-
-
-def _code_field(signed) -> _CodeField | None:
-    """The DeepSDF field behind ``signed`` when its one-pass backward applies, else None."""
-    cf = _as_code_field(getattr(signed, "field", None))
-    return cf if cf is not None and cf.rows_only() else None
-
-
-def _code_backward(signed, cf: _CodeField, verts, grad_verts, index, leaves, gradient, delta, chunk):
-    """:func:`field_backward` for a DeepSDF field with a frozen decoder, one decoder backward.
-
-    Each value s_i depends on its own input row [code_b | x_i] only, so the derivative of
-    sum_i s_i w.r.t. the (V, L + 3) input rows is, row by row, (ds_i/dcode, ds_i/dx_i): the
-    normals and the per-vertex code derivatives at once (by the inference kernel's manual
-    backward where it applies, else by autograd in chunks of ``chunk``).  dL/dcodes[index] =
-    dL/ds_i * ds_i/dcode then flows by autograd through ``codes[index]`` into the leaves (a
-    latent, an encoder's output).  Same values as the two-pass path up to float rounding.
-
-    Under the paper's rule a vertex with dL/dx_i = 0 has dL/ds_i = 0 whatever its normal, and
-    adds nothing to the code gradient, so on a CPU only the other vertices are evaluated (a
-    hard silhouette loss moves ~40 % of a demo mesh's vertices).  Not under the exact rule
-    (its floor is the median |n| over every vertex), nor on a GPU (counting them would cost a
-    host sync, and its FLOPs are cheap).
-    """
-    L = cf.codes.shape[1]
-    full = verts.shape[0]
-    moving = None
-    if gradient == "paper" and verts.device.type == "cpu":
-        nonzero = grad_verts.ne(0).any(1)
-        if not bool(nonzero.all()):
-            moving = nonzero.nonzero().squeeze(1)
-            verts, grad_verts, index = verts[moving], grad_verts[moving], index[moving]
-    kernel = cf.kernel(verts.device)
-    with cf.threads(verts.shape[0]):
-        if kernel is not None:
-            _, rows_grad, normal = kernel.values_and_input_grad(cf.codes.detach(), verts.detach(), index)
-        else:
-            with torch.enable_grad():
-                parts = []
-                for s in range(0, verts.shape[0], chunk):
-                    x = verts[s : s + chunk].detach()
-                    inp = torch.cat((cf.codes.detach()[index[s : s + chunk]], x), 1).requires_grad_(True)
-                    (j,) = torch.autograd.grad(cf.decoder(inp).reshape(-1).sum(), inp)
-                    parts.append(j)
-            j = torch.cat(parts) if parts else verts.new_zeros(0, L + 3)
-            rows_grad, normal = j[:, :L], j[:, L:]
-    if signed.sign < 0:  # s = sign * (field - level): the level drops out
-        rows_grad, normal = -rows_grad, -normal
-    dl_ds = _dl_ds(normal, grad_verts, gradient, delta)
-    code_rows = rows_grad * dl_ds.unsqueeze(1)
-    with torch.enable_grad():
-        # a scalar output: an explicit grad_outputs tensor makes torch import sympy (~0.8 s once)
-        grads = torch.autograd.grad((cf.codes[index] * code_rows).sum(), leaves, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
-    if moving is not None:
-        dl_ds = verts.new_zeros(full).index_copy_(0, moving, dl_ds.detach())
-    return dl_ds.detach(), grads

@@ -2,7 +2,7 @@
 
 For each parameter group, a unit direction u in that group's parameters (the exact rule's
 gradient plus 30 % of its norm in a random direction); the layer's directional derivative
-dL/du (``"paper"`` and ``"exact"`` rules, :mod:`lib.meshsdf`) is compared with central finite
+dL/du (``"paper"`` and ``"exact"`` rules, :mod:`lib.layer.field`) is compared with central finite
 differences (L(theta + eps u) - L(theta - eps u)) / (2 eps) of meshes extracted again at the
 displaced parameters.  L is a surface integral,
 sum over faces of area * phi(centroid), phi(x) = 1 + 0.5 x - 0.3 z + 0.25 y^2 (smooth, not
@@ -19,9 +19,11 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from lib.errors import MeshSDFError
-from lib.isosurface import extract, voxel_size
-from lib.meshsdf import GRADIENTS, INSIDE, mesh_from_field
+from ..errors import MeshSDFError
+from ..isosurface import extract, voxel_size
+from .field import GRADIENTS, INSIDE, mesh_from_field
+
+__all__ = ["GroupCheck", "check_gradients", "format_report", "surface_integral"]
 
 
 def surface_integral(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -51,13 +53,22 @@ def check_gradients(field: Callable[[torch.Tensor], torch.Tensor], groups: Mappi
                     chunk: int = 2 ** 14, device=None) -> list[GroupCheck]:
     """Layer gradient vs finite differences of re-extracted meshes, per parameter group.
 
-    field: points (P, 3) -> (P,), depending on the tensors in ``groups`` (name -> tensors,
-    each a leaf; they need not require grad, the check turns it on for itself and restores
-    it); level / inside: the surface (:func:`lib.meshsdf.mesh_from_field`); loss(verts,
-    faces) -> scalar (default :func:`surface_integral`); device: where the grid lives
-    (default: the device of the first tensor of ``groups``, so that a closure over CUDA
-    tensors is meshed on CUDA).  Returns one :class:`GroupCheck` per group; the parameters
-    are left as they were.
+    Args:
+        field: points (P, 3) -> (P,), depending on the tensors in ``groups``.
+        groups: name -> tensors, each a leaf; they need not require grad (the check turns it
+            on for itself and restores it).
+        resolution: grid points per axis (default 256).
+        level, inside: the surface (default 0.0, "below"; :func:`lib.layer.field.mesh_from_field`).
+        mode: the extraction mode (default "sparse").
+        loss: loss(verts (V, 3), faces (F, 3)) -> scalar (default :func:`surface_integral`).
+        move: the field's displacement at the surface, in voxels, that sets eps (default 0.5).
+        max_relative: the largest step as a fraction of a group's norm (default 0.02).
+        seed: the random direction's seed (default 0).
+        chunk: points per field call (default 2^14).
+        device: where the grid lives (default: the device of the first tensor of ``groups``,
+            so that a closure over CUDA tensors is meshed on CUDA).
+    Returns:
+        one :class:`GroupCheck` per group; the parameters are left as they were.
     """
     if inside not in INSIDE:
         raise MeshSDFError(f"inside {inside!r} is unknown: use 'below' or 'above'")
