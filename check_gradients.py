@@ -3,7 +3,7 @@
 
 For the latent code and each layer of the decoder of ``-e <experiment>``: the layer's
 gradient (paper and exact rules) of a surface integral over the extracted mesh, against
-finite differences of meshes extracted again at displaced parameters (lib.gradient_check).
+finite differences of meshes extracted again at displaced parameters (lib.layer.gradient_check).
 Prints one line per parameter group with the relative errors.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from lib import experiment, runtime
 from lib.experiment import limits
 from lib.errors import MeshSDFError, cli_main
-from lib.gradient_check import check_gradients, format_report
+from lib.layer.gradient_check import check_gradients, format_report
 from lib.isosurface import MODES
 from lib.log import info
 from lib.experiment.specs import load_specs

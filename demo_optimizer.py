@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-import lib  # noqa: F401  (first, before torch loads: sets OpenMP's wait policy, lib/cpus.py)
+import lib  # noqa: F401  (first, before torch loads: sets OpenMP's wait policy, lib/runtime/cpus.py)
 import torch
 
 from lib import experiment, runtime
@@ -23,7 +23,7 @@ from lib.errors import MeshSDFError, cli_main
 from lib.io import GIF_MAX_FPS, GIF_MIN_FPS, atomic_write, save_gif, save_png, staged_dir, write_ply
 from lib.isosurface import MODES
 from lib.log import info
-from lib.meshsdf import GRADIENTS, mesh_from_sdf
+from lib.layer import GRADIENTS, mesh_from_sdf
 from lib.metrics import silhouette_iou, topology
 from lib.optimize import RENDERERS, LatentOptimizer, SilhouetteLoss, optimize
 from lib.render import DEMO_AZIMUTH, DEMO_DISTANCE, DEMO_ELEVATION, demo_camera, nr_shade, silhouette

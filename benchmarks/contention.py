@@ -54,7 +54,7 @@ def worker_demo(iterations: int) -> dict:
     import torch
 
     from lib import experiment, runtime
-    from lib.meshsdf import mesh_from_sdf
+    from lib.layer import mesh_from_sdf
     from lib.optimize import LatentOptimizer, SilhouetteLoss
     from lib.render import demo_camera, silhouette
     from lib.experiment.specs import load_specs

@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import lib  # noqa: E402,F401  (before torch loads, as the scripts: OpenMP's wait policy, lib/cpus.py)
+import lib  # noqa: E402,F401  (before torch loads, as the scripts: OpenMP's wait policy, lib/runtime/cpus.py)
 
 MODES = ("dense", "sparse", "fast")
 
@@ -68,7 +68,7 @@ def demo_setup(exp: Path, device_name: str | None):
     import torch
 
     from lib import experiment, runtime
-    from lib.meshsdf import mesh_from_sdf
+    from lib.layer import mesh_from_sdf
     from lib.render import demo_camera, silhouette
     from lib.experiment.specs import load_specs
 

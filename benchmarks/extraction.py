@@ -23,7 +23,7 @@ is the best of ``--repeat`` runs and every ratio compares figures of this run.  
      optimisation): dense, fast, sparse cold (``warm=False``) and sparse warm (the state
      passed back), sparse == dense at every step (bitwise, or same faces and vertices within
      rounding: the network's GEMMs round differently for different batch sizes);
-  5. forward and backward time of the MeshSDF layer (lib.meshsdf.mesh_from_sdf).
+  5. forward and backward time of the MeshSDF layer (lib.layer.mesh_from_sdf).
 
 Peers found are listed first; missing ones are skipped (pip install -r benchmarks/requirements.txt).
 The network is called in batches of ``CHUNK`` points everywhere, ours and the peer's alike.
@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib import experiment, runtime  # noqa: E402
 from lib.errors import cli_main  # noqa: E402
 from lib.isosurface import dense_grid, extract, marching_cubes, same_mesh, tables  # noqa: E402
-from lib.meshsdf import mesh_from_sdf  # noqa: E402
+from lib.layer import mesh_from_sdf  # noqa: E402
 from lib.models.decoder import decoder_from_specs  # noqa: E402
 from lib.models.decoder import sdf as decoder_sdf  # noqa: E402
 from lib.experiment.specs import REPO_ROOT, load_specs  # noqa: E402

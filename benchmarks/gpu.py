@@ -58,7 +58,7 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 
 def demo_rows(device, repeats):
     from lib import experiment
-    from lib.meshsdf import mesh_from_sdf
+    from lib.layer import mesh_from_sdf
     from lib.optimize import LatentOptimizer, SilhouetteLoss
     from lib.render import demo_camera, silhouette
     from lib.experiment.specs import load_specs
@@ -92,7 +92,7 @@ def demo_full_row(device):
 def extraction_rows(device, repeats):
     from lib import experiment
     from lib.isosurface import extract
-    from lib.meshsdf import mesh_from_sdf
+    from lib.layer import mesh_from_sdf
     from lib.models.decoder import sdf as decoder_sdf
     from lib.experiment.specs import load_specs
 

@@ -10,9 +10,10 @@ figure is the median over rounds (the range is printed too).  Prints:
   2. input gradients at ``--vertices`` points (default 7000, a demo mesh's vertices):
      ``values_and_input_grad`` vs one autograd forward + backward w.r.t. the input rows, ms;
   3. the demo loop (``--iterations`` steps of LatentOptimizer at N = 64, 512 px silhouettes,
-     ``--renderer`` nr as the demo) with ``_CodeField.use_kernels`` on vs off: per step, the
-     extraction (``extract``), the MeshSDF backward (``field_backward``; both sides evaluate
-     only the vertices the loss moves) and the whole step, s.
+     ``--renderer`` nr as the demo) with ``kernel=True`` vs ``kernel=False``: per step, the
+     extraction and the MeshSDF backward (the layer's profiler labels ``meshsdf.extract`` and
+     ``meshsdf.backward``, from a second, profiled run of the same steps; both sides evaluate
+     only the vertices the loss moves) and the whole step (unprofiled), s.
 
 Usage: python benchmarks/inference.py [-e experiments/bob_and_spot] [--rounds 5] [--iterations 20]
        [--renderer nr|soft]
@@ -29,10 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lib.meshsdf as meshsdf  # noqa: E402
 from lib import experiment, runtime  # noqa: E402
 from lib.errors import cli_main  # noqa: E402
-from lib.meshsdf import _CodeField, mesh_from_sdf  # noqa: E402
+from lib.layer import mesh_from_sdf  # noqa: E402
 from lib.models.kernels.inference import InferenceKernel  # noqa: E402
 from lib.optimize import LatentOptimizer, SilhouetteLoss  # noqa: E402
 from lib.render import demo_camera, silhouette  # noqa: E402
@@ -54,31 +54,28 @@ def _fmt(xs, scale=1.0, digits=3):
     return f"{statistics.median(xs):.{digits}f} [{min(xs):.{digits}f}-{max(xs):.{digits}f}]"
 
 
+STAGES = {"extract": "meshsdf.extract", "field_bwd": "meshsdf.backward"}  # column -> the layer's profiler label
+
+
 def _demo_loop(dec, codes, cam, target, iterations: int, use: bool, renderer: str) -> dict:
-    """Per-step seconds of extract / field_backward / step with the kernels on or off."""
-    _CodeField.use_kernels = use
-    acc = {"extract": 0.0, "field_bwd": 0.0, "step": 0.0}
-    real_extract, real_bwd = meshsdf.extract, meshsdf.field_backward
-
-    def timed(name, fn):
-        def run(*a, **k):
-            t = time.perf_counter()
-            out = fn(*a, **k)
-            acc[name] += time.perf_counter() - t
-            return out
-        return run
-
-    meshsdf.extract, meshsdf.field_backward = timed("extract", real_extract), timed("field_bwd", real_bwd)
-    try:
-        opt = LatentOptimizer(dec, codes[1], SilhouetteLoss(cam, target, loss="mse", renderer=renderer), lr=5e-2, resolution=64)
-        for _ in range(iterations):
+    """Per-step seconds of the extraction / the MeshSDF backward / the whole step, kernels on or off."""
+    def run(steps):
+        opt = LatentOptimizer(dec, codes[1], SilhouetteLoss(cam, target, loss="mse", renderer=renderer), lr=5e-2,
+                              resolution=64, kernel=use)
+        spent = 0.0
+        for _ in range(steps):
             t = time.perf_counter()
             opt.step()
-            acc["step"] += time.perf_counter() - t
-    finally:
-        meshsdf.extract, meshsdf.field_backward = real_extract, real_bwd
-        _CodeField.use_kernels = True
-    return {k: v / iterations for k, v in acc.items()}
+            spent += time.perf_counter() - t
+        return spent
+
+    out = {"step": run(iterations) / iterations}   # unprofiled: the profiler's own cost stays out of it
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run(iterations)
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages()}   # microseconds
+    for column, label in STAGES.items():
+        out[column] = totals.get(label, 0.0) * 1e-6 / iterations
+    return out
 
 
 def main(argv=None) -> int:

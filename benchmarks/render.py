@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 import lib.render as render  # noqa: E402
 from lib import experiment, runtime  # noqa: E402
-from lib.meshsdf import mesh_from_sdf  # noqa: E402
+from lib.layer import mesh_from_sdf  # noqa: E402
 from lib.render import RenderSettings, demo_camera, nr_shade  # noqa: E402
 from lib.render.screen import TILE  # noqa: E402
 from lib.experiment.specs import load_specs  # noqa: E402

@@ -132,11 +132,9 @@ def main() -> int:
         return t
 
     def ours_in_order():
-        runtime._CONCURRENT = False   # the fused loss's halves are the step's only side-by-side work
-        try:
+        # the fused loss's halves are the step's only side-by-side work
+        with runtime.thread_settings(concurrent=False):
             ours()
-        finally:
-            runtime._CONCURRENT = True
 
     best = {"gemm": float("inf"), "baseline": float("inf"), "ours": float("inf"), "in order": float("inf")}
     for _ in range(args.rounds):

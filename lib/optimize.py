@@ -4,7 +4,7 @@ One iteration (:meth:`LatentOptimizer.step`)::
 
     code z --marching cubes (lib.isosurface, mode dense|sparse|fast)--> mesh (V, F)
            --render + loss (an ``ImageLoss``, e.g. SilhouetteLoss)--> L
-    L.backward(): dL/dverts --MeshSDF rule (lib.meshsdf, paper|exact)--> dL/ds (V,) --> dL/dz
+    L.backward(): dL/dverts --MeshSDF rule (lib.layer, paper|exact)--> dL/ds (V,) --> dL/dz
     Adam step on z
 
 Only the code is optimised: the decoder is put in ``eval()`` mode and its parameters are
@@ -35,9 +35,9 @@ from torch import nn
 from lib.errors import MeshSDFError
 from lib.isosurface import MODES, ExtractionState
 from lib.log import info, progress
-from lib.meshsdf import GRADIENTS, mesh_from_sdf
+from lib.layer import GRADIENTS, mesh_from_sdf
 from lib.metrics import topology
-from lib.runtime import elementwise_section
+from lib.runtime.threads import elementwise_section
 
 from .render import SVR_EPS, SVR_SIGMA, Camera, face_index, nr_silhouette, silhouette
 
@@ -206,15 +206,16 @@ class LatentOptimizer:
     loss_fn: an :class:`ImageLoss` (e.g. :class:`SilhouetteLoss`).
     lr: Adam learning rate; resolution: marching-cubes grid N (N^3 over [-1, 1]^3);
     mode: ``dense`` | ``sparse`` (exact, default) | ``fast`` (the paper's heuristic, keeps
-    the previous grid); gradient: ``paper`` | ``exact`` (lib.meshsdf); chunk: SDF points
-    per decoder call; extract_kwargs: passed to lib.isosurface.extract.
+    the previous grid); gradient: ``paper`` | ``exact`` (lib.layer); chunk: SDF points
+    per decoder call; kernel: use the decoder's fast path (``lib.layer.sdf.mesh_from_sdf``,
+    default True; speed only); extract_kwargs: passed to lib.isosurface.extract.
     Attributes: ``latent`` (the optimised leaf tensor, (L,)), ``optimizer`` (``CodeAdam``),
     ``state`` (last extraction state), ``iteration`` (steps done).
     """
 
     def __init__(self, decoder: nn.Module, latent: torch.Tensor, loss_fn: ImageLoss, lr: float = 5e-2,
                  resolution: int = 64, mode: str = "sparse", gradient: str = "paper", chunk: int = 2 ** 14,
-                 **extract_kwargs):
+                 kernel: bool = True, **extract_kwargs):
         if mode not in MODES:
             raise MeshSDFError(f"extraction mode {mode!r} is unknown: use one of {', '.join(MODES)}")
         if gradient not in GRADIENTS:
@@ -228,6 +229,7 @@ class LatentOptimizer:
         self.loss_fn = loss_fn
         self.optimizer = CodeAdam(self.latent, lr=lr)
         self.resolution, self.mode, self.gradient, self.chunk = int(resolution), mode, gradient, chunk
+        self.kernel = kernel
         self.extract_kwargs = extract_kwargs
         self.state: ExtractionState | None = None
         self.iteration = 0
@@ -235,7 +237,7 @@ class LatentOptimizer:
     def _mesh(self, grad: bool):
         with torch.enable_grad() if grad else torch.no_grad():
             mesh = mesh_from_sdf(self.decoder, self.latent, self.resolution, self.mode, self.gradient,
-                                 state=self.state, chunk=self.chunk, **self.extract_kwargs)
+                                 state=self.state, chunk=self.chunk, kernel=self.kernel, **self.extract_kwargs)
         self.state = mesh.state
         if mesh.state.empty:
             if self.iteration == 0:  # no update yet: the starting code is the cause, not the learning rate
@@ -258,7 +260,7 @@ class LatentOptimizer:
         renderer), "optimize.backward" (the loss's backward pass through the renderer and the
         mesh layer), "optimize.topology".
 
-        Runs in a ``lib.runtime.elementwise_section``: with sleeping OpenMP threads its
+        Runs in a ``lib.runtime.threads.elementwise_section``: with sleeping OpenMP threads its
         elementwise passes on one intra-op thread, large decoder calls and side-by-side work
         on all of them (measured by benchmarks/demo.py).
         """

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-import lib  # noqa: F401  (before torch: sets OpenMP's wait policy, lib/cpus.py)
+import lib  # noqa: F401  (before torch: sets OpenMP's wait policy, lib/runtime/cpus.py)
 import torch
 
 os.environ.setdefault("MESHSDF_QUIET", "1")

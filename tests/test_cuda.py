@@ -22,9 +22,9 @@ import train_deep_sdf
 import train_svr
 from lib import experiment
 from lib.datasets import SdfSamples, read_split, scene_batches
-from lib.gradient_check import check_gradients
+from lib.layer.gradient_check import check_gradients
 from lib.isosurface import MODES, extract, same_mesh
-from lib.meshsdf import mesh_from_field, mesh_from_sdf
+from lib.layer import mesh_from_field, mesh_from_sdf
 from lib.metrics import genus, sample_surface
 from lib.models.decoder import Decoder
 from lib.render import look_at, normal_image, rasterize, silhouette

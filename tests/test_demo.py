@@ -234,7 +234,7 @@ def test_shipped_checkpoint_reproduces_the_real_meshes():
 
     from lib import experiment
     from lib.experiment.specs import load_specs
-    from lib.meshsdf import mesh_from_sdf
+    from lib.layer import mesh_from_sdf
     from lib.metrics import mesh_chamfer
     from lib.metrics import topology
     from lib.datasets.sampling import normalization, rotate_about_y

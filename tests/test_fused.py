@@ -190,7 +190,7 @@ def test_fused_halves_run_side_by_side_with_the_same_bits_as_in_order(monkeypatc
                         or real(sh, part, chunks))
 
     def grads(side_by_side, threads):
-        monkeypatch.setattr(runtime, "_CONCURRENT", side_by_side)
+        monkeypatch.setattr(runtime.SETTINGS, "concurrent", side_by_side)
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:

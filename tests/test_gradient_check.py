@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lib.gradient_check import check_gradients, format_report
+from lib.layer.gradient_check import check_gradients, format_report
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "experiments" / "bob_and_spot"

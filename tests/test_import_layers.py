@@ -61,3 +61,19 @@ def test_no_import_cycles_at_module_level():
 
     for m in sorted(graph):
         visit(m)
+
+
+def test_the_layer_never_imports_the_deepsdf_decoder_and_cpus_no_torch():
+    """lib/layer/ reaches a decoder's fast path through the decoder (``field_kernel``), never
+    through an import of lib.models; lib/runtime/cpus.py must run before torch loads."""
+    graph = _graph()
+    seen, stack = set(), [m for m in graph if m == "lib.layer" or m.startswith("lib.layer.")]
+    while stack:
+        m = stack.pop()
+        if m not in seen:
+            seen.add(m)
+            stack.extend(graph[m])
+    assert "lib.layer.sdf" in seen and "lib.runtime.threads" in seen   # the walk follows the layer's imports
+    assert not [m for m in seen if m.startswith("lib.models")]
+    for name in _imports(LIB / "runtime" / "cpus.py"):
+        assert name.split(".")[0] in sys.stdlib_module_names, name

@@ -1,16 +1,16 @@
-"""The frozen-decoder inference kernels (lib.models.kernels.inference) and their use by lib.meshsdf.
+"""The frozen-decoder inference kernels (lib.models.kernels.inference) and their use by lib.layer.sdf.
 
 The kernels must compute Decoder.forward's function in eval mode (values) and the
 gradient of sum_p s_p w.r.t. each input row (codes and xyz): checked against the decoder
 and autograd for several architectures, against finite differences in float64, and
-through the mesh layer against the autograd path it replaces (``_CodeField.use_kernels``).
+through the mesh layer against the autograd path it replaces (``mesh_from_sdf(..., kernel=False)``).
 """
 from pathlib import Path
 
 import pytest
 import torch
 
-from lib.meshsdf import _CodeField, mesh_from_sdf
+from lib.layer.sdf import _CodeField, mesh_from_sdf
 from lib.models.decoder import Decoder
 from lib.models.kernels.inference import InferenceKernel, values, values_and_input_grad
 
@@ -81,7 +81,7 @@ def test_halves_side_by_side_give_the_same_bits_and_the_reference(monkeypatch):
     import threading
 
     import lib.models.kernels.inference as inference
-    import lib.runtime as runtime
+    from lib import runtime
     dec = _decoder(next(iter(CONFIGS)))
     gen = torch.Generator().manual_seed(2)
     codes = torch.randn(2, 3, generator=gen)
@@ -107,9 +107,9 @@ def test_halves_side_by_side_give_the_same_bits_and_the_reference(monkeypatch):
     try:
         out = {}
         for side_by_side in (True, False):
-            monkeypatch.setattr(runtime, "_CONCURRENT", side_by_side)
-            out[side_by_side] = (values(prep, xyz, index, rows=64, side_by_side=100),
-                                 *values_and_input_grad(prep, xyz, index, rows=64, side_by_side=100))
+            with runtime.thread_settings(concurrent=side_by_side):
+                out[side_by_side] = (values(prep, xyz, index, rows=64, side_by_side=100),
+                                     *values_and_input_grad(prep, xyz, index, rows=64, side_by_side=100))
     finally:
         torch.set_num_threads(old)
     assert len(seen) == 2                                       # the halves ran on two threads
@@ -179,7 +179,7 @@ def test_kernels_refuse_what_they_do_not_compute():
 class _ForwardCounter:
     def __init__(self, module):
         self.calls = 0
-        module.register_forward_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+        self.hook = module.register_forward_hook(lambda *a: setattr(self, "calls", self.calls + 1))
 
 
 @pytest.fixture(scope="module")
@@ -198,24 +198,24 @@ def ring():
 
 
 @pytest.mark.parametrize("gradient", ["paper", "exact"])
-def test_mesh_layer_gradients_through_the_kernels_equal_the_autograd_path(ring, gradient, monkeypatch):
+def test_mesh_layer_gradients_through_the_kernels_equal_the_autograd_path(ring, gradient):
     dec, codes = ring
     w1 = torch.randn(3, generator=torch.Generator().manual_seed(3))
     out = {}
     for use in (True, False):
-        monkeypatch.setattr(_CodeField, "use_kernels", use)
-        counter = _ForwardCounter(dec) if use else None
+        counter = _ForwardCounter(dec)
         z = codes.clone().requires_grad_(True)
-        meshes = mesh_from_sdf(dec, z, 32, "sparse", gradient=gradient)  # B = 2: the indexed path
+        meshes = mesh_from_sdf(dec, z, 32, "sparse", gradient=gradient, kernel=use)  # B = 2: the indexed path
         w = torch.randn(3, generator=torch.Generator().manual_seed(4))
         loss = sum((m.verts * w).sum() + m.verts.pow(2).sum() for m in meshes)
         loss.backward()
         out[use] = ([m.faces for m in meshes], [m.verts.detach() for m in meshes],
                     [m.state.dl_ds for m in meshes], z.grad.clone())
-        if use:
-            assert counter.calls == 0  # extraction and backward went through the kernels, not forward
+        # extraction and backward went through the kernels, not forward; or through forward
+        assert (counter.calls == 0) == use
+        counter.hook.remove()
         single = codes[1].clone().requires_grad_(True)
-        m1 = mesh_from_sdf(dec, single, 32, "sparse", gradient=gradient)
+        m1 = mesh_from_sdf(dec, single, 32, "sparse", gradient=gradient, kernel=use)
         (m1.verts * w1).sum().backward()
         out[use] += (m1.faces, single.grad.clone())
     new, old = out[True], out[False]
@@ -250,7 +250,7 @@ def test_autograd_path_when_the_field_needs_a_graph(ring):
 
 
 @pytest.mark.parametrize("renderer", ["nr", "soft"])
-def test_demo_step_is_unchanged_by_the_kernels(ring, renderer, monkeypatch):
+def test_demo_step_is_unchanged_by_the_kernels(ring, renderer):
     """One demo step (bob_and_spot network, silhouette loss) from the same start: the same faces,
     vertices and per-vertex dL/ds within rounding, the same code update."""
     from lib.optimize import LatentOptimizer, SilhouetteLoss
@@ -263,9 +263,8 @@ def test_demo_step_is_unchanged_by_the_kernels(ring, renderer, monkeypatch):
     target = silhouette(t.verts, t.faces, cam, sigma=0)
     steps = {}
     for use in (True, False):
-        monkeypatch.setattr(_CodeField, "use_kernels", use)
         opt = LatentOptimizer(dec, codes[1], SilhouetteLoss(cam, target, loss="mse", renderer=renderer), lr=5e-2,
-                              resolution=40)
+                              resolution=40, kernel=use)
         steps[use] = (opt.step(), opt.latent.detach().clone())
     (a, za), (b, zb) = steps[True], steps[False]
     assert torch.equal(a.faces, b.faces) and a.faces.shape[0] > 1000
@@ -286,7 +285,7 @@ def test_kernels_on_cuda_equal_the_cpu():
         torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
 
 
-def test_consecutive_meshes_see_parameter_changes_even_through_data(ring, monkeypatch):
+def test_consecutive_meshes_see_parameter_changes_even_through_data(ring):
     """A parameter written between two meshes is seen by the next one, also when written
     through ``p.data`` (old-style SGD), which bumps no ``_version``: each mesh prepares its
     own weights."""
@@ -296,8 +295,7 @@ def test_consecutive_meshes_see_parameter_changes_even_through_data(ring, monkey
         first = mesh_from_sdf(dec, codes[0], 32, "sparse")
         dec.lin8.bias.data.add_(0.05)  # every value up: the surface shrinks
         new = mesh_from_sdf(dec, codes[0], 32, "sparse")
-        monkeypatch.setattr(_CodeField, "use_kernels", False)
-        old = mesh_from_sdf(dec, codes[0], 32, "sparse")
+        old = mesh_from_sdf(dec, codes[0], 32, "sparse", kernel=False)
     assert first.faces.shape != new.faces.shape or not torch.equal(first.faces, new.faces)
     assert torch.equal(new.faces, old.faces)
     torch.testing.assert_close(new.verts, old.verts, rtol=0, atol=1e-5)
@@ -306,9 +304,9 @@ def test_consecutive_meshes_see_parameter_changes_even_through_data(ring, monkey
 @pytest.mark.parametrize("gradient", ["paper", "exact"])
 def test_backward_of_a_loss_that_moves_some_vertices_equals_the_generic_rule(ring, gradient):
     """Only vertices with dL/dx != 0 are evaluated under the paper's rule: dL/ds (zero at the
-    others) and the code gradient equal the generic two-pass rule of lib.meshsdf, which
+    others) and the code gradient equal the generic two-pass rule of lib.layer.field, which
     evaluates every vertex (a field that is not recognised as a DeepSDF code field)."""
-    from lib.meshsdf import mesh_from_field
+    from lib.layer import mesh_from_field
 
     dec, codes = ring
     out = []
@@ -332,7 +330,7 @@ def test_backward_of_a_loss_that_moves_some_vertices_equals_the_generic_rule(rin
 @pytest.mark.parametrize("kernels", [True, False])
 def test_demo_step_runs_elementwise_work_on_one_thread_and_large_decoder_calls_on_all(ring, monkeypatch, kernels):
     """With sleeping OpenMP threads and 2 intra-op threads, a demo step runs inside
-    lib.runtime.elementwise_section: its loss on one thread, decoder calls of fewer than
+    lib.runtime.threads.elementwise_section: its loss on one thread, decoder calls of fewer than
     FEW_ROWS rows on that one thread too, larger ones on both, through the inference
     kernels or through the decoder's autograd forward alike."""
     import lib.models.kernels.inference as inference
@@ -351,7 +349,6 @@ def test_demo_step_runs_elementwise_work_on_one_thread_and_large_decoder_calls_o
         monkeypatch.setattr(inference, "values", lambda prep, xyz, index=None: seen["calls"].append(
             (xyz.shape[0], torch.get_num_threads())) or real_values(prep, xyz, index))
     else:
-        monkeypatch.setattr(_CodeField, "use_kernels", False)
         real_forward = dec.forward
         monkeypatch.setattr(dec, "forward", lambda rows: seen["calls"].append(
             (rows.shape[0], torch.get_num_threads())) or real_forward(rows))
@@ -368,7 +365,7 @@ def test_demo_step_runs_elementwise_work_on_one_thread_and_large_decoder_calls_o
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        opt = LatentOptimizer(dec, codes[1], Spy(), lr=5e-2, resolution=40)
+        opt = LatentOptimizer(dec, codes[1], Spy(), lr=5e-2, resolution=40, kernel=kernels)
         for _ in range(3):  # the warm steps make small calls
             opt.step()
             assert torch.get_num_threads() == 2

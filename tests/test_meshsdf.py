@@ -9,7 +9,7 @@ from torch import nn
 
 from lib.errors import MeshSDFError
 from lib.isosurface import extract, same_mesh
-from lib.meshsdf import field_device, mesh_from_field, mesh_from_sdf
+from lib.layer import field_device, mesh_from_field, mesh_from_sdf
 from lib.metrics import connected_components, genus
 from lib.models.decoder import Decoder
 from lib.models.decoder import sdf as decoder_sdf

@@ -6,7 +6,9 @@ import pytest
 
 MOVED = [("lib.models.fused", "lib.models.kernels.fused"),
          ("lib.models.inference", "lib.models.kernels.inference"),
-         ("lib.models.ops", "lib.models.kernels.elementwise")]
+         ("lib.models.ops", "lib.models.kernels.elementwise"),
+         ("lib.meshsdf", "lib.layer"),
+         ("lib.gradient_check", "lib.layer.gradient_check")]
 
 
 @pytest.mark.parametrize("old,new", MOVED)

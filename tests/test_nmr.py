@@ -182,12 +182,12 @@ def test_pair_chunks_and_reproducible_sums_do_not_change_the_gradient(monkeypatc
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grads[2], grads[0], rtol=1e-12, atol=1e-12)
     # the two axes side by side (lib.runtime.concurrently, 2 threads) or in order: the same bits
-    import lib.runtime as runtime
+    from lib import runtime
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         for side_by_side in (True, False):
-            monkeypatch.setattr(runtime, "_CONCURRENT", side_by_side)
+            monkeypatch.setattr(runtime.SETTINGS, "concurrent", side_by_side)
             vv = v.double().requires_grad_(True)
             (nr_silhouette(vv, f, cam) - target).square().sum().backward()
             grads.append(vv.grad)

@@ -359,7 +359,7 @@ def test_zbuffer_halves_side_by_side_give_the_whole_face_index(monkeypatch):
     """The packed z-buffer split into two halves of the faces, run side by side (2 threads),
     gives the face index of one pass over all faces, ties between the halves included
     (duplicated faces land in different halves)."""
-    import lib.runtime as runtime
+    from lib import runtime
     v, f = _soup(300, 4)
     cams = look_at([10, 200], [15, -20], 3.0, image_size=(61, 67))
     old = torch.get_num_threads()
@@ -367,7 +367,7 @@ def test_zbuffer_halves_side_by_side_give_the_whole_face_index(monkeypatch):
     try:
         whole = face_index(v, f, cams, settings=RenderSettings(split_faces=10 ** 9))
         halves = face_index(v, f, cams, settings=RenderSettings(split_faces=1))
-        monkeypatch.setattr(runtime, "_CONCURRENT", False)
+        monkeypatch.setattr(runtime.SETTINGS, "concurrent", False)
         in_order = face_index(v, f, cams, settings=RenderSettings(split_faces=1))
     finally:
         torch.set_num_threads(old)

@@ -1,10 +1,11 @@
-"""The thread policy (lib.cpus, lib.runtime.apply_thread_policy): cores, quotas, the knob."""
+"""The thread policy (lib.runtime.cpus, lib.runtime.threads): cores, quotas, the knob, ThreadSettings."""
 import os
 
 import pytest
 import torch
 
-from lib import cpus, runtime
+from lib import runtime
+from lib.runtime import cpus
 from lib.errors import MeshSDFError
 
 
@@ -139,8 +140,10 @@ def test_concurrently_runs_in_order_on_one_thread_nested_or_switched_off(monkeyp
         # a section inside a section runs in order where it is (no deadlock, no third thread)
         inner = runtime.concurrently([lambda: runtime.concurrently([here, here]), here])
         assert inner[0] == [me, me] and inner[1] != me
-        monkeypatch.setattr(runtime, "_CONCURRENT", False)
-        assert runtime.concurrently([here, here]) == [me, me]
+        with runtime.thread_settings(concurrent=False):
+            assert runtime.concurrently([here, here]) == [me, me]
+        assert runtime.SETTINGS.concurrent                 # restored on the way out
+        assert runtime.concurrently([here, here])[1] != me
     finally:
         torch.set_num_threads(old)
 
@@ -212,9 +215,19 @@ def test_elementwise_section_changes_nothing_where_it_cannot_help(monkeypatch, t
         torch.set_num_threads(1)
     elif case == "cuda":
         device = torch.device("cuda")
-    else:
-        monkeypatch.setattr(runtime, "_ONE_THREAD", False)
     before = torch.get_num_threads()
-    with runtime.elementwise_section(device):
-        assert torch.get_num_threads() == before
+    with runtime.thread_settings(one_thread=case != "switched off"):
+        with runtime.elementwise_section(device):
+            assert torch.get_num_threads() == before
     assert torch.get_num_threads() == before
+
+
+def test_thread_settings_refuse_an_unknown_name_and_restore_after_an_error():
+    with pytest.raises(MeshSDFError, match="concurent"):
+        with runtime.thread_settings(concurent=False):
+            pass
+    with pytest.raises(ValueError, match="inside"):
+        with runtime.thread_settings(concurrent=False, one_thread=False):
+            assert not runtime.SETTINGS.concurrent and not runtime.SETTINGS.one_thread
+            raise ValueError("inside")
+    assert runtime.SETTINGS == runtime.ThreadSettings()

@@ -47,7 +47,7 @@ class ExtractionState:
         peak_points: the most grid values held at once (sparse: value slots of the block
             pool at its largest, 512 per 8^3 block; a warm call starts with that many).
         level: the level set extracted.
-        dl_ds: per-vertex dL/ds (V,) written by the backward pass of :mod:`lib.meshsdf`
+        dl_ds: per-vertex dL/ds (V,) written by the backward pass of :mod:`lib.layer.field`
             (None before a backward).
     """
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from lib.errors import MeshSDFError
 from lib.models.kernels.fused import FusedPlan, LayerPlan, default_chunk, fused_clamped_l1
-from lib.models.kernels.inference import default_rows
+from lib.models.kernels.inference import InferenceKernel, default_rows
 from lib.models.kernels.elementwise import (dropout_mask, effective_dropout_prob, new_seed,  # noqa: F401
                                             positional_encoding)
 
@@ -207,6 +207,12 @@ class Decoder(nn.Module):
             return None
         plans = tuple(LayerPlan(p.x, p.lat, p.pe, False) for p in self.layer_plans)
         return FusedPlan(plans, self.fourier_degree, self.use_tanh, 0.0, default_rows(device))
+
+    def field_kernel(self) -> InferenceKernel:
+        """The fast path the mesh layer asks a decoder for (``lib.layer.sdf``): a new
+        ``InferenceKernel`` of this decoder (values and input gradients without autograd), whose
+        ``supported(device)`` says where it computes the decoder's current function."""
+        return InferenceKernel(self)
 
     def clamped_l1_loss(self, codes: torch.Tensor, xyz: torch.Tensor, sdf: torch.Tensor, clamp: float) -> torch.Tensor:
         """The training loss by the fused forward + backward of ``lib.models.kernels.fused``.

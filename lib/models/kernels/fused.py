@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from ...runtime import concurrently
+from ...runtime.threads import concurrently
 from .elementwise import ChunkDropout, positional_encoding
 
 __all__ = ["FusedPlan", "LayerPlan", "WeightBlocks", "chunk_halves", "default_chunk", "fused_clamped_l1",

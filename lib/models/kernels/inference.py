@@ -20,7 +20,7 @@ chunk and call, so the hot loop allocates nothing; and, as in the fused training
 The functions compute the same function as ``Decoder.forward`` in eval mode (same values
 and input gradients up to float rounding: the code's contribution is summed in another
 order).  They never build an autograd graph; the caller puts autograd around them where
-gradients must flow on (``lib.meshsdf``).
+gradients must flow on (``lib.layer.sdf``).
 
 Entry points: ``InferenceKernel(decoder)`` (weights prepared once per parameter version),
 ``values`` and ``values_and_input_grad``.  A decoder qualifies when
@@ -35,8 +35,8 @@ from typing import Sequence
 
 import torch
 
-from ...cpus import openmp_threads_sleep
-from ...runtime import concurrently
+from ...runtime.cpus import openmp_threads_sleep
+from ...runtime.threads import FEW_ROWS, concurrently
 from .elementwise import PE_PI
 from .fused import FusedPlan, WeightBlocks
 
@@ -235,11 +235,7 @@ def _setup(prep: _Prepared, xyz: torch.Tensor, index, rows: int | None):
 
 
 SIDE_BY_SIDE = 2048    # default ``side_by_side``: from this many rows the chunks run as two halves side by side
-# Below this many rows a decoder call inside a ``lib.runtime.elementwise_section`` (the demo
-# step, with sleeping OpenMP threads) stays on its one thread; from it, it gets the process's
-# threads (``lib.meshsdf._CodeField.threads``, kernel or autograd alike): below it a second
-# thread costs more to wake than it saves.
-FEW_ROWS = 1024
+# FEW_ROWS (re-exported): the thread policy's bound for decoder calls, :mod:`lib.runtime.threads`
 
 
 def _plan(p: int, rows: int, device, side_by_side: int = SIDE_BY_SIDE) -> tuple[int, list]:
@@ -248,7 +244,7 @@ def _plan(p: int, rows: int, device, side_by_side: int = SIDE_BY_SIDE) -> tuple[
     Rows per chunk: at most ``rows``, the p rows split evenly (no short last chunk, whose
     small GEMMs would run below the others' rate).  On a CPU whose idle OpenMP threads sleep
     (the thread policy's default) and from ``side_by_side`` rows, the chunks are an even
-    number and come as two ranges, which ``lib.runtime.concurrently`` runs side by side,
+    number and come as two ranges, which ``lib.runtime.threads.concurrently`` runs side by side,
     each on half the intra-op threads: on 2 cores one, so no OpenMP team to wake and join at
     every layer.  Not with busy-waiting threads, whose spinning competes with the second
     thread (benchmarks/contention.py runs the demo under both policies).  The chunks are the same

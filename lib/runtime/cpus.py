@@ -3,7 +3,7 @@
 Why a module of its own: OpenMP reads its wait policy once, when torch's OpenMP runtime
 is loaded (``import torch``), so it must be set by code that runs before torch is
 imported.  ``lib/__init__.py`` calls :func:`prepare_openmp_env`; the thread count itself
-is chosen later by ``lib.runtime.apply_thread_policy`` at the top of each script's main.
+is chosen later by :func:`lib.runtime.threads.apply_thread_policy` at the top of each script's main.
 
 The knob (README "Threads and busy machines"):
 
@@ -21,6 +21,9 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+
+__all__ = ["ENV", "ThreadSetting", "affinity_cores", "cgroup_cpu_limit", "choose_threads", "openmp_threads_sleep",
+           "prepare_openmp_env", "thread_setting", "usable_cores"]
 
 ENV = "MESHSDF_THREADS"
 
@@ -57,9 +60,9 @@ def prepare_openmp_env(environ=None) -> bool:
     Must run before torch is imported to take effect (OpenMP reads it when it loads).  By
     default GNU OpenMP spins ~300,000 pause instructions (milliseconds) after every parallel
     region before sleeping; next to another CPU-bound process those spins take the CPU from
-    the very thread the team waits for (measured: a demo iteration 3x slower, training
-    epochs 6x).  Leaves everything alone with ``MESHSDF_THREADS=off``, a malformed value
-    (reported later by ``lib.runtime.apply_thread_policy``), or when ``OMP_WAIT_POLICY`` /
+    the very thread the team waits for (benchmarks/contention.py measures it).  Leaves
+    everything alone with ``MESHSDF_THREADS=off``, a malformed value (reported later by
+    :func:`lib.runtime.threads.apply_thread_policy`), or when ``OMP_WAIT_POLICY`` /
     ``GOMP_SPINCOUNT`` / ``KMP_BLOCKTIME`` is already set.  Returns whether it set it.
     """
     env = os.environ if environ is None else environ
@@ -145,8 +148,8 @@ def choose_threads(cores: int, max_threads: int | None = None) -> int:
     """Intra-op threads for ``cores`` usable cores: one per core, at most ``max_threads``
     (for work too small to split well), at least 1.
 
-    Not fewer for cores that other processes keep busy: on a crowded 2-core machine (load
-    ~12) runs that gave those up were 1.1-3.3x slower than torch's defaults, since the
+    Not fewer for cores that other processes keep busy: runs that gave those up were slower
+    than torch's defaults on a crowded machine (benchmarks/contention.py), since the
     scheduler shares cores among threads, not processes; with idle threads sleeping
     (``prepare_openmp_env``) a competitor costs about its fair share anyway.
     """

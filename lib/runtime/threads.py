@@ -1,70 +1,67 @@
-"""Run-time choices of a process: the device, CPU threads, random seeds and RNG states, and
-independent CPU work run side by side (:func:`concurrently`)."""
+"""CPU threads of a process: the thread policy (how many intra-op threads), independent CPU
+work run side by side (:func:`concurrently`), and one-thread sections for elementwise work
+(:func:`elementwise_section`, :func:`all_threads`).
+
+Speed-only switches live in :data:`SETTINGS` (a :class:`ThreadSettings`), changed for a
+block with :func:`thread_settings`: none changes a result, only speed.
+"""
 from __future__ import annotations
 
 import os
-import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 
-from lib import cpus
-from lib.errors import MeshSDFError
+from ..errors import MeshSDFError
+from . import cpus
+
+__all__ = ["FEW_ROWS", "SETTINGS", "ThreadSettings", "all_threads", "apply_thread_policy", "concurrently",
+           "elementwise_section", "thread_policy_summary", "thread_settings"]
 
 
-def choose_device(name: str | None = None) -> torch.device:
-    """``None``/``"auto"`` -> cuda if available else cpu; ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+@dataclass
+class ThreadSettings:
+    """Speed-only switches of this module; the results are the same bits either way.
 
-    Raises MeshSDFError for an unknown name or an unavailable CUDA device.
+    concurrent: :func:`concurrently` runs its tasks side by side (default True); False runs
+        them in order in the calling thread (e.g. to time or compare the two).
+    one_thread: :func:`elementwise_section` drops to one intra-op thread (default True);
+        False makes it change nothing.
     """
-    if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    concurrent: bool = True
+    one_thread: bool = True
+
+
+# the process's settings: read at every call, so a change applies to the next call
+SETTINGS = ThreadSettings()
+
+
+@contextmanager
+def thread_settings(**changes: bool) -> Iterator[ThreadSettings]:
+    """Change fields of :data:`SETTINGS` for the enclosed block, restored afterwards.
+
+    Args:
+        changes: field name -> value, e.g. ``thread_settings(concurrent=False)``.
+    Returns:
+        a context manager yielding :data:`SETTINGS`.  Raises MeshSDFError for an unknown field.
+    """
+    known = {f.name for f in fields(ThreadSettings)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise MeshSDFError(f"thread_settings: unknown setting(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
+    saved = {k: getattr(SETTINGS, k) for k in changes}
+    for k, v in changes.items():
+        setattr(SETTINGS, k, bool(v))
     try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise MeshSDFError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MeshSDFError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise MeshSDFError(f"device {name!r} does not exist: this machine has "
-                               f"{torch.cuda.device_count()} CUDA device(s)")
-        return dev
-    raise MeshSDFError(f"unsupported device {name!r}; use cpu, cuda, cuda:N or auto")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (all devices) random generators."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def rng_state(*generators: torch.Generator) -> dict:
-    """torch CPU (+ CUDA) default generator states and those of ``generators``: weights_only-safe."""
-    state = {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in generators]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping, *generators: torch.Generator) -> None:
-    """Restore what ``rng_state`` saved (CUDA states only when CUDA is in use here too)."""
-    torch.set_rng_state(state["torch"])
-    for g, s in zip(generators, state.get("generators", [])):
-        g.set_state(s)
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-
-
+        yield SETTINGS
+    finally:
+        for k, v in saved.items():
+            setattr(SETTINGS, k, v)
 
 
 # what apply_thread_policy chose, for the summary line
@@ -72,13 +69,19 @@ _POLICY: dict = {}
 
 
 def apply_thread_policy(max_threads: int | None = None, environ=None) -> int:
-    """Set torch's intra-op thread count by the policy of ``lib.cpus``; returns the count in use.
+    """Set torch's intra-op thread count by the policy of :mod:`.cpus`; returns the count in use.
 
     Call once at the top of a script's main, before heavy work.  ``MESHSDF_THREADS``: auto
     (default: one thread per core this process may use, i.e. its affinity mask capped by
     its cgroup CPU quota), a number N, or off (torch's defaults).  An explicit
     ``OMP_NUM_THREADS`` wins over auto (torch has applied it already).  ``max_threads`` caps
     auto for small work.  Raises MeshSDFError for a malformed ``MESHSDF_THREADS``.
+
+    Args:
+        max_threads: upper bound on the auto count (default None: none).
+        environ: the environment to read (default ``os.environ``).
+    Returns:
+        the intra-op thread count in use.
     """
     env = os.environ if environ is None else environ
     try:
@@ -108,7 +111,6 @@ def thread_policy_summary() -> str:
 
 
 # ------------------------------------------------------------- side-by-side CPU work
-_CONCURRENT = True             # private switch: False = concurrently() runs its tasks in order (tests, benchmarks)
 _SECTION = threading.Lock()    # one concurrent section at a time in the process
 _POOL: dict = {}               # pid -> (workers, ThreadPoolExecutor); a forked child makes its own
 
@@ -124,13 +126,19 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 def _run_on_worker(task: Callable, grad: bool, threads: int):
-    torch.set_num_threads(threads)   # this thread's OpenMP team (about 0.4 us); the caller restores the process's
+    torch.set_num_threads(threads)   # this thread's OpenMP team (cheap); the caller restores the process's
     with torch.set_grad_enabled(grad):
         return task()
 
 
 def concurrently(tasks: Sequence[Callable], device=None) -> list:
     """The results of the zero-argument callables ``tasks``, run side by side on the CPU.
+
+    Args:
+        tasks: zero-argument callables, independent of one another.
+        device: where their tensors live (default None: the CPU); not a CPU: in order.
+    Returns:
+        their results, in the order of ``tasks``.
 
     Why: most of a demo step is elementwise passes and gathers over 10^4 - 10^6 values,
     which a second OpenMP thread barely speeds up (waking it costs about as much as the
@@ -140,9 +148,8 @@ def concurrently(tasks: Sequence[Callable], device=None) -> list:
     and the others on a pool of worker threads, each task on max(1, k // len(tasks))
     intra-op threads (one each on 2 cores; 8 each for two tasks on 16, so that a
     many-core machine keeps its cores); the caller's thread count is restored afterwards.
-    Otherwise (one thread, a
-    CUDA device, a section already running in this process, or the private switch
-    ``_CONCURRENT`` off) they run in order in the calling thread.  Each task sees the
+    Otherwise (one thread, a CUDA device, a section already running in this process, or
+    ``SETTINGS.concurrent`` off) they run in order in the calling thread.  Each task sees the
     caller's grad mode.  Inside an :func:`elementwise_section` k is the process's count
     outside it, so the tasks still run side by side.  Tasks must not depend on one
     another's side effects; a task's exception is raised once all tasks have finished.
@@ -150,7 +157,7 @@ def concurrently(tasks: Sequence[Callable], device=None) -> list:
     now = torch.get_num_threads()
     threads = _section_threads() or now
     cpu = device is None or torch.device(device).type == "cpu"
-    if len(tasks) < 2 or threads < 2 or not cpu or not _CONCURRENT or not _SECTION.acquire(blocking=False):
+    if len(tasks) < 2 or threads < 2 or not cpu or not SETTINGS.concurrent or not _SECTION.acquire(blocking=False):
         return [t() for t in tasks]
     try:
         pool = _pool(len(tasks) - 1)
@@ -172,7 +179,11 @@ def concurrently(tasks: Sequence[Callable], device=None) -> list:
 
 
 # ------------------------------------------------------------- one-thread sections
-_ONE_THREAD = True            # private switch: False = elementwise_section() changes nothing (tests, benchmarks)
+# Below this many rows a decoder call inside an ``elementwise_section`` (the demo step, with
+# sleeping OpenMP threads) stays on the section's one thread; from it, it gets the process's
+# threads (``all_threads``), kernel or autograd alike: below it a second thread costs more to
+# wake than it saves.
+FEW_ROWS = 1024
 _LOCAL = threading.local()    # .threads: the count outside the calling thread's open section
 
 
@@ -191,16 +202,19 @@ def elementwise_section(device=None):
     values saves.  A demo step is mostly such passes (the sparse grid's bookkeeping,
     marching cubes, the rasterizer, the topology count), so it runs them on one thread and
     keeps the process's threads for the decoder's GEMMs (:func:`all_threads`, which the
-    decoder field of ``lib.meshsdf`` enters) and for independent work side by side
-    (:func:`concurrently`, which still uses the process's count).  Measured on 2 cores, sleeping threads, one
-    thread / two: a multiply of 4e4 - 3e5 floats 0.35 - 0.75 x, of 1e6 1.06 x; a demo step
-    0.95 x next to one competitor, 0.99 x quiet.  Changes nothing with busy-waiting threads
-    (``MESHSDF_THREADS=off``: torch's defaults, untouched by design), one thread, a CUDA
-    ``device``, inside a section already open, or with the private switch ``_ONE_THREAD`` off.
+    decoder field of ``lib.layer.sdf`` enters for calls of at least :data:`FEW_ROWS` rows)
+    and for independent work side by side (:func:`concurrently`, which still uses the
+    process's count); benchmarks/contention.py measures it.  Changes nothing with
+    busy-waiting threads (``MESHSDF_THREADS=off``: torch's defaults, untouched by design),
+    one thread, a CUDA ``device``, inside a section already open, or with
+    ``SETTINGS.one_thread`` off.
+
+    Args:
+        device: where the enclosed work's tensors live (default None: the CPU).
     """
     threads = torch.get_num_threads()
     cpu = device is None or torch.device(device).type == "cpu"
-    if (not _ONE_THREAD or threads < 2 or not cpu or _section_threads() is not None
+    if (not SETTINGS.one_thread or threads < 2 or not cpu or _section_threads() is not None
             or not cpus.openmp_threads_sleep()):
         yield
         return
@@ -216,7 +230,12 @@ def elementwise_section(device=None):
 @contextmanager
 def all_threads(enabled: bool = True):
     """The process's intra-op threads for the enclosed work (large GEMMs) inside an
-    :func:`elementwise_section`; elsewhere, or with ``enabled`` False, it changes nothing."""
+    :func:`elementwise_section`; elsewhere, or with ``enabled`` False, it changes nothing.
+
+    Args:
+        enabled: whether to give the work the process's threads (default True), e.g.
+            ``rows >= FEW_ROWS`` for a decoder call of ``rows`` rows.
+    """
     threads = _section_threads()
     if threads is None or not enabled:
         yield
