@@ -8,6 +8,10 @@ Prints one line per parameter group with the relative errors.
 """
 from __future__ import annotations
 
+from lib import cli
+
+cli.setup_process()  # first, before torch loads: OpenMP reads its wait policy once
+
 import argparse
 from pathlib import Path
 
@@ -15,7 +19,7 @@ import torch
 
 from lib import experiment, runtime
 from lib.experiment import limits
-from lib.errors import MeshSDFError, cli_main
+from lib.errors import MeshSDFError
 from lib.layer.gradient_check import check_gradients, format_report
 from lib.isosurface import MODES
 from lib.log import info
@@ -24,14 +28,14 @@ from lib.experiment.specs import load_specs
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("-e", "--experiment", required=True, help="experiment directory (specs.json, checkpoints)")
-    ap.add_argument("-c", "--checkpoint", default="latest", type=experiment.epoch_type("--checkpoint"),
+    cli.add_experiment(ap, "experiment directory (specs.json, checkpoints)")
+    ap.add_argument("-c", "--checkpoint", default="latest", type=cli.epoch_type("--checkpoint"),
                     metavar="latest|N", help="checkpoint to load (default latest)")
     ap.add_argument("--code", type=int, default=0, help="index of the training code to check at (default 0)")
     ap.add_argument("--resolution", type=int, default=256,
                     help="marching-cubes grid points per axis (default 256; the finite differences need a fine grid)")
     ap.add_argument("--mode", choices=MODES, default="sparse", help="extraction mode (default sparse)")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    cli.add_device(ap)
     args = ap.parse_args(argv)
     if args.resolution < 16:
         raise MeshSDFError(f"--resolution must be >= 16, got {args.resolution}")
@@ -65,4 +69,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    cli.cli_main(main)

@@ -8,18 +8,21 @@ loss.png under <experiment>/Optimizations/ (or --out).
 """
 from __future__ import annotations
 
+from lib import cli
+
+cli.setup_process()  # first, before torch loads: OpenMP reads its wait policy once
+
 import argparse
 import json
 from pathlib import Path
 
-import lib  # noqa: F401  (first, before torch loads: sets OpenMP's wait policy, lib/runtime/cpus.py)
 import torch
 
 from lib import experiment, runtime
 from lib.experiment import limits
 from lib.experiment.specs import load_specs, resolve_path
 from lib.datasets import read_split
-from lib.errors import MeshSDFError, cli_main
+from lib.errors import MeshSDFError
 from lib.io import GIF_MAX_FPS, GIF_MIN_FPS, atomic_write, save_gif, save_png, staged_dir, write_ply
 from lib.isosurface import MODES
 from lib.log import info
@@ -39,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(shaded), target_silhouette.png, initialization_silhouette.png, movie.gif (faces "
                     "coloured by dL/ds: red = the surface is pushed outwards, green = inwards), final.ply, "
                     "log.json, loss.png.")
-    ap.add_argument("-e", "--experiment", required=True, help="experiment folder with specs.json and a trained "
+    cli.add_experiment(ap, "experiment folder with specs.json and a trained "
                                                               "checkpoint (e.g. experiments/bob_and_spot)")
     ap.add_argument("--target", default="bob", help="training shape whose silhouette is the target (default bob)")
     ap.add_argument("--init", default="spot", help="training shape whose code is the start (default spot)")
@@ -61,9 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="silhouette renderer of the loss: nr (default, the original's: neural_renderer-style "
                          "hard silhouette with Kato et al.'s approximate gradient, in pure torch) or soft (our "
                          "option: soft rasteriser, its exact gradient)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    cli.add_device(ap)
     ap.add_argument("--out", default=None, help="output folder (default <experiment>/Optimizations)")
-    ap.add_argument("--checkpoint", default="latest", type=experiment.epoch_type("--checkpoint"), metavar="latest|N",
+    ap.add_argument("--checkpoint", default="latest", type=cli.epoch_type("--checkpoint"), metavar="latest|N",
                     help="checkpoint to load (default latest)")
     ap.add_argument("--outline", action="store_true",
                     help="draw the target silhouette's outline in white over the movie frames (default off: "
@@ -185,4 +188,4 @@ def optimise_demo(args, stage) -> int:
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    cli.cli_main(main)

@@ -3,11 +3,13 @@
 table, CSV and per-iteration curves."""
 from __future__ import annotations
 
+from lib import cli
+
+cli.setup_process()  # first, before torch loads: OpenMP reads its wait policy once
+
 import argparse
 import sys
 
-from lib import experiment
-from lib.errors import cli_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -21,8 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "folders not counted, our per-instance table (with mesh-space normal consistency as a labelled extra) and the "
                     "fraction of instances whose Chamfer refinement lowered; writes svr_metrics.txt, "
                     "svr_metrics.csv and svr_curves.png beside the instance folders.")
-    ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
-    ap.add_argument("-c", "--continue", dest="checkpoint", type=experiment.parse_epoch, default="latest",
+    cli.add_experiment(ap)
+    ap.add_argument("-c", "--continue", dest="checkpoint", type=cli.epoch_type("--continue"), default="latest",
                     metavar="latest|N", help="checkpoint whose reconstructions to read (default latest)")
     ap.add_argument("--out", default=None, metavar="DIR",
                     help="read the instance folders here instead of Reconstructions/<checkpoint>/ (as given to "
@@ -77,4 +79,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    cli.cli_main(main)

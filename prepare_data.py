@@ -30,6 +30,10 @@ Every file is written atomically; all inputs are checked before anything is writ
 """
 from __future__ import annotations
 
+from lib import cli
+
+cli.setup_process()  # first, before torch loads: OpenMP reads its wait policy once
+
 import argparse
 import json
 import re
@@ -39,7 +43,7 @@ import tempfile
 from multiprocessing import get_context
 from pathlib import Path
 
-from lib.errors import MeshSDFError, cli_main
+from lib.errors import MeshSDFError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -78,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "normalisation file then maps to the turned mesh.  The built-in bob_and_spot is turned "
                          "so already")
     ap.add_argument("--workers", type=int, default=1, help="meshes processed in parallel (default 1)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    cli.add_seed(ap)
     ap.add_argument("--resolution", type=int, default=192,
                     help="marching-cubes grid used to mesh built-in shapes (default 192)")
     ap.add_argument("--count", type=int, default=None,
@@ -357,4 +361,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    cli.cli_main(main)

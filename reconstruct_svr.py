@@ -3,11 +3,15 @@
 mesh -> silhouette refinement, per-iteration Chamfer and normal consistency."""
 from __future__ import annotations
 
+from lib import cli
+
+cli.setup_process()  # first, before torch loads: OpenMP reads its wait policy once
+
 import argparse
 
-from lib import experiment, runtime
+from lib import runtime
 from lib.experiment import limits
-from lib.errors import MeshSDFError, cli_main
+from lib.errors import MeshSDFError
 from lib.io import check_writable_folder
 from lib.log import info, progress
 
@@ -23,8 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "predicted.ply/.png/_silhouette.png, refined.ply/.png/_silhouette.png, log_silhouette.npy, "
                     "log_chd.npy, log_nc.npy, log_latent.npy; ours: log_iou.npy, meta.json). An instance whose "
                     "folder exists is skipped, so an interrupted run resumes.")
-    ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
-    ap.add_argument("-c", "--continue", dest="checkpoint", type=experiment.parse_epoch, default="latest",
+    cli.add_experiment(ap)
+    ap.add_argument("-c", "--continue", dest="checkpoint", type=cli.epoch_type("--continue"), default="latest",
                     metavar="latest|N", help="network checkpoint to use (default latest)")
     ap.add_argument("--resolution", type=int, default=None,
                     help="marching-cubes resolution (default: ReconstructionResolution of specs.json, 256)")
@@ -51,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="surface samples per mesh for the Chamfer distance (default: ChamferSamples, 10000)")
     ours.add_argument("--out", default=None, metavar="DIR",
                       help="write the instance folders here instead of Reconstructions/<checkpoint>/")
-    ours.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    cli.add_device(ours)
     return ap.parse_args(argv)
 
 
@@ -135,4 +139,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    cli.cli_main(main)

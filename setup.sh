@@ -18,10 +18,12 @@ echo "setup.sh: installing torch==2.13.0 (the CPU build where one is offered)"
 "$PY" -m pip install --disable-pip-version-check -q "torch==2.13.0"
 echo "setup.sh: installing requirements.txt"
 "$PY" -m pip install --disable-pip-version-check -q -r requirements.txt
+echo "setup.sh: installing this project as the package meshsdf (editable: lib/ is its source)"
+"$PY" -m pip install --disable-pip-version-check -q --no-deps -e .
 
 "$PY" - <<'PYCHECK'
 import importlib, sys
-mods = ["torch", "numpy", "scipy", "skimage", "trimesh", "igl", "plyfile", "imageio", "PIL", "matplotlib", "tqdm", "pytest"]
+mods = ["torch", "numpy", "scipy", "skimage", "trimesh", "igl", "plyfile", "imageio", "PIL", "matplotlib", "tqdm", "pytest", "meshsdf"]
 bad = []
 for m in mods:
     try:

@@ -7,6 +7,10 @@ Exit status: 0 done, 2 user error, 143 stopped by SIGTERM/SIGUSR1 and 130 by Ctr
 """
 from __future__ import annotations
 
+from lib import cli
+
+cli.setup_process()  # first, before torch loads: OpenMP reads its wait policy once
+
 import argparse
 
 from lib import experiment, runtime
@@ -14,7 +18,7 @@ from lib.experiment import limits
 from lib.training import distributed
 from lib.experiment.specs import load_specs, resolve_path
 from lib.datasets import SdfSamples, read_split
-from lib.errors import MeshSDFError, cli_main
+from lib.errors import MeshSDFError
 from lib.log import info
 from lib.training import reconstruct_training_shapes, train_auto_decoder
 
@@ -24,8 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Train a DeepSDF auto-decoder on the TrainSplit of <experiment>/specs.json. Writes "
                     "ModelParameters/, OptimizerParameters/, LatentCodes/, Logs.pth and "
                     "Reconstructions/<instance>.ply into the experiment folder.")
-    ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
-    ap.add_argument("-c", "--continue", dest="resume", type=experiment.parse_epoch, default=None,
+    cli.add_experiment(ap)
+    ap.add_argument("-c", "--continue", dest="resume", type=cli.epoch_type("--continue"), default=None,
                     metavar="latest|N", help="resume from the 'latest' checkpoint (starts from scratch when there "
                                              "is none yet, so it is safe in restart loops; a model without "
                                              "optimizer state resumes with a fresh optimizer) or snapshot epoch N "
@@ -35,9 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "into <experiment>/Backups/<time>/, not deleted, once every input is checked (without "
                          "this flag or --continue, such "
                          "an experiment is left untouched)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available; under "
+    cli.add_device(ap, "cpu, cuda, cuda:N or auto (default: cuda if available; under "
                                                    "torchrun, process k uses cuda:LOCAL_RANK)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed (default 0; a resumed run restores "
+    cli.add_seed(ap, "random seed (default 0; a resumed run restores "
                                                          "the checkpoint's RNG state instead)")
     ap.add_argument("--epochs", type=int, default=None, help="train up to this epoch instead of NumEpochs")
     ap.add_argument("--no-reconstruct", action="store_true", help="skip writing Reconstructions/*.ply")
@@ -96,4 +100,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    cli.cli_main(main)

@@ -7,13 +7,17 @@ SIGTERM/SIGUSR1 after saving ``latest``.
 """
 from __future__ import annotations
 
+from lib import cli
+
+cli.setup_process()  # first, before torch loads: OpenMP reads its wait policy once
+
 import argparse
 import contextlib
 
 from lib import experiment, runtime
 from lib.experiment import limits
 from lib.training import distributed
-from lib.errors import MeshSDFError, cli_main
+from lib.errors import MeshSDFError
 from lib.log import info
 
 
@@ -27,14 +31,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "epoch the TestSplit's SDF loss is logged (networks in eval mode). Writes "
                     "ModelParameters/encoder_<e>.pth and decoder_<e>.pth, OptimizerParameters/<e>.pth and "
                     "Logs.pth (loss_sdf, loss_sdf_test) into the experiment folder.")
-    ap.add_argument("-e", "--experiment", required=True, help="experiment folder holding specs.json")
-    ap.add_argument("-c", "--continue", dest="resume", type=experiment.parse_epoch, default=None,
+    cli.add_experiment(ap)
+    ap.add_argument("-c", "--continue", dest="resume", type=cli.epoch_type("--continue"), default=None,
                     metavar="latest|N", help="resume from the 'latest' checkpoint (starts from scratch when there "
                                              "is none yet, so it is safe in restart loops) or snapshot epoch N "
                                              "(refused while a newer epoch exists, which it would overwrite)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available; under "
+    cli.add_device(ap, "cpu, cuda, cuda:N or auto (default: cuda if available; under "
                                                    "torchrun, process k uses cuda:LOCAL_RANK)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed (default 0; a resumed run restores "
+    cli.add_seed(ap, "random seed (default 0; a resumed run restores "
                                                          "the checkpoint's RNG state instead)")
     ap.add_argument("--epochs", type=int, default=None, help="train up to this epoch instead of NumEpochs")
     ap.add_argument("--overwrite", action="store_true",
@@ -98,4 +102,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    cli.cli_main(main)

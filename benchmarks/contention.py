@@ -43,7 +43,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import lib  # noqa: E402,F401  (before torch: OpenMP reads its wait policy when it loads)
+from lib import cli  # noqa: E402
+
+cli.setup_process()  # before torch loads, as the scripts: OpenMP reads its wait policy once
 
 COMPETITOR = "while True: pass"
 

@@ -35,7 +35,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import lib  # noqa: E402,F401  (before torch loads, as the scripts: OpenMP's wait policy, lib/runtime/cpus.py)
+from lib import cli  # noqa: E402
+
+cli.setup_process()  # before torch loads, as the scripts: OpenMP reads its wait policy once
 
 MODES = ("dense", "sparse", "fast")
 

@@ -35,7 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import lib  # noqa: E402,F401  (before torch: OpenMP's wait policy)
+from lib import cli  # noqa: E402
+
+cli.setup_process()  # before torch loads, as the scripts: OpenMP reads its wait policy once
 import torch  # noqa: E402
 
 

@@ -24,7 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lib  # noqa: E402,F401  (before torch: OpenMP reads its wait policy when it loads)
+from lib import cli  # noqa: E402
+
+cli.setup_process()  # before torch loads, as the scripts: OpenMP reads its wait policy once
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from lib.errors import MeshSDFError
+from .errors import MeshSDFError
 
 
 def require_file(path: str | os.PathLike, what: str, fix: str = "") -> Path:
@@ -365,7 +365,7 @@ def staged_dir(out: str | os.PathLike, owned: bool = False) -> Iterator[StagedDi
     ``<experiment>/Optimizations``, whose earlier contents are its own by definition): a
     mistyped ``--out .`` never moves the user's folder aside.
     """
-    from lib.log import info
+    from .log import info
 
     out = Path(os.path.abspath(out))
     root = _staging_root(out)

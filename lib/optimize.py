@@ -32,12 +32,12 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
-from lib.errors import MeshSDFError
-from lib.isosurface import MODES, ExtractionState
-from lib.log import info, progress
-from lib.layer import GRADIENTS, mesh_from_sdf
-from lib.metrics import topology
-from lib.runtime.threads import elementwise_section
+from .errors import MeshSDFError
+from .isosurface import MODES, ExtractionState
+from .log import info, progress
+from .layer import GRADIENTS, mesh_from_sdf
+from .metrics import topology
+from .runtime.threads import elementwise_section
 
 from .render import SVR_EPS, SVR_SIGMA, Camera, face_index, nr_silhouette, silhouette
 

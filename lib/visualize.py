@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from lib.io import atomic_write
+from .io import atomic_write
 
 from .render import Camera, face_index, nr_face_rgb
 

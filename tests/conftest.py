@@ -4,8 +4,11 @@ from pathlib import Path
 
 import pytest
 
-import lib  # noqa: F401  (before torch: sets OpenMP's wait policy, lib/runtime/cpus.py)
-import torch
+from lib import cli
+
+cli.setup_process()  # before torch loads: OpenMP reads its wait policy once
+
+import torch  # noqa: E402
 
 os.environ.setdefault("MESHSDF_QUIET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

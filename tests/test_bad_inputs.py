@@ -1,7 +1,7 @@
 """User mistakes across every script: each must end with one ``script: error: ...`` line naming
 the file / key / flag, a non-zero exit, no traceback and no new or changed file.
 
-Most cases call the script's ``main(argv)`` through ``lib.errors.cli_main`` in this process
+Most cases call the script's ``main(argv)`` through ``lib.cli.cli_main`` in this process
 (the path ``python script.py`` takes, without paying for a new interpreter per case); a few
 run as real subprocesses to prove the exit status and the absence of a traceback end to end.
 """
@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib.errors import EXIT_USER_ERROR, cli_main
+from lib.cli import cli_main
+from lib.errors import EXIT_USER_ERROR
 from lib.io import save_png, write_obj
 from tests.test_distributed import tiny_experiment
 

@@ -218,7 +218,7 @@ def replace(src, dst):
 
 os.replace = replace
 import train_deep_sdf
-from lib.errors import cli_main
+from lib.cli import cli_main
 cli_main(lambda: train_deep_sdf.main(sys.argv[3:]))
 """
 

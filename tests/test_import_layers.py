@@ -1,4 +1,8 @@
-"""The package's import graph: lib/ops/ depends on nothing above it, and no module-level cycles."""
+"""The library's import graph: kernels depend on nothing above them, no cycles, relative imports only.
+
+Every import in a file counts, those inside functions too: an import hidden in a function is
+still a dependency.
+"""
 import ast
 import sys
 from pathlib import Path
@@ -11,41 +15,55 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+FILES = {_module(p): p for p in sorted(LIB.rglob("*.py"))}
+
+
 def _imports(path: Path) -> set[str]:
-    """Absolute names a module imports at module level (relative imports resolved)."""
+    """Absolute names a file imports anywhere (relative imports resolved; ``from . import x``
+    gives the submodule when x is one)."""
     name = _module(path)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     out = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(base + ([node.module] if node.module else []))
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
             else:
                 base = node.module
-            out |= {base} | {f"{base}.{a.name}" for a in node.names}
+            subs = {f"{base}.{a.name}" for a in node.names} & set(FILES)
+            out |= subs or {base}
     return out
 
 
 def _graph() -> dict[str, set[str]]:
-    files = {_module(p): p for p in LIB.rglob("*.py")}
-    return {m: {d for d in _imports(p) if d in files and d != m} for m, p in files.items()}
+    return {m: {d for d in _imports(p) if d in FILES and d != m} for m, p in FILES.items()}
+
+
+def test_lib_imports_itself_relatively():
+    """Relative imports only, so the same files import as ``lib`` (the scripts) and ``meshsdf`` (installed)."""
+    for mod, path in FILES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad = [n for n in names if n == "lib" or n.startswith("lib.")]
+            assert not bad, f"{path}:{node.lineno} imports {bad[0]} absolutely; use a relative import"
 
 
 def test_ops_imports_only_torch_numpy_the_standard_library_and_itself():
-    for path in (LIB / "ops").glob("*.py"):
-        for name in _imports(path):
-            top = name.split(".")[0]
-            assert (top in ("torch", "numpy") or top in sys.stdlib_module_names
-                    or name.startswith("lib.ops")), f"{path.name} imports {name}"
+    for mod, path in FILES.items():
+        if mod.startswith("lib.ops"):
+            for name in _imports(path):
+                top = name.split(".")[0]
+                assert (top in ("torch", "numpy") or top in sys.stdlib_module_names
+                        or name.startswith("lib.ops")), f"{path.name} imports {name}"
 
 
-def test_no_import_cycles_at_module_level():
-    graph = _graph()
+def test_no_import_cycles():
     # a package importing its own submodules is not a cycle: drop parent -> child edges
-    graph = {m: {d for d in deps if not d.startswith(m + ".")} for m, deps in graph.items()}
+    graph = {m: {d for d in deps if not d.startswith(m + ".")} for m, deps in _graph().items()}
     done, path = set(), []
 
     def visit(m):
@@ -63,9 +81,9 @@ def test_no_import_cycles_at_module_level():
         visit(m)
 
 
-def test_the_layer_never_imports_the_deepsdf_decoder_and_cpus_no_torch():
+def test_the_layer_never_imports_the_deepsdf_decoder():
     """lib/layer/ reaches a decoder's fast path through the decoder (``field_kernel``), never
-    through an import of lib.models; lib/runtime/cpus.py must run before torch loads."""
+    through an import of lib.models."""
     graph = _graph()
     seen, stack = set(), [m for m in graph if m == "lib.layer" or m.startswith("lib.layer.")]
     while stack:
@@ -75,5 +93,17 @@ def test_the_layer_never_imports_the_deepsdf_decoder_and_cpus_no_torch():
             stack.extend(graph[m])
     assert "lib.layer.sdf" in seen and "lib.runtime.threads" in seen   # the walk follows the layer's imports
     assert not [m for m in seen if m.startswith("lib.models")]
-    for name in _imports(LIB / "runtime" / "cpus.py"):
-        assert name.split(".")[0] in sys.stdlib_module_names, name
+
+
+def test_the_process_set_up_loads_no_torch():
+    """``lib.cli.setup_process`` must run before torch loads (OpenMP reads its wait policy once), so
+    importing lib.cli, and lib itself, loads no torch; it sets the policy only when called."""
+    import os
+    import subprocess
+
+    code = ("import os, sys; import lib, lib.cli; assert 'torch' not in sys.modules, 'torch loaded'; "
+            "assert 'OMP_WAIT_POLICY' not in os.environ; lib.cli.setup_process(); print(os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
+                                                             "MESHSDF_THREADS")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=LIB.parent, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "PASSIVE", r.stderr[-2000:]

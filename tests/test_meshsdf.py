@@ -1,7 +1,6 @@
 """The differentiable layer: analytic gradients, finite differences of re-extracted meshes,
 decoder weights, topology change."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -506,14 +505,3 @@ def test_warm_start_follows_a_surface_that_jumps_and_a_new_piece():
         assert st.warm and torch.equal(v, vd) and torch.equal(f, fd_)
     _, _, st = extract(ball((0.21, 0.0, 0.0)), 48, "sparse", state=extract(ball((0.2, 0, 0)), 48, "sparse")[2])
     assert st.evaluations < cold
-
-
-
-def test_readme_example_runs(capsys):
-    """The mesh_from_field example of the README, executed as written."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = text.split("<!-- readme-example: mesh_from_field -->")[1].split("```python\n", 1)[1].split("```", 1)[0]
-    scope = {}
-    exec(compile(block, "README.md", "exec"), scope)
-    assert "d(mean radius)/d(radius) = 1.00" in capsys.readouterr().out
-    assert scope["mesh"].faces.shape[0] > 0 and not scope["mesh"].verts.requires_grad

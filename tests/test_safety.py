@@ -17,7 +17,8 @@ import torch
 
 import train_deep_sdf
 from lib import experiment
-from lib.errors import MeshSDFError, cli_main
+from lib.cli import cli_main
+from lib.errors import MeshSDFError
 from lib.log import PlainProgress, progress
 from lib.datasets.sampling import split_by_sign, write_sdf_samples
 from tests.test_distributed import tiny_experiment

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib import experiment, runtime
+from lib import cli, experiment, runtime
 from lib.experiment.specs import Key, int_key, load_specs, resolve_path
 from lib.errors import MeshSDFError
 from lib.models.decoder import Decoder, decoder_from_specs
@@ -111,10 +111,10 @@ def test_choose_device():
 
 
 def test_parse_epoch():
-    assert experiment.parse_epoch("latest") == "latest" and experiment.parse_epoch("1000") == 1000
+    assert cli.parse_epoch("latest") == "latest" and cli.parse_epoch("1000") == 1000
     for bad in ("last", "0", "-3"):
         with pytest.raises(MeshSDFError, match="--continue"):
-            experiment.parse_epoch(bad)
+            cli.parse_epoch(bad)
 
 
 def _small():

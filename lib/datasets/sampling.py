@@ -242,7 +242,7 @@ def read_normalization(path: str | os.PathLike) -> Normalization:
     warning saying how to rewrite it, so that it is never applied with the wrong sign.
     Raises MeshSDFError naming the file when it is missing, unreadable or not finite.
     """
-    from lib.io import require_file
+    from ..io import require_file
 
     path = require_file(path, "normalisation file", "fix NormalizationPath in specs.json (null when the renders "
                         "were made in the frame of the SDF samples)")
@@ -263,7 +263,7 @@ def read_normalization(path: str | os.PathLike) -> Normalization:
         offset = -offset
         if path.parent not in _warned_old:
             _warned_old.add(path.parent)
-            from lib.log import warning
+            from ..log import warning
 
             warning(f"{path} (and its neighbours) use this project's old sign, offset = +centre; converted to "
                     "DeepSDF's (offset = -centre); rerun prepare_data.py to rewrite them")

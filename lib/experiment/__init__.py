@@ -13,9 +13,9 @@ The names below are re-exported so that callers write ``experiment.load_decoder_
 from . import limits  # noqa: F401  (a submodule callers reach as lib.experiment.limits)
 from .checkpoints import (BACKUPS_DIR, LATENT_CODES_DIR, LOGS_FILE, MODEL_PARAMS_DIR, OPTIMIZATIONS_DIR,
                           OPTIMIZER_PARAMS_DIR, RECONSTRUCTIONS_DIR, SVR_PARTS, check_same_epoch, checkpoint_path,
-                          epoch_type, load_checkpoint, load_decoder, load_decoder_and_codes, load_latent_codes,
+                          load_checkpoint, load_decoder, load_decoder_and_codes, load_latent_codes,
                           load_logs, load_model_state, load_svr_checkpoint, load_svr_networks, load_torch, logs_path,
-                          parse_epoch, read_while_saved, reconstructions_dir, record_epoch, save_checkpoint,
+                          read_while_saved, reconstructions_dir, record_epoch, save_checkpoint,
                           save_logs, save_svr_checkpoint, save_torch, saved_epochs, snapshot_epochs, svr_model_path,
                           svr_snapshot_epochs)
 from .lock import LOCK_FILE, ExperimentLock, active_writer, process_alive, process_start
@@ -30,7 +30,7 @@ __all__ = [
     "load_svr_specs", "validate_specs", "resolve_path",
     # layout and checkpoint files
     "MODEL_PARAMS_DIR", "OPTIMIZER_PARAMS_DIR", "LATENT_CODES_DIR", "LOGS_FILE", "RECONSTRUCTIONS_DIR",
-    "BACKUPS_DIR", "OPTIMIZATIONS_DIR", "SVR_PARTS", "parse_epoch", "epoch_type",
+    "BACKUPS_DIR", "OPTIMIZATIONS_DIR", "SVR_PARTS",
     "checkpoint_path", "svr_model_path", "logs_path", "reconstructions_dir", "snapshot_epochs",
     "svr_snapshot_epochs", "saved_epochs", "record_epoch", "save_torch", "load_torch", "save_checkpoint",
     "load_checkpoint", "load_model_state", "load_latent_codes", "load_decoder", "load_decoder_and_codes",

@@ -35,7 +35,6 @@ from .lock import active_writer
 __all__ = [
     "MODEL_PARAMS_DIR", "OPTIMIZER_PARAMS_DIR", "LATENT_CODES_DIR", "LOGS_FILE", "RECONSTRUCTIONS_DIR",
     "BACKUPS_DIR", "OPTIMIZATIONS_DIR", "SVR_PARTS", "WRITER_WAIT_S",
-    "parse_epoch", "epoch_type",
     "checkpoint_path", "svr_model_path", "logs_path", "reconstructions_dir",
     "snapshot_epochs", "svr_snapshot_epochs", "saved_epochs", "record_epoch",
     "save_torch", "load_torch",
@@ -53,31 +52,6 @@ RECONSTRUCTIONS_DIR = "Reconstructions"
 BACKUPS_DIR = "Backups"  # where --overwrite moves an earlier model (lib.experiment.writer.move_aside)
 OPTIMIZATIONS_DIR = "Optimizations"  # demo_optimizer.py's default output
 SVR_PARTS = ("encoder", "decoder")
-
-
-def parse_epoch(value: str | int, flag: str = "--continue") -> str | int:
-    """The value of the checkpoint flag ``flag``: "latest" or a positive epoch number.
-
-    Args:
-        value: "latest" or an epoch number (int, or its text from the command line).
-        flag: the flag named in the error (default "--continue").
-    Returns:
-        "latest" or the epoch (int >= 1).
-    """
-    if value == "latest":
-        return "latest"
-    try:
-        epoch = int(value)
-    except (TypeError, ValueError):
-        raise MeshSDFError(f"{flag} takes 'latest' or an epoch number, got {value!r}") from None
-    if epoch < 1:
-        raise MeshSDFError(f"{flag} epoch must be >= 1, got {epoch}")
-    return epoch
-
-
-def epoch_type(flag: str):
-    """argparse ``type=`` for the checkpoint flag ``flag`` (its errors name that flag)."""
-    return lambda value: parse_epoch(value, flag)
 
 
 # --------------------------------------------------------------------------- paths

@@ -11,10 +11,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from lib.errors import MeshSDFError
-from lib.models.kernels.fused import FusedPlan, LayerPlan, default_chunk, fused_clamped_l1
-from lib.models.kernels.inference import InferenceKernel, default_rows
-from lib.models.kernels.elementwise import (dropout_mask, effective_dropout_prob, new_seed,  # noqa: F401
+from ..errors import MeshSDFError
+from ..models.kernels.fused import FusedPlan, LayerPlan, default_chunk, fused_clamped_l1
+from ..models.kernels.inference import InferenceKernel, default_rows
+from ..models.kernels.elementwise import (dropout_mask, effective_dropout_prob, new_seed,  # noqa: F401
                                             positional_encoding)
 
 
@@ -268,7 +268,7 @@ class Decoder(nn.Module):
 
 def decoder_from_specs(specs) -> Decoder:
     """The ``deep_sdf_decoder`` of validated specs (lib.load_specs): CodeLength + NetworkSpecs."""
-    from lib.experiment import limits
+    from ..experiment import limits
 
     limits.check_decoder(specs["CodeLength"], specs["NetworkSpecs"]["dims"])  # before allocating the weights
     try:

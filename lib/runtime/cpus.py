@@ -1,11 +1,12 @@
 """The CPU cores this process may use and OpenMP's wait behaviour, without importing torch.
 
 Why a module of its own: OpenMP reads its wait policy once, when torch's OpenMP runtime
-is loaded (``import torch``), so it must be set by code that runs before torch is
-imported.  ``lib/__init__.py`` calls :func:`prepare_openmp_env`; the thread count itself
-is chosen later by :func:`lib.runtime.threads.apply_thread_policy` at the top of each script's main.
+is loaded (``import torch``), so it must be set by code that runs before torch is imported:
+``lib.cli.setup_process`` calls :func:`prepare_openmp_env` at the top of every script.  The
+thread count is chosen later by :func:`lib.runtime.threads.apply_thread_policy` in each
+script's main.
 
-The knob (README "Threads and busy machines"):
+The knob (docs/threads.md):
 
     MESHSDF_THREADS=auto   (default) one thread per core this process may use (affinity
                            mask, cgroup CPU quota), OpenMP threads sleep when idle
