@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .errors import MeshSDFError
+from .log import info
 
 
 def require_file(path: str | os.PathLike, what: str, fix: str = "") -> Path:
@@ -252,9 +253,9 @@ def save_gif(path: str | os.PathLike, frames: Sequence, fps: float = 10.0) -> No
     """Save frames (each (H, W[, 3]) float in [0, 1] or uint8) as a looping GIF, atomically.
 
     Each RGB frame gets its own 256-colour palette by Pillow's fast octree, without
-    dithering: about 10 ms per 512 x 512 frame, against ~30-90 ms for the median cut that
-    imageio's default applies (a tenth of the demo's time went into writing movie.gif).
-    Flat-shaded renders have few colours, so the palette loses little.
+    dithering: several times cheaper than the median cut of imageio's default, which made
+    writing movie.gif a visible part of the demo (benchmarks/demo.py).  Flat-shaded renders
+    have few colours, so the palette loses little.
     """
     from PIL import Image
 
@@ -365,8 +366,6 @@ def staged_dir(out: str | os.PathLike, owned: bool = False) -> Iterator[StagedDi
     ``<experiment>/Optimizations``, whose earlier contents are its own by definition): a
     mistyped ``--out .`` never moves the user's folder aside.
     """
-    from .log import info
-
     out = Path(os.path.abspath(out))
     root = _staging_root(out)
     if out.is_dir() and not owned:

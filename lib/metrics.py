@@ -8,22 +8,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .ops.mesh import weld_vertices
+
 
 def _np(a) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
 def merge_vertices(verts, faces, decimals: int = 6) -> tuple[np.ndarray, np.ndarray]:
-    """Weld vertices with equal coordinates (rounded to ``decimals``), e.g. along UV seams.
+    """Weld vertices with equal coordinates (rounded to ``decimals``, default 6), e.g. along UV seams.
 
-    Returns verts (V', 3) and faces (F', 3) with faces that became degenerate removed.
+    Returns verts (V', 3) float64 and faces (F', 3) int64 numpy arrays, with the faces that became
+    degenerate removed (``lib.ops.mesh.weld_vertices``, the one weld).
     """
-    v = _np(verts).astype(np.float64)
-    f = _np(faces).astype(np.int64)
-    _, first, inverse = np.unique(np.round(v, decimals), axis=0, return_index=True, return_inverse=True)
-    f = inverse.reshape(-1)[f]
-    keep = (f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 0] != f[:, 2])
-    return v[first], f[keep]
+    return weld_vertices(verts, faces, decimals=decimals, drop_degenerate=True)
 
 
 def _face_tensor(faces) -> torch.Tensor:

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MeshSDFError
+from ..io import atomic_write, require_file, write_obj
+from ..log import warning
 
 NORMALIZATION_BUFFER = 1.03
 
@@ -183,8 +185,6 @@ def split_by_sign(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def write_sdf_samples(path: str | os.PathLike, pos: np.ndarray, neg: np.ndarray) -> None:
     """Write a DeepSDF samples file (``pos``, ``neg`` arrays) atomically, creating its folder."""
-    from ..io import atomic_write
-
     with atomic_write(path, suffix=".tmp.npz") as tmp:
         np.savez(tmp, pos=pos, neg=neg)
 
@@ -199,8 +199,6 @@ def prepare_mesh(verts: np.ndarray, faces: np.ndarray, out_root: str | os.PathLi
     ``meshes/<instance>.obj`` (the normalised mesh, faces as given).  Returns a summary dict
     (instance, counts).  ``name`` is used in error messages (default: the instance).
     """
-    from ..io import write_obj
-
     name = name or instance
     verts = np.asarray(verts, dtype=np.float64)
     faces = np.asarray(faces, dtype=np.int64)
@@ -225,8 +223,6 @@ _warned_old: set = set()
 
 def write_normalization(path: str | os.PathLike, norm: Normalization) -> None:
     """Write ``offset`` (3,), ``scale`` () and the ``convention`` marker atomically (DeepSDF's keys)."""
-    from ..io import atomic_write
-
     with atomic_write(path, suffix=".tmp.npz") as tmp:
         np.savez(tmp, offset=np.asarray(norm.offset, dtype=np.float64), scale=np.float64(norm.scale),
                  convention=np.array(NORMALIZATION_CONVENTION))
@@ -242,8 +238,6 @@ def read_normalization(path: str | os.PathLike) -> Normalization:
     warning saying how to rewrite it, so that it is never applied with the wrong sign.
     Raises MeshSDFError naming the file when it is missing, unreadable or not finite.
     """
-    from ..io import require_file
-
     path = require_file(path, "normalisation file", "fix NormalizationPath in specs.json (null when the renders "
                         "were made in the frame of the SDF samples)")
     try:
@@ -263,8 +257,6 @@ def read_normalization(path: str | os.PathLike) -> Normalization:
         offset = -offset
         if path.parent not in _warned_old:
             _warned_old.add(path.parent)
-            from ..log import warning
-
             warning(f"{path} (and its neighbours) use this project's old sign, offset = +centre; converted to "
                     "DeepSDF's (offset = -centre); rerun prepare_data.py to rewrite them")
     return Normalization(offset=offset, scale=scale)

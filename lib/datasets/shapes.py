@@ -26,6 +26,7 @@ import math
 from typing import Callable, Sequence
 
 import torch
+from ..isosurface import extract_dense
 
 Vec3 = Sequence[float]
 
@@ -291,8 +292,6 @@ def mesh_shape(shape: Shape, resolution: int = 192, device=None) -> tuple[torch.
     Returns verts (V, 3) float32 and faces (F, 3) int64 CPU tensors, closed and outward
     wound when the shape lies strictly inside the box.
     """
-    from ..isosurface import extract_dense
-
     return extract_dense(shape, resolution, device=device)
 
 

@@ -27,6 +27,8 @@ from typing import Any, Callable, Mapping
 
 from ..errors import MeshSDFError
 from ..log import warning
+from ..models.encoder import NORMALIZATIONS, block_layout
+from ..models.kernels.elementwise import effective_dropout_prob
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,8 +92,6 @@ def int_list_key(minimum: int = 0, nonempty: bool = False, nullable: bool = Fals
 
 
 def _dropout_prob_key(v):
-    from ..models.kernels.elementwise import effective_dropout_prob
-
     if _is_num(v) and 0 <= v < 1 and effective_dropout_prob(v) < 1:
         return None
     return "must be a number >= 0 and <= 0.99998 (dropout masks resolve 1/65536 and cannot drop every unit)"
@@ -339,8 +339,6 @@ EXTRACTION_MODES = ("dense", "fast", "sparse")
 
 
 def _depth_key(v):
-    from ..models.encoder import block_layout
-
     if not _is_int(v):
         return "must be an integer 6n + 2 (e.g. 20; Bottleneck blocks from 44 on)"
     try:
@@ -351,8 +349,6 @@ def _depth_key(v):
 
 
 def _norm_type_key(v):
-    from ..models.encoder import NORMALIZATIONS
-
     return _choice_key(NORMALIZATIONS)(v)
 
 

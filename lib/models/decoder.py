@@ -16,6 +16,7 @@ from ..models.kernels.fused import FusedPlan, LayerPlan, default_chunk, fused_cl
 from ..models.kernels.inference import InferenceKernel, default_rows
 from ..models.kernels.elementwise import (dropout_mask, effective_dropout_prob, new_seed,  # noqa: F401
                                             positional_encoding)
+from ..experiment import limits
 
 
 class WeightNormLinear(nn.Module):
@@ -268,8 +269,6 @@ class Decoder(nn.Module):
 
 def decoder_from_specs(specs) -> Decoder:
     """The ``deep_sdf_decoder`` of validated specs (lib.load_specs): CodeLength + NetworkSpecs."""
-    from ..experiment import limits
-
     limits.check_decoder(specs["CodeLength"], specs["NetworkSpecs"]["dims"])  # before allocating the weights
     try:
         return Decoder(specs["CodeLength"], **specs["NetworkSpecs"])

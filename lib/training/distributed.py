@@ -39,6 +39,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import MeshSDFError
+from ..log import info
+from ..runtime import choose_device
 
 # 128 + SIGTERM: what a shell reports for a process killed by SIGTERM, so schedulers and
 # torchrun see an interrupted run (torchrun --max-restarts restarts it), never a finished one.
@@ -91,8 +93,6 @@ def env_ranks() -> tuple[int, int, int]:
 
 def _device_for_rank(name: str | None, local_rank: int) -> torch.device:
     """The device of one process of a multi-process job: cuda:LOCAL_RANK or the CPU."""
-    from ..runtime import choose_device
-
     if name is not None and name not in ("auto", "cpu", "cuda"):
         try:
             explicit_cuda = torch.device(name).type == "cuda"
@@ -120,8 +120,6 @@ def init_distributed(device: str | None = None) -> DistContext:
     """
     rank, world, local = env_ranks()
     if world == 1:
-        from ..runtime import choose_device
-
         return DistContext(0, 1, 0, choose_device(device), None)
     dev = _device_for_rank(device, local)
     backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -286,8 +284,6 @@ def check_global_batch(global_size: int, key: str = "ScenesPerBatch") -> None:
     """On rank 0, say so when a global batch of ``global_size`` (specs ``key``) leaves some ranks idle."""
     w = world_size()
     if global_size < w and is_main_process():
-        from ..log import info
-
         info(f"{key} {global_size} < {w} processes: some ranks get no scenes; raise {key} (the global batch) "
              "or use fewer processes")
 
@@ -373,8 +369,6 @@ def stop_status(ctx: DistContext, stopped: bool, epoch: int, guard: "PreemptionG
     """
     if stopped:
         if ctx.is_main:
-            from ..log import info
-
             info(f"stopped by {guard.reason} after epoch {epoch}; saved 'latest' (epoch {epoch}) in {exp_dir}; "
                  f"--continue latest resumes at epoch {epoch + 1}")
         return guard.exit_status
@@ -415,8 +409,6 @@ class PreemptionGuard:
             return
         self.received = signum
         if is_main_process():
-            from ..log import info
-
             again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             info(f"{signal.Signals(signum).name}: finishing this epoch, then saving 'latest' "
                  f"({again} again stops at once, losing the epochs since the last save)")

@@ -180,8 +180,8 @@ class _Partial:
         self._views: dict = {}
 
     def views(self, sh: _Shared, n: int):
-        """(activations, input gradients) of an n-row chunk; built once per n, since at ~4 us
-        per tensor operation even views count in this loop."""
+        """(activations, input gradients) of an n-row chunk; built once per n, since the per-operation
+        overhead of even a view counts in this loop (benchmarks/train_step.py)."""
         v = self._views.get(n)
         if v is None:
             acts = [buf[: n * w].view(n, w) for buf, w in zip(self._acts, sh.widths)]
