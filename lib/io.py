@@ -39,6 +39,16 @@ def write_error(path: str | os.PathLike, err: OSError) -> MeshSDFError:
     return MeshSDFError(f"cannot write {path}: {err.strerror or err}; check that the folder is writable")
 
 
+def cannot_write(folder: str | os.PathLike) -> str | None:
+    """Why a file cannot be created in the existing ``folder`` (the OS's reason), or None when one
+    can; tried with a temporary file that is gone at once."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as err:
+        return str(err.strerror or err)
+
+
 def check_writable_folder(folder: str | os.PathLike, flag: str = "--out") -> Path:
     """MeshSDFError unless ``folder`` is, or can be created as, a writable folder; creates nothing
     that stays.  ``flag``: the option that chooses another folder, named in the message."""
@@ -49,12 +59,9 @@ def check_writable_folder(folder: str | os.PathLike, flag: str = "--out") -> Pat
         if not p.is_dir():
             raise MeshSDFError(f"output folder {folder} cannot be made: {p} is a file; move it away or give "
                                f"{flag} a folder")
-        try:
-            with tempfile.TemporaryFile(dir=p):
-                pass
-        except OSError as err:
-            raise MeshSDFError(f"cannot write to {p}: {err.strerror or err}; make it writable or give {flag} "
-                               "a writable folder") from None
+        reason = cannot_write(p)
+        if reason is not None:
+            raise MeshSDFError(f"cannot write to {p}: {reason}; make it writable or give {flag} a writable folder")
         break
     return folder
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
 from ..errors import MeshSDFError
-from ..io import temporary_writer
+from ..io import cannot_write, temporary_writer
 from ..log import info
 from .checkpoints import (BACKUPS_DIR, LATENT_CODES_DIR, LOGS_FILE, MODEL_PARAMS_DIR, OPTIMIZATIONS_DIR,
                           OPTIMIZER_PARAMS_DIR, RECONSTRUCTIONS_DIR, SVR_PARTS, logs_path, record_epoch, saved_epochs)
@@ -41,13 +40,10 @@ def check_writable(exp_dir: str | os.PathLike) -> None:
         blocked = [p for p in ((*d.glob("*.pth"),) if d != exp_dir else (logs_path(exp_dir),)) if p.is_dir()]
         if blocked:
             raise MeshSDFError(f"{blocked[0]} is a folder where a checkpoint file is written; move it away")
-        if d.is_dir():
-            try:
-                with tempfile.TemporaryFile(dir=d):
-                    pass
-            except OSError as err:
-                raise MeshSDFError(f"cannot write to {d}: {err.strerror or err}; make the experiment folder "
-                                   "writable or copy it somewhere writable") from None
+        reason = cannot_write(d) if d.is_dir() else None
+        if reason is not None:
+            raise MeshSDFError(f"cannot write to {d}: {reason}; make the experiment folder writable or copy it "
+                               "somewhere writable")
 
 
 def remove_stale_temporaries(exp_dir: str | os.PathLike) -> list[Path]:
