@@ -20,9 +20,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "Stats:, Raw CHD, Refined CHD, Improvement in CHD %, Raw NC %, Refined NC %, Improvement in "
                     "NC % (Chamfer x1000 from squared-distance means, image-space normal consistency x100; raw = "
                     "iteration 0, refined = the last). Then notes on instances left out (no surface) and "
-                    "folders not counted, our per-instance table (with mesh-space normal consistency as a labelled extra) and the "
-                    "fraction of instances whose Chamfer refinement lowered; writes svr_metrics.txt, "
-                    "svr_metrics.csv and svr_curves.png beside the instance folders.")
+                    "folders not counted, our per-instance table (with mesh-space normal consistency as a "
+                    "labelled extra) and the fraction of instances whose Chamfer refinement lowered; writes "
+                    "svr_metrics.txt, svr_metrics.csv and svr_curves.png beside the instance folders.")
     cli.add_experiment(ap)
     ap.add_argument("-c", "--continue", dest="checkpoint", type=cli.epoch_type("--continue"), default="latest",
                     metavar="latest|N", help="checkpoint whose reconstructions to read (default latest)")

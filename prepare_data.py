@@ -312,7 +312,8 @@ def main(argv=None) -> int:
     for sub in ("samples", "meshes") + (("renders",) if views else ()):
         _check_writable(root / sub)
     tasks = [(kind, src, str(out), dataset, inst, args.samples, args.seed + i, args.resolution,
-              {"views": views, "image_size": args.image_size, "seed": 1_000_003 * (args.seed + 1) + i} if views else None,
+              {"views": views, "image_size": args.image_size, "seed": 1_000_003 * (args.seed + 1) + i}
+              if views else None,
               args.sample_mix, turns.get(inst, 0.0))
              for i, (kind, src, inst) in enumerate(sources)]
     bar = progress(total=len(tasks), desc=f"prepare {dataset}", unit="mesh")

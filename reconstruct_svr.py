@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--resolution", type=int, default=None,
                     help="marching-cubes resolution (default: ReconstructionResolution of specs.json, 256)")
     ap.add_argument("--iterations", type=int, default=None,
-                    help="refinement iterations T: T + 1 Adam steps and T + 1 log entries, as the original (default: RefinementIterations, 100)")
+                    help="refinement iterations T: T + 1 Adam steps and T + 1 log entries, as the original "
+                         "(default: RefinementIterations, 100)")
     ap.add_argument("--regularize", type=float, default=0.0,
                     help="weight w of w * mean(z^2) added to the refinement loss (default 0.0)")
     ours = ap.add_argument_group("options of this project (defaults are the original's protocol)")
@@ -89,7 +90,8 @@ def main(argv=None) -> int:
     num_views = specs["NumberOfViews"]
     bad = [v for v in args.views or [] if not 0 <= v < num_views]
     if bad:
-        raise MeshSDFError(f"view {bad[0]} does not exist: views are 0 .. {num_views - 1} (NumberOfViews in specs.json)")
+        raise MeshSDFError(f"view {bad[0]} does not exist: views are 0 .. {num_views - 1} "
+                           "(NumberOfViews in specs.json)")
     split_key = data.SPLIT_KEYS[args.split]
     instances = data.split_instances(specs, split_key)
     items = list(range(len(instances)))     # item index in split order: it seeds the protocol's view

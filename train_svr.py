@@ -82,8 +82,8 @@ def main(argv=None) -> int:
                                         map_location="cpu")
         claimed.clear()  # --overwrite: every input is valid, now the old model goes into Backups/
         if ctx.is_main:
-            info(f"training on {len(dataset)} instances x {specs['NumberOfViews']} views of {dataset.renders.image_size} px "
-                 f"on {ctx.where}")
+            info(f"training on {len(dataset)} instances x {specs['NumberOfViews']} views of "
+                 f"{dataset.renders.image_size} px on {ctx.where}")
         with distributed.PreemptionGuard() as guard:
             result = train_svr(args.experiment, specs, dataset, ctx.device, resume=args.resume, seed=args.seed,
                                num_epochs=args.epochs, should_stop=guard, test_set=test_set)

@@ -183,7 +183,8 @@ def main() -> int:
         for _ in range(args.repeat):
             m = whole_command(exp, r, args.iterations, args.device)
             print(f"{r:>8} {m['wall']:>10.1f} {m['loop']:>7.1f} {m['wall'] - m['loop']:>12.1f} "
-                  f"{m['steps'] / args.iterations:>7.3f} {m['genus0']:>3}->{m['genus']:<3} {m['iou']:>6.3f}   {m['load']}")
+                  f"{m['steps'] / args.iterations:>7.3f} {m['genus0']:>3}->{m['genus']:<3} {m['iou']:>6.3f}   "
+                  f"{m['load']}")
     print("  targets (the default renderer, 2 quiet cores): loop <= 20 s, command <= 30 s, genus 0 -> 1, IoU >= 0.95")
     if args.modes:
         modes(exp, args.iterations, args.device)

@@ -255,11 +255,12 @@ def main() -> int:
             if i:
                 missed += states["fast"].missed_vertices
                 vd, fd = res["dense"]
-                equal += all(torch.equal(res[m][0], vd) and torch.equal(res[m][1], fd) for m in ("sparse cold", "sparse warm"))
-                same = all(torch.equal(res[m][1], fd) and res[m][0].shape == vd.shape for m in ("sparse cold", "sparse warm"))
+                sparse = ("sparse cold", "sparse warm")
+                equal += all(torch.equal(res[m][0], vd) and torch.equal(res[m][1], fd) for m in sparse)
+                same = all(torch.equal(res[m][1], fd) and res[m][0].shape == vd.shape for m in sparse)
                 same_faces += same
                 if same:
-                    worst = max([worst] + [(res[m][0] - vd).abs().max().item() for m in ("sparse cold", "sparse warm")])
+                    worst = max([worst] + [(res[m][0] - vd).abs().max().item() for m in sparse])
         for name in modes:
             print(f"  {name:>11}: {totals[name] / k:7.3f} s/iteration, {evals[name] // k:>8} evaluations/iteration, "
                   f"{totals['dense'] / totals[name]:5.1f}x vs dense")

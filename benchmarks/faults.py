@@ -98,7 +98,8 @@ def check_resume_record(exp: Path) -> int:
         return 0
     specs = load_specs(exp)
     dec = decoder_from_specs(specs)
-    codes = make_latent_codes(len(read_split(specs["TrainSplit"])), specs["CodeLength"], TrainSettings.from_specs(specs))
+    codes = make_latent_codes(len(read_split(specs["TrainSplit"])), specs["CodeLength"],
+                              TrainSettings.from_specs(specs))
     opt = torch.optim.Adam([{"params": dec.parameters()}, {"params": codes.parameters()}])
     epoch, extra = experiment.load_checkpoint(exp, "latest", dec, opt, codes)
     assert "rng_state" in extra
@@ -203,7 +204,8 @@ def compare(exp: Path, ref: Path, epochs: int) -> str:
     a, b = experiment.load_decoder(exp, specs), experiment.load_decoder(ref, specs)
     w_diff = max(float((x - y).abs().max()) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     ok = loss_diff <= 1e-5 and w_diff <= 1e-5
-    return f"max |loss - uninterrupted| {loss_diff:.2e}, max |weight diff| {w_diff:.2e}: {'EQUAL' if ok else 'DIFFERENT'}"
+    return (f"max |loss - uninterrupted| {loss_diff:.2e}, max |weight diff| {w_diff:.2e}: "
+            f"{'EQUAL' if ok else 'DIFFERENT'}")
 
 
 def main() -> None:

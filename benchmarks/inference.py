@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     for k in ("extract", "field_bwd", "step"):
         on, off = [x[k] for x in runs[True]], [x[k] for x in runs[False]]
         ratio = [b / a for a, b in zip(on, off)]
-        print(f"   {k:9s} kernels {_fmt(on, digits=4)}  autograd {_fmt(off, digits=4)}  speed-up {_fmt(ratio, digits=2)}")
+        print(f"   {k:9s} kernels {_fmt(on, digits=4)}  autograd {_fmt(off, digits=4)}  "
+              f"speed-up {_fmt(ratio, digits=2)}")
     return 0
 
 

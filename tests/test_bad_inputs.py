@@ -575,7 +575,8 @@ def reconstruct_unknown_instance(tmp):
     return ["-e", str(svr_experiment(tmp)), "--instances", "ghost", "--device", "cpu"]
 
 
-@case("reconstruct_svr", "checkpoint not found", "ModelParameters/encoder_latest.pth", "train it first with train_svr.py")
+@case("reconstruct_svr", "checkpoint not found", "ModelParameters/encoder_latest.pth",
+      "train it first with train_svr.py")
 def reconstruct_without_network(tmp):
     return ["-e", str(svr_experiment(tmp)), "--device", "cpu"]
 

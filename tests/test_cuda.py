@@ -41,7 +41,8 @@ CUDA = torch.device("cuda")
 
 
 def _state(exp: Path) -> dict:
-    return torch.load(exp / "ModelParameters" / "latest.pth", map_location="cpu", weights_only=False)["model_state_dict"]
+    return torch.load(exp / "ModelParameters" / "latest.pth", map_location="cpu",
+                      weights_only=False)["model_state_dict"]
 
 
 def _assert_close_states(a: dict, b: dict, rtol: float, atol: float) -> None:

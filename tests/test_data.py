@@ -26,7 +26,8 @@ def _write_scene(root, name, scene_id, n_pos=500, n_neg=300, nan_rows=0, dataset
 def test_read_split_order_and_errors(tmp_path):
     f = tmp_path / "split.json"
     f.write_text(json.dumps({"ds": {"samples": ["b", "a"], "other": ["c"]}}))
-    assert read_split(f) == [Instance("ds", "samples", "b"), Instance("ds", "samples", "a"), Instance("ds", "other", "c")]
+    assert read_split(f) == [Instance("ds", "samples", "b"), Instance("ds", "samples", "a"),
+                             Instance("ds", "other", "c")]
     assert Instance("ds", "samples", "b").samples_path("data").as_posix() == "data/ds/samples/b.npz"
     with pytest.raises(MeshSDFError, match="split file not found"):
         read_split(tmp_path / "none.json")

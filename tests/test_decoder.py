@@ -87,7 +87,8 @@ def test_dropout_mask_probability_and_independence():
 
 def _reference_forward(dec, inputs, masks):
     """Plain relu + inverted dropout with given keep masks, same parameters."""
-    x0 = torch.cat((inputs[:, :dec.latent_size], positional_encoding(inputs[:, dec.latent_size:], dec.fourier_degree)), 1)
+    x0 = torch.cat((inputs[:, :dec.latent_size],
+                    positional_encoding(inputs[:, dec.latent_size:], dec.fourier_degree)), 1)
     x = x0
     scale = 1.0 / (1.0 - effective_dropout_prob(dec.dropout_prob))
     masks = iter(masks)

@@ -311,7 +311,8 @@ def recording(optimizer, *a, **k):
     return value
 T.optimizer_step = S.optimizer_step = recording
 rc = train_svr.main(sys.argv[2:])
-torch.save({{"rc": rc, "snaps": snaps}}, os.path.join(sys.argv[1], "rank%s_attempt%s.pt" % (os.environ["RANK"], attempt)))
+torch.save({{"rc": rc, "snaps": snaps}},
+           os.path.join(sys.argv[1], "rank%s_attempt%s.pt" % (os.environ["RANK"], attempt)))
 sys.exit(rc)
 """
 

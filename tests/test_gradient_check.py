@@ -25,7 +25,8 @@ class Blob(nn.Module):
         self.out = nn.Linear(4, 1)
 
     def forward(self, p):
-        return self.k * (p.norm(dim=1) - self.radius + 0.1 * torch.tanh(self.out(torch.tanh(2 * self.warp(p)))).squeeze(1))
+        bump = torch.tanh(self.out(torch.tanh(2 * self.warp(p)))).squeeze(1)
+        return self.k * (p.norm(dim=1) - self.radius + 0.1 * bump)
 
 
 def groups_of(net):

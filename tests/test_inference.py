@@ -159,11 +159,11 @@ def test_prepared_weights_follow_in_place_parameter_and_code_updates():
     with torch.no_grad():
         dec.lin2.weight_v.mul_(-1.0)  # in place, as an optimizer step does
     assert not torch.allclose(kernel.values(codes, xyz), before)
-    torch.testing.assert_close(kernel.values(codes, xyz), _reference(dec, codes, xyz, torch.zeros(50, dtype=torch.int64))[0],
-                               rtol=0, atol=2e-6)
+    torch.testing.assert_close(kernel.values(codes, xyz),
+                               _reference(dec, codes, xyz, torch.zeros(50, dtype=torch.int64))[0], rtol=0, atol=2e-6)
     codes.add_(0.5)
-    torch.testing.assert_close(kernel.values(codes, xyz), _reference(dec, codes, xyz, torch.zeros(50, dtype=torch.int64))[0],
-                               rtol=0, atol=2e-6)
+    torch.testing.assert_close(kernel.values(codes, xyz),
+                               _reference(dec, codes, xyz, torch.zeros(50, dtype=torch.int64))[0], rtol=0, atol=2e-6)
 
 
 def test_kernels_refuse_what_they_do_not_compute():

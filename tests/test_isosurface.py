@@ -8,7 +8,8 @@ from scipy.spatial import cKDTree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lib.errors import MeshSDFError
-from lib.isosurface import _BlockGrid, _sentinel_seeds, extract, grid_points, marching_cubes, marching_cubes_cells, same_mesh
+from lib.isosurface import (_BlockGrid, _sentinel_seeds, extract, grid_points, marching_cubes, marching_cubes_cells,
+                            same_mesh)
 from lib.metrics import genus
 
 from fields import sphere, torus, union

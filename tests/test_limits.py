@@ -1,4 +1,5 @@
-"""lib.experiment.limits: sizes refused before allocating, with the largest value that fits (memory given explicitly)."""
+"""lib.experiment.limits: sizes refused before allocating, with the largest value that fits
+(memory given explicitly)."""
 import pytest
 
 from lib.experiment import limits

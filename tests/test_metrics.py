@@ -118,7 +118,9 @@ def test_depth_normals_count_the_pixels_next_to_the_silhouette_edge():
 
 
 def test_silhouette_iou():
-    a = np.zeros((10, 10)); a[:5] = 1
-    b = np.zeros((10, 10)); b[:, :5] = 1
+    a = np.zeros((10, 10))
+    a[:5] = 1
+    b = np.zeros((10, 10))
+    b[:, :5] = 1
     assert math.isclose(silhouette_iou(a, b), 25 / 75)
     assert silhouette_iou(a, a) == 1.0

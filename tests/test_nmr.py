@@ -308,7 +308,8 @@ def test_nr_silhouette_backward_is_the_rule_on_both_axes():
     fi = face_index(verts, faces, cam)
     uvx = verts[:, :2] * F_PX + S / 2 - 0.5
     eps_px = NR_EPS * S / 2
-    d_v, _ = _kato_reference(uvx[:, 0].tolist(), uvx[:, 1].tolist(), faces.tolist(), fi.T.tolist(), G.T.tolist(), eps_px)
+    d_v, _ = _kato_reference(uvx[:, 0].tolist(), uvx[:, 1].tolist(), faces.tolist(), fi.T.tolist(), G.T.tolist(),
+                             eps_px)
     d_u, _ = _kato_reference(uvx[:, 1].tolist(), uvx[:, 0].tolist(), faces.tolist(), fi.tolist(), G.tolist(), eps_px)
     expect = torch.stack([d_u, d_v], 1) * F_PX
     assert float(expect.abs().max()) > 1.0

@@ -216,7 +216,8 @@ def test_a_loss_or_surface_bad_before_any_update_does_not_blame_the_learning_rat
     with pytest.raises(MeshSDFError, match="at the first iteration, before any update") as err:
         opt.step()
     assert "learning rate" not in str(err.value)
-    opt = LatentOptimizer(LatentSphere(), torch.tensor([-0.3]), SilhouetteLoss(camera(), target), lr=0.05, resolution=16)
+    opt = LatentOptimizer(LatentSphere(), torch.tensor([-0.3]), SilhouetteLoss(camera(), target), lr=0.05,
+                          resolution=16)
     with pytest.raises(SurfaceLostError, match="the starting code has no surface") as err:
         opt.step()
     assert "learning rate" not in str(err.value)

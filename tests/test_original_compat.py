@@ -172,8 +172,8 @@ def reference_sdf(state: dict, z: torch.Tensor, xyz: torch.Tensor, degree=5, lat
     re-concatenated before latent_in layers, w = g v / |v| per row, tanh on the output."""
     state = {k[len("module."):]: v.double() for k, v in state.items()}
     xyz = xyz.double()
-    feats = [torch.cos(2.0 ** l * 3.1415 * xyz) for l in range(degree)] + \
-            [torch.sin(2.0 ** l * 3.1415 * xyz) for l in range(degree)]
+    feats = [torch.cos(2.0 ** k * 3.1415 * xyz) for k in range(degree)] + \
+            [torch.sin(2.0 ** k * 3.1415 * xyz) for k in range(degree)]
     inp = torch.cat([z.double().expand(len(xyz), -1), *feats], dim=1)
     x, n = inp, sum(1 for k in state if k.endswith(".bias"))
     for i in range(n):
@@ -207,7 +207,7 @@ def _original_experiment(root: Path, epoch: int = 1) -> tuple[Path, nn.Module, t
     emb.weight.data.copy_(codes)
     opt = torch.optim.Adam([{"params": net.parameters(), "lr": 5e-4}, {"params": emb.parameters(), "lr": 1e-3}])
     inp = torch.cat([emb.weight[:1].expand(64, 2), torch.rand(64, 3)], 1)
-    feats = [f(2.0 ** l * 3.1415 * inp[:, 2:]) for f in (torch.cos, torch.sin) for l in range(5)]
+    feats = [f(2.0 ** k * 3.1415 * inp[:, 2:]) for f in (torch.cos, torch.sin) for k in range(5)]
     x0 = torch.cat([inp[:, :2], *feats[:5], *feats[5:]], 1)
     x = x0
     for i in range(9):

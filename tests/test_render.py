@@ -325,7 +325,8 @@ def _hard_triangles(seed: int, H: int, W: int):
     outside the image, and random ones; with depths (G, 3) in [1, 3]."""
     g = torch.Generator().manual_seed(seed)
     n = 300
-    snap = torch.randint(-3, max(H, W) + 3, (n, 3, 2), generator=g).float() + 0.5 * torch.randint(0, 2, (n, 3, 2), generator=g)
+    snap = (torch.randint(-3, max(H, W) + 3, (n, 3, 2), generator=g).float()
+            + 0.5 * torch.randint(0, 2, (n, 3, 2), generator=g))
     axis = snap.clone()
     axis[: n // 2, 1, 1] = axis[: n // 2, 0, 1]               # horizontal edges
     axis[n // 2:, 1, 0] = axis[n // 2:, 0, 0]                 # vertical edges

@@ -75,7 +75,8 @@ def test_transforms():
     # 90 degrees about y maps the x half-extent onto z
     rot = box.rotate(S.rotation((0, 1, 0), 90))
     assert torch.allclose(rot(p), S.box((0.1, 0.2, 0.4))(p), atol=1e-12)
-    assert torch.allclose(box.translate((0.3, -0.1, 0.2))(p + torch.tensor([0.3, -0.1, 0.2], dtype=torch.float64)), box(p))
+    assert torch.allclose(box.translate((0.3, -0.1, 0.2))(p + torch.tensor([0.3, -0.1, 0.2], dtype=torch.float64)),
+                          box(p))
     assert torch.allclose(S.sphere(0.25).scale(2.0)(p), S.sphere(0.5)(p))
     R = S.rotation((0.3, -1.0, 0.5), 37.0)
     assert torch.allclose(R @ R.T, torch.eye(3, dtype=torch.float64), atol=1e-12)

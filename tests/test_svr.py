@@ -236,7 +236,8 @@ def test_committed_original_experiments_are_the_originals(family, epochs):
                                    "norm_layers": [0, 1, 2, 3], "xyz_in_all": False, "use_tanh": False,
                                    "latent_dropout": False, "weight_norm": True}
     assert (raw["NormType"], raw["Depth"], raw["CodeLength"], raw["NumEpochs"], raw["NumberOfViews"],
-            raw["SamplesPerScene"], raw["ScenesPerBatch"], raw["CodeBound"]) == ("in", 20, 256, epochs, 16, 8192, 16, 1.0)
+            raw["SamplesPerScene"], raw["ScenesPerBatch"], raw["CodeBound"]) == ("in", 20, 256, epochs, 16,
+                                                                                  8192, 16, 1.0)
     assert raw["TrainSplit"] == f"splits/{family}_train.json" and raw["TestSplit"] == f"splits/{family}_test.json"
     specs = load_svr_specs(REPO / "experiments" / f"{family}_svr")
     from lib.datasets import read_split
@@ -778,7 +779,8 @@ def test_tiny_pipeline_writes_every_output_and_resumes(tmp_path):
 
     exp = toy_experiment(tmp_path)
     data = tmp_path / "data"
-    assert json.loads((data / "toy_chairs" / "split_val.json").read_text()) == {"toy_chairs": {"samples": ["chair_001"]}}
+    assert json.loads((data / "toy_chairs" / "split_val.json").read_text()) == {
+        "toy_chairs": {"samples": ["chair_001"]}}
     assert train_svr.main(["-e", str(exp), "--epochs", "20", "--device", "cpu"]) == 0
     assert train_svr.main(["-e", str(exp), "--continue", "latest", "--device", "cpu"]) == 0
     logs = experiment.load_logs(exp)
@@ -821,7 +823,8 @@ def test_tiny_pipeline_writes_every_output_and_resumes(tmp_path):
     # user mistakes: one line, exit 2
     for args, needle in [(["reconstruct_svr.py", "-e", str(exp), "--views", "5"], "view 5 does not exist"),
                          (["reconstruct_svr.py", "-e", str(exp), "--instances", "chair_000"], "not in the TestSplit"),
-                         (["reconstruct_svr.py", "-e", str(exp), "-c", "7"], "encoder_7.pth; available: latest, 20, 40"),
+                         (["reconstruct_svr.py", "-e", str(exp), "-c", "7"],
+                          "encoder_7.pth; available: latest, 20, 40"),
                          (["metrics_svr.py", "-e", str(tmp_path)], "no specs.json")]:
         p = subprocess.run([sys.executable, str(REPO / args[0])] + args[1:], capture_output=True, text=True,
                            cwd=REPO, env={"MESHSDF_QUIET": "1", "PATH": "/usr/bin:/bin"})

@@ -38,7 +38,8 @@ def _write_npz(path, fn, n, seed):
     d = rng.normal(size=(4 * n, 3))
     d /= np.linalg.norm(d, axis=1, keepdims=True)
     near = rng.uniform(-1, 1, (4 * n, 3))
-    near = near[np.abs(fn(near)) < 0.15][:n] + rng.normal(scale=0.02, size=(min(n, int((np.abs(fn(near)) < 0.15).sum())), 3))
+    near = near[np.abs(fn(near)) < 0.15][:n] + rng.normal(scale=0.02,
+                                                          size=(min(n, int((np.abs(fn(near)) < 0.15).sum())), 3))
     pts = np.concatenate([uni, near])
     sdf = fn(pts)
     write_sdf_samples(path, *split_by_sign(np.column_stack([pts, sdf])))

@@ -83,7 +83,8 @@ def test_movie_frame_is_the_lit_coloured_mesh():
     mask = silhouette(verts, faces, cam, sigma=0) > 0.5
     assert len({tuple(px.tolist()) for px in frame[mask]}) == 2              # one colour per face
     ring = outline(mask, width=1)
-    framed = movie_frame(verts, faces, colors, cam, ring, color=(1.0, 0.5, 0.25), face_idx=face_index(verts, faces, cam))
+    framed = movie_frame(verts, faces, colors, cam, ring, color=(1.0, 0.5, 0.25),
+                         face_idx=face_index(verts, faces, cam))
     expect = to_uint8(torch.where(ring[..., None], torch.tensor([1.0, 0.5, 0.25]),
                                   nr_shade(verts, faces, cam, face_colors=colors)[..., :3]))
     assert torch.equal(framed, expect) and ring.any()

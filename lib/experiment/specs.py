@@ -87,7 +87,8 @@ def int_list_key(minimum: int = 0, nonempty: bool = False, nullable: bool = Fals
             return None
         if isinstance(v, list) and all(_is_int(i) and i >= minimum for i in v) and (v or not nonempty):
             return None
-        return f"must be a {'non-empty ' if nonempty else ''}list of integers >= {minimum}" + (" or null" if nullable else "")
+        return (f"must be a {'non-empty ' if nonempty else ''}list of integers >= {minimum}"
+                + (" or null" if nullable else ""))
     return check
 
 
@@ -328,7 +329,8 @@ def load_specs(exp_dir: str | os.PathLike, extra_keys: Mapping[str, Key] | None 
     out = validate_specs(specs, where=str(path), extra_keys=extra_keys)
     for key in PATH_KEYS:
         value = out.get(key)
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute() and (exp_dir / value).exists():
+        if (isinstance(value, str) and value and not Path(value).expanduser().is_absolute()
+                and (exp_dir / value).exists()):
             out[key] = str(exp_dir / value)
     return out
 

@@ -22,7 +22,8 @@ __all__ = ["extract"]
 @torch.no_grad()
 def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: ExtractionState | None = None,
             device=None, chunk: int = 2 ** 14, verify: bool = False, coarse_stride: int | None = None,
-            band: float = 1.5, level: float = 0.0, warm: bool = True) -> tuple[torch.Tensor, torch.Tensor, ExtractionState]:
+            band: float = 1.5, level: float = 0.0,
+            warm: bool = True) -> tuple[torch.Tensor, torch.Tensor, ExtractionState]:
     """Mesh of the level set ``sdf_fn = level`` on the N^3 grid over [-1, 1]^3.
 
     All modes triangulate with :func:`lib.ops.marching_cubes.marching_cubes_cells`, so they

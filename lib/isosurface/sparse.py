@@ -114,7 +114,8 @@ class _BlockGrid:
         k = blocks.numel()
         if self.rows + k > self.pool.shape[0]:
             cap = max(self.rows + k, self.pool.shape[0] * 3 // 2)
-            self.pool = torch.cat((self.pool[: self.rows], self.pool.new_full((cap - self.rows, self.B3), float("nan"))))
+            self.pool = torch.cat((self.pool[: self.rows],
+                                   self.pool.new_full((cap - self.rows, self.B3), float("nan"))))
             self.marks = torch.cat((self.marks[: self.rows], self.marks.new_zeros((cap - self.rows, self.B3))))
             self.peak_rows = max(self.peak_rows, cap)
         self.table[blocks] = torch.arange(self.rows, self.rows + k, dtype=torch.int32, device=blocks.device)

@@ -9,15 +9,17 @@ checkpoints load here (DataParallel's ``module.`` prefix is stripped by lib.expe
     fc                 linear (w3 x expansion) -> CodeLength
 
 ``Depth`` = 6n + 2, n blocks per stage: BasicBlocks (two 3x3 conv-norm, ReLU between and
-after the sum) below 44, Bottleneck blocks (1x1, 3x3, 1x1 conv, expansion 4) from 44 on.  The first block of a stage whose stride is not 1 or whose input width
-differs gets a ``downsample`` shortcut (1x1 conv with the stride, no bias, then norm), so
-layer4 has one although its width equals layer3's.  State-dict names follow that layout:
-``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.bn1``, ..., ``layer2.0.downsample.0``
-(conv) / ``.1`` (norm), ``fc``.  With CodeLength 256, Depth 20, "in": 7,999,616 parameters.
+after the sum) below 44, Bottleneck blocks (1x1, 3x3, 1x1 conv, expansion 4) from 44 on.
+The first block of a stage whose stride is not 1 or whose input width differs gets a
+``downsample`` shortcut (1x1 conv with the stride, no bias, then norm), so layer4 has one
+although its width equals layer3's.  State-dict names follow that layout: ``conv1``, ``bn1``,
+``layer1.0.conv1``, ``layer1.0.bn1``, ..., ``layer2.0.downsample.0`` (conv) / ``.1`` (norm), ``fc``.
+With CodeLength 256, Depth 20, "in": 7,999,616 parameters.
 
 Normalisation (specs ``NormType``): "in" instance norm with affine (no running stats), "bn"
-batch norm, "bin" batch-instance norm (Nam & Kim 2018) in the original's form (``BatchInstanceNorm2d``).  Initialisation: conv weights
-N(0, sqrt(2 / (k*k*out_channels))), norm weights 1 and biases 0; fc as torch's default.
+batch norm, "bin" batch-instance norm (Nam & Kim 2018) in the original's form
+(``BatchInstanceNorm2d``).  Initialisation: conv weights N(0, sqrt(2 / (k*k*out_channels))),
+norm weights 1 and biases 0; fc as torch's default.
 """
 from __future__ import annotations
 

@@ -326,7 +326,8 @@ _SEP = re.compile(r"[\s,\[\]]+")
 
 def parse_disn_line(line: str, source: str = "<string>", lineno: int = 1) -> DisnView:
     """Parse DISN's ``[az, el, inplane, ratio, fov]`` or this project's older ``az el inplane
-    ratio fov`` (spaces or commas, optional brackets, extra columns ignored).  Raises MeshSDFError naming ``source`` and ``lineno`` when malformed."""
+    ratio fov`` (spaces or commas, optional brackets, extra columns ignored).  Raises
+    MeshSDFError naming ``source`` and ``lineno`` when malformed."""
     fields = [f for f in _SEP.split(line.strip()) if f]
     where = f"{source}, line {lineno}"
     if len(fields) < 5:
@@ -371,8 +372,8 @@ def disn_camera(azimuth_deg, elevation_deg, distance_ratio, image_size=DISN_IMAG
     eye = torch.stack([d * torch.cos(el) * torch.cos(az), d * torch.sin(el),
                        d * torch.cos(el) * torch.sin(az)], dim=1)
     horiz = torch.stack([torch.cos(az), torch.zeros_like(az), torch.sin(az)], dim=1)
-    cam = look_at_eye(eye, up=_image_up(horiz, el), image_size=image_size, focal_mm=DISN_FOCAL_MM, sensor_mm=DISN_SENSOR_MM,
-                      device=device, dtype=dtype)
+    cam = look_at_eye(eye, up=_image_up(horiz, el), image_size=image_size, focal_mm=DISN_FOCAL_MM,
+                      sensor_mm=DISN_SENSOR_MM, device=device, dtype=dtype)
     cam.batched = b1 or b2 or b3
     return cam
 

@@ -120,12 +120,12 @@ def shade(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, light_dir=No
     n = normal_image(verts, faces, camera, fr, smooth=smooth, frame="world")
     cam = camera.to(device=verts.device, dtype=verts.dtype)
     if light_dir is None:
-        l = -cam.R[:, 2]                                            # (Bc, 3) towards the camera
-        l = l.reshape((-1,) + (1,) * (n.dim() - 2) + (3,)) if n.dim() == 4 else l[0]
+        light = -cam.R[:, 2]                                        # (Bc, 3) towards the camera
+        light = light.reshape((-1,) + (1,) * (n.dim() - 2) + (3,)) if n.dim() == 4 else light[0]
     else:
-        l = torch.nn.functional.normalize(torch.as_tensor(light_dir, dtype=verts.dtype,
-                                                          device=verts.device), dim=-1)
-    lam = (n * l).sum(-1).abs()
+        light = torch.nn.functional.normalize(torch.as_tensor(light_dir, dtype=verts.dtype,
+                                                              device=verts.device), dim=-1)
+    lam = (n * light).sum(-1).abs()
     mask = fr.mask.to(verts.dtype)
     rgb = torch.as_tensor(color, dtype=verts.dtype, device=verts.device) * (ambient + diffuse * lam)[..., None]
     rgb = rgb.clamp(0.0, 1.0) * mask[..., None]

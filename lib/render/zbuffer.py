@@ -130,10 +130,15 @@ def _face_ids(sc: Screen, F: int, znear: float, settings: RenderSettings = DEFAU
         fbatch = torch.div(torch.arange(len(sc.tri), device=dev), F, rounding_mode="floor")
         spans, tile = settings.row_spans, settings.raster_tile
         if spans:
-            npad, crop = B * H * W, (lambda flat: flat.view(B, H, W))
+            npad = B * H * W
+
+            def crop(flat):
+                return flat.view(B, H, W)
         else:
             npad = B * (H + TILE) * (W + TILE)
-            crop = (lambda flat: flat.view(B, H + TILE, W + TILE)[:, :H, :W])
+
+            def crop(flat):
+                return flat.view(B, H + TILE, W + TILE)[:, :H, :W]
 
         def slots(lo: int, hi: int):
             """(faces (S,), [(a, b, depth)]) of the face instances lo..hi."""

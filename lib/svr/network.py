@@ -41,7 +41,8 @@ def network_from_specs(specs: Mapping) -> EncoderDecoder:
     return EncoderDecoder(encoder_from_specs(specs), decoder_from_specs(specs))
 
 
-def load_network(exp_dir: str | os.PathLike, specs: Mapping, epoch: str | int = "latest", device=None) -> EncoderDecoder:
+def load_network(exp_dir: str | os.PathLike, specs: Mapping, epoch: str | int = "latest",
+                 device=None) -> EncoderDecoder:
     """The trained encoder + decoder of an SVR experiment, in eval mode on ``device``.
 
     The stored epoch is ``net.checkpoint_epoch``.

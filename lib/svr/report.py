@@ -169,15 +169,18 @@ def metrics_rows(results: Sequence[Mapping]) -> tuple[list[dict], dict]:
                      "chamfer_raw_x1000": c0, "chamfer_refined_x1000": c1,
                      "chamfer_improvement_pct": _improvement(c0, c1, True),
                      "nc_raw_pct": n0, "nc_refined_pct": n1, "nc_improvement_pct": _improvement(n0, n1, False),
-                     "extra_mesh_nc_raw_pct": 100 * r["mesh_nc"][0], "extra_mesh_nc_refined_pct": 100 * r["mesh_nc"][1]})
+                     "extra_mesh_nc_raw_pct": 100 * r["mesh_nc"][0],
+                     "extra_mesh_nc_refined_pct": 100 * r["mesh_nc"][1]})
 
     def mean(key):
         vals = [row[key] for row in rows if math.isfinite(row[key])]
         return float(np.mean(vals)) if vals else math.nan
 
-    both = [row for row in rows if math.isfinite(row["chamfer_raw_x1000"]) and math.isfinite(row["chamfer_refined_x1000"])]
+    both = [row for row in rows
+            if math.isfinite(row["chamfer_raw_x1000"]) and math.isfinite(row["chamfer_refined_x1000"])]
     summary = {"instance": "mean", "view": "", **{key: mean(key) for key in TABLE_COLUMNS[2:]}}
-    summary["chamfer_improvement_pct"] = _improvement(summary["chamfer_raw_x1000"], summary["chamfer_refined_x1000"], True)
+    summary["chamfer_improvement_pct"] = _improvement(summary["chamfer_raw_x1000"],
+                                                      summary["chamfer_refined_x1000"], True)
     summary["nc_improvement_pct"] = _improvement(summary["nc_raw_pct"], summary["nc_refined_pct"], False)
     summary["fraction_improved"] = (sum(r["chamfer_refined_x1000"] < r["chamfer_raw_x1000"] for r in both) / len(both)
                                     if both else math.nan)

@@ -148,9 +148,10 @@ def train_svr(exp_dir: str | os.PathLike, specs: Mapping, dataset, device=None, 
     synchronise: each code is the encoder's output for the batch's image and lives for one
     step (LatentCodes/ is not written).  BatchNorm in the encoder ("bn") uses the global
     batch's statistics on CUDA (SyncBatchNorm) but each rank's own share's on the CPU, and
-    "bin" each rank's own share's everywhere: only "in" gives the 1-process result exactly; running statistics are rank 0's
-    (DDP broadcasts buffers).  Every rank computes the same test loss.  Only rank 0 writes;
-    its checkpoint is every rank's state, so ``resume`` works with any number of processes.
+    "bin" each rank's own share's everywhere: only "in" gives the 1-process result exactly;
+    running statistics are rank 0's (DDP broadcasts buffers).  Every rank computes the same
+    test loss.  Only rank 0 writes; its checkpoint is every rank's state, so ``resume``
+    works with any number of processes.
     """
     device = torch.device(device) if device is not None else runtime.choose_device(None)
     exp_dir = Path(exp_dir)
