@@ -7,7 +7,7 @@
     python prepare_data.py --mesh bob.obj spot.obj --dataset bob_and_spot --rotate-y spot=90
                                                                # Keenan Crane's meshes as the original's data
 
-Writes, under <out>/<dataset>/ (SPEC section 2):
+Writes, under <out>/<dataset>/ (docs/data.md):
     samples/<inst>.npz                 pos, neg: (N, 4) float32 rows x y z sdf (sdf > 0 outside)
     samples/<inst>_normalization.npz   offset (3,), scale: normalised = (original + offset) * scale (DeepSDF's)
     meshes/<inst>.obj                  the normalised mesh

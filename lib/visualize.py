@@ -1,6 +1,6 @@
 """Pictures of an optimisation: dL/ds face colours, shaded movie frames, metric plots.
 
-dL/ds colours, as the original demo's movie.gif (SPEC 11.1): per face, d = the mean dL/ds of
+dL/ds colours, as the original demo's movie.gif (docs/demo.md): per face, d = the mean dL/ds of
 its three vertices, and sigma = 0.3 x the first iteration's max |d| over faces (``dl_ds_scale``),
 
     f = clamp((d + sigma) / (2 sigma), 0, 1),   colour (R, G, B) = (f, 1 - f, 0.7)

@@ -99,7 +99,7 @@ def test_movie_outline_is_an_option(tmp_path):
     assert white[False] == 0 and white[True] > 30
 
 
-# the original's trained model and the pictures its demo wrote (SPEC 11), never committed
+# the original's trained model and the pictures its demo wrote (docs/compatibility.md), never committed
 ORIGINAL = REPO.parent / "shared" / "original"
 HAS_ORIGINAL = (ORIGINAL / "bob_and_spot_model" / "ModelParameters" / "latest.pth").is_file() and \
     (ORIGINAL / "images" / "target.png").is_file()
@@ -115,7 +115,7 @@ def _picture_match(ours: Path, theirs: Path) -> tuple[float, float]:
 
 @pytest.mark.skipif(not HAS_ORIGINAL, reason="the original's model and pictures (../shared/original) are not here")
 def test_pictures_match_the_originals_on_its_model(tmp_path):
-    """SPEC 11.1: the demo on the original's own model (a copy: ../shared is read-only) writes
+    """As the original: the demo on the original's own model (a copy: ../shared is read-only) writes
     target.png and initialization.png as the original's demo wrote them: silhouette IoU >=
     0.99 and grey within 2 levels on average over the object (one iteration: the pictures
     are written before the loop)."""
@@ -132,7 +132,7 @@ def test_pictures_match_the_originals_on_its_model(tmp_path):
 
 @pytest.mark.skipif(not HAS_ORIGINAL, reason="the original's pictures (../shared/original) are not here")
 def test_shipped_initialization_is_the_originals_spot(tmp_path):
-    """The shipped checkpoint's spot is the original's (turned, SPEC 11.2): its
+    """The shipped checkpoint's spot is the original's (turned, docs/compatibility.md): its
     initialization.png covers the original's with silhouette IoU >= 0.93."""
     out = tmp_path / "out"
     demo_optimizer.main(["-e", str(EXP), "--out", str(out), "--iterations", "1"])
@@ -228,7 +228,7 @@ def test_shipped_checkpoint_reproduces_the_real_meshes():
     """The acceptance of the shipped checkpoint: each training code's mesh has its real mesh's
     genus (bob 1, spot 0), is one piece, and lies within a symmetric mean Chamfer-L1 of 0.008
     of it in prepare_data.py's unit-sphere normalisation, spot turned as the original's
-    (--rotate-y spot=90, SPEC 11.2).  100k samples per mesh: with 30k the sampling alone adds ~0.006 (the distance of a
+    (--rotate-y spot=90).  100k samples per mesh: with 30k the sampling alone adds ~0.006 (the distance of a
     mesh to itself), which would hide the fit."""
     import torch
 

@@ -109,7 +109,7 @@ def test_forward_is_the_hard_coverage_and_mse_descends():
 
 def test_eps_is_the_originals_in_ndc():
     """Distances carry +-eps = 1e-3 NDC units (the rasterizer_eps the original's nr.Renderer
-    passes, SPEC 11.3), eps * S / 2 pixels, by default and so in the demo's loss: for a
+    passes, docs/compatibility.md), eps * S / 2 pixels, by default and so in the demo's loss: for a
     pixel 0.001 px inside an edge, the slope of the one endpoint whose lever is known is
     -1 / (span / lever * 0.001 + eps * S / 2) per pixel of v."""
     assert NR_EPS == 1e-3
@@ -132,7 +132,7 @@ def test_eps_is_the_originals_in_ndc():
 
 
 def test_nr_shade_lights_the_normal_facing_the_camera():
-    """SPEC 11.1: light = 0.5 + 0.5 max(0, n . (0, 1, 0)), grey 0.7, n the unit face normal
+    """As the original: light = 0.5 + 0.5 max(0, n . (0, 1, 0)), grey 0.7, n the unit face normal
     turned towards the camera (whatever the winding).  A horizontal square seen from above
     gets the full light (0.7), seen from below the ambient part only (0.35)."""
     sq = torch.tensor([[-0.5, 0.0, -0.5], [0.5, 0.0, -0.5], [0.5, 0.0, 0.5], [-0.5, 0.0, 0.5]])

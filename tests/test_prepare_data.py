@@ -1,4 +1,4 @@
-"""prepare_data.py end to end: layout of SPEC section 2, split file, bad inputs."""
+"""prepare_data.py end to end: layout of docs/data.md, split file, bad inputs."""
 import json
 import subprocess
 import sys
@@ -110,13 +110,13 @@ def test_builtin_bob_and_spot_with_workers(tmp_path):
         with np.load(root / "samples" / f"{name}.npz") as z:
             assert len(z["pos"]) + len(z["neg"]) == 3000 and len(z["neg"]) > 300
         if name == "spot":
-            # turned as the original's spot (SPEC 11.2): head, ears and horns towards -x
+            # turned as the original's spot (docs/compatibility.md): head, ears and horns towards -x
             top = v[v[:, 1] > np.percentile(v[:, 1], 90)]
             assert top[:, 0].mean() < -0.25 and abs(top[:, 2].mean()) < 0.05
 
 
 def test_rotate_y_turns_a_mesh_before_it_is_normalised(tmp_path):
-    """--rotate-y spot=90: (x, y, z) -> (z, y, -x), then centred and scaled (SPEC 11.2); the
+    """--rotate-y spot=90: (x, y, z) -> (z, y, -x), then centred and scaled (docs/compatibility.md); the
     other meshes are left as they are."""
     from lib.datasets.sampling import normalization, rotate_about_y
 

@@ -52,7 +52,7 @@ def test_pos_neg_split_and_format(analytic_meshes):
 
 
 def test_sample_mix_is_deepsdf_preprocessors_by_default(analytic_meshes):
-    """SPEC 11.5: 47/50 near the surface, each surface point perturbed twice, by noise of
+    """As DeepSDF's preprocessor: 47/50 near the surface, each surface point perturbed twice, by noise of
     VARIANCE 0.005 (std 0.0707) and 0.0005 (std 0.0224); 3/50 uniform in [-1, 1]^3."""
     v, f = analytic_meshes["sphere"]
     n = 20000

@@ -25,7 +25,7 @@ def test_signed_colors_and_scale():
     torch.testing.assert_close(c, torch.stack([f, 1 - f, torch.full_like(f, 0.7)], 1))
     faces = torch.tensor([[0, 1, 2], [1, 2, 3]])
     assert torch.allclose(face_values(torch.tensor([3.0, 0.0, 0.0, 3.0]), faces), torch.tensor([1.0, 1.0]))
-    # sigma = 0.3 x max over FACES of |the face's mean dL/ds| (SPEC 11.1), not over vertices:
+    # sigma = 0.3 x max over FACES of |the face's mean dL/ds| (docs/compatibility.md), not over vertices:
     # face means (0.1 - 2.1 + 1.0) / 3 and (-2.1 + 1.0 + 0.5) / 3 -> max |d| = 1/3
     dl = torch.tensor([0.1, -2.1, 1.0, 0.5])
     assert dl_ds_scale(dl, faces) == pytest.approx(0.3 * 1.0 / 3)

@@ -1,4 +1,4 @@
-"""SDF training samples from triangle meshes (DeepSDF convention, SPEC section 2).
+"""SDF training samples from triangle meshes (DeepSDF's convention, docs/data.md).
 
 Normalisation, in DeepSDF's convention: ``normalised = (original + offset) * scale`` with
 ``offset`` (3,) = -(the centre of the bounding box of the vertices used by faces) and
@@ -81,7 +81,7 @@ def rotate_about_y(verts: np.ndarray, degrees: float) -> np.ndarray:
     """``verts`` (V, 3) turned by ``degrees`` about +y (right hand rule): (V, 3) float64.
 
     +90 maps (x, y, z) to (z, y, -x), the turn of Keenan Crane's spot.obj in the original's
-    bob_and_spot data (SPEC 11.2).  Multiples of 90 are exact.
+    bob_and_spot data (docs/data.md).  Multiples of 90 are exact.
     """
     v = np.asarray(verts, dtype=np.float64)
     quarter = degrees / 90.0
@@ -192,7 +192,7 @@ def write_sdf_samples(path: str | os.PathLike, pos: np.ndarray, neg: np.ndarray)
 def prepare_mesh(verts: np.ndarray, faces: np.ndarray, out_root: str | os.PathLike, dataset: str,
                  instance: str, n_samples: int, seed: int = 0, name: str | None = None,
                  mix: str = DEFAULT_SAMPLE_MIX) -> dict:
-    """Normalise one mesh, sample it and write the SPEC section 2 files atomically.
+    """Normalise one mesh, sample it and write the files of docs/data.md atomically.
 
     Writes ``<out_root>/<dataset>/samples/<instance>.npz`` (pos, neg) by ``sample_sdf(..., mix)``,
     ``samples/<instance>_normalization.npz`` (``write_normalization``) and

@@ -281,7 +281,7 @@ def spot() -> Shape:
 BUILTIN: dict[str, Callable[[], Shape]] = {"bob": bob, "spot": spot}
 BUILTIN_DATASETS: dict[str, list[str]] = {"bob_and_spot": ["bob", "spot"]}
 # Degrees about +y by which the original turned Keenan Crane's meshes before normalising them
-# for its bob_and_spot data (SPEC 11.2): spot's head then points to -x.  prepare_data.py applies
+# for its bob_and_spot data (docs/data.md): spot's head then points to -x.  prepare_data.py applies
 # it to the stand-ins, and to real meshes with --rotate-y spot=90.
 ORIGINAL_TURN_Y: dict[str, float] = {"spot": 90.0}
 
