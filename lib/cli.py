@@ -13,6 +13,8 @@ never changes the process (no environment variable set, no thread started).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from typing import Callable
 
@@ -37,14 +39,36 @@ def cli_main(main: Callable[[], object], prog: str | None = None) -> None:
     name = prog or (sys.argv[0].rsplit("/", 1)[-1] if sys.argv else "meshsdf")
     try:
         rc = main()
+        status = int(rc) if isinstance(rc, int) else 0
     except MeshSDFError as err:
         msg = " ".join(str(err).split())  # one line, whatever the message held
         print(f"{name}: error: {msg}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        status = EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(int(rc) if isinstance(rc, int) else 0)
+        status = 130
+    _exit(status)
+
+
+def _exit(status: int) -> None:
+    """``sys.exit(status)``; a torchrun worker (``WORLD_SIZE`` > 1) leaves without interpreter shutdown.
+
+    Why: a collective backend's worker thread (gloo's, also inside DistributedDataParallel) may still
+    drop its last reference to a Python-made tensor after the call returned; doing so takes the GIL, and
+    during interpreter shutdown CPython ends such a thread inside a C++ destructor, which aborts the
+    rank (SIGABRT, "terminate called without an active exception") after all its work is saved.  By
+    now every file is written (atomically) and closed; only the standard streams need flushing.
+    """
+    try:
+        workers = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:  # reported by lib.training.distributed where it matters
+        workers = 1
+    if workers > 1:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def add_experiment(ap: argparse.ArgumentParser, help: str = "experiment folder holding specs.json") -> None:
