@@ -127,7 +127,7 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
     st = ExtractionState(resolution=n, mode=mode, grid_size=grid.g, values=dense_values, full=(mode != "sparse"),
                          verts=verts, faces=faces, keys=keys, cells=cells, evaluations=grid.evaluations,
                          warm=warm_cells is not None, stale_vertices=stale, missed_vertices=missed,
-                         peak_points=grid.stored, level=level)
+                         peak_points=grid.stored, level=level, tracking=getattr(grid, "tracking", ""))
     del grid
     if verify and mode != "dense":
         dv, df, dst = extract(sdf_fn, n, "dense", None, device, chunk, level=level)
