@@ -317,7 +317,16 @@ def peers_child(args) -> int:
         band = max(1.5, lip)
         t_ours, runs, mb, (v, f, st) = best_of(lambda: extract(fn, n, "sparse", chunk=CHUNK, band=band),
                                                args.repeat, args.budget)
-        row.update(ours_s=t_ours, ours_band=band, ours_runs=runs, ours_mb=mb, ours_evals=st.evaluations, faces=int(f.shape[0]))
+        row.update(ours_s=t_ours, ours_band=band, ours_runs=runs, ours_mb=mb, ours_evals=st.evaluations,
+                   faces=int(f.shape[0]), tracking=st.tracking)
+        if args.compare_tracking and st.tracking == "blocks":  # the same extraction with the cell tracking
+            from lib.isosurface import sparse as sparse_module
+            saved, sparse_module.BLOCK_COST_RATIO = sparse_module.BLOCK_COST_RATIO, 0.0
+            try:
+                row["cells_s"] = best_of(lambda: extract(fn, n, "sparse", chunk=CHUNK, band=band), args.repeat,
+                                         args.budget)[0]
+            finally:
+                sparse_module.BLOCK_COST_RATIO = saved
         del st
         t_w, runs, mb, (vw, fw, stats) = best_of(lambda: warp_extract(wp, fn, n, lip), args.repeat, args.budget)
         row.update(warp_s=t_w, warp_runs=runs, warp_mb=mb, warp_evals=int(stats["field_evaluations"]),
@@ -350,15 +359,16 @@ def peers_table(args) -> int:
           f"threads; one process per N, best of {args.repeat} (fewer past {args.budget:g} s), the field called in "
           f"batches of {CHUNK} points by both.  warp/ours > 1: ours faster.  equal: the mesh vs our dense mode "
           "(ours: same_mesh; Warp, whose case tables triangulate some cells differently: the same vertices and "
-          "face count)")
+          "face count); cells/blocks: where ours tracked blocks, the time with the cell tracking instead / ours")
     print(f"{'field':>30} {'N':>5} {'ours s':>7} {'warp s':>7} {'warp/ours':>9} {'ours evals':>10} {'warp evals':>10} "
-          f"{'ours MB':>7} {'warp MB':>7} {'L':>5} {'ours=dense':>10} {'warp=dense':>10}")
+          f"{'ours MB':>7} {'warp MB':>7} {'L':>5} {'ours=dense':>10} {'warp=dense':>10} {'tracking':>8} "
+          f"{'cells/blocks':>12}")
     rows = []
     for n in args.resolutions:
         cmd = [sys.executable, __file__, "-e", args.experiment, "--peers", "warp", "--peers-child", str(n),
                "--threads", str(args.threads), "--repeat", str(args.repeat), "--budget", str(args.budget),
                "--dense-budget", str(args.dense_budget), "--lipschitz-scale", str(args.lipschitz_scale),
-               "--fields", *args.fields]
+               "--fields", *args.fields] + (["--compare-tracking"] if args.compare_tracking else [])
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for line in proc.stdout:
             if not line.startswith("{"):
@@ -370,9 +380,11 @@ def peers_table(args) -> int:
                 if "dense_skipped" in d:
                     return "skipped"
                 return "yes" if d[f"{who}_equal"] else "NO"
+            cells_vs_blocks = f"{d['cells_s'] / d['ours_s']:.2f}x" if "cells_s" in d else "-"
             print(f"{FIELD_TITLES[d['field']]:>30} {n:>5} {d['ours_s']:>7.3f} {d['warp_s']:>7.3f} "
                   f"{d['warp_s'] / d['ours_s']:>8.2f}x {d['ours_evals']:>10} {d['warp_evals']:>10} "
-                  f"{d['ours_mb']:>7.0f} {d['warp_mb']:>7.0f} {d['lipschitz']:>5.2f} {eq('ours'):>10} {eq('warp'):>10}"
+                  f"{d['ours_mb']:>7.0f} {d['warp_mb']:>7.0f} {d['lipschitz']:>5.2f} {eq('ours'):>10} {eq('warp'):>10} "
+                  f"{d['tracking']:>8} {cells_vs_blocks:>12}"
                   + (f"  (Warp: {d['warp_why']})" if d.get("warp_why") else "")
                   + (f"  (ours: {d['ours_why']})" if d.get("ours_why") else ""), flush=True)
         err = proc.stderr.read()
@@ -421,6 +433,8 @@ def main() -> int:
                     help="--peers: check against our dense mode where its grid is estimated under this many s")
     ap.add_argument("--lipschitz-scale", type=float, default=1.0,
                     help="--peers: Warp's Lipschitz bound = this x the largest sampled |grad| (analytic SDFs: 1)")
+    ap.add_argument("--compare-tracking", action="store_true",
+                    help="--peers: where ours tracked blocks, time it with the cell tracking too (column cells/blocks)")
     ap.add_argument("--output", default=None, help="--peers: JSON result file (default benchmarks/results/...)")
     ap.add_argument("--peers-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -45,7 +45,10 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
                  |s| < band * half their diagonal (a hidden component, e.g. a thin part,
                  unless they touch a sign-changing cell), then surface tracking: every
                  neighbour across a cell face with mixed signs is evaluated until the set of
-                 sign-changing cells is closed.  Warm start (``state`` from a non-empty sparse
+                 sign-changing cells is closed.  A field cheap per point (timed on the coarse
+                 lattice, see ``sparse.BLOCK_COST_RATIO``; N > 64) is tracked a block of 8^3
+                 cells at a time instead (every point of the blocks the surface passes: more
+                 evaluations, far less bookkeeping; the same mesh; ``state.tracking``).  Warm start (``state`` from a non-empty sparse
                  call at the same resolution, ``warm=True``): instead of the coarse pass,
                  the tracking starts from the previous call's cells, with a sentinel
                  lattice of ``SENTINEL_FACTOR`` (4) times the coarse stride (N = 64: stride

@@ -4,8 +4,10 @@
   extraction passes (memory proportional to the surface band, not to G^3);
 - :func:`_sparse`: seeds (a coarse lattice with bisection and recursive refinement, or the
   previous call's cells plus a sentinel lattice) then :func:`_track`, which grows the set of
-  sign-changing cells across faces with mixed signs until it is closed;
-- :func:`default_coarse_stride`, :data:`SENTINEL_FACTOR`, :data:`KEEP_CORNERS`: its constants.
+  sign-changing cells across faces with mixed signs until it is closed; or, on a cold start
+  with a field cheap per point, :func:`_track_blocks`, the same closure on whole blocks;
+- :func:`default_coarse_stride`, :data:`SENTINEL_FACTOR`, :data:`KEEP_CORNERS`,
+  :data:`BLOCK_COST_RATIO`, :data:`BLOCK_MIN_CELLS`: its constants.
 
 The driver is :func:`lib.isosurface.driver.extract` (``mode="sparse"``).
 """
@@ -20,16 +22,16 @@ from ..errors import MeshSDFError
 from ..ops.marching_cubes import grid_axis, voxel_size
 from ..ops.marching_cubes_tables import CORNER_OFFSETS, tables
 
-__all__ = ["BLOCK_COST_RATIO", "KEEP_CORNERS", "SENTINEL_FACTOR", "default_coarse_stride"]
+__all__ = ["BLOCK_COST_RATIO", "BLOCK_MIN_CELLS", "KEEP_CORNERS", "SENTINEL_FACTOR", "default_coarse_stride"]
 
 
 SENTINEL_FACTOR = 4  # warm start: sentinel lattice stride = this x the coarse stride
 
-# A cold start tracks whole 8^3-cell blocks instead of cells when the field costs less per
-# point than this many times the cost per key of sorting keys (the cell tracking's dominant
-# bookkeeping step), both measured on the coarse lattice of the call: block tracking
+# A cold start tracks whole 8^3-cell blocks instead of cells when the field, timed on the
+# call's coarse lattice, costs less per point than this many times the cost per key of a
+# sort (the cell tracking's typical bookkeeping step, timed once per device): block tracking
 # evaluates several times more points, in far fewer and cheaper steps.
-BLOCK_COST_RATIO = 12.0
+BLOCK_COST_RATIO = 3.0
 BLOCK_MIN_CELLS = 64  # and only with at least this many cells per axis (8 blocks): below, a
 # surface's blocks are most of the box
 
