@@ -106,9 +106,19 @@ def tracking(request, monkeypatch):
     return request.param
 
 
-def test_block_tracking_is_chosen_for_a_cheap_field_only():
-    assert sparse_module._cheap_field(0.0, torch.device("cpu"))
-    assert not sparse_module._cheap_field(1.0, torch.device("cpu"))  # a second per point
+def test_an_expensive_field_is_tracked_by_cells():
+    """The tracking follows the field's measured cost: a field that takes 50 ms a call (over a
+    thousand times a sort's cost per key of its batch) gets the cell tracking, and its mesh is
+    the dense one."""
+    import time
+
+    def slow(p):
+        time.sleep(0.05)
+        return scene(p)
+
+    vs, fs, ss = extract(slow, 96, "sparse")
+    vd, fd, _ = extract(scene, 96, "dense")
+    assert ss.tracking == "cells" and torch.equal(vs, vd) and torch.equal(fs, fd)
 
 
 @pytest.mark.parametrize("n", [64, 128, pytest.param(256, marks=pytest.mark.slow)])

@@ -29,9 +29,9 @@ SENTINEL_FACTOR = 4  # warm start: sentinel lattice stride = this x the coarse s
 
 # A cold start tracks whole 8^3-cell blocks instead of cells when the field, timed on the
 # call's coarse lattice, costs less per point than this many times the cost per key of a
-# sort (the cell tracking's typical bookkeeping step, timed once per device): block tracking
-# evaluates several times more points, in far fewer and cheaper steps.
-BLOCK_COST_RATIO = 3.0
+# sort of as many keys (the cell tracking's typical bookkeeping step, timed beside it): block
+# tracking evaluates several times more points, in far fewer and cheaper steps.
+BLOCK_COST_RATIO = 4.5
 BLOCK_MIN_CELLS = 64  # and only with at least this many cells per axis (8 blocks): below, a
 # surface's blocks are most of the box
 
@@ -258,8 +258,8 @@ def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     neigh = torch.tensor(_NEIGH26, device=dev)
     cells = _lattice(s0, m, dev)
     # the seeding lattices are sparse (a point per stride^3): evaluated, not stored
-    vol, per_point = _timed_field(grid, lattice)
-    if n - 1 >= BLOCK_MIN_CELLS and _cheap_field(per_point, dev):
+    vol, relative_cost = _timed_field(grid, lattice)
+    if n - 1 >= BLOCK_MIN_CELLS and relative_cost < BLOCK_COST_RATIO:
         return (grid, *_track_blocks(grid, n, band))
     vol = vol.reshape(m + 1, m + 1, m + 1)
     v = torch.stack([vol[a : a + m, b : b + m, c : c + m].reshape(-1) for a, b, c in CORNER_OFFSETS], 1)  # (m^3, 8)
@@ -445,41 +445,32 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
     return grid.ijk(key), values
 
 
-_SORT_COST: dict = {}  # per device: seconds per key of sorting int64 keys, measured once
-
-
-def _timed_field(grid: _BlockGrid, ijk: torch.Tensor, pieces: int = 4):
+def _timed_field(grid: _BlockGrid, ijk: torch.Tensor, pieces: int = 8):
     """The field at points ijk (P, 3) (see :meth:`_BlockGrid.field`), evaluated in ``pieces``
-    calls, and its cost per point: the cheapest call's (a busy machine only slows calls down).
-    Returns values (P,) and seconds per point."""
+    calls, and its cost relative to the bookkeeping: each call is followed by a sort of the
+    keys of its points (the cell tracking's typical step), timed the same way, and the least
+    time of each is kept (a busy machine, a first call or an idle thread pool waking up only
+    slow calls down, and both are measured under the same conditions).
+
+    Returns:
+        values (P,) and the ratio (field seconds per point) / (sort seconds per key).
+    """
     dev = grid.ax.device
-    out, best = [], float("inf")
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)  # noqa: E731
+    out, field_best, sort_best = [], float("inf"), float("inf")
     for part in ijk.tensor_split(pieces):
+        if not part.shape[0]:
+            continue
         t = time.perf_counter()
         out.append(grid.field(part))
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        if part.shape[0]:
-            best = min(best, (time.perf_counter() - t) / part.shape[0])
-    return torch.cat(out), best
-
-
-def _cheap_field(per_point: float, dev) -> bool:
-    """Whether a field costing ``per_point`` seconds per point is cheap enough for block
-    tracking: under :data:`BLOCK_COST_RATIO` x the cost per key of sorting 2^15 int64 keys on
-    ``dev`` (the reference, measured once per device, scales with the machine)."""
-    key = str(dev)
-    if key not in _SORT_COST:
-        keys = torch.randint(0, 2 ** 40, (2 ** 15,), device=dev)
-        best = float("inf")
-        for _ in range(4):  # the first: allocator and kernel set-up
-            t = time.perf_counter()
-            torch.sort(keys)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            best = min(best, time.perf_counter() - t)
-        _SORT_COST[key] = best / keys.shape[0]
-    return per_point < BLOCK_COST_RATIO * _SORT_COST[key]
+        sync()
+        field_best = min(field_best, (time.perf_counter() - t) / part.shape[0])
+        keys = grid.lin(part).flip(0)  # reversed: a sort that has to move every key
+        t = time.perf_counter()
+        torch.sort(keys)
+        sync()
+        sort_best = min(sort_best, (time.perf_counter() - t) / part.shape[0])
+    return torch.cat(out), field_best / max(sort_best, 1e-12)
 
 
 _BLOCK = 8  # cells per block edge in block tracking (points per edge: 9, shared with the neighbour)
