@@ -397,7 +397,12 @@ def peers_table(args) -> int:
     out = Path(args.output) if args.output else (Path(__file__).resolve().parent / "results" /
                                                  f"extraction_peers_{time.strftime('%Y%m%d_%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(cpu=cpu, machine=platform.machine(), threads=args.threads, torch=torch.__version__,
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+    except OSError:
+        commit = ""
+    meta = dict(commit=commit, cpu=cpu, machine=platform.machine(), threads=args.threads, torch=torch.__version__,
                 warp=warp.__version__, repeat=args.repeat, budget_s=args.budget, chunk=CHUNK,
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), load_average=list(__import__("os").getloadavg()))
     tmp = out.with_suffix(".tmp")
