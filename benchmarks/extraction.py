@@ -25,11 +25,23 @@ is the best of ``--repeat`` runs and every ratio compares figures of this run.  
      rounding: the network's GEMMs round differently for different batch sizes);
   5. forward and backward time of the MeshSDF layer (lib.layer.mesh_from_sdf).
 
+With ``--peers warp`` it runs instead the sparse peer table: our sparse mode (cold) against
+NVIDIA Warp's ``warp.geometry.sparse_marching_cubes`` on five field classes of rising cost
+per point (analytic sphere, analytic torus, 32^3 trilinear grid + sphere, small MLP
+3-64-64-1 + torus, the bob_and_spot network with bob's code), a fresh process per N (Warp
+on the CPU, the same torch field called in batches of ``CHUNK`` by both): best time of
+``--repeat`` (3), field evaluations, peak memory, Warp's Lipschitz bound (1 for the analytic
+SDFs, else the largest |grad| at 2^15 random points; our cold start gets the same as its
+``band``), and whether each mesh equals our dense mode's (skipped where that dense grid is
+estimated over ``--dense-budget`` seconds).  Rows go to a JSON file under benchmarks/results/.
+
 Peers found are listed first; missing ones are skipped (pip install -r benchmarks/requirements.txt).
 The network is called in batches of ``CHUNK`` points everywhere, ours and the peer's alike.
 
 Usage: python benchmarks/extraction.py [-e experiments/bob_and_spot] [--resolutions 128 256 512]
        [--memory 256 512 1024 2048] [--repeat 2]
+       python benchmarks/extraction.py --peers warp [--resolutions 256 512] [--fields sphere torus grid mlp network]
+       [--dense-budget 40] [--output FILE]
 """
 from __future__ import annotations
 
@@ -46,7 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib import experiment, runtime  # noqa: E402
-from lib.errors import cli_main  # noqa: E402
+from lib.errors import MeshSDFError, cli_main  # noqa: E402
 from lib.isosurface import dense_grid, extract, marching_cubes, same_mesh, tables  # noqa: E402
 from lib.layer import mesh_from_sdf  # noqa: E402
 from lib.models.decoder import decoder_from_specs  # noqa: E402
@@ -134,10 +146,278 @@ def child(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# --peers: the five field classes against a sparse peer (NVIDIA Warp's sparse marching cubes)
+# ---------------------------------------------------------------------------------------------
+
+FIELDS = ("sphere", "torus", "grid", "mlp", "network")
+FIELD_TITLES = {"sphere": "analytic sphere", "torus": "analytic torus", "grid": "32^3 trilinear grid + sphere",
+                "mlp": "small MLP 3-64-64-1 + torus", "network": "DeepSDF network (bob)"}
+
+
+def _torus(p: torch.Tensor) -> torch.Tensor:
+    q = torch.stack((p[:, :2].norm(dim=1) - 0.5, p[:, 2]), 1)
+    return q.norm(dim=1) - 0.2
+
+
+def make_field(name: str, experiment_dir: str):
+    """The field ``name`` of :data:`FIELDS`: a callable points (P, 3) -> values (P,), made
+    deterministically (seeded random weights) so that every process builds the same one."""
+    gen = torch.Generator().manual_seed(0)
+    if name == "sphere":
+        return lambda p: p.norm(dim=1) - 0.6
+    if name == "torus":
+        return _torus
+    if name == "grid":
+        # a random perturbation: trilinear interpolation of a 32^3 lattice of values, small enough
+        # (|grad| about 2) that no sub-voxel blob of opposite sign appears beside the surface
+        lattice = (torch.rand(1, 1, 32, 32, 32, generator=gen) * 2 - 1) * 0.02
+
+        def grid_field(p):
+            # grid_sample's last coordinate is x (the lattice's last axis): order (z, y, x) -> ours (i, j, k)
+            s = torch.nn.functional.grid_sample(lattice, p.flip(1).view(1, 1, 1, -1, 3), mode="bilinear",
+                                                padding_mode="border", align_corners=True)
+            return p.norm(dim=1) - 0.6 + s.reshape(-1)
+        return grid_field
+    if name == "mlp":
+        # tanh keeps the perturbation centred and bounded (about 0.05) so the torus stays in the box
+        mlp = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64),
+                                  torch.nn.Tanh(), torch.nn.Linear(64, 1))
+        with torch.no_grad():
+            for prm in mlp.parameters():
+                prm.copy_(torch.randn(prm.shape, generator=gen) / max(1, prm.shape[-1]) ** 0.5)
+            mlp[4].weight.mul_(0.05)
+            mlp[4].bias.zero_()
+        mlp.requires_grad_(False)
+        return lambda p: _torus(p) + mlp(p).reshape(-1)
+    dec, codes, _ = load(Path(experiment_dir), torch.device("cpu"), False)
+    dec.requires_grad_(False)
+    return lambda p: decoder_sdf(dec, codes[0], p, CHUNK)
+
+
+def lipschitz_estimate(fn, samples: int = 2 ** 15) -> float:
+    """max(1, the largest |grad fn| at ``samples`` seeded random points of the box): the
+    smallest Lipschitz bound that a sparse peer needing one can be given without guessing."""
+    p = (torch.rand(samples, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1).requires_grad_(True)
+    with torch.enable_grad():
+        g, = torch.autograd.grad(fn(p).sum(), p)
+    return max(1.0, float(g.norm(dim=1).max()))
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every millisecond by a thread
+    (the field and both extractions release the GIL in their kernels): ``.mb`` after exit.
+    Memory the process freed earlier and reuses is not counted: a lower bound."""
+
+    def __enter__(self):
+        import ctypes
+        import threading
+        try:  # hand freed heap pages back first, so that the level at entry is what is live
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        self._page = __import__("os").sysconf("SC_PAGE_SIZE")
+        self._base = self._peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * self._page
+
+    def _run(self):
+        while not self._stop.wait(0.001):
+            self._peak = max(self._peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._rss())
+        self.mb = (self._peak - self._base) / 2 ** 20
+        return False
+
+
+def best_of(fn, repeat: int, budget: float):
+    """Best time of up to ``repeat`` runs of fn, no new run once ``budget`` seconds are spent;
+    the first run also measures peak memory.  Returns (best s, runs, peak MB, fn's result)."""
+    best, runs, spent, out, mb = float("inf"), 0, 0.0, None, float("nan")
+    while runs < repeat and (runs == 0 or spent < budget):
+        t = time.perf_counter()
+        if runs == 0:
+            with PeakRSS() as mem:
+                out = fn()
+            mb = mem.mb
+        else:
+            out = fn()
+        dt = time.perf_counter() - t
+        best, runs, spent = min(best, dt), runs + 1, spent + dt
+    return best, runs, mb, out
+
+
+def warp_extract(wp, fn, n: int, lipschitz: float):
+    """Warp's sparse marching cubes of fn on our N^3 grid over [-1, 1]^3, the torch field
+    called in batches of ``CHUNK`` points as ours is.  Returns verts (V, 3), faces (F, 3)
+    torch tensors and Warp's stats."""
+    import warp.geometry
+
+    def evaluate(points):
+        pts = wp.to_torch(points)
+        out = torch.cat([fn(pts[s : s + CHUNK]).reshape(-1) for s in range(0, pts.shape[0], CHUNK)])
+        return wp.from_torch(out.float().contiguous())
+
+    with torch.no_grad():
+        v, idx, stats = warp.geometry.sparse_marching_cubes(evaluate, n, n, n, lower=(-1.0, -1.0, -1.0),
+                                                           upper=(1.0, 1.0, 1.0), lipschitz_bound=lipschitz,
+                                                           device="cpu", return_stats=True)
+    return wp.to_torch(v).clone(), wp.to_torch(idx).reshape(-1, 3).long().clone(), stats
+
+
+def same_surface(verts_a, faces_a, verts_b, faces_b, atol: float) -> tuple[bool, str]:
+    """For a peer with its own case tables: the same number of welded vertices
+    and as many faces (each vertex within atol of one of the other mesh, both ways), i.e. the same crossings of
+    the same edges (the triangulation inside a
+    cell may differ).  Returns (equal, reason)."""
+    from scipy.spatial import cKDTree
+    from lib.ops.mesh import weld_vertices
+
+    va, fa = weld_vertices(verts_a, faces_a)
+    vb, fb = weld_vertices(verts_b, faces_b)
+    if len(va) != len(vb) or len(fa) != len(fb):
+        return False, f"{len(va) - len(vb):+d} vertices, {len(fa) - len(fb):+d} faces"
+    if len(va) == 0:
+        return True, ""
+    d_ab, d_ba = cKDTree(vb).query(va)[0].max(), cKDTree(va).query(vb)[0].max()
+    if max(d_ab, d_ba) > atol:
+        return False, f"vertices differ (up to {max(d_ab, d_ba):.2g} apart)"
+    return True, ""
+
+
+def peers_child(args) -> int:
+    """One process per N: every field of ``--fields`` at N = ``--peers-child``, one JSON line each."""
+    import warp as wp
+    wp.config.quiet = True
+    wp.init()
+    torch.set_num_threads(args.threads)
+    n = args.peers_child
+    for name in args.fields:
+        fn = make_field(name, args.experiment)
+        lip = lipschitz_estimate(fn) * args.lipschitz_scale if name not in ("sphere", "torus") else 1.0
+        with torch.no_grad():
+            x = torch.rand(CHUNK, 3, generator=torch.Generator().manual_seed(2)) * 2 - 1
+            fn(x)
+            t = time.perf_counter()
+            fn(x)
+            per_point = (time.perf_counter() - t) / CHUNK
+        extract(fn, 32, "sparse", chunk=CHUNK)  # one-off set-ups (tables, kernels) outside the measures
+        warp_extract(wp, fn, 32, lip)
+        row = dict(field=name, n=n, lipschitz=lip, us_per_point=per_point * 1e6)
+        # both get the same knowledge of the field: our cold start's Lipschitz safety factor is
+        # the bound Warp is given (never below our default)
+        band = max(1.5, lip)
+        t_ours, runs, mb, (v, f, st) = best_of(lambda: extract(fn, n, "sparse", chunk=CHUNK, band=band),
+                                               args.repeat, args.budget)
+        row.update(ours_s=t_ours, ours_band=band, ours_runs=runs, ours_mb=mb, ours_evals=st.evaluations,
+                   faces=int(f.shape[0]), tracking=st.tracking)
+        if args.compare_tracking and st.tracking == "blocks":  # the same extraction with the cell tracking
+            from lib.isosurface import sparse as sparse_module
+            saved, sparse_module.BLOCK_COST_RATIO = sparse_module.BLOCK_COST_RATIO, 0.0
+            try:
+                row["cells_s"] = best_of(lambda: extract(fn, n, "sparse", chunk=CHUNK, band=band), args.repeat,
+                                         args.budget)[0]
+            finally:
+                sparse_module.BLOCK_COST_RATIO = saved
+        del st
+        t_w, runs, mb, (vw, fw, stats) = best_of(lambda: warp_extract(wp, fn, n, lip), args.repeat, args.budget)
+        row.update(warp_s=t_w, warp_runs=runs, warp_mb=mb, warp_evals=int(stats["field_evaluations"]),
+                   warp_faces=int(fw.shape[0]))
+        estimate = per_point * n ** 3
+        if estimate <= args.dense_budget:
+            t = time.perf_counter()
+            vd, fd, _ = extract(fn, n, "dense", chunk=CHUNK)
+            row["dense_s"] = time.perf_counter() - t
+            row["ours_equal"], row["ours_why"] = same_mesh(v, f, vd, fd)
+            row["warp_equal"], row["warp_why"] = same_surface(vw, fw, vd, fd, atol=1e-4)
+            del vd, fd
+        else:
+            row["dense_skipped"] = f"dense grid estimated at {estimate:.0f} s > --dense-budget {args.dense_budget:g}"
+        print(json.dumps(row), flush=True)
+        del v, f, vw, fw
+    return 0
+
+
+def peers_table(args) -> int:
+    """The peer table: a fresh process per N, ratios printed, every row written to a JSON file."""
+    if args.peers != ["warp"]:
+        raise MeshSDFError(f"--peers {' '.join(args.peers)}: the only sparse peer measured is 'warp'")
+    if importlib.util.find_spec("warp") is None:
+        raise MeshSDFError("--peers warp needs NVIDIA Warp: pip install -r benchmarks/requirements.txt")
+    import platform
+    import warp
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    print(f"ours (sparse, cold) vs Warp {warp.__version__} sparse_marching_cubes, CPU ({cpu}), {args.threads} "
+          f"threads; one process per N, best of {args.repeat} (fewer past {args.budget:g} s), the field called in "
+          f"batches of {CHUNK} points by both.  warp/ours > 1: ours faster.  equal: the mesh vs our dense mode "
+          "(ours: same_mesh; Warp, whose case tables triangulate some cells differently: the same vertices and "
+          "face count); cells/blocks: where ours tracked blocks, the time with the cell tracking instead / ours")
+    print(f"{'field':>30} {'N':>5} {'ours s':>7} {'warp s':>7} {'warp/ours':>9} {'ours evals':>10} {'warp evals':>10} "
+          f"{'ours MB':>7} {'warp MB':>7} {'L':>5} {'ours=dense':>10} {'warp=dense':>10} {'tracking':>8} "
+          f"{'cells/blocks':>12}")
+    rows = []
+    for n in args.resolutions:
+        cmd = [sys.executable, __file__, "-e", args.experiment, "--peers", "warp", "--peers-child", str(n),
+               "--threads", str(args.threads), "--repeat", str(args.repeat), "--budget", str(args.budget),
+               "--dense-budget", str(args.dense_budget), "--lipschitz-scale", str(args.lipschitz_scale),
+               "--fields", *args.fields] + (["--compare-tracking"] if args.compare_tracking else [])
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if not line.startswith("{"):
+                continue
+            d = json.loads(line)
+            rows.append(d)
+
+            def eq(who):
+                if "dense_skipped" in d:
+                    return "skipped"
+                return "yes" if d[f"{who}_equal"] else "NO"
+            cells_vs_blocks = f"{d['cells_s'] / d['ours_s']:.2f}x" if "cells_s" in d else "-"
+            print(f"{FIELD_TITLES[d['field']]:>30} {n:>5} {d['ours_s']:>7.3f} {d['warp_s']:>7.3f} "
+                  f"{d['warp_s'] / d['ours_s']:>8.2f}x {d['ours_evals']:>10} {d['warp_evals']:>10} "
+                  f"{d['ours_mb']:>7.0f} {d['warp_mb']:>7.0f} {d['lipschitz']:>5.2f} {eq('ours'):>10} {eq('warp'):>10} "
+                  f"{d['tracking']:>8} {cells_vs_blocks:>12}"
+                  + (f"  (Warp: {d['warp_why']})" if d.get("warp_why") else "")
+                  + (f"  (ours: {d['ours_why']})" if d.get("ours_why") else ""), flush=True)
+        err = proc.stderr.read()
+        if proc.wait():
+            print(f"{n:>5} failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
+    skipped = sorted({d["field"] for d in rows if "dense_skipped" in d})
+    if skipped:
+        print(f"dense reference skipped for {', '.join(skipped)} (its N^3 grid is over --dense-budget "
+              f"{args.dense_budget:g} s): raise it to check them")
+    out = Path(args.output) if args.output else (Path(__file__).resolve().parent / "results" /
+                                                 f"extraction_peers_{time.strftime('%Y%m%d_%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+    except OSError:
+        commit = ""
+    meta = dict(commit=commit, cpu=cpu, machine=platform.machine(), threads=args.threads, torch=torch.__version__,
+                warp=warp.__version__, repeat=args.repeat, budget_s=args.budget, chunk=CHUNK,
+                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), load_average=list(__import__("os").getloadavg()))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    tmp.replace(out)
+    print(f"results: {out}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("-e", "--experiment", default=str(REPO_ROOT / "experiments" / "bob_and_spot"))
-    ap.add_argument("--resolutions", type=int, nargs="+", default=[128, 256, 512])
+    ap.add_argument("--resolutions", type=int, nargs="+", default=None,
+                    help="N of part 1 (default 128 256 512) or of --peers (default 256 512)")
     ap.add_argument("--memory", type=int, nargs="*", default=[256, 512, 1024, 2048], help="part 3 resolutions")
     ap.add_argument("--peer-full-max", type=int, default=256,
                     help="largest N whose peer dense grid is evaluated whole (above: N/8 of it, scaled)")
@@ -150,9 +430,29 @@ def main() -> int:
     ap.add_argument("--fallback", action="store_true",
                     help="use the torus + untrained network even if a checkpoint exists")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--peers", nargs="+", default=None, metavar="PEER",
+                    help="instead of parts 1-5: the field classes against a sparse peer ('warp')")
+    ap.add_argument("--fields", nargs="+", default=list(FIELDS), choices=FIELDS, help="--peers: fields to measure")
+    ap.add_argument("--budget", type=float, default=15.0,
+                    help="--peers: no new repeat of a measure once it has spent this many seconds (default 15)")
+    ap.add_argument("--dense-budget", type=float, default=40.0,
+                    help="--peers: check against our dense mode where its grid is estimated under this many s")
+    ap.add_argument("--lipschitz-scale", type=float, default=1.0,
+                    help="--peers: Warp's Lipschitz bound = this x the largest sampled |grad| (analytic SDFs: 1)")
+    ap.add_argument("--compare-tracking", action="store_true",
+                    help="--peers: where ours tracked blocks, time it with the cell tracking too (column cells/blocks)")
+    ap.add_argument("--output", default=None, help="--peers: JSON result file (default benchmarks/results/...)")
+    ap.add_argument("--peers-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
+    if args.peers_child:
+        return peers_child(args)
+    if args.peers:
+        args.resolutions = args.resolutions or [256, 512]
+        args.repeat = 3 if "--repeat" not in sys.argv else args.repeat
+        return peers_table(args)
+    args.resolutions = args.resolutions or [128, 256, 512]
     torch.set_num_threads(args.threads)
     device = runtime.choose_device(args.device)
     dec, codes, what = load(Path(args.experiment), device, args.fallback)

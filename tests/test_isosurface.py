@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lib.errors import MeshSDFError
 from lib.isosurface import (_BlockGrid, _sentinel_seeds, extract, grid_points, marching_cubes, marching_cubes_cells,
                             same_mesh)
+from lib.isosurface import sparse as sparse_module
 from lib.metrics import genus
 
 from fields import sphere, torus, union
@@ -98,8 +99,31 @@ def _all_cells(vals):
     return cells, vals[ijk[..., 0], ijk[..., 1], ijk[..., 2]]
 
 
+@pytest.fixture(params=["cell", "block"])
+def tracking(request, monkeypatch):
+    """The sparse cold start's tracking, pinned: cells, or whole blocks (chosen by the field's
+    measured cost otherwise, so that an analytic field would always get blocks)."""
+    monkeypatch.setattr(sparse_module, "BLOCK_COST_RATIO", 0.0 if request.param == "cell" else float("inf"))
+    return request.param
+
+
+def test_an_expensive_field_is_tracked_by_cells():
+    """The tracking follows the field's measured cost: a field that takes 50 ms a call (over a
+    thousand times a sort's cost per key of its batch) gets the cell tracking, and its mesh is
+    the dense one."""
+    import time
+
+    def slow(p):
+        time.sleep(0.05)
+        return scene(p)
+
+    vs, fs, ss = extract(slow, 96, "sparse")
+    vd, fd, _ = extract(scene, 96, "dense")
+    assert ss.tracking == "cells" and torch.equal(vs, vd) and torch.equal(fs, fd)
+
+
 @pytest.mark.parametrize("n", [64, 128, pytest.param(256, marks=pytest.mark.slow)])
-def test_sparse_equals_dense(n):
+def test_sparse_equals_dense(n, tracking):
     calls = []
 
     def fn(p):
@@ -112,8 +136,9 @@ def test_sparse_equals_dense(n):
     assert same_mesh(vd, fd, vs, fs) == (True, "")
     assert sd.evaluations == n ** 3 and ss.evaluations < n ** 3 / 4
     assert sum(calls) == sd.evaluations + ss.evaluations
-    if n >= 128:
-        assert ss.evaluations < n ** 3 / 20
+    assert ss.tracking == ("blocks" if tracking == "block" and n > sparse_module.BLOCK_MIN_CELLS else "cells")
+    if n >= 128:  # blocks: every point of the blocks the surface passes (cheap fields only)
+        assert ss.evaluations < n ** 3 / (20 if tracking == "cell" else 5)
     assert genus(vs, fs) == 1 and not ss.empty
 
 
@@ -129,7 +154,7 @@ def test_sparse_verify_detects_a_missed_piece():
     assert ok.verified is True
 
 
-def test_sparse_finds_thin_and_hidden_parts():
+def test_sparse_finds_thin_and_hidden_parts(tracking):
     # a thin rod (thinner than a coarse cell) crossing the box, away from the main surface
     rod = lambda p: (p[:, :2] - torch.tensor([0.7, -0.6])).norm(dim=1) - 0.02  # noqa: E731
     fn = union(sphere(0.4), rod)
@@ -211,7 +236,7 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def test_sparse_memory_grows_with_the_surface_not_the_box():
+def test_sparse_memory_grows_with_the_surface_not_the_box(tracking):
     """Peak live tensor memory of a sparse extraction, 256 -> 512: a surface-proportional store
     grows at most ~4x (here less: bounded per-step transients), an N^3 array 8x."""
     extract(sphere(0.6), 16, "sparse")  # the cached case tables are not part of the measure
@@ -334,10 +359,11 @@ def test_warm_start_completes_a_sentinel_edge_between_stored_values():
 
 
 @pytest.mark.slow
-def test_sparse_equals_dense_at_512_on_an_analytic_field():
+def test_sparse_equals_dense_at_512_on_an_analytic_field(tracking):
     vd, fd, _ = extract(scene, 512, "dense", chunk=2 ** 20)
     vs, fs, ss = extract(scene, 512, "sparse", chunk=2 ** 20)
-    assert torch.equal(vd, vs) and torch.equal(fd, fs) and ss.evaluations < 512 ** 3 / 50
+    assert torch.equal(vd, vs) and torch.equal(fd, fs) and ss.tracking == tracking + "s"
+    assert ss.evaluations < 512 ** 3 / (50 if tracking == "cell" else 15)
 
 
 def test_marching_cubes_level_and_welded_closed_output():

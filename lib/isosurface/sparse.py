@@ -4,14 +4,17 @@
   extraction passes (memory proportional to the surface band, not to G^3);
 - :func:`_sparse`: seeds (a coarse lattice with bisection and recursive refinement, or the
   previous call's cells plus a sentinel lattice) then :func:`_track`, which grows the set of
-  sign-changing cells across faces with mixed signs until it is closed;
-- :func:`default_coarse_stride`, :data:`SENTINEL_FACTOR`, :data:`KEEP_CORNERS`: its constants.
+  sign-changing cells across faces with mixed signs until it is closed; or, on a cold start
+  with a field cheap per point, :func:`_track_blocks`, the same closure on whole blocks;
+- :func:`default_coarse_stride`, :data:`SENTINEL_FACTOR`, :data:`KEEP_CORNERS`,
+  :data:`BLOCK_COST_RATIO`, :data:`BLOCK_MIN_CELLS`: its constants.
 
 The driver is :func:`lib.isosurface.driver.extract` (``mode="sparse"``).
 """
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -19,10 +22,18 @@ from ..errors import MeshSDFError
 from ..ops.marching_cubes import grid_axis, voxel_size
 from ..ops.marching_cubes_tables import CORNER_OFFSETS, tables
 
-__all__ = ["KEEP_CORNERS", "SENTINEL_FACTOR", "default_coarse_stride"]
+__all__ = ["BLOCK_COST_RATIO", "BLOCK_MIN_CELLS", "KEEP_CORNERS", "SENTINEL_FACTOR", "default_coarse_stride"]
 
 
 SENTINEL_FACTOR = 4  # warm start: sentinel lattice stride = this x the coarse stride
+
+# A cold start tracks whole 8^3-cell blocks instead of cells when the field, timed on the
+# call's coarse lattice, costs less per point than this many times the cost per key of a
+# sort of as many keys (the cell tracking's typical bookkeeping step, timed beside it): block
+# tracking evaluates several times more points, in far fewer and cheaper steps.
+BLOCK_COST_RATIO = 4.5
+BLOCK_MIN_CELLS = 64  # and only with at least this many cells per axis (8 blocks): below, a
+# surface's blocks are most of the box
 
 
 def default_coarse_stride(resolution: int) -> int:
@@ -76,6 +87,7 @@ class _BlockGrid:
         self.rows = 0  # rows in use
         self.peak_rows = rows
         self.evaluations = 0
+        self.tracking = "cells"  # or "blocks" (see _track_blocks)
 
     @property
     def stored(self) -> int:
@@ -247,7 +259,10 @@ def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     neigh = torch.tensor(_NEIGH26, device=dev)
     cells = _lattice(s0, m, dev)
     # the seeding lattices are sparse (a point per stride^3): evaluated, not stored
-    vol = grid.field(lattice).reshape(m + 1, m + 1, m + 1)
+    vol, relative_cost = _timed_field(grid, lattice)
+    if n - 1 >= BLOCK_MIN_CELLS and relative_cost < BLOCK_COST_RATIO:
+        return (grid, *_track_blocks(grid, n, band))
+    vol = vol.reshape(m + 1, m + 1, m + 1)
     v = torch.stack([vol[a : a + m, b : b + m, c : c + m].reshape(-1) for a, b, c in CORNER_OFFSETS], 1)  # (m^3, 8)
     del vol
     seeds = []
@@ -429,3 +444,139 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
     key, order = torch.sort(key)  # keys sort like C order
     values = torch.cat(kept)[order] if kept is not None else None
     return grid.ijk(key), values
+
+
+def _timed_field(grid: _BlockGrid, ijk: torch.Tensor, pieces: int = 8):
+    """The field at points ijk (P, 3) (see :meth:`_BlockGrid.field`), evaluated in ``pieces``
+    calls, and its cost relative to the bookkeeping: each call is followed by a sort of the
+    keys of its points (the cell tracking's typical step), timed the same way, and the least
+    time of each is kept (a busy machine, a first call or an idle thread pool waking up only
+    slow calls down, and both are measured under the same conditions).
+
+    Returns:
+        values (P,) and the ratio (field seconds per point) / (sort seconds per key).
+    """
+    dev = grid.ax.device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)  # noqa: E731
+    out, field_best, sort_best = [], float("inf"), float("inf")
+    for part in ijk.tensor_split(pieces):
+        if not part.shape[0]:
+            continue
+        t = time.perf_counter()
+        out.append(grid.field(part))
+        sync()
+        field_best = min(field_best, (time.perf_counter() - t) / part.shape[0])
+        keys = grid.lin(part).flip(0)  # reversed: a sort that has to move every key
+        t = time.perf_counter()
+        torch.sort(keys)
+        sync()
+        sort_best = min(sort_best, (time.perf_counter() - t) / part.shape[0])
+    return torch.cat(out), field_best / max(sort_best, 1e-12)
+
+
+_BLOCK = 8  # cells per block edge in block tracking (points per edge: 9, shared with the neighbour)
+BLOCKS_PER_STEP = 64  # blocks evaluated per step: bounded transients (64 x 729 points)
+
+
+def _track_blocks(grid: _BlockGrid, n: int, band: float):
+    """Cold start for a cheap field: seeds and tracking on whole blocks of 8^3 cells.
+
+    The block lattice (stride 8) is evaluated; a block is a seed when its corners change
+    sign, or when a corner is closer to the surface than ``band`` x its half diagonal and no
+    neighbouring block changes sign (the same Lipschitz rule as the cell seeding's coarse
+    pass).  Then every point of each front block is evaluated (9^3, its cells whole), its
+    sign-changing cells kept, and the neighbour across each block face on which some grid
+    face has mixed signs joins the front: the cell tracking's closure, a block at a time, so
+    the cells found are a superset of those the cell tracking finds from the same surface,
+    and all of them sign-changing cells of the dense grid.
+    Returns the sign-changing cells (C, 3) in C order and their corner values (C, 8) (None
+    when there are none).
+    """
+    dev = grid.ax.device
+    grid.tracking = "blocks"
+    m = n - 1  # cells per axis
+    nb = -(-m // _BLOCK)  # blocks per axis
+    ax = grid_axis(n, _BLOCK * nb + 1, dev)
+    step = torch.arange(nb + 1, device=dev) * _BLOCK
+    lat = torch.cartesian_prod(step, step, step)
+    vol = _eval_points(grid, ax, lat).reshape(nb + 1, nb + 1, nb + 1)
+    v = torch.stack([vol[a : a + nb, b : b + nb, c : c + nb] for a, b, c in CORNER_OFFSETS], -1)  # (nb, nb, nb, 8)
+    out = v > 0
+    sc = out.any(-1) & ~out.all(-1)
+    near = ~sc & (v.abs().amin(-1) < band * 0.5 * math.sqrt(3) * _BLOCK * voxel_size(n))
+    if bool(near.any()):
+        # a near block beside a sign-changing one: its surface, if any, is left to the tracking
+        pad = torch.nn.functional.pad(sc.float()[None, None], (1, 1, 1, 1, 1, 1))
+        touching = torch.nn.functional.max_pool3d(pad, 3, stride=1)[0, 0] > 0
+        near &= ~touching
+    del vol, v, out
+    front = (sc | near).reshape(-1).nonzero().squeeze(1)
+    visited = torch.zeros(nb ** 3, dtype=torch.bool, device=dev)
+    visited[front] = True
+    off = torch.arange(_BLOCK + 1, device=dev)
+    pts9 = torch.cartesian_prod(off, off, off)  # (729, 3) points of a block, C order
+    corner_off = (tables(dev)["corner"] * torch.tensor([81, 9, 1], device=dev)).sum(1)  # (8,) in a 9^3 block
+    nbr = torch.tensor(_FACE_DIR, device=dev)
+    found, kept = [], []
+    while front.shape[0]:
+        new = []
+        for part in front.split(BLOCKS_PER_STEP):
+            k = part.shape[0]
+            bijk = torch.stack((part // (nb * nb), (part // nb) % nb, part % nb), 1)  # (K, 3)
+            base = bijk * _BLOCK
+            val = _eval_points(grid, ax, (base.unsqueeze(1) + pts9).reshape(-1, 3)).view(k, 9, 9, 9)
+            o = (val > 0).to(torch.int8)
+            cnt = sum(o[:, a : a + 8, b : b + 8, c : c + 8] for a, b, c in CORNER_OFFSETS)  # (K, 8, 8, 8)
+            lim = (m - base).clamp(max=_BLOCK)  # (K, 3) cells of each block inside the grid
+            r = torch.arange(_BLOCK, device=dev)
+            inx = r < lim[:, 0:1]
+            iny = r < lim[:, 1:2]
+            inz = r < lim[:, 2:3]
+            valid = inx[:, :, None, None] & iny[:, None, :, None] & inz[:, None, None, :]
+            sc = (cnt > 0) & (cnt < 8) & valid
+            bi, ci, cj, ck = sc.nonzero(as_tuple=True)
+            cells = base.index_select(0, bi) + torch.stack((ci, cj, ck), 1)
+            found.append(cells)
+            # corner values kept whatever the count (32 bytes a cell, beside the cell's 24): a
+            # cheap field, but a second pass over the cells costs as much as this one
+            loc = ((bi * 9 + ci) * 9 + cj) * 9 + ck
+            kept.append(val.view(-1).index_select(0, (loc.unsqueeze(1) + corner_off).view(-1)).view(-1, 8))
+            # block faces crossed by the surface: a grid face with mixed signs on the block's
+            # boundary plane, inside the grid (its two cells are then both sign-changing)
+            go = []
+            for axis in range(3):
+                for side in (0, _BLOCK):
+                    plane = o.select(axis + 1, side)  # (K, 9, 9)
+                    q = plane[:, :-1, :-1] + plane[:, 1:, :-1] + plane[:, :-1, 1:] + plane[:, 1:, 1:]
+                    mixed = (q > 0) & (q < 4)
+                    a1, a2 = [x for x in range(3) if x != axis]
+                    ins = (r < lim[:, a1 : a1 + 1])[:, :, None] & (r < lim[:, a2 : a2 + 1])[:, None, :]
+                    has = (mixed & ins).flatten(1).any(1)
+                    if side == 0:
+                        has &= bijk[:, axis] > 0
+                    else:
+                        has &= base[:, axis] + _BLOCK < m
+                    go.append(has)
+            go = torch.stack(go, 1)  # (K, 6) in _FACE_DIR order
+            nxt = (bijk.unsqueeze(1) + nbr)[go]
+            new.append((nxt[:, 0] * nb + nxt[:, 1]) * nb + nxt[:, 2])
+        cand = torch.unique(torch.cat(new))
+        front = cand[~visited.index_select(0, cand)]
+        visited[front] = True
+    if not found:
+        return torch.zeros(0, 3, dtype=torch.int64, device=dev), None
+    cells = torch.cat(found)
+    del found
+    key = (cells[:, 0] * m + cells[:, 1]) * m + cells[:, 2]
+    key, order = torch.sort(key)
+    return cells.index_select(0, order), torch.cat(kept).index_select(0, order)
+
+
+def _eval_points(grid: _BlockGrid, ax: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
+    """The field at grid points ijk (P, 3) of axis ``ax`` (which may extend past the grid's):
+    (P,), in chunks of even size (see :meth:`_BlockGrid.field`), counted in its evaluations."""
+    p = ijk.shape[0]
+    size = max(1, -(-p // max(1, -(-p // grid.chunk))))
+    out = [grid.sdf_fn(ax[ijk[s : s + size]]).reshape(-1).float() for s in range(0, p, size)]
+    grid.evaluations += p
+    return torch.cat(out) if out else ax.new_zeros(0)

@@ -47,6 +47,8 @@ class ExtractionState:
         peak_points: the most grid values held at once (sparse: value slots of the block
             pool at its largest, 512 per 8^3 block; a warm call starts with that many).
         level: the level set extracted.
+        tracking: sparse mode: how the cold start tracked the surface, "cells" or "blocks"
+            (whole 8^3-cell blocks, chosen for a field cheap per point); else "".
         dl_ds: per-vertex dL/ds (V,) written by the backward pass of :mod:`lib.layer.field`
             (None before a backward).
     """
@@ -69,4 +71,5 @@ class ExtractionState:
     verified: bool | None = None
     peak_points: int = 0
     level: float = 0.0
+    tracking: str = ""
     dl_ds: torch.Tensor | None = field(default=None, repr=False)

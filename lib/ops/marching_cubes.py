@@ -124,6 +124,8 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
     if n_own + n_cen < 2 ** 31:  # ids fit in int32: half the memory
         own_base, cen_base = own_base.int(), cen_base.int()
     lo_off = tab["corner"][tab["edge_lo"]]  # (12, 3)
+    # the owner search runs on int32 keys where they fit: half the memory traffic of a search
+    slin = lin.int() if n ** 3 < 2 ** 31 else lin
     # outputs written in place step by step (no list of parts and copy at the end)
     verts = torch.empty(n_own + n_cen, 3, device=dev)
     keys = torch.empty(n_own + n_cen, dtype=torch.int64, device=dev)
@@ -151,7 +153,7 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
         # owner rows: the cells are sorted by linear index, so a binary search finds each owner
         # (no (N-1)^3 lookup table: memory stays proportional to the cells given)
         olin = (owner[:, 0] * n + owner[:, 1]) * n + owner[:, 2]
-        orow = torch.searchsorted(lin, olin).clamp_(max=ncell - 1)
+        orow = torch.searchsorted(slin, olin.to(slin.dtype)).clamp_(max=ncell - 1)
         if not bool(lin.index_select(0, orow).eq(olin).all()):
             raise ValueError("marching_cubes_cells: the cells must include every sign-changing neighbour "
                              "of the cells given (the owner of a crossing edge is missing)")
