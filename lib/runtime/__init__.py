@@ -4,8 +4,8 @@ state (:mod:`.device`).  ``from lib import runtime; runtime.choose_device(...)``
 ``runtime.concurrently(...)`` reach them here.
 
 The names of :mod:`.threads` and :mod:`.device` load on first use (PEP 562), not here:
-``lib/__init__.py`` imports :mod:`.cpus` to set OpenMP's wait policy before torch loads,
-which importing those modules here would defeat.
+``lib.cli.setup_process`` imports :mod:`.cpus` to set OpenMP's wait policy before torch
+loads, which importing those modules (and torch) here would defeat.
 """
 from importlib import import_module
 
