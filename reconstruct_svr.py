@@ -1,6 +1,13 @@
 #!/usr/bin/env python
 """Single-view reconstruction of the test split as the original evaluates it: encoder code -> raw
-mesh -> silhouette refinement, per-iteration Chamfer and normal consistency."""
+mesh -> silhouette refinement, per-iteration Chamfer and normal consistency.
+
+Under ``torchrun --nproc_per_node=K`` the views to do are shared among the K processes (gloo
+on the CPU, one GPU per process on CUDA): each takes the next view nobody has taken
+(lib.training.distributed.SharedCounter), so every view is done exactly once and the
+per-instance folders are the ones a single process writes.  A process that dies loses only
+the views it had in progress; the same command run again does the rest (finished folders
+are skipped)."""
 from __future__ import annotations
 
 from lib import cli
@@ -14,6 +21,7 @@ from lib.experiment import limits
 from lib.errors import MeshSDFError
 from lib.io import check_writable_folder
 from lib.log import info, progress
+from lib.training import distributed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "<experiment>/Reconstructions/<checkpoint>/<instance>/ (input.png, input_silhouette.png, "
                     "predicted.ply/.png/_silhouette.png, refined.ply/.png/_silhouette.png, log_silhouette.npy, "
                     "log_chd.npy, log_nc.npy, log_latent.npy; ours: log_iou.npy, meta.json). An instance whose "
-                    "folder exists is skipped, so an interrupted run resumes.")
+                    "folder exists is skipped, so an interrupted run resumes. Under torchrun --nproc_per_node=K "
+                    "the K processes share the instances (each done once; one GPU per process on CUDA).")
     cli.add_experiment(ap)
     ap.add_argument("-c", "--continue", dest="checkpoint", type=cli.epoch_type("--continue"), default="latest",
                     metavar="latest|N", help="network checkpoint to use (default latest)")
@@ -56,15 +65,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="surface samples per mesh for the Chamfer distance (default: ChamferSamples, 10000)")
     ours.add_argument("--out", default=None, metavar="DIR",
                       help="write the instance folders here instead of Reconstructions/<checkpoint>/")
-    cli.add_device(ours)
+    cli.add_device(ours, "cpu, cuda, cuda:N or auto (default: cuda if available; under torchrun process k uses "
+                         "cuda:LOCAL_RANK)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    import torch
-
     from lib.experiment.specs import load_svr_specs
-    from lib.svr import data, evaluate, network, reconstruct
 
     args = parse_args(argv)
     runtime.apply_thread_policy()  # threads for the cores other processes leave free (MESHSDF_THREADS)
@@ -80,7 +87,20 @@ def main(argv=None) -> int:
     if args.chamfer_samples is not None and args.chamfer_samples < 100:
         raise MeshSDFError(f"--chamfer-samples must be >= 100, got {args.chamfer_samples}")
     specs = load_svr_specs(args.experiment)
-    device = runtime.choose_device(args.device)
+    ctx = distributed.init_distributed(args.device)  # also checks --device
+    try:
+        return reconstruct_split(args, specs, ctx)
+    finally:
+        distributed.cleanup()
+
+
+def reconstruct_split(args: argparse.Namespace, specs, ctx: distributed.DistContext) -> int:
+    """The views of the split not done yet, shared among the processes of ``ctx``; returns 0."""
+    import torch
+
+    from lib.svr import data, evaluate, network, reconstruct
+
+    device = ctx.device
     settings = reconstruct.RefineSettings.from_specs(specs, iterations=args.iterations, lr=args.lr,
                                                      resolution=args.resolution, mode=args.mode, sigma=args.sigma,
                                                      chamfer_samples=args.chamfer_samples, regularize=args.regularize)
@@ -115,10 +135,15 @@ def main(argv=None) -> int:
             if not folder.exists():
                 jobs.append((k, v, folder))
     done = len(items) * len(args.views or [0]) - len(jobs)
-    info(f"reconstructing {len(jobs)} views of the {split_key} ({done} done before, skipped) with the epoch-"
-         f"{net.checkpoint_epoch} network on {device} (N = {settings.resolution}, {settings.mode} extraction, "
-         f"{settings.iterations} + 1 steps, lr {settings.lr:g}) into {root}")
-    for k, v, folder in progress(jobs, desc="reconstruct_svr", unit="view"):
+    distributed.barrier()   # every process has listed the finished folders before any writes one
+    if ctx.is_main:
+        info(f"reconstructing {len(jobs)} views of the {split_key} ({done} done before, skipped) with the epoch-"
+             f"{net.checkpoint_epoch} network on {ctx.where} (N = {settings.resolution}, {settings.mode} extraction, "
+             f"{settings.iterations} + 1 steps, lr {settings.lr:g}) into {root}")
+    who = f"[rank {ctx.rank}] " if ctx.distributed else ""
+    mine = _taken(jobs, distributed.SharedCounter("reconstruct_svr"))
+    written = 0
+    for k, v, folder in progress(mine, total=len(jobs), desc="reconstruct_svr", unit="view", disable=ctx.distributed):
         name = instances[k].name
         image = renders.images(torch.tensor([k]), torch.tensor([v]), device)
         with torch.no_grad():
@@ -130,14 +155,23 @@ def main(argv=None) -> int:
                                   {"instance": name, "view": int(v), "item": int(k), "split": args.split,
                                    "checkpoint_epoch": int(net.checkpoint_epoch),
                                    "settings": vars(settings)})
+        written += 1
         for m in result.messages:
-            info(f"{folder.name}: {m}")
+            info(f"{who}{folder.name}: {m}")
         c0, c1 = result.log["chamfer"][0] * 1000, result.log["chamfer"][-1] * 1000
-        info(f"{folder.name} (view {v:02d}): Chamfer x1000 {c0:.3f} -> {c1:.3f}, silhouette loss "
+        info(f"{who}{folder.name} (view {v:02d}): Chamfer x1000 {c0:.3f} -> {c1:.3f}, silhouette loss "
              f"{result.log['silhouette_loss'][0]:.4f} -> {result.log['silhouette_loss'][-1]:.4f} "
              f"({result.seconds:.1f} s)")
-    info(f"wrote {len(jobs)} reconstructions to {root}")
+    total = distributed.sum_over_ranks(written)
+    if ctx.is_main:
+        info(f"wrote {total} reconstructions to {root}" + (f" ({ctx.where})" if ctx.distributed else ""))
     return 0
+
+
+def _taken(jobs: list, queue: distributed.SharedCounter):
+    """The jobs this process takes from ``queue``: each the next one no process has taken, until none is left."""
+    while (j := queue.take()) < len(jobs):
+        yield jobs[j]
 
 
 if __name__ == "__main__":

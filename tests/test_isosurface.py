@@ -372,3 +372,59 @@ def test_marching_cubes_level_and_welded_closed_output():
     vs, fs = skimage_mc(vals, level=0.1)
     assert (v.norm(dim=1) - 0.6).abs().max() < 0.01 and v.shape == vs.shape and closed_manifold(f)
     assert torch.unique(v, dim=0).shape[0] == v.shape[0]  # welded: no duplicate vertices
+
+
+def _fast_reference(fn, n, steps):
+    """The fast heuristic by its definition, on a full grid: each call re-evaluates the voxel of
+    every previous vertex and its 6 neighbours, then meshes the whole grid; stale vertices use a
+    value not re-evaluated, missed ones no longer cross once their stale ends are re-evaluated.
+    Yields (verts, faces, evaluations, stale, missed) per field of ``steps``."""
+    from lib.ops.marching_cubes import cell_corner_values, crossing_cells
+
+    pts = grid_points(n)
+    values = fn(steps[0], pts).reshape(-1)
+    cells = crossing_cells(values.reshape(n, n, n))
+    v, f, keys = marching_cubes_cells(cells, cell_corner_values(values, cells), n)
+    yield v, f, n ** 3, 0, 0
+    for s in steps[1:]:
+        lin = torch.where(keys < 3 * n ** 3, keys // 3, (keys - 3 * n ** 3) // 4)
+        ijk = torch.stack((lin // (n * n), (lin // n) % n, lin % n), 1)
+        offsets = torch.tensor([[0, 0, 0], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
+        nb = (ijk.unsqueeze(1) + offsets).reshape(-1, 3)
+        nb = nb[((nb >= 0) & (nb < n)).all(1)]
+        fresh = torch.zeros(n ** 3, dtype=torch.bool)
+        fresh[(nb[:, 0] * n + nb[:, 1]) * n + nb[:, 2]] = True
+        values[fresh] = fn(s, pts[fresh]).reshape(-1)
+        cells = crossing_cells(values.reshape(n, n, n))
+        v, f, keys = marching_cubes_cells(cells, cell_corner_values(values, cells), n)
+        k = keys[keys < 3 * n ** 3]
+        lo = k // 3
+        hi = lo + torch.tensor([n * n, n, 1])[k % 3]
+        stale = ~fresh[lo] | ~fresh[hi]
+        true = fn(s, pts).reshape(-1)
+        now = torch.where(fresh, values, true)
+        missed = ((now[lo] > 0) == (now[hi] > 0)) & stale
+        ends = torch.unique(torch.cat((lo[stale], hi[stale])))
+        yield v, f, int(fresh.sum()) + int((~fresh[ends]).sum()), int(stale.sum()), int(missed.sum())
+
+
+def test_fast_mode_is_its_definition_on_the_full_grid():
+    """extract's fast mode (it touches only the refreshed band and the previous cells) gives,
+    call after call, the mesh, evaluations and stale / missed counts of the heuristic computed
+    on the whole grid: small moves, a move out of the band, a piece appearing and one vanishing."""
+    def fn(s, p):
+        kind, t = s
+        if kind == "scene":
+            return scene(p + torch.tensor([0.004 * t, -0.003 * t, 0.002 * t]))
+        return union(torus(0.5, 0.15 + 0.01 * t), sphere(0.02 * t, (-0.6, 0.6, -0.5)))(p)
+
+    n = 40
+    steps = [("scene", 0), ("scene", 1), ("scene", 2), ("scene", 12), ("scene", 13),
+             ("grow", 0), ("grow", 3), ("grow", 6), ("grow", 1)]
+    st, seen = None, []
+    for s, (rv, rf, evaluations, stale, missed) in zip(steps, _fast_reference(fn, n, steps)):
+        v, f, st = extract(lambda p, s=s: fn(s, p), n, "fast", state=st)
+        assert torch.equal(f, rf) and torch.equal(v, rv), s
+        assert (st.evaluations, st.stale_vertices, st.missed_vertices) == (evaluations, stale, missed), s
+        seen.append(missed)
+    assert max(seen) > 0      # the surface left the band at least once: stale cells were meshed

@@ -111,8 +111,18 @@ class _DenseGrid:
         return self.values.numel()
 
 
-def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int):
-    """The paper's heuristic: re-evaluate each previous vertex's voxel and its 6 neighbours."""
+def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int) -> tuple[_DenseGrid, torch.Tensor]:
+    """The paper's heuristic: re-evaluate each previous vertex's voxel and its 6 neighbours.
+
+    Args:
+        sdf_fn: the field, points (P, 3) -> values (P,).
+        state: the previous fast/dense call's state (full grid ``values``, vertex ``keys``).
+        chunk: points per call of ``sdf_fn``.
+
+    Returns:
+        the grid (``state.values`` updated in place) and the refreshed grid points (R,), int64
+        sorted linear indices (no N^3 mask: ``_check_fast`` looks them up by binary search).
+    """
     n = state.resolution
     grid = _DenseGrid(sdf_fn, n, n, state.values.device, chunk, state.values, keep=True)
     keys = state.keys
@@ -124,28 +134,43 @@ def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int):
                          device=keys.device)
     nb = (ijk.unsqueeze(1) + steps).reshape(-1, 3)
     nb = nb[((nb >= 0) & (nb < n)).all(1)]
-    lin = torch.unique(grid.lin(nb))
-    grid.evaluate(lin)
-    fresh = torch.zeros(n ** 3, dtype=torch.bool, device=keys.device)
-    fresh[lin] = True
+    fresh = torch.unique(grid.lin(nb))
+    grid.evaluate(fresh)
     return grid, fresh
 
 
+def _is_in(sorted_values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Whether each entry of x (...) int64 is in ``sorted_values`` (R,) (sorted, distinct): bool (...)."""
+    if sorted_values.numel() == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    at = torch.searchsorted(sorted_values, x).clamp_(max=sorted_values.numel() - 1)
+    return sorted_values[at] == x
+
+
 def _check_fast(grid: _DenseGrid, keys: torch.Tensor, fresh: torch.Tensor) -> tuple[int, int]:
-    """(vertices using a stale value, vertices whose edge turns out not to cross any more)."""
+    """(vertices using a stale value, vertices whose edge turns out not to cross any more).
+
+    keys (V,): the new mesh's vertex keys; fresh (R,): the sorted linear indices this call
+    refreshed.  The stale ends are evaluated aside (counted in ``grid.evaluations``); the
+    grid keeps the heuristic's values.
+    """
     n = grid.n
     k = keys[keys < 3 * n ** 3]
     lo = k // 3
     hi = lo + torch.tensor([n * n, n, 1], device=k.device)[k % 3]
-    stale = ~fresh[lo] | ~fresh[hi]
+    fresh_lo, fresh_hi = _is_in(fresh, lo), _is_in(fresh, hi)
+    stale = ~fresh_lo | ~fresh_hi
     if not bool(stale.any()):
         return 0, 0
-    lo, hi = lo[stale], hi[stale]
-    ends = torch.unique(torch.cat((lo, hi))[~fresh[torch.cat((lo, hi))]])
+    lo, hi, fresh_lo, fresh_hi = lo[stale], hi[stale], fresh_lo[stale], fresh_hi[stale]
+    ends = torch.unique(torch.cat((lo[~fresh_lo], hi[~fresh_hi])))
     pts = torch.stack((grid.ax[ends // (n * n)], grid.ax[(ends // n) % n], grid.ax[ends % n]), 1)
-    now = grid.values.clone()
-    now[ends] = torch.cat([grid.sdf_fn(pts[s : s + grid.chunk]).reshape(-1).float()
-                           for s in range(0, ends.numel(), grid.chunk)])
+    now = torch.cat([grid.sdf_fn(pts[s : s + grid.chunk]).reshape(-1).float()
+                     for s in range(0, ends.numel(), grid.chunk)])
     grid.evaluations += ends.numel()
-    missed = (now[lo] > 0) == (now[hi] > 0)
+
+    def value(p, is_fresh):  # the re-evaluated value at a stale end, the grid's at a fresh one
+        return torch.where(is_fresh, grid.values[p], now[torch.searchsorted(ends, p).clamp_(max=ends.numel() - 1)])
+
+    missed = (value(lo, fresh_lo) > 0) == (value(hi, fresh_hi) > 0)
     return int(stale.sum()), int(missed.sum())

@@ -114,7 +114,7 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
     if (mode == "fast" and state is not None and state.full and state.resolution == n and reuse is not None
             and state.keys.numel()):
         grid, fresh = _refresh_fast(fn, state, chunk)
-        cells = crossing_cells(grid.values.reshape(n, n, n))
+        cells = crossing_cells(grid.values.reshape(n, n, n))   # a byte-wide scan: cheaper than sorting the band's cells
     elif mode == "sparse":
         if (warm and state is not None and state.mode == "sparse" and state.resolution == n and not state.empty
                 and state.cells.device == device):

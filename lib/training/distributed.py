@@ -48,6 +48,9 @@ EXIT_PREEMPTED = 128 + int(signal.SIGTERM)
 
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
+# the rendezvous store of the group this process joined (SharedCounter hands out numbers through it)
+_STORE: dist.Store | None = None
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -126,7 +129,9 @@ def init_distributed(device: str | None = None) -> DistContext:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend, store=_attempt_store(rank, world), rank=rank, world_size=world,
+        global _STORE
+        _STORE = _attempt_store(rank, world)
+        dist.init_process_group(backend, store=_STORE, rank=rank, world_size=world,
                                 **({"device_id": dev} if dev.type == "cuda" else {}))
     return DistContext(rank, world, local, dev, dist.get_backend())
 
@@ -157,8 +162,10 @@ def _attempt_store(rank: int, world: int) -> dist.Store:
 
 def cleanup() -> None:
     """Leave the process group (no-op when none was joined)."""
+    global _STORE
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _STORE = None
 
 
 def is_distributed() -> bool:
@@ -235,6 +242,39 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
     _collective(lambda x: dist.all_reduce(x, op=dist.ReduceOp.MAX), t)
     return bool(t.item() > 0)
+
+
+def sum_over_ranks(value: int) -> int:
+    """The sum of an integer over all ranks, on every rank (``value`` itself in a single process)."""
+    if not is_distributed():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
+    all_reduce_(t)
+    return int(t.item())
+
+
+class SharedCounter:
+    """0, 1, 2, ... handed out across all ranks of the job, each number to exactly one caller.
+
+    A work queue over a list every rank built alike: ``while (j := counter.take()) < len(jobs)``
+    gives each job to the first rank free for it (ranks that finish early take more), and a
+    rank that dies loses only the numbers it took.  The count lives in the rendezvous store of
+    this restart attempt (``_attempt_store``), so a restarted group starts again from 0; in a
+    single process it is a plain counter.  ``name`` keeps counters of one job apart.
+    """
+
+    def __init__(self, name: str):
+        self.key = f"counter/{name}"
+        self._local = 0
+        if is_distributed() and _STORE is None:
+            raise MeshSDFError("SharedCounter needs the process group joined by init_distributed")
+
+    def take(self) -> int:
+        """The next number (atomic across ranks)."""
+        if is_distributed():
+            return int(_STORE.add(self.key, 1)) - 1
+        self._local += 1
+        return self._local - 1
 
 
 # --------------------------------------------------------------------------- batches
