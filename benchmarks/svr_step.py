@@ -9,10 +9,11 @@ pixel, Adam lr 5e-5, Chamfer on 10,000 samples and image normal consistency ever
 
 Each baseline commit is checked out into a temporary git worktree (removed afterwards); all
 trees run the same child script (with this tree's checkpoint, so the instance is the same) in
-turn, in fresh processes, ``--rounds`` times alternately (so a busy machine slows both alike).  A step's time is the wall time between two successive
-log entries (the first entry, whose extraction is the dense one, is left out); the figure of
-a tree is the median step of its best round; an instance at the defaults is estimated as
-its first step (the raw mesh's dense extraction) plus 100 such steps.  The logged curves (silhouette loss, Chamfer,
+turn, in fresh processes, ``--rounds`` times alternately (so a busy machine slows both alike).
+A step's time is the wall time between two successive log entries (the first entry, whose
+extraction is the dense one, is left out); the figure of a tree is the median step of its best
+round; an instance at the defaults is estimated as its first step (the raw mesh's dense
+extraction) plus 100 such steps.  The logged curves (silhouette loss, Chamfer,
 normal consistency, mean z^2, IoU) of each baseline and this tree are compared entry by entry
 (a baseline from before SPEC §11.4's normal-consistency protocol differs there by design;
 compare with the branch point for "same results").
