@@ -364,6 +364,7 @@ def test_two_process_svr_matches_one_process_stops_on_sigterm_and_resumes_with_o
 
 
 RELEASE_SCRIPT = """
+import os
 import sys
 import torch
 sys.path.insert(0, {repo!r})
@@ -379,7 +380,7 @@ for step in range(300):
         distributed.broadcast_(t)
     late += t._use_count() > uses   # gloo's worker still holds the tensor it must drop under the GIL
 assert torch.equal(t, torch.full((3,), 2.0)) or torch.equal(t, torch.ones(3))
-print("late", late, flush=True)
+os.write(1, f"late {{late}}\\n".encode())   # one write: the two ranks' lines must not interleave
 distributed.cleanup()
 """
 
