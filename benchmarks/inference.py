@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib import experiment, runtime  # noqa: E402
-from lib.errors import cli_main  # noqa: E402
+from lib.cli import cli_main  # noqa: E402
 from lib.layer import mesh_from_sdf  # noqa: E402
 from lib.models.kernels.inference import InferenceKernel  # noqa: E402
 from lib.optimize import LatentOptimizer, SilhouetteLoss  # noqa: E402

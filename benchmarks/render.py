@@ -138,6 +138,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from lib.errors import cli_main
+    from lib.cli import cli_main
 
     cli_main(main)

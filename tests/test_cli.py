@@ -45,3 +45,13 @@ def test_parse_epoch_names_its_flag():
     assert epoch_type("--checkpoint")("7") == 7
     with pytest.raises(MeshSDFError, match="--checkpoint epoch must be >= 1, got 0"):
         epoch_type("--checkpoint")("0")
+
+
+SCRIPTS = sorted(p.relative_to(REPO).as_posix() for p in [*REPO.glob("*.py"), *(REPO / "benchmarks").glob("*.py")])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_and_benchmark_shows_its_help(script):
+    """Every command a user runs imports and parses: a moved or renamed library name breaks it here first."""
+    r = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
