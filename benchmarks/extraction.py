@@ -58,7 +58,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib import experiment, runtime  # noqa: E402
-from lib.errors import MeshSDFError, cli_main  # noqa: E402
+from lib.cli import cli_main  # noqa: E402
+from lib.errors import MeshSDFError  # noqa: E402
 from lib.isosurface import dense_grid, extract, marching_cubes, same_mesh, tables  # noqa: E402
 from lib.layer import mesh_from_sdf  # noqa: E402
 from lib.models.decoder import decoder_from_specs  # noqa: E402
@@ -274,26 +275,6 @@ def warp_extract(wp, fn, n: int, lipschitz: float):
     return wp.to_torch(v).clone(), wp.to_torch(idx).reshape(-1, 3).long().clone(), stats
 
 
-def same_surface(verts_a, faces_a, verts_b, faces_b, atol: float) -> tuple[bool, str]:
-    """For a peer with its own case tables: the same number of welded vertices
-    and as many faces (each vertex within atol of one of the other mesh, both ways), i.e. the same crossings of
-    the same edges (the triangulation inside a
-    cell may differ).  Returns (equal, reason)."""
-    from scipy.spatial import cKDTree
-    from lib.ops.mesh import weld_vertices
-
-    va, fa = weld_vertices(verts_a, faces_a)
-    vb, fb = weld_vertices(verts_b, faces_b)
-    if len(va) != len(vb) or len(fa) != len(fb):
-        return False, f"{len(va) - len(vb):+d} vertices, {len(fa) - len(fb):+d} faces"
-    if len(va) == 0:
-        return True, ""
-    d_ab, d_ba = cKDTree(vb).query(va)[0].max(), cKDTree(va).query(vb)[0].max()
-    if max(d_ab, d_ba) > atol:
-        return False, f"vertices differ (up to {max(d_ab, d_ba):.2g} apart)"
-    return True, ""
-
-
 def peers_child(args) -> int:
     """One process per N: every field of ``--fields`` at N = ``--peers-child``, one JSON line each."""
     import warp as wp
@@ -338,7 +319,7 @@ def peers_child(args) -> int:
             vd, fd, _ = extract(fn, n, "dense", chunk=CHUNK)
             row["dense_s"] = time.perf_counter() - t
             row["ours_equal"], row["ours_why"] = same_mesh(v, f, vd, fd)
-            row["warp_equal"], row["warp_why"] = same_surface(vw, fw, vd, fd, atol=1e-4)
+            row["warp_equal"], row["warp_why"] = same_mesh(vw, fw, vd, fd, atol=1e-4, triangles=False)
             del vd, fd
         else:
             row["dense_skipped"] = f"dense grid estimated at {estimate:.0f} s > --dense-budget {args.dense_budget:g}"

@@ -195,6 +195,10 @@ def test_same_mesh_detects_differences():
     w = v.clone()
     w[0, 0] += 1e-3
     assert not same_mesh(v, f, w, f)[0]
+    # triangles=False (a peer's own case tables): the same vertices and face count suffice
+    assert same_mesh(v, f, v, f[:, [0, 2, 1]], triangles=False)[0]
+    assert not same_mesh(v, f, w, f, triangles=False)[0]
+    assert not same_mesh(v, f, v, f[1:], triangles=False)[0]
 
 
 def test_bad_arguments():
