@@ -2,7 +2,7 @@
 """Train a DeepSDF auto-decoder (decoder + one latent code per training shape) from specs.json.
 
 Runs as is under ``torchrun --nproc_per_node=K`` (DDP, see lib.training.distributed / lib.training).
-Exit status: 0 done, 2 user error, 143 stopped by SIGTERM/SIGUSR1 and 130 by Ctrl-C after saving
+Exit status: 0 done, 2 user error, 143 stopped by SIGTERM/SIGUSR1/SIGHUP and 130 by Ctrl-C after saving
 ``latest``.
 """
 from __future__ import annotations
@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--resolution", type=int, default=128,
                     help="marching-cubes grid resolution of the reconstructions (default 128)")
     ap.epilog = ("Several GPUs or machines: torchrun --nproc_per_node=K train_deep_sdf.py -e EXP [--continue latest] "
-                 "(ScenesPerBatch is the global batch). SIGTERM/SIGUSR1/Ctrl-C: finishes the epoch, saves 'latest', "
+                 "(ScenesPerBatch is the global batch). SIGTERM/SIGUSR1/SIGHUP/Ctrl-C: finishes the epoch, "
+                 "saves 'latest', "
                  f"exits with status {distributed.EXIT_PREEMPTED} (130 after Ctrl-C).")
     return ap.parse_args(argv)
 

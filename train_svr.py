@@ -3,7 +3,7 @@
 
 Runs as is under ``torchrun --nproc_per_node=K`` (DDP over encoder + decoder, see
 lib.training.distributed / lib.svr.train.train_svr).  Exit status: 0 done, 2 user error, 143 stopped by
-SIGTERM/SIGUSR1 after saving ``latest``.
+SIGTERM/SIGUSR1/SIGHUP after saving ``latest``.
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="start afresh in an experiment that already holds a trained model; its files are moved "
                          "into <experiment>/Backups/<time>/, not deleted, once every input is checked")
     ap.epilog = ("Several GPUs or machines: torchrun --nproc_per_node=K train_svr.py -e EXP [--continue latest] "
-                 "(ScenesPerBatch is the global batch). SIGTERM/SIGUSR1/Ctrl-C: finishes the epoch, saves 'latest', "
+                 "(ScenesPerBatch is the global batch). SIGTERM/SIGUSR1/SIGHUP/Ctrl-C: finishes the epoch, "
+                 "saves 'latest', "
                  f"exits with status {distributed.EXIT_PREEMPTED} (130 after Ctrl-C).")
     return ap.parse_args(argv)
 
