@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lib import experiment, runtime
-from lib.experiment import limits
+from lib.runtime import limits
 from lib.errors import MeshSDFError
 from lib.layer.gradient_check import check_gradients, format_report
 from lib.isosurface import MODES

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lib import experiment, runtime
-from lib.experiment import limits
+from lib.runtime import limits
 from lib.experiment.specs import load_specs, resolve_path
 from lib.datasets import read_split
 from lib.errors import MeshSDFError

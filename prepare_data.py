@@ -242,7 +242,7 @@ def main(argv=None) -> int:
         raise MeshSDFError(f"--workers must be at least 1 (got {args.workers})")
     if args.resolution < 32:
         raise MeshSDFError(f"--resolution must be at least 32 (got {args.resolution})")
-    from lib.experiment import limits
+    from lib.runtime import limits
 
     limits.check_seed(args.seed)
     out = Path(args.out)
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
         raise MeshSDFError(f"--views must be between 0 and 100 (got {views})")
     if args.image_size < 16:
         raise MeshSDFError(f"--image-size must be at least 16 (got {args.image_size})")
-    from lib.experiment import limits
+    from lib.runtime import limits
 
     workers = args.workers  # each worker holds its own grid and samples
     limits.check_fits("--samples", args.samples, lambda n: workers * limits.SAMPLE_BYTES * float(n))

@@ -17,7 +17,7 @@ cli.setup_process()  # first, before torch loads: OpenMP reads its wait policy o
 import argparse
 
 from lib import runtime
-from lib.experiment import limits
+from lib.runtime import limits
 from lib.errors import MeshSDFError
 from lib.io import check_writable_folder
 from lib.log import info, progress

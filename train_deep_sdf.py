@@ -14,7 +14,7 @@ cli.setup_process()  # first, before torch loads: OpenMP reads its wait policy o
 import argparse
 
 from lib import experiment, runtime
-from lib.experiment import limits
+from lib.runtime import limits
 from lib.training import distributed
 from lib.experiment.specs import load_specs, resolve_path
 from lib.datasets import SdfSamples, read_split

@@ -15,7 +15,7 @@ import argparse
 import contextlib
 
 from lib import experiment, runtime
-from lib.experiment import limits
+from lib.runtime import limits
 from lib.training import distributed
 from lib.errors import MeshSDFError
 from lib.log import info

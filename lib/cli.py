@@ -108,5 +108,5 @@ def epoch_type(flag: str) -> Callable[[str], str | int]:
 
 
 def add_seed(ap: argparse._ActionsContainer, help: str = "random seed (default 0)") -> None:
-    """``--seed`` (an integer; its range is checked by ``lib.experiment.limits.check_seed``)."""
+    """``--seed`` (an integer; its range is checked by ``lib.runtime.limits.check_seed``)."""
     ap.add_argument("--seed", type=int, default=0, help=help)

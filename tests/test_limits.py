@@ -1,8 +1,8 @@
-"""lib.experiment.limits: sizes refused before allocating, with the largest value that fits
+"""lib.runtime.limits: sizes refused before allocating, with the largest value that fits
 (memory given explicitly)."""
 import pytest
 
-from lib.experiment import limits
+from lib.runtime import limits
 from lib.errors import MeshSDFError
 
 

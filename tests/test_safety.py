@@ -311,7 +311,7 @@ def test_quiet_silences_progress_but_not_errors(tmp_path, monkeypatch, capsys):
 
 
 def test_memory_check_names_the_largest_value_that_fits():
-    from lib.experiment import limits
+    from lib.runtime import limits
 
     avail = limits.grid_bytes(100)
     limits.check_grid(100, available=avail)

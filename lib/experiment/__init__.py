@@ -5,12 +5,10 @@
     lock.py         the one-writer lock file (ExperimentLock) and, for readers, the run writing now
     writer.py       what a training run checks before writing: claim_experiment, stale temporaries,
                     --overwrite's backups (move_aside)
-    limits.py       size checks before allocation (used as ``limits.check_*``; not re-exported here)
 
 The names below are re-exported so that callers write ``experiment.load_decoder_and_codes``
 (``checkpoints.WRITER_WAIT_S``, the readers' wait, is read from its module).
 """
-from . import limits  # noqa: F401  (a submodule callers reach as lib.experiment.limits)
 from .checkpoints import (BACKUPS_DIR, LATENT_CODES_DIR, LOGS_FILE, MODEL_PARAMS_DIR, OPTIMIZATIONS_DIR,
                           OPTIMIZER_PARAMS_DIR, RECONSTRUCTIONS_DIR, SVR_PARTS, check_same_epoch, checkpoint_path,
                           load_checkpoint, load_decoder, load_decoder_and_codes, load_latent_codes,
@@ -41,5 +39,4 @@ __all__ = [
     "claim_experiment", "check_writable", "remove_stale_temporaries", "trained_files", "model_outputs",
     "move_aside",
     # submodule
-    "limits",
 ]

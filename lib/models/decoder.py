@@ -16,7 +16,7 @@ from ..models.kernels.fused import FusedPlan, LayerPlan, default_chunk, fused_cl
 from ..models.kernels.inference import InferenceKernel, default_rows
 from ..models.kernels.elementwise import (dropout_mask, effective_dropout_prob, new_seed,  # noqa: F401
                                             positional_encoding)
-from ..experiment import limits
+from ..runtime import limits
 
 
 class WeightNormLinear(nn.Module):
