@@ -24,7 +24,10 @@ boxes are cut into 4 x 4 pixel tiles (:func:`.screen.face_tiles`), and the tiles
 evaluated in chunks of ``RenderSettings.chunk_tiles`` with broadcast arithmetic (no per-pair
 gathers).  The forward pass keeps 24 bytes per slot (float32) for the backward pass, up to
 ``RenderSettings.save_slots`` slots; beyond that the backward pass recomputes the chunks, so
-memory stays bounded.  ``faces_per_pixel`` keeps all slots (it sorts them by pixel and depth).
+memory stays bounded.  ``faces_per_pixel`` keeps all slots; it sorts only the candidates of
+the pixels that have more than K, by integer keys (:func:`_farthest_radix`).  Chunks are
+evaluated two at a time side by side on the CPU (``lib.runtime.concurrently``); their
+pixel sums are added in chunk order, so the schedule changes no bit.
 
 Profiler labels: "render.silhouette.forward", "render.silhouette.backward".
 """
@@ -38,6 +41,7 @@ import torch
 from .camera import Camera
 from .screen import TILE, TileSetup, face_table, face_tiles, project_mesh
 from .settings import DEFAULT, RenderSettings
+from ..runtime import concurrently
 from .sums import reproducible_on, segment_sum
 
 __all__ = ["silhouette", "silhouette_pairs", "blur_radius", "SVR_SIGMA", "SVR_EPS", "SVR_FACES_PER_PIXEL"]
@@ -69,8 +73,28 @@ def _cull_tiles(table: torch.Tensor, fid: torch.Tensor, x0: torch.Tensor, y0: to
     radius, and contributes exactly nothing in any mode (log-term 0, gradient weights 0, no
     depth candidate).  Dropping them leaves every other term, and the order in which terms
     meet at a pixel or a face, unchanged, so images and gradients are bitwise the same.
-    The test runs in float64 so that its rounding is far below the margin.
+    The test runs in float64 so that its rounding is far below the margin, and only on the
+    tiles of faces with several tiles: a face's only tile holds its whole blur-expanded box,
+    so it is rarely beyond an edge line (sub-pixel faces of a fine mesh are all such faces).
     """
+    T = len(fid)
+    if T > 1:
+        same = fid[1:] == fid[:-1]                 # a face's tiles are consecutive
+        multi = torch.zeros(T, dtype=torch.bool, device=fid.device)
+        multi[1:] |= same
+        multi[:-1] |= same
+        some = multi.nonzero().squeeze(1)
+    else:
+        some = fid.new_zeros(0)
+    far = torch.zeros(T, dtype=torch.bool, device=fid.device)
+    if len(some):
+        far[some] = _far_tiles(table, fid[some], x0[some], y0[some], r)
+    return (~far).nonzero().squeeze(1)
+
+
+def _far_tiles(table: torch.Tensor, fid: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, r: float) -> torch.Tensor:
+    """(T,) bool: the tiles all of whose pixel centres lie outside one edge line of their face,
+    more than sqrt(r) + CULL_MARGIN pixels from it (see :func:`_cull_tiles`)."""
     tab = table.double()
     o = tab[15]
     ex, ey = tab[6:12:2], tab[7:12:2]
@@ -87,7 +111,7 @@ def _cull_tiles(table: torch.Tensor, fid: torch.Tensor, x0: torch.Tensor, y0: to
     for i in range(3):
         top = A[i].index_select(0, fid) * ys - Bm[i].index_select(0, fid) * xs + C[i].index_select(0, fid)
         far |= top < 0
-    return (~far).nonzero().squeeze(1)
+    return far
 
 
 
@@ -124,8 +148,9 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
     pix: padded pixel index (int32); lsig: log(1 - p_f) (-1e4 for deep-inside pairs, 0
     beyond the blur radius).  with_grad adds rx, ry (from the nearest point of the nearest
     edge to the pixel) and w0..w2 such that dI/d(uv of the face's vertex k) =
-    -(1 - I) * w_k * (rx, ry) summed over the slots.  want_depth adds depth (of the face
-    point nearest to the pixel) and cand (bool, p_f > 0).  Slots outside a face's
+    -(1 - I) * w_k * (rx, ry) summed over the slots.  want_depth adds the candidate slots
+    (p_f > 0) as flat indices in slot order, cidx (int64), with their pixels cpix and the
+    depths cdepth of the face points nearest to them (flat).  Slots outside a face's
     blur-expanded box are farther than the blur radius, so they need no mask.
 
     Written for the CPU: float masks from comparisons with ``out=``, because bool masks,
@@ -191,12 +216,19 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
         m1 = torch.gt(ds[0], ds[1], out=ws("m1")).mul_(torch.ge(ds[2], ds[1], out=tmp))
         m = [m0, m1, torch.sub(1.0 - m0, m1, out=ws("m2"))]
     if st.want_depth:                                       # before the gradient terms reuse m, ts
-        iz = [c[16 + k][:, None] for k in range(3)]
-        area = (ef[0] + ef[1] + ef[2]).clamp_(min=1e-30)
-        inv_in = (ef[1] * iz[0] + ef[2] * iz[1] + ef[0] * iz[2]) / area
-        inv_out = sum(m[k] * ((1.0 - ts[k]) * iz[k] + ts[k] * iz[(k + 1) % 3]) for k in range(3))
-        out["depth"] = 1.0 / (inside * inv_in + (1.0 - inside) * inv_out)
-        out["cand"] = torch.maximum(band, inside) > 0
+        # depths of the candidate slots only, gathered flat: the same elementwise +, *, /
+        # per slot as over the whole chunk, so the same bits, on a fraction of the slots
+        cidx = torch.maximum(band, inside, out=ws("cand")).view(-1).nonzero().squeeze(1)
+        tile = torch.div(cidx, P, rounding_mode="floor")
+        at = [x.reshape(-1).index_select(0, cidx) for x in (*ef, inside, *m, *ts)]
+        e0, e1, e2, ins, m0c, m1c, m2c = at[:7]
+        tc = at[7:]
+        iz = [c[16 + k].index_select(0, tile) for k in range(3)]
+        area = (e0 + e1 + e2).clamp_(min=1e-30)
+        inv_in = (e1 * iz[0] + e2 * iz[1] + e0 * iz[2]) / area
+        inv_out = sum(mk * ((1.0 - tc[k]) * iz[k] + tc[k] * iz[(k + 1) % 3]) for k, mk in enumerate((m0c, m1c, m2c)))
+        out["cidx"], out["cpix"] = cidx, pix.view(-1).index_select(0, cidx)
+        out["cdepth"] = 1.0 / (ins * inv_in + (1.0 - ins) * inv_out)
     if with_grad:
         # dI/ds = -(1 - I) p / sigma, ds/da = -2 sgn (1 - t) r, ds/db = -2 sgn t r for the
         # nearest edge (a, b) (t optimal: envelope theorem); vertex k starts edge k and
@@ -244,16 +276,21 @@ class _SoftSilhouette(torch.autograd.Function):
         chunks = [(a, min(a + step, n)) for a in range(0, n, step)]
         save = st.sigma > 0 and (K is not None or (need_grad and n * TILE * TILE <= settings.save_slots))
         saved = []
-        for a, b in chunks:
-            tm = _chunk_terms(st, a, b, with_grad=save, settings=settings)
-            if K is None:
-                _add_log_terms(L, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
-            saved.append(tm if save else None)
+        # two chunks at a time side by side (their terms are independent); the pixel sums
+        # stay in chunk order, so the image does not depend on the schedule
+        for i in range(0, len(chunks), 2):
+            pair = concurrently([lambda a=a, b=b: _chunk_terms(st, a, b, with_grad=save, settings=settings)
+                                 for a, b in chunks[i:i + 2]], uv.device)
+            for tm in pair:
+                if K is None:
+                    _add_log_terms(L, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
+                saved.append(tm if save else None)
         if K is not None and st.sigma > 0:
-            _keep_nearest(saved, K)
+            _keep_nearest(saved, K, st.npad, settings.radix_nearest)
             for tm in saved:
-                _add_log_terms(L, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
-                del tm["depth"], tm["cand"]
+                # the kept candidates in slot order: every other slot's term is +-0
+                kept = tm.pop("kept")
+                _add_log_terms(L, tm.pop("cpix")[kept], tm.pop("lsig").view(-1).index_select(0, tm.pop("cidx")[kept]))
         if fixed:
             L = (L.to(torch.float64) / FIXED_SCALE).to(uv.dtype)
         img = -torch.expm1(st.crop(L))
@@ -278,7 +315,10 @@ class _SoftSilhouette(torch.autograd.Function):
             for (a, b), tm in zip(ctx.chunks, ctx.saved or [None] * len(ctx.chunks)):
                 if tm is None:
                     tm = _chunk_terms(st, a, b, with_grad=True, settings=ctx.settings)
-                g = G.index_select(0, tm["pix"].reshape(-1)).view_as(tm["rx"])
+                g = G.index_select(0, tm["pix"].reshape(-1))
+                if "drop" in tm:                        # faces beyond the K nearest: no gradient
+                    g.index_fill_(0, tm.pop("drop"), 0.0)
+                g = g.view_as(tm["rx"])
                 gx, gy = tm.pop("rx").mul_(g), tm.pop("ry").mul_(g)        # the terms are spent here
                 T = gx.shape[0]
                 ws = _workspace(g.device, g.dtype, T * TILE * TILE, ctx.settings.reuse_buffers,
@@ -293,34 +333,95 @@ class _SoftSilhouette(torch.autograd.Function):
         return grad_uv, None, None, None, None, None, None
 
 
-def _keep_nearest(terms: list[dict], K: int) -> None:
-    """Zero the terms of all but the K candidate faces nearest to the camera at each pixel.
+def _keep_nearest(terms: list[dict], K: int, npad: int, radix: bool = True) -> None:
+    """Mark, per chunk, the candidate slots of the K faces nearest to the camera at each pixel.
 
-    ``terms``: one dict per chunk; none when no face comes within the blur radius of any
-    pixel (a mesh out of view), and then there is nothing to drop."""
+    Ties in depth go to the earlier slot (tile order, then slot order within the tile).
+    ``terms``: one dict per chunk with "cidx", "cpix", "cdepth" (its candidate slots, their
+    pixels and depths, in slot order); adds "kept" (bool per candidate) and "drop" (flat
+    slot indices of the other candidates, whose gradient the backward pass drops).  Empty
+    when no face comes within the blur radius of any pixel (a mesh out of view).
+
+    radix (``RenderSettings.radix_nearest``): sort only the candidates of pixels that have
+    more than K, by integer keys (pixel, depth bits) that order them as (pixel, depth, slot)
+    do; False: the reference, two stable float sorts of every candidate.  Both keep the
+    same slots.
+    """
     if not terms:
         return
-    pix = torch.cat([tm["pix"].reshape(-1) for tm in terms])
-    depth = torch.cat([tm["depth"].reshape(-1) for tm in terms])
-    idx = torch.cat([tm["cand"].reshape(-1) for tm in terms]).nonzero().squeeze(1)
-    p, dd = pix[idx], depth[idx]
-    order = torch.argsort(dd, stable=True)
-    order = order[torch.argsort(p[order], stable=True)]
-    ps = p[order]
+    pix = torch.cat([tm["cpix"] for tm in terms])
+    depth = torch.cat([tm.pop("cdepth") for tm in terms])
+    drop = None
+    if len(pix):
+        drop = _farthest_radix(pix, depth, K, npad) if radix else _farthest_sorted(pix, depth, K)
+    a = 0
+    for tm in terms:
+        n = len(tm["cidx"])
+        far = drop[a:a + n] if drop is not None else torch.zeros(n, dtype=torch.bool, device=pix.device)
+        a += n
+        tm["kept"], tm["drop"] = ~far, tm["cidx"][far]
+
+
+def _farthest_sorted(pix: torch.Tensor, depth: torch.Tensor, K: int) -> torch.Tensor:
+    """Reference selection: (n,) bool, the candidates beyond the K nearest of their pixel.
+
+    Args:
+        pix: (n,) int candidate pixels, in slot order.
+        depth: (n,) float their depths.
+        K: faces kept per pixel.
+    """
+    order = torch.argsort(depth, stable=True)
+    order = order[torch.argsort(pix[order], stable=True)]
+    ps = pix[order]
     pos = torch.arange(len(ps), device=ps.device)
     start = torch.ones_like(ps, dtype=torch.bool)
     start[1:] = ps[1:] != ps[:-1]
     first = torch.cummax(torch.where(start, pos, torch.zeros_like(pos)), 0).values
     drop = torch.zeros(len(pix), dtype=torch.bool, device=pix.device)
-    drop[idx[order[(pos - first) >= K]]] = True
-    a = 0
-    for tm in terms:
-        n = tm["pix"].numel()
-        dm = drop[a:a + n].view_as(tm["pix"])
-        a += n
-        tm["lsig"].masked_fill_(dm, 0.0)
-        for k in range(3):
-            tm[f"w{k}"].masked_fill_(dm, 0.0)
+    drop[order[(pos - first) >= K]] = True
+    return drop
+
+
+def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
+    """Signed integers (int32 for float32, int64 for float64) ordered as the floats x are
+    (-0 just below +0; positive NaNs above +inf), as a comparison sort orders them."""
+    b = x.view(torch.int32 if x.dtype == torch.float32 else torch.int64)
+    top = torch.iinfo(b.dtype).max
+    return b ^ ((b >> (b.element_size() * 8 - 1)) & top)
+
+
+def _farthest_radix(pix: torch.Tensor, depth: torch.Tensor, K: int, npad: int) -> torch.Tensor | None:
+    """The candidates beyond the K nearest of their pixel, as :func:`_farthest_sorted` finds
+    them, sorting only the pixels with more than K candidates (integer sorts, which torch
+    runs as radix sorts; a stable sort keeps equal depths in slot order).
+
+    Args:
+        pix: (n,) int candidate pixels (< npad), in slot order.
+        depth: (n,) float32/float64 their depths.
+        K: faces kept per pixel.
+        npad: number of pixels.
+
+    Returns:
+        (n,) bool, or None when no pixel has more than K candidates.
+    """
+    counts = torch.bincount(pix, minlength=npad)
+    full = counts > K
+    if not bool(full.any()):
+        return None
+    sel = full.index_select(0, pix).nonzero().squeeze(1)        # candidates at over-full pixels
+    ps = pix.index_select(0, sel).long()
+    dk = _ordered_bits(depth.index_select(0, sel))
+    if dk.dtype == torch.int32:          # one key: pixel in the high half, depth bits below
+        order = torch.argsort((ps << 32) | (dk.long() + 2 ** 31), stable=True)
+    else:                                # by depth, then stably by pixel
+        order = torch.argsort(dk, stable=True)
+        order = order.index_select(0, torch.argsort(ps.index_select(0, order), stable=True))
+    over = counts * full
+    start = torch.cumsum(over, 0) - over                        # first sorted position of each pixel
+    rank = torch.arange(len(order), device=pix.device) - start.index_select(0, ps.index_select(0, order))
+    drop = torch.zeros(len(pix), dtype=torch.bool, device=pix.device)
+    drop[sel.index_select(0, order.index_select(0, (rank >= K).nonzero().squeeze(1)))] = True
+    return drop
 
 
 def silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_size=None,
