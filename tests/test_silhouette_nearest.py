@@ -145,3 +145,25 @@ def test_k_nearest_image_and_gradient_match_a_dense_evaluation(soft_inside):
     # the K nearest matter here: all faces give another image
     assert (silhouette(v, f, cam, **{**kw, "faces_per_pixel": None}) - img).abs().max() > 1e-3
     assert float(grad.abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+@pytest.mark.parametrize("K", [1, 3, 25])
+def test_bucketed_selection_drops_what_the_full_sort_drops(dtype, K):
+    """The K-nearest selection's depth buckets and partial sort against two stable sorts of
+    every candidate, on adversarial candidates: many equal depths (ties go to the earlier
+    candidate), depths spanning decades (the bucket clamp), pixels with fewer than K."""
+    from lib.render.silhouette import _farthest_radix, _farthest_sorted
+
+    g = torch.Generator().manual_seed(K)
+    n, npad = 20000, 300
+    pix = torch.randint(0, npad, (n,), generator=g, dtype=torch.int32)
+    pix[pix % 7 == 0] = 5                                          # one very full pixel
+    levels = torch.tensor([0.5, 1.0, 1.0 + 2 ** -20, 2.0, 3.0, 1e3, 1e-3], dtype=dtype)
+    depth = torch.where(torch.rand(n, generator=g) < 0.5, levels[torch.randint(0, 7, (n,), generator=g)],
+                        torch.exp(torch.randn(n, generator=g, dtype=D64) * 4).to(dtype))
+    ref = _farthest_sorted(pix.long(), depth, K)
+    got = _farthest_radix(pix, depth, K, npad)
+    assert ref.any() and torch.equal(got, ref)
+    # at most K candidates everywhere: nothing to drop
+    assert _farthest_radix(torch.arange(50, dtype=torch.int32), depth[:50], 1, 60) is None

@@ -206,6 +206,20 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
     zs = torch.mul(dmin, sgs, out=ws("zs"))                 # s / sigma
     if st.soft_inside:
         band = torch.maximum(band, inside, out=band)
+    if st.want_depth:
+        # only candidates (p_f > 0) get terms: log-terms, depths (every other slot's log-term
+        # is +-0).  Gathered flat, with the same elementwise operations per slot as over the
+        # whole chunk (logsigmoid's vector path covers the tail too), so the same bits.
+        cidx = torch.maximum(band, inside, out=ws("cand")).view(-1).nonzero().squeeze(1)
+        out["cidx"], out["cpix"] = cidx, pix.view(-1).index_select(0, cidx)
+        zc = zs.view(-1).index_select(0, cidx)
+        if st.soft_inside:                                  # band is 1 at every candidate
+            out["clsig"] = torch.nn.functional.logsigmoid(zc)
+        else:
+            bigc = inside.view(-1).index_select(0, cidx) * _BIG
+            out["clsig"] = torch.nn.functional.logsigmoid(zc).add_(bigc).mul_(band.view(-1).index_select(0, cidx)) \
+                .sub_(bigc)
+    elif st.soft_inside:
         out["lsig"] = torch.nn.functional.logsigmoid(zs).mul_(band)
     else:
         big = torch.mul(inside, _BIG, out=ws("big"))
@@ -216,9 +230,6 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
         m1 = torch.gt(ds[0], ds[1], out=ws("m1")).mul_(torch.ge(ds[2], ds[1], out=tmp))
         m = [m0, m1, torch.sub(1.0 - m0, m1, out=ws("m2"))]
     if st.want_depth:                                       # before the gradient terms reuse m, ts
-        # depths of the candidate slots only, gathered flat: the same elementwise +, *, /
-        # per slot as over the whole chunk, so the same bits, on a fraction of the slots
-        cidx = torch.maximum(band, inside, out=ws("cand")).view(-1).nonzero().squeeze(1)
         tile = torch.div(cidx, P, rounding_mode="floor")
         at = [x.reshape(-1).index_select(0, cidx) for x in (*ef, inside, *m, *ts)]
         e0, e1, e2, ins, m0c, m1c, m2c = at[:7]
@@ -227,7 +238,6 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
         area = (e0 + e1 + e2).clamp_(min=1e-30)
         inv_in = (e1 * iz[0] + e2 * iz[1] + e0 * iz[2]) / area
         inv_out = sum(mk * ((1.0 - tc[k]) * iz[k] + tc[k] * iz[(k + 1) % 3]) for k, mk in enumerate((m0c, m1c, m2c)))
-        out["cidx"], out["cpix"] = cidx, pix.view(-1).index_select(0, cidx)
         out["cdepth"] = 1.0 / (ins * inv_in + (1.0 - ins) * inv_out)
     if with_grad:
         # dI/ds = -(1 - I) p / sigma, ds/da = -2 sgn (1 - t) r, ds/db = -2 sgn t r for the
@@ -290,7 +300,8 @@ class _SoftSilhouette(torch.autograd.Function):
             for tm in saved:
                 # the kept candidates in slot order: every other slot's term is +-0
                 kept = tm.pop("kept")
-                _add_log_terms(L, tm.pop("cpix")[kept], tm.pop("lsig").view(-1).index_select(0, tm.pop("cidx")[kept]))
+                _add_log_terms(L, tm.pop("cpix")[kept], tm.pop("clsig")[kept])
+                del tm["cidx"]
         if fixed:
             L = (L.to(torch.float64) / FIXED_SCALE).to(uv.dtype)
         img = -torch.expm1(st.crop(L))
@@ -342,10 +353,10 @@ def _keep_nearest(terms: list[dict], K: int, npad: int, radix: bool = True) -> N
     slot indices of the other candidates, whose gradient the backward pass drops).  Empty
     when no face comes within the blur radius of any pixel (a mesh out of view).
 
-    radix (``RenderSettings.radix_nearest``): sort only the candidates of pixels that have
-    more than K, by integer keys (pixel, depth bits) that order them as (pixel, depth, slot)
-    do; False: the reference, two stable float sorts of every candidate.  Both keep the
-    same slots.
+    radix (``RenderSettings.radix_nearest``): depth buckets per pixel, then an integer sort
+    of the one bucket per pixel that holds its K-th nearest (:func:`_farthest_radix`);
+    False: the reference, two stable float sorts of every candidate.  Both keep the same
+    slots.
     """
     if not terms:
         return
@@ -390,10 +401,20 @@ def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
     return b ^ ((b >> (b.element_size() * 8 - 1)) & top)
 
 
+_BUCKETS = 256   # depth buckets per over-full pixel in the first pass of the K-nearest selection
+
+
 def _farthest_radix(pix: torch.Tensor, depth: torch.Tensor, K: int, npad: int) -> torch.Tensor | None:
     """The candidates beyond the K nearest of their pixel, as :func:`_farthest_sorted` finds
-    them, sorting only the pixels with more than K candidates (integer sorts, which torch
-    runs as radix sorts; a stable sort keeps equal depths in slot order).
+    them.
+
+    Only pixels with more than K candidates are looked at.  First, per pixel, the depths'
+    order-preserving integer keys are cut into ``_BUCKETS`` buckets above the pixel's
+    nearest (a monotone map: a bucket's keys are all below the next bucket's); the K-th
+    nearest falls in one bucket, the buckets below it are all kept, those above all
+    dropped.  Only the candidates of that bucket are sorted, by (pixel, depth key) in one
+    integer sort (which torch runs as a radix sort), stably so that equal depths stay in
+    slot order.
 
     Args:
         pix: (n,) int candidate pixels (< npad), in slot order.
@@ -404,23 +425,44 @@ def _farthest_radix(pix: torch.Tensor, depth: torch.Tensor, K: int, npad: int) -
     Returns:
         (n,) bool, or None when no pixel has more than K candidates.
     """
+    dev = pix.device
     counts = torch.bincount(pix, minlength=npad)
     full = counts > K
-    if not bool(full.any()):
+    P = int(full.sum())
+    if P == 0:
         return None
-    sel = full.index_select(0, pix).nonzero().squeeze(1)        # candidates at over-full pixels
-    ps = pix.index_select(0, sel).long()
-    dk = _ordered_bits(depth.index_select(0, sel))
-    if dk.dtype == torch.int32:          # one key: pixel in the high half, depth bits below
-        order = torch.argsort((ps << 32) | (dk.long() + 2 ** 31), stable=True)
+    idx = pix.long() if pix.dtype != torch.int32 else pix
+    dk = _ordered_bits(depth)                                   # int32 (float32) or int64 (float64)
+    top = torch.iinfo(dk.dtype).max
+    lo = torch.full((npad,), top, dtype=dk.dtype, device=dev).scatter_reduce_(0, idx.long(), dk, "amin")
+    hi = torch.full((npad,), -top, dtype=dk.dtype, device=dev).scatter_reduce_(0, idx.long(), dk, "amax")
+    # shift each pixel's key range (hi - lo) down to about _BUCKETS values; frexp's exponent
+    # is never below the bit length, and the clamp keeps the map monotone whatever it is
+    span = torch.where(full, hi - lo, torch.zeros_like(lo))
+    shift = (torch.frexp(span.double()).exponent - (_BUCKETS.bit_length() - 1)).clamp_(min=0).to(dk.dtype)
+    bucket = ((dk - lo.index_select(0, idx)) >> shift.index_select(0, idx)).clamp_(max=_BUCKETS - 1).int()
+    # row of each pixel's histogram: its rank among the over-full pixels, the others share row P
+    row = torch.where(full, torch.cumsum(full, 0, dtype=torch.int32) - 1, P).int()
+    pr = row.index_select(0, idx)
+    cum = torch.bincount(pr * _BUCKETS + bucket, minlength=(P + 1) * _BUCKETS).view(P + 1, _BUCKETS).cumsum_(1)
+    tb = (cum < K).sum(1, dtype=torch.int32)                    # the bucket of the K-th nearest
+    tb[P] = _BUCKETS                                            # pixels with at most K keep all
+    before = torch.where(tb > 0, cum.gather(1, (tb.long() - 1).clamp(min=0)[:, None])[:, 0], 0)
+    tbc = tb.index_select(0, pr)
+    drop = bucket > tbc
+    amb = (bucket == tbc).nonzero().squeeze(1)                  # in slot order
+    pa, da = pr.index_select(0, amb).long(), dk.index_select(0, amb).long()
+    if depth.dtype == torch.float32:     # one key: pixel in the high half, depth bits below
+        order = torch.argsort((pa << 32) | (da + 2 ** 31), stable=True)
     else:                                # by depth, then stably by pixel
-        order = torch.argsort(dk, stable=True)
-        order = order.index_select(0, torch.argsort(ps.index_select(0, order), stable=True))
-    over = counts * full
-    start = torch.cumsum(over, 0) - over                        # first sorted position of each pixel
-    rank = torch.arange(len(order), device=pix.device) - start.index_select(0, ps.index_select(0, order))
-    drop = torch.zeros(len(pix), dtype=torch.bool, device=pix.device)
-    drop[sel.index_select(0, order.index_select(0, (rank >= K).nonzero().squeeze(1)))] = True
+        order = torch.argsort(da, stable=True)
+        order = order.index_select(0, torch.argsort(pa.index_select(0, order), stable=True))
+    na = torch.bincount(pa, minlength=P)
+    start = torch.cumsum(na, 0) - na                            # first sorted position of each pixel
+    pso = pa.index_select(0, order)
+    rank = torch.arange(len(order), device=dev) - start.index_select(0, pso)
+    far = (rank >= K - before.index_select(0, pso)).nonzero().squeeze(1)
+    drop[amb.index_select(0, order.index_select(0, far))] = True
     return drop
 
 
