@@ -323,22 +323,35 @@ class _SoftSilhouette(torch.autograd.Function):
         st.crop(G).copy_(grad_img * (1.0 - img))    # 0 where covered: no gradient there
         gface = img.new_zeros(st.table.shape[1], 6)
         if st.sigma > 0:
-            for (a, b), tm in zip(ctx.chunks, ctx.saved or [None] * len(ctx.chunks)):
+            settings = ctx.settings
+            saved = ctx.saved or [None] * len(ctx.chunks)
+
+            def face_sums(a: int, b: int, tm: dict | None) -> torch.Tensor:
+                """(6, T) per-tile gradient sums of tiles a..b (x, y for each vertex)."""
                 if tm is None:
-                    tm = _chunk_terms(st, a, b, with_grad=True, settings=ctx.settings)
+                    tm = _chunk_terms(st, a, b, with_grad=True, settings=settings)
                 g = G.index_select(0, tm["pix"].reshape(-1))
                 if "drop" in tm:                        # faces beyond the K nearest: no gradient
                     g.index_fill_(0, tm.pop("drop"), 0.0)
                 g = g.view_as(tm["rx"])
                 gx, gy = tm.pop("rx").mul_(g), tm.pop("ry").mul_(g)        # the terms are spent here
                 T = gx.shape[0]
-                ws = _workspace(g.device, g.dtype, T * TILE * TILE, ctx.settings.reuse_buffers,
-                                ctx.settings.chunk_tiles)
+                ws = _workspace(g.device, g.dtype, T * TILE * TILE, settings.reuse_buffers, settings.chunk_tiles)
                 prod = ws("prod")
                 sums = torch.empty(6, T, dtype=g.dtype, device=g.device)
                 for j, (k, gg) in enumerate((k, gg) for k in range(3) for gg in (gx, gy)):
                     torch.sum(torch.mul(tm[f"w{k}"], gg, out=prod), 1, out=sums[j])
-                segment_sum(st.fid[a:b], sums.T, 0, out=gface, sorted_index=True, reproducible=ctx.fixed)
+                return sums
+
+            # two chunks side by side, their sums added to the faces in chunk order
+            jobs = list(zip(ctx.chunks, saved))
+            for i in range(0, len(jobs), 2):
+                pair = jobs[i:i + 2]
+                sums = concurrently([lambda a=a, b=b, tm=tm: face_sums(a, b, tm) for (a, b), tm in pair], G.device)
+                for ((a, b), _), sm in zip(pair, sums):
+                    segment_sum(st.fid[a:b], sm.T, 0, out=gface, sorted_index=True, reproducible=ctx.fixed)
+                for j in range(i, i + len(pair)):
+                    saved[j] = None
         grad_uv = segment_sum(tri.reshape(-1), gface.view(-1, 2), ctx.nv, reproducible=ctx.fixed)
         ctx.saved = None
         return grad_uv, None, None, None, None, None, None
