@@ -296,12 +296,7 @@ class _SoftSilhouette(torch.autograd.Function):
                     _add_log_terms(L, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
                 saved.append(tm if save else None)
         if K is not None and st.sigma > 0:
-            _keep_nearest(saved, K, st.npad, settings.radix_nearest)
-            for tm in saved:
-                # the kept candidates in slot order: every other slot's term is +-0
-                kept = tm.pop("kept")
-                _add_log_terms(L, tm.pop("cpix")[kept], tm.pop("clsig")[kept])
-                del tm["cidx"]
+            _keep_nearest(saved, K, st.npad, L, settings.radix_nearest)
         if fixed:
             L = (L.to(torch.float64) / FIXED_SCALE).to(uv.dtype)
         img = -torch.expm1(st.crop(L))
@@ -357,14 +352,18 @@ class _SoftSilhouette(torch.autograd.Function):
         return grad_uv, None, None, None, None, None, None
 
 
-def _keep_nearest(terms: list[dict], K: int, npad: int, radix: bool = True) -> None:
-    """Mark, per chunk, the candidate slots of the K faces nearest to the camera at each pixel.
+def _keep_nearest(terms: list[dict], K: int, npad: int, L: torch.Tensor, radix: bool = True) -> None:
+    """Add the log-terms of the K candidate faces nearest to the camera at each pixel to L,
+    and mark the other candidates for the backward pass.
 
     Ties in depth go to the earlier slot (tile order, then slot order within the tile).
-    ``terms``: one dict per chunk with "cidx", "cpix", "cdepth" (its candidate slots, their
-    pixels and depths, in slot order); adds "kept" (bool per candidate) and "drop" (flat
-    slot indices of the other candidates, whose gradient the backward pass drops).  Empty
-    when no face comes within the blur radius of any pixel (a mesh out of view).
+    ``terms``: one dict per chunk of ``P = TILE * TILE`` slots per tile with "cidx", "cpix",
+    "cdepth", "clsig" (its candidate slots, their pixels, depths and log-terms, in slot
+    order), which are consumed; each gets "drop" (its flat slot indices of the candidates
+    beyond the K nearest, whose gradient the backward pass drops).  Empty when no face
+    comes within the blur radius of any pixel (a mesh out of view).  L: (npad,) pixel sums,
+    added to in slot order (every other slot's log-term is +-0, so L is the sum over all
+    slots).
 
     radix (``RenderSettings.radix_nearest``): depth buckets per pixel, then an integer sort
     of the one bucket per pixel that holds its K-th nearest (:func:`_farthest_radix`);
@@ -373,17 +372,26 @@ def _keep_nearest(terms: list[dict], K: int, npad: int, radix: bool = True) -> N
     """
     if not terms:
         return
-    pix = torch.cat([tm["cpix"] for tm in terms])
+    starts, a = [], 0
+    for tm in terms:
+        starts.append(a)
+        a += tm["pix"].numel()
+    pix = torch.cat([tm.pop("cpix") for tm in terms])
     depth = torch.cat([tm.pop("cdepth") for tm in terms])
+    lsig = torch.cat([tm.pop("clsig") for tm in terms])
+    slot = torch.cat([tm.pop("cidx") + s0 for tm, s0 in zip(terms, starts)])     # global flat slots
     drop = None
     if len(pix):
         drop = _farthest_radix(pix, depth, K, npad) if radix else _farthest_sorted(pix, depth, K)
-    a = 0
-    for tm in terms:
-        n = len(tm["cidx"])
-        far = drop[a:a + n] if drop is not None else torch.zeros(n, dtype=torch.bool, device=pix.device)
-        a += n
-        tm["kept"], tm["drop"] = ~far, tm["cidx"][far]
+    if drop is None:
+        _add_log_terms(L, pix, lsig)
+        return
+    kept = (~drop).nonzero().squeeze(1)
+    _add_log_terms(L, pix.index_select(0, kept), lsig.index_select(0, kept))
+    dropped = slot[drop]                                       # ascending
+    bounds = torch.searchsorted(dropped, torch.tensor(starts + [a], device=dropped.device)).tolist()
+    for tm, s0, b0, b1 in zip(terms, starts, bounds[:-1], bounds[1:]):
+        tm["drop"] = dropped[b0:b1] - s0
 
 
 def _farthest_sorted(pix: torch.Tensor, depth: torch.Tensor, K: int) -> torch.Tensor:
@@ -414,7 +422,7 @@ def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
     return b ^ ((b >> (b.element_size() * 8 - 1)) & top)
 
 
-_BUCKETS = 256   # depth buckets per over-full pixel in the first pass of the K-nearest selection
+_BUCKETS = 64    # depth buckets per over-full pixel in the first pass of the K-nearest selection
 
 
 def _farthest_radix(pix: torch.Tensor, depth: torch.Tensor, K: int, npad: int) -> torch.Tensor | None:
@@ -453,17 +461,21 @@ def _farthest_radix(pix: torch.Tensor, depth: torch.Tensor, K: int, npad: int) -
     # is never below the bit length, and the clamp keeps the map monotone whatever it is
     span = torch.where(full, hi - lo, torch.zeros_like(lo))
     shift = (torch.frexp(span.double()).exponent - (_BUCKETS.bit_length() - 1)).clamp_(min=0).to(dk.dtype)
-    bucket = ((dk - lo.index_select(0, idx)) >> shift.index_select(0, idx)).clamp_(max=_BUCKETS - 1).int()
+    # in place where it can: fresh n-sized temporaries cost page faults on every call
+    bucket = dk.sub(lo.index_select(0, idx)).bitwise_right_shift_(shift.index_select(0, idx)) \
+        .clamp_(max=_BUCKETS - 1).int()
     # row of each pixel's histogram: its rank among the over-full pixels, the others share row P
     row = torch.where(full, torch.cumsum(full, 0, dtype=torch.int32) - 1, P).int()
     pr = row.index_select(0, idx)
-    cum = torch.bincount(pr * _BUCKETS + bucket, minlength=(P + 1) * _BUCKETS).view(P + 1, _BUCKETS).cumsum_(1)
-    tb = (cum < K).sum(1, dtype=torch.int32)                    # the bucket of the K-th nearest
+    cum = torch.bincount(pr.mul(_BUCKETS).add_(bucket), minlength=(P + 1) * _BUCKETS).view(P + 1, _BUCKETS)
+    cum = cum.cumsum_(1)
+    # the bucket of the K-th nearest: the first whose running count reaches K (rows ascend)
+    tb = torch.searchsorted(cum, torch.full((P + 1, 1), K, dtype=cum.dtype, device=dev))[:, 0]
     tb[P] = _BUCKETS                                            # pixels with at most K keep all
-    before = torch.where(tb > 0, cum.gather(1, (tb.long() - 1).clamp(min=0)[:, None])[:, 0], 0)
-    tbc = tb.index_select(0, pr)
+    before = torch.where(tb > 0, cum.gather(1, (tb - 1).clamp(min=0)[:, None])[:, 0], 0)
+    tbc = tb.int().index_select(0, pr)
     drop = bucket > tbc
-    amb = (bucket == tbc).nonzero().squeeze(1)                  # in slot order
+    amb = bucket.eq_(tbc).nonzero().squeeze(1)                  # in slot order
     pa, da = pr.index_select(0, amb).long(), dk.index_select(0, amb).long()
     if depth.dtype == torch.float32:     # one key: pixel in the high half, depth bits below
         order = torch.argsort((pa << 32) | (da + 2 ** 31), stable=True)
@@ -526,7 +538,7 @@ def _silhouette(verts, faces, camera, image_size, sigma, eps, faces_per_pixel, z
         img = sc.uv.new_zeros(sc.B, sc.H, sc.W)
     else:
         with torch.no_grad():
-            uvt, zt = sc.uv[sc.tri], sc.z[sc.tri]
+            uvt, zt = sc.corners()
             fid, x0, y0 = face_tiles(uvt, zt, sc.H, sc.W, math.sqrt(r_px), znear)
             table = face_table(uvt.detach(), zt.detach())
             if settings.cull_tiles:
@@ -560,7 +572,7 @@ def silhouette_pairs(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, i
     scale = 2.0 / min(sc.H, sc.W)
     sigma_px = float(sigma) / scale ** 2 if sigma > 0 else 0.0
     r_px = blur_radius(sigma_px, eps) if sigma > 0 else 0.0
-    uvt, zt = sc.uv[sc.tri], sc.z[sc.tri]
+    uvt, zt = sc.corners()
     fid, x0, y0 = face_tiles(uvt, zt, sc.H, sc.W, math.sqrt(r_px), znear)
     fbatch = torch.div(torch.arange(len(sc.tri), device=fid.device), len(faces), rounding_mode="floor")
     st = TileSetup(face_table(uvt, zt), fid, x0, y0, fbatch, sc.B, sc.H, sc.W, max(sigma_px, 1e-30),
