@@ -167,3 +167,14 @@ def test_bucketed_selection_drops_what_the_full_sort_drops(dtype, K):
     assert ref.any() and torch.equal(got, ref)
     # at most K candidates everywhere: nothing to drop
     assert _farthest_radix(torch.arange(50, dtype=torch.int32), depth[:50], 1, 60) is None
+
+
+def test_hard_coverage_with_k_nearest_is_the_coverage():
+    """sigma = 0 with faces_per_pixel: the K nearest faces covering a pixel cover it, so the
+    image is the hard coverage (it used to come out empty)."""
+    v, f = _layers(2)
+    cam = look_at(30, 20, 2.5, image_size=32)
+    hard = silhouette(v, f, cam, sigma=0)
+    assert float(hard.sum()) > 50
+    for K in (1, 25):
+        assert torch.equal(silhouette(v, f, cam, sigma=0, faces_per_pixel=K), hard)

@@ -24,10 +24,12 @@ boxes are cut into 4 x 4 pixel tiles (:func:`.screen.face_tiles`), and the tiles
 evaluated in chunks of ``RenderSettings.chunk_tiles`` with broadcast arithmetic (no per-pair
 gathers).  The forward pass keeps 24 bytes per slot (float32) for the backward pass, up to
 ``RenderSettings.save_slots`` slots; beyond that the backward pass recomputes the chunks, so
-memory stays bounded.  ``faces_per_pixel`` keeps all slots; it sorts only the candidates of
-the pixels that have more than K, by integer keys (:func:`_farthest_radix`).  Chunks are
-evaluated two at a time side by side on the CPU (``lib.runtime.concurrently``); their
-pixel sums are added in chunk order, so the schedule changes no bit.
+memory stays bounded.  ``faces_per_pixel`` keeps all slots, and log-terms and depths of the
+candidate slots only (gathered flat: the same per-slot operations, so the same bits); it
+chooses each pixel's K nearest by depth buckets and an integer sort of one bucket per pixel
+(:func:`_farthest_radix`).  Chunks are evaluated two at a time side by side on the CPU
+(``lib.runtime.concurrently``), forward and backward; their sums are added in chunk order,
+so the schedule changes no bit.
 
 Profiler labels: "render.silhouette.forward", "render.silhouette.backward".
 """
@@ -148,10 +150,11 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
     pix: padded pixel index (int32); lsig: log(1 - p_f) (-1e4 for deep-inside pairs, 0
     beyond the blur radius).  with_grad adds rx, ry (from the nearest point of the nearest
     edge to the pixel) and w0..w2 such that dI/d(uv of the face's vertex k) =
-    -(1 - I) * w_k * (rx, ry) summed over the slots.  want_depth adds the candidate slots
-    (p_f > 0) as flat indices in slot order, cidx (int64), with their pixels cpix and the
-    depths cdepth of the face points nearest to them (flat).  Slots outside a face's
-    blur-expanded box are farther than the blur radius, so they need no mask.
+    -(1 - I) * w_k * (rx, ry) summed over the slots.  want_depth replaces lsig by the
+    candidate slots (p_f > 0) alone, flat and in slot order: their flat indices cidx
+    (int64), pixels cpix, log-terms clsig and the depths cdepth of the face points nearest
+    to them.  Slots outside a face's blur-expanded box are farther than the blur radius, so
+    they need no mask.
 
     Written for the CPU: float masks from comparisons with ``out=``, because bool masks,
     where() and masked_fill are several times slower there than plain arithmetic; the
@@ -292,7 +295,7 @@ class _SoftSilhouette(torch.autograd.Function):
             pair = concurrently([lambda a=a, b=b: _chunk_terms(st, a, b, with_grad=save, settings=settings)
                                  for a, b in chunks[i:i + 2]], uv.device)
             for tm in pair:
-                if K is None:
+                if K is None or st.sigma <= 0:          # hard coverage: any K >= 1 covering faces give 1
                     _add_log_terms(L, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
                 saved.append(tm if save else None)
         if K is not None and st.sigma > 0:
