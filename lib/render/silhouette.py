@@ -542,8 +542,8 @@ def _silhouette(verts, faces, camera, image_size, sigma, eps, faces_per_pixel, z
     else:
         with torch.no_grad():
             uvt, zt = sc.corners()
-            fid, x0, y0 = face_tiles(uvt, zt, sc.H, sc.W, math.sqrt(r_px), znear)
-            table = face_table(uvt.detach(), zt.detach())
+            (fid, x0, y0), table = concurrently([lambda: face_tiles(uvt, zt, sc.H, sc.W, math.sqrt(r_px), znear),
+                                                 lambda: face_table(uvt, zt)], uvt.device)
             if settings.cull_tiles:
                 keep = _cull_tiles(table, fid, x0, y0, r_px)
                 fid, x0, y0 = fid[keep], x0[keep], y0[keep]
