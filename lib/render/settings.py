@@ -30,8 +30,9 @@ class RenderSettings:
             per-slot terms for the backward pass; above it the backward pass recomputes them
             (bounded memory).  Default 2^24.
         radix_nearest: soft silhouette with ``faces_per_pixel``: choose each pixel's nearest
-            faces by integer sorts of the candidates of the pixels that have too many (False:
-            two stable float sorts of every candidate, the reference).  Default True.
+            faces by per-pixel depth buckets and an integer sort of the one bucket that holds
+            its K-th nearest (False: two stable float sorts of every candidate, the
+            reference).  Default True.
         packed_zbuffer: z-buffer with float32 depths: one pass over int64 keys (depth bits,
             face) instead of two passes (depth, then face).  Default True.
         row_spans: z-buffer: candidate slots are each face's pixel row spans (False: its
