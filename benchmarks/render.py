@@ -1,7 +1,8 @@
-"""Benchmark: the demo's rendering per iteration, before vs after the fast paths, in one run.
+"""Benchmark: the demo's rendering per iteration and the SVR refinement's soft silhouette, before vs after.
 
-    python benchmarks/render.py [-e experiments/bob_and_spot] [--repeats 15] [--threads 2]
-                                [--device cpu]
+    python benchmarks/render.py [-e experiments/bob_and_spot] [--case demo|svr|all] [--repeats 15]
+                                [--threads 2] [--device cpu] [--baseline 707b828] [--rounds 3]
+                                [--mesh-cache PATH]
 
 Demo setting: the experiment's decoder meshes code 1 (spot, the initialisation) and code 0
 (bob, the target) at N = 64 (sparse extraction); demo camera (az 45, el 30, d 2.5), 512 x 512;
@@ -21,12 +22,29 @@ bob's hard silhouette.  Timed per mesh, as medians of ``--repeats`` interleaved 
 
 Ratios (before / after) are measured in the same run, so they survive a busy machine
 better than the absolute times; the face-pixel pair counts explain the silhouette's cost.
+
+SVR setting (``--case svr``): the soft silhouette of reconstruct_svr.py's refinement step at
+the original's defaults (lib.svr.RefineSettings: sigma 1e-4, blur radius log(1/1e-4 - 1) x
+1e-5, 25 faces per pixel) of spot's mesh at N = 256 (about 105k vertices, 211k faces; sparse
+extraction, or ``--mesh-cache`` to reuse one), demo camera at 224 x 224, a fixed random
+weight image as the loss.  This tree against ``--baseline`` (a commit checked out into a
+temporary git worktree, removed afterwards): both run the same child script in fresh
+processes, ``--rounds`` times alternately, each timing ``--repeats`` forward and backward
+passes as the refinement runs them (idle OpenMP threads sleeping, inside
+``elementwise_section``; wall and process CPU time, best of the repeats, best round).  The
+images and vertex gradients of the two trees are compared bit for bit.  Writes
+benchmarks/results/render_svr.json (times, ratios, equality, load average, threads, commits).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,18 +70,147 @@ def demo_meshes(exp: Path, device: str):
     return {"spot": (spot.verts, spot.faces), "bob": (bob.verts, bob.faces)}
 
 
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+# the SVR child: run in a tree's root (its lib/ first on sys.path); renders the mesh of argv[1]
+# argv[2] times, saves image and gradient of the last to argv[3], prints one JSON line
+SVR_CHILD = r'''
+import json, sys, time
+sys.path.insert(0, ".")
+import torch
+from lib.render import silhouette, SVR_EPS
+try:
+    from lib.render import demo_camera
+except ImportError:
+    from lib.camera import demo_camera
+from lib.svr.reconstruct import RefineSettings
+try:
+    from lib.runtime import apply_thread_policy
+    from lib.runtime.threads import elementwise_section
+except ImportError:
+    import contextlib
+    apply_thread_policy, elementwise_section = (lambda: torch.get_num_threads()), contextlib.nullcontext
+threads = apply_thread_policy()
+mesh = torch.load(sys.argv[1])
+v, f, w = mesh["verts"], mesh["faces"], mesh["weights"]
+s = RefineSettings()
+kw = dict(sigma=s.sigma, eps=SVR_EPS, faces_per_pixel=s.faces_per_pixel, radius=s.radius)
+cam = demo_camera(image_size=224)
+rec = []
+with elementwise_section():
+    for _ in range(int(sys.argv[2]) + 1):          # the first warms the buffers up
+        vv = v.clone().requires_grad_(True)
+        w0, c0 = time.perf_counter(), time.process_time()
+        img = silhouette(vv, f, cam, **kw)
+        w1, c1 = time.perf_counter(), time.process_time()
+        (img * w).sum().backward()
+        rec.append((w1 - w0, c1 - c0, time.perf_counter() - w1, time.process_time() - c1))
+torch.save({"image": img.detach(), "grad": vv.grad}, sys.argv[3])
+rec = rec[1:]
+print(json.dumps({"threads": threads, **{k: min(r[i] for r in rec) for i, k in
+                  enumerate(("forward_s", "forward_cpu_s", "backward_s", "backward_cpu_s"))}}))
+'''
+
+
+def svr_case(args) -> None:
+    """This tree's SVR silhouette against ``args.baseline``'s, alternately, in fresh processes."""
+    exp = Path(args.experiment)
+    work = Path(tempfile.mkdtemp(prefix="render_svr_"))
+    made = []
+    try:
+        mesh_file = work / "mesh.pt"
+        if args.mesh_cache and Path(args.mesh_cache).is_file():
+            mesh = torch.load(args.mesh_cache)
+        else:
+            specs = load_specs(exp)
+            dec, codes = experiment.load_decoder_and_codes(exp, specs, "latest")
+            with torch.no_grad():
+                m = mesh_from_sdf(dec, codes[1], 256, "sparse")
+            mesh = {"verts": m.verts.detach(), "faces": m.faces}
+            if args.mesh_cache:
+                torch.save(mesh, args.mesh_cache)
+        mesh["weights"] = torch.rand(224, 224, generator=torch.Generator().manual_seed(0))
+        torch.save(mesh, mesh_file)
+        base = work / "baseline"
+        subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True,
+                       capture_output=True)
+        made.append(base)
+        trees = {"baseline": base, "this": REPO}
+        env = dict(os.environ, MESHSDF_QUIET="1")
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")          # as the scripts run (lib.cli.setup_process)
+        runs = {k: [] for k in trees}
+        print(f"SVR silhouette: spot N = 256, {len(mesh['faces']):,} faces, 224^2, K = 25; "
+              f"{args.rounds} rounds x {args.repeats} passes, this tree vs {args.baseline}")
+        for r in range(args.rounds):
+            for name, root in trees.items():
+                p = subprocess.run([sys.executable, "-c", SVR_CHILD, str(mesh_file), str(args.repeats),
+                                    str(work / f"{name}.pt")], cwd=root, env=env, capture_output=True, text=True)
+                if p.returncode != 0:
+                    raise SystemExit(f"SVR child failed in {root}:\n{p.stderr[-3000:]}")
+                runs[name].append(json.loads(p.stdout.strip().splitlines()[-1]))
+                x = runs[name][-1]
+                print(f"  round {r + 1} {name:8s}: forward {x['forward_s'] * 1e3:6.1f} ms "
+                      f"(CPU {x['forward_cpu_s'] * 1e3:6.1f}), backward {x['backward_s'] * 1e3:5.1f} ms "
+                      f"(CPU {x['backward_cpu_s'] * 1e3:5.1f})", flush=True)
+        a, b = torch.load(work / "this.pt"), torch.load(work / "baseline.pt")
+        same = {k: bool(torch.equal(a[k], b[k])) for k in ("image", "grad")}
+        commit = {k: subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                    check=True).stdout.strip() for k, root in trees.items()}
+    finally:
+        for base in made:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
+    keys = ("forward_s", "forward_cpu_s", "backward_s", "backward_cpu_s")
+    best = {k: {q: min(r[q] for r in v) for q in keys} for k, v in runs.items()}
+    ratio = {q: best["baseline"][q] / best["this"][q] for q in keys}
+    result = {
+        "what": "soft silhouette of the SVR refinement step (sigma 1e-4, radius 1e-5 log(1e4 - 1), K = 25), "
+                "spot at N = 256, 224 x 224, forward and backward",
+        "faces": int(len(mesh["faces"])), "vertices": int(len(mesh["verts"])), "commits": commit,
+        "rounds": args.rounds, "repeats": args.repeats, "threads": runs["this"][0]["threads"],
+        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "load_average": list(os.getloadavg()), "seconds": best, "ratio_baseline_over_this": ratio,
+        "bitwise_equal": same,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "render_svr.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    for q in keys:
+        print(f"  {q:15s} baseline {best['baseline'][q] * 1e3:7.1f} ms   this {best['this'][q] * 1e3:7.1f} ms   "
+              f"ratio {ratio[q]:4.2f}")
+    print(f"  image bitwise equal: {same['image']}, gradient bitwise equal: {same['grad']}; "
+          f"load average {os.getloadavg()[0]:.1f}; written to {out}")
+    if not all(same.values()):
+        raise SystemExit("the SVR silhouettes of the two trees differ")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-e", "--experiment", default="experiments/bob_and_spot")
+    ap.add_argument("--case", choices=("demo", "svr", "all"), default="all",
+                    help="the demo's rendering, the SVR refinement's silhouette, or both (default)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None,
                     help="intra-op threads (default: the project's thread policy, as the demo)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--baseline", default="707b828",
+                    help="SVR case: the commit to compare with (default 707b828, before the faster K-nearest path)")
+    ap.add_argument("--rounds", type=int, default=3, help="SVR case: alternate runs per tree (default 3)")
+    ap.add_argument("--mesh-cache", default=None,
+                    help="SVR case: a .pt file holding spot's N = 256 mesh, written on first use")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     else:
         runtime.apply_thread_policy()
+    if args.case in ("demo", "all"):
+        demo_case(args)
+    if args.case in ("svr", "all"):
+        svr_case(args)
+
+
+def demo_case(args) -> None:
+    """The demo's silhouette and movie frame, before vs after, in this process."""
     dev = args.device
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
     meshes = demo_meshes(Path(args.experiment), dev)

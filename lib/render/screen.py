@@ -36,6 +36,15 @@ class Screen:
     H: int
     W: int
 
+    def corners(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The faces' projected corners: uvt (B*F, 3, 2) pixels and zt (B*F, 3) depths.
+
+        Gathered with 1-D ``index_select`` (2-D advanced indexing is several times slower on
+        the CPU); autograd history is kept.
+        """
+        flat = self.tri.reshape(-1)
+        return (self.uv.index_select(0, flat).view(-1, 3, 2), self.z.index_select(0, flat).view(-1, 3))
+
 
 def project_mesh(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_size=None) -> Screen:
     """Project verts through the camera(s), pairing B meshes with B cameras.

@@ -29,6 +29,10 @@ class RenderSettings:
         save_slots: soft silhouette: up to this many slots the forward pass keeps its
             per-slot terms for the backward pass; above it the backward pass recomputes them
             (bounded memory).  Default 2^24.
+        radix_nearest: soft silhouette with ``faces_per_pixel``: choose each pixel's nearest
+            faces by per-pixel depth buckets and an integer sort of the one bucket that holds
+            its K-th nearest (False: two stable float sorts of every candidate, the
+            reference).  Default True.
         packed_zbuffer: z-buffer with float32 depths: one pass over int64 keys (depth bits,
             face) instead of two passes (depth, then face).  Default True.
         row_spans: z-buffer: candidate slots are each face's pixel row spans (False: its
@@ -46,6 +50,7 @@ class RenderSettings:
     reuse_buffers: bool = True
     chunk_tiles: int = 1 << 14
     save_slots: int = 1 << 24
+    radix_nearest: bool = True
     packed_zbuffer: bool = True
     row_spans: bool = True
     raster_tile: int = 2

@@ -24,7 +24,12 @@ boxes are cut into 4 x 4 pixel tiles (:func:`.screen.face_tiles`), and the tiles
 evaluated in chunks of ``RenderSettings.chunk_tiles`` with broadcast arithmetic (no per-pair
 gathers).  The forward pass keeps 24 bytes per slot (float32) for the backward pass, up to
 ``RenderSettings.save_slots`` slots; beyond that the backward pass recomputes the chunks, so
-memory stays bounded.  ``faces_per_pixel`` keeps all slots (it sorts them by pixel and depth).
+memory stays bounded.  ``faces_per_pixel`` keeps all slots, and log-terms and depths of the
+candidate slots only (gathered flat: the same per-slot operations, so the same bits); it
+chooses each pixel's K nearest by depth buckets and an integer sort of one bucket per pixel
+(:func:`_farthest_radix`).  Chunks are evaluated two at a time side by side on the CPU
+(``lib.runtime.concurrently``), forward and backward; their sums are added in chunk order,
+so the schedule changes no bit.
 
 Profiler labels: "render.silhouette.forward", "render.silhouette.backward".
 """
@@ -38,6 +43,7 @@ import torch
 from .camera import Camera
 from .screen import TILE, TileSetup, face_table, face_tiles, project_mesh
 from .settings import DEFAULT, RenderSettings
+from ..runtime import concurrently
 from .sums import reproducible_on, segment_sum
 
 __all__ = ["silhouette", "silhouette_pairs", "blur_radius", "SVR_SIGMA", "SVR_EPS", "SVR_FACES_PER_PIXEL"]
@@ -69,8 +75,28 @@ def _cull_tiles(table: torch.Tensor, fid: torch.Tensor, x0: torch.Tensor, y0: to
     radius, and contributes exactly nothing in any mode (log-term 0, gradient weights 0, no
     depth candidate).  Dropping them leaves every other term, and the order in which terms
     meet at a pixel or a face, unchanged, so images and gradients are bitwise the same.
-    The test runs in float64 so that its rounding is far below the margin.
+    The test runs in float64 so that its rounding is far below the margin, and only on the
+    tiles of faces with several tiles: a face's only tile holds its whole blur-expanded box,
+    so it is rarely beyond an edge line (sub-pixel faces of a fine mesh are all such faces).
     """
+    T = len(fid)
+    if T > 1:
+        same = fid[1:] == fid[:-1]                 # a face's tiles are consecutive
+        multi = torch.zeros(T, dtype=torch.bool, device=fid.device)
+        multi[1:] |= same
+        multi[:-1] |= same
+        some = multi.nonzero().squeeze(1)
+    else:
+        some = fid.new_zeros(0)
+    far = torch.zeros(T, dtype=torch.bool, device=fid.device)
+    if len(some):
+        far[some] = _far_tiles(table, fid[some], x0[some], y0[some], r)
+    return (~far).nonzero().squeeze(1)
+
+
+def _far_tiles(table: torch.Tensor, fid: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, r: float) -> torch.Tensor:
+    """(T,) bool: the tiles all of whose pixel centres lie outside one edge line of their face,
+    more than sqrt(r) + CULL_MARGIN pixels from it (see :func:`_cull_tiles`)."""
     tab = table.double()
     o = tab[15]
     ex, ey = tab[6:12:2], tab[7:12:2]
@@ -87,7 +113,7 @@ def _cull_tiles(table: torch.Tensor, fid: torch.Tensor, x0: torch.Tensor, y0: to
     for i in range(3):
         top = A[i].index_select(0, fid) * ys - Bm[i].index_select(0, fid) * xs + C[i].index_select(0, fid)
         far |= top < 0
-    return (~far).nonzero().squeeze(1)
+    return far
 
 
 
@@ -124,9 +150,11 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
     pix: padded pixel index (int32); lsig: log(1 - p_f) (-1e4 for deep-inside pairs, 0
     beyond the blur radius).  with_grad adds rx, ry (from the nearest point of the nearest
     edge to the pixel) and w0..w2 such that dI/d(uv of the face's vertex k) =
-    -(1 - I) * w_k * (rx, ry) summed over the slots.  want_depth adds depth (of the face
-    point nearest to the pixel) and cand (bool, p_f > 0).  Slots outside a face's
-    blur-expanded box are farther than the blur radius, so they need no mask.
+    -(1 - I) * w_k * (rx, ry) summed over the slots.  want_depth replaces lsig by the
+    candidate slots (p_f > 0) alone, flat and in slot order: their flat indices cidx
+    (int64), pixels cpix, log-terms clsig and the depths cdepth of the face points nearest
+    to them.  Slots outside a face's blur-expanded box are farther than the blur radius, so
+    they need no mask.
 
     Written for the CPU: float masks from comparisons with ``out=``, because bool masks,
     where() and masked_fill are several times slower there than plain arithmetic; the
@@ -181,6 +209,20 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
     zs = torch.mul(dmin, sgs, out=ws("zs"))                 # s / sigma
     if st.soft_inside:
         band = torch.maximum(band, inside, out=band)
+    if st.want_depth:
+        # only candidates (p_f > 0) get terms: log-terms, depths (every other slot's log-term
+        # is +-0).  Gathered flat, with the same elementwise operations per slot as over the
+        # whole chunk (logsigmoid's vector path covers the tail too), so the same bits.
+        cidx = torch.maximum(band, inside, out=ws("cand")).view(-1).nonzero().squeeze(1)
+        out["cidx"], out["cpix"] = cidx, pix.view(-1).index_select(0, cidx)
+        zc = zs.view(-1).index_select(0, cidx)
+        if st.soft_inside:                                  # band is 1 at every candidate
+            out["clsig"] = torch.nn.functional.logsigmoid(zc)
+        else:
+            bigc = inside.view(-1).index_select(0, cidx) * _BIG
+            out["clsig"] = torch.nn.functional.logsigmoid(zc).add_(bigc).mul_(band.view(-1).index_select(0, cidx)) \
+                .sub_(bigc)
+    elif st.soft_inside:
         out["lsig"] = torch.nn.functional.logsigmoid(zs).mul_(band)
     else:
         big = torch.mul(inside, _BIG, out=ws("big"))
@@ -191,12 +233,15 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
         m1 = torch.gt(ds[0], ds[1], out=ws("m1")).mul_(torch.ge(ds[2], ds[1], out=tmp))
         m = [m0, m1, torch.sub(1.0 - m0, m1, out=ws("m2"))]
     if st.want_depth:                                       # before the gradient terms reuse m, ts
-        iz = [c[16 + k][:, None] for k in range(3)]
-        area = (ef[0] + ef[1] + ef[2]).clamp_(min=1e-30)
-        inv_in = (ef[1] * iz[0] + ef[2] * iz[1] + ef[0] * iz[2]) / area
-        inv_out = sum(m[k] * ((1.0 - ts[k]) * iz[k] + ts[k] * iz[(k + 1) % 3]) for k in range(3))
-        out["depth"] = 1.0 / (inside * inv_in + (1.0 - inside) * inv_out)
-        out["cand"] = torch.maximum(band, inside) > 0
+        tile = torch.div(cidx, P, rounding_mode="floor")
+        at = [x.reshape(-1).index_select(0, cidx) for x in (*ef, inside, *m, *ts)]
+        e0, e1, e2, ins, m0c, m1c, m2c = at[:7]
+        tc = at[7:]
+        iz = [c[16 + k].index_select(0, tile) for k in range(3)]
+        area = (e0 + e1 + e2).clamp_(min=1e-30)
+        inv_in = (e1 * iz[0] + e2 * iz[1] + e0 * iz[2]) / area
+        inv_out = sum(mk * ((1.0 - tc[k]) * iz[k] + tc[k] * iz[(k + 1) % 3]) for k, mk in enumerate((m0c, m1c, m2c)))
+        out["cdepth"] = 1.0 / (ins * inv_in + (1.0 - ins) * inv_out)
     if with_grad:
         # dI/ds = -(1 - I) p / sigma, ds/da = -2 sgn (1 - t) r, ds/db = -2 sgn t r for the
         # nearest edge (a, b) (t optimal: envelope theorem); vertex k starts edge k and
@@ -244,16 +289,17 @@ class _SoftSilhouette(torch.autograd.Function):
         chunks = [(a, min(a + step, n)) for a in range(0, n, step)]
         save = st.sigma > 0 and (K is not None or (need_grad and n * TILE * TILE <= settings.save_slots))
         saved = []
-        for a, b in chunks:
-            tm = _chunk_terms(st, a, b, with_grad=save, settings=settings)
-            if K is None:
-                _add_log_terms(L, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
-            saved.append(tm if save else None)
+        # two chunks at a time side by side (their terms are independent); the pixel sums
+        # stay in chunk order, so the image does not depend on the schedule
+        for i in range(0, len(chunks), 2):
+            pair = concurrently([lambda a=a, b=b: _chunk_terms(st, a, b, with_grad=save, settings=settings)
+                                 for a, b in chunks[i:i + 2]], uv.device)
+            for tm in pair:
+                if K is None or st.sigma <= 0:          # hard coverage: any K >= 1 covering faces give 1
+                    _add_log_terms(L, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
+                saved.append(tm if save else None)
         if K is not None and st.sigma > 0:
-            _keep_nearest(saved, K)
-            for tm in saved:
-                _add_log_terms(L, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
-                del tm["depth"], tm["cand"]
+            _keep_nearest(saved, K, st.npad, L, settings.radix_nearest)
         if fixed:
             L = (L.to(torch.float64) / FIXED_SCALE).to(uv.dtype)
         img = -torch.expm1(st.crop(L))
@@ -275,52 +321,177 @@ class _SoftSilhouette(torch.autograd.Function):
         st.crop(G).copy_(grad_img * (1.0 - img))    # 0 where covered: no gradient there
         gface = img.new_zeros(st.table.shape[1], 6)
         if st.sigma > 0:
-            for (a, b), tm in zip(ctx.chunks, ctx.saved or [None] * len(ctx.chunks)):
+            settings = ctx.settings
+            saved = ctx.saved or [None] * len(ctx.chunks)
+
+            def face_sums(a: int, b: int, tm: dict | None) -> torch.Tensor:
+                """(6, T) per-tile gradient sums of tiles a..b (x, y for each vertex)."""
                 if tm is None:
-                    tm = _chunk_terms(st, a, b, with_grad=True, settings=ctx.settings)
-                g = G.index_select(0, tm["pix"].reshape(-1)).view_as(tm["rx"])
+                    tm = _chunk_terms(st, a, b, with_grad=True, settings=settings)
+                g = G.index_select(0, tm["pix"].reshape(-1))
+                if "drop" in tm:                        # faces beyond the K nearest: no gradient
+                    g.index_fill_(0, tm.pop("drop"), 0.0)
+                g = g.view_as(tm["rx"])
                 gx, gy = tm.pop("rx").mul_(g), tm.pop("ry").mul_(g)        # the terms are spent here
                 T = gx.shape[0]
-                ws = _workspace(g.device, g.dtype, T * TILE * TILE, ctx.settings.reuse_buffers,
-                                ctx.settings.chunk_tiles)
+                ws = _workspace(g.device, g.dtype, T * TILE * TILE, settings.reuse_buffers, settings.chunk_tiles)
                 prod = ws("prod")
                 sums = torch.empty(6, T, dtype=g.dtype, device=g.device)
                 for j, (k, gg) in enumerate((k, gg) for k in range(3) for gg in (gx, gy)):
                     torch.sum(torch.mul(tm[f"w{k}"], gg, out=prod), 1, out=sums[j])
-                segment_sum(st.fid[a:b], sums.T, 0, out=gface, sorted_index=True, reproducible=ctx.fixed)
+                return sums
+
+            # two chunks side by side, their sums added to the faces in chunk order
+            jobs = list(zip(ctx.chunks, saved))
+            for i in range(0, len(jobs), 2):
+                pair = jobs[i:i + 2]
+                sums = concurrently([lambda a=a, b=b, tm=tm: face_sums(a, b, tm) for (a, b), tm in pair], G.device)
+                for ((a, b), _), sm in zip(pair, sums):
+                    segment_sum(st.fid[a:b], sm.T, 0, out=gface, sorted_index=True, reproducible=ctx.fixed)
+                for j in range(i, i + len(pair)):
+                    saved[j] = None
         grad_uv = segment_sum(tri.reshape(-1), gface.view(-1, 2), ctx.nv, reproducible=ctx.fixed)
         ctx.saved = None
         return grad_uv, None, None, None, None, None, None
 
 
-def _keep_nearest(terms: list[dict], K: int) -> None:
-    """Zero the terms of all but the K candidate faces nearest to the camera at each pixel.
+def _keep_nearest(terms: list[dict], K: int, npad: int, L: torch.Tensor, radix: bool = True) -> None:
+    """Add the log-terms of the K candidate faces nearest to the camera at each pixel to L,
+    and mark the other candidates for the backward pass.
 
-    ``terms``: one dict per chunk; none when no face comes within the blur radius of any
-    pixel (a mesh out of view), and then there is nothing to drop."""
+    Ties in depth go to the earlier slot (tile order, then slot order within the tile).
+    ``terms``: one dict per chunk of ``P = TILE * TILE`` slots per tile with "cidx", "cpix",
+    "cdepth", "clsig" (its candidate slots, their pixels, depths and log-terms, in slot
+    order), which are consumed; each gets "drop" (its flat slot indices of the candidates
+    beyond the K nearest, whose gradient the backward pass drops).  Empty when no face
+    comes within the blur radius of any pixel (a mesh out of view).  L: (npad,) pixel sums,
+    added to in slot order (every other slot's log-term is +-0, so L is the sum over all
+    slots).
+
+    radix (``RenderSettings.radix_nearest``): depth buckets per pixel, then an integer sort
+    of the one bucket per pixel that holds its K-th nearest (:func:`_farthest_radix`);
+    False: the reference, two stable float sorts of every candidate.  Both keep the same
+    slots.
+    """
     if not terms:
         return
-    pix = torch.cat([tm["pix"].reshape(-1) for tm in terms])
-    depth = torch.cat([tm["depth"].reshape(-1) for tm in terms])
-    idx = torch.cat([tm["cand"].reshape(-1) for tm in terms]).nonzero().squeeze(1)
-    p, dd = pix[idx], depth[idx]
-    order = torch.argsort(dd, stable=True)
-    order = order[torch.argsort(p[order], stable=True)]
-    ps = p[order]
+    starts, a = [], 0
+    for tm in terms:
+        starts.append(a)
+        a += tm["pix"].numel()
+    pix = torch.cat([tm.pop("cpix") for tm in terms])
+    depth = torch.cat([tm.pop("cdepth") for tm in terms])
+    lsig = torch.cat([tm.pop("clsig") for tm in terms])
+    slot = torch.cat([tm.pop("cidx") + s0 for tm, s0 in zip(terms, starts)])     # global flat slots
+    drop = None
+    if len(pix):
+        drop = _farthest_radix(pix, depth, K, npad) if radix else _farthest_sorted(pix, depth, K)
+    if drop is None:
+        _add_log_terms(L, pix, lsig)
+        return
+    kept = (~drop).nonzero().squeeze(1)
+    _add_log_terms(L, pix.index_select(0, kept), lsig.index_select(0, kept))
+    dropped = slot[drop]                                       # ascending
+    bounds = torch.searchsorted(dropped, torch.tensor(starts + [a], device=dropped.device)).tolist()
+    for tm, s0, b0, b1 in zip(terms, starts, bounds[:-1], bounds[1:]):
+        tm["drop"] = dropped[b0:b1] - s0
+
+
+def _farthest_sorted(pix: torch.Tensor, depth: torch.Tensor, K: int) -> torch.Tensor:
+    """Reference selection: (n,) bool, the candidates beyond the K nearest of their pixel.
+
+    Args:
+        pix: (n,) int candidate pixels, in slot order.
+        depth: (n,) float their depths.
+        K: faces kept per pixel.
+    """
+    order = torch.argsort(depth, stable=True)
+    order = order[torch.argsort(pix[order], stable=True)]
+    ps = pix[order]
     pos = torch.arange(len(ps), device=ps.device)
     start = torch.ones_like(ps, dtype=torch.bool)
     start[1:] = ps[1:] != ps[:-1]
     first = torch.cummax(torch.where(start, pos, torch.zeros_like(pos)), 0).values
     drop = torch.zeros(len(pix), dtype=torch.bool, device=pix.device)
-    drop[idx[order[(pos - first) >= K]]] = True
-    a = 0
-    for tm in terms:
-        n = tm["pix"].numel()
-        dm = drop[a:a + n].view_as(tm["pix"])
-        a += n
-        tm["lsig"].masked_fill_(dm, 0.0)
-        for k in range(3):
-            tm[f"w{k}"].masked_fill_(dm, 0.0)
+    drop[order[(pos - first) >= K]] = True
+    return drop
+
+
+def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
+    """Signed integers (int32 for float32, int64 for float64) ordered as the floats x are
+    (-0 just below +0; positive NaNs above +inf), as a comparison sort orders them."""
+    b = x.view(torch.int32 if x.dtype == torch.float32 else torch.int64)
+    top = torch.iinfo(b.dtype).max
+    return b ^ ((b >> (b.element_size() * 8 - 1)) & top)
+
+
+_BUCKETS = 64    # depth buckets per over-full pixel in the first pass of the K-nearest selection
+
+
+def _farthest_radix(pix: torch.Tensor, depth: torch.Tensor, K: int, npad: int) -> torch.Tensor | None:
+    """The candidates beyond the K nearest of their pixel, as :func:`_farthest_sorted` finds
+    them.
+
+    Only pixels with more than K candidates are looked at.  First, per pixel, the depths'
+    order-preserving integer keys are cut into ``_BUCKETS`` buckets above the pixel's
+    nearest (a monotone map: a bucket's keys are all below the next bucket's); the K-th
+    nearest falls in one bucket, the buckets below it are all kept, those above all
+    dropped.  Only the candidates of that bucket are sorted, by (pixel, depth key) in one
+    integer sort (which torch runs as a radix sort), stably so that equal depths stay in
+    slot order.
+
+    Args:
+        pix: (n,) int candidate pixels (< npad), in slot order.
+        depth: (n,) float32/float64 their depths.
+        K: faces kept per pixel.
+        npad: number of pixels.
+
+    Returns:
+        (n,) bool, or None when no pixel has more than K candidates.
+    """
+    dev = pix.device
+    counts = torch.bincount(pix, minlength=npad)
+    full = counts > K
+    P = int(full.sum())
+    if P == 0:
+        return None
+    idx = pix.long() if pix.dtype != torch.int32 else pix
+    dk = _ordered_bits(depth)                                   # int32 (float32) or int64 (float64)
+    top = torch.iinfo(dk.dtype).max
+    lo = torch.full((npad,), top, dtype=dk.dtype, device=dev).scatter_reduce_(0, idx.long(), dk, "amin")
+    hi = torch.full((npad,), -top, dtype=dk.dtype, device=dev).scatter_reduce_(0, idx.long(), dk, "amax")
+    # shift each pixel's key range (hi - lo) down to about _BUCKETS values; frexp's exponent
+    # is never below the bit length, and the clamp keeps the map monotone whatever it is
+    span = torch.where(full, hi - lo, torch.zeros_like(lo))
+    shift = (torch.frexp(span.double()).exponent - (_BUCKETS.bit_length() - 1)).clamp_(min=0).to(dk.dtype)
+    # in place where it can: fresh n-sized temporaries cost page faults on every call
+    bucket = dk.sub(lo.index_select(0, idx)).bitwise_right_shift_(shift.index_select(0, idx)) \
+        .clamp_(max=_BUCKETS - 1).int()
+    # row of each pixel's histogram: its rank among the over-full pixels, the others share row P
+    row = torch.where(full, torch.cumsum(full, 0, dtype=torch.int32) - 1, P).int()
+    pr = row.index_select(0, idx)
+    cum = torch.bincount(pr.mul(_BUCKETS).add_(bucket), minlength=(P + 1) * _BUCKETS).view(P + 1, _BUCKETS)
+    cum = cum.cumsum_(1)
+    # the bucket of the K-th nearest: the first whose running count reaches K (rows ascend)
+    tb = torch.searchsorted(cum, torch.full((P + 1, 1), K, dtype=cum.dtype, device=dev))[:, 0]
+    tb[P] = _BUCKETS                                            # pixels with at most K keep all
+    before = torch.where(tb > 0, cum.gather(1, (tb - 1).clamp(min=0)[:, None])[:, 0], 0)
+    tbc = tb.int().index_select(0, pr)
+    drop = bucket > tbc
+    amb = bucket.eq_(tbc).nonzero().squeeze(1)                  # in slot order
+    pa, da = pr.index_select(0, amb).long(), dk.index_select(0, amb).long()
+    if depth.dtype == torch.float32:     # one key: pixel in the high half, depth bits below
+        order = torch.argsort((pa << 32) | (da + 2 ** 31), stable=True)
+    else:                                # by depth, then stably by pixel
+        order = torch.argsort(da, stable=True)
+        order = order.index_select(0, torch.argsort(pa.index_select(0, order), stable=True))
+    na = torch.bincount(pa, minlength=P)
+    start = torch.cumsum(na, 0) - na                            # first sorted position of each pixel
+    pso = pa.index_select(0, order)
+    rank = torch.arange(len(order), device=dev) - start.index_select(0, pso)
+    far = (rank >= K - before.index_select(0, pso)).nonzero().squeeze(1)
+    drop[amb.index_select(0, order.index_select(0, far))] = True
+    return drop
 
 
 def silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_size=None,
@@ -370,9 +541,9 @@ def _silhouette(verts, faces, camera, image_size, sigma, eps, faces_per_pixel, z
         img = sc.uv.new_zeros(sc.B, sc.H, sc.W)
     else:
         with torch.no_grad():
-            uvt, zt = sc.uv[sc.tri], sc.z[sc.tri]
-            fid, x0, y0 = face_tiles(uvt, zt, sc.H, sc.W, math.sqrt(r_px), znear)
-            table = face_table(uvt.detach(), zt.detach())
+            uvt, zt = sc.corners()
+            (fid, x0, y0), table = concurrently([lambda: face_tiles(uvt, zt, sc.H, sc.W, math.sqrt(r_px), znear),
+                                                 lambda: face_table(uvt, zt)], uvt.device)
             if settings.cull_tiles:
                 keep = _cull_tiles(table, fid, x0, y0, r_px)
                 fid, x0, y0 = fid[keep], x0[keep], y0[keep]
@@ -404,7 +575,7 @@ def silhouette_pairs(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, i
     scale = 2.0 / min(sc.H, sc.W)
     sigma_px = float(sigma) / scale ** 2 if sigma > 0 else 0.0
     r_px = blur_radius(sigma_px, eps) if sigma > 0 else 0.0
-    uvt, zt = sc.uv[sc.tri], sc.z[sc.tri]
+    uvt, zt = sc.corners()
     fid, x0, y0 = face_tiles(uvt, zt, sc.H, sc.W, math.sqrt(r_px), znear)
     fbatch = torch.div(torch.arange(len(sc.tri), device=fid.device), len(faces), rounding_mode="floor")
     st = TileSetup(face_table(uvt, zt), fid, x0, y0, fbatch, sc.B, sc.H, sc.W, max(sigma_px, 1e-30),
