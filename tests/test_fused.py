@@ -62,6 +62,38 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(params=["blas", "onednn"])
+def gemm(request, monkeypatch):
+    """Each CPU GEMM library of the fused loss in turn (oneDNN where this torch has it)."""
+    import lib.models.kernels.fused as fused
+
+    if request.param == "onednn" and not fused.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear op")
+    monkeypatch.setattr(fused, "GEMM", request.param)
+    return request.param
+
+
+def test_gemm_library_follows_the_cpu_vendor_and_vector_width():
+    from lib.models.kernels.fused import gemm_for
+    from lib.runtime.cpus import CpuInfo
+
+    amd512 = CpuInfo("AuthenticAMD", "EPYC", ["avx2", "avx512f"])
+    assert gemm_for(amd512, mkl_blas=True, onednn=True) == "onednn"  # MKL would run its AVX2 kernels here
+    assert gemm_for(CpuInfo("GenuineIntel", "Xeon", ["avx2", "avx512f"]), True, True) == "blas"
+    assert gemm_for(CpuInfo("AuthenticAMD", "EPYC", ["avx2"]), True, True) == "blas"  # same width either way
+    assert gemm_for(amd512, mkl_blas=False, onednn=True) == "blas"   # another BLAS: its own dispatch
+    assert gemm_for(amd512, mkl_blas=True, onednn=False) == "blas"
+    assert gemm_for(CpuInfo(flags=["avx512f"]), True, True) == "blas"  # vendor unknown: as before
+
+
+def test_forcing_an_unknown_gemm_library_is_refused(monkeypatch):
+    import lib.models.kernels.fused as fused
+
+    monkeypatch.setattr(fused, "GEMM", "cublas")
+    with pytest.raises(ValueError, match="use None, 'blas' or 'onednn'"):
+        fused.cpu_gemm()
+
+
 def _both_losses(dec, codes, xyz, sdf, clamp):
     """(fused loss, grads) and (autograd loss, grads) for the same RNG state."""
     params = [codes] + list(dec.parameters())
@@ -78,7 +110,7 @@ def _both_losses(dec, codes, xyz, sdf, clamp):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("train", [True, False])
-def test_fused_loss_equals_autograd_loss_with_the_same_dropout(name, train):
+def test_fused_loss_equals_autograd_loss_with_the_same_dropout(name, train, gemm):
     torch.manual_seed(0)
     dec = Decoder(3, **CONFIGS[name]).train(train)
     dec.fused_chunk = 37  # several chunks per scene, the last one short
@@ -93,7 +125,7 @@ def test_fused_loss_equals_autograd_loss_with_the_same_dropout(name, train):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
 
 
-def test_fused_loss_clamp_boundary_and_chunk_size_do_not_matter():
+def test_fused_loss_clamp_boundary_and_chunk_size_do_not_matter(gemm):
     torch.manual_seed(1)
     dec = Decoder(2, **CONFIGS["deepsdf"]).train()
     codes = torch.randn(2, 2, requires_grad=True)
@@ -137,7 +169,7 @@ def test_auto_decoder_loss_fuses_supported_decoders_and_falls_back_for_layer_nor
 
 
 @pytest.mark.parametrize("chunk", [101, 202, 1 << 30])
-def test_fused_loss_on_whole_scene_chunks_equals_autograd(chunk):
+def test_fused_loss_on_whole_scene_chunks_equals_autograd(chunk, gemm):
     # chunk >= samples per scene groups whole scenes (a GPU's default: the batch in one chunk)
     from lib.models.kernels.fused import default_chunk, plan_chunks
 
@@ -169,7 +201,7 @@ def test_chunk_halves_cover_the_chunks_once_in_order_on_a_cpu_only():
     assert chunk_halves(chunks, torch.device("cuda")) == [chunks]  # a GPU: the batch in one go
 
 
-def test_fused_halves_run_side_by_side_with_the_same_bits_as_in_order(monkeypatch):
+def test_fused_halves_run_side_by_side_with_the_same_bits_as_in_order(monkeypatch, gemm):
     # the two halves of a CPU batch each keep their own sums, so running them side by side
     # (two threads) or one after the other (any thread count) gives the same bits
     import threading

@@ -36,11 +36,12 @@ from typing import Sequence
 
 import torch
 
+from ...runtime.cpus import CpuInfo, cpu_info
 from ...runtime.threads import concurrently
 from .elementwise import ChunkDropout, positional_encoding
 
-__all__ = ["FusedPlan", "LayerPlan", "WeightBlocks", "chunk_halves", "default_chunk", "fused_clamped_l1",
-           "plan_chunks"]
+__all__ = ["FusedPlan", "GEMM", "LayerPlan", "WeightBlocks", "chunk_halves", "cpu_gemm", "default_chunk",
+           "fused_clamped_l1", "gemm_for", "onednn_available", "plan_chunks"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,53 @@ def default_chunk(device: torch.device) -> int:
     16 x 8192) in one chunk, larger ones in groups of whole scenes, so activations stay under
     2^18 x 512 float32 per 512-wide layer."""
     return 4096 if torch.device(device).type == "cpu" else 1 << 18
+
+
+# The CPU GEMM library of the fused loss: None = chosen from the CPU (``cpu_gemm``), or "blas" /
+# "onednn" to force one (both compute the same products; only the float rounding differs).
+GEMM: str | None = None
+_CPU_GEMM: list = []
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's linear op (``torch.ops.mkldnn._linear_pointwise``)."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def gemm_for(info: CpuInfo, mkl_blas: bool, onednn: bool) -> str:
+    """The GEMM library for a CPU: "onednn" on an x86 CPU with AVX-512 that is not Intel's, when
+    torch's BLAS is MKL and oneDNN is there; else "blas".
+
+    Why: MKL runs its AVX-512 kernels only on Intel CPUs (elsewhere its AVX2 ones, half the
+    vector width), while oneDNN picks its kernels from the CPU's feature flags.  Everywhere else
+    (Intel, AVX2-only CPUs, other BLAS libraries) torch.mm stays, as it was tuned.
+
+    Args:
+        info: the CPU (``lib.runtime.cpus.cpu_info()``).
+        mkl_blas: whether torch's BLAS is MKL (``torch.backends.mkl.is_available()``).
+        onednn: whether this torch has oneDNN's linear op.
+    Returns:
+        "onednn" or "blas".
+    """
+    other_vendor_avx512 = info.vector_bits >= 512 and info.vendor not in ("", "GenuineIntel")
+    return "onednn" if mkl_blas and onednn and other_vendor_avx512 else "blas"
+
+
+def cpu_gemm() -> str:
+    """The CPU GEMM library of the fused loss in this process: ``GEMM`` when set, else
+    ``gemm_for`` this CPU (read once).  Raises ValueError for a bad or unavailable ``GEMM``."""
+    if GEMM is not None:
+        if GEMM not in ("blas", "onednn"):
+            raise ValueError(f"fused.GEMM={GEMM!r}: use None, 'blas' or 'onednn'")
+        if GEMM == "onednn" and not onednn_available():
+            raise ValueError("fused.GEMM='onednn': this torch build has no oneDNN linear op")
+        return GEMM
+    if not _CPU_GEMM:
+        _CPU_GEMM.append(gemm_for(cpu_info(), torch.backends.mkl.is_available(), onednn_available()))
+    return _CPU_GEMM[0]
 
 
 _PAD = 16  # hidden widths are padded to a multiple of this (see WeightBlocks)
@@ -160,6 +208,9 @@ class _Shared(WeightBlocks):
                  sdf: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]):
         super().__init__(plan.layers, codes, weights, biases)
         self.plan, self.clamp, self.seed, self.xyz, self.sdf = plan, clamp, seed, xyz, sdf
+        # oneDNN's linear takes weights as (out, in) and returns new tensors: no scratch views
+        self.onednn = xyz.device.type == "cpu" and cpu_gemm() == "onednn"
+        self.wpe = [None if t is None else t.t().contiguous() for t in self.wpe_t] if self.onednn else None
 
 
 class _Partial:
@@ -228,7 +279,13 @@ def chunk_halves(chunks: Sequence[tuple[int, int, int, int]], device) -> list[li
 
 
 def _run_chunks(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, int, int]]) -> None:
-    """Forward and backward of the chunks (scenes k0:k1, rows r0:r1), summed into ``part``."""
+    """Forward and backward of the chunks (scenes k0:k1, rows r0:r1), summed into ``part``, with the
+    GEMM library of ``sh`` (``cpu_gemm``)."""
+    (_chunks_onednn if sh.onednn else _chunks_blas)(sh, part, chunks)
+
+
+def _chunks_blas(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, int, int]]) -> None:
+    """``_run_chunks`` with torch.mm (BLAS) into the scratch views of ``part``."""
     plan, layers = sh.plan, sh.plan.layers
     s = sh.sdf.shape[1]
     scale = 1.0 / sh.sdf.numel()
@@ -293,6 +350,93 @@ def _run_chunks(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, in
             if i == 0:
                 break
             gin = torch.mm(g, w_x, out=gins[i])
+            # relu and dropout backward at once: pass where the unit was kept and positive
+            g = torch.ops.aten.threshold_backward.grad_input(gin, acts[i - 1], 0.0, grad_input=gin)
+
+
+def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, int, int]]) -> None:
+    """``_run_chunks`` with oneDNN's GEMMs (``cpu_gemm`` "onednn"): the same sums, other rounding.
+
+    oneDNN's linear computes X W^T with the bias and the ReLU applied inside the GEMM and returns
+    new tensors (no ``out=``), so the activations are its outputs rather than ``part``'s scratch.
+    The weight gradients g^T a come from its inner-product backward, which reads g and a
+    row-major as they are: as a linear call, g^T would first need a transposing copy, which
+    torch does one element at a time.
+    """
+    plan, layers = sh.plan, sh.plan.layers
+    s = sh.sdf.shape[1]
+    scale = 1.0 / sh.sdf.numel()
+    last = len(layers) - 1
+    linear = torch.ops.mkldnn._linear_pointwise
+    backward_weights = torch.ops.aten.mkldnn_linear_backward_weights
+    fwd = [(i, lp.x, lp.pe is not None, lp.dropout, sh.wx[i] if lp.x else sh.wpe[i], sh.wpe[i])
+           for i, lp in enumerate(layers)]
+    bwd = [(i, lp.x, lp.pe is not None, part.gwx[i], part.gwpe[i], sh.wx_t[i])
+           for i, lp in reversed(list(enumerate(layers)))]
+    scene = [([sb[k] for sb in sh.scene_bias], [part.colsums[i, k, :w] for i, w in enumerate(sh.widths)])
+             for k in range(sh.sdf.shape[0])]
+    acts: list = [None] * len(layers)
+    for k0, k1, r0, r1 in chunks:
+        acts = [None] * len(layers)  # the last chunk's go first, so that the allocator reuses their memory
+        h = g = gin = None
+        nb = k1 - k0
+        n = nb * (r1 - r0)
+        one = nb == 1
+        if one:
+            biases, sums = scene[k0]
+        else:
+            biases = [sb[k0:k1, None, :] for sb in sh.scene_bias]
+            sums = [part.colsums[i, k0:k1, :w] for i, w in enumerate(sh.widths)]
+        pts = sh.xyz[k0:k1, r0:r1].reshape(n, 3)
+        pe = positional_encoding(pts, plan.fourier_degree) if plan.fourier_degree else pts.contiguous()
+        x = pe
+        for i, has_x, has_pe, drop, w_in, w_pe in fwd:
+            if has_x and has_pe:  # the encoded-xyz part, with the bias, added inside the x GEMM
+                h = linear.binary(x, linear(pe, w_pe, biases[i] if one else None, "none", [], ""), w_in, None, "add")
+                relu_done = False
+            else:
+                relu_done = one and i != last
+                h = linear(x, w_in, biases[i] if one else None, "relu" if relu_done else "none", [], "")
+            if not one:
+                h.view(nb, -1, h.shape[1]).add_(biases[i])
+            acts[i] = h
+            if i == last:
+                break
+            if not relu_done:
+                h.clamp_min_(0.0)
+            if drop:
+                part.dropout.apply_(h, i, k0 * s + r0)
+            x = h
+        out = h.view(-1)
+        if plan.use_tanh:
+            inner = torch.tanh(out)
+            pred = torch.tanh(inner)
+        else:
+            pred = torch.tanh(out)
+        loss, g = _clamped_l1_grad(pred, sh.sdf[k0:k1, r0:r1].reshape(n), sh.clamp)
+        part.total += loss
+        g.mul_(1.0 - pred * pred)
+        if plan.use_tanh:
+            g.mul_(1.0 - inner * inner)
+        g = g.mul_(scale).unsqueeze(1)
+        pe_m = pe.to_mkldnn()
+        for i, has_x, has_pe, g_wx, g_wpe, w_x in bwd:
+            g_m = g.to_mkldnn()
+            gb = None
+            if has_x:
+                gw, gb = backward_weights(g_m, acts[i - 1].to_mkldnn(), g_wx, one)
+                g_wx.add_(gw)
+            if has_pe:
+                gw, gb_pe = backward_weights(g_m, pe_m, g_wpe, one and gb is None)
+                g_wpe.add_(gw)
+                gb = gb_pe if gb is None else gb
+            if one:
+                sums[i].add_(gb)
+            else:
+                sums[i].add_(g.view(nb, -1, g.shape[1]).sum(1))
+            if i == 0:
+                break
+            gin = linear(g, w_x, None, "none", [], "")
             # relu and dropout backward at once: pass where the unit was kept and positive
             g = torch.ops.aten.threshold_backward.grad_input(gin, acts[i - 1], 0.0, grad_input=gin)
 
