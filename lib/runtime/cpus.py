@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 
 __all__ = ["ENV", "CpuInfo", "ThreadSetting", "affinity_cores", "cgroup_cpu_limit", "choose_threads", "cpu_info",
-           "openmp_threads_sleep", "prepare_openmp_env", "thread_setting", "usable_cores"]
+           "keep_freed_memory", "openmp_threads_sleep", "prepare_openmp_env", "thread_setting", "usable_cores"]
 
 ENV = "MESHSDF_THREADS"
 
@@ -234,3 +234,36 @@ def cpu_info(cpuinfo: str | os.PathLike = "/proc/cpuinfo",
             caches[level] = size
     return CpuInfo(fields.get("vendor_id", ""), fields.get("model name", ""),
                    fields.get("flags", fields.get("Features", "")).split(), caches)
+
+
+# glibc's upper bound for its own sliding mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
+_MMAP_THRESHOLD = 32 << 20
+_KEPT: list = []
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of handing them back
+    to the kernel (fixed ``M_MMAP_THRESHOLD`` 32 MiB, ``M_TRIM_THRESHOLD`` twice that); once per process.
+
+    Why: by default a freed block above a sliding threshold, or the freed top of a heap, goes back
+    to the kernel, so a loop that allocates and frees MB-sized tensors (the fused training
+    step's oneDNN outputs, its per-step scratch) page-faults and zero-fills the same memory
+    every time.  Blocks above 32 MiB still come from and go back to the kernel.  Does nothing
+    off glibc.  Returns whether the setting is in effect.
+    """
+    if _KEPT:
+        return _KEPT[0]
+    ok = False
+    try:
+        import ctypes
+        import platform
+
+        if platform.libc_ver()[0] == "glibc":
+            libc = ctypes.CDLL(None)
+            m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+            ok = bool(libc.mallopt(m_mmap_threshold, _MMAP_THRESHOLD)) and \
+                bool(libc.mallopt(m_trim_threshold, 2 * _MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        ok = False
+    _KEPT.append(ok)
+    return ok

@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from ...runtime.cpus import CpuInfo, cpu_info
+from ...runtime.cpus import CpuInfo, cpu_info, keep_freed_memory
 from ...runtime.threads import concurrently
 from .elementwise import ChunkDropout, positional_encoding
 
@@ -446,6 +446,8 @@ class _FusedClampedL1(torch.autograd.Function):
     def forward(ctx, plan: FusedPlan, clamp: float, seed: int, codes: torch.Tensor, xyz: torch.Tensor,
                 sdf: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         weights, biases = params[0::2], params[1::2]
+        if sdf.device.type == "cpu":
+            keep_freed_memory()  # the step's scratch and oneDNN's outputs are reused, not page-faulted in again
         sh = _Shared(plan, clamp, seed, codes, xyz, sdf, weights, biases)
         b, s = sdf.shape
         chunks = plan_chunks(b, s, plan.chunk)
