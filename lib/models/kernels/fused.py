@@ -20,6 +20,10 @@ Other savings over the plain autograd graph, none of which change the function:
   * ReLU and dropout share one mask in the backward pass (the kept, positive units);
   * scratch buffers are allocated once per step, not once per operation.
 
+On a CPU the GEMMs are torch.mm's (MKL on x86), or oneDNN's where MKL would run narrower
+kernels than the CPU has (``cpu_gemm``: non-Intel AVX-512 CPUs); both give the same sums up to
+float rounding, and the tests compare each with autograd.
+
 On a GPU the whole batch is one chunk (``default_chunk``, ``plan_chunks``): there is no
 cache to fit, and one kernel per layer and pass over all B x S rows beats one per scene.
 
