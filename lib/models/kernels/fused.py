@@ -95,9 +95,10 @@ _CPU_GEMM: list = []
 
 
 def onednn_available() -> bool:
-    """Whether this torch build has oneDNN's linear op (``torch.ops.mkldnn._linear_pointwise``)."""
+    """Whether this torch build has the oneDNN ops of the fused loss (linear, inner-product weight backward)."""
     try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and hasattr(torch.ops.aten, "mkldnn_linear_backward_weights"))
     except (AttributeError, RuntimeError):
         return False
 
@@ -213,7 +214,7 @@ class _Shared(WeightBlocks):
         super().__init__(plan.layers, codes, weights, biases)
         self.plan, self.clamp, self.seed, self.xyz, self.sdf = plan, clamp, seed, xyz, sdf
         # oneDNN's linear takes weights as (out, in) and returns new tensors: no scratch views
-        self.onednn = xyz.device.type == "cpu" and cpu_gemm() == "onednn"
+        self.onednn = xyz.device.type == "cpu" and xyz.dtype == torch.float32 and cpu_gemm() == "onednn"
         self.wpe = [None if t is None else t.t().contiguous() for t in self.wpe_t] if self.onednn else None
 
 
