@@ -380,9 +380,8 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
            for i, lp in reversed(list(enumerate(layers)))]
     scene = [([sb[k] for sb in sh.scene_bias], [part.colsums[i, k, :w] for i, w in enumerate(sh.widths)])
              for k in range(sh.sdf.shape[0])]
-    acts: list = [None] * len(layers)
     for k0, k1, r0, r1 in chunks:
-        acts = [None] * len(layers)  # the last chunk's go first, so that the allocator reuses their memory
+        acts: list = [None] * len(layers)  # the last chunk's go first, so that the allocator reuses their memory
         h = g = gin = None
         nb = k1 - k0
         n = nb * (r1 - r0)
