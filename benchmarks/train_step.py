@@ -13,7 +13,7 @@ interleaved, best of each kept, so other load on the machine affects all alike) 
     np.random.choice sampling without replacement);
   * ours: lib.datasets.SdfSamples.sample + lib.training.auto_decoder_loss (the fused
     forward + backward of lib.models.kernels.fused) + optimizer_step, with the GEMM library
-    ``lib.models.kernels.fused.cpu_gemm`` picks for this CPU, and also with each other one.
+    ``lib.models.kernels.gemm.cpu_gemm`` picks for this CPU, and also with each other one.
 
 Prints the CPU (model, vendor, vector width, caches), both GEMM rates, the times and the
 ratios step / roofline, and writes them to a JSON file under benchmarks/results/.
@@ -44,7 +44,7 @@ from lib.datasets import Instance, SdfSamples  # noqa: E402
 from lib.models.decoder import decoder_from_specs, positional_encoding  # noqa: E402
 from lib.training import TrainSettings, auto_decoder_loss, clamped_l1, optimizer_step  # noqa: E402
 from lib.experiment.specs import REPO_ROOT, load_specs  # noqa: E402
-from lib.models.kernels import fused  # noqa: E402
+from lib.models.kernels import gemm  # noqa: E402
 from lib.runtime.cpus import cpu_info  # noqa: E402
 
 ROWS = 250_000  # per pos / neg array, like the prepared bob and spot files
@@ -150,19 +150,14 @@ def main() -> int:
             t, c = min(t, time.perf_counter() - t0), min(c, time.process_time() - c0)
         return t, c
 
-    chosen = fused.cpu_gemm()
-    libraries = ["blas"] + (["onednn"] if fused.onednn_available() else [])
+    chosen = gemm.cpu_gemm()
+    libraries = ["blas"] + (["onednn"] if gemm.onednn_available() else [])
 
     def with_gemm(library, concurrent=True):
         def run():
-            saved = fused.GEMM
-            fused.GEMM = library
-            try:
-                # the fused loss's halves are the step's only side-by-side work
-                with runtime.thread_settings(concurrent=concurrent):
-                    ours()
-            finally:
-                fused.GEMM = saved
+            # the fused loss's halves are the step's only side-by-side work
+            with gemm.forced_gemm(library), runtime.thread_settings(concurrent=concurrent):
+                ours()
         return run
 
     timed = {"gemm torch.mm": (gemm_mm, 3), "baseline": (baseline, 1)}

@@ -62,19 +62,8 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(params=["blas", "onednn"])
-def gemm(request, monkeypatch):
-    """Each CPU GEMM library of the fused loss in turn (oneDNN where this torch has it)."""
-    import lib.models.kernels.fused as fused
-
-    if request.param == "onednn" and not fused.onednn_available():
-        pytest.skip("this torch build has no oneDNN linear op")
-    monkeypatch.setattr(fused, "GEMM", request.param)
-    return request.param
-
-
 def test_gemm_library_follows_the_cpu_vendor_and_vector_width():
-    from lib.models.kernels.fused import gemm_for
+    from lib.models.kernels.gemm import gemm_for
     from lib.runtime.cpus import CpuInfo
 
     amd512 = CpuInfo("AuthenticAMD", "EPYC", ["avx2", "avx512f"])
@@ -87,11 +76,14 @@ def test_gemm_library_follows_the_cpu_vendor_and_vector_width():
 
 
 def test_forcing_an_unknown_gemm_library_is_refused(monkeypatch):
-    import lib.models.kernels.fused as fused
+    import lib.models.kernels.gemm as gemm
 
-    monkeypatch.setattr(fused, "GEMM", "cublas")
+    monkeypatch.setattr(gemm, "GEMM", "cublas")
     with pytest.raises(ValueError, match="use None, 'blas' or 'onednn'"):
-        fused.cpu_gemm()
+        gemm.cpu_gemm()
+    with pytest.raises(ValueError, match="use None, 'blas' or 'onednn'"), gemm.forced_gemm("mkl"):
+        pass
+    assert gemm.GEMM == "cublas"  # restored
 
 
 def test_a_float64_decoder_trains_with_blas_whatever_the_gemm_library(gemm):

@@ -5,11 +5,11 @@ Setting a module global here (e.g. a test's monkeypatch) does not reach the kern
 """
 import warnings
 
-from .kernels.fused import (GEMM, FusedPlan, LayerPlan, WeightBlocks, chunk_halves, cpu_gemm, default_chunk,
-                            fused_clamped_l1, gemm_for, onednn_available, plan_chunks)
+from .kernels.fused import (FusedPlan, LayerPlan, WeightBlocks, chunk_halves, default_chunk, fused_clamped_l1,
+                            plan_chunks)
 
-__all__ = ["FusedPlan", "GEMM", "LayerPlan", "WeightBlocks", "chunk_halves", "cpu_gemm", "default_chunk",
-           "fused_clamped_l1", "gemm_for", "onednn_available", "plan_chunks"]
+__all__ = ["FusedPlan", "LayerPlan", "WeightBlocks", "chunk_halves", "default_chunk", "fused_clamped_l1",
+           "plan_chunks"]
 
 warnings.warn(f"{__name__} moved to {__name__.rsplit('.', 1)[0]}.kernels.fused: import it from there",
               DeprecationWarning, stacklevel=2)

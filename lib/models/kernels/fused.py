@@ -21,7 +21,7 @@ Other savings over the plain autograd graph, none of which change the function:
   * scratch buffers are allocated once per step, not once per operation.
 
 On a CPU the GEMMs are torch.mm's (MKL on x86), or oneDNN's where MKL would run narrower
-kernels than the CPU has (``cpu_gemm``: non-Intel AVX-512 CPUs); both give the same sums up to
+kernels than the CPU has (``.gemm.cpu_gemm``: non-Intel AVX-512 CPUs); both give the same sums up to
 float rounding, and the tests compare each with autograd.
 
 On a GPU the whole batch is one chunk (``default_chunk``, ``plan_chunks``): there is no
@@ -40,12 +40,13 @@ from typing import Sequence
 
 import torch
 
-from ...runtime.cpus import CpuInfo, cpu_info, keep_freed_memory
+from ...runtime.cpus import keep_freed_memory
 from ...runtime.threads import concurrently
 from .elementwise import ChunkDropout, positional_encoding
+from .gemm import uses_onednn
 
-__all__ = ["FusedPlan", "GEMM", "LayerPlan", "WeightBlocks", "chunk_halves", "cpu_gemm", "default_chunk",
-           "fused_clamped_l1", "gemm_for", "onednn_available", "plan_chunks"]
+__all__ = ["FusedPlan", "LayerPlan", "WeightBlocks", "chunk_halves", "default_chunk", "fused_clamped_l1",
+           "plan_chunks"]
 
 
 @dataclass(frozen=True)
@@ -86,54 +87,6 @@ def default_chunk(device: torch.device) -> int:
     16 x 8192) in one chunk, larger ones in groups of whole scenes, so activations stay under
     2^18 x 512 float32 per 512-wide layer."""
     return 4096 if torch.device(device).type == "cpu" else 1 << 18
-
-
-# The CPU GEMM library of the fused loss: None = chosen from the CPU (``cpu_gemm``), or "blas" /
-# "onednn" to force one (both compute the same products; only the float rounding differs).
-GEMM: str | None = None
-_CPU_GEMM: list = []
-
-
-def onednn_available() -> bool:
-    """Whether this torch build has the oneDNN ops of the fused loss (linear, inner-product weight backward)."""
-    try:
-        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                and hasattr(torch.ops.aten, "mkldnn_linear_backward_weights"))
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def gemm_for(info: CpuInfo, mkl_blas: bool, onednn: bool) -> str:
-    """The GEMM library for a CPU: "onednn" on an x86 CPU with AVX-512 that is not Intel's, when
-    torch's BLAS is MKL and oneDNN is there; else "blas".
-
-    Why: MKL runs its AVX-512 kernels only on Intel CPUs (elsewhere its AVX2 ones, half the
-    vector width), while oneDNN picks its kernels from the CPU's feature flags.  Everywhere else
-    (Intel, AVX2-only CPUs, other BLAS libraries) torch.mm stays, as it was tuned.
-
-    Args:
-        info: the CPU (``lib.runtime.cpus.cpu_info()``).
-        mkl_blas: whether torch's BLAS is MKL (``torch.backends.mkl.is_available()``).
-        onednn: whether this torch has oneDNN's linear op.
-    Returns:
-        "onednn" or "blas".
-    """
-    other_vendor_avx512 = info.vector_bits >= 512 and info.vendor not in ("", "GenuineIntel")
-    return "onednn" if mkl_blas and onednn and other_vendor_avx512 else "blas"
-
-
-def cpu_gemm() -> str:
-    """The CPU GEMM library of the fused loss in this process: ``GEMM`` when set, else
-    ``gemm_for`` this CPU (read once).  Raises ValueError for a bad or unavailable ``GEMM``."""
-    if GEMM is not None:
-        if GEMM not in ("blas", "onednn"):
-            raise ValueError(f"fused.GEMM={GEMM!r}: use None, 'blas' or 'onednn'")
-        if GEMM == "onednn" and not onednn_available():
-            raise ValueError("fused.GEMM='onednn': this torch build has no oneDNN linear op")
-        return GEMM
-    if not _CPU_GEMM:
-        _CPU_GEMM.append(gemm_for(cpu_info(), torch.backends.mkl.is_available(), onednn_available()))
-    return _CPU_GEMM[0]
 
 
 _PAD = 16  # hidden widths are padded to a multiple of this (see WeightBlocks)
@@ -214,7 +167,7 @@ class _Shared(WeightBlocks):
         super().__init__(plan.layers, codes, weights, biases)
         self.plan, self.clamp, self.seed, self.xyz, self.sdf = plan, clamp, seed, xyz, sdf
         # oneDNN's linear takes weights as (out, in) and returns new tensors: no scratch views
-        self.onednn = xyz.device.type == "cpu" and xyz.dtype == torch.float32 and cpu_gemm() == "onednn"
+        self.onednn = uses_onednn(xyz.device, xyz.dtype)
         self.wpe = [None if t is None else t.t().contiguous() for t in self.wpe_t] if self.onednn else None
 
 
@@ -285,7 +238,7 @@ def chunk_halves(chunks: Sequence[tuple[int, int, int, int]], device) -> list[li
 
 def _run_chunks(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, int, int]]) -> None:
     """Forward and backward of the chunks (scenes k0:k1, rows r0:r1), summed into ``part``, with the
-    GEMM library of ``sh`` (``cpu_gemm``)."""
+    GEMM library of ``sh`` (``.gemm.cpu_gemm``)."""
     (_chunks_onednn if sh.onednn else _chunks_blas)(sh, part, chunks)
 
 
@@ -360,7 +313,7 @@ def _chunks_blas(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, i
 
 
 def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, int, int]]) -> None:
-    """``_run_chunks`` with oneDNN's GEMMs (``cpu_gemm`` "onednn"): the same sums, other rounding.
+    """``_run_chunks`` with oneDNN's GEMMs (``.gemm.cpu_gemm`` "onednn"): the same sums, other rounding.
 
     oneDNN's linear computes X W^T with the bias and the ReLU applied inside the GEMM and returns
     new tensors (no ``out=``), so the activations are its outputs rather than ``part``'s scratch.
