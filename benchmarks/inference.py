@@ -213,7 +213,8 @@ def main(argv=None) -> int:
                           for k, v in per.items())
         ratio = ""
         if "onednn" in per:
-            ratio = f"  onednn/blas CPU {per['onednn']['cpu_points_per_s_best'] / per['blas']['cpu_points_per_s_best']:.2f}x"
+            best = {k: v["cpu_points_per_s_best"] for k, v in per.items()}
+            ratio = f"  onednn/blas CPU {best['onednn'] / best['blas']:.2f}x"
         print(f"   {name:34s} {cells}{ratio}")
     load_after = os.getloadavg()
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")

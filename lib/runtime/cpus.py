@@ -246,9 +246,9 @@ def keep_freed_memory() -> bool:
     to the kernel (fixed ``M_MMAP_THRESHOLD`` 32 MiB, ``M_TRIM_THRESHOLD`` twice that); once per process.
 
     Why: by default a freed block above a sliding threshold, or the freed top of a heap, goes back
-    to the kernel, so a loop that allocates and frees MB-sized tensors (the fused training
-    step's oneDNN outputs, its per-step scratch) page-faults and zero-fills the same memory
-    every time.  Blocks above 32 MiB still come from and go back to the kernel.  Does nothing
+    to the kernel, so a loop that allocates and frees MB-sized tensors (oneDNN's outputs in the
+    fused training step and the inference kernels, the step's scratch) page-faults and
+    zero-fills the same memory every time.  Blocks above 32 MiB still come from and go back to the kernel.  Does nothing
     off glibc.  Returns whether the setting is in effect.
     """
     if _KEPT:

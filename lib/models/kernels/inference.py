@@ -17,10 +17,17 @@ chunk and call, so the hot loop allocates nothing; and, as in the fused training
     the columns that read them (layer 0, the latent_in layers, xyz_in_all), and the xyz
     gradient is chained through the Fourier features by one small GEMM.
 
+On a CPU the GEMMs are torch.mm's (MKL on x86) into the scratch, or oneDNN's where MKL would
+run narrower kernels than the CPU has (``.gemm.cpu_gemm``, the fused loss's choice too:
+non-Intel AVX-512 CPUs; float32 only).  oneDNN's linear has no ``out=``: it returns each
+layer's activations as a new tensor, with the bias and the ReLU applied inside the GEMM;
+``lib.runtime.cpus.keep_freed_memory`` lets malloc hand the previous chunk's freed blocks
+back to it, so those outputs are not page-faulted and zeroed again every chunk.
+
 The functions compute the same function as ``Decoder.forward`` in eval mode (same values
 and input gradients up to float rounding: the code's contribution is summed in another
-order).  They never build an autograd graph; the caller puts autograd around them where
-gradients must flow on (``lib.layer.sdf``).
+order, and each GEMM library rounds its own way).  They never build an autograd graph; the
+caller puts autograd around them where gradients must flow on (``lib.layer.sdf``).
 
 Entry points: ``InferenceKernel(decoder)`` (weights prepared once per parameter version),
 ``values`` and ``values_and_input_grad``.  A decoder qualifies when
@@ -46,7 +53,7 @@ __all__ = ["FEW_ROWS", "InferenceKernel", "SIDE_BY_SIDE", "default_rows", "value
 
 def default_rows(device) -> int:
     """Rows per chunk: on a CPU 4096 (a 128-wide layer's activations are 2 MB, in cache, and a
-    4096-row GEMM with a preallocated output runs near MKL's peak); on a GPU 2^14, the
+    4096-row GEMM runs near the library's peak); on a GPU 2^14, the
     extraction's call size, so one kernel per layer and call (a 512-wide network's saved
     activations are then 170 MB of scratch)."""
     return 4096 if torch.device(device).type == "cpu" else 1 << 14
