@@ -18,13 +18,15 @@ figure is the median over rounds (the range is printed too).  Prints:
      oneDNN), the libraries alternating round after round: points per second of ``values`` on
      ``--points`` points (one code; two codes, rows indexed, as a mesh batch), and of
      ``values_and_input_grad``, in process CPU time (all threads: the work, whatever share of the
-     cores the load leaves) and in wall time, with the library ``cpu_gemm`` picks for this CPU.
+     cores the load leaves) and in wall time, with the library ``cpu_gemm`` picks for this CPU;
+     and the sparse extraction of both codes at ``--extract-resolution`` (default 256; 0: skipped),
+     seconds, with whether both libraries give the same faces.
 
 Writes everything, with the CPU, the thread count and the load average, to a JSON file
 (default benchmarks/results/inference_<time>.json; an existing file is never overwritten).
 
 Usage: python benchmarks/inference.py [-e experiments/bob_and_spot] [--rounds 5] [--iterations 20]
-       [--renderer nr|soft] [--no-demo] [--output FILE]
+       [--renderer nr|soft] [--no-demo] [--extract-resolution 256] [--output FILE]
 """
 from __future__ import annotations
 
@@ -94,34 +96,49 @@ def _demo_loop(dec, codes, cam, target, iterations: int, use: bool, renderer: st
     return out
 
 
-def _gemm_libraries(kernel, codes, pts, rounds: int) -> dict:
+def _gemm_libraries(dec, kernel, codes, pts, rounds: int, resolution: int) -> tuple[dict, dict]:
     """Section 4: per GEMM library and call, best and median points/s over ``rounds`` in process
-    CPU time and in wall time; the libraries alternate (ABAB, then BABA) so that load hits both alike."""
+    CPU time and in wall time; the libraries alternate (ABAB, then BABA) so that load hits both
+    alike.  Also the sparse extraction of every code at ``resolution`` (0: none): seconds per
+    library, and per code whether the libraries' faces are equal and their largest vertex difference."""
     libraries = ["blas"] + (["onednn"] if gemm.onednn_available() else [])
     n = pts.shape[0]
     index = torch.arange(n) % codes.shape[0]
-    calls = {"values, one code": (lambda: kernel.values(codes[1:2], pts), 10),
-             f"values, {codes.shape[0]} codes indexed": (lambda: kernel.values(codes, pts, index), 10),
-             "values_and_input_grad, one code": (lambda: kernel.values_and_input_grad(codes[1:2], pts), 4)}
+    calls = {"values, one code": (lambda: kernel.values(codes[1:2], pts), 10, n),
+             f"values, {codes.shape[0]} codes indexed": (lambda: kernel.values(codes, pts, index), 10, n),
+             "values_and_input_grad, one code": (lambda: kernel.values_and_input_grad(codes[1:2], pts), 4, n)}
+    meshes: dict = {}
+    if resolution:
+        def extract():
+            with torch.no_grad():
+                meshes[gemm.cpu_gemm()] = [mesh_from_sdf(dec, c, resolution, "sparse") for c in codes]
+        calls[f"extraction of {codes.shape[0]} codes at N = {resolution}"] = (extract, 1, 1)
     seen: dict = {}
     for r in range(rounds):
         for library in (libraries if r % 2 == 0 else libraries[::-1]):
             with gemm.forced_gemm(library):
-                for name, (fn, reps) in calls.items():
-                    fn()  # weights prepared, scratch grown
+                for name, (fn, reps, units) in calls.items():
+                    if units > 1:
+                        fn()  # weights prepared, scratch grown
                     c0, t0 = time.process_time(), time.perf_counter()
                     for _ in range(reps):
                         fn()
                     c, t = (time.process_time() - c0) / reps, (time.perf_counter() - t0) / reps
-                    seen.setdefault(name, {}).setdefault(library, []).append((n / c, n / t))
+                    seen.setdefault(name, {}).setdefault(library, []).append((units / c, units / t))
     out = {}
     for name, per in seen.items():
-        out[name] = {lib_name: {"cpu_points_per_s_best": max(c for c, _ in xs),
-                                "cpu_points_per_s_median": statistics.median(c for c, _ in xs),
-                                "wall_points_per_s_best": max(t for _, t in xs),
-                                "wall_points_per_s_median": statistics.median(t for _, t in xs)}
+        out[name] = {lib_name: {"cpu_per_s_best": max(c for c, _ in xs),
+                                "cpu_per_s_median": statistics.median(c for c, _ in xs),
+                                "wall_per_s_best": max(t for _, t in xs),
+                                "wall_per_s_median": statistics.median(t for _, t in xs)}
                      for lib_name, xs in per.items()}
-    return out
+    same = {}
+    if len(meshes) == 2:
+        for k, (a, b) in enumerate(zip(meshes["blas"], meshes["onednn"])):
+            equal = a.faces.shape == b.faces.shape and bool(torch.equal(a.faces, b.faces))
+            same[f"code {k}"] = {"faces": int(a.faces.shape[0]), "faces_equal": equal,
+                                 "max_vertex_difference": float((a.verts - b.verts).abs().max()) if equal else None}
+    return out, same
 
 
 def main(argv=None) -> int:
@@ -133,6 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--renderer", default="nr", help="the demo loss's renderer (nr, the demo's default, or soft)")
     ap.add_argument("--no-demo", action="store_true", help="skip section 3 (the demo loop)")
+    ap.add_argument("--extract-resolution", type=int, default=256,
+                    help="section 4's sparse extraction of both codes at this N (0: skipped)")
     ap.add_argument("--output", default=None,
                     help="JSON result file (default benchmarks/results/inference_<time>.json)")
     args = ap.parse_args(argv)
@@ -204,21 +223,28 @@ def main(argv=None) -> int:
                                      "iterations": args.iterations}
 
     chosen = gemm.cpu_gemm()
-    libs = _gemm_libraries(kernel, codes, pts, args.rounds)
+    libs, same = _gemm_libraries(dec, kernel, codes, pts, args.rounds, args.extract_resolution)
     print(f"4. GEMM libraries at {args.points} points ({args.rounds} alternating rounds; this CPU's choice: "
-          f"{chosen}), thousand points/s, best [median]:")
+          f"{chosen}), thousand points/s (extraction: seconds), best [median], in process CPU and wall time:")
     for name, per in libs.items():
-        cells = "  ".join(f"{k} CPU {v['cpu_points_per_s_best'] / 1e3:6.0f} [{v['cpu_points_per_s_median'] / 1e3:.0f}]"
-                          f" wall {v['wall_points_per_s_best'] / 1e3:6.0f} [{v['wall_points_per_s_median'] / 1e3:.0f}]"
+        points = not name.startswith("extraction")
+
+        def show(rate):
+            return f"{rate / 1e3:6.0f}" if points else f"{1 / rate:6.2f}"
+        cells = "  ".join(f"{k} CPU {show(v['cpu_per_s_best'])} [{show(v['cpu_per_s_median']).strip()}]"
+                          f" wall {show(v['wall_per_s_best'])} [{show(v['wall_per_s_median']).strip()}]"
                           for k, v in per.items())
         ratio = ""
         if "onednn" in per:
-            best = {k: v["cpu_points_per_s_best"] for k, v in per.items()}
+            best = {k: v["cpu_per_s_best"] for k, v in per.items()}
             ratio = f"  onednn/blas CPU {best['onednn'] / best['blas']:.2f}x"
-        print(f"   {name:34s} {cells}{ratio}")
+        print(f"   {name:36s} {cells}{ratio}")
+    for k, v in same.items():
+        print(f"   extraction, {k}: {v['faces']} faces, equal with both libraries: {v['faces_equal']}"
+              + (f", vertices within {v['max_vertex_difference']:.1e}" if v["faces_equal"] else ""))
     load_after = os.getloadavg()
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
-    result.update({"gemm_chosen": chosen, "gemm_libraries": libs,
+    result.update({"gemm_chosen": chosen, "gemm_libraries": libs, "extraction_by_library": same,
                    "load_average": {"before": load_before, "after": load_after}})
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
