@@ -6,17 +6,25 @@ Adam update, with the real experiments/bob_and_spot network.  In the same run (r
 interleaved, best of each kept, so other load on the machine affects all alike) it times
 
   * roofline: the step's GEMM FLOPs (forward 2*N*sum(in*out), backward twice that) divided
-    by the throughput of a dense 2048^3 float32 GEMM on the same threads;
+    by the throughput of a dense 2048^3 float32 GEMM on the same threads, the faster of
+    torch.mm (MKL on x86) and oneDNN's linear (torch's mkldnn op): on a CPU where one of them
+    runs narrower kernels (MKL on non-Intel AVX-512 CPUs) the other is the machine's rate;
   * baseline: a plain PyTorch version (nn.Dropout, relu, concatenations, per-scene
     np.random.choice sampling without replacement);
   * ours: lib.datasets.SdfSamples.sample + lib.training.auto_decoder_loss (the fused
-    forward + backward of lib.models.kernels.fused) + optimizer_step.
+    forward + backward of lib.models.kernels.fused) + optimizer_step, with the GEMM library
+    ``lib.models.kernels.gemm.cpu_gemm`` picks for this CPU, and also with each other one.
 
-Prints the times and the ratios step / roofline.  Usage: python benchmarks/train_step.py [--rounds R]
+Prints the CPU (model, vendor, vector width, caches), both GEMM rates, the times and the
+ratios step / roofline, and writes them to a JSON file under benchmarks/results/.
+Usage: python benchmarks/train_step.py [--rounds R] [--output FILE]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import sys
 import tempfile
 import time
@@ -36,6 +44,8 @@ from lib.datasets import Instance, SdfSamples  # noqa: E402
 from lib.models.decoder import decoder_from_specs, positional_encoding  # noqa: E402
 from lib.training import TrainSettings, auto_decoder_loss, clamped_l1, optimizer_step  # noqa: E402
 from lib.experiment.specs import REPO_ROOT, load_specs  # noqa: E402
+from lib.models.kernels import gemm  # noqa: E402
+from lib.runtime.cpus import cpu_info  # noqa: E402
 
 ROWS = 250_000  # per pos / neg array, like the prepared bob and spot files
 
@@ -81,7 +91,9 @@ def write_synthetic_scenes(root, count: int, rows: int = ROWS, seed: int = 0) ->
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the best of each row is kept")
+    ap.add_argument("--output", default=None,
+                    help="JSON result file (default benchmarks/results/train_step_<time>.json)")
     args = ap.parse_args()
     runtime.apply_thread_policy()
     specs = load_specs(REPO_ROOT / "experiments" / "bob_and_spot")
@@ -120,40 +132,89 @@ def main() -> int:
 
     a = torch.randn(2048, 2048)
     bm = torch.randn(2048, 2048)
+    bm_t = bm.t().contiguous()  # oneDNN's linear computes a @ W^T
 
-    def gemm():
+    def gemm_mm():
         a @ bm
 
+    def gemm_onednn():
+        torch.ops.mkldnn._linear_pointwise(a, bm_t, None, "none", [], "")
+
     def best_of(fn, reps):
+        """(wall, process CPU) seconds of fn, each the best of ``reps`` calls after a warm-up."""
         fn()
-        t = float("inf")
+        t = c = float("inf")
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
-            t = min(t, time.perf_counter() - t0)
-        return t
+            t, c = min(t, time.perf_counter() - t0), min(c, time.process_time() - c0)
+        return t, c
 
-    def ours_in_order():
-        # the fused loss's halves are the step's only side-by-side work
-        with runtime.thread_settings(concurrent=False):
-            ours()
+    chosen = gemm.cpu_gemm()
+    libraries = ["blas"] + (["onednn"] if gemm.onednn_available() else [])
 
-    best = {"gemm": float("inf"), "baseline": float("inf"), "ours": float("inf"), "in order": float("inf")}
-    for _ in range(args.rounds):
-        best["gemm"] = min(best["gemm"], best_of(gemm, 3))
-        best["baseline"] = min(best["baseline"], best_of(baseline, 1))
-        best["ours"] = min(best["ours"], best_of(ours, 2))
-        best["in order"] = min(best["in order"], best_of(ours_in_order, 2))
-    gflops_rate = 2 * 2048 ** 3 / best["gemm"] / 1e9
+    def with_gemm(library, concurrent=True):
+        def run():
+            # the fused loss's halves are the step's only side-by-side work
+            with gemm.forced_gemm(library), runtime.thread_settings(concurrent=concurrent):
+                ours()
+        return run
+
+    timed = {"gemm torch.mm": (gemm_mm, 3), "baseline": (baseline, 1)}
+    if "onednn" in libraries:
+        timed["gemm onednn"] = (gemm_onednn, 3)
+    for lib_name in libraries:
+        timed[f"ours {lib_name}"] = (with_gemm(lib_name), 2)
+    timed[f"ours {chosen}, in order"] = (with_gemm(chosen, concurrent=False), 2)
+    load_before = os.getloadavg()
+    best = {k: float("inf") for k in timed}
+    cpu = {k: float("inf") for k in timed}
+    for _ in range(args.rounds):  # rounds interleaved: load that comes and goes hits every row alike
+        for k, (fn, reps) in timed.items():
+            t, c = best_of(fn, reps)
+            best[k], cpu[k] = min(best[k], t), min(cpu[k], c)
+    load_after = os.getloadavg()
+    rates = {k.split()[1]: 2 * 2048 ** 3 / t / 1e9 for k, t in best.items() if k.startswith("gemm")}
+    rate_lib = max(rates, key=rates.get)
     flops = step_flops(dec, b * s)
-    roof = flops / (gflops_rate * 1e9)
-    print(f"{runtime.thread_policy_summary()}; step {b} scenes x {s} samples, {flops / 1e9:.1f} GFLOP")
-    print(f"dense GEMM throughput  {gflops_rate:8.1f} GFLOP/s -> roofline {roof * 1e3:8.1f} ms")
-    print(f"baseline step          {best['baseline'] * 1e3:8.1f} ms  = {best['baseline'] / roof:5.2f} x roofline")
-    print(f"ours step              {best['ours'] * 1e3:8.1f} ms  = {best['ours'] / roof:5.2f} x roofline"
-          f"   (speed-up {best['baseline'] / best['ours']:.2f}x)")
-    print(f"ours, halves in order  {best['in order'] * 1e3:8.1f} ms  = {best['in order'] / roof:5.2f} x roofline"
-          f"   (side by side / in order {best['ours'] / best['in order']:.2f}x)")
+    roof = flops / (rates[rate_lib] * 1e9)
+    # the same in process CPU time (all threads): the work, whatever share of the cores the load left us
+    roof_cpu = flops / (2 * 2048 ** 3) * cpu[f"gemm {rate_lib}"]
+    info = cpu_info()
+    caches = ", ".join(f"L{k} {v // 1024} KiB" for k, v in sorted(info.caches.items()))
+    print(f"CPU: {info.model or platform.processor()} ({info.vendor}), {info.vector_bits}-bit vectors "
+          f"(torch kernels: {torch.backends.cpu.get_cpu_capability()}), {caches}")
+    print(f"{runtime.thread_policy_summary()}; step {b} scenes x {s} samples, {flops / 1e9:.1f} GFLOP; "
+          f"fused loss GEMMs here: {chosen}")
+    print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
+    for lib_name, r in rates.items():
+        print(f"dense 2048^3 GEMM, {lib_name:9s} {r:8.1f} GFLOP/s" + ("   <- roofline" if lib_name == rate_lib else ""))
+    print(f"roofline               {roof * 1e3:8.1f} ms wall, {roof_cpu * 1e3:8.1f} ms CPU")
+    rows = {}
+    for k, t in best.items():
+        if k.startswith("gemm"):
+            continue
+        rows[k] = {"ms": t * 1e3, "x_roofline": t / roof, "cpu_ms": cpu[k] * 1e3, "cpu_x_roofline": cpu[k] / roof_cpu}
+        extra = f"   (speed-up over baseline {best['baseline'] / t:.2f}x)" if k != "baseline" else ""
+        print(f"{k:28s} {t * 1e3:8.1f} ms  = {t / roof:5.2f} x roofline; CPU time {cpu[k] / roof_cpu:5.2f} x{extra}")
+    result = {
+        "what": "one bob_and_spot DeepSDF training step (sample, fused loss, backward, Adam) vs its GEMM roofline",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rounds": args.rounds,
+        "cpu": {"model": info.model, "vendor": info.vendor, "vector_bits": info.vector_bits,
+                "torch_capability": torch.backends.cpu.get_cpu_capability(), "caches": info.caches,
+                "cores": os.cpu_count()},
+        "threads": torch.get_num_threads(), "load_average": {"before": load_before, "after": load_after},
+        "step_gflop": flops / 1e9, "gemm_gflops": rates, "roofline_library": rate_lib, "roofline_ms": roof * 1e3,
+        "roofline_cpu_ms": roof_cpu * 1e3,
+        "fused_gemm": chosen, "rows": rows,
+    }
+    out = Path(args.output) if args.output else (Path(__file__).resolve().parent / "results" /
+                                                 f"train_step_{time.strftime('%Y%m%d_%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(out.suffix + ".tmp")
+    tmp_out.write_text(json.dumps(result, indent=1) + "\n")
+    tmp_out.replace(out)
+    print(f"results: {out}")
     return 0
 
 

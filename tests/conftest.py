@@ -36,3 +36,15 @@ def shared_mesh():
             pytest.skip(f"{p} not available")
         return p
     return get
+
+
+@pytest.fixture(params=["blas", "onednn"])
+def gemm(request, monkeypatch):
+    """Each CPU GEMM library of the decoder kernels in turn (lib.models.kernels.gemm; oneDNN where
+    this torch has it)."""
+    import lib.models.kernels.gemm as gemm
+
+    if request.param == "onednn" and not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear op")
+    monkeypatch.setattr(gemm, "GEMM", request.param)
+    return request.param

@@ -62,6 +62,44 @@ CONFIGS = {
 }
 
 
+def test_gemm_library_follows_the_cpu_vendor_and_vector_width():
+    from lib.models.kernels.gemm import gemm_for
+    from lib.runtime.cpus import CpuInfo
+
+    amd512 = CpuInfo("AuthenticAMD", "EPYC", ["avx2", "avx512f"])
+    assert gemm_for(amd512, mkl_blas=True, onednn=True) == "onednn"  # MKL would run its AVX2 kernels here
+    assert gemm_for(CpuInfo("GenuineIntel", "Xeon", ["avx2", "avx512f"]), True, True) == "blas"
+    assert gemm_for(CpuInfo("AuthenticAMD", "EPYC", ["avx2"]), True, True) == "blas"  # same width either way
+    assert gemm_for(amd512, mkl_blas=False, onednn=True) == "blas"   # another BLAS: its own dispatch
+    assert gemm_for(amd512, mkl_blas=True, onednn=False) == "blas"
+    assert gemm_for(CpuInfo(flags=["avx512f"]), True, True) == "blas"  # vendor unknown: as before
+
+
+def test_forcing_an_unknown_gemm_library_is_refused(monkeypatch):
+    import lib.models.kernels.gemm as gemm
+
+    monkeypatch.setattr(gemm, "GEMM", "cublas")
+    with pytest.raises(ValueError, match="use None, 'blas' or 'onednn'"):
+        gemm.cpu_gemm()
+    with pytest.raises(ValueError, match="use None, 'blas' or 'onednn'"), gemm.forced_gemm("mkl"):
+        pass
+    assert gemm.GEMM == "cublas"  # restored
+
+
+def test_a_float64_decoder_trains_with_blas_whatever_the_gemm_library(gemm):
+    # oneDNN's float32 kernels do not take float64: that step stays on torch.mm
+    torch.manual_seed(0)
+    dec = Decoder(3, **CONFIGS["deepsdf"]).double().train()
+    dec.fused_chunk = 37
+    codes = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    xyz = torch.rand(3, 101, 3, dtype=torch.float64) * 2 - 1
+    sdf = torch.rand(3, 101, dtype=torch.float64) * 0.3 - 0.15
+    (fused, g_fused), (plain, g_plain) = _both_losses(dec, codes, xyz, sdf, 0.1)
+    assert fused.dtype == torch.float64 and fused.item() == pytest.approx(plain.item(), rel=1e-12)
+    for got, want in zip(g_fused, g_plain):
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+
+
 def _both_losses(dec, codes, xyz, sdf, clamp):
     """(fused loss, grads) and (autograd loss, grads) for the same RNG state."""
     params = [codes] + list(dec.parameters())
@@ -78,7 +116,7 @@ def _both_losses(dec, codes, xyz, sdf, clamp):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("train", [True, False])
-def test_fused_loss_equals_autograd_loss_with_the_same_dropout(name, train):
+def test_fused_loss_equals_autograd_loss_with_the_same_dropout(name, train, gemm):
     torch.manual_seed(0)
     dec = Decoder(3, **CONFIGS[name]).train(train)
     dec.fused_chunk = 37  # several chunks per scene, the last one short
@@ -93,7 +131,7 @@ def test_fused_loss_equals_autograd_loss_with_the_same_dropout(name, train):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
 
 
-def test_fused_loss_clamp_boundary_and_chunk_size_do_not_matter():
+def test_fused_loss_clamp_boundary_and_chunk_size_do_not_matter(gemm):
     torch.manual_seed(1)
     dec = Decoder(2, **CONFIGS["deepsdf"]).train()
     codes = torch.randn(2, 2, requires_grad=True)
@@ -137,7 +175,7 @@ def test_auto_decoder_loss_fuses_supported_decoders_and_falls_back_for_layer_nor
 
 
 @pytest.mark.parametrize("chunk", [101, 202, 1 << 30])
-def test_fused_loss_on_whole_scene_chunks_equals_autograd(chunk):
+def test_fused_loss_on_whole_scene_chunks_equals_autograd(chunk, gemm):
     # chunk >= samples per scene groups whole scenes (a GPU's default: the batch in one chunk)
     from lib.models.kernels.fused import default_chunk, plan_chunks
 
@@ -169,7 +207,7 @@ def test_chunk_halves_cover_the_chunks_once_in_order_on_a_cpu_only():
     assert chunk_halves(chunks, torch.device("cuda")) == [chunks]  # a GPU: the batch in one go
 
 
-def test_fused_halves_run_side_by_side_with_the_same_bits_as_in_order(monkeypatch):
+def test_fused_halves_run_side_by_side_with_the_same_bits_as_in_order(monkeypatch, gemm):
     # the two halves of a CPU batch each keep their own sums, so running them side by side
     # (two threads) or one after the other (any thread count) gives the same bits
     import threading
@@ -209,3 +247,30 @@ def test_fused_halves_run_side_by_side_with_the_same_bits_as_in_order(monkeypatc
         seen.clear()
         for a, b in zip(side, other):
             assert torch.equal(a, b)
+
+
+def test_a_cpu_training_step_reuses_its_memory_instead_of_page_faulting_it_in_again(gemm):
+    # each step allocates and frees MBs of scratch (and oneDNN's outputs); glibc's default
+    # thresholds hand much of it back to the kernel, to be faulted in and zeroed next step
+    import platform
+    import resource
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's mallopt only")
+    torch.manual_seed(0)
+    dec = Decoder(2, dims=[128] * 4, dropout=[0, 1, 2, 3], dropout_prob=0.2, latent_in=[2], weight_norm=True,
+                  norm_layers=[0, 1, 2, 3], positional_encoding=True, fourier_degree=3).train()
+    dec.fused_chunk = 2048
+    codes = torch.randn(2, 2, requires_grad=True)
+    xyz, sdf = torch.rand(2, 8192, 3) * 2 - 1, torch.rand(2, 8192) * 0.2 - 0.1
+
+    def step():
+        dec.clamped_l1_loss(codes, xyz, sdf, 0.1).backward()
+
+    step()
+    step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        step()
+    # three steps allocate > 24 MiB (6144 pages) of activations alone
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1024  # without the setting: > 10000

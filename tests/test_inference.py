@@ -47,7 +47,7 @@ def _reference(dec, codes, xyz, index):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_values_and_input_grads_equal_the_decoder_and_autograd(name):
+def test_values_and_input_grads_equal_the_decoder_and_autograd(name, gemm):
     dec = _decoder(name)
     kernel = InferenceKernel(dec)
     gen = torch.Generator().manual_seed(1)
@@ -73,7 +73,7 @@ def test_values_and_input_grads_equal_the_decoder_and_autograd(name):
     torch.testing.assert_close(g1_xyz, want1_xyz, rtol=1e-5, atol=1e-6)
 
 
-def test_halves_side_by_side_give_the_same_bits_and_the_reference(monkeypatch):
+def test_halves_side_by_side_give_the_same_bits_and_the_reference(monkeypatch, gemm):
     """From ``side_by_side`` rows (here 100) the chunks run as two halves side by
     side (2 threads, sleeping OpenMP threads): the values and input gradients are bit for bit
     those of the same chunks in order, and the decoder's; with busy-waiting threads the
@@ -120,7 +120,7 @@ def test_halves_side_by_side_give_the_same_bits_and_the_reference(monkeypatch):
     torch.testing.assert_close(out[True][3], want[2], rtol=1e-5, atol=1e-6)
 
 
-def test_no_points():
+def test_no_points(gemm):
     dec = _decoder("deepsdf_pe")
     kernel = InferenceKernel(dec)
     codes = torch.randn(2, 3)
@@ -131,7 +131,8 @@ def test_no_points():
     assert v.shape == (0,) and gc.shape == (0, 3) and gx.shape == (0, 3)
 
 
-def test_input_grads_match_finite_differences_in_float64():
+def test_input_grads_match_finite_differences_in_float64(gemm):
+    # oneDNN's float32 kernels do not take float64: these calls stay on torch.mm
     dec = _decoder("deepsdf_pe", dtype=torch.float64)
     kernel = InferenceKernel(dec)
     gen = torch.Generator().manual_seed(2)
@@ -149,7 +150,7 @@ def test_input_grads_match_finite_differences_in_float64():
         torch.testing.assert_close(g_code[:, j], fd_c, rtol=1e-6, atol=1e-8)
 
 
-def test_prepared_weights_follow_in_place_parameter_and_code_updates():
+def test_prepared_weights_follow_in_place_parameter_and_code_updates(gemm):
     """The prepared blocks are cached per parameter version: training in between is seen."""
     dec = _decoder("deepsdf_pe")
     kernel = InferenceKernel(dec)
@@ -164,6 +165,65 @@ def test_prepared_weights_follow_in_place_parameter_and_code_updates():
     codes.add_(0.5)
     torch.testing.assert_close(kernel.values(codes, xyz),
                                _reference(dec, codes, xyz, torch.zeros(50, dtype=torch.int64))[0], rtol=0, atol=2e-6)
+
+
+def _gemm_ops(fn) -> set:
+    """The GEMM operators (torch.mm family, oneDNN's linear) that fn() runs, from the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    names = {e.key for e in prof.key_averages()}
+    return {n for n in names if n in ("aten::mm", "aten::addmm", "aten::addmm_") or "linear_pointwise" in n}
+
+
+def test_the_gemm_library_chosen_is_the_one_that_runs(gemm):
+    """With oneDNN chosen, every layer's product goes to oneDNN's linear and none to torch.mm,
+    except the chain through the Fourier features (3d x 3) and a float64 decoder's; with BLAS none to oneDNN."""
+    dec = _decoder("deepsdf_pe")
+    kernel = InferenceKernel(dec)
+    codes = torch.randn(2, 3)
+    xyz = torch.rand(300, 3) * 2 - 1
+    index = torch.arange(300) % 2
+    kernel.prepare(codes)  # the per-code biases (addmm), once per code version, outside the calls profiled
+    values_ops = _gemm_ops(lambda: kernel.values(codes, xyz, index))
+    grad_ops = _gemm_ops(lambda: kernel.values_and_input_grad(codes, xyz, index))
+    if gemm == "onednn":
+        assert values_ops and all("linear_pointwise" in n for n in values_ops)
+        assert "aten::addmm_" not in grad_ops and "aten::addmm" not in grad_ops
+        assert any("linear_pointwise" in n for n in grad_ops)
+    else:
+        assert values_ops and not any("linear_pointwise" in n for n in values_ops | grad_ops)
+    dec64 = _decoder("deepsdf_pe", dtype=torch.float64)
+    ops64 = _gemm_ops(lambda: InferenceKernel(dec64).values(codes.double(), xyz.double(), index))
+    assert ops64 and not any("linear_pointwise" in n for n in ops64)
+
+
+def test_repeated_extraction_calls_reuse_their_memory_instead_of_page_faulting_it_in_again(gemm):
+    # oneDNN returns new outputs per layer and chunk: with glibc's default thresholds much of
+    # that memory goes back to the kernel on free and is faulted in and zeroed again next call
+    import platform
+    import resource
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's mallopt only")
+    torch.manual_seed(0)
+    dec = Decoder(2, dims=[128] * 4, latent_in=[2], weight_norm=True, positional_encoding=True,
+                  fourier_degree=3).eval()
+    kernel = InferenceKernel(dec)
+    codes = torch.randn(2, 2)
+    xyz = torch.rand(1 << 14, 3) * 2 - 1
+    index = torch.arange(1 << 14) % 2
+
+    def call():
+        kernel.values(codes, xyz, index)
+        kernel.values_and_input_grad(codes, xyz, index)
+
+    call()
+    call()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        call()
+    # three calls allocate > 40 MiB (10000 pages) of outputs and, with oneDNN, activations
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1024
 
 
 def test_kernels_refuse_what_they_do_not_compute():

@@ -231,3 +231,26 @@ def test_thread_settings_refuse_an_unknown_name_and_restore_after_an_error():
             assert not runtime.SETTINGS.concurrent and not runtime.SETTINGS.one_thread
             raise ValueError("inside")
     assert runtime.SETTINGS == runtime.ThreadSettings()
+
+
+def test_cpu_info_reads_vendor_flags_and_per_core_data_caches(tmp_path):
+    info_file = tmp_path / "cpuinfo"
+    info_file.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9999\n"
+                         "flags\t\t: fpu sse2 avx2 fma avx512f avx512bw\n\n"
+                         "processor\t: 1\nvendor_id\t: GenuineIntel\nflags\t\t: sse2\n")
+    caches = tmp_path / "cache"
+    for idx, (level, kind, size) in enumerate([(1, "Data", "48K"), (1, "Instruction", "32K"), (2, "Unified", "1024K"),
+                                               (3, "Unified", "32768K")]):
+        d = caches / f"index{idx}"
+        d.mkdir(parents=True)
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    info = cpus.cpu_info(info_file, caches)
+    assert (info.vendor, info.model) == ("AuthenticAMD", "AMD EPYC 9999")  # the first processor's block
+    assert {"avx2", "avx512f"} <= info.flags and info.vector_bits == 512
+    assert info.caches == {1: 48 * 1024, 2: 1024 * 1024, 3: 32 * 1024 * 1024}  # the instruction cache left out
+    assert "512-bit" in info.summary() and "L2 1024 KiB" in info.summary()
+    assert cpus.CpuInfo(flags=["avx2"]).vector_bits == 256 and cpus.CpuInfo().vector_bits == 128
+    missing = cpus.cpu_info(tmp_path / "absent", tmp_path / "absent")
+    assert (missing.vendor, missing.flags, missing.caches, missing.vector_bits) == ("", frozenset(), {}, 128)

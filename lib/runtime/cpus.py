@@ -23,8 +23,8 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["ENV", "ThreadSetting", "affinity_cores", "cgroup_cpu_limit", "choose_threads", "openmp_threads_sleep",
-           "prepare_openmp_env", "thread_setting", "usable_cores"]
+__all__ = ["ENV", "CpuInfo", "ThreadSetting", "affinity_cores", "cgroup_cpu_limit", "choose_threads", "cpu_info",
+           "keep_freed_memory", "openmp_threads_sleep", "prepare_openmp_env", "thread_setting", "usable_cores"]
 
 ENV = "MESHSDF_THREADS"
 
@@ -158,3 +158,112 @@ def choose_threads(cores: int, max_threads: int | None = None) -> int:
     if max_threads is not None:
         n = min(n, int(max_threads))
     return max(1, n)
+
+
+class CpuInfo:
+    """What the CPU reports about itself (Linux: /proc/cpuinfo and /sys cache descriptions).
+
+    vendor: e.g. "GenuineIntel", "AuthenticAMD" ("" where unknown); model: the model name;
+    flags: the feature flags (e.g. "avx2", "avx512f"); caches: level -> bytes of one
+    data/unified cache at that level as seen by one core (e.g. {1: 49152, 2: 1048576, 3: ...}),
+    empty where unknown.
+    """
+
+    def __init__(self, vendor: str = "", model: str = "", flags=(), caches: dict | None = None):
+        self.vendor, self.model, self.flags, self.caches = vendor, model, frozenset(flags), dict(caches or {})
+
+    @property
+    def vector_bits(self) -> int:
+        """Widest SIMD float vector of the flags: 512 (avx512f), 256 (avx2 / avx), 128 otherwise."""
+        if "avx512f" in self.flags:
+            return 512
+        return 256 if ("avx2" in self.flags or "avx" in self.flags) else 128
+
+    def summary(self) -> str:
+        """One line: model, vendor, vector width and cache sizes."""
+        caches = ", ".join(f"L{k} {v // 1024} KiB" for k, v in sorted(self.caches.items()))
+        return f"{self.model or 'unknown CPU'} ({self.vendor or 'unknown vendor'}, {self.vector_bits}-bit vectors" \
+               f"{', ' + caches if caches else ''})"
+
+
+def _parse_size(text: str) -> int | None:
+    text = text.strip().upper()
+    mult = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(text[-1:], 1)
+    try:
+        return int(text.rstrip("KMGB") or "x") * mult
+    except ValueError:
+        return None
+
+
+def cpu_info(cpuinfo: str | os.PathLike = "/proc/cpuinfo",
+             cache_dir: str | os.PathLike = "/sys/devices/system/cpu/cpu0/cache") -> CpuInfo:
+    """The first CPU's vendor, model, flags and per-core cache sizes; fields stay empty where
+    the files are missing (non-Linux) or unreadable.
+
+    Args:
+        cpuinfo: the /proc/cpuinfo text file.
+        cache_dir: the sysfs folder of cpu0's caches (index*/level, type, size).
+    Returns:
+        a :class:`CpuInfo`.
+    """
+    fields: dict[str, str] = {}
+    try:
+        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
+            if not line.strip():
+                if fields:
+                    break  # the first processor's block is enough
+                continue
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    caches: dict[int, int] = {}
+    try:
+        entries = sorted(Path(cache_dir).glob("index*"))
+    except OSError:
+        entries = []
+    for d in entries:
+        try:
+            if (d / "type").read_text().strip() == "Instruction":
+                continue
+            level = int((d / "level").read_text())
+            size = _parse_size((d / "size").read_text())
+        except (OSError, ValueError):
+            continue
+        if size:
+            caches[level] = size
+    return CpuInfo(fields.get("vendor_id", ""), fields.get("model name", ""),
+                   fields.get("flags", fields.get("Features", "")).split(), caches)
+
+
+# glibc's upper bound for its own sliding mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
+_MMAP_THRESHOLD = 32 << 20
+_KEPT: list = []
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of handing them back
+    to the kernel (fixed ``M_MMAP_THRESHOLD`` 32 MiB, ``M_TRIM_THRESHOLD`` twice that); once per process.
+
+    Why: by default a freed block above a sliding threshold, or the freed top of a heap, goes back
+    to the kernel, so a loop that allocates and frees MB-sized tensors (oneDNN's outputs in the
+    fused training step and the inference kernels, the step's scratch) page-faults and
+    zero-fills the same memory every time.  Blocks above 32 MiB still come from and go back to the kernel.  Does nothing
+    off glibc.  Returns whether the setting is in effect.
+    """
+    if _KEPT:
+        return _KEPT[0]
+    ok = False
+    try:
+        import ctypes
+        import platform
+
+        if platform.libc_ver()[0] == "glibc":
+            libc = ctypes.CDLL(None)
+            m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+            ok = bool(libc.mallopt(m_mmap_threshold, _MMAP_THRESHOLD)) and \
+                bool(libc.mallopt(m_trim_threshold, 2 * _MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        ok = False
+    _KEPT.append(ok)
+    return ok

@@ -20,6 +20,10 @@ Other savings over the plain autograd graph, none of which change the function:
   * ReLU and dropout share one mask in the backward pass (the kept, positive units);
   * scratch buffers are allocated once per step, not once per operation.
 
+On a CPU the GEMMs are torch.mm's (MKL on x86), or oneDNN's where MKL would run narrower
+kernels than the CPU has (``.gemm.cpu_gemm``: non-Intel AVX-512 CPUs); both give the same sums up to
+float rounding, and the tests compare each with autograd.
+
 On a GPU the whole batch is one chunk (``default_chunk``, ``plan_chunks``): there is no
 cache to fit, and one kernel per layer and pass over all B x S rows beats one per scene.
 
@@ -36,8 +40,10 @@ from typing import Sequence
 
 import torch
 
+from ...runtime.cpus import keep_freed_memory
 from ...runtime.threads import concurrently
 from .elementwise import ChunkDropout, positional_encoding
+from .gemm import uses_onednn
 
 __all__ = ["FusedPlan", "LayerPlan", "WeightBlocks", "chunk_halves", "default_chunk", "fused_clamped_l1",
            "plan_chunks"]
@@ -160,6 +166,9 @@ class _Shared(WeightBlocks):
                  sdf: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]):
         super().__init__(plan.layers, codes, weights, biases)
         self.plan, self.clamp, self.seed, self.xyz, self.sdf = plan, clamp, seed, xyz, sdf
+        # oneDNN's linear takes weights as (out, in) and returns new tensors: no scratch views
+        self.onednn = uses_onednn(xyz.device, xyz.dtype)
+        self.wpe = [None if t is None else t.t().contiguous() for t in self.wpe_t] if self.onednn else None
 
 
 class _Partial:
@@ -228,7 +237,13 @@ def chunk_halves(chunks: Sequence[tuple[int, int, int, int]], device) -> list[li
 
 
 def _run_chunks(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, int, int]]) -> None:
-    """Forward and backward of the chunks (scenes k0:k1, rows r0:r1), summed into ``part``."""
+    """Forward and backward of the chunks (scenes k0:k1, rows r0:r1), summed into ``part``, with the
+    GEMM library of ``sh`` (``.gemm.cpu_gemm``)."""
+    (_chunks_onednn if sh.onednn else _chunks_blas)(sh, part, chunks)
+
+
+def _chunks_blas(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, int, int]]) -> None:
+    """``_run_chunks`` with torch.mm (BLAS) into the scratch views of ``part``."""
     plan, layers = sh.plan, sh.plan.layers
     s = sh.sdf.shape[1]
     scale = 1.0 / sh.sdf.numel()
@@ -297,11 +312,99 @@ def _run_chunks(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, in
             g = torch.ops.aten.threshold_backward.grad_input(gin, acts[i - 1], 0.0, grad_input=gin)
 
 
+def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, int, int]]) -> None:
+    """``_run_chunks`` with oneDNN's GEMMs (``.gemm.cpu_gemm`` "onednn"): the same sums, other rounding.
+
+    oneDNN's linear computes X W^T with the bias and the ReLU applied inside the GEMM and returns
+    new tensors (no ``out=``), so the activations are its outputs rather than ``part``'s scratch.
+    The weight gradients g^T a come from its inner-product backward, which reads g and a
+    row-major as they are: as a linear call, g^T would first need a transposing copy, which
+    torch does one element at a time.
+    """
+    plan, layers = sh.plan, sh.plan.layers
+    s = sh.sdf.shape[1]
+    scale = 1.0 / sh.sdf.numel()
+    last = len(layers) - 1
+    linear = torch.ops.mkldnn._linear_pointwise
+    backward_weights = torch.ops.aten.mkldnn_linear_backward_weights
+    fwd = [(i, lp.x, lp.pe is not None, lp.dropout, sh.wx[i] if lp.x else sh.wpe[i], sh.wpe[i])
+           for i, lp in enumerate(layers)]
+    bwd = [(i, lp.x, lp.pe is not None, part.gwx[i], part.gwpe[i], sh.wx_t[i])
+           for i, lp in reversed(list(enumerate(layers)))]
+    scene = [([sb[k] for sb in sh.scene_bias], [part.colsums[i, k, :w] for i, w in enumerate(sh.widths)])
+             for k in range(sh.sdf.shape[0])]
+    for k0, k1, r0, r1 in chunks:
+        acts: list = [None] * len(layers)  # the last chunk's go first, so that the allocator reuses their memory
+        h = g = gin = None
+        nb = k1 - k0
+        n = nb * (r1 - r0)
+        one = nb == 1
+        if one:
+            biases, sums = scene[k0]
+        else:
+            biases = [sb[k0:k1, None, :] for sb in sh.scene_bias]
+            sums = [part.colsums[i, k0:k1, :w] for i, w in enumerate(sh.widths)]
+        pts = sh.xyz[k0:k1, r0:r1].reshape(n, 3)
+        pe = positional_encoding(pts, plan.fourier_degree) if plan.fourier_degree else pts.contiguous()
+        x = pe
+        for i, has_x, has_pe, drop, w_in, w_pe in fwd:
+            if has_x and has_pe:  # the encoded-xyz part, with the bias, added inside the x GEMM
+                h = linear.binary(x, linear(pe, w_pe, biases[i] if one else None, "none", [], ""), w_in, None, "add")
+                relu_done = False
+            else:
+                relu_done = one and i != last
+                h = linear(x, w_in, biases[i] if one else None, "relu" if relu_done else "none", [], "")
+            if not one:
+                h.view(nb, -1, h.shape[1]).add_(biases[i])
+            acts[i] = h
+            if i == last:
+                break
+            if not relu_done:
+                h.clamp_min_(0.0)
+            if drop:
+                part.dropout.apply_(h, i, k0 * s + r0)
+            x = h
+        out = h.view(-1)
+        if plan.use_tanh:
+            inner = torch.tanh(out)
+            pred = torch.tanh(inner)
+        else:
+            pred = torch.tanh(out)
+        loss, g = _clamped_l1_grad(pred, sh.sdf[k0:k1, r0:r1].reshape(n), sh.clamp)
+        part.total += loss
+        g.mul_(1.0 - pred * pred)
+        if plan.use_tanh:
+            g.mul_(1.0 - inner * inner)
+        g = g.mul_(scale).unsqueeze(1)
+        pe_m = pe.to_mkldnn()
+        for i, has_x, has_pe, g_wx, g_wpe, w_x in bwd:
+            g_m = g.to_mkldnn()
+            gb = None
+            if has_x:
+                gw, gb = backward_weights(g_m, acts[i - 1].to_mkldnn(), g_wx, one)
+                g_wx.add_(gw)
+            if has_pe:
+                gw, gb_pe = backward_weights(g_m, pe_m, g_wpe, one and gb is None)
+                g_wpe.add_(gw)
+                gb = gb_pe if gb is None else gb
+            if one:
+                sums[i].add_(gb)
+            else:
+                sums[i].add_(g.view(nb, -1, g.shape[1]).sum(1))
+            if i == 0:
+                break
+            gin = linear(g, w_x, None, "none", [], "")
+            # relu and dropout backward at once: pass where the unit was kept and positive
+            g = torch.ops.aten.threshold_backward.grad_input(gin, acts[i - 1], 0.0, grad_input=gin)
+
+
 class _FusedClampedL1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: FusedPlan, clamp: float, seed: int, codes: torch.Tensor, xyz: torch.Tensor,
                 sdf: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         weights, biases = params[0::2], params[1::2]
+        if sdf.device.type == "cpu":
+            keep_freed_memory()  # the step's scratch and oneDNN's outputs are reused, not page-faulted in again
         sh = _Shared(plan, clamp, seed, codes, xyz, sdf, weights, biases)
         b, s = sdf.shape
         chunks = plan_chunks(b, s, plan.chunk)

@@ -17,10 +17,17 @@ chunk and call, so the hot loop allocates nothing; and, as in the fused training
     the columns that read them (layer 0, the latent_in layers, xyz_in_all), and the xyz
     gradient is chained through the Fourier features by one small GEMM.
 
+On a CPU the GEMMs are torch.mm's (MKL on x86) into the scratch, or oneDNN's where MKL would
+run narrower kernels than the CPU has (``.gemm.cpu_gemm``, the fused loss's choice too:
+non-Intel AVX-512 CPUs; float32 only).  oneDNN's linear has no ``out=``: it returns each
+layer's activations as a new tensor, with the bias and the ReLU applied inside the GEMM;
+``lib.runtime.cpus.keep_freed_memory`` lets malloc hand the previous chunk's freed blocks
+back to it, so those outputs are not page-faulted and zeroed again every chunk.
+
 The functions compute the same function as ``Decoder.forward`` in eval mode (same values
 and input gradients up to float rounding: the code's contribution is summed in another
-order).  They never build an autograd graph; the caller puts autograd around them where
-gradients must flow on (``lib.layer.sdf``).
+order, and each GEMM library rounds its own way).  They never build an autograd graph; the
+caller puts autograd around them where gradients must flow on (``lib.layer.sdf``).
 
 Entry points: ``InferenceKernel(decoder)`` (weights prepared once per parameter version),
 ``values`` and ``values_and_input_grad``.  A decoder qualifies when
@@ -35,17 +42,18 @@ from typing import Sequence
 
 import torch
 
-from ...runtime.cpus import openmp_threads_sleep
+from ...runtime.cpus import keep_freed_memory, openmp_threads_sleep
 from ...runtime.threads import FEW_ROWS, concurrently
 from .elementwise import PE_PI
 from .fused import FusedPlan, WeightBlocks
+from .gemm import uses_onednn
 
 __all__ = ["FEW_ROWS", "InferenceKernel", "SIDE_BY_SIDE", "default_rows", "values", "values_and_input_grad"]
 
 
 def default_rows(device) -> int:
     """Rows per chunk: on a CPU 4096 (a 128-wide layer's activations are 2 MB, in cache, and a
-    4096-row GEMM with a preallocated output runs near MKL's peak); on a GPU 2^14, the
+    4096-row GEMM runs near the library's peak); on a GPU 2^14, the
     extraction's call size, so one kernel per layer and call (a 512-wide network's saved
     activations are then 170 MB of scratch)."""
     return 4096 if torch.device(device).type == "cpu" else 1 << 14
@@ -76,6 +84,8 @@ class _Prepared(WeightBlocks):
     ext[i]: (widths[i], L + E) the columns of layer i that read the code (first L) and the
     encoded xyz (last E), zero where the layer does not read them, or None; with it one
     GEMM per layer gives that layer's share of d s / d[code | encoded xyz].
+    For oneDNN's linear, which multiplies by W^T of a weight W (out, in): wpe[i] (widths[i], E)
+    the transpose of wpe_t[i] and ext_t[i] (L + E, widths[i]) that of ext[i] (contiguous, or None).
     """
 
     def __init__(self, plan: FusedPlan, codes: torch.Tensor, weights: Sequence[torch.Tensor],
@@ -97,6 +107,8 @@ class _Prepared(WeightBlocks):
             if lp.pe:
                 e[: w.shape[0], lat:] = w[:, lp.pe[0]: lp.pe[1]]
             self.ext.append(e)
+        self.wpe = [None if t is None else t.t().contiguous() for t in self.wpe_t]
+        self.ext_t = [None if e is None else e.t().contiguous() for e in self.ext]
         self._bind(codes)
         d = plan.fourier_degree
         self.freq = None
@@ -215,6 +227,46 @@ def _forward(prep: _Prepared, acts: Sequence[torch.Tensor], x: torch.Tensor, idx
         x = h
 
 
+def _forward_onednn(prep: _Prepared, x: torch.Tensor, idx: torch.Tensor | None, gather: torch.Tensor | None,
+                    acts: list | None = None) -> torch.Tensor:
+    """``_forward`` with oneDNN's linear, which returns new tensors (no ``out=``) and applies
+    the bias and the ReLU inside the GEMM: pre-activation of the last layer (n, 1) for encoded
+    rows x (n, E); the hidden activations (n, widths[i]) appended to ``acts`` when given.
+
+    gather: flat scratch of at least n * max(widths) elements for the rows' per-code bias
+    rows (several codes), or None when ``idx`` is None.
+    """
+    linear = torch.ops.mkldnn._linear_pointwise
+    pe = x
+    n = x.shape[0]
+    layers = prep.plan.layers
+    last = len(layers) - 1
+    for i, lp in enumerate(layers):
+        w = prep.wx[i] if lp.x else prep.wpe[i]
+        rows = None
+        if idx is not None and prep.per_code[i]:
+            w_out = prep.widths[i]
+            rows = torch.index_select(prep.scene_bias[i], 0, idx, out=gather[: n * w_out].view(n, w_out))
+        relu = False
+        if lp.x and lp.pe:  # the encoded-xyz part, with the bias, added inside the x GEMM
+            other = linear(pe, prep.wpe[i], None if rows is not None else prep.bias_row[i], "none", [], "")
+            if rows is not None:
+                other.add_(rows)
+            h = linear.binary(x, other, w, None, "add")
+        elif rows is not None:
+            h = linear.binary(x, rows, w, None, "add")
+        else:
+            relu = i != last
+            h = linear(x, w, prep.bias_row[i], "relu" if relu else "none", [], "")
+        if i == last:
+            return h
+        if not relu:
+            h.clamp_min_(0.0)
+        if acts is not None:
+            acts.append(h)
+        x = h
+
+
 def _tanh_out(prep: _Prepared, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
     """The output tanh (and DeepSDF's extra inner tanh with use_tanh) of h (n, 1) into out (n,);
     returns the inner tanh (n,) or None (needed for the derivative)."""
@@ -301,6 +353,18 @@ def values(prep: _Prepared, xyz: torch.Tensor, index: torch.Tensor | None = None
     c, ranges = _plan(p, rows, dev, side_by_side)
     half = c * max(prep.widths)
     pts_all = xyz.to(dt)
+    if uses_onednn(dev, dt):
+        keep_freed_memory()  # oneDNN's outputs are allocated per layer: reused, not page-faulted in again
+
+        def run_onednn(lo: int, hi: int) -> None:
+            gather = None if idx is None else _scratch(("gather",), half, dev, dt)
+            for s, n, (ang, pe) in _chunks(lo, hi, c, lambda n: _encode_views(prep, c, n, dev, dt)):
+                x = _encode(prep, pts_all[s: s + n], ang, pe)
+                h = _forward_onednn(prep, x, None if idx is None else idx[s: s + n], gather)
+                _tanh_out(prep, h, out[s: s + n])
+
+        concurrently([lambda lo=lo, hi=hi: run_onednn(lo, hi) for lo, hi in ranges], dev)
+        return out
 
     def run(lo: int, hi: int) -> None:
         buf = _scratch(("values",), 2 * half, dev, dt)  # two activations, ping-pong (per thread)
@@ -345,6 +409,16 @@ def values_and_input_grad(prep: _Prepared, xyz: torch.Tensor, index: torch.Tenso
     for w in widths:
         offs.append(offs[-1] + c * w)
     pts_all = xyz.to(dt)
+    if uses_onednn(dev, dt):
+        keep_freed_memory()  # oneDNN's outputs are allocated per layer: reused, not page-faulted in again
+
+        def run_onednn(lo: int, hi: int) -> None:
+            gather = None if idx is None else _scratch(("gather",), c * width, dev, dt)
+            for s, n, (ang, pe) in _chunks(lo, hi, c, lambda n: _encode_views(prep, c, n, dev, dt)):
+                _grad_chunk_onednn(prep, pts_all, idx, s, n, (ang, pe, gather), out, g_code, g_xyz)
+
+        concurrently([lambda lo=lo, hi=hi: run_onednn(lo, hi) for lo, hi in ranges], dev)
+        return out, g_code, g_xyz
 
     def run(lo: int, hi: int) -> None:
         buf = _scratch(("acts",), c * total, dev, dt)           # per thread
@@ -368,7 +442,6 @@ def _grad_chunk(prep: _Prepared, pts_all, idx, s: int, n: int, views, out, g_cod
     """Rows s..s+n of :func:`values_and_input_grad` into out, g_code and g_xyz, with the
     chunk's scratch views (acts, gins, ext, ang, pe)."""
     acts, gins, ext, ang, pe = views
-    lat, enc = prep.latent, prep.encoded
     last = len(prep.plan.layers) - 1
     x = _encode(prep, pts_all[s: s + n], ang, pe)
     h = _forward(prep, acts, x, None if idx is None else idx[s: s + n])
@@ -388,6 +461,40 @@ def _grad_chunk(prep: _Prepared, pts_all, idx, s: int, n: int, views, out, g_cod
         gin = torch.mm(g, prep.wx[i], out=gins[i])
         # relu backward: pass where the unit was positive (its kept activation > 0)
         g = torch.ops.aten.threshold_backward.grad_input(gin, acts[i - 1], 0.0, grad_input=gin)
+    _input_grads(prep, ext, pe, ang, s, n, g_code, g_xyz)
+
+
+def _grad_chunk_onednn(prep: _Prepared, pts_all, idx, s: int, n: int, views, out, g_code, g_xyz) -> None:
+    """``_grad_chunk`` with oneDNN's linear (``_forward_onednn``), views (ang, pe, gather): the
+    activations and gradients are its new tensors rather than scratch."""
+    ang, pe, gather = views
+    linear = torch.ops.mkldnn._linear_pointwise
+    last = len(prep.plan.layers) - 1
+    x = _encode(prep, pts_all[s: s + n], ang, pe)
+    acts: list = []
+    h = _forward_onednn(prep, x, None if idx is None else idx[s: s + n], gather, acts)
+    val = out[s: s + n]
+    inner = _tanh_out(prep, h, val)
+    g = torch.mul(val, val, out=h.view(-1)).neg_().add_(1.0)
+    if inner is not None:
+        g.mul_(inner.mul_(inner).neg_().add_(1.0))
+    g = h
+    ext = None
+    for i in range(last, -1, -1):
+        e_t = prep.ext_t[i]
+        if e_t is not None:
+            ext = linear(g, e_t, None, "none", [], "") if ext is None else linear.binary(g, ext, e_t, None, "add")
+        if i == 0:
+            break
+        gin = linear(g, prep.wx_t[i], None, "none", [], "")
+        g = torch.ops.aten.threshold_backward.grad_input(gin, acts[i - 1], 0.0, grad_input=gin)
+    _input_grads(prep, ext, pe, ang, s, n, g_code, g_xyz)
+
+
+def _input_grads(prep: _Prepared, ext: torch.Tensor, pe, ang, s: int, n: int, g_code, g_xyz) -> None:
+    """Rows s..s+n of g_code (P, L) and g_xyz (P, 3) from ext (n, L + E) = d s / d[code | encoded
+    xyz], chained through the Fourier features (pe (n, E) the chunk's encoding, ang (n, E/2) scratch)."""
+    lat, enc = prep.latent, prep.encoded
     g_code[s: s + n].copy_(ext[:, :lat])
     g_enc = ext[:, lat:]
     if prep.freq is None:
