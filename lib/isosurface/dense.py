@@ -111,17 +111,20 @@ class _DenseGrid:
         return self.values.numel()
 
 
-def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int) -> tuple[_DenseGrid, torch.Tensor]:
+def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int, marks: torch.Tensor
+                  ) -> tuple[_DenseGrid, torch.Tensor, torch.Tensor]:
     """The paper's heuristic: re-evaluate each previous vertex's voxel and its 6 neighbours.
 
     Args:
         sdf_fn: the field, points (P, 3) -> values (P,).
         state: the previous fast/dense call's state (full grid ``values``, vertex ``keys``).
         chunk: points per call of ``sdf_fn``.
+        marks: (N^3,) bool, all False; left True at the refreshed points (the caller clears
+            them, see :func:`_check_fast`).
 
     Returns:
-        the grid (``state.values`` updated in place) and the refreshed grid points (R,), int64
-        sorted linear indices (no N^3 mask: ``_check_fast`` looks them up by binary search).
+        the grid (``state.values`` updated in place), the refreshed grid points (R,) and those
+        of them whose sign (``> 0``) changed (F,), both int64 sorted linear indices.
     """
     n = state.resolution
     grid = _DenseGrid(sdf_fn, n, n, state.values.device, chunk, state.values, keep=True)
@@ -129,28 +132,129 @@ def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int) -> tuple[_DenseGri
     n3 = 3 * n ** 3
     # voxel of a vertex: the lower end of its edge (the cell's lower corner for centres)
     lin = torch.where(keys < n3, keys // 3, (keys - n3).clamp(min=0) // 4)
-    ijk = torch.stack((lin // (n * n), (lin // n) % n, lin % n), 1)
-    steps = torch.tensor([[0, 0, 0], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]],
-                         device=keys.device)
-    nb = (ijk.unsqueeze(1) + steps).reshape(-1, 3)
-    nb = nb[((nb >= 0) & (nb < n)).all(1)]
-    fresh = torch.unique(grid.lin(nb))
+    i, j, k = lin // (n * n), (lin // n) % n, lin % n
+    inside = torch.stack((torch.ones_like(i, dtype=torch.bool), i < n - 1, i > 0, j < n - 1, j > 0, k < n - 1, k > 0), 1)
+    step = torch.tensor([0, n * n, -n * n, n, -n, 1, -1], device=keys.device)
+    # distinct and sorted through the mask: one byte-wide scan, cheaper than sorting 7 V keys
+    marks.index_fill_(0, (lin.unsqueeze(1) + step).masked_select(inside), True)
+    fresh = marks.nonzero().squeeze(1)
+    before = grid.values.index_select(0, fresh) > 0
     grid.evaluate(fresh)
-    return grid, fresh
+    flipped = fresh.masked_select((grid.values.index_select(0, fresh) > 0) != before)
+    return grid, fresh, flipped
 
 
-def _is_in(sorted_values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Whether each entry of x (...) int64 is in ``sorted_values`` (R,) (sorted, distinct): bool (...)."""
-    if sorted_values.numel() == 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    at = torch.searchsorted(sorted_values, x).clamp_(max=sorted_values.numel() - 1)
-    return sorted_values[at] == x
+def _cell_ijk(lin: torch.Tensor, n: int) -> torch.Tensor:
+    """Lattice points (P, 3) of linear indices lin (P,) of the N^3 grid."""
+    return torch.stack((lin // (n * n), (lin // n) % n, lin % n), 1)
 
 
-def _check_fast(grid: _DenseGrid, keys: torch.Tensor, fresh: torch.Tensor) -> tuple[int, int]:
+def _update_cells(grid: _DenseGrid, cells: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+    """The sign-changing cells of the grid after a refresh, from those before it.
+
+    Only a cell with a corner whose sign changed can change status, so the result is the
+    previous cells without such corners plus those of the cells around the changed points
+    that change sign now: the cells a full scan of the grid finds, without one.
+
+    Args:
+        grid: the refreshed grid.
+        cells: (C, 3) int64, C order: the sign-changing cells of the grid before the refresh.
+        flipped: (F,) int64 linear indices of the grid points whose sign changed.
+
+    Returns:
+        (C', 3) int64 sign-changing cells, C order, and the linear indices (A,) int64 of
+        those among them that were not sign-changing before.
+    """
+    if flipped.numel() == 0:
+        return cells, flipped
+    n = grid.n
+    corner = tables(cells.device)["corner"]
+    around = (_cell_ijk(flipped, n).unsqueeze(1) - corner).reshape(-1, 3)  # cells having a flipped corner
+    around = around[((around >= 0) & (around < n - 1)).all(1)]
+    cand = torch.unique(grid.lin(around))
+    out = grid.corner_values(_cell_ijk(cand, n)) > 0
+    crossing = out.any(1) & ~out.all(1)
+    prev = grid.lin(cells)
+    if prev.numel():
+        at = torch.searchsorted(prev, cand).clamp_(max=prev.numel() - 1)
+        present = prev.index_select(0, at) == cand
+    else:
+        at, present = torch.zeros_like(cand), torch.zeros_like(cand, dtype=torch.bool)
+    gone, new = at.masked_select(present & ~crossing), cand.masked_select(~present & crossing)
+    if gone.numel() == 0 and new.numel() == 0:
+        return cells, new
+    keep = torch.ones_like(prev, dtype=torch.bool)
+    keep.index_fill_(0, gone, False)
+    prev = prev.masked_select(keep)
+    # merge the sorted additions into the sorted remainder: each lands after the remainder's
+    # smaller entries and the additions before it
+    pos = torch.searchsorted(prev, new) + torch.arange(new.numel(), device=new.device)
+    merged = prev.new_empty(prev.numel() + new.numel())
+    is_new = torch.zeros_like(merged, dtype=torch.bool)
+    is_new.index_fill_(0, pos, True)
+    merged.index_copy_(0, pos, new)
+    merged.masked_scatter_(~is_new, prev)
+    return _cell_ijk(merged, n), new
+
+
+def _fill_signs(values: torch.Tensor, known: torch.Tensor, n: int) -> None:
+    """Give every point of a (N^3,) grid not ``known`` the sign (``> 0``) of the known ones:
+    +inf or -inf, in place.
+
+    Valid when the known points include both ends of every grid edge whose ends differ in
+    sign (the corners of all sign-changing cells): then no edge with an unknown end changes
+    sign, so an unknown point has the sign of the nearest known point on its line along z,
+    else (a line with none) of the nearest line filled in its (x, y) plane, else of the
+    nearest plane filled.  Nothing changes when no point is known.
+
+    Args:
+        values: (N^3,) float32, the known values (any value elsewhere).
+        known: (N^3,) bool.
+        n: N.
+    """
+    # +1 outside, -1 inside (NaN included, as ``> 0`` classifies it), 0 unknown
+    code = torch.where(values > 0, 1, -1).to(torch.int8).mul_(known)
+    c = code.view(n, n, n)
+    idx = torch.int16 if n < 2 ** 15 else torch.int32
+    for dim in (2, 1, 0):
+        if not bool((c == 0).any()) or not bool(known.any()):
+            break
+        other = (dim + 1) % 3
+        for part in c.split(max(1, 2 ** 22 // (n * n)), other):  # slabs: bounded transients
+            has = part != 0
+            at = torch.arange(n, dtype=idx, device=c.device).view([-1 if d == dim else 1 for d in range(3)])
+            at = at.expand_as(part)
+            # nearest known index before each point, else the first one after it (a line with
+            # none stays unknown, for the next axis)
+            before = torch.where(has, at, -1).cummax(dim).values
+            after = torch.where(has, at, n).flip(dim).cummin(dim).values.flip(dim)
+            src = torch.where(before >= 0, before, after).clamp_(max=n - 1).long()
+            part.copy_(torch.where(has, part, part.gather(dim, src)))
+    values.copy_(torch.where(known, values, torch.where(code > 0, float("inf"), float("-inf"))))
+
+
+def _resolve(grid: _DenseGrid, cells: torch.Tensor, origin) -> None:
+    """Evaluate with ``origin`` the corners of cells (K, 3) that hold only a sign (+-inf).
+
+    The fast mode started from the band (see :func:`lib.isosurface.extract`): those points
+    were never evaluated, so a dense start would hold the first call's field there, which
+    ``origin`` computes.  Counted in ``grid.evaluations``.
+    """
+    if cells.numel() == 0:
+        return
+    corner = grid.lin(cells).unsqueeze(1) + grid.lin(tables(cells.device)["corner"])  # (K, 8)
+    pending = torch.unique(corner.masked_select(torch.isinf(grid.values.index_select(0, corner.view(-1)).view(-1, 8))))
+    if pending.numel():
+        for s in range(0, pending.numel(), grid.chunk):
+            part = pending[s : s + grid.chunk]
+            grid.values[part] = origin(_points_of(grid.ax, grid.g, part)).reshape(-1).float()
+        grid.evaluations += pending.numel()
+
+
+def _check_fast(grid: _DenseGrid, keys: torch.Tensor, marks: torch.Tensor) -> tuple[int, int]:
     """(vertices using a stale value, vertices whose edge turns out not to cross any more).
 
-    keys (V,): the new mesh's vertex keys; fresh (R,): the sorted linear indices this call
+    keys (V,): the new mesh's vertex keys; marks (N^3,) bool: True at the points this call
     refreshed.  The stale ends are evaluated aside (counted in ``grid.evaluations``); the
     grid keeps the heuristic's values.
     """
@@ -158,7 +262,7 @@ def _check_fast(grid: _DenseGrid, keys: torch.Tensor, fresh: torch.Tensor) -> tu
     k = keys[keys < 3 * n ** 3]
     lo = k // 3
     hi = lo + torch.tensor([n * n, n, 1], device=k.device)[k % 3]
-    fresh_lo, fresh_hi = _is_in(fresh, lo), _is_in(fresh, hi)
+    fresh_lo, fresh_hi = marks.index_select(0, lo), marks.index_select(0, hi)
     stale = ~fresh_lo | ~fresh_hi
     if not bool(stale.any()):
         return 0, 0

@@ -51,6 +51,11 @@ class ExtractionState:
             (whole 8^3-cell blocks, chosen for a field cheap per point); else "".
         dl_ds: per-vertex dL/ds (V,) written by the backward pass of :mod:`lib.layer.field`
             (None before a backward).
+        origin: fast mode started from the band (``extract(..., freeze=)``): the first call's
+            field, frozen, with which a later call evaluates the grid points that start left
+            as signs (+-inf in ``values``) when the heuristic reads them; else None.
+        marks: fast and dense modes: (N^3,) bool, all False, the next fast call's scratch
+            (it marks the points it refreshes); None until a fast call made one.
     """
 
     resolution: int
@@ -73,3 +78,5 @@ class ExtractionState:
     level: float = 0.0
     tracking: str = ""
     dl_ds: torch.Tensor | None = field(default=None, repr=False)
+    marks: torch.Tensor | None = field(default=None, repr=False)
+    origin: SdfFn | None = field(default=None, repr=False)
