@@ -443,6 +443,9 @@ def _moving(kind):
         def fn(p):
             if kind == "scene":
                 return scene(p + th[:3])
+            if kind == "cut":  # a tilted plane through the box's faces and edges, and a ball
+                plane = lambda q: (q * torch.tensor([0.8, -0.5, 0.33])).sum(1) - 0.1 - th[0]  # noqa: E731
+                return union(plane, sphere(0.3 + th[1], (0.5, 0.5, -0.4)))(p + th[:3])
             # a sphere, a rod thinner than 2 voxels beside it and a small ball appearing
             rod = (p[:, :2] - torch.tensor([0.7, -0.6]) - th[:2]).norm(dim=1) - 0.03
             return union(union(sphere(0.4 + th[2]), lambda q: rod), sphere(0.02 * th[3], (-0.6, 0.6, -0.5)))(p)
@@ -451,11 +454,12 @@ def _moving(kind):
     return theta, at(theta), lambda: at(theta.clone())
 
 
-@pytest.mark.parametrize("kind", ["scene", "thin"])
+@pytest.mark.parametrize("kind", ["scene", "thin", "cut"])
 def test_fast_mode_from_the_band_is_the_dense_start(kind):
     """The fast mode started from the band (freeze=) gives, call after call, the meshes and
     stale / missed counts of the dense start: small moves, moves past the refreshed band
-    (unevaluated points read, evaluated with the first field), a piece appearing."""
+    (unevaluated points read, evaluated with the first field), a piece appearing, a surface
+    through the box's faces (the signs off the band counted from the box's corner)."""
     n = 48
     theta, fn, freeze = _moving(kind)
     moves = [(0.004, -0.003, 0.002, 0)] * 3 + [(0.03, 0.02, -0.02, 0)] + [(0.004, 0.003, 0.001, 3)] * 4 \

@@ -197,40 +197,56 @@ def _update_cells(grid: _DenseGrid, cells: torch.Tensor, flipped: torch.Tensor) 
     return _cell_ijk(merged, n), new
 
 
-def _fill_signs(values: torch.Tensor, known: torch.Tensor, n: int) -> None:
-    """Give every point of a (N^3,) grid not ``known`` the sign (``> 0``) of the known ones:
-    +inf or -inf, in place.
+def _fill_signs(grid: _DenseGrid, cells: torch.Tensor, corners: torch.Tensor) -> None:
+    """Fill the grid with the sign (``> 0``) of every point, +inf or -inf, then the cells'
+    corner values: the field's values on the band, its signs elsewhere.
 
-    Valid when the known points include both ends of every grid edge whose ends differ in
-    sign (the corners of all sign-changing cells): then no edge with an unknown end changes
-    sign, so an unknown point has the sign of the nearest known point on its line along z,
-    else (a line with none) of the nearest line filled in its (x, y) plane, else of the
-    nearest plane filled.  Nothing changes when no point is known.
+    Valid when cells (C, 3) are all the sign-changing cells of the grid, with their corner
+    values corners (C, 8) (so every grid edge whose ends differ in sign is one of their
+    edges): the sign at (i, j, k) is the sign at the origin flipped once per such edge
+    crossed on the way (i, 0, 0) <- (0, 0, 0), then (i, j, 0), then (i, j, k).  The origin's
+    value is evaluated (one point, kept) when it is not a corner.  Byte-wide prefix sums
+    over the grid, no search.
 
     Args:
-        values: (N^3,) float32, the known values (any value elsewhere).
-        known: (N^3,) bool.
-        n: N.
+        grid: the (N^3,) grid (overwritten).
+        cells, corners: as above, C > 0.
     """
-    # +1 outside, -1 inside (NaN included, as ``> 0`` classifies it), 0 unknown
-    code = torch.where(values > 0, 1, -1).to(torch.int8).mul_(known)
-    c = code.view(n, n, n)
-    idx = torch.int16 if n < 2 ** 15 else torch.int32
-    for dim in (2, 1, 0):
-        if not bool((c == 0).any()) or not bool(known.any()):
-            break
-        other = (dim + 1) % 3
-        for part in c.split(max(1, 2 ** 22 // (n * n)), other):  # slabs: bounded transients
-            has = part != 0
-            at = torch.arange(n, dtype=idx, device=c.device).view([-1 if d == dim else 1 for d in range(3)])
-            at = at.expand_as(part)
-            # nearest known index before each point, else the first one after it (a line with
-            # none stays unknown, for the next axis)
-            before = torch.where(has, at, -1).cummax(dim).values
-            after = torch.where(has, at, n).flip(dim).cummin(dim).values.flip(dim)
-            src = torch.where(before >= 0, before, after).clamp_(max=n - 1).long()
-            part.copy_(torch.where(has, part, part.gather(dim, src)))
-    values.copy_(torch.where(known, values, torch.where(code > 0, float("inf"), float("-inf"))))
+    n, dev = grid.n, grid.values.device
+    tab = tables(dev)
+    at = (grid.lin(cells).unsqueeze(1) + grid.lin(tab["corner"])).view(-1)  # (8C,) the corners
+    out = corners > 0
+    c, e = (out.index_select(1, tab["edge_lo"]) != out.index_select(1, tab["edge_hi"])).nonzero(as_tuple=True)
+    upper = cells.index_select(0, c) + tab["corner"].index_select(0, tab["edge_hi"].index_select(0, e))  # (E, 3)
+    axis = tab["edge_axis"].index_select(0, e)
+    # flips at the upper end of each sign-changing edge: along z everywhere, along y in the
+    # plane k = 0, along x on the line j = k = 0; a prefix sum counts those crossed (mod 2)
+    flip = torch.zeros(n ** 3, dtype=torch.int8, device=dev)
+    flip.index_fill_(0, grid.lin(upper[axis == 2]), 1)
+    parity = flip.view(n, n, n).cumsum(2, dtype=torch.int8)
+    del flip
+    at_y = upper[(axis == 1) & (upper[:, 2] == 0)]
+    plane = torch.zeros(n * n, dtype=torch.int8, device=dev).index_fill_(0, at_y[:, 0] * n + at_y[:, 1], 1)
+    parity += plane.view(n, n).cumsum(1, dtype=torch.int8).unsqueeze(2)
+    at_x = upper[(axis == 0) & (upper[:, 1] == 0) & (upper[:, 2] == 0)]
+    line = torch.zeros(n, dtype=torch.int8, device=dev).index_fill_(0, at_x[:, 0], 1)
+    parity += line.cumsum(0, dtype=torch.int8).view(n, 1, 1)
+    is_origin = at == 0
+    if bool(is_origin.any()):
+        origin = None
+        origin_out = bool(corners.reshape(-1)[is_origin.nonzero()[0, 0]] > 0)
+    else:
+        origin = grid.sdf_fn(grid.ax[:1].expand(1, 3)).reshape(-1).float()
+        grid.evaluations += 1
+        origin_out = bool(origin[0] > 0)
+    # outside where the parity matches the origin's side: (parity odd) != (origin outside)
+    outside = parity.view(-1).bitwise_and_(1).bool() != origin_out
+    del parity
+    inf = grid.values.new_full((), float("inf"))
+    torch.where(outside, inf, -inf, out=grid.values)
+    grid.values.index_copy_(0, at, corners.reshape(-1).float())
+    if origin is not None:
+        grid.values[:1] = origin
 
 
 def _resolve(grid: _DenseGrid, cells: torch.Tensor, origin) -> None:

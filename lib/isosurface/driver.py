@@ -14,7 +14,6 @@ from ..errors import MeshSDFError
 from ..log import info
 from ..ops.marching_cubes import crossing_cells, marching_cubes_cells
 from .compare import same_mesh
-from ..ops.marching_cubes_tables import tables
 from .dense import _cell_ijk, _check_fast, _DenseGrid, _fill_signs, _refresh_fast, _resolve, _update_cells
 from .sparse import _BlockGrid, _sparse, default_coarse_stride
 from .state import MODES, ExtractionState, SdfFn
@@ -154,12 +153,8 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
                 corners = band_grid.corner_values(cells)  # all stored: nothing evaluated
             grid = _DenseGrid(fn, n, n, device, chunk, reuse)
             grid.evaluations = band_grid.evaluations
-            at = (grid.lin(cells).unsqueeze(1) + grid.lin(tables(cells.device)["corner"])).view(-1)
-            grid.values.index_copy_(0, at, corners.reshape(-1).float())
-            known = torch.zeros(n ** 3, dtype=torch.bool, device=grid.ax.device)
-            known.index_fill_(0, at, True)
-            _fill_signs(grid.values, known, n)
-            del known, band_grid
+            _fill_signs(grid, cells, corners)
+            del band_grid
         else:
             grid, origin = band_grid, None
     elif mode == "sparse":
