@@ -25,7 +25,8 @@ class ExtractionState:
         grid_size: G, points per axis of the value lattice (sparse: the seeding lattice
             padded past the box).
         values: dense and fast modes: the flat (N^3,) float32 grid of ``sdf_fn - level``
-            (the ``fast`` mode refreshes it); sparse mode: None (values live in a
+            (the ``fast`` mode refreshes it; started from the band, +-inf marks a point
+            never evaluated, of that sign); sparse mode: None (values live in a
             block-sparse store of the band the call evaluated, freed after the call).
         full: whether ``values`` holds every grid point.
         verts: (V, 3) float32, the last mesh's vertices.
