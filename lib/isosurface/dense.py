@@ -133,7 +133,8 @@ def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int, marks: torch.Tenso
     # voxel of a vertex: the lower end of its edge (the cell's lower corner for centres)
     lin = torch.where(keys < n3, keys // 3, (keys - n3).clamp(min=0) // 4)
     i, j, k = lin // (n * n), (lin // n) % n, lin % n
-    inside = torch.stack((torch.ones_like(i, dtype=torch.bool), i < n - 1, i > 0, j < n - 1, j > 0, k < n - 1, k > 0), 1)
+    inside = torch.stack((torch.ones_like(i, dtype=torch.bool), i < n - 1, i > 0, j < n - 1, j > 0, k < n - 1, k > 0),
+                         1)
     step = torch.tensor([0, n * n, -n * n, n, -n, 1, -1], device=keys.device)
     # distinct and sorted through the mask: one byte-wide scan, cheaper than sorting 7 V keys
     marks.index_fill_(0, (lin.unsqueeze(1) + step).masked_select(inside), True)
