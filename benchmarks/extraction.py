@@ -20,9 +20,11 @@ is the best of ``--repeat`` runs and every ratio compares figures of this run.  
      peak resident memory (ru_maxrss) and that of the process before the extraction, the
      block pool of values at its largest;
   4. per-iteration cost along a latent path (spot towards bob in 1 % steps, as in an
-     optimisation): dense, fast, sparse cold (``warm=False``) and sparse warm (the state
-     passed back), sparse == dense at every step (bitwise, or same faces and vertices within
-     rounding: the network's GEMMs round differently for different batch sizes);
+     optimisation): dense, fast (dense start), fast band (started from the band, ``freeze=``),
+     sparse cold (``warm=False``) and sparse warm (the state passed back), each mode's first
+     call apart; sparse == dense at every step (bitwise, or same faces and vertices within
+     rounding: the network's GEMMs round differently for different batch sizes), fast band ==
+     fast;
   5. forward and backward time of the MeshSDF layer (lib.layer.mesh_from_sdf).
 
 With ``--peers warp`` it runs instead the sparse peer table: our sparse mode (cold) against
@@ -518,12 +520,13 @@ def main() -> int:
     if 4 not in args.skip:
         print(f"\n4. per iteration along a latent path, N = {n}: {k} steps of 1% of |bob - spot| from spot")
         path = [spot + (bob - spot) * 0.01 * i for i in range(k + 1)]
-        modes = {"dense": ("dense", {}), "fast": ("fast", {}), "sparse cold": ("sparse", {"warm": False}),
-                 "sparse warm": ("sparse", {})}
+        modes = {"dense": ("dense", {}), "fast": ("fast", {}), "fast band": ("fast", {"freeze": lambda: fn(path[0])}),
+                 "sparse cold": ("sparse", {"warm": False}), "sparse warm": ("sparse", {})}
         states = dict.fromkeys(modes)
         totals = dict.fromkeys(modes, 0.0)
+        first = dict.fromkeys(modes, 0.0)
         evals = dict.fromkeys(modes, 0)
-        missed, equal, same_faces, worst = 0, 0, 0, 0.0
+        missed, equal, same_faces, worst, band_equal = 0, 0, 0, 0.0, 0
         for i, z in enumerate(path):
             res = {}
             for name, (mode, kw) in modes.items():
@@ -533,10 +536,14 @@ def main() -> int:
                 if i:  # the first call of fast (and warm sparse) is a cold one
                     totals[name] += t
                     evals[name] += st.evaluations
+                else:
+                    first[name] = t
             if i:
                 missed += states["fast"].missed_vertices
                 vd, fd = res["dense"]
                 sparse = ("sparse cold", "sparse warm")
+                band_equal += torch.equal(res["fast band"][0], res["fast"][0]) and torch.equal(res["fast band"][1],
+                                                                                                res["fast"][1])
                 equal += all(torch.equal(res[m][0], vd) and torch.equal(res[m][1], fd) for m in sparse)
                 same = all(torch.equal(res[m][1], fd) and res[m][0].shape == vd.shape for m in sparse)
                 same_faces += same
@@ -544,10 +551,11 @@ def main() -> int:
                     worst = max([worst] + [(res[m][0] - vd).abs().max().item() for m in sparse])
         for name in modes:
             print(f"  {name:>11}: {totals[name] / k:7.3f} s/iteration, {evals[name] // k:>8} evaluations/iteration, "
-                  f"{totals['dense'] / totals[name]:5.1f}x vs dense")
+                  f"{totals['dense'] / totals[name]:5.1f}x vs dense; first call {first[name]:7.3f} s")
         print(f"  fast: {missed} lost-surface vertices over the path; both sparse modes bitwise equal to dense in "
               f"{equal}/{k} iterations, the same faces in {same_faces}/{k}, vertices at most {worst:.1e} apart (a "
-              "network's value at a point can differ by rounding with the batch it is evaluated in)")
+              "network's value at a point can differ by rounding with the batch it is evaluated in); fast started "
+              f"from the band (freeze=) bitwise equal to fast started dense in {band_equal}/{k} iterations")
 
     if 5 not in args.skip:
         print(f"\n5. MeshSDF layer, N = {n}, loss = sum of squared vertex coordinates")

@@ -432,3 +432,53 @@ def test_fast_mode_is_its_definition_on_the_full_grid():
         assert (st.evaluations, st.stale_vertices, st.missed_vertices) == (evaluations, stale, missed), s
         seen.append(missed)
     assert max(seen) > 0      # the surface left the band at least once: stale cells were meshed
+
+
+def _moving(kind):
+    """A field reading a parameter tensor that the caller changes in place (as an optimiser
+    changes a latent code), and its ``freeze``: the same field on a copy of the parameter."""
+    theta = torch.zeros(4)
+
+    def at(th):
+        def fn(p):
+            if kind == "scene":
+                return scene(p + th[:3])
+            if kind == "cut":  # a tilted plane through the box's faces and edges, and a ball
+                plane = lambda q: (q * torch.tensor([0.8, -0.5, 0.33])).sum(1) - 0.1 - th[0]  # noqa: E731
+                return union(plane, sphere(0.3 + th[1], (0.5, 0.5, -0.4)))(p + th[:3])
+            # a sphere, a rod thinner than 2 voxels beside it and a small ball appearing
+            rod = (p[:, :2] - torch.tensor([0.7, -0.6]) - th[:2]).norm(dim=1) - 0.03
+            return union(union(sphere(0.4 + th[2]), lambda q: rod), sphere(0.02 * th[3], (-0.6, 0.6, -0.5)))(p)
+        return fn
+
+    return theta, at(theta), lambda: at(theta.clone())
+
+
+@pytest.mark.parametrize("kind", ["scene", "thin", "cut"])
+def test_fast_mode_from_the_band_is_the_dense_start(kind):
+    """The fast mode started from the band (freeze=) gives, call after call, the meshes and
+    stale / missed counts of the dense start: small moves, moves past the refreshed band
+    (unevaluated points read, evaluated with the first field), a piece appearing, a surface
+    through the box's faces (the signs off the band counted from the box's corner)."""
+    n = 48
+    theta, fn, freeze = _moving(kind)
+    moves = [(0.004, -0.003, 0.002, 0)] * 3 + [(0.03, 0.02, -0.02, 0)] + [(0.004, 0.003, 0.001, 3)] * 4 \
+        + [(-0.05, 0.04, 0.03, 6)] + [(0.002, 0.0, -0.001, 1)] * 3
+    vd, fd, sd = extract(fn, n, "fast")
+    vb, fb, sb = extract(fn, n, "fast", freeze=freeze)
+    assert sb.origin is not None and torch.isinf(sb.values).any()   # signs only, off the band
+    assert torch.equal(vd, vb) and torch.equal(fd, fb)
+    lazy, missed = 0, 0
+    for i, (dx, dy, dz, grow) in enumerate(moves):
+        theta[:3] += torch.tensor([dx, dy, dz])
+        theta[3] = grow
+        vd, fd, sd = extract(fn, n, "fast", state=sd)
+        vb, fb, sb = extract(fn, n, "fast", state=sb, freeze=freeze)
+        assert torch.equal(fd, fb) and torch.equal(vd, vb), i
+        assert (sd.stale_vertices, sd.missed_vertices) == (sb.stale_vertices, sb.missed_vertices), i
+        finite = torch.isfinite(sb.values)
+        assert torch.equal(sb.values[finite], sd.values[finite])
+        assert torch.equal(sb.values[~finite] > 0, sd.values[~finite] > 0)
+        lazy += sb.evaluations - sd.evaluations
+        missed += sd.missed_vertices
+    assert lazy > 0 and missed > 0   # unevaluated points were read, and the surface left the band

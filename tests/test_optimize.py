@@ -92,6 +92,25 @@ def test_modes_agree_along_an_optimisation_path():
     assert float(opts["dense"].latent.detach()[0]) > 0.39                     # the path did move the surface
 
 
+def test_fast_mode_starts_from_the_band_with_the_dense_start_results():
+    """The fast optimiser starts from the band by default (the layer freezes the DeepSDF field:
+    the code cloned, since Adam changes it in place): the same meshes, losses and codes as the
+    dense start (``freeze=None``), step after step, with far fewer evaluations at step 0."""
+    loss_fn = SilhouetteLoss(camera(), sphere_target(0.5), loss="l1")
+    band = LatentOptimizer(LatentTorus(), torch.tensor([0.45, 0.12]), loss_fn, lr=0.01, resolution=64, mode="fast")
+    dense = LatentOptimizer(LatentTorus(), torch.tensor([0.45, 0.12]), loss_fn, lr=0.01, resolution=64, mode="fast",
+                            freeze=None)
+    for step in range(8):
+        b, d = band.step(), dense.step()
+        assert torch.equal(b.faces, d.faces) and torch.equal(b.verts, d.verts), step
+        assert b.loss == d.loss and torch.equal(band.latent, dense.latent), step
+        assert band.state.stale_vertices == dense.state.stale_vertices, step
+        if step == 0:
+            assert band.state.origin is not None and dense.state.origin is None
+            assert band.state.evaluations < dense.state.evaluations / 2
+    assert not torch.equal(band.latent, torch.tensor([0.45, 0.12]))
+
+
 def test_code_adam_is_torch_adam():
     """CodeAdam (no torch.optim, no compiler import) makes torch.optim.Adam's steps bit for bit."""
     g = torch.Generator().manual_seed(0)

@@ -111,17 +111,20 @@ class _DenseGrid:
         return self.values.numel()
 
 
-def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int) -> tuple[_DenseGrid, torch.Tensor]:
+def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int, marks: torch.Tensor
+                  ) -> tuple[_DenseGrid, torch.Tensor, torch.Tensor]:
     """The paper's heuristic: re-evaluate each previous vertex's voxel and its 6 neighbours.
 
     Args:
         sdf_fn: the field, points (P, 3) -> values (P,).
         state: the previous fast/dense call's state (full grid ``values``, vertex ``keys``).
         chunk: points per call of ``sdf_fn``.
+        marks: (N^3,) bool, all False; left True at the refreshed points (the caller clears
+            them, see :func:`_check_fast`).
 
     Returns:
-        the grid (``state.values`` updated in place) and the refreshed grid points (R,), int64
-        sorted linear indices (no N^3 mask: ``_check_fast`` looks them up by binary search).
+        the grid (``state.values`` updated in place), the refreshed grid points (R,) and those
+        of them whose sign (``> 0``) changed (F,), both int64 sorted linear indices.
     """
     n = state.resolution
     grid = _DenseGrid(sdf_fn, n, n, state.values.device, chunk, state.values, keep=True)
@@ -129,28 +132,146 @@ def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int) -> tuple[_DenseGri
     n3 = 3 * n ** 3
     # voxel of a vertex: the lower end of its edge (the cell's lower corner for centres)
     lin = torch.where(keys < n3, keys // 3, (keys - n3).clamp(min=0) // 4)
-    ijk = torch.stack((lin // (n * n), (lin // n) % n, lin % n), 1)
-    steps = torch.tensor([[0, 0, 0], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]],
-                         device=keys.device)
-    nb = (ijk.unsqueeze(1) + steps).reshape(-1, 3)
-    nb = nb[((nb >= 0) & (nb < n)).all(1)]
-    fresh = torch.unique(grid.lin(nb))
+    i, j, k = lin // (n * n), (lin // n) % n, lin % n
+    inside = torch.stack((torch.ones_like(i, dtype=torch.bool), i < n - 1, i > 0, j < n - 1, j > 0, k < n - 1, k > 0),
+                         1)
+    step = torch.tensor([0, n * n, -n * n, n, -n, 1, -1], device=keys.device)
+    # distinct and sorted through the mask: one byte-wide scan, cheaper than sorting 7 V keys
+    marks.index_fill_(0, (lin.unsqueeze(1) + step).masked_select(inside), True)
+    fresh = marks.nonzero().squeeze(1)
+    before = grid.values.index_select(0, fresh) > 0
     grid.evaluate(fresh)
-    return grid, fresh
+    flipped = fresh.masked_select((grid.values.index_select(0, fresh) > 0) != before)
+    return grid, fresh, flipped
 
 
-def _is_in(sorted_values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Whether each entry of x (...) int64 is in ``sorted_values`` (R,) (sorted, distinct): bool (...)."""
-    if sorted_values.numel() == 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    at = torch.searchsorted(sorted_values, x).clamp_(max=sorted_values.numel() - 1)
-    return sorted_values[at] == x
+def _cell_ijk(lin: torch.Tensor, n: int) -> torch.Tensor:
+    """Lattice points (P, 3) of linear indices lin (P,) of the N^3 grid."""
+    return torch.stack((lin // (n * n), (lin // n) % n, lin % n), 1)
 
 
-def _check_fast(grid: _DenseGrid, keys: torch.Tensor, fresh: torch.Tensor) -> tuple[int, int]:
+def _update_cells(grid: _DenseGrid, cells: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+    """The sign-changing cells of the grid after a refresh, from those before it.
+
+    Only a cell with a corner whose sign changed can change status, so the result is the
+    previous cells without such corners plus those of the cells around the changed points
+    that change sign now: the cells a full scan of the grid finds, without one.
+
+    Args:
+        grid: the refreshed grid.
+        cells: (C, 3) int64, C order: the sign-changing cells of the grid before the refresh.
+        flipped: (F,) int64 linear indices of the grid points whose sign changed.
+
+    Returns:
+        (C', 3) int64 sign-changing cells, C order, and the linear indices (A,) int64 of
+        those among them that were not sign-changing before.
+    """
+    if flipped.numel() == 0:
+        return cells, flipped
+    n = grid.n
+    corner = tables(cells.device)["corner"]
+    around = (_cell_ijk(flipped, n).unsqueeze(1) - corner).reshape(-1, 3)  # cells having a flipped corner
+    around = around[((around >= 0) & (around < n - 1)).all(1)]
+    cand = torch.unique(grid.lin(around))
+    out = grid.corner_values(_cell_ijk(cand, n)) > 0
+    crossing = out.any(1) & ~out.all(1)
+    prev = grid.lin(cells)
+    if prev.numel():
+        at = torch.searchsorted(prev, cand).clamp_(max=prev.numel() - 1)
+        present = prev.index_select(0, at) == cand
+    else:
+        at, present = torch.zeros_like(cand), torch.zeros_like(cand, dtype=torch.bool)
+    gone, new = at.masked_select(present & ~crossing), cand.masked_select(~present & crossing)
+    if gone.numel() == 0 and new.numel() == 0:
+        return cells, new
+    keep = torch.ones_like(prev, dtype=torch.bool)
+    keep.index_fill_(0, gone, False)
+    prev = prev.masked_select(keep)
+    # merge the sorted additions into the sorted remainder: each lands after the remainder's
+    # smaller entries and the additions before it
+    pos = torch.searchsorted(prev, new) + torch.arange(new.numel(), device=new.device)
+    merged = prev.new_empty(prev.numel() + new.numel())
+    is_new = torch.zeros_like(merged, dtype=torch.bool)
+    is_new.index_fill_(0, pos, True)
+    merged.index_copy_(0, pos, new)
+    merged.masked_scatter_(~is_new, prev)
+    return _cell_ijk(merged, n), new
+
+
+def _fill_signs(grid: _DenseGrid, cells: torch.Tensor, corners: torch.Tensor) -> None:
+    """Fill the grid with the sign (``> 0``) of every point, +inf or -inf, then the cells'
+    corner values: the field's values on the band, its signs elsewhere.
+
+    Valid when cells (C, 3) are all the sign-changing cells of the grid, with their corner
+    values corners (C, 8) (so every grid edge whose ends differ in sign is one of their
+    edges): the sign at (i, j, k) is the sign at the origin flipped once per such edge
+    crossed on the way (i, 0, 0) <- (0, 0, 0), then (i, j, 0), then (i, j, k).  The origin's
+    value is evaluated (one point, kept) when it is not a corner.  Byte-wide prefix sums
+    over the grid, no search.
+
+    Args:
+        grid: the (N^3,) grid (overwritten).
+        cells, corners: as above, C > 0.
+    """
+    n, dev = grid.n, grid.values.device
+    tab = tables(dev)
+    at = (grid.lin(cells).unsqueeze(1) + grid.lin(tab["corner"])).view(-1)  # (8C,) the corners
+    out = corners > 0
+    c, e = (out.index_select(1, tab["edge_lo"]) != out.index_select(1, tab["edge_hi"])).nonzero(as_tuple=True)
+    upper = cells.index_select(0, c) + tab["corner"].index_select(0, tab["edge_hi"].index_select(0, e))  # (E, 3)
+    axis = tab["edge_axis"].index_select(0, e)
+    # flips at the upper end of each sign-changing edge: along z everywhere, along y in the
+    # plane k = 0, along x on the line j = k = 0; a prefix sum counts those crossed (mod 2)
+    flip = torch.zeros(n ** 3, dtype=torch.int8, device=dev)
+    flip.index_fill_(0, grid.lin(upper[axis == 2]), 1)
+    parity = flip.view(n, n, n).cumsum(2, dtype=torch.int8)
+    del flip
+    at_y = upper[(axis == 1) & (upper[:, 2] == 0)]
+    plane = torch.zeros(n * n, dtype=torch.int8, device=dev).index_fill_(0, at_y[:, 0] * n + at_y[:, 1], 1)
+    parity += plane.view(n, n).cumsum(1, dtype=torch.int8).unsqueeze(2)
+    at_x = upper[(axis == 0) & (upper[:, 1] == 0) & (upper[:, 2] == 0)]
+    line = torch.zeros(n, dtype=torch.int8, device=dev).index_fill_(0, at_x[:, 0], 1)
+    parity += line.cumsum(0, dtype=torch.int8).view(n, 1, 1)
+    is_origin = at == 0
+    if bool(is_origin.any()):
+        origin = None
+        origin_out = bool(corners.reshape(-1)[is_origin.nonzero()[0, 0]] > 0)
+    else:
+        origin = grid.sdf_fn(grid.ax[:1].expand(1, 3)).reshape(-1).float()
+        grid.evaluations += 1
+        origin_out = bool(origin[0] > 0)
+    # outside where the parity matches the origin's side: (parity odd) != (origin outside)
+    outside = parity.view(-1).bitwise_and_(1).bool() != origin_out
+    del parity
+    inf = grid.values.new_full((), float("inf"))
+    torch.where(outside, inf, -inf, out=grid.values)
+    grid.values.index_copy_(0, at, corners.reshape(-1).float())
+    if origin is not None:
+        grid.values[:1] = origin
+
+
+def _resolve(grid: _DenseGrid, cells: torch.Tensor, origin) -> None:
+    """Evaluate with ``origin`` the corners of cells (K, 3) that hold only a sign (+-inf).
+
+    The fast mode started from the band (see :func:`lib.isosurface.extract`): those points
+    were never evaluated, so a dense start would hold the first call's field there, which
+    ``origin`` computes.  Counted in ``grid.evaluations``.
+    """
+    if cells.numel() == 0:
+        return
+    corner = grid.lin(cells).unsqueeze(1) + grid.lin(tables(cells.device)["corner"])  # (K, 8)
+    pending = torch.unique(corner.masked_select(torch.isinf(grid.values.index_select(0, corner.view(-1)).view(-1, 8))))
+    if pending.numel():
+        for s in range(0, pending.numel(), grid.chunk):
+            part = pending[s : s + grid.chunk]
+            grid.values[part] = origin(_points_of(grid.ax, grid.g, part)).reshape(-1).float()
+        grid.evaluations += pending.numel()
+
+
+def _check_fast(grid: _DenseGrid, keys: torch.Tensor, marks: torch.Tensor) -> tuple[int, int]:
     """(vertices using a stale value, vertices whose edge turns out not to cross any more).
 
-    keys (V,): the new mesh's vertex keys; fresh (R,): the sorted linear indices this call
+    keys (V,): the new mesh's vertex keys; marks (N^3,) bool: True at the points this call
     refreshed.  The stale ends are evaluated aside (counted in ``grid.evaluations``); the
     grid keeps the heuristic's values.
     """
@@ -158,7 +279,7 @@ def _check_fast(grid: _DenseGrid, keys: torch.Tensor, fresh: torch.Tensor) -> tu
     k = keys[keys < 3 * n ** 3]
     lo = k // 3
     hi = lo + torch.tensor([n * n, n, 1], device=k.device)[k % 3]
-    fresh_lo, fresh_hi = _is_in(fresh, lo), _is_in(fresh, hi)
+    fresh_lo, fresh_hi = marks.index_select(0, lo), marks.index_select(0, hi)
     stale = ~fresh_lo | ~fresh_hi
     if not bool(stale.any()):
         return 0, 0

@@ -6,13 +6,15 @@ fills the :class:`ExtractionState` the next call reuses.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..errors import MeshSDFError
 from ..log import info
 from ..ops.marching_cubes import crossing_cells, marching_cubes_cells
 from .compare import same_mesh
-from .dense import _check_fast, _DenseGrid, _refresh_fast
+from .dense import _cell_ijk, _check_fast, _DenseGrid, _fill_signs, _refresh_fast, _resolve, _update_cells
 from .sparse import _BlockGrid, _sparse, default_coarse_stride
 from .state import MODES, ExtractionState, SdfFn
 
@@ -22,8 +24,8 @@ __all__ = ["extract"]
 @torch.no_grad()
 def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: ExtractionState | None = None,
             device=None, chunk: int = 2 ** 14, verify: bool = False, coarse_stride: int | None = None,
-            band: float = 1.5, level: float = 0.0,
-            warm: bool = True) -> tuple[torch.Tensor, torch.Tensor, ExtractionState]:
+            band: float = 1.5, level: float = 0.0, warm: bool = True,
+            freeze: Callable[[], SdfFn] | None = None) -> tuple[torch.Tensor, torch.Tensor, ExtractionState]:
     """Mesh of the level set ``sdf_fn = level`` on the N^3 grid over [-1, 1]^3.
 
     All modes triangulate with :func:`lib.ops.marching_cubes.marching_cubes_cells`, so they
@@ -35,8 +37,16 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
                  voxel of each previous vertex and its 6 neighbours, stale values elsewhere;
                  ``state.missed_vertices > 0`` (with a message) reports a surface that
                  left the refreshed band (the mesh is then wrong), found by re-evaluating
-                 the stale ends of crossing edges (counted in ``evaluations``).  Without a
-                 full grid and a non-empty mesh in ``state`` it runs ``dense``.
+                 the stale ends of crossing edges (counted in ``evaluations``).  A call
+                 touches only the refreshed points and the cells around those whose sign
+                 changed (the other cells keep their status).  Without a full grid and a
+                 non-empty mesh in ``state`` it starts anew: with ``freeze``, from the band
+                 (the ``sparse`` mode's cold extraction; the rest of the grid holds only
+                 signs, which the band determines, and a later call evaluates with the
+                 frozen first field the points the heuristic reads there: the meshes of the
+                 dense start, given the sparse mode's seeding caveat below and a field whose
+                 value at a point does not depend on the batch it is evaluated in; a network
+                 can differ in rounding), else ``dense``.
       ``sparse`` exact narrow band, memory proportional to the surface (values and visited
                  cells in 8^3-point blocks allocated where the band passes, a (G/8)^3 int32
                  block table, the mesh's cells in a list; no N^3 array).  Cold
@@ -87,6 +97,10 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
         band: sparse cold start's Lipschitz safety factor (default 1.5).
         level: the level set (default 0).
         warm: let a sparse call start from ``state``'s cells (default True).
+        freeze: fast mode: returns a copy of ``sdf_fn`` that keeps computing the field of the
+            moment it is called when the tensors ``sdf_fn`` reads change in place (e.g. the
+            decoder with the latent code cloned); given, a fast start evaluates the band only
+            (see ``fast``).  Called once per start; None (default): the dense start.
 
     Returns:
         verts (V, 3) float32 world coordinates, faces (F, 3) int64 (normals towards
@@ -110,11 +124,39 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
     if state is not None and state.level != level:
         state = None  # another level set: nothing to reuse
     reuse = state.values if (state is not None and state.values is not None and state.values.device == device) else None
-    fresh, warm_cells, rows, corners = None, None, 64, None
+    marks, warm_cells, rows, corners, origin = None, None, 64, None, None
     if (mode == "fast" and state is not None and state.full and state.resolution == n and reuse is not None
             and state.keys.numel()):
-        grid, fresh = _refresh_fast(fn, state, chunk)
-        cells = crossing_cells(grid.values.reshape(n, n, n))   # a byte-wide scan: cheaper than sorting the band's cells
+        marks = state.marks if state.marks is not None and state.marks.device == device else None
+        state.marks = None  # the state is consumed: a call that fails half-way leaves no dirty marks behind
+        if marks is None:
+            marks = torch.zeros(n ** 3, dtype=torch.bool, device=device)
+        grid, fresh, flipped = _refresh_fast(fn, state, chunk, marks)
+        origin = state.origin
+        if state.verified is not False:  # state.cells are then the grid's sign-changing cells
+            cells, added = _update_cells(grid, state.cells, flipped)
+            if origin is not None:  # only a cell new to the mesh can have an unevaluated corner
+                _resolve(grid, _cell_ijk(added, n), origin)
+        else:
+            cells = crossing_cells(grid.values.reshape(n, n, n))
+            if origin is not None:
+                _resolve(grid, cells, origin)
+    elif mode == "fast" and freeze is not None:
+        # the band start: the sparse mode's cells and corner values, the rest of the grid as
+        # signs; the points a later call reads are evaluated then with the first field
+        frozen = freeze()
+        origin = frozen if not level else (lambda p: frozen(p) - level)
+        band_grid, cells, corners = _sparse(fn, n, device, chunk, coarse_stride or default_coarse_stride(n), band,
+                                            None, 64)
+        if cells.shape[0]:
+            if corners is None:
+                corners = band_grid.corner_values(cells)  # all stored: nothing evaluated
+            grid = _DenseGrid(fn, n, n, device, chunk, reuse)
+            grid.evaluations = band_grid.evaluations
+            _fill_signs(grid, cells, corners)
+            del band_grid
+        else:
+            grid, origin = band_grid, None
     elif mode == "sparse":
         if (warm and state is not None and state.mode == "sparse" and state.resolution == n and not state.empty
                 and state.cells.device == device):
@@ -127,12 +169,16 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
         grid.evaluate(torch.arange(n ** 3, device=grid.ax.device))
         cells = crossing_cells(grid.values.reshape(n, n, n))
     verts, faces, keys = marching_cubes_cells(cells, grid.corner_values if corners is None else corners, n, grid.ax)
-    stale, missed = _check_fast(grid, keys, fresh) if fresh is not None else (0, 0)
+    stale, missed = (0, 0)
+    if marks is not None:
+        stale, missed = _check_fast(grid, keys, marks)
+        marks.index_fill_(0, fresh, False)
     dense_values = grid.values if isinstance(grid, _DenseGrid) else None
-    st = ExtractionState(resolution=n, mode=mode, grid_size=grid.g, values=dense_values, full=(mode != "sparse"),
+    st = ExtractionState(resolution=n, mode=mode, grid_size=grid.g, values=dense_values, full=dense_values is not None,
                          verts=verts, faces=faces, keys=keys, cells=cells, evaluations=grid.evaluations,
                          warm=warm_cells is not None, stale_vertices=stale, missed_vertices=missed,
-                         peak_points=grid.stored, level=level, tracking=getattr(grid, "tracking", ""))
+                         peak_points=grid.stored, level=level, tracking=getattr(grid, "tracking", ""), marks=marks,
+                         origin=origin)
     del grid
     if verify and mode != "dense":
         dv, df, dst = extract(sdf_fn, n, "dense", None, device, chunk, level=level)

@@ -25,7 +25,8 @@ class ExtractionState:
         grid_size: G, points per axis of the value lattice (sparse: the seeding lattice
             padded past the box).
         values: dense and fast modes: the flat (N^3,) float32 grid of ``sdf_fn - level``
-            (the ``fast`` mode refreshes it); sparse mode: None (values live in a
+            (the ``fast`` mode refreshes it; started from the band, +-inf marks a point
+            never evaluated, of that sign); sparse mode: None (values live in a
             block-sparse store of the band the call evaluated, freed after the call).
         full: whether ``values`` holds every grid point.
         verts: (V, 3) float32, the last mesh's vertices.
@@ -51,6 +52,11 @@ class ExtractionState:
             (whole 8^3-cell blocks, chosen for a field cheap per point); else "".
         dl_ds: per-vertex dL/ds (V,) written by the backward pass of :mod:`lib.layer.field`
             (None before a backward).
+        origin: fast mode started from the band (``extract(..., freeze=)``): the first call's
+            field, frozen, with which a later call evaluates the grid points that start left
+            as signs (+-inf in ``values``) when the heuristic reads them; else None.
+        marks: fast and dense modes: (N^3,) bool, all False, the next fast call's scratch
+            (it marks the points it refreshes); None until a fast call made one.
     """
 
     resolution: int
@@ -73,3 +79,5 @@ class ExtractionState:
     level: float = 0.0
     tracking: str = ""
     dl_ds: torch.Tensor | None = field(default=None, repr=False)
+    marks: torch.Tensor | None = field(default=None, repr=False)
+    origin: SdfFn | None = field(default=None, repr=False)

@@ -44,7 +44,11 @@ replace generic steps, both optional (the DeepSDF field of :mod:`lib.layer.sdf` 
   and their device, instead of probing the field (:func:`_probe`);
 - ``layer_backward(sign, verts, grad_verts, index, leaves, gradient, delta, chunk)`` ->
   ``(dl_ds (V,), grads)`` or None: its own backward pass (arguments as :func:`field_backward`,
-  ``sign`` +1 or -1 as the field enters s), None where the generic pass must run.
+  ``sign`` +1 or -1 as the field enters s), None where the generic pass must run;
+- ``layer_freeze() -> object``: a copy of the object that keeps computing today's field after
+  the tensors it reads change in place (the field being one of its bound methods, the copy's
+  method of that name is used); the fast mode then starts from the band instead of the dense
+  grid (``freeze`` of :func:`lib.isosurface.extract`; pass ``freeze=None`` for the dense start).
 
 The stages carry ``torch.profiler.record_function`` labels ``meshsdf.extract`` (the
 forward's extraction) and ``meshsdf.backward`` (the layer's backward), which benchmarks time.
@@ -106,7 +110,8 @@ def mesh_from_field(field: Field, resolution: int, level: float = 0.0, mode: str
         chunk: points per field call, forward and backward (default 2^14).
         device: where the grid lives (default: the device of the tensors the field depends
             on, else the state's, else CPU).
-        extract_kwargs: verify, coarse_stride, band, warm: see :func:`lib.isosurface.extract`.
+        extract_kwargs: verify, coarse_stride, band, warm, freeze: see :func:`lib.isosurface.extract`
+            (``freeze`` defaults to the field object's ``layer_freeze``, module docstring).
 
     Returns:
         :class:`SurfaceMesh` (or a list of B of them): verts (V, 3) float32 whose gradients
@@ -130,9 +135,12 @@ def mesh_from_field(field: Field, resolution: int, level: float = 0.0, mode: str
     signed = _Signed(field, sign, level, batch)
     meshes = []
     for b in range(count):
+        kwargs = dict(extract_kwargs)
+        if mode == "fast" and "freeze" not in kwargs:
+            kwargs["freeze"] = _freezer(field, sign, level, batch, b)
         with record_function("meshsdf.extract"):
             verts, faces, st = extract(signed.surface(b), resolution, mode, states[b], device=device, chunk=chunk,
-                                       **extract_kwargs)
+                                       **kwargs)
         st.dl_ds = None
         meshes.append((verts, faces, st))
     if torch.is_grad_enabled() and leaves:
@@ -175,6 +183,22 @@ class _Signed:
         if self.batch is None:
             return self
         return lambda p: self(p, torch.full((p.shape[0],), b, dtype=torch.int64, device=p.device))
+
+
+def _freezer(field, sign, level, batch, b):
+    """``freeze`` for :func:`lib.isosurface.extract` of surface b (the frozen s), or None when
+    the field's object offers no ``layer_freeze`` (module docstring)."""
+    owner = _owner(field)
+    freeze = getattr(owner, "layer_freeze", None)
+    if not callable(freeze):
+        return None
+
+    def frozen():
+        copy = freeze()
+        fn = copy if owner is field else getattr(copy, field.__name__)
+        return _Signed(fn, sign, level, batch).surface(b)
+
+    return frozen
 
 
 def _owner(field):

@@ -23,6 +23,7 @@ and derivatives up to float rounding).
 """
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -75,6 +76,7 @@ class _CodeField:
     Evaluations that need no gradient and that one-pass backward go through the decoder's
     fast path (module docstring) when it offers one, ``kernel`` is True and the path
     supports the decoder's current mode and device; elsewhere through its autograd forward.
+    ``layer_freeze`` gives the fast mode its frozen copy (the band start, see :mod:`.field`).
     """
 
     def __init__(self, decoder: nn.Module, codes: torch.Tensor, kernel: bool = True):
@@ -116,6 +118,13 @@ class _CodeField:
             if kernel is not None:
                 return kernel.values(self.codes, points)
             return self.decoder(torch.cat((self.codes.expand(points.shape[0], -1), points), 1)).reshape(-1)
+
+    def layer_freeze(self) -> "_CodeField":
+        """This field as it is now, kept when the codes (or the decoder's trainable
+        parameters) change in place: the codes cloned, the decoder copied when an optimiser
+        may change it (some parameter requires grad), else shared."""
+        decoder = copy.deepcopy(self.decoder) if not self.rows_only() else self.decoder
+        return _CodeField(decoder, self.codes.detach().clone(), self._kernel is not None)
 
     def rows_only(self) -> bool:
         """Whether the codes are the only path to tensors requiring grad (frozen decoder)."""
