@@ -53,9 +53,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib import cli  # noqa: E402
+
+cli.setup_process()  # before torch loads, as the scripts: OpenMP reads its wait policy once
+
+import torch  # noqa: E402
 
 from lib import experiment, runtime  # noqa: E402
 from lib.cli import cli_main  # noqa: E402
