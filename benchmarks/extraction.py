@@ -390,7 +390,8 @@ def peers_table(args) -> int:
         commit = ""
     meta = dict(commit=commit, cpu=cpu, machine=platform.machine(), threads=args.threads, torch=torch.__version__,
                 warp=warp.__version__, repeat=args.repeat, budget_s=args.budget, chunk=CHUNK,
-                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), load_average=list(__import__("os").getloadavg()))
+                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), load_average=list(__import__("os").getloadavg()),
+                omp_wait_policy=__import__("os").environ.get("OMP_WAIT_POLICY", ""))
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     tmp.replace(out)
