@@ -239,21 +239,20 @@ def _owner_lookup(cells: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     rows = torch.arange(cells.shape[0], dtype=torch.int32, device=dev)
     halo.index_copy_(0, slot, rows)
     # cells on a block's lower faces are also the upper halo of the blocks below
-    bw = torch.tensor([nb * nb, nb, 1], device=dev)
+    low = (loc == 0) & (blk > 0)  # (C, 3)
+    pick = low.any(1).nonzero().squeeze(1)
+    low, lb, lloc, lrows = low.index_select(0, pick), bkey.index_select(0, pick), loc.index_select(0, pick), rows[pick]
+    code = (low.long() * torch.tensor([1, 2, 4], device=dev)).sum(1)  # which of its axes are on a lower face
     for mask in range(1, 8):
         axes = [a for a in range(3) if (mask >> a) & 1]
-        sel = torch.ones(cells.shape[0], dtype=torch.bool, device=dev)
-        for a in axes:
-            sel &= (loc[:, a] == 0) & (blk[:, a] > 0)
-        pick = sel.nonzero().squeeze(1)
-        if pick.numel() == 0:
+        sel = ((code & mask) == mask).nonzero().squeeze(1)
+        if sel.numel() == 0:
             continue
-        step = sum(int(bw[a]) for a in axes)
-        lower = row_of.index_select(0, bkey.index_select(0, pick) - step).long()
+        lower = row_of.index_select(0, lb.index_select(0, sel) - sum(nb ** (2 - a) for a in axes)).long()
         has = lower >= 0
-        pick, lower = pick[has], lower[has]
-        shift = sum((1 << _B) * int(hw[a]) for a in axes)
-        halo.index_copy_(0, lower * _H ** 3 + (loc.index_select(0, pick) * hw).sum(1) + shift, rows.index_select(0, pick))
+        sel, lower = sel[has], lower[has]
+        shift = sum((1 << _B) * _H ** (2 - a) for a in axes)
+        halo.index_copy_(0, lower * _H ** 3 + (lloc.index_select(0, sel) * hw).sum(1) + shift, lrows.index_select(0, sel))
     return slot, halo
 
 
