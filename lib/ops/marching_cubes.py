@@ -252,7 +252,8 @@ def _owner_lookup(cells: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
         has = lower >= 0
         sel, lower = sel[has], lower[has]
         shift = sum((1 << _B) * _H ** (2 - a) for a in axes)
-        halo.index_copy_(0, lower * _H ** 3 + (lloc.index_select(0, sel) * hw).sum(1) + shift, lrows.index_select(0, sel))
+        at = lower * _H ** 3 + (lloc.index_select(0, sel) * hw).sum(1) + shift
+        halo.index_copy_(0, at, lrows.index_select(0, sel))
     return slot, halo
 
 
