@@ -259,18 +259,21 @@ def _owner_lookup(cells: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
 
 def _case_index(vals: torch.Tensor, tab: dict) -> torch.Tensor:
     """Table index (K,) int64 of cells with corner values (K, 8): case * 64 + decider bits."""
-    k = vals.shape[0]
     out = vals > 0  # (K, 8)
     case = (out.long() * tab["bits8"]).sum(1)
-    # asymptotic decider per face; products are commutative so neighbours agree
-    fv = vals.index_select(1, tab["face_cyc"].view(-1)).view(k, 6, 4)  # (K, 6, 4)
-    fo = fv > 0
-    amb = (fo[..., 0] == fo[..., 2]) & (fo[..., 1] == fo[..., 3]) & (fo[..., 0] != fo[..., 1])
+    # asymptotic decider on the ambiguous faces only (few cells have one); products are
+    # commutative so neighbours agree
+    amb = tab["ambiguous6"].index_select(0, case)  # (K,) bit f: face f is ambiguous
+    rows = amb.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return case * 64
+    fv = vals.index_select(0, rows).index_select(1, tab["face_cyc"].view(-1)).view(-1, 6, 4)  # (A, 6, 4)
     d02 = fv[..., 0] * fv[..., 2]
     d13 = fv[..., 1] * fv[..., 3]
     # saddle <= 0 (inside) <=> (product of outside diagonal) <= (product of inside diagonal)
-    neg_conn = torch.where(fo[..., 0], d02 <= d13, d13 <= d02) & amb
-    return case * 64 + (neg_conn.long() * tab["bits6"]).sum(1)
+    neg_conn = torch.where(fv[..., 0] > 0, d02 <= d13, d13 <= d02)
+    bits = (neg_conn.long() * tab["bits6"]).sum(1) & amb.index_select(0, rows)
+    return (case * 64).index_add_(0, rows, bits)
 
 
 def _edge_points(cells, vals, edges, ax, tab):

@@ -141,7 +141,8 @@ def _slot_tables(device) -> dict:
     """The kernel's bit-mask tables: which edges cross and which a cell owns, and where the
     vertex of each triangle slot lives (its owner cell and the owner's slot).
 
-    cross12 (256,) int64: mask of the edges whose ends differ, by case; own_mask (8,) int64:
+    cross12 (256,) int64: mask of the edges whose ends differ, by case; ambiguous6 (256,)
+    int64: mask of the faces whose four corners alternate in sign, by case; own_mask (8,) int64:
     mask of the edges a cell owns by its upper-face bits u (axis a touches the grid's upper
     face: the cell's index is N - 2 there, so nobody above owns its upper edges);
     slot_off (8, 16, 3) int64: offset of the owner of slot s (edge 0..11; 12..15 the cell's
@@ -170,9 +171,16 @@ def _slot_tables(device) -> dict:
             slot_off[u, e] = [off[k] - d[k] for k in range(3)]
             slot_own[u, e] = edge_by[(d[0] | d[1] << 1 | d[2] << 2, a)]
         slot_own[u, 12:] = np.arange(12, 16)
+    amb = np.zeros(256, np.int64)  # bit f: face f has its outside corners on one diagonal (ambiguous)
+    for case in range(256):
+        for f, (_, _, cyc) in enumerate(_FACES):
+            s = [(case >> q) & 1 for q in cyc]
+            if s[0] == s[2] and s[1] == s[3] and s[0] != s[1]:
+                amb[case] |= 1 << f
     bits = (np.arange(4096)[:, None] >> np.arange(12)) & 1
     rank16 = np.concatenate((np.cumsum(bits, 1) - bits, np.tile(np.arange(4), (4096, 1))), 1)  # (4096, 16)
-    return dict(cross12=torch.from_numpy(cross).to(device), own_mask=torch.from_numpy(own_mask).to(device),
+    return dict(cross12=torch.from_numpy(cross).to(device), ambiguous6=torch.from_numpy(amb).to(device),
+                own_mask=torch.from_numpy(own_mask).to(device),
                 slot_off=torch.from_numpy(slot_off).to(device), slot_own=torch.from_numpy(slot_own).to(device),
                 rank16=torch.from_numpy(rank16.astype(np.int32)).reshape(-1).to(device))
 
