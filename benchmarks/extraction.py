@@ -55,9 +55,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib import cli  # noqa: E402
+
+cli.setup_process()  # before torch loads, as the scripts: OpenMP reads its wait policy once
+
+import torch  # noqa: E402
 
 from lib import experiment, runtime  # noqa: E402
 from lib.cli import cli_main  # noqa: E402
@@ -244,10 +248,11 @@ class PeakRSS:
 
 def best_of(fn, repeat: int, budget: float):
     """Best time of up to ``repeat`` runs of fn, no new run once ``budget`` seconds are spent;
-    the first run also measures peak memory.  Returns (best s, runs, peak MB, fn's result)."""
-    best, runs, spent, out, mb = float("inf"), 0, 0.0, None, float("nan")
+    the first run also measures peak memory.  Returns (best s, best process CPU s (all its
+    threads: what a loaded machine's preemptions do not inflate), runs, peak MB, fn's result)."""
+    best, best_cpu, runs, spent, out, mb = float("inf"), float("inf"), 0, 0.0, None, float("nan")
     while runs < repeat and (runs == 0 or spent < budget):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         if runs == 0:
             with PeakRSS() as mem:
                 out = fn()
@@ -255,8 +260,8 @@ def best_of(fn, repeat: int, budget: float):
         else:
             out = fn()
         dt = time.perf_counter() - t
-        best, runs, spent = min(best, dt), runs + 1, spent + dt
-    return best, runs, mb, out
+        best, best_cpu, runs, spent = min(best, dt), min(best_cpu, time.process_time() - c), runs + 1, spent + dt
+    return best, best_cpu, runs, mb, out
 
 
 def warp_extract(wp, fn, n: int, lipschitz: float):
@@ -299,10 +304,10 @@ def peers_child(args) -> int:
         # both get the same knowledge of the field: our cold start's Lipschitz safety factor is
         # the bound Warp is given (never below our default)
         band = max(1.5, lip)
-        t_ours, runs, mb, (v, f, st) = best_of(lambda: extract(fn, n, "sparse", chunk=CHUNK, band=band),
-                                               args.repeat, args.budget)
-        row.update(ours_s=t_ours, ours_band=band, ours_runs=runs, ours_mb=mb, ours_evals=st.evaluations,
-                   faces=int(f.shape[0]), tracking=st.tracking)
+        t_ours, cpu_ours, runs, mb, (v, f, st) = best_of(lambda: extract(fn, n, "sparse", chunk=CHUNK, band=band),
+                                                         args.repeat, args.budget)
+        row.update(ours_s=t_ours, ours_cpu_s=cpu_ours, ours_band=band, ours_runs=runs, ours_mb=mb,
+                   ours_evals=st.evaluations, faces=int(f.shape[0]), tracking=st.tracking)
         if args.compare_tracking and st.tracking == "blocks":  # the same extraction with the cell tracking
             from lib.isosurface import sparse as sparse_module
             saved, sparse_module.BLOCK_COST_RATIO = sparse_module.BLOCK_COST_RATIO, 0.0
@@ -312,8 +317,9 @@ def peers_child(args) -> int:
             finally:
                 sparse_module.BLOCK_COST_RATIO = saved
         del st
-        t_w, runs, mb, (vw, fw, stats) = best_of(lambda: warp_extract(wp, fn, n, lip), args.repeat, args.budget)
-        row.update(warp_s=t_w, warp_runs=runs, warp_mb=mb, warp_evals=int(stats["field_evaluations"]),
+        t_w, cpu_w, runs, mb, (vw, fw, stats) = best_of(lambda: warp_extract(wp, fn, n, lip), args.repeat,
+                                                        args.budget)
+        row.update(warp_s=t_w, warp_cpu_s=cpu_w, warp_runs=runs, warp_mb=mb, warp_evals=int(stats["field_evaluations"]),
                    warp_faces=int(fw.shape[0]))
         estimate = per_point * n ** 3
         if estimate <= args.dense_budget:
@@ -343,10 +349,11 @@ def peers_table(args) -> int:
           f"threads; one process per N, best of {args.repeat} (fewer past {args.budget:g} s), the field called in "
           f"batches of {CHUNK} points by both.  warp/ours > 1: ours faster.  equal: the mesh vs our dense mode "
           "(ours: same_mesh; Warp, whose case tables triangulate some cells differently: the same vertices and "
-          "face count); cells/blocks: where ours tracked blocks, the time with the cell tracking instead / ours")
+          "face count); cells/blocks: where ours tracked blocks, the time with the cell tracking instead / ours; "
+          "cpu: the same ratio of process CPU seconds (all threads), steadier on a loaded machine")
     print(f"{'field':>30} {'N':>5} {'ours s':>7} {'warp s':>7} {'warp/ours':>9} {'ours evals':>10} {'warp evals':>10} "
           f"{'ours MB':>7} {'warp MB':>7} {'L':>5} {'ours=dense':>10} {'warp=dense':>10} {'tracking':>8} "
-          f"{'cells/blocks':>12}")
+          f"{'cells/blocks':>12} {'cpu':>6}")
     rows = []
     for n in args.resolutions:
         cmd = [sys.executable, __file__, "-e", args.experiment, "--peers", "warp", "--peers-child", str(n),
@@ -368,7 +375,7 @@ def peers_table(args) -> int:
             print(f"{FIELD_TITLES[d['field']]:>30} {n:>5} {d['ours_s']:>7.3f} {d['warp_s']:>7.3f} "
                   f"{d['warp_s'] / d['ours_s']:>8.2f}x {d['ours_evals']:>10} {d['warp_evals']:>10} "
                   f"{d['ours_mb']:>7.0f} {d['warp_mb']:>7.0f} {d['lipschitz']:>5.2f} {eq('ours'):>10} {eq('warp'):>10} "
-                  f"{d['tracking']:>8} {cells_vs_blocks:>12}"
+                  f"{d['tracking']:>8} {cells_vs_blocks:>12} {d['warp_cpu_s'] / d['ours_cpu_s']:>5.2f}x"
                   + (f"  (Warp: {d['warp_why']})" if d.get("warp_why") else "")
                   + (f"  (ours: {d['ours_why']})" if d.get("ours_why") else ""), flush=True)
         err = proc.stderr.read()
@@ -388,7 +395,8 @@ def peers_table(args) -> int:
         commit = ""
     meta = dict(commit=commit, cpu=cpu, machine=platform.machine(), threads=args.threads, torch=torch.__version__,
                 warp=warp.__version__, repeat=args.repeat, budget_s=args.budget, chunk=CHUNK,
-                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), load_average=list(__import__("os").getloadavg()))
+                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), load_average=list(__import__("os").getloadavg()),
+                omp_wait_policy=__import__("os").environ.get("OMP_WAIT_POLICY", ""))
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     tmp.replace(out)

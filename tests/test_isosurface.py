@@ -279,6 +279,43 @@ def test_marching_cubes_cells_in_steps_is_bitwise_the_same():
         marching_cubes_cells(crossing[:-1], by_cells, n, chunk=97)
 
 
+def test_marching_cubes_cells_numbers_vertices_canonically():
+    """Vertex ids follow (owner cell in C order, owner's edge), centres last in cell order, and
+    each edge vertex lies on the grid edge its key names: on a noisy grid of several 8^3 owner
+    blocks whose surface crosses the grid's upper faces (owners moved down there), and with
+    an owner missing across a block face reported rather than misread."""
+    from lib.isosurface import tables
+
+    g = torch.Generator().manual_seed(3)
+    n = 21
+    vals = torch.rand(n, n, n, generator=g) - 0.5
+    cells, cv = _all_cells(vals)
+    verts, faces, keys = marching_cubes_cells(cells, cv, n, chunk=500)
+    edge = keys < 3 * n ** 3
+    assert edge.sum() > 0 and (~edge).sum() > 0 and not edge[edge.sum():].any()  # centres after every edge vertex
+    point, axis = keys[edge] // 3, keys[edge] % 3
+    ijk = torch.stack((point // (n * n), point // n % n, point % n), 1)
+    owner = ijk.clamp(max=n - 2)
+    d = ijk - owner
+    assert (d.sum(1) > 0).any()  # some owners moved down at the upper faces
+    oedge = tables("cpu")["edge_by"][d[:, 0] + 2 * d[:, 1] + 4 * d[:, 2], axis]
+    order = ((owner[:, 0] * n + owner[:, 1]) * n + owner[:, 2]) * 12 + oedge
+    assert bool((order[1:] > order[:-1]).all())
+    assert bool((keys[~edge][1:] > keys[~edge][:-1]).all())
+    x = torch.linspace(-1, 1, n)
+    on = torch.nn.functional.one_hot(axis, 3).bool()
+    grid_xyz = x[ijk]
+    assert torch.equal(verts[edge][~on], grid_xyz[~on])  # on the grid lines of its edge
+    t = verts[edge][on] - grid_xyz[on]
+    assert bool(((t >= 0) & (t <= 2 / (n - 1) + 1e-6)).all())
+    # cells at i = 8 (a block's lower face) own edges of the crossing cells at i = 7 below them
+    crossing = (cv > 0).any(1) & ~(cv > 0).all(1)
+    assert (crossing & (cells[:, 0] == 7)).any()
+    keep = crossing & (cells[:, 0] != 8)
+    with pytest.raises(ValueError, match="owner"):
+        marching_cubes_cells(cells[keep], cv[keep], n)
+
+
 def test_warm_start_evaluates_little_more_than_the_mesh_needs():
     """A warm call evaluates each corner of the cells it visits once (this mesh's sign-changing
     cells and the previous ones) plus the sentinel lattice (and, where a sentinel edge's

@@ -261,7 +261,7 @@ def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     # the seeding lattices are sparse (a point per stride^3): evaluated, not stored
     vol, relative_cost = _timed_field(grid, lattice)
     if n - 1 >= BLOCK_MIN_CELLS and relative_cost < BLOCK_COST_RATIO:
-        return (grid, *_track_blocks(grid, n, band))
+        return (grid, *_track_blocks(grid, n, band, (vol.reshape(m + 1, m + 1, m + 1), s0)))
     vol = vol.reshape(m + 1, m + 1, m + 1)
     v = torch.stack([vol[a : a + m, b : b + m, c : c + m].reshape(-1) for a, b, c in CORNER_OFFSETS], 1)  # (m^3, 8)
     del vol
@@ -379,7 +379,7 @@ def _bisect_seeds(grid, cells: torch.Tensor, v: torch.Tensor, s: int) -> torch.T
 _FACE_DIR = [[-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]]
 
 
-KEEP_CORNERS = 2 ** 18  # cells whose corner values the tracking keeps for meshing (8 MB: C x 8 float32)
+KEEP_CORNERS = 2 ** 20  # cells whose corner values the tracking keeps for meshing (32 MB: C x 8 float32)
 
 
 def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | None = None, reseed=None):
@@ -475,10 +475,10 @@ def _timed_field(grid: _BlockGrid, ijk: torch.Tensor, pieces: int = 8):
 
 
 _BLOCK = 8  # cells per block edge in block tracking (points per edge: 9, shared with the neighbour)
-BLOCKS_PER_STEP = 64  # blocks evaluated per step: bounded transients (64 x 729 points)
+BLOCKS_PER_STEP = 256  # blocks evaluated per step: bounded transients (256 x 729 points)
 
 
-def _track_blocks(grid: _BlockGrid, n: int, band: float):
+def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Tensor, int] | None = None):
     """Cold start for a cheap field: seeds and tracking on whole blocks of 8^3 cells.
 
     The block lattice (stride 8) is evaluated; a block is a seed when its corners change
@@ -489,17 +489,24 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float):
     face has mixed signs joins the front: the cell tracking's closure, a block at a time, so
     the cells found are a superset of those the cell tracking finds from the same surface,
     and all of them sign-changing cells of the dense grid.
-    Returns the sign-changing cells (C, 3) in C order and their corner values (C, 8) (None
-    when there are none).
+
+    Args:
+        grid: the block store (its field, axis and evaluation count).
+        n: N.
+        band: the Lipschitz safety factor of the seeding.
+        coarse: the coarse lattice already evaluated, values (M+1, M+1, M+1) at stride s (a
+            power of two), and s: its points on the block lattice are not evaluated again.
+
+    Returns:
+        the sign-changing cells (C, 3) in C order and their corner values (C, 8) (None when
+        there are none).
     """
     dev = grid.ax.device
     grid.tracking = "blocks"
     m = n - 1  # cells per axis
     nb = -(-m // _BLOCK)  # blocks per axis
     ax = grid_axis(n, _BLOCK * nb + 1, dev)
-    step = torch.arange(nb + 1, device=dev) * _BLOCK
-    lat = torch.cartesian_prod(step, step, step)
-    vol = _eval_points(grid, ax, lat).reshape(nb + 1, nb + 1, nb + 1)
+    vol = _block_lattice(grid, ax, nb, coarse)
     v = torch.stack([vol[a : a + nb, b : b + nb, c : c + nb] for a, b, c in CORNER_OFFSETS], -1)  # (nb, nb, nb, 8)
     out = v > 0
     sc = out.any(-1) & ~out.all(-1)
@@ -513,9 +520,10 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float):
     front = (sc | near).reshape(-1).nonzero().squeeze(1)
     visited = torch.zeros(nb ** 3, dtype=torch.bool, device=dev)
     visited[front] = True
-    off = torch.arange(_BLOCK + 1, device=dev)
-    pts9 = torch.cartesian_prod(off, off, off)  # (729, 3) points of a block, C order
+    r9 = torch.arange(_BLOCK + 1, device=dev)
     corner_off = (tables(dev)["corner"] * torch.tensor([81, 9, 1], device=dev)).sum(1)  # (8,) in a 9^3 block
+    cell_loc = torch.cartesian_prod(r9[:-1], r9[:-1], r9[:-1])  # (512, 3) cells of a block, C order
+    cell_at = (cell_loc * torch.tensor([81, 9, 1], device=dev)).sum(1)  # (512,) their lower corners in a 9^3 block
     nbr = torch.tensor(_FACE_DIR, device=dev)
     found, kept = [], []
     while front.shape[0]:
@@ -524,41 +532,40 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float):
             k = part.shape[0]
             bijk = torch.stack((part // (nb * nb), (part // nb) % nb, part % nb), 1)  # (K, 3)
             base = bijk * _BLOCK
-            val = _eval_points(grid, ax, (base.unsqueeze(1) + pts9).reshape(-1, 3)).view(k, 9, 9, 9)
-            o = (val > 0).to(torch.int8)
-            cnt = sum(o[:, a : a + 8, b : b + 8, c : c + 8] for a, b, c in CORNER_OFFSETS)  # (K, 8, 8, 8)
+            val = _eval_blocks(grid, ax, base)  # (K, 9, 9, 9)
+            o = val > 0
+            # sign changes reduced over pairs of points along k, j, then i (as crossing_cells):
+            # the partial reductions are the mixed grid faces of the block's boundary planes
+            some, every = o[..., 1:] | o[..., :-1], o[..., 1:] & o[..., :-1]  # (K, 9, 9, 8) k-edges
+            some, every = some[:, :, 1:] | some[:, :, :-1], every[:, :, 1:] & every[:, :, :-1]  # (K, 9, 8, 8) i-faces
+            mixed_i = (some & ~every)[:, [0, _BLOCK]]  # (K, 2, 8, 8)
+            sc = (some[:, 1:] | some[:, :-1]) & ~(every[:, 1:] & every[:, :-1])  # (K, 8, 8, 8) cells
+            del some, every
+            mixed_j = _mixed_faces(o[:, :, [0, _BLOCK]].permute(0, 2, 1, 3))  # (K, 2, 8, 8) over (i, k)
+            mixed_k = _mixed_faces(o[..., [0, _BLOCK]].permute(0, 3, 1, 2))  # (K, 2, 8, 8) over (i, j)
+            mixed = torch.stack((mixed_i, mixed_j, mixed_k), 1)  # (K, 3 axes, 2 sides, 8, 8)
+            del o
             lim = (m - base).clamp(max=_BLOCK)  # (K, 3) cells of each block inside the grid
-            r = torch.arange(_BLOCK, device=dev)
-            inx = r < lim[:, 0:1]
-            iny = r < lim[:, 1:2]
-            inz = r < lim[:, 2:3]
-            valid = inx[:, :, None, None] & iny[:, None, :, None] & inz[:, None, None, :]
-            sc = (cnt > 0) & (cnt < 8) & valid
-            bi, ci, cj, ck = sc.nonzero(as_tuple=True)
-            cells = base.index_select(0, bi) + torch.stack((ci, cj, ck), 1)
+            if bool((lim < _BLOCK).any()):  # blocks past the grid's upper faces: only their inside counts
+                r = torch.arange(_BLOCK, device=dev)
+                ins = [r < lim[:, a : a + 1] for a in range(3)]  # (K, 8) per axis
+                sc &= ins[0][:, :, None, None] & ins[1][:, None, :, None] & ins[2][:, None, None, :]
+                for a in range(3):
+                    a1, a2 = [x for x in range(3) if x != a]
+                    mixed[:, a] &= (ins[a1][:, :, None] & ins[a2][:, None, :]).unsqueeze(1)
+            bi, cl = sc.view(k, -1).nonzero(as_tuple=True)
+            cells = base.index_select(0, bi) + cell_loc.index_select(0, cl)
             found.append(cells)
             # corner values kept whatever the count (32 bytes a cell, beside the cell's 24): a
             # cheap field, but a second pass over the cells costs as much as this one
-            loc = ((bi * 9 + ci) * 9 + cj) * 9 + ck
+            loc = bi * 729 + cell_at.index_select(0, cl)
             kept.append(val.view(-1).index_select(0, (loc.unsqueeze(1) + corner_off).view(-1)).view(-1, 8))
             # block faces crossed by the surface: a grid face with mixed signs on the block's
             # boundary plane, inside the grid (its two cells are then both sign-changing)
-            go = []
-            for axis in range(3):
-                for side in (0, _BLOCK):
-                    plane = o.select(axis + 1, side)  # (K, 9, 9)
-                    q = plane[:, :-1, :-1] + plane[:, 1:, :-1] + plane[:, :-1, 1:] + plane[:, 1:, 1:]
-                    mixed = (q > 0) & (q < 4)
-                    a1, a2 = [x for x in range(3) if x != axis]
-                    ins = (r < lim[:, a1 : a1 + 1])[:, :, None] & (r < lim[:, a2 : a2 + 1])[:, None, :]
-                    has = (mixed & ins).flatten(1).any(1)
-                    if side == 0:
-                        has &= bijk[:, axis] > 0
-                    else:
-                        has &= base[:, axis] + _BLOCK < m
-                    go.append(has)
-            go = torch.stack(go, 1)  # (K, 6) in _FACE_DIR order
-            nxt = (bijk.unsqueeze(1) + nbr)[go]
+            go = mixed.flatten(3).any(3)  # (K, 3, 2)
+            go[:, :, 0] &= bijk > 0
+            go[:, :, 1] &= base + _BLOCK < m
+            nxt = (bijk.unsqueeze(1) + nbr)[go.view(k, 6)]  # _FACE_DIR order: (axis, side)
             new.append((nxt[:, 0] * nb + nxt[:, 1]) * nb + nxt[:, 2])
         cand = torch.unique(torch.cat(new))
         front = cand[~visited.index_select(0, cand)]
@@ -570,6 +577,47 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float):
     key = (cells[:, 0] * m + cells[:, 1]) * m + cells[:, 2]
     key, order = torch.sort(key)
     return cells.index_select(0, order), torch.cat(kept).index_select(0, order)
+
+
+def _mixed_faces(plane: torch.Tensor) -> torch.Tensor:
+    """Grid faces with mixed signs on planes of points: (K, P, 9, 9) bool -> (K, P, 8, 8)."""
+    some, every = plane[..., 1:, :] | plane[..., :-1, :], plane[..., 1:, :] & plane[..., :-1, :]
+    some, every = some[..., 1:] | some[..., :-1], every[..., 1:] & every[..., :-1]
+    return some & ~every
+
+
+def _block_lattice(grid: _BlockGrid, ax: torch.Tensor, nb: int, coarse) -> torch.Tensor:
+    """The field on the block lattice (stride 8, (nb + 1)^3 points): (nb + 1, nb + 1, nb + 1),
+    taken from the coarse lattice (values, stride) where their points coincide."""
+    dev = ax.device
+    step = torch.arange(nb + 1, device=dev) * _BLOCK
+    if coarse is None:
+        return _eval_points(grid, ax, torch.cartesian_prod(step, step, step)).reshape(nb + 1, nb + 1, nb + 1)
+    cv, s = coarse
+    on = (step % s == 0) & (step // s < cv.shape[0])  # (nb + 1,) block lattice points on the coarse one
+    pick = (step // s).masked_select(on)
+    vol = torch.full((nb + 1,) * 3, float("nan"), device=dev)
+    at = on.nonzero().squeeze(1)
+    vol[at[:, None, None], at[None, :, None], at[None, None, :]] = cv[pick[:, None, None], pick[None, :, None],
+                                                                      pick[None, None, :]].float()
+    missing = (~(on[:, None, None] & on[None, :, None] & on[None, None, :])).nonzero()
+    if missing.shape[0]:
+        vol[tuple(missing.T)] = _eval_points(grid, ax, missing * _BLOCK)
+    return vol
+
+
+def _eval_blocks(grid: _BlockGrid, ax: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The field at the 9^3 points of blocks with lower corners base (K, 3): (K, 9, 9, 9),
+    in chunks of even size (see :meth:`_BlockGrid.field`), counted in its evaluations."""
+    k = base.shape[0]
+    co = ax.take(base.unsqueeze(2) + torch.arange(_BLOCK + 1, device=base.device))  # (K, 3, 9) coordinates
+    pts = torch.stack((co[:, 0, :, None, None].expand(k, 9, 9, 9), co[:, 1, None, :, None].expand(k, 9, 9, 9),
+                       co[:, 2, None, None, :].expand(k, 9, 9, 9)), -1).view(-1, 3)
+    p = pts.shape[0]
+    size = max(1, -(-p // max(1, -(-p // grid.chunk))))
+    out = [grid.sdf_fn(pts[s : s + size]).reshape(-1).float() for s in range(0, p, size)]
+    grid.evaluations += p
+    return torch.cat(out).view(k, 9, 9, 9)
 
 
 def _eval_points(grid: _BlockGrid, ax: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:

@@ -56,25 +56,37 @@ def cell_corner_values(values: torch.Tensor, cells: torch.Tensor) -> torch.Tenso
 
 
 CELL_CHUNK = 2 ** 16  # cells per kernel step: bounds the (K, 16)-sized transients, whatever the mesh size
+_B = 3  # owner look-up blocks of 2^3 cells per axis, with a one-cell halo above: 9^3 slots each
+_H = (1 << _B) + 1
 
 
 def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, axis: torch.Tensor | None = None,
                          chunk: int = CELL_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectorised marching cubes on a set of cells of the N^3 grid (any device).
 
-    cells (C, 3) int64 lower-corner indices (each in [0, N-2]); corner_values: (C, 8) float32
-    in the corner order of this module, or a callable mapping cells (K, 3) to their corner
-    values (K, 8) (called twice per step of ``chunk`` cells, once when they fit in one step,
-    so that no (C, 8) array need exist: what the sparse extraction passes).  Returns verts (V, 3) float32 world
-    coordinates, faces (F, 3) int64 (normals towards SDF > 0, faces in C order of their
-    cells), and keys (V,) int64 naming each vertex: an edge vertex has key (linear index of
-    its lower grid point) * 3 + axis < 3 N^3, a loop-centre vertex 3 N^3 + (linear index of
-    its cell) * 4 + j.  Values are classified against 0 (pass values - level for another
-    level).  Vertices are in a canonical order (by owning cell in C order, then edge; centres
-    last), so any superset of the sign-changing cells of a grid gives the full-grid mesh,
-    bitwise, whatever ``chunk``.  Transient memory is O(chunk); what persists over the steps
-    is 20 bytes per cell (its linear index, for the owner search, and counts / first vertex
-    ids), besides the output.
+    Args:
+        cells: (C, 3) int64 lower-corner indices (each in [0, N-2]).
+        corner_values: (C, 8) float32 in the corner order of this module, or a callable
+            mapping cells (K, 3) to their corner values (K, 8), called twice per step of
+            ``chunk`` cells, once when they fit in one step, so that no (C, 8) array need
+            exist (what the sparse extraction passes).  Classified against 0 (pass values -
+            level for another level).
+        resolution: N.
+        axis: (N,) grid coordinates (default :func:`grid_axis`).
+        chunk: cells per step (default :data:`CELL_CHUNK`); the result does not depend on it.
+
+    Returns:
+        verts (V, 3) float32 world coordinates; faces (F, 3) int64, normals towards SDF > 0,
+        faces in C order of their cells; keys (V,) int64 naming each vertex: an edge vertex
+        has key (linear index of its lower grid point) * 3 + axis < 3 N^3, a loop-centre
+        vertex 3 N^3 + (linear index of its cell) * 4 + j.  Vertices are in a canonical order
+        (by owning cell in C order, then edge; centres last), so any superset of the
+        sign-changing cells of a grid gives the full-grid mesh, bitwise, whatever ``chunk``.
+
+    Transient memory is O(chunk); what persists over the steps is 12 bytes per cell (case,
+    owned edges, first vertex id, owner look-up slot) and the owner look-up: a (N/8)^3 int32
+    block table and 9^3 int32 per 8^3 block holding cells (the blocks of the sparse store),
+    besides the output.
     """
     n = int(resolution)
     dev = cells.device
@@ -96,123 +108,172 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
     else:
         values_of = lambda c, s: corner_values[s : s + c.shape[0]].float()  # noqa: E731
     steps = [(s, cells[s : s + chunk]) for s in range(0, ncell, chunk)]
-    # pass 1: per cell, its triangles, loop centres and owned crossing edges, so that the
-    # vertices of a cell in a later step (an edge's owner lies at or after its cells in C
-    # order) have known ids; small dtypes: this is what persists over the steps
-    ntri = torch.empty(ncell, dtype=torch.uint8, device=dev)
-    nc = torch.empty(ncell, dtype=torch.uint8, device=dev)
+    up_w = torch.tensor([1, 2, 4], device=dev)
+    # pass 1: per cell, its table index and owned crossing edges (what persists over the
+    # steps), so that the vertices of a cell in a later step (an edge's owner lies at or
+    # after its cells in C order) have known ids
+    case = torch.empty(ncell, dtype=torch.int16, device=dev)  # case * 64 + decider bits < 2^14
     owned = torch.empty(ncell, dtype=torch.int16, device=dev)  # bit e: the cell owns edge e's vertex
     kept = None
     for s, c in steps:
         vals = values_of(c, s)
-        idx, cross, owns = _classify(c, vals, n, tab)
-        ntri[s : s + c.shape[0]] = tab["ntri"].index_select(0, idx)
-        nc[s : s + c.shape[0]] = tab["ncentre"].index_select(0, idx)
-        owned[s : s + c.shape[0]] = (owns.long() * tab["bits12"]).sum(1)
-        kept = (vals, idx, cross, owns) if len(steps) == 1 else None  # one step: no second look-up
-    if not bool(ntri.any()):
-        return empty
+        idx = _case_index(vals, tab)
+        case[s : s + c.shape[0]] = idx
+        owned[s : s + c.shape[0]] = tab["cross12"].index_select(0, idx >> 6) & tab["own_mask"].index_select(
+            0, ((c == n - 2).long() * up_w).sum(1))
+        kept = vals if len(steps) == 1 else None  # one step: no second look-up
+    case_l = case.long()
+    ntri = tab["ntri"].index_select(0, case_l)
+    nc = tab["ncentre"].index_select(0, case_l)
+    nown = tab["popcount12"].index_select(0, owned.long())
+    del case_l
     # Each crossing grid edge gets one vertex, owned by one cell: the cell whose lower corner
     # is the edge's lower end point, moved down on the other axes where that point lies on
     # the grid's upper faces.  Vertex ids follow (owner cell, edge) order, then loop centres.
-    nown = tab["popcount12"].index_select(0, owned.long())
-    own_base = torch.cumsum(nown, 0) - nown  # (C,) first vertex id of each cell's own edges
-    n_own = int(own_base[-1] + nown[-1])
-    del nown
-    cen_base = n_own + torch.cumsum(nc, 0) - nc  # (C,) first id of each cell's loop centres
-    n_cen = int(cen_base[-1] + nc[-1]) - n_own
-    if n_own + n_cen < 2 ** 31:  # ids fit in int32: half the memory
-        own_base, cen_base = own_base.int(), cen_base.int()
-    lo_off = tab["corner"][tab["edge_lo"]]  # (12, 3)
-    # the owner search runs on int32 keys where they fit: half the memory traffic of a search
-    slin = lin.int() if n ** 3 < 2 ** 31 else lin
+    own_end = torch.cumsum(nown, 0)
+    cen_end = torch.cumsum(nc, 0)
+    tri_end = torch.cumsum(ntri, 0)
+    ends = torch.tensor([min(s + chunk, ncell) - 1 for s, _ in steps], device=dev)
+    own_at, cen_at, tri_at = (torch.cat((ends.new_zeros(1), x.index_select(0, ends))).tolist()
+                              for x in (own_end, cen_end, tri_end))  # per step, and the totals: one sync
+    n_own, n_cen, n_tri = own_at[-1], cen_at[-1], tri_at[-1]
+    if n_tri == 0:
+        return empty
+    idt = torch.int32 if n_own + n_cen < 2 ** 31 else torch.int64  # ids fit in int32: half the memory
+    own_base = (own_end - nown).to(idt)  # (C,) first vertex id of each cell's own edges
+    del nown, own_end, cen_end, tri_end
+    slot_of, halo = _owner_lookup(cells, n)
+    slot_off = tab["slot_off"].view(-1, 3)
+    slot_off = (slot_off[:, 0] * _H + slot_off[:, 1]) * _H + slot_off[:, 2]  # (8 * 16,) in a halo block
+    lo_off = tab["corner"].index_select(0, tab["edge_lo"])  # (12, 3)
+    rank16 = tab["rank16"]
     # outputs written in place step by step (no list of parts and copy at the end)
     verts = torch.empty(n_own + n_cen, 3, device=dev)
     keys = torch.empty(n_own + n_cen, dtype=torch.int64, device=dev)
-    faces = torch.empty(int(ntri.sum(dtype=torch.int64)), 3, dtype=torch.int64, device=dev)
-    tri_at = cen_at = 0
-    for s, c in steps:
+    faces = torch.empty(n_tri, 3, dtype=torch.int64, device=dev)
+    for step, (s, c) in enumerate(steps):
         k = c.shape[0]
-        if kept is None:
-            vals = values_of(c, s)
-            idx, cross, owns = _classify(c, vals, n, tab)
-        else:
-            vals, idx, cross, owns = kept
+        vals = values_of(c, s) if kept is None else kept
+        idx = case[s : s + k].long()
         rows = torch.arange(k, device=dev)
-        ntri_k, nc_k = ntri[s : s + k].long(), nc[s : s + k].long()
-        # vid (k, 16): vertex id of each cell's 12 edge slots and 4 centre slots (-1: none)
-        vid = torch.full((k * 16,), -1, dtype=torch.int64, device=dev)
-        cen_c = torch.repeat_interleave(rows, nc_k)
-        cen_j = torch.arange(cen_c.shape[0], device=dev) - (torch.cumsum(nc_k, 0) - nc_k)[cen_c]
-        vid.index_copy_(0, cen_c * 16 + 12 + cen_j, cen_base.index_select(0, s + cen_c).long() + cen_j)
-        # (index_select / index_copy_ / take of flat tensors rather than x[i]: faster on a CPU,
-        # see benchmarks/extraction.py's marching cubes part)
-        pc, pe = cross.nonzero(as_tuple=True)
-        point = c[pc] + lo_off.index_select(0, pe)  # lower end point of each crossing (cell, edge)
-        owner = point.clamp(max=n - 2)
-        # owner rows: the cells are sorted by linear index, so a binary search finds each owner
-        # (no (N-1)^3 lookup table: memory stays proportional to the cells given)
-        olin = (owner[:, 0] * n + owner[:, 1]) * n + owner[:, 2]
-        orow = torch.searchsorted(slin, olin.to(slin.dtype)).clamp_(max=ncell - 1)
-        if not bool(lin.index_select(0, orow).eq(olin).all()):
+        # faces: the slots of each triangle, each slot's vertex id from its owner's numbering
+        t0, t1 = tri_at[step], tri_at[step + 1]
+        ntri_k = ntri[s : s + k]
+        cell_of = torch.repeat_interleave(rows, ntri_k, output_size=t1 - t0)
+        first = torch.cumsum(ntri_k, 0) - ntri_k
+        tri = (idx.index_select(0, cell_of) * MAX_TRIS + torch.arange(t1 - t0, device=dev)
+               - first.index_select(0, cell_of))
+        del first
+        slot = tab["tris"].view(-1, 3).index_select(0, tri)  # (T, 3) slot ids
+        del tri
+        up16 = ((c == n - 2).long() * up_w).sum(1) * 16  # (K,) the table row of each cell's upper faces
+        us = up16.index_select(0, cell_of).unsqueeze(1) + slot  # (T, 3)
+        g = s + cell_of
+        orow = halo.index_select(0, (slot_of.index_select(0, g).unsqueeze(1) + slot_off.index_select(
+            0, us.view(-1)).view(-1, 3)).view(-1)).long()  # (3T,) owner rows
+        if int(orow.min()) < 0:
             raise ValueError("marching_cubes_cells: the cells must include every sign-changing neighbour "
                              "of the cells given (the owner of a crossing edge is missing)")
-        d = point - owner
-        oedge = tab["edge_by"].view(-1).index_select(0, (d[:, 0] + 2 * d[:, 1] + 4 * d[:, 2]) * 3
-                                                     + tab["edge_axis"].index_select(0, pe))
-        rank = tab["rank12"].view(-1).index_select(0, owned.index_select(0, orow).long() * 12 + oedge)
-        vid.index_copy_(0, pc * 16 + pe, own_base.index_select(0, orow).long() + rank)
-        del pc, pe, point, owner, olin, orow, d, oedge, rank
-        cell_of = torch.repeat_interleave(rows, ntri_k)
-        first = torch.cumsum(ntri_k, 0) - ntri_k
-        tri = (idx.index_select(0, cell_of) * MAX_TRIS + torch.arange(cell_of.shape[0], device=dev)
-               - first.index_select(0, cell_of))
-        slots = tab["tris"].view(-1, 3).index_select(0, tri)  # (T, 3) slot ids
-        faces[tri_at : tri_at + slots.shape[0]] = vid.take(cell_of.unsqueeze(1) * 16 + slots)
-        tri_at += slots.shape[0]
-        del vid, cell_of, slots, tri
+        vid = own_base.index_select(0, orow).long() + rank16.index_select(
+            0, owned.index_select(0, orow).long() * 16 + tab["slot_own"].view(-1).index_select(0, us.view(-1)))
+        del orow, us
+        c0, c1 = cen_at[step], cen_at[step + 1]
+        if c1 > c0:  # loop-centre slots: the cell's own centres, numbered after every edge vertex
+            nc_k = nc[s : s + k]
+            cen_first = n_own + c0 + torch.cumsum(nc_k, 0) - nc_k  # (K,)
+            centre = slot.view(-1) >= 12
+            vid = torch.where(centre, cen_first.index_select(0, g.sub(s).repeat_interleave(3)) + slot.view(-1) - 12,
+                              vid)
+        faces[t0:t1] = vid.view(-1, 3)
+        del vid, slot, cell_of, g
         # positions: edge vertices from their owner's values, centres from their loop; the
         # own vertices of this step are the next ids in order
-        oc, oe = owns.nonzero(as_tuple=True)
-        at = int(own_base[s])
-        c_oc = c[oc]
-        verts[at : at + oc.shape[0]] = _edge_points(c_oc, vals[oc], oe, ax, tab)
+        oc, oe = (owned[s : s + k].long().unsqueeze(1) & tab["bits12"]).ne(0).nonzero(as_tuple=True)
+        at = own_at[step]
+        c_oc = c.index_select(0, oc)
+        verts[at : at + oc.shape[0]] = _edge_points(c_oc, vals.index_select(0, oc), oe, ax, tab)
         lin_lo = c_oc + lo_off.index_select(0, oe)
         keys[at : at + oc.shape[0]] = (3 * ((lin_lo[:, 0] * n + lin_lo[:, 1]) * n + lin_lo[:, 2])
                                        + tab["edge_axis"].index_select(0, oe))
-        if cen_c.numel():
+        del oc, oe, c_oc, lin_lo
+        if c1 > c0:
+            cen_c = torch.repeat_interleave(rows, nc_k, output_size=c1 - c0)
+            cen_j = torch.arange(c1 - c0, device=dev) - (cen_first - n_own - c0).index_select(0, cen_c)
             member = tab["members"][idx[cen_c], cen_j]  # (K, 12)
             kc = cen_c.shape[0]
             loop = _edge_points(c[cen_c].repeat_interleave(12, 0), vals[cen_c].repeat_interleave(12, 0),
                                 torch.arange(12, device=dev).repeat(kc), ax, tab).reshape(kc, 12, 3)
             loop = torch.where(member.unsqueeze(-1), loop, torch.zeros((), device=dev))
-            verts[n_own + cen_at : n_own + cen_at + kc] = loop.sum(1) / member.sum(1, keepdim=True)
-            keys[n_own + cen_at : n_own + cen_at + kc] = 3 * n ** 3 + 4 * lin[s + cen_c] + cen_j
-            cen_at += kc
+            verts[n_own + c0 : n_own + c1] = loop.sum(1) / member.sum(1, keepdim=True)
+            keys[n_own + c0 : n_own + c1] = 3 * n ** 3 + 4 * lin[s + cen_c] + cen_j
     return verts, faces, keys
 
 
-def _classify(cells: torch.Tensor, vals: torch.Tensor, n: int, tab: dict):
-    """Per cell: table index (K,) int64 (case * 64 + decider bits), crossing edges (K, 12),
-    edges whose vertex the cell owns (K, 12)."""
-    k = vals.shape[0]
+def _owner_lookup(cells: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of cells by position, for the owner of every triangle slot: two gathers, no search.
+
+    The cells are grouped in blocks of 8^3 cells; each block holding cells gets 9^3 slots
+    of a table, its own cells and the one-cell layer of its upper neighbours, so that a
+    cell's owners (at offsets 0 or 1 per axis) sit at a fixed offset from its own slot.
+
+    Args:
+        cells: (C, 3) int64, in [0, N-2].
+        n: N.
+
+    Returns:
+        slot (C,) int64 of each cell in the table, and the table (blocks * 9^3,) int32 of
+        rows (-1: no cell there).
+    """
+    dev = cells.device
+    nb = ((n - 1) + (1 << _B) - 1) >> _B  # blocks per axis
+    blk = cells >> _B
+    loc = cells & ((1 << _B) - 1)
+    bkey = (blk[:, 0] * nb + blk[:, 1]) * nb + blk[:, 2]
+    row_of = torch.zeros(nb ** 3, dtype=torch.int32, device=dev)
+    row_of.index_fill_(0, bkey, 1)
+    nblocks = int(row_of.sum())
+    row_of = torch.where(row_of > 0, torch.cumsum(row_of, 0, dtype=torch.int32) - 1, -1)  # block -> row, or -1
+    halo = torch.full((nblocks * _H ** 3,), -1, dtype=torch.int32, device=dev)
+    hw = torch.tensor([_H * _H, _H, 1], device=dev)
+    slot = row_of.index_select(0, bkey).long() * _H ** 3 + (loc * hw).sum(1)
+    rows = torch.arange(cells.shape[0], dtype=torch.int32, device=dev)
+    halo.index_copy_(0, slot, rows)
+    # cells on a block's lower faces are also the upper halo of the blocks below
+    low = (loc == 0) & (blk > 0)  # (C, 3)
+    pick = low.any(1).nonzero().squeeze(1)
+    low, lb, lloc, lrows = low.index_select(0, pick), bkey.index_select(0, pick), loc.index_select(0, pick), rows[pick]
+    code = (low.long() * torch.tensor([1, 2, 4], device=dev)).sum(1)  # which of its axes are on a lower face
+    for mask in range(1, 8):
+        axes = [a for a in range(3) if (mask >> a) & 1]
+        sel = ((code & mask) == mask).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        lower = row_of.index_select(0, lb.index_select(0, sel) - sum(nb ** (2 - a) for a in axes)).long()
+        has = lower >= 0
+        sel, lower = sel[has], lower[has]
+        shift = sum((1 << _B) * _H ** (2 - a) for a in axes)
+        at = lower * _H ** 3 + (lloc.index_select(0, sel) * hw).sum(1) + shift
+        halo.index_copy_(0, at, lrows.index_select(0, sel))
+    return slot, halo
+
+
+def _case_index(vals: torch.Tensor, tab: dict) -> torch.Tensor:
+    """Table index (K,) int64 of cells with corner values (K, 8): case * 64 + decider bits."""
     out = vals > 0  # (K, 8)
     case = (out.long() * tab["bits8"]).sum(1)
-    # asymptotic decider per face; products are commutative so neighbours agree
-    fv = vals.index_select(1, tab["face_cyc"].view(-1)).view(k, 6, 4)  # (K, 6, 4)
-    fo = fv > 0
-    amb = (fo[..., 0] == fo[..., 2]) & (fo[..., 1] == fo[..., 3]) & (fo[..., 0] != fo[..., 1])
+    # asymptotic decider on the ambiguous faces only (few cells have one); products are
+    # commutative so neighbours agree
+    amb = tab["ambiguous6"].index_select(0, case)  # (K,) bit f: face f is ambiguous
+    rows = amb.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return case * 64
+    fv = vals.index_select(0, rows).index_select(1, tab["face_cyc"].view(-1)).view(-1, 6, 4)  # (A, 6, 4)
     d02 = fv[..., 0] * fv[..., 2]
     d13 = fv[..., 1] * fv[..., 3]
     # saddle <= 0 (inside) <=> (product of outside diagonal) <= (product of inside diagonal)
-    neg_conn = torch.where(fo[..., 0], d02 <= d13, d13 <= d02) & amb
-    index = case * 64 + (neg_conn.long() * tab["bits6"]).sum(1)
-    cross = (vals.index_select(1, tab["edge_lo"]) > 0) != (vals.index_select(1, tab["edge_hi"]) > 0)  # (K, 12)
-    # a cell owns the crossing edges at its lower corner, plus those that no cell above it
-    # can own because it lies on the grid's upper faces: a (8, 12) table by boundary bits
-    up = cells == n - 2  # (K, 3)
-    owns = cross & tab["own_by_up"].index_select(0, up[:, 0].long() + 2 * up[:, 1].long() + 4 * up[:, 2].long())
-    return index, cross, owns
+    neg_conn = torch.where(fv[..., 0] > 0, d02 <= d13, d13 <= d02)
+    bits = (neg_conn.long() * tab["bits6"]).sum(1) & amb.index_select(0, rows)
+    return (case * 64).index_add_(0, rows, bits)
 
 
 def _edge_points(cells, vals, edges, ax, tab):

@@ -137,6 +137,54 @@ def _tables_np():
     return tris, members
 
 
+def _slot_tables(device) -> dict:
+    """The kernel's bit-mask tables: which edges cross and which a cell owns, and where the
+    vertex of each triangle slot lives (its owner cell and the owner's slot).
+
+    cross12 (256,) int64: mask of the edges whose ends differ, by case; ambiguous6 (256,)
+    int64: mask of the faces whose four corners alternate in sign, by case; own_mask (8,) int64:
+    mask of the edges a cell owns by its upper-face bits u (axis a touches the grid's upper
+    face: the cell's index is N - 2 there, so nobody above owns its upper edges);
+    slot_off (8, 16, 3) int64: offset of the owner of slot s (edge 0..11; 12..15 the cell's
+    own loop centres: offset 0) from the cell, by u; slot_own (8, 16) int64: that slot in the
+    owner's numbering (edges: the owner's edge on the same axis at the end point's corner);
+    rank16 (4096 * 16,) int32: ids of slot s among the vertices of a cell whose owned-edge mask
+    is m, at m * 16 + s (edges: the set bits below s; centres 12 + j: j, the base of the
+    centres being separate).
+    """
+    cross = np.zeros(256, np.int64)
+    for case in range(256):
+        for e, (lo, hi, _) in enumerate(_EDGES):
+            if ((case >> lo) ^ (case >> hi)) & 1:
+                cross[case] |= 1 << e
+    own_mask = np.zeros(8, np.int64)
+    slot_off = np.zeros((8, 16, 3), np.int64)
+    slot_own = np.zeros((8, 16), np.int64)
+    edge_by = {(lo, a): e for e, (lo, _, a) in enumerate(_EDGES)}
+    for u in range(8):
+        for e, (lo, _, a) in enumerate(_EDGES):
+            off = CORNER_OFFSETS[lo]
+            if all(off[k] == 0 or (u >> k) & 1 for k in range(3)):
+                own_mask[u] |= 1 << e
+            # on an upper face the end point lies past the last cell: the owner stays, one corner up
+            d = tuple(off[k] if (u >> k) & 1 else 0 for k in range(3))
+            slot_off[u, e] = [off[k] - d[k] for k in range(3)]
+            slot_own[u, e] = edge_by[(d[0] | d[1] << 1 | d[2] << 2, a)]
+        slot_own[u, 12:] = np.arange(12, 16)
+    amb = np.zeros(256, np.int64)  # bit f: face f has its outside corners on one diagonal (ambiguous)
+    for case in range(256):
+        for f, (_, _, cyc) in enumerate(_FACES):
+            s = [(case >> q) & 1 for q in cyc]
+            if s[0] == s[2] and s[1] == s[3] and s[0] != s[1]:
+                amb[case] |= 1 << f
+    bits = (np.arange(4096)[:, None] >> np.arange(12)) & 1
+    rank16 = np.concatenate((np.cumsum(bits, 1) - bits, np.tile(np.arange(4), (4096, 1))), 1)  # (4096, 16)
+    return dict(cross12=torch.from_numpy(cross).to(device), ambiguous6=torch.from_numpy(amb).to(device),
+                own_mask=torch.from_numpy(own_mask).to(device),
+                slot_off=torch.from_numpy(slot_off).to(device), slot_own=torch.from_numpy(slot_own).to(device),
+                rank16=torch.from_numpy(rank16.astype(np.int32)).reshape(-1).to(device))
+
+
 _TABLE_CACHE: dict = {}
 
 
@@ -175,5 +223,6 @@ def tables(device) -> dict:
                                      for lo, _, _ in _EDGES] for u in range(8)], device=device),  # (8, 12)
             edge_by=torch.tensor([[_EDGE_OF.get((c, c | (1 << a)), -1) for a in range(3)] for c in range(8)],
                                  device=device),  # (lower corner, axis) -> edge
+            **_slot_tables(device),
         )
     return _TABLE_CACHE[key]
