@@ -58,7 +58,10 @@ except ImportError:           # trees before the experiment package
     from lib.checkpoint import load_decoder_and_codes
     from lib.specs import load_specs
 from lib import runtime
-from lib.camera import demo_camera
+try:
+    from lib.render import demo_camera
+except ImportError:           # trees before lib.render held the camera
+    from lib.camera import demo_camera
 from lib.isosurface import extract_dense
 from lib.render import silhouette
 from lib.svr import reconstruct_view, RefineSettings

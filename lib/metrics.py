@@ -112,8 +112,9 @@ def sample_surface(verts: torch.Tensor, faces: torch.Tensor, n: int, generator: 
     faces = torch.as_tensor(faces, dtype=torch.int64, device=verts.device)
     if faces.numel() == 0:
         raise ValueError("cannot sample an empty mesh")
-    a, b, c = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
-    cross = torch.cross(b - a, c - a, dim=1)
+    # one gather of the (F, 3, 3) corners: cheaper than three strided column gathers, same values
+    a, b, c = verts.index_select(0, faces.reshape(-1)).view(-1, 3, 3).unbind(1)
+    cross = torch.linalg.cross(b - a, c - a, dim=1)
     area = cross.norm(dim=1)
     # draws happen on the generator's device (torch refuses a CPU generator for CUDA
     # tensors), so one seed gives the same samples whatever device the mesh is on
@@ -140,6 +141,10 @@ class PointReference:
     queries run as chunked ``torch.cdist`` (no host round trip for the distances).
     """
 
+    # points per KD-tree leaf: surface samples are searched with fewer node visits in larger
+    # leaves than scipy's default 16; the distances found are the same for any leaf size
+    LEAF_SIZE = 64
+
     def __init__(self, points: torch.Tensor, chunk: int = 4096):
         self.points = torch.as_tensor(points).detach()
         self.chunk = int(chunk)
@@ -147,7 +152,7 @@ class PointReference:
         if self.points.device.type == "cpu":
             from scipy.spatial import cKDTree
 
-            self.tree = cKDTree(self.points.double().numpy())
+            self.tree = cKDTree(self.points.double().numpy(), leafsize=self.LEAF_SIZE)
 
     def squared_distances(self, query: torch.Tensor) -> torch.Tensor:
         """Squared distance from each query point (Q, 3) to its nearest reference point: (Q,) float64,
@@ -267,10 +272,10 @@ def mesh_normal_consistency(verts_a, faces_a, verts_b, faces_b, n: int = 10000, 
 def silhouette_iou(a, b, threshold: float = 0.5) -> float:
     """Intersection over union of two silhouettes (H, W) in [0, 1], binarised at ``threshold``.
 
-    Tensors are compared on their own device (only the result comes back to the host).
+    Tensors are compared on their own device (only the result comes back to the host, one sync).
     """
     ta = a.detach() if isinstance(a, torch.Tensor) else torch.as_tensor(_np(a))
     tb = b.detach().to(ta.device) if isinstance(b, torch.Tensor) else torch.as_tensor(_np(b), device=ta.device)
     ma, mb = ta > threshold, tb > threshold
-    inter, union = (ma & mb).sum(), (ma | mb).sum()
-    return float(inter) / float(union) if int(union) > 0 else 1.0
+    inter, union = (ma & mb).sum().double(), (ma | mb).sum().double()
+    return float(torch.where(union > 0, inter / union.clamp_min(1), 1.0))

@@ -133,12 +133,14 @@ class Iteration:
     iteration: 0-based index (``-1`` for a gradient-free evaluation such as ``run.final``);
     latent (L,): the code evaluated (before this iteration's update); verts (V, 3) float32,
     faces (F, 3) int64: its mesh; dl_ds (V,): dL/ds per vertex (None without backward);
-    image: the loss's rendering; loss: float; euler: V - E + F; components: connected
-    pieces; genus: (2 * components - euler) / 2; seconds: wall time of the step (extraction,
+    image: the loss's rendering; loss: float; seconds: wall time of the step (extraction,
     rendering, backward, update; callbacks excluded); state: the extraction state
     (evaluations, stale/missed vertices of the fast mode, message); face_idx: the loss
     renderer's visible face per pixel (H, W) when it has one (``SilhouetteLoss.face_idx``),
-    else None.
+    else None; track_topology: whether ``record()`` carries the topology (the optimiser's
+    ``track_topology``).  Properties euler (V - E + F), components (connected pieces) and
+    genus ((2 * components - euler) / 2): computed from the faces on first read, once
+    (``lib.metrics.topology``; the optimiser computes them within the step when it tracks them).
     """
 
     iteration: int
@@ -148,20 +150,43 @@ class Iteration:
     image: torch.Tensor
     loss: float
     dl_ds: torch.Tensor | None
-    euler: int
-    components: int
-    genus: int
     seconds: float
     state: ExtractionState = field(repr=False)
     face_idx: torch.Tensor | None = field(default=None, repr=False)
+    track_topology: bool = field(default=True, repr=False)
+    _topology: tuple[int, int, int] | None = field(default=None, init=False, repr=False)
+
+    def topology(self) -> tuple[int, int, int]:
+        """(euler, components, genus) of the mesh, computed on the first call (profiler label
+        "optimize.topology") and kept."""
+        if self._topology is None:
+            with torch.profiler.record_function("optimize.topology"):
+                self._topology = topology(self.faces)
+        return self._topology
+
+    @property
+    def euler(self) -> int:
+        return self.topology()[0]
+
+    @property
+    def components(self) -> int:
+        return self.topology()[1]
+
+    @property
+    def genus(self) -> int:
+        return self.topology()[2]
 
     def record(self) -> dict:
-        """The JSON-friendly scalars of this iteration."""
-        return {"iteration": self.iteration, "loss": self.loss, "genus": self.genus, "euler": self.euler,
-                "components": self.components, "vertices": int(self.verts.shape[0]),
-                "faces": int(self.faces.shape[0]), "sdf_evaluations": int(self.state.evaluations),
-                "missed_vertices": int(self.state.missed_vertices), "seconds": self.seconds,
-                "latent_norm": float(self.latent.norm())}
+        """The JSON-friendly scalars of this iteration (genus, euler, components only when
+        ``track_topology``)."""
+        rec = {"iteration": self.iteration, "loss": self.loss}
+        if self.track_topology:
+            rec.update(genus=self.genus, euler=self.euler, components=self.components)
+        rec.update({"vertices": int(self.verts.shape[0]), "faces": int(self.faces.shape[0]),
+                    "sdf_evaluations": int(self.state.evaluations),
+                    "missed_vertices": int(self.state.missed_vertices), "seconds": self.seconds,
+                    "latent_norm": float(self.latent.norm())})
+        return rec
 
 
 class CodeAdam:
@@ -208,14 +233,18 @@ class LatentOptimizer:
     mode: ``dense`` | ``sparse`` (exact, default) | ``fast`` (the paper's heuristic, keeps
     the previous grid); gradient: ``paper`` | ``exact`` (lib.layer); chunk: SDF points
     per decoder call; kernel: use the decoder's fast path (``lib.layer.sdf.mesh_from_sdf``,
-    default True; speed only); extract_kwargs: passed to lib.isosurface.extract.
+    default True; speed only); track_topology: compute each step's genus, Euler
+    characteristic and components within the step, for its record and the progress bar
+    (default True, the demo); False leaves them out of the records and computes them only
+    if a callback reads them (the SVR refinement, whose logs do not hold them);
+    extract_kwargs: passed to lib.isosurface.extract.
     Attributes: ``latent`` (the optimised leaf tensor, (L,)), ``optimizer`` (``CodeAdam``),
     ``state`` (last extraction state), ``iteration`` (steps done).
     """
 
     def __init__(self, decoder: nn.Module, latent: torch.Tensor, loss_fn: ImageLoss, lr: float = 5e-2,
                  resolution: int = 64, mode: str = "sparse", gradient: str = "paper", chunk: int = 2 ** 14,
-                 kernel: bool = True, **extract_kwargs):
+                 kernel: bool = True, track_topology: bool = True, **extract_kwargs):
         if mode not in MODES:
             raise MeshSDFError(f"extraction mode {mode!r} is unknown: use one of {', '.join(MODES)}")
         if gradient not in GRADIENTS:
@@ -229,7 +258,7 @@ class LatentOptimizer:
         self.loss_fn = loss_fn
         self.optimizer = CodeAdam(self.latent, lr=lr)
         self.resolution, self.mode, self.gradient, self.chunk = int(resolution), mode, gradient, chunk
-        self.kernel = kernel
+        self.kernel, self.track_topology = kernel, bool(track_topology)
         self.extract_kwargs = extract_kwargs
         self.state: ExtractionState | None = None
         self.iteration = 0
@@ -248,17 +277,19 @@ class LatentOptimizer:
         return mesh
 
     def _result(self, index, latent, mesh, image, loss, dl_ds, t0) -> Iteration:
-        with torch.profiler.record_function("optimize.topology"):
-            chi, comps, g = topology(mesh.faces)
-        return Iteration(index, latent, mesh.verts.detach(), mesh.faces, image.detach(), loss, dl_ds, chi, comps,
-                         g, time.perf_counter() - t0, mesh.state, getattr(self.loss_fn, "face_idx", None))
+        it = Iteration(index, latent, mesh.verts.detach(), mesh.faces, image.detach(), loss, dl_ds, 0.0,
+                       mesh.state, getattr(self.loss_fn, "face_idx", None), self.track_topology)
+        if self.track_topology:
+            it.topology()
+        it.seconds = time.perf_counter() - t0
+        return it
 
     def step(self) -> Iteration:
         """Extract, render, backpropagate, update the code once; raises SurfaceLostError.
 
         Profiler labels of its stages: "optimize.extraction", "optimize.render" (the loss's
         renderer), "optimize.backward" (the loss's backward pass through the renderer and the
-        mesh layer), "optimize.topology".
+        mesh layer), "optimize.topology" (when it tracks the topology).
 
         Runs in a ``lib.runtime.threads.elementwise_section``: with sleeping OpenMP threads its
         elementwise passes on one intra-op thread, large decoder calls and side-by-side work
@@ -318,7 +349,7 @@ class OptimizationRun:
 def optimize(opt: LatentOptimizer, iterations: int, callbacks: Sequence[Callback] = (), final: bool = True,
              desc: str = "optimize", show_progress: bool = True,
              final_callbacks: Sequence[Callback] = ()) -> OptimizationRun:
-    """Run ``iterations`` steps of ``opt`` with a tqdm bar (loss, genus, s/it).
+    """Run ``iterations`` steps of ``opt`` with a tqdm bar (loss, genus when ``opt.track_topology``, s/it).
 
     After each step every ``callbacks`` item is called with the :class:`Iteration`; a
     returned mapping is merged into that step's history record (per-iteration metrics).
@@ -345,7 +376,9 @@ def optimize(opt: LatentOptimizer, iterations: int, callbacks: Sequence[Callback
                 if extra:
                     rec.update(extra)
             history.append(rec)
-            bar.set_postfix(loss=f"{it.loss:.3g}", genus=it.genus, s_it=f"{it.seconds:.2f}")
+            if show_progress:
+                shown = {"genus": it.genus} if opt.track_topology else {}
+                bar.set_postfix(loss=f"{it.loss:.3g}", **shown, s_it=f"{it.seconds:.2f}")
             bar.update(1)
     finally:
         bar.close()

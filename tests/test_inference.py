@@ -361,30 +361,61 @@ def test_consecutive_meshes_see_parameter_changes_even_through_data(ring):
     torch.testing.assert_close(new.verts, old.verts, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["kernel", "autograd", "generic", "weights"])
 @pytest.mark.parametrize("gradient", ["paper", "exact"])
-def test_backward_of_a_loss_that_moves_some_vertices_equals_the_generic_rule(ring, gradient):
-    """Only vertices with dL/dx != 0 are evaluated under the paper's rule: dL/ds (zero at the
-    others) and the code gradient equal the generic two-pass rule of lib.layer.field, which
-    evaluates every vertex (a field that is not recognised as a DeepSDF code field)."""
-    from lib.layer import mesh_from_field
+def test_backward_of_a_loss_that_moves_some_vertices_equals_the_full_rule(ring, gradient, path):
+    """A loss that moves only some vertices (dL/dx = 0 at the others): dL/ds (V,) and the
+    gradients of the code and, for "weights", of the decoder's parameters equal the rule
+    evaluated by hand at EVERY vertex (autograd normals, dl_ds_rule, autograd through
+    sum_i dL/ds_i s(x_i)), through the decoder's kernels, its autograd forward, a field that
+    is not recognised as a DeepSDF code field, and a decoder whose parameters require grad
+    (the generic two-pass rule).  Under the paper's rule the backward evaluates the decoder
+    at the moved vertices only; under the exact rule (median floor) at all of them."""
+    import copy
+
+    from lib.layer import DELTA, dl_ds_rule, mesh_from_field
 
     dec, codes = ring
-    out = []
-    for generic in (False, True):
-        z = codes[1].clone().requires_grad_(True)
-        if generic:
-            mesh = mesh_from_field(lambda p: dec(torch.cat((z.expand(p.shape[0], -1), p), 1)), 32, gradient=gradient)
-        else:
-            mesh = mesh_from_sdf(dec, z, 32, gradient=gradient)
-        keep = (mesh.verts.detach()[:, 0] > 0.1).float().unsqueeze(1)  # dL/dx = 0 for the others
-        assert 0.2 < keep.mean() < 0.8
+    if path == "weights":
+        dec = copy.deepcopy(dec)
+        for p in dec.parameters():
+            p.requires_grad_(True)
+    z = codes[1].clone().requires_grad_(True)
+    if path == "generic":
+        mesh = mesh_from_field(lambda p: dec(torch.cat((z.expand(p.shape[0], -1), p), 1)), 32, gradient=gradient)
+    else:
+        mesh = mesh_from_sdf(dec, z, 32, gradient=gradient, kernel=path == "kernel")
+    verts = mesh.verts.detach()
+    keep = (verts[:, 0] > 0.1).float().unsqueeze(1)  # dL/dx = 0 for the others
+    assert 0.2 < keep.mean() < 0.8
+    leaves = [z] + [p for p in dec.parameters() if p.requires_grad]
+    rows = []
+    hook = dec.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))
+    try:
         ((mesh.verts * keep) ** 2).sum().backward()
-        out.append((mesh.faces, mesh.state.dl_ds, z.grad.clone(), keep.squeeze(1)))
-    (fa, da, ga, ka), (fb, db, gb, kb) = out
-    assert torch.equal(fa, fb) and torch.equal(ka, kb)
-    assert torch.equal(da[ka == 0], torch.zeros_like(da[ka == 0])) and da[ka == 1].abs().min() > 0
-    torch.testing.assert_close(da, db, rtol=1e-3, atol=1e-4 * db.abs().max().item())
-    torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-4 * gb.abs().max().item())
+    finally:
+        hook.remove()
+    got = [t.grad.clone() for t in leaves]
+    moved = int(keep.sum()) if gradient == "paper" else verts.shape[0]
+    assert sum(rows) == (0 if path == "kernel" else moved)
+    # the rule by hand, at every vertex
+    with torch.enable_grad():
+        x = verts.clone().requires_grad_(True)
+        value = dec(torch.cat((z.detach().expand(x.shape[0], -1), x), 1)).reshape(-1)
+        (normal,) = torch.autograd.grad(value.sum(), x)
+        dl_ds = dl_ds_rule(normal, 2 * verts * keep, gradient, DELTA)
+        ref = torch.autograd.grad((dec(torch.cat((z.expand(x.shape[0], -1), verts), 1)).reshape(-1)
+                                   * dl_ds).sum(), leaves)
+    da = mesh.state.dl_ds
+    assert da.shape == dl_ds.shape
+    if gradient == "paper":
+        assert torch.equal(da[keep[:, 0] == 0], torch.zeros_like(da[keep[:, 0] == 0]))
+    assert da[keep[:, 0] == 1].abs().min() > 0
+    # a vertex within float rounding of a ReLU kink has two one-sided normals (test above)
+    off = ~torch.isclose(da, dl_ds, rtol=1e-3, atol=1e-4 * dl_ds.abs().max().item())
+    assert int(off.sum()) <= max(1, da.numel() // 1000), (int(off.sum()), da.numel())
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item())
 
 
 @pytest.mark.parametrize("kernels", [True, False])

@@ -222,6 +222,34 @@ def test_topology_counts():
     assert topology(torch.zeros(0, 3, dtype=torch.int64)) == (0, 0, 0)
 
 
+def test_topology_is_computed_in_the_step_when_tracked_and_only_on_read_otherwise():
+    """track_topology=True (the demo): every record has the torus's genus 1, computed within the
+    step; False (the SVR): no record holds it and no step computes it, yet a callback that
+    reads ``it.genus`` gets the same values as the tracked run, the same meshes otherwise."""
+    from torch.profiler import profile
+
+    loss_fn = SilhouetteLoss(camera(), sphere_target(0.5))
+    runs, labels, read = {}, {}, []
+    for track in (True, False):
+        opt = LatentOptimizer(LatentTorus(), torch.tensor([0.5, 0.2]), loss_fn, lr=0.01, resolution=24,
+                              track_topology=track)
+        with profile() as prof:
+            runs[track] = optimize(opt, 3, show_progress=False)
+        labels[track] = sum(e.count for e in prof.key_averages() if e.key == "optimize.topology")
+        if not track:
+            run = optimize(opt, 1, callbacks=[lambda it: read.append((it.euler, it.components, it.genus))],
+                           final=False, show_progress=False)
+            assert "genus" not in run.history[0]
+    tracked, lazy = runs[True].history, runs[False].history
+    assert [(r["euler"], r["components"], r["genus"]) for r in tracked] == [(0, 1, 1)] * 3
+    assert labels[True] == 4                      # 3 steps and the final evaluation, each once
+    assert labels[False] == 0 and not {"genus", "euler", "components"} & set(lazy[0])
+    assert [r["faces"] for r in lazy] == [r["faces"] for r in tracked]
+    assert read == [(0, 1, 1)] and runs[False].final.genus == 1
+    assert {k: v for k, v in tracked[0].items() if k not in ("genus", "euler", "components", "seconds")} == \
+        {k: v for k, v in lazy[0].items() if k != "seconds"}
+
+
 def test_a_loss_or_surface_bad_before_any_update_does_not_blame_the_learning_rate():
     """At iteration 0 no update has happened: a non-finite loss names the loss's weights (e.g.
     --regularize), a missing surface the starting code; neither says to lower the learning rate."""

@@ -44,7 +44,8 @@ replace generic steps, both optional (the DeepSDF field of :mod:`lib.layer.sdf` 
   and their device, instead of probing the field (:func:`_probe`);
 - ``layer_backward(sign, verts, grad_verts, index, leaves, gradient, delta, chunk)`` ->
   ``(dl_ds (V,), grads)`` or None: its own backward pass (arguments as :func:`field_backward`,
-  ``sign`` +1 or -1 as the field enters s), None where the generic pass must run;
+  ``sign`` +1 or -1 as the field enters s; the vertices :func:`field_backward` evaluates,
+  possibly only those the loss moves), None where the generic pass must run;
 - ``layer_freeze() -> object``: a copy of the object that keeps computing today's field after
   the tensors it reads change in place (the field being one of its bound methods, the copy's
   method of that name is used); the fast mode then starts from the band instead of the dense
@@ -341,8 +342,29 @@ def field_backward(signed: Callable, verts: torch.Tensor, grad_verts: torch.Tens
     Returns:
         dl_ds (V,) (detached) and one gradient per tensor of ``leaves`` (zeros where unused).
 
+    Under the paper's rule a vertex with dL/dx_i = 0 has dL/ds_i = 0 whatever its normal and
+    adds nothing to any leaf's gradient, so on a CPU only the other vertices are evaluated (a
+    silhouette loss moves only the vertices whose faces it sees), by a field's own backward
+    or the generic one alike.  Not under the exact rule (its floor is the median |n| over
+    every vertex), nor on a GPU (counting them would cost a host sync, and its FLOPs are cheap).
+
     A field offering ``layer_backward`` (module docstring) computes both itself where it can.
     """
+    full = verts.shape[0]
+    moving = None
+    if gradient == "paper" and verts.device.type == "cpu":
+        nonzero = grad_verts.ne(0).any(1)
+        if not bool(nonzero.all()):
+            moving = nonzero.nonzero().squeeze(1)
+            verts, grad_verts, index = verts[moving], grad_verts[moving], index[moving]
+    dl_ds, grads = _backward(signed, verts, grad_verts, index, leaves, gradient, delta, chunk)
+    if moving is not None:  # dL/ds is 0 at the vertices the loss does not move
+        dl_ds = verts.new_zeros(full).index_copy_(0, moving, dl_ds)
+    return dl_ds, grads
+
+
+def _backward(signed, verts, grad_verts, index, leaves, gradient, delta, chunk) -> tuple[torch.Tensor, list]:
+    """:func:`field_backward` at the given vertices: the field's own backward, else the generic two passes."""
     own = getattr(_owner(getattr(signed, "field", None)), "layer_backward", None)
     if callable(own):
         done = own(signed.sign, verts, grad_verts, index, leaves, gradient, delta, chunk)

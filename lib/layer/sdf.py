@@ -147,12 +147,8 @@ class _CodeField:
         backward where it applies, else by autograd in chunks of ``chunk``).  dL/dcodes[index]
         = dL/ds_i * ds_i/dcode then flows by autograd through ``codes[index]`` into the leaves
         (a latent, an encoder's output).  Same values as the two-pass path up to float rounding.
-
-        Under the paper's rule a vertex with dL/dx_i = 0 has dL/ds_i = 0 whatever its normal,
-        and adds nothing to the code gradient, so on a CPU only the other vertices are
-        evaluated (a silhouette loss moves only the vertices on the outline).  Not under the
-        exact rule (its floor is the median |n| over every vertex), nor on a GPU (counting
-        them would cost a host sync, and its FLOPs are cheap).
+        (:func:`lib.layer.field.field_backward` passes only the vertices the loss moves where
+        it can.)
 
         Args:
             sign: +1 or -1, how the field enters s = sign * (field - level).
@@ -164,13 +160,6 @@ class _CodeField:
         if not self.rows_only():
             return None
         L = self.codes.shape[1]
-        full = verts.shape[0]
-        moving = None
-        if gradient == "paper" and verts.device.type == "cpu":
-            nonzero = grad_verts.ne(0).any(1)
-            if not bool(nonzero.all()):
-                moving = nonzero.nonzero().squeeze(1)
-                verts, grad_verts, index = verts[moving], grad_verts[moving], index[moving]
         kernel = self.kernel(verts.device)
         with self.threads(verts.shape[0]):
             if kernel is not None:
@@ -193,6 +182,4 @@ class _CodeField:
             # a scalar output: an explicit grad_outputs tensor makes torch import sympy (slow, once)
             grads = torch.autograd.grad((self.codes[index] * code_rows).sum(), leaves, allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
-        if moving is not None:
-            dl_ds = verts.new_zeros(full).index_copy_(0, moving, dl_ds.detach())
         return dl_ds.detach(), grads

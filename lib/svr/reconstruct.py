@@ -140,7 +140,9 @@ def reconstruct_view(decoder: nn.Module, code: torch.Tensor, alpha: torch.Tensor
     dev = code.device
     alpha = alpha.detach().float().to(dev)
     loss_fn = RefinementLoss(camera.to(device=dev, dtype=torch.float32), alpha, settings)
-    opt = LatentOptimizer(decoder, code, loss_fn, lr=settings.lr, resolution=settings.resolution, mode=settings.mode)
+    # the logs hold no topology: no genus per step
+    opt = LatentOptimizer(decoder, code, loss_fn, lr=settings.lr, resolution=settings.resolution, mode=settings.mode,
+                          track_topology=False)
     loss_fn.latent = opt.latent
     kept = {}          # the first ("raw") and the latest evaluated iterations
     records: list[dict] = []
