@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ours.add_argument("--mode", choices=("fast", "sparse", "dense"), default=None,
                       help="extraction every iteration (default: ExtractionMode, 'fast' = the original's "
                            "heuristic; 'sparse' and 'dense' are exact)")
+    ours.add_argument("--dense-start", action="store_true",
+                      help="fast mode: evaluate the whole N^3 grid for the first mesh, as the original does "
+                           "(default: only the band around the surface, with the same meshes wherever the exact "
+                           "sparse extraction finds every piece of surface; docs/extraction.md)")
     ours.add_argument("--views", nargs="+", type=int, default=None, metavar="N",
                       help="reconstruct these views of every instance (folders <instance>_viewNN except for the "
                            "protocol's view) instead of the protocol's one view")
@@ -103,7 +107,8 @@ def reconstruct_split(args: argparse.Namespace, specs, ctx: distributed.DistCont
     device = ctx.device
     settings = reconstruct.RefineSettings.from_specs(specs, iterations=args.iterations, lr=args.lr,
                                                      resolution=args.resolution, mode=args.mode, sigma=args.sigma,
-                                                     chamfer_samples=args.chamfer_samples, regularize=args.regularize)
+                                                     chamfer_samples=args.chamfer_samples, regularize=args.regularize,
+                                                     dense_start=args.dense_start or None)
     limits.check_grid(settings.resolution, device)
     limits.check_chamfer_samples(settings.chamfer_samples, device,
                                  name="--chamfer-samples" if args.chamfer_samples is not None else "ChamferSamples")

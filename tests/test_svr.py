@@ -616,6 +616,36 @@ def test_refinement_steps_and_logs_are_the_originals():
         assert float(res.refined[0][:, 1].max()) == pytest.approx(float(vr[:, 1].max()), abs=1e-3)
 
 
+class _CountingCapsule(CapsuleDecoder):
+    """The capsule, counting the rows it evaluates without gradient (the extraction's)."""
+
+    rows = 0
+
+    def forward(self, inputs):
+        if not torch.is_grad_enabled():
+            self.rows += inputs.shape[0]
+        return super().forward(inputs)
+
+
+def test_refinement_dense_start_gives_the_band_starts_logs():
+    """--dense-start: the fast mode's first grid is the whole N^3 (the original's); the default
+    band start evaluates far fewer points and logs the same curves."""
+    _, target, cam, gt_v, gt_f, alpha = _capsule_target(32)
+    gt = svr.GroundTruth(gt_v, gt_f, cam, 500)
+    runs = {}
+    for dense in (False, True):
+        dec = _CountingCapsule()
+        settings = svr.RefineSettings(resolution=96, iterations=2, lr=0.05, sigma=2e-4, chamfer_samples=500,
+                                      dense_start=dense)
+        torch.manual_seed(0)
+        runs[dense] = (svr.reconstruct_view(dec, torch.zeros(2), alpha, cam, gt, settings), dec.rows)
+    (band, band_rows), (dense, dense_rows) = runs[False], runs[True]
+    assert dense_rows - band_rows > 96 ** 3 // 2, (dense_rows, band_rows)   # the later steps evaluate alike
+    for key in svr.LOG_KEYS:
+        assert np.allclose(band.log[key], dense.log[key], rtol=1e-6, atol=0, equal_nan=True), key
+    assert torch.equal(band.refined[1], dense.refined[1])
+
+
 def test_refinement_loss_regularizer_and_nan_gradients():
     dec, target, cam, gt_v, gt_f, alpha = _capsule_target(24)
     settings = svr.RefineSettings(sigma=1e-3, regularize=0.5)

@@ -50,6 +50,7 @@ class RefineSettings:
     faces_per_pixel: int | None = 25
     chamfer_samples: int = 10000
     regularize: float = 0.0
+    dense_start: bool = False   # fast mode: the first grid dense (the original's) instead of the band
 
     @classmethod
     def from_specs(cls, specs: Mapping, **overrides) -> "RefineSettings":
@@ -141,8 +142,9 @@ def reconstruct_view(decoder: nn.Module, code: torch.Tensor, alpha: torch.Tensor
     alpha = alpha.detach().float().to(dev)
     loss_fn = RefinementLoss(camera.to(device=dev, dtype=torch.float32), alpha, settings)
     # the logs hold no topology: no genus per step
+    start = {"freeze": None} if settings.dense_start else {}   # freeze=None: the fast mode's dense first grid
     opt = LatentOptimizer(decoder, code, loss_fn, lr=settings.lr, resolution=settings.resolution, mode=settings.mode,
-                          track_topology=False)
+                          track_topology=False, **start)
     loss_fn.latent = opt.latent
     kept = {}          # the first ("raw") and the latest evaluated iterations
     records: list[dict] = []
