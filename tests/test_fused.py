@@ -10,6 +10,7 @@ from lib.models.kernels.elementwise import dropout_bits, dropout_mask, new_seed
 from lib.training import TrainSettings, auto_decoder_loss, clamped_l1
 
 M64 = (1 << 64) - 1
+M32 = (1 << 32) - 1
 
 
 def _splitmix64(state: int) -> int:
@@ -20,17 +21,47 @@ def _splitmix64(state: int) -> int:
     return z ^ (z >> 31)
 
 
-def test_dropout_bits_are_splitmix64_of_the_documented_counter():
+def _key(seed: int, counter: int) -> int:
+    """Reference 32-bit key: 0x7FEB352D x the high half of SplitMix64 of the counter's state."""
+    return (_splitmix64(seed + (counter + 1) * 0x9E3779B97F4A7C15) >> 32) * 0x7FEB352D & M32
+
+
+def test_dropout_bits_are_the_documented_hash_of_the_counters():
     seed = -1234567890123456789
-    bits = torch.stack([dropout_bits(seed, layer, row0=3, rows=2, cols=10) for layer in (0, 5)])  # (2, 2, 12) int16
-    assert bits.shape == (2, 2, 12) and bits.dtype == torch.int16
-    words = bits.view(torch.int64)  # (2, 2, 3): lanes c % 4 of word c // 4
+    bits = torch.stack([dropout_bits(seed, layer, row0=3, rows=2, cols=9) for layer in (0, 5)])  # (2, 2, 10) int16
+    assert bits.shape == (2, 2, 10) and bits.dtype == torch.int16
+    words = bits.view(torch.int32)  # (2, 2, 5): lanes c % 2 of word c // 2
     for li, layer in enumerate((0, 5)):
         for r in range(2):
-            for q in range(3):
-                k = (layer << 44) + ((3 + r) << 12) + q
-                want = _splitmix64(seed + (k + 1) * 0x9E3779B97F4A7C15)
-                assert words[li, r, q].item() & M64 == want
+            for w in range(5):
+                x = (_key(seed, (layer << 32) + 3 + r) + _key(0, w)) & M32
+                want = ((x ^ (x >> 15)) * 0x846CA68B) & M32
+                assert words[li, r, w].item() & M32 == want
+
+
+def test_dropout_bits_have_no_visible_structure():
+    """Each of a lane's 16 bits is a fair coin, and neighbouring units (in a row, in a column,
+    diagonally), layers and seeds are uncorrelated, within 5 sigma."""
+    seed = new_seed()
+    rows, cols = 4096, 128
+    lanes = dropout_bits(seed, 2, 0, rows, cols).to(torch.int32) & 0xFFFF
+    for lane in range(2):
+        v = lanes[:, lane::2]
+        for k in range(16):
+            frac = ((v >> k) & 1).double().mean().item()
+            assert abs(frac - 0.5) < 5 * math.sqrt(0.25 / v.numel()), (lane, k)
+
+    def corr(a, b):
+        a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+        return ((a * b).mean() / (a.std() * b.std())).item()
+
+    bound = 5 / math.sqrt(rows * cols)
+    others = {"next unit": (lanes[:, :-1], lanes[:, 1:]), "unit after next": (lanes[:, :-2], lanes[:, 2:]),
+              "next row": (lanes[:-1], lanes[1:]), "diagonal": (lanes[:-1, :-1], lanes[1:, 1:]),
+              "next layer": (lanes, dropout_bits(seed, 3, 0, rows, cols).to(torch.int32) & 0xFFFF),
+              "next seed": (lanes, dropout_bits(seed + 1, 2, 0, rows, cols).to(torch.int32) & 0xFFFF)}
+    for name, (a, b) in others.items():
+        assert abs(corr(a, b)) < bound, name
 
 
 def test_dropout_bits_of_a_chunk_are_a_slice_of_the_full_draw():

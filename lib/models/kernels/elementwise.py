@@ -48,14 +48,12 @@ def effective_dropout_prob(p: float) -> float:
 _GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _MIX2 = 0x94D049BB133111EB - (1 << 64)
-_ROW_BITS = 12    # counter stride of a row: up to 4 * 2^12 units per row
-_LAYER_BITS = 44  # counter stride of a layer: up to 2^32 rows
-_STEPS: dict = {}
-
-
-def _signed64(v: int) -> int:
-    v &= (1 << 64) - 1
-    return v - (1 << 64) if v >> 63 else v
+# odd 32-bit multipliers of the per-unit mixer (C. Wellons' "lowbias32"), as signed int32
+_MUL1 = 0x7FEB352D
+_MUL2 = 0x846CA68B - (1 << 32)
+_ROW_BITS = 32    # counter stride of a layer: up to 2^32 rows
+_MAX_WORDS = 1 << 16
+_COLUMN_KEYS: dict = {}
 
 
 def new_seed() -> int:
@@ -80,69 +78,100 @@ def _splitmix64_(z: torch.Tensor, tmp: torch.Tensor | None = None) -> torch.Tens
     return z
 
 
-def _steps(rows: int, words: int, device: torch.device) -> torch.Tensor:
-    """(rows, words) int64: (r * 2^12 + q) * gamma, the per-unit part of the SplitMix64 state (cached)."""
-    key = (rows, words, device)
-    steps = _STEPS.get(key)
-    if steps is None:
-        r = torch.arange(rows, dtype=torch.int64, device=device)[:, None] << _ROW_BITS
-        steps = (r + torch.arange(words, dtype=torch.int64, device=device)).mul_(_GAMMA)
-        if len(_STEPS) > 64:
-            _STEPS.clear()
-        _STEPS[key] = steps
-    return steps
+def _keys(counters: torch.Tensor, seed: int) -> torch.Tensor:
+    """int32 keys ``_MUL1`` * (high half of SplitMix64(seed + (k + 1) * gamma)) of int64 counters k (any shape)."""
+    z = counters.add(1).mul_(_GAMMA).add_(seed)
+    return (_splitmix64_(z) >> 32).to(torch.int32).mul_(_MUL1)
 
 
-def _offset(seed: int, layer: int, row0: int) -> int:
-    """The scalar part of the SplitMix64 state of (layer, row0, word 0), as a signed int64."""
-    return _signed64(seed + ((layer << _LAYER_BITS) + (row0 << _ROW_BITS) + 1) * _GAMMA)
+def _column_keys(words: int, device: torch.device) -> torch.Tensor:
+    """(words,) int32 key of each 32-bit word of a row, the same for every seed, layer and row (cached)."""
+    key = (words, device)
+    keys = _COLUMN_KEYS.get(key)
+    if keys is None:
+        keys = _keys(torch.arange(words, dtype=torch.int64, device=device), 0)
+        if len(_COLUMN_KEYS) > 64:
+            _COLUMN_KEYS.clear()
+        _COLUMN_KEYS[key] = keys
+    return keys
 
 
-def _check_range(rows_end: int, cols: int) -> int:
-    words = (int(cols) + 3) // 4
-    if words > 1 << _ROW_BITS or rows_end > 1 << (_LAYER_BITS - _ROW_BITS):
-        raise ValueError(f"dropout bits: layer width {cols} or row {rows_end} out of range")
+def _row_keys(seed: int, layers: torch.Tensor, row0: int, rows: int) -> torch.Tensor:
+    """(len(layers), rows) int32 keys of rows row0 .. row0 + rows of each layer (an int64 tensor) for ``seed``."""
+    r = torch.arange(row0, row0 + rows, dtype=torch.int64, device=layers.device)
+    return _keys((layers[:, None] << _ROW_BITS) + r, seed)
+
+
+def _check_range(rows_end: int, cols: int, layer: int = 0) -> int:
+    words = (int(cols) + 1) // 2
+    if words > _MAX_WORDS or rows_end > 1 << _ROW_BITS or not 0 <= layer < 1 << 30:
+        raise ValueError(f"dropout bits: layer {layer}, width {cols} or row {rows_end} out of range")
     return words
 
 
-def _draw_(steps: torch.Tensor, offset: int, z: torch.Tensor, tmp: torch.Tensor | None = None) -> torch.Tensor:
-    """SplitMix64 outputs of the states ``steps + offset``, written into ``z`` (same shape)."""
-    torch.add(steps, offset, out=z)
-    return _splitmix64_(z, tmp)
+def _mix_(row_keys: torch.Tensor, col_keys: torch.Tensor, z: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """Random int32 words z (rows, words) = mix(row_keys[r] + col_keys[w]) in place (``tmp``: scratch like z).
+
+    mix is a multiply-xorshift-multiply hash of 32-bit words; the first multiply is already in
+    both keys (``_keys``), so it costs no pass over z.  Why so few passes: this runs over
+    every unit of every dropped-out layer of a training step; each row's key already carries a
+    full 64-bit hash, so the per-unit part only has to decorrelate the words of a row.
+    """
+    torch.add(row_keys[:, None], col_keys, out=z)
+    torch.bitwise_right_shift(z, 15, out=tmp)
+    tmp.bitwise_and_((1 << 17) - 1)  # logical shift: clear the sign fill
+    return z.bitwise_xor_(tmp).mul_(_MUL2)
 
 
 def dropout_bits(seed: int, layer: int, row0: int, rows: int, cols: int, device=None) -> torch.Tensor:
-    """Random 16-bit lanes of units (row, col) of ``layer``: (rows, 4 * ceil(cols / 4)) int16.
+    """Random 16-bit lanes of units (row, col) of ``layer``: (rows, 2 * ceil(cols / 2)) int16.
 
-    Unit (l, r, c) gets lane c % 4 of the SplitMix64 output for counter
-    k = l * 2^44 + r * 2^12 + c // 4 (state seed + (k + 1) * gamma).  Counter-based, so a
-    chunk of rows gives exactly the bits of the full draw, whatever the width other layers
-    have.  Why not torch's generator: its CPU Mersenne twister is serial, a visible part of a
-    training step; this is a few vectorised integer passes over the words.
+    Unit (l, r, c) gets lane c % 2 (the low half first) of the 32-bit word
+    mix(K(l, r) + C(c // 2)): K(l, r) = ``_MUL1`` x the high half of
+    SplitMix64(seed + (l * 2^32 + r + 1) * gamma), C(w) the same with seed 0 and counter w,
+    mix(x) = ``_MUL2`` x (x ^ (x >>> 15)), all mod 2^32.  Counter-based, so a chunk of rows
+    gives exactly the bits of the full draw, whatever the width other layers have.  Why not
+    torch's generator: its CPU Mersenne twister is serial, a visible part of a training step;
+    this is a few vectorised int32 passes over the words.
     """
-    words = _check_range(row0 + rows, cols)
+    words = _check_range(row0 + rows, cols, layer)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    steps = _steps(rows, words, device)
-    return _draw_(steps, _offset(seed, layer, row0), torch.empty_like(steps)).view(torch.int16)
+    layers = torch.tensor([layer], dtype=torch.int64, device=device)
+    z = torch.empty(rows, words, dtype=torch.int32, device=device)
+    _mix_(_row_keys(seed, layers, row0, rows)[0], _column_keys(words, device), z, torch.empty_like(z))
+    return z.view(torch.int16)
 
 
 class ChunkDropout:
     """Dropout of row chunks in place, into scratch allocated once: the hot-loop form of
     ``dropout_bits`` + ``dropout_mask`` (same bits, so the same masks).
 
-    ``apply_(h, layer, row0)`` multiplies h (n, cols), rows row0 .. row0 + n of ``layer``,
-    by its keep mask for ``seed``; n <= max_rows, cols <= max_cols.  All views of the
-    scratch are built once per (n, cols), so a call is 12 tensor operations.
+    ``apply_(h, layer, row0)`` zeroes the dropped units of h (n, cols), rows row0 .. row0 + n
+    of ``layer``, for ``seed``; n <= max_rows, cols <= max_cols.  ``layers``: the layers that
+    will be dropped out, whose row keys are drawn together at the first call for a chunk.
     """
 
-    def __init__(self, seed: int, p: float, max_rows: int, max_cols: int, device, dtype=torch.float32):
+    def __init__(self, seed: int, p: float, max_rows: int, max_cols: int, device, dtype=torch.float32,
+                 layers: Sequence[int] = ()):
         self.seed, self.threshold = int(seed), dropout_threshold(p)
         self.device = torch.device(device)
-        words = (int(max_cols) + 3) // 4
-        self._z = torch.empty(max_rows * words, dtype=torch.int64, device=self.device)
+        words = (int(max_cols) + 1) // 2
+        self._z = torch.empty(max_rows * words, dtype=torch.int32, device=self.device)
         self._t = torch.empty_like(self._z)
-        self._keep = torch.empty(max_rows * max_cols, dtype=dtype, device=self.device)
+        self._layers = list(layers)
+        self._layer_index = {lay: j for j, lay in enumerate(self._layers)}
+        self._layer_ids = torch.tensor(self._layers, dtype=torch.int64, device=self.device)
+        self._chunk = None  # (row0, n, row keys (len(layers), n)) of the last chunk
         self._views: dict = {}
+
+    def _keys_of(self, layer: int, row0: int, n: int) -> torch.Tensor:
+        """(n,) int32 row keys of ``layer``, drawn for all ``layers`` once per chunk."""
+        j = self._layer_index.get(layer)
+        if j is None:
+            return _row_keys(self.seed, torch.tensor([layer], device=self.device), row0, n)[0]
+        if self._chunk is None or self._chunk[:2] != (row0, n):
+            self._chunk = (row0, n, _row_keys(self.seed, self._layer_ids, row0, n))
+        return self._chunk[2][j]
 
     def apply_(self, h: torch.Tensor, layer: int, row0: int) -> torch.Tensor:
         n, cols = h.shape
@@ -150,13 +179,14 @@ class ChunkDropout:
         if views is None:
             words = _check_range(0, cols)
             z = self._z[: n * words].view(n, words)
-            views = (_steps(n, words, self.device), z, self._t[: n * words].view(n, words),
-                     z.view(torch.int16)[:, :cols], self._keep[: n * cols].view(n, cols))
+            views = (_column_keys(words, self.device), z, self._t[: n * words].view(n, words),
+                     z.view(torch.int16)[:, :cols])
             self._views[(n, cols)] = views
-        steps, z, t, bits, keep = views
-        _check_range(row0 + n, cols)
-        _draw_(steps, _offset(self.seed, layer, row0), z, t)
-        return h.mul_(torch.ge(bits, self.threshold, out=keep))
+        cols_keys, z, t, bits = views
+        _check_range(row0 + n, cols, layer)
+        _mix_(self._keys_of(layer, row0, n), cols_keys, z, t)
+        # h where bits >= threshold, else 0, in one pass (the int16 bits compared as h's dtype)
+        return torch.ops.aten.threshold_backward.grad_input(h, bits, self.threshold - 1, grad_input=h)
 
 
 def dropout_threshold(p: float) -> int:

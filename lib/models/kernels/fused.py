@@ -185,7 +185,8 @@ class _Partial:
         self.total = torch.zeros((), dtype=dtype, device=dev)
         self._acts = [torch.empty(c * n, dtype=dtype, device=dev) for n in sh.widths]
         self._grads = [torch.empty(c * width, dtype=dtype, device=dev) for _ in range(2)]
-        self.dropout = ChunkDropout(sh.seed, sh.plan.dropout_prob, c, width, dev, dtype)
+        self.dropout = ChunkDropout(sh.seed, sh.plan.dropout_prob, c, width, dev, dtype,
+                                    layers=[i for i, lp in enumerate(sh.plan.layers) if lp.dropout])
         self._views: dict = {}
 
     def views(self, sh: _Shared, n: int):
