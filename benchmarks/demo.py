@@ -18,7 +18,12 @@ extraction mode.
    "render.*"); seconds per step.  The profiler adds a small
    cost per operation, so compare these parts with each other; on CUDA they are host times.
 
+``--baseline COMMIT`` instead compares the default command of this tree with COMMIT's
+(alternately, ``--repeat`` times; best wall and loop seconds) and whether every iteration's
+mesh (vertex and face counts, genus) and loss agree, and writes benchmarks/results/demo_<time>.json.
+
 Usage: python benchmarks/demo.py [--renderers nr soft] [--iterations 100] [--modes] [--parts] [--device cpu]
+       python benchmarks/demo.py --baseline 707b828 [--repeat 2]
 """
 from __future__ import annotations
 
@@ -46,22 +51,53 @@ def load() -> str:
     return "load {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
 
 
-def whole_command(exp: Path, renderer: str, iterations: int, device: str | None) -> dict:
+def whole_command(exp: Path, renderer: str, iterations: int, device: str | None, root: Path = REPO) -> dict:
+    """One run of ``root``'s demo_optimizer.py (this tree, or a baseline's worktree) in a fresh process."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"              # a fresh folder: the demo writes it whole
-        cmd = [sys.executable, str(REPO / "demo_optimizer.py"), "-e", str(exp), "--out", str(out),
+        cmd = [sys.executable, str(root / "demo_optimizer.py"), "-e", str(exp), "--out", str(out),
                "--renderer", renderer, "--iters", str(iterations)] + (["--device", device] if device else [])
         before = load()
         w0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
                               env={**os.environ, "MESHSDF_QUIET": "1"})
         wall = time.perf_counter() - w0
         if proc.returncode != 0:
-            raise SystemExit(f"demo failed ({renderer}): {proc.stderr.strip().splitlines()[-1:]}")
+            raise SystemExit(f"demo failed ({renderer}, {root}): {proc.stderr.strip().splitlines()[-1:]}")
         log = json.loads((out / "log.json").read_text())
     return {"renderer": renderer, "wall": wall, "loop": log["seconds_total"], "genus": log["final"]["genus"],
             "iou": log["final"]["iou"], "genus0": log["iterations"][0]["genus"],
-            "steps": sum(r["seconds"] for r in log["iterations"]), "load": f"{before} -> {load()}"}
+            "steps": sum(r["seconds"] for r in log["iterations"]), "load": f"{before} -> {load()}",
+            "meshes": [(r["vertices"], r["faces"], r["genus"]) for r in log["iterations"]],
+            "losses": [r["loss"] for r in log["iterations"]]}
+
+
+def compare_with(baseline: str, exp: Path, renderer: str, iterations: int, device: str | None,
+                 repeat: int) -> dict:
+    """The whole command of this tree and of ``baseline`` (a commit, checked out in a temporary
+    worktree, run on this tree's checkpoint), alternately ``repeat`` times: best wall and loop
+    seconds of each, and whether every iteration's mesh (vertex and face counts, genus) and
+    loss agree."""
+    base = Path(tempfile.mkdtemp(prefix="demo_base_"))
+    subprocess.run(["git", "worktree", "add", "--detach", str(base), baseline], cwd=REPO, check=True,
+                   capture_output=True)
+    try:
+        runs: dict = {"baseline": [], "this": []}
+        for _ in range(repeat):
+            runs["baseline"].append(whole_command(exp, renderer, iterations, device, base))
+            runs["this"].append(whole_command(exp, renderer, iterations, device))
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
+    a, b = runs["baseline"][0], runs["this"][0]
+    loss_rel = max((abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a["losses"], b["losses"])), default=0.0)
+    return {"baseline": baseline, "renderer": renderer, "iterations": iterations,
+            "wall": {k: min(r["wall"] for r in v) for k, v in runs.items()},
+            "loop": {k: min(r["loop"] for r in v) for k, v in runs.items()},
+            "same_meshes": a["meshes"] == b["meshes"], "largest_relative_loss_difference": loss_rel,
+            # (iteration, baseline's (vertices, faces, genus), this tree's) where they differ
+            "mesh_differences": [(i, x, y) for i, (x, y) in enumerate(zip(a["meshes"], b["meshes"])) if x != y],
+            "final": {k: {"genus": v[0]["genus"], "iou": v[0]["iou"]} for k, v in runs.items()},
+            "loads": {k: [r["load"] for r in v] for k, v in runs.items()}}
 
 
 def demo_setup(exp: Path, device_name: str | None):
@@ -173,8 +209,25 @@ def main() -> int:
     ap.add_argument("--modes", action="store_true", help="also part 2 (dense / sparse / fast in lockstep)")
     ap.add_argument("--parts", action="store_true", help="also part 3 (where a step of the default demo goes)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--baseline", default=None, metavar="COMMIT",
+                    help="instead: the default command of this tree against COMMIT's, alternately --repeat times, "
+                         "with every iteration's mesh compared; writes benchmarks/results/demo_<time>.json")
     args = ap.parse_args()
     exp = Path(args.experiment)
+    if args.baseline:
+        r = compare_with(args.baseline, exp, (args.renderers or ["nr"])[0], args.iterations, args.device,
+                         args.repeat)
+        r.update(commit=subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                       text=True).stdout.strip(), cpus=os.cpu_count())
+        out = REPO / "benchmarks" / "results" / time.strftime("demo_%Y%m%d_%H%M%S.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(r, indent=1) + "\n")
+        print(f"command: {args.baseline} {r['wall']['baseline']:.1f} s, this tree {r['wall']['this']:.1f} s "
+              f"(loop {r['loop']['baseline']:.1f} / {r['loop']['this']:.1f} s); every iteration's mesh the same: "
+              f"{r['same_meshes']}; largest relative loss difference {r['largest_relative_loss_difference']:.1e}; "
+              f"final genus/IoU {r['final']}; {r['loads']}")
+        print(f"written to {out}")
+        return 0
     print(f"{os.cpu_count()} CPUs visible, {len(os.sched_getaffinity(0))} usable; {args.iterations} iterations")
     print("\n1. the whole command, fresh process")
     print(f"{'renderer':>8} {'command s':>10} {'loop s':>7} {'start+out s':>12} {'s/step':>7} "

@@ -466,3 +466,26 @@ def test_demo_step_runs_elementwise_work_on_one_thread_and_large_decoder_calls_o
     small = [th for rows, th in seen["calls"] if rows < inference.FEW_ROWS]
     large = [th for rows, th in seen["calls"] if rows >= inference.FEW_ROWS]
     assert small and large and set(small) == {1} and set(large) == {2}
+
+
+def test_the_environment_forces_the_gemm_library(monkeypatch):
+    """MESHSDF_GEMM=blas|onednn forces the library for the process (GEMM, when set, wins); a bad
+    value is refused with its name."""
+    import lib.models.kernels.gemm as gemm
+
+    monkeypatch.setattr(gemm, "GEMM", None)
+    monkeypatch.setenv("MESHSDF_GEMM", "blas")
+    assert gemm.cpu_gemm() == "blas"
+    dec = _decoder("deepsdf_pe")
+    xyz = torch.rand(300, 3) * 2 - 1
+    ops = _gemm_ops(lambda: InferenceKernel(dec).values(torch.randn(1, 3), xyz))
+    assert ops and not any("linear_pointwise" in n for n in ops)
+    if gemm.onednn_available():
+        monkeypatch.setenv("MESHSDF_GEMM", "onednn")
+        assert gemm.cpu_gemm() == "onednn"
+        monkeypatch.setattr(gemm, "GEMM", "blas")
+        assert gemm.cpu_gemm() == "blas"
+        monkeypatch.setattr(gemm, "GEMM", None)
+    monkeypatch.setenv("MESHSDF_GEMM", "mkl")
+    with pytest.raises(ValueError, match="MESHSDF_GEMM='mkl'"):
+        gemm.cpu_gemm()

@@ -2,12 +2,16 @@
 
 One place decides it for every kernel (the fused training loss of :mod:`.fused`, the
 inference kernels of :mod:`.inference`): ``cpu_gemm()`` from what the CPU reports
-(``lib.runtime.cpus.cpu_info``), or the library forced through ``GEMM`` / ``forced_gemm``.
-Both libraries compute the same products; only the float rounding differs.
+(``lib.runtime.cpus.cpu_info``), or the library forced through ``GEMM`` / ``forced_gemm`` or,
+for a whole process, the environment variable ``MESHSDF_GEMM=blas|onednn``.
+Both libraries compute the same products; only the float rounding differs (a grid value
+within rounding of the level can change sign, so a mesh can gain or lose a sliver:
+``MESHSDF_GEMM=blas`` reproduces an earlier run made with torch.mm bit for bit).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -17,6 +21,7 @@ __all__ = ["GEMM", "cpu_gemm", "forced_gemm", "gemm_for", "onednn_available", "u
 
 # None = chosen from the CPU (``cpu_gemm``), or "blas" / "onednn" to force one in this process
 GEMM: str | None = None
+ENV = "MESHSDF_GEMM"   # the same for a whole process, read when GEMM is None
 _CPU_GEMM: list = []
 
 
@@ -50,14 +55,16 @@ def gemm_for(info: CpuInfo, mkl_blas: bool, onednn: bool) -> str:
 
 
 def cpu_gemm() -> str:
-    """The CPU GEMM library of the kernels in this process: ``GEMM`` when set, else ``gemm_for``
-    this CPU (read once).  Raises ValueError for a bad or unavailable ``GEMM``."""
-    if GEMM is not None:
-        if GEMM not in ("blas", "onednn"):
-            raise ValueError(f"gemm.GEMM={GEMM!r}: use None, 'blas' or 'onednn'")
-        if GEMM == "onednn" and not onednn_available():
-            raise ValueError("gemm.GEMM='onednn': this torch build has no oneDNN linear op")
-        return GEMM
+    """The CPU GEMM library of the kernels in this process: ``GEMM`` when set, else ``MESHSDF_GEMM``
+    when set, else ``gemm_for`` this CPU (read once).  Raises ValueError for a bad or unavailable
+    library."""
+    forced, name = (GEMM, "gemm.GEMM") if GEMM is not None else (os.environ.get(ENV) or None, ENV)
+    if forced is not None:
+        if forced not in ("blas", "onednn"):
+            raise ValueError(f"{name}={forced!r}: use 'blas' or 'onednn' (or leave it unset: the CPU's choice)")
+        if forced == "onednn" and not onednn_available():
+            raise ValueError(f"{name}='onednn': this torch build has no oneDNN linear op")
+        return forced
     if not _CPU_GEMM:
         _CPU_GEMM.append(gemm_for(cpu_info(), torch.backends.mkl.is_available(), onednn_available()))
     return _CPU_GEMM[0]
