@@ -139,14 +139,20 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
     n_own, n_cen, n_tri = own_at[-1], cen_at[-1], tri_at[-1]
     if n_tri == 0:
         return empty
-    idt = torch.int32 if n_own + n_cen < 2 ** 31 else torch.int64  # ids fit in int32: half the memory
+    slot_of, halo = _owner_lookup(cells, n)
+    # the triangle-corner ids in int32 (half the memory traffic) when the ids and the owner
+    # table's slots fit, else int64
+    idt = torch.int32 if max(n_own + n_cen, halo.shape[0]) < 2 ** 31 else torch.int64
     own_base = (own_end - nown).to(idt)  # (C,) first vertex id of each cell's own edges
     del nown, own_end, cen_end, tri_end
-    slot_of, halo = _owner_lookup(cells, n)
+    slot_of = slot_of.to(idt)
     slot_off = tab["slot_off"].view(-1, 3)
-    slot_off = (slot_off[:, 0] * _H + slot_off[:, 1]) * _H + slot_off[:, 2]  # (8 * 16,) in a halo block
+    slot_off = ((slot_off[:, 0] * _H + slot_off[:, 1]) * _H + slot_off[:, 2]).to(idt)  # (8 * 16,) in a halo block
+    slot_own = tab["slot_own"].view(-1).to(idt)  # (8 * 16,)
     lo_off = tab["corner"].index_select(0, tab["edge_lo"])  # (12, 3)
-    rank16 = tab["rank16"]
+    rank16 = tab["rank16"].to(idt)
+    tris = tab["tris"].view(-1, 3).to(idt)  # (256 * 64 * 12, 3)
+    up_w16 = up_w.to(idt) * 16
     # outputs written in place step by step (no list of parts and copy at the end)
     verts = torch.empty(n_own + n_cen, 3, device=dev)
     keys = torch.empty(n_own + n_cen, dtype=torch.int64, device=dev)
@@ -159,33 +165,32 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
         # faces: the slots of each triangle, each slot's vertex id from its owner's numbering
         t0, t1 = tri_at[step], tri_at[step + 1]
         ntri_k = ntri[s : s + k]
-        cell_of = torch.repeat_interleave(rows, ntri_k, output_size=t1 - t0)
-        first = torch.cumsum(ntri_k, 0) - ntri_k
-        tri = (idx.index_select(0, cell_of) * MAX_TRIS + torch.arange(t1 - t0, device=dev)
-               - first.index_select(0, cell_of))
+        cell_of = torch.repeat_interleave(rows.to(idt), ntri_k, output_size=t1 - t0)  # (T,)
+        first = torch.cumsum(ntri_k, 0, dtype=idt) - ntri_k.to(idt)
+        tri = ((idx.to(idt) * MAX_TRIS - first).index_select(0, cell_of)
+               + torch.arange(t1 - t0, device=dev, dtype=idt))
         del first
-        slot = tab["tris"].view(-1, 3).index_select(0, tri)  # (T, 3) slot ids
+        slot = tris.index_select(0, tri)  # (T, 3) slot ids
         del tri
-        up16 = ((c == n - 2).long() * up_w).sum(1) * 16  # (K,) the table row of each cell's upper faces
-        us = up16.index_select(0, cell_of).unsqueeze(1) + slot  # (T, 3)
-        g = s + cell_of
-        orow = halo.index_select(0, (slot_of.index_select(0, g).unsqueeze(1) + slot_off.index_select(
-            0, us.view(-1)).view(-1, 3)).view(-1)).long()  # (3T,) owner rows
+        up16 = ((c == n - 2).to(idt) * up_w16).sum(1, dtype=idt)  # (K,) the table row of each cell's upper faces
+        us = (up16.index_select(0, cell_of).unsqueeze(1) + slot).view(-1)  # (3T,)
+        orow = halo.index_select(0, ((slot_of[s : s + k].index_select(0, cell_of)).unsqueeze(1) + slot_off.index_select(
+            0, us).view(-1, 3)).view(-1))  # (3T,) owner rows
         if int(orow.min()) < 0:
             raise ValueError("marching_cubes_cells: the cells must include every sign-changing neighbour "
                              "of the cells given (the owner of a crossing edge is missing)")
-        vid = own_base.index_select(0, orow).long() + rank16.index_select(
-            0, owned.index_select(0, orow).long() * 16 + tab["slot_own"].view(-1).index_select(0, us.view(-1)))
+        vid = own_base.index_select(0, orow) + rank16.index_select(
+            0, owned.index_select(0, orow).to(idt) * 16 + slot_own.index_select(0, us))
         del orow, us
         c0, c1 = cen_at[step], cen_at[step + 1]
         if c1 > c0:  # loop-centre slots: the cell's own centres, numbered after every edge vertex
             nc_k = nc[s : s + k]
-            cen_first = n_own + c0 + torch.cumsum(nc_k, 0) - nc_k  # (K,)
+            cen_loc = torch.cumsum(nc_k, 0) - nc_k  # (K,) each cell's first centre among the step's
+            cen_first = (cen_loc + (n_own + c0 - 12)).to(idt)  # (K,) its first centre id, less the first centre slot
             centre = slot.view(-1) >= 12
-            vid = torch.where(centre, cen_first.index_select(0, g.sub(s).repeat_interleave(3)) + slot.view(-1) - 12,
-                              vid)
+            vid = torch.where(centre, cen_first.index_select(0, cell_of.repeat_interleave(3)) + slot.view(-1), vid)
         faces[t0:t1] = vid.view(-1, 3)
-        del vid, slot, cell_of, g
+        del vid, slot, cell_of
         # positions: edge vertices from their owner's values, centres from their loop; the
         # own vertices of this step are the next ids in order
         oc, oe = (owned[s : s + k].long().unsqueeze(1) & tab["bits12"]).ne(0).nonzero(as_tuple=True)
@@ -198,7 +203,7 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
         del oc, oe, c_oc, lin_lo
         if c1 > c0:
             cen_c = torch.repeat_interleave(rows, nc_k, output_size=c1 - c0)
-            cen_j = torch.arange(c1 - c0, device=dev) - (cen_first - n_own - c0).index_select(0, cen_c)
+            cen_j = torch.arange(c1 - c0, device=dev) - cen_loc.index_select(0, cen_c)
             member = tab["members"][idx[cen_c], cen_j]  # (K, 12)
             kc = cen_c.shape[0]
             loop = _edge_points(c[cen_c].repeat_interleave(12, 0), vals[cen_c].repeat_interleave(12, 0),
