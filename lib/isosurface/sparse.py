@@ -594,15 +594,18 @@ def _block_lattice(grid: _BlockGrid, ax: torch.Tensor, nb: int, coarse) -> torch
     if coarse is None:
         return _eval_points(grid, ax, torch.cartesian_prod(step, step, step)).reshape(nb + 1, nb + 1, nb + 1)
     cv, s = coarse
+    w = nb + 1
     on = (step % s == 0) & (step // s < cv.shape[0])  # (nb + 1,) block lattice points on the coarse one
     pick = (step // s).masked_select(on)
-    vol = torch.full((nb + 1,) * 3, float("nan"), device=dev)
+    vol = torch.empty(w, w, w, device=dev)
     at = on.nonzero().squeeze(1)
     vol[at[:, None, None], at[None, :, None], at[None, None, :]] = cv[pick[:, None, None], pick[None, :, None],
                                                                       pick[None, None, :]].float()
-    missing = (~(on[:, None, None] & on[None, :, None] & on[None, None, :])).nonzero()
+    # the other points, flat in C order, written with one flat copy (not a 3-index put)
+    missing = (~(on[:, None, None] & on[None, :, None] & on[None, None, :])).view(-1).nonzero().squeeze(1)
     if missing.shape[0]:
-        vol[tuple(missing.T)] = _eval_points(grid, ax, missing * _BLOCK)
+        ijk = torch.stack((missing // (w * w), missing // w % w, missing % w), 1) * _BLOCK
+        vol.view(-1).index_copy_(0, missing, _eval_points(grid, ax, ijk))
     return vol
 
 
