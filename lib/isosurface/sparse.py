@@ -21,6 +21,7 @@ import torch
 from ..errors import MeshSDFError
 from ..ops.marching_cubes import grid_axis, voxel_size
 from ..ops.marching_cubes_tables import CORNER_OFFSETS, tables
+from ..runtime.threads import FEW_ROWS, all_threads, elementwise_section
 
 __all__ = ["BLOCK_COST_RATIO", "BLOCK_MIN_CELLS", "KEEP_CORNERS", "SENTINEL_FACTOR", "default_coarse_stride"]
 
@@ -140,7 +141,7 @@ class _BlockGrid:
         runs the network below its rate)."""
         p = ijk.shape[0]
         size = max(1, -(-p // max(1, -(-p // self.chunk))))
-        out = [self.sdf_fn(self.ax[ijk[s : s + size]]).reshape(-1).float() for s in range(0, p, size)]
+        out = [_call_field(self.sdf_fn, self.ax[ijk[s : s + size]]) for s in range(0, p, size)]
         self.evaluations += ijk.shape[0]
         return torch.cat(out) if out else self.ax.new_zeros(0)
 
@@ -233,12 +234,30 @@ def _lattice(s: int, m: int, dev) -> torch.Tensor:
     return torch.stack(torch.meshgrid(ci, ci, ci, indexing="ij"), -1).reshape(-1, 3)
 
 
+def _call_field(sdf_fn, points: torch.Tensor) -> torch.Tensor:
+    """sdf_fn at points (P, 3) as float32 (P,), with the process's intra-op threads from
+    ``FEW_ROWS`` points (inside the bookkeeping's one-thread section, see :func:`_sparse`)."""
+    with all_threads(points.shape[0] >= FEW_ROWS):
+        return sdf_fn(points).reshape(-1).float()
+
+
 def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     """Seeds (coarse pass, or the previous cells + a sentinel lattice) + surface tracking.
+
+    The bookkeeping (many passes over 10^4 - 10^6 values) runs on one intra-op thread
+    (``lib.runtime.threads.elementwise_section``: waking sleeping threads for each pass costs
+    more than they save, far more on a busy machine); the field's calls keep the process's
+    threads (:func:`_call_field`).
 
     Returns the block grid of evaluated values, the sign-changing cells (C, 3) in C order and
     their corner values (C, 8) (None when too many to keep, see :func:`_track`).
     """
+    with elementwise_section(device):
+        return _seed_and_track(sdf_fn, n, device, chunk, s0, band, warm_cells, rows)
+
+
+def _seed_and_track(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
+    """:func:`_sparse` in the calling thread's current thread setting: same arguments and result."""
     if s0 < 1 or s0 & (s0 - 1):
         raise MeshSDFError(f"coarse_stride {s0} must be a power of two")
     if warm_cells is not None:
@@ -575,7 +594,7 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
     cells = torch.cat(found)
     del found
     key = (cells[:, 0] * m + cells[:, 1]) * m + cells[:, 2]
-    key, order = torch.sort(key)
+    key, order = torch.sort(key.int() if m ** 3 < 2 ** 31 else key)  # distinct keys; int32 sorts faster
     return cells.index_select(0, order), torch.cat(kept).index_select(0, order)
 
 
@@ -618,7 +637,7 @@ def _eval_blocks(grid: _BlockGrid, ax: torch.Tensor, base: torch.Tensor) -> torc
                        co[:, 2, None, None, :].expand(k, 9, 9, 9)), -1).view(-1, 3)
     p = pts.shape[0]
     size = max(1, -(-p // max(1, -(-p // grid.chunk))))
-    out = [grid.sdf_fn(pts[s : s + size]).reshape(-1).float() for s in range(0, p, size)]
+    out = [_call_field(grid.sdf_fn, pts[s : s + size]) for s in range(0, p, size)]
     grid.evaluations += p
     return torch.cat(out).view(k, 9, 9, 9)
 
@@ -628,6 +647,6 @@ def _eval_points(grid: _BlockGrid, ax: torch.Tensor, ijk: torch.Tensor) -> torch
     (P,), in chunks of even size (see :meth:`_BlockGrid.field`), counted in its evaluations."""
     p = ijk.shape[0]
     size = max(1, -(-p // max(1, -(-p // grid.chunk))))
-    out = [grid.sdf_fn(ax[ijk[s : s + size]]).reshape(-1).float() for s in range(0, p, size)]
+    out = [_call_field(grid.sdf_fn, ax[ijk[s : s + size]]) for s in range(0, p, size)]
     grid.evaluations += p
     return torch.cat(out) if out else ax.new_zeros(0)
