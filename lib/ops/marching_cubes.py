@@ -139,12 +139,14 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
     n_own, n_cen, n_tri = own_at[-1], cen_at[-1], tri_at[-1]
     if n_tri == 0:
         return empty
-    slot_of, halo = _owner_lookup(cells, n)
     # the triangle-corner ids in int32 (half the memory traffic) when the ids and the owner
     # table's slots fit, else int64
-    idt = torch.int32 if max(n_own + n_cen, halo.shape[0]) < 2 ** 31 else torch.int64
+    idt = torch.int32 if n_own + n_cen < 2 ** 31 else torch.int64
     own_base = (own_end - nown).to(idt)  # (C,) first vertex id of each cell's own edges
-    del nown, own_end, cen_end, tri_end
+    del nown, own_end, cen_end, tri_end  # before the owner look-up: the peak of memory
+    slot_of, halo = _owner_lookup(cells, n)
+    if halo.shape[0] >= 2 ** 31:
+        idt, own_base = torch.int64, own_base.long()
     slot_of = slot_of.to(idt)
     slot_off = tab["slot_off"].view(-1, 3)
     slot_off = ((slot_off[:, 0] * _H + slot_off[:, 1]) * _H + slot_off[:, 2]).to(idt)  # (8 * 16,) in a halo block
