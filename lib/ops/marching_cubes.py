@@ -152,6 +152,7 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
     slot_off = ((slot_off[:, 0] * _H + slot_off[:, 1]) * _H + slot_off[:, 2]).to(idt)  # (8 * 16,) in a halo block
     slot_own = tab["slot_own"].view(-1).to(idt)  # (8 * 16,)
     lo_off = tab["corner"].index_select(0, tab["edge_lo"])  # (12, 3)
+    key_off = 3 * ((lo_off[:, 0] * n + lo_off[:, 1]) * n + lo_off[:, 2]) + tab["edge_axis"]  # (12,) key less 3 lin
     rank16 = tab["rank16"].to(idt)
     tris = tab["tris"].view(-1, 3).to(idt)  # (256 * 64 * 12, 3)
     up_w16 = up_w.to(idt) * 16
@@ -199,10 +200,8 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
         at = own_at[step]
         c_oc = c.index_select(0, oc)
         verts[at : at + oc.shape[0]] = _edge_points(c_oc, vals.index_select(0, oc), oe, ax, tab)
-        lin_lo = c_oc + lo_off.index_select(0, oe)
-        keys[at : at + oc.shape[0]] = (3 * ((lin_lo[:, 0] * n + lin_lo[:, 1]) * n + lin_lo[:, 2])
-                                       + tab["edge_axis"].index_select(0, oe))
-        del oc, oe, c_oc, lin_lo
+        keys[at : at + oc.shape[0]] = 3 * lin[s : s + k].index_select(0, oc) + key_off.index_select(0, oe)
+        del oc, oe, c_oc
         if c1 > c0:
             cen_c = torch.repeat_interleave(rows, nc_k, output_size=c1 - c0)
             cen_j = torch.arange(c1 - c0, device=dev) - cen_loc.index_select(0, cen_c)
