@@ -249,17 +249,18 @@ def _owner_lookup(cells: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     pick = low.any(1).nonzero().squeeze(1)
     low, lb, lloc, lrows = low.index_select(0, pick), bkey.index_select(0, pick), loc.index_select(0, pick), rows[pick]
     code = (low.long() * torch.tensor([1, 2, 4], device=dev)).sum(1)  # which of its axes are on a lower face
-    for mask in range(1, 8):
-        axes = [a for a in range(3) if (mask >> a) & 1]
-        sel = ((code & mask) == mask).nonzero().squeeze(1)
-        if sel.numel() == 0:
-            continue
-        lower = row_of.index_select(0, lb.index_select(0, sel) - sum(nb ** (2 - a) for a in axes)).long()
-        has = lower >= 0
-        sel, lower = sel[has], lower[has]
-        shift = sum((1 << _B) * _H ** (2 - a) for a in axes)
-        at = lower * _H ** 3 + (lloc.index_select(0, sel) * hw).sum(1) + shift
-        halo.index_copy_(0, at, lrows.index_select(0, sel))
+    # every non-empty subset (mask 1..7) of those axes names one block below, all in one pass:
+    # (cell, mask) pairs, each block's offset in the block table and the slot shift in its halo
+    masks = torch.arange(1, 8, device=dev)
+    sel, mi = ((code.unsqueeze(1) & masks) == masks).nonzero(as_tuple=True)
+    axes = (masks.unsqueeze(1) >> torch.arange(3, device=dev)) & 1  # (7, 3)
+    block_step = (axes * torch.tensor([nb * nb, nb, 1], device=dev)).sum(1)  # (7,)
+    shift = (axes * (1 << _B) * hw).sum(1)  # (7,)
+    lower = row_of.index_select(0, lb.index_select(0, sel) - block_step.index_select(0, mi)).long()
+    has = (lower >= 0).nonzero().squeeze(1)
+    sel, mi, lower = sel.index_select(0, has), mi.index_select(0, has), lower.index_select(0, has)
+    at = lower * _H ** 3 + (lloc.index_select(0, sel) * hw).sum(1) + shift.index_select(0, mi)
+    halo.index_copy_(0, at, lrows.index_select(0, sel))  # distinct slots: the order of the writes is free
     return slot, halo
 
 
