@@ -236,7 +236,7 @@ def _lattice(s: int, m: int, dev) -> torch.Tensor:
 
 def _call_field(sdf_fn, points: torch.Tensor) -> torch.Tensor:
     """sdf_fn at points (P, 3) as float32 (P,), with the process's intra-op threads from
-    ``FEW_ROWS`` points (inside the bookkeeping's one-thread section, see :func:`_sparse`)."""
+    ``FEW_ROWS`` points (inside the block tracking's one-thread section, see :func:`_sparse`)."""
     with all_threads(points.shape[0] >= FEW_ROWS):
         return sdf_fn(points).reshape(-1).float()
 
@@ -244,20 +244,9 @@ def _call_field(sdf_fn, points: torch.Tensor) -> torch.Tensor:
 def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     """Seeds (coarse pass, or the previous cells + a sentinel lattice) + surface tracking.
 
-    The bookkeeping (many passes over 10^4 - 10^6 values) runs on one intra-op thread
-    (``lib.runtime.threads.elementwise_section``: waking sleeping threads for each pass costs
-    more than they save, far more on a busy machine); the field's calls keep the process's
-    threads (:func:`_call_field`).
-
     Returns the block grid of evaluated values, the sign-changing cells (C, 3) in C order and
     their corner values (C, 8) (None when too many to keep, see :func:`_track`).
     """
-    with elementwise_section(device):
-        return _seed_and_track(sdf_fn, n, device, chunk, s0, band, warm_cells, rows)
-
-
-def _seed_and_track(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
-    """:func:`_sparse` in the calling thread's current thread setting: same arguments and result."""
     if s0 < 1 or s0 & (s0 - 1):
         raise MeshSDFError(f"coarse_stride {s0} must be a power of two")
     if warm_cells is not None:
@@ -280,7 +269,11 @@ def _seed_and_track(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     # the seeding lattices are sparse (a point per stride^3): evaluated, not stored
     vol, relative_cost = _timed_field(grid, lattice)
     if n - 1 >= BLOCK_MIN_CELLS and relative_cost < BLOCK_COST_RATIO:
-        return (grid, *_track_blocks(grid, n, band, (vol.reshape(m + 1, m + 1, m + 1), s0)))
+        # a cheap field: the time is the bookkeeping's passes over 10^5 - 10^6 values, run on
+        # one intra-op thread (waking sleeping threads for each pass costs more than they save,
+        # far more on a busy machine); the field's calls keep the process's threads
+        with elementwise_section(device):
+            return (grid, *_track_blocks(grid, n, band, (vol.reshape(m + 1, m + 1, m + 1), s0)))
     vol = vol.reshape(m + 1, m + 1, m + 1)
     v = torch.stack([vol[a : a + m, b : b + m, c : c + m].reshape(-1) for a, b, c in CORNER_OFFSETS], 1)  # (m^3, 8)
     del vol
