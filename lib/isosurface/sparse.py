@@ -7,7 +7,7 @@
   sign-changing cells across faces with mixed signs until it is closed; or, on a cold start
   with a field cheap per point, :func:`_track_blocks`, the same closure on whole blocks;
 - :func:`default_coarse_stride`, :data:`SENTINEL_FACTOR`, :data:`KEEP_CORNERS`,
-  :data:`BLOCK_COST_RATIO`, :data:`BLOCK_MIN_CELLS`: its constants.
+  :data:`BLOCK_COST_RATIO`, :data:`BLOCK_MIN_CELLS`, :data:`RETIME_BELOW`: its constants.
 
 The driver is :func:`lib.isosurface.driver.extract` (``mode="sparse"``).
 """
@@ -23,7 +23,8 @@ from ..ops.marching_cubes import grid_axis, voxel_size
 from ..ops.marching_cubes_tables import CORNER_OFFSETS, tables
 from ..runtime.threads import FEW_ROWS, all_threads, elementwise_section
 
-__all__ = ["BLOCK_COST_RATIO", "BLOCK_MIN_CELLS", "KEEP_CORNERS", "SENTINEL_FACTOR", "default_coarse_stride"]
+__all__ = ["BLOCK_COST_RATIO", "BLOCK_MIN_CELLS", "KEEP_CORNERS", "RETIME_BELOW", "SENTINEL_FACTOR",
+           "default_coarse_stride"]
 
 
 SENTINEL_FACTOR = 4  # warm start: sentinel lattice stride = this x the coarse stride
@@ -35,6 +36,7 @@ SENTINEL_FACTOR = 4  # warm start: sentinel lattice stride = this x the coarse s
 BLOCK_COST_RATIO = 4.5
 BLOCK_MIN_CELLS = 64  # and only with at least this many cells per axis (8 blocks): below, a
 # surface's blocks are most of the box
+RETIME_BELOW = 20  # a measured ratio at or over BLOCK_COST_RATIO and under this many times it is timed again
 
 
 def default_coarse_stride(resolution: int) -> int:
@@ -268,6 +270,11 @@ def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     cells = _lattice(s0, m, dev)
     # the seeding lattices are sparse (a point per stride^3): evaluated, not stored
     vol, relative_cost = _timed_field(grid, lattice)
+    if n - 1 >= BLOCK_MIN_CELLS and BLOCK_COST_RATIO <= relative_cost < RETIME_BELOW * BLOCK_COST_RATIO:
+        # near the threshold one stall of a busy machine flips the choice, and the cell tracking
+        # of a cheap field is the costly mistake: time a quarter of the lattice again (its values
+        # are dropped, the first ones kept), at the same points per call, and keep the least
+        relative_cost = min(relative_cost, _timed_field(grid, lattice[: lattice.shape[0] // 4], pieces=2)[1])
     if n - 1 >= BLOCK_MIN_CELLS and relative_cost < BLOCK_COST_RATIO:
         # a cheap field: the time is the bookkeeping's passes over 10^5 - 10^6 values, run on
         # one intra-op thread (waking sleeping threads for each pass costs more than they save,
