@@ -122,6 +122,29 @@ def test_an_expensive_field_is_tracked_by_cells():
     assert ss.tracking == "cells" and torch.equal(vs, vd) and torch.equal(fs, fd)
 
 
+@pytest.mark.parametrize("first", [2.0, 2.0 * sparse_module.RETIME_BELOW])
+def test_a_stalled_cost_measure_near_the_threshold_is_timed_again(monkeypatch, first):
+    """A cost measure a stall inflated to just over BLOCK_COST_RATIO (first: 2x) is taken again
+    on a quarter of the coarse lattice and the lesser kept (here: block tracking); one far over
+    it (RETIME_BELOW x 2) is kept (cell tracking).  The timed values are real evaluations, only
+    the ratios are set; the mesh is the dense one either way."""
+    timed, ratios = [], [first * sparse_module.BLOCK_COST_RATIO, 0.5 * sparse_module.BLOCK_COST_RATIO]
+    real = sparse_module._timed_field
+
+    def stalled(grid, ijk, pieces=8):
+        timed.append(ijk.shape[0])
+        return real(grid, ijk, pieces)[0], ratios[len(timed) - 1]
+
+    monkeypatch.setattr(sparse_module, "_timed_field", stalled)
+    vs, fs, ss = extract(scene, 96, "sparse")
+    vd, fd, _ = extract(scene, 96, "dense")
+    assert torch.equal(vs, vd) and torch.equal(fs, fd)
+    if first == 2.0:
+        assert ss.tracking == "blocks" and timed[1] == timed[0] // 4
+    else:
+        assert ss.tracking == "cells" and len(timed) == 1
+
+
 @pytest.mark.parametrize("n", [64, 128, pytest.param(256, marks=pytest.mark.slow)])
 def test_sparse_equals_dense(n, tracking):
     calls = []

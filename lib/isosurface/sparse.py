@@ -7,7 +7,7 @@
   sign-changing cells across faces with mixed signs until it is closed; or, on a cold start
   with a field cheap per point, :func:`_track_blocks`, the same closure on whole blocks;
 - :func:`default_coarse_stride`, :data:`SENTINEL_FACTOR`, :data:`KEEP_CORNERS`,
-  :data:`BLOCK_COST_RATIO`, :data:`BLOCK_MIN_CELLS`: its constants.
+  :data:`BLOCK_COST_RATIO`, :data:`BLOCK_MIN_CELLS`, :data:`RETIME_BELOW`: its constants.
 
 The driver is :func:`lib.isosurface.driver.extract` (``mode="sparse"``).
 """
@@ -21,8 +21,10 @@ import torch
 from ..errors import MeshSDFError
 from ..ops.marching_cubes import grid_axis, voxel_size
 from ..ops.marching_cubes_tables import CORNER_OFFSETS, tables
+from ..runtime.threads import FEW_ROWS, all_threads, elementwise_section
 
-__all__ = ["BLOCK_COST_RATIO", "BLOCK_MIN_CELLS", "KEEP_CORNERS", "SENTINEL_FACTOR", "default_coarse_stride"]
+__all__ = ["BLOCK_COST_RATIO", "BLOCK_MIN_CELLS", "KEEP_CORNERS", "RETIME_BELOW", "SENTINEL_FACTOR",
+           "default_coarse_stride"]
 
 
 SENTINEL_FACTOR = 4  # warm start: sentinel lattice stride = this x the coarse stride
@@ -34,6 +36,7 @@ SENTINEL_FACTOR = 4  # warm start: sentinel lattice stride = this x the coarse s
 BLOCK_COST_RATIO = 4.5
 BLOCK_MIN_CELLS = 64  # and only with at least this many cells per axis (8 blocks): below, a
 # surface's blocks are most of the box
+RETIME_BELOW = 20  # a measured ratio at or over BLOCK_COST_RATIO and under this many times it is timed again
 
 
 def default_coarse_stride(resolution: int) -> int:
@@ -140,7 +143,7 @@ class _BlockGrid:
         runs the network below its rate)."""
         p = ijk.shape[0]
         size = max(1, -(-p // max(1, -(-p // self.chunk))))
-        out = [self.sdf_fn(self.ax[ijk[s : s + size]]).reshape(-1).float() for s in range(0, p, size)]
+        out = [_call_field(self.sdf_fn, self.ax[ijk[s : s + size]]) for s in range(0, p, size)]
         self.evaluations += ijk.shape[0]
         return torch.cat(out) if out else self.ax.new_zeros(0)
 
@@ -233,6 +236,13 @@ def _lattice(s: int, m: int, dev) -> torch.Tensor:
     return torch.stack(torch.meshgrid(ci, ci, ci, indexing="ij"), -1).reshape(-1, 3)
 
 
+def _call_field(sdf_fn, points: torch.Tensor) -> torch.Tensor:
+    """sdf_fn at points (P, 3) as float32 (P,), with the process's intra-op threads from
+    ``FEW_ROWS`` points (inside the block tracking's one-thread section, see :func:`_sparse`)."""
+    with all_threads(points.shape[0] >= FEW_ROWS):
+        return sdf_fn(points).reshape(-1).float()
+
+
 def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     """Seeds (coarse pass, or the previous cells + a sentinel lattice) + surface tracking.
 
@@ -260,8 +270,17 @@ def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     cells = _lattice(s0, m, dev)
     # the seeding lattices are sparse (a point per stride^3): evaluated, not stored
     vol, relative_cost = _timed_field(grid, lattice)
+    if n - 1 >= BLOCK_MIN_CELLS and BLOCK_COST_RATIO <= relative_cost < RETIME_BELOW * BLOCK_COST_RATIO:
+        # near the threshold one stall of a busy machine flips the choice, and the cell tracking
+        # of a cheap field is the costly mistake: time a quarter of the lattice again (its values
+        # are dropped, the first ones kept), at the same points per call, and keep the least
+        relative_cost = min(relative_cost, _timed_field(grid, lattice[: lattice.shape[0] // 4], pieces=2)[1])
     if n - 1 >= BLOCK_MIN_CELLS and relative_cost < BLOCK_COST_RATIO:
-        return (grid, *_track_blocks(grid, n, band, (vol.reshape(m + 1, m + 1, m + 1), s0)))
+        # a cheap field: the time is the bookkeeping's passes over 10^5 - 10^6 values, run on
+        # one intra-op thread (waking sleeping threads for each pass costs more than they save,
+        # far more on a busy machine); the field's calls keep the process's threads
+        with elementwise_section(device):
+            return (grid, *_track_blocks(grid, n, band, (vol.reshape(m + 1, m + 1, m + 1), s0)))
     vol = vol.reshape(m + 1, m + 1, m + 1)
     v = torch.stack([vol[a : a + m, b : b + m, c : c + m].reshape(-1) for a, b, c in CORNER_OFFSETS], 1)  # (m^3, 8)
     del vol
@@ -575,7 +594,7 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
     cells = torch.cat(found)
     del found
     key = (cells[:, 0] * m + cells[:, 1]) * m + cells[:, 2]
-    key, order = torch.sort(key)
+    key, order = torch.sort(key.int() if m ** 3 < 2 ** 31 else key)  # distinct keys; int32 sorts faster
     return cells.index_select(0, order), torch.cat(kept).index_select(0, order)
 
 
@@ -594,15 +613,18 @@ def _block_lattice(grid: _BlockGrid, ax: torch.Tensor, nb: int, coarse) -> torch
     if coarse is None:
         return _eval_points(grid, ax, torch.cartesian_prod(step, step, step)).reshape(nb + 1, nb + 1, nb + 1)
     cv, s = coarse
+    w = nb + 1
     on = (step % s == 0) & (step // s < cv.shape[0])  # (nb + 1,) block lattice points on the coarse one
     pick = (step // s).masked_select(on)
-    vol = torch.full((nb + 1,) * 3, float("nan"), device=dev)
+    vol = torch.empty(w, w, w, device=dev)
     at = on.nonzero().squeeze(1)
     vol[at[:, None, None], at[None, :, None], at[None, None, :]] = cv[pick[:, None, None], pick[None, :, None],
                                                                       pick[None, None, :]].float()
-    missing = (~(on[:, None, None] & on[None, :, None] & on[None, None, :])).nonzero()
+    # the other points, flat in C order, written with one flat copy (not a 3-index put)
+    missing = (~(on[:, None, None] & on[None, :, None] & on[None, None, :])).view(-1).nonzero().squeeze(1)
     if missing.shape[0]:
-        vol[tuple(missing.T)] = _eval_points(grid, ax, missing * _BLOCK)
+        ijk = torch.stack((missing // (w * w), missing // w % w, missing % w), 1) * _BLOCK
+        vol.view(-1).index_copy_(0, missing, _eval_points(grid, ax, ijk))
     return vol
 
 
@@ -615,7 +637,7 @@ def _eval_blocks(grid: _BlockGrid, ax: torch.Tensor, base: torch.Tensor) -> torc
                        co[:, 2, None, None, :].expand(k, 9, 9, 9)), -1).view(-1, 3)
     p = pts.shape[0]
     size = max(1, -(-p // max(1, -(-p // grid.chunk))))
-    out = [grid.sdf_fn(pts[s : s + size]).reshape(-1).float() for s in range(0, p, size)]
+    out = [_call_field(grid.sdf_fn, pts[s : s + size]) for s in range(0, p, size)]
     grid.evaluations += p
     return torch.cat(out).view(k, 9, 9, 9)
 
@@ -625,6 +647,6 @@ def _eval_points(grid: _BlockGrid, ax: torch.Tensor, ijk: torch.Tensor) -> torch
     (P,), in chunks of even size (see :meth:`_BlockGrid.field`), counted in its evaluations."""
     p = ijk.shape[0]
     size = max(1, -(-p // max(1, -(-p // grid.chunk))))
-    out = [grid.sdf_fn(ax[ijk[s : s + size]]).reshape(-1).float() for s in range(0, p, size)]
+    out = [_call_field(grid.sdf_fn, ax[ijk[s : s + size]]) for s in range(0, p, size)]
     grid.evaluations += p
     return torch.cat(out) if out else ax.new_zeros(0)

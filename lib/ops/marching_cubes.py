@@ -139,14 +139,23 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
     n_own, n_cen, n_tri = own_at[-1], cen_at[-1], tri_at[-1]
     if n_tri == 0:
         return empty
-    idt = torch.int32 if n_own + n_cen < 2 ** 31 else torch.int64  # ids fit in int32: half the memory
+    # the triangle-corner ids in int32 (half the memory traffic) when the ids and the owner
+    # table's slots fit, else int64
+    idt = torch.int32 if n_own + n_cen < 2 ** 31 else torch.int64
     own_base = (own_end - nown).to(idt)  # (C,) first vertex id of each cell's own edges
-    del nown, own_end, cen_end, tri_end
+    del nown, own_end, cen_end, tri_end  # before the owner look-up: the peak of memory
     slot_of, halo = _owner_lookup(cells, n)
+    if halo.shape[0] >= 2 ** 31:
+        idt, own_base = torch.int64, own_base.long()
+    slot_of = slot_of.to(idt)
     slot_off = tab["slot_off"].view(-1, 3)
-    slot_off = (slot_off[:, 0] * _H + slot_off[:, 1]) * _H + slot_off[:, 2]  # (8 * 16,) in a halo block
+    slot_off = ((slot_off[:, 0] * _H + slot_off[:, 1]) * _H + slot_off[:, 2]).to(idt)  # (8 * 16,) in a halo block
+    slot_own = tab["slot_own"].view(-1).to(idt)  # (8 * 16,)
     lo_off = tab["corner"].index_select(0, tab["edge_lo"])  # (12, 3)
-    rank16 = tab["rank16"]
+    key_off = 3 * ((lo_off[:, 0] * n + lo_off[:, 1]) * n + lo_off[:, 2]) + tab["edge_axis"]  # (12,) key less 3 lin
+    rank16 = tab["rank16"].to(idt)
+    tris = tab["tris"].view(-1, 3).to(idt)  # (256 * 64 * 12, 3)
+    up_w16 = up_w.to(idt) * 16
     # outputs written in place step by step (no list of parts and copy at the end)
     verts = torch.empty(n_own + n_cen, 3, device=dev)
     keys = torch.empty(n_own + n_cen, dtype=torch.int64, device=dev)
@@ -159,46 +168,43 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
         # faces: the slots of each triangle, each slot's vertex id from its owner's numbering
         t0, t1 = tri_at[step], tri_at[step + 1]
         ntri_k = ntri[s : s + k]
-        cell_of = torch.repeat_interleave(rows, ntri_k, output_size=t1 - t0)
-        first = torch.cumsum(ntri_k, 0) - ntri_k
-        tri = (idx.index_select(0, cell_of) * MAX_TRIS + torch.arange(t1 - t0, device=dev)
-               - first.index_select(0, cell_of))
+        cell_of = torch.repeat_interleave(rows.to(idt), ntri_k, output_size=t1 - t0)  # (T,)
+        first = torch.cumsum(ntri_k, 0, dtype=idt) - ntri_k.to(idt)
+        tri = ((idx.to(idt) * MAX_TRIS - first).index_select(0, cell_of)
+               + torch.arange(t1 - t0, device=dev, dtype=idt))
         del first
-        slot = tab["tris"].view(-1, 3).index_select(0, tri)  # (T, 3) slot ids
+        slot = tris.index_select(0, tri)  # (T, 3) slot ids
         del tri
-        up16 = ((c == n - 2).long() * up_w).sum(1) * 16  # (K,) the table row of each cell's upper faces
-        us = up16.index_select(0, cell_of).unsqueeze(1) + slot  # (T, 3)
-        g = s + cell_of
-        orow = halo.index_select(0, (slot_of.index_select(0, g).unsqueeze(1) + slot_off.index_select(
-            0, us.view(-1)).view(-1, 3)).view(-1)).long()  # (3T,) owner rows
+        up16 = ((c == n - 2).to(idt) * up_w16).sum(1, dtype=idt)  # (K,) the table row of each cell's upper faces
+        us = (up16.index_select(0, cell_of).unsqueeze(1) + slot).view(-1)  # (3T,)
+        orow = halo.index_select(0, ((slot_of[s : s + k].index_select(0, cell_of)).unsqueeze(1) + slot_off.index_select(
+            0, us).view(-1, 3)).view(-1))  # (3T,) owner rows
         if int(orow.min()) < 0:
             raise ValueError("marching_cubes_cells: the cells must include every sign-changing neighbour "
                              "of the cells given (the owner of a crossing edge is missing)")
-        vid = own_base.index_select(0, orow).long() + rank16.index_select(
-            0, owned.index_select(0, orow).long() * 16 + tab["slot_own"].view(-1).index_select(0, us.view(-1)))
+        vid = own_base.index_select(0, orow) + rank16.index_select(
+            0, owned.index_select(0, orow).to(idt) * 16 + slot_own.index_select(0, us))
         del orow, us
         c0, c1 = cen_at[step], cen_at[step + 1]
         if c1 > c0:  # loop-centre slots: the cell's own centres, numbered after every edge vertex
             nc_k = nc[s : s + k]
-            cen_first = n_own + c0 + torch.cumsum(nc_k, 0) - nc_k  # (K,)
+            cen_loc = torch.cumsum(nc_k, 0) - nc_k  # (K,) each cell's first centre among the step's
+            cen_first = (cen_loc + (n_own + c0 - 12)).to(idt)  # (K,) its first centre id, less the first centre slot
             centre = slot.view(-1) >= 12
-            vid = torch.where(centre, cen_first.index_select(0, g.sub(s).repeat_interleave(3)) + slot.view(-1) - 12,
-                              vid)
+            vid = torch.where(centre, cen_first.index_select(0, cell_of.repeat_interleave(3)) + slot.view(-1), vid)
         faces[t0:t1] = vid.view(-1, 3)
-        del vid, slot, cell_of, g
+        del vid, slot, cell_of
         # positions: edge vertices from their owner's values, centres from their loop; the
         # own vertices of this step are the next ids in order
         oc, oe = (owned[s : s + k].long().unsqueeze(1) & tab["bits12"]).ne(0).nonzero(as_tuple=True)
         at = own_at[step]
         c_oc = c.index_select(0, oc)
         verts[at : at + oc.shape[0]] = _edge_points(c_oc, vals.index_select(0, oc), oe, ax, tab)
-        lin_lo = c_oc + lo_off.index_select(0, oe)
-        keys[at : at + oc.shape[0]] = (3 * ((lin_lo[:, 0] * n + lin_lo[:, 1]) * n + lin_lo[:, 2])
-                                       + tab["edge_axis"].index_select(0, oe))
-        del oc, oe, c_oc, lin_lo
+        keys[at : at + oc.shape[0]] = 3 * lin[s : s + k].index_select(0, oc) + key_off.index_select(0, oe)
+        del oc, oe, c_oc
         if c1 > c0:
             cen_c = torch.repeat_interleave(rows, nc_k, output_size=c1 - c0)
-            cen_j = torch.arange(c1 - c0, device=dev) - (cen_first - n_own - c0).index_select(0, cen_c)
+            cen_j = torch.arange(c1 - c0, device=dev) - cen_loc.index_select(0, cen_c)
             member = tab["members"][idx[cen_c], cen_j]  # (K, 12)
             kc = cen_c.shape[0]
             loop = _edge_points(c[cen_c].repeat_interleave(12, 0), vals[cen_c].repeat_interleave(12, 0),
@@ -243,17 +249,18 @@ def _owner_lookup(cells: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     pick = low.any(1).nonzero().squeeze(1)
     low, lb, lloc, lrows = low.index_select(0, pick), bkey.index_select(0, pick), loc.index_select(0, pick), rows[pick]
     code = (low.long() * torch.tensor([1, 2, 4], device=dev)).sum(1)  # which of its axes are on a lower face
-    for mask in range(1, 8):
-        axes = [a for a in range(3) if (mask >> a) & 1]
-        sel = ((code & mask) == mask).nonzero().squeeze(1)
-        if sel.numel() == 0:
-            continue
-        lower = row_of.index_select(0, lb.index_select(0, sel) - sum(nb ** (2 - a) for a in axes)).long()
-        has = lower >= 0
-        sel, lower = sel[has], lower[has]
-        shift = sum((1 << _B) * _H ** (2 - a) for a in axes)
-        at = lower * _H ** 3 + (lloc.index_select(0, sel) * hw).sum(1) + shift
-        halo.index_copy_(0, at, lrows.index_select(0, sel))
+    # every non-empty subset (mask 1..7) of those axes names one block below, all in one pass:
+    # (cell, mask) pairs, each block's offset in the block table and the slot shift in its halo
+    masks = torch.arange(1, 8, device=dev)
+    sel, mi = ((code.unsqueeze(1) & masks) == masks).nonzero(as_tuple=True)
+    axes = (masks.unsqueeze(1) >> torch.arange(3, device=dev)) & 1  # (7, 3)
+    block_step = (axes * torch.tensor([nb * nb, nb, 1], device=dev)).sum(1)  # (7,)
+    shift = (axes * (1 << _B) * hw).sum(1)  # (7,)
+    lower = row_of.index_select(0, lb.index_select(0, sel) - block_step.index_select(0, mi)).long()
+    has = (lower >= 0).nonzero().squeeze(1)
+    sel, mi, lower = sel.index_select(0, has), mi.index_select(0, has), lower.index_select(0, has)
+    at = lower * _H ** 3 + (lloc.index_select(0, sel) * hw).sum(1) + shift.index_select(0, mi)
+    halo.index_copy_(0, at, lrows.index_select(0, sel))  # distinct slots: the order of the writes is free
     return slot, halo
 
 
