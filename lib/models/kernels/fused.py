@@ -104,6 +104,38 @@ def _clamped_l1_grad(pred: torch.Tensor, target: torch.Tensor, clamp: float) -> 
     return diff.abs().sum(), grad
 
 
+def _loss_head(plan, h: torch.Tensor, target: torch.Tensor, clamp: float, part, scale: float) -> torch.Tensor:
+    """The last layer's output h (n, 1) -> tanh (twice with ``use_tanh``), its clamped L1 loss
+    against target (n,) added to ``part.total``; returns dL/dh (n, 1) times ``scale``."""
+    out = h.view(-1)
+    if plan.use_tanh:
+        inner = torch.tanh(out)
+        pred = torch.tanh(inner)
+    else:
+        pred = torch.tanh(out)
+    loss, g = _clamped_l1_grad(pred, target, clamp)
+    part.total += loss
+    g.mul_(1.0 - pred * pred)
+    if plan.use_tanh:
+        g.mul_(1.0 - inner * inner)
+    return g.mul_(scale).unsqueeze(1)
+
+
+def _chunk_inputs(plan, sh, part, scene, k0: int, k1: int, r0: int, r1: int):
+    """Rows r0..r1 of scenes k0..k1: (rows n, per-layer biases, per-layer bias-gradient sums,
+    encoded xyz (n, E)).  One scene: its bias rows; several whole scenes: per-scene biases
+    broadcast over each scene's rows."""
+    n = (k1 - k0) * (r1 - r0)
+    if k1 - k0 == 1:
+        biases, sums = scene[k0]
+    else:
+        biases = [sb[k0:k1, None, :] for sb in sh.scene_bias]
+        sums = [part.colsums[i, k0:k1, :w] for i, w in enumerate(sh.widths)]
+    pts = sh.xyz[k0:k1, r0:r1].reshape(n, 3)
+    pe = positional_encoding(pts, plan.fourier_degree) if plan.fourier_degree else pts.contiguous()
+    return n, biases, sums, pe
+
+
 class WeightBlocks:
     """A decoder's effective weights cut into the contiguous, padded blocks the chunk loops use.
 
@@ -258,16 +290,8 @@ def _chunks_blas(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, i
              for k in range(sh.sdf.shape[0])]
     for k0, k1, r0, r1 in chunks:
         nb = k1 - k0
-        n = nb * (r1 - r0)
+        n, biases, sums, pe = _chunk_inputs(plan, sh, part, scene, k0, k1, r0, r1)
         acts, gins = part.views(sh, n)
-        if nb == 1:
-            biases, sums = scene[k0]
-        else:
-            # several whole scenes: per-scene biases broadcast over each scene's rows
-            biases = [sb[k0:k1, None, :] for sb in sh.scene_bias]
-            sums = [part.colsums[i, k0:k1, :w] for i, w in enumerate(sh.widths)]
-        pts = sh.xyz[k0:k1, r0:r1].reshape(n, 3)
-        pe = positional_encoding(pts, plan.fourier_degree) if plan.fourier_degree else pts.contiguous()
         x = pe
         for i, has_x, has_pe, drop, w_in, w_pe in fwd:
             h = acts[i]
@@ -284,18 +308,7 @@ def _chunks_blas(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, i
             if drop:
                 part.dropout.apply_(h, i, k0 * s + r0)
             x = h
-        out = h.view(-1)
-        if plan.use_tanh:
-            inner = torch.tanh(out)
-            pred = torch.tanh(inner)
-        else:
-            pred = torch.tanh(out)
-        loss, g = _clamped_l1_grad(pred, sh.sdf[k0:k1, r0:r1].reshape(n), sh.clamp)
-        part.total += loss
-        g.mul_(1.0 - pred * pred)
-        if plan.use_tanh:
-            g.mul_(1.0 - inner * inner)
-        g = g.mul_(scale).unsqueeze(1)
+        g = _loss_head(plan, h, sh.sdf[k0:k1, r0:r1].reshape(n), sh.clamp, part, scale)
         for i, has_x, has_pe, g_wx, g_wpe, w_x in bwd:
             if nb == 1:
                 sums[i].add_(g.sum(0))
@@ -338,15 +351,8 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
         acts: list = [None] * len(layers)  # the last chunk's go first, so that the allocator reuses their memory
         h = g = gin = None
         nb = k1 - k0
-        n = nb * (r1 - r0)
         one = nb == 1
-        if one:
-            biases, sums = scene[k0]
-        else:
-            biases = [sb[k0:k1, None, :] for sb in sh.scene_bias]
-            sums = [part.colsums[i, k0:k1, :w] for i, w in enumerate(sh.widths)]
-        pts = sh.xyz[k0:k1, r0:r1].reshape(n, 3)
-        pe = positional_encoding(pts, plan.fourier_degree) if plan.fourier_degree else pts.contiguous()
+        n, biases, sums, pe = _chunk_inputs(plan, sh, part, scene, k0, k1, r0, r1)
         x = pe
         for i, has_x, has_pe, drop, w_in, w_pe in fwd:
             if has_x and has_pe:  # the encoded-xyz part, with the bias, added inside the x GEMM
@@ -365,18 +371,7 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
             if drop:
                 part.dropout.apply_(h, i, k0 * s + r0)
             x = h
-        out = h.view(-1)
-        if plan.use_tanh:
-            inner = torch.tanh(out)
-            pred = torch.tanh(inner)
-        else:
-            pred = torch.tanh(out)
-        loss, g = _clamped_l1_grad(pred, sh.sdf[k0:k1, r0:r1].reshape(n), sh.clamp)
-        part.total += loss
-        g.mul_(1.0 - pred * pred)
-        if plan.use_tanh:
-            g.mul_(1.0 - inner * inner)
-        g = g.mul_(scale).unsqueeze(1)
+        g = _loss_head(plan, h, sh.sdf[k0:k1, r0:r1].reshape(n), sh.clamp, part, scale)
         pe_m = pe.to_mkldnn()
         for i, has_x, has_pe, g_wx, g_wpe, w_x in bwd:
             g_m = g.to_mkldnn()

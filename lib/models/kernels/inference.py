@@ -279,6 +279,16 @@ def _tanh_out(prep: _Prepared, h: torch.Tensor, out: torch.Tensor) -> torch.Tens
     return None
 
 
+def _tanh_out_and_grad(prep: _Prepared, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``_tanh_out`` of h (n, 1) into out (n,), and d out / d h written over h: returns h (n, 1)."""
+    inner = _tanh_out(prep, h, out)
+    # d tanh(u)/du = 1 - tanh(u)^2, written into the last layer's activation
+    g = torch.mul(out, out, out=h.view(-1)).neg_().add_(1.0)
+    if inner is not None:
+        g.mul_(inner.mul_(inner).neg_().add_(1.0))
+    return h
+
+
 def _setup(prep: _Prepared, xyz: torch.Tensor, index, rows: int | None):
     """(P, rows per chunk, the per-row code index or None when all rows use code 0, device, dtype)."""
     rows = int(rows or default_rows(xyz.device))
@@ -445,13 +455,7 @@ def _grad_chunk(prep: _Prepared, pts_all, idx, s: int, n: int, views, out, g_cod
     last = len(prep.plan.layers) - 1
     x = _encode(prep, pts_all[s: s + n], ang, pe)
     h = _forward(prep, acts, x, None if idx is None else idx[s: s + n])
-    val = out[s: s + n]
-    inner = _tanh_out(prep, h, val)
-    # d tanh(u)/du = 1 - tanh(u)^2, written into the last layer's activation (n, 1)
-    g = torch.mul(val, val, out=h.view(-1)).neg_().add_(1.0)
-    if inner is not None:
-        g.mul_(inner.mul_(inner).neg_().add_(1.0))
-    g = h
+    g = _tanh_out_and_grad(prep, h, out[s: s + n])
     ext.zero_()
     for i in range(last, -1, -1):
         if prep.ext[i] is not None:
@@ -473,12 +477,7 @@ def _grad_chunk_onednn(prep: _Prepared, pts_all, idx, s: int, n: int, views, out
     x = _encode(prep, pts_all[s: s + n], ang, pe)
     acts: list = []
     h = _forward_onednn(prep, x, None if idx is None else idx[s: s + n], gather, acts)
-    val = out[s: s + n]
-    inner = _tanh_out(prep, h, val)
-    g = torch.mul(val, val, out=h.view(-1)).neg_().add_(1.0)
-    if inner is not None:
-        g.mul_(inner.mul_(inner).neg_().add_(1.0))
-    g = h
+    g = _tanh_out_and_grad(prep, h, out[s: s + n])
     ext = None
     for i in range(last, -1, -1):
         e_t = prep.ext_t[i]
