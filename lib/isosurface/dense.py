@@ -72,8 +72,9 @@ def extract_dense(sdf_fn: SdfFn, resolution: int = 128, device=None, level: floa
 
 def _points_of(ax: torch.Tensor, g: int, lin: torch.Tensor) -> torch.Tensor:
     """World coordinates (P, 3) of linear indices lin (P,) of a G^3 lattice with axis ``ax``."""
-    g2 = g * g
-    return torch.stack((ax[lin // g2], ax[(lin // g) % g], ax[lin % g]), 1)
+    row = lin // g  # one division per level: the remainders by multiply-subtract
+    i = row // g
+    return torch.stack((ax.index_select(0, i), ax.index_select(0, row - i * g), ax.index_select(0, lin - row * g)), 1)
 
 
 class _DenseGrid:
