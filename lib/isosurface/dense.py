@@ -97,7 +97,7 @@ class _DenseGrid:
         """(Re-)evaluate the field at distinct linear indices lin (P,)."""
         for s in range(0, lin.numel(), self.chunk):
             part = lin[s : s + self.chunk]
-            self.values[part] = self.sdf_fn(_points_of(self.ax, self.g, part)).reshape(-1).float()
+            self.values.index_copy_(0, part, self.sdf_fn(_points_of(self.ax, self.g, part)).reshape(-1).float())
         self.evaluations += lin.numel()
 
     def corner_values(self, cells: torch.Tensor) -> torch.Tensor:
