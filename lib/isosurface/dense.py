@@ -135,7 +135,9 @@ def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int, marks: torch.Tenso
     n3 = 3 * n ** 3
     # voxel of a vertex: the lower end of its edge (the cell's lower corner for centres)
     lin = torch.where(keys < n3, keys // 3, (keys - n3).clamp(min=0) // 4)
-    i, j, k = lin // (n * n), (lin // n) % n, lin % n
+    row = lin // n  # one division per level: the remainders by multiply-subtract
+    i = row // n
+    j, k = row - i * n, lin - row * n
     inside = torch.stack((torch.ones_like(i, dtype=torch.bool), i < n - 1, i > 0, j < n - 1, j > 0, k < n - 1, k > 0),
                          1)
     step = torch.tensor([0, n * n, -n * n, n, -n, 1, -1], device=keys.device)
@@ -167,7 +169,9 @@ def _marked(marks: torch.Tensor) -> torch.Tensor:
 
 def _cell_ijk(lin: torch.Tensor, n: int) -> torch.Tensor:
     """Lattice points (P, 3) of linear indices lin (P,) of the N^3 grid."""
-    return torch.stack((lin // (n * n), (lin // n) % n, lin % n), 1)
+    row = lin // n
+    i = row // n
+    return torch.stack((i, row - i * n, lin - row * n), 1)
 
 
 def _update_cells(grid: _DenseGrid, cells: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
