@@ -472,6 +472,20 @@ def _fast_reference(fn, n, steps):
         yield v, f, int(fresh.sum()) + int((~fresh[ends]).sum()), int(stale.sum()), int(missed.sum())
 
 
+@pytest.mark.parametrize("size", [0, 5, 64, 40 ** 3, 41 ** 3])
+def test_marked_finds_the_true_entries_in_order(size):
+    """The fast refresh's scan of its mask (8 marks per word, then the nonzero words) finds
+    exactly the True entries, sorted: clustered and scattered marks, a tail that is not a
+    whole word, a mask that starts inside a word, all marks, none."""
+    from lib.isosurface.dense import _marked
+    g = torch.Generator().manual_seed(size)
+    for marks in (torch.rand(size, generator=g) < 0.01, torch.rand(size, generator=g) < 0.7,
+                  torch.ones(size, dtype=torch.bool), torch.zeros(size, dtype=torch.bool)):
+        marks[size // 3 : size // 3 + 17] = True  # a run across words
+        for m in (marks, marks[3:]):
+            assert torch.equal(_marked(m), m.nonzero().squeeze(1))
+
+
 def test_fast_mode_is_its_definition_on_the_full_grid():
     """extract's fast mode (it touches only the refreshed band and the previous cells) gives,
     call after call, the mesh, evaluations and stale / missed counts of the heuristic computed

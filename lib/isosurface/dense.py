@@ -72,8 +72,9 @@ def extract_dense(sdf_fn: SdfFn, resolution: int = 128, device=None, level: floa
 
 def _points_of(ax: torch.Tensor, g: int, lin: torch.Tensor) -> torch.Tensor:
     """World coordinates (P, 3) of linear indices lin (P,) of a G^3 lattice with axis ``ax``."""
-    g2 = g * g
-    return torch.stack((ax[lin // g2], ax[(lin // g) % g], ax[lin % g]), 1)
+    row = lin // g  # one division per level: the remainders by multiply-subtract
+    i = row // g
+    return torch.stack((ax.index_select(0, i), ax.index_select(0, row - i * g), ax.index_select(0, lin - row * g)), 1)
 
 
 class _DenseGrid:
@@ -87,6 +88,7 @@ class _DenseGrid:
         else:
             self.values = torch.full((size ** 3,), float("nan"), device=device)
         self.evaluations = 0
+        self.corner_step = self.lin(tables(self.ax.device)["corner"])  # (8,) linear offset of each cell corner
 
     def lin(self, ijk):
         return (ijk[..., 0] * self.g + ijk[..., 1]) * self.g + ijk[..., 2]
@@ -95,16 +97,17 @@ class _DenseGrid:
         """(Re-)evaluate the field at distinct linear indices lin (P,)."""
         for s in range(0, lin.numel(), self.chunk):
             part = lin[s : s + self.chunk]
-            self.values[part] = self.sdf_fn(_points_of(self.ax, self.g, part)).reshape(-1).float()
+            self.values.index_copy_(0, part, self.sdf_fn(_points_of(self.ax, self.g, part)).reshape(-1).float())
         self.evaluations += lin.numel()
 
-    def values_at(self, ijk: torch.Tensor) -> torch.Tensor:
-        """Values at lattice points ijk (..., 3) int64 (all evaluated): (...)."""
-        return self.values[self.lin(ijk)]
-
     def corner_values(self, cells: torch.Tensor) -> torch.Tensor:
-        """Values at the 8 corners of cells (K, 3): (K, 8), marching cubes' corner order."""
-        return self.values_at(cells.unsqueeze(1) + tables(cells.device)["corner"])
+        """Values at the 8 corners of cells (K, 3) int64: (K, 8), marching cubes' corner order."""
+        return self.corners_at(self.lin(cells))
+
+    def corners_at(self, lin: torch.Tensor) -> torch.Tensor:
+        """:meth:`corner_values` of the cells with lower corners at linear indices lin (K,) int64: (K, 8)."""
+        # one flat gather: no (K, 8, 3) lattice points to build and linearise
+        return self.values.index_select(0, (lin.unsqueeze(1) + self.corner_step).view(-1)).view(lin.shape[0], 8)
 
     @property
     def stored(self) -> int:
@@ -132,22 +135,43 @@ def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int, marks: torch.Tenso
     n3 = 3 * n ** 3
     # voxel of a vertex: the lower end of its edge (the cell's lower corner for centres)
     lin = torch.where(keys < n3, keys // 3, (keys - n3).clamp(min=0) // 4)
-    i, j, k = lin // (n * n), (lin // n) % n, lin % n
+    row = lin // n  # one division per level: the remainders by multiply-subtract
+    i = row // n
+    j, k = row - i * n, lin - row * n
     inside = torch.stack((torch.ones_like(i, dtype=torch.bool), i < n - 1, i > 0, j < n - 1, j > 0, k < n - 1, k > 0),
                          1)
     step = torch.tensor([0, n * n, -n * n, n, -n, 1, -1], device=keys.device)
     # distinct and sorted through the mask: one byte-wide scan, cheaper than sorting 7 V keys
     marks.index_fill_(0, (lin.unsqueeze(1) + step).masked_select(inside), True)
-    fresh = marks.nonzero().squeeze(1)
+    fresh = _marked(marks)
     before = grid.values.index_select(0, fresh) > 0
     grid.evaluate(fresh)
     flipped = fresh.masked_select((grid.values.index_select(0, fresh) > 0) != before)
     return grid, fresh, flipped
 
 
+def _marked(marks: torch.Tensor) -> torch.Tensor:
+    """Sorted indices (R,) int64 of the True entries of marks (M,) bool, few and clustered.
+
+    Scans 8 marks at a time as one int64 word, then only the nonzero words: a full
+    byte-wide ``nonzero`` writes or counts every byte of the N^3 mask.
+    """
+    m = marks.numel() - marks.numel() % 8
+    if m == 0 or marks.storage_offset() % 8:
+        return marks.nonzero().squeeze(1)
+    words = marks[:m].view(torch.int64).nonzero().squeeze(1)
+    row, col = marks[:m].view(-1, 8).index_select(0, words).nonzero(as_tuple=True)
+    found = words.index_select(0, row).mul_(8).add_(col)
+    if m < marks.numel():
+        found = torch.cat((found, marks[m:].nonzero().squeeze(1).add_(m)))
+    return found
+
+
 def _cell_ijk(lin: torch.Tensor, n: int) -> torch.Tensor:
     """Lattice points (P, 3) of linear indices lin (P,) of the N^3 grid."""
-    return torch.stack((lin // (n * n), (lin // n) % n, lin % n), 1)
+    row = lin // n
+    i = row // n
+    return torch.stack((i, row - i * n, lin - row * n), 1)
 
 
 def _update_cells(grid: _DenseGrid, cells: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
@@ -173,7 +197,7 @@ def _update_cells(grid: _DenseGrid, cells: torch.Tensor, flipped: torch.Tensor) 
     around = (_cell_ijk(flipped, n).unsqueeze(1) - corner).reshape(-1, 3)  # cells having a flipped corner
     around = around[((around >= 0) & (around < n - 1)).all(1)]
     cand = torch.unique(grid.lin(around))
-    out = grid.corner_values(_cell_ijk(cand, n)) > 0
+    out = grid.corners_at(cand) > 0
     crossing = out.any(1) & ~out.all(1)
     prev = grid.lin(cells)
     if prev.numel():

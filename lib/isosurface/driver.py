@@ -168,6 +168,8 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
         grid = _DenseGrid(fn, n, n, device, chunk, reuse)
         grid.evaluate(torch.arange(n ** 3, device=grid.ax.device))
         cells = crossing_cells(grid.values.reshape(n, n, n))
+    if corners is None and isinstance(grid, _DenseGrid):
+        corners = grid.corner_values(cells)  # one gather, small beside the N^3 grid (marching cubes reads them twice)
     verts, faces, keys = marching_cubes_cells(cells, grid.corner_values if corners is None else corners, n, grid.ax)
     stale, missed = (0, 0)
     if marks is not None:
