@@ -353,6 +353,7 @@ def optimize(opt: LatentOptimizer, iterations: int, callbacks: Sequence[Callback
 
     After each step every ``callbacks`` item is called with the :class:`Iteration`; a
     returned mapping is merged into that step's history record (per-iteration metrics).
+    Callbacks run in the step's ``lib.runtime.threads.elementwise_section``.
     A vanished surface (:class:`SurfaceLostError`) ends the run early with
     ``stopped`` set to its message; the history up to then is kept.  With ``final`` the
     returned code is evaluated once more (``run.final``) and ``final_callbacks`` receive it.
@@ -371,10 +372,12 @@ def optimize(opt: LatentOptimizer, iterations: int, callbacks: Sequence[Callback
                 stopped = str(err)
                 break
             rec = it.record()
-            for cb in callbacks:
-                extra = cb(it)
-                if extra:
-                    rec.update(extra)
+            # the callbacks' metrics (Chamfer, renderings) are small elementwise work, as the step's
+            with elementwise_section(opt.latent.device):
+                for cb in callbacks:
+                    extra = cb(it)
+                    if extra:
+                        rec.update(extra)
             history.append(rec)
             if show_progress:
                 shown = {"genus": it.genus} if opt.track_topology else {}
@@ -389,8 +392,9 @@ def optimize(opt: LatentOptimizer, iterations: int, callbacks: Sequence[Callback
         except SurfaceLostError as err:
             stopped = str(err)
         else:
-            for cb in final_callbacks:
-                cb(last)
+            with elementwise_section(opt.latent.device):
+                for cb in final_callbacks:
+                    cb(last)
     if stopped:
         info(f"optimize: stopped early: {stopped}")
     return OptimizationRun(history, last, opt.latent.detach().clone(), stopped, time.perf_counter() - t_start)

@@ -35,6 +35,27 @@ def sphere_target(radius, resolution=24):
     return silhouette(v, f, camera(), sigma=demo_sigma(SIZE))
 
 
+def test_callbacks_run_in_the_steps_one_thread_section():
+    """Per-step metrics (callbacks) are small elementwise work like the step's own: they run in
+    its elementwise section (one intra-op thread where idle OpenMP threads sleep), not on a
+    team that every pass must wake."""
+    from lib.runtime import cpus
+
+    if not cpus.openmp_threads_sleep():
+        pytest.skip("OpenMP threads busy-wait here: the section changes nothing")
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        opt = LatentOptimizer(LatentSphere(), torch.tensor([0.3]), SilhouetteLoss(camera(), sphere_target(0.5)),
+                              lr=0.02, resolution=16)
+        optimize(opt, 2, callbacks=[lambda it: seen.append(torch.get_num_threads())],
+                 final_callbacks=[lambda it: seen.append(torch.get_num_threads())], show_progress=False)
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_converges_to_target_radius():
     loss_fn = SilhouetteLoss(camera(), sphere_target(0.5))
     opt = LatentOptimizer(LatentSphere(), torch.tensor([0.3]), loss_fn, lr=0.02, resolution=24)
