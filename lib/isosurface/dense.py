@@ -72,9 +72,7 @@ def extract_dense(sdf_fn: SdfFn, resolution: int = 128, device=None, level: floa
 
 def _points_of(ax: torch.Tensor, g: int, lin: torch.Tensor) -> torch.Tensor:
     """World coordinates (P, 3) of linear indices lin (P,) of a G^3 lattice with axis ``ax``."""
-    row = lin // g  # one division per level: the remainders by multiply-subtract
-    i = row // g
-    return torch.stack((ax.index_select(0, i), ax.index_select(0, row - i * g), ax.index_select(0, lin - row * g)), 1)
+    return ax.index_select(0, _cell_ijk(lin, g).view(-1)).view(-1, 3)
 
 
 class _DenseGrid:
@@ -93,11 +91,12 @@ class _DenseGrid:
     def lin(self, ijk):
         return (ijk[..., 0] * self.g + ijk[..., 1]) * self.g + ijk[..., 2]
 
-    def evaluate(self, lin: torch.Tensor) -> None:
-        """(Re-)evaluate the field at distinct linear indices lin (P,)."""
+    def evaluate(self, lin: torch.Tensor, fn=None) -> None:
+        """(Re-)evaluate the field (or ``fn``, another field) at distinct linear indices lin (P,)."""
+        fn = self.sdf_fn if fn is None else fn
         for s in range(0, lin.numel(), self.chunk):
             part = lin[s : s + self.chunk]
-            self.values.index_copy_(0, part, self.sdf_fn(_points_of(self.ax, self.g, part)).reshape(-1).float())
+            self.values.index_copy_(0, part, fn(_points_of(self.ax, self.g, part)).reshape(-1).float())
         self.evaluations += lin.numel()
 
     def corner_values(self, cells: torch.Tensor) -> torch.Tensor:
@@ -135,9 +134,7 @@ def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int, marks: torch.Tenso
     n3 = 3 * n ** 3
     # voxel of a vertex: the lower end of its edge (the cell's lower corner for centres)
     lin = torch.where(keys < n3, keys // 3, (keys - n3).clamp(min=0) // 4)
-    row = lin // n  # one division per level: the remainders by multiply-subtract
-    i = row // n
-    j, k = row - i * n, lin - row * n
+    i, j, k = _cell_ijk(lin, n).unbind(1)
     inside = torch.stack((torch.ones_like(i, dtype=torch.bool), i < n - 1, i > 0, j < n - 1, j > 0, k < n - 1, k > 0),
                          1)
     step = torch.tensor([0, n * n, -n * n, n, -n, 1, -1], device=keys.device)
@@ -169,7 +166,7 @@ def _marked(marks: torch.Tensor) -> torch.Tensor:
 
 def _cell_ijk(lin: torch.Tensor, n: int) -> torch.Tensor:
     """Lattice points (P, 3) of linear indices lin (P,) of the N^3 grid."""
-    row = lin // n
+    row = lin // n  # one division per level: the remainders by multiply-subtract
     i = row // n
     return torch.stack((i, row - i * n, lin - row * n), 1)
 
@@ -285,11 +282,7 @@ def _resolve(grid: _DenseGrid, cells: torch.Tensor, origin) -> None:
         return
     corner = grid.lin(cells).unsqueeze(1) + grid.lin(tables(cells.device)["corner"])  # (K, 8)
     pending = torch.unique(corner.masked_select(torch.isinf(grid.values.index_select(0, corner.view(-1)).view(-1, 8))))
-    if pending.numel():
-        for s in range(0, pending.numel(), grid.chunk):
-            part = pending[s : s + grid.chunk]
-            grid.values[part] = origin(_points_of(grid.ax, grid.g, part)).reshape(-1).float()
-        grid.evaluations += pending.numel()
+    grid.evaluate(pending, origin)
 
 
 def _check_fast(grid: _DenseGrid, keys: torch.Tensor, marks: torch.Tensor) -> tuple[int, int]:
