@@ -40,7 +40,8 @@ import re
 import signal
 import sys
 import tempfile
-from multiprocessing import get_context
+import threading
+from multiprocessing import active_children, get_context
 from pathlib import Path
 
 from lib.errors import MeshSDFError
@@ -174,6 +175,27 @@ def _worker_init() -> None:
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
+WORKER_GRACE = 10.0  # s a worker has to stop on SIGTERM before it is killed
+
+
+def _terminate(pool) -> None:
+    """``pool.terminate()`` (SIGTERM to the workers, which unwind and remove their temporaries),
+    then SIGKILL to any worker still alive after ``WORKER_GRACE`` seconds.
+
+    Why: a worker killed while it held the pool's task-queue lock leaves it held, and an idle
+    sibling waits on that lock; a SIGTERM that one of the sibling's other threads takes does
+    not wake the wait, so the sibling never stops and ``terminate()`` would wait for it forever.
+    An idle worker holds no temporary, so killing it loses nothing.
+    """
+    stopping = threading.Thread(target=pool.terminate, daemon=True)
+    stopping.start()
+    stopping.join(WORKER_GRACE)
+    if stopping.is_alive():
+        for worker in active_children():
+            worker.kill()
+        stopping.join()
 
 
 def _job(task: tuple) -> dict:
@@ -329,9 +351,13 @@ def main(argv=None) -> int:
             # spawn: torch and libigl thread pools do not survive fork safely.  A Pool, not an executor:
             # leaving its block on an error or a signal terminates the workers instead of waiting for them
             with get_context("spawn").Pool(min(args.workers, len(tasks)), initializer=_worker_init) as pool:
-                for r in pool.imap(_job, tasks):
-                    results.append(r)
-                    bar.update()
+                try:
+                    for r in pool.imap(_job, tasks):
+                        results.append(r)
+                        bar.update()
+                except BaseException:
+                    _terminate(pool)
+                    raise
     except SystemExit as stop:
         if stop.code == 128 + signal.SIGTERM:
             print(f"prepare_data.py: stopped by SIGTERM (no split file written); {len(results)} finished "
