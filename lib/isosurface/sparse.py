@@ -176,22 +176,21 @@ class _BlockGrid:
         slot = self._slots(key, allocate=True)
         flat = self.pool.view(-1)
         v = flat.index_select(0, slot)
-        miss = torch.isnan(v)
+        miss = torch.isnan(v).nonzero().squeeze(1)  # lookups to evaluate (a point may repeat)
         more = None
-        if bool(miss.any()):
-            ms = slot.masked_select(miss)
+        if miss.shape[0]:
+            ms = slot.index_select(0, miss)
             # one representative per distinct missing point, without sorting them all: each
             # writes its number into its (NaN) slot and the one whose number stays wins
             ticket = torch.arange(ms.shape[0], device=ms.device, dtype=flat.dtype)  # exact below 2^24
             flat.index_copy_(0, ms, ticket)
-            won = flat.index_select(0, ms) == ticket
-            new, order = torch.sort(key.masked_select(miss).masked_select(won))  # C order: the same batch whoever won
-            ms = ms.masked_select(won).index_select(0, order)
+            won = (flat.index_select(0, ms) == ticket).nonzero().squeeze(1)
+            new, order = torch.sort(key.index_select(0, miss.index_select(0, won)))  # C order: the same batch whoever won
             pts = self.ijk(new)
             got = self.field(pts if extra is None else torch.cat((pts, extra)))
-            flat.index_copy_(0, ms, got[: new.shape[0]])
+            flat.index_copy_(0, ms.index_select(0, won.index_select(0, order)), got[: new.shape[0]])
             more = None if extra is None else got[new.shape[0]:]
-            v = flat.index_select(0, slot)
+            v.index_copy_(0, miss, flat.index_select(0, ms))  # only the missing lookups change
         if extra is None:
             return v.reshape(shape)
         return v.reshape(shape), (self.field(extra) if more is None else more)
@@ -213,12 +212,13 @@ class _BlockGrid:
 
     def mark_new_keys(self, key: torch.Tensor) -> torch.Tensor:
         """Mark the cells of keys (K,) visited; returns the distinct keys not marked before, sorted."""
-        slot = self._slots(key, allocate=False)
-        seen = self.marks.view(-1).index_select(0, slot.clamp(min=0)) & (slot >= 0)
-        new = torch.unique(key.masked_select(~seen))
-        slot = self._slots(new, allocate=True)  # may grow the pools: index them after
-        self.marks.view(-1).index_fill_(0, slot, True)
-        return new
+        # every candidate's block is allocated: a marked cell's block exists, and an unmarked
+        # one's is allocated to mark it (the same blocks, in the same order, as marking alone)
+        slot = self._slots(key, allocate=True)
+        marks = self.marks.view(-1)
+        fresh = (~marks.index_select(0, slot)).nonzero().squeeze(1)
+        marks.index_fill_(0, slot.index_select(0, fresh), True)
+        return torch.unique(key.index_select(0, fresh))
 
     def drop_marks(self) -> None:
         """Free the marks and the pool's unused rows (before meshing, when memory peaks)."""
@@ -415,7 +415,12 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
     """
     dev = seeds.device
     tab = tables(dev)
-    face_cyc = tab["face_cyc"]
+    # a cell's corner signs (K, 8) bool read as one int64 word each (a view, no copy): a
+    # face's corners are a byte mask of it, built by the same view (whatever the byte order)
+    on = torch.zeros(6, 8, dtype=torch.bool, device=dev)
+    on[torch.arange(6, device=dev).unsqueeze(1), tab["face_cyc"]] = True
+    face_bytes = on.view(torch.int64).squeeze(1)  # (6,)
+    all_out = torch.ones(8, dtype=torch.bool, device=dev).view(torch.int64)  # (1,) every corner outside
     corner_key = grid.lin(tab["corner"])  # (8,) key offsets of a cell's corners
     b = grid.bits
     # (6,) key offsets of the face neighbours (a step of -1 is exact where the coordinate is > 0)
@@ -434,19 +439,17 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
                     v, extra_values = grid.values_of(ck, extra)
                 else:
                     v = grid.values_of(ck)
-                out = v > 0
-                nout = out.sum(1)
-                sc = (nout > 0) & (nout < 8)
-                rows = sc.nonzero().squeeze(1)
-                c, out = part.index_select(0, rows), out.index_select(0, rows)
+                signs = (v > 0).view(torch.int64).squeeze(1)  # (F,) the 8 corner signs as the bytes of one word
+                rows = ((signs != 0) & (signs != all_out)).nonzero().squeeze(1)
+                c, signs = part.index_select(0, rows), signs.index_select(0, rows)
                 found.append(c)
                 count += c.shape[0]
                 if kept is not None:
                     kept = kept + [v.index_select(0, rows)] if count <= KEEP_CORNERS else None
-                nf = out.index_select(1, face_cyc.view(-1)).view(-1, 6, 4).sum(2)  # (K, 6) outside corners per face
+                on_face = signs.unsqueeze(1) & face_bytes  # (K, 6) the signs of each face's corners
                 ijk = grid.ijk(c)
                 # a neighbour across each face with mixed signs, inside the grid
-                go = (nf > 0) & (nf < 4) & torch.stack((ijk > 0, ijk < m - 1), 2).reshape(-1, 6)
+                go = (on_face != 0) & (on_face != face_bytes) & torch.stack((ijk > 0, ijk < m - 1), 2).reshape(-1, 6)
                 new.append((c.unsqueeze(1) + face_key).masked_select(go))
             front = grid.mark_new_keys(torch.cat(new))
         if reseed is None:
