@@ -11,6 +11,7 @@ from lib.errors import MeshSDFError
 from lib.isosurface import (_BlockGrid, _sentinel_seeds, extract, grid_points, marching_cubes, marching_cubes_cells,
                             same_mesh)
 from lib.isosurface import sparse as sparse_module
+from lib.isosurface import tables
 from lib.metrics import genus
 
 from fields import sphere, torus, union
@@ -384,6 +385,39 @@ def test_warm_start_finds_a_new_blob_through_a_sentinel_edge_only():
     assert st3.warm and v.shape[0] < vd.shape[0] and not same_mesh(v, f, vd, fd)[0]
     v, f, st4 = extract(off, n, "sparse", state=st, verify=True)  # verify catches it
     assert st4.verified is False and torch.equal(v, vd) and torch.equal(f, fd)
+
+
+def test_corner_lookups_per_cell_match_the_lookups_of_every_corner():
+    """The cell tracking's corner lookup (slots derived per cell, a step table for cells last
+    in their block along some axes) gives the slots, values, evaluation batches and block
+    allocation order of looking up each corner's key: cells at every position in a block
+    (0..7 and across the next block) along every axis, in random order, on a stored subset."""
+    n = 40
+    calls = {"per cell": [], "per corner": []}
+
+    def field(log):
+        def f(p):
+            log.append(p.clone())
+            return p[:, 0] * 3 + p[:, 1] * 5 - p[:, 2] * 7 + 0.1
+        return f
+
+    grids = {k: _BlockGrid(field(calls[k]), n, n + 1, "cpu", 2 ** 14) for k in calls}
+    r = torch.arange(3, 20)
+    cells = torch.cartesian_prod(r, r, r)[torch.randperm(17 ** 3, generator=torch.Generator().manual_seed(0))]
+    known = cells[:500] + 1  # some corners stored beforehand, in a few blocks
+    for g in grids.values():
+        g.store(known, g.field(known))
+    corners = tables("cpu")["corner"]
+    for part in cells.split(1000):
+        got = grids["per cell"].corner_values_of(grids["per cell"].lin(part))
+        want = grids["per corner"].values_of(grids["per corner"].lin(part.unsqueeze(1) + corners))
+        assert torch.equal(got, want)
+    a, b = grids["per cell"], grids["per corner"]
+    key = a.lin(cells[:2000])
+    assert torch.equal(a._corner_slots(key), b._slots((key.unsqueeze(1) + a.lin(corners)).view(-1), allocate=True))
+    assert torch.equal(a.table, b.table) and a.rows == b.rows and a.evaluations == b.evaluations
+    assert len(calls["per cell"]) == len(calls["per corner"])
+    assert all(torch.equal(x, y) for x, y in zip(calls["per cell"], calls["per corner"]))
 
 
 def test_sentinel_edges_are_completed_only_between_opposite_known_signs():

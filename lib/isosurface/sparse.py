@@ -91,6 +91,7 @@ class _BlockGrid:
         self.peak_rows = rows
         self.evaluations = 0
         self.tracking = "cells"  # or "blocks" (see _track_blocks)
+        self._steps = None  # corner lookup steps (see _corner_step), built on first use
 
     @property
     def stored(self) -> int:
@@ -173,7 +174,24 @@ class _BlockGrid:
             parts = [self.values_of(part) for part in key.split(2 ** 23)]
             v = torch.cat(parts).reshape(shape)
             return v if extra is None else (v, self.field(extra))
-        slot = self._slots(key, allocate=True)
+        return self._lookup(self._slots(key, allocate=True), lambda i: key.index_select(0, i), shape, extra)
+
+    def corner_values_of(self, cell: torch.Tensor, extra: torch.Tensor | None = None):
+        """Values (F, 8) at the corners of the cells of keys (F,) (marching cubes' corner
+        order), evaluating the field where missing and storing it; the same lookups,
+        evaluations and batches as :meth:`values_of` on the corners' keys, with the slots
+        derived per cell.  extra: as in :meth:`values_of`."""
+        if cell.shape[0] > 2 ** 20:  # keeps the tickets below exact floats
+            v = torch.cat([self.corner_values_of(part) for part in cell.split(2 ** 20)])
+            return v if extra is None else (v, self.field(extra))
+        step = self._corner_step(cell.device)[2]
+        return self._lookup(self._corner_slots(cell),
+                            lambda i: cell.index_select(0, i >> 3) + step.index_select(0, i & 7),
+                            (cell.shape[0], 8), extra)
+
+    def _lookup(self, slot: torch.Tensor, key_at, shape, extra: torch.Tensor | None):
+        """Values (shape) at pool slots (P,) (allocated), evaluating the field where missing;
+        key_at(indices (M,) into slot) -> their keys (M,).  extra: as in :meth:`values_of`."""
         flat = self.pool.view(-1)
         v = flat.index_select(0, slot)
         miss = torch.isnan(v).nonzero().squeeze(1)  # lookups to evaluate (a point may repeat)
@@ -185,7 +203,7 @@ class _BlockGrid:
             ticket = torch.arange(ms.shape[0], device=ms.device, dtype=flat.dtype)  # exact below 2^24
             flat.index_copy_(0, ms, ticket)
             won = (flat.index_select(0, ms) == ticket).nonzero().squeeze(1)
-            new, order = torch.sort(key.index_select(0, miss.index_select(0, won)))  # C order: the same batch whoever won
+            new, order = torch.sort(key_at(miss.index_select(0, won)))  # C order: the same batch whoever won
             pts = self.ijk(new)
             got = self.field(pts if extra is None else torch.cat((pts, extra)))
             flat.index_copy_(0, ms.index_select(0, won.index_select(0, order)), got[: new.shape[0]])
@@ -195,6 +213,40 @@ class _BlockGrid:
             return v.reshape(shape)
         return v.reshape(shape), (self.field(extra) if more is None else more)
 
+    def _corner_step(self, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For :meth:`_corner_slots`: per wrap mask w (bit 2 - a: the cell is last in its block
+        along axis a) and corner, the block index step and in-block offset step, (8, 8) each;
+        and the corners' key offsets (8,)."""
+        if self._steps is None:
+            corner = tables(dev)["corner"]  # (8, 3)
+            wrap = (torch.arange(8, device=dev).unsqueeze(1) >> torch.tensor([2, 1, 0], device=dev)) & 1  # (8, 3)
+            carry = wrap.unsqueeze(1) & corner  # (8 masks, 8 corners, 3): the corner is in the next block
+            nb = self.nb
+            blk = (carry * torch.tensor([nb * nb, nb, 1], device=dev)).sum(2)
+            off = ((corner - (carry << self.SHIFT)) * torch.tensor([64, 8, 1], device=dev)).sum(2)
+            self._steps = (blk, off, self.lin(corner))
+        return self._steps
+
+    def _corner_slots(self, cell: torch.Tensor) -> torch.Tensor:
+        """Flat pool slots (F * 8,) of the corners of the cells of keys (F,), their blocks
+        allocated (the blocks :meth:`_slots` allocates for the corners' keys, in the same order).
+
+        A cell's block and offset are computed once; a corner is in the same block, one step
+        further, unless the cell is last in its block along an axis where the corner steps."""
+        b, sh, nb = self.bits, self.SHIFT, self.nb
+        bm = ((1 << b) - 1) >> sh
+        blk = ((cell >> (2 * b + sh)) * nb + ((cell >> (b + sh)) & bm)) * nb + ((cell >> sh) & bm)
+        off = ((cell >> (2 * b - 2 * sh)) & (7 << 2 * sh)) | ((cell >> (b - sh)) & (7 << sh)) | (cell & 7)
+        wrap = ((off >> 6) == 7).long() << 2 | (((off >> 3) & 7) == 7).long() << 1 | ((off & 7) == 7).long()
+        step_blk, step_off, _ = self._corner_step(cell.device)
+        blk8 = (blk.unsqueeze(1) + step_blk.index_select(0, wrap)).view(-1)  # (F * 8,)
+        row = self.table.index_select(0, blk8)
+        absent = row < 0
+        if bool(absent.any()):
+            self._allocate(torch.unique(blk8.masked_select(absent)))
+            row = self.table.index_select(0, blk8)
+        return (row.long() << (3 * sh)) | (off.unsqueeze(1) + step_off.index_select(0, wrap)).view(-1)
+
     def peek(self, ijk: torch.Tensor) -> torch.Tensor:
         """Stored values at lattice points ijk (..., 3), NaN where not evaluated; evaluates nothing."""
         slot = self._slots(self.lin(ijk).reshape(-1), allocate=False)
@@ -203,7 +255,7 @@ class _BlockGrid:
 
     def corner_values(self, cells: torch.Tensor) -> torch.Tensor:
         """Values at the 8 corners of cells (K, 3): (K, 8), marching cubes' corner order."""
-        return self.values_at(cells.unsqueeze(1) + tables(cells.device)["corner"])
+        return self.corner_values_of(self.lin(cells))
 
     def store(self, ijk: torch.Tensor, values: torch.Tensor) -> None:
         """Keep known values (P,) at points ijk (P, 3) (evaluated elsewhere)."""
@@ -421,7 +473,6 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
     on[torch.arange(6, device=dev).unsqueeze(1), tab["face_cyc"]] = True
     face_bytes = on.view(torch.int64).squeeze(1)  # (6,)
     all_out = torch.ones(8, dtype=torch.bool, device=dev).view(torch.int64)  # (1,) every corner outside
-    corner_key = grid.lin(tab["corner"])  # (8,) key offsets of a cell's corners
     b = grid.bits
     # (6,) key offsets of the face neighbours (a step of -1 is exact where the coordinate is > 0)
     face_key = (torch.tensor(_FACE_DIR, device=dev) * torch.tensor([1 << 2 * b, 1 << b, 1], device=dev)).sum(1)
@@ -434,11 +485,10 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
         while front.shape[0]:
             new = []
             for part in front.split(2 ** 16):  # bounded transients however large the front
-                ck = part.unsqueeze(1) + corner_key  # (F, 8)
                 if extra is not None and extra_values is None:
-                    v, extra_values = grid.values_of(ck, extra)
+                    v, extra_values = grid.corner_values_of(part, extra)  # (F, 8)
                 else:
-                    v = grid.values_of(ck)
+                    v = grid.corner_values_of(part)
                 signs = (v > 0).view(torch.int64).squeeze(1)  # (F,) the 8 corner signs as the bytes of one word
                 rows = ((signs != 0) & (signs != all_out)).nonzero().squeeze(1)
                 c, signs = part.index_select(0, rows), signs.index_select(0, rows)
@@ -463,9 +513,10 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
         return torch.zeros(0, 3, dtype=torch.int64, device=dev), None
     key = torch.cat(found)
     del found
-    key, order = torch.sort(key)  # keys sort like C order
-    values = torch.cat(kept)[order] if kept is not None else None
-    return grid.ijk(key), values
+    # keys sort like C order (distinct keys: any sort gives the same order; int32 sorts faster)
+    key, order = torch.sort(key.int() if 3 * grid.bits < 31 else key)
+    values = torch.cat(kept).index_select(0, order) if kept is not None else None
+    return grid.ijk(key.long()), values
 
 
 def _timed_field(grid: _BlockGrid, ijk: torch.Tensor, pieces: int = 8):
