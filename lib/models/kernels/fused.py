@@ -359,6 +359,8 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
         for i, has_x, has_pe, drop, w_in, w_pe in fwd:
             if has_x and has_pe:  # the encoded-xyz part added inside the x GEMM
                 h = linear.binary(w_in, linear(w_pe, pe, None, "none", [], ""), x, None, "add")
+            elif w_in.shape[0] == 1:  # one output unit: a vector-matrix product, which oneDNN runs as a one-row GEMM
+                h = torch.mm(w_in, x.t())
             else:
                 h = linear(w_in, x, None, "none", [], "")
             if one:
@@ -384,7 +386,8 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
                 g_wpe.add_(linear(g, pe.t(), None, "none", [], ""))
             if i == 0:
                 break
-            gin = linear(w_x, g.t(), None, "none", [], "")
+            # one output unit: an outer product (no sums, so the GEMM's exact products)
+            gin = torch.mul(w_x, g) if g.shape[0] == 1 else linear(w_x, g.t(), None, "none", [], "")
             # relu and dropout backward at once: pass where the unit was kept and positive
             g = torch.ops.aten.threshold_backward.grad_input(gin, acts[i - 1], 0.0, grad_input=gin)
 
