@@ -82,6 +82,21 @@ def test_dropout_masks_of_different_layers_are_independent():
     assert torch.equal(a, dropout_mask((500, 128), p, seed=seed, layer=0))
 
 
+@pytest.mark.parametrize("cols,rows,row0,p", [(128, 300, 7, 0.2), (93, 37, 11, 0.3), (1, 5, 0, 0.5), (7, 9, 2, 0.9)])
+def test_chunk_dropout_in_the_transposed_layout_drops_the_same_units(cols, rows, row0, p):
+    """apply_t_ on (cols, rows) zeroes exactly the units apply_ zeroes on (rows, cols): both lanes of
+    each word, odd widths, odd first rows; and those are dropout_mask's units of the full draw."""
+    from lib.models.kernels.elementwise import ChunkDropout
+
+    seed, layer = new_seed(), 3
+    h = torch.rand(rows, cols) + 0.5  # no zeros of its own
+    rowwise = ChunkDropout(seed, p, 400, 130, "cpu", layers=[0, layer]).apply_(h.clone(), layer, row0)
+    transposed = ChunkDropout(seed, p, 400, 130, "cpu", layers=[0, layer]).apply_t_(h.t().contiguous(), layer, row0)
+    assert torch.equal(transposed.t(), rowwise)
+    keep = dropout_mask((row0 + rows, cols), p, seed=seed, layer=layer)[row0:]
+    assert torch.equal(transposed.t() != 0, keep != 0)
+
+
 CONFIGS = {
     "deepsdf": dict(dims=[32] * 6, dropout=list(range(6)), dropout_prob=0.2, norm_layers=list(range(6)),
                     latent_in=[3], weight_norm=True, positional_encoding=True, fourier_degree=3),

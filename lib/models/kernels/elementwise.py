@@ -110,14 +110,16 @@ def _check_range(rows_end: int, cols: int, layer: int = 0) -> int:
 
 
 def _mix_(row_keys: torch.Tensor, col_keys: torch.Tensor, z: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """Random int32 words z (rows, words) = mix(row_keys[r] + col_keys[w]) in place (``tmp``: scratch like z).
+    """Random int32 words z = mix(row_keys + col_keys) in place (``tmp``: scratch like z), the keys
+    broadcast to z's shape: row_keys (rows, 1) and col_keys (words,) for z (rows, words), or
+    col_keys (words, 1) and row_keys (rows,) for z (words, rows) (the transposed layout).
 
     mix is a multiply-xorshift-multiply hash of 32-bit words; the first multiply is already in
     both keys (``_keys``), so it costs no pass over z.  Why so few passes: this runs over
     every unit of every dropped-out layer of a training step; each row's key already carries a
     full 64-bit hash, so the per-unit part only has to decorrelate the words of a row.
     """
-    torch.add(row_keys[:, None], col_keys, out=z)
+    torch.add(row_keys, col_keys, out=z)
     torch.bitwise_right_shift(z, 15, out=tmp)
     tmp.bitwise_and_((1 << 17) - 1)  # logical shift: clear the sign fill
     return z.bitwise_xor_(tmp).mul_(_MUL2)
@@ -138,7 +140,7 @@ def dropout_bits(seed: int, layer: int, row0: int, rows: int, cols: int, device=
     device = torch.device(device) if device is not None else torch.device("cpu")
     layers = torch.tensor([layer], dtype=torch.int64, device=device)
     z = torch.empty(rows, words, dtype=torch.int32, device=device)
-    _mix_(_row_keys(seed, layers, row0, rows)[0], _column_keys(words, device), z, torch.empty_like(z))
+    _mix_(_row_keys(seed, layers, row0, rows)[0][:, None], _column_keys(words, device), z, torch.empty_like(z))
     return z.view(torch.int16)
 
 
@@ -184,9 +186,42 @@ class ChunkDropout:
             self._views[(n, cols)] = views
         cols_keys, z, t, bits = views
         _check_range(row0 + n, cols, layer)
-        _mix_(self._keys_of(layer, row0, n), cols_keys, z, t)
+        _mix_(self._keys_of(layer, row0, n)[:, None], cols_keys, z, t)
         # h where bits >= threshold, else 0, in one pass (the int16 bits compared as h's dtype)
         return torch.ops.aten.threshold_backward.grad_input(h, bits, self.threshold - 1, grad_input=h)
+
+    def apply_t_(self, h_t: torch.Tensor, layer: int, row0: int) -> torch.Tensor:
+        """``apply_`` in the transposed layout: h_t (cols, n) holds rows row0 .. row0 + n of ``layer``
+        as columns; the same units are dropped.
+
+        Why no transposed copy of the bits: the words are drawn as (words, n), and each lane is
+        compared in place of the other: lane 0 (column 2w) as the int32 word shifted left by 16
+        (lane x 2^16), lane 1 (column 2w + 1) as the word shifted right by 16 (the lane), both
+        exact in h's dtype, so the comparison is the int16 one of ``apply_``.
+
+        Args:
+            h_t: (cols, n) activations, zeroed in place where dropped; cols <= max_cols, n <= max_rows.
+            layer: the layer index (its stream).
+            row0: the first row of the chunk.
+        Returns:
+            h_t.
+        """
+        cols, n = h_t.shape
+        key = ("t", n, cols)
+        views = self._views.get(key)
+        if views is None:
+            words = _check_range(0, cols)
+            views = (_column_keys(words, self.device)[:, None], self._z[: n * words].view(words, n),
+                     self._t[: n * words].view(words, n))
+            self._views[key] = views
+        cols_keys, z, t = views
+        _check_range(row0 + n, cols, layer)
+        _mix_(cols_keys, self._keys_of(layer, row0, n), z, t)
+        drop = torch.ops.aten.threshold_backward.grad_input
+        even, odd = h_t[0::2], h_t[1::2]
+        drop(even, torch.bitwise_left_shift(z, 16, out=t), (self.threshold - 1) * 65536.0, grad_input=even)
+        drop(odd, z.bitwise_right_shift_(16)[: odd.shape[0]], self.threshold - 1, grad_input=odd)
+        return h_t
 
 
 def dropout_threshold(p: float) -> int:

@@ -329,23 +329,25 @@ def _chunks_blas(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, i
 def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, int, int]]) -> None:
     """``_run_chunks`` with oneDNN's GEMMs (``.gemm.cpu_gemm`` "onednn"): the same sums, other rounding.
 
-    oneDNN's linear computes X W^T with the bias and the ReLU applied inside the GEMM and returns
-    new tensors (no ``out=``), so the activations are its outputs rather than ``part``'s scratch.
-    The weight gradients g^T a come from its inner-product backward, which reads g and a
-    row-major as they are: as a linear call, g^T would first need a transposing copy, which
-    torch does one element at a time.
+    Activations and gradients are kept transposed, (features, rows).  oneDNN's linear computes
+    P Q^T, reading Q with any strides but copying a non-contiguous P, and returns new tensors (no
+    ``out=``).  In this layout every product has a contiguous P: forward W X^T, input gradient
+    W^T G^T, and the weight gradient G^T A from two contiguous (features, rows) blocks, which in
+    the row layout needed both converted to oneDNN's own tensors first.  The bias (along the
+    rows here, where oneDNN's runs along the columns; its broadcast addition runs a reference
+    kernel) and the ReLU follow the GEMM.
     """
     plan, layers = sh.plan, sh.plan.layers
     s = sh.sdf.shape[1]
     scale = 1.0 / sh.sdf.numel()
     last = len(layers) - 1
     linear = torch.ops.mkldnn._linear_pointwise
-    backward_weights = torch.ops.aten.mkldnn_linear_backward_weights
     fwd = [(i, lp.x, lp.pe is not None, lp.dropout, sh.wx[i] if lp.x else sh.wpe[i], sh.wpe[i])
            for i, lp in enumerate(layers)]
     bwd = [(i, lp.x, lp.pe is not None, part.gwx[i], part.gwpe[i], sh.wx_t[i])
            for i, lp in reversed(list(enumerate(layers)))]
-    scene = [([sb[k] for sb in sh.scene_bias], [part.colsums[i, k, :w] for i, w in enumerate(sh.widths)])
+    # per scene: its bias columns (out, 1) and its bias-gradient sums, (layer,) lists of views
+    scene = [([sb[k][:, None] for sb in sh.scene_bias], [part.colsums[i, k, :w] for i, w in enumerate(sh.widths)])
              for k in range(sh.sdf.shape[0])]
     for k0, k1, r0, r1 in chunks:
         acts: list = [None] * len(layers)  # the last chunk's go first, so that the allocator reuses their memory
@@ -353,43 +355,39 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
         nb = k1 - k0
         one = nb == 1
         n, biases, sums, pe = _chunk_inputs(plan, sh, part, scene, k0, k1, r0, r1)
-        x = pe
+        x = pe  # (rows, features): read by the first GEMMs as Q, as it is
         for i, has_x, has_pe, drop, w_in, w_pe in fwd:
-            if has_x and has_pe:  # the encoded-xyz part, with the bias, added inside the x GEMM
-                h = linear.binary(x, linear(pe, w_pe, biases[i] if one else None, "none", [], ""), w_in, None, "add")
-                relu_done = False
+            if has_x and has_pe:  # the encoded-xyz part added inside the x GEMM
+                h = linear.binary(w_in, linear(w_pe, pe, None, "none", [], ""), x, None, "add")
+            elif w_in.shape[0] == 1:  # one output unit: a vector-matrix product, which oneDNN runs as a one-row GEMM
+                h = torch.mm(w_in, x.t())
             else:
-                relu_done = one and i != last
-                h = linear(x, w_in, biases[i] if one else None, "relu" if relu_done else "none", [], "")
-            if not one:
-                h.view(nb, -1, h.shape[1]).add_(biases[i])
+                h = linear(w_in, x, None, "none", [], "")
+            if one:
+                h.add_(biases[i])
+            else:  # several whole scenes: (nb, 1, out) biases over (out, nb, rows)
+                h.view(h.shape[0], nb, -1).add_(biases[i].permute(2, 0, 1))
             acts[i] = h
             if i == last:
                 break
-            if not relu_done:
-                h.clamp_min_(0.0)
+            h.clamp_min_(0.0)
             if drop:
-                part.dropout.apply_(h, i, k0 * s + r0)
-            x = h
-        g = _loss_head(plan, h, sh.sdf[k0:k1, r0:r1].reshape(n), sh.clamp, part, scale)
-        pe_m = pe.to_mkldnn()
+                part.dropout.apply_t_(h, i, k0 * s + r0)
+            x = h.t()
+        g = _loss_head(plan, h, sh.sdf[k0:k1, r0:r1].reshape(n), sh.clamp, part, scale).view(1, n)
         for i, has_x, has_pe, g_wx, g_wpe, w_x in bwd:
-            g_m = g.to_mkldnn()
-            gb = None
-            if has_x:
-                gw, gb = backward_weights(g_m, acts[i - 1].to_mkldnn(), g_wx, one)
-                g_wx.add_(gw)
-            if has_pe:
-                gw, gb_pe = backward_weights(g_m, pe_m, g_wpe, one and gb is None)
-                g_wpe.add_(gw)
-                gb = gb_pe if gb is None else gb
             if one:
-                sums[i].add_(gb)
+                sums[i].add_(g.sum(1))
             else:
-                sums[i].add_(g.view(nb, -1, g.shape[1]).sum(1))
+                sums[i].add_(g.view(g.shape[0], nb, -1).sum(2).t())
+            if has_x:
+                g_wx.add_(linear(g, acts[i - 1], None, "none", [], ""))
+            if has_pe:
+                g_wpe.add_(linear(g, pe.t(), None, "none", [], ""))
             if i == 0:
                 break
-            gin = linear(g, w_x, None, "none", [], "")
+            # one output unit: an outer product (no sums, so the GEMM's exact products)
+            gin = torch.mul(w_x, g) if g.shape[0] == 1 else linear(w_x, g.t(), None, "none", [], "")
             # relu and dropout backward at once: pass where the unit was kept and positive
             g = torch.ops.aten.threshold_backward.grad_input(gin, acts[i - 1], 0.0, grad_input=gin)
 

@@ -26,11 +26,10 @@ _CPU_GEMM: list = []
 
 
 def onednn_available() -> bool:
-    """Whether this torch build has the oneDNN ops the kernels use (linear with fused bias,
-    ReLU or addition; the inner-product weight backward)."""
+    """Whether this torch build has the oneDNN op the kernels use (linear with fused bias,
+    ReLU or addition; the fused loss's weight gradients are linear calls too)."""
     try:
-        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                and hasattr(torch.ops.aten, "mkldnn_linear_backward_weights"))
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     except (AttributeError, RuntimeError):
         return False
 
