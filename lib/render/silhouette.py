@@ -124,6 +124,7 @@ def _far_tiles(table: torch.Tensor, fid: torch.Tensor, x0: torch.Tensor, y0: tor
 
 
 _BIG = 1e4   # -log(1 - p) of a deep-inside pair: exp(-1e4) == 0 in float32 and float64
+_LANES = 64  # the K path pads a chunk to a multiple of this many tiles (whole CPU vectors)
 
 
 _WORKSPACES = threading.local()
@@ -164,6 +165,9 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
     its face tface and candidate count ccount (int64).  Slots outside
     a face's blur-expanded box are farther than the blur radius, so they need no mask.
 
+    With want_depth, T is b - a tile count rounded up to a multiple of ``_LANES`` (copies of
+    the last tile, left out of the candidates).
+
     Slot-major because the per-face constants then broadcast along the long axis (T): a
     slot axis of fewer than TILE * TILE, as fitted tiles have, would run the CPU's scalar
     loops.
@@ -173,8 +177,14 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
     intermediates live in a reused ``_workspace`` (fresh tensors per op cost about a quarter
     of the time in allocation and page faults).  Every returned tensor is freshly allocated.
     """
-    f = st.fid[a:b]
+    f, ox, oy = st.fid[a:b], st.x0[a:b], st.y0[a:b]
     tw, P = st.tw, st.tw * st.th
+    n = len(f)
+    if st.want_depth and n % _LANES:
+        # copies of the last tile up to a multiple of _LANES tiles (no candidates, sums
+        # dropped): P * T elements then fill whole vectors, so that every slot's sigmoid
+        # takes the CPU's vector path (its scalar tail can differ in the last bit)
+        f, ox, oy = (torch.cat([x, x[-1:].expand(_LANES - n % _LANES)]) for x in (f, ox, oy))
     T = len(f)
     dev = f.device
     c = st.table.index_select(1, f)                         # (19, T)
@@ -182,7 +192,6 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
     d = torch.arange(P, device=dev, dtype=torch.int32)
     dx = (d % tw).to(dt)
     dy = torch.div(d, tw, rounding_mode="floor").to(dt)
-    ox, oy = st.x0[a:b], st.y0[a:b]
     ax = (ox.to(dt) + 0.5)[None] - c[0:6:2]                 # (3, T): tile origin - v_i
     ay = (oy.to(dt) + 0.5)[None] - c[1:6:2]
     ex, ey, inv, o = c[6:12:2], c[7:12:2], c[12:15], c[15]
@@ -227,7 +236,7 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
         # is +-0).  Gathered flat, with the same elementwise operations per slot as over the
         # whole chunk (logsigmoid's vector path covers the tail too), so the same bits.
         # in tile order: nonzero of the (T, P) view; mem: the slots' places in memory
-        tile, slot = torch.maximum(band, inside, out=ws("cand")).t().nonzero().unbind(1)
+        tile, slot = torch.maximum(band, inside, out=ws("cand")).t()[:n].nonzero().unbind(1)
         cidx = tile * P + slot
         mem = slot * T + tile
         out["cidx"], out["cpix"] = cidx, pix.view(-1).index_select(0, mem)
@@ -252,7 +261,7 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
         # every slot's depth, then the candidates' (dense arithmetic on this layout costs
         # less than gathering its ten operands per candidate); per slot the same operations
         iz = [c[16 + k] for k in range(3)]
-        out["tface"], out["ccount"], out["ctile"] = f, torch.bincount(tile, minlength=T), tile
+        out["tface"], out["ccount"], out["ctile"] = f[:n], torch.bincount(tile, minlength=n), tile
         area = torch.add(ef[0], ef[1], out=ws("area")).add_(ef[2]).clamp_(min=1e-30)
         inv_in = torch.mul(ef[1], iz[0], out=ws("inv_in"))
         inv_in.add_(torch.mul(ef[2], iz[1], out=tmp)).add_(torch.mul(ef[0], iz[2], out=tmp)).div_(area)
@@ -374,7 +383,7 @@ class _SoftSilhouette(torch.autograd.Function):
                     acc = sums[j].copy_(prod[0])
                     for sl in range(1, P):
                         acc.add_(prod[sl])
-                return sums
+                return sums[:, :b - a]                  # without the padding tiles
 
             # two chunks side by side, their sums added to the faces in chunk order
             jobs = list(zip(ctx.chunks, saved))
