@@ -227,7 +227,8 @@ def face_table(uvt: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TileSetup:
-    """Everything the chunks of one soft-silhouette call share.
+    """Everything the chunks of one group of tiles (one tile shape, tw x th) of a
+    soft-silhouette call share.
 
     Pixels are indexed in a padded layout of B images of (H + TILE) x (W + TILE): tile
     slots that overhang the image land in the padding, which is dropped at the end, so

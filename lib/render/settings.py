@@ -25,7 +25,8 @@ class RenderSettings:
         reuse_buffers: soft silhouette on the CPU: keep per-thread scratch buffers from call
             to call (False: fresh tensors per chunk).  Default True.
         chunk_tiles: soft silhouette: tiles evaluated at once (x TILE * TILE face-pixel
-            slots); bounds the scratch memory.  Default 2^14.
+            slots; fitted tiles, smaller, as many more as keep the slot count); bounds the
+            scratch memory.  Default 2^14.
         save_slots: soft silhouette: up to this many slots the forward pass keeps its
             per-slot terms for the backward pass; above it the backward pass recomputes them
             (bounded memory).  Default 2^24.

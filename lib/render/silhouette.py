@@ -323,9 +323,10 @@ class _SoftSilhouette(torch.autograd.Function):
         fixed = reproducible_on(uv.device, fixed)
         L = torch.zeros(st.npad, dtype=torch.int64 if fixed else uv.dtype, device=uv.device)
         n = sum(len(g.fid) * g.tw * g.th for g in sts)
-        step = settings.chunk_tiles
-        chunks = [(g, a, min(a + step, len(sg.fid))) for g, sg in enumerate(sts)
-                  for a in range(0, len(sg.fid), step)]
+        # chunks of about chunk_tiles * TILE^2 slots, whatever the tile shape
+        steps = [max(1, settings.chunk_tiles * TILE * TILE // (sg.tw * sg.th)) for sg in sts]
+        chunks = [(g, a, min(a + steps[g], len(sg.fid))) for g, sg in enumerate(sts)
+                  for a in range(0, len(sg.fid), steps[g])]
         save = st.sigma > 0 and (K is not None or (need_grad and n <= settings.save_slots))
         saved = []
         # two chunks at a time side by side (their terms are independent); the pixel sums
@@ -376,16 +377,16 @@ class _SoftSilhouette(torch.autograd.Function):
                     g.index_fill_(0, (drop % P).mul_(T).add_(torch.div(drop, P, rounding_mode="floor")), 0.0)
                 g = g.view(P, T)
                 gx, gy = tm.pop("rx").mul_(g), tm.pop("ry").mul_(g)        # the terms are spent here
-                ws = _workspace(g.device, g.dtype, T * P, settings.reuse_buffers, settings.chunk_tiles, P)
-                prod = ws("prod")
-                sums = torch.empty(6, T, dtype=g.dtype, device=g.device)
+                ws = _workspace(g.device, g.dtype, 6 * T * P, settings.reuse_buffers, settings.chunk_tiles, P)
+                prod = ws("prod").view(P, 6, T)         # the six products, slot-major
                 for j, (k, gg) in enumerate((k, gg) for k in range(3) for gg in (gx, gy)):
-                    torch.mul(tm[f"w{k}"], gg, out=prod)
-                    # slot after slot (row-major over the tile): a fitted tile's sums are
-                    # those of its TILE x TILE tile, whose other slots hold exact zeros
-                    acc = sums[j].copy_(prod[0])
-                    for sl in range(1, P):
-                        acc.add_(prod[sl])
+                    torch.mul(tm[f"w{k}"], gg, out=prod[:, j])
+                # slot after slot (row-major over the tile): a fitted tile's sums are those of
+                # its TILE x TILE tile, whose other slots hold exact zeros; all six at once
+                # (few, larger operations: two chunks side by side share the interpreter)
+                sums = prod[0].clone()
+                for sl in range(1, P):
+                    sums.add_(prod[sl])
                 return sums[:, :b - a]                  # without the padding tiles
 
             # two chunks side by side, their sums added to the faces in chunk order
