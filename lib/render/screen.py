@@ -113,8 +113,10 @@ def face_boxes(uvt: torch.Tensor, zt: torch.Tensor, H: int, W: int, margin: floa
     lo = torch.minimum(torch.minimum(u[0], u[1]), u[2])               # (G, 2)
     hi = torch.maximum(torch.maximum(u[0], u[1]), u[2])
     z = zt.unbind(1)
-    ok = (torch.minimum(torch.minimum(z[0], z[1]), z[2]) > znear) & torch.isfinite(lo).all(1) \
-        & torch.isfinite(hi).all(1)
+    # finite corners, column by column (reductions over a dimension of 2 are slow too)
+    ok = torch.minimum(torch.minimum(z[0], z[1]), z[2]) > znear
+    for col in (lo[:, 0], lo[:, 1], hi[:, 0], hi[:, 1]):
+        ok &= torch.isfinite(col)
     lo = torch.where(ok[:, None], lo - margin, torch.zeros_like(lo))
     hi = torch.where(ok[:, None], hi + margin, torch.full_like(hi, -1.0))
     # pixel j is in the box iff lo <= j + 0.5 <= hi
@@ -190,22 +192,25 @@ def fitted_tile_groups(first: torch.Tensor, n: torch.Tensor, min_faces: int = 1)
     # empty boxes, the TILE x TILE code
     full = TILE * TILE - 1
     fits = (n[:, 0] <= TILE) & (n[:, 1] <= TILE) & (n[:, 0] > 0) & (n[:, 1] > 0)
-    code = torch.where(fits, (n[:, 1] - 1) * TILE + (n[:, 0] - 1), torch.full_like(n[:, 0], full))
+    code = torch.where(fits, (n[:, 1] - 1) * TILE + (n[:, 0] - 1), torch.full_like(n[:, 0], full)).int()
+    counts = torch.bincount(code, minlength=TILE * TILE)
+    small = counts < min_faces
+    small[full] = True
+    code = torch.where(small, full, torch.arange(TILE * TILE, device=code.device)).int().index_select(0, code)
+    # the faces by shape code, each code's in face order (a stable sort of small integers)
+    order = torch.argsort(code, stable=True)
     counts = torch.bincount(code, minlength=TILE * TILE).tolist()
-    groups, rest = [], code == full
+    groups, start = [], 0
     for c, k in enumerate(counts[:full]):
-        if k == 0:
-            continue
-        sel = code == c
-        if k < min_faces:
-            rest |= sel
-            continue
-        faces = sel.nonzero().squeeze(1)
-        groups.append((faces, first[:, 0].index_select(0, faces), first[:, 1].index_select(0, faces),
-                       c % TILE + 1, c // TILE + 1))
-    fid, x0, y0 = box_tiles(first, torch.where(rest[:, None], n, torch.zeros_like(n)), TILE)
+        if k:
+            faces = order[start:start + k]
+            groups.append((faces, first[:, 0].index_select(0, faces), first[:, 1].index_select(0, faces),
+                           c % TILE + 1, c // TILE + 1))
+        start += k
+    rest = order[start:]
+    fid, x0, y0 = box_tiles(first.index_select(0, rest), n.index_select(0, rest), TILE)
     if len(fid):
-        groups.append((fid, x0, y0, TILE, TILE))
+        groups.append((rest.index_select(0, fid), x0, y0, TILE, TILE))
     return groups
 
 
