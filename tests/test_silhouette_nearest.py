@@ -178,3 +178,54 @@ def test_hard_coverage_with_k_nearest_is_the_coverage():
     assert float(hard.sum()) > 50
     for K in (1, 25):
         assert torch.equal(silhouette(v, f, cam, sigma=0, faces_per_pixel=K), hard)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+@pytest.mark.parametrize("kw", [dict(sigma=1e-4, faces_per_pixel=25, radius=1e-5 * math.log(1e4 - 1)),
+                                dict(sigma=1e-4, faces_per_pixel=25, radius=2e-3), dict(sigma=3e-4, faces_per_pixel=4)])
+def test_fitted_tiles_change_no_bit(dtype, kw):
+    """Sub-pixel faces (three nested fine spheres, two cameras): one tile of its box's own
+    shape per small face (RenderSettings.fit_tiles, several shape groups, small chunks)
+    gives the image and vertex gradient of TILE x TILE tiles for all, bit for bit: each
+    pixel's terms meet in face order and each face's gradient sums run over the same slots
+    in the same order."""
+    from lib.render.screen import TILE, face_boxes, fitted_tile_groups
+
+    v, f = _layers(4, dtype)
+    cams = look_at([30, 200], [20, -15], 2.6, image_size=(40, 44), dtype=dtype)
+    w = torch.rand(2, 40, 44, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    ref = _render(v, f, cams, w, RenderSettings(fit_tiles=False), **kw)
+    for settings in (RenderSettings(), RenderSettings(fit_min_faces=1, chunk_tiles=97)):
+        got = _render(v, f, cams, w, settings, **kw)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert ref[1].abs().sum() > 0
+    # not vacuous: the faces fall into several fitted shapes, and some sub-pixel faces overlap
+    sc = project_mesh(v, f, cams)
+    scale = 2.0 / 40
+    r = kw.get("radius", kw["sigma"] * math.log(1e4 - 1)) / scale ** 2
+    first, n = face_boxes(*sc.corners(), 40, 44, math.sqrt(r), 1e-3)
+    shapes = [(tw, th) for _, _, _, tw, th in fitted_tile_groups(first, n)]
+    assert len([s for s in shapes if s != (TILE, TILE)]) >= 2
+
+
+def test_face_order_is_a_stable_sort_by_face():
+    """The counting sort that puts the candidates of several tile groups back in face order
+    moves them as a stable sort by face does (faces of several tiles, empty tiles, groups
+    interleaved), and says None when they are in order already."""
+    from lib.render.silhouette import _face_order
+
+    g = torch.Generator().manual_seed(2)
+    faces = torch.arange(40)
+    ntiles = torch.randint(1, 4, (40,), generator=g)
+    group = torch.randint(0, 3, (40,), generator=g)
+    # tiles group by group, each group's faces ascending, a face's tiles consecutive
+    tface = torch.cat([torch.repeat_interleave(faces[group == k], ntiles[group == k]) for k in range(3)])
+    counts = torch.randint(0, 5, (len(tface),), generator=g)
+    ctile = torch.repeat_interleave(torch.arange(len(tface)), counts)
+    cface = tface[ctile]
+    dest = _face_order(tface, counts, ctile)
+    ref = torch.empty_like(dest)
+    ref[torch.argsort(cface, stable=True)] = torch.arange(len(cface))
+    assert not torch.equal(dest, torch.arange(len(dest))) and torch.equal(dest, ref)
+    ordered = torch.sort(tface).values
+    assert _face_order(ordered, counts, ctile) is None

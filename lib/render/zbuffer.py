@@ -125,7 +125,7 @@ def _face_ids(sc: Screen, F: int, znear: float, settings: RenderSettings = DEFAU
     if F == 0:
         return torch.full((B, H, W), -1, dtype=torch.int64, device=dev)
     with torch.no_grad():
-        uvt, zt = sc.uv[sc.tri], sc.z[sc.tri]
+        uvt, zt = sc.corners()
         table = face_table(uvt, zt)
         fbatch = torch.div(torch.arange(len(sc.tri), device=dev), F, rounding_mode="floor")
         spans, tile = settings.row_spans, settings.raster_tile
@@ -209,7 +209,9 @@ def _spans(uvt: torch.Tensor, zt: torch.Tensor, table: torch.Tensor, fbatch: tor
     G = uvt.shape[0]
     x, y = uvt.detach().permute(2, 1, 0).unbind(0)                   # (3, G): vertex, face
     z = zt.unbind(1)
-    ok = (table[15] != 0) & torch.isfinite(uvt).all(2).all(1) & (torch.minimum(torch.minimum(z[0], z[1]), z[2]) > znear)
+    # finite corners: over the table's contiguous coordinate rows (reductions over the small
+    # dimensions of uvt are slow on the CPU)
+    ok = (table[15] != 0) & torch.isfinite(table[0:6]).all(0) & (torch.minimum(torch.minimum(z[0], z[1]), z[2]) > znear)
     ys, order = torch.sort(torch.where(ok[None], y, torch.zeros_like(y)), 0)        # top, middle, bottom
     xs = torch.gather(x, 0, order)
     big = torch.maximum(torch.maximum(xs.abs().amax(0), ys.abs().amax(0)), torch.full_like(ys[0], float(max(H, W))))
