@@ -296,11 +296,11 @@ def _check_fast(grid: _DenseGrid, keys: torch.Tensor, marks: torch.Tensor) -> tu
     grid keeps the heuristic's values.
     """
     n = grid.n
-    k = keys[keys < 3 * n ** 3]
+    k = keys.masked_select(keys < 3 * n ** 3)
     lo = k // 3
-    hi = lo + torch.tensor([n * n, n, 1], device=k.device)[k % 3]
+    hi = lo + torch.tensor([n * n, n, 1], device=k.device).index_select(0, k - 3 * lo)  # one division: axis = k mod 3
     fresh_lo, fresh_hi = marks.index_select(0, lo), marks.index_select(0, hi)
-    stale = ~fresh_lo | ~fresh_hi
+    stale = (fresh_lo & fresh_hi).logical_not_()
     if not bool(stale.any()):
         return 0, 0
     lo, hi, fresh_lo, fresh_hi = lo[stale], hi[stale], fresh_lo[stale], fresh_hi[stale]
