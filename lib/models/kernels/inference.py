@@ -198,10 +198,10 @@ def _encode(prep: _Prepared, pts: torch.Tensor, ang: torch.Tensor | None, pe: to
     (2, d, n, 3) scratch; the layout of ``lib.models.kernels.elementwise.positional_encoding`` (cos
     terms, then sin terms; term l, coordinate j at 3l + j).
 
-    The angles, cosines and sines are computed frequency-major, (d, n, 3): over contiguous rows
-    torch's cos/sin run vectorised, while written straight into pe's (n, 3d) halves every row is a
-    loop of 3d elements, shorter than a vector register pass (the same function of the same
-    angles: the same bits either way).  One transposing copy then lays them out as pe.
+    The angles, cosines and sines are computed frequency-major, (d, n, 3): over long contiguous rows
+    torch's cos/sin run vectorised, while written straight into pe's (n, 3d) halves each row is an
+    inner loop of 3d elements, too short for the vectorised step (the same bits either way: a test
+    compares with ``positional_encoding``).  One transposing copy then lays them out as pe.
     """
     if prep.freq is None:
         return pts
