@@ -131,6 +131,25 @@ def test_no_points(gemm):
     assert v.shape == (0,) and gc.shape == (0, 3) and gx.shape == (0, 3)
 
 
+@pytest.mark.parametrize("degree", [1, 3, 5])
+def test_kernel_encoding_is_the_decoders_bit_for_bit(degree):
+    """The kernels' frequency-major Fourier features (``_encode``) are, bit for bit, the
+    decoder's ``positional_encoding`` (what Decoder.forward feeds layer 0), for chunks of
+    every size, points far outside the box included."""
+    from lib.models.kernels.elementwise import positional_encoding
+    from lib.models.kernels.inference import _encode, _encode_views
+
+    dec = Decoder(2, dims=[16, 16], positional_encoding=True, fourier_degree=degree).eval()
+    prep = InferenceKernel(dec).prepare(torch.randn(1, 2))
+    torch.manual_seed(degree)
+    for n in (1, 7, 1000):
+        pts = (torch.rand(n, 3) * 2 - 1) * torch.tensor([1.0, 10.0, 300.0])
+        got = _encode(prep, pts, *_encode_views(prep, 1000, n, pts.device, pts.dtype))
+        want = positional_encoding(pts, degree)
+        assert got.shape == want.shape == (n, 6 * degree)
+        assert torch.equal(got, want)
+
+
 def test_input_grads_match_finite_differences_in_float64(gemm):
     # oneDNN's float32 kernels do not take float64: these calls stay on torch.mm
     dec = _decoder("deepsdf_pe", dtype=torch.float64)

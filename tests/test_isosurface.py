@@ -520,6 +520,43 @@ def test_marked_finds_the_true_entries_in_order(size):
             assert torch.equal(_marked(m), m.nonzero().squeeze(1))
 
 
+def test_fast_refresh_marks_each_vertex_voxel_and_its_neighbours_on_the_grid():
+    """The fast refresh re-evaluates exactly each previous vertex's voxel (the lower end of its
+    edge; a cell centre's lower corner) and its 6 neighbours that lie on the grid, at the
+    grid's corners, edges and faces too, and reports the points whose sign changed."""
+    from lib.isosurface.dense import _refresh_fast
+    from lib.isosurface.state import ExtractionState
+    n = 7
+    g = torch.Generator().manual_seed(3)
+    corners = torch.tensor([[i, j, k] for i in (0, n - 1) for j in (0, n - 1) for k in (0, n - 1)])
+    voxels = torch.cat((corners, torch.randint(0, n, (12, 3), generator=g)))
+    lin = (voxels[:, 0] * n + voxels[:, 1]) * n + voxels[:, 2]
+    half = lin.numel() // 2
+    keys = torch.cat((3 * lin[:half] + torch.randint(0, 3, (half,), generator=g),  # edge vertices
+                      3 * n ** 3 + 4 * lin[half:] + torch.randint(0, 4, (lin.numel() - half,), generator=g)))
+    want = set()
+    for i, j, k in voxels.tolist():
+        for di, dj, dk in ((0, 0, 0), (1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)):
+            a, b, c = i + di, j + dj, k + dk
+            if 0 <= a < n and 0 <= b < n and 0 <= c < n:
+                want.add((a * n + b) * n + c)
+    values = torch.full((n ** 3,), -1.0)
+    state = ExtractionState(resolution=n, mode="fast", grid_size=n, values=values, full=True,
+                            verts=torch.zeros(0, 3), faces=torch.zeros(0, 3, dtype=torch.int64), keys=keys,
+                            cells=torch.zeros(0, 3, dtype=torch.int64))
+    marks = torch.zeros(n ** 3, dtype=torch.bool)
+    field = lambda p: p[:, 0] + 0.5  # noqa: E731  (positive for x > -0.5)
+    grid, fresh, flipped = _refresh_fast(field, state, 5, marks)
+    assert fresh.tolist() == sorted(want)
+    assert marks.nonzero().squeeze(1).tolist() == sorted(want)
+    refreshed = torch.zeros(n ** 3, dtype=torch.bool)
+    refreshed[fresh] = True
+    pts = grid_points(n)
+    assert torch.equal(grid.values[refreshed], field(pts[refreshed]))
+    assert torch.equal(grid.values[~refreshed], torch.full(((~refreshed).sum(),), -1.0))
+    assert flipped.tolist() == [p for p in sorted(want) if field(pts[p:p + 1])[0] > 0]
+
+
 def test_fast_mode_is_its_definition_on_the_full_grid():
     """extract's fast mode (it touches only the refreshed band and the previous cells) gives,
     call after call, the mesh, evaluations and stale / missed counts of the heuristic computed

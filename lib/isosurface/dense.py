@@ -134,12 +134,13 @@ def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int, marks: torch.Tenso
     n3 = 3 * n ** 3
     # voxel of a vertex: the lower end of its edge (the cell's lower corner for centres)
     lin = torch.where(keys < n3, keys // 3, (keys - n3).clamp(min=0) // 4)
-    i, j, k = _cell_ijk(lin, n).unbind(1)
-    inside = torch.stack((torch.ones_like(i, dtype=torch.bool), i < n - 1, i > 0, j < n - 1, j > 0, k < n - 1, k > 0),
-                         1)
-    step = torch.tensor([0, n * n, -n * n, n, -n, 1, -1], device=keys.device)
+    ijk = _cell_ijk(lin, n)
+    step = torch.tensor([n * n, n, 1], device=keys.device)
+    # a neighbour off the grid is replaced by the voxel itself (marked anyway): no masked select
+    offset = torch.cat(((ijk < n - 1) * step, (ijk > 0) * -step), 1)  # (V, 6)
     # distinct and sorted through the mask: one byte-wide scan, cheaper than sorting 7 V keys
-    marks.index_fill_(0, (lin.unsqueeze(1) + step).masked_select(inside), True)
+    marks.index_fill_(0, lin, True)
+    marks.index_fill_(0, offset.add_(lin.unsqueeze(1)).view(-1), True)
     fresh = _marked(marks)
     before = grid.values.index_select(0, fresh) > 0
     grid.evaluate(fresh)
@@ -150,15 +151,18 @@ def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int, marks: torch.Tenso
 def _marked(marks: torch.Tensor) -> torch.Tensor:
     """Sorted indices (R,) int64 of the True entries of marks (M,) bool, few and clustered.
 
-    Scans 8 marks at a time as one int64 word, then only the nonzero words: a full
-    byte-wide ``nonzero`` writes or counts every byte of the N^3 mask.
+    Scans 8 marks at a time as one int64 word, then the bytes of only the nonzero words,
+    gathered as words and read as int8: a full byte-wide ``nonzero`` writes or counts every
+    byte of the N^3 mask, and gathering or scanning bool rows runs slower than the same
+    bytes as integers.
     """
     m = marks.numel() - marks.numel() % 8
     if m == 0 or marks.storage_offset() % 8:
         return marks.nonzero().squeeze(1)
-    words = marks[:m].view(torch.int64).nonzero().squeeze(1)
-    row, col = marks[:m].view(-1, 8).index_select(0, words).nonzero(as_tuple=True)
-    found = words.index_select(0, row).mul_(8).add_(col)
+    word = marks[:m].view(torch.int64)
+    words = word.nonzero().squeeze(1)
+    byte = word.index_select(0, words).view(torch.int8).nonzero().squeeze(1)  # 8 per word, in memory order
+    found = words.index_select(0, byte >> 3).mul_(8).add_(byte & 7)
     if m < marks.numel():
         found = torch.cat((found, marks[m:].nonzero().squeeze(1).add_(m)))
     return found
@@ -293,11 +297,11 @@ def _check_fast(grid: _DenseGrid, keys: torch.Tensor, marks: torch.Tensor) -> tu
     grid keeps the heuristic's values.
     """
     n = grid.n
-    k = keys[keys < 3 * n ** 3]
+    k = keys.masked_select(keys < 3 * n ** 3)
     lo = k // 3
-    hi = lo + torch.tensor([n * n, n, 1], device=k.device)[k % 3]
+    hi = lo + torch.tensor([n * n, n, 1], device=k.device).index_select(0, k - 3 * lo)  # one division: axis = k mod 3
     fresh_lo, fresh_hi = marks.index_select(0, lo), marks.index_select(0, hi)
-    stale = ~fresh_lo | ~fresh_hi
+    stale = (fresh_lo & fresh_hi).logical_not_()
     if not bool(stale.any()):
         return 0, 0
     lo, hi, fresh_lo, fresh_hi = lo[stale], hi[stale], fresh_lo[stale], fresh_hi[stale]

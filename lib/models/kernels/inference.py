@@ -192,16 +192,25 @@ class InferenceKernel:
         return values_and_input_grad(self.prepare(codes), xyz, index)
 
 
-def _encode(prep: _Prepared, pts: torch.Tensor, ang: torch.Tensor | None, pe: torch.Tensor | None) -> torch.Tensor:
-    """The encoded xyz (n, E) of pts (n, 3), into ``pe`` (n, 6d) with ``ang`` (n, 3d) scratch;
-    the layout of ``lib.models.kernels.elementwise.positional_encoding`` (cos terms, then sin terms; term l,
-    coordinate j at 3l + j)."""
+def _encode(prep: _Prepared, pts: torch.Tensor, ang: torch.Tensor | None, pe: torch.Tensor | None,
+            waves: torch.Tensor | None) -> torch.Tensor:
+    """The encoded xyz (n, E) of pts (n, 3), into ``pe`` (n, 6d) with ``ang`` (n, 3d) and ``waves``
+    (2, d, n, 3) scratch; the layout of ``lib.models.kernels.elementwise.positional_encoding`` (cos
+    terms, then sin terms; term l, coordinate j at 3l + j).
+
+    The angles, cosines and sines are computed frequency-major, (d, n, 3): over long contiguous rows
+    torch's cos/sin run vectorised, while written straight into pe's (n, 3d) halves each row is an
+    inner loop of 3d elements, too short for the vectorised step (the same bits either way: a test
+    compares with ``positional_encoding``).  One transposing copy then lays them out as pe.
+    """
     if prep.freq is None:
         return pts
     n, d = pts.shape[0], prep.plan.fourier_degree
-    torch.mul(pts.unsqueeze(1), prep.freq, out=ang.view(n, d, 3))
-    torch.cos(ang, out=pe[:, : 3 * d])
-    torch.sin(ang, out=pe[:, 3 * d:])
+    flat = ang.view(d, n * 3)  # the frequency-major angles: (d, n * 3) = freq (d, 1) * xyz (1, n * 3)
+    torch.mul(pts.reshape(1, n * 3), prep.freq, out=flat)
+    torch.cos(flat, out=waves[0].view(d, n * 3))
+    torch.sin(flat, out=waves[1].view(d, n * 3))
+    pe.view(n, 2 * d, 3).copy_(waves.view(2 * d, n, 3).transpose(0, 1))
     return pe
 
 
@@ -324,14 +333,15 @@ def _plan(p: int, rows: int, device, side_by_side: int = SIDE_BY_SIDE) -> tuple[
 
 
 def _encode_views(prep: _Prepared, c: int, n: int, dev, dt):
-    """(angle scratch (n, 3d), encoded-xyz scratch (n, 6d)) for a chunk of n <= c rows, or
-    (None, None) without positional encoding."""
+    """(angle scratch (n, 3d), encoded-xyz scratch (n, 6d), cos/sin scratch (2, d, n, 3)) for a
+    chunk of n <= c rows (see :func:`_encode`), or (None, None, None) without positional encoding."""
     if prep.freq is None:
-        return None, None
+        return None, None, None
     enc = prep.encoded
     ang = _scratch(("ang",), c * enc // 2, dev, dt)[: n * enc // 2].view(n, enc // 2)
     pe = _scratch(("pe",), c * enc, dev, dt)[: n * enc].view(n, enc)
-    return ang, pe
+    waves = _scratch(("waves",), c * enc, dev, dt)[: n * enc].view(2, enc // 6, n, 3)
+    return ang, pe, waves
 
 
 def _chunks(lo: int, hi: int, c: int, build):
@@ -368,8 +378,8 @@ def values(prep: _Prepared, xyz: torch.Tensor, index: torch.Tensor | None = None
 
         def run_onednn(lo: int, hi: int) -> None:
             gather = None if idx is None else _scratch(("gather",), half, dev, dt)
-            for s, n, (ang, pe) in _chunks(lo, hi, c, lambda n: _encode_views(prep, c, n, dev, dt)):
-                x = _encode(prep, pts_all[s: s + n], ang, pe)
+            for s, n, enc in _chunks(lo, hi, c, lambda n: _encode_views(prep, c, n, dev, dt)):
+                x = _encode(prep, pts_all[s: s + n], *enc)
                 h = _forward_onednn(prep, x, None if idx is None else idx[s: s + n], gather)
                 _tanh_out(prep, h, out[s: s + n])
 
@@ -383,8 +393,8 @@ def values(prep: _Prepared, xyz: torch.Tensor, index: torch.Tensor | None = None
             acts = [buf[(i % 2) * half: (i % 2) * half + n * w].view(n, w) for i, w in enumerate(prep.widths)]
             return (acts, *_encode_views(prep, c, n, dev, dt))
 
-        for s, n, (acts, ang, pe) in _chunks(lo, hi, c, build):
-            x = _encode(prep, pts_all[s: s + n], ang, pe)
+        for s, n, (acts, *enc) in _chunks(lo, hi, c, build):
+            x = _encode(prep, pts_all[s: s + n], *enc)
             h = _forward(prep, acts, x, None if idx is None else idx[s: s + n])
             _tanh_out(prep, h, out[s: s + n])
 
@@ -424,8 +434,8 @@ def values_and_input_grad(prep: _Prepared, xyz: torch.Tensor, index: torch.Tenso
 
         def run_onednn(lo: int, hi: int) -> None:
             gather = None if idx is None else _scratch(("gather",), c * width, dev, dt)
-            for s, n, (ang, pe) in _chunks(lo, hi, c, lambda n: _encode_views(prep, c, n, dev, dt)):
-                _grad_chunk_onednn(prep, pts_all, idx, s, n, (ang, pe, gather), out, g_code, g_xyz)
+            for s, n, enc in _chunks(lo, hi, c, lambda n: _encode_views(prep, c, n, dev, dt)):
+                _grad_chunk_onednn(prep, pts_all, idx, s, n, (*enc, gather), out, g_code, g_xyz)
 
         concurrently([lambda lo=lo, hi=hi: run_onednn(lo, hi) for lo, hi in ranges], dev)
         return out, g_code, g_xyz
@@ -450,10 +460,10 @@ def values_and_input_grad(prep: _Prepared, xyz: torch.Tensor, index: torch.Tenso
 
 def _grad_chunk(prep: _Prepared, pts_all, idx, s: int, n: int, views, out, g_code, g_xyz) -> None:
     """Rows s..s+n of :func:`values_and_input_grad` into out, g_code and g_xyz, with the
-    chunk's scratch views (acts, gins, ext, ang, pe)."""
-    acts, gins, ext, ang, pe = views
+    chunk's scratch views (acts, gins, ext, ang, pe, waves)."""
+    acts, gins, ext, ang, pe, waves = views
     last = len(prep.plan.layers) - 1
-    x = _encode(prep, pts_all[s: s + n], ang, pe)
+    x = _encode(prep, pts_all[s: s + n], ang, pe, waves)
     h = _forward(prep, acts, x, None if idx is None else idx[s: s + n])
     g = _tanh_out_and_grad(prep, h, out[s: s + n])
     ext.zero_()
@@ -469,12 +479,12 @@ def _grad_chunk(prep: _Prepared, pts_all, idx, s: int, n: int, views, out, g_cod
 
 
 def _grad_chunk_onednn(prep: _Prepared, pts_all, idx, s: int, n: int, views, out, g_code, g_xyz) -> None:
-    """``_grad_chunk`` with oneDNN's linear (``_forward_onednn``), views (ang, pe, gather): the
+    """``_grad_chunk`` with oneDNN's linear (``_forward_onednn``), views (ang, pe, waves, gather): the
     activations and gradients are its new tensors rather than scratch."""
-    ang, pe, gather = views
+    ang, pe, waves, gather = views
     linear = torch.ops.mkldnn._linear_pointwise
     last = len(prep.plan.layers) - 1
-    x = _encode(prep, pts_all[s: s + n], ang, pe)
+    x = _encode(prep, pts_all[s: s + n], ang, pe, waves)
     acts: list = []
     h = _forward_onednn(prep, x, None if idx is None else idx[s: s + n], gather, acts)
     g = _tanh_out_and_grad(prep, h, out[s: s + n])
