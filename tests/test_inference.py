@@ -238,11 +238,17 @@ def test_repeated_extraction_calls_reuse_their_memory_instead_of_page_faulting_i
 
     call()
     call()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
-        call()
-    # three calls allocate > 40 MiB (10000 pages) of outputs and, with oneDNN, activations
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1024
+
+    def faults() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            call()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    # three calls allocate > 40 MiB (10000 pages) of outputs and, with oneDNN, activations; the
+    # least of three rounds: on a busy machine a preempted lock holder can send a thread to a
+    # fresh malloc arena once, which faults its pages in however the thresholds are set
+    assert min(faults() for _ in range(3)) < 1024
 
 
 def test_kernels_refuse_what_they_do_not_compute():
