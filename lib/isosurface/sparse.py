@@ -7,7 +7,7 @@
   sign-changing cells across faces with mixed signs until it is closed; or, on a cold start
   with a field cheap per point, :func:`_track_blocks`, the same closure on whole blocks;
 - :func:`default_coarse_stride`, :data:`SENTINEL_FACTOR`, :data:`KEEP_CORNERS`,
-  :data:`BLOCK_COST_RATIO`, :data:`BLOCK_MIN_CELLS`, :data:`RETIME_BELOW`: its constants.
+  :data:`BLOCK_COST_RATIO`, :data:`BLOCK_MIN_CELLS`, :data:`COST_PROBE_POINTS`: its constants.
 
 The driver is :func:`lib.isosurface.driver.extract` (``mode="sparse"``).
 """
@@ -23,20 +23,20 @@ from ..ops.marching_cubes import grid_axis, voxel_size
 from ..ops.marching_cubes_tables import CORNER_OFFSETS, tables
 from ..runtime.threads import FEW_ROWS, all_threads, elementwise_section
 
-__all__ = ["BLOCK_COST_RATIO", "BLOCK_MIN_CELLS", "KEEP_CORNERS", "RETIME_BELOW", "SENTINEL_FACTOR",
+__all__ = ["BLOCK_COST_RATIO", "BLOCK_MIN_CELLS", "COST_PROBE_POINTS", "KEEP_CORNERS", "SENTINEL_FACTOR",
            "default_coarse_stride"]
 
 
 SENTINEL_FACTOR = 4  # warm start: sentinel lattice stride = this x the coarse stride
 
-# A cold start tracks whole 8^3-cell blocks instead of cells when the field, timed on the
-# call's coarse lattice, costs less per point than this many times the cost per key of a
-# sort of as many keys (the cell tracking's typical bookkeeping step, timed beside it): block
-# tracking evaluates several times more points, in far fewer and cheaper steps.
-BLOCK_COST_RATIO = 4.5
+# A cold start tracks whole 8^3-cell blocks instead of cells when the field, timed on part of
+# the call's coarse lattice, costs less per point than this many times the cost per key of a
+# sort of as many keys (the cell tracking's typical bookkeeping step), both in one thread's
+# CPU time: block tracking evaluates several times more points, in far fewer and cheaper steps.
+BLOCK_COST_RATIO = 16.0
 BLOCK_MIN_CELLS = 64  # and only with at least this many cells per axis (8 blocks): below, a
 # surface's blocks are most of the box
-RETIME_BELOW = 20  # a measured ratio at or over BLOCK_COST_RATIO and under this many times it is timed again
+COST_PROBE_POINTS = 4096  # points per timed field call of the cost probe (at most two calls)
 
 
 def default_coarse_stride(resolution: int) -> int:
@@ -269,13 +269,11 @@ def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     neigh = torch.tensor(_NEIGH26, device=dev)
     cells = _lattice(s0, m, dev)
     # the seeding lattices are sparse (a point per stride^3): evaluated, not stored
-    vol, relative_cost = _timed_field(grid, lattice)
-    if n - 1 >= BLOCK_MIN_CELLS and BLOCK_COST_RATIO <= relative_cost < RETIME_BELOW * BLOCK_COST_RATIO:
-        # near the threshold one stall of a busy machine flips the choice, and the cell tracking
-        # of a cheap field is the costly mistake: time a quarter of the lattice again (its values
-        # are dropped, the first ones kept), at the same points per call, and keep the least
-        relative_cost = min(relative_cost, _timed_field(grid, lattice[: lattice.shape[0] // 4], pieces=2)[1])
-    if n - 1 >= BLOCK_MIN_CELLS and relative_cost < BLOCK_COST_RATIO:
+    if n - 1 >= BLOCK_MIN_CELLS:
+        vol, relative_cost = _timed_field(grid, lattice)
+    else:
+        vol, relative_cost = grid.field(lattice), float("inf")
+    if relative_cost < BLOCK_COST_RATIO:
         # a cheap field: the time is the bookkeeping's passes over 10^5 - 10^6 values, run on
         # one intra-op thread (waking sleeping threads for each pass costs more than they save,
         # far more on a busy machine); the field's calls keep the process's threads
@@ -465,31 +463,48 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
     return grid.ijk(key), values
 
 
-def _timed_field(grid: _BlockGrid, ijk: torch.Tensor, pieces: int = 8):
-    """The field at points ijk (P, 3) (see :meth:`_BlockGrid.field`), evaluated in ``pieces``
-    calls, and its cost relative to the bookkeeping: each call is followed by a sort of the
-    keys of its points (the cell tracking's typical step), timed the same way, and the least
-    time of each is kept (a busy machine, a first call or an idle thread pool waking up only
-    slow calls down, and both are measured under the same conditions).
+def _timed_field(grid: _BlockGrid, ijk: torch.Tensor):
+    """The field at points ijk (P, 3) (see :meth:`_BlockGrid.field`) and its cost relative to
+    the bookkeeping.
+
+    Its first two calls of :data:`COST_PROBE_POINTS` points run on one intra-op thread, each
+    followed by a sort of the keys of its points (the cell tracking's typical step), both
+    timed in the calling thread's CPU time (on CUDA: wall time, synchronised), and the least
+    of each kept: time other processes take from this one, or idle threads waking up, does
+    not count, so the choice does not follow the machine's load.  The second call is skipped
+    when the first one's ratio is over 4 x :data:`BLOCK_COST_RATIO` (a slow call only makes a
+    cheap field look dearer).  The rest of ijk is evaluated with the process's threads.
 
     Returns:
         values (P,) and the ratio (field seconds per point) / (sort seconds per key).
     """
     dev = grid.ax.device
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)  # noqa: E731
-    out, field_best, sort_best = [], float("inf"), float("inf")
-    for part in ijk.tensor_split(pieces):
-        if not part.shape[0]:
-            continue
-        t = time.perf_counter()
-        out.append(grid.field(part))
-        sync()
-        field_best = min(field_best, (time.perf_counter() - t) / part.shape[0])
-        keys = grid.lin(part).flip(0)  # reversed: a sort that has to move every key
-        t = time.perf_counter()
-        torch.sort(keys)
-        sync()
-        sort_best = min(sort_best, (time.perf_counter() - t) / part.shape[0])
+    if dev.type == "cuda":
+        clock = lambda: (torch.cuda.synchronize(dev), time.perf_counter())[1]  # noqa: E731
+    else:
+        clock = time.thread_time
+    head, out, field_best, sort_best = ijk[: 2 * COST_PROBE_POINTS], [], float("inf"), float("inf")
+    # all_threads leaves an enclosing one-thread section, so that a field entering all_threads
+    # itself (the decoder) stays on the one thread set here, all of its work in this thread's time
+    with all_threads():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for part in head.split(COST_PROBE_POINTS):
+                if field_best > 4 * BLOCK_COST_RATIO * sort_best:
+                    break
+                t = clock()
+                out.append(grid.field(part))
+                field_best = min(field_best, (clock() - t) / part.shape[0])
+                keys = grid.lin(part).flip(0)  # reversed: a sort that has to move every key
+                t = clock()
+                torch.sort(keys)
+                sort_best = min(sort_best, (clock() - t) / part.shape[0])
+        finally:
+            torch.set_num_threads(threads)
+    done = sum(o.shape[0] for o in out)
+    if ijk.shape[0] > done:
+        out.append(grid.field(ijk[done:]))
     return torch.cat(out), field_best / max(sort_best, 1e-12)
 
 
