@@ -518,7 +518,8 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
     The block lattice (stride 8) is evaluated; a block is a seed when its corners change
     sign, or when a corner is closer to the surface than ``band`` x its half diagonal and no
     neighbouring block changes sign (the same Lipschitz rule as the cell seeding's coarse
-    pass).  Then every point of each front block is evaluated (9^3, its cells whole), its
+    pass).  Then every point of each front block is known (9^3, its cells whole; a point
+    shared with a block evaluated before is not evaluated again, see :class:`_BlockFaces`), its
     sign-changing cells kept, and the neighbour across each block face on which some grid
     face has mixed signs joins the front: the cell tracking's closure, a block at a time, so
     the cells found are a superset of those the cell tracking finds from the same surface,
@@ -559,14 +560,15 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
     cell_loc = torch.cartesian_prod(r9[:-1], r9[:-1], r9[:-1])  # (512, 3) cells of a block, C order
     cell_at = (cell_loc * torch.tensor([81, 9, 1], device=dev)).sum(1)  # (512,) their lower corners in a 9^3 block
     nbr = torch.tensor(_FACE_DIR, device=dev)
+    faces = _BlockFaces(grid, ax, nb)
     found, kept = [], []
     while front.shape[0]:
         new = []
-        for part in front.split(BLOCKS_PER_STEP):
+        for part in front.flip(0).split(BLOCKS_PER_STEP):  # upper neighbours first (see _BlockFaces)
             k = part.shape[0]
             bijk = torch.stack((part // (nb * nb), (part // nb) % nb, part % nb), 1)  # (K, 3)
             base = bijk * _BLOCK
-            val = _eval_blocks(grid, ax, base)  # (K, 9, 9, 9)
+            val = faces.values(part, bijk)  # (K, 9, 9, 9)
             o = val > 0
             # sign changes reduced over pairs of points along k, j, then i (as crossing_cells):
             # the partial reductions are the mixed grid faces of the block's boundary planes
@@ -643,25 +645,81 @@ def _block_lattice(grid: _BlockGrid, ax: torch.Tensor, nb: int, coarse) -> torch
     return vol
 
 
-def _eval_blocks(grid: _BlockGrid, ax: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """The field at the 9^3 points of blocks with lower corners base (K, 3): (K, 9, 9, 9),
-    in chunks of even size (see :meth:`_BlockGrid.field`), counted in its evaluations."""
-    k = base.shape[0]
-    co = ax.take(base.unsqueeze(2) + torch.arange(_BLOCK + 1, device=base.device))  # (K, 3, 9) coordinates
-    pts = torch.stack((co[:, 0, :, None, None].expand(k, 9, 9, 9), co[:, 1, None, :, None].expand(k, 9, 9, 9),
-                       co[:, 2, None, None, :].expand(k, 9, 9, 9)), -1).view(-1, 3)
-    p = pts.shape[0]
-    size = max(1, -(-p // max(1, -(-p // grid.chunk))))
-    out = [_call_field(grid.sdf_fn, pts[s : s + size]) for s in range(0, p, size)]
-    grid.evaluations += p
-    return torch.cat(out).view(k, 9, 9, 9)
+class _BlockFaces:
+    """The field values of the blocks block tracking has evaluated, for their neighbours.
+
+    A block owns the 8^3 lower points of its 9^3 (its upper faces are its upper neighbours'
+    lower faces), and keeps only the values of its three lower faces (169 points: all that a
+    neighbour looks up), in a growable pool of rows found through a dense table of blocks
+    (nb^3 int32, -1: not evaluated).  :meth:`values` evaluates a step's blocks: their own
+    points, and of their upper faces only what no block evaluated so far or in the same step
+    owns; so evaluating the blocks in decreasing order of index (upper neighbours first) leaves
+    only the faces beside blocks that tracking never reaches to be evaluated twice.
+    """
+
+    def __init__(self, grid: _BlockGrid, ax: torch.Tensor, nb: int):
+        dev = ax.device
+        self.grid, self.ax, self.nb = grid, ax, nb
+        self.table = torch.full((nb ** 3,), -1, dtype=torch.int32, device=dev)
+        self.pool = ax.new_empty(64, 169)
+        self.rows = 0
+        r9 = torch.arange(_BLOCK + 1, device=dev)
+        p9 = torch.cartesian_prod(r9, r9, r9)  # (729, 3) points of a block, C order
+        own = (p9 < _BLOCK).all(1)
+        low = own & (p9 == 0).any(1)  # the lower faces' points, kept for the neighbours
+        self.keep = low[own].nonzero().squeeze(1)  # (169,) of the 512 own points
+        slot = torch.full((512,), -1, dtype=torch.int64, device=dev)
+        slot[self.keep] = torch.arange(169, device=dev)
+        up = p9[~own]  # (217, 3) the upper faces' points
+        self.up = up
+        bits = (up == _BLOCK).long()
+        self.up_dir = (bits * torch.tensor([4, 2, 1], device=dev)).sum(1) - 1  # (217,) owner: one of 7 upper neighbours
+        self.up_slot = slot[((up % _BLOCK) * torch.tensor([64, 8, 1], device=dev)).sum(1)]  # (217,) in its row
+        d = torch.arange(1, 8, device=dev)
+        self.dirs = torch.stack((d >> 2, (d >> 1) & 1, d & 1), 1)  # (7, 3)
+        # position in [own (512) | upper faces (217)] of each of the 729 points, C order
+        order = torch.cat((own.nonzero().squeeze(1), (~own).nonzero().squeeze(1)))
+        self.perm = torch.empty_like(order)
+        self.perm[order] = torch.arange(729, device=dev)
+
+    def values(self, part: torch.Tensor, bijk: torch.Tensor) -> torch.Tensor:
+        """The field at the 9^3 points of blocks part (K,) (flat indices, none evaluated before),
+        bijk (K, 3) their block coordinates: (K, 9, 9, 9), counted in the grid's evaluations."""
+        k, nb, dev = part.shape[0], self.nb, part.device
+        if self.rows + k > self.pool.shape[0]:
+            cap = max(self.rows + k, self.pool.shape[0] * 3 // 2)
+            self.pool = torch.cat((self.pool[: self.rows], self.pool.new_empty(cap - self.rows, 169)))
+        rows = torch.arange(self.rows, self.rows + k, device=dev)
+        self.table.index_copy_(0, part, rows.int())  # this step's blocks own their points too
+        self.rows += k
+        nbr = bijk.unsqueeze(1) + self.dirs  # (K, 7, 3) upper neighbours
+        inside = (nbr < nb).all(2)
+        nrow = self.table.index_select(0, ((nbr[..., 0] * nb + nbr[..., 1]) * nb + nbr[..., 2]).view(-1)
+                                       .clamp(max=nb ** 3 - 1)).view(k, 7).long()
+        nrow = torch.where(inside, nrow, -1)
+        brow = nrow.index_select(1, self.up_dir)  # (K, 217) row of each upper point's owner
+        miss = brow < 0
+        mb, mp = miss.nonzero(as_tuple=True)
+        base = bijk * _BLOCK
+        co = self.ax.take(base.unsqueeze(2) + torch.arange(_BLOCK, device=dev))  # (K, 3, 8) coordinates
+        pts = torch.stack((co[:, 0, :, None, None].expand(k, 8, 8, 8), co[:, 1, None, :, None].expand(k, 8, 8, 8),
+                           co[:, 2, None, None, :].expand(k, 8, 8, 8)), -1).view(-1, 3)
+        pts = torch.cat((pts, self.ax[base.index_select(0, mb) + self.up.index_select(0, mp)]))
+        out = _eval_points(self.grid, None, pts)
+        own = out[: k * 512].view(k, 512)
+        self.pool[self.rows - k : self.rows] = own.index_select(1, self.keep)
+        up = self.pool.view(-1).index_select(0, (brow.clamp(min=0) * 169 + self.up_slot).view(-1)).view(k, 217)
+        up.masked_scatter_(miss, out[k * 512 :])
+        return torch.cat((own, up), 1).index_select(1, self.perm).view(k, 9, 9, 9)
 
 
-def _eval_points(grid: _BlockGrid, ax: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
-    """The field at grid points ijk (P, 3) of axis ``ax`` (which may extend past the grid's):
-    (P,), in chunks of even size (see :meth:`_BlockGrid.field`), counted in its evaluations."""
+def _eval_points(grid: _BlockGrid, ax: torch.Tensor | None, ijk: torch.Tensor) -> torch.Tensor:
+    """The field at grid points ijk (P, 3) of axis ``ax`` (which may extend past the grid's),
+    or at points ijk (P, 3) float given as coordinates (ax None): (P,), in chunks of even size
+    (see :meth:`_BlockGrid.field`), counted in its evaluations."""
     p = ijk.shape[0]
     size = max(1, -(-p // max(1, -(-p // grid.chunk))))
-    out = [_call_field(grid.sdf_fn, ax[ijk[s : s + size]]) for s in range(0, p, size)]
+    pts = ijk if ax is None else ax[ijk]
+    out = [_call_field(grid.sdf_fn, pts[s : s + size]) for s in range(0, p, size)]
     grid.evaluations += p
-    return torch.cat(out) if out else ax.new_zeros(0)
+    return torch.cat(out) if out else grid.ax.new_zeros(0)
