@@ -150,6 +150,36 @@ def test_a_cheap_field_is_tracked_by_blocks_even_on_a_busy_machine():
         assert ss.tracking == "blocks" and torch.equal(vs, vd) and torch.equal(fs, fd)
 
 
+@pytest.mark.parametrize("slow_on", [1, 2])
+def test_block_tracking_calls_the_field_on_the_faster_thread_count(monkeypatch, slow_on):
+    """Inside the block tracking's one-thread section the field's calls go on one thread or on
+    the process's two, whichever the first calls found faster in wall time: a field that waits
+    2 ms a call on one of the counts (as a busy machine's threads do) gets the other after a
+    call on each; the mesh is the same either way."""
+    import time
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # sleeping OpenMP threads: the section applies
+    monkeypatch.setattr(sparse_module, "BLOCK_COST_RATIO", float("inf"))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    counts = []
+
+    def fn(p):
+        counts.append(torch.get_num_threads())
+        if counts[-1] == slow_on and p.shape[0] >= 1024:
+            time.sleep(0.002)
+        return scene(p)
+
+    try:
+        vs, fs, ss = extract(fn, 96, "sparse", chunk=4096)
+    finally:
+        torch.set_num_threads(saved)
+    vd, fd, _ = extract(scene, 96, "dense")
+    assert ss.tracking == "blocks" and torch.equal(vs, vd) and torch.equal(fs, fd)
+    tracked = counts[-40:]  # the block tracking's last calls, all after the choice
+    assert len(counts) > 60 and tracked == [3 - slow_on] * 40
+
+
 @pytest.mark.parametrize("n", [64, 128, pytest.param(256, marks=pytest.mark.slow)])
 def test_sparse_equals_dense(n, tracking):
     calls = []

@@ -541,7 +541,8 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
     m = n - 1  # cells per axis
     nb = -(-m // _BLOCK)  # blocks per axis
     ax = grid_axis(n, _BLOCK * nb + 1, dev)
-    vol = _block_lattice(grid, ax, nb, coarse)
+    calls = _FieldCalls(grid)
+    vol = _block_lattice(calls, ax, nb, coarse)
     v = torch.stack([vol[a : a + nb, b : b + nb, c : c + nb] for a, b, c in CORNER_OFFSETS], -1)  # (nb, nb, nb, 8)
     out = v > 0
     sc = out.any(-1) & ~out.all(-1)
@@ -560,7 +561,7 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
     cell_loc = torch.cartesian_prod(r9[:-1], r9[:-1], r9[:-1])  # (512, 3) cells of a block, C order
     cell_at = (cell_loc * torch.tensor([81, 9, 1], device=dev)).sum(1)  # (512,) their lower corners in a 9^3 block
     nbr = torch.tensor(_FACE_DIR, device=dev)
-    faces = _BlockFaces(grid, ax, nb)
+    faces = _BlockFaces(calls, ax, nb)
     found, kept = [], []
     while front.shape[0]:
         new = []
@@ -622,13 +623,13 @@ def _mixed_faces(plane: torch.Tensor) -> torch.Tensor:
     return some & ~every
 
 
-def _block_lattice(grid: _BlockGrid, ax: torch.Tensor, nb: int, coarse) -> torch.Tensor:
-    """The field on the block lattice (stride 8, (nb + 1)^3 points): (nb + 1, nb + 1, nb + 1),
-    taken from the coarse lattice (values, stride) where their points coincide."""
+def _block_lattice(calls: _FieldCalls, ax: torch.Tensor, nb: int, coarse) -> torch.Tensor:
+    """The field on the block lattice (stride 8, (nb + 1)^3 points of axis ``ax``): (nb + 1,
+    nb + 1, nb + 1), taken from the coarse lattice (values, stride) where their points coincide."""
     dev = ax.device
     step = torch.arange(nb + 1, device=dev) * _BLOCK
     if coarse is None:
-        return _eval_points(grid, ax, torch.cartesian_prod(step, step, step)).reshape(nb + 1, nb + 1, nb + 1)
+        return calls(ax[torch.cartesian_prod(step, step, step)]).reshape(nb + 1, nb + 1, nb + 1)
     cv, s = coarse
     w = nb + 1
     on = (step % s == 0) & (step // s < cv.shape[0])  # (nb + 1,) block lattice points on the coarse one
@@ -641,7 +642,7 @@ def _block_lattice(grid: _BlockGrid, ax: torch.Tensor, nb: int, coarse) -> torch
     missing = (~(on[:, None, None] & on[None, :, None] & on[None, None, :])).view(-1).nonzero().squeeze(1)
     if missing.shape[0]:
         ijk = torch.stack((missing // (w * w), missing // w % w, missing % w), 1) * _BLOCK
-        vol.view(-1).index_copy_(0, missing, _eval_points(grid, ax, ijk))
+        vol.view(-1).index_copy_(0, missing, calls(ax[ijk]))
     return vol
 
 
@@ -657,9 +658,9 @@ class _BlockFaces:
     only the faces beside blocks that tracking never reaches to be evaluated twice.
     """
 
-    def __init__(self, grid: _BlockGrid, ax: torch.Tensor, nb: int):
+    def __init__(self, calls: _FieldCalls, ax: torch.Tensor, nb: int):
         dev = ax.device
-        self.grid, self.ax, self.nb = grid, ax, nb
+        self.calls, self.ax, self.nb = calls, ax, nb
         self.table = torch.full((nb ** 3,), -1, dtype=torch.int32, device=dev)
         self.pool = ax.new_empty(64, 169)
         self.rows = 0
@@ -684,7 +685,7 @@ class _BlockFaces:
 
     def values(self, part: torch.Tensor, bijk: torch.Tensor) -> torch.Tensor:
         """The field at the 9^3 points of blocks part (K,) (flat indices, none evaluated before),
-        bijk (K, 3) their block coordinates: (K, 9, 9, 9), counted in the grid's evaluations."""
+        bijk (K, 3) their block coordinates: (K, 9, 9, 9)."""
         k, nb, dev = part.shape[0], self.nb, part.device
         if self.rows + k > self.pool.shape[0]:
             cap = max(self.rows + k, self.pool.shape[0] * 3 // 2)
@@ -705,7 +706,7 @@ class _BlockFaces:
         pts = torch.stack((co[:, 0, :, None, None].expand(k, 8, 8, 8), co[:, 1, None, :, None].expand(k, 8, 8, 8),
                            co[:, 2, None, None, :].expand(k, 8, 8, 8)), -1).view(-1, 3)
         pts = torch.cat((pts, self.ax[base.index_select(0, mb) + self.up.index_select(0, mp)]))
-        out = _eval_points(self.grid, None, pts)
+        out = self.calls(pts)
         own = out[: k * 512].view(k, 512)
         self.pool[self.rows - k : self.rows] = own.index_select(1, self.keep)
         up = self.pool.view(-1).index_select(0, (brow.clamp(min=0) * 169 + self.up_slot).view(-1)).view(k, 217)
@@ -713,13 +714,52 @@ class _BlockFaces:
         return torch.cat((own, up), 1).index_select(1, self.perm).view(k, 9, 9, 9)
 
 
-def _eval_points(grid: _BlockGrid, ax: torch.Tensor | None, ijk: torch.Tensor) -> torch.Tensor:
-    """The field at grid points ijk (P, 3) of axis ``ax`` (which may extend past the grid's),
-    or at points ijk (P, 3) float given as coordinates (ax None): (P,), in chunks of even size
-    (see :meth:`_BlockGrid.field`), counted in its evaluations."""
-    p = ijk.shape[0]
-    size = max(1, -(-p // max(1, -(-p // grid.chunk))))
-    pts = ijk if ax is None else ax[ijk]
-    out = [_call_field(grid.sdf_fn, pts[s : s + size]) for s in range(0, p, size)]
-    grid.evaluations += p
-    return torch.cat(out) if out else grid.ax.new_zeros(0)
+class _FieldCalls:
+    """The field's calls of block tracking: points (P, 3) -> values (P,), in chunks of even
+    size (see :meth:`_BlockGrid.field`), counted in the grid's evaluations.
+
+    Inside the tracking's one-thread section a call of a cheap field may run on one intra-op
+    thread or on the process's (as :func:`_call_field` runs every large call): the threads save
+    little on so little work per point and, on a busy machine, waiting for them to be scheduled
+    costs far more.  So its first calls alternate between the two (one thread first), timed
+    (wall time: what the waiting costs), and the rest take whichever was faster: at once where
+    one call each differ two-fold, else in the median of :attr:`TRIALS` calls each.  Either
+    way, the same values.
+    """
+
+    TRIALS = 3
+
+    def __init__(self, grid: _BlockGrid):
+        self.grid = grid
+        with all_threads():
+            many = torch.get_num_threads()
+        # nothing to choose outside a one-thread section (all_threads then changes nothing)
+        self.many = None if many > torch.get_num_threads() else True
+        self.times = {False: [], True: []}  # seconds per point of the trial calls
+
+    def __call__(self, pts: torch.Tensor) -> torch.Tensor:
+        grid, p = self.grid, pts.shape[0]
+        size = max(1, -(-p // max(1, -(-p // grid.chunk))))
+        out = []
+        for s in range(0, p, size):
+            part = pts[s : s + size]
+            many = self.many
+            if many is None:
+                many = len(self.times[True]) < len(self.times[False])
+                t = time.perf_counter()
+            with all_threads(many and part.shape[0] >= FEW_ROWS):
+                out.append(grid.sdf_fn(part).reshape(-1).float())
+            if self.many is None:
+                self.times[many].append((time.perf_counter() - t) / part.shape[0])
+                self._decide()
+        grid.evaluations += p
+        return torch.cat(out) if out else grid.ax.new_zeros(0)
+
+    def _decide(self) -> None:
+        one, many = self.times[False], self.times[True]
+        if not one or not many:
+            return
+        if min(many) > 2 * max(one) or min(one) > 2 * max(many):  # clear already: no more costly trials
+            self.many = min(one) > min(many)
+        elif len(many) >= self.TRIALS:
+            self.many = sorted(many)[len(many) // 2] < sorted(one)[len(one) // 2]
