@@ -561,6 +561,10 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
     cell_loc = torch.cartesian_prod(r9[:-1], r9[:-1], r9[:-1])  # (512, 3) cells of a block, C order
     cell_at = (cell_loc * torch.tensor([81, 9, 1], device=dev)).sum(1)  # (512,) their lower corners in a 9^3 block
     nbr = torch.tensor(_FACE_DIR, device=dev)
+    # the cells found are kept as C-order keys (int32 sorts faster), their coordinates made once sorted
+    stride = torch.tensor([m * m, m, 1], device=dev)
+    cell_key = (cell_loc * stride).sum(1)  # (512,) of the cells of a block, from its lower corner's
+    key_type = torch.int32 if m ** 3 < 2 ** 31 else torch.int64
     faces = _BlockFaces(calls, ax, nb)
     found, kept = [], []
     while front.shape[0]:
@@ -591,8 +595,8 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
                     a1, a2 = [x for x in range(3) if x != a]
                     mixed[:, a] &= (ins[a1][:, :, None] & ins[a2][:, None, :]).unsqueeze(1)
             bi, cl = sc.view(k, -1).nonzero(as_tuple=True)
-            cells = base.index_select(0, bi) + cell_loc.index_select(0, cl)
-            found.append(cells)
+            key = (base * stride).sum(1).index_select(0, bi) + cell_key.index_select(0, cl)
+            found.append(key.to(key_type))
             # corner values kept whatever the count (32 bytes a cell, beside the cell's 24): a
             # cheap field, but a second pass over the cells costs as much as this one
             loc = bi * 729 + cell_at.index_select(0, cl)
@@ -609,11 +613,10 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
         visited[front] = True
     if not found:
         return torch.zeros(0, 3, dtype=torch.int64, device=dev), None
-    cells = torch.cat(found)
+    key, order = torch.sort(torch.cat(found))  # distinct keys
     del found
-    key = (cells[:, 0] * m + cells[:, 1]) * m + cells[:, 2]
-    key, order = torch.sort(key.int() if m ** 3 < 2 ** 31 else key)  # distinct keys; int32 sorts faster
-    return cells.index_select(0, order), torch.cat(kept).index_select(0, order)
+    cells = torch.stack((key // (m * m), key // m % m, key % m), 1).long()
+    return cells, torch.cat(kept).index_select(0, order)
 
 
 def _mixed_faces(plane: torch.Tensor) -> torch.Tensor:
@@ -678,10 +681,7 @@ class _BlockFaces:
         self.up_slot = slot[((up % _BLOCK) * torch.tensor([64, 8, 1], device=dev)).sum(1)]  # (217,) in its row
         d = torch.arange(1, 8, device=dev)
         self.dirs = torch.stack((d >> 2, (d >> 1) & 1, d & 1), 1)  # (7, 3)
-        # position in [own (512) | upper faces (217)] of each of the 729 points, C order
-        order = torch.cat((own.nonzero().squeeze(1), (~own).nonzero().squeeze(1)))
-        self.perm = torch.empty_like(order)
-        self.perm[order] = torch.arange(729, device=dev)
+        self.up_at = (~own).nonzero().squeeze(1)  # (217,) the upper faces' points among the 729
 
     def values(self, part: torch.Tensor, bijk: torch.Tensor) -> torch.Tensor:
         """The field at the 9^3 points of blocks part (K,) (flat indices, none evaluated before),
@@ -703,15 +703,21 @@ class _BlockFaces:
         mb, mp = miss.nonzero(as_tuple=True)
         base = bijk * _BLOCK
         co = self.ax.take(base.unsqueeze(2) + torch.arange(_BLOCK, device=dev))  # (K, 3, 8) coordinates
-        pts = torch.stack((co[:, 0, :, None, None].expand(k, 8, 8, 8), co[:, 1, None, :, None].expand(k, 8, 8, 8),
-                           co[:, 2, None, None, :].expand(k, 8, 8, 8)), -1).view(-1, 3)
-        pts = torch.cat((pts, self.ax[base.index_select(0, mb) + self.up.index_select(0, mp)]))
+        # one buffer for the batch: the own points' coordinates broadcast into it, then the missing ones
+        pts = self.ax.new_empty(k * 512 + mb.shape[0], 3)
+        lattice = pts[: k * 512].view(k, 8, 8, 8, 3)
+        lattice[..., 0] = co[:, 0, :, None, None]
+        lattice[..., 1] = co[:, 1, None, :, None]
+        lattice[..., 2] = co[:, 2, None, None, :]
+        pts[k * 512 :] = self.ax[base.index_select(0, mb) + self.up.index_select(0, mp)]
         out = self.calls(pts)
-        own = out[: k * 512].view(k, 512)
-        self.pool[self.rows - k : self.rows] = own.index_select(1, self.keep)
+        own = out[: k * 512].view(k, 8, 8, 8)
+        self.pool[self.rows - k : self.rows] = own.view(k, 512).index_select(1, self.keep)
         up = self.pool.view(-1).index_select(0, (brow.clamp(min=0) * 169 + self.up_slot).view(-1)).view(k, 217)
         up.masked_scatter_(miss, out[k * 512 :])
-        return torch.cat((own, up), 1).index_select(1, self.perm).view(k, 9, 9, 9)
+        val = own.new_empty(k, 9, 9, 9)
+        val[:, :8, :8, :8] = own
+        return val.view(k, 729).index_copy_(1, self.up_at, up).view(k, 9, 9, 9)
 
 
 class _FieldCalls:
