@@ -518,8 +518,7 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
     The block lattice (stride 8) is evaluated; a block is a seed when its corners change
     sign, or when a corner is closer to the surface than ``band`` x its half diagonal and no
     neighbouring block changes sign (the same Lipschitz rule as the cell seeding's coarse
-    pass).  Then every point of each front block is known (9^3, its cells whole; a point
-    shared with a block evaluated before is not evaluated again, see :class:`_BlockFaces`), its
+    pass).  Then every point of each front block is evaluated (9^3, its cells whole), its
     sign-changing cells kept, and the neighbour across each block face on which some grid
     face has mixed signs joins the front: the cell tracking's closure, a block at a time, so
     the cells found are a superset of those the cell tracking finds from the same surface,
@@ -565,15 +564,14 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
     stride = torch.tensor([m * m, m, 1], device=dev)
     cell_key = (cell_loc * stride).sum(1)  # (512,) of the cells of a block, from its lower corner's
     key_type = torch.int32 if m ** 3 < 2 ** 31 else torch.int64
-    faces = _BlockFaces(calls, ax, nb)
     found, kept = [], []
     while front.shape[0]:
         new = []
-        for part in front.flip(0).split(BLOCKS_PER_STEP):  # upper neighbours first (see _BlockFaces)
+        for part in front.split(BLOCKS_PER_STEP):
             k = part.shape[0]
             bijk = torch.stack((part // (nb * nb), (part // nb) % nb, part % nb), 1)  # (K, 3)
             base = bijk * _BLOCK
-            val = faces.values(part, bijk)  # (K, 9, 9, 9)
+            val = _eval_blocks(calls, ax, base)  # (K, 9, 9, 9)
             o = val > 0
             # sign changes reduced over pairs of points along k, j, then i (as crossing_cells):
             # the partial reductions are the mixed grid faces of the block's boundary planes
@@ -649,75 +647,14 @@ def _block_lattice(calls: _FieldCalls, ax: torch.Tensor, nb: int, coarse) -> tor
     return vol
 
 
-class _BlockFaces:
-    """The field values of the blocks block tracking has evaluated, for their neighbours.
-
-    A block owns the 8^3 lower points of its 9^3 (its upper faces are its upper neighbours'
-    lower faces), and keeps only the values of its three lower faces (169 points: all that a
-    neighbour looks up), in a growable pool of rows found through a dense table of blocks
-    (nb^3 int32, -1: not evaluated).  :meth:`values` evaluates a step's blocks: their own
-    points, and of their upper faces only what no block evaluated so far or in the same step
-    owns; so evaluating the blocks in decreasing order of index (upper neighbours first) leaves
-    only the faces beside blocks that tracking never reaches to be evaluated twice.
-    """
-
-    def __init__(self, calls: _FieldCalls, ax: torch.Tensor, nb: int):
-        dev = ax.device
-        self.calls, self.ax, self.nb = calls, ax, nb
-        self.table = torch.full((nb ** 3,), -1, dtype=torch.int32, device=dev)
-        self.pool = ax.new_empty(64, 169)
-        self.rows = 0
-        r9 = torch.arange(_BLOCK + 1, device=dev)
-        p9 = torch.cartesian_prod(r9, r9, r9)  # (729, 3) points of a block, C order
-        own = (p9 < _BLOCK).all(1)
-        low = own & (p9 == 0).any(1)  # the lower faces' points, kept for the neighbours
-        self.keep = low[own].nonzero().squeeze(1)  # (169,) of the 512 own points
-        slot = torch.full((512,), -1, dtype=torch.int64, device=dev)
-        slot[self.keep] = torch.arange(169, device=dev)
-        up = p9[~own]  # (217, 3) the upper faces' points
-        self.up = up
-        bits = (up == _BLOCK).long()
-        self.up_dir = (bits * torch.tensor([4, 2, 1], device=dev)).sum(1) - 1  # (217,) owner: one of 7 upper neighbours
-        self.up_slot = slot[((up % _BLOCK) * torch.tensor([64, 8, 1], device=dev)).sum(1)]  # (217,) in its row
-        d = torch.arange(1, 8, device=dev)
-        self.dirs = torch.stack((d >> 2, (d >> 1) & 1, d & 1), 1)  # (7, 3)
-        self.up_at = (~own).nonzero().squeeze(1)  # (217,) the upper faces' points among the 729
-
-    def values(self, part: torch.Tensor, bijk: torch.Tensor) -> torch.Tensor:
-        """The field at the 9^3 points of blocks part (K,) (flat indices, none evaluated before),
-        bijk (K, 3) their block coordinates: (K, 9, 9, 9)."""
-        k, nb, dev = part.shape[0], self.nb, part.device
-        if self.rows + k > self.pool.shape[0]:
-            cap = max(self.rows + k, self.pool.shape[0] * 3 // 2)
-            self.pool = torch.cat((self.pool[: self.rows], self.pool.new_empty(cap - self.rows, 169)))
-        rows = torch.arange(self.rows, self.rows + k, device=dev)
-        self.table.index_copy_(0, part, rows.int())  # this step's blocks own their points too
-        self.rows += k
-        nbr = bijk.unsqueeze(1) + self.dirs  # (K, 7, 3) upper neighbours
-        inside = (nbr < nb).all(2)
-        nrow = self.table.index_select(0, ((nbr[..., 0] * nb + nbr[..., 1]) * nb + nbr[..., 2]).view(-1)
-                                       .clamp(max=nb ** 3 - 1)).view(k, 7).long()
-        nrow = torch.where(inside, nrow, -1)
-        brow = nrow.index_select(1, self.up_dir)  # (K, 217) row of each upper point's owner
-        miss = brow < 0
-        mb, mp = miss.nonzero(as_tuple=True)
-        base = bijk * _BLOCK
-        co = self.ax.take(base.unsqueeze(2) + torch.arange(_BLOCK, device=dev))  # (K, 3, 8) coordinates
-        # one buffer for the batch: the own points' coordinates broadcast into it, then the missing ones
-        pts = self.ax.new_empty(k * 512 + mb.shape[0], 3)
-        lattice = pts[: k * 512].view(k, 8, 8, 8, 3)
-        lattice[..., 0] = co[:, 0, :, None, None]
-        lattice[..., 1] = co[:, 1, None, :, None]
-        lattice[..., 2] = co[:, 2, None, None, :]
-        pts[k * 512 :] = self.ax[base.index_select(0, mb) + self.up.index_select(0, mp)]
-        out = self.calls(pts)
-        own = out[: k * 512].view(k, 8, 8, 8)
-        self.pool[self.rows - k : self.rows] = own.view(k, 512).index_select(1, self.keep)
-        up = self.pool.view(-1).index_select(0, (brow.clamp(min=0) * 169 + self.up_slot).view(-1)).view(k, 217)
-        up.masked_scatter_(miss, out[k * 512 :])
-        val = own.new_empty(k, 9, 9, 9)
-        val[:, :8, :8, :8] = own
-        return val.view(k, 729).index_copy_(1, self.up_at, up).view(k, 9, 9, 9)
+def _eval_blocks(calls: "_FieldCalls", ax: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The field at the 9^3 points of blocks with lower corners base (K, 3) of axis ``ax``:
+    (K, 9, 9, 9)."""
+    k = base.shape[0]
+    co = ax.take(base.unsqueeze(2) + torch.arange(_BLOCK + 1, device=base.device))  # (K, 3, 9) coordinates
+    pts = torch.stack((co[:, 0, :, None, None].expand(k, 9, 9, 9), co[:, 1, None, :, None].expand(k, 9, 9, 9),
+                       co[:, 2, None, None, :].expand(k, 9, 9, 9)), -1).view(-1, 3)
+    return calls(pts).view(k, 9, 9, 9)
 
 
 class _FieldCalls:
@@ -759,7 +696,7 @@ class _FieldCalls:
                 self.times[many].append((time.perf_counter() - t) / part.shape[0])
                 self._decide()
         grid.evaluations += p
-        return torch.cat(out) if out else grid.ax.new_zeros(0)
+        return out[0].contiguous() if len(out) == 1 else torch.cat(out) if out else grid.ax.new_zeros(0)
 
     def _decide(self) -> None:
         one, many = self.times[False], self.times[True]
