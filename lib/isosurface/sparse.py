@@ -276,7 +276,7 @@ def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     if relative_cost < BLOCK_COST_RATIO:
         # a cheap field: the time is the bookkeeping's passes over 10^5 - 10^6 values, run on
         # one intra-op thread (waking sleeping threads for each pass costs more than they save,
-        # far more on a busy machine); the field's calls keep the process's threads
+        # far more on a busy machine); the field's calls take one thread or all (_FieldCalls)
         with elementwise_section(device):
             return (grid, *_track_blocks(grid, n, band, (vol.reshape(m + 1, m + 1, m + 1), s0)))
     vol = vol.reshape(m + 1, m + 1, m + 1)
