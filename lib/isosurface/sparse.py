@@ -7,7 +7,7 @@
   sign-changing cells across faces with mixed signs until it is closed; or, on a cold start
   with a field cheap per point, :func:`_track_blocks`, the same closure on whole blocks;
 - :func:`default_coarse_stride`, :data:`SENTINEL_FACTOR`, :data:`KEEP_CORNERS`,
-  :data:`BLOCK_COST_RATIO`, :data:`BLOCK_MIN_CELLS`, :data:`RETIME_BELOW`: its constants.
+  :data:`BLOCK_COST_RATIO`, :data:`BLOCK_MIN_CELLS`, :data:`COST_PROBE_POINTS`: its constants.
 
 The driver is :func:`lib.isosurface.driver.extract` (``mode="sparse"``).
 """
@@ -23,20 +23,20 @@ from ..ops.marching_cubes import grid_axis, voxel_size
 from ..ops.marching_cubes_tables import CORNER_OFFSETS, tables
 from ..runtime.threads import FEW_ROWS, all_threads, elementwise_section
 
-__all__ = ["BLOCK_COST_RATIO", "BLOCK_MIN_CELLS", "KEEP_CORNERS", "RETIME_BELOW", "SENTINEL_FACTOR",
+__all__ = ["BLOCK_COST_RATIO", "BLOCK_MIN_CELLS", "COST_PROBE_POINTS", "KEEP_CORNERS", "SENTINEL_FACTOR",
            "default_coarse_stride"]
 
 
 SENTINEL_FACTOR = 4  # warm start: sentinel lattice stride = this x the coarse stride
 
-# A cold start tracks whole 8^3-cell blocks instead of cells when the field, timed on the
-# call's coarse lattice, costs less per point than this many times the cost per key of a
-# sort of as many keys (the cell tracking's typical bookkeeping step, timed beside it): block
-# tracking evaluates several times more points, in far fewer and cheaper steps.
-BLOCK_COST_RATIO = 4.5
+# A cold start tracks whole 8^3-cell blocks instead of cells when the field, timed on part of
+# the call's coarse lattice, costs less per point than this many times the cost per key of a
+# sort of as many keys (the cell tracking's typical bookkeeping step), both in one thread's
+# CPU time: block tracking evaluates several times more points, in far fewer and cheaper steps.
+BLOCK_COST_RATIO = 16.0
 BLOCK_MIN_CELLS = 64  # and only with at least this many cells per axis (8 blocks): below, a
 # surface's blocks are most of the box
-RETIME_BELOW = 20  # a measured ratio at or over BLOCK_COST_RATIO and under this many times it is timed again
+COST_PROBE_POINTS = 4096  # points per timed field call of the cost probe (at most two calls)
 
 
 def default_coarse_stride(resolution: int) -> int:
@@ -321,16 +321,14 @@ def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     neigh = torch.tensor(_NEIGH26, device=dev)
     cells = _lattice(s0, m, dev)
     # the seeding lattices are sparse (a point per stride^3): evaluated, not stored
-    vol, relative_cost = _timed_field(grid, lattice)
-    if n - 1 >= BLOCK_MIN_CELLS and BLOCK_COST_RATIO <= relative_cost < RETIME_BELOW * BLOCK_COST_RATIO:
-        # near the threshold one stall of a busy machine flips the choice, and the cell tracking
-        # of a cheap field is the costly mistake: time a quarter of the lattice again (its values
-        # are dropped, the first ones kept), at the same points per call, and keep the least
-        relative_cost = min(relative_cost, _timed_field(grid, lattice[: lattice.shape[0] // 4], pieces=2)[1])
-    if n - 1 >= BLOCK_MIN_CELLS and relative_cost < BLOCK_COST_RATIO:
+    if n - 1 >= BLOCK_MIN_CELLS:
+        vol, relative_cost = _timed_field(grid, lattice)
+    else:
+        vol, relative_cost = grid.field(lattice), float("inf")
+    if relative_cost < BLOCK_COST_RATIO:
         # a cheap field: the time is the bookkeeping's passes over 10^5 - 10^6 values, run on
         # one intra-op thread (waking sleeping threads for each pass costs more than they save,
-        # far more on a busy machine); the field's calls keep the process's threads
+        # far more on a busy machine); the field's calls take one thread or all (_FieldCalls)
         with elementwise_section(device):
             return (grid, *_track_blocks(grid, n, band, (vol.reshape(m + 1, m + 1, m + 1), s0)))
     vol = vol.reshape(m + 1, m + 1, m + 1)
@@ -519,31 +517,48 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
     return grid.ijk(key.long()), values
 
 
-def _timed_field(grid: _BlockGrid, ijk: torch.Tensor, pieces: int = 8):
-    """The field at points ijk (P, 3) (see :meth:`_BlockGrid.field`), evaluated in ``pieces``
-    calls, and its cost relative to the bookkeeping: each call is followed by a sort of the
-    keys of its points (the cell tracking's typical step), timed the same way, and the least
-    time of each is kept (a busy machine, a first call or an idle thread pool waking up only
-    slow calls down, and both are measured under the same conditions).
+def _timed_field(grid: _BlockGrid, ijk: torch.Tensor):
+    """The field at points ijk (P, 3) (see :meth:`_BlockGrid.field`) and its cost relative to
+    the bookkeeping.
+
+    Its first two calls of :data:`COST_PROBE_POINTS` points run on one intra-op thread, each
+    followed by a sort of the keys of its points (the cell tracking's typical step), both
+    timed in the calling thread's CPU time (on CUDA: wall time, synchronised), and the least
+    of each kept: time other processes take from this one, or idle threads waking up, does
+    not count, so the choice does not follow the machine's load.  The second call is skipped
+    when the first one's ratio is over 4 x :data:`BLOCK_COST_RATIO` (a slow call only makes a
+    cheap field look dearer).  The rest of ijk is evaluated with the process's threads.
 
     Returns:
         values (P,) and the ratio (field seconds per point) / (sort seconds per key).
     """
     dev = grid.ax.device
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)  # noqa: E731
-    out, field_best, sort_best = [], float("inf"), float("inf")
-    for part in ijk.tensor_split(pieces):
-        if not part.shape[0]:
-            continue
-        t = time.perf_counter()
-        out.append(grid.field(part))
-        sync()
-        field_best = min(field_best, (time.perf_counter() - t) / part.shape[0])
-        keys = grid.lin(part).flip(0)  # reversed: a sort that has to move every key
-        t = time.perf_counter()
-        torch.sort(keys)
-        sync()
-        sort_best = min(sort_best, (time.perf_counter() - t) / part.shape[0])
+    if dev.type == "cuda":
+        clock = lambda: (torch.cuda.synchronize(dev), time.perf_counter())[1]  # noqa: E731
+    else:
+        clock = time.thread_time
+    head, out, field_best, sort_best = ijk[: 2 * COST_PROBE_POINTS], [], float("inf"), float("inf")
+    # all_threads leaves an enclosing one-thread section, so that a field entering all_threads
+    # itself (the decoder) stays on the one thread set here, all of its work in this thread's time
+    with all_threads():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for part in head.split(COST_PROBE_POINTS):
+                if field_best > 4 * BLOCK_COST_RATIO * sort_best:
+                    break
+                t = clock()
+                out.append(grid.field(part))
+                field_best = min(field_best, (clock() - t) / part.shape[0])
+                keys = grid.lin(part).flip(0)  # reversed: a sort that has to move every key
+                t = clock()
+                torch.sort(keys)
+                sort_best = min(sort_best, (clock() - t) / part.shape[0])
+        finally:
+            torch.set_num_threads(threads)
+    done = sum(o.shape[0] for o in out)
+    if ijk.shape[0] > done:
+        out.append(grid.field(ijk[done:]))
     return torch.cat(out), field_best / max(sort_best, 1e-12)
 
 
@@ -579,7 +594,8 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
     m = n - 1  # cells per axis
     nb = -(-m // _BLOCK)  # blocks per axis
     ax = grid_axis(n, _BLOCK * nb + 1, dev)
-    vol = _block_lattice(grid, ax, nb, coarse)
+    calls = _FieldCalls(grid)
+    vol = _block_lattice(calls, ax, nb, coarse)
     v = torch.stack([vol[a : a + nb, b : b + nb, c : c + nb] for a, b, c in CORNER_OFFSETS], -1)  # (nb, nb, nb, 8)
     out = v > 0
     sc = out.any(-1) & ~out.all(-1)
@@ -598,6 +614,10 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
     cell_loc = torch.cartesian_prod(r9[:-1], r9[:-1], r9[:-1])  # (512, 3) cells of a block, C order
     cell_at = (cell_loc * torch.tensor([81, 9, 1], device=dev)).sum(1)  # (512,) their lower corners in a 9^3 block
     nbr = torch.tensor(_FACE_DIR, device=dev)
+    # the cells found are kept as C-order keys (int32 sorts faster), their coordinates made once sorted
+    stride = torch.tensor([m * m, m, 1], device=dev)
+    cell_key = (cell_loc * stride).sum(1)  # (512,) of the cells of a block, from its lower corner's
+    key_type = torch.int32 if m ** 3 < 2 ** 31 else torch.int64
     found, kept = [], []
     while front.shape[0]:
         new = []
@@ -605,7 +625,7 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
             k = part.shape[0]
             bijk = torch.stack((part // (nb * nb), (part // nb) % nb, part % nb), 1)  # (K, 3)
             base = bijk * _BLOCK
-            val = _eval_blocks(grid, ax, base)  # (K, 9, 9, 9)
+            val = _eval_blocks(calls, ax, base)  # (K, 9, 9, 9)
             o = val > 0
             # sign changes reduced over pairs of points along k, j, then i (as crossing_cells):
             # the partial reductions are the mixed grid faces of the block's boundary planes
@@ -627,8 +647,8 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
                     a1, a2 = [x for x in range(3) if x != a]
                     mixed[:, a] &= (ins[a1][:, :, None] & ins[a2][:, None, :]).unsqueeze(1)
             bi, cl = sc.view(k, -1).nonzero(as_tuple=True)
-            cells = base.index_select(0, bi) + cell_loc.index_select(0, cl)
-            found.append(cells)
+            key = (base * stride).sum(1).index_select(0, bi) + cell_key.index_select(0, cl)
+            found.append(key.to(key_type))
             # corner values kept whatever the count (32 bytes a cell, beside the cell's 24): a
             # cheap field, but a second pass over the cells costs as much as this one
             loc = bi * 729 + cell_at.index_select(0, cl)
@@ -645,11 +665,10 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
         visited[front] = True
     if not found:
         return torch.zeros(0, 3, dtype=torch.int64, device=dev), None
-    cells = torch.cat(found)
+    key, order = torch.sort(torch.cat(found))  # distinct keys
     del found
-    key = (cells[:, 0] * m + cells[:, 1]) * m + cells[:, 2]
-    key, order = torch.sort(key.int() if m ** 3 < 2 ** 31 else key)  # distinct keys; int32 sorts faster
-    return cells.index_select(0, order), torch.cat(kept).index_select(0, order)
+    cells = torch.stack((key // (m * m), key // m % m, key % m), 1).long()
+    return cells, torch.cat(kept).index_select(0, order)
 
 
 def _mixed_faces(plane: torch.Tensor) -> torch.Tensor:
@@ -659,13 +678,13 @@ def _mixed_faces(plane: torch.Tensor) -> torch.Tensor:
     return some & ~every
 
 
-def _block_lattice(grid: _BlockGrid, ax: torch.Tensor, nb: int, coarse) -> torch.Tensor:
-    """The field on the block lattice (stride 8, (nb + 1)^3 points): (nb + 1, nb + 1, nb + 1),
-    taken from the coarse lattice (values, stride) where their points coincide."""
+def _block_lattice(calls: _FieldCalls, ax: torch.Tensor, nb: int, coarse) -> torch.Tensor:
+    """The field on the block lattice (stride 8, (nb + 1)^3 points of axis ``ax``): (nb + 1,
+    nb + 1, nb + 1), taken from the coarse lattice (values, stride) where their points coincide."""
     dev = ax.device
     step = torch.arange(nb + 1, device=dev) * _BLOCK
     if coarse is None:
-        return _eval_points(grid, ax, torch.cartesian_prod(step, step, step)).reshape(nb + 1, nb + 1, nb + 1)
+        return calls(ax[torch.cartesian_prod(step, step, step)]).reshape(nb + 1, nb + 1, nb + 1)
     cv, s = coarse
     w = nb + 1
     on = (step % s == 0) & (step // s < cv.shape[0])  # (nb + 1,) block lattice points on the coarse one
@@ -678,29 +697,66 @@ def _block_lattice(grid: _BlockGrid, ax: torch.Tensor, nb: int, coarse) -> torch
     missing = (~(on[:, None, None] & on[None, :, None] & on[None, None, :])).view(-1).nonzero().squeeze(1)
     if missing.shape[0]:
         ijk = torch.stack((missing // (w * w), missing // w % w, missing % w), 1) * _BLOCK
-        vol.view(-1).index_copy_(0, missing, _eval_points(grid, ax, ijk))
+        vol.view(-1).index_copy_(0, missing, calls(ax[ijk]))
     return vol
 
 
-def _eval_blocks(grid: _BlockGrid, ax: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """The field at the 9^3 points of blocks with lower corners base (K, 3): (K, 9, 9, 9),
-    in chunks of even size (see :meth:`_BlockGrid.field`), counted in its evaluations."""
+def _eval_blocks(calls: "_FieldCalls", ax: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The field at the 9^3 points of blocks with lower corners base (K, 3) of axis ``ax``:
+    (K, 9, 9, 9)."""
     k = base.shape[0]
     co = ax.take(base.unsqueeze(2) + torch.arange(_BLOCK + 1, device=base.device))  # (K, 3, 9) coordinates
     pts = torch.stack((co[:, 0, :, None, None].expand(k, 9, 9, 9), co[:, 1, None, :, None].expand(k, 9, 9, 9),
                        co[:, 2, None, None, :].expand(k, 9, 9, 9)), -1).view(-1, 3)
-    p = pts.shape[0]
-    size = max(1, -(-p // max(1, -(-p // grid.chunk))))
-    out = [_call_field(grid.sdf_fn, pts[s : s + size]) for s in range(0, p, size)]
-    grid.evaluations += p
-    return torch.cat(out).view(k, 9, 9, 9)
+    return calls(pts).view(k, 9, 9, 9)
 
 
-def _eval_points(grid: _BlockGrid, ax: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
-    """The field at grid points ijk (P, 3) of axis ``ax`` (which may extend past the grid's):
-    (P,), in chunks of even size (see :meth:`_BlockGrid.field`), counted in its evaluations."""
-    p = ijk.shape[0]
-    size = max(1, -(-p // max(1, -(-p // grid.chunk))))
-    out = [_call_field(grid.sdf_fn, ax[ijk[s : s + size]]) for s in range(0, p, size)]
-    grid.evaluations += p
-    return torch.cat(out) if out else ax.new_zeros(0)
+class _FieldCalls:
+    """The field's calls of block tracking: points (P, 3) -> values (P,), in chunks of even
+    size (see :meth:`_BlockGrid.field`), counted in the grid's evaluations.
+
+    Inside the tracking's one-thread section a call of a cheap field may run on one intra-op
+    thread or on the process's (as :func:`_call_field` runs every large call): the threads save
+    little on so little work per point and, on a busy machine, waiting for them to be scheduled
+    costs far more.  So its first calls alternate between the two (one thread first), timed
+    (wall time: what the waiting costs), and the rest take whichever was faster: at once where
+    one call each differ two-fold, else in the median of :attr:`TRIALS` calls each.  Either
+    way, the same values.
+    """
+
+    TRIALS = 3
+
+    def __init__(self, grid: _BlockGrid):
+        self.grid = grid
+        with all_threads():
+            many = torch.get_num_threads()
+        # nothing to choose outside a one-thread section (all_threads then changes nothing)
+        self.many = None if many > torch.get_num_threads() else True
+        self.times = {False: [], True: []}  # seconds per point of the trial calls
+
+    def __call__(self, pts: torch.Tensor) -> torch.Tensor:
+        grid, p = self.grid, pts.shape[0]
+        size = max(1, -(-p // max(1, -(-p // grid.chunk))))
+        out = []
+        for s in range(0, p, size):
+            part = pts[s : s + size]
+            many = self.many
+            if many is None:
+                many = len(self.times[True]) < len(self.times[False])
+                t = time.perf_counter()
+            with all_threads(many and part.shape[0] >= FEW_ROWS):
+                out.append(grid.sdf_fn(part).reshape(-1).float())
+            if self.many is None:
+                self.times[many].append((time.perf_counter() - t) / part.shape[0])
+                self._decide()
+        grid.evaluations += p
+        return out[0].contiguous() if len(out) == 1 else torch.cat(out) if out else grid.ax.new_zeros(0)
+
+    def _decide(self) -> None:
+        one, many = self.times[False], self.times[True]
+        if not one or not many:
+            return
+        if min(many) > 2 * max(one) or min(one) > 2 * max(many):  # clear already: no more costly trials
+            self.many = min(one) > min(many)
+        elif len(many) >= self.TRIALS:
+            self.many = sorted(many)[len(many) // 2] < sorted(one)[len(one) // 2]
