@@ -8,8 +8,7 @@ batched verts gives batched images (B, H, W[, C]); otherwise (H, W[, C]).  Faces
 vertex at depth <= ``znear`` are skipped (no clipping).
 
 Owns: :class:`Screen` and :func:`project_mesh` (the B meshes' vertices in pixels, faces as
-global face instances), :func:`face_boxes` and :func:`face_tiles` (faces' pixel boxes cut
-into tiles; :func:`fitted_tile_groups`: one tile of its own shape per small face),
+global face instances), :func:`face_tiles` (faces' pixel boxes cut into tiles),
 :func:`face_table` (per-face constants) and :class:`TileSetup` (what the tile chunks of one
 call share).
 """
@@ -21,8 +20,7 @@ import torch
 
 from .camera import Camera
 
-__all__ = ["TILE", "Screen", "project_mesh", "face_boxes", "box_tiles", "face_tiles", "fitted_tile_groups",
-           "face_table", "TileSetup"]
+__all__ = ["TILE", "Screen", "project_mesh", "face_tiles", "face_table", "TileSetup"]
 
 TILE = 4                       # face bounding boxes are cut into TILE x TILE pixel tiles
 
@@ -92,20 +90,14 @@ def project_mesh(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image
     return Screen(uv.reshape(-1, 2), z.reshape(-1), tri, B, batched, H, W)
 
 
-def face_boxes(uvt: torch.Tensor, zt: torch.Tensor, H: int, W: int, margin: float, znear: float):
-    """Each face's pixel bounding box, expanded by ``margin`` px and clipped to the image.
+def face_tiles(uvt: torch.Tensor, zt: torch.Tensor, H: int, W: int, margin: float, znear: float,
+           size: int = TILE):
+    """Cut each face's pixel bounding box (expanded by ``margin`` px) into size x size tiles
+    (size <= TILE, so that tiles overhanging the image stay inside the padded layout).
 
-    Args:
-        uvt: (G, 3, 2) projected corners in pixels.
-        zt: (G, 3) their depths.
-        H, W: image size.
-        margin: expansion in pixels.
-        znear: faces with a vertex at depth <= znear get an empty box.
-
-    Returns:
-        first (G, 2) int64, the box's first pixel column and row, and n (G, 2) int64, its
-        width and height in pixels (0 for faces with a vertex at depth <= znear or a
-        non-finite projection, and for boxes off the image).
+    uvt (G, 3, 2), zt (G, 3).  Returns tile face ids (T,) and tile origins x0, y0 (T,)
+    (int64).  Boxes are clipped to the image; faces with a vertex at depth <= znear or a
+    non-finite projection get no tiles.
     """
     dev = uvt.device
     # elementwise over the 3 vertices (reductions over a dimension of 3 are slow on the CPU)
@@ -113,10 +105,8 @@ def face_boxes(uvt: torch.Tensor, zt: torch.Tensor, H: int, W: int, margin: floa
     lo = torch.minimum(torch.minimum(u[0], u[1]), u[2])               # (G, 2)
     hi = torch.maximum(torch.maximum(u[0], u[1]), u[2])
     z = zt.unbind(1)
-    # finite corners, column by column (reductions over a dimension of 2 are slow too)
-    ok = torch.minimum(torch.minimum(z[0], z[1]), z[2]) > znear
-    for col in (lo[:, 0], lo[:, 1], hi[:, 0], hi[:, 1]):
-        ok &= torch.isfinite(col)
+    ok = (torch.minimum(torch.minimum(z[0], z[1]), z[2]) > znear) & torch.isfinite(lo).all(1) \
+        & torch.isfinite(hi).all(1)
     lo = torch.where(ok[:, None], lo - margin, torch.zeros_like(lo))
     hi = torch.where(ok[:, None], hi + margin, torch.full_like(hi, -1.0))
     # pixel j is in the box iff lo <= j + 0.5 <= hi
@@ -124,21 +114,7 @@ def face_boxes(uvt: torch.Tensor, zt: torch.Tensor, H: int, W: int, margin: floa
     first = torch.ceil(lo - 0.5).clamp(min=0).minimum(lim + 1)
     last = torch.floor(hi - 0.5).minimum(lim).clamp(min=-1)
     first, last = first.long(), last.long()
-    return first, (last - first + 1).clamp(min=0)
-
-
-def box_tiles(first: torch.Tensor, n: torch.Tensor, size: int = TILE):
-    """Cut boxes into size x size tiles, in face order (a face's tiles row by row).
-
-    Args:
-        first: (G, 2) int64 first pixel column and row of each box (:func:`face_boxes`).
-        n: (G, 2) int64 box widths and heights (0: no tiles).
-        size: tile side.
-
-    Returns:
-        tile face ids (T,) and tile origins x0, y0 (T,), int64.
-    """
-    dev = first.device
+    n = (last - first + 1).clamp(min=0)
     nt = (n + size - 1) // size                                 # tiles along x and y
     count = nt[:, 0] * nt[:, 1]
     total = int(count.sum())
@@ -159,60 +135,6 @@ def box_tiles(first: torch.Tensor, n: torch.Tensor, size: int = TILE):
     return fid, x0, y0
 
 
-def face_tiles(uvt: torch.Tensor, zt: torch.Tensor, H: int, W: int, margin: float, znear: float,
-               size: int = TILE):
-    """Cut each face's pixel bounding box (expanded by ``margin`` px) into size x size tiles
-    (size <= TILE, so that tiles overhanging the image stay inside the padded layout).
-
-    uvt (G, 3, 2), zt (G, 3).  Returns tile face ids (T,) and tile origins x0, y0 (T,)
-    (int64).  Boxes are clipped to the image; faces with a vertex at depth <= znear or a
-    non-finite projection get no tiles.
-    """
-    return box_tiles(*face_boxes(uvt, zt, H, W, margin, znear), size)
-
-
-def fitted_tile_groups(first: torch.Tensor, n: torch.Tensor, min_faces: int = 1):
-    """Tiles of the faces' boxes in groups of one tile shape: each face whose box fits in
-    one TILE x TILE tile gets one tile of its box's own shape (tw x th, origin its first
-    pixel: the same origin as its TILE x TILE tile), the others TILE x TILE tiles.
-
-    Shapes held by fewer than ``min_faces`` faces join the TILE x TILE group (fewer, larger
-    groups).  Within a group tiles are in face order.
-
-    Args:
-        first: (G, 2) int64 box origins (:func:`face_boxes`).
-        n: (G, 2) int64 box sizes (0: no tiles).
-        min_faces: smallest group of a fitted shape.
-
-    Returns:
-        list of (fid, x0, y0, tw, th): (T_g,) int64 face ids and tile origins, and the
-        group's tile width and height; the TILE x TILE group (if any) is last.
-    """
-    # shape code (th - 1) * TILE + (tw - 1) of the fitted boxes; every other face, and
-    # empty boxes, the TILE x TILE code
-    full = TILE * TILE - 1
-    fits = (n[:, 0] <= TILE) & (n[:, 1] <= TILE) & (n[:, 0] > 0) & (n[:, 1] > 0)
-    code = torch.where(fits, (n[:, 1] - 1) * TILE + (n[:, 0] - 1), torch.full_like(n[:, 0], full)).int()
-    counts = torch.bincount(code, minlength=TILE * TILE)
-    small = counts < min_faces
-    small[full] = True
-    code = torch.where(small, full, torch.arange(TILE * TILE, device=code.device)).int().index_select(0, code)
-    # the faces by shape code, each code's in face order (a stable sort of small integers)
-    order = torch.argsort(code, stable=True)
-    counts = torch.bincount(code, minlength=TILE * TILE).tolist()
-    groups, start = [], 0
-    for c, k in enumerate(counts[:full]):
-        if k:
-            faces = order[start:start + k]
-            groups.append((faces, first[:, 0].index_select(0, faces), first[:, 1].index_select(0, faces),
-                           c % TILE + 1, c // TILE + 1))
-        start += k
-    rest = order[start:]
-    fid, x0, y0 = box_tiles(first.index_select(0, rest), n.index_select(0, rest), TILE)
-    if len(fid):
-        groups.append((rest.index_select(0, fid), x0, y0, TILE, TILE))
-    return groups
-
 
 def face_table(uvt: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
     """Per-face constants, one row per quantity, (19, G): v0..v2 (rows 0-5), edges
@@ -232,8 +154,7 @@ def face_table(uvt: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TileSetup:
-    """Everything the chunks of one group of tiles (one tile shape, tw x th) of a
-    soft-silhouette call share.
+    """Everything the chunks of one soft-silhouette call share.
 
     Pixels are indexed in a padded layout of B images of (H + TILE) x (W + TILE): tile
     slots that overhang the image land in the padding, which is dropped at the end, so
@@ -253,8 +174,6 @@ class TileSetup:
     # True: a pixel inside a face keeps p_f = sigmoid(-s_f / sigma) at any depth (pytorch3d's
     # rasteriser keeps every covering face); used when r is set apart from sigma
     soft_inside: bool = False
-    tw: int = TILE          # tile width and height of this group's tiles (<= TILE)
-    th: int = TILE
 
     @property
     def npad(self) -> int:

@@ -25,8 +25,7 @@ class RenderSettings:
         reuse_buffers: soft silhouette on the CPU: keep per-thread scratch buffers from call
             to call (False: fresh tensors per chunk).  Default True.
         chunk_tiles: soft silhouette: tiles evaluated at once (x TILE * TILE face-pixel
-            slots; fitted tiles, smaller, as many more as keep the slot count); bounds the
-            scratch memory.  Default 2^14.
+            slots); bounds the scratch memory.  Default 2^14.
         save_slots: soft silhouette: up to this many slots the forward pass keeps its
             per-slot terms for the backward pass; above it the backward pass recomputes them
             (bounded memory).  Default 2^24.
@@ -34,12 +33,6 @@ class RenderSettings:
             faces by per-pixel depth buckets and an integer sort of the one bucket that holds
             its K-th nearest (False: two stable float sorts of every candidate, the
             reference).  Default True.
-        fit_tiles: soft silhouette with ``faces_per_pixel``: a face whose blur-expanded box
-            fits in one TILE x TILE tile gets one tile of the box's own shape (fewer slots
-            for the sub-pixel faces of fine meshes; False: TILE x TILE tiles for all).
-            Default True.
-        fit_min_faces: with ``fit_tiles``, a box shape held by fewer faces than this takes
-            TILE x TILE tiles (fewer, larger chunks).  Default 256.
         packed_zbuffer: z-buffer with float32 depths: one pass over int64 keys (depth bits,
             face) instead of two passes (depth, then face).  Default True.
         row_spans: z-buffer: candidate slots are each face's pixel row spans (False: its
@@ -58,8 +51,6 @@ class RenderSettings:
     chunk_tiles: int = 1 << 14
     save_slots: int = 1 << 24
     radix_nearest: bool = True
-    fit_tiles: bool = True
-    fit_min_faces: int = 256
     packed_zbuffer: bool = True
     row_spans: bool = True
     raster_tile: int = 2

@@ -20,17 +20,12 @@ w.r.t. the projected vertices, chained by autograd to the 3D vertices (and the c
 tensors).  Conventions and input shapes: :mod:`.screen`.
 
 Work is bounded by the face-pixel pairs near each face: faces' blur-expanded bounding
-boxes are cut into 4 x 4 pixel tiles (:func:`.screen.face_tiles`); with ``faces_per_pixel``
-a face whose box fits in one such tile gets one tile of the box's own shape instead
-(:func:`.screen.fitted_tile_groups`, ``RenderSettings.fit_tiles``: the sub-pixel faces of a
-fine mesh need 4 to 12 slots, not 16).  Tiles of one shape are evaluated in chunks of
-``RenderSettings.chunk_tiles`` with broadcast arithmetic (no per-pair gathers), slot-major
-(a (P, T) tensor per term).  Each pixel's terms are added in face order whatever the tile
-shapes, and each face's gradient sums run slot after slot over its box, so the tile
-shapes change no bit.  The forward pass keeps 24 bytes per slot (float32) for the backward
-pass, up to ``RenderSettings.save_slots`` slots; beyond that the backward pass recomputes the chunks, so
+boxes are cut into 4 x 4 pixel tiles (:func:`.screen.face_tiles`), and the tiles are
+evaluated in chunks of ``RenderSettings.chunk_tiles`` with broadcast arithmetic (no per-pair
+gathers).  The forward pass keeps 24 bytes per slot (float32) for the backward pass, up to
+``RenderSettings.save_slots`` slots; beyond that the backward pass recomputes the chunks, so
 memory stays bounded.  ``faces_per_pixel`` keeps all slots, and log-terms and depths of the
-candidate slots only (computed per slot, then gathered flat), in face order; it
+candidate slots only (gathered flat: the same per-slot operations, so the same bits); it
 chooses each pixel's K nearest by depth buckets and an integer sort of one bucket per pixel
 (:func:`_farthest_radix`).  Chunks are evaluated two at a time side by side on the CPU
 (``lib.runtime.concurrently``), forward and backward; their sums are added in chunk order,
@@ -46,8 +41,7 @@ import threading
 import torch
 
 from .camera import Camera
-from .screen import (TILE, TileSetup, box_tiles, face_boxes, face_table, face_tiles, fitted_tile_groups,
-                     project_mesh)
+from .screen import TILE, TileSetup, face_table, face_tiles, project_mesh
 from .settings import DEFAULT, RenderSettings
 from ..runtime import concurrently
 from .sums import reproducible_on, segment_sum
@@ -124,21 +118,20 @@ def _far_tiles(table: torch.Tensor, fid: torch.Tensor, x0: torch.Tensor, y0: tor
 
 
 _BIG = 1e4   # -log(1 - p) of a deep-inside pair: exp(-1e4) == 0 in float32 and float64
-_LANES = 64  # the K path pads a chunk to a multiple of this many tiles (whole CPU vectors)
 
 
 _WORKSPACES = threading.local()
 
 
-def _workspace(device: torch.device, dtype: torch.dtype, n: int, reuse: bool = True, keep: int = 1 << 14,
-               P: int = TILE * TILE):
-    """Named scratch buffers of n elements for one chunk, as (P, n // P) views (P slots per
-    tile): get(name).  On the CPU the buffers are kept per thread and reused from call to
-    call (at least ``keep`` TILE x TILE tiles each), unless ``reuse`` is False
+def _workspace(device: torch.device, dtype: torch.dtype, n: int, reuse: bool = True, keep: int = 1 << 14):
+    """Named scratch buffers of n elements for one chunk, as (n // (TILE*TILE), TILE*TILE)
+    views: get(name).  On the CPU the buffers are kept per thread and reused from call to
+    call (at least ``keep`` tiles each), unless ``reuse`` is False
     (``RenderSettings.reuse_buffers``); elsewhere (the caching allocator already reuses
     memory) they are allocated per chunk."""
+    P = TILE * TILE
     if device.type != "cpu" or not reuse:
-        return lambda name: torch.empty(P, n // P, dtype=dtype, device=device)
+        return lambda name: torch.empty(n // P, P, dtype=dtype, device=device)
     pool = getattr(_WORKSPACES, "pool", None)
     if pool is None:
         pool = _WORKSPACES.pool = {}
@@ -146,67 +139,52 @@ def _workspace(device: torch.device, dtype: torch.dtype, n: int, reuse: bool = T
     def get(name: str) -> torch.Tensor:
         buf = pool.get((name, dtype))
         if buf is None or buf.numel() < n:
-            buf = pool[(name, dtype)] = torch.empty(max(n, keep * TILE * TILE), dtype=dtype)
-        return buf[:n].view(P, n // P)
+            buf = pool[(name, dtype)] = torch.empty(max(n, keep * P), dtype=dtype)
+        return buf[:n].view(n // P, P)
     return get
 
 
 def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: RenderSettings = DEFAULT) -> dict:
-    """Per-slot terms of tiles a..b, each a (P, T) tensor, slot-major (a slot = a tile pixel;
-    P = st.tw * st.th, slot d at column d % tw, row d // tw of the tile).
+    """Per-slot terms of tiles a..b, each a (T, TILE*TILE) tensor (a slot = a tile pixel).
 
     pix: padded pixel index (int32); lsig: log(1 - p_f) (-1e4 for deep-inside pairs, 0
     beyond the blur radius).  with_grad adds rx, ry (from the nearest point of the nearest
     edge to the pixel) and w0..w2 such that dI/d(uv of the face's vertex k) =
     -(1 - I) * w_k * (rx, ry) summed over the slots.  want_depth replaces lsig by the
-    candidate slots (p_f > 0) alone, flat in tile order (then slot order within a tile):
-    their indices cidx = tile * P + slot (int64), pixels cpix, log-terms clsig, the depths
-    cdepth of the face points nearest to them and their tiles ctile (int64), and per tile
-    its face tface and candidate count ccount (int64).  Slots outside
-    a face's blur-expanded box are farther than the blur radius, so they need no mask.
-
-    With want_depth, T is b - a tile count rounded up to a multiple of ``_LANES`` (copies of
-    the last tile, left out of the candidates).
-
-    Slot-major because the per-face constants then broadcast along the long axis (T): a
-    slot axis of fewer than TILE * TILE, as fitted tiles have, would run the CPU's scalar
-    loops.
+    candidate slots (p_f > 0) alone, flat and in slot order: their flat indices cidx
+    (int64), pixels cpix, log-terms clsig and the depths cdepth of the face points nearest
+    to them.  Slots outside a face's blur-expanded box are farther than the blur radius, so
+    they need no mask.
 
     Written for the CPU: float masks from comparisons with ``out=``, because bool masks,
     where() and masked_fill are several times slower there than plain arithmetic; the
     intermediates live in a reused ``_workspace`` (fresh tensors per op cost about a quarter
     of the time in allocation and page faults).  Every returned tensor is freshly allocated.
     """
-    f, ox, oy = st.fid[a:b], st.x0[a:b], st.y0[a:b]
-    tw, P = st.tw, st.tw * st.th
-    n = len(f)
-    if st.want_depth and n % _LANES:
-        # copies of the last tile up to a multiple of _LANES tiles (no candidates, sums
-        # dropped): P * T elements then fill whole vectors, so that every slot's sigmoid
-        # takes the CPU's vector path (its scalar tail can differ in the last bit)
-        f, ox, oy = (torch.cat([x, x[-1:].expand(_LANES - n % _LANES)]) for x in (f, ox, oy))
-    T = len(f)
+    f = st.fid[a:b]
+    T, P = len(f), TILE * TILE
     dev = f.device
     c = st.table.index_select(1, f)                         # (19, T)
     dt = c.dtype
     d = torch.arange(P, device=dev, dtype=torch.int32)
-    dx = (d % tw).to(dt)
-    dy = torch.div(d, tw, rounding_mode="floor").to(dt)
+    dx = (d % TILE).to(dt)
+    dy = torch.div(d, TILE, rounding_mode="floor").to(dt)
+    ox, oy = st.x0[a:b], st.y0[a:b]
     ax = (ox.to(dt) + 0.5)[None] - c[0:6:2]                 # (3, T): tile origin - v_i
     ay = (oy.to(dt) + 0.5)[None] - c[1:6:2]
     ex, ey, inv, o = c[6:12:2], c[7:12:2], c[12:15], c[15]
     wp = st.W + TILE
     base = ((st.fbatch.index_select(0, f) * (st.H + TILE) + oy) * wp + ox).to(torch.int32)
-    pix = base[None] + (torch.div(d, tw, rounding_mode="floor") * wp + d % tw)[:, None]
-    ws = _workspace(dev, dt, T * P, settings.reuse_buffers, settings.chunk_tiles, P)
+    pix = base[:, None] + (torch.div(d, TILE, rounding_mode="floor") * wp + d % TILE)
+    ws = _workspace(dev, dt, T * P, settings.reuse_buffers, settings.chunk_tiles)
     tmp = ws("tmp")
     # edge functions, scaled by the orientation so that >= 0 is the inner side; -1 for
     # degenerate faces (never inside)
     ef = []
     for i in range(3):
         a0 = o * (ex[i] * ay[i] - ey[i] * ax[i]) - (1.0 - o.abs())
-        e = torch.mul(dy[:, None], o * ex[i], out=ws(f"ef{i}"))
-        ef.append(e.sub_(torch.mul(dx[:, None], o * ey[i], out=tmp)).add_(a0))
+        e = torch.mul(dy, (o * ex[i])[:, None], out=ws(f"ef{i}"))
+        ef.append(e.sub_(torch.mul(dx, (o * ey[i])[:, None], out=tmp)).add_(a0[:, None]))
     cmin = torch.minimum(torch.minimum(ef[0], ef[1], out=ws("cmin")), ef[2], out=ws("cmin"))
     inside = torch.ge(cmin, 0.0, out=ws("inside"))
     out = {"pix": pix}
@@ -215,12 +193,12 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
         return out
     ts, rxs, rys, ds = [], [], [], []
     for i in range(3):
-        wx = torch.add(ax[i], dx[:, None], out=ws(f"rx{i}"))
-        wy = torch.add(ay[i], dy[:, None], out=ws(f"ry{i}"))
-        t = torch.mul(wx, inv[i] * ex[i], out=ws(f"t{i}"))
-        t.add_(torch.mul(wy, inv[i] * ey[i], out=tmp)).clamp_(0.0, 1.0)
-        rx = wx.sub_(torch.mul(t, ex[i], out=tmp))
-        ry = wy.sub_(torch.mul(t, ey[i], out=tmp))
+        wx = torch.add(ax[i][:, None], dx, out=ws(f"rx{i}"))
+        wy = torch.add(ay[i][:, None], dy, out=ws(f"ry{i}"))
+        t = torch.mul(wx, (inv[i] * ex[i])[:, None], out=ws(f"t{i}"))
+        t.add_(torch.mul(wy, (inv[i] * ey[i])[:, None], out=tmp)).clamp_(0.0, 1.0)
+        rx = wx.sub_(torch.mul(t, ex[i][:, None], out=tmp))
+        ry = wy.sub_(torch.mul(t, ey[i][:, None], out=tmp))
         ts.append(t)
         rxs.append(rx)
         rys.append(ry)
@@ -235,20 +213,14 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
         # only candidates (p_f > 0) get terms: log-terms, depths (every other slot's log-term
         # is +-0).  Gathered flat, with the same elementwise operations per slot as over the
         # whole chunk (logsigmoid's vector path covers the tail too), so the same bits.
-        # in tile order: nonzero of a (T, P) bool copy (faster than of the float mask's
-        # transposed view); mem: the slots' places in memory
-        cand = torch.empty(n, P, dtype=torch.bool, device=dev)
-        torch.gt(torch.maximum(band, inside, out=ws("cand")).t()[:n], 0.0, out=cand)
-        tile, slot = cand.nonzero().unbind(1)
-        cidx = tile * P + slot
-        mem = slot * T + tile
-        out["cidx"], out["cpix"] = cidx, pix.view(-1).index_select(0, mem)
-        zc = zs.view(-1).index_select(0, mem)
+        cidx = torch.maximum(band, inside, out=ws("cand")).view(-1).nonzero().squeeze(1)
+        out["cidx"], out["cpix"] = cidx, pix.view(-1).index_select(0, cidx)
+        zc = zs.view(-1).index_select(0, cidx)
         if st.soft_inside:                                  # band is 1 at every candidate
             out["clsig"] = torch.nn.functional.logsigmoid(zc)
         else:
-            bigc = inside.view(-1).index_select(0, mem) * _BIG
-            out["clsig"] = torch.nn.functional.logsigmoid(zc).add_(bigc).mul_(band.view(-1).index_select(0, mem)) \
+            bigc = inside.view(-1).index_select(0, cidx) * _BIG
+            out["clsig"] = torch.nn.functional.logsigmoid(zc).add_(bigc).mul_(band.view(-1).index_select(0, cidx)) \
                 .sub_(bigc)
     elif st.soft_inside:
         out["lsig"] = torch.nn.functional.logsigmoid(zs).mul_(band)
@@ -261,21 +233,15 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
         m1 = torch.gt(ds[0], ds[1], out=ws("m1")).mul_(torch.ge(ds[2], ds[1], out=tmp))
         m = [m0, m1, torch.sub(1.0 - m0, m1, out=ws("m2"))]
     if st.want_depth:                                       # before the gradient terms reuse m, ts
-        # every slot's depth, then the candidates' (dense arithmetic on this layout costs
-        # less than gathering its ten operands per candidate); per slot the same operations
-        iz = [c[16 + k] for k in range(3)]
-        out["tface"], out["ccount"], out["ctile"] = f[:n], torch.bincount(tile, minlength=n), tile
-        area = torch.add(ef[0], ef[1], out=ws("area")).add_(ef[2]).clamp_(min=1e-30)
-        inv_in = torch.mul(ef[1], iz[0], out=ws("inv_in"))
-        inv_in.add_(torch.mul(ef[2], iz[1], out=tmp)).add_(torch.mul(ef[0], iz[2], out=tmp)).div_(area)
-        inv_out = ws("inv_out").zero_()
-        for k in range(3):
-            # mk * ((1 - t) * iz[k] + t * iz[k + 1])
-            term = torch.mul(torch.sub(1.0, ts[k], out=tmp), iz[k], out=tmp)
-            term.add_(torch.mul(ts[k], iz[(k + 1) % 3], out=area)).mul_(m[k])
-            inv_out.add_(term)
-        dep = torch.sub(1.0, inside, out=area).mul_(inv_out).add_(inv_in.mul_(inside))
-        out["cdepth"] = torch.reciprocal(dep.view(-1).index_select(0, mem))
+        tile = torch.div(cidx, P, rounding_mode="floor")
+        at = [x.reshape(-1).index_select(0, cidx) for x in (*ef, inside, *m, *ts)]
+        e0, e1, e2, ins, m0c, m1c, m2c = at[:7]
+        tc = at[7:]
+        iz = [c[16 + k].index_select(0, tile) for k in range(3)]
+        area = (e0 + e1 + e2).clamp_(min=1e-30)
+        inv_in = (e1 * iz[0] + e2 * iz[1] + e0 * iz[2]) / area
+        inv_out = sum(mk * ((1.0 - tc[k]) * iz[k] + tc[k] * iz[(k + 1) % 3]) for k, mk in enumerate((m0c, m1c, m2c)))
+        out["cdepth"] = 1.0 / (ins * inv_in + (1.0 - ins) * inv_out)
     if with_grad:
         # dI/ds = -(1 - I) p / sigma, ds/da = -2 sgn (1 - t) r, ds/db = -2 sgn t r for the
         # nearest edge (a, b) (t optimal: envelope theorem); vertex k starts edge k and
@@ -311,40 +277,33 @@ def _add_log_terms(L: torch.Tensor, pix: torch.Tensor, lsig: torch.Tensor, fixed
 
 class _SoftSilhouette(torch.autograd.Function):
     """uv (N, 2) -> images (B, H, W), see ``silhouette``.  The backward pass reuses the
-    per-slot terms saved by the forward pass or, above ``settings.save_slots`` slots, recomputes them.
-
-    ``sts``: one TileSetup per group of tiles of one shape (:func:`.screen.fitted_tile_groups`;
-    several only with ``K``, whose selection puts the candidates back in face order)."""
+    per-slot terms saved by the forward pass or, above ``settings.save_slots`` slots, recomputes them."""
 
     @staticmethod
-    def forward(ctx, uv, sts: list, tri: torch.Tensor, K: int | None, need_grad: bool, fixed: bool | None,
+    def forward(ctx, uv, st: TileSetup, tri: torch.Tensor, K: int | None, need_grad: bool, fixed: bool | None,
                 settings: RenderSettings):
-        st = sts[0]
         fixed = reproducible_on(uv.device, fixed)
         L = torch.zeros(st.npad, dtype=torch.int64 if fixed else uv.dtype, device=uv.device)
-        n = sum(len(g.fid) * g.tw * g.th for g in sts)
-        # chunks of about chunk_tiles * TILE^2 slots, whatever the tile shape
-        steps = [max(1, settings.chunk_tiles * TILE * TILE // (sg.tw * sg.th)) for sg in sts]
-        chunks = [(g, a, min(a + steps[g], len(sg.fid))) for g, sg in enumerate(sts)
-                  for a in range(0, len(sg.fid), steps[g])]
-        save = st.sigma > 0 and (K is not None or (need_grad and n <= settings.save_slots))
+        n = len(st.fid)
+        step = settings.chunk_tiles
+        chunks = [(a, min(a + step, n)) for a in range(0, n, step)]
+        save = st.sigma > 0 and (K is not None or (need_grad and n * TILE * TILE <= settings.save_slots))
         saved = []
         # two chunks at a time side by side (their terms are independent); the pixel sums
         # stay in chunk order, so the image does not depend on the schedule
         for i in range(0, len(chunks), 2):
-            pair = concurrently([lambda g=g, a=a, b=b: _chunk_terms(sts[g], a, b, with_grad=save, settings=settings)
-                                 for g, a, b in chunks[i:i + 2]], uv.device)
+            pair = concurrently([lambda a=a, b=b: _chunk_terms(st, a, b, with_grad=save, settings=settings)
+                                 for a, b in chunks[i:i + 2]], uv.device)
             for tm in pair:
                 if K is None or st.sigma <= 0:          # hard coverage: any K >= 1 covering faces give 1
-                    # in tile order (a pixel's terms in face order), as the K path adds them
-                    _add_log_terms(L, tm["pix"].t().reshape(-1), tm.pop("lsig").t().reshape(-1))
+                    _add_log_terms(L, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
                 saved.append(tm if save else None)
         if K is not None and st.sigma > 0:
             _keep_nearest(saved, K, st.npad, L, settings.radix_nearest)
         if fixed:
             L = (L.to(torch.float64) / FIXED_SCALE).to(uv.dtype)
         img = -torch.expm1(st.crop(L))
-        ctx.sts, ctx.tri, ctx.chunks, ctx.saved, ctx.nv = sts, tri, chunks, saved, uv.shape[0]
+        ctx.st, ctx.tri, ctx.chunks, ctx.saved, ctx.nv = st, tri, chunks, saved, uv.shape[0]
         ctx.fixed, ctx.settings = fixed, settings
         ctx.save_for_backward(img)
         return img
@@ -357,8 +316,7 @@ class _SoftSilhouette(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_img):
         (img,) = ctx.saved_tensors
-        sts, tri = ctx.sts, ctx.tri
-        st = sts[0]
+        st, tri = ctx.st, ctx.tri
         G = img.new_zeros(st.npad)
         st.crop(G).copy_(grad_img * (1.0 - img))    # 0 where covered: no gradient there
         gface = img.new_zeros(st.table.shape[1], 6)
@@ -366,37 +324,30 @@ class _SoftSilhouette(torch.autograd.Function):
             settings = ctx.settings
             saved = ctx.saved or [None] * len(ctx.chunks)
 
-            def face_sums(sg: TileSetup, a: int, b: int, tm: dict | None) -> torch.Tensor:
+            def face_sums(a: int, b: int, tm: dict | None) -> torch.Tensor:
                 """(6, T) per-tile gradient sums of tiles a..b (x, y for each vertex)."""
                 if tm is None:
-                    tm = _chunk_terms(sg, a, b, with_grad=True, settings=settings)
-                P, T = tm["pix"].shape
-                g = G.index_select(0, tm["pix"].view(-1))
+                    tm = _chunk_terms(st, a, b, with_grad=True, settings=settings)
+                g = G.index_select(0, tm["pix"].reshape(-1))
                 if "drop" in tm:                        # faces beyond the K nearest: no gradient
-                    drop = tm.pop("drop")               # tile * P + slot -> slot * T + tile
-                    g.index_fill_(0, (drop % P).mul_(T).add_(torch.div(drop, P, rounding_mode="floor")), 0.0)
-                g = g.view(P, T)
+                    g.index_fill_(0, tm.pop("drop"), 0.0)
+                g = g.view_as(tm["rx"])
                 gx, gy = tm.pop("rx").mul_(g), tm.pop("ry").mul_(g)        # the terms are spent here
-                ws = _workspace(g.device, g.dtype, 6 * T * P, settings.reuse_buffers, settings.chunk_tiles, P)
-                prod = ws("prod").view(P, 6, T)         # the six products, slot-major
+                T = gx.shape[0]
+                ws = _workspace(g.device, g.dtype, T * TILE * TILE, settings.reuse_buffers, settings.chunk_tiles)
+                prod = ws("prod")
+                sums = torch.empty(6, T, dtype=g.dtype, device=g.device)
                 for j, (k, gg) in enumerate((k, gg) for k in range(3) for gg in (gx, gy)):
-                    torch.mul(tm[f"w{k}"], gg, out=prod[:, j])
-                # slot after slot (row-major over the tile): a fitted tile's sums are those of
-                # its TILE x TILE tile, whose other slots hold exact zeros; all six at once
-                # (few, larger operations: two chunks side by side share the interpreter)
-                sums = prod[0].clone()
-                for sl in range(1, P):
-                    sums.add_(prod[sl])
-                return sums[:, :b - a]                  # without the padding tiles
+                    torch.sum(torch.mul(tm[f"w{k}"], gg, out=prod), 1, out=sums[j])
+                return sums
 
             # two chunks side by side, their sums added to the faces in chunk order
             jobs = list(zip(ctx.chunks, saved))
             for i in range(0, len(jobs), 2):
                 pair = jobs[i:i + 2]
-                sums = concurrently([lambda g=g, a=a, b=b, tm=tm: face_sums(sts[g], a, b, tm)
-                                     for (g, a, b), tm in pair], G.device)
-                for ((g, a, b), _), sm in zip(pair, sums):
-                    segment_sum(sts[g].fid[a:b], sm.T, 0, out=gface, sorted_index=True, reproducible=ctx.fixed)
+                sums = concurrently([lambda a=a, b=b, tm=tm: face_sums(a, b, tm) for (a, b), tm in pair], G.device)
+                for ((a, b), _), sm in zip(pair, sums):
+                    segment_sum(st.fid[a:b], sm.T, 0, out=gface, sorted_index=True, reproducible=ctx.fixed)
                 for j in range(i, i + len(pair)):
                     saved[j] = None
         grad_uv = segment_sum(tri.reshape(-1), gface.view(-1, 2), ctx.nv, reproducible=ctx.fixed)
@@ -408,19 +359,14 @@ def _keep_nearest(terms: list[dict], K: int, npad: int, L: torch.Tensor, radix: 
     """Add the log-terms of the K candidate faces nearest to the camera at each pixel to L,
     and mark the other candidates for the backward pass.
 
-    Ties in depth go to the earlier face (lower face index; a pixel meets a face at most
-    once).  ``terms``: one dict per chunk with "pix" ((T, P) slot pixels) and "cidx",
-    "cpix", "cdepth", "clsig" (its candidate slots, their pixels, depths and log-terms, in
-    tile order), "ctile" (their tiles) and "tface", "ccount" (per tile its face and
-    candidate count), which are consumed; each gets "drop" (its flat slot indices
-    of the candidates beyond the K nearest, whose gradient the backward pass drops).  Empty
-    when no face comes within the blur radius of any pixel (a mesh out of view).  L: (npad,)
-    pixel sums, added to in face order at each pixel (every other slot's log-term is +-0,
-    so L is the sum over all slots in the TILE x TILE layout's order).
-
-    Chunks of several tile groups (:func:`.screen.fitted_tile_groups`) hold their faces in
-    order within each group; the candidates are put in face order (:func:`_face_order`)
-    before the selection.
+    Ties in depth go to the earlier slot (tile order, then slot order within the tile).
+    ``terms``: one dict per chunk of ``P = TILE * TILE`` slots per tile with "cidx", "cpix",
+    "cdepth", "clsig" (its candidate slots, their pixels, depths and log-terms, in slot
+    order), which are consumed; each gets "drop" (its flat slot indices of the candidates
+    beyond the K nearest, whose gradient the backward pass drops).  Empty when no face
+    comes within the blur radius of any pixel (a mesh out of view).  L: (npad,) pixel sums,
+    added to in slot order (every other slot's log-term is +-0, so L is the sum over all
+    slots).
 
     radix (``RenderSettings.radix_nearest``): depth buckets per pixel, then an integer sort
     of the one bucket per pixel that holds its K-th nearest (:func:`_farthest_radix`);
@@ -437,14 +383,6 @@ def _keep_nearest(terms: list[dict], K: int, npad: int, L: torch.Tensor, radix: 
     depth = torch.cat([tm.pop("cdepth") for tm in terms])
     lsig = torch.cat([tm.pop("clsig") for tm in terms])
     slot = torch.cat([tm.pop("cidx") + s0 for tm, s0 in zip(terms, starts)])     # global flat slots
-    t0 = [0]
-    for tm in terms:
-        t0.append(t0[-1] + len(tm["tface"]))
-    dest = _face_order(torch.cat([tm.pop("tface") for tm in terms]), torch.cat([tm.pop("ccount") for tm in terms]),
-                       torch.cat([tm.pop("ctile") + o for tm, o in zip(terms, t0)]))
-    if dest is not None:
-        src = torch.empty_like(dest).index_copy_(0, dest, torch.arange(len(dest), device=dest.device))
-        pix, depth, lsig = pix.index_select(0, src), depth.index_select(0, src), lsig.index_select(0, src)
     drop = None
     if len(pix):
         drop = _farthest_radix(pix, depth, K, npad) if radix else _farthest_sorted(pix, depth, K)
@@ -453,38 +391,10 @@ def _keep_nearest(terms: list[dict], K: int, npad: int, L: torch.Tensor, radix: 
         return
     kept = (~drop).nonzero().squeeze(1)
     _add_log_terms(L, pix.index_select(0, kept), lsig.index_select(0, kept))
-    if dest is not None:                                       # back to tile order
-        drop = drop.index_select(0, dest)
     dropped = slot[drop]                                       # ascending
     bounds = torch.searchsorted(dropped, torch.tensor(starts + [a], device=dropped.device)).tolist()
     for tm, s0, b0, b1 in zip(terms, starts, bounds[:-1], bounds[1:]):
         tm["drop"] = dropped[b0:b1] - s0
-
-
-def _face_order(tface: torch.Tensor, counts: torch.Tensor, ctile: torch.Tensor) -> torch.Tensor | None:
-    """Where each candidate goes to put them in face order, keeping their order within a
-    face, or None when they are in face order already.
-
-    Candidates come tile by tile, a face's tiles consecutive; a counting sort by face.
-
-    Args:
-        tface: (T,) int64 the face of each tile, in the candidates' tile order.
-        counts: (T,) int64 candidates per tile.
-        ctile: (n,) int64 each candidate's tile (non-decreasing; n = counts.sum()).
-
-    Returns:
-        (n,) int64 dest: candidate i is the dest[i]-th in face order; or None.
-    """
-    if len(tface) < 2 or bool((tface[1:] >= tface[:-1]).all()):
-        return None
-    # per face: its first candidate's place in face order less its place now, the same
-    # shift for all its candidates
-    G = int(tface.max()) + 1
-    per_face = torch.zeros(G, dtype=counts.dtype, device=counts.device).index_add_(0, tface, counts)
-    now = torch.cumsum(counts, 0).sub_(counts)
-    first_now = torch.full_like(per_face, torch.iinfo(counts.dtype).max).scatter_reduce_(0, tface, now, "amin")
-    shift = torch.cumsum(per_face, 0).sub_(per_face).sub_(first_now).index_select(0, tface)
-    return shift.index_select(0, ctile).add_(torch.arange(len(ctile), device=ctile.device))
 
 
 def _farthest_sorted(pix: torch.Tensor, depth: torch.Tensor, K: int) -> torch.Tensor:
@@ -632,27 +542,18 @@ def _silhouette(verts, faces, camera, image_size, sigma, eps, faces_per_pixel, z
     else:
         with torch.no_grad():
             uvt, zt = sc.corners()
-            (first, n), table = concurrently([lambda: face_boxes(uvt, zt, sc.H, sc.W, math.sqrt(r_px), znear),
-                                              lambda: face_table(uvt, zt)], uvt.device)
-            K = faces_per_pixel if sigma > 0 else None
-            # fitted tiles only where the K-nearest selection puts the candidates back in
-            # face order; elsewhere the pixel sums run in tile order
-            groups = fitted_tile_groups(first, n, settings.fit_min_faces) if K is not None and settings.fit_tiles \
-                else [(*box_tiles(first, n, TILE), TILE, TILE)]
-            fbatch = torch.div(torch.arange(len(sc.tri), device=uvt.device), len(faces),
+            (fid, x0, y0), table = concurrently([lambda: face_tiles(uvt, zt, sc.H, sc.W, math.sqrt(r_px), znear),
+                                                 lambda: face_table(uvt, zt)], uvt.device)
+            if settings.cull_tiles:
+                keep = _cull_tiles(table, fid, x0, y0, r_px)
+                fid, x0, y0 = fid[keep], x0[keep], y0[keep]
+            fbatch = torch.div(torch.arange(len(sc.tri), device=fid.device), len(faces),
                                rounding_mode="floor")
-            sts = []
-            for fid, x0, y0, tw, th in groups:
-                if settings.cull_tiles and (tw, th) == (TILE, TILE):
-                    keep = _cull_tiles(table, fid, x0, y0, r_px)
-                    fid, x0, y0 = fid[keep], x0[keep], y0[keep]
-                sts.append(TileSetup(table, fid, x0, y0, fbatch, sc.B, sc.H, sc.W, sigma_px, r_px, K is not None,
-                                     soft_inside=radius is not None, tw=tw, th=th))
-            if not sts:                                     # no face in view
-                sts.append(TileSetup(table, first.new_zeros(0), first.new_zeros(0), first.new_zeros(0), fbatch,
-                                     sc.B, sc.H, sc.W, sigma_px, r_px, K is not None, soft_inside=radius is not None))
+            st = TileSetup(table, fid, x0, y0, fbatch, sc.B, sc.H,
+                           sc.W, sigma_px, r_px, faces_per_pixel is not None and sigma > 0,
+                           soft_inside=radius is not None)
         need_grad = torch.is_grad_enabled() and sc.uv.requires_grad
-        img = _SoftSilhouette.apply(sc.uv, sts, sc.tri, faces_per_pixel, need_grad, reproducible, settings)
+        img = _SoftSilhouette.apply(sc.uv, st, sc.tri, faces_per_pixel, need_grad, reproducible, settings)
     return img if sc.batched else img[0]
 
 
