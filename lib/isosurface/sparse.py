@@ -21,7 +21,7 @@ import torch
 from ..errors import MeshSDFError
 from ..ops.marching_cubes import grid_axis, voxel_size
 from ..ops.marching_cubes_tables import CORNER_OFFSETS, tables
-from ..runtime.threads import FEW_ROWS, all_threads, elementwise_section
+from ..runtime.threads import FEW_ROWS, all_threads, concurrently, elementwise_section
 
 __all__ = ["BLOCK_COST_RATIO", "BLOCK_MIN_CELLS", "COST_PROBE_POINTS", "KEEP_CORNERS", "SENTINEL_FACTOR",
            "default_coarse_stride"]
@@ -619,47 +619,57 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
     cell_key = (cell_loc * stride).sum(1)  # (512,) of the cells of a block, from its lower corner's
     key_type = torch.int32 if m ** 3 < 2 ** 31 else torch.int64
     found, kept = [], []
+
+    def step(part: torch.Tensor, val: torch.Tensor):
+        """A part's sign-changing cells (keys, corner values (C, 8)) and the blocks its surface crosses into."""
+        k = part.shape[0]
+        bijk = _block_ijk(part, nb)
+        base = bijk * _BLOCK
+        o = val > 0
+        # sign changes reduced over pairs of points along k, j, then i (as crossing_cells):
+        # the partial reductions are the mixed grid faces of the block's boundary planes
+        some, every = o[..., 1:] | o[..., :-1], o[..., 1:] & o[..., :-1]  # (K, 9, 9, 8) k-edges
+        some, every = some[:, :, 1:] | some[:, :, :-1], every[:, :, 1:] & every[:, :, :-1]  # (K, 9, 8, 8) i-faces
+        mixed_i = (some & ~every)[:, [0, _BLOCK]]  # (K, 2, 8, 8)
+        sc = (some[:, 1:] | some[:, :-1]) & ~(every[:, 1:] & every[:, :-1])  # (K, 8, 8, 8) cells
+        del some, every
+        mixed_j = _mixed_faces(o[:, :, [0, _BLOCK]].permute(0, 2, 1, 3))  # (K, 2, 8, 8) over (i, k)
+        mixed_k = _mixed_faces(o[..., [0, _BLOCK]].permute(0, 3, 1, 2))  # (K, 2, 8, 8) over (i, j)
+        mixed = torch.stack((mixed_i, mixed_j, mixed_k), 1)  # (K, 3 axes, 2 sides, 8, 8)
+        del o
+        lim = (m - base).clamp(max=_BLOCK)  # (K, 3) cells of each block inside the grid
+        if bool((lim < _BLOCK).any()):  # blocks past the grid's upper faces: only their inside counts
+            r = torch.arange(_BLOCK, device=dev)
+            ins = [r < lim[:, a : a + 1] for a in range(3)]  # (K, 8) per axis
+            sc &= ins[0][:, :, None, None] & ins[1][:, None, :, None] & ins[2][:, None, None, :]
+            for a in range(3):
+                a1, a2 = [x for x in range(3) if x != a]
+                mixed[:, a] &= (ins[a1][:, :, None] & ins[a2][:, None, :]).unsqueeze(1)
+        bi, cl = sc.view(k, -1).nonzero(as_tuple=True)
+        key = (base * stride).sum(1).index_select(0, bi) + cell_key.index_select(0, cl)
+        # corner values kept whatever the count (32 bytes a cell, beside the cell's 24): a
+        # cheap field, but a second pass over the cells costs as much as this one
+        loc = bi * 729 + cell_at.index_select(0, cl)
+        corners = val.view(-1).index_select(0, (loc.unsqueeze(1) + corner_off).view(-1)).view(-1, 8)
+        # block faces crossed by the surface: a grid face with mixed signs on the block's
+        # boundary plane, inside the grid (its two cells are then both sign-changing)
+        go = mixed.flatten(3).any(3)  # (K, 3, 2)
+        go[:, :, 0] &= bijk > 0
+        go[:, :, 1] &= base + _BLOCK < m
+        nxt = (bijk.unsqueeze(1) + nbr)[go.view(k, 6)]  # _FACE_DIR order: (axis, side)
+        return key.to(key_type), corners, (nxt[:, 0] * nb + nxt[:, 1]) * nb + nxt[:, 2]
+
     while front.shape[0]:
         new = []
-        for part in front.split(BLOCKS_PER_STEP):
-            k = part.shape[0]
-            bijk = torch.stack((part // (nb * nb), (part // nb) % nb, part % nb), 1)  # (K, 3)
-            base = bijk * _BLOCK
-            val = _eval_blocks(calls, ax, base)  # (K, 9, 9, 9)
-            o = val > 0
-            # sign changes reduced over pairs of points along k, j, then i (as crossing_cells):
-            # the partial reductions are the mixed grid faces of the block's boundary planes
-            some, every = o[..., 1:] | o[..., :-1], o[..., 1:] & o[..., :-1]  # (K, 9, 9, 8) k-edges
-            some, every = some[:, :, 1:] | some[:, :, :-1], every[:, :, 1:] & every[:, :, :-1]  # (K, 9, 8, 8) i-faces
-            mixed_i = (some & ~every)[:, [0, _BLOCK]]  # (K, 2, 8, 8)
-            sc = (some[:, 1:] | some[:, :-1]) & ~(every[:, 1:] & every[:, :-1])  # (K, 8, 8, 8) cells
-            del some, every
-            mixed_j = _mixed_faces(o[:, :, [0, _BLOCK]].permute(0, 2, 1, 3))  # (K, 2, 8, 8) over (i, k)
-            mixed_k = _mixed_faces(o[..., [0, _BLOCK]].permute(0, 3, 1, 2))  # (K, 2, 8, 8) over (i, j)
-            mixed = torch.stack((mixed_i, mixed_j, mixed_k), 1)  # (K, 3 axes, 2 sides, 8, 8)
-            del o
-            lim = (m - base).clamp(max=_BLOCK)  # (K, 3) cells of each block inside the grid
-            if bool((lim < _BLOCK).any()):  # blocks past the grid's upper faces: only their inside counts
-                r = torch.arange(_BLOCK, device=dev)
-                ins = [r < lim[:, a : a + 1] for a in range(3)]  # (K, 8) per axis
-                sc &= ins[0][:, :, None, None] & ins[1][:, None, :, None] & ins[2][:, None, None, :]
-                for a in range(3):
-                    a1, a2 = [x for x in range(3) if x != a]
-                    mixed[:, a] &= (ins[a1][:, :, None] & ins[a2][:, None, :]).unsqueeze(1)
-            bi, cl = sc.view(k, -1).nonzero(as_tuple=True)
-            key = (base * stride).sum(1).index_select(0, bi) + cell_key.index_select(0, cl)
-            found.append(key.to(key_type))
-            # corner values kept whatever the count (32 bytes a cell, beside the cell's 24): a
-            # cheap field, but a second pass over the cells costs as much as this one
-            loc = bi * 729 + cell_at.index_select(0, cl)
-            kept.append(val.view(-1).index_select(0, (loc.unsqueeze(1) + corner_off).view(-1)).view(-1, 8))
-            # block faces crossed by the surface: a grid face with mixed signs on the block's
-            # boundary plane, inside the grid (its two cells are then both sign-changing)
-            go = mixed.flatten(3).any(3)  # (K, 3, 2)
-            go[:, :, 0] &= bijk > 0
-            go[:, :, 1] &= base + _BLOCK < m
-            nxt = (bijk.unsqueeze(1) + nbr)[go.view(k, 6)]  # _FACE_DIR order: (axis, side)
-            new.append((nxt[:, 0] * nb + nxt[:, 1]) * nb + nxt[:, 2])
+        parts = front.split(BLOCKS_PER_STEP)
+        for i in range(0, len(parts), 2):
+            # the field in this thread (a user's callable is called from one thread only), then
+            # two parts' passes side by side: one-thread work over 10^5 values each
+            pair = [(part, _eval_blocks(calls, ax, _block_ijk(part, nb) * _BLOCK)) for part in parts[i : i + 2]]
+            for key, corners, nxt in concurrently([lambda a=a, b=b: step(a, b) for a, b in pair], dev):
+                found.append(key)
+                kept.append(corners)
+                new.append(nxt)
         cand = torch.unique(torch.cat(new))
         front = cand[~visited.index_select(0, cand)]
         visited[front] = True
@@ -669,6 +679,11 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
     del found
     cells = torch.stack((key // (m * m), key // m % m, key % m), 1).long()
     return cells, torch.cat(kept).index_select(0, order)
+
+
+def _block_ijk(block: torch.Tensor, nb: int) -> torch.Tensor:
+    """Block coordinates (K, 3) of linear block indices (K,) of an nb^3 block lattice."""
+    return torch.stack((block // (nb * nb), (block // nb) % nb, block % nb), 1)
 
 
 def _mixed_faces(plane: torch.Tensor) -> torch.Tensor:
