@@ -338,6 +338,31 @@ def test_marching_cubes_cells_in_steps_is_bitwise_the_same():
         marching_cubes_cells(crossing[:-1], by_cells, n, chunk=97)
 
 
+def test_marching_cubes_cells_steps_side_by_side_are_bitwise_the_same():
+    """Steps run side by side (threads writing disjoint slices of the outputs) give the
+    in-order result, for equal steps cut to a multiple of ``ways``."""
+    from lib.runtime import concurrently
+    from lib.runtime.threads import elementwise_section
+
+    g = torch.Generator().manual_seed(2)
+    n = 36
+    vals = torch.rand(n, n, n, generator=g) - 0.5
+    cells, cv = _all_cells(vals)
+    ref = marching_cubes_cells(cells, cv, n)
+    seen = []
+
+    def side_by_side(tasks):
+        seen.append(len(tasks))
+        return concurrently(tasks)
+
+    with elementwise_section():  # as the extraction runs it: one thread a step
+        for ways, chunk in ((2, 2 ** 16), (3, 5000)):
+            seen.clear()
+            got = marching_cubes_cells(cells, cv, n, chunk=chunk, side_by_side=side_by_side, ways=ways)
+            assert all(torch.equal(a, b) for a, b in zip(ref, got)), ways
+            assert seen and set(seen) == {ways}, seen  # every round holds ``ways`` steps
+
+
 def test_marching_cubes_cells_numbers_vertices_canonically():
     """Vertex ids follow (owner cell in C order, owner's edge), centres last in cell order, and
     each edge vertex lies on the grid edge its key names: on a noisy grid of several 8^3 owner

@@ -13,7 +13,7 @@ import torch
 from ..errors import MeshSDFError
 from ..log import info
 from ..ops.marching_cubes import crossing_cells, marching_cubes_cells
-from ..runtime.threads import elementwise_section
+from ..runtime.threads import concurrently, elementwise_section
 from .compare import same_mesh
 from .dense import _cell_ijk, _check_fast, _DenseGrid, _fill_signs, _refresh_fast, _resolve, _update_cells
 from .sparse import _BlockGrid, _sparse, default_coarse_stride
@@ -171,10 +171,13 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
         cells = crossing_cells(grid.values.reshape(n, n, n))
     if corners is None and isinstance(grid, _DenseGrid):
         corners = grid.corner_values(cells)  # one gather, small beside the N^3 grid (marching cubes reads them twice)
-    # passes over the surface's cells: cheaper on one thread than waking a sleeping team for each
+    # passes over the surface's cells: cheaper on one thread than waking a sleeping team for
+    # each, with the steps of each pass side by side, one a thread
+    ways = torch.get_num_threads() if device.type == "cpu" else 1
     with elementwise_section(device):
         verts, faces, keys = marching_cubes_cells(cells, grid.corner_values if corners is None else corners, n,
-                                                  grid.ax)
+                                                  grid.ax, side_by_side=lambda tasks: concurrently(tasks, device),
+                                                  ways=ways)
     stale, missed = (0, 0)
     if marks is not None:
         stale, missed = _check_fast(grid, keys, marks)

@@ -12,6 +12,8 @@ The case tables live in :mod:`lib.ops.marching_cubes_tables`.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .marching_cubes_tables import MAX_TRIS, tables
@@ -56,12 +58,14 @@ def cell_corner_values(values: torch.Tensor, cells: torch.Tensor) -> torch.Tenso
 
 
 CELL_CHUNK = 2 ** 16  # cells per kernel step: bounds the (K, 16)-sized transients, whatever the mesh size
+MIN_SIDE_BY_SIDE = 2 ** 13  # cells per step below which steps run in order (too little work to hand over)
 _B = 3  # owner look-up blocks of 2^3 cells per axis, with a one-cell halo above: 9^3 slots each
 _H = (1 << _B) + 1
 
 
 def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, axis: torch.Tensor | None = None,
-                         chunk: int = CELL_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         chunk: int = CELL_CHUNK, side_by_side: Callable[[list], list] | None = None, ways: int = 1
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectorised marching cubes on a set of cells of the N^3 grid (any device).
 
     Args:
@@ -74,6 +78,11 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
         resolution: N.
         axis: (N,) grid coordinates (default :func:`grid_axis`).
         chunk: cells per step (default :data:`CELL_CHUNK`); the result does not depend on it.
+        side_by_side: runs a list of zero-argument callables, possibly at once, and returns
+            their results in order (e.g. ``lib.runtime.concurrently``); default None: in
+            order.  The steps of each pass write disjoint slices, so they may overlap.
+        ways: how many steps ``side_by_side`` runs at once (default 1): the cells are then cut
+            into a multiple of ``ways`` steps of equal size (at most ``chunk`` cells each).
 
     Returns:
         verts (V, 3) float32 world coordinates; faces (F, 3) int64, normals towards SDF > 0,
@@ -107,6 +116,13 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
         values_of = lambda c, s: corner_values(c).float()  # noqa: E731
     else:
         values_of = lambda c, s: corner_values[s : s + c.shape[0]].float()  # noqa: E731
+    if ways > 1 and side_by_side is not None and ncell >= ways * MIN_SIDE_BY_SIDE:
+        parts = -(-ncell // chunk)
+        parts += -parts % ways  # whole rounds of ``ways`` steps of equal size
+        chunk = -(-ncell // parts)
+    else:
+        ways, side_by_side = 1, None
+    run = side_by_side or (lambda tasks: [t() for t in tasks])
     steps = [(s, cells[s : s + chunk]) for s in range(0, ncell, chunk)]
     up_w = torch.tensor([1, 2, 4], device=dev)
     # pass 1: per cell, its table index and owned crossing edges (what persists over the
@@ -114,14 +130,19 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
     # after its cells in C order) have known ids
     case = torch.empty(ncell, dtype=torch.int16, device=dev)  # case * 64 + decider bits < 2^14
     owned = torch.empty(ncell, dtype=torch.int16, device=dev)  # bit e: the cell owns edge e's vertex
-    kept = None
-    for s, c in steps:
+
+    def classify(s: int, c: torch.Tensor) -> torch.Tensor:
         vals = values_of(c, s)
         idx = _case_index(vals, tab)
         case[s : s + c.shape[0]] = idx
         owned[s : s + c.shape[0]] = tab["cross12"].index_select(0, idx >> 6) & tab["own_mask"].index_select(
             0, ((c == n - 2).long() * up_w).sum(1))
-        kept = vals if len(steps) == 1 else None  # one step: no second look-up
+        return vals
+
+    kept = None
+    for i in range(0, len(steps), ways):
+        got = run([lambda s=s, c=c: classify(s, c) for s, c in steps[i : i + ways]])
+        kept = got[0] if len(steps) == 1 else None  # one step: no second look-up
     case_l = case.long()
     ntri = tab["ntri"].index_select(0, case_l)
     nc = tab["ncentre"].index_select(0, case_l)
@@ -160,7 +181,8 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
     verts = torch.empty(n_own + n_cen, 3, device=dev)
     keys = torch.empty(n_own + n_cen, dtype=torch.int64, device=dev)
     faces = torch.empty(n_tri, 3, dtype=torch.int64, device=dev)
-    for step, (s, c) in enumerate(steps):
+
+    def mesh_step(step: int, s: int, c: torch.Tensor) -> None:
         k = c.shape[0]
         vals = values_of(c, s) if kept is None else kept
         idx = case[s : s + k].long()
@@ -212,6 +234,9 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
             loop = torch.where(member.unsqueeze(-1), loop, torch.zeros((), device=dev))
             verts[n_own + c0 : n_own + c1] = loop.sum(1) / member.sum(1, keepdim=True)
             keys[n_own + c0 : n_own + c1] = 3 * n ** 3 + 4 * lin[s + cen_c] + cen_j
+
+    for i in range(0, len(steps), ways):
+        run([lambda j=j, s=s, c=c: mesh_step(j, s, c) for j, (s, c) in enumerate(steps[i : i + ways], start=i)])
     return verts, faces, keys
 
 
