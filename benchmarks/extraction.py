@@ -17,7 +17,7 @@ is the best of ``--repeat`` runs and every ratio compares figures of this run.  
      scene: a torus, a ball through it and a small ball; and the network's grid where part 1
      computed it);
   3. memory and time at each N of ``--memory`` in a fresh process: wall and CPU seconds,
-     peak resident memory (ru_maxrss) and that of the process before the extraction, the
+     peak resident memory (VmHWM) and that of the process before the extraction, the
      block pool of values at its largest;
   4. per-iteration cost along a latent path (spot towards bob in 1 % steps, as in an
      optimisation): dense, fast (dense start), fast band (started from the band, ``freeze=``),
@@ -144,11 +144,20 @@ def child(args) -> int:
     z = (codes[1] if codes.shape[0] > 1 else codes[0]).reshape(1, -1)
     field = lambda p: dec(torch.cat((z.expand(p.shape[0], -1), p), 1)).reshape(-1)  # noqa: E731
     extract(field, 32, "sparse")  # one-off set-up (tables, allocator) outside the measure
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def peak_kb() -> int:
+        # this process's own high-water mark: ru_maxrss keeps the parent's from before the exec
+        try:
+            with open("/proc/self/status") as fh:
+                return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    before = peak_kb()
     t, c = time.perf_counter(), time.process_time()
     _, f, st = extract(field, args.child, "sparse", chunk=CHUNK)
     print(json.dumps(dict(n=args.child, wall=time.perf_counter() - t, cpu=time.process_time() - c,
-                          peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before_mb=before / 1024,
+                          peak_mb=peak_kb() / 1024, before_mb=before / 1024,
                           pool_mb=st.peak_points * 4 / 2 ** 20, evaluations=st.evaluations, faces=int(f.shape[0]))))
     return 0
 
