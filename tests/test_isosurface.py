@@ -341,6 +341,7 @@ def test_marching_cubes_cells_in_steps_is_bitwise_the_same():
 def test_marching_cubes_cells_steps_side_by_side_are_bitwise_the_same():
     """Steps run side by side (threads writing disjoint slices of the outputs) give the
     in-order result, for equal steps cut to a multiple of ``ways``."""
+    from lib.ops.marching_cubes import cell_corner_values
     from lib.runtime import concurrently
     from lib.runtime.threads import elementwise_section
 
@@ -361,6 +362,11 @@ def test_marching_cubes_cells_steps_side_by_side_are_bitwise_the_same():
             got = marching_cubes_cells(cells, cv, n, chunk=chunk, side_by_side=side_by_side, ways=ways)
             assert all(torch.equal(a, b) for a, b in zip(ref, got)), ways
             assert seen and set(seen) == {ways}, seen  # every round holds ``ways`` steps
+        # a callable (it may evaluate and store) is called from this thread only
+        seen.clear()
+        got = marching_cubes_cells(cells, lambda c: cell_corner_values(vals, c), n, side_by_side=side_by_side,
+                                   ways=2)
+        assert all(torch.equal(a, b) for a, b in zip(ref, got)) and not seen
 
 
 def test_marching_cubes_cells_numbers_vertices_canonically():

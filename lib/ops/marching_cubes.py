@@ -80,7 +80,8 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
         chunk: cells per step (default :data:`CELL_CHUNK`); the result does not depend on it.
         side_by_side: runs a list of zero-argument callables, possibly at once, and returns
             their results in order (e.g. ``lib.runtime.concurrently``); default None: in
-            order.  The steps of each pass write disjoint slices, so they may overlap.
+            order.  The steps of each pass write disjoint slices, so they may overlap.  Not
+            used with a callable ``corner_values`` (it may evaluate and store: one thread).
         ways: how many steps ``side_by_side`` runs at once (default 1): the cells are then cut
             into a multiple of ``ways`` steps of equal size (at most ``chunk`` cells each).
 
@@ -116,7 +117,7 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
         values_of = lambda c, s: corner_values(c).float()  # noqa: E731
     else:
         values_of = lambda c, s: corner_values[s : s + c.shape[0]].float()  # noqa: E731
-    if ways > 1 and side_by_side is not None and ncell >= ways * MIN_SIDE_BY_SIDE:
+    if ways > 1 and side_by_side is not None and ncell >= ways * MIN_SIDE_BY_SIDE and not callable(corner_values):
         parts = -(-ncell // chunk)
         parts += -parts % ways  # whole rounds of ``ways`` steps of equal size
         chunk = -(-ncell // parts)
