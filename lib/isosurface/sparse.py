@@ -22,6 +22,7 @@ from ..errors import MeshSDFError
 from ..ops.marching_cubes import grid_axis, voxel_size
 from ..ops.marching_cubes_tables import CORNER_OFFSETS, tables
 from ..runtime.threads import FEW_ROWS, all_threads, concurrently, elementwise_section
+from .dense import _cell_ijk
 
 __all__ = ["BLOCK_COST_RATIO", "BLOCK_MIN_CELLS", "COST_PROBE_POINTS", "KEEP_CORNERS", "SENTINEL_FACTOR",
            "default_coarse_stride"]
@@ -620,10 +621,10 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
     key_type = torch.int32 if m ** 3 < 2 ** 31 else torch.int64
     found, kept = [], []
 
-    def step(part: torch.Tensor, val: torch.Tensor):
-        """A part's sign-changing cells (keys, corner values (C, 8)) and the blocks its surface crosses into."""
-        k = part.shape[0]
-        bijk = _block_ijk(part, nb)
+    def step(bijk: torch.Tensor, val: torch.Tensor):
+        """The sign-changing cells (keys, corner values (C, 8)) of blocks bijk (K, 3) with values
+        val (K, 9, 9, 9), and the blocks their surface crosses into."""
+        k = bijk.shape[0]
         base = bijk * _BLOCK
         o = val > 0
         # sign changes reduced over pairs of points along k, j, then i (as crossing_cells):
@@ -665,7 +666,8 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
         for i in range(0, len(parts), 2):
             # the field in this thread (a user's callable is called from one thread only), then
             # two parts' passes side by side: one-thread work over 10^5 values each
-            pair = [(part, _eval_blocks(calls, ax, _block_ijk(part, nb) * _BLOCK)) for part in parts[i : i + 2]]
+            blocks = [_cell_ijk(part, nb) for part in parts[i : i + 2]]  # (K, 3) each
+            pair = [(bijk, _eval_blocks(calls, ax, bijk * _BLOCK)) for bijk in blocks]
             for key, corners, nxt in concurrently([lambda a=a, b=b: step(a, b) for a, b in pair], dev):
                 found.append(key)
                 kept.append(corners)
@@ -677,13 +679,8 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
         return torch.zeros(0, 3, dtype=torch.int64, device=dev), None
     key, order = torch.sort(torch.cat(found))  # distinct keys
     del found
-    cells = torch.stack((key // (m * m), key // m % m, key % m), 1).long()
+    cells = _cell_ijk(key, m).long()
     return cells, torch.cat(kept).index_select(0, order)
-
-
-def _block_ijk(block: torch.Tensor, nb: int) -> torch.Tensor:
-    """Block coordinates (K, 3) of linear block indices (K,) of an nb^3 block lattice."""
-    return torch.stack((block // (nb * nb), (block // nb) % nb, block % nb), 1)
 
 
 def _mixed_faces(plane: torch.Tensor) -> torch.Tensor:
@@ -711,7 +708,7 @@ def _block_lattice(calls: _FieldCalls, ax: torch.Tensor, nb: int, coarse) -> tor
     # the other points, flat in C order, written with one flat copy (not a 3-index put)
     missing = (~(on[:, None, None] & on[None, :, None] & on[None, None, :])).view(-1).nonzero().squeeze(1)
     if missing.shape[0]:
-        ijk = torch.stack((missing // (w * w), missing // w % w, missing % w), 1) * _BLOCK
+        ijk = _cell_ijk(missing, w) * _BLOCK
         vol.view(-1).index_copy_(0, missing, calls(ax[ijk]))
     return vol
 
