@@ -201,6 +201,23 @@ def test_sparse_equals_dense(n, tracking):
     assert genus(vs, fs) == 1 and not ss.empty
 
 
+def test_cold_start_above_64_seeds_from_a_sparser_lattice(tracking):
+    """Above N = 64 a cold start's coarse lattice has about 16 cells per axis, not 32: its points
+    are evaluations the mesh does not need, so the call evaluates fewer points than with the
+    32-cell stride, and its mesh (a torus, a ball through it and a small ball) is the dense one.
+    The warm start's sentinel lattice keeps the 32-cell base; N = 64 keeps its stride."""
+    n = 128
+    dense32 = sparse_module.default_coarse_stride(n, warm=True)
+    assert sparse_module.default_coarse_stride(n) == 2 * dense32
+    assert sparse_module.default_coarse_stride(64) == sparse_module.default_coarse_stride(64, warm=True)
+    vd, fd, _ = extract(scene, n, "dense")
+    vs, fs, ss = extract(scene, n, "sparse")
+    v32, f32, s32 = extract(scene, n, "sparse", coarse_stride=dense32)
+    assert torch.equal(vs, vd) and torch.equal(fs, fd) and torch.equal(v32, vd) and torch.equal(f32, fd)
+    if tracking == "cell":  # blocks evaluate the stride-8 block lattice whatever the coarse one
+        assert ss.evaluations < s32.evaluations
+
+
 def test_sparse_verify_detects_a_missed_piece():
     # a tiny ball next to a big one: hidden from a very coarse lattice, next to a crossing cell
     fn = union(sphere(0.5), sphere(0.04, (0.1, 0.07, -0.62)))

@@ -94,7 +94,8 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
         verify: also run ``dense``, compare with :func:`same_mesh`, record
             ``state.verified`` and return the dense mesh if they differ (default False).
         coarse_stride: sparse cold start's coarse stride, a power of two (default
-            :func:`default_coarse_stride`).
+            :func:`default_coarse_stride`; a warm start's sentinel lattice: ``SENTINEL_FACTOR``
+            x it, default x ``default_coarse_stride(N, warm=True)``).
         band: sparse cold start's Lipschitz safety factor (default 1.5).
         level: the level set (default 0).
         warm: let a sparse call start from ``state``'s cells (default True).
@@ -163,7 +164,8 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
                 and state.cells.device == device):
             warm_cells = state.cells
             rows = state.peak_points // _BlockGrid.B3  # about the pool the last call needed
-        grid, cells, corners = _sparse(fn, n, device, chunk, coarse_stride or default_coarse_stride(n), band,
+        grid, cells, corners = _sparse(fn, n, device, chunk,
+                                       coarse_stride or default_coarse_stride(n, warm=warm_cells is not None), band,
                                        warm_cells, rows)
     else:
         grid = _DenseGrid(fn, n, n, device, chunk, reuse)

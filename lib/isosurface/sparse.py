@@ -40,17 +40,25 @@ BLOCK_MIN_CELLS = 64  # and only with at least this many cells per axis (8 block
 COST_PROBE_POINTS = 4096  # points per timed field call of the cost probe (at most two calls)
 
 
-def default_coarse_stride(resolution: int) -> int:
-    """The default coarse stride of the sparse mode's cold start.
+def default_coarse_stride(resolution: int, warm: bool = False) -> int:
+    """The default coarse stride of the sparse mode's cold start (or, warm, the base of its sentinel lattice).
+
+    Above N = 64 a cold start takes about 16 coarse cells per axis instead of 32: its lattice
+    is an evaluation per stride^3 of the box that the mesh does not need, while seeds further
+    apart only add tracking rounds (and bisection steps) over the surface.  The sentinel
+    lattice of a warm start keeps the denser base (it is what finds new pieces).
 
     Args:
         resolution: N, grid points per axis.
+        warm: the base of the warm start's sentinel lattice (SENTINEL_FACTOR x it) instead.
 
     Returns:
-        the power of two giving about 32 coarse cells per axis (N = 64: 2, 128: 4, 256: 8).
+        the power of two giving about 32 coarse cells per axis up to N = 64 and when ``warm``
+        (N = 64: 2, 128: 4, 256: 8), else about 16 (N = 128: 8, 256: 16, 512: 32).
     """
+    cells = 24 if warm or resolution <= 64 else 12
     s = 1
-    while (resolution - 1) / (2 * s) >= 24:
+    while (resolution - 1) / (2 * s) >= cells:
         s *= 2
     return s
 
