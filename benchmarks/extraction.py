@@ -12,7 +12,9 @@ is the best of ``--repeat`` runs and every ratio compares figures of this run.  
      cost being linear in the points (the PyMCubes part is then timed on the analytic grid).
      ``bound``: the ratio if our extraction cost nothing but the evaluations marching cubes
      needs (the distinct corners of the sign-changing cells) at the peer's own cost per point,
-     i.e. peer time / (peer grid time x needed / N^3): no exact method can beat it;
+     i.e. peer time / (peer grid time x needed / N^3): no exact method can beat it; ``ceiling``:
+     vs peer / bound = (peer grid time x needed / N^3) / ours, the fraction of that ceiling
+     reached (without PyMCubes too);
   2. marching cubes alone on the same grid: torch vs scikit-image vs PyMCubes (the analytic
      scene: a torus, a ball through it and a small ball; and the network's grid where part 1
      computed it);
@@ -472,7 +474,7 @@ def main() -> int:
         print("\n1. meshing the network (code 1): ours = sparse, cold; peer = dense grid + PyMCubes; "
               "~ = peer grid timed on N/8 of it and scaled")
         print(f"{'N':>5} {'ours s':>8} {'faces':>8} {'evals':>9} {'needed':>9} {'our dense s':>11} {'peer grid s':>11} "
-              f"{'peer MC s':>9} {'peer s':>8} {'vs peer':>8} {'bound':>7} {'vs dense':>8} {'same mesh':>9}")
+              f"{'peer MC s':>9} {'peer s':>8} {'vs peer':>8} {'bound':>7} {'ceiling':>7} {'vs dense':>8} {'same mesh':>9}")
         for n in args.resolutions:
             t_ours, (v, f, st) = timed(lambda: extract(fn(spot), n, "sparse", device=device, chunk=CHUNK), r)
             corners = (st.cells.unsqueeze(1) + tables(st.cells.device)["corner"]).reshape(-1, 3)
@@ -501,7 +503,7 @@ def main() -> int:
             bound = peer / (t_grid * needed / n ** 3)
             print(f"{n:>5} {t_ours:>8.2f} {f.shape[0]:>8} {st.evaluations:>9} {needed:>9} {t_dense:>11.2f} "
                   f"{('' if full else '~') + f'{t_grid:.1f}':>11} {t_mc:>9.2f} {peer:>8.1f} {peer / t_ours:>7.0f}x "
-                  f"{bound:>6.0f}x {t_dense / t_ours:>7.1f}x {same:>9}")
+                  f"{bound:>6.0f}x {t_grid * needed / n ** 3 / t_ours:>7.2f} {t_dense / t_ours:>7.1f}x {same:>9}")
             del st
 
     if 2 not in args.skip:
