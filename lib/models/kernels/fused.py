@@ -201,6 +201,48 @@ class _Shared(WeightBlocks):
         # oneDNN's linear takes weights as (out, in) and returns new tensors: no scratch views
         self.onednn = uses_onednn(xyz.device, xyz.dtype)
         self.wpe = [None if t is None else t.t().contiguous() for t in self.wpe_t] if self.onednn else None
+        self.folded = {}
+        if self.onednn:
+            b, s = sdf.shape
+            for k0, k1, _, _ in plan_chunks(b, s, plan.chunk):
+                if (k0, k1) not in self.folded:
+                    self.folded[k0, k1] = self._folded_weights(k0, k1)
+
+    def _folded_weights(self, k0: int, k1: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per layer, the weights of ``_chunks_onednn`` for a chunk of scenes k0:k1 (nb = k1 - k0):
+        the scenes' biases folded in as nb extra input columns, read against nb indicator rows
+        (row j is 1 on the rows of scene k0 + j) that every hidden layer passes on as nb extra
+        output rows (an identity block; ReLU keeps them).
+
+        Why: the bias then costs no pass over the activations, and the ReLU runs inside the GEMM
+        (oneDNN's bias runs along the other axis of this layout).
+
+        Args:
+            k0, k1: the chunk's scenes.
+        Returns:
+            per layer i (main, side): main (out + nb, K + nb) multiplies the previous layer's
+            activations (K = widths[i - 1]) or, for layer 0, the encoded xyz (K = E), the extra
+            columns the biases (out, nb) and, below them, the identity (nb rows only for hidden
+            layers, out = widths[i]); side (out + nb, E) the encoded-xyz columns of a layer that
+            reads both (zero extra rows), else None.
+        """
+        nb, last = k1 - k0, len(self.widths) - 1
+        out = []
+        for i, w in enumerate(self.widths):
+            base = self.wx[i] if self.wx[i] is not None else self.wpe[i]
+            k = base.shape[1]
+            rows = w + (nb if i != last else 0)
+            main = base.new_zeros(rows, k + nb)
+            main[:w, :k] = base
+            main[:w, k:] = self.scene_bias[i][k0:k1].t()
+            if i != last:
+                main[w:, k:] = torch.eye(nb, dtype=base.dtype, device=base.device)
+            side = None
+            if self.wx[i] is not None and self.wpe[i] is not None:
+                side = base.new_zeros(rows, self.wpe[i].shape[1])
+                side[:w] = self.wpe[i]
+            out.append((main, side))
+        return out
 
 
 class _Partial:
@@ -333,63 +375,68 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
     P Q^T, reading Q with any strides but copying a non-contiguous P, and returns new tensors (no
     ``out=``).  In this layout every product has a contiguous P: forward W X^T, input gradient
     W^T G^T, and the weight gradient G^T A from two contiguous (features, rows) blocks, which in
-    the row layout needed both converted to oneDNN's own tensors first.  The bias (along the
-    rows here, where oneDNN's runs along the columns; its broadcast addition runs a reference
-    kernel) and the ReLU follow the GEMM.
+    the row layout needed both converted to oneDNN's own tensors first.  The biases ride in the
+    GEMMs (``_Shared._folded_weights``: each hidden layer's activations end in the chunk's scene
+    indicator rows), with the ReLU as the GEMM's post-op; only a layer that adds its encoded-xyz
+    product to its main one takes the ReLU as a pass of its own.
     """
     plan, layers = sh.plan, sh.plan.layers
     s = sh.sdf.shape[1]
     scale = 1.0 / sh.sdf.numel()
     last = len(layers) - 1
     linear = torch.ops.mkldnn._linear_pointwise
-    fwd = [(i, lp.x, lp.pe is not None, lp.dropout, sh.wx[i] if lp.x else sh.wpe[i], sh.wpe[i])
-           for i, lp in enumerate(layers)]
+    fwd = [(i, lp.x and lp.pe is not None, lp.dropout, sh.widths[i]) for i, lp in enumerate(layers)]
     bwd = [(i, lp.x, lp.pe is not None, part.gwx[i], part.gwpe[i], sh.wx_t[i])
            for i, lp in reversed(list(enumerate(layers)))]
-    # per scene: its bias columns (out, 1) and its bias-gradient sums, (layer,) lists of views
-    scene = [([sb[k][:, None] for sb in sh.scene_bias], [part.colsums[i, k, :w] for i, w in enumerate(sh.widths)])
-             for k in range(sh.sdf.shape[0])]
+    # per scene: its bias-gradient sums, (layer,) list of views (the biases are in sh.folded)
+    scene = [(None, [part.colsums[i, k, :w] for i, w in enumerate(sh.widths)]) for k in range(sh.sdf.shape[0])]
+    indicators: dict = {}
     for k0, k1, r0, r1 in chunks:
         acts: list = [None] * len(layers)  # the last chunk's go first, so that the allocator reuses their memory
         h = g = gin = None
         nb = k1 - k0
-        one = nb == 1
-        n, biases, sums, pe = _chunk_inputs(plan, sh, part, scene, k0, k1, r0, r1)
-        x = pe  # (rows, features): read by the first GEMMs as Q, as it is
-        for i, has_x, has_pe, drop, w_in, w_pe in fwd:
-            if has_x and has_pe:  # the encoded-xyz part added inside the x GEMM
-                h = linear.binary(w_in, linear(w_pe, pe, None, "none", [], ""), x, None, "add")
-            elif w_in.shape[0] == 1:  # one output unit: a vector-matrix product, which oneDNN runs as a one-row GEMM
-                h = torch.mm(w_in, x.t())
+        n, _, sums, pe = _chunk_inputs(plan, sh, part, scene, k0, k1, r0, r1)
+        ind = indicators.get((nb, r1 - r0))
+        if ind is None:  # (n, nb): 1 where row belongs to scene k0 + j
+            eye = torch.eye(nb, dtype=pe.dtype, device=pe.device)
+            ind = indicators[nb, r1 - r0] = eye.repeat_interleave(r1 - r0, 0)
+        folded = sh.folded[k0, k1]
+        x = torch.cat((pe, ind), 1)  # (rows, features + nb): read by the first GEMMs as Q, as it is
+        for i, both, drop, width in fwd:
+            main, side = folded[i]
+            if both:  # the encoded-xyz part added inside the main GEMM, then the ReLU
+                h = linear.binary(main, linear(side, pe, None, "none", [], ""), x, None, "add")
+                if i != last:
+                    h.clamp_min_(0.0)
+            elif main.shape[0] == 1:  # one output unit: a vector-matrix product, which oneDNN runs as a one-row GEMM
+                h = torch.mm(main, x.t())
             else:
-                h = linear(w_in, x, None, "none", [], "")
-            if one:
-                h.add_(biases[i])
-            else:  # several whole scenes: (nb, 1, out) biases over (out, nb, rows)
-                h.view(h.shape[0], nb, -1).add_(biases[i].permute(2, 0, 1))
+                h = linear(main, x, None, "none" if i == last else "relu", [], "")
             acts[i] = h
             if i == last:
                 break
-            h.clamp_min_(0.0)
             if drop:
-                part.dropout.apply_t_(h, i, k0 * s + r0)
+                part.dropout.apply_t_(h[:width], i, k0 * s + r0)
             x = h.t()
         g = _loss_head(plan, h, sh.sdf[k0:k1, r0:r1].reshape(n), sh.clamp, part, scale).view(1, n)
         for i, has_x, has_pe, g_wx, g_wpe, w_x in bwd:
-            if one:
+            if nb == 1:
                 sums[i].add_(g.sum(1))
             else:
                 sums[i].add_(g.view(g.shape[0], nb, -1).sum(2).t())
+            if i == 0:
+                if has_pe:
+                    g_wpe.add_(linear(g, pe.t(), None, "none", [], ""))
+                break
+            prev = acts[i - 1][: w_x.shape[0]]  # without the indicator rows
             if has_x:
-                g_wx.add_(linear(g, acts[i - 1], None, "none", [], ""))
+                g_wx.add_(linear(g, prev, None, "none", [], ""))
             if has_pe:
                 g_wpe.add_(linear(g, pe.t(), None, "none", [], ""))
-            if i == 0:
-                break
             # one output unit: an outer product (no sums, so the GEMM's exact products)
             gin = torch.mul(w_x, g) if g.shape[0] == 1 else linear(w_x, g.t(), None, "none", [], "")
             # relu and dropout backward at once: pass where the unit was kept and positive
-            g = torch.ops.aten.threshold_backward.grad_input(gin, acts[i - 1], 0.0, grad_input=gin)
+            g = torch.ops.aten.threshold_backward.grad_input(gin, prev, 0.0, grad_input=gin)
 
 
 class _FusedClampedL1(torch.autograd.Function):
