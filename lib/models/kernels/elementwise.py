@@ -160,6 +160,7 @@ class ChunkDropout:
         words = (int(max_cols) + 1) // 2
         self._z = torch.empty(max_rows * words, dtype=torch.int32, device=self.device)
         self._t = torch.empty_like(self._z)
+        self._f = None  # (2 * words, max_rows) scratch in h's dtype, for apply_t_ (allocated at its first call)
         self._layers = list(layers)
         self._layer_index = {lay: j for j, lay in enumerate(self._layers)}
         self._layer_ids = torch.tensor(self._layers, dtype=torch.int64, device=self.device)
@@ -194,10 +195,11 @@ class ChunkDropout:
         """``apply_`` in the transposed layout: h_t (cols, n) holds rows row0 .. row0 + n of ``layer``
         as columns; the same units are dropped.
 
-        Why no transposed copy of the bits: the words are drawn as (words, n), and each lane is
-        compared in place of the other: lane 0 (column 2w) as the int32 word shifted left by 16
-        (lane x 2^16), lane 1 (column 2w + 1) as the word shifted right by 16 (the lane), both
-        exact in h's dtype, so the comparison is the int16 one of ``apply_``.
+        Why no transposed copy of the bits: the words are drawn as (words, n), and each lane becomes
+        one row of a (cols, n) scratch in h's dtype as lane x 2^16: lane 0 (column 2w) as the word
+        shifted left by 16, lane 1 (column 2w + 1) as the word with its low 16 bits cleared, both
+        exact in float32 and float64.  One comparison with (threshold - 1) x 2^16 then drops the
+        units of both lanes in one pass over h_t, as the int16 comparison of ``apply_`` does.
 
         Args:
             h_t: (cols, n) activations, zeroed in place where dropped; cols <= max_cols, n <= max_rows.
@@ -207,21 +209,23 @@ class ChunkDropout:
             h_t.
         """
         cols, n = h_t.shape
-        key = ("t", n, cols)
+        key = ("t", n, cols, h_t.dtype)
         views = self._views.get(key)
         if views is None:
             words = _check_range(0, cols)
+            if self._f is None or self._f.dtype != h_t.dtype:
+                self._f = torch.empty(2 * self._z.numel(), dtype=h_t.dtype, device=self.device)
+            lanes = self._f[: 2 * words * n].view(words, 2, n)
             views = (_column_keys(words, self.device)[:, None], self._z[: n * words].view(words, n),
-                     self._t[: n * words].view(words, n))
+                     self._t[: n * words].view(words, n), lanes[:, 0], lanes[:, 1], lanes.view(2 * words, n)[:cols])
             self._views[key] = views
-        cols_keys, z, t = views
+        cols_keys, z, t, low, high, scaled = views
         _check_range(row0 + n, cols, layer)
         _mix_(cols_keys, self._keys_of(layer, row0, n), z, t)
-        drop = torch.ops.aten.threshold_backward.grad_input
-        even, odd = h_t[0::2], h_t[1::2]
-        drop(even, torch.bitwise_left_shift(z, 16, out=t), (self.threshold - 1) * 65536.0, grad_input=even)
-        drop(odd, z.bitwise_right_shift_(16)[: odd.shape[0]], self.threshold - 1, grad_input=odd)
-        return h_t
+        low.copy_(torch.bitwise_left_shift(z, 16, out=t))
+        high.copy_(z.bitwise_and_(-65536))
+        return torch.ops.aten.threshold_backward.grad_input(h_t, scaled, (self.threshold - 1) * 65536.0,
+                                                            grad_input=h_t)
 
 
 def dropout_threshold(p: float) -> int:
