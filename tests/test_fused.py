@@ -82,14 +82,16 @@ def test_dropout_masks_of_different_layers_are_independent():
     assert torch.equal(a, dropout_mask((500, 128), p, seed=seed, layer=0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cols,rows,row0,p", [(128, 300, 7, 0.2), (93, 37, 11, 0.3), (1, 5, 0, 0.5), (7, 9, 2, 0.9)])
-def test_chunk_dropout_in_the_transposed_layout_drops_the_same_units(cols, rows, row0, p):
+def test_chunk_dropout_in_the_transposed_layout_drops_the_same_units(cols, rows, row0, p, dtype):
     """apply_t_ on (cols, rows) zeroes exactly the units apply_ zeroes on (rows, cols): both lanes of
-    each word, odd widths, odd first rows; and those are dropout_mask's units of the full draw."""
+    each word, odd widths, odd first rows, in float32 and float64 (the lanes compared as h's dtype);
+    and those are dropout_mask's units of the full draw."""
     from lib.models.kernels.elementwise import ChunkDropout
 
     seed, layer = new_seed(), 3
-    h = torch.rand(rows, cols) + 0.5  # no zeros of its own
+    h = torch.rand(rows, cols, dtype=dtype) + 0.5  # no zeros of its own
     rowwise = ChunkDropout(seed, p, 400, 130, "cpu", layers=[0, layer]).apply_(h.clone(), layer, row0)
     transposed = ChunkDropout(seed, p, 400, 130, "cpu", layers=[0, layer]).apply_t_(h.t().contiguous(), layer, row0)
     assert torch.equal(transposed.t(), rowwise)
@@ -238,6 +240,32 @@ def test_fused_loss_on_whole_scene_chunks_equals_autograd(chunk, gemm):
     sdf = torch.rand(3, 101) * 0.3 - 0.15
     (fused, g_fused), (plain, g_plain) = _both_losses(dec, codes, xyz, sdf, 0.1)
     assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
+    for got, want in zip(g_fused, g_plain):
+        assert want.abs().max() > 0
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("chunk", [4, 1 << 30])
+def test_fused_loss_on_many_small_scenes_equals_autograd(chunk, gemm, monkeypatch):
+    # with oneDNN each scene of a chunk is one more row and column of its GEMMs (its bias and
+    # indicator): at most 16 scenes share a chunk there, so 20 scenes of 5 rows take two chunks
+    import lib.models.kernels.fused as fused
+    from lib.models.kernels.fused import plan_chunks
+
+    assert plan_chunks(20, 5, 1 << 30, max_scenes=16) == [(0, 16, 0, 5), (16, 20, 0, 5)]
+    assert plan_chunks(20, 5, 1 << 30) == [(0, 20, 0, 5)]
+    seen = []
+    real = fused._run_chunks
+    monkeypatch.setattr(fused, "_run_chunks", lambda sh, part, chunks: seen.extend(chunks) or real(sh, part, chunks))
+    torch.manual_seed(0)
+    dec = Decoder(3, **CONFIGS["deepsdf"]).train()
+    dec.fused_chunk = chunk
+    codes = torch.randn(20, 3, requires_grad=True)
+    xyz = torch.rand(20, 5, 3) * 2 - 1
+    sdf = torch.rand(20, 5) * 0.3 - 0.15
+    (loss, g_fused), (plain, g_plain) = _both_losses(dec, codes, xyz, sdf, 0.1)
+    assert sorted(seen) == plan_chunks(20, 5, chunk, max_scenes=16 if gemm == "onednn" else None)
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-6)
     for got, want in zip(g_fused, g_plain):
         assert want.abs().max() > 0
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))

@@ -192,7 +192,7 @@ class WeightBlocks:
 
 
 class _Shared(WeightBlocks):
-    """The plan, the data and the weight blocks, for ``_run_chunks``."""
+    """The plan, the data, the weight blocks and the chunks (``plan_chunks``), for ``_run_chunks``."""
 
     def __init__(self, plan: FusedPlan, clamp: float, seed: int, codes: torch.Tensor, xyz: torch.Tensor,
                  sdf: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]):
@@ -201,10 +201,11 @@ class _Shared(WeightBlocks):
         # oneDNN's linear takes weights as (out, in) and returns new tensors: no scratch views
         self.onednn = uses_onednn(xyz.device, xyz.dtype)
         self.wpe = [None if t is None else t.t().contiguous() for t in self.wpe_t] if self.onednn else None
+        # each scene of a oneDNN chunk adds a row and a column to its GEMMs (``_folded_weights``)
+        self.chunks = plan_chunks(*sdf.shape, plan.chunk, _PAD if self.onednn else None)
         self.folded = {}
         if self.onednn:
-            b, s = sdf.shape
-            for k0, k1, _, _ in plan_chunks(b, s, plan.chunk):
+            for k0, k1, _, _ in self.chunks:
                 if (k0, k1) not in self.folded:
                     self.folded[k0, k1] = self._folded_weights(k0, k1)
 
@@ -283,14 +284,17 @@ class _Partial:
                 mine += theirs
 
 
-def plan_chunks(b: int, s: int, chunk: int) -> list[tuple[int, int, int, int]]:
+def plan_chunks(b: int, s: int, chunk: int, max_scenes: int | None = None) -> list[tuple[int, int, int, int]]:
     """Chunks (k0, k1, r0, r1) = rows r0:r1 of scenes k0:k1 covering a (b, s) batch once.
 
-    ``chunk`` >= s: whole scenes, as many per chunk as fit (a GPU: the whole batch in one
-    chunk, one kernel per layer and pass instead of one per scene); else rows of one scene.
+    ``chunk`` >= s: whole scenes, as many per chunk as fit, at most ``max_scenes`` (a GPU: the
+    whole batch in one chunk, one kernel per layer and pass instead of one per scene); else
+    rows of one scene.
     """
     if chunk >= s:
         per = max(1, chunk // max(1, s))
+        if max_scenes is not None:
+            per = min(per, max_scenes)
         return [(k, min(b, k + per), 0, s) for k in range(0, b, per)]
     return [(k, k + 1, r0, min(s, r0 + chunk)) for k in range(b) for r0 in range(0, s, chunk)]
 
@@ -447,8 +451,7 @@ class _FusedClampedL1(torch.autograd.Function):
         if sdf.device.type == "cpu":
             keep_freed_memory()  # the step's scratch and oneDNN's outputs are reused, not page-faulted in again
         sh = _Shared(plan, clamp, seed, codes, xyz, sdf, weights, biases)
-        b, s = sdf.shape
-        chunks = plan_chunks(b, s, plan.chunk)
+        chunks = sh.chunks
         rows = max((k1 - k0) * (r1 - r0) for k0, k1, r0, r1 in chunks)
         groups = chunk_halves(chunks, sdf.device)
         parts = [_Partial(sh, rows) for _ in groups]
