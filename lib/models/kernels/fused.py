@@ -254,7 +254,9 @@ class _Partial:
         b = sh.sdf.shape[0]
         dev, dtype = sh.xyz.device, sh.xyz.dtype
         width = max(sh.widths)
-        self.gwx = [torch.zeros_like(m) if m is not None else None for m in sh.wx]
+        # oneDNN's loop sums its weight gradients transposed, (in, out): gwx[i].t() is contiguous there
+        self.gwx = [None if m is None else m.new_zeros(m.shape[1], m.shape[0]).t() if sh.onednn else torch.zeros_like(m)
+                    for m in sh.wx]
         self.gwpe = [torch.zeros_like(m).t() if m is not None else None for m in sh.wpe_t]
         self.colsums = torch.zeros(len(sh.widths), b, width, dtype=dtype, device=dev)  # bias gradients per scene
         self.total = torch.zeros((), dtype=dtype, device=dev)
@@ -390,22 +392,22 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
     last = len(layers) - 1
     linear = torch.ops.mkldnn._linear_pointwise
     fwd = [(i, lp.x and lp.pe is not None, lp.dropout, sh.widths[i]) for i, lp in enumerate(layers)]
-    bwd = [(i, lp.x, lp.pe is not None, part.gwx[i], part.gwpe[i], sh.wx_t[i])
+    bwd = [(i, lp.pe is not None, None if part.gwx[i] is None else part.gwx[i].t(), part.gwpe[i], sh.wx_t[i])
            for i, lp in reversed(list(enumerate(layers)))]
-    # per scene: its bias-gradient sums, (layer,) list of views (the biases are in sh.folded)
-    scene = [(None, [part.colsums[i, k, :w] for i, w in enumerate(sh.widths)]) for k in range(sh.sdf.shape[0])]
+    scene = [(None, None)] * sh.sdf.shape[0]  # for _chunk_inputs: the biases are in sh.folded
     indicators: dict = {}
     for k0, k1, r0, r1 in chunks:
         acts: list = [None] * len(layers)  # the last chunk's go first, so that the allocator reuses their memory
         h = g = gin = None
         nb = k1 - k0
-        n, _, sums, pe = _chunk_inputs(plan, sh, part, scene, k0, k1, r0, r1)
+        n, _, _, pe = _chunk_inputs(plan, sh, part, scene, k0, k1, r0, r1)
+        sums = part.colsums[:, k0:k1]  # (layers, nb, width) the scenes' bias gradients
         ind = indicators.get((nb, r1 - r0))
         if ind is None:  # (n, nb): 1 where row belongs to scene k0 + j
             eye = torch.eye(nb, dtype=pe.dtype, device=pe.device)
             ind = indicators[nb, r1 - r0] = eye.repeat_interleave(r1 - r0, 0)
         folded = sh.folded[k0, k1]
-        x = torch.cat((pe, ind), 1)  # (rows, features + nb): read by the first GEMMs as Q, as it is
+        x = x0 = torch.cat((pe, ind), 1)  # (rows, features + nb): read by the first GEMMs as Q, as it is
         for i, both, drop, width in fwd:
             main, side = folded[i]
             if both:  # the encoded-xyz part added inside the main GEMM, then the ReLU
@@ -423,22 +425,25 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
                 part.dropout.apply_t_(h[:width], i, k0 * s + r0)
             x = h.t()
         g = _loss_head(plan, h, sh.sdf[k0:k1, r0:r1].reshape(n), sh.clamp, part, scale).view(1, n)
-        for i, has_x, has_pe, g_wx, g_wpe, w_x in bwd:
-            if nb == 1:
-                sums[i].add_(g.sum(1))
-            else:
-                sums[i].add_(g.view(g.shape[0], nb, -1).sum(2).t())
-            if i == 0:
-                if has_pe:
-                    g_wpe.add_(linear(g, pe.t(), None, "none", [], ""))
+        # the weight gradients of the inputs that end in indicator rows (or columns, the encoded xyz
+        # of layer 0) end in the scenes' bias gradients: no pass of their own
+        for i, has_pe, g_wx_t, g_wpe, w_x in bwd:
+            out = g.shape[0]
+            if i == 0:  # (out, E + nb): encoded-xyz columns, then the biases
+                grads = linear(g, x0.t(), None, "none", [], "")
+                sums[0, :, :out].add_(grads[:, pe.shape[1]:].t())
+                g_wpe.add_(grads[:, : pe.shape[1]])
                 break
-            prev = acts[i - 1][: w_x.shape[0]]  # without the indicator rows
-            if has_x:
-                g_wx.add_(linear(g, prev, None, "none", [], ""))
+            prev = acts[i - 1]  # (in + nb, rows): the indicator rows last
+            width = w_x.shape[0]
+            grads = linear(prev, g, None, "none", [], "")  # (in + nb, out), transposed
+            sums[i, :, :out].add_(grads[width:])
+            g_wx_t.add_(grads[:width])
             if has_pe:
                 g_wpe.add_(linear(g, pe.t(), None, "none", [], ""))
+            prev = prev[:width]
             # one output unit: an outer product (no sums, so the GEMM's exact products)
-            gin = torch.mul(w_x, g) if g.shape[0] == 1 else linear(w_x, g.t(), None, "none", [], "")
+            gin = torch.mul(w_x, g) if out == 1 else linear(w_x, g.t(), None, "none", [], "")
             # relu and dropout backward at once: pass where the unit was kept and positive
             g = torch.ops.aten.threshold_backward.grad_input(gin, prev, 0.0, grad_input=gin)
 
