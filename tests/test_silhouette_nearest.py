@@ -7,7 +7,7 @@ import pytest
 import torch
 import trimesh
 
-from lib.render import RenderSettings, look_at, silhouette
+from lib.render import Camera, RenderSettings, look_at, silhouette
 from lib.render.screen import project_mesh
 from lib.runtime import thread_settings
 
@@ -67,6 +67,40 @@ def test_chunks_side_by_side_change_no_bit():
             assert torch.equal(side[0], alone[0]) and torch.equal(side[1], alone[1])
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+@pytest.mark.parametrize("radius", [1e-4, None])
+def test_kept_slots_gradient_terms_equal_the_chunks_bit_for_bit(dtype, radius):
+    """With K above every pixel's candidate count nothing is dropped, so the K path (log-terms
+    of the candidates, gradient terms of the kept slots alone, lib.render.silhouette
+    _pair_terms) must give the all-faces path's image and gradient (terms of every slot of
+    every chunk) bit for bit: odd chunk sizes, two cameras, both precisions, with and
+    without a separate blur radius."""
+    v, f = _layers(3, dtype)
+    cams = Camera.stack([look_at(40, 25, 2.6, image_size=(45, 52), dtype=dtype),
+                         look_at(-70, 10, 2.2, image_size=(45, 52), dtype=dtype)])
+    w = torch.rand(2, 45, 52, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    kw = dict(sigma=3e-4, radius=radius)
+    for settings in (RenderSettings(chunk_tiles=97), RenderSettings()):
+        every = _render(v, f, cams, w, settings, **kw)
+        kept = _render(v, f, cams, w, settings, faces_per_pixel=10 ** 6, **kw)
+        assert torch.equal(kept[0], every[0]) and torch.equal(kept[1], every[1])
+        assert kept[1].abs().sum() > 0
+
+
+def test_sigmoid_bits_do_not_depend_on_the_slice():
+    """lib.render.silhouette._sigmoid_ gives each element the same bits whatever call it is
+    in (torch's own sigmoid computes the tail of a call on a scalar path with other bits)."""
+    from lib.render.silhouette import _sigmoid_
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, D64):
+        x = torch.randn(70001, generator=g, dtype=dtype) * 8
+        whole = _sigmoid_(x.clone())
+        assert torch.equal(whole, torch.sigmoid(x.double()).to(dtype)) or \
+            (whole - torch.sigmoid(x.double())).abs().max() < 1e-6
+        for a, b in ((0, 1), (5, 38), (3, 16387), (100, 70001), (16384, 16384 + 33)):
+            assert torch.equal(_sigmoid_(x[a:b].clone()), whole[a:b])
 
 
 def _dense(uv, z, tri, H, W, sigma, r, K, soft_inside):

@@ -24,12 +24,14 @@ boxes are cut into 4 x 4 pixel tiles (:func:`.screen.face_tiles`), and the tiles
 evaluated in chunks of ``RenderSettings.chunk_tiles`` with broadcast arithmetic (no per-pair
 gathers).  The forward pass keeps 24 bytes per slot (float32) for the backward pass, up to
 ``RenderSettings.save_slots`` slots; beyond that the backward pass recomputes the chunks, so
-memory stays bounded.  ``faces_per_pixel`` keeps all slots, and log-terms and depths of the
-candidate slots only (gathered flat: the same per-slot operations, so the same bits); it
-chooses each pixel's K nearest by depth buckets and an integer sort of one bucket per pixel
-(:func:`_farthest_radix`).  Chunks are evaluated two at a time side by side on the CPU
-(``lib.runtime.concurrently``), forward and backward; their sums are added in chunk order,
-so the schedule changes no bit.
+memory stays bounded.  ``faces_per_pixel`` keeps log-terms and depths of the candidate
+slots only (gathered flat: the same per-slot operations, so the same bits); it chooses each
+pixel's K nearest by depth buckets and an integer sort of one bucket per pixel
+(:func:`_farthest_radix`), and only then computes the gradient terms of the kept slots
+(:func:`_pair_terms`, the chunks' operations per slot), which the backward pass sums per
+tile as the chunks' rows are summed.  Chunks are evaluated two at a time side by side on
+the CPU (``lib.runtime.concurrently``), forward and backward; their sums are added in chunk
+order, so the schedule changes no bit.
 
 Profiler labels: "render.silhouette.forward", "render.silhouette.backward".
 """
@@ -41,7 +43,7 @@ import threading
 import torch
 
 from .camera import Camera
-from .screen import TILE, TileSetup, face_table, face_tiles, project_mesh
+from .screen import TILE, TileSetup, face_table, face_tiles, flat_nonzero, project_mesh
 from .settings import DEFAULT, RenderSettings
 from ..runtime import concurrently
 from .sums import reproducible_on, segment_sum
@@ -144,6 +146,10 @@ def _workspace(device: torch.device, dtype: torch.dtype, n: int, reuse: bool = T
     return get
 
 
+_P_SHIFT = (TILE * TILE).bit_length() - 1     # slot -> tile by a shift (TILE * TILE is a power of two)
+assert 1 << _P_SHIFT == TILE * TILE
+
+
 def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: RenderSettings = DEFAULT) -> dict:
     """Per-slot terms of tiles a..b, each a (T, TILE*TILE) tensor (a slot = a tile pixel).
 
@@ -213,7 +219,8 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
         # only candidates (p_f > 0) get terms: log-terms, depths (every other slot's log-term
         # is +-0).  Gathered flat, with the same elementwise operations per slot as over the
         # whole chunk (logsigmoid's vector path covers the tail too), so the same bits.
-        cidx = torch.maximum(band, inside, out=ws("cand")).view(-1).nonzero().squeeze(1)
+        # Their gradient terms wait for the K-nearest selection (:func:`_pair_terms`).
+        cidx = flat_nonzero(torch.maximum(band, inside, out=ws("cand")).view(-1))
         out["cidx"], out["cpix"] = cidx, pix.view(-1).index_select(0, cidx)
         zc = zs.view(-1).index_select(0, cidx)
         if st.soft_inside:                                  # band is 1 at every candidate
@@ -222,38 +229,140 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
             bigc = inside.view(-1).index_select(0, cidx) * _BIG
             out["clsig"] = torch.nn.functional.logsigmoid(zc).add_(bigc).mul_(band.view(-1).index_select(0, cidx)) \
                 .sub_(bigc)
-    elif st.soft_inside:
-        out["lsig"] = torch.nn.functional.logsigmoid(zs).mul_(band)
-    else:
-        big = torch.mul(inside, _BIG, out=ws("big"))
-        out["lsig"] = torch.nn.functional.logsigmoid(zs).add_(big).mul_(band).sub_(big)
-    if with_grad or st.want_depth:
-        # one-hot of the nearest edge (ties -> lowest index)
-        m0 = torch.ge(ds[1], ds[0], out=ws("m0")).mul_(torch.ge(ds[2], ds[0], out=tmp))
-        m1 = torch.gt(ds[0], ds[1], out=ws("m1")).mul_(torch.ge(ds[2], ds[1], out=tmp))
-        m = [m0, m1, torch.sub(1.0 - m0, m1, out=ws("m2"))]
-    if st.want_depth:                                       # before the gradient terms reuse m, ts
-        tile = torch.div(cidx, P, rounding_mode="floor")
-        at = [x.reshape(-1).index_select(0, cidx) for x in (*ef, inside, *m, *ts)]
-        e0, e1, e2, ins, m0c, m1c, m2c = at[:7]
-        tc = at[7:]
+        tile = cidx >> _P_SHIFT
+        e0, e1, e2, ins, d0, d1, d2, *tc = [x.reshape(-1).index_select(0, cidx) for x in (*ef, inside, *ds, *ts)]
+        m0c, m1c, m2c = _nearest_edge(d0, d1, d2)
         iz = [c[16 + k].index_select(0, tile) for k in range(3)]
         area = (e0 + e1 + e2).clamp_(min=1e-30)
         inv_in = (e1 * iz[0] + e2 * iz[1] + e0 * iz[2]) / area
         inv_out = sum(mk * ((1.0 - tc[k]) * iz[k] + tc[k] * iz[(k + 1) % 3]) for k, mk in enumerate((m0c, m1c, m2c)))
         out["cdepth"] = 1.0 / (ins * inv_in + (1.0 - ins) * inv_out)
+        return out
+    elif st.soft_inside:
+        out["lsig"] = torch.nn.functional.logsigmoid(zs).mul_(band)
+    else:
+        big = torch.mul(inside, _BIG, out=ws("big"))
+        out["lsig"] = torch.nn.functional.logsigmoid(zs).add_(big).mul_(band).sub_(big)
     if with_grad:
+        m = _nearest_edge(*ds, ws=ws)
         # dI/ds = -(1 - I) p / sigma, ds/da = -2 sgn (1 - t) r, ds/db = -2 sgn t r for the
         # nearest edge (a, b) (t optimal: envelope theorem); vertex k starts edge k and
         # ends edge k - 1.
         q = torch.neg(zs, out=ws("q"))
-        torch.sigmoid(q, out=q).mul_(band).mul_(sgs).mul_(2.0)
+        _sigmoid_(q).mul_(band).mul_(sgs).mul_(2.0)
         out["rx"] = (m[0] * rxs[0]).addcmul_(m[1], rxs[1]).addcmul_(m[2], rxs[2])
         out["ry"] = (m[0] * rys[0]).addcmul_(m[1], rys[1]).addcmul_(m[2], rys[2])
         mq = [mk.mul_(q) for mk in m]                       # m, ts are scratch from here on
         u = [torch.mul(mq[k], ts[k], out=ts[k]) for k in range(3)]
         for k in range(3):
             out[f"w{k}"] = (mq[k] - u[k]).add_(u[k - 1])
+    return out
+
+
+def _nearest_edge(d0: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, ws=None) -> list[torch.Tensor]:
+    """One-hot (float 0/1) of the edge nearest to each slot, ties to the lowest index.
+
+    Args:
+        d0, d1, d2: squared distances to edges 0..2, all of one shape.
+        ws: a chunk's ``_workspace`` (its buffers "m0".."m2", "tmp"), or None for fresh tensors.
+    Returns:
+        [m0, m1, m2], each of the distances' shape and dtype.
+    """
+    if ws is None:
+        dt = d0.dtype
+        m0 = torch.ge(d1, d0).to(dt).mul_(torch.ge(d2, d0).to(dt))
+        m1 = torch.gt(d0, d1).to(dt).mul_(torch.ge(d2, d1).to(dt))
+        return [m0, m1, torch.sub(1.0 - m0, m1)]
+    tmp = ws("tmp")
+    m0 = torch.ge(d1, d0, out=ws("m0")).mul_(torch.ge(d2, d0, out=tmp))
+    m1 = torch.gt(d0, d1, out=ws("m1")).mul_(torch.ge(d2, d1, out=tmp))
+    return [m0, m1, torch.sub(1.0 - m0, m1, out=ws("m2"))]
+
+
+_VECTOR_BLOCK = 1 << 14    # elements per sigmoid call: a multiple of every SIMD width, below torch's grain size
+
+
+def _sigmoid_(x: torch.Tensor) -> torch.Tensor:
+    """x.sigmoid_() with every element on torch's vector path, returned.
+
+    Why: torch's CPU sigmoid computes the last (n mod 2 x vector width) elements of a call,
+    and of each thread's share, with a scalar exp whose last bit differs from the vector
+    one; calls of a fixed block size (one thread each) and a padded tail make each
+    element's bits independent of where it sits, so the chunk and pair layouts agree.
+
+    Args:
+        x: contiguous tensor, any shape.
+    """
+    flat = x.view(-1)
+    n = flat.numel()
+    m = n - n % _VECTOR_BLOCK if x.device.type == "cpu" else n
+    for a in range(0, m, _VECTOR_BLOCK):
+        part = flat[a:a + _VECTOR_BLOCK]
+        torch.sigmoid(part, out=part)
+    if m < n:
+        k = n - m
+        pad = flat.new_zeros(64 * ((k + 63) // 64))
+        pad[:k] = flat[m:]
+        flat[m:] = torch.sigmoid(pad)[:k]
+    return x
+
+
+def _pair_terms(st: TileSetup, slots: torch.Tensor) -> dict:
+    """Gradient terms of the given slots alone, flat: what ``_chunk_terms(with_grad=True)``
+    gives at those slots, bit for bit (the same elementwise operations on the same
+    per-tile constants, gathered per slot instead of broadcast over a tile).
+
+    Why: with ``faces_per_pixel`` only the K nearest candidates of a pixel carry a
+    gradient, a small part of all slots, so their terms are computed after the selection.
+
+    Args:
+        st: the call's tile setup.
+        slots: (n,) int64 global flat slot indices (tile * TILE * TILE + slot in the tile).
+    Returns:
+        dict of (n,) tensors: pix (int64 padded pixel), rx, ry, w0, w1, w2 (see ``_chunk_terms``).
+    """
+    tile = slots >> _P_SHIFT
+    d = slots & (TILE * TILE - 1)
+    f = st.fid.index_select(0, tile)
+    c = [row.index_select(0, f) for row in st.table[:16]]     # per slot: v (0-5), e (6-11), 1/|e|^2, o
+    dt = c[0].dtype
+    dx = (d & (TILE - 1)).to(dt)
+    dy = (d >> (TILE.bit_length() - 1)).to(dt)
+    ox, oy = st.x0.index_select(0, tile), st.y0.index_select(0, tile)
+    wp = st.W + TILE
+    pix = (st.fbatch.index_select(0, f) * (st.H + TILE) + oy) * wp + ox + (d >> (TILE.bit_length() - 1)) * wp \
+        + (d & (TILE - 1))
+    oxp, oyp = ox.to(dt) + 0.5, oy.to(dt) + 0.5
+    o = c[15]
+    ef, ts, rxs, rys, ds = [], [], [], [], []
+    for i in range(3):
+        ax, ay = oxp - c[2 * i], oyp - c[2 * i + 1]
+        ex, ey, inv = c[6 + 2 * i], c[7 + 2 * i], c[12 + i]
+        a0 = o * (ex * ay - ey * ax) - (1.0 - o.abs())
+        ef.append((dy * (o * ex)).sub_(dx * (o * ey)).add_(a0))
+        wx, wy = ax + dx, ay + dy
+        t = (wx * (inv * ex)).add_(wy * (inv * ey)).clamp_(0.0, 1.0)
+        rx, ry = wx.sub_(t * ex), wy.sub_(t * ey)
+        ts.append(t)
+        rxs.append(rx)
+        rys.append(ry)
+        ds.append((rx * rx).addcmul_(ry, ry))
+    inside = torch.ge(torch.minimum(torch.minimum(ef[0], ef[1]), ef[2]), 0.0).to(dt)
+    dmin = torch.minimum(torch.minimum(ds[0], ds[1]), ds[2])
+    band = torch.le(dmin, st.r).to(dt)
+    sgs = (inside * (-2.0 / st.sigma)).add_(1.0 / st.sigma)
+    zs = dmin * sgs
+    if st.soft_inside:
+        band = torch.maximum(band, inside)
+    m = _nearest_edge(*ds)
+    q = _sigmoid_(torch.neg(zs)).mul_(band).mul_(sgs).mul_(2.0)
+    out = {"pix": pix}
+    out["rx"] = (m[0] * rxs[0]).addcmul_(m[1], rxs[1]).addcmul_(m[2], rxs[2])
+    out["ry"] = (m[0] * rys[0]).addcmul_(m[1], rys[1]).addcmul_(m[2], rys[2])
+    mq = [mk.mul_(q) for mk in m]
+    u = [mq[k] * ts[k] for k in range(3)]
+    for k in range(3):
+        out[f"w{k}"] = (mq[k] - u[k]).add_(u[k - 1])
     return out
 
 
@@ -287,7 +396,8 @@ class _SoftSilhouette(torch.autograd.Function):
         n = len(st.fid)
         step = settings.chunk_tiles
         chunks = [(a, min(a + step, n)) for a in range(0, n, step)]
-        save = st.sigma > 0 and (K is not None or (need_grad and n * TILE * TILE <= settings.save_slots))
+        nearest = K is not None and st.sigma > 0
+        save = st.sigma > 0 and need_grad and not nearest and n * TILE * TILE <= settings.save_slots
         saved = []
         # two chunks at a time side by side (their terms are independent); the pixel sums
         # stay in chunk order, so the image does not depend on the schedule
@@ -295,11 +405,20 @@ class _SoftSilhouette(torch.autograd.Function):
             pair = concurrently([lambda a=a, b=b: _chunk_terms(st, a, b, with_grad=save, settings=settings)
                                  for a, b in chunks[i:i + 2]], uv.device)
             for tm in pair:
-                if K is None or st.sigma <= 0:          # hard coverage: any K >= 1 covering faces give 1
+                if not nearest:                         # hard coverage: any K >= 1 covering faces give 1
                     _add_log_terms(L, tm["pix"].reshape(-1), tm.pop("lsig").reshape(-1))
-                saved.append(tm if save else None)
-        if K is not None and st.sigma > 0:
-            _keep_nearest(saved, K, st.npad, L, settings.radix_nearest)
+                saved.append(tm if save or nearest else None)
+        ctx.pairs = None
+        if nearest:
+            kept = _keep_nearest(saved, K, st.npad, L, settings.radix_nearest)
+            saved = []
+            if need_grad:
+                # the kept slots' gradient terms, in two halves side by side, split between
+                # tiles (a tile's slots are summed together in the backward pass)
+                tile = kept >> _P_SHIFT
+                mid = int(torch.searchsorted(tile, tile[len(tile) // 2:len(tile) // 2 + 1])) if len(tile) else 0
+                halves = [h for h in (kept[:mid], kept[mid:]) if len(h)]
+                ctx.pairs = concurrently([lambda h=h: dict(_pair_terms(st, h), slots=h) for h in halves], uv.device)
         if fixed:
             L = (L.to(torch.float64) / FIXED_SCALE).to(uv.dtype)
         img = -torch.expm1(st.crop(L))
@@ -320,7 +439,27 @@ class _SoftSilhouette(torch.autograd.Function):
         G = img.new_zeros(st.npad)
         st.crop(G).copy_(grad_img * (1.0 - img))    # 0 where covered: no gradient there
         gface = img.new_zeros(st.table.shape[1], 6)
-        if st.sigma > 0:
+        if ctx.pairs is not None:
+            # the kept slots' terms, scattered into rows of TILE * TILE per tile (zeros at the
+            # other slots) and summed as the full chunks' rows are, so the same bits
+            P = TILE * TILE
+
+            def pair_sums(tm: dict) -> tuple[torch.Tensor, torch.Tensor]:
+                """The tiles (U,) holding tm's slots and their (6, U) gradient sums."""
+                g = G.index_select(0, tm["pix"])
+                gx, gy = tm.pop("rx").mul_(g), tm.pop("ry").mul_(g)
+                slots = tm["slots"]
+                tiles, row = torch.unique_consecutive(slots >> _P_SHIFT, return_inverse=True)
+                at = row.mul_(P).add_(slots & (P - 1))
+                rows = g.new_zeros(6, len(tiles) * P)
+                for j, (k, gg) in enumerate((k, gg) for k in range(3) for gg in (gx, gy)):
+                    rows[j].index_copy_(0, at, tm[f"w{k}"] * gg)
+                return tiles, rows.view(6, len(tiles), P).sum(2)
+
+            for tiles, sm in concurrently([lambda tm=tm: pair_sums(tm) for tm in ctx.pairs], G.device):
+                segment_sum(st.fid.index_select(0, tiles), sm.T, 0, out=gface, sorted_index=True,
+                            reproducible=ctx.fixed)
+        elif st.sigma > 0:
             settings = ctx.settings
             saved = ctx.saved or [None] * len(ctx.chunks)
 
@@ -328,10 +467,7 @@ class _SoftSilhouette(torch.autograd.Function):
                 """(6, T) per-tile gradient sums of tiles a..b (x, y for each vertex)."""
                 if tm is None:
                     tm = _chunk_terms(st, a, b, with_grad=True, settings=settings)
-                g = G.index_select(0, tm["pix"].reshape(-1))
-                if "drop" in tm:                        # faces beyond the K nearest: no gradient
-                    g.index_fill_(0, tm.pop("drop"), 0.0)
-                g = g.view_as(tm["rx"])
+                g = G.index_select(0, tm["pix"].reshape(-1)).view_as(tm["rx"])
                 gx, gy = tm.pop("rx").mul_(g), tm.pop("ry").mul_(g)        # the terms are spent here
                 T = gx.shape[0]
                 ws = _workspace(g.device, g.dtype, T * TILE * TILE, settings.reuse_buffers, settings.chunk_tiles)
@@ -351,34 +487,36 @@ class _SoftSilhouette(torch.autograd.Function):
                 for j in range(i, i + len(pair)):
                     saved[j] = None
         grad_uv = segment_sum(tri.reshape(-1), gface.view(-1, 2), ctx.nv, reproducible=ctx.fixed)
-        ctx.saved = None
+        ctx.saved = ctx.pairs = None
         return grad_uv, None, None, None, None, None, None
 
 
-def _keep_nearest(terms: list[dict], K: int, npad: int, L: torch.Tensor, radix: bool = True) -> None:
-    """Add the log-terms of the K candidate faces nearest to the camera at each pixel to L,
-    and mark the other candidates for the backward pass.
+def _keep_nearest(terms: list[dict], K: int, npad: int, L: torch.Tensor, radix: bool = True) -> torch.Tensor:
+    """Add the log-terms of the K candidate faces nearest to the camera at each pixel to L;
+    return the kept candidates' slots.
 
     Ties in depth go to the earlier slot (tile order, then slot order within the tile).
-    ``terms``: one dict per chunk of ``P = TILE * TILE`` slots per tile with "cidx", "cpix",
-    "cdepth", "clsig" (its candidate slots, their pixels, depths and log-terms, in slot
-    order), which are consumed; each gets "drop" (its flat slot indices of the candidates
-    beyond the K nearest, whose gradient the backward pass drops).  Empty when no face
-    comes within the blur radius of any pixel (a mesh out of view).  L: (npad,) pixel sums,
-    added to in slot order (every other slot's log-term is +-0, so L is the sum over all
-    slots).
+    ``terms``: one dict per chunk of ``P = TILE * TILE`` slots per tile with "pix" (the
+    chunk's (T, P) slots), "cidx", "cpix", "cdepth", "clsig" (its candidate slots, their
+    pixels, depths and log-terms, in slot order), which are consumed.  L: (npad,) pixel
+    sums, added to in slot order (every other slot's log-term is +-0, so L is the sum over
+    all slots).
 
     radix (``RenderSettings.radix_nearest``): depth buckets per pixel, then an integer sort
     of the one bucket per pixel that holds its K-th nearest (:func:`_farthest_radix`);
     False: the reference, two stable float sorts of every candidate.  Both keep the same
     slots.
+
+    Returns:
+        (k,) int64 global flat slots (tile * P + slot in the tile) of the kept candidates,
+        ascending; empty when no face comes within the blur radius of any pixel.
     """
-    if not terms:
-        return
     starts, a = [], 0
     for tm in terms:
         starts.append(a)
-        a += tm["pix"].numel()
+        a += tm.pop("pix").numel()
+    if not terms:
+        return torch.zeros(0, dtype=torch.int64, device=L.device)
     pix = torch.cat([tm.pop("cpix") for tm in terms])
     depth = torch.cat([tm.pop("cdepth") for tm in terms])
     lsig = torch.cat([tm.pop("clsig") for tm in terms])
@@ -388,13 +526,10 @@ def _keep_nearest(terms: list[dict], K: int, npad: int, L: torch.Tensor, radix: 
         drop = _farthest_radix(pix, depth, K, npad) if radix else _farthest_sorted(pix, depth, K)
     if drop is None:
         _add_log_terms(L, pix, lsig)
-        return
-    kept = (~drop).nonzero().squeeze(1)
+        return slot
+    kept = flat_nonzero(~drop)
     _add_log_terms(L, pix.index_select(0, kept), lsig.index_select(0, kept))
-    dropped = slot[drop]                                       # ascending
-    bounds = torch.searchsorted(dropped, torch.tensor(starts + [a], device=dropped.device)).tolist()
-    for tm, s0, b0, b1 in zip(terms, starts, bounds[:-1], bounds[1:]):
-        tm["drop"] = dropped[b0:b1] - s0
+    return slot.index_select(0, kept)
 
 
 def _farthest_sorted(pix: torch.Tensor, depth: torch.Tensor, K: int) -> torch.Tensor:
