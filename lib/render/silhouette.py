@@ -220,7 +220,9 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
         # is +-0).  Gathered flat, with the same elementwise operations per slot as over the
         # whole chunk (logsigmoid's vector path covers the tail too), so the same bits.
         # Their gradient terms wait for the K-nearest selection (:func:`_pair_terms`).
-        cidx = flat_nonzero(torch.maximum(band, inside, out=ws("cand")).view(-1))
+        cand = torch.maximum(band, inside, out=ws("cand"))
+        cidx = flat_nonzero(torch.gt(cand, 0.0, out=_workspace(dev, torch.bool, T * P, settings.reuse_buffers,
+                                                                 settings.chunk_tiles)("cand")).view(-1))
         out["cidx"], out["cpix"] = cidx, pix.view(-1).index_select(0, cidx)
         zc = zs.view(-1).index_select(0, cidx)
         if st.soft_inside:                                  # band is 1 at every candidate
@@ -229,14 +231,31 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
             bigc = inside.view(-1).index_select(0, cidx) * _BIG
             out["clsig"] = torch.nn.functional.logsigmoid(zc).add_(bigc).mul_(band.view(-1).index_select(0, cidx)) \
                 .sub_(bigc)
+        # the depths, at the candidates only, in scratch buffers of their size (the
+        # arithmetic of the whole-chunk form, op for op)
+        nc = len(cidx)
+        cws = _workspace(dev, dt, P * -(-nc // P), settings.reuse_buffers, settings.chunk_tiles)
+
+        def cbuf(name: str) -> torch.Tensor:
+            return cws("c_" + name).view(-1)[:nc]
+
         tile = cidx >> _P_SHIFT
-        e0, e1, e2, ins, d0, d1, d2, *tc = [x.reshape(-1).index_select(0, cidx) for x in (*ef, inside, *ds, *ts)]
-        m0c, m1c, m2c = _nearest_edge(d0, d1, d2)
-        iz = [c[16 + k].index_select(0, tile) for k in range(3)]
-        area = (e0 + e1 + e2).clamp_(min=1e-30)
-        inv_in = (e1 * iz[0] + e2 * iz[1] + e0 * iz[2]) / area
-        inv_out = sum(mk * ((1.0 - tc[k]) * iz[k] + tc[k] * iz[(k + 1) % 3]) for k, mk in enumerate((m0c, m1c, m2c)))
-        out["cdepth"] = 1.0 / (ins * inv_in + (1.0 - ins) * inv_out)
+        e0, e1, e2, ins, d0, d1, d2, *tc = [torch.index_select(x.reshape(-1), 0, cidx, out=cbuf(f"g{j}"))
+                                            for j, x in enumerate((*ef, inside, *ds, *ts))]
+        ctmp = cbuf("tmp")
+        m0c = torch.ge(d1, d0, out=cbuf("m0")).mul_(torch.ge(d2, d0, out=ctmp))
+        m1c = torch.gt(d0, d1, out=cbuf("m1")).mul_(torch.ge(d2, d1, out=ctmp))
+        m2c = torch.mul(m0c, -1.0, out=cbuf("m2")).add_(1.0).sub_(m1c)      # (1 - m0) - m1, exact on 0/1
+        iz = [torch.index_select(c[16 + k], 0, tile, out=cbuf(f"iz{k}")) for k in range(3)]
+        area = torch.add(e0, e1, out=cbuf("area")).add_(e2).clamp_(min=1e-30)
+        inv_in = torch.mul(e1, iz[0], out=cbuf("inv_in")).add_(torch.mul(e2, iz[1], out=ctmp)) \
+            .add_(torch.mul(e0, iz[2], out=ctmp)).div_(area)
+        inv_out = cbuf("inv_out")
+        for k, mk in enumerate((m0c, m1c, m2c)):          # sum over k of m_k ((1 - t_k) iz_k + t_k iz_k+1)
+            term = torch.mul(tc[k], -1.0, out=ctmp).add_(1.0).mul_(iz[k]).add_(tc[k].mul_(iz[(k + 1) % 3])).mul_(mk)
+            inv_out.copy_(term) if k == 0 else inv_out.add_(term)
+        den = torch.mul(ins, inv_in, out=inv_in).add_(ins.mul_(-1.0).add_(1.0).mul_(inv_out))
+        out["cdepth"] = torch.reciprocal(den)
         return out
     elif st.soft_inside:
         out["lsig"] = torch.nn.functional.logsigmoid(zs).mul_(band)
