@@ -429,7 +429,12 @@ class _SoftSilhouette(torch.autograd.Function):
                 saved.append(tm if save or nearest else None)
         ctx.pairs = None
         if nearest:
-            kept = _keep_nearest(saved, K, st.npad, L, settings.radix_nearest)
+            # the selection in two halves of the pixels side by side, split where about half
+            # of the tiles start
+            rows = st.fbatch.index_select(0, st.fid) * (st.H + TILE) + st.y0
+            cum = torch.bincount(rows, minlength=st.B * (st.H + TILE)).cumsum_(0)
+            split = int(torch.searchsorted(cum, cum[-1:] // 2)) * (st.W + TILE) if n else None
+            kept = _keep_nearest(saved, K, st.npad, L, settings.radix_nearest, split)
             saved = []
             if need_grad:
                 # the kept slots' gradient terms, in two halves side by side, split between
@@ -510,7 +515,8 @@ class _SoftSilhouette(torch.autograd.Function):
         return grad_uv, None, None, None, None, None, None
 
 
-def _keep_nearest(terms: list[dict], K: int, npad: int, L: torch.Tensor, radix: bool = True) -> torch.Tensor:
+def _keep_nearest(terms: list[dict], K: int, npad: int, L: torch.Tensor, radix: bool = True,
+                  split: int | None = None) -> torch.Tensor:
     """Add the log-terms of the K candidate faces nearest to the camera at each pixel to L;
     return the kept candidates' slots.
 
@@ -519,7 +525,9 @@ def _keep_nearest(terms: list[dict], K: int, npad: int, L: torch.Tensor, radix: 
     chunk's (T, P) slots), "cidx", "cpix", "cdepth", "clsig" (its candidate slots, their
     pixels, depths and log-terms, in slot order), which are consumed.  L: (npad,) pixel
     sums, added to in slot order (every other slot's log-term is +-0, so L is the sum over
-    all slots).
+    all slots).  ``split`` (a pixel index): the pixels below it and the others are two
+    independent selections, run side by side (``lib.runtime.concurrently``); each pixel's
+    candidates and the order of its sum are the same either way.
 
     radix (``RenderSettings.radix_nearest``): depth buckets per pixel, then an integer sort
     of the one bucket per pixel that holds its K-th nearest (:func:`_farthest_radix`);
@@ -536,19 +544,35 @@ def _keep_nearest(terms: list[dict], K: int, npad: int, L: torch.Tensor, radix: 
         a += tm.pop("pix").numel()
     if not terms:
         return torch.zeros(0, dtype=torch.int64, device=L.device)
-    pix = torch.cat([tm.pop("cpix") for tm in terms])
-    depth = torch.cat([tm.pop("cdepth") for tm in terms])
-    lsig = torch.cat([tm.pop("clsig") for tm in terms])
-    slot = torch.cat([tm.pop("cidx") + s0 for tm, s0 in zip(terms, starts)])     # global flat slots
-    drop = None
-    if len(pix):
-        drop = _farthest_radix(pix, depth, K, npad) if radix else _farthest_sorted(pix, depth, K)
-    if drop is None:
-        _add_log_terms(L, pix, lsig)
-        return slot
-    kept = flat_nonzero(~drop)
-    _add_log_terms(L, pix.index_select(0, kept), lsig.index_select(0, kept))
-    return slot.index_select(0, kept)
+
+    def select(side: int | None) -> torch.Tensor:
+        """Kept slots (ascending) of the pixels below ``split`` (side 0), from it (1), or all (None)."""
+        cols = []
+        for tm, s0 in zip(terms, starts):
+            cp, cd, cl, ci = tm["cpix"], tm["cdepth"], tm["clsig"], tm["cidx"]
+            if side is not None:
+                take = flat_nonzero(cp < split if side == 0 else cp >= split)
+                cp, cd, cl, ci = (x.index_select(0, take) for x in (cp, cd, cl, ci))
+            cols.append((cp, cd, cl, ci + s0))                              # global flat slots
+        pix, depth, lsig, slot = (torch.cat(c) for c in zip(*cols))
+        drop = None
+        if len(pix):
+            drop = _farthest_radix(pix, depth, K, npad) if radix else _farthest_sorted(pix, depth, K)
+        if drop is None:
+            _add_log_terms(L, pix, lsig)
+            return slot
+        kept = flat_nonzero(~drop)
+        _add_log_terms(L, pix.index_select(0, kept), lsig.index_select(0, kept))
+        return slot.index_select(0, kept)
+
+    if split is None:
+        return select(None)
+    # the two sides add to disjoint pixels of L; their kept slots merged back into slot order
+    low, high = concurrently([lambda: select(0), lambda: select(1)], L.device)
+    if not len(low) or not len(high):
+        return torch.cat((low, high))
+    mark = torch.zeros(a, dtype=torch.bool, device=L.device)
+    return flat_nonzero(mark.index_fill_(0, low, True).index_fill_(0, high, True))
 
 
 def _farthest_sorted(pix: torch.Tensor, depth: torch.Tensor, K: int) -> torch.Tensor:
