@@ -492,3 +492,35 @@ def test_stages_carry_profiler_labels():
     for label in ("render.silhouette.forward", "render.silhouette.backward", "render.hard_silhouette.forward",
                   "render.hard_silhouette.backward", "render.face_index", "render.rasterize"):
         assert label in names, label
+
+
+@pytest.mark.parametrize("size", [4, 3, 1])
+def test_face_tiles_cut_each_visible_face_box_into_tiles(size):
+    """lib.render.screen.face_tiles against a face-by-face enumeration of the definition: each
+    face with all depths above znear and a finite projection gets the tiles of its
+    margin-expanded pixel box (pixel j in it iff lo <= j + 0.5 <= hi, clipped to the image),
+    row by row, faces in order; small faces (one tile each, the fast path) and large ones,
+    faces off the image, behind the camera and not finite."""
+    from lib.render.screen import face_tiles
+    g = torch.Generator().manual_seed(5)
+    H, W, margin, znear = 30, 37, 0.7, 1e-3
+    for spread in (0.8, 15.0):                  # every box within one tile, then many tiles
+        c = torch.rand(300, 1, 2, generator=g) * torch.tensor([W + 10.0, H + 10.0]) - 5.0
+        uvt = c + spread * (torch.rand(300, 3, 2, generator=g) - 0.5)
+        zt = 0.5 + torch.rand(300, 3, generator=g)
+        zt[::17, 1] = 0.0                       # behind the near plane
+        uvt[::23, 2, 0] = float("nan")
+        uvt[::29, 0, 1] = float("inf")
+        want = []
+        for i in range(300):
+            u = uvt[i].double()
+            if not (bool(torch.isfinite(u).all()) and float(zt[i].min()) > znear):
+                continue
+            lo, hi = u.min(0).values - margin, u.max(0).values + margin
+            cols = [j for j in range(W) if lo[0] <= j + 0.5 <= hi[0]]
+            rows = [j for j in range(H) if lo[1] <= j + 0.5 <= hi[1]]
+            if cols and rows:
+                want += [(i, x, y) for y in rows[::size] for x in cols[::size]]
+        fid, x0, y0 = face_tiles(uvt, zt, H, W, margin, znear, size)
+        assert list(zip(fid.tolist(), x0.tolist(), y0.tolist())) == want
+        assert len(want) > 100

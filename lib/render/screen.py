@@ -101,30 +101,38 @@ def face_tiles(uvt: torch.Tensor, zt: torch.Tensor, H: int, W: int, margin: floa
     non-finite projection get no tiles.
     """
     dev = uvt.device
-    # elementwise over the 3 vertices (reductions over a dimension of 3 are slow on the CPU)
-    u = uvt.unbind(1)
-    lo = torch.minimum(torch.minimum(u[0], u[1]), u[2])               # (G, 2)
-    hi = torch.maximum(torch.maximum(u[0], u[1]), u[2])
+    # one row per axis and vertex (rows u0 v0 u1 v1 u2 v2): elementwise on (G,) rows, as
+    # reductions over small inner dimensions are slow on the CPU
+    v = uvt.detach().permute(1, 2, 0).reshape(6, -1)
     z = zt.unbind(1)
-    ok = (torch.minimum(torch.minimum(z[0], z[1]), z[2]) > znear) & torch.isfinite(lo).all(1) \
-        & torch.isfinite(hi).all(1)
-    lo = torch.where(ok[:, None], lo - margin, torch.zeros_like(lo))
-    hi = torch.where(ok[:, None], hi + margin, torch.full_like(hi, -1.0))
-    # pixel j is in the box iff lo <= j + 0.5 <= hi
-    lim = torch.tensor([W - 1, H - 1], device=dev, dtype=lo.dtype)
-    first = torch.ceil(lo - 0.5).clamp(min=0).minimum(lim + 1)
-    last = torch.floor(hi - 0.5).minimum(lim).clamp(min=-1)
-    first, last = first.long(), last.long()
-    n = (last - first + 1).clamp(min=0)
-    nt = (n + size - 1) // size                                 # tiles along x and y
-    count = nt[:, 0] * nt[:, 1]
+    ok = torch.minimum(torch.minimum(z[0], z[1]), z[2]) > znear
+    boxes = []
+    for axis, size_px in ((0, W), (1, H)):
+        c = v[axis::2]
+        lo = torch.minimum(torch.minimum(c[0], c[1]), c[2])
+        hi = torch.maximum(torch.maximum(c[0], c[1]), c[2])
+        ok &= torch.isfinite(lo) & torch.isfinite(hi)
+        boxes.append((lo, hi, size_px))
+    axes = []
+    for lo, hi, size_px in boxes:
+        lo = torch.where(ok, lo - margin, torch.zeros_like(lo))
+        hi = torch.where(ok, hi + margin, torch.full_like(hi, -1.0))
+        # pixel j is in the box iff lo <= j + 0.5 <= hi
+        first = torch.ceil(lo - 0.5).clamp_(min=0).clamp_(max=size_px).long()
+        last = torch.floor(hi - 0.5).clamp_(max=size_px - 1).clamp_(min=-1).long()
+        n = (last - first + 1).clamp_(min=0)
+        axes.append((first, torch.div(n + (size - 1), size, rounding_mode="floor")))    # first pixel, tiles
+    (fx, ntx), (fy, nty) = axes
+    count = ntx * nty
+    if len(count) == 0 or int(count.max()) <= 1:
+        # every face within one tile (a fine mesh): the faces with one, at their boxes' corners
+        fid = flat_nonzero(count)
+        return fid, fx.index_select(0, fid), fy.index_select(0, fid)
     total = int(count.sum())
     fid = torch.repeat_interleave(torch.arange(len(count), device=dev), count, output_size=total)
     # per-face columns gathered one by one with 1-D index_select (2-D advanced indexing is
     # several times slower on the CPU)
-    start, ntx, fx, fy = (col.index_select(0, fid) for col in
-                          (torch.cumsum(count, 0) - count, nt[:, 0].contiguous(), first[:, 0].contiguous(),
-                           first[:, 1].contiguous()))
+    start, ntx, fx, fy = (col.index_select(0, fid) for col in (torch.cumsum(count, 0) - count, ntx, fx, fy))
     local = torch.arange(total, device=dev).sub_(start)
     # row of each tile: floor(local / ntx) in float64, exact here (local < 2^31, and the
     # quotient's fraction is at least 1 / ntx, far above the rounding) and several times
@@ -134,7 +142,6 @@ def face_tiles(uvt: torch.Tensor, zt: torch.Tensor, H: int, W: int, margin: floa
     x0 = tx.mul_(size).add_(fx)
     y0 = ty.mul_(size).add_(fy)
     return fid, x0, y0
-
 
 
 def face_table(uvt: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
