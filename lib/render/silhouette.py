@@ -46,6 +46,7 @@ from .camera import Camera
 from .screen import TILE, TileSetup, face_table, face_tiles, flat_nonzero, project_mesh
 from .settings import DEFAULT, RenderSettings
 from ..runtime import concurrently
+from ..runtime.cpus import keep_freed_memory
 from .sums import reproducible_on, segment_sum
 
 __all__ = ["silhouette", "silhouette_pairs", "blur_radius", "SVR_SIGMA", "SVR_EPS", "SVR_FACES_PER_PIXEL"]
@@ -708,6 +709,8 @@ def silhouette(verts: torch.Tensor, faces: torch.Tensor, camera: Camera, image_s
 
 
 def _silhouette(verts, faces, camera, image_size, sigma, eps, faces_per_pixel, znear, reproducible, radius, settings):
+    if verts.device.type == "cpu":
+        keep_freed_memory()     # the flat per-candidate tensors (MBs each) are reused, not page-faulted in again
     sc = project_mesh(verts, faces, camera, image_size)
     scale = 2.0 / min(sc.H, sc.W)                 # NDC units per pixel
     sigma_px = float(sigma) / scale ** 2 if sigma > 0 else 0.0
