@@ -232,31 +232,20 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
             bigc = inside.view(-1).index_select(0, cidx) * _BIG
             out["clsig"] = torch.nn.functional.logsigmoid(zc).add_(bigc).mul_(band.view(-1).index_select(0, cidx)) \
                 .sub_(bigc)
-        # the depths, at the candidates only, in scratch buffers of their size (the
-        # arithmetic of the whole-chunk form, op for op)
-        nc = len(cidx)
-        cws = _workspace(dev, dt, P * -(-nc // P), settings.reuse_buffers, settings.chunk_tiles)
-
-        def cbuf(name: str) -> torch.Tensor:
-            return cws("c_" + name).view(-1)[:nc]
-
-        tile = cidx >> _P_SHIFT
-        e0, e1, e2, ins, d0, d1, d2, *tc = [torch.index_select(x.reshape(-1), 0, cidx, out=cbuf(f"g{j}"))
-                                            for j, x in enumerate((*ef, inside, *ds, *ts))]
-        ctmp = cbuf("tmp")
-        m0c = torch.ge(d1, d0, out=cbuf("m0")).mul_(torch.ge(d2, d0, out=ctmp))
-        m1c = torch.gt(d0, d1, out=cbuf("m1")).mul_(torch.ge(d2, d1, out=ctmp))
-        m2c = torch.mul(m0c, -1.0, out=cbuf("m2")).add_(1.0).sub_(m1c)      # (1 - m0) - m1, exact on 0/1
-        iz = [torch.index_select(c[16 + k], 0, tile, out=cbuf(f"iz{k}")) for k in range(3)]
-        area = torch.add(e0, e1, out=cbuf("area")).add_(e2).clamp_(min=1e-30)
-        inv_in = torch.mul(e1, iz[0], out=cbuf("inv_in")).add_(torch.mul(e2, iz[1], out=ctmp)) \
-            .add_(torch.mul(e0, iz[2], out=ctmp)).div_(area)
-        inv_out = cbuf("inv_out")
-        for k, mk in enumerate((m0c, m1c, m2c)):          # sum over k of m_k ((1 - t_k) iz_k + t_k iz_k+1)
-            term = torch.mul(tc[k], -1.0, out=ctmp).add_(1.0).mul_(iz[k]).add_(tc[k].mul_(iz[(k + 1) % 3])).mul_(mk)
+        # the depths of the face points nearest to the slots, over the whole chunk (broadcast
+        # arithmetic is cheaper per slot than gathering its inputs at the candidates), kept
+        # at the candidates
+        m = _nearest_edge(*ds, ws=ws)
+        iz = [c[16 + k][:, None] for k in range(3)]
+        area = torch.add(ef[0], ef[1], out=ws("area")).add_(ef[2]).clamp_(min=1e-30)
+        inv_in = torch.mul(ef[1], iz[0], out=ws("inv_in")).add_(torch.mul(ef[2], iz[1], out=tmp)) \
+            .add_(torch.mul(ef[0], iz[2], out=tmp)).div_(area)
+        inv_out = ws("inv_out")
+        for k in range(3):                          # sum over k of m_k ((1 - t_k) iz_k + t_k iz_k+1)
+            term = torch.mul(ts[k], -1.0, out=tmp).add_(1.0).mul_(iz[k]).add_(ts[k].mul_(iz[(k + 1) % 3])).mul_(m[k])
             inv_out.copy_(term) if k == 0 else inv_out.add_(term)
-        den = torch.mul(ins, inv_in, out=inv_in).add_(ins.mul_(-1.0).add_(1.0).mul_(inv_out))
-        out["cdepth"] = torch.reciprocal(den)
+        den = torch.mul(inside, inv_in, out=inv_in).add_(inside.mul_(-1.0).add_(1.0).mul_(inv_out))
+        out["cdepth"] = torch.reciprocal(den.view(-1).index_select(0, cidx))
         return out
     elif st.soft_inside:
         out["lsig"] = torch.nn.functional.logsigmoid(zs).mul_(band)
@@ -292,11 +281,13 @@ def _nearest_edge(d0: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, ws=None)
         dt = d0.dtype
         m0 = torch.ge(d1, d0).to(dt).mul_(torch.ge(d2, d0).to(dt))
         m1 = torch.gt(d0, d1).to(dt).mul_(torch.ge(d2, d1).to(dt))
-        return [m0, m1, torch.sub(1.0 - m0, m1)]
-    tmp = ws("tmp")
-    m0 = torch.ge(d1, d0, out=ws("m0")).mul_(torch.ge(d2, d0, out=tmp))
-    m1 = torch.gt(d0, d1, out=ws("m1")).mul_(torch.ge(d2, d1, out=tmp))
-    return [m0, m1, torch.sub(1.0 - m0, m1, out=ws("m2"))]
+        m2 = torch.empty_like(m0)
+    else:
+        tmp = ws("tmp")
+        m0 = torch.ge(d1, d0, out=ws("m0")).mul_(torch.ge(d2, d0, out=tmp))
+        m1 = torch.gt(d0, d1, out=ws("m1")).mul_(torch.ge(d2, d1, out=tmp))
+        m2 = ws("m2")
+    return [m0, m1, torch.mul(m0, -1.0, out=m2).add_(1.0).sub_(m1)]     # (1 - m0) - m1, exact on 0/1
 
 
 _VECTOR_BLOCK = 1 << 14    # elements per sigmoid call: a multiple of every SIMD width, below torch's grain size
