@@ -405,7 +405,10 @@ class _SoftSilhouette(torch.autograd.Function):
         fixed = reproducible_on(uv.device, fixed)
         L = torch.zeros(st.npad, dtype=torch.int64 if fixed else uv.dtype, device=uv.device)
         n = len(st.fid)
-        step = settings.chunk_tiles
+        # an even number of equal chunks of at most chunk_tiles: the pairs run side by side
+        # finish together (a last chunk alone would run on one core)
+        count = 2 * -(-n // (2 * settings.chunk_tiles))
+        step = max(1, -(-n // max(count, 1)))
         chunks = [(a, min(a + step, n)) for a in range(0, n, step)]
         nearest = K is not None and st.sigma > 0
         save = st.sigma > 0 and need_grad and not nearest and n * TILE * TILE <= settings.save_slots
