@@ -24,12 +24,12 @@ boxes are cut into 4 x 4 pixel tiles (:func:`.screen.face_tiles`), and the tiles
 evaluated in chunks of ``RenderSettings.chunk_tiles`` with broadcast arithmetic (no per-pair
 gathers).  The forward pass keeps 24 bytes per slot (float32) for the backward pass, up to
 ``RenderSettings.save_slots`` slots; beyond that the backward pass recomputes the chunks, so
-memory stays bounded.  ``faces_per_pixel`` keeps log-terms and depths of the candidate
-slots only (gathered flat: the same per-slot operations, so the same bits); it chooses each
-pixel's K nearest by depth buckets and an integer sort of one bucket per pixel
-(:func:`_farthest_radix`), and only then computes the gradient terms of the kept slots
-(:func:`_pair_terms`, the chunks' operations per slot), which the backward pass sums per
-tile as the chunks' rows are summed.  Chunks are evaluated two at a time side by side on
+memory stays bounded.  ``faces_per_pixel`` keeps the depths of the candidate slots only;
+it chooses each pixel's K nearest by depth buckets and an integer sort of one bucket per
+pixel (:func:`_farthest_radix`; two halves of the pixels side by side), and only then
+computes the log-terms and gradient terms of the kept slots (:func:`_pair_terms`, the
+chunks' operations per slot, so the same bits), which the backward pass sums per tile as
+the chunks' rows are summed.  Chunks are evaluated two at a time side by side on
 the CPU (``lib.runtime.concurrently``), forward and backward; their sums are added in chunk
 order, so the schedule changes no bit.
 
@@ -217,21 +217,13 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
     if st.soft_inside:
         band = torch.maximum(band, inside, out=band)
     if st.want_depth:
-        # only candidates (p_f > 0) get terms: log-terms, depths (every other slot's log-term
-        # is +-0).  Gathered flat, with the same elementwise operations per slot as over the
-        # whole chunk (logsigmoid's vector path covers the tail too), so the same bits.
-        # Their gradient terms wait for the K-nearest selection (:func:`_pair_terms`).
+        # only candidates (p_f > 0) are kept: their slots, pixels and depths (every other
+        # slot's log-term is +-0); their log-terms and gradient terms wait for the K-nearest
+        # selection (:func:`_pair_terms`, the same operations per slot, so the same bits)
         cand = torch.maximum(band, inside, out=ws("cand"))
         cidx = flat_nonzero(torch.gt(cand, 0.0, out=_workspace(dev, torch.bool, T * P, settings.reuse_buffers,
                                                                  settings.chunk_tiles)("cand")).view(-1))
         out["cidx"], out["cpix"] = cidx, pix.view(-1).index_select(0, cidx)
-        zc = zs.view(-1).index_select(0, cidx)
-        if st.soft_inside:                                  # band is 1 at every candidate
-            out["clsig"] = torch.nn.functional.logsigmoid(zc)
-        else:
-            bigc = inside.view(-1).index_select(0, cidx) * _BIG
-            out["clsig"] = torch.nn.functional.logsigmoid(zc).add_(bigc).mul_(band.view(-1).index_select(0, cidx)) \
-                .sub_(bigc)
         # the depths of the face points nearest to the slots, over the whole chunk (broadcast
         # arithmetic is cheaper per slot than gathering its inputs at the candidates), kept
         # at the candidates
@@ -318,19 +310,23 @@ def _sigmoid_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _pair_terms(st: TileSetup, slots: torch.Tensor) -> dict:
-    """Gradient terms of the given slots alone, flat: what ``_chunk_terms(with_grad=True)``
-    gives at those slots, bit for bit (the same elementwise operations on the same
-    per-tile constants, gathered per slot instead of broadcast over a tile).
+def _pair_terms(st: TileSetup, slots: torch.Tensor, with_grad: bool = True) -> dict:
+    """Log-terms and gradient terms of the given slots alone, flat: what
+    ``_chunk_terms(with_grad=True)`` gives at those slots, bit for bit (the same elementwise
+    operations on the same per-tile constants, gathered per slot instead of broadcast over
+    a tile).
 
-    Why: with ``faces_per_pixel`` only the K nearest candidates of a pixel carry a
-    gradient, a small part of all slots, so their terms are computed after the selection.
+    Why: with ``faces_per_pixel`` only the K nearest candidates of a pixel enter the image
+    and carry a gradient, a small part of all slots, so their terms are computed after the
+    selection.
 
     Args:
         st: the call's tile setup.
         slots: (n,) int64 global flat slot indices (tile * TILE * TILE + slot in the tile).
+        with_grad: add the gradient terms; default True.
     Returns:
-        dict of (n,) tensors: pix (int64 padded pixel), rx, ry, w0, w1, w2 (see ``_chunk_terms``).
+        dict of (n,) tensors: pix (int64 padded pixel), lsig, and with_grad rx, ry, w0, w1,
+        w2 (see ``_chunk_terms``).
     """
     tile = slots >> _P_SHIFT
     d = slots & (TILE * TILE - 1)
@@ -365,9 +361,14 @@ def _pair_terms(st: TileSetup, slots: torch.Tensor) -> dict:
     zs = dmin * sgs
     if st.soft_inside:
         band = torch.maximum(band, inside)
+        out = {"pix": pix, "lsig": torch.nn.functional.logsigmoid(zs)}        # band is 1 at every candidate
+    else:
+        big = inside * _BIG
+        out = {"pix": pix, "lsig": torch.nn.functional.logsigmoid(zs).add_(big).mul_(band).sub_(big)}
+    if not with_grad:
+        return out
     m = _nearest_edge(*ds)
     q = _sigmoid_(torch.neg(zs)).mul_(band).mul_(sgs).mul_(2.0)
-    out = {"pix": pix}
     out["rx"] = (m[0] * rxs[0]).addcmul_(m[1], rxs[1]).addcmul_(m[2], rxs[2])
     out["ry"] = (m[0] * rys[0]).addcmul_(m[1], rys[1]).addcmul_(m[2], rys[2])
     mq = [mk.mul_(q) for mk in m]
@@ -429,15 +430,20 @@ class _SoftSilhouette(torch.autograd.Function):
             rows = st.fbatch.index_select(0, st.fid) * (st.H + TILE) + st.y0
             cum = torch.bincount(rows, minlength=st.B * (st.H + TILE)).cumsum_(0)
             split = int(torch.searchsorted(cum, cum[-1:] // 2)) * (st.W + TILE) if n else None
-            kept = _keep_nearest(saved, K, st.npad, L, settings.radix_nearest, split)
+            kept = _keep_nearest(saved, K, st.npad, settings.radix_nearest, split).to(L.device)
             saved = []
+            # the kept slots' log-terms (and gradient terms), in two halves side by side,
+            # split between tiles (a tile's slots are summed together in the backward pass);
+            # added to the pixels in slot order
+            tile = kept >> _P_SHIFT
+            mid = int(torch.searchsorted(tile, tile[len(tile) // 2:len(tile) // 2 + 1])) if len(tile) else 0
+            halves = [h for h in (kept[:mid], kept[mid:]) if len(h)]
+            parts = concurrently([lambda h=h: dict(_pair_terms(st, h, need_grad), slots=h) for h in halves],
+                                 uv.device)
+            for tm in parts:
+                _add_log_terms(L, tm["pix"], tm.pop("lsig"))
             if need_grad:
-                # the kept slots' gradient terms, in two halves side by side, split between
-                # tiles (a tile's slots are summed together in the backward pass)
-                tile = kept >> _P_SHIFT
-                mid = int(torch.searchsorted(tile, tile[len(tile) // 2:len(tile) // 2 + 1])) if len(tile) else 0
-                halves = [h for h in (kept[:mid], kept[mid:]) if len(h)]
-                ctx.pairs = concurrently([lambda h=h: dict(_pair_terms(st, h), slots=h) for h in halves], uv.device)
+                ctx.pairs = parts
         if fixed:
             L = (L.to(torch.float64) / FIXED_SCALE).to(uv.dtype)
         img = -torch.expm1(st.crop(L))
@@ -510,25 +516,23 @@ class _SoftSilhouette(torch.autograd.Function):
         return grad_uv, None, None, None, None, None, None
 
 
-def _keep_nearest(terms: list[dict], K: int, npad: int, L: torch.Tensor, radix: bool = True,
-                  split: int | None = None) -> torch.Tensor:
-    """Add the log-terms of the K candidate faces nearest to the camera at each pixel to L;
-    return the kept candidates' slots.
+def _keep_nearest(terms: list[dict], K: int, npad: int, radix: bool = True, split: int | None = None) -> torch.Tensor:
+    """The slots of the K candidate faces nearest to the camera at each pixel.
 
     Ties in depth go to the earlier slot (tile order, then slot order within the tile).
     ``terms``: one dict per chunk of ``P = TILE * TILE`` slots per tile with "pix" (the
-    chunk's (T, P) slots), "cidx", "cpix", "cdepth", "clsig" (its candidate slots, their
-    pixels, depths and log-terms, in slot order), which are consumed.  L: (npad,) pixel
-    sums, added to in slot order (every other slot's log-term is +-0, so L is the sum over
-    all slots).  ``split`` (a pixel index): the pixels below it and the others are two
-    independent selections, run side by side (``lib.runtime.concurrently``); each pixel's
-    candidates and the order of its sum are the same either way.
+    chunk's (T, P) slots), "cidx", "cpix", "cdepth" (its candidate slots, their pixels and
+    depths, in slot order), which are consumed.  ``split`` (a pixel index): the pixels below
+    it and the others are two independent selections, run side by side
+    (``lib.runtime.concurrently``); each pixel's candidates are the same either way.
 
     radix (``RenderSettings.radix_nearest``): depth buckets per pixel, then an integer sort
     of the one bucket per pixel that holds its K-th nearest (:func:`_farthest_radix`);
     False: the reference, two stable float sorts of every candidate.  Both keep the same
     slots.
 
+    Args:
+        npad: number of (padded) pixels.
     Returns:
         (k,) int64 global flat slots (tile * P + slot in the tile) of the kept candidates,
         ascending; empty when no face comes within the blur radius of any pixel.
@@ -538,35 +542,31 @@ def _keep_nearest(terms: list[dict], K: int, npad: int, L: torch.Tensor, radix: 
         starts.append(a)
         a += tm.pop("pix").numel()
     if not terms:
-        return torch.zeros(0, dtype=torch.int64, device=L.device)
+        return torch.zeros(0, dtype=torch.int64)
 
     def select(side: int | None) -> torch.Tensor:
         """Kept slots (ascending) of the pixels below ``split`` (side 0), from it (1), or all (None)."""
         cols = []
         for tm, s0 in zip(terms, starts):
-            cp, cd, cl, ci = tm["cpix"], tm["cdepth"], tm["clsig"], tm["cidx"]
+            cp, cd, ci = tm["cpix"], tm["cdepth"], tm["cidx"]
             if side is not None:
                 take = flat_nonzero(cp < split if side == 0 else cp >= split)
-                cp, cd, cl, ci = (x.index_select(0, take) for x in (cp, cd, cl, ci))
-            cols.append((cp, cd, cl, ci + s0))                              # global flat slots
-        pix, depth, lsig, slot = (torch.cat(c) for c in zip(*cols))
+                cp, cd, ci = (x.index_select(0, take) for x in (cp, cd, ci))
+            cols.append((cp, cd, ci + s0))                                  # global flat slots
+        pix, depth, slot = (torch.cat(c) for c in zip(*cols))
         drop = None
         if len(pix):
             drop = _farthest_radix(pix, depth, K, npad) if radix else _farthest_sorted(pix, depth, K)
-        if drop is None:
-            _add_log_terms(L, pix, lsig)
-            return slot
-        kept = flat_nonzero(~drop)
-        _add_log_terms(L, pix.index_select(0, kept), lsig.index_select(0, kept))
-        return slot.index_select(0, kept)
+        return slot if drop is None else slot.index_select(0, flat_nonzero(~drop))
 
+    dev = terms[0]["cidx"].device
     if split is None:
         return select(None)
-    # the two sides add to disjoint pixels of L; their kept slots merged back into slot order
-    low, high = concurrently([lambda: select(0), lambda: select(1)], L.device)
+    low, high = concurrently([lambda: select(0), lambda: select(1)], dev)
     if not len(low) or not len(high):
         return torch.cat((low, high))
-    mark = torch.zeros(a, dtype=torch.bool, device=L.device)
+    # merged back into slot order
+    mark = torch.zeros(a, dtype=torch.bool, device=dev)
     return flat_nonzero(mark.index_fill_(0, low, True).index_fill_(0, high, True))
 
 
