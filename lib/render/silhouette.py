@@ -651,7 +651,7 @@ def _farthest_radix(pix: torch.Tensor, depth: torch.Tensor, K: int, npad: int) -
     before = torch.where(tb > 0, cum.gather(1, (tb - 1).clamp(min=0)[:, None])[:, 0], 0)
     tbc = tb.int().index_select(0, pr)
     drop = bucket > tbc
-    amb = bucket.eq_(tbc).nonzero().squeeze(1)                  # in slot order
+    amb = flat_nonzero(bucket == tbc)                           # in slot order
     pa, da = pr.index_select(0, amb).long(), dk.index_select(0, amb).long()
     if depth.dtype == torch.float32:     # one key: pixel in the high half, depth bits below
         order = torch.argsort((pa << 32) | (da + 2 ** 31), stable=True)
@@ -662,7 +662,7 @@ def _farthest_radix(pix: torch.Tensor, depth: torch.Tensor, K: int, npad: int) -
     start = torch.cumsum(na, 0) - na                            # first sorted position of each pixel
     pso = pa.index_select(0, order)
     rank = torch.arange(len(order), device=dev) - start.index_select(0, pso)
-    far = (rank >= K - before.index_select(0, pso)).nonzero().squeeze(1)
+    far = flat_nonzero(rank >= K - before.index_select(0, pso))
     drop[amb.index_select(0, order.index_select(0, far))] = True
     return drop
 
