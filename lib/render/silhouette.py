@@ -157,10 +157,11 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
     pix: padded pixel index (int32); lsig: log(1 - p_f) (-1e4 for deep-inside pairs, 0
     beyond the blur radius).  with_grad adds rx, ry (from the nearest point of the nearest
     edge to the pixel) and w0..w2 such that dI/d(uv of the face's vertex k) =
-    -(1 - I) * w_k * (rx, ry) summed over the slots.  want_depth replaces lsig by the
-    candidate slots (p_f > 0) alone, flat and in slot order: their flat indices cidx
-    (int64), pixels cpix, log-terms clsig and the depths cdepth of the face points nearest
-    to them.  Slots outside a face's blur-expanded box are farther than the blur radius, so
+    -(1 - I) * w_k * (rx, ry) summed over the slots.  want_depth replaces pix and lsig
+    by the chunk's slot count ``slots`` (T * TILE * TILE) and the candidate slots (p_f > 0)
+    alone, flat and in slot order: their flat indices cidx, pixels cpix (int64) and the
+    depths cdepth of the face points nearest to them (with_grad is then ignored: the
+    selection's kept slots get their terms from :func:`_pair_terms`).  Slots outside a face's blur-expanded box are farther than the blur radius, so
     they need no mask.
 
     Written for the CPU: float masks from comparisons with ``out=``, because bool masks,
@@ -182,7 +183,6 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
     ex, ey, inv, o = c[6:12:2], c[7:12:2], c[12:15], c[15]
     wp = st.W + TILE
     base = ((st.fbatch.index_select(0, f) * (st.H + TILE) + oy) * wp + ox).to(torch.int32)
-    pix = base[:, None] + (torch.div(d, TILE, rounding_mode="floor") * wp + d % TILE)
     ws = _workspace(dev, dt, T * P, settings.reuse_buffers, settings.chunk_tiles)
     tmp = ws("tmp")
     # edge functions, scaled by the orientation so that >= 0 is the inner side; -1 for
@@ -194,7 +194,10 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
         ef.append(e.sub_(torch.mul(dx, (o * ey[i])[:, None], out=tmp)).add_(a0[:, None]))
     cmin = torch.minimum(torch.minimum(ef[0], ef[1], out=ws("cmin")), ef[2], out=ws("cmin"))
     inside = torch.ge(cmin, 0.0, out=ws("inside"))
-    out = {"pix": pix}
+    if st.want_depth:
+        out = {"slots": T * P}
+    else:
+        out = {"pix": base[:, None] + (torch.div(d, TILE, rounding_mode="floor") * wp + d % TILE)}
     if st.sigma <= 0:                                       # hard coverage
         out["lsig"] = inside * -_BIG
         return out
@@ -212,18 +215,16 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
         ds.append(torch.mul(rx, rx, out=ws(f"d{i}")).addcmul_(ry, ry))
     dmin = torch.minimum(torch.minimum(ds[0], ds[1], out=ws("dmin")), ds[2], out=ws("dmin"))
     band = torch.le(dmin, st.r, out=ws("band"))
-    sgs = torch.mul(inside, -2.0 / st.sigma, out=ws("sgs")).add_(1.0 / st.sigma)   # sign(s) / sigma
-    zs = torch.mul(dmin, sgs, out=ws("zs"))                 # s / sigma
-    if st.soft_inside:
-        band = torch.maximum(band, inside, out=band)
     if st.want_depth:
         # only candidates (p_f > 0) are kept: their slots, pixels and depths (every other
         # slot's log-term is +-0); their log-terms and gradient terms wait for the K-nearest
         # selection (:func:`_pair_terms`, the same operations per slot, so the same bits)
-        cand = torch.maximum(band, inside, out=ws("cand"))
+        cand = torch.maximum(band, inside, out=band)
         cidx = flat_nonzero(torch.gt(cand, 0.0, out=_workspace(dev, torch.bool, T * P, settings.reuse_buffers,
                                                                  settings.chunk_tiles)("cand")).view(-1))
-        out["cidx"], out["cpix"] = cidx, pix.view(-1).index_select(0, cidx)
+        dc = cidx & (P - 1)
+        out["cidx"] = cidx
+        out["cpix"] = base.index_select(0, cidx >> _P_SHIFT) + (dc >> (TILE.bit_length() - 1)) * wp + (dc & (TILE - 1))
         # the depths of the face points nearest to the slots, over the whole chunk (broadcast
         # arithmetic is cheaper per slot than gathering its inputs at the candidates), kept
         # at the candidates
@@ -239,7 +240,10 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
         den = torch.mul(inside, inv_in, out=inv_in).add_(inside.mul_(-1.0).add_(1.0).mul_(inv_out))
         out["cdepth"] = torch.reciprocal(den.view(-1).index_select(0, cidx))
         return out
-    elif st.soft_inside:
+    sgs = torch.mul(inside, -2.0 / st.sigma, out=ws("sgs")).add_(1.0 / st.sigma)   # sign(s) / sigma
+    zs = torch.mul(dmin, sgs, out=ws("zs"))                 # s / sigma
+    if st.soft_inside:
+        band = torch.maximum(band, inside, out=band)
         out["lsig"] = torch.nn.functional.logsigmoid(zs).mul_(band)
     else:
         big = torch.mul(inside, _BIG, out=ws("big"))
@@ -520,9 +524,9 @@ def _keep_nearest(terms: list[dict], K: int, npad: int, radix: bool = True, spli
     """The slots of the K candidate faces nearest to the camera at each pixel.
 
     Ties in depth go to the earlier slot (tile order, then slot order within the tile).
-    ``terms``: one dict per chunk of ``P = TILE * TILE`` slots per tile with "pix" (the
-    chunk's (T, P) slots), "cidx", "cpix", "cdepth" (its candidate slots, their pixels and
-    depths, in slot order), which are consumed.  ``split`` (a pixel index): the pixels below
+    ``terms``: one dict per chunk of ``P = TILE * TILE`` slots per tile with "slots" (the
+    chunk's T * P), "cidx", "cpix", "cdepth" (its candidate slots, their pixels and depths,
+    in slot order), which are consumed.  ``split`` (a pixel index): the pixels below
     it and the others are two independent selections, run side by side
     (``lib.runtime.concurrently``); each pixel's candidates are the same either way.
 
@@ -540,7 +544,7 @@ def _keep_nearest(terms: list[dict], K: int, npad: int, radix: bool = True, spli
     starts, a = [], 0
     for tm in terms:
         starts.append(a)
-        a += tm.pop("pix").numel()
+        a += tm.pop("slots")
     if not terms:
         return torch.zeros(0, dtype=torch.int64)
 
