@@ -24,11 +24,13 @@ class RenderSettings:
             boxes).  Default True.
         reuse_buffers: soft silhouette on the CPU: keep per-thread scratch buffers from call
             to call (False: fresh tensors per chunk).  Default True.
-        chunk_tiles: soft silhouette: tiles evaluated at once (x TILE * TILE face-pixel
-            slots); bounds the scratch memory.  Default 2^14.
-        save_slots: soft silhouette: up to this many slots the forward pass keeps its
-            per-slot terms for the backward pass; above it the backward pass recomputes them
-            (bounded memory).  Default 2^24.
+        chunk_tiles: soft silhouette: at most this many tiles evaluated at once (x TILE *
+            TILE face-pixel slots; an even number of equal chunks); bounds the scratch
+            memory.  Default 2^14.
+        save_slots: soft silhouette with all faces (no ``faces_per_pixel``): up to this many
+            slots the forward pass keeps its per-slot terms for the backward pass; above it
+            the backward pass recomputes them (bounded memory).  With ``faces_per_pixel``
+            only the kept slots' terms are kept.  Default 2^24.
         radix_nearest: soft silhouette with ``faces_per_pixel``: choose each pixel's nearest
             faces by per-pixel depth buckets and an integer sort of the one bucket that holds
             its K-th nearest (False: two stable float sorts of every candidate, the
