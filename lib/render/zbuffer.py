@@ -207,17 +207,28 @@ def _spans(uvt: torch.Tensor, zt: torch.Tensor, table: torch.Tensor, fbatch: tor
     """
     dev = uvt.device
     G = uvt.shape[0]
-    x, y = uvt.detach().permute(2, 1, 0).unbind(0)                   # (3, G): vertex, face
+    x, y = table[0:6:2], table[1:6:2]                                # (3, G): vertex, face (contiguous rows)
     z = zt.unbind(1)
     # finite corners: over the table's contiguous coordinate rows (reductions over the small
     # dimensions of uvt are slow on the CPU)
-    ok = (table[15] != 0) & torch.isfinite(table[0:6]).all(0) & (torch.minimum(torch.minimum(z[0], z[1]), z[2]) > znear)
-    ys, order = torch.sort(torch.where(ok[None], y, torch.zeros_like(y)), 0)        # top, middle, bottom
-    xs = torch.gather(x, 0, order)
-    big = torch.maximum(torch.maximum(xs.abs().amax(0), ys.abs().amax(0)), torch.full_like(ys[0], float(max(H, W))))
+    ok = (table[15] != 0) & (torch.minimum(torch.minimum(z[0], z[1]), z[2]) > znear)
+    for r in range(6):
+        ok &= torch.isfinite(table[r])
+    # the vertices by row, top to bottom: three compare-and-swaps row by row (a sort along
+    # the dimension of 3 is slow on the CPU; any order of equal rows bounds the same spans)
+    zero = torch.zeros_like(y[0])
+    ys = [torch.where(ok, y[i], zero) for i in range(3)]
+    xs = list(x.unbind(0))
+    for i, j in ((0, 1), (1, 2), (0, 1)):
+        swap = ys[j] < ys[i]
+        ys[i], ys[j] = torch.where(swap, ys[j], ys[i]), torch.where(swap, ys[i], ys[j])
+        xs[i], xs[j] = torch.where(swap, xs[j], xs[i]), torch.where(swap, xs[i], xs[j])
+    big = torch.full_like(zero, float(max(H, W)))
+    for c in (*xs, *ys):
+        big = torch.maximum(big, c.abs())
     margin = 1.0 / 64 + big * 2.0 ** -16
-    y_top, y_mid, y_bot = ys.unbind(0)
-    x_top, x_mid, x_bot = xs.unbind(0)
+    y_top, y_mid, y_bot = ys
+    x_top, x_mid, x_bot = xs
 
     def slope(dx, dy):
         return torch.where(dy > 0, dx / dy.clamp(min=1e-30), torch.zeros_like(dx))
