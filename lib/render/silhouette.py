@@ -161,8 +161,8 @@ def _chunk_terms(st: TileSetup, a: int, b: int, with_grad: bool, settings: Rende
     by the chunk's slot count ``slots`` (T * TILE * TILE) and the candidate slots (p_f > 0)
     alone, flat and in slot order: their flat indices cidx, pixels cpix (int64) and the
     depths cdepth of the face points nearest to them (with_grad is then ignored: the
-    selection's kept slots get their terms from :func:`_pair_terms`).  Slots outside a face's blur-expanded box are farther than the blur radius, so
-    they need no mask.
+    selection's kept slots get their terms from :func:`_pair_terms`).  Slots outside a
+    face's blur-expanded box are farther than the blur radius, so they need no mask.
 
     Written for the CPU: float masks from comparisons with ``out=``, because bool masks,
     where() and masked_fill are several times slower there than plain arithmetic; the
