@@ -24,14 +24,14 @@ boxes are cut into 4 x 4 pixel tiles (:func:`.screen.face_tiles`), and the tiles
 evaluated in chunks of ``RenderSettings.chunk_tiles`` with broadcast arithmetic (no per-pair
 gathers).  With all faces, the forward pass keeps 24 bytes per slot (float32) for the
 backward pass, up to ``RenderSettings.save_slots`` slots; beyond that the backward pass
-recomputes the chunks, so memory stays bounded.  ``faces_per_pixel`` keeps the depths of the candidate slots only;
-it chooses each pixel's K nearest by depth buckets and an integer sort of one bucket per
-pixel (:func:`_farthest_radix`; two halves of the pixels side by side), and only then
-computes the log-terms and gradient terms of the kept slots (:func:`_pair_terms`, the
-chunks' operations per slot, so the same bits), which the backward pass sums per tile as
-the chunks' rows are summed.  Chunks are evaluated two at a time side by side on
-the CPU (``lib.runtime.concurrently``), forward and backward; their sums are added in chunk
-order, so the schedule changes no bit.
+recomputes the chunks, so memory stays bounded.  ``faces_per_pixel`` keeps the depths of
+the candidate slots only; it chooses each pixel's K nearest by depth buckets and an
+integer sort of one bucket per pixel (:func:`_farthest_radix`; two halves of the pixels
+side by side), and only then computes the log-terms and gradient terms of the kept slots
+(:func:`_pair_terms`, the chunks' operations per slot, so the same bits), which the
+backward pass sums per tile as the chunks' rows are summed.  Chunks are evaluated two at a
+time side by side on the CPU (``lib.runtime.concurrently``), forward and backward; their
+sums are added in chunk order, so the schedule changes no bit.
 
 Profiler labels: "render.silhouette.forward", "render.silhouette.backward".
 """
