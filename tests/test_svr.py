@@ -524,6 +524,9 @@ def test_ground_truth_chamfer_and_normal_consistency():
     # the mesh-space extra is lib.metrics.mesh_normal_consistency against the ground truth
     assert gt.mesh_normal_consistency(vb, fb) == pytest.approx(mesh_normal_consistency(vb, fb, v, f, n=3000))
     assert np.isnan(gt.chamfer(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int64)))
+    # the per-step pair, side by side where there are two threads (conftest): the two calls' values
+    assert gt.scores(vb, fb) == (gt.chamfer(vb, fb), gt.normal_consistency(vb, fb))
+    assert all(np.isnan(gt.scores(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int64))))
 
 
 def test_normal_pictures_are_the_originals_camera_frame_depth_normals():
