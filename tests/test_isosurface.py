@@ -710,3 +710,19 @@ def test_fast_mode_from_the_band_is_the_dense_start(kind):
         lazy += sb.evaluations - sd.evaluations
         missed += sd.missed_vertices
     assert lazy > 0 and missed > 0   # unevaluated points were read, and the surface left the band
+
+
+def test_fast_refresh_stages_carry_their_profiler_labels():
+    """A fast call's refresh, its field evaluations, the cell update and the stale check each appear
+    once under their labels (the SVR step's profile reads them); the refresh holds the evaluations."""
+    from torch.profiler import profile
+
+    _, _, st = extract(sphere(0.5), 32, "fast")
+    with profile() as prof:
+        extract(sphere(0.52), 32, "fast", state=st)
+    counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("isosurface.")}
+    assert counts == {"isosurface.refresh": 1, "isosurface.field": 1, "isosurface.update_cells": 1,
+                      "isosurface.check_fast": 1}
+    events = {e.name: e for e in prof.events() if e.name.startswith("isosurface.")}
+    refresh, field = events["isosurface.refresh"].time_range, events["isosurface.field"].time_range
+    assert refresh.start <= field.start and field.end <= refresh.end

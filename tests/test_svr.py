@@ -597,6 +597,20 @@ def test_refinement_toward_a_known_silhouette_lowers_loss_and_chamfer():
     assert len(res.extra["mesh_nc"]) == 2 and res.extra["mesh_nc"][1] > res.extra["mesh_nc"][0]
 
 
+def test_refinement_metrics_carry_their_profiler_label_once_per_log_entry():
+    """Each log entry's metrics (Chamfer, normal consistency, IoU) run under ``svr.metrics``, so a
+    profile of the refinement separates them from the step."""
+    from torch.profiler import profile
+
+    dec, target, cam, gt_v, gt_f, alpha = _capsule_target(24)
+    gt = svr.GroundTruth(gt_v, gt_f, cam, 300)
+    settings = svr.RefineSettings(resolution=24, iterations=2, lr=0.05, sigma=2e-4, chamfer_samples=300)
+    with profile() as prof:
+        res = svr.reconstruct_view(dec, torch.tensor([0.2, -0.1]), alpha, cam, gt, settings)
+    assert sum(e.count for e in prof.key_averages() if e.key == "svr.metrics") == len(res.log["chamfer"]) == 3
+    assert np.isfinite(res.log["chamfer"]).all() and np.isfinite(res.log["normal_consistency"]).all()
+
+
 def test_refinement_steps_and_logs_are_the_originals():
     """--iterations T makes T + 1 Adam steps (the original's 101 for 100) and logs T + 1 entries, one
     per step, each of the mesh the step started from; refined.* is the mesh after the last step;

@@ -6,10 +6,18 @@
   ``dense`` and ``fast`` modes;
 - :func:`_refresh_fast`, :func:`_check_fast`: the ``fast`` mode, the original's heuristic
   (re-evaluate around the previous vertices) and its diagnostic.
+
+Profiler labels (``torch.profiler.record_function``), so that a profile of a step separates the
+field's evaluations from the bookkeeping around them: ``isosurface.field`` (the evaluations of
+:class:`_DenseGrid`), ``isosurface.refresh`` (:func:`_refresh_fast`, its evaluations included),
+``isosurface.update_cells`` and ``isosurface.check_fast``.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch.profiler import record_function
 
 from ..ops.marching_cubes import grid_axis, marching_cubes
 from ..ops.marching_cubes_tables import tables
@@ -70,6 +78,18 @@ def extract_dense(sdf_fn: SdfFn, resolution: int = 128, device=None, level: floa
     return marching_cubes(dense_grid(sdf_fn, resolution, device=device), level)
 
 
+def _labelled(label: str):
+    """Decorator: the function runs under ``record_function(label)`` (a new one per call, so calls
+    from several threads each get their own)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with record_function(label):
+                return fn(*args, **kwargs)
+        return run
+    return wrap
+
+
 def _points_of(ax: torch.Tensor, g: int, lin: torch.Tensor) -> torch.Tensor:
     """World coordinates (P, 3) of linear indices lin (P,) of a G^3 lattice with axis ``ax``."""
     return ax.index_select(0, _cell_ijk(lin, g).view(-1)).view(-1, 3)
@@ -94,9 +114,10 @@ class _DenseGrid:
     def evaluate(self, lin: torch.Tensor, fn=None) -> None:
         """(Re-)evaluate the field (or ``fn``, another field) at distinct linear indices lin (P,)."""
         fn = self.sdf_fn if fn is None else fn
-        for s in range(0, lin.numel(), self.chunk):
-            part = lin[s : s + self.chunk]
-            self.values.index_copy_(0, part, fn(_points_of(self.ax, self.g, part)).reshape(-1).float())
+        with record_function("isosurface.field"):
+            for s in range(0, lin.numel(), self.chunk):
+                part = lin[s : s + self.chunk]
+                self.values.index_copy_(0, part, fn(_points_of(self.ax, self.g, part)).reshape(-1).float())
         self.evaluations += lin.numel()
 
     def corner_values(self, cells: torch.Tensor) -> torch.Tensor:
@@ -113,6 +134,7 @@ class _DenseGrid:
         return self.values.numel()
 
 
+@_labelled("isosurface.refresh")
 def _refresh_fast(sdf_fn, state: ExtractionState, chunk: int, marks: torch.Tensor
                   ) -> tuple[_DenseGrid, torch.Tensor, torch.Tensor]:
     """The paper's heuristic: re-evaluate each previous vertex's voxel and its 6 neighbours.
@@ -175,6 +197,7 @@ def _cell_ijk(lin: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack((i, row - i * n, lin - row * n), 1)
 
 
+@_labelled("isosurface.update_cells")
 def _update_cells(grid: _DenseGrid, cells: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
     """The sign-changing cells of the grid after a refresh, from those before it.
 
@@ -289,6 +312,7 @@ def _resolve(grid: _DenseGrid, cells: torch.Tensor, origin) -> None:
     grid.evaluate(pending, origin)
 
 
+@_labelled("isosurface.check_fast")
 def _check_fast(grid: _DenseGrid, keys: torch.Tensor, marks: torch.Tensor) -> tuple[int, int]:
     """(vertices using a stale value, vertices whose edge turns out not to cross any more).
 

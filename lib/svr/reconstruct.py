@@ -8,8 +8,8 @@ settings (sigma 1e-4, blur radius log(1/1e-4 - 1) x 1e-5, 25 faces per pixel), N
 of dL/dx set to 0, and ``--regularize w`` adding w mean(z^2).  Each step logs, for the mesh
 it starts from, the silhouette term of the loss (without the regulariser), Chamfer and
 image-space normal consistency to the ground truth (lib.svr.evaluate), mean z^2 and (ours)
-the silhouette IoU: 101 entries, the first of the raw mesh.  The refined mesh is the one of
-the code after the last step (not in the logs, as in the original).
+the silhouette IoU: 101 entries, the first of the raw mesh (profiler label ``svr.metrics``).
+The refined mesh is the one of the code after the last step (not in the logs, as in the original).
 """
 from __future__ import annotations
 
@@ -150,6 +150,10 @@ def reconstruct_view(decoder: nn.Module, code: torch.Tensor, alpha: torch.Tensor
     records: list[dict] = []
 
     def metrics(it) -> dict:
+        with torch.profiler.record_function("svr.metrics"):
+            return log_entry(it)
+
+    def log_entry(it) -> dict:
         silhouette_term = float((it.image - alpha).abs().mean())   # it.loss holds the regulariser too
         chamfer, nc = gt.scores(it.verts, it.faces) if gt is not None else (math.nan, math.nan)
         entry = {"silhouette_loss": silhouette_term, "latent": float(it.latent.square().mean()),
