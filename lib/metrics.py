@@ -154,12 +154,13 @@ class PointReference:
 
             self.tree = cKDTree(self.points.double().numpy(), leafsize=self.LEAF_SIZE)
 
-    def squared_distances(self, query: torch.Tensor) -> torch.Tensor:
+    def squared_distances(self, query: torch.Tensor, workers: int = -1) -> torch.Tensor:
         """Squared distance from each query point (Q, 3) to its nearest reference point: (Q,) float64,
-        on the query's device."""
+        on the query's device.  ``workers``: the KD-tree query's threads (default -1: every core;
+        the same distances for any count)."""
         query = torch.as_tensor(query).detach()
         if self.tree is not None:
-            d, _ = self.tree.query(query.cpu().double().numpy(), k=1, workers=-1)
+            d, _ = self.tree.query(query.cpu().double().numpy(), k=1, workers=workers)
             return torch.from_numpy(d ** 2).to(query.device)
         ref = self.points.to(device=query.device, dtype=torch.float64)
         q = query.double()

@@ -526,6 +526,7 @@ def test_ground_truth_chamfer_and_normal_consistency():
     assert np.isnan(gt.chamfer(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int64)))
     # the per-step pair, side by side where there are two threads (conftest): the two calls' values
     assert gt.scores(vb, fb) == (gt.chamfer(vb, fb), gt.normal_consistency(vb, fb))
+    assert gt.chamfer(vb, fb, workers=1) == gt.chamfer(vb, fb)          # the KD-tree's threads: same value
     assert all(np.isnan(gt.scores(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int64))))
 
 
