@@ -514,21 +514,3 @@ def test_the_environment_forces_the_gemm_library(monkeypatch):
     monkeypatch.setenv("MESHSDF_GEMM", "mkl")
     with pytest.raises(ValueError, match="MESHSDF_GEMM='mkl'"):
         gemm.cpu_gemm()
-
-
-def test_the_last_layers_backward_is_the_gemms_single_products():
-    """The gradient through the one-wide last layer (a k = 1 product) is a broadcast product with
-    the bits of both GEMM libraries' k = 1 product; wider layers stay GEMMs."""
-    from lib.models.kernels.gemm import onednn_available
-    from lib.models.kernels.inference import _back_through
-
-    torch.manual_seed(0)
-    g, w = torch.randn(3001, 1), torch.randn(1, 40)
-    out = torch.empty(3001, 40)
-    assert _back_through(g, w, out) is out and torch.equal(out, torch.mm(g, w))
-    assert torch.equal(_back_through(g, w), torch.mm(g, w))
-    if onednn_available():
-        linear = torch.ops.mkldnn._linear_pointwise
-        assert torch.equal(_back_through(g, w), linear(g, w.t().contiguous(), None, "none", [], ""))
-    g2, w2 = torch.randn(300, 7), torch.randn(7, 40)
-    assert torch.equal(_back_through(g2, w2), torch.mm(g2, w2))

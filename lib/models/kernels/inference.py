@@ -472,20 +472,10 @@ def _grad_chunk(prep: _Prepared, pts_all, idx, s: int, n: int, views, out, g_cod
             ext.addmm_(g, prep.ext[i])
         if i == 0:
             break
-        gin = _back_through(g, prep.wx[i], gins[i])
+        gin = torch.mm(g, prep.wx[i], out=gins[i])
         # relu backward: pass where the unit was positive (its kept activation > 0)
         g = torch.ops.aten.threshold_backward.grad_input(gin, acts[i - 1], 0.0, grad_input=gin)
     _input_grads(prep, ext, pe, ang, s, n, g_code, g_xyz)
-
-
-def _back_through(g: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """g (n, k) @ w (k, m): the gradient at a layer's input from the one at its output, into ``out``
-    (n, m) when given.  A one-wide output (the last layer, k = 1) as a broadcast product: a GEMM
-    with one term per entry computes the same single rounded product, at a small part of the
-    rate of a full one (both libraries run a k = 1 GEMM as a poorly shaped kernel)."""
-    if g.shape[1] == 1:
-        return torch.mul(g, w, out=out) if out is not None else torch.mul(g, w)
-    return torch.mm(g, w, out=out)
 
 
 def _grad_chunk_onednn(prep: _Prepared, pts_all, idx, s: int, n: int, views, out, g_code, g_xyz) -> None:
@@ -505,7 +495,7 @@ def _grad_chunk_onednn(prep: _Prepared, pts_all, idx, s: int, n: int, views, out
             ext = linear(g, e_t, None, "none", [], "") if ext is None else linear.binary(g, ext, e_t, None, "add")
         if i == 0:
             break
-        gin = _back_through(g, prep.wx[i]) if g.shape[1] == 1 else linear(g, prep.wx_t[i], None, "none", [], "")
+        gin = linear(g, prep.wx_t[i], None, "none", [], "")
         g = torch.ops.aten.threshold_backward.grad_input(gin, acts[i - 1], 0.0, grad_input=gin)
     _input_grads(prep, ext, pe, ang, s, n, g_code, g_xyz)
 
