@@ -473,8 +473,9 @@ def main() -> int:
     if 1 not in args.skip:
         print("\n1. meshing the network (code 1): ours = sparse, cold; peer = dense grid + PyMCubes; "
               "~ = peer grid timed on N/8 of it and scaled")
-        print(f"{'N':>5} {'ours s':>8} {'faces':>8} {'evals':>9} {'needed':>9} {'our dense s':>11} {'peer grid s':>11} "
-              f"{'peer MC s':>9} {'peer s':>8} {'vs peer':>8} {'bound':>7} {'ceiling':>7} {'vs dense':>8} {'same mesh':>9}")
+        print(f"{'N':>5} {'ours s':>8} {'faces':>8} {'evals':>9} {'needed':>9} {'our dense s':>11} "
+              f"{'peer grid s':>11} {'peer MC s':>9} {'peer s':>8} {'vs peer':>8} {'bound':>7} {'ceiling':>7} "
+              f"{'vs dense':>8} {'same mesh':>9}")
         for n in args.resolutions:
             t_ours, (v, f, st) = timed(lambda: extract(fn(spot), n, "sparse", device=device, chunk=CHUNK), r)
             corners = (st.cells.unsqueeze(1) + tables(st.cells.device)["corner"]).reshape(-1, 3)

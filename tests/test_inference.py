@@ -112,7 +112,8 @@ def test_halves_side_by_side_give_the_same_bits_and_the_reference(monkeypatch, g
                                      *values_and_input_grad(prep, xyz, index, rows=64, side_by_side=100))
     finally:
         torch.set_num_threads(old)
-    assert len(seen) == 2                                       # the halves ran on two threads
+    # the halves ran on two threads at once (the pool may hold more workers, left by other tests)
+    assert len(seen) >= 2 and threading.get_ident() in seen
     for a, b in zip(out[True], out[False]):
         assert torch.equal(a, b)
     torch.testing.assert_close(out[True][0], want[0], rtol=0, atol=2e-6)
