@@ -338,8 +338,13 @@ def test_a_cpu_training_step_reuses_its_memory_instead_of_page_faulting_it_in_ag
 
     step()
     step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
-        step()
-    # three steps allocate > 24 MiB (6144 pages) of activations alone
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1024  # without the setting: > 10000
+
+    def faults_of_three_steps() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            step()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    # three steps allocate > 24 MiB (6144 pages) of activations alone; the least of three rounds,
+    # since on a busy machine a preempted thread may once take a fresh malloc arena
+    assert min(faults_of_three_steps() for _ in range(3)) < 1024  # without the setting: > 10000
