@@ -192,7 +192,6 @@ class TileSetup:
         return flat.view(self.B, self.H + TILE, self.W + TILE)[:, :self.H, :self.W]
 
 
-
 def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     """Ascending indices (int64) of the nonzero (True) entries of a 1-D mask, as
     ``mask.nonzero().squeeze(1)``.
