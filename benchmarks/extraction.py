@@ -14,7 +14,10 @@ is the best of ``--repeat`` runs and every ratio compares figures of this run.  
      needs (the distinct corners of the sign-changing cells) at the peer's own cost per point,
      i.e. peer time / (peer grid time x needed / N^3): no exact method can beat it; ``ceiling``:
      vs peer / bound = (peer grid time x needed / N^3) / ours, the fraction of that ceiling
-     reached (without PyMCubes too);
+     reached (without PyMCubes too).  "ours" calls the same ``Decoder.forward`` as the peer;
+     ``layer s`` / ``layer ceil`` time the product's own path for a DeepSDF decoder instead,
+     ``mesh_from_sdf`` (sparse, cold), which evaluates through the decoder's inference kernel
+     (:mod:`lib.models.kernels.inference`) at a lower cost per point than the peer's;
   2. marching cubes alone on the same grid: torch vs scikit-image vs PyMCubes (the analytic
      scene: a torus, a ball through it and a small ball; and the network's grid where part 1
      computed it);
@@ -475,9 +478,12 @@ def main() -> int:
               "~ = peer grid timed on N/8 of it and scaled")
         print(f"{'N':>5} {'ours s':>8} {'faces':>8} {'evals':>9} {'needed':>9} {'our dense s':>11} "
               f"{'peer grid s':>11} {'peer MC s':>9} {'peer s':>8} {'vs peer':>8} {'bound':>7} {'ceiling':>7} "
-              f"{'vs dense':>8} {'same mesh':>9}")
+              f"{'vs dense':>8} {'same mesh':>9} {'layer s':>8} {'layer ceil':>10} {'layer mesh':>10}")
         for n in args.resolutions:
             t_ours, (v, f, st) = timed(lambda: extract(fn(spot), n, "sparse", device=device, chunk=CHUNK), r)
+            t_layer, layer = timed(lambda: mesh_from_sdf(dec, spot, n, mode="sparse", warm=False, chunk=CHUNK), r)
+            layer_same = same_mesh(layer.verts.detach(), layer.faces, v, f)[0]
+            del layer
             corners = (st.cells.unsqueeze(1) + tables(st.cells.device)["corner"]).reshape(-1, 3)
             needed = torch.unique((corners[:, 0] * n + corners[:, 1]) * n + corners[:, 2]).numel()
             del corners
@@ -504,7 +510,8 @@ def main() -> int:
             bound = peer / (t_grid * needed / n ** 3)
             print(f"{n:>5} {t_ours:>8.2f} {f.shape[0]:>8} {st.evaluations:>9} {needed:>9} {t_dense:>11.2f} "
                   f"{('' if full else '~') + f'{t_grid:.1f}':>11} {t_mc:>9.2f} {peer:>8.1f} {peer / t_ours:>7.0f}x "
-                  f"{bound:>6.0f}x {t_grid * needed / n ** 3 / t_ours:>7.2f} {t_dense / t_ours:>7.1f}x {same:>9}")
+                  f"{bound:>6.0f}x {t_grid * needed / n ** 3 / t_ours:>7.2f} {t_dense / t_ours:>7.1f}x {same:>9} "
+                  f"{t_layer:>8.2f} {t_grid * needed / n ** 3 / t_layer:>10.2f} {str(layer_same):>10}")
             del st
 
     if 2 not in args.skip:
