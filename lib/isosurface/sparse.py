@@ -40,6 +40,20 @@ BLOCK_MIN_CELLS = 64  # and only with at least this many cells per axis (8 block
 COST_PROBE_POINTS = 4096  # points per timed field call of the cost probe (at most two calls)
 
 
+def _distinct(key: torch.Tensor) -> torch.Tensor:
+    """The distinct values (D,), sorted, of integer keys (K,): ``torch.unique``'s result.
+
+    A stable sort then a pass over neighbours: torch's stable sort (a merge or radix sort)
+    beats its default one, and both beat ``torch.unique``, on the tracking's keys."""
+    return torch.unique_consecutive(torch.sort(key, stable=True)[0])
+
+
+def _any_negative(x: torch.Tensor) -> bool:
+    """Whether integers x (K,) hold a value below 0 (one host sync): a minimum, cheaper than
+    ``bool((x < 0).any())`` (a pass writing K bools, then their reduction)."""
+    return x.numel() > 0 and int(x.min()) < 0
+
+
 def default_coarse_stride(resolution: int, warm: bool = False) -> int:
     """The default coarse stride of the sparse mode's cold start (or, warm, the base of its sentinel lattice).
 
@@ -126,9 +140,8 @@ class _BlockGrid:
         # (benchmarks/extraction.py's sparse extraction)
         row = self.table.index_select(0, blk)
         if allocate:
-            absent = row < 0
-            if bool(absent.any()):
-                self._allocate(torch.unique(blk.masked_select(absent)))
+            if _any_negative(row):
+                self._allocate(_distinct(blk.masked_select(row < 0)))
                 row = self.table.index_select(0, blk)
         # offset in the block: (i & 7) << 6 | (j & 7) << 3 | (k & 7)
         off = ((key >> (2 * b - 2 * sh)) & (7 << 2 * sh)) | ((key >> (b - sh)) & (7 << sh)) | (key & 7)
@@ -212,7 +225,7 @@ class _BlockGrid:
             ticket = torch.arange(ms.shape[0], device=ms.device, dtype=flat.dtype)  # exact below 2^24
             flat.index_copy_(0, ms, ticket)
             won = (flat.index_select(0, ms) == ticket).nonzero().squeeze(1)
-            new, order = torch.sort(key_at(miss.index_select(0, won)))  # C order: the same batch whoever won
+            new, order = torch.sort(key_at(miss.index_select(0, won)), stable=True)  # C order: the same batch whoever won
             pts = self.ijk(new)
             got = self.field(pts if extra is None else torch.cat((pts, extra)))
             flat.index_copy_(0, ms.index_select(0, won.index_select(0, order)), got[: new.shape[0]])
@@ -250,9 +263,8 @@ class _BlockGrid:
         step_blk, step_off, _ = self._corner_step(cell.device)
         blk8 = (blk.unsqueeze(1) + step_blk.index_select(0, wrap)).view(-1)  # (F * 8,)
         row = self.table.index_select(0, blk8)
-        absent = row < 0
-        if bool(absent.any()):
-            self._allocate(torch.unique(blk8.masked_select(absent)))
+        if _any_negative(row):
+            self._allocate(_distinct(blk8.masked_select(row < 0)))
             row = self.table.index_select(0, blk8)
         return (row.long() << (3 * sh)) | (off.unsqueeze(1) + step_off.index_select(0, wrap)).view(-1)
 
@@ -279,7 +291,7 @@ class _BlockGrid:
         marks = self.marks.view(-1)
         fresh = (~marks.index_select(0, slot)).nonzero().squeeze(1)
         marks.index_fill_(0, slot.index_select(0, fresh), True)
-        return torch.unique(key.index_select(0, fresh))
+        return _distinct(key.index_select(0, fresh))
 
     def drop_marks(self) -> None:
         """Free the marks and the pool's unused rows (before meshing, when memory peaks)."""
@@ -497,12 +509,15 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
                 else:
                     v = grid.corner_values_of(part)
                 signs = (v > 0).view(torch.int64).squeeze(1)  # (F,) the 8 corner signs as the bytes of one word
-                rows = ((signs != 0) & (signs != all_out)).nonzero().squeeze(1)
-                c, signs = part.index_select(0, rows), signs.index_select(0, rows)
+                changing = (signs != 0) & (signs != all_out)
+                c = part
+                if int(changing.sum()) < part.shape[0]:  # seeds (a later front changes sign throughout)
+                    rows = changing.nonzero().squeeze(1)
+                    c, signs, v = (x.index_select(0, rows) for x in (part, signs, v))
                 found.append(c)
                 count += c.shape[0]
                 if kept is not None:
-                    kept = kept + [v.index_select(0, rows)] if count <= KEEP_CORNERS else None
+                    kept = kept + [v] if count <= KEEP_CORNERS else None
                 on_face = signs.unsqueeze(1) & face_bytes  # (K, 6) the signs of each face's corners
                 ijk = grid.ijk(c)
                 # a neighbour across each face with mixed signs, inside the grid
@@ -680,7 +695,7 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
                 found.append(key)
                 kept.append(corners)
                 new.append(nxt)
-        cand = torch.unique(torch.cat(new))
+        cand = _distinct(torch.cat(new))
         front = cand[~visited.index_select(0, cand)]
         visited[front] = True
     if not found:
