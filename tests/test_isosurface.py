@@ -1,4 +1,5 @@
 """Marching cubes (torch vs scikit-image), extraction modes dense / fast / sparse."""
+import importlib
 import weakref
 
 import numpy as np
@@ -353,6 +354,26 @@ def test_marching_cubes_cells_in_steps_is_bitwise_the_same():
     crossing = cells[(cv > 0).any(1) & ~(cv > 0).all(1)]
     with pytest.raises(ValueError, match="owner"):  # the owner of earlier cells' edges left out
         marching_cubes_cells(crossing[:-1], by_cells, n, chunk=97)
+
+
+def test_marching_cubes_case_index_and_runs_helpers_match_their_definitions():
+    """The kernel's packed case index is sum(2^k over the corners k outside) for every sign
+    pattern (and the decider bits on top as before); its run expansion is repeat_interleave,
+    empty runs first, inside and last included."""
+    mc = importlib.import_module("lib.ops.marching_cubes")  # the module (lib.ops exports a function of that name)
+    tab = tables("cpu")
+    patterns = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  # (256, 8) every case
+    vals = torch.where(patterns, 0.5, -0.5) * (1 + torch.rand(256, 8, generator=torch.Generator().manual_seed(3)))
+    got = mc._case_index(vals, tab)
+    assert torch.equal(got >> 6, torch.arange(256))
+    assert torch.equal(got >> 6, ((vals > 0).long() * tab["bits8"]).sum(1))
+    amb = tab["ambiguous6"].index_select(0, got >> 6)
+    assert torch.equal(got & 63 & ~amb, torch.zeros_like(got)) and bool(((got & 63) != 0).any())
+    for counts in ([0, 0, 3, 0, 1, 2, 0, 0], [5], [0, 4], [2, 0], [0, 0, 0]):
+        counts = torch.tensor(counts)
+        for dtype in (torch.int32, torch.int64):
+            want = torch.repeat_interleave(torch.arange(counts.shape[0]), counts).to(dtype)
+            assert torch.equal(mc._runs(counts, int(counts.sum()), dtype), want)
 
 
 def test_marching_cubes_cells_steps_side_by_side_are_bitwise_the_same():

@@ -225,7 +225,8 @@ class _BlockGrid:
             ticket = torch.arange(ms.shape[0], device=ms.device, dtype=flat.dtype)  # exact below 2^24
             flat.index_copy_(0, ms, ticket)
             won = (flat.index_select(0, ms) == ticket).nonzero().squeeze(1)
-            new, order = torch.sort(key_at(miss.index_select(0, won)), stable=True)  # C order: the same batch whoever won
+            # C order: the same batch whoever won (stable: torch's faster sort of these keys)
+            new, order = torch.sort(key_at(miss.index_select(0, won)), stable=True)
             pts = self.ijk(new)
             got = self.field(pts if extra is None else torch.cat((pts, extra)))
             flat.index_copy_(0, ms.index_select(0, won.index_select(0, order)), got[: new.shape[0]])

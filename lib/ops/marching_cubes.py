@@ -12,6 +12,7 @@ The case tables live in :mod:`lib.ops.marching_cubes_tables`.
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
@@ -136,8 +137,9 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
         vals = values_of(c, s)
         idx = _case_index(vals, tab)
         case[s : s + c.shape[0]] = idx
-        owned[s : s + c.shape[0]] = tab["cross12"].index_select(0, idx >> 6) & tab["own_mask"].index_select(
-            0, ((c == n - 2).long() * up_w).sum(1))
+        own_mask = (tab["own_mask"].index_select(0, ((c == n - 2).long() * up_w).sum(1)) if _on_top(c, n)
+                    else tab["own_mask"][0])  # no cell on the grid's upper faces: one mask for all
+        owned[s : s + c.shape[0]] = tab["cross12"].index_select(0, idx >> 6) & own_mask
         return vals
 
     kept = None
@@ -171,8 +173,11 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
         idt, own_base = torch.int64, own_base.long()
     slot_of = slot_of.to(idt)
     slot_off = tab["slot_off"].view(-1, 3)
-    slot_off = ((slot_off[:, 0] * _H + slot_off[:, 1]) * _H + slot_off[:, 2]).to(idt)  # (8 * 16,) in a halo block
-    slot_own = tab["slot_own"].view(-1).to(idt)  # (8 * 16,)
+    slot_off = (slot_off[:, 0] * _H + slot_off[:, 1]) * _H + slot_off[:, 2]  # (8 * 16,) in a halo block
+    # per slot (by upper faces): the owner's offset in the halo table and the slot in its
+    # numbering, in one word (one gather per triangle corner instead of two)
+    slot_word = (slot_off * 16 + tab["slot_own"].view(-1)).to(idt)  # (8 * 16,)
+    owned16 = owned.to(idt) * 16  # (C,) the rows of rank16 of each cell's mask
     lo_off = tab["corner"].index_select(0, tab["edge_lo"])  # (12, 3)
     key_off = 3 * ((lo_off[:, 0] * n + lo_off[:, 1]) * n + lo_off[:, 2]) + tab["edge_axis"]  # (12,) key less 3 lin
     rank16 = tab["rank16"].to(idt)
@@ -187,50 +192,56 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
         k = c.shape[0]
         vals = values_of(c, s) if kept is None else kept
         idx = case[s : s + k].long()
-        rows = torch.arange(k, device=dev)
         # faces: the slots of each triangle, each slot's vertex id from its owner's numbering
         t0, t1 = tri_at[step], tri_at[step + 1]
         ntri_k = ntri[s : s + k]
-        cell_of = torch.repeat_interleave(rows.to(idt), ntri_k, output_size=t1 - t0)  # (T,)
+        cell_of = _runs(ntri_k, t1 - t0, idt)  # (T,)
         first = torch.cumsum(ntri_k, 0, dtype=idt) - ntri_k.to(idt)
         tri = ((idx.to(idt) * MAX_TRIS - first).index_select(0, cell_of)
                + torch.arange(t1 - t0, device=dev, dtype=idt))
         del first
         slot = tris.index_select(0, tri)  # (T, 3) slot ids
         del tri
-        up16 = ((c == n - 2).to(idt) * up_w16).sum(1, dtype=idt)  # (K,) the table row of each cell's upper faces
-        us = (up16.index_select(0, cell_of).unsqueeze(1) + slot).view(-1)  # (3T,)
-        orow = halo.index_select(0, ((slot_of[s : s + k].index_select(0, cell_of)).unsqueeze(1) + slot_off.index_select(
-            0, us).view(-1, 3)).view(-1))  # (3T,) owner rows
+        us = slot.view(-1)  # (3T,) the slots, offset by each cell's upper faces' table row where any
+        if _on_top(c, n):
+            up16 = ((c == n - 2).to(idt) * up_w16).sum(1, dtype=idt)  # (K,)
+            us = us + _triple(up16.index_select(0, cell_of))
+        word = slot_word.index_select(0, us)  # (3T,)
+        orow = halo.index_select(0, _triple(slot_of[s : s + k].index_select(0, cell_of)) + (word >> 4))  # owner rows
         if int(orow.min()) < 0:
             raise ValueError("marching_cubes_cells: the cells must include every sign-changing neighbour "
                              "of the cells given (the owner of a crossing edge is missing)")
-        vid = own_base.index_select(0, orow) + rank16.index_select(
-            0, owned.index_select(0, orow).to(idt) * 16 + slot_own.index_select(0, us))
-        del orow, us
+        vid = own_base.index_select(0, orow) + rank16.index_select(0, owned16.index_select(0, orow) + (word & 15))
+        del orow, us, word
         c0, c1 = cen_at[step], cen_at[step + 1]
         if c1 > c0:  # loop-centre slots: the cell's own centres, numbered after every edge vertex
             nc_k = nc[s : s + k]
             cen_loc = torch.cumsum(nc_k, 0) - nc_k  # (K,) each cell's first centre among the step's
             cen_first = (cen_loc + (n_own + c0 - 12)).to(idt)  # (K,) its first centre id, less the first centre slot
             centre = slot.view(-1) >= 12
-            vid = torch.where(centre, cen_first.index_select(0, cell_of.repeat_interleave(3)) + slot.view(-1), vid)
+            vid = torch.where(centre, _triple(cen_first.index_select(0, cell_of)) + slot.view(-1), vid)
         faces[t0:t1] = vid.view(-1, 3)
         del vid, slot, cell_of
         # positions: edge vertices from their owner's values, centres from their loop; the
         # own vertices of this step are the next ids in order
-        oc, oe = (owned[s : s + k].long().unsqueeze(1) & tab["bits12"]).ne(0).nonzero(as_tuple=True)
-        at = own_at[step]
+        # the (cell, edge) pairs of the owned edges, in that order: each cell's run of ranks
+        # read through the table of its mask (no (K, 12) pass)
+        at, o1 = own_at[step], own_at[step + 1]
+        own_k = owned[s : s + k].long()
+        oc = _runs(tab["popcount12"].index_select(0, own_k), o1 - at, torch.int64)
+        rank = (torch.arange(at, o1, device=dev, dtype=idt) - own_base[s : s + k].index_select(0, oc)).long()
+        oe = tab["nth_edge12"].index_select(0, own_k.index_select(0, oc) * 12 + rank)
+        del own_k, rank
         c_oc = c.index_select(0, oc)
-        verts[at : at + oc.shape[0]] = _edge_points(c_oc, vals.index_select(0, oc), oe, ax, tab)
+        verts[at : at + oc.shape[0]] = _edge_points(c_oc, vals, oc, oe, ax, tab)
         keys[at : at + oc.shape[0]] = 3 * lin[s : s + k].index_select(0, oc) + key_off.index_select(0, oe)
         del oc, oe, c_oc
         if c1 > c0:
-            cen_c = torch.repeat_interleave(rows, nc_k, output_size=c1 - c0)
+            cen_c = _runs(nc_k, c1 - c0, torch.int64)
             cen_j = torch.arange(c1 - c0, device=dev) - cen_loc.index_select(0, cen_c)
             member = tab["members"][idx[cen_c], cen_j]  # (K, 12)
             kc = cen_c.shape[0]
-            loop = _edge_points(c[cen_c].repeat_interleave(12, 0), vals[cen_c].repeat_interleave(12, 0),
+            loop = _edge_points(c[cen_c].repeat_interleave(12, 0), vals, cen_c.repeat_interleave(12),
                                 torch.arange(12, device=dev).repeat(kc), ax, tab).reshape(kc, 12, 3)
             loop = torch.where(member.unsqueeze(-1), loop, torch.zeros((), device=dev))
             verts[n_own + c0 : n_own + c1] = loop.sum(1) / member.sum(1, keepdim=True)
@@ -239,6 +250,33 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
     for i in range(0, len(steps), ways):
         run([lambda j=j, s=s, c=c: mesh_step(j, s, c) for j, (s, c) in enumerate(steps[i : i + ways], start=i)])
     return verts, faces, keys
+
+
+def _runs(counts: torch.Tensor, total: int, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.repeat_interleave(arange(K), counts)`` of ``total`` entries, as a cumulative sum
+    of run starts (a few passes instead of its per-run copies).
+
+    Args:
+        counts: (K,) int64, each >= 0; total: their sum; dtype: of the result.
+
+    Returns:
+        (total,) index i repeated counts[i] times, in order.
+    """
+    start = torch.cumsum(counts, 0) - counts  # (K,) each run's first position (empty runs share the next one's)
+    flag = torch.zeros(total + 1, dtype=dtype, device=counts.device)
+    flag.index_add_(0, start, torch.ones(1, dtype=dtype, device=counts.device).expand(counts.shape[0]))
+    return torch.cumsum(flag[:total], 0, dtype=dtype) - 1
+
+
+def _triple(x: torch.Tensor) -> torch.Tensor:
+    """x (T,) with each entry three times in a row: (3T,) (a per-triangle value for its corners;
+    a stack, several times cheaper than broadcasting against (T, 3))."""
+    return torch.stack((x, x, x), 1).view(-1)
+
+
+def _on_top(c: torch.Tensor, n: int) -> bool:
+    """Whether a cell of c (K, 3) lies on the grid's upper faces (index N - 2 on some axis)."""
+    return c.numel() > 0 and int(c.max()) >= n - 2
 
 
 def _owner_lookup(cells: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +305,7 @@ def _owner_lookup(cells: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     row_of = torch.where(row_of > 0, torch.cumsum(row_of, 0, dtype=torch.int32) - 1, -1)  # block -> row, or -1
     halo = torch.full((nblocks * _H ** 3,), -1, dtype=torch.int32, device=dev)
     hw = torch.tensor([_H * _H, _H, 1], device=dev)
-    slot = row_of.index_select(0, bkey).long() * _H ** 3 + (loc * hw).sum(1)
+    slot = row_of.index_select(0, bkey).long() * _H ** 3 + (loc[:, 0] * _H + loc[:, 1]) * _H + loc[:, 2]
     rows = torch.arange(cells.shape[0], dtype=torch.int32, device=dev)
     halo.index_copy_(0, slot, rows)
     # cells on a block's lower faces are also the upper halo of the blocks below
@@ -293,7 +331,14 @@ def _owner_lookup(cells: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
 def _case_index(vals: torch.Tensor, tab: dict) -> torch.Tensor:
     """Table index (K,) int64 of cells with corner values (K, 8): case * 64 + decider bits."""
     out = vals > 0  # (K, 8)
-    case = (out.long() * tab["bits8"]).sum(1)
+    if sys.byteorder == "little":
+        # the 8 sign bytes of a cell as one word (byte k: corner k), folded onto its low byte
+        w = out.view(torch.int64).squeeze(1)
+        w = w | (w >> 7)  # byte j: bit 0 corner j, bit 1 corner j + 1
+        w = w | (w >> 14)  # bits 2, 3: corners j + 2, j + 3
+        case = (w | (w >> 28)) & 255  # bits 4..7: corners j + 4 .. j + 7
+    else:
+        case = (out.long() * tab["bits8"]).sum(1)
     # asymptotic decider on the ambiguous faces only (few cells have one); products are
     # commutative so neighbours agree
     amb = tab["ambiguous6"].index_select(0, case)  # (K,) bit f: face f is ambiguous
@@ -309,12 +354,14 @@ def _case_index(vals: torch.Tensor, tab: dict) -> torch.Tensor:
     return (case * 64).index_add_(0, rows, bits)
 
 
-def _edge_points(cells, vals, edges, ax, tab):
-    """Interpolated zero crossing on edge ``edges`` (K,) of cells (K, 3) with values (K, 8)."""
+def _edge_points(cells, vals, rows, edges, ax, tab):
+    """Interpolated zero crossing on edge ``edges`` (K,) of cells (K, 3) whose corner values
+    are rows ``rows`` (K,) of vals (R, 8) (only each edge's two values are read)."""
     lo_c, hi_c = tab["edge_lo"].index_select(0, edges), tab["edge_hi"].index_select(0, edges)
     axis = tab["edge_axis"].index_select(0, edges)
-    v_lo = vals.gather(1, lo_c.unsqueeze(1)).squeeze(1)
-    v_hi = vals.gather(1, hi_c.unsqueeze(1)).squeeze(1)
+    flat, at = vals.reshape(-1), rows * 8
+    v_lo = flat.index_select(0, at + lo_c)
+    v_hi = flat.index_select(0, at + hi_c)
     t = v_lo / (v_lo - v_hi)
     base = cells + tab["corner"].index_select(0, lo_c)  # (K, 3)
     p = ax.take(base)

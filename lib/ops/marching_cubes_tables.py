@@ -194,7 +194,8 @@ def tables(device) -> dict:
     corner (8, 3) offsets; edge_lo / edge_hi / edge_axis (12,); face_cyc (6, 4) corners of
     each cube face in cyclic order; tris (256 * 64, 12, 3) triangle slots per (case, decider
     bits), -1 padded; members (256 * 64, 4, 12) edges of each loop-centre vertex; ntri,
-    ncentre counts; edge_by (8, 3) edge id of (lower corner, axis) or -1.
+    ncentre counts; edge_by (8, 3) edge id of (lower corner, axis) or -1; popcount12, rank12,
+    nth_edge12: the bits of 12-bit edge masks.
     """
     key = str(device)
     if key not in _TABLE_CACHE:
@@ -218,6 +219,9 @@ def tables(device) -> dict:
             # popcount of a 12-bit mask (4096,) and rank of edge e among the set bits below it
             popcount12=torch.from_numpy(rank[:, 12]).to(device),
             rank12=torch.from_numpy(rank[:, :12]).contiguous().to(device),  # (4096, 12)
+            # the edge of each rank among a 12-bit mask's set bits, at mask * 12 + rank (0 past the last)
+            nth_edge12=torch.from_numpy(np.stack([np.pad(np.flatnonzero(row), (0, 12 - row.sum()))
+                                                  for row in bits]).reshape(-1)).to(device),  # (4096 * 12,)
             # edges a cell owns given which of its axes touch the grid's upper faces (bits)
             own_by_up=torch.tensor([[all(CORNER_OFFSETS[lo][a] == 0 or (u >> a) & 1 for a in range(3))
                                      for lo, _, _ in _EDGES] for u in range(8)], device=device),  # (8, 12)
