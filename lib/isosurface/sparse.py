@@ -237,16 +237,17 @@ class _BlockGrid:
         return v.reshape(shape), (self.field(extra) if more is None else more)
 
     def _corner_step(self, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For :meth:`_corner_slots`: per wrap mask w (bit 2 - a: the cell is last in its block
-        along axis a) and corner, the block index step and in-block offset step, (8, 8) each;
-        and the corners' key offsets (8,)."""
+        """For :meth:`_corner_slots`: per in-block offset of a cell (its i, j, k & 7 as 3 bits
+        each) and corner, the block index step and the corner's own in-block offset, (512, 8)
+        each (a corner is in the next block along the axes where the cell is last in its block
+        and the corner steps); and the corners' key offsets (8,)."""
         if self._steps is None:
             corner = tables(dev)["corner"]  # (8, 3)
-            wrap = (torch.arange(8, device=dev).unsqueeze(1) >> torch.tensor([2, 1, 0], device=dev)) & 1  # (8, 3)
-            carry = wrap.unsqueeze(1) & corner  # (8 masks, 8 corners, 3): the corner is in the next block
+            loc = torch.cartesian_prod(*[torch.arange(8, device=dev)] * 3)  # (512, 3) offsets in C order
+            carry = ((loc == 7).long().unsqueeze(1) & corner)  # (512, 8 corners, 3): the corner is in the next block
             nb = self.nb
             blk = (carry * torch.tensor([nb * nb, nb, 1], device=dev)).sum(2)
-            off = ((corner - (carry << self.SHIFT)) * torch.tensor([64, 8, 1], device=dev)).sum(2)
+            off = ((loc.unsqueeze(1) + corner - (carry << self.SHIFT)) * torch.tensor([64, 8, 1], device=dev)).sum(2)
             self._steps = (blk, off, self.lin(corner))
         return self._steps
 
@@ -255,19 +256,19 @@ class _BlockGrid:
         allocated (the blocks :meth:`_slots` allocates for the corners' keys, in the same order).
 
         A cell's block and offset are computed once; a corner is in the same block, one step
-        further, unless the cell is last in its block along an axis where the corner steps."""
+        further, unless the cell is last in its block along an axis where the corner steps:
+        both read from tables by the cell's offset."""
         b, sh, nb = self.bits, self.SHIFT, self.nb
         bm = ((1 << b) - 1) >> sh
         blk = ((cell >> (2 * b + sh)) * nb + ((cell >> (b + sh)) & bm)) * nb + ((cell >> sh) & bm)
         off = ((cell >> (2 * b - 2 * sh)) & (7 << 2 * sh)) | ((cell >> (b - sh)) & (7 << sh)) | (cell & 7)
-        wrap = ((off >> 6) == 7).long() << 2 | (((off >> 3) & 7) == 7).long() << 1 | ((off & 7) == 7).long()
-        step_blk, step_off, _ = self._corner_step(cell.device)
-        blk8 = (blk.unsqueeze(1) + step_blk.index_select(0, wrap)).view(-1)  # (F * 8,)
+        step_blk, corner_off, _ = self._corner_step(cell.device)
+        blk8 = (blk.unsqueeze(1) + step_blk.index_select(0, off)).view(-1)  # (F * 8,)
         row = self.table.index_select(0, blk8)
         if _any_negative(row):
             self._allocate(_distinct(blk8.masked_select(row < 0)))
             row = self.table.index_select(0, blk8)
-        return (row.long() << (3 * sh)) | (off.unsqueeze(1) + step_off.index_select(0, wrap)).view(-1)
+        return (row.long() << (3 * sh)) | corner_off.index_select(0, off).view(-1)
 
     def peek(self, ijk: torch.Tensor) -> torch.Tensor:
         """Stored values at lattice points ijk (..., 3), NaN where not evaluated; evaluates nothing."""
