@@ -337,8 +337,9 @@ def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
     if warm_cells is not None:
         # the sentinel lattice is evaluated in the tracking's first field call (one batch), and
         # its sign-changing edges seed the tracking once it has closed around the old cells
-        return (grid, *_track(grid, warm_cells, n, extra=lattice,
-                              reseed=lambda sv: _sentinel_seeds(grid, sv.reshape(m + 1, m + 1, m + 1), s0)))
+        with elementwise_section(device):  # as below
+            return (grid, *_track(grid, warm_cells, n, extra=lattice,
+                                  reseed=lambda sv: _sentinel_seeds(grid, sv.reshape(m + 1, m + 1, m + 1), s0)))
     h = voxel_size(n)
     corner = tables(dev)["corner"]
     neigh = torch.tensor(_NEIGH26, device=dev)
@@ -379,7 +380,10 @@ def _sparse(sdf_fn, n, device, chunk, s0, band, warm_cells, rows):
         cells = (cells[near].unsqueeze(1) + corner * s).reshape(-1, 3)
         v = grid.field_once(cells.unsqueeze(1) + corner * s)  # (K, 8)
     seeds = torch.cat(seeds)
-    return (grid, *_track(grid, seeds, n))
+    # the tracking's passes over 10^4 - 10^6 values on one intra-op thread, as the block
+    # tracking's; its field calls get the process's threads (_call_field)
+    with elementwise_section(device):
+        return (grid, *_track(grid, seeds, n))
 
 
 def _sentinel_seeds(grid, sv: torch.Tensor, s: int) -> torch.Tensor:
