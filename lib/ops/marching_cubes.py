@@ -279,6 +279,11 @@ def _on_top(c: torch.Tensor, n: int) -> bool:
     return c.numel() > 0 and int(c.max()) >= n - 2
 
 
+# the non-empty subsets of each 3-bit mask c, ascending, at c * 7 + rank (0 past the last), and their count
+_SUBSETS = (torch.tensor([[m for m in range(1, 8) if m & c == m] + [0] * (7 - (2 ** bin(c).count("1") - 1))
+                          for c in range(8)]).view(-1), torch.tensor([2 ** bin(c).count("1") - 1 for c in range(8)]))
+
+
 def _owner_lookup(cells: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of cells by position, for the owner of every triangle slot: two gathers, no search.
 
@@ -304,26 +309,30 @@ def _owner_lookup(cells: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     nblocks = int(row_of.sum())
     row_of = torch.where(row_of > 0, torch.cumsum(row_of, 0, dtype=torch.int32) - 1, -1)  # block -> row, or -1
     halo = torch.full((nblocks * _H ** 3,), -1, dtype=torch.int32, device=dev)
-    hw = torch.tensor([_H * _H, _H, 1], device=dev)
-    slot = row_of.index_select(0, bkey).long() * _H ** 3 + (loc[:, 0] * _H + loc[:, 1]) * _H + loc[:, 2]
+    local = (loc[:, 0] * _H + loc[:, 1]) * _H + loc[:, 2]  # (C,) each cell's place in its block's slots
+    slot = row_of.index_select(0, bkey).long() * _H ** 3 + local
     rows = torch.arange(cells.shape[0], dtype=torch.int32, device=dev)
     halo.index_copy_(0, slot, rows)
-    # cells on a block's lower faces are also the upper halo of the blocks below
-    low = (loc == 0) & (blk > 0)  # (C, 3)
-    pick = low.any(1).nonzero().squeeze(1)
-    low, lb, lloc, lrows = low.index_select(0, pick), bkey.index_select(0, pick), loc.index_select(0, pick), rows[pick]
-    code = (low.long() * torch.tensor([1, 2, 4], device=dev)).sum(1)  # which of its axes are on a lower face
+    # cells on a block's lower faces are also the upper halo of the blocks below: bit a of
+    # code, the cell is on the lower face along axis a (and a block lies below)
+    low = ((loc == 0) & (blk > 0)).to(torch.uint8)  # (C, 3)
+    code = low[:, 0] | (low[:, 1] << 1) | (low[:, 2] << 2)
+    pick = code.nonzero().squeeze(1)
+    code, lb, local, lrows = code.index_select(0, pick).long(), bkey.index_select(0, pick), local[pick], rows[pick]
     # every non-empty subset (mask 1..7) of those axes names one block below, all in one pass:
     # (cell, mask) pairs, each block's offset in the block table and the slot shift in its halo
-    masks = torch.arange(1, 8, device=dev)
-    sel, mi = ((code.unsqueeze(1) & masks) == masks).nonzero(as_tuple=True)
-    axes = (masks.unsqueeze(1) >> torch.arange(3, device=dev)) & 1  # (7, 3)
-    block_step = (axes * torch.tensor([nb * nb, nb, 1], device=dev)).sum(1)  # (7,)
-    shift = (axes * (1 << _B) * hw).sum(1)  # (7,)
-    lower = row_of.index_select(0, lb.index_select(0, sel) - block_step.index_select(0, mi)).long()
+    subsets, count = _SUBSETS[0].to(dev), _SUBSETS[1].to(dev)
+    many = count.index_select(0, code)  # (P,) subsets of each cell's code
+    sel = _runs(many, int(many.sum()), torch.int64)
+    rank = torch.arange(sel.shape[0], device=dev) - (torch.cumsum(many, 0) - many).index_select(0, sel)
+    mask = subsets.index_select(0, code.index_select(0, sel) * 7 + rank)  # (Q,) in 1..7
+    axes = (torch.arange(8, device=dev).unsqueeze(1) >> torch.arange(3, device=dev)) & 1  # (8 masks, 3)
+    block_step = (axes * torch.tensor([nb * nb, nb, 1], device=dev)).sum(1)  # (8,)
+    shift = (axes * (1 << _B) * torch.tensor([_H * _H, _H, 1], device=dev)).sum(1)  # (8,)
+    lower = row_of.index_select(0, lb.index_select(0, sel) - block_step.index_select(0, mask)).long()
     has = (lower >= 0).nonzero().squeeze(1)
-    sel, mi, lower = sel.index_select(0, has), mi.index_select(0, has), lower.index_select(0, has)
-    at = lower * _H ** 3 + (lloc.index_select(0, sel) * hw).sum(1) + shift.index_select(0, mi)
+    sel, mask, lower = sel.index_select(0, has), mask.index_select(0, has), lower.index_select(0, has)
+    at = lower * _H ** 3 + local.index_select(0, sel) + shift.index_select(0, mask)
     halo.index_copy_(0, at, lrows.index_select(0, sel))  # distinct slots: the order of the writes is free
     return slot, halo
 
