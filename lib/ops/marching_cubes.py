@@ -133,11 +133,13 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
     case = torch.empty(ncell, dtype=torch.int16, device=dev)  # case * 64 + decider bits < 2^14
     owned = torch.empty(ncell, dtype=torch.int16, device=dev)  # bit e: the cell owns edge e's vertex
 
+    top = bool(cells.max() >= n - 2)  # a cell on the grid's upper faces (their cells own fewer edges)
+
     def classify(s: int, c: torch.Tensor) -> torch.Tensor:
         vals = values_of(c, s)
         idx = _case_index(vals, tab)
         case[s : s + c.shape[0]] = idx
-        own_mask = (tab["own_mask"].index_select(0, ((c == n - 2).long() * up_w).sum(1)) if _on_top(c, n)
+        own_mask = (tab["own_mask"].index_select(0, ((c == n - 2).long() * up_w).sum(1)) if top
                     else tab["own_mask"][0])  # no cell on the grid's upper faces: one mask for all
         owned[s : s + c.shape[0]] = tab["cross12"].index_select(0, idx >> 6) & own_mask
         return vals
@@ -203,7 +205,7 @@ def marching_cubes_cells(cells: torch.Tensor, corner_values, resolution: int, ax
         slot = tris.index_select(0, tri)  # (T, 3) slot ids
         del tri
         us = slot.view(-1)  # (3T,) the slots, offset by each cell's upper faces' table row where any
-        if _on_top(c, n):
+        if top:
             up16 = ((c == n - 2).to(idt) * up_w16).sum(1, dtype=idt)  # (K,)
             us = us + _triple(up16.index_select(0, cell_of))
         word = slot_word.index_select(0, us)  # (3T,)
@@ -274,16 +276,6 @@ def _triple(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((x, x, x), 1).view(-1)
 
 
-def _on_top(c: torch.Tensor, n: int) -> bool:
-    """Whether a cell of c (K, 3) lies on the grid's upper faces (index N - 2 on some axis)."""
-    return c.numel() > 0 and int(c.max()) >= n - 2
-
-
-# the non-empty subsets of each 3-bit mask c, ascending, at c * 7 + rank (0 past the last), and their count
-_SUBSETS = (torch.tensor([[m for m in range(1, 8) if m & c == m] + [0] * (7 - (2 ** bin(c).count("1") - 1))
-                          for c in range(8)]).view(-1), torch.tensor([2 ** bin(c).count("1") - 1 for c in range(8)]))
-
-
 def _owner_lookup(cells: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of cells by position, for the owner of every triangle slot: two gathers, no search.
 
@@ -321,11 +313,11 @@ def _owner_lookup(cells: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     code, lb, local, lrows = code.index_select(0, pick).long(), bkey.index_select(0, pick), local[pick], rows[pick]
     # every non-empty subset (mask 1..7) of those axes names one block below, all in one pass:
     # (cell, mask) pairs, each block's offset in the block table and the slot shift in its halo
-    subsets, count = _SUBSETS[0].to(dev), _SUBSETS[1].to(dev)
-    many = count.index_select(0, code)  # (P,) subsets of each cell's code
+    tab = tables(dev)
+    many = tab["subset_count3"].index_select(0, code)  # (P,) subsets of each cell's code
     sel = _runs(many, int(many.sum()), torch.int64)
     rank = torch.arange(sel.shape[0], device=dev) - (torch.cumsum(many, 0) - many).index_select(0, sel)
-    mask = subsets.index_select(0, code.index_select(0, sel) * 7 + rank)  # (Q,) in 1..7
+    mask = tab["subsets3"].index_select(0, code.index_select(0, sel) * 7 + rank)  # (Q,) in 1..7
     axes = (torch.arange(8, device=dev).unsqueeze(1) >> torch.arange(3, device=dev)) & 1  # (8 masks, 3)
     block_step = (axes * torch.tensor([nb * nb, nb, 1], device=dev)).sum(1)  # (8,)
     shift = (axes * (1 << _B) * torch.tensor([_H * _H, _H, 1], device=dev)).sum(1)  # (8,)

@@ -195,7 +195,8 @@ def tables(device) -> dict:
     each cube face in cyclic order; tris (256 * 64, 12, 3) triangle slots per (case, decider
     bits), -1 padded; members (256 * 64, 4, 12) edges of each loop-centre vertex; ntri,
     ncentre counts; edge_by (8, 3) edge id of (lower corner, axis) or -1; popcount12, rank12,
-    nth_edge12: the bits of 12-bit edge masks.
+    nth_edge12: the bits of 12-bit edge masks; subsets3, subset_count3: the non-empty subsets
+    of 3-bit masks.
     """
     key = str(device)
     if key not in _TABLE_CACHE:
@@ -222,6 +223,10 @@ def tables(device) -> dict:
             # the edge of each rank among a 12-bit mask's set bits, at mask * 12 + rank (0 past the last)
             nth_edge12=torch.from_numpy(np.stack([np.pad(np.flatnonzero(row), (0, 12 - row.sum()))
                                                   for row in bits]).reshape(-1)).to(device),  # (4096 * 12,)
+            # the non-empty subsets of each 3-bit mask c, ascending, at c * 7 + rank (0 past the last)
+            subsets3=torch.tensor([[m for m in range(1, 8) if m & c == m] + [0] * (8 - 2 ** bin(c).count("1"))
+                                   for c in range(8)], device=device).view(-1),  # (8 * 7,)
+            subset_count3=torch.tensor([2 ** bin(c).count("1") - 1 for c in range(8)], device=device),  # (8,)
             # edges a cell owns given which of its axes touch the grid's upper faces (bits)
             own_by_up=torch.tensor([[all(CORNER_OFFSETS[lo][a] == 0 or (u >> a) & 1 for a in range(3))
                                      for lo, _, _ in _EDGES] for u in range(8)], device=device),  # (8, 12)
