@@ -156,7 +156,8 @@ class _BlockGrid:
                                    self.pool.new_full((cap - self.rows, self.B3), float("nan"))))
             self.marks = torch.cat((self.marks[: self.rows], self.marks.new_zeros((cap - self.rows, self.B3))))
             self.peak_rows = max(self.peak_rows, cap)
-        self.table[blocks] = torch.arange(self.rows, self.rows + k, dtype=torch.int32, device=blocks.device)
+        rows = torch.arange(self.rows, self.rows + k, dtype=torch.int32, device=blocks.device)
+        self.table.index_copy_(0, blocks, rows)
         self.rows += k
 
     def field(self, ijk: torch.Tensor) -> torch.Tensor:
@@ -646,6 +647,7 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
     cell_loc = torch.cartesian_prod(r9[:-1], r9[:-1], r9[:-1])  # (512, 3) cells of a block, C order
     cell_at = (cell_loc * torch.tensor([81, 9, 1], device=dev)).sum(1)  # (512,) their lower corners in a 9^3 block
     nbr = torch.tensor(_FACE_DIR, device=dev)
+    ends = torch.tensor([0, _BLOCK], device=dev)  # a block's first and last planes of points
     # the cells found are kept as C-order keys (int32 sorts faster), their coordinates made once sorted
     stride = torch.tensor([m * m, m, 1], device=dev)
     cell_key = (cell_loc * stride).sum(1)  # (512,) of the cells of a block, from its lower corner's
@@ -662,11 +664,11 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
         # the partial reductions are the mixed grid faces of the block's boundary planes
         some, every = o[..., 1:] | o[..., :-1], o[..., 1:] & o[..., :-1]  # (K, 9, 9, 8) k-edges
         some, every = some[:, :, 1:] | some[:, :, :-1], every[:, :, 1:] & every[:, :, :-1]  # (K, 9, 8, 8) i-faces
-        mixed_i = (some & ~every)[:, [0, _BLOCK]]  # (K, 2, 8, 8)
+        mixed_i = (some & ~every).index_select(1, ends)  # (K, 2, 8, 8)
         sc = (some[:, 1:] | some[:, :-1]) & ~(every[:, 1:] & every[:, :-1])  # (K, 8, 8, 8) cells
         del some, every
-        mixed_j = _mixed_faces(o[:, :, [0, _BLOCK]].permute(0, 2, 1, 3))  # (K, 2, 8, 8) over (i, k)
-        mixed_k = _mixed_faces(o[..., [0, _BLOCK]].permute(0, 3, 1, 2))  # (K, 2, 8, 8) over (i, j)
+        mixed_j = _mixed_faces(o.index_select(2, ends).permute(0, 2, 1, 3))  # (K, 2, 8, 8) over (i, k)
+        mixed_k = _mixed_faces(o.index_select(3, ends).permute(0, 3, 1, 2))  # (K, 2, 8, 8) over (i, j)
         mixed = torch.stack((mixed_i, mixed_j, mixed_k), 1)  # (K, 3 axes, 2 sides, 8, 8)
         del o
         lim = (m - base).clamp(max=_BLOCK)  # (K, 3) cells of each block inside the grid
@@ -704,8 +706,8 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
                 kept.append(corners)
                 new.append(nxt)
         cand = _distinct(torch.cat(new))
-        front = cand[~visited.index_select(0, cand)]
-        visited[front] = True
+        front = cand.masked_select(~visited.index_select(0, cand))
+        visited.index_fill_(0, front, True)
     if not found:
         return torch.zeros(0, 3, dtype=torch.int64, device=dev), None
     key, order = torch.sort(torch.cat(found))  # distinct keys
