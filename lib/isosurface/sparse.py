@@ -532,7 +532,7 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
                 # a neighbour across each face with mixed signs, inside the grid
                 go = (on_face != 0) & (on_face != face_bytes) & torch.stack((ijk > 0, ijk < m - 1), 2).reshape(-1, 6)
                 new.append((c.unsqueeze(1) + face_key).masked_select(go))
-            front = grid.mark_new_keys(torch.cat(new))
+            front = grid.mark_new_keys(new[0] if len(new) == 1 else torch.cat(new))
         if reseed is None:
             break
         if extra is not None and extra_values is None:
