@@ -480,10 +480,14 @@ class _SoftSilhouette(torch.autograd.Function):
                 slots = tm["slots"]
                 tiles, row = torch.unique_consecutive(slots >> _P_SHIFT, return_inverse=True)
                 at = row.mul_(P).add_(slots & (P - 1))
-                rows = g.new_zeros(6, len(tiles) * P)
+                # the six quantities fill the same slots in turn: one buffer, zeroed once
+                rows = g.new_zeros(len(tiles), P)
+                sums = g.new_empty(6, len(tiles))
+                prod = torch.empty_like(g)
                 for j, (k, gg) in enumerate((k, gg) for k in range(3) for gg in (gx, gy)):
-                    rows[j].index_copy_(0, at, tm[f"w{k}"] * gg)
-                return tiles, rows.view(6, len(tiles), P).sum(2)
+                    rows.view(-1).index_copy_(0, at, torch.mul(tm[f"w{k}"], gg, out=prod))
+                    torch.sum(rows, 1, out=sums[j])
+                return tiles, sums
 
             for tiles, sm in concurrently([lambda tm=tm: pair_sums(tm) for tm in ctx.pairs], G.device):
                 segment_sum(st.fid.index_select(0, tiles), sm.T, 0, out=gface, sorted_index=True,
