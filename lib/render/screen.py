@@ -121,7 +121,8 @@ def face_tiles(uvt: torch.Tensor, zt: torch.Tensor, H: int, W: int, margin: floa
         first = torch.ceil(lo - 0.5).clamp_(min=0).clamp_(max=size_px).long()
         last = torch.floor(hi - 0.5).clamp_(max=size_px - 1).clamp_(min=-1).long()
         n = (last - first + 1).clamp_(min=0)
-        axes.append((first, torch.div(n + (size - 1), size, rounding_mode="floor")))    # first pixel, tiles
+        # tiles ceil(n / size) in float64: exact for these small counts, and int64 division is slow on the CPU
+        axes.append((first, n.add_(size - 1).double().div_(size).floor_().long()))    # first pixel, tiles
     (fx, ntx), (fy, nty) = axes
     count = ntx * nty
     if len(count) == 0 or int(count.max()) <= 1:
