@@ -69,6 +69,16 @@ def test_point_reference_matches_brute_force():
     assert torch.allclose(chunked.squared_distances(q), expect)
 
 
+def test_point_reference_queries_in_a_given_order_return_rows_in_query_order():
+    g = seeded_generator(4)
+    ref, q = PointReference(torch.rand(4000, 3, generator=g)), torch.rand(3000, 3, generator=g)
+    order = PointReference(q).order            # the queries' own tree's leaf order: not the identity
+    assert sorted(order.tolist()) == list(range(3000)) and (order != np.arange(3000)).any()
+    plain = ref.squared_distances(q)
+    assert torch.equal(ref.squared_distances(q, order=order), plain)    # bit for bit, row for row
+    assert torch.equal(ref.squared_distances(q, workers=1, order=order[::-1].copy()), plain)
+
+
 def _plane(angle_deg: float, depth: float = 3.0):
     """A square of half-size 1 facing the camera at z = depth, tilted by ``angle`` about the x axis."""
     a = math.radians(angle_deg)

@@ -510,7 +510,7 @@ def test_ground_truth_chamfer_and_normal_consistency():
     gt = svr.GroundTruth(v, f, cam, 3000)
     assert gt.points.shape == (3000, 3) and gt.valid.sum() > 250
     # brute force with the same seeded samples
-    from lib.metrics import sample_surface, seeded_generator
+    from lib.metrics import PointReference, sample_surface, seeded_generator
 
     vb, fb = extract_dense(lambda p: p.norm(dim=1) - 0.6, 40)
     pb = sample_surface(vb, fb, 3000, seeded_generator(1))
@@ -527,6 +527,10 @@ def test_ground_truth_chamfer_and_normal_consistency():
     # the per-step pair, side by side where there are two threads (conftest): the two calls' values
     assert gt.scores(vb, fb) == (gt.chamfer(vb, fb), gt.normal_consistency(vb, fb))
     assert gt.chamfer(vb, fb, workers=1) == gt.chamfer(vb, fb)          # the KD-tree's threads: same value
+    # the queries run in each tree's leaf order: the same value as in the samples' order, bit for bit
+    pred = PointReference(pb)
+    assert gt.chamfer(vb, fb) == float(gt.reference.squared_distances(pb).mean()
+                                       + pred.squared_distances(gt.points).mean())
     assert all(np.isnan(gt.scores(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int64))))
 
 

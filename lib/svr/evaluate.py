@@ -78,8 +78,10 @@ class GroundTruth:
             return math.nan
         v = verts.detach().to(device=self.device, dtype=torch.float32)
         pts = sample_surface(v, faces.to(self.device), self.samples, seeded_generator(PREDICTION_SEED, self.device))
-        to_gt = self.reference.squared_distances(pts, workers).mean()
-        from_gt = PointReference(pts).squared_distances(self.points, workers).mean()
+        predicted = PointReference(pts)
+        # each side's points queried in its own tree's leaf order: neighbours in turn (cache)
+        to_gt = self.reference.squared_distances(pts, workers, order=predicted.order).mean()
+        from_gt = predicted.squared_distances(self.points, workers, order=self.reference.order).mean()
         return float(to_gt + from_gt)
 
     def normal_consistency(self, verts: torch.Tensor, faces: torch.Tensor) -> float:
