@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["ChunkDropout", "PE_PI", "dropout_bits", "dropout_mask", "dropout_threshold",
-           "effective_dropout_prob", "new_seed", "positional_encoding"]
+           "effective_dropout_prob", "new_seed", "positional_encoding", "positional_encoding_t_"]
 
 
 # The original MeshSDF multiplies by this rounded constant, not math.pi; its checkpoints were
@@ -29,9 +29,40 @@ def positional_encoding(xyz: torch.Tensor, degree: int) -> torch.Tensor:
     """
     if degree <= 0:
         return xyz
-    freqs = PE_PI * (2.0 ** torch.arange(degree, dtype=xyz.dtype, device=xyz.device))
-    ang = (xyz.unsqueeze(-2) * freqs.unsqueeze(-1)).flatten(-2)  # (..., 3d): term l, coordinate j at 3l + j
+    ang = (xyz.unsqueeze(-2) * _frequencies(degree, xyz).unsqueeze(-1)).flatten(-2)  # (..., 3d): term l, coordinate j at 3l + j
     return torch.cat((torch.cos(ang), torch.sin(ang)), dim=-1)
+
+
+def _frequencies(degree: int, like: torch.Tensor) -> torch.Tensor:
+    """(degree,) the encoding's angular frequencies ``PE_PI`` * 2^l in ``like``'s dtype and device."""
+    return PE_PI * (2.0 ** torch.arange(degree, dtype=like.dtype, device=like.device))
+
+
+def positional_encoding_t_(pts_t: torch.Tensor, degree: int, out: torch.Tensor) -> torch.Tensor:
+    """``positional_encoding`` transposed, written into ``out``: feature f of point r at out[f, r].
+
+    Why: the fused training loss keeps activations as (features, rows); computing the features in that
+    layout needs no transposing copy, and every elementwise pass runs over long contiguous rows
+    (vectorised), where the row layout's inner loop is 3 * degree elements.  The same products,
+    cosines and sines, so the same bits as ``positional_encoding``.
+
+    Args:
+        pts_t: (3, n) the points as columns (any strides).
+        degree: the encoding degree; 0 writes the raw coordinates.
+        out: (6 * degree, n) (or (3, n) for degree 0), contiguous rows; its sine half holds the angles
+            meanwhile (no scratch).
+    Returns:
+        out.
+    """
+    if degree <= 0:
+        return out.copy_(pts_t)
+    n, terms = pts_t.shape[1], 3 * degree
+    ang = out[terms:]
+    # row 3l + j = frequency l times coordinate j: (d, 1, 1) x (1, 3, n)
+    torch.mul(_frequencies(degree, pts_t).view(degree, 1, 1), pts_t.unsqueeze(0), out=ang.view(degree, 3, n))
+    torch.cos(ang, out=out[:terms])
+    torch.sin(ang, out=ang)
+    return out
 
 
 def effective_dropout_prob(p: float) -> float:

@@ -42,7 +42,7 @@ import torch
 
 from ...runtime.cpus import keep_freed_memory
 from ...runtime.threads import concurrently
-from .elementwise import ChunkDropout, positional_encoding
+from .elementwise import ChunkDropout, positional_encoding, positional_encoding_t_
 from .gemm import uses_onednn
 
 __all__ = ["FusedPlan", "LayerPlan", "WeightBlocks", "chunk_halves", "default_chunk", "fused_clamped_l1",
@@ -209,40 +209,42 @@ class _Shared(WeightBlocks):
                 if (k0, k1) not in self.folded:
                     self.folded[k0, k1] = self._folded_weights(k0, k1)
 
-    def _folded_weights(self, k0: int, k1: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Per layer, the weights of ``_chunks_onednn`` for a chunk of scenes k0:k1 (nb = k1 - k0):
-        the scenes' biases folded in as nb extra input columns, read against nb indicator rows
-        (row j is 1 on the rows of scene k0 + j) that every hidden layer passes on as nb extra
-        output rows (an identity block; ReLU keeps them).
+    def _folded_weights(self, k0: int, k1: int) -> list[torch.Tensor]:
+        """Per layer, the weight of ``_chunks_onednn`` for a chunk of scenes k0:k1 (nb = k1 - k0): the
+        scenes' biases folded in as nb extra input columns, read against nb indicator rows (row j is 1
+        on the rows of scene k0 + j) that every hidden layer passes on as nb extra output rows (an
+        identity block; ReLU keeps them); a layer that also reads the encoded xyz has its columns last.
 
-        Why: the bias then costs no pass over the activations, and the ReLU runs inside the GEMM
-        (oneDNN's bias runs along the other axis of this layout).
+        Why: the bias then costs no pass over the activations, the ReLU runs inside the GEMM (oneDNN's
+        bias runs along the other axis of this layout), and a layer reading both its predecessor and
+        the encoded xyz is one GEMM over both (``_chunks_onednn``'s input rows), not two summed.
 
         Args:
             k0, k1: the chunk's scenes.
         Returns:
-            per layer i (main, side): main (out + nb, K + nb) multiplies the previous layer's
-            activations (K = widths[i - 1]) or, for layer 0, the encoded xyz (K = E), the extra
-            columns the biases (out, nb) and, below them, the identity (nb rows only for hidden
-            layers, out = widths[i]); side (out + nb, E) the encoded-xyz columns of a layer that
-            reads both (zero extra rows), else None.
+            per layer i, (out + nb, K) with out = widths[i] (no nb rows for the last layer): the
+            columns [biases (nb) | encoded xyz (E)] for layer 0, else [previous activations
+            (widths[i - 1]) | biases (nb)] followed by the encoded-xyz columns (E) where the layer
+            reads them; the identity block below the bias columns.
         """
         nb, last = k1 - k0, len(self.widths) - 1
         out = []
         for i, w in enumerate(self.widths):
-            base = self.wx[i] if self.wx[i] is not None else self.wpe[i]
-            k = base.shape[1]
-            rows = w + (nb if i != last else 0)
-            main = base.new_zeros(rows, k + nb)
-            main[:w, :k] = base
-            main[:w, k:] = self.scene_bias[i][k0:k1].t()
+            parts = [self.scene_bias[i][k0:k1].t()]
+            if self.wx[i] is None:
+                parts.append(self.wpe[i])
+                bias_col = 0
+            else:
+                parts.insert(0, self.wx[i])
+                bias_col = self.wx[i].shape[1]
+                if self.wpe[i] is not None:
+                    parts.append(self.wpe[i])
+            top = torch.cat(parts, 1)
+            main = top.new_zeros(w + (nb if i != last else 0), top.shape[1])
+            main[:w] = top
             if i != last:
-                main[w:, k:] = torch.eye(nb, dtype=base.dtype, device=base.device)
-            side = None
-            if self.wx[i] is not None and self.wpe[i] is not None:
-                side = base.new_zeros(rows, self.wpe[i].shape[1])
-                side[:w] = self.wpe[i]
-            out.append((main, side))
+                main[w:, bias_col: bias_col + nb] = torch.eye(nb, dtype=top.dtype, device=top.device)
+            out.append(main)
         return out
 
 
@@ -374,6 +376,27 @@ def _chunks_blas(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, i
             g = torch.ops.aten.threshold_backward.grad_input(gin, acts[i - 1], 0.0, grad_input=gin)
 
 
+def _onednn_inputs(sh: _Shared, nb: int, rows: int) -> tuple[torch.Tensor, dict]:
+    """Input-row scratch of ``_chunks_onednn`` for chunks of nb scenes x ``rows`` rows (n = nb * rows).
+
+    Returns (head, both): head (nb + E, n) the indicator rows (row j is 1 on the rows of the
+    chunk's scene j, set here), then the encoded xyz (written per chunk), layer 0's input rows;
+    both {i: (widths[i - 1] + nb + E, n)} for each layer i reading its predecessor and the encoded
+    xyz: the predecessor's activations with their indicator rows (copied per chunk), then the
+    encoded xyz.  The first such layer's buffer ends in ``head`` (a view), so that its encoded xyz
+    is written once.
+    """
+    n, e = nb * rows, sh.wpe[0].shape[1]
+    layers = sh.plan.layers
+    dtype, dev = sh.xyz.dtype, sh.xyz.device
+    both = {i: torch.empty(sh.widths[i - 1] + nb + e, n, dtype=dtype, device=dev)
+            for i, lp in enumerate(layers) if lp.x and lp.pe is not None}
+    first = min(both, default=None)
+    head = both[first][sh.widths[first - 1]:] if first is not None else torch.empty(nb + e, n, dtype=dtype, device=dev)
+    head[:nb] = torch.eye(nb, dtype=dtype, device=dev).repeat_interleave(rows, 1)
+    return head, both
+
+
 def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, int, int]]) -> None:
     """``_run_chunks`` with oneDNN's GEMMs (``.gemm.cpu_gemm`` "onednn"): the same sums, other rounding.
 
@@ -383,64 +406,69 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
     W^T G^T, and the weight gradient G^T A from two contiguous (features, rows) blocks, which in
     the row layout needed both converted to oneDNN's own tensors first.  The biases ride in the
     GEMMs (``_Shared._folded_weights``: each hidden layer's activations end in the chunk's scene
-    indicator rows), with the ReLU as the GEMM's post-op; only a layer that adds its encoded-xyz
-    product to its main one takes the ReLU as a pass of its own.
+    indicator rows), with the ReLU as the GEMM's post-op.  A layer that reads the encoded xyz as
+    well reads one block of input rows, its predecessor's activations then the encoded xyz
+    (``_onednn_inputs``), so that its forward and its weight gradient are one GEMM each.
     """
     plan, layers = sh.plan, sh.plan.layers
     s = sh.sdf.shape[1]
     scale = 1.0 / sh.sdf.numel()
     last = len(layers) - 1
     linear = torch.ops.mkldnn._linear_pointwise
-    fwd = [(i, lp.x and lp.pe is not None, lp.dropout, sh.widths[i]) for i, lp in enumerate(layers)]
+    fwd = [(i, lp.dropout, sh.widths[i], lp.x and lp.pe is not None) for i, lp in enumerate(layers)]
     bwd = [(i, lp.pe is not None, None if part.gwx[i] is None else part.gwx[i].t(), part.gwpe[i], sh.wx_t[i])
            for i, lp in reversed(list(enumerate(layers)))]
-    scene = [(None, None)] * sh.sdf.shape[0]  # for _chunk_inputs: the biases are in sh.folded
-    indicators: dict = {}
+    scratch: dict = {}
     for k0, k1, r0, r1 in chunks:
         acts: list = [None] * len(layers)  # the last chunk's go first, so that the allocator reuses their memory
         h = g = gin = None
         nb = k1 - k0
-        n, _, _, pe = _chunk_inputs(plan, sh, part, scene, k0, k1, r0, r1)
+        n = nb * (r1 - r0)
+        inputs = scratch.get((nb, r1 - r0))
+        if inputs is None:
+            inputs = scratch[nb, r1 - r0] = _onednn_inputs(sh, nb, r1 - r0)
+        head, both = inputs
+        pe = head[nb:]
+        positional_encoding_t_(sh.xyz[k0:k1, r0:r1].reshape(n, 3).t(), plan.fourier_degree, pe)
         sums = part.colsums[:, k0:k1]  # (layers, nb, width) the scenes' bias gradients
-        ind = indicators.get((nb, r1 - r0))
-        if ind is None:  # (n, nb): 1 where row belongs to scene k0 + j
-            eye = torch.eye(nb, dtype=pe.dtype, device=pe.device)
-            ind = indicators[nb, r1 - r0] = eye.repeat_interleave(r1 - r0, 0)
         folded = sh.folded[k0, k1]
-        x = x0 = torch.cat((pe, ind), 1)  # (rows, features + nb): read by the first GEMMs as Q, as it is
-        for i, both, drop, width in fwd:
-            main, side = folded[i]
-            if both:  # the encoded-xyz part added inside the main GEMM, then the ReLU
-                h = linear.binary(main, linear(side, pe, None, "none", [], ""), x, None, "add")
-                if i != last:
-                    h.clamp_min_(0.0)
-            elif main.shape[0] == 1:  # one output unit: a vector-matrix product, which oneDNN runs as a one-row GEMM
-                h = torch.mm(main, x.t())
+        ins = [head] + [None] * last  # per layer its input rows, (in + nb [+ E], rows)
+        for i, drop, width, reads_pe in fwd:
+            main = folded[i]
+            if i:
+                if reads_pe:
+                    rows_in = both[i]
+                    rows_in[: h.shape[0]].copy_(h)  # h ends in its indicator rows
+                    if rows_in[h.shape[0]:].data_ptr() != pe.data_ptr():  # not the buffer that holds head
+                        rows_in[h.shape[0]:].copy_(pe)
+                else:
+                    rows_in = h
+                ins[i] = rows_in
+            if main.shape[0] == 1:  # one output unit: a vector-matrix product, which oneDNN runs as a one-row GEMM
+                h = torch.mm(main, ins[i])
             else:
-                h = linear(main, x, None, "none" if i == last else "relu", [], "")
+                h = linear(main, ins[i].t(), None, "none" if i == last else "relu", [], "")
             acts[i] = h
             if i == last:
                 break
             if drop:
                 part.dropout.apply_t_(h[:width], i, k0 * s + r0)
-            x = h.t()
         g = _loss_head(plan, h, sh.sdf[k0:k1, r0:r1].reshape(n), sh.clamp, part, scale).view(1, n)
-        # the weight gradients of the inputs that end in indicator rows (or columns, the encoded xyz
-        # of layer 0) end in the scenes' bias gradients: no pass of their own
+        # the weight gradients of the inputs' indicator rows are the scenes' bias gradients: no pass of their own
         for i, has_pe, g_wx_t, g_wpe, w_x in bwd:
             out = g.shape[0]
-            if i == 0:  # (out, E + nb): encoded-xyz columns, then the biases
-                grads = linear(g, x0.t(), None, "none", [], "")
-                sums[0, :, :out].add_(grads[:, pe.shape[1]:].t())
-                g_wpe.add_(grads[:, : pe.shape[1]])
+            if i == 0:  # (out, nb + E): the biases, then the encoded-xyz columns
+                grads = linear(g, head, None, "none", [], "")
+                sums[0, :, :out].add_(grads[:, :nb].t())
+                g_wpe.add_(grads[:, nb:])
                 break
-            prev = acts[i - 1]  # (in + nb, rows): the indicator rows last
+            prev = ins[i]  # (in + nb [+ E], rows)
             width = w_x.shape[0]
-            grads = linear(prev, g, None, "none", [], "")  # (in + nb, out), transposed
-            sums[i, :, :out].add_(grads[width:])
+            grads = linear(prev, g, None, "none", [], "")  # (in + nb [+ E], out), transposed
             g_wx_t.add_(grads[:width])
+            sums[i, :, :out].add_(grads[width: width + nb])
             if has_pe:
-                g_wpe.add_(linear(g, pe.t(), None, "none", [], ""))
+                g_wpe.t().add_(grads[width + nb:])
             prev = prev[:width]
             # one output unit: an outer product (no sums, so the GEMM's exact products)
             gin = torch.mul(w_x, g) if out == 1 else linear(w_x, g.t(), None, "none", [], "")
