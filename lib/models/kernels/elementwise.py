@@ -222,7 +222,7 @@ class ChunkDropout:
         # h where bits >= threshold, else 0, in one pass (the int16 bits compared as h's dtype)
         return torch.ops.aten.threshold_backward.grad_input(h, bits, self.threshold - 1, grad_input=h)
 
-    def apply_t_(self, h_t: torch.Tensor, layer: int, row0: int) -> torch.Tensor:
+    def apply_t_(self, h_t: torch.Tensor, layer: int, row0: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """``apply_`` in the transposed layout: h_t (cols, n) holds rows row0 .. row0 + n of ``layer``
         as columns; the same units are dropped.
 
@@ -236,8 +236,10 @@ class ChunkDropout:
             h_t: (cols, n) activations, zeroed in place where dropped; cols <= max_cols, n <= max_rows.
             layer: the layer index (its stream).
             row0: the first row of the chunk.
+            out: (cols, n) where the result goes instead (h_t then unchanged), e.g. a block of the
+                next layer's input rows, so that no copy follows; default None: h_t itself.
         Returns:
-            h_t.
+            out, or h_t.
         """
         cols, n = h_t.shape
         key = ("t", n, cols, h_t.dtype)
@@ -256,7 +258,7 @@ class ChunkDropout:
         low.copy_(torch.bitwise_left_shift(z, 16, out=t))
         high.copy_(z.bitwise_and_(-65536))
         return torch.ops.aten.threshold_backward.grad_input(h_t, scaled, (self.threshold - 1) * 65536.0,
-                                                            grad_input=h_t)
+                                                            grad_input=h_t if out is None else out)
 
 
 def dropout_threshold(p: float) -> int:

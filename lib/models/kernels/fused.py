@@ -393,7 +393,10 @@ def _onednn_inputs(sh: _Shared, nb: int, rows: int) -> tuple[torch.Tensor, dict]
             for i, lp in enumerate(layers) if lp.x and lp.pe is not None}
     first = min(both, default=None)
     head = both[first][sh.widths[first - 1]:] if first is not None else torch.empty(nb + e, n, dtype=dtype, device=dev)
-    head[:nb] = torch.eye(nb, dtype=dtype, device=dev).repeat_interleave(rows, 1)
+    indicators = torch.eye(nb, dtype=dtype, device=dev).repeat_interleave(rows, 1)
+    head[:nb] = indicators
+    for i, buf in both.items():  # a dropped-out predecessor writes only its units (``_chunks_onednn``)
+        buf[sh.widths[i - 1]: sh.widths[i - 1] + nb] = indicators
     return head, both
 
 
@@ -415,7 +418,7 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
     scale = 1.0 / sh.sdf.numel()
     last = len(layers) - 1
     linear = torch.ops.mkldnn._linear_pointwise
-    fwd = [(i, lp.dropout, sh.widths[i], lp.x and lp.pe is not None) for i, lp in enumerate(layers)]
+    fwd = [(i, lp.dropout, sh.widths[i]) for i, lp in enumerate(layers)]
     bwd = [(i, lp.pe is not None, None if part.gwx[i] is None else part.gwx[i].t(), part.gwpe[i], sh.wx_t[i])
            for i, lp in reversed(list(enumerate(layers)))]
     scratch: dict = {}
@@ -433,17 +436,10 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
         sums = part.colsums[:, k0:k1]  # (layers, nb, width) the scenes' bias gradients
         folded = sh.folded[k0, k1]
         ins = [head] + [None] * last  # per layer its input rows, (in + nb [+ E], rows)
-        for i, drop, width, reads_pe in fwd:
+        for i, drop, width in fwd:
             main = folded[i]
-            if i:
-                if reads_pe:
-                    rows_in = both[i]
-                    rows_in[: h.shape[0]].copy_(h)  # h ends in its indicator rows
-                    if rows_in[h.shape[0]:].data_ptr() != pe.data_ptr():  # not the buffer that holds head
-                        rows_in[h.shape[0]:].copy_(pe)
-                else:
-                    rows_in = h
-                ins[i] = rows_in
+            if i and ins[i] is None:  # (a layer reading the encoded xyz has its block filled already)
+                ins[i] = h
             if main.shape[0] == 1:  # one output unit: a vector-matrix product, which oneDNN runs as a one-row GEMM
                 h = torch.mm(main, ins[i])
             else:
@@ -451,8 +447,17 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
             acts[i] = h
             if i == last:
                 break
-            if drop:
-                part.dropout.apply_t_(h[:width], i, k0 * s + r0)
+            nxt = both.get(i + 1)  # the next layer's input block: these activations, the indicator rows, the encoded xyz
+            if nxt is not None:
+                ins[i + 1] = nxt
+                if nxt[width + nb:].data_ptr() != pe.data_ptr():  # not the buffer that holds head
+                    nxt[width + nb:].copy_(pe)
+            if drop:  # written straight into the next layer's block, if it has one
+                part.dropout.apply_t_(h[:width], i, k0 * s + r0, None if nxt is None else nxt[:width])
+            elif nxt is not None:
+                nxt[:width].copy_(h[:width])
+            if nxt is not None:
+                acts[i] = None  # the block holds them now
         g = _loss_head(plan, h, sh.sdf[k0:k1, r0:r1].reshape(n), sh.clamp, part, scale).view(1, n)
         # the weight gradients of the inputs' indicator rows are the scenes' bias gradients: no pass of their own
         for i, has_pe, g_wx_t, g_wpe, w_x in bwd:
