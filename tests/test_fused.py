@@ -99,6 +99,38 @@ def test_chunk_dropout_in_the_transposed_layout_drops_the_same_units(cols, rows,
     assert torch.equal(transposed.t() != 0, keep != 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("degree", [0, 1, 5])
+@pytest.mark.parametrize("n", [1, 7, 4099])
+def test_transposed_positional_encoding_has_the_same_bits(degree, n, dtype):
+    """positional_encoding_t_ (the fused loss's (features, rows) layout) writes exactly the features of
+    positional_encoding, from points with any strides, for odd counts that leave a vector tail."""
+    from lib.models.kernels.elementwise import positional_encoding, positional_encoding_t_
+
+    torch.manual_seed(n + degree)
+    rows = (torch.rand(n, 4, dtype=dtype) * 8 - 4)[:, :3]  # strided, like a sample batch's xyz
+    want = positional_encoding(rows, degree)
+    out = torch.full((max(3, 6 * degree), n), float("nan"), dtype=dtype)
+    got = positional_encoding_t_(rows.t(), degree, out)
+    assert got is out and torch.equal(out.t(), want)
+
+
+def test_chunk_dropout_in_the_transposed_layout_can_write_elsewhere():
+    """apply_t_ with out= writes the kept units where told (both lanes, an odd width) and leaves h as it was."""
+    from lib.models.kernels.elementwise import ChunkDropout
+
+    seed, cols, rows = new_seed(), 93, 50
+    h = torch.rand(cols, rows) + 0.5
+    inplace = ChunkDropout(seed, 0.3, 64, 96, "cpu", layers=[2]).apply_t_(h.clone(), 2, 13)
+    block = torch.full((cols + 4, rows), -1.0)
+    got = ChunkDropout(seed, 0.3, 64, 96, "cpu", layers=[2]).apply_t_(h.clone(), 2, 13, out=block[:cols])
+    assert torch.equal(block[:cols], inplace) and (inplace == 0).any() and (block[cols:] == -1).all()
+    assert got.data_ptr() == block.data_ptr()
+    kept = h.clone()
+    ChunkDropout(seed, 0.3, 64, 96, "cpu", layers=[2]).apply_t_(kept, 2, 13, out=torch.empty(cols, rows))
+    assert torch.equal(kept, h)
+
+
 CONFIGS = {
     "deepsdf": dict(dims=[32] * 6, dropout=list(range(6)), dropout_prob=0.2, norm_layers=list(range(6)),
                     latent_in=[3], weight_norm=True, positional_encoding=True, fourier_degree=3),
