@@ -419,12 +419,18 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
     last = len(layers) - 1
     linear = torch.ops.mkldnn._linear_pointwise
     fwd = [(i, lp.dropout, sh.widths[i]) for i, lp in enumerate(layers)]
-    bwd = [(i, lp.pe is not None, None if part.gwx[i] is None else part.gwx[i].t(), part.gwpe[i], sh.wx_t[i])
-           for i, lp in reversed(list(enumerate(layers)))]
+    bwd = [(i, sh.wx_t[i]) for i in reversed(range(len(layers)))]
     scratch: dict = {}
+    # per layer its weight-gradient block (the GEMM's layout, indicator rows included) summed over the
+    # chunks of the same scenes, then split into ``part``'s sums: one addition per layer and chunk
+    blocks: list = [None] * len(layers)
+    scenes = None  # (k0, k1) of the chunks summed in ``blocks``
     for k0, k1, r0, r1 in chunks:
-        acts: list = [None] * len(layers)  # the last chunk's go first, so that the allocator reuses their memory
-        h = g = gin = None
+        if scenes != (k0, k1):
+            if scenes is not None:
+                _add_blocks(sh, part, blocks, *scenes)
+            blocks, scenes = [None] * len(layers), (k0, k1)
+        ins = h = g = gin = None  # the last chunk's go first, so that the allocator reuses their memory
         nb = k1 - k0
         n = nb * (r1 - r0)
         inputs = scratch.get((nb, r1 - r0))
@@ -433,7 +439,6 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
         head, both = inputs
         pe = head[nb:]
         positional_encoding_t_(sh.xyz[k0:k1, r0:r1].reshape(n, 3).t(), plan.fourier_degree, pe)
-        sums = part.colsums[:, k0:k1]  # (layers, nb, width) the scenes' bias gradients
         folded = sh.folded[k0, k1]
         ins = [head] + [None] * last  # per layer its input rows, (in + nb [+ E], rows)
         for i, drop, width in fwd:
@@ -444,7 +449,6 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
                 h = torch.mm(main, ins[i])
             else:
                 h = linear(main, ins[i].t(), None, "none" if i == last else "relu", [], "")
-            acts[i] = h
             if i == last:
                 break
             nxt = both.get(i + 1)  # the next layer's input block: these activations, the indicator rows, the encoded xyz
@@ -456,29 +460,48 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
                 part.dropout.apply_t_(h[:width], i, k0 * s + r0, None if nxt is None else nxt[:width])
             elif nxt is not None:
                 nxt[:width].copy_(h[:width])
-            if nxt is not None:
-                acts[i] = None  # the block holds them now
         g = _loss_head(plan, h, sh.sdf[k0:k1, r0:r1].reshape(n), sh.clamp, part, scale).view(1, n)
         # the weight gradients of the inputs' indicator rows are the scenes' bias gradients: no pass of their own
-        for i, has_pe, g_wx_t, g_wpe, w_x in bwd:
-            out = g.shape[0]
-            if i == 0:  # (out, nb + E): the biases, then the encoded-xyz columns
-                grads = linear(g, head, None, "none", [], "")
-                sums[0, :, :out].add_(grads[:, :nb].t())
-                g_wpe.add_(grads[:, nb:])
+        for i, w_x in bwd:
+            # layer 0: (out, nb + E), else (in + nb [+ E], out): the GEMM of the two contiguous blocks
+            grads = linear(g, head, None, "none", [], "") if i == 0 else linear(ins[i], g, None, "none", [], "")
+            if blocks[i] is None:
+                blocks[i] = grads
+            else:
+                blocks[i].add_(grads)
+            if i == 0:
                 break
-            prev = ins[i]  # (in + nb [+ E], rows)
-            width = w_x.shape[0]
-            grads = linear(prev, g, None, "none", [], "")  # (in + nb [+ E], out), transposed
-            g_wx_t.add_(grads[:width])
-            sums[i, :, :out].add_(grads[width: width + nb])
-            if has_pe:
-                g_wpe.t().add_(grads[width + nb:])
-            prev = prev[:width]
+            prev = ins[i][: w_x.shape[0]]
             # one output unit: an outer product (no sums, so the GEMM's exact products)
-            gin = torch.mul(w_x, g) if out == 1 else linear(w_x, g.t(), None, "none", [], "")
+            gin = torch.mul(w_x, g) if g.shape[0] == 1 else linear(w_x, g.t(), None, "none", [], "")
             # relu and dropout backward at once: pass where the unit was kept and positive
             g = torch.ops.aten.threshold_backward.grad_input(gin, prev, 0.0, grad_input=gin)
+    if scenes is not None:
+        _add_blocks(sh, part, blocks, *scenes)
+
+
+def _add_blocks(sh: _Shared, part: _Partial, blocks: Sequence[torch.Tensor | None], k0: int, k1: int) -> None:
+    """Add ``_chunks_onednn``'s weight-gradient blocks of chunks of scenes k0:k1 to ``part``'s sums.
+
+    Args:
+        blocks: per layer i, None (no chunk) or layer 0's (out, nb + E) [biases | encoded xyz], else
+            (widths[i - 1] + nb [+ E], out) [weights of the previous activations; biases; encoded xyz],
+            nb = k1 - k0.
+        k0, k1: the scenes.
+    """
+    nb = k1 - k0
+    for i, blk in enumerate(blocks):
+        if blk is None:
+            continue
+        if i == 0:
+            part.colsums[0, k0:k1, : blk.shape[0]].add_(blk[:, :nb].t())
+            part.gwpe[0].add_(blk[:, nb:])
+            continue
+        width = sh.wx_t[i].shape[0]
+        part.gwx[i].t().add_(blk[:width])
+        part.colsums[i, k0:k1, : blk.shape[1]].add_(blk[width: width + nb])
+        if part.gwpe[i] is not None:
+            part.gwpe[i].t().add_(blk[width + nb:])
 
 
 class _FusedClampedL1(torch.autograd.Function):
