@@ -203,11 +203,15 @@ class _Shared(WeightBlocks):
         self.wpe = [None if t is None else t.t().contiguous() for t in self.wpe_t] if self.onednn else None
         # each scene of a oneDNN chunk adds a row and a column to its GEMMs (``_folded_weights``)
         self.chunks = plan_chunks(*sdf.shape, plan.chunk, _PAD if self.onednn else None)
-        self.folded = {}
-        if self.onednn:
-            for k0, k1, _, _ in self.chunks:
-                if (k0, k1) not in self.folded:
-                    self.folded[k0, k1] = self._folded_weights(k0, k1)
+        self._folded: dict = {}
+
+    def folded(self, k0: int, k1: int) -> list[torch.Tensor]:
+        """``_folded_weights(k0, k1)``, made at the first call (by the half that needs them, so that the
+        halves make theirs side by side; two threads asking at once make the same values twice)."""
+        f = self._folded.get((k0, k1))
+        if f is None:
+            f = self._folded[k0, k1] = self._folded_weights(k0, k1)
+        return f
 
     def _folded_weights(self, k0: int, k1: int) -> list[torch.Tensor]:
         """Per layer, the weight of ``_chunks_onednn`` for a chunk of scenes k0:k1 (nb = k1 - k0): the
@@ -262,8 +266,9 @@ class _Partial:
         self.gwpe = [torch.zeros_like(m).t() if m is not None else None for m in sh.wpe_t]
         self.colsums = torch.zeros(len(sh.widths), b, width, dtype=dtype, device=dev)  # bias gradients per scene
         self.total = torch.zeros((), dtype=dtype, device=dev)
-        self._acts = [torch.empty(c * n, dtype=dtype, device=dev) for n in sh.widths]
-        self._grads = [torch.empty(c * width, dtype=dtype, device=dev) for _ in range(2)]
+        # scratch of the torch.mm loop (oneDNN's returns new tensors)
+        self._acts = [] if sh.onednn else [torch.empty(c * n, dtype=dtype, device=dev) for n in sh.widths]
+        self._grads = [] if sh.onednn else [torch.empty(c * width, dtype=dtype, device=dev) for _ in range(2)]
         self.dropout = ChunkDropout(sh.seed, sh.plan.dropout_prob, c, width, dev, dtype,
                                     layers=[i for i, lp in enumerate(sh.plan.layers) if lp.dropout])
         self._views: dict = {}
@@ -317,6 +322,14 @@ def chunk_halves(chunks: Sequence[tuple[int, int, int, int]], device) -> list[li
         return [list(chunks)]
     mid = (len(chunks) + 1) // 2
     return [list(chunks[:mid]), list(chunks[mid:])]
+
+
+def _half(sh: _Shared, rows: int, chunks: Sequence[tuple[int, int, int, int]]) -> _Partial:
+    """The sums of one group of ``chunk_halves``: its scratch (chunks of up to ``rows`` rows) made and
+    its chunks run in the calling thread, so that the halves set up side by side too."""
+    part = _Partial(sh, rows)
+    _run_chunks(sh, part, chunks)
+    return part
 
 
 def _run_chunks(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, int, int]]) -> None:
@@ -439,7 +452,7 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
         head, both = inputs
         pe = head[nb:]
         positional_encoding_t_(sh.xyz[k0:k1, r0:r1].reshape(n, 3).t(), plan.fourier_degree, pe)
-        folded = sh.folded[k0, k1]
+        folded = sh.folded(k0, k1)
         ins = [head] + [None] * last  # per layer its input rows, (in + nb [+ E], rows)
         for i, drop, width in fwd:
             main = folded[i]
@@ -515,8 +528,7 @@ class _FusedClampedL1(torch.autograd.Function):
         chunks = sh.chunks
         rows = max((k1 - k0) * (r1 - r0) for k0, k1, r0, r1 in chunks)
         groups = chunk_halves(chunks, sdf.device)
-        parts = [_Partial(sh, rows) for _ in groups]
-        concurrently([lambda p=p, g=g: _run_chunks(sh, p, g) for p, g in zip(parts, groups)], sdf.device)
+        parts = concurrently([lambda g=g: _half(sh, rows, g) for g in groups], sdf.device)
         part = parts[0]
         for other in parts[1:]:
             part.add_(other)
