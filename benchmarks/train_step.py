@@ -16,7 +16,8 @@ interleaved, best of each kept, so other load on the machine affects all alike) 
     ``lib.models.kernels.gemm.cpu_gemm`` picks for this CPU, and also with each other one.
 
 Prints the CPU (model, vendor, vector width, caches), both GEMM rates, the times and the
-ratios step / roofline, and writes them to a JSON file under benchmarks/results/.
+ratios step / roofline, where the fused step's wall time goes (before, during and after its two
+side-by-side halves), and writes them to a JSON file under benchmarks/results/.
 Usage: python benchmarks/train_step.py [--rounds R] [--output FILE]
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ from lib.datasets import Instance, SdfSamples  # noqa: E402
 from lib.models.decoder import decoder_from_specs, positional_encoding  # noqa: E402
 from lib.training import TrainSettings, auto_decoder_loss, clamped_l1, optimizer_step  # noqa: E402
 from lib.experiment.specs import REPO_ROOT, load_specs  # noqa: E402
-from lib.models.kernels import gemm  # noqa: E402
+from lib.models.kernels import fused, gemm  # noqa: E402
 from lib.runtime.cpus import cpu_info  # noqa: E402
 
 ROWS = 250_000  # per pos / neg array, like the prepared bob and spot files
@@ -87,6 +88,45 @@ def write_synthetic_scenes(root, count: int, rows: int = ROWS, seed: int = 0) ->
         pts = rng.uniform(-1, 1, (2 * rows, 4)).astype(np.float32)
         np.savez(p, pos=np.abs(pts[:rows]), neg=-np.abs(pts[rows:]))
     return insts
+
+
+def halves_balance(step, rounds: int) -> dict | None:
+    """Where one fused step's wall time goes: the median over ``rounds`` steps of the time before the
+    two halves of the fused loss start (sampling, setup), each half's wall and thread CPU time, and
+    the time after the last one ends (gradients, backward, Adam).  None if the step has no halves.
+
+    Why: the halves run side by side, one thread each; a step longer than its CPU time / 2 is
+    spent in the serial parts, in a half that ends late, or in a thread that waits.
+    """
+    real = fused._half
+    seen = []
+
+    def timed(sh, rows, chunks):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        part = real(sh, rows, chunks)
+        seen.append((t0, time.perf_counter(), time.thread_time() - c0))
+        return part
+
+    steps = []
+    fused._half = timed
+    try:
+        for _ in range(rounds):
+            seen.clear()
+            t0 = time.perf_counter()
+            step()
+            t1 = time.perf_counter()
+            if len(seen) == 2:
+                seen.sort()
+                steps.append((t1 - t0, seen[0][0] - t0, t1 - max(e for _, e, _ in seen),
+                              [e - s for s, e, _ in seen], [c for _, _, c in seen]))
+    finally:
+        fused._half = real
+    if not steps:
+        return None
+    steps.sort(key=lambda r: r[0])
+    wall, before, after, halves, cpus = steps[len(steps) // 2]
+    return {"step_ms": wall * 1e3, "before_ms": before * 1e3, "after_ms": after * 1e3,
+            "half_ms": [h * 1e3 for h in halves], "half_cpu_ms": [c * 1e3 for c in cpus]}
 
 
 def main() -> int:
@@ -174,6 +214,7 @@ def main() -> int:
             t, c = best_of(fn, reps)
             best[k], cpu[k] = min(best[k], t), min(cpu[k], c)
     load_after = os.getloadavg()
+    balance = halves_balance(with_gemm(chosen), rounds=max(3, args.rounds))
     rates = {k.split()[1]: 2 * 2048 ** 3 / t / 1e9 for k, t in best.items() if k.startswith("gemm")}
     rate_lib = max(rates, key=rates.get)
     flops = step_flops(dec, b * s)
@@ -197,6 +238,12 @@ def main() -> int:
         rows[k] = {"ms": t * 1e3, "x_roofline": t / roof, "cpu_ms": cpu[k] * 1e3, "cpu_x_roofline": cpu[k] / roof_cpu}
         extra = f"   (speed-up over baseline {best['baseline'] / t:.2f}x)" if k != "baseline" else ""
         print(f"{k:28s} {t * 1e3:8.1f} ms  = {t / roof:5.2f} x roofline; CPU time {cpu[k] / roof_cpu:5.2f} x{extra}")
+    if balance:
+        print(f"ours {chosen}, where the wall time goes (median step {balance['step_ms']:.1f} ms): "
+              f"{balance['before_ms']:.1f} ms before the halves (sampling, setup), halves "
+              + " / ".join(f"{w:.1f}" for w in balance["half_ms"]) + " ms wall ("
+              + " / ".join(f"{c:.1f}" for c in balance["half_cpu_ms"]) + " ms thread CPU), "
+              f"{balance['after_ms']:.1f} ms after (gradients, Adam)")
     result = {
         "what": "one bob_and_spot DeepSDF training step (sample, fused loss, backward, Adam) vs its GEMM roofline",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rounds": args.rounds,
@@ -206,7 +253,7 @@ def main() -> int:
         "threads": torch.get_num_threads(), "load_average": {"before": load_before, "after": load_after},
         "step_gflop": flops / 1e9, "gemm_gflops": rates, "roofline_library": rate_lib, "roofline_ms": roof * 1e3,
         "roofline_cpu_ms": roof_cpu * 1e3,
-        "fused_gemm": chosen, "rows": rows,
+        "fused_gemm": chosen, "rows": rows, "halves_balance": balance,
     }
     out = Path(args.output) if args.output else (Path(__file__).resolve().parent / "results" /
                                                  f"train_step_{time.strftime('%Y%m%d_%H%M%S')}.json")
