@@ -392,12 +392,17 @@ def _chunks_blas(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, i
 def _onednn_inputs(sh: _Shared, nb: int, rows: int) -> tuple[torch.Tensor, dict]:
     """Input-row scratch of ``_chunks_onednn`` for chunks of nb scenes x ``rows`` rows (n = nb * rows).
 
-    Returns (head, both): head (nb + E, n) the indicator rows (row j is 1 on the rows of the
-    chunk's scene j, set here), then the encoded xyz (written per chunk), layer 0's input rows;
-    both {i: (widths[i - 1] + nb + E, n)} for each layer i reading its predecessor and the encoded
-    xyz: the predecessor's activations with their indicator rows (copied per chunk), then the
-    encoded xyz.  The first such layer's buffer ends in ``head`` (a view), so that its encoded xyz
-    is written once.
+    Args:
+        sh: the step's weights and data.
+        nb: scenes per chunk.
+        rows: rows per scene in a chunk.
+    Returns:
+        (head, both): head (nb + E, n) the indicator rows (row j is 1 on the rows of the chunk's
+        scene j, set here), then the encoded xyz (written per chunk): layer 0's input rows; both
+        {i: (widths[i - 1] + nb + E, n)} for each layer i reading its predecessor and the encoded
+        xyz: the predecessor's activations (written per chunk), the indicator rows (set here), the
+        encoded xyz.  The first such layer's buffer ends in ``head`` (a view), so that its encoded
+        xyz is written once.
     """
     n, e = nb * rows, sh.wpe[0].shape[1]
     layers = sh.plan.layers
