@@ -29,7 +29,8 @@ def positional_encoding(xyz: torch.Tensor, degree: int) -> torch.Tensor:
     """
     if degree <= 0:
         return xyz
-    ang = (xyz.unsqueeze(-2) * _frequencies(degree, xyz).unsqueeze(-1)).flatten(-2)  # (..., 3d): term l, coordinate j at 3l + j
+    # (..., 3d): term l, coordinate j at 3l + j
+    ang = (xyz.unsqueeze(-2) * _frequencies(degree, xyz).unsqueeze(-1)).flatten(-2)
     return torch.cat((torch.cos(ang), torch.sin(ang)), dim=-1)
 
 

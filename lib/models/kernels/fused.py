@@ -469,7 +469,8 @@ def _chunks_onednn(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int,
                 h = linear(main, ins[i].t(), None, "none" if i == last else "relu", [], "")
             if i == last:
                 break
-            nxt = both.get(i + 1)  # the next layer's input block: these activations, the indicator rows, the encoded xyz
+            # the next layer's input block, if it reads the encoded xyz too: these activations, indicators, encoded xyz
+            nxt = both.get(i + 1)
             if nxt is not None:
                 ins[i + 1] = nxt
                 if nxt[width + nb:].data_ptr() != pe.data_ptr():  # not the buffer that holds head
