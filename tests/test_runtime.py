@@ -128,6 +128,23 @@ def test_concurrently_runs_side_by_side_on_one_thread_each_and_restores_the_coun
         torch.set_num_threads(old)
 
 
+def test_concurrently_runs_each_task_on_the_same_worker_thread_every_call():
+    """Task i always runs on worker thread i, also after a wider call made more workers: its
+    thread-local scratch and malloc arena serve it again (a shared pool would hand it to
+    whichever idle worker woke first, rotating among them)."""
+    import threading
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runtime.concurrently([threading.get_ident] * 4)           # a wider call: at least 3 workers
+        seen = {runtime.concurrently([threading.get_ident] * 2)[1] for _ in range(12)}
+        assert len(seen) == 1 and threading.get_ident() not in seen
+        wide = [runtime.concurrently([threading.get_ident] * 3)[1:] for _ in range(6)]
+        assert all(w == wide[0] for w in wide) and wide[0][0] in seen and len(set(wide[0])) == 2
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_concurrently_runs_in_order_on_one_thread_nested_or_switched_off(monkeypatch):
     import threading
     old = torch.get_num_threads()

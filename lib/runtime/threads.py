@@ -112,17 +112,24 @@ def thread_policy_summary() -> str:
 
 # ------------------------------------------------------------- side-by-side CPU work
 _SECTION = threading.Lock()    # one concurrent section at a time in the process
-_POOL: dict = {}               # pid -> (workers, ThreadPoolExecutor); a forked child makes its own
+_POOL: dict = {}               # pid -> [single-thread executors]; a forked child makes its own
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _workers(count: int) -> list[ThreadPoolExecutor]:
+    """The first ``count`` of the process's single-thread workers, made as needed.
+
+    Why one executor per worker: task i of :func:`concurrently` then always runs on the same
+    thread, so that thread's scratch (thread-local workspaces) and malloc arena serve it again
+    next time; a shared pool hands a task to whichever idle thread wakes first, and memory
+    freed in one thread's arena is page-faulted in anew in another's.
+    """
     held = _POOL.get(os.getpid())
-    if held is None or held[0] < workers:
-        if held is not None:
-            held[1].shutdown(wait=False)
+    if held is None:
         _POOL.clear()
-        held = _POOL[os.getpid()] = (workers, ThreadPoolExecutor(workers, thread_name_prefix="meshsdf"))
-    return held[1]
+        held = _POOL[os.getpid()] = []
+    while len(held) < count:
+        held.append(ThreadPoolExecutor(1, thread_name_prefix=f"meshsdf{len(held)}"))
+    return held[:count]
 
 
 def _run_on_worker(task: Callable, grad: bool, threads: int):
@@ -145,7 +152,7 @@ def concurrently(tasks: Sequence[Callable], device=None) -> list:
     pass), while two independent such computations, each on one thread, overlap almost
     fully (torch releases the GIL inside its operations).  With k >= 2 intra-op threads
     (the thread policy's choice) and a CPU ``device``, tasks[0] runs in the calling thread
-    and the others on a pool of worker threads, each task on max(1, k // len(tasks))
+    and task i >= 1 on worker thread i (the same thread every call), each task on max(1, k // len(tasks))
     intra-op threads (one each on 2 cores; 8 each for two tasks on 16, so that a
     many-core machine keeps its cores); the caller's thread count is restored afterwards.
     Otherwise (one thread, a CUDA device, a section already running in this process, or
@@ -160,12 +167,12 @@ def concurrently(tasks: Sequence[Callable], device=None) -> list:
     if len(tasks) < 2 or threads < 2 or not cpu or not SETTINGS.concurrent or not _SECTION.acquire(blocking=False):
         return [t() for t in tasks]
     try:
-        pool = _pool(len(tasks) - 1)
+        workers = _workers(len(tasks) - 1)
         grad = torch.is_grad_enabled()
         share = max(1, threads // len(tasks))
         torch.set_num_threads(share)
         try:
-            futures = [pool.submit(_run_on_worker, t, grad, share) for t in tasks[1:]]
+            futures = [w.submit(_run_on_worker, t, grad, share) for w, t in zip(workers, tasks[1:])]
             try:
                 first = tasks[0]()
             finally:
