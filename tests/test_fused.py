@@ -377,6 +377,7 @@ def test_a_cpu_training_step_reuses_its_memory_instead_of_page_faulting_it_in_ag
             step()
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    # three steps allocate > 24 MiB (6144 pages) of activations alone; the least of three rounds,
-    # since on a busy machine a preempted thread may once take a fresh malloc arena
-    assert min(faults_of_three_steps() for _ in range(3)) < 1024  # without the setting: > 10000
+    # three steps allocate > 24 MiB (6144 pages) of activations alone, so under 4096 faults most
+    # of it is reused (without the setting: 8k-22k); the least of five rounds, since a thread may
+    # take a fresh malloc arena when another holds its own (seen in full-suite runs: 3587 once)
+    assert min(faults_of_three_steps() for _ in range(5)) < 4096
