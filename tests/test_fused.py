@@ -8,6 +8,7 @@ import torch
 from lib.models.decoder import Decoder
 from lib.models.kernels.elementwise import dropout_bits, dropout_mask, new_seed
 from lib.training import TrainSettings, auto_decoder_loss, clamped_l1
+from page_faults import least_page_faults
 
 M64 = (1 << 64) - 1
 M32 = (1 << 32) - 1
@@ -353,11 +354,6 @@ def test_fused_halves_run_side_by_side_with_the_same_bits_as_in_order(monkeypatc
 def test_a_cpu_training_step_reuses_its_memory_instead_of_page_faulting_it_in_again(gemm):
     # each step allocates and frees MBs of scratch (and oneDNN's outputs); glibc's default
     # thresholds hand much of it back to the kernel, to be faulted in and zeroed next step
-    import platform
-    import resource
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc's mallopt only")
     torch.manual_seed(0)
     dec = Decoder(2, dims=[128] * 4, dropout=[0, 1, 2, 3], dropout_prob=0.2, latent_in=[2], weight_norm=True,
                   norm_layers=[0, 1, 2, 3], positional_encoding=True, fourier_degree=3).train()
@@ -368,16 +364,7 @@ def test_a_cpu_training_step_reuses_its_memory_instead_of_page_faulting_it_in_ag
     def step():
         dec.clamped_l1_loss(codes, xyz, sdf, 0.1).backward()
 
-    step()
-    step()
-
-    def faults_of_three_steps() -> int:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(3):
-            step()
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
     # three steps allocate > 24 MiB (6144 pages) of activations alone, so under 4096 faults most
     # of it is reused (without the setting: 8k-22k); the least of five rounds, since a thread may
     # take a fresh malloc arena when another holds its own (seen in full-suite runs: 3587 once)
-    assert min(faults_of_three_steps() for _ in range(5)) < 4096
+    assert least_page_faults(step, rounds=5) < 4096

@@ -13,6 +13,7 @@ import torch
 from lib.layer.sdf import _CodeField, mesh_from_sdf
 from lib.models.decoder import Decoder
 from lib.models.kernels.inference import InferenceKernel, values, values_and_input_grad
+from page_faults import least_page_faults
 
 REPO = Path(__file__).resolve().parents[1]
 EXP = REPO / "experiments" / "bob_and_spot"
@@ -220,11 +221,6 @@ def test_the_gemm_library_chosen_is_the_one_that_runs(gemm):
 def test_repeated_extraction_calls_reuse_their_memory_instead_of_page_faulting_it_in_again(gemm):
     # oneDNN returns new outputs per layer and chunk: with glibc's default thresholds much of
     # that memory goes back to the kernel on free and is faulted in and zeroed again next call
-    import platform
-    import resource
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc's mallopt only")
     torch.manual_seed(0)
     dec = Decoder(2, dims=[128] * 4, latent_in=[2], weight_norm=True, positional_encoding=True,
                   fourier_degree=3).eval()
@@ -237,19 +233,8 @@ def test_repeated_extraction_calls_reuse_their_memory_instead_of_page_faulting_i
         kernel.values(codes, xyz, index)
         kernel.values_and_input_grad(codes, xyz, index)
 
-    call()
-    call()
-
-    def faults() -> int:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(3):
-            call()
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    # three calls allocate > 40 MiB (10000 pages) of outputs and, with oneDNN, activations; the
-    # least of three rounds: on a busy machine a preempted lock holder can send a thread to a
-    # fresh malloc arena once, which faults its pages in however the thresholds are set
-    assert min(faults() for _ in range(3)) < 1024
+    # three calls allocate > 40 MiB (10000 pages) of outputs and, with oneDNN, activations
+    assert least_page_faults(call, rounds=3) < 1024
 
 
 def test_kernels_refuse_what_they_do_not_compute():
