@@ -624,6 +624,27 @@ def test_marked_finds_the_true_entries_in_order(size):
             assert torch.equal(_marked(m), m.nonzero().squeeze(1))
 
 
+@pytest.mark.parametrize("size", [0, 1, 4096, 5000, 2 ** 15 - 1, 2 ** 15, 70000])
+def test_tracking_sort_and_nonzero_helpers_are_torch_s(size):
+    """The sparse tracking's CPU sort and nonzero (numpy's, by torch's definition): _where is
+    ``nonzero`` of a 1-D mask (sparse, half, all, none; a strided view), _distinct is
+    ``torch.unique`` of repeated keys, _sort_distinct ``torch.sort`` of distinct keys (values
+    and where each came from), int32 and int64, at sizes on both sides of torch's radix sort."""
+    g = torch.Generator().manual_seed(size)
+    for marks in (torch.rand(size, generator=g) < 0.05, torch.rand(size, generator=g) < 0.5,
+                  torch.ones(size, dtype=torch.bool), torch.zeros(size, dtype=torch.bool)):
+        for m in (marks, marks[1::2]):
+            got = sparse_module._where(m)
+            assert got.dtype == torch.int64 and torch.equal(got, m.nonzero().squeeze(1))
+    for dtype in (torch.int32, torch.int64):
+        keys = torch.randint(0, max(1, size // 3), (size,), generator=g, dtype=dtype)  # repeats
+        assert torch.equal(sparse_module._distinct(keys), torch.unique(keys))
+        distinct = torch.randperm(4 * size + 1, generator=g)[:size].to(dtype) * 7 - 3 * size
+        values, order = sparse_module._sort_distinct(distinct)
+        want = torch.sort(distinct)
+        assert torch.equal(values, want.values) and torch.equal(order, want.indices) and order.dtype == torch.int64
+
+
 def test_fast_refresh_marks_each_vertex_voxel_and_its_neighbours_on_the_grid():
     """The fast refresh re-evaluates exactly each previous vertex's voxel (the lower end of its
     edge; a cell centre's lower corner) and its 6 neighbours that lie on the grid, at the

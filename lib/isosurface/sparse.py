@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import torch
 
 from ..errors import MeshSDFError
@@ -43,9 +44,33 @@ COST_PROBE_POINTS = 4096  # points per timed field call of the cost probe (at mo
 def _distinct(key: torch.Tensor) -> torch.Tensor:
     """The distinct values (D,), sorted, of integer keys (K,): ``torch.unique``'s result.
 
-    A stable sort then a pass over neighbours: torch's stable sort (a merge or radix sort)
-    beats its default one, and both beat ``torch.unique``, on the tracking's keys."""
+    A sort then a pass over neighbours.  On the CPU numpy's sort (vectorised): torch's CPU
+    sort falls back to a comparison sort, several times slower, below its radix-sort size
+    (2^15 keys), where most of the tracking's rounds are; elsewhere torch's stable sort (a
+    merge or radix sort), which beats its default one and ``torch.unique``."""
+    if key.device.type == "cpu":
+        return torch.unique_consecutive(torch.from_numpy(np.sort(key.numpy())))
     return torch.unique_consecutive(torch.sort(key, stable=True)[0])
+
+
+def _sort_distinct(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct integer keys (K,) sorted, and where each came from (K,) int64: ``torch.sort``'s
+    result (the keys being distinct, every sort gives the same), by numpy on the CPU (see
+    :func:`_distinct`)."""
+    if key.device.type == "cpu":
+        a = key.numpy()
+        order = np.argsort(a)
+        return torch.from_numpy(a[order]), torch.from_numpy(order)
+    return torch.sort(key, stable=True)
+
+
+def _where(mask: torch.Tensor) -> torch.Tensor:
+    """Indices (K,) int64 of the True entries of a 1-D bool mask (M,), in order:
+    ``mask.nonzero().squeeze(1)``, by numpy's vectorised pass on the CPU (torch's costs several
+    times more on the tracking's masks, where half the entries may be set)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.nonzero().squeeze(1)
 
 
 def _any_negative(x: torch.Tensor) -> bool:
@@ -219,7 +244,7 @@ class _BlockGrid:
         key_at(indices (M,) into slot) -> their keys (M,).  extra: as in :meth:`values_of`."""
         flat = self.pool.view(-1)
         v = flat.index_select(0, slot)
-        miss = torch.isnan(v).nonzero().squeeze(1)  # lookups to evaluate (a point may repeat)
+        miss = _where(torch.isnan(v))  # lookups to evaluate (a point may repeat)
         more = None
         if miss.shape[0]:
             ms = slot.index_select(0, miss)
@@ -227,9 +252,9 @@ class _BlockGrid:
             # writes its number into its (NaN) slot and the one whose number stays wins
             ticket = torch.arange(ms.shape[0], device=ms.device, dtype=flat.dtype)  # exact below 2^24
             flat.index_copy_(0, ms, ticket)
-            won = (flat.index_select(0, ms) == ticket).nonzero().squeeze(1)
-            # C order: the same batch whoever won (stable: torch's faster sort of these keys)
-            new, order = torch.sort(key_at(miss.index_select(0, won)), stable=True)
+            won = _where(flat.index_select(0, ms) == ticket)
+            # C order: the same batch whoever won
+            new, order = _sort_distinct(key_at(miss.index_select(0, won)))
             pts = self.ijk(new)
             got = self.field(pts if extra is None else torch.cat((pts, extra)))
             flat.index_copy_(0, ms.index_select(0, won.index_select(0, order)), got[: new.shape[0]])
@@ -294,7 +319,7 @@ class _BlockGrid:
         # one's is allocated to mark it (the same blocks, in the same order, as marking alone)
         slot = self._slots(key, allocate=True)
         marks = self.marks.view(-1)
-        fresh = (~marks.index_select(0, slot)).nonzero().squeeze(1)
+        fresh = _where(~marks.index_select(0, slot))
         marks.index_fill_(0, slot.index_select(0, fresh), True)
         return _distinct(key.index_select(0, fresh))
 
@@ -521,7 +546,7 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
                 changing = (signs != 0) & (signs != all_out)
                 c = part
                 if int(changing.sum()) < part.shape[0]:  # seeds (a later front changes sign throughout)
-                    rows = changing.nonzero().squeeze(1)
+                    rows = _where(changing)
                     c, signs, v = (x.index_select(0, rows) for x in (part, signs, v))
                 found.append(c)
                 count += c.shape[0]
@@ -531,7 +556,7 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
                 ijk = grid.ijk(c)
                 # a neighbour across each face with mixed signs, inside the grid
                 go = (on_face != 0) & (on_face != face_bytes) & torch.stack((ijk > 0, ijk < m - 1), 2).reshape(-1, 6)
-                new.append((c.unsqueeze(1) + face_key).masked_select(go))
+                new.append((c.unsqueeze(1) + face_key).view(-1).index_select(0, _where(go.view(-1))))
             front = grid.mark_new_keys(new[0] if len(new) == 1 else torch.cat(new))
         if reseed is None:
             break
@@ -679,7 +704,8 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
             for a in range(3):
                 a1, a2 = [x for x in range(3) if x != a]
                 mixed[:, a] &= (ins[a1][:, :, None] & ins[a2][:, None, :]).unsqueeze(1)
-        bi, cl = sc.view(k, -1).nonzero(as_tuple=True)
+        at = _where(sc.view(-1))  # (C,) b * 512 + c: cell c of the step's block b (_BLOCK^3 = 2^9 cells)
+        bi, cl = at >> 9, at & 511
         key = (base * stride).sum(1).index_select(0, bi) + cell_key.index_select(0, cl)
         # corner values kept whatever the count (32 bytes a cell, beside the cell's 24): a
         # cheap field, but a second pass over the cells costs as much as this one
