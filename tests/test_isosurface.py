@@ -645,6 +645,35 @@ def test_tracking_sort_and_nonzero_helpers_are_torch_s(size):
         assert torch.equal(values, want.values) and torch.equal(order, want.indices) and order.dtype == torch.int64
 
 
+def test_repeated_sparse_extractions_reuse_their_freed_memory():
+    """Sparse extractions in a row on the CPU page-fault little: extract lets malloc keep the
+    blocks it frees (lib.runtime.cpus.keep_freed_memory), so the tracking's and the marching
+    cubes' MB-sized transients are reused, not faulted in and zeroed again every pass (without
+    it: thousands of faults a call at N = 128).  In a fresh process, since the setting is the
+    process's and other tests may have made it."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's mallopt only")
+    root = Path(__file__).resolve().parents[1]
+    code = textwrap.dedent("""
+        import torch
+        from fields import torus
+        from page_faults import least_page_faults
+        from lib.isosurface import extract
+        torch.set_num_threads(2)
+        print(least_page_faults(lambda: extract(torus(0.5, 0.2), 128, "sparse"), rounds=3))
+    """)
+    env = {**os.environ, "PYTHONPATH": f"{root}:{root / 'tests'}", "MESHSDF_QUIET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) < 1000  # the fewest faults of three calls in a row
+
+
 def test_fast_refresh_marks_each_vertex_voxel_and_its_neighbours_on_the_grid():
     """The fast refresh re-evaluates exactly each previous vertex's voxel (the lower end of its
     edge; a cell centre's lower corner) and its 6 neighbours that lie on the grid, at the

@@ -13,6 +13,7 @@ import torch
 from ..errors import MeshSDFError
 from ..log import info
 from ..ops.marching_cubes import crossing_cells, marching_cubes_cells
+from ..runtime.cpus import keep_freed_memory
 from ..runtime.threads import concurrently, elementwise_section
 from .compare import same_mesh
 from .dense import _cell_ijk, _check_fast, _DenseGrid, _fill_signs, _refresh_fast, _resolve, _update_cells
@@ -122,6 +123,8 @@ def extract(sdf_fn: SdfFn, resolution: int = 64, mode: str = "sparse", state: Ex
     if device is None:
         device = state.cells.device if state is not None else torch.device("cpu")
     device = torch.device(device)
+    if device.type == "cpu":
+        keep_freed_memory()  # the passes' MB-sized transients are reused, not page-faulted in again each pass
     fn = sdf_fn if not level else (lambda p: sdf_fn(p) - level)
     if state is not None and state.level != level:
         state = None  # another level set: nothing to reuse
