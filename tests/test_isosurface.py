@@ -645,6 +645,28 @@ def test_tracking_sort_and_nonzero_helpers_are_torch_s(size):
         assert torch.equal(values, want.values) and torch.equal(order, want.indices) and order.dtype == torch.int64
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_cell_tracking_frees_the_pool_when_it_keeps_the_corner_values(monkeypatch, keep):
+    """The cell tracking hands the mesher the corner values of its cells and frees the block
+    pool (nothing reads it any more), or, past KEEP_CORNERS cells, keeps the pool's used rows
+    for the mesher's look-ups; the mesh is the dense one either way."""
+    from lib.isosurface.sparse import _sparse
+
+    monkeypatch.setattr(sparse_module, "BLOCK_COST_RATIO", 0.0)  # the cell tracking
+    if not keep:
+        monkeypatch.setattr(sparse_module, "KEEP_CORNERS", 100)
+    grid, cells, corners = _sparse(scene, 96, torch.device("cpu"), 2 ** 14, 4, 1.5, None, 64)
+    assert (corners is not None) == keep
+    assert grid.pool.numel() == (0 if keep else grid.rows * grid.B3) and grid.rows > 0
+    values = corners if keep else grid.corner_values(cells)
+    dense = grid_of(scene, 96)
+    idx = cells.unsqueeze(1) + tables(cells.device)["corner"]
+    assert torch.equal(values, dense[idx[..., 0], idx[..., 1], idx[..., 2]])
+    vs, fs, _ = extract(scene, 96, "sparse")
+    vd, fd, _ = extract(scene, 96, "dense")
+    assert torch.equal(vs, vd) and torch.equal(fs, fd)
+
+
 def test_repeated_sparse_extractions_reuse_their_freed_memory():
     """Sparse extractions in a row on the CPU page-fault little: extract lets malloc keep the
     blocks it frees (lib.runtime.cpus.keep_freed_memory), so the tracking's and the marching

@@ -323,10 +323,17 @@ class _BlockGrid:
         marks.index_fill_(0, slot.index_select(0, fresh), True)
         return _distinct(key.index_select(0, fresh))
 
-    def drop_marks(self) -> None:
-        """Free the marks and the pool's unused rows (before meshing, when memory peaks)."""
+    def drop_marks(self, values: bool = True) -> None:
+        """Free the marks and the pool's unused rows, or the whole pool when ``values`` is False
+        (the caller holds the values it still needs): before meshing, when memory peaks.
+
+        Args:
+            values: whether the stored values are read later (:meth:`corner_values`).
+        """
         self.marks = None
-        if self.rows < self.pool.shape[0]:
+        if not values:  # no copy of the used rows either (tens of MB at N = 512)
+            self.pool = self.pool.new_empty((0, self.B3))
+        elif self.rows < self.pool.shape[0]:
             self.pool = self.pool[: self.rows].clone()
 
 
@@ -515,8 +522,9 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
     of what is new), none per lookup.  extra: points (A, 3) evaluated, not stored, in the
     first field call; reseed(their values (A,)) -> more seed cells, called once when the
     tracking has closed (it may evaluate more), after which the tracking goes on from them.
-    Returns the sign-changing cells (C, 3) in C order and their corner values (C, 8), or
-    None instead of the values beyond ``KEEP_CORNERS`` cells (the mesher looks them up).
+    Returns the sign-changing cells (C, 3) in C order and their corner values (C, 8) (the
+    grid's pool of values then freed), or None instead of the values beyond ``KEEP_CORNERS``
+    cells (the mesher looks them up in the pool).
     """
     dev = seeds.device
     tab = tables(dev)
@@ -564,7 +572,7 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
             extra_values = grid.field(extra)
         front = grid.mark_new_keys(grid.lin(inside(reseed(extra_values))))
         reseed = None
-    grid.drop_marks()
+    grid.drop_marks(values=kept is None or not found)  # kept: the mesher reads them, not the pool
     if not found:
         return torch.zeros(0, 3, dtype=torch.int64, device=dev), None
     key = torch.cat(found)
