@@ -10,8 +10,11 @@ pixel, Adam lr 5e-5, Chamfer on 10,000 samples and image normal consistency ever
 Each baseline commit is checked out into a temporary git worktree (removed afterwards); all
 trees run the same child script (with this tree's checkpoint, so the instance is the same) in
 turn, in fresh processes, ``--rounds`` times alternately (so a busy machine slows both alike).
-A step's time is the wall time between two successive log entries (the first entry, whose
-extraction is the dense one, is left out); the figure of a tree is the median step of its best
+Each child sets its process up as that tree's reconstruct_svr.py does before torch loads (idle
+OpenMP threads sleeping: ``lib.cli.setup_process``, or ``import lib`` in trees before the
+package), so every tree runs as its script runs (the JSON records each tree's OpenMP wait
+policy).  A step's time is the wall time between two successive log entries (the first entry,
+whose extraction is the dense one, is left out); the figure of a tree is the median step of its best
 round; an instance at the defaults is estimated as its first step (the raw mesh's dense
 extraction) plus 100 such steps.  The logged curves (silhouette loss, Chamfer,
 normal consistency, mean z^2, IoU) of each baseline and this tree are compared entry by entry
@@ -47,9 +50,17 @@ EXPERIMENT = REPO / "experiments" / "bob_and_spot"
 
 # the child: run in a tree's root (its lib/ first on sys.path), prints one JSON line
 CHILD = r'''
-import json, statistics, sys, time
+import json, os, statistics, sys, time
 sys.path.insert(0, ".")
-import lib  # noqa: F401  (sets OpenMP's wait policy before torch loads)
+# the process set-up of the tree's scripts, before torch loads (OpenMP reads its wait policy once):
+# lib.cli.setup_process where the package has it (importing lib has no side effects there),
+# else importing lib, which set the policy in older trees
+try:
+    from lib.cli import setup_process
+except ImportError:
+    import lib  # noqa: F401
+else:
+    setup_process()
 import torch
 try:
     from lib.experiment import load_decoder_and_codes
@@ -99,6 +110,7 @@ print(json.dumps({"step_seconds": statistics.median(steps), "steps": steps, "sec
                   "step_cpu_seconds": statistics.median(cpu_steps),
                   "first_step_seconds": stamps[1] - stamps[0],
                   "threads": threads, "faces": int(result.raw[1].shape[0]),
+                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                   "log": {k: [float(x) for x in result.log[k]] for k in result.log}}))
 '''
 
@@ -168,6 +180,7 @@ def main() -> int:
         "commits": {k: v["commit"] for k, v in best.items()},
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "load_average": os.getloadavg()[0], "threads": best["this"]["threads"],
+        "omp_wait_policy": {k: v.get("omp_wait_policy") for k, v in best.items()},
         "step_seconds": {k: v["step_seconds"] for k, v in best.items()},
         "speedup": {k: best[k]["step_seconds"] / best["this"]["step_seconds"] for k in args.baseline},
         # CPU seconds of the process per step (all its threads): less sensitive to other processes
