@@ -55,3 +55,20 @@ def test_every_script_and_benchmark_shows_its_help(script):
     """Every command a user runs imports and parses: a moved or renamed library name breaks it here first."""
     r = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
+
+
+def test_svr_step_benchmark_child_sleeps_openmp_threads_as_the_scripts():
+    """benchmarks/svr_step.py's child sets its process up as reconstruct_svr.py does: idle OpenMP
+    threads sleep (OMP_WAIT_POLICY=PASSIVE set before torch loads), or the tree would be timed in
+    another thread mode than its script runs (importing lib has no side effects)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import svr_step
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    head = svr_step.CHILD.split("\nimport torch\n")[0]
+    probe = head + "\nimport os\nprint(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["PASSIVE", "False"]
