@@ -638,6 +638,67 @@ def test_refinement_steps_and_logs_are_the_originals():
         assert float(res.refined[0][:, 1].max()) == pytest.approx(float(vr[:, 1].max()), abs=1e-3)
 
 
+class _CountingGroundTruth(svr.GroundTruth):
+    """The ground truth, keeping the meshes it was asked to score."""
+
+    def scores(self, verts, faces):
+        self.scored = getattr(self, "scored", []) + [(verts.clone(), faces.clone())]
+        return super().scores(verts, faces)
+
+
+def test_refinement_metrics_beside_the_rendering_are_each_steps_own():
+    """The per-step Chamfer and normal consistency, computed beside the step's soft silhouette
+    (RefinementLoss(beside=...), two threads), are those of the mesh the entry logs: once per
+    entry (none for the final evaluation), the raw entry's equal to scoring the raw mesh
+    afterwards, and every curve bit for bit the same with the work in order (one thread)."""
+    from lib.runtime import thread_settings
+
+    dec, target, cam, gt_v, gt_f, alpha = _capsule_target(32)
+    settings = svr.RefineSettings(resolution=32, iterations=3, lr=0.05, sigma=2e-4, chamfer_samples=500)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gt = _CountingGroundTruth(gt_v, gt_f, cam, 500)
+        side = svr.reconstruct_view(dec, torch.zeros(2), alpha, cam, gt, settings)
+        with thread_settings(concurrent=False):
+            alone = svr.reconstruct_view(dec, torch.zeros(2), alpha, cam, svr.GroundTruth(gt_v, gt_f, cam, 500),
+                                         settings)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(gt.scored) == len(side.log["chamfer"]) == 4
+    assert torch.equal(gt.scored[0][1], side.raw[1]) and torch.equal(gt.scored[0][0], side.raw[0])
+    assert (side.log["chamfer"][0], side.log["normal_consistency"][0]) == gt.scores(*side.raw)
+    assert len({float(c) for c in side.log["chamfer"]}) == 4          # the meshes differ step to step
+    for key in svr.LOG_KEYS:
+        assert np.array_equal(side.log[key], alone.log[key]), key
+
+
+def test_refinement_loss_beside_work_leaves_image_and_gradient_alone():
+    """RefinementLoss(beside=f) returns the image and gives the gradient of the loss without it,
+    bit for bit, and keeps f(mesh) with the faces it was computed for."""
+    from lib.svr.reconstruct import RefinementLoss
+
+    dec, target, cam, gt_v, gt_f, alpha = _capsule_target(32)
+    gt = svr.GroundTruth(gt_v, gt_f, cam, 500)
+    settings = svr.RefineSettings(sigma=2e-4)
+    v = (gt_v * 0.9).requires_grad_(True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = {}
+        for beside in (None, gt.scores):
+            fn = RefinementLoss(cam, alpha, settings, beside=beside)
+            x = v.detach().clone().requires_grad_(True)
+            loss, image = fn(x, gt_f)
+            loss.backward()
+            out[beside is None] = (loss.detach(), image.detach(), x.grad, fn.beside_result)
+    finally:
+        torch.set_num_threads(threads)
+    (l1, i1, g1, r1), (l0, i0, g0, r0) = out[False], out[True]
+    assert r0 is None and r1[0] is gt_f and r1[1] == gt.scores(v.detach(), gt_f)
+    assert torch.equal(l1, l0) and torch.equal(i1, i0) and torch.equal(g1, g0) and g1.abs().sum() > 0
+
+
 class _CountingCapsule(CapsuleDecoder):
     """The capsule, counting the rows it evaluates without gradient (the extraction's)."""
 

@@ -8,7 +8,9 @@ settings (sigma 1e-4, blur radius log(1/1e-4 - 1) x 1e-5, 25 faces per pixel), N
 of dL/dx set to 0, and ``--regularize w`` adding w mean(z^2).  Each step logs, for the mesh
 it starts from, the silhouette term of the loss (without the regulariser), Chamfer and
 image-space normal consistency to the ground truth (lib.svr.evaluate), mean z^2 and (ours)
-the silhouette IoU: 101 entries, the first of the raw mesh (profiler label ``svr.metrics``).
+the silhouette IoU: 101 entries, the first of the raw mesh (profiler label ``svr.metrics``;
+Chamfer and normal consistency are computed beside the step's soft silhouette, see
+``RefinementLoss``, and only collected there).
 The refined mesh is the one of the code after the last step (not in the logs, as in the original).
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..io import save_png, write_ply
 from ..metrics import silhouette_iou
 from ..optimize import LatentOptimizer, optimize
 from ..render import SVR_EPS, blur_radius, silhouette
+from ..runtime.threads import concurrently
 from .evaluate import normal_picture
 
 __all__ = ["RefineSettings", "RefinementLoss", "LOG_FILES", "LOG_KEYS", "META_FILE", "ViewResult", "reconstruct_view",
@@ -75,12 +78,21 @@ class RefinementLoss:
     camera: unbatched Camera at the alpha's size S; alpha (S, S) in [0, 1].  ``latent`` (the
     optimised code) must be set before the first call when ``regularize`` > 0.  Calling it
     returns (loss scalar, soft silhouette (S, S)).
+
+    ``beside``: None, or a function of the mesh (verts (V, 3) detached, faces (F, 3)) run side
+    by side with the rendering of each call that builds a gradient (``lib.runtime.concurrently``:
+    each on one thread, and the work inside either runs in order), its result kept in
+    ``beside_result`` as (faces, result).  Why: the per-step metrics (KD-tree queries, a hard
+    raster) and the soft silhouette are both mostly one-thread passes over the same new mesh,
+    so the pair keeps both cores busy, where each alone splits small passes over two.
     """
 
-    def __init__(self, camera, alpha: torch.Tensor, settings: RefineSettings):
+    def __init__(self, camera, alpha: torch.Tensor, settings: RefineSettings, beside: Callable | None = None):
         self.camera, self.alpha = camera, alpha.detach()
         self.settings = settings
         self.latent: torch.Tensor | None = None
+        self.beside = beside
+        self.beside_result: tuple | None = None
 
     def render(self, verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
         s = self.settings
@@ -91,7 +103,13 @@ class RefinementLoss:
         if verts.requires_grad:
             # a degenerate face (zero-length edge) can give NaN; the original zeroes those entries
             verts.register_hook(lambda g: torch.nan_to_num(g, nan=0.0))
-        image = self.render(verts, faces)
+        if self.beside is not None and verts.requires_grad:
+            mesh = verts.detach()
+            image, done = concurrently([lambda: self.render(verts, faces), lambda: self.beside(mesh, faces)],
+                                       verts.device)
+            self.beside_result = (faces, done)
+        else:
+            image = self.render(verts, faces)
         loss = (image - self.alpha.to(device=image.device, dtype=image.dtype)).abs().mean()
         if self.settings.regularize > 0 and self.latent is not None:
             loss = loss + self.settings.regularize * self.latent.square().mean()
@@ -140,7 +158,9 @@ def reconstruct_view(decoder: nn.Module, code: torch.Tensor, alpha: torch.Tensor
     """
     dev = code.device
     alpha = alpha.detach().float().to(dev)
-    loss_fn = RefinementLoss(camera.to(device=dev, dtype=torch.float32), alpha, settings)
+    # Chamfer and normal consistency of each step's mesh computed beside its rendering
+    loss_fn = RefinementLoss(camera.to(device=dev, dtype=torch.float32), alpha, settings,
+                             beside=gt.scores if gt is not None else None)
     # the logs hold no topology: no genus per step
     start = {"freeze": None} if settings.dense_start else {}   # freeze=None: the fast mode's dense first grid
     opt = LatentOptimizer(decoder, code, loss_fn, lr=settings.lr, resolution=settings.resolution, mode=settings.mode,
@@ -155,7 +175,14 @@ def reconstruct_view(decoder: nn.Module, code: torch.Tensor, alpha: torch.Tensor
 
     def log_entry(it) -> dict:
         silhouette_term = float((it.image - alpha).abs().mean())   # it.loss holds the regulariser too
-        chamfer, nc = gt.scores(it.verts, it.faces) if gt is not None else (math.nan, math.nan)
+        side = loss_fn.beside_result
+        if gt is None:
+            chamfer, nc = math.nan, math.nan
+        elif side is not None and side[0] is it.faces:      # computed beside this mesh's rendering
+            chamfer, nc = side[1]
+        else:
+            chamfer, nc = gt.scores(it.verts, it.faces)
+        loss_fn.beside_result = None
         entry = {"silhouette_loss": silhouette_term, "latent": float(it.latent.square().mean()),
                  "iou": silhouette_iou(it.image, alpha), "chamfer": chamfer, "normal_consistency": nc}
         kept.setdefault("first", it)
