@@ -524,3 +524,30 @@ def test_face_tiles_cut_each_visible_face_box_into_tiles(size):
         fid, x0, y0 = face_tiles(uvt, zt, H, W, margin, znear, size)
         assert list(zip(fid.tolist(), x0.tolist(), y0.tolist())) == want
         assert len(want) > 100
+
+
+def test_face_table_rows_are_their_definitions_bit_for_bit():
+    """lib.render.screen.face_table's 19 rows, written in place, hold each quantity's own
+    arithmetic: corners, edges v_{i+1} - v_i, 1/|e|^2 (0 for a zero edge), the orientation (0 when
+    degenerate), 1/z; float32 and float64, with degenerate faces, zero and negative depths."""
+    g = torch.Generator().manual_seed(5)
+    for dt in (torch.float32, torch.float64):
+        uvt = torch.rand(300, 3, 2, generator=g, dtype=dt) * 50
+        zt = torch.rand(300, 3, generator=g, dtype=dt) + 0.5
+        uvt[:4, 1] = uvt[:4, 0]                                 # a zero edge
+        uvt[4:7] = torch.tensor([[3.0, 1.0], [5.0, 2.0], [9.0, 4.0]], dtype=dt)  # collinear corners
+        zt[7:9, 0], zt[9, 1] = 0.0, -2.0
+        tab = face_table(uvt, zt)
+        assert tab.shape == (19, 300) and tab.dtype == dt and tab.is_contiguous()
+        v = [uvt[:, k] for k in range(3)]
+        e = [v[(k + 1) % 3] - v[k] for k in range(3)]
+        sq = torch.stack([ek[:, 0] * ek[:, 0] + ek[:, 1] * ek[:, 1] for ek in e])
+        area2 = e[0][:, 0] * (-e[2][:, 1]) - e[0][:, 1] * (-e[2][:, 0])
+        big = sq.max(0).values
+        orient = torch.where(area2.abs() > 1e-12 * big, torch.sign(area2), torch.zeros_like(area2))
+        for k in range(3):
+            assert torch.equal(tab[2 * k:2 * k + 2], v[k].T) and torch.equal(tab[6 + 2 * k:8 + 2 * k], e[k].T)
+            inv = torch.where(sq[k] > 0, 1.0 / sq[k].clamp(min=1e-30), torch.zeros_like(sq[k]))
+            assert torch.equal(tab[12 + k], inv)
+            assert torch.equal(tab[16 + k], 1.0 / zt[:, k].clamp(min=1e-30))
+        assert torch.equal(tab[15], orient) and (orient[:7] == 0).all() and (orient[7:] != 0).all()

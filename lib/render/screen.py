@@ -149,16 +149,21 @@ def face_table(uvt: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
     """Per-face constants, one row per quantity, (19, G): v0..v2 (rows 0-5), edges
     e_i = v_{i+1} - v_i (6-11), 1/|e_i|^2 (12-14), orientation (15: sign of the doubled
     signed area, 0 for degenerate faces), 1/z of the vertices (16-18)."""
-    # built row by row (elementwise on (G,) rows; small inner dimensions are slow on the CPU)
-    v = uvt.permute(1, 2, 0).reshape(6, -1)                # rows u0 v0 u1 v1 u2 v2
-    e = v.roll(-2, dims=0) - v                             # rows of e_i = v_{i+1} - v_i
+    # built row by row (elementwise on (G,) rows; small inner dimensions are slow on the CPU),
+    # each row written in place into the table (no concatenation pass over all of it)
+    tab = uvt.new_empty(19, uvt.shape[0])
+    v, e = tab[0:6], tab[6:12]
+    v.view(3, 2, -1).copy_(uvt.permute(1, 2, 0))            # rows u0 v0 u1 v1 u2 v2
+    torch.sub(v[2:6], v[0:4], out=e[0:4])                   # rows of e_i = v_{i+1} - v_i
+    torch.sub(v[0:2], v[4:6], out=e[4:6])
     sq = e[0::2] * e[0::2] + e[1::2] * e[1::2]             # (3, G)
-    inv = torch.where(sq > 0, 1.0 / sq.clamp(min=1e-30), torch.zeros_like(sq))
+    # 1.0 / x is x.reciprocal() * 1.0 in torch: the same bits
+    torch.where(sq > 0, sq.clamp(min=1e-30).reciprocal_(), torch.zeros_like(sq), out=tab[12:15])
     area2 = e[0] * (-e[5]) - e[1] * (-e[4])
     big = torch.maximum(torch.maximum(sq[0], sq[1]), sq[2])
-    orient = torch.where(area2.abs() > 1e-12 * big, torch.sign(area2), torch.zeros_like(area2))
-    iz = 1.0 / zt.T.clamp(min=1e-30)
-    return torch.cat([v, e, inv, orient[None], iz], 0)
+    torch.where(area2.abs() > 1e-12 * big, torch.sign(area2), torch.zeros_like(area2), out=tab[15])
+    torch.reciprocal(zt.T.clamp(min=1e-30), out=tab[16:19])
+    return tab
 
 
 @dataclass
