@@ -70,6 +70,31 @@ def test_chunks_side_by_side_change_no_bit():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, D64])
+def test_selection_in_one_piece_equals_the_two_halves(dtype):
+    """RenderSettings(split_nearest=False), the K nearest chosen over all pixels at once, gives
+    the image and gradient of the two pixel halves (side by side or in turn), bit for bit, for
+    two cameras (the halves then split inside a batch) and a separate blur radius or none."""
+    v, f = _layers(3, dtype)
+    cams = Camera.stack([look_at(40, 25, 2.6, image_size=(45, 52), dtype=dtype),
+                         look_at(-70, 10, 2.2, image_size=(45, 52), dtype=dtype)])
+    w = torch.rand(2, 45, 52, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for kw in (dict(sigma=1e-4, faces_per_pixel=6, radius=2e-4), dict(sigma=3e-4, faces_per_pixel=3)):
+            halves = _render(v, f, cams, w, RenderSettings(chunk_tiles=97), **kw)
+            whole = _render(v, f, cams, w, RenderSettings(chunk_tiles=97, split_nearest=False), **kw)
+            with thread_settings(concurrent=False):
+                in_turn = _render(v, f, cams, w, RenderSettings(chunk_tiles=97), **kw)
+            every = _render(v, f, cams, w, **{**kw, "faces_per_pixel": None})
+            assert torch.equal(whole[0], halves[0]) and torch.equal(whole[1], halves[1])
+            assert torch.equal(in_turn[0], halves[0]) and torch.equal(in_turn[1], halves[1])
+            assert not torch.equal(every[0], whole[0]) and whole[1].abs().sum() > 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
 @pytest.mark.parametrize("radius", [1e-4, None])
 def test_kept_slots_gradient_terms_equal_the_chunks_bit_for_bit(dtype, radius):
     """With K above every pixel's candidate count nothing is dropped, so the K path (log-terms

@@ -35,6 +35,10 @@ class RenderSettings:
             faces by per-pixel depth buckets and an integer sort of the one bucket that holds
             its K-th nearest (False: two stable float sorts of every candidate, the
             reference).  Default True.
+        split_nearest: soft silhouette with ``faces_per_pixel``: the selection runs in two
+            halves of the pixels side by side (``lib.runtime.concurrently``); False: all pixels
+            at once, which costs less where the halves would run in turn anyway (e.g. on a
+            thread that shares the cores with other work).  Default True.
         packed_zbuffer: z-buffer with float32 depths: one pass over int64 keys (depth bits,
             face) instead of two passes (depth, then face).  Default True.
         row_spans: z-buffer: candidate slots are each face's pixel row spans (False: its
@@ -53,6 +57,7 @@ class RenderSettings:
     chunk_tiles: int = 1 << 14
     save_slots: int = 1 << 24
     radix_nearest: bool = True
+    split_nearest: bool = True
     packed_zbuffer: bool = True
     row_spans: bool = True
     raster_tile: int = 2

@@ -430,10 +430,12 @@ class _SoftSilhouette(torch.autograd.Function):
         ctx.pairs = None
         if nearest:
             # the selection in two halves of the pixels side by side, split where about half
-            # of the tiles start
-            rows = st.fbatch.index_select(0, st.fid) * (st.H + TILE) + st.y0
-            cum = torch.bincount(rows, minlength=st.B * (st.H + TILE)).cumsum_(0)
-            split = int(torch.searchsorted(cum, cum[-1:] // 2)) * (st.W + TILE) if n else None
+            # of the tiles start (settings.split_nearest)
+            split = None
+            if n and settings.split_nearest:
+                rows = st.fbatch.index_select(0, st.fid) * (st.H + TILE) + st.y0
+                cum = torch.bincount(rows, minlength=st.B * (st.H + TILE)).cumsum_(0)
+                split = int(torch.searchsorted(cum, cum[-1:] // 2)) * (st.W + TILE)
             kept = _keep_nearest(saved, K, st.npad, settings.radix_nearest, split).to(L.device)
             saved = []
             # the kept slots' log-terms (and gradient terms), in two halves side by side,

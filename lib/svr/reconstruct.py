@@ -32,7 +32,7 @@ from ..errors import MeshSDFError
 from ..io import save_png, write_ply
 from ..metrics import silhouette_iou
 from ..optimize import LatentOptimizer, optimize
-from ..render import SVR_EPS, blur_radius, silhouette
+from ..render import SVR_EPS, RenderSettings, blur_radius, silhouette
 from ..runtime.threads import concurrently
 from .evaluate import normal_picture
 
@@ -72,6 +72,9 @@ class RefineSettings:
         return blur_radius(self.sigma * self.blur_ratio, SVR_EPS)
 
 
+_ONE_THREAD = RenderSettings(split_nearest=False)
+
+
 class RefinementLoss:
     """mean |soft silhouette - alpha| (+ regularize x mean(z^2)), the NaN entries of dL/dx zeroed.
 
@@ -94,10 +97,13 @@ class RefinementLoss:
         self.beside = beside
         self.beside_result: tuple | None = None
 
-    def render(self, verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    def render(self, verts: torch.Tensor, faces: torch.Tensor,
+               speed: RenderSettings = RenderSettings()) -> torch.Tensor:
+        """The soft silhouette (S, S) of verts (V, 3), faces (F, 3); ``speed``: the renderer's
+        ``RenderSettings`` (default its defaults; they change no bit)."""
         s = self.settings
         return silhouette(verts, faces, self.camera, sigma=s.sigma, eps=SVR_EPS, faces_per_pixel=s.faces_per_pixel,
-                          radius=s.radius)
+                          radius=s.radius, settings=speed)
 
     def __call__(self, verts: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if verts.requires_grad:
@@ -105,8 +111,9 @@ class RefinementLoss:
             verts.register_hook(lambda g: torch.nan_to_num(g, nan=0.0))
         if self.beside is not None and verts.requires_grad:
             mesh = verts.detach()
-            image, done = concurrently([lambda: self.render(verts, faces), lambda: self.beside(mesh, faces)],
-                                       verts.device)
+            # beside other work the renderer's halves would run in turn: no split selection
+            image, done = concurrently([lambda: self.render(verts, faces, _ONE_THREAD),
+                                        lambda: self.beside(mesh, faces)], verts.device)
             self.beside_result = (faces, done)
         else:
             image = self.render(verts, faces)
