@@ -24,10 +24,14 @@ compare with the branch point for "same results").
 Writes benchmarks/results/svr_step.json: per tree the seconds per step and per instance,
 the speed-up (baseline / this tree), the largest relative difference of each curve, the
 machine and the thread count.  ``--profile`` instead prints a torch.profiler table of ``--iterations``
-steps of this tree.
+steps of this tree; ``--stages`` its wall and process CPU time (all threads) per step inside each
+profiler label opened on the main thread (nested labels count in their parents too; work a label
+hands to other threads shows in its CPU column), so that a stage leaving a core idle shows as
+CPU below twice its wall on 2 cores.
 
 Usage: python benchmarks/svr_step.py [--baseline ad80820 [COMMIT ...]] [--iterations 20] [--rounds 2]
        python benchmarks/svr_step.py --profile [--iterations 10]
+       python benchmarks/svr_step.py --stages [--iterations 10]
 """
 from __future__ import annotations
 
@@ -79,7 +83,34 @@ from lib.svr import reconstruct_view, RefineSettings
 from lib.svr.evaluate import GroundTruth
 from lib.models.decoder import sdf as decoder_sdf
 
-iterations, resolution, profile, exp = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+iterations, resolution, mode, exp = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+stages, timing = {}, [False]
+if mode == "stages":
+    # each profiler label entered on the main thread: its wall time and the process's CPU time
+    # (all threads) while it is open, summed over the timed steps
+    import contextlib, importlib, threading
+    main_thread = threading.get_ident()
+    @contextlib.contextmanager
+    def labelled(name, *args, **kwargs):
+        if not timing[0] or threading.get_ident() != main_thread:
+            yield
+            return
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            e = stages.setdefault(name, [0.0, 0.0, 0])
+            e[0] += time.perf_counter() - w
+            e[1] += time.process_time() - c
+            e[2] += 1
+    torch.profiler.record_function = labelled
+    for name in ("lib.isosurface.dense", "lib.layer.field"):   # modules holding the name itself
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "record_function"):
+            module.record_function = labelled
 threads = runtime.apply_thread_policy()
 decoder, codes = load_decoder_and_codes(exp, load_specs(exp), "latest")
 bob, spot = codes[0], codes[1]
@@ -93,11 +124,12 @@ stamps, cpu = [], []
 def tick(i, entry):
     stamps.append(time.perf_counter())
     cpu.append(time.process_time())
+    timing[0] = 1 <= i < iterations          # the steps timed below: from entry 1 to entry T
 def run():
     stamps.append(time.perf_counter())
     cpu.append(time.process_time())
     return reconstruct_view(decoder, spot.clone(), alpha, camera, gt, settings, on_iteration=tick)
-if profile:
+if mode == "profile":
     from torch.profiler import profile as prof, ProfilerActivity
     with prof(activities=[ProfilerActivity.CPU]) as p:
         result = run()
@@ -111,13 +143,16 @@ print(json.dumps({"step_seconds": statistics.median(steps), "steps": steps, "sec
                   "first_step_seconds": stamps[1] - stamps[0],
                   "threads": threads, "faces": int(result.raw[1].shape[0]),
                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+                  "stages": {k: [w / len(steps), c / len(steps), n / len(steps)] for k, (w, c, n) in stages.items()},
                   "log": {k: [float(x) for x in result.log[k]] for k in result.log}}))
 '''
 
 
-def run_child(root: Path, iterations: int, resolution: int, profile: bool = False) -> dict:
+def run_child(root: Path, iterations: int, resolution: int, mode: str = "time") -> dict:
+    """Run CHILD in the tree ``root``; mode "time", "profile" (prints a table, returns {}) or "stages"."""
+    profile = mode == "profile"
     env = dict(os.environ, MESHSDF_QUIET="1")
-    p = subprocess.run([sys.executable, "-c", CHILD, str(iterations), str(resolution), "1" if profile else "0",
+    p = subprocess.run([sys.executable, "-c", CHILD, str(iterations), str(resolution), mode,
                         str(EXPERIMENT)],
                        cwd=root, env=env, capture_output=not profile, text=True, check=False)
     if p.returncode != 0:
@@ -143,9 +178,19 @@ def main() -> int:
     ap.add_argument("--resolution", type=int, default=256, help="marching-cubes resolution (default 256)")
     ap.add_argument("--rounds", type=int, default=2, help="alternate runs per tree (default 2)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of this tree instead")
+    ap.add_argument("--stages", action="store_true",
+                    help="print this tree's wall and process CPU time per step in each profiler label instead")
     args = ap.parse_args()
     if args.profile:
-        run_child(REPO, args.iterations, args.resolution, profile=True)
+        run_child(REPO, args.iterations, args.resolution, mode="profile")
+        return 0
+    if args.stages:
+        r = run_child(REPO, args.iterations, args.resolution, mode="stages")
+        print(f"per step ({len(r['steps'])} steps, {r['threads']} threads, OpenMP wait {r['omp_wait_policy']}, "
+              f"load {os.getloadavg()[0]:.2f}): wall {1e3 * r['step_seconds']:.0f} ms, "
+              f"process CPU {1e3 * r['step_cpu_seconds']:.0f} ms (medians)")
+        for k, (w, c, n) in sorted(r["stages"].items(), key=lambda kv: -kv[1][0]):
+            print(f"  {k:28s} wall {1e3 * w:7.1f} ms  CPU {1e3 * c:7.1f} ms  ({n:.1f} per step)")
         return 0
 
     def head(root):
