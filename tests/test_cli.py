@@ -72,3 +72,16 @@ def test_svr_step_benchmark_child_sleeps_openmp_threads_as_the_scripts():
     r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["PASSIVE", "False"]
+
+
+@pytest.mark.slow
+def test_svr_step_benchmark_stages_table():
+    """benchmarks/svr_step.py --stages times the refinement's stages: one line per profiler label,
+    the extraction, the rendering and the backward pass among them, each once per step."""
+    r = subprocess.run([sys.executable, "benchmarks/svr_step.py", "--stages", "--iterations", "3", "--resolution", "32"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
+    for label in ("optimize.extraction", "render.silhouette.forward", "optimize.backward", "svr.metrics"):
+        wall, cpu = float(rows[label][2]), float(rows[label][5])
+        assert wall > 0 and cpu > 0 and rows[label][7] == "(1.0", rows[label]
