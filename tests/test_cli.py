@@ -78,8 +78,8 @@ def test_svr_step_benchmark_child_sleeps_openmp_threads_as_the_scripts():
 def test_svr_step_benchmark_stages_table():
     """benchmarks/svr_step.py --stages times the refinement's stages: one line per profiler label,
     the extraction, the rendering and the backward pass among them, each once per step."""
-    r = subprocess.run([sys.executable, "benchmarks/svr_step.py", "--stages", "--iterations", "3", "--resolution", "32"],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "benchmarks/svr_step.py", "--stages", "--iterations", "3", "--resolution", "32"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
     for label in ("optimize.extraction", "render.silhouette.forward", "optimize.backward", "svr.metrics"):
