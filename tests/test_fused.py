@@ -229,6 +229,56 @@ def test_fused_loss_clamp_boundary_and_chunk_size_do_not_matter(gemm):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("use_tanh", [False, True])
+def test_loss_head_gradient_has_the_bits_of_its_factors_taken_in_turn(use_tanh):
+    """The fused loss head multiplies the tanh derivatives and the 1/N scale first and the sign and
+    clamp mask last: the same bits as sign, mask, derivatives, scale in turn, inside and outside the
+    clamp, with signed zeros."""
+    from lib.models.kernels.fused import FusedPlan, _loss_head
+
+    class Sums:
+        total = torch.zeros(())
+
+    torch.manual_seed(3)
+    h_in = torch.cat((torch.randn(4092) * 0.3, torch.tensor([0.0, -0.0, 5.0, -5.0]))).unsqueeze(1)
+    clamp, scale = 0.1, 1.0 / 64384
+    target = (torch.rand(4096) * 0.4 - 0.2).clamp(-clamp, clamp)
+    target[4092:] = torch.tensor([0.0, 0.0, -clamp, clamp])
+    plan = FusedPlan((), 0, use_tanh, 0.0, 4096)
+    inner = torch.tanh(h_in.view(-1))
+    pred = torch.tanh(inner) if use_tanh else inner
+    diff = pred.clamp(-clamp, clamp) - target
+    want = torch.sign(diff) * ((pred >= -clamp) & (pred <= clamp))
+    want = want * (1.0 - pred * pred)
+    if use_tanh:
+        want = want * (1.0 - inner * inner)
+    want = want * scale
+    sums = Sums()
+    got = _loss_head(plan, h_in, target, clamp, sums, scale)
+    assert got.shape == (4096, 1)
+    inside = (pred.abs() <= clamp).sum()
+    assert 0 < inside < 4096
+    assert torch.equal(got.view(-1), want) and torch.equal(torch.signbit(got.view(-1)), torch.signbit(want))
+    assert torch.equal(sums.total, diff.abs().sum())
+
+
+def test_fused_gradients_scale_with_the_output_gradient_bit_for_bit(gemm):
+    """The loss's own gradient (1) passes the fused gradients on as they are; any other is multiplied in:
+    the gradients of 2 x loss are exactly twice those of the loss."""
+    torch.manual_seed(2)
+    dec = Decoder(2, **CONFIGS["deepsdf"]).train()
+    dec.fused_chunk = 37
+    codes = torch.randn(2, 2, requires_grad=True)
+    xyz, sdf = torch.rand(2, 80, 3) * 2 - 1, torch.rand(2, 80) * 0.3 - 0.15
+    params = [codes] + list(dec.parameters())
+    grads = []
+    for factor in (1.0, 2.0):
+        torch.manual_seed(4)
+        grads.append(torch.autograd.grad(dec.clamped_l1_loss(codes, xyz, sdf, 0.1) * factor, params))
+    for one, two in zip(*grads):
+        assert one.abs().max() > 0 and torch.equal(one * 2.0, two)
+
+
 def test_auto_decoder_loss_fuses_supported_decoders_and_falls_back_for_layer_norm(monkeypatch):
     settings = TrainSettings(num_epochs=10, snapshot_frequency=10, additional_snapshots=(), log_frequency=1,
                              samples_per_scene=50, scenes_per_batch=2, clamp_distance=0.1, code_regularization=True,
