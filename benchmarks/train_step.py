@@ -43,7 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 from lib import runtime  # noqa: E402
 from lib.datasets import Instance, SdfSamples  # noqa: E402
 from lib.models.decoder import decoder_from_specs, positional_encoding  # noqa: E402
-from lib.training import TrainSettings, auto_decoder_loss, clamped_l1, optimizer_step  # noqa: E402
+from lib.training import TrainSettings, auto_decoder_loss, clamped_l1, make_adam, optimizer_step  # noqa: E402
 from lib.experiment.specs import REPO_ROOT, load_specs  # noqa: E402
 from lib.models.kernels import fused, gemm  # noqa: E402
 from lib.runtime.cpus import cpu_info  # noqa: E402
@@ -147,7 +147,9 @@ def main() -> int:
 
     dec = decoder_from_specs(specs)
     codes = torch.nn.Embedding(b, specs["CodeLength"])
-    opt = torch.optim.Adam([{"params": dec.parameters(), "lr": 1e-5}, {"params": codes.parameters(), "lr": 1e-5}])
+    opt = make_adam([{"params": dec.parameters(), "lr": 1e-5}, {"params": codes.parameters(), "lr": 1e-5}])
+    # the plain version's own optimizer: torch's default Adam (its per-parameter loop on a CPU)
+    plain_opt = torch.optim.Adam([{"params": dec.parameters(), "lr": 1e-5}, {"params": codes.parameters(), "lr": 1e-5}])
     gen = torch.Generator().manual_seed(0)
     scenes = torch.arange(b)
     dec.train()
@@ -166,9 +168,9 @@ def main() -> int:
         lat = codes(scenes).repeat_interleave(s, dim=0)
         pred = naive_forward(dec, torch.cat((lat, batch[..., :3].reshape(-1, 3)), 1))
         loss = clamped_l1(pred, batch[..., 3], settings.clamp_distance) + 1e-4 * lat.norm(dim=1).mean()
-        opt.zero_grad()
+        plain_opt.zero_grad()
         loss.backward()
-        opt.step()
+        plain_opt.step()
 
     a = torch.randn(2048, 2048)
     bm = torch.randn(2048, 2048)

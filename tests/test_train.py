@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 import os
@@ -242,3 +243,38 @@ def test_cli_killed_and_resumed(tmp_path):
     for k, v in ref.decoder.state_dict().items():
         assert torch.allclose(v, dec.state_dict()[k], atol=1e-6), k
     assert math.isclose(logs["loss"][-1], experiment.load_logs(exp2)["loss"][-1], rel_tol=1e-5)
+
+
+def test_the_trainers_adam_makes_torchs_default_updates_bit_for_bit_with_the_same_state():
+    """make_adam (foreach) against torch.optim.Adam's default (its per-parameter loop on a CPU): the same
+    parameters after a few fused-loss steps, the same state entries, and either's state loads into the other."""
+    from lib.models.decoder import Decoder
+    from lib.training import make_adam, optimizer_step
+
+    torch.manual_seed(0)
+    dec = Decoder(2, dims=[16, 16, 16], dropout=[0, 1, 2], dropout_prob=0.2, norm_layers=[0, 1, 2], latent_in=[2],
+                  weight_norm=True, positional_encoding=True, fourier_degree=2).train()
+    codes = torch.nn.Embedding(3, 2)
+    nets = [(dec, codes), (copy.deepcopy(dec), copy.deepcopy(codes))]
+    opts = [make_adam([{"params": d.parameters(), "lr": 1e-3}, {"params": c.parameters(), "lr": 2e-3}])
+            for d, c in nets[:1]]
+    opts.append(torch.optim.Adam([{"params": nets[1][0].parameters(), "lr": 1e-3},
+                                  {"params": nets[1][1].parameters(), "lr": 2e-3}]))
+    assert opts[0].param_groups[0]["foreach"] and not opts[1].param_groups[0]["foreach"]
+    xyz, sdf = torch.rand(2, 50, 3) * 2 - 1, torch.rand(2, 50) * 0.2 - 0.1
+    scenes = torch.tensor([0, 2])
+    for step in range(4):
+        for (d, c), opt in zip(nets, opts):
+            torch.manual_seed(step)  # the same dropout masks for both
+            optimizer_step(opt, d.clamped_l1_loss(c(scenes), xyz, sdf, 0.1), 1)
+    for a, b in zip(list(dec.parameters()) + list(codes.parameters()),
+                    list(nets[1][0].parameters()) + list(nets[1][1].parameters())):
+        assert torch.equal(a, b)
+    states = [opt.state_dict() for opt in opts]
+    assert states[0]["state"].keys() == states[1]["state"].keys()
+    for k in states[0]["state"]:
+        assert states[0]["state"][k].keys() == states[1]["state"][k].keys()
+        for name in states[0]["state"][k]:
+            assert torch.equal(states[0]["state"][k][name], states[1]["state"][k][name])
+    opts[0].load_state_dict(states[1])
+    opts[1].load_state_dict(states[0])
