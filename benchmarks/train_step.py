@@ -11,8 +11,9 @@ interleaved, best of each kept, so other load on the machine affects all alike) 
     runs narrower kernels (MKL on non-Intel AVX-512 CPUs) the other is the machine's rate;
   * baseline: a plain PyTorch version (nn.Dropout, relu, concatenations, per-scene
     np.random.choice sampling without replacement);
-  * ours: lib.datasets.SdfSamples.sample + lib.training.auto_decoder_loss (the fused
-    forward + backward of lib.models.kernels.fused) + optimizer_step, with the GEMM library
+  * ours: lib.training.auto_decoder_loss (the fused forward + backward of
+    lib.models.kernels.fused) + optimizer_step beside lib.datasets.SdfSamples.sample of the next
+    step's batch (lib.training.update_beside, as training runs it), with the GEMM library
     ``lib.models.kernels.gemm.cpu_gemm`` picks for this CPU, and also with each other one.
 
 Prints the CPU (model, vendor, vector width, caches), both GEMM rates, the times and the
@@ -43,7 +44,8 @@ import torch.nn.functional as F  # noqa: E402
 from lib import runtime  # noqa: E402
 from lib.datasets import Instance, SdfSamples  # noqa: E402
 from lib.models.decoder import decoder_from_specs, positional_encoding  # noqa: E402
-from lib.training import TrainSettings, auto_decoder_loss, clamped_l1, make_adam, optimizer_step  # noqa: E402
+from lib.training import (TrainSettings, auto_decoder_loss, clamped_l1, make_adam, optimizer_step,  # noqa: E402
+                          update_beside)
 from lib.experiment.specs import REPO_ROOT, load_specs  # noqa: E402
 from lib.models.kernels import fused, gemm  # noqa: E402
 from lib.runtime.cpus import cpu_info  # noqa: E402
@@ -154,10 +156,12 @@ def main() -> int:
     scenes = torch.arange(b)
     dec.train()
 
+    drawn = []  # the batch the last step drew beside its update, as train_auto_decoder does
+
     def ours():
-        xyz, sdf = data.sample(scenes, s, gen)
+        xyz, sdf = drawn.pop() if drawn else data.sample(scenes, s, gen)
         loss, _, _ = auto_decoder_loss(dec, codes(scenes), xyz, sdf, 1000, settings)
-        optimizer_step(opt, loss, 1000)
+        drawn.append(update_beside(lambda: optimizer_step(opt, loss, 1000), lambda: data.sample(scenes, s, gen))[1])
 
     def baseline():
         rows = []

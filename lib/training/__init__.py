@@ -13,7 +13,7 @@ from . import distributed  # noqa: F401  (a submodule callers reach as lib.train
 from .logs import TrainingLog, append_epoch_logs, deepsdf_logs, new_logs, truncate_logs
 from .loop import (EpochBook, EpochProgress, NonFiniteLossError, TrainResult, make_adam, make_latent_codes,
                    optimizer_step, reconstruct_training_shapes, resume_point, resume_training, start_epoch,
-                   train_auto_decoder)
+                   train_auto_decoder, update_beside)
 from .losses import SdfLoss, auto_decoder_loss, clamped_l1, code_regularization
 from .schedules import (ConstantSchedule, StepSchedule, TrainSettings, WarmupSchedule, checkpoints_due,
                         code_reg_weight, make_schedule, schedules_from_specs, set_learning_rates)
@@ -27,8 +27,9 @@ __all__ = [
     # logs
     "new_logs", "append_epoch_logs", "deepsdf_logs", "truncate_logs", "TrainingLog",
     # loop
-    "NonFiniteLossError", "make_adam", "optimizer_step", "EpochBook", "EpochProgress", "start_epoch", "resume_training",
-    "make_latent_codes", "TrainResult", "resume_point", "train_auto_decoder", "reconstruct_training_shapes",
+    "NonFiniteLossError", "make_adam", "optimizer_step", "update_beside", "EpochBook", "EpochProgress", "start_epoch",
+    "resume_training", "make_latent_codes", "TrainResult", "resume_point", "train_auto_decoder",
+    "reconstruct_training_shapes",
     # submodule
     "distributed",
 ]

@@ -48,8 +48,9 @@ from .logs import TrainingLog
 from .losses import SdfLoss, auto_decoder_loss
 from .schedules import TrainSettings, checkpoints_due, schedules_from_specs, set_learning_rates
 
-__all__ = ["NonFiniteLossError", "make_adam", "optimizer_step", "EpochBook", "EpochProgress", "start_epoch", "resume_training",
-           "make_latent_codes", "TrainResult", "resume_point", "train_auto_decoder", "reconstruct_training_shapes"]
+__all__ = ["NonFiniteLossError", "make_adam", "optimizer_step", "update_beside", "EpochBook", "EpochProgress",
+           "start_epoch", "resume_training", "make_latent_codes", "TrainResult", "resume_point", "train_auto_decoder",
+           "reconstruct_training_shapes"]
 
 
 class NonFiniteLossError(MeshSDFError):
@@ -107,6 +108,35 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, epoch: 
         raise NonFiniteLossError(f"loss became {value} at epoch {epoch}")
     optimizer.step()
     return value
+
+
+def update_beside(update: Callable[[], float], draw: Callable[[], object] | None, device=None,
+                  side_by_side: bool = True) -> tuple[float, object]:
+    """``update()`` (a step's ``optimizer_step``), then ``draw()`` (the next step's batch), side by side.
+
+    Why: a fused training step's backward and update are small operations on one core while the
+    other waits, and drawing the next batch (gathering its rows) would be serial time at the start
+    of the next step; run together (``lib.runtime.concurrently``: the update in this thread, the
+    draw on a worker, one intra-op thread each) the draw leaves the critical path.  The draws
+    happen in the same order as one after the other, so a run is the same either way.
+
+    Args:
+        update: zero-argument callable returning the step's loss value; its exceptions are raised
+            once ``draw`` has finished too.
+        draw: zero-argument callable returning the next batch, or None (the last step of an epoch).
+        device: where the tensors live (default None: the CPU; elsewhere the two run in order).
+        side_by_side: False runs them in order, e.g. for an autograd backward with large GEMMs,
+            which one thread would slow (default True).
+    Returns:
+        (update's value, draw's result or None).
+    """
+    if draw is None:
+        return update(), None
+    if not side_by_side:
+        value = update()
+        return value, draw()
+    value, batch = runtime.concurrently([update, draw], device)
+    return value, batch
 
 
 # --------------------------------------------------------------------------- epochs
@@ -406,9 +436,13 @@ def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfS
         for epoch in book.epochs(optimizer, schedules, seed):
             decoder.train()
             losses = []
-            for scenes in scene_batches(len(dataset), settings.scenes_per_batch, sampler):
-                # the whole global batch is drawn on every rank to keep the generators in step
-                xyz, sdf = dataset.sample(scenes, settings.samples_per_scene, sampler, device=device)
+            batches = scene_batches(len(dataset), settings.scenes_per_batch, sampler)
+            # the whole global batch is drawn on every rank to keep the generators in step; the next
+            # one beside this step's update, where that is the fused loss's small one (``update_beside``)
+            draws = [lambda s=s: dataset.sample(s, settings.samples_per_scene, sampler, device=device) for s in batches]
+            batch = draws[0]() if draws else None
+            for j, scenes in enumerate(batches):
+                xyz, sdf = batch
                 batch_codes = codes(scenes.to(device))  # every rank applies CodeBound's renorm alike
                 weight = 1.0
                 if world > 1:
@@ -416,8 +450,11 @@ def train_auto_decoder(exp_dir: str | os.PathLike, specs: Mapping, dataset: SdfS
                     xyz, sdf, batch_codes = xyz[part], sdf[part], batch_codes[part]
                 loss, _, _ = auto_decoder_loss(net, batch_codes, xyz, sdf, epoch, settings, weight)
                 try:
-                    losses.append(optimizer_step(optimizer, loss, epoch, [decoder.parameters()],
-                                                 settings.grad_clip_norm, sync=sync))
+                    value, batch = update_beside(
+                        lambda: optimizer_step(optimizer, loss, epoch, [decoder.parameters()], settings.grad_clip_norm,
+                                               sync=sync),
+                        draws[j + 1] if j + 1 < len(draws) else None, device, decoder.fused_loss_supported)
+                    losses.append(value)
                 except NonFiniteLossError as err:
                     raise book.non_finite(err, "lower LearningRateSchedule or check the SDF samples") from None
             if book.end_epoch(losses, codes.weight, decoder, bool(should_stop and should_stop(epoch))):
