@@ -276,8 +276,10 @@ def test_the_trainers_adam_makes_torchs_default_updates_bit_for_bit_with_the_sam
         assert states[0]["state"][k].keys() == states[1]["state"][k].keys()
         for name in states[0]["state"][k]:
             assert torch.equal(states[0]["state"][k][name], states[1]["state"][k][name])
-    opts[0].load_state_dict(states[1])
+    opts[0].load_state_dict(states[1])  # a file of torch's default Adam: make_adam's update stays foreach
     opts[1].load_state_dict(states[0])
+    assert opts[0].param_groups[1]["foreach"] is True and states[1]["param_groups"][1]["foreach"] is None
+    assert opts[0].param_groups[1]["lr"] == 2e-3
 
 
 def test_drawing_the_next_batch_beside_the_update_trains_the_same_as_in_order(tmp_path, monkeypatch):

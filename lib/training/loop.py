@@ -63,14 +63,23 @@ def make_adam(groups: Sequence[Mapping]) -> torch.optim.Adam:
     Why: on a CPU torch otherwise runs its per-parameter loop, a dozen small operations for each
     of a decoder's ~30 parameters, serial time in every step (benchmarks/train_step.py); the
     foreach form computes the same updates bit for bit (tests) with the same state, so checkpoints
-    load either way.  On CUDA it is torch's default already.
+    load either way; loading one keeps the foreach update (a state dict carries its groups' settings,
+    and files written before this choice say None).  On CUDA it is torch's default already.
 
     Args:
         groups: parameter groups, e.g. [{"params": decoder.parameters(), "lr": 5e-4}, ...].
     Returns:
         the optimizer.
     """
-    return torch.optim.Adam(groups, foreach=True)
+    optimizer = torch.optim.Adam(groups, foreach=True)
+    optimizer.register_load_state_dict_post_hook(_keep_foreach)
+    return optimizer
+
+
+def _keep_foreach(optimizer: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict``: every group back on the foreach update (``make_adam``)."""
+    for group in optimizer.param_groups:
+        group["foreach"] = True
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, epoch: int,
