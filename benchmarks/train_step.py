@@ -94,8 +94,9 @@ def write_synthetic_scenes(root, count: int, rows: int = ROWS, seed: int = 0) ->
 
 def halves_balance(step, rounds: int) -> dict | None:
     """Where one fused step's wall time goes: the median over ``rounds`` steps of the time before the
-    two halves of the fused loss start (sampling, setup), each half's wall and thread CPU time, and
-    the time after the last one ends (gradients, backward, Adam).  None if the step has no halves.
+    two halves of the fused loss start (setup), each half's wall and thread CPU time, and the time
+    after the last one ends (gradients, backward, Adam, beside them the next step's sampling).  None
+    if the step has no halves.
 
     Why: the halves run side by side, one thread each; a step longer than its CPU time / 2 is
     spent in the serial parts, in a half that ends late, or in a thread that waits.
@@ -246,10 +247,10 @@ def main() -> int:
         print(f"{k:28s} {t * 1e3:8.1f} ms  = {t / roof:5.2f} x roofline; CPU time {cpu[k] / roof_cpu:5.2f} x{extra}")
     if balance:
         print(f"ours {chosen}, where the wall time goes (median step {balance['step_ms']:.1f} ms): "
-              f"{balance['before_ms']:.1f} ms before the halves (sampling, setup), halves "
+              f"{balance['before_ms']:.1f} ms before the halves (setup), halves "
               + " / ".join(f"{w:.1f}" for w in balance["half_ms"]) + " ms wall ("
               + " / ".join(f"{c:.1f}" for c in balance["half_cpu_ms"]) + " ms thread CPU), "
-              f"{balance['after_ms']:.1f} ms after (gradients, Adam)")
+              f"{balance['after_ms']:.1f} ms after (gradients, Adam; the next batch drawn beside)")
     result = {
         "what": "one bob_and_spot DeepSDF training step (sample, fused loss, backward, Adam) vs its GEMM roofline",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rounds": args.rounds,
