@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 
 from ...runtime.cpus import keep_freed_memory
-from ...runtime.threads import concurrently
+from ...runtime.threads import concurrently, elementwise_section
 from .elementwise import ChunkDropout, positional_encoding, positional_encoding_t_
 from .gemm import uses_onednn
 
@@ -531,6 +531,41 @@ def _add_blocks(sh: _Shared, part: _Partial, blocks: Sequence[torch.Tensor | Non
             part.gwpe[i].t().add_(blk[width + nb:])
 
 
+def _gradients(plan: FusedPlan, codes: torch.Tensor, weights: Sequence[torch.Tensor], parts: Sequence[_Partial],
+               rows: int) -> tuple[torch.Tensor, tuple]:
+    """The loss and the gradients of codes and parameters from the groups' sums (``chunk_halves``).
+
+    Args:
+        plan: the decoder's plan.
+        codes: (B, L) the batch's codes.
+        weights: per layer its effective weight (out, in).
+        parts: per group its ``_Partial`` sums; the first one gets the others added.
+        rows: B * S, the rows of the batch.
+    Returns:
+        (loss, (gcode (B, L), [per layer (out, in)], [per layer (out,)])).
+    """
+    part = parts[0]
+    for other in parts[1:]:
+        part.add_(other)
+    total = part.total / rows
+    colsums = part.colsums
+    gcode = torch.zeros_like(codes)
+    gw, gb = [], []
+    for i, (w, lp) in enumerate(zip(weights, plan.layers)):
+        cs = colsums[i, :, : w.shape[0]]  # (B, out)
+        gb.append(cs.sum(0))
+        full = torch.zeros_like(w)
+        if lp.x:
+            full[:, : lp.x] = part.gwx[i][: w.shape[0], : lp.x]
+        if lp.pe:
+            full[:, lp.pe[0]: lp.pe[1]] = part.gwpe[i][: w.shape[0]]
+        if lp.lat:
+            full[:, lp.lat[0]: lp.lat[1]] = cs.t() @ codes
+            gcode += cs @ w[:, lp.lat[0]: lp.lat[1]]
+        gw.append(full)
+    return total, (gcode, gw, gb)
+
+
 class _FusedClampedL1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: FusedPlan, clamp: float, seed: int, codes: torch.Tensor, xyz: torch.Tensor,
@@ -538,31 +573,16 @@ class _FusedClampedL1(torch.autograd.Function):
         weights, biases = params[0::2], params[1::2]
         if sdf.device.type == "cpu":
             keep_freed_memory()  # the step's scratch and oneDNN's outputs are reused, not page-faulted in again
-        sh = _Shared(plan, clamp, seed, codes, xyz, sdf, weights, biases)
+        # the step's serial parts are small operations: on one intra-op thread, not waking and joining the
+        # sleeping others for each (``elementwise_section``); the halves still run side by side on theirs
+        with elementwise_section(sdf.device):
+            sh = _Shared(plan, clamp, seed, codes, xyz, sdf, weights, biases)
         chunks = sh.chunks
         rows = max((k1 - k0) * (r1 - r0) for k0, k1, r0, r1 in chunks)
         groups = chunk_halves(chunks, sdf.device)
         parts = concurrently([lambda g=g: _half(sh, rows, g) for g in groups], sdf.device)
-        part = parts[0]
-        for other in parts[1:]:
-            part.add_(other)
-        total = part.total / sdf.numel()
-        colsums = part.colsums
-        gcode = torch.zeros_like(codes)
-        gw, gb = [], []
-        for i, (w, lp) in enumerate(zip(weights, plan.layers)):
-            cs = colsums[i, :, : w.shape[0]]  # (B, out)
-            gb.append(cs.sum(0))
-            full = torch.zeros_like(w)
-            if lp.x:
-                full[:, : lp.x] = part.gwx[i][: w.shape[0], : lp.x]
-            if lp.pe:
-                full[:, lp.pe[0]: lp.pe[1]] = part.gwpe[i][: w.shape[0]]
-            if lp.lat:
-                full[:, lp.lat[0]: lp.lat[1]] = cs.t() @ codes
-                gcode += cs @ w[:, lp.lat[0]: lp.lat[1]]
-            gw.append(full)
-        ctx.grads = (gcode, gw, gb)
+        with elementwise_section(sdf.device):
+            total, ctx.grads = _gradients(plan, codes, weights, parts, sdf.numel())
         return total
 
     @staticmethod
