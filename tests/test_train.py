@@ -283,8 +283,9 @@ def test_the_trainers_adam_makes_torchs_default_updates_bit_for_bit_with_the_sam
 
 
 def test_drawing_the_next_batch_beside_the_update_trains_the_same_as_in_order(tmp_path, monkeypatch):
-    """Two batches per epoch: the second is drawn beside the first's update (lib.runtime.concurrently);
-    the same weights, codes and losses bit for bit as with the two run in order."""
+    """Two batches per epoch: the second is drawn beside the first's update (lib.runtime.concurrently), the
+    second's update runs on one intra-op thread; the same weights, codes and losses bit for bit as with
+    everything in order on all threads."""
     from lib import runtime
 
     pairs = []
@@ -296,14 +297,14 @@ def test_drawing_the_next_batch_beside_the_update_trains_the_same_as_in_order(tm
 
     monkeypatch.setattr(runtime, "concurrently", watched)
     results = []
-    for name, concurrent in (("beside", True), ("in_order", False)):
+    for name, concurrent in (("beside", True), ("in_order", False)):  # in order: all threads too (one_thread off)
         exp, specs, data = _experiment(tmp_path / name, epochs=3, dropout=(0, 1, 2, 3), samples=256)
         specs["ScenesPerBatch"] = 1
         drawn = []
         sample = data.sample
         monkeypatch.setattr(data, "sample",
                             lambda scenes, *a, **k: drawn.append(int(scenes)) or sample(scenes, *a, **k))
-        with runtime.thread_settings(concurrent=concurrent):
+        with runtime.thread_settings(concurrent=concurrent, one_thread=concurrent):
             results.append((train_auto_decoder(exp, specs, data, "cpu", seed=4), experiment.load_logs(exp)))
         assert [sorted(drawn[e:e + 2]) for e in (0, 2, 4)] == [[0, 1]] * 3  # each scene once an epoch
     assert pairs.count(2) == 2 * 3  # one draw beside an update per epoch, in each run

@@ -120,30 +120,34 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, epoch: 
 
 
 def update_beside(update: Callable[[], float], draw: Callable[[], object] | None, device=None,
-                  side_by_side: bool = True) -> tuple[float, object]:
+                  small_update: bool = True) -> tuple[float, object]:
     """``update()`` (a step's ``optimizer_step``), then ``draw()`` (the next step's batch), side by side.
 
     Why: a fused training step's backward and update are small operations on one core while the
     other waits, and drawing the next batch (gathering its rows) would be serial time at the start
     of the next step; run together (``lib.runtime.concurrently``: the update in this thread, the
     draw on a worker, one intra-op thread each) the draw leaves the critical path.  The draws
-    happen in the same order as one after the other, so a run is the same either way.
+    happen in the same order as one after the other, so a run is the same either way.  Without a
+    draw a small update still runs on one intra-op thread (``lib.runtime.elementwise_section``):
+    waking and joining the others for each of its small operations costs more than it saves.
 
     Args:
         update: zero-argument callable returning the step's loss value; its exceptions are raised
             once ``draw`` has finished too.
         draw: zero-argument callable returning the next batch, or None (the last step of an epoch).
         device: where the tensors live (default None: the CPU; elsewhere the two run in order).
-        side_by_side: False runs them in order, e.g. for an autograd backward with large GEMMs,
-            which one thread would slow (default True).
+        small_update: whether the update is small operations only (the fused loss's backward);
+            False runs the two in order on all threads, e.g. for an autograd backward with large
+            GEMMs, which one thread would slow (default True).
     Returns:
         (update's value, draw's result or None).
     """
-    if draw is None:
-        return update(), None
-    if not side_by_side:
+    if not small_update:
         value = update()
-        return value, draw()
+        return value, None if draw is None else draw()
+    if draw is None:
+        with runtime.elementwise_section(device):
+            return update(), None
     value, batch = runtime.concurrently([update, draw], device)
     return value, batch
 
