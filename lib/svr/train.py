@@ -30,8 +30,7 @@ from ..errors import MeshSDFError
 from ..experiment.specs import resolve_path
 from ..log import info
 from ..training import (EpochBook, NonFiniteLossError, TrainResult, TrainSettings, auto_decoder_loss, clamped_l1,
-                        distributed, make_schedule, resume_point)
-from ..training.loop import optimizer_step
+                        distributed, make_adam, make_schedule, optimizer_step, resume_point)
 from .data import evaluation_view
 from .network import EncoderDecoder, network_from_specs
 
@@ -82,9 +81,10 @@ def svr_schedules(specs: Mapping) -> list[Callable[[int], float]]:
 
 
 def make_optimizer(net: EncoderDecoder, schedules) -> torch.optim.Optimizer:
-    """Adam over [decoder, encoder] (the original's group order) at the epoch-1 rates."""
-    return torch.optim.Adam([{"params": net.decoder.parameters(), "lr": schedules[0](1)},
-                             {"params": net.encoder.parameters(), "lr": schedules[1](1)}])
+    """Adam over [decoder, encoder] (the original's group order) at the epoch-1 rates
+    (``lib.training.make_adam``: the same updates as torch's default Adam)."""
+    return make_adam([{"params": net.decoder.parameters(), "lr": schedules[0](1)},
+                      {"params": net.encoder.parameters(), "lr": schedules[1](1)}])
 
 
 @torch.no_grad()
