@@ -14,6 +14,7 @@ from lib.isosurface import (_BlockGrid, _sentinel_seeds, extract, grid_points, m
 from lib.isosurface import sparse as sparse_module
 from lib.isosurface import tables
 from lib.metrics import genus
+from lib.ops import flat_nonzero
 
 from fields import sphere, torus, union
 
@@ -626,15 +627,15 @@ def test_marked_finds_the_true_entries_in_order(size):
 
 @pytest.mark.parametrize("size", [0, 1, 4096, 5000, 2 ** 15 - 1, 2 ** 15, 70000])
 def test_tracking_sort_and_nonzero_helpers_are_torch_s(size):
-    """The sparse tracking's CPU sort and nonzero (numpy's, by torch's definition): _where is
-    ``nonzero`` of a 1-D mask (sparse, half, all, none; a strided view), _distinct is
+    """The sparse tracking's CPU sort and nonzero (numpy's, by torch's definition): flat_nonzero
+    (lib.ops, the renderers' too) is ``nonzero`` of a 1-D mask (sparse, half, all, none; a strided view), _distinct is
     ``torch.unique`` of repeated keys, _sort_distinct ``torch.sort`` of distinct keys (values
     and where each came from), int32 and int64, at sizes on both sides of torch's radix sort."""
     g = torch.Generator().manual_seed(size)
     for marks in (torch.rand(size, generator=g) < 0.05, torch.rand(size, generator=g) < 0.5,
                   torch.ones(size, dtype=torch.bool), torch.zeros(size, dtype=torch.bool)):
         for m in (marks, marks[1::2]):
-            got = sparse_module._where(m)
+            got = flat_nonzero(m)
             assert got.dtype == torch.int64 and torch.equal(got, m.nonzero().squeeze(1))
     for dtype in (torch.int32, torch.int64):
         keys = torch.randint(0, max(1, size // 3), (size,), generator=g, dtype=dtype)  # repeats

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import MeshSDFError
+from ..ops.indexing import flat_nonzero
 from ..ops.marching_cubes import grid_axis, voxel_size
 from ..ops.marching_cubes_tables import CORNER_OFFSETS, tables
 from ..runtime.threads import FEW_ROWS, all_threads, concurrently, elementwise_section
@@ -62,15 +63,6 @@ def _sort_distinct(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         order = np.argsort(a)
         return torch.from_numpy(a[order]), torch.from_numpy(order)
     return torch.sort(key, stable=True)
-
-
-def _where(mask: torch.Tensor) -> torch.Tensor:
-    """Indices (K,) int64 of the True entries of a 1-D bool mask (M,), in order:
-    ``mask.nonzero().squeeze(1)``, by numpy's vectorised pass on the CPU (torch's costs several
-    times more on the tracking's masks, where half the entries may be set)."""
-    if mask.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(mask.numpy()))
-    return mask.nonzero().squeeze(1)
 
 
 def _any_negative(x: torch.Tensor) -> bool:
@@ -244,7 +236,7 @@ class _BlockGrid:
         key_at(indices (M,) into slot) -> their keys (M,).  extra: as in :meth:`values_of`."""
         flat = self.pool.view(-1)
         v = flat.index_select(0, slot)
-        miss = _where(torch.isnan(v))  # lookups to evaluate (a point may repeat)
+        miss = flat_nonzero(torch.isnan(v))  # lookups to evaluate (a point may repeat)
         more = None
         if miss.shape[0]:
             ms = slot.index_select(0, miss)
@@ -252,7 +244,7 @@ class _BlockGrid:
             # writes its number into its (NaN) slot and the one whose number stays wins
             ticket = torch.arange(ms.shape[0], device=ms.device, dtype=flat.dtype)  # exact below 2^24
             flat.index_copy_(0, ms, ticket)
-            won = _where(flat.index_select(0, ms) == ticket)
+            won = flat_nonzero(flat.index_select(0, ms) == ticket)
             # C order: the same batch whoever won
             new, order = _sort_distinct(key_at(miss.index_select(0, won)))
             pts = self.ijk(new)
@@ -319,7 +311,7 @@ class _BlockGrid:
         # one's is allocated to mark it (the same blocks, in the same order, as marking alone)
         slot = self._slots(key, allocate=True)
         marks = self.marks.view(-1)
-        fresh = _where(~marks.index_select(0, slot))
+        fresh = flat_nonzero(~marks.index_select(0, slot))
         marks.index_fill_(0, slot.index_select(0, fresh), True)
         return _distinct(key.index_select(0, fresh))
 
@@ -554,7 +546,7 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
                 changing = (signs != 0) & (signs != all_out)
                 c = part
                 if int(changing.sum()) < part.shape[0]:  # seeds (a later front changes sign throughout)
-                    rows = _where(changing)
+                    rows = flat_nonzero(changing)
                     c, signs, v = (x.index_select(0, rows) for x in (part, signs, v))
                 found.append(c)
                 count += c.shape[0]
@@ -564,7 +556,7 @@ def _track(grid: _BlockGrid, seeds: torch.Tensor, n: int, extra: torch.Tensor | 
                 ijk = grid.ijk(c)
                 # a neighbour across each face with mixed signs, inside the grid
                 go = (on_face != 0) & (on_face != face_bytes) & torch.stack((ijk > 0, ijk < m - 1), 2).reshape(-1, 6)
-                new.append((c.unsqueeze(1) + face_key).view(-1).index_select(0, _where(go.view(-1))))
+                new.append((c.unsqueeze(1) + face_key).view(-1).index_select(0, flat_nonzero(go.view(-1))))
             front = grid.mark_new_keys(new[0] if len(new) == 1 else torch.cat(new))
         if reseed is None:
             break
@@ -712,7 +704,7 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
             for a in range(3):
                 a1, a2 = [x for x in range(3) if x != a]
                 mixed[:, a] &= (ins[a1][:, :, None] & ins[a2][:, None, :]).unsqueeze(1)
-        at = _where(sc.view(-1))  # (C,) b * 512 + c: cell c of the step's block b (_BLOCK^3 = 2^9 cells)
+        at = flat_nonzero(sc.view(-1))  # (C,) b * 512 + c: cell c of the step's block b (_BLOCK^3 = 2^9 cells)
         bi, cl = at >> 9, at & 511
         key = (base * stride).sum(1).index_select(0, bi) + cell_key.index_select(0, cl)
         # corner values kept whatever the count (32 bytes a cell, beside the cell's 24): a

@@ -9,19 +9,19 @@ vertex at depth <= ``znear`` are skipped (no clipping).
 
 Owns: :class:`Screen` and :func:`project_mesh` (the B meshes' vertices in pixels, faces as
 global face instances), :func:`face_tiles` (faces' pixel boxes cut into tiles),
-:func:`face_table` (per-face constants), :class:`TileSetup` (what the tile chunks of one
-call share) and :func:`flat_nonzero` (the renderers' compaction of masks).
+:func:`face_table` (per-face constants) and :class:`TileSetup` (what the tile chunks of one
+call share).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from ..ops.indexing import flat_nonzero
 from .camera import Camera
 
-__all__ = ["TILE", "Screen", "project_mesh", "face_tiles", "face_table", "TileSetup", "flat_nonzero"]
+__all__ = ["TILE", "Screen", "project_mesh", "face_tiles", "face_table", "TileSetup"]
 
 TILE = 4                       # face bounding boxes are cut into TILE x TILE pixel tiles
 
@@ -196,20 +196,3 @@ class TileSetup:
     def crop(self, flat: torch.Tensor) -> torch.Tensor:
         """(npad,) padded pixel values -> (B, H, W)."""
         return flat.view(self.B, self.H + TILE, self.W + TILE)[:, :self.H, :self.W]
-
-
-def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Ascending indices (int64) of the nonzero (True) entries of a 1-D mask, as
-    ``mask.nonzero().squeeze(1)``.
-
-    Why: on the CPU numpy's flatnonzero does it several times faster than torch's
-    ``nonzero`` (which counts and writes through a 2-D result); a view, no copy of the mask.
-
-    Args:
-        mask: (n,) bool, or numbers (the nonzero ones count).
-    Returns:
-        (k,) int64 on the mask's device.
-    """
-    if mask.device.type != "cpu":
-        return mask.nonzero().squeeze(1)
-    return torch.from_numpy(np.flatnonzero(mask.detach().contiguous().numpy()))

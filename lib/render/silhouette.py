@@ -43,8 +43,9 @@ import threading
 import torch
 
 from .camera import Camera
-from .screen import TILE, TileSetup, face_table, face_tiles, flat_nonzero, project_mesh
+from .screen import TILE, TileSetup, face_table, face_tiles, project_mesh
 from .settings import DEFAULT, RenderSettings
+from ..ops.indexing import flat_nonzero
 from ..runtime import concurrently
 from ..runtime.cpus import keep_freed_memory
 from .sums import reproducible_on, segment_sum
