@@ -2,7 +2,7 @@
 """The demo and a training epoch, each on a quiet machine and next to one CPU-bound competitor.
 
 Why: on a 2-core laptop that is doing something else, torch's default of one intra-op
-thread per core with busy-waiting OpenMP threads made the demo ~3x slower next to ONE
+thread per core with busy-waiting OpenMP threads made the demo several times slower next to ONE
 competing process.  This benchmark measures what the thread policy of ``lib.runtime``
 (``MESHSDF_THREADS``, see the README "Threads and busy machines") buys.
 

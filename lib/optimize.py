@@ -293,7 +293,7 @@ class LatentOptimizer:
 
         Runs in a ``lib.runtime.threads.elementwise_section``: with sleeping OpenMP threads its
         elementwise passes on one intra-op thread, large decoder calls and side-by-side work
-        on all of them (measured by benchmarks/demo.py).
+        on all of them (benchmarks/contention.py compares this policy with torch's defaults).
         """
         t0 = time.perf_counter()
         with elementwise_section(self.latent.device):

@@ -323,7 +323,7 @@ class _BlockGrid:
             values: whether the stored values are read later (:meth:`corner_values`).
         """
         self.marks = None
-        if not values:  # no copy of the used rows either (tens of MB at N = 512)
+        if not values:  # no copy of the used rows either (as large as the pool itself)
             self.pool = self.pool.new_empty((0, self.B3))
         elif self.rows < self.pool.shape[0]:
             self.pool = self.pool[: self.rows].clone()
