@@ -820,3 +820,14 @@ def test_fast_refresh_stages_carry_their_profiler_labels():
     events = {e.name: e for e in prof.events() if e.name.startswith("isosurface.")}
     refresh, field = events["isosurface.refresh"].time_range, events["isosurface.field"].time_range
     assert refresh.start <= field.start and field.end <= refresh.end
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_extract_under_inference_mode_gives_the_same_mesh(mode):
+    """A caller in ``torch.inference_mode`` (e.g. meshing a trained model for display) gets the
+    mesh it gets outside it: the side-by-side passes run their tasks in the caller's mode."""
+    torch.set_num_threads(2)
+    v, f, _ = extract(scene, 128, mode)
+    with torch.inference_mode():
+        vi, fi, _ = extract(scene, 128, mode)
+    assert torch.equal(v, vi) and torch.equal(f, fi)

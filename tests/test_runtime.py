@@ -128,6 +128,30 @@ def test_concurrently_runs_side_by_side_on_one_thread_each_and_restores_the_coun
         torch.set_num_threads(old)
 
 
+def test_concurrently_runs_tasks_in_the_callers_inference_mode():
+    """Under ``torch.inference_mode`` a worker's task runs in it too: it may update the
+    caller's inference tensors in place (outside the mode torch refuses), and grad stays off."""
+    import threading
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            buf = torch.zeros(4)
+
+            def fill(i):
+                def run():
+                    buf[i] = 1.0
+                    return threading.get_ident(), torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+                return run
+            out = runtime.concurrently([fill(0), fill(1)])
+        assert out[1][0] != threading.get_ident() and [o[1:] for o in out] == [(True, False)] * 2
+        assert buf.tolist() == [1.0, 1.0, 0.0, 0.0]
+        with torch.no_grad():  # outside it, a worker's task is not in inference mode
+            assert runtime.concurrently([torch.is_inference_mode_enabled] * 2) == [False, False]
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_concurrently_runs_each_task_on_the_same_worker_thread_every_call():
     """Task i always runs on worker thread i, also after a wider call made more workers: its
     thread-local scratch and malloc arena serve it again (a shared pool would hand it to

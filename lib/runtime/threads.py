@@ -132,9 +132,10 @@ def _workers(count: int) -> list[ThreadPoolExecutor]:
     return held[:count]
 
 
-def _run_on_worker(task: Callable, grad: bool, threads: int):
+def _run_on_worker(task: Callable, grad: bool, inference: bool, threads: int):
     torch.set_num_threads(threads)   # this thread's OpenMP team (cheap); the caller restores the process's
-    with torch.set_grad_enabled(grad):
+    # the caller's inference mode too: its inference tensors may only be updated in place inside one
+    with torch.inference_mode() if inference else torch.set_grad_enabled(grad):
         return task()
 
 
@@ -157,7 +158,7 @@ def concurrently(tasks: Sequence[Callable], device=None) -> list:
     many-core machine keeps its cores); the caller's thread count is restored afterwards.
     Otherwise (one thread, a CUDA device, a section already running in this process, or
     ``SETTINGS.concurrent`` off) they run in order in the calling thread.  Each task sees the
-    caller's grad mode.  Inside an :func:`elementwise_section` k is the process's count
+    caller's grad mode and inference mode.  Inside an :func:`elementwise_section` k is the process's count
     outside it, so the tasks still run side by side.  Tasks must not depend on one
     another's side effects; a task's exception is raised once all tasks have finished.
     """
@@ -168,11 +169,11 @@ def concurrently(tasks: Sequence[Callable], device=None) -> list:
         return [t() for t in tasks]
     try:
         workers = _workers(len(tasks) - 1)
-        grad = torch.is_grad_enabled()
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
         share = max(1, threads // len(tasks))
         torch.set_num_threads(share)
         try:
-            futures = [w.submit(_run_on_worker, t, grad, share) for w, t in zip(workers, tasks[1:])]
+            futures = [w.submit(_run_on_worker, t, grad, inference, share) for w, t in zip(workers, tasks[1:])]
             try:
                 first = tasks[0]()
             finally:
