@@ -84,7 +84,8 @@ def test_dropout_masks_of_different_layers_are_independent():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("cols,rows,row0,p", [(128, 300, 7, 0.2), (93, 37, 11, 0.3), (1, 5, 0, 0.5), (7, 9, 2, 0.9)])
+@pytest.mark.parametrize("cols,rows,row0,p", [(128, 300, 7, 0.2), (93, 37, 11, 0.3), (1, 5, 0, 0.5), (7, 9, 2, 0.9),
+                                              (6, 40, 3, 0.999), (5, 40, 1, 1e-6)])
 def test_chunk_dropout_in_the_transposed_layout_drops_the_same_units(cols, rows, row0, p, dtype):
     """apply_t_ on (cols, rows) zeroes exactly the units apply_ zeroes on (rows, cols): both lanes of
     each word, odd widths, odd first rows, in float32 and float64 (the lanes compared as h's dtype);

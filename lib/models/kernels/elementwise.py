@@ -192,7 +192,6 @@ class ChunkDropout:
         words = (int(max_cols) + 1) // 2
         self._z = torch.empty(max_rows * words, dtype=torch.int32, device=self.device)
         self._t = torch.empty_like(self._z)
-        self._f = None  # (2 * words, max_rows) scratch in h's dtype, for apply_t_ (allocated at its first call)
         self._layers = list(layers)
         self._layer_index = {lay: j for j, lay in enumerate(self._layers)}
         self._layer_ids = torch.tensor(self._layers, dtype=torch.int64, device=self.device)
@@ -227,11 +226,12 @@ class ChunkDropout:
         """``apply_`` in the transposed layout: h_t (cols, n) holds rows row0 .. row0 + n of ``layer``
         as columns; the same units are dropped.
 
-        Why no transposed copy of the bits: the words are drawn as (words, n), and each lane becomes
-        one row of a (cols, n) scratch in h's dtype as lane x 2^16: lane 0 (column 2w) as the word
-        shifted left by 16, lane 1 (column 2w + 1) as the word with its low 16 bits cleared, both
-        exact in float32 and float64.  One comparison with (threshold - 1) x 2^16 then drops the
-        units of both lanes in one pass over h_t, as the int16 comparison of ``apply_`` does.
+        Why no transposed copy of the bits and no mask in h's dtype: the words are drawn as (words, n);
+        lane 1 (column 2w + 1) is kept when the word itself is >= threshold x 2^16 (its low lane only
+        adds 0 .. 2^16 - 1), lane 0 (column 2w) when the word shifted left by 16 is, both as int32.
+        h's rows of each lane are then zeroed by that integer comparison on h's bits read as integers
+        of its width (``_INT_OF``): the kept units are copied bit for bit, the dropped ones get the bits
+        of 0.0, so the result is the float masking of ``apply_`` with two passes fewer over the words.
 
         Args:
             h_t: (cols, n) activations, zeroed in place where dropped; cols <= max_cols, n <= max_rows.
@@ -243,23 +243,31 @@ class ChunkDropout:
             out, or h_t.
         """
         cols, n = h_t.shape
-        key = ("t", n, cols, h_t.dtype)
+        out = h_t if out is None else out
+        if self.threshold <= -32768:  # a probability that rounds to 0 (``effective_dropout_prob``): all kept
+            return out if out is h_t else out.copy_(h_t)
+        key = ("t", n, cols)
         views = self._views.get(key)
         if views is None:
             words = _check_range(0, cols)
-            if self._f is None or self._f.dtype != h_t.dtype:
-                self._f = torch.empty(2 * self._z.numel(), dtype=h_t.dtype, device=self.device)
-            lanes = self._f[: 2 * words * n].view(words, 2, n)
             views = (_column_keys(words, self.device)[:, None], self._z[: n * words].view(words, n),
-                     self._t[: n * words].view(words, n), lanes[:, 0], lanes[:, 1], lanes.view(2 * words, n)[:cols])
+                     self._t[: n * words].view(words, n))
             self._views[key] = views
-        cols_keys, z, t, low, high, scaled = views
+        cols_keys, z, t = views
         _check_range(row0 + n, cols, layer)
         _mix_(cols_keys, self._keys_of(layer, row0, n), z, t)
-        low.copy_(torch.bitwise_left_shift(z, 16, out=t))
-        high.copy_(z.bitwise_and_(-65536))
-        return torch.ops.aten.threshold_backward.grad_input(h_t, scaled, (self.threshold - 1) * 65536.0,
-                                                            grad_input=h_t if out is None else out)
+        bits = _INT_OF[h_t.dtype]
+        # lane >= threshold as a comparison of its word, lane at the top: > threshold x 2^16 - 1
+        above = self.threshold * 65536 - 1
+        keep = torch.ops.aten.threshold_backward.grad_input
+        keep(h_t[1::2].view(bits), z[: cols // 2], above, grad_input=out[1::2].view(bits))
+        keep(h_t[0::2].view(bits), torch.bitwise_left_shift(z, 16, out=t), above, grad_input=out[0::2].view(bits))
+        return out
+
+
+# the integer dtype of each float dtype's width: ``ChunkDropout.apply_t_`` copies or zeroes h's bits through it
+_INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+           torch.bfloat16: torch.int16}
 
 
 def dropout_threshold(p: float) -> int:
