@@ -133,6 +133,24 @@ def test_chunk_dropout_in_the_transposed_layout_can_write_elsewhere():
     assert torch.equal(kept, h)
 
 
+
+def test_chunk_dropout_keys_drawn_for_a_span_give_each_chunk_its_own_masks():
+    """draw_rows draws the keys of many rows at once: chunks inside the span (and one after it) drop
+    exactly the units a fresh ChunkDropout drops for them; _row_span finds the span of consecutive chunks."""
+    from lib.models.kernels.elementwise import ChunkDropout
+    from lib.models.kernels.fused import _row_span, plan_chunks
+
+    seed, cols, n = new_seed(), 10, 30
+    spanned = ChunkDropout(seed, 0.4, n, cols, "cpu", layers=[1, 4])
+    spanned.draw_rows(40, 95)
+    for layer, row0 in [(4, 40), (1, 70), (4, 105), (1, 135), (4, 41)]:
+        h = torch.rand(cols, n) + 0.5
+        want = ChunkDropout(seed, 0.4, n, cols, "cpu", layers=[1, 4]).apply_t_(h.clone(), layer, row0)
+        assert torch.equal(spanned.apply_t_(h, layer, row0), want) and (want == 0).any()
+    assert _row_span(101, plan_chunks(3, 101, 37)[2:7]) == (74, 165)
+    assert _row_span(101, plan_chunks(3, 101, 202)) == (0, 303)
+    assert _row_span(101, [(0, 1, 0, 37), (1, 2, 0, 37)]) is None
+
 CONFIGS = {
     "deepsdf": dict(dims=[32] * 6, dropout=list(range(6)), dropout_prob=0.2, norm_layers=list(range(6)),
                     latent_in=[3], weight_norm=True, positional_encoding=True, fourier_degree=3),

@@ -83,6 +83,9 @@ _MIX2 = 0x94D049BB133111EB - (1 << 64)
 # odd 32-bit multipliers of the per-unit mixer (C. Wellons' "lowbias32"), as signed int32
 _MUL1 = 0x7FEB352D
 _MUL2 = 0x846CA68B - (1 << 32)
+# the int32 constants of the per-unit passes as 0-dim CPU tensors: a Python int is wrapped in a new
+# tensor at every call, which the hot loop can notice
+_I32 = {v: torch.tensor(v, dtype=torch.int32) for v in (15, 16, (1 << 17) - 1, _MUL2)}
 _ROW_BITS = 32    # counter stride of a layer: up to 2^32 rows
 _MAX_WORDS = 1 << 16
 _COLUMN_KEYS: dict = {}
@@ -152,9 +155,9 @@ def _mix_(row_keys: torch.Tensor, col_keys: torch.Tensor, z: torch.Tensor, tmp: 
     full 64-bit hash, so the per-unit part only has to decorrelate the words of a row.
     """
     torch.add(row_keys, col_keys, out=z)
-    torch.bitwise_right_shift(z, 15, out=tmp)
-    tmp.bitwise_and_((1 << 17) - 1)  # logical shift: clear the sign fill
-    return z.bitwise_xor_(tmp).mul_(_MUL2)
+    torch.bitwise_right_shift(z, _I32[15], out=tmp)
+    tmp.bitwise_and_(_I32[(1 << 17) - 1])  # logical shift: clear the sign fill
+    return z.bitwise_xor_(tmp).mul_(_I32[_MUL2])
 
 
 def dropout_bits(seed: int, layer: int, row0: int, rows: int, cols: int, device=None) -> torch.Tensor:
@@ -195,17 +198,31 @@ class ChunkDropout:
         self._layers = list(layers)
         self._layer_index = {lay: j for j, lay in enumerate(self._layers)}
         self._layer_ids = torch.tensor(self._layers, dtype=torch.int64, device=self.device)
-        self._chunk = None  # (row0, n, row keys (len(layers), n)) of the last chunk
+        self._chunk = None  # (row0, n, row keys (len(layers), n)) of the last chunk or ``draw_rows``
         self._views: dict = {}
 
+    def draw_rows(self, row0: int, rows: int) -> None:
+        """Draw the row keys of rows row0 .. row0 + rows of all ``layers`` now, for the chunks inside them.
+
+        Why: a group of consecutive chunks (``lib.models.kernels.fused``'s halves) then draws its keys in
+        one set of passes instead of one set of small operations per chunk; the keys are the same.
+
+        Args:
+            row0: the first row.
+            rows: the number of rows.
+        """
+        _check_range(row0 + rows, 0)
+        self._chunk = (row0, rows, _row_keys(self.seed, self._layer_ids, row0, rows))
+
     def _keys_of(self, layer: int, row0: int, n: int) -> torch.Tensor:
-        """(n,) int32 row keys of ``layer``, drawn for all ``layers`` once per chunk."""
+        """(n,) int32 row keys of ``layer``, drawn for all ``layers`` once per chunk (or ``draw_rows``)."""
         j = self._layer_index.get(layer)
         if j is None:
             return _row_keys(self.seed, torch.tensor([layer], device=self.device), row0, n)[0]
-        if self._chunk is None or self._chunk[:2] != (row0, n):
+        if self._chunk is None or not self._chunk[0] <= row0 <= row0 + n <= self._chunk[0] + self._chunk[1]:
             self._chunk = (row0, n, _row_keys(self.seed, self._layer_ids, row0, n))
-        return self._chunk[2][j]
+        start = row0 - self._chunk[0]
+        return self._chunk[2][j, start: start + n]
 
     def apply_(self, h: torch.Tensor, layer: int, row0: int) -> torch.Tensor:
         n, cols = h.shape
@@ -261,7 +278,7 @@ class ChunkDropout:
         above = self.threshold * 65536 - 1
         keep = torch.ops.aten.threshold_backward.grad_input
         keep(h_t[1::2].view(bits), z[: cols // 2], above, grad_input=out[1::2].view(bits))
-        keep(h_t[0::2].view(bits), torch.bitwise_left_shift(z, 16, out=t), above, grad_input=out[0::2].view(bits))
+        keep(h_t[0::2].view(bits), torch.bitwise_left_shift(z, _I32[16], out=t), above, grad_input=out[0::2].view(bits))
         return out
 
 

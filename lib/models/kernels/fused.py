@@ -336,8 +336,31 @@ def _half(sh: _Shared, rows: int, chunks: Sequence[tuple[int, int, int, int]]) -
     """The sums of one group of ``chunk_halves``: its scratch (chunks of up to ``rows`` rows) made and
     its chunks run in the calling thread, so that the halves set up side by side too."""
     part = _Partial(sh, rows)
+    span = _row_span(sh.sdf.shape[1], chunks)
+    if span is not None and any(lp.dropout for lp in sh.plan.layers):
+        part.dropout.draw_rows(*span)
     _run_chunks(sh, part, chunks)
     return part
+
+
+def _row_span(s: int, chunks: Sequence[tuple[int, int, int, int]]) -> tuple[int, int] | None:
+    """(first row, rows) of the batch's rows (scene k's row r is row k * s + r) that ``chunks`` cover, if
+    they follow one another without a gap; else None.
+
+    Args:
+        s: rows per scene.
+        chunks: (k0, k1, r0, r1) as ``plan_chunks`` makes them (rows of one scene, or whole scenes).
+    Returns:
+        (row0, rows) or None.
+    """
+    if not chunks:
+        return None
+    row0 = end = chunks[0][0] * s + chunks[0][2]
+    for k0, k1, r0, r1 in chunks:
+        if k0 * s + r0 != end:
+            return None
+        end += (k1 - k0) * (r1 - r0)
+    return row0, end - row0
 
 
 def _run_chunks(sh: _Shared, part: _Partial, chunks: Sequence[tuple[int, int, int, int]]) -> None:
