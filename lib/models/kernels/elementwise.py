@@ -193,8 +193,9 @@ class ChunkDropout:
         self.seed, self.threshold = int(seed), dropout_threshold(p)
         self.device = torch.device(device)
         words = (int(max_cols) + 1) // 2
-        self._z = torch.empty(max_rows * words, dtype=torch.int32, device=self.device)
-        self._t = torch.empty_like(self._z)
+        # words and scratch: apply_ uses the two halves, apply_t_ the whole as lanes (see there)
+        self._zt = torch.empty(2 * max_rows * words, dtype=torch.int32, device=self.device)
+        self._z, self._t = self._zt[: max_rows * words], self._zt[max_rows * words:]
         self._layers = list(layers)
         self._layer_index = {lay: j for j, lay in enumerate(self._layers)}
         self._layer_ids = torch.tensor(self._layers, dtype=torch.int64, device=self.device)
@@ -243,12 +244,13 @@ class ChunkDropout:
         """``apply_`` in the transposed layout: h_t (cols, n) holds rows row0 .. row0 + n of ``layer``
         as columns; the same units are dropped.
 
-        Why no transposed copy of the bits and no mask in h's dtype: the words are drawn as (words, n);
-        lane 1 (column 2w + 1) is kept when the word itself is >= threshold x 2^16 (its low lane only
-        adds 0 .. 2^16 - 1), lane 0 (column 2w) when the word shifted left by 16 is, both as int32.
-        h's rows of each lane are then zeroed by that integer comparison on h's bits read as integers
-        of its width (``_INT_OF``): the kept units are copied bit for bit, the dropped ones get the bits
-        of 0.0, so the result is the float masking of ``apply_`` with two passes fewer over the words.
+        Why no transposed copy of the bits and no mask in h's dtype: the words are drawn as (words, n)
+        into the odd rows of a (2 * words, n) int32 block, each shifted left by 16 into the even row
+        above it.  Lane 1 (column 2w + 1) is kept when its word is >= threshold x 2^16 (its low lane
+        only adds 0 .. 2^16 - 1), lane 0 (column 2w) when the shifted word is: row c of the block
+        decides unit c of h.  One integer comparison of the block with h's bits read as integers of
+        its width (``_INT_OF``) then copies the kept units bit for bit and gives the dropped ones the
+        bits of 0.0: the float masking of ``apply_``, with no pass converting lanes to h's dtype.
 
         Args:
             h_t: (cols, n) activations, zeroed in place where dropped; cols <= max_cols, n <= max_rows.
@@ -267,18 +269,18 @@ class ChunkDropout:
         views = self._views.get(key)
         if views is None:
             words = _check_range(0, cols)
-            views = (_column_keys(words, self.device)[:, None], self._z[: n * words].view(words, n),
-                     self._t[: n * words].view(words, n))
+            lanes = self._zt[: 2 * words * n].view(words, 2, n)
+            views = (_column_keys(words, self.device)[:, None], lanes[:, 1], lanes[:, 0],
+                     lanes.view(2 * words, n)[:cols])
             self._views[key] = views
-        cols_keys, z, t = views
+        cols_keys, z, shifted, block = views
         _check_range(row0 + n, cols, layer)
-        _mix_(cols_keys, self._keys_of(layer, row0, n), z, t)
+        _mix_(cols_keys, self._keys_of(layer, row0, n), z, shifted)  # (the lane 0 rows as its scratch)
+        torch.bitwise_left_shift(z, _I32[16], out=shifted)
         bits = _INT_OF[h_t.dtype]
         # lane >= threshold as a comparison of its word, lane at the top: > threshold x 2^16 - 1
-        above = self.threshold * 65536 - 1
-        keep = torch.ops.aten.threshold_backward.grad_input
-        keep(h_t[1::2].view(bits), z[: cols // 2], above, grad_input=out[1::2].view(bits))
-        keep(h_t[0::2].view(bits), torch.bitwise_left_shift(z, _I32[16], out=t), above, grad_input=out[0::2].view(bits))
+        torch.ops.aten.threshold_backward.grad_input(h_t.view(bits), block, self.threshold * 65536 - 1,
+                                                     grad_input=out.view(bits))
         return out
 
 
