@@ -29,6 +29,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -94,9 +95,9 @@ def write_synthetic_scenes(root, count: int, rows: int = ROWS, seed: int = 0) ->
 
 def halves_balance(step, rounds: int) -> dict | None:
     """Where one fused step's wall time goes: the median over ``rounds`` steps of the time before the
-    two halves of the fused loss start (setup), each half's wall and thread CPU time, and the time
-    after the last one ends (gradients, backward, Adam, beside them the next step's sampling).  None
-    if the step has no halves.
+    two halves of the fused loss start (setup), each half's wall and thread CPU time (the calling
+    thread's half first, then the worker's), and the time after the last one ends (gradients,
+    backward, Adam, beside them the next step's sampling).  None if the step has no halves.
 
     Why: the halves run side by side, one thread each; a step longer than its CPU time / 2 is
     spent in the serial parts, in a half that ends late, or in a thread that waits.
@@ -107,7 +108,8 @@ def halves_balance(step, rounds: int) -> dict | None:
     def timed(sh, rows, chunks):
         t0, c0 = time.perf_counter(), time.thread_time()
         part = real(sh, rows, chunks)
-        seen.append((t0, time.perf_counter(), time.thread_time() - c0))
+        seen.append((threading.current_thread() is not threading.main_thread(), t0, time.perf_counter(),
+                     time.thread_time() - c0))
         return part
 
     steps = []
@@ -119,9 +121,9 @@ def halves_balance(step, rounds: int) -> dict | None:
             step()
             t1 = time.perf_counter()
             if len(seen) == 2:
-                seen.sort()
-                steps.append((t1 - t0, seen[0][0] - t0, t1 - max(e for _, e, _ in seen),
-                              [e - s for s, e, _ in seen], [c for _, _, c in seen]))
+                seen.sort()  # the caller's half first
+                steps.append((t1 - t0, min(s for _, s, _, _ in seen) - t0, t1 - max(e for _, _, e, _ in seen),
+                              [e - s for _, s, e, _ in seen], [c for _, _, _, c in seen]))
     finally:
         fused._half = real
     if not steps:
@@ -247,7 +249,7 @@ def main() -> int:
         print(f"{k:28s} {t * 1e3:8.1f} ms  = {t / roof:5.2f} x roofline; CPU time {cpu[k] / roof_cpu:5.2f} x{extra}")
     if balance:
         print(f"ours {chosen}, where the wall time goes (median step {balance['step_ms']:.1f} ms): "
-              f"{balance['before_ms']:.1f} ms before the halves (setup), halves "
+              f"{balance['before_ms']:.1f} ms before the halves (setup), halves (caller / worker) "
               + " / ".join(f"{w:.1f}" for w in balance["half_ms"]) + " ms wall ("
               + " / ".join(f"{c:.1f}" for c in balance["half_cpu_ms"]) + " ms thread CPU), "
               f"{balance['after_ms']:.1f} ms after (gradients, Adam; the next batch drawn beside)")
