@@ -31,3 +31,15 @@ def test_isosurface_keeps_every_name_its_callers_import():
         assert hasattr(iso, name), name
     assert set(iso.__all__) <= set(dir(iso))
     assert callable(iso.extract)  # the function, not a submodule of that name
+
+
+def test_moved_function_of_a_kept_module_warns_and_is_the_new_one():
+    """``lib.render.screen`` stays; its ``flat_nonzero`` moved to ``lib.ops.indexing``."""
+    import lib.render.screen as screen
+    from lib.ops.indexing import flat_nonzero
+
+    with pytest.warns(DeprecationWarning, match=r"lib\.ops\.indexing"):
+        from lib.render.screen import flat_nonzero as old
+    assert old is flat_nonzero
+    with pytest.raises(AttributeError):
+        screen.no_such_name

@@ -14,11 +14,12 @@ call share).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from ..ops.indexing import flat_nonzero
+from ..ops import indexing
 from .camera import Camera
 
 __all__ = ["TILE", "Screen", "project_mesh", "face_tiles", "face_table", "TileSetup"]
@@ -127,7 +128,7 @@ def face_tiles(uvt: torch.Tensor, zt: torch.Tensor, H: int, W: int, margin: floa
     count = ntx * nty
     if len(count) == 0 or int(count.max()) <= 1:
         # every face within one tile (a fine mesh): the faces with one, at their boxes' corners
-        fid = flat_nonzero(count)
+        fid = indexing.flat_nonzero(count)
         return fid, fx.index_select(0, fid), fy.index_select(0, fid)
     total = int(count.sum())
     fid = torch.repeat_interleave(torch.arange(len(count), device=dev), count, output_size=total)
@@ -196,3 +197,12 @@ class TileSetup:
     def crop(self, flat: torch.Tensor) -> torch.Tensor:
         """(npad,) padded pixel values -> (B, H, W)."""
         return flat.view(self.B, self.H + TILE, self.W + TILE)[:, :self.H, :self.W]
+
+
+def __getattr__(name: str):
+    # moved names of this module: the old path warns and gives the new object
+    if name == "flat_nonzero":
+        warnings.warn("lib.render.screen.flat_nonzero moved to lib.ops.indexing; import it from lib.ops instead",
+                      DeprecationWarning, stacklevel=2)
+        return indexing.flat_nonzero
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
