@@ -621,6 +621,7 @@ def _timed_field(grid: _BlockGrid, ijk: torch.Tensor):
 
 
 _BLOCK = 8  # cells per block edge in block tracking (points per edge: 9, shared with the neighbour)
+_BLOCK_BITS = 3 * (_BLOCK.bit_length() - 1)  # a block holds 2^_BLOCK_BITS cells (_BLOCK a power of two)
 BLOCKS_PER_STEP = 256  # blocks evaluated per step: bounded transients (256 x 729 points)
 
 
@@ -704,8 +705,8 @@ def _track_blocks(grid: _BlockGrid, n: int, band: float, coarse: tuple[torch.Ten
             for a in range(3):
                 a1, a2 = [x for x in range(3) if x != a]
                 mixed[:, a] &= (ins[a1][:, :, None] & ins[a2][:, None, :]).unsqueeze(1)
-        at = flat_nonzero(sc.view(-1))  # (C,) b * 512 + c: cell c of the step's block b (_BLOCK^3 = 2^9 cells)
-        bi, cl = at >> 9, at & 511
+        at = flat_nonzero(sc.view(-1))  # (C,) b * _BLOCK^3 + c: cell c of the step's block b
+        bi, cl = at >> _BLOCK_BITS, at & ((1 << _BLOCK_BITS) - 1)
         key = (base * stride).sum(1).index_select(0, bi) + cell_key.index_select(0, cl)
         # corner values kept whatever the count (32 bytes a cell, beside the cell's 24): a
         # cheap field, but a second pass over the cells costs as much as this one
