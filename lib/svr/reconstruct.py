@@ -32,7 +32,7 @@ from ..errors import MeshSDFError
 from ..io import save_png, write_ply
 from ..metrics import silhouette_iou
 from ..optimize import LatentOptimizer, optimize
-from ..render import SVR_EPS, RenderSettings, blur_radius, silhouette
+from ..render import DEFAULT, SVR_EPS, RenderSettings, blur_radius, silhouette
 from ..runtime.threads import concurrently
 from .evaluate import normal_picture
 
@@ -98,9 +98,9 @@ class RefinementLoss:
         self.beside_result: tuple | None = None
 
     def render(self, verts: torch.Tensor, faces: torch.Tensor,
-               speed: RenderSettings = RenderSettings()) -> torch.Tensor:
+               speed: RenderSettings = DEFAULT) -> torch.Tensor:
         """The soft silhouette (S, S) of verts (V, 3), faces (F, 3); ``speed``: the renderer's
-        ``RenderSettings`` (default its defaults; they change no bit)."""
+        ``RenderSettings`` (default the renderer's own default; they change no bit)."""
         s = self.settings
         return silhouette(verts, faces, self.camera, sigma=s.sigma, eps=SVR_EPS, faces_per_pixel=s.faces_per_pixel,
                           radius=s.radius, settings=speed)
